@@ -1,0 +1,180 @@
+"""``OpConfig``: the shape of one collective call, without its arrays.
+
+Strategies and buffer rules reason about shapes before any array exists, so the configuration is
+a value of its own. :class:`spec.Problem` derives one from its arrays; it can also be built
+directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spec.errors import ConfigError
+
+__all__ = [
+    "MAX_EP_SIZE",
+    "WEIGHT_DTYPES",
+    "WEIGHT_FORMS",
+    "X_DTYPES",
+    "OpConfig",
+]
+
+#: The data model's EP limit. The A3 kernel's Python guard allows up to 32 ranks
+#: (PR #5787 "enable ep32"; PR #5156 had set 16).
+MAX_EP_SIZE = 32
+#: Token dtypes of ``x`` [code].
+X_DTYPES = ("bfloat16", "float16")
+#: int8 selects the W8A8 kernel; x's own dtype selects the BF16/FP16-weight variant [code].
+WEIGHT_DTYPES = ("int8", "bfloat16", "float16")
+#: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
+WEIGHT_FORMS = ("stacked", "list")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpConfig:
+    """The shape of one ``dispatch_ffn_combine`` call.
+
+    Every field is validated on construction; a bad one raises :class:`spec.ConfigError` naming
+    the field, the value and what to change.
+
+    >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
+    ...                tokens_per_rank=(3, 0))
+    >>> cfg.num_experts, cfg.n, cfg.variant
+    (8, 64, 'w8a8')
+    """
+
+    ep_size: int
+    experts_per_rank: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    tokens_per_rank: tuple[int, ...]
+    x_dtype: str = "bfloat16"
+    weight_dtype: str = "int8"
+    weight_form: str = "stacked"
+    max_output_size: int | None = None
+    swiglu_limit: float | None = None
+    masked: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens_per_rank", tuple(self.tokens_per_rank))
+        for name in ("ep_size", "experts_per_rank", "top_k", "hidden", "intermediate"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(
+                    field=name, given=repr(value), allowed="an int >= 1",
+                    fix=f"pass a positive integer for {name}",
+                )
+        if self.ep_size > MAX_EP_SIZE:
+            raise ConfigError(
+                field="ep_size", given=repr(self.ep_size), allowed=f"1..{MAX_EP_SIZE}",
+                fix=f"use at most {MAX_EP_SIZE} ranks (the kernel's guard, PR #5787)",
+            )
+        if len(self.tokens_per_rank) != self.ep_size or not all(
+            _is_int(m) and m >= 0 for m in self.tokens_per_rank
+        ):
+            raise ConfigError(
+                field="tokens_per_rank", given=repr(self.tokens_per_rank),
+                allowed=f"a tuple of {self.ep_size} ints >= 0 (one per rank)",
+                fix="give one token count per rank; 0 is allowed",
+            )
+        if self.x_dtype not in X_DTYPES:
+            raise ConfigError(
+                field="x_dtype", given=repr(self.x_dtype), allowed=" or ".join(X_DTYPES),
+                fix="use bfloat16 or float16 tokens",
+            )
+        if self.weight_dtype not in ("int8", self.x_dtype):
+            raise ConfigError(
+                field="weight_dtype", given=repr(self.weight_dtype),
+                allowed=f"'int8' (W8A8) or x's dtype {self.x_dtype!r}",
+                fix="use int8 weights with float32 scales, or weights in x's dtype",
+            )
+        if self.weight_form not in WEIGHT_FORMS:
+            raise ConfigError(
+                field="weight_form", given=repr(self.weight_form),
+                allowed=" or ".join(WEIGHT_FORMS), fix="use 'stacked' or 'list'",
+            )
+        if self.weight_form == "list" and self.experts_per_rank == 1:
+            raise ConfigError(
+                field="weight_form", given="'list' with experts_per_rank=1",
+                allowed="'stacked' when E = 1",
+                fix="a per-expert list of one 2-D tensor is read by the kernel as stacked "
+                "(E becomes K); use the stacked form [(1, K, N)]",
+            )
+        if self.max_output_size is not None and (
+            not _is_int(self.max_output_size) or self.max_output_size < 0
+        ):
+            raise ConfigError(
+                field="max_output_size", given=repr(self.max_output_size),
+                allowed="None (no truncation) or an int >= 0",
+                fix="pass the receive capacity in rows per rank",
+            )
+        if self.swiglu_limit is not None:
+            limit = self.swiglu_limit
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (
+                math.isfinite(limit) and limit > 0
+            ):
+                raise ConfigError(
+                    field="swiglu_limit", given=repr(limit), allowed="None or a finite float > 0",
+                    fix="pass a positive clamp value or None",
+                )
+            if self.weight_dtype != "int8":
+                raise ConfigError(
+                    field="swiglu_limit", given=f"{limit!r} with {self.weight_dtype} weights",
+                    allowed="None unless the weights are int8 (W8A8 only)",
+                    fix="drop swiglu_limit or use the W8A8 variant",
+                )
+        if self.masked and self.weight_dtype != "int8":
+            raise ConfigError(
+                field="masked", given=f"True with {self.weight_dtype} weights",
+                allowed="False unless the weights are int8 (x_active_mask is W8A8 only)",
+                fix="drop active_mask or use the W8A8 variant",
+            )
+
+    @property
+    def num_experts(self) -> int:
+        """``EP·E``: the number of global experts; also the kernel's masked-slot sentinel."""
+        return self.ep_size * self.experts_per_rank
+
+    @property
+    def n(self) -> int:
+        """``N = 2I``: the gate+up columns of weight1 (gate first, then up)."""
+        return 2 * self.intermediate
+
+    @property
+    def variant(self) -> str:
+        """``"w8a8"`` for int8 weights, else ``"bf16"`` or ``"fp16"`` (weights in x's dtype)."""
+        if self.weight_dtype == "int8":
+            return "w8a8"
+        return "bf16" if self.weight_dtype == "bfloat16" else "fp16"
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest tokens-per-rank (the ``M`` of the operator's buffer check)."""
+        return max(self.tokens_per_rank)
+
+    @property
+    def total_slots(self) -> int:
+        """Σ over ranks of ``M_r · top_k``: every (token, slot) pair of the call."""
+        return sum(self.tokens_per_rank) * self.top_k
+
+    def summary(self) -> str:
+        """One line: the configuration as a kernel engineer reads it."""
+        parts = [
+            f"EP={self.ep_size}", f"E={self.experts_per_rank}", f"top_k={self.top_k}",
+            f"K={self.hidden}", f"I={self.intermediate}",
+            f"M={list(self.tokens_per_rank)}", f"x={self.x_dtype}", f"w={self.weight_dtype}",
+            f"form={self.weight_form}",
+        ]
+        if self.max_output_size is not None:
+            parts.append(f"max_output_size={self.max_output_size}")
+        if self.swiglu_limit is not None:
+            parts.append(f"swiglu_limit={self.swiglu_limit}")
+        if self.masked:
+            parts.append("masked")
+        return " ".join(parts)

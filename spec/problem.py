@@ -1,0 +1,451 @@
+"""The data model of one collective call: ``RankInputs`` per rank, ``Problem`` for the call.
+
+Sources: §2–§4 of ``shared/reference/dispatch_ffn_combine.md`` (vllm-ascend ``main`` at
+``182b75ea84``). ``Problem`` validates everything on construction and never writes into the
+caller's arrays: it keeps read-only views of them, so neither the oracle nor anything handed the
+problem can modify what the caller passed through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from spec.config import MAX_EP_SIZE, OpConfig
+from spec.errors import (
+    AmbiguousTensorList,
+    DTypeError,
+    ExpertIdError,
+    MaskError,
+    NonFiniteError,
+    RankCountError,
+    ShapeError,
+    SpecError,
+    TensorListError,
+    describe,
+)
+
+__all__ = ["DTYPES", "Problem", "RankInputs", "dtype_name"]
+
+#: The NumPy dtypes behind the names used in :class:`spec.OpConfig`.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "int8": np.dtype(np.int8),
+}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The spec's name of a NumPy dtype (``"bfloat16"``, ``"float16"``, ``"int8"``, …)."""
+    return str(np.dtype(dtype))
+
+
+@dataclass(frozen=True)
+class RankInputs:
+    """One rank's arrays for a ``dispatch_ffn_combine`` call.
+
+    ``w1``, ``w2``, ``scale1`` and ``scale2`` are TensorLists: a list holding one stacked tensor
+    (``[(E, K, N)]``, ``[(E, I, K)]``, ``[(E, N)]``, ``[(E, K)]``) or one tensor per expert
+    (``E × (K, N)``, …). ``N = 2I`` with the gate columns first. W8A8 has int8 weights and float32
+    scales; the BF16/FP16-weight variant has weights in x's dtype and no scales.
+    """
+
+    x: np.ndarray
+    expert_idx: np.ndarray
+    probs: np.ndarray
+    w1: Sequence[np.ndarray]
+    w2: Sequence[np.ndarray]
+    scale1: Sequence[np.ndarray] | None = None
+    scale2: Sequence[np.ndarray] | None = None
+    active_mask: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.x.shape[0])
+
+    def expert_weights(
+        self, e: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(w1 (K, N), w2 (I, K), scale1 (N,) or None, scale2 (K,) or None)`` of local expert e.
+
+        Reads the stacked and the per-expert form alike (views, no copies).
+        """
+        stacked = len(self.w1) == 1
+
+        def pick(tensors: Sequence[np.ndarray] | None) -> np.ndarray | None:
+            if tensors is None:
+                return None
+            return tensors[0][e] if stacked else tensors[e]
+
+        w1, w2 = pick(self.w1), pick(self.w2)
+        assert w1 is not None and w2 is not None
+        return w1, w2, pick(self.scale1), pick(self.scale2)
+
+    def is_active(self) -> np.ndarray:
+        """``(M,)`` bool: True for the tokens the kernel computes."""
+        if self.active_mask is None:
+            return np.ones(self.num_tokens, dtype=bool)
+        return np.asarray(self.active_mask, dtype=bool)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _require_array(value: object, *, rank: int, field: str, allowed: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise DTypeError(
+            rank=rank, field=field, given=describe(value), allowed=f"a NumPy array, {allowed}",
+            fix=f"pass {field} as a NumPy array (the torch adapter converts tensors)",
+        )
+    return value
+
+
+def _first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
+    bad = ~np.isfinite(a.astype(np.float32, copy=False))
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def _require_finite(a: np.ndarray, *, rank: int, field: str) -> None:
+    where = _first_nonfinite(a)
+    if where is not None:
+        raise NonFiniteError(
+            rank=rank, field=f"{field}{list(where)}", given=repr(float(a[where])),
+            allowed="finite values",
+            fix=f"replace NaN/inf in {field}; mask a padding token with active_mask instead",
+        )
+
+
+@dataclass(frozen=True)
+class _ListShape:
+    form: str
+    num_experts: int
+    shape: tuple[int, ...]  # per-expert shape
+    dtype: np.dtype[Any]
+
+
+def _read_tensor_list(value: object, *, rank: int, field: str, per_expert: str) -> _ListShape:
+    """Classify a TensorList by the kernel's rule (§3): one tensor is stacked, E > 1 per-expert."""
+    if isinstance(value, np.ndarray) or not isinstance(value, (list, tuple)):
+        raise TensorListError(
+            rank=rank, field=field, given=describe(value),
+            allowed=f"a list: [stacked (E, {per_expert})] or E x ({per_expert})",
+            fix=f"wrap the tensor in a list: {field}=[{field}]",
+        )
+    if len(value) == 0:
+        raise TensorListError(
+            rank=rank, field=field, given="an empty list",
+            allowed=f"[stacked (E, {per_expert})] or E x ({per_expert})",
+            fix="pass at least one tensor",
+        )
+    for i, t in enumerate(value):
+        _require_array(t, rank=rank, field=f"{field}[{i}]", allowed=f"of shape ({per_expert})")
+    want_ndim = per_expert.count(",") + 1
+    first = value[0]
+    if len(value) == 1:
+        if first.ndim == want_ndim and want_ndim >= 2:
+            raise AmbiguousTensorList(
+                rank=rank, field=field,
+                given=f"a list of one {want_ndim}-D tensor of shape {first.shape}",
+                allowed=f"[stacked (E, {per_expert})] when E = 1",
+                fix=f"the kernel reads a one-entry list as stacked, so E would become "
+                f"{first.shape[0]}; pass [{field}[0][None]] (shape {(1, *first.shape)})",
+            )
+        if first.ndim != want_ndim + 1:
+            raise ShapeError(
+                rank=rank, field=f"{field}[0]", given=describe(first),
+                allowed=f"stacked (E, {per_expert})",
+                fix=f"stack the experts along a new first axis: shape (E, {per_expert})",
+            )
+        return _ListShape("stacked", int(first.shape[0]), tuple(first.shape[1:]), first.dtype)
+    for i, t in enumerate(value):
+        if t.ndim != want_ndim or t.shape != first.shape or t.dtype != first.dtype:
+            raise TensorListError(
+                rank=rank, field=f"{field}[{i}]", given=describe(t),
+                allowed=f"{describe(first)} like {field}[0] (every expert the same)",
+                fix=f"give all {len(value)} per-expert tensors one shape ({per_expert}) and dtype",
+            )
+    return _ListShape("list", len(value), tuple(first.shape), first.dtype)
+
+
+def _expect_list(
+    got: _ListShape, *, rank: int, field: str, like: _ListShape, shape: tuple[int, ...], dtype: str
+) -> None:
+    if got.form != like.form or got.num_experts != like.num_experts:
+        raise TensorListError(
+            rank=rank, field=field, given=f"{got.form} form with E={got.num_experts}",
+            allowed=f"{like.form} form with E={like.num_experts}, like weight1",
+            fix=f"give {field} the same TensorList form and expert count as weight1",
+        )
+    if got.shape != shape:
+        raise ShapeError(
+            rank=rank, field=field, given=f"per-expert shape {got.shape}",
+            allowed=f"per-expert shape {shape}", fix=f"reshape {field} to {shape} per expert",
+        )
+    if dtype_name(got.dtype) != dtype:
+        raise DTypeError(
+            rank=rank, field=field, given=f"dtype {got.dtype}", allowed=dtype,
+            fix=f"cast {field} to {dtype}",
+        )
+
+
+@dataclass(frozen=True)
+class _RankShape:
+    tokens: int
+    top_k: int
+    hidden: int
+    x_dtype: str
+    weights: _ListShape
+    intermediate: int
+    masked: bool
+
+
+def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
+    x = _require_array(inputs.x, rank=r, field="x", allowed="bfloat16 or float16 of shape (M, K)")
+    if x.ndim != 2:
+        raise ShapeError(
+            rank=r, field="x", given=describe(x), allowed="2-D (M, K)",
+            fix="pass the rank's tokens as a (tokens, hidden) matrix",
+        )
+    x_dtype = dtype_name(x.dtype)
+    if x_dtype not in ("bfloat16", "float16"):
+        raise DTypeError(
+            rank=r, field="x", given=f"dtype {x.dtype}", allowed="bfloat16 or float16",
+            fix="cast x with .astype(ml_dtypes.bfloat16) or .astype(np.float16)",
+        )
+    m, k = (int(s) for s in x.shape)
+    idx = _require_array(
+        inputs.expert_idx, rank=r, field="expert_idx", allowed="int32 of shape (M, top_k)"
+    )
+    if idx.ndim != 2 or idx.shape[0] != m or idx.shape[1] < 1:
+        raise ShapeError(
+            rank=r, field="expert_idx", given=describe(idx),
+            allowed=f"(M, top_k) with M = {m} (x's rows) and top_k >= 1",
+            fix="give every token of x one row of top_k global expert ids",
+        )
+    if idx.dtype != np.int32:
+        raise DTypeError(
+            rank=r, field="expert_idx", given=f"dtype {idx.dtype}", allowed="int32",
+            fix="cast with expert_idx.astype(np.int32)",
+        )
+    probs = _require_array(inputs.probs, rank=r, field="probs", allowed="float32 (M, top_k)")
+    if probs.shape != idx.shape:
+        raise ShapeError(
+            rank=r, field="probs", given=describe(probs), allowed=f"shape {idx.shape} like expert_idx",
+            fix="give one routing weight per (token, slot)",
+        )
+    if probs.dtype != np.float32:
+        raise DTypeError(
+            rank=r, field="probs", given=f"dtype {probs.dtype}", allowed="float32",
+            fix="cast with probs.astype(np.float32)",
+        )
+    w1 = _read_tensor_list(inputs.w1, rank=r, field="weight1", per_expert="K, N")
+    if w1.shape[0] != k:
+        raise ShapeError(
+            rank=r, field="weight1", given=f"per-expert shape {w1.shape}",
+            allowed=f"(K, N) with K = {k} (x's columns)",
+            fix="weight1 is (hidden, 2*intermediate) per expert; transpose it if it is (N, K)",
+        )
+    n = w1.shape[1]
+    if n % 2:
+        raise ShapeError(
+            rank=r, field="weight1", given=f"N = {n} columns", allowed="an even N = 2I (gate, up)",
+            fix="concatenate the gate and up projections: gate columns first, then up",
+        )
+    i_size = n // 2
+    w_dtype = dtype_name(w1.dtype)
+    if w_dtype not in ("int8", x_dtype):
+        raise DTypeError(
+            rank=r, field="weight1", given=f"dtype {w1.dtype}",
+            allowed=f"int8 (W8A8) or x's dtype {x_dtype}",
+            fix="quantise the weights to int8 with float32 scales, or cast them to x's dtype",
+        )
+    w2 = _read_tensor_list(inputs.w2, rank=r, field="weight2", per_expert="I, K")
+    _expect_list(w2, rank=r, field="weight2", like=w1, shape=(i_size, k), dtype=w_dtype)
+    for field, scales, shape in (
+        ("scale1", inputs.scale1, (n,)),
+        ("scale2", inputs.scale2, (k,)),
+    ):
+        if w_dtype == "int8":
+            if scales is None:
+                raise TensorListError(
+                    rank=r, field=field, given="None", allowed=f"float32 scales {shape} per expert",
+                    fix=f"W8A8 needs per-channel dequant scales: pass {field}",
+                )
+            got = _read_tensor_list(scales, rank=r, field=field, per_expert=str(shape[0]))
+            _expect_list(got, rank=r, field=field, like=w1, shape=shape, dtype="float32")
+            for t in scales:
+                _require_finite(t, rank=r, field=field)
+        elif scales is not None:
+            raise TensorListError(
+                rank=r, field=field, given=describe(scales),
+                allowed=f"None with {w_dtype} weights (no dequant scales)",
+                fix=f"drop {field}, or use int8 weights",
+            )
+    mask = inputs.active_mask
+    if mask is not None:
+        mask = _require_array(mask, rank=r, field="active_mask", allowed=f"bool of shape ({m},)")
+        if mask.dtype != np.bool_ or mask.shape != (m,):
+            raise MaskError(
+                rank=r, field="active_mask", given=describe(mask), allowed=f"bool of shape ({m},)",
+                fix="pass one bool per token (False = inactive), or None",
+            )
+        if w_dtype != "int8":
+            raise MaskError(
+                rank=r, field="active_mask", given=f"a mask with {w_dtype} weights",
+                allowed="None (x_active_mask is W8A8 only)",
+                fix="drop active_mask, or use int8 weights",
+            )
+    _require_finite(x, rank=r, field="x")
+    _require_finite(probs, rank=r, field="probs")
+    if w_dtype != "int8":
+        for field, tensors in (("weight1", inputs.w1), ("weight2", inputs.w2)):
+            for t in tensors:
+                _require_finite(t, rank=r, field=field)
+    return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None)
+
+
+def _check_expert_ids(r: int, inputs: RankInputs, num_experts: int, ep: int, e: int) -> None:
+    """Ids of active tokens must lie in ``[0, EP·E)`` (§4). Masked tokens' ids are not read:
+    the kernel overwrites them with the sentinel before routing."""
+    idx = inputs.expert_idx
+    if idx.size == 0:
+        return
+    bad = ((idx < 0) | (idx >= num_experts)) & inputs.is_active()[:, None]
+    if not bad.any():
+        return
+    t, k = (int(v) for v in np.argwhere(bad)[0])
+    value = int(idx[t, k])
+    if value == num_experts:
+        why = f"{value} = EP·E, the kernel's internal sentinel for masked slots"
+        fix = "mark the token inactive with active_mask instead of writing the sentinel"
+    elif value < 0:
+        why = f"{value} (negative ids, e.g. -1 padding, are not supported)"
+        fix = "mark padding tokens inactive with active_mask and give them any valid id"
+    else:
+        why = f"{value} (a stale or foreign id: the call has only {num_experts} experts)"
+        fix = "map ids to this call's experts; global expert g lives on rank g // E"
+    raise ExpertIdError(
+        rank=r, field=f"expert_idx[{t}, {k}]", given=why,
+        allowed=f"0..{num_experts - 1} (EP={ep} x E={e})", fix=fix,
+    )
+
+
+class Problem:
+    """One collective ``dispatch_ffn_combine`` call: every rank's inputs and the call's attributes.
+
+    Validates everything on construction (raising a :class:`spec.SpecError` subclass whose message
+    names the rank, the field, what was given, what is allowed and what to change) and exposes
+    ``ranks`` (read-only views of the caller's arrays), ``max_output_size`` (``None``: no
+    truncation; the kernel's defaults have been 65536, then 131072), ``swiglu_limit`` and
+    ``config``. The EP size is ``len(ranks)``, from 1 to 32.
+    """
+
+    def __init__(
+        self,
+        ranks: Sequence[RankInputs],
+        *,
+        max_output_size: int | None = None,
+        swiglu_limit: float | None = None,
+    ) -> None:
+        if isinstance(ranks, RankInputs) or not isinstance(ranks, Sequence):
+            raise RankCountError(
+                field="ranks", given=describe(ranks), allowed="a sequence of RankInputs",
+                fix="pass one RankInputs per rank in a list",
+            )
+        ranks = tuple(ranks)
+        if not 1 <= len(ranks) <= MAX_EP_SIZE:
+            raise RankCountError(
+                field="ranks", given=f"{len(ranks)} ranks", allowed=f"1..{MAX_EP_SIZE} ranks",
+                fix=f"split the call into groups of at most {MAX_EP_SIZE} ranks (PR #5787)",
+            )
+        for r, inputs in enumerate(ranks):
+            if not isinstance(inputs, RankInputs):
+                raise SpecError(
+                    rank=r, field="ranks", given=describe(inputs), allowed="spec.RankInputs",
+                    fix="wrap each rank's arrays in spec.RankInputs(...)",
+                )
+        shapes = [_check_rank(r, inputs) for r, inputs in enumerate(ranks)]
+        first = shapes[0]
+        for r, s in enumerate(shapes[1:], start=1):
+            for what, got, want in (
+                ("x's hidden size K", s.hidden, first.hidden),
+                ("x's dtype", s.x_dtype, first.x_dtype),
+                ("top_k (expert_idx columns)", s.top_k, first.top_k),
+                ("experts per rank E", s.weights.num_experts, first.weights.num_experts),
+                ("intermediate size I", s.intermediate, first.intermediate),
+                ("weight dtype", dtype_name(s.weights.dtype), dtype_name(first.weights.dtype)),
+                ("TensorList form", s.weights.form, first.weights.form),
+            ):
+                if got != want:
+                    raise SpecError(
+                        rank=r, field=what, given=repr(got), allowed=f"{want!r} as on rank 0",
+                        fix=f"every rank of one call must agree on {what}",
+                    )
+        ep, e = len(ranks), first.weights.num_experts
+        for r, inputs in enumerate(ranks):
+            _check_expert_ids(r, inputs, ep * e, ep, e)
+        self._config = OpConfig(
+            ep_size=ep,
+            experts_per_rank=e,
+            top_k=first.top_k,
+            hidden=first.hidden,
+            intermediate=first.intermediate,
+            tokens_per_rank=tuple(s.tokens for s in shapes),
+            x_dtype=first.x_dtype,
+            weight_dtype=dtype_name(first.weights.dtype),
+            weight_form=first.weights.form,
+            max_output_size=max_output_size,
+            swiglu_limit=swiglu_limit,
+            masked=any(s.masked for s in shapes),
+        )
+        self._ranks = tuple(_freeze(inputs) for inputs in ranks)
+
+    @property
+    def ranks(self) -> tuple[RankInputs, ...]:
+        return self._ranks
+
+    @property
+    def config(self) -> OpConfig:
+        return self._config
+
+    @property
+    def max_output_size(self) -> int | None:
+        return self._config.max_output_size
+
+    @property
+    def swiglu_limit(self) -> float | None:
+        return self._config.swiglu_limit
+
+    @property
+    def ep_size(self) -> int:
+        return self._config.ep_size
+
+    def __repr__(self) -> str:
+        return f"Problem({self._config.summary()})"
+
+
+def _freeze(inputs: RankInputs) -> RankInputs:
+    def many(tensors: Sequence[np.ndarray] | None) -> tuple[np.ndarray, ...] | None:
+        return None if tensors is None else tuple(_readonly(t) for t in tensors)
+
+    w1, w2 = many(inputs.w1), many(inputs.w2)
+    assert w1 is not None and w2 is not None
+    return RankInputs(
+        x=_readonly(inputs.x),
+        expert_idx=_readonly(inputs.expert_idx),
+        probs=_readonly(inputs.probs),
+        w1=w1,
+        w2=w2,
+        scale1=many(inputs.scale1),
+        scale2=many(inputs.scale2),
+        active_mask=None if inputs.active_mask is None else _readonly(inputs.active_mask),
+    )

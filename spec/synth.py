@@ -1,0 +1,110 @@
+"""Bulk array values for a configuration, from a seeded NumPy generator.
+
+The Hypothesis strategies draw the structure (configuration, routing family, special rows) and
+hand the bulk values to this module, so large arrays stay cheap to generate and shrink by their
+seed. It is also the quickest way to get a valid :class:`spec.Problem` by hand:
+
+>>> from spec import OpConfig, random_problem
+>>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+...                tokens_per_rank=(3, 0))
+>>> random_problem(cfg, seed=1).config == cfg
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from spec.config import OpConfig
+from spec.problem import DTYPES, Problem, RankInputs
+
+__all__ = ["expert_weights", "random_problem", "uniform_routing"]
+
+
+def expert_weights(
+    config: OpConfig, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
+    """One rank's ``(w1, w2, scale1, scale2)`` TensorLists in the configuration's form.
+
+    W8A8: int8 weights over the full range -128..127 and positive float32 per-channel scales
+    sized so that dequantised weights have standard deviation about ``1/sqrt(reduction length)``
+    (activations stay O(1) and fp16 intermediates never overflow). BF16/FP16: weights in x's
+    dtype with the same standard deviation, no scales.
+    """
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    if config.weight_dtype == "int8":
+        w1 = rng.integers(-128, 128, size=(e, k, n), dtype=np.int8)
+        w2 = rng.integers(-128, 128, size=(e, i, k), dtype=np.int8)
+        # int8 uniform on -128..127 has standard deviation ~73.9.
+        s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32)
+        s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32)
+        scales: tuple[np.ndarray, np.ndarray] | None = (s1, s2)
+    else:
+        dtype = DTYPES[config.weight_dtype]
+        w1 = (rng.standard_normal((e, k, n)) / np.sqrt(k)).astype(dtype)
+        w2 = (rng.standard_normal((e, i, k)) / np.sqrt(i)).astype(dtype)
+        scales = None
+
+    def form(stacked: np.ndarray) -> list[np.ndarray]:
+        if config.weight_form == "stacked":
+            return [stacked]
+        return [np.ascontiguousarray(stacked[j]) for j in range(e)]
+
+    if scales is None:
+        return form(w1), form(w2), None, None
+    return form(w1), form(w2), form(scales[0]), form(scales[1])
+
+
+def uniform_routing(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
+    """``(tokens, top_k)`` int32 ids drawn uniformly from all ``EP·E`` experts, distinct per
+    token where ``top_k <= EP·E`` (as a real top-k router gives), with repeats otherwise."""
+    num = config.num_experts
+    if config.top_k <= num:
+        ids = np.argsort(rng.random((tokens, num)), axis=1)[:, : config.top_k]
+    else:
+        ids = rng.integers(0, num, size=(tokens, config.top_k))
+    return ids.astype(np.int32)
+
+
+def random_problem(
+    config: OpConfig,
+    *,
+    seed: int = 0,
+    x: Sequence[np.ndarray] | None = None,
+    expert_idx: Sequence[np.ndarray] | None = None,
+    probs: Sequence[np.ndarray] | None = None,
+    active_mask: Sequence[np.ndarray | None] | None = None,
+) -> Problem:
+    """A valid :class:`spec.Problem` of exactly this configuration, with seeded random values.
+
+    Each keyword, when given, supplies that array for every rank instead of a random one: this is
+    how strategies plant special rows, routings and masks. Defaults: x ~ N(0, 1); uniform routing;
+    probs = softmax of normal logits (float32); all tokens active, or, for a ``masked``
+    configuration, a random mask.
+    """
+    rng = np.random.default_rng(seed)
+    x_dtype = DTYPES[config.x_dtype]
+    ranks = []
+    for r, m in enumerate(config.tokens_per_rank):
+        w1, w2, s1, s2 = expert_weights(config, rng)
+        x_r = x[r] if x is not None else rng.standard_normal((m, config.hidden)).astype(x_dtype)
+        idx_r = expert_idx[r] if expert_idx is not None else uniform_routing(config, rng, m)
+        if probs is not None:
+            p_r = probs[r]
+        else:
+            logits = rng.standard_normal((m, config.top_k))
+            p_r = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+        if active_mask is not None:
+            mask_r = active_mask[r]
+        elif config.masked:
+            mask_r = rng.random(m) < 0.75
+        else:
+            mask_r = None
+        ranks.append(
+            RankInputs(x_r, idx_r, p_r, w1, w2, scale1=s1, scale2=s2, active_mask=mask_r)
+        )
+    return Problem(
+        ranks, max_output_size=config.max_output_size, swiglu_limit=config.swiglu_limit
+    )
