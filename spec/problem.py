@@ -239,7 +239,8 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
     probs = _require_array(inputs.probs, rank=r, field="probs", allowed="float32 (M, top_k)")
     if probs.shape != idx.shape:
         raise ShapeError(
-            rank=r, field="probs", given=describe(probs), allowed=f"shape {idx.shape} like expert_idx",
+            rank=r, field="probs", given=describe(probs),
+            allowed=f"shape {idx.shape} like expert_idx",
             fix="give one routing weight per (token, slot)",
         )
     if probs.dtype != np.float32:
@@ -408,6 +409,16 @@ class Problem:
             masked=any(s.masked for s in shapes),
         )
         self._ranks = tuple(_freeze(inputs) for inputs in ranks)
+
+    @classmethod
+    def from_validated(cls, ranks: Sequence[RankInputs], config: OpConfig) -> Problem:
+        """A problem holding ``ranks`` as given (writable, no views), trusted to match
+        ``config``: only for copies of an already validated problem, such as the one handed to
+        an implementation under test."""
+        self = cls.__new__(cls)
+        self._ranks = tuple(ranks)
+        self._config = config
+        return self
 
     @property
     def ranks(self) -> tuple[RankInputs, ...]:

@@ -1,0 +1,117 @@
+"""Numerics of the reference model: the switches, and the rounding and GEMM primitives.
+
+Two modes (``shared/reference/dispatch_ffn_combine.md`` §6):
+
+- ``"faithful"`` emulates the W8A8 kernel step by step, pinned to NumPy float32 operations so
+  that independent models agree bit for bit. The hardware's ``exp`` and division are not
+  bit-identical to NumPy's; that is a documented choice, not a claim about the hardware.
+- ``"ideal"`` is the mathematics the kernel approximates: float64, dequantised weights, no
+  activation quantisation.
+
+The uncertain points of §6 are the named switches of :class:`Numerics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MODES",
+    "ZERO_ROW_POLICIES",
+    "Numerics",
+    "exact_int_matmul",
+    "resolve_numerics",
+    "round_half_away",
+    "scaled_fp16",
+    "truncate_scale_bits",
+]
+
+MODES = ("faithful", "ideal")
+#: ``"zero"``: an all-zero row contributes exactly 0 (what a correct kernel must produce);
+#: ``"nan"``: the kernel's reading of §6 steps 1 and 5, 0/0 = NaN [inferred].
+ZERO_ROW_POLICIES = ("zero", "nan")
+
+F32 = np.float32
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the reference model computes.
+
+    ``truncate_scales``: use the dequant scales truncated to 19 bits (``bits & 0xFFFFE000``), as
+    the official CANN weight converter stores them [inferred]; default off because vLLM passes
+    the raw float32 bits. ``zero_rows``: see :data:`ZERO_ROW_POLICIES`.
+
+    >>> Numerics("ideal").mode
+    'ideal'
+    """
+
+    mode: str = "faithful"
+    truncate_scales: bool = False
+    zero_rows: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"numerics mode {self.mode!r} is not one of {MODES}")
+        if self.zero_rows not in ZERO_ROW_POLICIES:
+            raise ValueError(f"zero_rows {self.zero_rows!r} is not one of {ZERO_ROW_POLICIES}")
+
+    def describe(self) -> str:
+        extras = []
+        if self.truncate_scales:
+            extras.append("19-bit scales")
+        if self.zero_rows != "zero":
+            extras.append(f"zero rows -> {self.zero_rows}")
+        return self.mode + (f" ({', '.join(extras)})" if extras else "")
+
+
+def resolve_numerics(numerics: str | Numerics) -> Numerics:
+    """Accept a mode name or a :class:`Numerics`."""
+    return numerics if isinstance(numerics, Numerics) else Numerics(numerics)
+
+
+def round_half_away(v: Array) -> Array:
+    """Round float32 values to integers, ties away from zero (§6 step 1).
+
+    Computed in float64, where ``|v| + 0.5`` is exact for every float32 ``v``; the float32
+    expression ``floor(v + 0.5)`` would round 0.49999997 up.
+    """
+    a = np.abs(v.astype(np.float64))
+    return (np.sign(v) * np.floor(a + 0.5)).astype(F32)
+
+
+def truncate_scale_bits(scale: Array) -> Array:
+    """Keep the top 19 bits of float32 scales (``bits & 0xFFFFE000``) [inferred]."""
+    bits = np.ascontiguousarray(scale, dtype=F32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return bits.view(F32)
+
+
+def scaled_fp16(acc: Array, scale: Array) -> Array:
+    """``float16(float32(acc) · float32(scale))``, each cast rounding to nearest even (§6 steps
+    2 and 6, pinned [inferred]); returned as float32 holding the float16 values."""
+    with np.errstate(over="ignore"):
+        return (acc.astype(F32, copy=False) * scale).astype(np.float16).astype(F32)
+
+
+# Partial sums of an int8 × int8 GEMM are integers bounded by 127·128·L (activations are
+# quantised to [-127, 127], weights span [-128, 127]). BLAS computes them exactly while that
+# bound stays below the float type's integer range: 2**24 for float32 (L <= 1032), 2**53 for
+# float64. Any order of summation is then exact, so BLAS equals int32 accumulation.
+_INT8_PRODUCT_BOUND = 127 * 128
+
+
+def exact_int_matmul(q: Array, w: Array) -> Array:
+    """``q @ w`` for integer-valued ``q`` (|q| <= 127) and int8 ``w``, exactly, on float BLAS.
+
+    Returns float32 when every partial sum is below 2**24 (float32 BLAS, about 2.4x faster here),
+    else float64 (exact below 2**53; asserted). The result holds exact integers.
+    """
+    bound = _INT8_PRODUCT_BOUND * q.shape[-1]
+    if bound < 2**24:
+        return np.matmul(q.astype(F32, copy=False), w.astype(F32))
+    assert bound < 2**53, f"int GEMM of reduction length {q.shape[-1]} is not exact in float64"
+    return np.matmul(q.astype(np.float64), w.astype(np.float64))

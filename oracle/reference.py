@@ -1,0 +1,299 @@
+"""The reference model of one whole ``dispatch_ffn_combine`` call: every rank, every stage.
+
+Read next to ``shared/reference/dispatch_ffn_combine.md``: :func:`route` is §4–§5, the
+``_ffn_*`` functions are §6 steps 1–7, :func:`_combine` is step 8. Vectorised over tokens; the
+only Python loops run over global experts (``EP·E``) and over ``top_k`` in the combine.
+
+All ranks are concatenated into one global token axis (rank 0's tokens first), so a slot's global
+index ``j = (token_offset[s] + t) · top_k + k`` orders slots by (source rank, the source's flat
+slot index ``t·top_k + k``), which is exactly the order inside one (expert, source) block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+
+from oracle.numerics import (
+    F32,
+    Numerics,
+    exact_int_matmul,
+    resolve_numerics,
+    round_half_away,
+    scaled_fp16,
+    truncate_scale_bits,
+)
+from spec import DTYPES, Problem
+from spec.config import OpConfig
+
+__all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "route", "run"]
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class ReceiveLayout:
+    """One destination rank's receive buffer, one entry per received row, in buffer order
+    (expert-major, then source rank, then the source's sorted order). Rows ``kept`` and later
+    were dropped by ``max_output_size``."""
+
+    src_rank: Array
+    token: Array
+    slot: Array
+    local_expert: Array
+    kept: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.src_rank.shape[0])
+
+    @property
+    def dropped(self) -> int:
+        return self.rows - self.kept
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where every slot goes (§4–§5), computed once per problem.
+
+    ``order`` lists the global indices of the active slots in global receive order (destination
+    rank, local expert, source rank, source order); ``expert_start[g]`` is where global expert
+    ``g``'s block starts in ``order`` and ``expert_kept[g]`` how many of its rows survive
+    truncation.
+    """
+
+    counts: Array  # (EP, EP·E) int64: cnt[s][g]
+    order: Array
+    expert_start: Array
+    expert_kept: Array
+    slot_kept: Array  # (total slots,) bool: computed (active and not truncated)
+    receive: tuple[ReceiveLayout, ...]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The intermediates a kernel engineer compares stage by stage.
+
+    ``token_scale[r]``: per-token quantisation scales ``σ1 = amax/127`` (float32).
+    ``y[r]``: ``(M_r, top_k, K)`` per-slot expert outputs (faithful: float32 holding x-dtype
+    values; ideal: float64), NaN where the slot was not computed (masked or dropped).
+    ``combined[r]``: the combine accumulator before the final cast (float32 faithful, float64
+    ideal).
+    """
+
+    counts: Array
+    receive: tuple[ReceiveLayout, ...]
+    token_scale: tuple[Array, ...]
+    y: tuple[Array, ...]
+    combined: tuple[Array, ...]
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One rank's outputs. Rows where ``defined`` is False (masked tokens, tokens that lost a
+    slot to truncation) are undefined by the contract; the model writes 0 there."""
+
+    out: Array
+    expert_token_nums: Array
+    defined: Array
+
+
+@dataclass(frozen=True)
+class Result:
+    ranks: tuple[RankResult, ...]
+    trace: Trace
+    numerics: Numerics
+
+
+def _concat(arrays: list[Array], dtype: Any, tail: tuple[int, ...]) -> Array:
+    return np.concatenate(arrays) if arrays else np.zeros((0, *tail), dtype=dtype)
+
+
+def route(problem: Problem) -> Routing:
+    """Counts, receive layouts and truncation of every rank (§4–§5)."""
+    cfg = problem.config
+    ep, e_local, top_k, num = cfg.ep_size, cfg.experts_per_rank, cfg.top_k, cfg.num_experts
+    tokens = np.array(cfg.tokens_per_rank, dtype=np.int64)
+    ids = _concat([r.expert_idx.reshape(-1) for r in problem.ranks], np.int32, ()).astype(np.int64)
+    active = np.repeat(
+        _concat([r.is_active() for r in problem.ranks], bool, ()), top_k
+    )
+    src = np.repeat(np.arange(ep), tokens * top_k)
+    # Masked slots take the sentinel EP·E: not counted, not routed (§4).
+    expert = np.where(active, ids, num)
+    counts = np.bincount(src * (num + 1) + expert, minlength=ep * (num + 1))
+    counts = counts.reshape(ep, num + 1)[:, :num]
+    # A stable sort by expert keeps (source rank, source order) inside each expert's block.
+    order = np.argsort(expert, kind="stable")[: int(active.sum())]
+    per_expert = counts.sum(axis=0)
+    expert_start = np.concatenate([[0], np.cumsum(per_expert)[:-1]])
+    # Position of each expert's block inside its destination's buffer.
+    per_dest = per_expert.reshape(ep, e_local)
+    pos_in_dest = (np.cumsum(per_dest, axis=1) - per_dest).reshape(-1)
+    cap = cfg.max_output_size
+    expert_kept = per_expert if cap is None else np.clip(cap - pos_in_dest, 0, per_expert)
+    in_block = np.arange(order.shape[0]) - np.repeat(expert_start, per_expert)
+    kept_sorted = in_block < np.repeat(expert_kept, per_expert)
+    slot_kept = np.zeros(expert.shape[0], dtype=bool)
+    slot_kept[order[kept_sorted]] = True
+    token_offset = np.concatenate([[0], np.cumsum(tokens)[:-1]])
+    g = expert[order]
+    s = src[order]
+    dest = g // e_local
+    bounds = np.searchsorted(dest, np.arange(ep + 1))
+    kept_per_dest = expert_kept.reshape(ep, e_local).sum(axis=1)
+    receive = tuple(
+        ReceiveLayout(
+            src_rank=s[lo:hi],
+            token=order[lo:hi] // top_k - token_offset[s[lo:hi]],
+            slot=order[lo:hi] % top_k,
+            local_expert=g[lo:hi] % e_local,
+            kept=int(kept_per_dest[d]),
+        )
+        for d, (lo, hi) in enumerate(pairwise(bounds))
+    )
+    return Routing(counts, order, expert_start, expert_kept, slot_kept, receive)
+
+
+def _ffn_w8a8_faithful(
+    q: Array, sigma1: Array, w1: Array, s1: Array, w2: Array, s2: Array,
+    cfg: OpConfig, numerics: Numerics,
+) -> Array:
+    """§6 steps 2–7 for the rows of one expert: quantised tokens ``q`` (integers as float32) with
+    their per-token scales ``sigma1``. Returns float32 holding out-dtype values."""
+    if numerics.truncate_scales:
+        s1, s2 = truncate_scale_bits(s1), truncate_scale_bits(s2)
+    c1 = scaled_fp16(exact_int_matmul(q, w1), s1)
+    h = c1 * sigma1[:, None]
+    i = cfg.intermediate
+    if cfg.swiglu_limit is not None:
+        limit = F32(cfg.swiglu_limit)
+        h = np.minimum(h, limit)
+        h[:, i:] = np.maximum(h[:, i:], -limit)  # the up half only; gate has no lower clamp
+    gate, up = h[:, :i], h[:, i:]
+    with np.errstate(over="ignore"):
+        a = gate / (F32(1) + np.exp(-gate)) * up
+    amax2 = np.abs(a).max(axis=1) if i else np.zeros(a.shape[0], F32)
+    zero = amax2 == 0
+    with np.errstate(divide="ignore"):
+        inv = np.where(zero, F32(0), F32(127) / amax2)
+    q2 = np.rint(a * inv[:, None])  # round half to even (§6 step 5)
+    c2 = scaled_fp16(exact_int_matmul(q2, w2), s2)
+    sigma2 = amax2 / F32(127)
+    y = (c2 * sigma2[:, None]).astype(DTYPES[cfg.x_dtype]).astype(F32)
+    if numerics.zero_rows == "nan":
+        y[zero | (sigma1 == 0)] = np.nan
+    return y
+
+
+def _ffn_float_faithful(x: Array, w1: Array, w2: Array, cfg: OpConfig) -> Array:
+    """The BF16/FP16-weight variant: products exact, float32 accumulation modelled as an exact
+    float64 sum rounded once to float32; the GMM1 output and the SwiGLU result are stored in x's
+    dtype between the GEMMs [inferred: the variant was not analysed in depth]."""
+    dtype = DTYPES[cfg.x_dtype]
+    i = cfg.intermediate
+    acc1 = np.matmul(x.astype(np.float64), w1.astype(np.float64)).astype(F32)
+    h = acc1.astype(dtype).astype(F32)
+    gate, up = h[:, :i], h[:, i:]
+    with np.errstate(over="ignore"):
+        a = (gate / (F32(1) + np.exp(-gate)) * up).astype(dtype).astype(np.float64)
+    acc2 = np.matmul(a, w2.astype(np.float64)).astype(F32)
+    return acc2.astype(dtype).astype(F32)
+
+
+def _ffn_ideal(
+    x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
+) -> Array:
+    """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any."""
+    w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
+    w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
+    h = x.astype(np.float64) @ w1d
+    i = cfg.intermediate
+    if cfg.swiglu_limit is not None:
+        h = np.minimum(h, cfg.swiglu_limit)
+        h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
+    gate, up = h[:, :i], h[:, i:]
+    with np.errstate(over="ignore"):
+        a = gate / (1.0 + np.exp(-gate)) * up
+    return np.asarray(a @ w2d)
+
+
+def _quantise_tokens(x: Array) -> tuple[Array, Array]:
+    """§6 step 1 for every token at once: ``σ1 = amax/127``, ``q = round_half_away(x/σ1)``.
+    A zero row gets ``q = 0`` here; the NaN reading is applied per policy by the caller."""
+    xf = x.astype(F32)
+    amax = np.abs(xf).max(axis=1) if xf.shape[1] else np.zeros(xf.shape[0], F32)
+    sigma = amax / F32(127)
+    safe = np.where(sigma == 0, F32(1), sigma)
+    return round_half_away(xf / safe[:, None]), sigma
+
+
+def _combine(y: Array, probs: Array, dtype: Any) -> Array:
+    """§6 step 8: ``acc = y0·p0; acc += yk·pk`` for k = 1…top_k−1, sequentially, in y's dtype
+    (float32 faithful: no fused multiply-add [inferred]; float64 ideal)."""
+    acc = y[:, 0] * probs[:, 0, None].astype(dtype)
+    for k in range(1, y.shape[1]):
+        acc = acc + y[:, k] * probs[:, k, None].astype(dtype)
+    return np.asarray(acc)
+
+
+def run(problem: Problem, *, numerics: str | Numerics = "faithful") -> Result:
+    """The whole collective call: every rank's ``out``, ``expert_token_nums`` and ``defined``,
+    plus the :class:`Trace` of intermediates.
+
+    >>> from spec import OpConfig, random_problem
+    >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+    ...                tokens_per_rank=(3, 1))
+    >>> result = run(random_problem(cfg, seed=0))
+    >>> [r.out.shape for r in result.ranks], result.ranks[0].expert_token_nums.dtype
+    ([(3, 32), (1, 32)], dtype('int32'))
+    """
+    num = resolve_numerics(numerics)
+    cfg = problem.config
+    ep, e_local, top_k, k_hidden = cfg.ep_size, cfg.experts_per_rank, cfg.top_k, cfg.hidden
+    routing = route(problem)
+    x = _concat([r.x for r in problem.ranks], DTYPES[cfg.x_dtype], (k_hidden,))
+    q, sigma1 = _quantise_tokens(x)
+    w8a8 = cfg.weight_dtype == "int8"
+    ideal = num.mode == "ideal"
+    y_dtype = np.float64 if ideal else F32
+    total_tokens = x.shape[0]
+    y = np.full((total_tokens * top_k, k_hidden), np.nan, dtype=y_dtype)
+    for g in np.flatnonzero(routing.expert_kept):
+        start = routing.expert_start[g]
+        slots = routing.order[start : start + routing.expert_kept[g]]
+        tok = slots // top_k
+        w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        if ideal:
+            y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
+        elif w8a8:
+            assert s1 is not None and s2 is not None
+            y[slots] = _ffn_w8a8_faithful(q[tok], sigma1[tok], w1, s1, w2, s2, cfg, num)
+        else:
+            y[slots] = _ffn_float_faithful(x[tok], w1, w2, cfg)
+    y3 = y.reshape(total_tokens, top_k, k_hidden)
+    probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
+    defined = routing.slot_kept.reshape(total_tokens, top_k).all(axis=1)
+    combined = _combine(y3, probs, y_dtype)
+    out = np.where(defined[:, None], combined, 0).astype(DTYPES[cfg.x_dtype])
+    bounds = np.concatenate([[0], np.cumsum(cfg.tokens_per_rank)])
+    per_expert = routing.counts.sum(axis=0).reshape(ep, e_local).astype(np.int32)
+
+    def split(a: Array) -> tuple[Array, ...]:
+        return tuple(a[lo:hi] for lo, hi in pairwise(bounds))
+
+    ranks = tuple(
+        RankResult(out=o, expert_token_nums=per_expert[r], defined=d)
+        for r, (o, d) in enumerate(zip(split(out), split(defined)))
+    )
+    trace = Trace(
+        counts=routing.counts,
+        receive=routing.receive,
+        token_scale=split(sigma1),
+        y=split(y3),
+        combined=split(combined),
+    )
+    return Result(ranks=ranks, trace=trace, numerics=num)

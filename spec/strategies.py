@@ -1,0 +1,452 @@
+"""Hypothesis strategies for ``dispatch_ffn_combine`` calls: the inputs that broke real kernels.
+
+Structure first, then data. :func:`configs` draws the shape of a call; :func:`problems` draws the
+routing family, special token rows, routing weights, masks and capacity edges as explicit choices
+(so each shrinks away when it does not matter), then fills the bulk arrays from a NumPy generator
+seeded by one drawn integer (large arrays stay cheap and shrink by their seed). Everything is
+valid by construction: no ``assume`` and no ``filter``.
+
+Each family is labelled with :func:`hypothesis.event`, so ``--hypothesis-show-statistics`` shows
+what a run covered. The families come from ``shared/reference/edge_cases.md``.
+
+>>> from hypothesis import given
+>>> @given(problems(configs=configs(ep_sizes=st.just(2))))
+... def test_two_ranks(problem):
+...     assert problem.config.ep_size == 2
+>>> test_two_ranks()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from spec.config import MAX_EP_SIZE, OpConfig
+from spec.problem import DTYPES, Problem
+from spec.synth import random_problem, uniform_routing
+
+__all__ = [
+    "MASK_FAMILIES",
+    "PROBS_FAMILIES",
+    "REAL_MODELS",
+    "ROUTING_FAMILIES",
+    "ROW_FAMILIES",
+    "RoutingPlan",
+    "RowPlan",
+    "configs",
+    "problems",
+    "routings",
+    "token_rows",
+]
+
+#: Routing families, simplest first (Hypothesis shrinks towards the first).
+ROUTING_FAMILIES = (
+    "uniform",  # distinct uniform ids per token, as a real top-k router gives
+    "one_expert",  # every slot to one expert: duplicates within every token (vllm-xpu-kernels #453)
+    "one_rank",  # every slot to the experts of one rank
+    "zipf",  # Zipf-skewed expert popularity (DeepEP #427)
+    "empty_experts",  # only a few experts receive anything
+    "empty_rank",  # one rank's experts receive nothing
+    "duplicates",  # ids drawn with replacement: duplicates within a token
+)
+#: Special token rows planted into otherwise normal data (§6 numerics edges).
+ROW_FAMILIES = ("normal", "zero_row", "tiny_row", "large_row", "outlier", "ties")
+PROBS_FAMILIES = ("softmax", "ties", "zeros", "negative", "unnormalised")
+MASK_FAMILIES = ("random", "none_active", "all_active", "one_rank_masked")
+CAPACITY_FAMILIES = ("as_drawn", "at_capacity", "one_past")
+
+#: (hidden K, intermediate I, experts EP·E, top_k) of the models in shared/reference/models.md.
+REAL_MODELS: dict[str, tuple[int, int, int, int]] = {
+    "DeepSeek-V3": (7168, 2048, 256, 8),
+    "Kimi-K2": (7168, 2048, 384, 8),
+    "Qwen3-235B-A22B": (4096, 1536, 128, 8),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8),
+    "Qwen3-Coder-480B": (6144, 2560, 160, 8),
+    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4),
+    "GLM-4.5": (5120, 1536, 160, 8),
+    "GLM-4.5-Air": (4096, 1408, 128, 8),
+    "Mixtral-8x7B": (4096, 14336, 8, 2),
+    "gpt-oss-120b": (2880, 2880, 128, 4),
+    "gpt-oss-20b": (2880, 2880, 32, 4),
+    "Llama-4-Scout": (5120, 8192, 16, 1),
+}
+
+
+def _require_strategy(name: str, value: object) -> None:
+    if not isinstance(value, st.SearchStrategy):
+        raise InvalidArgument(
+            f"{name}={value!r} must be a Hypothesis strategy; wrap a fixed value as st.just(...)"
+        )
+
+
+def _or(given: st.SearchStrategy[Any] | None, default: st.SearchStrategy[Any]) -> Any:
+    return given if given is not None else default
+
+
+def _draw_int_in(draw: Any, strategy: st.SearchStrategy[int], name: str, lo: int, hi: int) -> int:
+    value = draw(strategy)
+    if not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgument(f"{name} drew {value!r}; every draw must be an int in [{lo}, {hi}]")
+    return value
+
+
+@st.composite
+def _small_configs(
+    draw: Any,
+    *,
+    ep_sizes: st.SearchStrategy[int],
+    experts_per_rank: st.SearchStrategy[int],
+    top_k: st.SearchStrategy[int],
+    hidden: st.SearchStrategy[int],
+    intermediate: st.SearchStrategy[int],
+    tokens_per_rank: st.SearchStrategy[int],
+    x_dtypes: st.SearchStrategy[str],
+    weight_dtypes: st.SearchStrategy[str],
+    weight_forms: st.SearchStrategy[str],
+    masked: st.SearchStrategy[bool],
+    truncation: st.SearchStrategy[bool],
+    swiglu_limits: st.SearchStrategy[float | None],
+    edges: frozenset[str],
+) -> OpConfig:
+    ep = _draw_int_in(draw, ep_sizes, "ep_sizes", 1, MAX_EP_SIZE)
+    e = _draw_int_in(draw, experts_per_rank, "experts_per_rank", 1, 4096)
+    # EP·E around the 512-byte count-row boundary (§8): 127, 128, 129 global experts.
+    if "experts" in edges and draw(st.sampled_from(("drawn", "around_128"))) == "around_128":
+        ep, e = draw(st.sampled_from(((1, 127), (16, 8), (3, 43), (32, 4), (1, 129))))
+        event("experts: EP·E around 128")
+    top_k_family = "drawn"
+    if "top_k" in edges:
+        top_k_family = draw(st.sampled_from(("drawn", "one", "equals_E", "above_E")))
+    k = {
+        "drawn": lambda: _draw_int_in(draw, top_k, "top_k", 1, 64),
+        "one": lambda: 1,
+        "equals_E": lambda: e,
+        "above_E": lambda: e + 1,
+    }[top_k_family]()
+    event(f"top_k: {top_k_family}")
+    tokens_family = "ragged"
+    if "tokens" in edges:
+        tokens_family = draw(st.sampled_from(("ragged", "some_empty", "all_empty", "one_busy")))
+    counts = [_draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20) for _ in range(ep)]
+    if tokens_family == "some_empty":
+        counts[draw(st.integers(0, ep - 1))] = 0
+    elif tokens_family == "all_empty":
+        counts = [0] * ep
+    elif tokens_family == "one_busy":
+        busy = draw(st.integers(0, ep - 1))
+        counts = [c if r == busy else 0 for r, c in enumerate(counts)]
+    event(f"tokens: {tokens_family}")
+    x_dtype = draw(x_dtypes)
+    w_dtype = draw(weight_dtypes)
+    if w_dtype not in ("int8", x_dtype):
+        w_dtype = x_dtype  # the float variant's weights are in x's dtype
+    form = draw(weight_forms) if e > 1 else "stacked"
+    w8a8 = w_dtype == "int8"
+    cap = None
+    if draw(truncation):
+        cap = draw(st.integers(0, max(1, sum(counts) * k)))
+    limit = draw(swiglu_limits) if w8a8 else None
+    is_masked = draw(masked) if w8a8 else False
+    cfg = OpConfig(
+        ep_size=ep, experts_per_rank=e, top_k=k, hidden=draw(hidden),
+        intermediate=draw(intermediate), tokens_per_rank=tuple(counts), x_dtype=x_dtype,
+        weight_dtype=w_dtype, weight_form=form, max_output_size=cap, swiglu_limit=limit,
+        masked=is_masked,
+    )
+    event(f"variant: {cfg.variant}, form: {form}")
+    return cfg
+
+
+@st.composite
+def _realistic_configs(draw: Any, *, tokens_per_rank: st.SearchStrategy[int]) -> OpConfig:
+    name = draw(st.sampled_from(sorted(REAL_MODELS)))
+    k_hidden, i_size, experts, top_k = REAL_MODELS[name]
+    ep = draw(st.sampled_from([d for d in range(1, MAX_EP_SIZE + 1) if experts % d == 0]))
+    event(f"model: {name}")
+    counts = tuple(
+        _draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20) for _ in range(ep)
+    )
+    return OpConfig(
+        ep_size=ep, experts_per_rank=experts // ep, top_k=top_k, hidden=k_hidden,
+        intermediate=i_size, tokens_per_rank=counts,
+        weight_form=draw(st.sampled_from(("stacked", "list"))) if experts > ep else "stacked",
+    )
+
+
+def configs(
+    *,
+    ep_sizes: st.SearchStrategy[int] | None = None,
+    experts_per_rank: st.SearchStrategy[int] | None = None,
+    top_k: st.SearchStrategy[int] | None = None,
+    hidden: st.SearchStrategy[int] | None = None,
+    intermediate: st.SearchStrategy[int] | None = None,
+    tokens_per_rank: st.SearchStrategy[int] | None = None,
+    x_dtypes: st.SearchStrategy[str] | None = None,
+    weight_dtypes: st.SearchStrategy[str] | None = None,
+    weight_forms: st.SearchStrategy[str] | None = None,
+    masked: st.SearchStrategy[bool] | None = None,
+    truncation: st.SearchStrategy[bool] | None = None,
+    swiglu_limits: st.SearchStrategy[float | None] | None = None,
+    sizes: str = "small",
+) -> st.SearchStrategy[OpConfig]:
+    """Valid :class:`spec.OpConfig` values; every draw satisfies ``OpConfig``'s validation.
+
+    Each keyword takes a strategy for that field (``tokens_per_rank`` is per rank). Where a field
+    is left to its default, edge families are explicit draws besides the drawn values: EP·E
+    around 128 (with ``ep_sizes`` and ``experts_per_rank``), ``top_k`` = 1 / = E / > E, token
+    counts with some, all, or all-but-one ranks empty. A field you set is drawn only from your
+    strategy. ``sizes="small"`` (default) keeps
+    examples fast; ``sizes="realistic"`` draws the shapes of real models (``REAL_MODELS``) with an
+    EP size that divides their expert count, for long runs.
+
+    >>> configs(ep_sizes=st.just(4)).example().ep_size
+    4
+    """
+    given = dict(
+        ep_sizes=ep_sizes, experts_per_rank=experts_per_rank, top_k=top_k, hidden=hidden,
+        intermediate=intermediate, tokens_per_rank=tokens_per_rank, x_dtypes=x_dtypes,
+        weight_dtypes=weight_dtypes, weight_forms=weight_forms, masked=masked,
+        truncation=truncation, swiglu_limits=swiglu_limits,
+    )
+    for name, value in given.items():
+        if value is not None:
+            _require_strategy(name, value)
+    tokens = tokens_per_rank if tokens_per_rank is not None else st.integers(0, 6)
+    if sizes == "realistic":
+        fixed = [n for n, v in given.items() if v is not None and n != "tokens_per_rank"]
+        if fixed:
+            raise InvalidArgument(
+                f"sizes='realistic' draws real models' shapes; drop {', '.join(fixed)} or use "
+                "sizes='small'"
+            )
+        return _realistic_configs(tokens_per_rank=tokens)
+    if sizes != "small":
+        raise InvalidArgument(f"sizes={sizes!r} must be 'small' or 'realistic'")
+    edges = frozenset(
+        edge
+        for edge, fields in (
+            ("experts", (ep_sizes, experts_per_rank)), ("top_k", (top_k,)),
+            ("tokens", (tokens_per_rank,)),
+        )
+        if all(f is None for f in fields)
+    )
+    return _small_configs(
+        edges=edges,
+        ep_sizes=_or(ep_sizes, st.integers(1, 4) | st.sampled_from((5, 7, 8, 12, 16, 24, 31, 32))),
+        experts_per_rank=_or(experts_per_rank, st.integers(1, 4) | st.sampled_from((5, 7, 8))),
+        top_k=_or(top_k, st.integers(1, 4) | st.just(8)),
+        # K: 512-byte rows in bf16 are K = 256; 240 and 272 straddle that boundary.
+        hidden=_or(hidden, st.sampled_from((16, 32, 48, 64, 240, 256, 272))),
+        intermediate=_or(intermediate, st.sampled_from((8, 16, 24, 32, 64))),
+        tokens_per_rank=tokens,
+        x_dtypes=_or(x_dtypes, st.sampled_from(("bfloat16", "float16"))),
+        weight_dtypes=_or(weight_dtypes, st.sampled_from(("int8", "bfloat16", "float16"))),
+        weight_forms=_or(weight_forms, st.sampled_from(("stacked", "list"))),
+        masked=_or(masked, st.booleans()),
+        truncation=_or(truncation, st.booleans()),
+        swiglu_limits=_or(swiglu_limits, st.none() | st.sampled_from((0.5, 7.0))),
+    )
+
+
+_default_configs = configs
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """A routing family with its explicit choices (which expert, which rank); the ids themselves
+    come from the problem's seeded generator. ``target`` is reduced modulo the number of experts
+    or ranks, so it shrinks to 0 whatever the configuration."""
+
+    family: str
+    target: int = 0
+    spread: int = 1
+
+    def expert_ids(self, cfg: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
+        num, e_local, k = cfg.num_experts, cfg.experts_per_rank, cfg.top_k
+        if self.family == "uniform":
+            return uniform_routing(cfg, rng, tokens)
+        if self.family == "one_expert":
+            return np.full((tokens, k), self.target % num, dtype=np.int32)
+        if self.family == "duplicates":
+            return rng.integers(0, num, size=(tokens, k)).astype(np.int32)
+        if self.family == "one_rank":
+            pool = (self.target % cfg.ep_size) * e_local + np.arange(e_local)
+        elif self.family == "empty_rank":
+            pool = np.setdiff1d(np.arange(num), (self.target % cfg.ep_size) * e_local
+                                + np.arange(e_local))
+        elif self.family == "empty_experts":
+            pool = (self.target + np.arange(self.spread)) % num
+        else:  # zipf: popularity ∝ 1/rank^1.2 over a seeded permutation of the experts
+            weights = 1.0 / np.arange(1, num + 1) ** 1.2
+            return _weighted_topk(rng, rng.permutation(num), weights, tokens, k)
+        if pool.size == 0:  # a single rank has no other rank's experts to use
+            pool = np.arange(num)
+        return _weighted_topk(rng, np.unique(pool), np.ones(np.unique(pool).size), tokens, k)
+
+
+def _weighted_topk(
+    rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray, tokens: int, k: int
+) -> np.ndarray:
+    """Distinct ids per token from ``pool`` by weight (Gumbel top-k); with replacement when the
+    pool is smaller than ``k``."""
+    if pool.size < k:
+        pick = rng.choice(pool.size, size=(tokens, k), p=weights / weights.sum())
+    else:
+        keys = np.log(weights) + rng.gumbel(size=(tokens, pool.size))
+        pick = np.argsort(-keys, axis=1)[:, :k]
+    return pool[pick].astype(np.int32)
+
+
+def routings(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[RoutingPlan]:
+    """Routing plans; ``families`` defaults to every family of :data:`ROUTING_FAMILIES`.
+
+    >>> routings(families=st.just("one_rank")).example().family
+    'one_rank'
+    """
+    if families is not None:
+        _require_strategy("families", families)
+    return st.builds(
+        RoutingPlan,
+        family=_or(families, st.sampled_from(ROUTING_FAMILIES)),
+        target=st.integers(0, 1023),
+        spread=st.integers(1, 3),
+    )
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One special token row: which family, on which rank and token (reduced modulo the ranks
+    that have tokens and their token count, so it shrinks to the first token)."""
+
+    family: str
+    rank: int = 0
+    token: int = 0
+
+    def plant(self, cfg: OpConfig, rng: np.random.Generator, x: list[np.ndarray]) -> None:
+        busy = [r for r, m in enumerate(cfg.tokens_per_rank) if m]
+        if self.family == "normal" or not busy:
+            return
+        dtype = DTYPES[cfg.x_dtype]
+        if self.family == "ties":
+            # x = (2n+1)/16 with one element 127/8: σ1 = 1/8 exactly and x/σ1 = n + 1/2, a tie
+            # for every element; every value is exact in bf16 and fp16.
+            for r in busy:
+                m = cfg.tokens_per_rank[r]
+                ties = (2 * rng.integers(-127, 127, size=(m, cfg.hidden)) + 1) / 16.0
+                ties[:, 0] = 127 / 8
+                x[r] = ties.astype(dtype)
+            return
+        r = busy[self.rank % len(busy)]
+        t = self.token % cfg.tokens_per_rank[r]
+        row = x[r][t].astype(np.float64)
+        planted = {
+            "zero_row": np.zeros_like(row),
+            # Tiny, yet every intermediate scale stays a normal float32: at 2**-60 the
+            # requantisation scale 127/amax2 overflows (a kernel edge the harness reports
+            # only with a dedicated variant, see oracle.variants).
+            "tiny_row": row * 2.0**-20,
+            # Large and outlier rows stay below overflow of the fp16 pipeline (SwiGLU ~ h²):
+            # beyond it every implementation returns inf and the comparison says nothing.
+            "large_row": row / max(np.abs(row).max(), 1e-30) * 2.0**5,
+            "outlier": np.where(np.arange(row.size) == 0, 64.0 * max(np.abs(row).max(), 1), row),
+        }[self.family]
+        x[r] = x[r].copy()
+        x[r][t] = planted.astype(dtype)
+
+
+def token_rows(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[RowPlan]:
+    """Special-row plans; ``families`` defaults to every family of :data:`ROW_FAMILIES`."""
+    if families is not None:
+        _require_strategy("families", families)
+    return st.builds(
+        RowPlan,
+        family=_or(families, st.sampled_from(ROW_FAMILIES)),
+        rank=st.integers(0, MAX_EP_SIZE - 1),
+        token=st.integers(0, 63),
+    )
+
+
+def _probs(family: str, rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    if family == "softmax":
+        logits = rng.standard_normal((m, k))
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    elif family == "ties":
+        p = np.full((m, k), 1.0 / k)
+    elif family == "zeros":
+        p = np.where(rng.random((m, k)) < 0.5, 0.0, rng.random((m, k)))
+    elif family == "negative":
+        p = rng.uniform(-1.0, 1.0, size=(m, k))
+    else:
+        p = rng.uniform(0.0, 3.0, size=(m, k))
+    return p.astype(np.float32)
+
+
+def _masks(family: str, rng: np.random.Generator, cfg: OpConfig, target: int) -> list[np.ndarray]:
+    counts = cfg.tokens_per_rank
+    if family == "none_active":
+        return [np.zeros(m, dtype=bool) for m in counts]
+    if family == "all_active":
+        return [np.ones(m, dtype=bool) for m in counts]
+    if family == "one_rank_masked":
+        hit = target % cfg.ep_size
+        return [np.full(m, r != hit) for r, m in enumerate(counts)]
+    return [rng.random(m) < 0.7 for m in counts]
+
+
+def _receive_rows(cfg: OpConfig, ids: list[np.ndarray], masks: list[np.ndarray] | None) -> int:
+    """The busiest destination rank's received rows (before truncation)."""
+    per_rank = np.zeros(cfg.ep_size, dtype=np.int64)
+    for r, idx in enumerate(ids):
+        live = idx if masks is None else idx[masks[r]]
+        per_rank += np.bincount(live.reshape(-1) // cfg.experts_per_rank, minlength=cfg.ep_size)
+    return int(per_rank.max())
+
+
+@st.composite
+def problems(
+    draw: Any,
+    *,
+    configs: st.SearchStrategy[OpConfig] | None = None,
+    routing: st.SearchStrategy[RoutingPlan] | None = None,
+    values: st.SearchStrategy[RowPlan] | None = None,
+) -> Problem:
+    """Valid :class:`spec.Problem` values: a configuration, then its routing, special rows,
+    routing weights, masks and capacity edges, then the bulk arrays from a drawn seed.
+
+    ``max_output_size`` is either the configuration's drawn value, or exactly the busiest rank's
+    receive count ("at capacity") or one less ("one past": one row dropped).
+    """
+    for name, value in (("configs", configs), ("routing", routing), ("values", values)):
+        if value is not None:
+            _require_strategy(name, value)
+    cfg = draw(configs if configs is not None else _default_configs())
+    plan = draw(routing if routing is not None else routings())
+    rows = draw(values if values is not None else token_rows())
+    probs_family = draw(st.sampled_from(PROBS_FAMILIES))
+    mask_family = draw(st.sampled_from(MASK_FAMILIES)) if cfg.masked else None
+    capacity = draw(st.sampled_from(CAPACITY_FAMILIES)) if cfg.max_output_size is not None else None
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = [rng.standard_normal((m, cfg.hidden)).astype(DTYPES[cfg.x_dtype])
+         for m in cfg.tokens_per_rank]
+    rows.plant(cfg, rng, x)
+    ids = [plan.expert_ids(cfg, rng, m) for m in cfg.tokens_per_rank]
+    probs = [_probs(probs_family, rng, m, cfg.top_k) for m in cfg.tokens_per_rank]
+    masks = _masks(mask_family, rng, cfg, plan.target) if mask_family else None
+    if capacity in ("at_capacity", "one_past"):
+        busiest = _receive_rows(cfg, ids, masks)
+        cfg = replace(cfg, max_output_size=max(0, busiest - (capacity == "one_past")))
+    for label in (
+        f"routing: {plan.family}", f"rows: {rows.family}", f"probs: {probs_family}",
+        f"mask: {mask_family}", f"capacity: {capacity}",
+    ):
+        event(label)
+    return random_problem(
+        cfg, seed=seed, x=x, expert_idx=ids, probs=probs,
+        active_mask=masks if masks is not None else [None] * cfg.ep_size,
+    )

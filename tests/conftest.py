@@ -1,0 +1,16 @@
+"""The project's own test suite runs under the deterministic ``dfc-ci`` profile (see
+``oracle.profiles``) unless ``--dfc-profile`` or ``DFC_PROFILE`` says otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import settings
+
+import oracle.profiles  # noqa: F401 - registers the profiles
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("--dfc-profile", default=None):
+        settings.load_profile(os.environ.get("DFC_PROFILE", "dfc-ci"))
