@@ -1,0 +1,86 @@
+"""The bundled conformance suite that ``pytest --dfc-impl MODULE:FUNC`` runs.
+
+One test per input family of :mod:`spec.strategies` (routing, special rows, token counts,
+masks, truncation, weight forms and variants) and one for the whole default search; each runs
+:func:`oracle.check_implementation` under the active profile and fails with its report. A
+variant the implementation does not support (``--dfc-variants``) is a named skip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import strategies as st
+
+from oracle.harness import ConformanceError, check_implementation
+from spec import Problem
+from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
+
+_WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrategy[Any]:
+    variants = options["variants"]
+    x_dtypes = [x for x in ("bfloat16", "float16") if
+                "w8a8" in variants or {"bfloat16": "bf16", "float16": "fp16"}[x] in variants]
+    weights = [_WEIGHT_DTYPE[v] for v in variants]
+    return configs(x_dtypes=st.sampled_from(x_dtypes), weight_dtypes=st.sampled_from(weights),
+                   **fields)
+
+
+def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> None:
+    try:
+        check_implementation(
+            options["impl"], numerics=options["numerics"], problems=strategy,
+            impl_name=options["impl_name"], inputs=options["inputs"], ulps=options["ulps"],
+            timeout=options["timeout"],
+        )
+    except ConformanceError as exc:
+        report = exc.report
+    else:
+        return
+    pytest.fail(report, pytrace=False)
+
+
+def test_default_search(dfc_options: dict[str, Any]) -> None:
+    """Every family at once, as drawn by the default strategies."""
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options)))
+
+
+@pytest.mark.parametrize("family", ROUTING_FAMILIES)
+def test_routing(dfc_options: dict[str, Any], family: str) -> None:
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options),
+                                 routing=routings(families=st.just(family))))
+
+
+@pytest.mark.parametrize("family", [f for f in ROW_FAMILIES if f != "normal"])
+def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options),
+                                 values=token_rows(families=st.just(family))))
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("empty_ranks", {"tokens_per_rank": st.sampled_from((0, 0, 1, 3))}),
+        ("masked", {"masked": st.just(True)}),
+        ("truncation", {"truncation": st.just(True)}),
+        ("per_expert_lists", {"weight_forms": st.just("list")}),
+        ("swiglu_clamp", {"swiglu_limits": st.sampled_from((0.5, 2.0))}),
+        ("many_ranks", {"ep_sizes": st.sampled_from((16, 31, 32))}),
+    ],
+)
+def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:
+    if name in ("masked", "swiglu_clamp") and "w8a8" not in dfc_options["variants"]:
+        pytest.skip(f"{name} exists only in the W8A8 variant, not in --dfc-variants")
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
+
+
+@pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16"])
+def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
+    if variant not in dfc_options["variants"]:
+        pytest.skip(f"variant {variant} not in --dfc-variants")
+    x = "float16" if variant == "fp16" else "bfloat16"
+    strategy = configs(x_dtypes=st.just(x), weight_dtypes=st.just(_WEIGHT_DTYPE[variant]))
+    _check(dfc_options, problems(configs=strategy))

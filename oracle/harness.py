@@ -1,0 +1,272 @@
+"""The conformance harness: search for, shrink, save and report a counterexample.
+
+:func:`check_implementation` runs a Hypothesis search comparing an implementation with
+:func:`oracle.run` and, on failure, raises :class:`ConformanceError` carrying the minimal failing
+problem and a report a kernel engineer can act on in one read. The implementation runs on its
+own copy of the inputs, under a timeout; whatever it does — raise, hang, return garbage, write
+into its inputs — becomes a report, never a traceback from this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, given, target
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from oracle.counterexample import save
+from oracle.judge import Verdict, compare
+from oracle.numerics import Numerics, resolve_numerics
+from spec import Problem, RankInputs
+
+__all__ = [
+    "INPUT_POLICIES",
+    "ConformanceError",
+    "Implementation",
+    "check_implementation",
+    "describe_problem",
+    "evaluate",
+    "format_report",
+]
+
+Implementation = Callable[[Problem], Any]
+#: What to do when an implementation writes into its inputs: fail ("strict"), warn ("report":
+#: the real operator writes masked ids back into expert_idx, §4), or nothing ("ignore").
+INPUT_POLICIES = ("strict", "report", "ignore")
+DEFAULT_SAVE_DIR = Path("dfc-counterexamples")
+
+
+class ConformanceError(AssertionError):
+    """An implementation disagrees with the reference model.
+
+    ``problem`` is the minimal failing :class:`spec.Problem`, ``verdict`` the judge's answer,
+    ``report`` the text of the message, ``path`` the saved counterexample (or None).
+    """
+
+    def __init__(self, report: str, *, problem: Problem, verdict: Verdict,
+                 path: Path | None) -> None:
+        super().__init__(report)
+        self.report = report
+        self.problem = problem
+        self.verdict = verdict
+        self.path = path
+
+
+class _Hung(BaseException):
+    """Raised through Hypothesis (a BaseException is not shrunk) when a call times out."""
+
+    def __init__(self, problem: Problem, verdict: Verdict) -> None:
+        super().__init__(verdict.message)
+        self.problem, self.verdict = problem, verdict
+
+
+class _Mismatch(Exception):
+    def __init__(self, problem: Problem, verdict: Verdict, outputs: object) -> None:
+        super().__init__(verdict.message)
+        self.problem, self.verdict, self.outputs = problem, verdict, outputs
+
+
+def _copy_inputs(problem: Problem) -> Problem:
+    """A writable deep copy, so the implementation cannot touch the problem we judge it on."""
+
+    def many(ts: Any) -> list[np.ndarray] | None:
+        return None if ts is None else [np.array(t) for t in ts]
+
+    ranks = [
+        RankInputs(
+            np.array(r.x), np.array(r.expert_idx), np.array(r.probs), many(r.w1) or [],
+            many(r.w2) or [], scale1=many(r.scale1), scale2=many(r.scale2),
+            active_mask=None if r.active_mask is None else np.array(r.active_mask),
+        )
+        for r in problem.ranks
+    ]
+    return Problem.from_validated(ranks, problem.config)
+
+
+def _changed_inputs(original: Problem, copy: Problem) -> list[str]:
+    changed = []
+    for r, (a, b) in enumerate(zip(original.ranks, copy.ranks)):
+        for name in ("x", "expert_idx", "probs", "active_mask"):
+            va, vb = getattr(a, name), getattr(b, name)
+            if va is not None and not np.array_equal(va, vb):
+                changed.append(f"rank {r} {name}")
+        for name in ("w1", "w2", "scale1", "scale2"):
+            for i, (ta, tb) in enumerate(zip(getattr(a, name) or (), getattr(b, name) or ())):
+                if not np.array_equal(ta, tb):
+                    changed.append(f"rank {r} {name}[{i}]")
+    return changed
+
+
+def _call(impl: Implementation, problem: Problem, timeout: float) -> tuple[str, object]:
+    """Run ``impl`` in a daemon thread: ("ok", result), ("raised", text) or ("hung", text)."""
+    box: dict[str, object] = {}
+
+    def target_fn() -> None:
+        try:
+            box["result"] = impl(problem)
+        except BaseException as exc:
+            frames = traceback.extract_tb(exc.__traceback__)[1:]  # drop this wrapper's frame
+            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            box["error"] = f"{type(exc).__name__}: {exc}{where}"
+
+    thread = threading.Thread(target=target_fn, name="dfc-oracle-impl", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return "hung", f"no result after {timeout:g} s (hung, or far too slow)"
+    if "error" in box:
+        return "raised", str(box["error"])
+    return "ok", box.get("result")
+
+
+def evaluate(
+    impl: Implementation,
+    problem: Problem,
+    *,
+    numerics: str | Numerics = "faithful",
+    timeout: float = 60.0,
+    inputs: str = "strict",
+    ulps: float = 1.0,
+) -> tuple[Verdict, object]:
+    """Call ``impl`` on a copy of ``problem`` and judge it: ``(verdict, raw outputs)``."""
+    copy = _copy_inputs(problem)
+    status, result = _call(impl, copy, timeout)
+    if status != "ok":
+        stage_text = "raised" if status == "raised" else "did not return"
+        return Verdict(False, "call", f"the implementation {stage_text}: {result}",
+                       float("inf")), None
+    verdict = compare(problem, result, numerics=numerics, ulps=ulps)
+    if verdict.ok and inputs != "ignore":
+        changed = _changed_inputs(problem, copy)
+        if changed and inputs == "strict":
+            return Verdict(False, "inputs", "the implementation wrote into its inputs: "
+                           + ", ".join(changed) + " (pass inputs='report' to allow it)",
+                           float("inf")), result
+        if changed:
+            warnings.warn("the implementation wrote into its inputs: " + ", ".join(changed),
+                          stacklevel=2)
+    return verdict, result
+
+
+def describe_problem(problem: Problem) -> str:
+    """The configuration in one line plus the routing matrix (source rank x destination rank)."""
+    cfg = problem.config
+    counts = run_counts(problem)
+    per_dest = counts.reshape(cfg.ep_size, cfg.ep_size, cfg.experts_per_rank).sum(axis=2)
+    lines = [cfg.summary(), "routed slots, source rank (rows) x destination rank (columns):"]
+    lines += [f"  rank {s}: {row.tolist()}" for s, row in enumerate(per_dest)]
+    return "\n".join(lines)
+
+
+def run_counts(problem: Problem) -> np.ndarray:
+    from oracle.reference import route
+
+    return np.asarray(route(problem).counts)
+
+
+def format_report(
+    problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
+    replay: str | None,
+) -> str:
+    """The one-read report: configuration, stage, worst element, routing, file, replay."""
+    lines = [
+        f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
+        f"{numerics.describe()}).",
+        f"minimal call: {describe_problem(problem)}",
+        f"what failed: {verdict.message}",
+    ]
+    if path is not None:
+        lines.append(f"counterexample saved: {path}")
+    if replay:
+        lines.append(f"replay: {replay}")
+    return "\n".join(lines)
+
+
+def check_implementation(
+    impl: Implementation,
+    *,
+    numerics: str | Numerics = "faithful",
+    problems: st.SearchStrategy[Problem] | None = None,
+    settings: hsettings | None = None,
+    save_dir: str | Path | None = DEFAULT_SAVE_DIR,
+    impl_name: str | None = None,
+    timeout: float = 60.0,
+    inputs: str = "strict",
+    ulps: float = 1.0,
+) -> None:
+    """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
+
+    ``impl(problem)`` returns one ``(out, expert_token_nums)`` (or an object with those
+    attributes) per rank. ``problems`` defaults to :func:`spec.strategies.problems`;
+    ``settings`` to the active Hypothesis profile. On failure, raises :class:`ConformanceError`
+    with the minimal failing problem, saved under ``save_dir`` (None: not saved).
+    """
+    if inputs not in INPUT_POLICIES:
+        raise ValueError(f"inputs={inputs!r} must be one of {INPUT_POLICIES}")
+    num = resolve_numerics(numerics)
+    if problems is None:
+        from spec.strategies import problems as default_problems
+
+        problems = default_problems()
+    base = settings if settings is not None else hsettings()
+    search_settings = hsettings(
+        base, report_multiple_bugs=False,
+        suppress_health_check=[*base.suppress_health_check, HealthCheck.too_slow,
+                               HealthCheck.data_too_large],
+    )
+
+    @search_settings
+    @given(problems)
+    def conforms(problem: Problem) -> None:
+        verdict, outputs = evaluate(impl, problem, numerics=num, timeout=timeout,
+                                    inputs=inputs, ulps=ulps)
+        target(min(verdict.ratio, 1e12), label="error / tolerance")
+        if verdict.stage == "call" and "did not return" in verdict.message:
+            raise _Hung(problem, verdict)
+        if not verdict.ok:
+            raise _Mismatch(problem, verdict, outputs)
+
+    try:
+        conforms()
+    except _Hung as hung:
+        problem, verdict, outputs = hung.problem, hung.verdict, None
+    except _Mismatch as mismatch:
+        problem, verdict, outputs = mismatch.problem, mismatch.verdict, mismatch.outputs
+    else:
+        return
+    path = None
+    if save_dir is not None:
+        path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name)
+    replay = None
+    if path is not None and impl_name:
+        replay = f"dfc-oracle replay {path} --impl {impl_name}"
+    report = format_report(problem, verdict, numerics=num, path=path, replay=replay)
+    raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
+
+
+def _save_counterexample(
+    directory: Path, problem: Problem, verdict: Verdict, outputs: object,
+    numerics: Numerics, impl_name: str | None,
+) -> Path:
+    from oracle.judge import _structure
+
+    checked = _structure(problem, outputs) if outputs is not None else None
+    meta = {
+        "stage": verdict.stage,
+        "message": verdict.message,
+        "numerics": {"mode": numerics.mode, "truncate_scales": numerics.truncate_scales,
+                     "zero_rows": numerics.zero_rows},
+        "impl": impl_name,
+    }
+    digest = hashlib.sha1(f"{problem.config}{verdict.message}".encode()).hexdigest()[:10]
+    name = f"{(impl_name or 'impl').replace(':', '.').replace('/', '_')}-{verdict.stage}-{digest}"
+    kept = checked if isinstance(checked, list) else None
+    return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta)

@@ -1,0 +1,225 @@
+"""The judge: compare an implementation's outputs with the reference model, stage by stage.
+
+Stages, in the order they are checked (the first failing one is reported):
+
+1. ``ranks`` — one entry per rank;
+2. ``structure`` — each entry is ``(out, expert_token_nums)`` (or has those attributes) with
+   the contract's shapes and dtypes;
+3. ``expert_token_nums`` — exactly equal (counted before truncation, masked slots excluded);
+4. ``non_finite`` — NaN or inf on a defined row where the model is finite (or the reverse);
+5. ``out`` — defined rows within the tolerance policy; undefined rows are ignored.
+
+Tolerance policy (per element, on defined rows):
+
+- ``faithful``: ``ulps`` units in the last place of the out dtype at the expected value's
+  magnitude (default 1: the model pins every rounding, so a conforming implementation differs
+  by at most the last rounding of an exp or a division that NumPy and the hardware do
+  differently). Real hardware with another ``exp`` may need ``ideal``.
+- ``ideal``: the quantisation error bound of :func:`oracle.bounds.ideal_tolerance`, derived
+  step by step from the scales and shapes of the problem, plus one rounding to the out dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from oracle.numerics import Numerics, resolve_numerics
+from oracle.reference import Result, run
+from spec import DTYPES, Problem
+from spec.errors import describe
+
+__all__ = ["STAGES", "Verdict", "compare", "out_dtype_spacing", "routing_summary"]
+
+STAGES = ("call", "ranks", "structure", "expert_token_nums", "non_finite", "out", "inputs")
+
+Array = np.ndarray[Any, Any]
+
+# Significand bits (with the implicit one) and smallest normal exponent of each out dtype.
+_FLOAT_FORMATS = {"bfloat16": (8, -126), "float16": (11, -14)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judge's answer. ``ratio`` is the worst error-to-tolerance ratio of ``out`` (above 1 is
+    a failure; ``inf`` for structural failures); ``rank`` and ``where`` locate the worst element
+    (``(token, column)`` for ``out``, ``(expert,)`` for counts)."""
+
+    ok: bool
+    stage: str
+    message: str
+    ratio: float = 0.0
+    rank: int | None = None
+    where: tuple[int, ...] | None = None
+
+
+def out_dtype_spacing(values: Array, dtype_name: str) -> Array:
+    """The distance to the next representable value of the out dtype at ``|values|``
+    (one ulp), for bfloat16 or float16; subnormal spacing near zero."""
+    digits, emin = _FLOAT_FORMATS[dtype_name]
+    mag = np.abs(values.astype(np.float64))
+    exponent = np.floor(np.log2(np.where(mag > 0, mag, 1.0)))
+    exponent = np.where(mag > 0, np.maximum(exponent, emin), emin)
+    return np.asarray(2.0 ** (exponent - (digits - 1)))
+
+
+def routing_summary(problem: Problem, rank: int, token: int) -> str:
+    """Where one token's slots went: expert ids, owning ranks, routing weights, mask."""
+    inputs = problem.ranks[rank]
+    ids = inputs.expert_idx[token].tolist()
+    owners = [g // problem.config.experts_per_rank for g in ids]
+    probs = [float(p) for p in inputs.probs[token]]
+    active = bool(inputs.is_active()[token])
+    return (
+        f"token {token} of rank {rank}: slots -> experts {ids} on ranks {owners}, "
+        f"probs {[float(f'{p:.4g}') for p in probs]}{'' if active else ', MASKED'}"
+    )
+
+
+def _entry(raw: object) -> tuple[object, object] | None:
+    if hasattr(raw, "out") and hasattr(raw, "expert_token_nums"):
+        return raw.out, raw.expert_token_nums
+    if isinstance(raw, (tuple, list)) and len(raw) == 2:
+        return raw[0], raw[1]
+    return None
+
+
+def _as_numpy(value: object) -> object:
+    """Accept torch tensors where NumPy is expected (bfloat16 through its bit pattern)."""
+    if type(value).__module__.startswith("torch"):
+        from oracle.torch import to_numpy  # optional extra
+
+        return to_numpy(value)
+    return value
+
+
+def _fail(stage: str, message: str, rank: int | None = None,
+          where: tuple[int, ...] | None = None, ratio: float = float("inf")) -> Verdict:
+    return Verdict(False, stage, message, ratio, rank, where)
+
+
+def _structure(problem: Problem, outputs: object) -> list[tuple[Array, Array]] | Verdict:
+    cfg = problem.config
+    if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
+        return _fail("ranks", f"expected a sequence of {cfg.ep_size} per-rank results; "
+                     f"got {describe(outputs)}")
+    if len(outputs) != cfg.ep_size:
+        return _fail("ranks", f"expected {cfg.ep_size} per-rank results (one per rank); "
+                     f"got {len(outputs)}")
+    checked = []
+    out_dtype = DTYPES[cfg.x_dtype]
+    for r, raw in enumerate(outputs):
+        entry = _entry(raw)
+        if entry is None:
+            return _fail("structure", f"rank {r}: expected (out, expert_token_nums) or an object "
+                         f"with .out and .expert_token_nums; got {describe(raw)}", r)
+        out, nums = (_as_numpy(v) for v in entry)
+        want_out = (cfg.tokens_per_rank[r], cfg.hidden)
+        if not isinstance(out, np.ndarray) or out.shape != want_out or out.dtype != out_dtype:
+            return _fail("structure", f"rank {r}: out must be {cfg.x_dtype} of shape {want_out}; "
+                         f"got {describe(out)}", r)
+        want_nums = (cfg.experts_per_rank,)
+        if not isinstance(nums, np.ndarray) or nums.shape != want_nums or nums.dtype != np.int32:
+            return _fail("structure", f"rank {r}: expert_token_nums must be int32 of shape "
+                         f"{want_nums}; got {describe(nums)}", r)
+        checked.append((out, nums))
+    return checked
+
+
+def _tolerance(problem: Problem, expected: Result, numerics: Numerics, ulps: float) -> list[Array]:
+    if numerics.mode == "ideal":
+        from oracle.bounds import ideal_tolerance
+
+        return [np.asarray(t) for t in ideal_tolerance(problem, expected)]
+    name = problem.config.x_dtype
+    return [ulps * out_dtype_spacing(r.out, name) for r in expected.ranks]
+
+
+def compare(
+    problem: Problem,
+    outputs: object,
+    *,
+    numerics: str | Numerics = "faithful",
+    expected: Result | None = None,
+    ulps: float = 1.0,
+) -> Verdict:
+    """Judge ``outputs`` (one ``(out, expert_token_nums)`` per rank) against the reference model.
+    Never raises for bad outputs: every problem with them is a failing :class:`Verdict`.
+
+    >>> from spec import OpConfig, random_problem
+    >>> from oracle import run
+    >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16,
+    ...                             intermediate=8, tokens_per_rank=(2,)))
+    >>> compare(p, [(r.out, r.expert_token_nums) for r in run(p).ranks]).ok
+    True
+    """
+    num = resolve_numerics(numerics)
+    cfg = problem.config
+    checked = _structure(problem, outputs)
+    if isinstance(checked, Verdict):
+        return checked
+    expected = expected if expected is not None else run(problem, numerics=num)
+    for r, ((_, nums), want) in enumerate(zip(checked, expected.ranks)):
+        diff = np.flatnonzero(nums != want.expert_token_nums)
+        if diff.size:
+            e = int(diff[0])
+            return _fail(
+                "expert_token_nums",
+                f"rank {r}, local expert {e} (global {r * cfg.experts_per_rank + e}): got "
+                f"{int(nums[e])} rows, expected {int(want.expert_token_nums[e])} (all: got "
+                f"{nums.tolist()}, expected {want.expert_token_nums.tolist()}); counts exclude "
+                "masked slots and are taken before truncation",
+                r, (e,),
+            )
+    tolerances = _tolerance(problem, expected, num, ulps)
+    worst: tuple[float, int, int, int] = (0.0, -1, -1, -1)
+    for r, ((out, _), want, tol) in enumerate(zip(checked, expected.ranks, tolerances)):
+        rows = want.defined
+        if not rows.any():
+            continue
+        got64 = out[rows].astype(np.float64)
+        exp64 = want.out[rows].astype(np.float64)
+        finite_got, finite_exp = np.isfinite(got64), np.isfinite(exp64)
+        same_special = (got64 == exp64) | (np.isnan(got64) & np.isnan(exp64))
+        bad = (finite_got != finite_exp) | (~finite_exp & ~same_special)
+        if bad.any():
+            t, c = (int(v) for v in np.argwhere(bad)[0])
+            token = int(np.flatnonzero(rows)[t])
+            return _fail(
+                "non_finite",
+                f"rank {r}, token {token}, column {c}: got {got64[t, c]}, expected "
+                f"{exp64[t, c]} ({int(bad.sum())} such values); "
+                f"{routing_summary(problem, r, token)}",
+                r, (token, c),
+            )
+        with np.errstate(invalid="ignore"):
+            ratio = np.where(finite_exp, np.abs(got64 - exp64) / tol[rows], 0.0)
+        flat = int(np.argmax(ratio))
+        if ratio.size and ratio.flat[flat] > worst[0]:
+            t, c = divmod(flat, cfg.hidden)
+            worst = (float(ratio.flat[flat]), r, int(np.flatnonzero(rows)[t]), c)
+    ratio_max, r, token, c = worst
+    if ratio_max <= 1.0:
+        return Verdict(True, "ok", "outputs conform", ratio_max)
+    out, _ = checked[r]
+    got = float(out[token, c].astype(np.float64))
+    exp = float(expected.ranks[r].out[token, c].astype(np.float64))
+    tol = float(tolerances[r][token, c])
+    policy = f"{ulps:g} ulp of {cfg.x_dtype}" if num.mode == "faithful" else "quantisation bound"
+    n_bad = sum(
+        int((np.abs(o[w.defined].astype(np.float64) - w.out[w.defined].astype(np.float64))
+             > t[w.defined]).sum())
+        for (o, _), w, t in zip(checked, expected.ranks, tolerances)
+    )
+    n_defined = sum(int(w.defined.sum()) for w in expected.ranks) * cfg.hidden
+    return _fail(
+        "out",
+        f"rank {r}, token {token}, column {c}: got {got:.6g}, expected {exp:.6g} "
+        f"(|error| {abs(got - exp):.3g} = {ratio_max:.3g} x tolerance {tol:.3g}, {policy}); "
+        f"{n_bad} of {n_defined} defined values out of tolerance; "
+        f"{routing_summary(problem, r, token)}",
+        r, (token, c), ratio_max,
+    )

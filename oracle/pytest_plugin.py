@@ -1,0 +1,91 @@
+"""pytest plugin (entry point ``pytest11``): ``pytest --dfc-impl package.module:function``
+runs the bundled conformance suite (:mod:`oracle.conformance`) against that implementation.
+
+The header prints the implementation, numerics, profile and seed, so a CI log says what was
+checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.profiles`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+
+from oracle.profiles import DEFAULT_PROFILE, PROFILES
+
+_SUITE = Path(__file__).with_name("conformance.py")
+VARIANTS = ("w8a8", "bf16", "fp16")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dfc-oracle", "dfc-oracle conformance gate")
+    group.addoption("--dfc-impl", metavar="MODULE:FUNC", default=None,
+                    help="run the dfc-oracle conformance suite against this implementation")
+    group.addoption("--dfc-numerics", choices=("faithful", "ideal"), default="faithful",
+                    help="reference numerics: kernel-faithful W8A8 emulation, or ideal float64")
+    group.addoption("--dfc-profile", choices=PROFILES, default=None,
+                    help=f"Hypothesis profile (default with --dfc-impl: {DEFAULT_PROFILE})")
+    group.addoption("--dfc-variants", default=",".join(VARIANTS),
+                    help="weight variants the implementation supports, comma-separated "
+                    f"(from {', '.join(VARIANTS)}); the others are skipped by name")
+    group.addoption("--dfc-inputs", choices=("strict", "report", "ignore"), default="strict",
+                    help="an implementation that writes into its inputs: fail, warn, or allow")
+    group.addoption("--dfc-ulps", type=float, default=1.0,
+                    help="faithful-mode tolerance in units in the last place of the out dtype")
+    group.addoption("--dfc-timeout", type=float, default=60.0,
+                    help="seconds one call of the implementation may take before it is "
+                    "reported as hung")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    profile = config.getoption("--dfc-profile")
+    impl = config.getoption("--dfc-impl")
+    if profile is None and impl:
+        profile = DEFAULT_PROFILE
+    if profile:
+        settings.load_profile(profile)
+    if impl:
+        variants = set(config.getoption("--dfc-variants").split(","))
+        unknown = variants - set(VARIANTS)
+        if unknown:
+            raise pytest.UsageError(f"--dfc-variants: unknown {sorted(unknown)}; use {VARIANTS}")
+        config.args.append(str(_SUITE))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    impl = config.getoption("--dfc-impl")
+    if not impl:
+        return []
+    current = settings()
+    seed = "derandomised" if current.derandomize else "random (see Hypothesis' seed report)"
+    return [
+        f"dfc-oracle: impl={impl} numerics={config.getoption('--dfc-numerics')} "
+        f"profile={settings.get_current_profile_name()} "
+        f"variants={config.getoption('--dfc-variants')} "
+        f"max_examples={current.max_examples} seed={seed}"
+    ]
+
+
+@pytest.fixture(scope="session")
+def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The gate's options; loads the implementation once per session."""
+    from oracle.loading import ImplLoadError, load_impl
+
+    name = request.config.getoption("--dfc-impl")
+    if not name:
+        pytest.skip("no --dfc-impl given: the conformance suite needs an implementation")
+    try:
+        impl = load_impl(name)
+    except ImplLoadError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return {
+        "impl": impl,
+        "impl_name": name,
+        "numerics": request.config.getoption("--dfc-numerics"),
+        "variants": tuple(request.config.getoption("--dfc-variants").split(",")),
+        "inputs": request.config.getoption("--dfc-inputs"),
+        "ulps": request.config.getoption("--dfc-ulps"),
+        "timeout": request.config.getoption("--dfc-timeout"),
+    }
