@@ -1,0 +1,233 @@
+"""The ``dfc-oracle`` command (also ``python -m oracle``).
+
+- ``check MODULE:FUNC`` — hunt for a counterexample in an implementation (exit 0: none found;
+  1: found and saved; 2: usage or import error).
+- ``replay FILE --impl MODULE:FUNC`` — rerun one saved counterexample and print the report.
+- ``hunt`` — the main job, needing nothing from the user: search the built-in catalogue (the
+  real operator's historical layout and buffer rules, and known-defective reference variants)
+  and print what was found, each with its minimal counterexample.
+- ``explain FILE`` — a readable description of a saved counterexample.
+- ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.capture``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hypothesis import settings as hsettings
+
+from oracle.harness import (
+    ConformanceError,
+    check_implementation,
+    describe_problem,
+    evaluate,
+    routing_rows,
+)
+from oracle.loading import ImplLoadError, load_impl
+from oracle.numerics import Numerics
+from oracle.profiles import DEFAULT_PROFILE, PROFILES
+from oracle.reference import route
+from spec import SpecError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _settings(args: argparse.Namespace) -> hsettings:
+    hsettings.load_profile(args.profile)
+    base = hsettings()
+    changes: dict[str, Any] = {}
+    if args.max_examples is not None:
+        changes["max_examples"] = args.max_examples
+    if getattr(args, "seed", None) is not None:
+        changes["derandomize"] = False
+    return hsettings(base, **changes)
+
+
+class _Progress:
+    """Counts calls of the implementation and reports them on stderr."""
+
+    def __init__(self, impl: Any) -> None:
+        self.impl, self.calls, self.start = impl, 0, time.perf_counter()
+
+    def __call__(self, problem: Any) -> Any:
+        self.calls += 1
+        if self.calls % 25 == 0:
+            _err(f"  ... {self.calls} calls, {time.perf_counter() - self.start:.1f} s")
+        return self.impl(problem)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        impl = load_impl(args.impl)
+    except ImplLoadError as exc:
+        _err(f"dfc-oracle check: {exc}")
+        return EXIT_USAGE
+    progress = _Progress(impl)
+    _err(f"dfc-oracle check {args.impl}: numerics {args.numerics}, profile {args.profile}")
+    try:
+        check_implementation(
+            progress, numerics=args.numerics, settings=_settings(args), save_dir=args.save_dir,
+            impl_name=args.impl, timeout=args.timeout, inputs=args.inputs, seed=args.seed,
+        )
+    except ConformanceError as exc:
+        print(exc.report)
+        _err(f"counterexample found after {progress.calls} calls "
+             f"({time.perf_counter() - progress.start:.1f} s)")
+        return EXIT_FOUND
+    print(f"no counterexample in {progress.calls} calls "
+          f"({time.perf_counter() - progress.start:.1f} s)")
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from oracle.counterexample import load
+    from oracle.harness import format_report
+
+    try:
+        impl = load_impl(args.impl)
+        saved = load(args.file)
+    except (ImplLoadError, SpecError) as exc:
+        _err(f"dfc-oracle replay: {exc}")
+        return EXIT_USAGE
+    numerics = Numerics(args.numerics or saved.meta.get("numerics", {}).get("mode", "faithful"))
+    verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout)
+    if verdict.ok:
+        print(f"{args.file}: the implementation now conforms ({describe_problem(saved.problem)})")
+        return EXIT_OK
+    print(format_report(saved.problem, verdict, numerics=numerics, path=Path(args.file),
+                        replay=None))
+    return EXIT_FOUND
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from oracle.counterexample import load
+
+    try:
+        saved = load(args.file)
+    except SpecError as exc:
+        _err(f"dfc-oracle explain: {exc}")
+        return EXIT_USAGE
+    print(explain(saved.problem, saved.meta))
+    return EXIT_OK
+
+
+def explain(problem: Any, meta: dict[str, Any]) -> str:
+    """Configuration, the routing matrix (rank x global expert), and the undefined tokens."""
+    cfg = problem.config
+    routing = route(problem)
+    lines = [f"configuration: {cfg.summary()}"]
+    if meta.get("stage"):
+        lines.append(f"saved for: stage '{meta['stage']}': {meta.get('message', '')}")
+    lines.append("routed slots, source rank -> {global expert: slots} (expert g lives on rank "
+                 f"g // {cfg.experts_per_rank}):")
+    lines += routing_rows(routing.counts)
+    for d, layout in enumerate(routing.receive):
+        if layout.dropped:
+            lines.append(f"rank {d} receives {layout.rows} rows, keeps {layout.kept} "
+                         f"(max_output_size={cfg.max_output_size}): rows {layout.kept}.. dropped")
+    kept = routing.slot_kept.reshape(-1, cfg.top_k)
+    offset = 0
+    for r, inputs in enumerate(problem.ranks):
+        m = inputs.num_tokens
+        active = inputs.is_active()
+        for t in np.flatnonzero(~kept[offset : offset + m].all(axis=1)):
+            lost = np.flatnonzero(~kept[offset + t]).tolist()
+            why = "masked (active_mask False)" if not active[t] else (
+                f"lost slot(s) {lost} to truncation")
+            lines.append(f"rank {r} token {t}: out row undefined: {why}")
+        offset += m
+    return "\n".join(lines)
+
+
+def _hunt(args: argparse.Namespace) -> int:
+    from oracle.variants import VARIANTS
+
+    found = 0
+    rows = []
+    try:
+        from spec.findings import hunt_rules
+    except ImportError:  # pragma: no cover - spec.findings is part of the package
+        hunt_rules = None
+    if hunt_rules is not None:
+        _err("hunting the operator's historical layout, buffer and protocol rules ...")
+        for finding in hunt_rules():
+            rows.append(str(finding))
+            found += 1
+    for variant in VARIANTS:
+        _err(f"hunting variant '{variant.name}' ...")
+        try:
+            check_implementation(variant.impl, problems=variant.problems,
+                                 settings=_settings(args), save_dir=args.save_dir,
+                                 impl_name=f"oracle.variants:{variant.name}")
+        except ConformanceError as exc:
+            found += 1
+            rows.append(f"{variant.name} ({variant.source}): {variant.what}\n  minimal: "
+                        f"{exc.problem.config.summary()}\n  {exc.verdict.message}\n"
+                        f"  saved: {exc.path}")
+        else:
+            rows.append(f"{variant.name}: no difference found in the budget")
+    print(f"dfc-oracle hunt: {found} findings\n")
+    print("\n\n".join(rows))
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from oracle.capture import verify_main
+
+    return int(verify_main(args.directory, args.numerics or "faithful"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfc-oracle", description="Specification and test oracle for fused "
+        "expert-parallel MoE dispatch -> FFN -> combine operators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def search_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
+        p.add_argument("--max-examples", type=int, default=None)
+        p.add_argument("--save-dir", type=Path, default=Path("dfc-counterexamples"))
+
+    check = sub.add_parser("check", help="hunt for a counterexample in MODULE:FUNC")
+    check.add_argument("impl", metavar="MODULE:FUNC")
+    check.add_argument("--numerics", choices=("faithful", "ideal"), default="faithful")
+    check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--timeout", type=float, default=60.0)
+    check.add_argument("--inputs", choices=("strict", "report", "ignore"), default="strict")
+    search_options(check)
+    replay = sub.add_parser("replay", help="rerun a saved counterexample")
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--impl", required=True, metavar="MODULE:FUNC")
+    replay.add_argument("--numerics", choices=("faithful", "ideal"), default=None)
+    replay.add_argument("--timeout", type=float, default=60.0)
+    hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
+    search_options(hunt)
+    explain_p = sub.add_parser("explain", help="describe a saved counterexample")
+    explain_p.add_argument("file", type=Path)
+    verify = sub.add_parser("verify", help="check a captured multi-rank run")
+    verify.add_argument("directory", type=Path)
+    verify.add_argument("--numerics", choices=("faithful", "ideal"), default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"check": _check, "replay": _replay, "hunt": _hunt, "explain": _explain,
+               "verify": _verify}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
