@@ -113,50 +113,52 @@ def _small_configs(
     swiglu_limits: st.SearchStrategy[float | None],
     edges: frozenset[str],
 ) -> OpConfig:
+    # Every choice is drawn whether or not it is used, so that shrinking one choice (a family,
+    # an EP size) never shifts the meaning of the choices after it.
+    experts_family = draw(st.sampled_from(("drawn", "around_128")))
     ep = _draw_int_in(draw, ep_sizes, "ep_sizes", 1, MAX_EP_SIZE)
     e = _draw_int_in(draw, experts_per_rank, "experts_per_rank", 1, 4096)
-    # EP·E around the 512-byte count-row boundary (§8): 127, 128, 129 global experts.
-    if "experts" in edges and draw(st.sampled_from(("drawn", "around_128"))) == "around_128":
-        ep, e = draw(st.sampled_from(((1, 127), (16, 8), (3, 43), (32, 4), (1, 129))))
+    edge_pair = draw(st.sampled_from(((16, 8), (1, 127), (3, 43), (32, 4), (1, 129))))
+    if "experts" in edges and experts_family == "around_128":
+        # EP·E around the 512-byte count-row boundary (§8): 127, 128, 129 global experts.
+        ep, e = edge_pair
         event("experts: EP·E around 128")
-    top_k_family = "drawn"
+    top_k_family = draw(st.sampled_from(("drawn", "one", "equals_E", "above_E")))
+    k = _draw_int_in(draw, top_k, "top_k", 1, 64)
     if "top_k" in edges:
-        top_k_family = draw(st.sampled_from(("drawn", "one", "equals_E", "above_E")))
-    k = {
-        "drawn": lambda: _draw_int_in(draw, top_k, "top_k", 1, 64),
-        "one": lambda: 1,
-        "equals_E": lambda: e,
-        "above_E": lambda: e + 1,
-    }[top_k_family]()
-    event(f"top_k: {top_k_family}")
-    tokens_family = "ragged"
+        k = {"drawn": k, "one": 1, "equals_E": e, "above_E": e + 1}[top_k_family]
+        event(f"top_k: {top_k_family}")
+    tokens_family = draw(st.sampled_from(("ragged", "some_empty", "all_empty", "one_busy")))
+    # The ranks take the *last* EP of 32 drawn counts: the shrinker zeroes choices from the
+    # left, so the count that makes a failure ends up last, and it stays in the call (as the
+    # last rank) while EP shrinks to 1.
+    counts = [_draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20)
+              for _ in range(MAX_EP_SIZE)][MAX_EP_SIZE - ep:]
+    pick = draw(st.integers(0, MAX_EP_SIZE - 1)) % ep
     if "tokens" in edges:
-        tokens_family = draw(st.sampled_from(("ragged", "some_empty", "all_empty", "one_busy")))
-    counts = [_draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20) for _ in range(ep)]
-    if tokens_family == "some_empty":
-        counts[draw(st.integers(0, ep - 1))] = 0
-    elif tokens_family == "all_empty":
-        counts = [0] * ep
-    elif tokens_family == "one_busy":
-        busy = draw(st.integers(0, ep - 1))
-        counts = [c if r == busy else 0 for r, c in enumerate(counts)]
-    event(f"tokens: {tokens_family}")
+        if tokens_family == "some_empty":
+            counts[pick] = 0
+        elif tokens_family == "all_empty":
+            counts = [0] * ep
+        elif tokens_family == "one_busy":  # the last drawn count, moved to the busy rank
+            counts = [counts[-1] if r == pick else 0 for r in range(ep)]
+        event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
     if w_dtype not in ("int8", x_dtype):
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
-    form = draw(weight_forms) if e > 1 else "stacked"
+    form = draw(weight_forms)
     w8a8 = w_dtype == "int8"
-    cap = None
-    if draw(truncation):
-        cap = draw(st.integers(0, max(1, sum(counts) * k)))
-    limit = draw(swiglu_limits) if w8a8 else None
-    is_masked = draw(masked) if w8a8 else False
+    truncate = draw(truncation)
+    cap = draw(st.integers(0, 64)) % max(1, sum(counts) * k + 1)
+    limit = draw(swiglu_limits)
+    is_masked = draw(masked)
     cfg = OpConfig(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=draw(hidden),
         intermediate=draw(intermediate), tokens_per_rank=tuple(counts), x_dtype=x_dtype,
-        weight_dtype=w_dtype, weight_form=form, max_output_size=cap, swiglu_limit=limit,
-        masked=is_masked,
+        weight_dtype=w_dtype, weight_form=form if e > 1 else "stacked",
+        max_output_size=cap if truncate else None, swiglu_limit=limit if w8a8 else None,
+        masked=is_masked and w8a8,
     )
     event(f"variant: {cfg.variant}, form: {form}")
     return cfg
@@ -237,9 +239,11 @@ def configs(
     )
     return _small_configs(
         edges=edges,
-        ep_sizes=_or(ep_sizes, st.integers(1, 4) | st.sampled_from((5, 7, 8, 12, 16, 24, 31, 32))),
-        experts_per_rank=_or(experts_per_rank, st.integers(1, 4) | st.sampled_from((5, 7, 8))),
-        top_k=_or(top_k, st.integers(1, 4) | st.just(8)),
+        # sampled_from shrinks by index, one step at a time; a one_of of ranges would need two
+        # simultaneous changes to go from a large value back into the small range.
+        ep_sizes=_or(ep_sizes, st.sampled_from((1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 31, 32))),
+        experts_per_rank=_or(experts_per_rank, st.sampled_from((1, 2, 3, 4, 5, 7, 8))),
+        top_k=_or(top_k, st.sampled_from((1, 2, 3, 4, 8))),
         # K: 512-byte rows in bf16 are K = 256; 240 and 272 straddle that boundary.
         hidden=_or(hidden, st.sampled_from((16, 32, 48, 64, 240, 256, 272))),
         intermediate=_or(intermediate, st.sampled_from((8, 16, 24, 32, 64))),
@@ -428,8 +432,10 @@ def problems(
     plan = draw(routing if routing is not None else routings())
     rows = draw(values if values is not None else token_rows())
     probs_family = draw(st.sampled_from(PROBS_FAMILIES))
-    mask_family = draw(st.sampled_from(MASK_FAMILIES)) if cfg.masked else None
-    capacity = draw(st.sampled_from(CAPACITY_FAMILIES)) if cfg.max_output_size is not None else None
+    mask_family = draw(st.sampled_from(MASK_FAMILIES))
+    capacity = draw(st.sampled_from(CAPACITY_FAMILIES))
+    mask_family = mask_family if cfg.masked else None
+    capacity = capacity if cfg.max_output_size is not None else None
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     x = [rng.standard_normal((m, cfg.hidden)).astype(DTYPES[cfg.x_dtype])
