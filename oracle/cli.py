@@ -156,15 +156,12 @@ def _hunt(args: argparse.Namespace) -> int:
 
     found = 0
     rows = []
-    try:
-        from spec.findings import hunt_rules
-    except ImportError:  # pragma: no cover - spec.findings is part of the package
-        hunt_rules = None
-    if hunt_rules is not None:
-        _err("hunting the operator's historical layout, buffer and protocol rules ...")
-        for finding in hunt_rules():
-            rows.append(str(finding))
-            found += 1
+    from spec.findings import hunt_rules
+
+    _err("hunting the operator's historical layout, buffer and protocol rules ...")
+    for finding in hunt_rules(max_examples=args.max_examples):
+        rows.append(str(finding))
+        found += 1
     for variant in VARIANTS:
         _err(f"hunting variant '{variant.name}' ...")
         try:

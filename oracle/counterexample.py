@@ -83,7 +83,8 @@ def save(
         "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()},
         "meta": meta or {},
     }
-    stored = {k: a.view(_STORED.get(str(a.dtype), a.dtype)) for k, a in arrays.items()}
+    stored = {k: a.view(_STORED[str(a.dtype)]) if str(a.dtype) in _STORED else a
+              for k, a in arrays.items()}
     stored["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     with path.open("wb") as f:
         np.savez_compressed(f, **stored)  # type: ignore[arg-type]
@@ -150,7 +151,7 @@ def load(path: str | Path) -> Counterexample:
         return arrays.get(key)
 
     def tensor_list(r: int, name: str) -> list[Array] | None:
-        items = []
+        items: list[Array] = []
         while (t := entry(f"r{r}.{name}.{len(items)}")) is not None:
             items.append(t)
         return items or None

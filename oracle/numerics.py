@@ -112,6 +112,6 @@ def exact_int_matmul(q: Array, w: Array) -> Array:
     """
     bound = _INT8_PRODUCT_BOUND * q.shape[-1]
     if bound < 2**24:
-        return np.matmul(q.astype(F32, copy=False), w.astype(F32))
+        return np.asarray(np.matmul(q.astype(F32, copy=False), w.astype(F32)))
     assert bound < 2**53, f"int GEMM of reduction length {q.shape[-1]} is not exact in float64"
-    return np.matmul(q.astype(np.float64), w.astype(np.float64))
+    return np.asarray(np.matmul(q.astype(np.float64), w.astype(np.float64)))

@@ -201,7 +201,7 @@ def _ffn_float_faithful(x: Array, w1: Array, w2: Array, cfg: OpConfig) -> Array:
     with np.errstate(over="ignore"):
         a = (gate / (F32(1) + np.exp(-gate)) * up).astype(dtype).astype(np.float64)
     acc2 = np.matmul(a, w2.astype(np.float64)).astype(F32)
-    return acc2.astype(dtype).astype(F32)
+    return np.asarray(acc2.astype(dtype).astype(F32))
 
 
 def _ffn_ideal(
@@ -276,7 +276,7 @@ def run(problem: Problem, *, numerics: str | Numerics = "faithful") -> Result:
             y[slots] = _ffn_float_faithful(x[tok], w1, w2, cfg)
     y3 = y.reshape(total_tokens, top_k, k_hidden)
     probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
-    defined = routing.slot_kept.reshape(total_tokens, top_k).all(axis=1)
+    defined = np.asarray(routing.slot_kept.reshape(total_tokens, top_k).all(axis=1))
     combined = _combine(y3, probs, y_dtype)
     out = np.where(defined[:, None], combined, 0).astype(DTYPES[cfg.x_dtype])
     bounds = np.concatenate([[0], np.cumsum(cfg.tokens_per_rank)])

@@ -387,7 +387,7 @@ def _probs(family: str, rng: np.random.Generator, m: int, k: int) -> np.ndarray:
         p = rng.uniform(-1.0, 1.0, size=(m, k))
     else:
         p = rng.uniform(0.0, 3.0, size=(m, k))
-    return p.astype(np.float32)
+    return np.asarray(p, dtype=np.float32)
 
 
 def _masks(family: str, rng: np.random.Generator, cfg: OpConfig, target: int) -> list[np.ndarray]:
