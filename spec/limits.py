@@ -1,0 +1,299 @@
+"""Platform profiles: the limits of one kernel on one platform, each with its source.
+
+:class:`spec.Problem` validation stays platform-neutral; whether a shape runs on a given kernel
+is a separate question answered here (reference notes §9). :func:`check_supported` returns every
+violated limit, each carrying a :class:`spec.ConfigError` (built, not raised) in the one message
+template, so a caller can list them all or raise the first.
+
+>>> from spec import OpConfig
+>>> cfg = OpConfig(ep_size=4, experts_per_rank=2, top_k=2, hidden=4096, intermediate=14336,
+...                tokens_per_rank=(8,) * 4)
+>>> [v.limit.name for v in check_supported(cfg, A3_W8A8)]
+['n <= hidden']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spec.config import OpConfig
+from spec.errors import ConfigError
+from spec.layout import COUNT_REGION_BYTES, count_row_stride
+
+__all__ = [
+    "A2_W8A8",
+    "A3_W8A8",
+    "MAX_HIDDEN_A3",
+    "MC2_V1_A2",
+    "MC2_V1_A3",
+    "MC2_V2_A3",
+    "PROFILES",
+    "REAL_MODELS",
+    "Limit",
+    "LimitViolation",
+    "ModelShape",
+    "Profile",
+    "Shape",
+    "check_supported",
+    "models_hitting",
+]
+
+#: Hidden sizes above about 9000 trap in the quantising gather; 7168 is special-cased
+#: (§9 [inferred]).
+MAX_HIDDEN_A3 = 9000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """The sizes a platform limit depends on. Unlike :class:`OpConfig`, EP is not capped, so the
+    MC2 profiles (EP up to 768) can be checked too; ``batch`` is the largest tokens-per-rank."""
+
+    ep_size: int
+    experts_per_rank: int
+    top_k: int
+    hidden: int
+    intermediate: int = 0
+    batch: int = 0
+
+    @classmethod
+    def of(cls, config: OpConfig) -> Shape:
+        """The shape of a configuration."""
+        return cls(
+            ep_size=config.ep_size, experts_per_rank=config.experts_per_rank,
+            top_k=config.top_k, hidden=config.hidden, intermediate=config.intermediate,
+            batch=config.max_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit: ``holds(shape)``; ``field``/``value`` name what is reported when it fails."""
+
+    name: str
+    field: str
+    value: Callable[[Shape], int]
+    holds: Callable[[Shape], bool]
+    allowed: str
+    fix: str
+    source: str
+
+
+@dataclass(frozen=True)
+class LimitViolation:
+    """A limit a shape breaks, with the error a caller can raise or print."""
+
+    limit: Limit
+    value: int
+    error: ConfigError
+
+    def __str__(self) -> str:
+        return str(self.error)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named table of limits (one kernel on one platform)."""
+
+    name: str
+    description: str
+    limits: tuple[Limit, ...]
+
+
+def _bound(field: str, get: Callable[[Shape], int], low: int, high: int, source: str) -> Limit:
+    name = f"{field} <= {high}" if low <= 1 else f"{low} <= {field} <= {high}"
+    return Limit(name, field, get, lambda s: low <= get(s) <= high, f"{low}..{high}",
+                 f"use {field} in {low}..{high}", source)
+
+
+def _member(field: str, get: Callable[[Shape], int], allowed: tuple[int, ...],
+            source: str) -> Limit:
+    listed = ", ".join(map(str, allowed))
+    return Limit(f"{field} in {{{listed}}}", field, get, lambda s: get(s) in allowed,
+                 f"one of {listed}", f"choose {field} from {listed}", source)
+
+
+def _ep(s: Shape) -> int:
+    return s.ep_size
+
+
+def _e(s: Shape) -> int:
+    return s.experts_per_rank
+
+
+def _k(s: Shape) -> int:
+    return s.hidden
+
+
+def _top_k(s: Shape) -> int:
+    return s.top_k
+
+
+def _batch(s: Shape) -> int:
+    return s.batch
+
+
+def _n(s: Shape) -> int:
+    return 2 * s.intermediate
+
+
+def _count_matrix_bytes(s: Shape) -> int:
+    return 4 * s.ep_size * count_row_stride(s.ep_size, s.experts_per_rank)
+
+
+A3_W8A8 = Profile(
+    "a3-w8a8",
+    "vllm-ascend dispatch_ffn_combine, W8A8 kernel on Atlas A3 (main at PR #8560)",
+    (
+        _bound("ep_size", _ep, 1, 32, "Python guard, PR #5787 'enable ep32' (PR #5156: 16)"),
+        _bound("ep_size", _ep, 1, 40, "peers are indexed by vector core id, ~40 cores "
+               "[inferred]"),
+        Limit("hidden % 32 == 0", "hidden", _k, lambda s: s.hidden % 32 == 0,
+              "a multiple of 32", "pad the hidden size to a multiple of 32", "§9 [inferred]"),
+        Limit(f"hidden <= {MAX_HIDDEN_A3}", "hidden", _k,
+              lambda s: s.hidden <= MAX_HIDDEN_A3 or s.hidden == 7168,
+              f"<= {MAX_HIDDEN_A3} (7168 is special-cased)",
+              "use a smaller hidden size or another kernel",
+              "the quantising gather traps above ~9000, §9 [inferred]"),
+        Limit("n <= hidden", "n = 2·intermediate", _n, lambda s: _n(s) <= s.hidden,
+              "<= hidden", "use intermediate <= hidden / 2, or another kernel",
+              "PR #9528: GMM1's output reuses a buffer of row stride K [inferred]"),
+        Limit("experts_per_rank >= 2", "experts_per_rank", _e, lambda s: s.experts_per_rank >= 2,
+              ">= 2", "place at least 2 experts per rank (E = 1 makes the epilogue "
+              "granularity 0: SwiGLU never runs)", "§9 [inferred]"),
+        Limit("count matrix <= 1 MiB", "count matrix bytes (EP·AlignUp(EP·E + 1, 128)·4)",
+              _count_matrix_bytes, lambda s: _count_matrix_bytes(s) <= COUNT_REGION_BYTES,
+              f"<= {COUNT_REGION_BYTES}", "use fewer experts per rank", "§8 [inferred]"),
+    ),
+)
+
+A2_W8A8 = Profile(
+    "a2-w8a8",
+    "dispatch_ffn_combine on Atlas A2 (PR #13426, unmerged)",
+    (
+        _bound("ep_size", _ep, 1, 8, "PR #13426"),
+        Limit("experts_per_rank >= 3", "experts_per_rank", _e, lambda s: s.experts_per_rank >= 3,
+              ">= 3", "place at least 3 experts per rank", "PR #13426"),
+    ),
+)
+
+MC2_V1_A3 = Profile(
+    "mc2-v1-a3",
+    "CANN npu_moe_distribute_dispatch V1 on Atlas A3",
+    (
+        Limit("hidden == 7168", "hidden", _k, lambda s: s.hidden == 7168, "7168",
+              "use H = 7168", "CANN docs [doc]"),
+        _bound("batch", _batch, 1, 512, "CANN docs [doc]"),
+        _bound("top_k", _top_k, 1, 8, "CANN docs [doc]"),
+        _member("ep_size", _ep, (8, 16, 32, 64, 128, 144, 256, 288), "CANN docs [doc]"),
+        _bound("experts (EP·E)", lambda s: s.ep_size * s.experts_per_rank, 1, 512,
+               "CANN docs [doc]"),
+    ),
+)
+
+MC2_V1_A2 = Profile(
+    "mc2-v1-a2",
+    "CANN npu_moe_distribute_dispatch V1 on Atlas A2",
+    (
+        Limit("hidden <= 7168, % 32 == 0", "hidden", _k,
+              lambda s: s.hidden <= 7168 and s.hidden % 32 == 0, "a multiple of 32 <= 7168",
+              "use a hidden size that is a multiple of 32 and at most 7168", "CANN docs [doc]"),
+        _bound("batch", _batch, 1, 256, "CANN docs [doc]"),
+        _bound("top_k", _top_k, 1, 16, "CANN docs [doc]"),
+        _member("ep_size", _ep, (16, 32, 64), "CANN docs [doc]"),
+    ),
+)
+
+MC2_V2_A3 = Profile(
+    "mc2-v2-a3",
+    "CANN npu_moe_distribute_dispatch_v2 on Atlas A3",
+    (
+        _bound("ep_size", _ep, 2, 768, "CANN docs [doc]"),
+        _bound("hidden", _k, 1024, 8192, "CANN docs [doc]"),
+        _bound("top_k", _top_k, 1, 16, "CANN docs [doc]"),
+    ),
+)
+
+#: Every profile by name.
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (A3_W8A8, A2_W8A8, MC2_V1_A3, MC2_V1_A2, MC2_V2_A3)
+}
+
+
+def check_supported(config: OpConfig | Shape, profile: Profile) -> list[LimitViolation]:
+    """Every limit of ``profile`` the shape breaks; empty when the kernel supports it.
+
+    Each violation's message names the limit, the value and the source:
+
+    >>> shape = Shape(ep_size=64, experts_per_rank=4, top_k=8, hidden=7168, intermediate=2048)
+    >>> print(check_supported(shape, A3_W8A8)[0])
+    ep_size: got 64; allowed: 1..32 (limit 'ep_size <= 32', Python guard, PR #5787 'enable \
+ep32' (PR #5156: 16)). Fix: use ep_size in 1..32
+    """
+    shape = config if isinstance(config, Shape) else Shape.of(config)
+    found = []
+    for limit in profile.limits:
+        if limit.holds(shape):
+            continue
+        value = limit.value(shape)
+        error = ConfigError(
+            field=limit.field, given=str(value),
+            allowed=f"{limit.allowed} (limit {limit.name!r}, {limit.source})", fix=limit.fix,
+        )
+        found.append(LimitViolation(limit, value, error))
+    return found
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A public MoE model's shape (``/work/shared/reference/models.md``)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+
+    def shape(self, ep_size: int) -> Shape:
+        """The per-rank shape at ``ep_size`` ranks (experts split evenly)."""
+        if self.experts % ep_size:
+            raise ConfigError(
+                field="ep_size", given=str(ep_size),
+                allowed=f"a divisor of {self.name}'s {self.experts} experts",
+                fix="choose an EP size that divides the expert count",
+            )
+        return Shape(ep_size=ep_size, experts_per_rank=self.experts // ep_size,
+                     top_k=self.top_k, hidden=self.hidden, intermediate=self.intermediate)
+
+
+#: The table of models.md (K, I, routed experts, top-k).
+REAL_MODELS = (
+    ModelShape("DeepSeek-V3/R1", 7168, 2048, 256, 8),
+    ModelShape("Kimi K2", 7168, 2048, 384, 8),
+    ModelShape("Qwen3-235B-A22B", 4096, 1536, 128, 8),
+    ModelShape("Qwen3-30B-A3B", 2048, 768, 128, 8),
+    ModelShape("Qwen3-Coder-480B-A35B", 6144, 2560, 160, 8),
+    ModelShape("Qwen1.5-MoE-A2.7B", 2048, 1408, 60, 4),
+    ModelShape("GLM-4.5", 5120, 1536, 160, 8),
+    ModelShape("GLM-4.5-Air", 4096, 1408, 128, 8),
+    ModelShape("Mixtral-8x7B", 4096, 14336, 8, 2),
+    ModelShape("gpt-oss-120b", 2880, 2880, 128, 4),
+    ModelShape("gpt-oss-20b", 2880, 2880, 32, 4),
+    ModelShape("Llama-4-Scout", 5120, 8192, 16, 1),
+)
+
+
+def models_hitting(profile: Profile, *, ep_size: int = 4) -> dict[str, list[str]]:
+    """Which real models break each limit of ``profile`` at ``ep_size`` ranks.
+
+    Maps a limit name to ``"model: message"`` lines (limits no model hits are absent). The
+    default EP = 4 divides every expert count of models.md.
+
+    >>> models_hitting(A3_W8A8)["n <= hidden"][0].split(":")[0]
+    'Qwen1.5-MoE-A2.7B'
+    """
+    hits: dict[str, list[str]] = {}
+    for model in REAL_MODELS:
+        for violation in check_supported(model.shape(ep_size), profile):
+            hits.setdefault(violation.limit.name, []).append(f"{model.name}: {violation}")
+    return hits
