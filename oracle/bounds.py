@@ -1,0 +1,364 @@
+"""How far the kernel-faithful W8A8 result may lie from the ideal one: a bound derived step by
+step from §6 of ``shared/reference/dispatch_ffn_combine.md``, from the problem's own values.
+
+Notation, per received row (token ``x``, local expert with int8 ``W1`` (K, N), ``W2`` (I, K) and
+float32 scales ``s1`` (N,), ``s2`` (K,)); starred values are the exact mathematics that
+``numerics="ideal"`` evaluates: ``h* = x·W1d``, ``a* = silu(g*)·u*`` (``g*``, ``u*`` the gate and
+up halves of ``h*``, clamped like the kernel when ``swiglu_limit`` is set), ``y* = a*·W2d`` and
+``out* = Σ_k p_k·y*_k``, with ``W1d = W1·diag(s1)``, ``W2d = W2·diag(s2)``, ``B1 = |W1d|``,
+``B2 = |W2d|``.
+
+Rounding model: for a binary format ``f`` with unit roundoff ``u_f`` (half its machine epsilon:
+2^-24 float32, 2^-11 float16, 2^-8 bfloat16, 2^-53 float64) and underflow error ``η_f`` (half its
+smallest subnormal), rounding ``w`` gives ``fl(w) = w(1+δ) + η`` with ``|δ| <= u_f``,
+``|η| <= η_f``. So if ``|w − v| <= E`` and ``|v| <= V``, then
+``|fl(w) − v| <= E + u_f·(V + E) + η_f`` (:meth:`_Steps.round`). A length-``n`` dot product
+summed in any order has error ``<= γ_n·Σ|terms|``, ``γ_n = n·u/(1 − n·u)`` (Higham,
+*Accuracy and Stability of Numerical Algorithms*, §3.1). Every bound below is a vector over the
+row's columns; ``|·|`` and products are elementwise, ``·B`` is a matrix product with ``B``.
+
+Step 1 (``"activation"``). ``σ1 = fl(amax/127) <= (amax/127)(1+u32)``,
+``q = round_half_away(fl(x/σ1))``. ``x − σ1·q = σ1·(x/σ1 − fl(x/σ1)) + σ1·(fl(x/σ1) − q)``, so
+``|x − σ1 q| <= ε1 := σ1/2 + u32·|x|`` per element. Two elements do better: where
+``|x| < σ1(1−u32)/2``, ``fl(x/σ1) < 1/2`` and ``q = 0``, so the error is ``|x|`` (zeros are
+exact); the largest element has ``fl(amax/σ1) = 127(1 ± 2u32)``, so ``q = ±127`` and the error
+is ``|amax − 127σ1| <= u32·amax``. Through the weights ``|(x − σ1 q)·W1d| <= ε1·B1``.
+
+Step 2–3 (``"gemm1"``). ``acc1 = q·W1`` is exact; ``h = fl32(fl16(fl32(fl32(acc1)·s1))·σ1)``.
+With ``V = |h*| + ε1·B1`` bounding ``|σ1·acc1·s1|``, the four roundings add
+``u32·V`` (the int-to-float32 conversion of an integer: no underflow), then ``u32``, ``u16`` and
+``u32`` steps on ``V`` (underflow terms of the scaled steps carry the factor ``σ1``). So
+``|h − h*| <= E_h := ε1·B1 + (rounding chain)``. If ``127·colsum(B1)(1+u32)²`` reaches the
+float16 maximum the fp16 intermediate may overflow and the bound is ``inf``.
+``"scale_truncation"`` (``truncate_scales=True`` only): the faithful model chops ``s1`` to 19
+bits, 11 significant bits, a relative error below ``2^(1−11) = 2^-10``; the ideal keeps ``s1``.
+
+Clamp. ``min(·, L)`` and ``max(·, −L)`` are 1-Lipschitz and never increase ``|h|``: ``E_h`` and
+the magnitudes pass through unchanged.
+
+Step 4 (``"swiglu"``). ``silu`` is Lipschitz with constant ``sup|silu'| = 1.0998…`` (attained at
+``x ≈ ±2.3994``, the roots of ``silu''``), bounded above by :data:`SILU_LIPSCHITZ`, and
+``|silu(g)| <= |g|``. Hence
+``|silu(g)u − silu(g*)u*| <= L·E_g·(|u*| + E_u) + |silu(g*)|·E_u``. The float32 evaluation
+``fl(fl(g / fl(1 + fl(exp(−g)))) · u)`` adds a relative error
+``ρ = (1+u)²/((1 − c·u)(1 − u)) − 1`` on ``|silu(g)u| <= (|silu(g*)| + L·E_g)(|u*| + E_u)``, with
+``c·u`` the relative error of ``exp`` (``c`` = 2 × :data:`EXP_ULPS`: one ulp is at most
+``2u`` relative), plus two underflow terms. Where ``exp(−g)`` may overflow (``|g| > ln(max)``)
+the computed ``a`` is ``±0``: relative error 1 there.
+
+Step 5 (``"requantisation"``). ``σ2 = fl(amax2/127)``, ``q2 = rint(fl(a·fl(127/amax2)))``:
+``σ2·fl(a·inv) = a(1+δ)³`` (+ underflow), so ``|a − σ2 q2| <= σ2/2 + |a|·((1+u32)³ − 1)``,
+with ``σ2 <= max|a|(1+u32)/127``. If ``amax2`` can be positive but below ``127/max32``, then
+``127/amax2`` overflows and the row is garbage: bound ``inf``.
+
+Steps 6–7 (``"gemm2"``, ``"y_cast"``). As steps 2–3 with ``V2 = |y*| + (E_a + E_req)·B2``, and
+the final rounding of ``y`` to the out dtype.
+
+Step 8 (``"combine"``, ``"out_cast"``). The float32 combine is a length-``top_k`` dot product:
+``|acc − Σ p_k y_k| <= γ_topk·Σ|p_k||y_k| + top_k·η32``; the propagated part is
+``Σ|p_k|·E_y,k``; the cast to the out dtype adds ``u_out(|out*| + E) + η_out``.
+
+``"ideal_float64"``: the ideal result is itself computed in float64 (dot products of length K,
+I and top_k, a float64 ``exp`` within :data:`EXP_ULPS64`); the same propagation with float64
+units bounds its distance to the exact mathematics, and the magnitudes used above are the
+float64 values widened by that bound. Terms of second order in ``u64`` are neglected.
+
+The BF16/FP16-weight variant has no quantisation: ``"gemm1"``/``"gemm2"`` are the model's
+float64 sums (``γ_n`` in float64) rounded to float32 and stored in x's dtype, ``"swiglu"`` adds
+the rounding of ``a`` to x's dtype.
+
+The bound is for the default ``zero_rows="zero"`` policy. Undefined rows (masked tokens, tokens
+that lost a slot to truncation) get ``inf``: nothing is promised there.
+
+It is a worst case (absolute values everywhere): on generated problems the actual error is
+typically 3–20 % of the bound, and up to about 60 % where one final rounding dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from oracle.reference import Result, route
+from spec import DTYPES, Problem
+from spec.config import OpConfig
+
+__all__ = [
+    "EXP_ULPS",
+    "EXP_ULPS64",
+    "SILU_LIPSCHITZ",
+    "TERMS",
+    "ideal_tolerance",
+    "quantisation_error_bound",
+]
+
+Array = np.ndarray[Any, Any]
+
+#: The error terms of the bound, in pipeline order; any can be dropped with ``omit``.
+TERMS = (
+    "activation", "gemm1", "scale_truncation", "swiglu", "requantisation", "gemm2", "y_cast",
+    "combine", "out_cast", "ideal_float64",
+)
+#: ``sup|silu'(x)| = 1.09984…`` (at ``x ≈ 2.3994``), rounded up.
+SILU_LIPSCHITZ = 1.1
+#: NumPy's own accuracy tests accept 3 ulp for float32 ``exp`` and 1 ulp for float64
+#: (``numpy/_core/tests/data/umath-validation-set-exp.csv``).
+EXP_ULPS = 3
+EXP_ULPS64 = 1
+#: The 19-bit scales keep 11 significant bits: chopping errs by less than 2^(1−11) [inferred].
+_CHOP_UNIT = 2.0**-10
+
+
+_finfo: Callable[[Any], Any] = ml_dtypes.finfo  # ml_dtypes' finfo also knows bfloat16
+
+
+@dataclass(frozen=True)
+class _Format:
+    unit: float  # unit roundoff u
+    tiny: float  # underflow error η
+    max: float
+
+    @classmethod
+    def of(cls, dtype: Any) -> _Format:
+        info = _finfo(dtype)
+        return cls(float(info.eps) / 2, float(info.smallest_subnormal) / 2, float(info.max))
+
+    def gamma(self, n: int) -> float:
+        return n * self.unit / (1 - n * self.unit)
+
+    def exp_rho(self, ulps: int) -> float:
+        """Relative error of ``fl(fl(g / fl(1 + exp(−g))) · u)`` with ``exp`` within ``ulps``."""
+        c = 2 * ulps * self.unit
+        return (1 + self.unit) ** 2 / ((1 - c) * (1 - self.unit)) - 1
+
+
+F16, F32, F64 = _Format.of(np.float16), _Format.of(np.float32), _Format.of(np.float64)
+
+
+class _Steps:
+    """Applies the rounding model, with the omitted terms contributing nothing."""
+
+    def __init__(self, omit: Collection[str]) -> None:
+        unknown = set(omit) - set(TERMS)
+        if unknown:
+            raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
+        self.omit = frozenset(omit)
+
+    def add(self, term: str, err: Array, extra: Array | float) -> Array:
+        """``err + extra``, unless ``term`` is omitted."""
+        return err if term in self.omit else np.asarray(err + extra)
+
+    def round(
+        self, term: str, mag: Array, err: Array, fmt: _Format, scale: Array | float = 1.0
+    ) -> Array:
+        """``|fl(w) − v|`` given ``|w − v| <= err`` and ``|v| <= mag``; the underflow error of
+        a value computed as ``scale · (something rounded)`` scales with it."""
+        # A value bounded by 0 is exactly 0: nothing to round, nothing to underflow.
+        return self.add(term, err, fmt.unit * (mag + err) + scale * fmt.tiny * (mag + err > 0))
+
+
+def _dequant_chain(steps: _Steps, term: str, mag: Array, sigma: Array, truncate: bool) -> Array:
+    """Error of ``fl32(fl16(fl32(fl32(acc)·s))·σ)`` against ``σ·acc·s``, ``|σ·acc·s| <= mag``
+    (§6 steps 2–3 and 6–7)."""
+    err = steps.add(term, np.zeros_like(mag), F32.unit * mag)  # float32(acc) of an integer
+    if truncate:
+        err = steps.add("scale_truncation", err, _CHOP_UNIT * (mag + err))
+    err = steps.round(term, mag, err, F32, sigma)  # · s
+    err = steps.round(term, mag, err, F16, sigma)  # the fp16 intermediate
+    return steps.round(term, mag, err, F32)  # · σ
+
+
+def _swiglu_error(
+    steps: _Steps, silu_mag: Array, up_mag: Array, err_g: Array, err_u: Array,
+    gate_hi: Array, fmt: _Format, ulps: int, term: str,
+) -> Array:
+    """``|a − a*|`` of a SwiGLU evaluated in ``fmt`` on inputs within ``err_g``/``err_u`` of the
+    exact ``g*``, ``u*`` (``|silu(g*)| <= silu_mag``, ``|u*| <= up_mag``; ``|g| <= gate_hi``)."""
+    propagated = SILU_LIPSCHITZ * err_g * (up_mag + err_u) + silu_mag * err_u
+    value = (silu_mag + SILU_LIPSCHITZ * err_g) * (up_mag + err_u)
+    rho = np.where(gate_hi < math.log(fmt.max), fmt.exp_rho(ulps), 1.0)
+    return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
+
+
+def _activation_error(ax: Array, amax: Array) -> Array:
+    """``|x − σ1·q|`` per element (§6 step 1): ``σ1/2 + u32·|x|`` in general; exactly ``|x|``
+    where ``|x|/σ1 < 1/2`` even after rounding (q = 0); at most ``u32·amax`` for the largest
+    element (``fl(amax/σ1)`` is within ``127 ± 2^-16`` of 127, so q = ±127 and the error is
+    ``|amax − 127·σ1| = amax·|δ|``)."""
+    u = F32.unit
+    sigma_hi, sigma_lo = amax / 127 * (1 + u), amax / 127 * (1 - u)
+    general = np.where(ax < sigma_lo * (1 - u) / 2, ax, sigma_hi / 2 + u * ax)
+    return np.asarray(np.where(ax == amax, u * amax, general))
+
+
+@dataclass(frozen=True)
+class _SlotBound:
+    """Per computed slot: ``|y*|`` bound, faithful error, float64 ideal error (rows, K)."""
+
+    mag: Array
+    err: Array
+    err64: Array
+
+
+def _expert_bound(
+    x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
+    cfg: OpConfig, steps: _Steps, truncate: bool,
+) -> _SlotBound:
+    """The per-slot bounds of one expert's rows (§6 steps 1–7)."""
+    i, k_len = cfg.intermediate, cfg.hidden
+    out = _Format.of(DTYPES[cfg.x_dtype])
+    x64 = x.astype(np.float64)
+    ax = np.abs(x64)
+    w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
+    w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
+    b1, b2 = np.abs(w1d), np.abs(w2d)
+
+    # The ideal pipeline in float64 and its own distance to the exact values.
+    h = x64 @ w1d
+    e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * (ax @ b1))
+    h_mag = np.abs(h) + e64_h  # >= |h*| (before the clamp)
+    if cfg.swiglu_limit is not None:
+        h = np.minimum(h, cfg.swiglu_limit)
+        h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
+    g, u = h[:, :i], h[:, i:]
+    with np.errstate(over="ignore"):
+        silu = g / (1.0 + np.exp(-g))
+    a = silu * u
+    silu_mag = np.abs(silu) + SILU_LIPSCHITZ * e64_h[:, :i]
+    up_mag = np.abs(u) + e64_h[:, i:]
+    e64_a = _swiglu_error(
+        steps, silu_mag, up_mag, e64_h[:, :i], e64_h[:, i:], np.abs(g) + e64_h[:, :i],
+        F64, EXP_ULPS64, "ideal_float64",
+    )
+    a_mag = np.abs(a) + e64_a
+    y = a @ w2d
+    e64_y = steps.add("ideal_float64", e64_a @ b2, F64.gamma(i) * ((np.abs(a) + e64_a) @ b2))
+    y_mag = np.abs(y) + e64_y
+
+    overflow1 = np.zeros(x.shape[0], dtype=bool)
+    overflow2 = np.zeros(x.shape[0], dtype=bool)
+    if cfg.weight_dtype == "int8":
+        amax = ax.max(axis=1, keepdims=True, initial=0.0)
+        sigma1 = amax / 127 * (1 + F32.unit)
+        act = _activation_error(ax, amax) @ b1
+        e_h = steps.add("activation", np.zeros_like(act), act)
+        e_h = e_h + _dequant_chain(steps, "gemm1", h_mag + act, sigma1, truncate)
+        c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
+        overflow1 |= (c_max * b1.sum(axis=0) >= F16.max).any()
+    else:
+        e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * (ax @ b1))
+        e_h = steps.round("gemm1", h_mag, steps.round("gemm1", h_mag, e_h, F32), out)
+    e_g, e_u = e_h[:, :i], e_h[:, i:]
+    e_a = _swiglu_error(
+        steps, silu_mag, up_mag, e_g, e_u, np.abs(g) + e64_h[:, :i] + e_g, F32, EXP_ULPS,
+        "swiglu",
+    )
+    if cfg.weight_dtype == "int8":
+        af_mag = a_mag + e_a  # >= |a| as the kernel computes it
+        amax2 = af_mag.max(axis=1, keepdims=True, initial=0.0)
+        sigma2 = amax2 / 127 * (1 + F32.unit)
+        req = sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1) + sigma2 * F32.tiny
+        # 127/amax2 overflows for a positive amax2 below 127/max32.
+        lowest = np.clip(np.abs(a) - e64_a - e_a, 0, None).max(axis=1, initial=0.0)
+        overflow2 |= (amax2[:, 0] > 0) & (lowest < 127 / F32.max)
+        prop = steps.add("requantisation", e_a, req) @ b2
+        e_y = prop + _dequant_chain(steps, "gemm2", y_mag + prop, sigma2, truncate)
+        c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
+        overflow2 |= (c_max * b2.sum(axis=0) >= F16.max).any()
+    else:
+        e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
+        prop = e_a @ b2
+        gemm = steps.add("gemm2", prop, F64.gamma(i) * ((a_mag + e_a) @ b2))
+        e_y = steps.round("gemm2", y_mag, gemm, F32)
+    e_y = steps.round("y_cast", y_mag, e_y, out)
+    bad = overflow1 | overflow2 | (y_mag + e_y >= out.max).any(axis=1)
+    e_y[bad] = np.inf
+    return _SlotBound(y_mag, e_y, e64_y)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    err: tuple[Array, ...]  # per rank (M_r, K): |faithful out − ideal combined|
+    mag: tuple[Array, ...]  # per rank (M_r, K): >= |ideal combined|
+
+
+def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _Bound:
+    steps = _Steps(omit)
+    cfg = problem.config
+    top_k, k_len, e_local = cfg.top_k, cfg.hidden, cfg.experts_per_rank
+    out = _Format.of(DTYPES[cfg.x_dtype])
+    routing = route(problem)
+    total = sum(cfg.tokens_per_rank)
+    x = np.concatenate([r.x for r in problem.ranks]) if total else np.zeros((0, k_len))
+    probs = np.abs(
+        np.concatenate([r.probs for r in problem.ranks]).astype(np.float64)
+        if total else np.zeros((0, top_k))
+    )
+    mag = np.zeros((total * top_k, k_len))
+    err = np.full((total * top_k, k_len), np.inf)
+    err64 = np.zeros((total * top_k, k_len))
+    for g in np.flatnonzero(routing.expert_kept):
+        start = routing.expert_start[g]
+        slots = routing.order[start : start + routing.expert_kept[g]]
+        w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales)
+        mag[slots], err[slots], err64[slots] = b.mag, b.err, b.err64
+
+    def combine(values: Array) -> Array:  # Σ_k |p_k|·values_k per token
+        return np.asarray(np.einsum("tk,tkc->tc", probs, values.reshape(total, top_k, k_len)))
+
+    with np.errstate(invalid="ignore"):  # inf · 0 for a zero weight of an undefined slot
+        e_comb = combine(err)
+        y_abs = combine(mag + err)
+        rounding = F32.gamma(top_k) * y_abs + top_k * F32.tiny * (y_abs > 0)
+        e_comb = steps.add("combine", e_comb, rounding)
+        out_mag = combine(mag)
+        e_out = steps.round("out_cast", out_mag, e_comb, out)
+        e64 = steps.add(
+            "ideal_float64", np.zeros_like(e_out),
+            combine(err64) + F64.gamma(top_k) * combine(mag + err64),
+        )
+    defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
+    bound = np.where(defined[:, None], np.nan_to_num(e_out + e64, nan=np.inf), np.inf)
+    cuts = np.cumsum(cfg.tokens_per_rank)[:-1]
+    return _Bound(tuple(np.split(bound, cuts)), tuple(np.split(out_mag + e64, cuts)))
+
+
+def quantisation_error_bound(
+    problem: Problem, *, truncate_scales: bool = False, omit: Collection[str] = ()
+) -> tuple[Array, ...]:
+    """Per rank, an ``(M_r, K)`` float64 array bounding ``|faithful out − ideal combined|``
+    elementwise, where *faithful out* is ``oracle.run(problem).ranks[r].out`` (the W8A8 kernel
+    emulation; for the BF16/FP16 variant its float model) and *ideal combined* the float64
+    ``oracle.run(problem, numerics="ideal").trace.combined[r]`` before its final cast. ``inf``
+    on undefined rows and where an fp16 intermediate may overflow. ``truncate_scales`` matches
+    ``Numerics(truncate_scales=True)``. ``omit`` drops named :data:`TERMS` (for showing that
+    each term is needed). The derivation is the module docstring.
+
+    >>> from spec import OpConfig, random_problem
+    >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+    ...                tokens_per_rank=(3, 1))
+    >>> [b.shape for b in quantisation_error_bound(random_problem(cfg, seed=0))]
+    [(3, 32), (1, 32)]
+    """
+    return _bound(problem, truncate_scales, omit).err
+
+
+def ideal_tolerance(
+    problem: Problem, ideal: Result | None = None, *, truncate_scales: bool = False
+) -> tuple[Array, ...]:
+    """Per rank, how far a kernel-faithful ``out`` may lie from the ideal ``out`` (the ideal
+    value rounded to the out dtype): :func:`quantisation_error_bound` plus that one rounding,
+    ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` if at hand, makes
+    the rounding term exact; otherwise a bound on ``|ideal|`` is used."""
+    b = _bound(problem, truncate_scales, ())
+    out = _Format.of(DTYPES[problem.config.x_dtype])
+    mags = b.mag if ideal is None else tuple(
+        np.nan_to_num(np.abs(c), nan=np.inf) for c in ideal.trace.combined  # NaN: undefined
+    )
+    return tuple(e + out.unit * m + out.tiny for e, m in zip(b.err, mags))

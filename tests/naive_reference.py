@@ -1,0 +1,282 @@
+"""A second, deliberately naive model of one ``dispatch_ffn_combine`` call, for cross-checking.
+
+Written from ``shared/reference/dispatch_ffn_combine.md`` §4–§6, not from ``oracle/reference.py``:
+plain Python loops per rank, per token, per slot; each destination's receive buffer is a Python
+list; every received row goes through its own FFN with per-row NumPy operations; W8A8 GEMMs are
+exact integer dot products in int64. Slow on purpose and obvious on purpose: it is the second
+opinion that :func:`oracle.run` must agree with (bitwise in faithful mode).
+
+>>> from spec import OpConfig, random_problem
+>>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=8, intermediate=4,
+...                tokens_per_rank=(2, 1))
+>>> result = naive_run(random_problem(cfg, seed=0))
+>>> [len(r.rows) for r in result.receive] == [int(n.sum()) for n in result.expert_token_nums]
+True
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from oracle.numerics import Numerics, resolve_numerics
+from spec import DTYPES, Problem, RankInputs
+
+__all__ = ["NaiveReceive", "NaiveResult", "naive_run"]
+
+F32 = np.float32
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class NaiveReceive:
+    """One destination's receive buffer: ``(src_rank, token, slot, local_expert)`` per row in
+    buffer order (all rows, including those past ``max_output_size``); ``kept`` rows survive."""
+
+    rows: list[tuple[int, int, int, int]]
+    kept: int
+
+
+@dataclass(frozen=True)
+class NaiveResult:
+    """Per rank: ``out``, ``expert_token_nums``, ``defined``, per-token scales ``token_scale``
+    (σ1, float32), per-slot expert outputs ``y`` (NaN where not computed) and the combine
+    accumulator ``combined`` before the final cast (NaN on undefined rows). Plus the count
+    matrix ``counts[s][g]`` and each destination's :class:`NaiveReceive`."""
+
+    out: list[Array]
+    expert_token_nums: list[Array]
+    defined: list[Array]
+    token_scale: list[Array]
+    y: list[Array]
+    combined: list[Array]
+    counts: Array
+    receive: list[NaiveReceive]
+
+
+def _local_tensor(tensors: Sequence[Array] | None, e: int) -> Array | None:
+    """§3: a list of one tensor is stacked (E first); a longer list holds one tensor per expert."""
+    if tensors is None:
+        return None
+    return tensors[0][e] if len(tensors) == 1 else tensors[e]
+
+
+def _chop_to_19_bits(value: float) -> float:
+    """The official converter's scale encoding, ``bits & 0xFFFFE000`` (§6 step 2)."""
+    (bits,) = struct.unpack("<I", struct.pack("<f", value))
+    (chopped,) = struct.unpack("<f", struct.pack("<I", bits & 0xFFFFE000))
+    return float(chopped)
+
+
+def _round_half_away(v: float) -> int:
+    """Nearest integer, ties away from zero (§6 step 1). Python floats are float64, where
+    ``|v| + 0.5`` is exact for a float32 ``v``."""
+    return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def _quantise_token(row: Array) -> tuple[Array, F32]:
+    """§6 step 1: ``σ1 = amax/127`` and ``q = round_half_away(x/σ1)``, per element."""
+    xf = row.astype(F32)
+    amax = F32(0)
+    for v in xf:
+        amax = max(amax, abs(v))
+    sigma1 = F32(amax / F32(127))
+    if sigma1 == 0:
+        return np.zeros(row.shape[0], dtype=np.int64), sigma1
+    q = np.array([_round_half_away(float(v / sigma1)) for v in xf], dtype=np.int64)
+    return q, sigma1
+
+
+def _dequant_fp16(acc: Array, scale: Array) -> Array:
+    """§6 steps 2 and 6, pinned: ``float16(float32(acc) · float32(scale))``, as float32."""
+    with np.errstate(over="ignore"):
+        return (acc.astype(F32) * scale.astype(F32)).astype(np.float16).astype(F32)
+
+
+def _swiglu_f32(h: Array, i: int) -> Array:
+    """§6 step 4 in float32: ``gate / (1 + exp(−gate)) · up``, gate = first I columns."""
+    gate, up = h[:i], h[i:]
+    with np.errstate(over="ignore"):
+        return gate / (F32(1) + np.exp(-gate)) * up
+
+
+class _Expert:
+    """One local expert's tensors, converted once: int64 weights and float32 scales (W8A8),
+    float64 weights (BF16/FP16 variant), dequantised float64 weights (ideal)."""
+
+    def __init__(self, inputs: RankInputs, e: int, numerics: Numerics) -> None:
+        w1, w2 = _local_tensor(inputs.w1, e), _local_tensor(inputs.w2, e)
+        s1, s2 = _local_tensor(inputs.scale1, e), _local_tensor(inputs.scale2, e)
+        assert w1 is not None and w2 is not None
+        self.w8a8 = w1.dtype == np.int8
+        self.w1_int, self.w2_int = w1.astype(np.int64), w2.astype(np.int64)
+        self.w1_f64, self.w2_f64 = w1.astype(np.float64), w2.astype(np.float64)
+        if s1 is not None and s2 is not None:
+            self.s1_ideal, self.s2_ideal = s1.astype(np.float64), s2.astype(np.float64)
+            if numerics.truncate_scales:
+                s1 = np.array([_chop_to_19_bits(float(v)) for v in s1], dtype=F32)
+                s2 = np.array([_chop_to_19_bits(float(v)) for v in s2], dtype=F32)
+            self.s1, self.s2 = s1.astype(F32), s2.astype(F32)
+            self.w1_ideal = self.w1_f64 * self.s1_ideal
+            self.w2_ideal = self.w2_f64 * self.s2_ideal
+        else:
+            self.w1_ideal, self.w2_ideal = self.w1_f64, self.w2_f64
+
+
+def _ffn_w8a8(
+    q: Array, sigma1: F32, ex: _Expert, limit: float | None, numerics: Numerics, out: Any
+) -> Array:
+    """§6 steps 2–7 for one received row, in float32 with exact int64 GEMMs."""
+    i = ex.w2_int.shape[0]
+    if sigma1 == 0:  # an all-zero token row: 0/0 in step 1
+        return np.full(ex.w2_int.shape[1], np.nan if numerics.zero_rows == "nan" else 0, F32)
+    acc1 = q @ ex.w1_int  # exact: int64 has room for any int8 x int8 dot product here
+    h = _dequant_fp16(acc1, ex.s1) * sigma1
+    if limit is not None:
+        h = np.minimum(h, F32(limit))
+        h[i:] = np.maximum(h[i:], -F32(limit))
+    a = _swiglu_f32(h, i)
+    amax2 = F32(0)
+    for v in a:
+        amax2 = np.maximum(amax2, abs(v))  # np.maximum: a NaN must win, as in a max reduction
+    if amax2 == 0:  # step 5 divides by amax2
+        return np.full(ex.w2_int.shape[1], np.nan if numerics.zero_rows == "nan" else 0, F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv = F32(127) / amax2
+    if np.isinf(inv):  # amax2 < 127/FLT_MAX: the float32 scale overflows (a degenerate row)
+        if numerics.zero_rows == "nan":
+            return np.full(ex.w2_int.shape[1], np.nan, F32)
+        q2 = np.rint(a.astype(np.float64) * (127.0 / float(amax2)))
+    else:
+        with np.errstate(invalid="ignore"):
+            q2 = np.rint(a * inv)  # rint: round half to even
+    acc2: Array
+    if np.isfinite(q2).all():
+        acc2 = q2.astype(np.int64) @ ex.w2_int
+    else:  # 127/amax2 overflowed (amax2 < 127/max32) or a was not finite: IEEE inf/NaN spread
+        with np.errstate(invalid="ignore"):
+            acc2 = q2.astype(np.float64) @ ex.w2_f64
+    sigma2 = F32(amax2 / F32(127))
+    return np.asarray((_dequant_fp16(acc2, ex.s2) * sigma2).astype(out).astype(F32))
+
+
+def _exact_dot_f32(v: Array, w: Array) -> Array:
+    """Column-wise dot products summed exactly (``math.fsum``) and rounded to float32."""
+    return np.array([math.fsum(v * w[:, n]) for n in range(w.shape[1])], dtype=F32)
+
+
+def _ffn_float(x: Array, ex: _Expert, out: Any) -> Array:
+    """The BF16/FP16-weight variant as ``oracle/reference.py`` documents it: exact products,
+    float32 accumulation of the exact sum, GMM1 output and SwiGLU result stored in x's dtype."""
+    i = ex.w2_f64.shape[0]
+    h = _exact_dot_f32(x.astype(np.float64), ex.w1_f64).astype(out).astype(F32)
+    a = _swiglu_f32(h, i).astype(out).astype(np.float64)
+    return np.asarray(_exact_dot_f32(a, ex.w2_f64).astype(out).astype(F32))
+
+
+def _ffn_ideal(x: Array, ex: _Expert, limit: float | None) -> Array:
+    """The mathematics (float64, dequantised weights, no activation quantisation)."""
+    i = ex.w2_ideal.shape[0]
+    h = x.astype(np.float64) @ ex.w1_ideal
+    if limit is not None:
+        h = np.minimum(h, limit)
+        h[i:] = np.maximum(h[i:], -limit)
+    gate, up = h[:i], h[i:]
+    with np.errstate(over="ignore"):
+        a = gate / (1.0 + np.exp(-gate)) * up
+    return np.asarray(a @ ex.w2_ideal)
+
+
+def naive_run(problem: Problem, numerics: str | Numerics = "faithful") -> NaiveResult:
+    """Every rank's outputs of one call, computed slot by slot (§4–§6)."""
+    num = resolve_numerics(numerics)
+    cfg = problem.config
+    ep, n_local, top_k, hidden = cfg.ep_size, cfg.experts_per_rank, cfg.top_k, cfg.hidden
+    out_dtype = DTYPES[cfg.x_dtype]
+    sentinel = ep * n_local
+    ideal = num.mode == "ideal"
+    acc_dtype = np.float64 if ideal else F32
+
+    # §4–§5 on each source rank: masked slots take the sentinel; sort the slots by expert id.
+    counts = np.zeros((ep, sentinel), dtype=np.int64)
+    sorted_slots: list[list[tuple[int, int, int]]] = []  # per source: (expert, token, slot)
+    for s, inputs in enumerate(problem.ranks):
+        slots = []
+        for t in range(inputs.x.shape[0]):
+            active = inputs.active_mask is None or bool(inputs.active_mask[t])
+            for k in range(top_k):
+                g = int(inputs.expert_idx[t, k]) if active else sentinel
+                slots.append((g, t, k))  # appended in flat slot order t·top_k + k
+        slots.sort(key=lambda slot: slot[0])  # list.sort is stable: ties keep flat order
+        slots = [slot for slot in slots if slot[0] != sentinel]
+        for g, _, _ in slots:
+            counts[s, g] += 1
+        sorted_slots.append(slots)
+
+    # Each destination's buffer: expert-major, then source rank, then the source's order.
+    receive = []
+    expert_token_nums = []
+    for d in range(ep):
+        rows = []
+        for e in range(n_local):
+            for s in range(ep):
+                for g, t, k in sorted_slots[s]:
+                    if g == d * n_local + e:
+                        rows.append((s, t, k, e))
+        cap = cfg.max_output_size
+        receive.append(NaiveReceive(rows, len(rows) if cap is None else min(len(rows), cap)))
+        expert_token_nums.append(
+            np.array([sum(int(counts[s, d * n_local + e]) for s in range(ep))
+                      for e in range(n_local)], dtype=np.int32)
+        )
+
+    # Step 1 once per token on its source rank.
+    quantised = [[_quantise_token(row) for row in inputs.x] for inputs in problem.ranks]
+    token_scale = [np.array([sig for _, sig in qs], dtype=F32) for qs in quantised]
+
+    # FFN of every kept row, written back to its source slot.
+    y = [np.full((inputs.x.shape[0], top_k, hidden), np.nan, dtype=acc_dtype)
+         for inputs in problem.ranks]
+    computed = [np.zeros((inputs.x.shape[0], top_k), dtype=bool) for inputs in problem.ranks]
+    experts: dict[tuple[int, int], _Expert] = {}
+    for d, buffer in enumerate(receive):
+        for s, t, k, e in buffer.rows[: buffer.kept]:
+            ex = experts.get((d, e))
+            if ex is None:
+                ex = experts[(d, e)] = _Expert(problem.ranks[d], e, num)
+            x_row = problem.ranks[s].x[t]
+            if ideal:
+                y[s][t, k] = _ffn_ideal(x_row, ex, cfg.swiglu_limit)
+            elif ex.w8a8:
+                q, sigma1 = quantised[s][t]
+                y[s][t, k] = _ffn_w8a8(q, sigma1, ex, cfg.swiglu_limit, num, out_dtype)
+            else:
+                y[s][t, k] = _ffn_float(x_row, ex, out_dtype)
+            computed[s][t, k] = True
+
+    # Step 8 on each source rank: sequential combine in k order.
+    outs, defined, combined = [], [], []
+    for s, inputs in enumerate(problem.ranks):
+        m = inputs.x.shape[0]
+        out = np.zeros((m, hidden), dtype=out_dtype)
+        acc_rows = np.full((m, hidden), np.nan, dtype=acc_dtype)
+        ok = np.zeros(m, dtype=bool)
+        for t in range(m):
+            active = inputs.active_mask is None or bool(inputs.active_mask[t])
+            if not (active and computed[s][t].all()):
+                continue  # masked, or a slot lost to truncation: the row is undefined
+            acc = y[s][t, 0] * acc_dtype(inputs.probs[t, 0])
+            for k in range(1, top_k):
+                acc = acc + y[s][t, k] * acc_dtype(inputs.probs[t, k])
+            acc_rows[t] = acc
+            out[t] = acc.astype(out_dtype)
+            ok[t] = True
+        outs.append(out)
+        defined.append(ok)
+        combined.append(acc_rows)
+    return NaiveResult(outs, expert_token_nums, defined, token_scale, y, combined, counts, receive)
