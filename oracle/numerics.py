@@ -30,8 +30,10 @@ __all__ = [
 ]
 
 MODES = ("faithful", "ideal")
-#: ``"zero"``: an all-zero row contributes exactly 0 (what a correct kernel must produce);
-#: ``"nan"``: the kernel's reading of §6 steps 1 and 5, 0/0 = NaN [inferred].
+#: Degenerate rows: an all-zero row (σ = 0) at step 1 or 5, or a row so small at step 5 that
+#: ``127/amax2`` overflows float32. ``"zero"``: such a row takes its mathematical value (0 for
+#: a zero row; the scale in float64 for a tiny one), which a correct kernel must produce;
+#: ``"nan"``: the kernel's literal reading of §6 steps 1 and 5, 0/0 and inf·0 = NaN [inferred].
 ZERO_ROW_POLICIES = ("zero", "nan")
 
 F32 = np.float32

@@ -178,14 +178,21 @@ def _ffn_w8a8_faithful(
         a = gate / (F32(1) + np.exp(-gate)) * up
     amax2 = np.abs(a).max(axis=1) if i else np.zeros(a.shape[0], F32)
     zero = amax2 == 0
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(zero, F32(0), F32(127) / amax2)
-    q2 = np.rint(a * inv[:, None])  # round half to even (§6 step 5)
+    # A row with amax2 < 127/FLT_MAX (about 3.7e-37) overflows the float32 scale: the kernel
+    # computes inf·a there; the "zero" policy takes the mathematical value instead.
+    tiny = np.isinf(inv)
+    with np.errstate(invalid="ignore"):
+        q2 = np.rint(a * inv[:, None])  # round half to even (§6 step 5)
+    if tiny.any():
+        scale = 127.0 / amax2[tiny, None].astype(np.float64)
+        q2[tiny] = np.rint(a[tiny].astype(np.float64) * scale)
     c2 = scaled_fp16(exact_int_matmul(q2, w2), s2)
     sigma2 = amax2 / F32(127)
     y = (c2 * sigma2[:, None]).astype(DTYPES[cfg.x_dtype]).astype(F32)
     if numerics.zero_rows == "nan":
-        y[zero | (sigma1 == 0)] = np.nan
+        y[zero | tiny | (sigma1 == 0)] = np.nan
     return y
 
 
