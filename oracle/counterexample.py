@@ -21,12 +21,21 @@ import numpy as np
 from spec import DTYPES, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 
-__all__ = ["FORMAT", "Counterexample", "load", "save"]
+__all__ = [
+    "ALLOWED_DTYPES",
+    "FORMAT",
+    "Counterexample",
+    "encode_arrays",
+    "load",
+    "read_array",
+    "save",
+]
 
 FORMAT = "dfc-oracle-counterexample"
 VERSION = 1
 _STORED = {"bfloat16": np.dtype(np.uint16)}  # stored as bit patterns
-_ALLOWED = ("bfloat16", "float16", "float32", "int8", "int32", "bool")
+#: The only dtypes a file may declare.
+ALLOWED_DTYPES = ("bfloat16", "float16", "float32", "int8", "int32", "bool")
 _RANK_FIELDS = ("x", "expert_idx", "probs", "active_mask")
 _LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
 _MAX_ELEMENTS = 1 << 31
@@ -64,6 +73,15 @@ def _arrays_of(problem: Problem, outputs: list[tuple[Array, Array]] | None) -> d
     return arrays
 
 
+def encode_arrays(arrays: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Any]]:
+    """Arrays as stored in an .npz (bfloat16 as uint16 bit patterns), and the manifest entry
+    (dtype and shape) that :func:`read_array` checks each of them against."""
+    stored = {k: a.view(_STORED[str(a.dtype)]) if str(a.dtype) in _STORED else a
+              for k, a in arrays.items()}
+    specs = {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}
+    return stored, specs
+
+
 def save(
     path: str | Path,
     problem: Problem,
@@ -76,15 +94,14 @@ def save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = _arrays_of(problem, outputs)
+    stored, specs = encode_arrays(arrays)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "config": asdict(problem.config),
-        "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()},
+        "arrays": specs,
         "meta": meta or {},
     }
-    stored = {k: a.view(_STORED[str(a.dtype)]) if str(a.dtype) in _STORED else a
-              for k, a in arrays.items()}
     stored["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     with path.open("wb") as f:
         np.savez_compressed(f, **stored)  # type: ignore[arg-type]
@@ -110,9 +127,11 @@ def _read_manifest(path: Path, files: Any) -> dict[str, Any]:
     return manifest
 
 
-def _read_array(path: Path, files: Any, key: str, spec: object) -> Array:
-    if not isinstance(spec, dict) or spec.get("dtype") not in _ALLOWED:
-        raise _bad(path, f"array {key!r} with a dtype outside {_ALLOWED}")
+def read_array(path: Path, files: Any, key: str, spec: object) -> Array:
+    """One array of an open .npz, checked against its manifest entry (dtype from a fixed list,
+    shape, size) and decoded (bfloat16 from its bit pattern)."""
+    if not isinstance(spec, dict) or spec.get("dtype") not in ALLOWED_DTYPES:
+        raise _bad(path, f"array {key!r} with a dtype outside {ALLOWED_DTYPES}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise _bad(path, f"array {key!r} with shape {shape!r}")
@@ -141,7 +160,7 @@ def load(path: str | Path) -> Counterexample:
         if not hasattr(files, "files"):
             raise _bad(path, "a single array, not an .npz archive")
         manifest = _read_manifest(path, files)
-        arrays = {k: _read_array(path, files, k, v) for k, v in manifest["arrays"].items()}
+        arrays = {k: read_array(path, files, k, v) for k, v in manifest["arrays"].items()}
     try:
         config = OpConfig(**manifest["config"])
     except (TypeError, SpecError) as exc:

@@ -140,9 +140,10 @@ def evaluate(
     """Call ``impl`` on a copy of ``problem`` and judge it: ``(verdict, raw outputs)``."""
     copy = _copy_inputs(problem)
     status, result = _call(impl, copy, timeout)
-    if status != "ok":
-        stage_text = "raised" if status == "raised" else "did not return"
-        return Verdict(False, "call", f"the implementation {stage_text}: {result}",
+    if status == "raised":
+        return Verdict(False, "call", f"the implementation raised: {result}", float("inf")), None
+    if status == "hung":
+        return Verdict(False, "timeout", f"the implementation did not return: {result}",
                        float("inf")), None
     verdict = compare(problem, result, numerics=numerics, ulps=ulps)
     if verdict.ok and inputs != "ignore":
@@ -243,7 +244,7 @@ def check_implementation(
         verdict, outputs = evaluate(impl, problem, numerics=num, timeout=timeout,
                                     inputs=inputs, ulps=ulps)
         target(min(verdict.ratio, 1e12), label="error / tolerance")
-        if verdict.stage == "call" and "did not return" in verdict.message:
+        if verdict.stage == "timeout":
             raise _Hung(problem, verdict)
         if not verdict.ok:
             raise _Mismatch(problem, verdict, outputs)

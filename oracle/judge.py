@@ -34,7 +34,9 @@ from spec.errors import describe
 
 __all__ = ["STAGES", "Verdict", "compare", "out_dtype_spacing", "routing_summary"]
 
-STAGES = ("call", "ranks", "structure", "expert_token_nums", "non_finite", "out", "inputs")
+STAGES = (
+    "call", "timeout", "ranks", "structure", "expert_token_nums", "non_finite", "out", "inputs",
+)
 
 Array = np.ndarray[Any, Any]
 

@@ -1,0 +1,332 @@
+"""Capture what every rank of a real run saw and produced, and verify it offline.
+
+Inside a real run (any backend, any device), after the operator's call, every rank calls::
+
+    from oracle.capture import dump
+    dump("capture/step0", rank, inputs, (out, expert_token_nums), world_size=world_size,
+         max_output_size=max_output_size)
+
+``inputs`` is a mapping with the torch binding's argument names (``x``, ``weight1``, ``weight2``,
+``expert_idx``, ``scale1``, ``scale2``, ``probs`` and optionally ``x_active_mask``), an
+:class:`oracle.torch.TorchRankInputs` or a :class:`spec.RankInputs`; tensors or arrays. Each rank
+writes ``rank<r>.npz``; rank 0 also writes ``manifest.json``. Then, on any machine::
+
+    dfc-oracle verify capture/step0 [--numerics faithful|ideal]
+
+reassembles the collective call and judges it with :func:`oracle.compare`.
+
+Nothing read is trusted: files are opened with ``allow_pickle=False``, every array is checked
+against its rank's manifest, every rank must agree with ``manifest.json`` on the call's
+attributes, and the call is rebuilt through :class:`spec.Problem`'s validation. Problems raise
+:class:`spec.CounterexampleFileError` (or the :class:`spec.SpecError` that validation names).
+Masked tokens' ids are not read, so capturing ``expert_idx`` after the kernel wrote its sentinel
+into it (§4 of the reference notes) is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oracle.counterexample import ALLOWED_DTYPES, encode_arrays, read_array
+from oracle.judge import Verdict, compare
+from oracle.numerics import Numerics
+from oracle.torch import TorchRankInputs, from_torch, output_pair
+from spec import MAX_EP_SIZE, CounterexampleFileError, Problem, RankInputs, SpecError
+from spec.errors import describe
+
+__all__ = ["FORMAT", "MANIFEST", "Capture", "VerifyReport", "dump", "load", "verify", "verify_main"]
+
+FORMAT = "dfc-oracle-capture"
+VERSION = 1
+MANIFEST = "manifest.json"
+#: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
+_CALL_ATTRS = ("max_output_size", "swiglu_limit")
+_BINDING_NAMES = ("x", "weight1", "weight2", "expert_idx", "scale1", "scale2", "probs",
+                  "x_active_mask")
+
+Array = np.ndarray[Any, Any]
+
+
+def _rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank{rank}.npz"
+
+
+def _bad(path: Path, given: str, fix: str = "capture the run again with oracle.capture.dump",
+         rank: int | None = None) -> CounterexampleFileError:
+    return CounterexampleFileError(
+        rank=rank, field=str(path), given=given,
+        allowed=f"a {FORMAT} directory (version {VERSION}): {MANIFEST} and rank<r>.npz per rank",
+        fix=fix,
+    )
+
+
+def _rank_inputs(inputs: Any) -> RankInputs:
+    if isinstance(inputs, RankInputs):
+        return inputs
+    if isinstance(inputs, TorchRankInputs):
+        return from_torch(inputs)
+    if isinstance(inputs, Mapping):
+        unknown = sorted(set(inputs) - set(_BINDING_NAMES) - {"bias1", "bias2"})
+        if unknown:
+            raise SpecError(
+                field="inputs", given=f"keys {unknown}", allowed=", ".join(_BINDING_NAMES),
+                fix="name the tensors as the torch binding does (bias lists are ignored)",
+            )
+        fields: dict[str, Any] = {name: inputs.get(name) for name in _BINDING_NAMES}
+        return from_torch(TorchRankInputs(**fields))  # arrays pass through its converters
+    raise SpecError(
+        field="inputs", given=describe(inputs),
+        allowed="a mapping of the binding's argument names, TorchRankInputs or RankInputs",
+        fix="pass dict(x=x, weight1=weight1, ...) as given to the operator",
+    )
+
+
+def _arrays(inputs: RankInputs, out: Array, nums: Array) -> dict[str, Array]:
+    arrays = {"x": inputs.x, "expert_idx": inputs.expert_idx, "probs": inputs.probs,
+              "out": out, "expert_token_nums": nums}
+    if inputs.active_mask is not None:
+        arrays["x_active_mask"] = inputs.active_mask
+    for name, tensors in (("weight1", inputs.w1), ("weight2", inputs.w2),
+                          ("scale1", inputs.scale1), ("scale2", inputs.scale2)):
+        for i, t in enumerate(tensors or ()):
+            arrays[f"{name}.{i}"] = t
+    return arrays
+
+
+def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in attrs.items():
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise SpecError(
+                field=key, given=describe(value), allowed="None, a bool, int, float or str",
+                fix=f"pass {key} as a plain Python value (e.g. int({key}))",
+            )
+    return dict(sorted(attrs.items()))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: Any) -> Path:
+    """Write one rank's inputs and outputs of one call; returns the rank's file.
+
+    ``outputs`` is ``(out, expert_token_nums)`` or an object with those attributes. ``attrs``
+    must include ``world_size`` unless ``torch.distributed`` is initialised (then its world
+    size is used); ``max_output_size`` and ``swiglu_limit`` are the call's attributes (default
+    ``None``: no truncation, no clamp); anything else (step, layer, …) is kept as context. Every
+    rank must pass the same ``attrs``; :func:`verify` checks it.
+    """
+    directory = Path(directory)
+    if "world_size" not in attrs:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise SpecError(
+                field="world_size", given="nothing", allowed="the number of ranks of the call",
+                fix="pass world_size=... (or call dump inside an initialised process group)",
+            )
+        attrs["world_size"] = dist.get_world_size()
+    if isinstance(inputs, TorchRankInputs):
+        attrs.setdefault("max_output_size", inputs.max_output_size)
+        attrs.setdefault("swiglu_limit", inputs.swiglu_limit)
+    for name in _CALL_ATTRS:
+        attrs.setdefault(name, None)
+    meta_attrs = _json_attrs(attrs)
+    world_size = meta_attrs["world_size"]
+    if not isinstance(rank, int) or not isinstance(world_size, int) or not (
+        0 <= rank < world_size <= MAX_EP_SIZE
+    ):
+        raise SpecError(
+            field="rank", given=f"rank {rank!r} of world_size {world_size!r}",
+            allowed=f"0 <= rank < world_size <= {MAX_EP_SIZE}",
+            fix="pass this process's rank in the EP group and the group's size",
+        )
+    arrays = _arrays(_rank_inputs(inputs), *output_pair(outputs))
+    for key, a in arrays.items():
+        if str(a.dtype) not in ALLOWED_DTYPES:
+            raise SpecError(
+                rank=rank, field=key, given=f"dtype {a.dtype}", allowed=", ".join(ALLOWED_DTYPES),
+                fix="pass the tensors the operator saw (expert_token_nums is int32)",
+            )
+    stored, specs = encode_arrays(arrays)
+    meta = {
+        "format": FORMAT, "version": VERSION, "rank": rank, "attrs": meta_attrs, "arrays": specs,
+    }
+    stored["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = _rank_file(directory, rank)
+    _atomic_write(path, lambda f: np.savez(f, **stored))  # type: ignore[arg-type]
+    if rank == 0:
+        manifest = {"format": FORMAT, "version": VERSION, "attrs": meta_attrs}
+        _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+    return path
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise _bad(directory, "no such directory", "check the capture directory's path")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _bad(path, "no manifest (rank 0 writes it)",
+                   "check that rank 0 called dump") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"a manifest that is not JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _bad(path, "a manifest of another format")
+    if manifest.get("version") != VERSION:
+        raise _bad(path, f"version {manifest.get('version')!r}", "use a matching dfc-oracle")
+    attrs = manifest.get("attrs")
+    if not isinstance(attrs, dict):
+        raise _bad(path, "a manifest without attributes")
+    world_size = attrs.get("world_size")
+    if not isinstance(world_size, int) or not 1 <= world_size <= MAX_EP_SIZE:
+        raise _bad(path, f"world_size {world_size!r}", "capture a call of 1..32 ranks")
+    for name in _CALL_ATTRS:
+        if name not in attrs:
+            raise _bad(path, f"no attribute {name!r}")
+    return manifest
+
+
+def _read_rank(directory: Path, rank: int, attrs: dict[str, Any]) -> dict[str, Array]:
+    path = _rank_file(directory, rank)
+    try:
+        files = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        present = sorted(p.name for p in directory.glob("rank*.npz"))
+        raise _bad(path, f"no file for rank {rank} (present: {present})",
+                   f"copy every rank's file into {directory} (rank {rank} must call dump)",
+                   rank) from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise _bad(path, f"not a readable .npz ({exc})", rank=rank) from None
+    with files:
+        if not hasattr(files, "files") or "meta" not in files.files:
+            raise _bad(path, "no meta entry", rank=rank)
+        try:
+            raw = files["meta"]
+            meta = json.loads(raw.tobytes().decode()) if raw.dtype == np.uint8 else None
+        except (ValueError, UnicodeDecodeError):  # pickled objects, or not JSON
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(
+            meta.get("arrays"), dict
+        ):
+            raise _bad(path, "a meta entry that is not a capture's", rank=rank)
+        if meta.get("rank") != rank:
+            raise _bad(path, f"the file of rank {meta.get('rank')!r} under rank {rank}'s name",
+                       "keep the files' names as dump wrote them", rank)
+        if meta.get("attrs") != attrs:
+            raise _bad(path, f"attributes {meta.get('attrs')} while {MANIFEST} has {attrs}",
+                       "every rank must pass the same attributes to dump (one call, one "
+                       "capture directory)", rank)
+        try:
+            return {k: read_array(path, files, k, v) for k, v in meta["arrays"].items()}
+        except CounterexampleFileError as exc:
+            raise _bad(path, exc.given, rank=rank) from None
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # e.g. pickled object arrays
+            raise _bad(path, f"an unreadable array ({exc})", rank=rank) from None
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured call: the problem, each rank's outputs, and the attributes of the capture."""
+
+    problem: Problem
+    outputs: list[tuple[Array, Array]]
+    attrs: dict[str, Any]
+
+
+def load(directory: str | Path) -> Capture:
+    """Read and validate a capture directory (see the module docstring)."""
+    directory = Path(directory)
+    attrs = _read_manifest(directory)["attrs"]
+    world_size = attrs["world_size"]
+    extra = sorted(
+        p.name for p in directory.glob("rank*.npz")
+        if p.name not in {_rank_file(directory, r).name for r in range(world_size)}
+    )
+    if extra:
+        raise _bad(directory, f"files {extra} beyond world_size {world_size}",
+                   "capture one call per directory")
+    ranks, outputs = [], []
+    for r in range(world_size):
+        arrays = _read_rank(directory, r, attrs)
+
+        def items(name: str, arrays: dict[str, Array] = arrays) -> list[Array] | None:
+            found: list[Array] = []
+            while f"{name}.{len(found)}" in arrays:
+                found.append(arrays[f"{name}.{len(found)}"])
+            return found or None
+
+        missing = [k for k in ("x", "expert_idx", "probs", "weight1.0", "weight2.0", "out",
+                               "expert_token_nums") if k not in arrays]
+        if missing:
+            raise _bad(_rank_file(directory, r), f"no arrays {missing}", rank=r)
+        ranks.append(RankInputs(
+            arrays["x"], arrays["expert_idx"], arrays["probs"], items("weight1") or [],
+            items("weight2") or [], scale1=items("scale1"), scale2=items("scale2"),
+            active_mask=arrays.get("x_active_mask"),
+        ))
+        outputs.append((arrays["out"], arrays["expert_token_nums"]))
+    problem = Problem(ranks, max_output_size=attrs["max_output_size"],
+                      swiglu_limit=attrs["swiglu_limit"])
+    return Capture(problem, outputs, attrs)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The verdict on a captured call, with what was checked."""
+
+    directory: Path
+    problem: Problem
+    attrs: dict[str, Any]
+    verdict: Verdict
+    numerics: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+    def __str__(self) -> str:
+        context = {k: v for k, v in self.attrs.items() if k not in (*_CALL_ATTRS, "world_size")}
+        lines = [
+            f"capture {self.directory}: {self.problem.config.summary()}"
+            + (f" {context}" if context else ""),
+            f"numerics {self.numerics}: "
+            + ("conforms" if self.ok else f"does not conform (stage '{self.verdict.stage}')"),
+        ]
+        if not self.ok:
+            lines.append(f"what failed: {self.verdict.message}")
+        return "\n".join(lines)
+
+
+def verify(directory: str | Path, *, numerics: str | Numerics = "faithful") -> VerifyReport:
+    """Judge a captured call with :func:`oracle.compare`. Raises :class:`spec.SpecError` for an
+    invalid capture; a non-conforming kernel is a report with ``ok`` False."""
+    capture = load(directory)
+    verdict = compare(capture.problem, capture.outputs, numerics=numerics)
+    label = numerics if isinstance(numerics, str) else numerics.describe()
+    return VerifyReport(Path(directory), capture.problem, capture.attrs, verdict, label)
+
+
+def verify_main(directory: str | Path, numerics: str = "faithful") -> int:
+    """``dfc-oracle verify``: print the report; exit 0 (conforms), 1 (does not), 2 (invalid
+    capture)."""
+    try:
+        report = verify(directory, numerics=numerics)
+    except SpecError as exc:
+        print(f"invalid capture: {exc}")
+        return 2
+    print(report)
+    return 0 if report.ok else 1
