@@ -47,10 +47,12 @@ def test_defect_is_found_and_shrunk_to_the_minimal_call(impl, stage, ep, tokens,
 
 def test_wrong_combine_order_is_found_by_the_bitwise_gate() -> None:
     # Summation order changes float32 low bits; after the cast to fp16 they show as a 1-ulp
-    # difference in about 1 of 10**4 values, which only the bitwise gate (ulps=0) rejects.
+    # difference in about 2 of 10**4 values (measured), which only the bitwise gate (ulps=0)
+    # rejects. Examples of 32+ tokens x 256 columns, all defined, show it almost surely.
     strategy = problems(configs=configs(
         top_k=st.just(8), x_dtypes=st.just("float16"), weight_dtypes=st.just("int8"),
-        hidden=st.just(256), tokens_per_rank=st.integers(4, 8), ep_sizes=st.sampled_from((1, 2)),
+        hidden=st.just(256), tokens_per_rank=st.integers(32, 64), ep_sizes=st.sampled_from((1, 2)),
+        experts_per_rank=st.just(8), masked=st.just(False), truncation=st.just(False),
     ))
     error = find_failure(broken.reverse_combine, strategy, ulps=0)
     assert error.verdict.stage == "out" and "0 ulp of float16" in error.verdict.message
@@ -68,7 +70,7 @@ def test_zero_row_nan_is_reported_as_non_finite() -> None:
 
 def test_hang_is_reported_as_a_timeout_without_shrinking() -> None:
     error = find_failure(broken.hangs, timeout=0.2)
-    assert error.verdict.stage == "call" and "no result after 0.2 s" in error.verdict.message
+    assert error.verdict.stage == "timeout" and "no result after 0.2 s" in error.verdict.message
 
 
 def test_input_writes_fail_strict_and_warn_in_report_mode() -> None:
