@@ -111,7 +111,10 @@ def save(
 def _read_manifest(path: Path, files: Any) -> dict[str, Any]:
     if "manifest" not in files.files:
         raise _bad(path, "no manifest entry")
-    raw = files["manifest"]
+    try:
+        raw = files["manifest"]
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise _bad(path, f"a manifest that cannot be read safely ({exc})") from None
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise _bad(path, f"a manifest of {raw.dtype} {raw.shape}")
     try:
@@ -140,7 +143,10 @@ def read_array(path: Path, files: Any, key: str, spec: object) -> Array:
     if key not in files.files:
         raise _bad(path, f"no array {key!r} though the manifest lists it")
     dtype = np.dtype(DTYPES.get(spec["dtype"], spec["dtype"]))
-    stored = files[key]
+    try:
+        stored = files[key]
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. a pickled object array
+        raise _bad(path, f"array {key!r} that cannot be read safely ({exc})") from None
     if stored.dtype != _STORED.get(spec["dtype"], dtype) or list(stored.shape) != shape:
         raise _bad(path, f"array {key!r} stored as {stored.dtype} {stored.shape}, "
                    f"not {spec['dtype']} {tuple(shape)} as its manifest says")
@@ -156,9 +162,9 @@ def load(path: str | Path) -> Counterexample:
         raise _bad(path, "no such file", "check the path printed by the failing run") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _bad(path, f"not a readable .npz ({exc})") from None
+    if not isinstance(files, np.lib.npyio.NpzFile):
+        raise _bad(path, "a single array, not an .npz archive")
     with files:
-        if not hasattr(files, "files"):
-            raise _bad(path, "a single array, not an .npz archive")
         manifest = _read_manifest(path, files)
         arrays = {k: read_array(path, files, k, v) for k, v in manifest["arrays"].items()}
     try:
