@@ -159,7 +159,7 @@ def _hunt(args: argparse.Namespace) -> int:
     from spec.findings import hunt_rules
 
     _err("hunting the operator's historical layout, buffer and protocol rules ...")
-    for finding in hunt_rules(max_examples=args.max_examples):
+    for finding in hunt_rules():
         rows.append(str(finding))
         found += 1
     for variant in VARIANTS:

@@ -10,6 +10,7 @@ into its inputs — becomes a report, never a traceback from this code.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import traceback
 import warnings
@@ -284,6 +285,7 @@ def _save_counterexample(
         "impl": impl_name,
     }
     digest = hashlib.sha1(f"{problem.config}{verdict.message}".encode()).hexdigest()[:10]
-    name = f"{(impl_name or 'impl').replace(':', '.').replace('/', '_')}-{verdict.stage}-{digest}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", (impl_name or "impl").replace(":", "."))
+    name = f"{stem}-{verdict.stage}-{digest}"
     kept = checked if isinstance(checked, list) else None
     return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta)

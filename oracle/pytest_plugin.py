@@ -7,6 +7,7 @@ checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import settings
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
+_IMPL = pytest.StashKey[Callable[..., Any]]()
 VARIANTS = ("w8a8", "bf16", "fp16")
 
 
@@ -47,10 +49,16 @@ def pytest_configure(config: pytest.Config) -> None:
     if profile:
         settings.load_profile(profile)
     if impl:
+        from oracle.loading import ImplLoadError, load_impl
+
         variants = set(config.getoption("--dfc-variants").split(","))
         unknown = variants - set(VARIANTS)
         if unknown:
             raise pytest.UsageError(f"--dfc-variants: unknown {sorted(unknown)}; use {VARIANTS}")
+        try:  # once, before collection: a bad name is one usage error, not an error per test
+            config.stash[_IMPL] = load_impl(impl)
+        except ImplLoadError as exc:
+            raise pytest.UsageError(f"--dfc-impl: {exc}") from None
         config.args.append(str(_SUITE))
 
 
@@ -70,18 +78,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(scope="session")
 def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The gate's options; loads the implementation once per session."""
-    from oracle.loading import ImplLoadError, load_impl
-
+    """The gate's options and the implementation loaded by ``pytest_configure``."""
     name = request.config.getoption("--dfc-impl")
     if not name:
         pytest.skip("no --dfc-impl given: the conformance suite needs an implementation")
-    try:
-        impl = load_impl(name)
-    except ImplLoadError as exc:
-        raise pytest.UsageError(str(exc)) from None
     return {
-        "impl": impl,
+        "impl": request.config.stash[_IMPL],
         "impl_name": name,
         "numerics": request.config.getoption("--dfc-numerics"),
         "variants": tuple(request.config.getoption("--dfc-variants").split(",")),

@@ -46,7 +46,7 @@ VARIANTS = (
         "and poisons every slot of its token, where the mathematics gives 0",
         "reference notes §6 step 1 and 5 [inferred]",
         outputs_of(Numerics(zero_rows="nan")),
-        problems(),
+        problems(values=token_rows(families=st.just("zero_row"))),
     ),
     Variant(
         "19-bit dequant scales",

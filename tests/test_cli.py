@@ -1,0 +1,89 @@
+"""The dfc-oracle command and the pytest gate, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oracle.cli import main
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def in_tests_dir(monkeypatch):
+    monkeypatch.chdir(TESTS)  # broken_impls is importable from here, as a user's module would be
+
+
+def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
+    assert main(["check", "broken_impls:correct", "--max-examples", "15",
+                 "--save-dir", str(tmp_path)]) == 0
+    assert "no counterexample in 15 calls" in capsys.readouterr().out
+    assert main(["check", "broken_impls:probs_ignored", "--max-examples", "30",
+                 "--save-dir", str(tmp_path)]) == 1
+    report = capsys.readouterr().out
+    assert "stage 'out'" in report and "minimal call: EP=1 E=1 top_k=1" in report
+    saved = next(tmp_path.glob("broken_impls.probs_ignored-out-*.npz"))
+    assert f"dfc-oracle replay {saved} --impl broken_impls:probs_ignored" in report
+    # The replay prints the same finding; a fixed implementation conforms on the same file.
+    assert main(["replay", str(saved), "--impl", "broken_impls:probs_ignored"]) == 1
+    replayed = capsys.readouterr().out
+    assert report.split("what failed: ")[1].splitlines()[0] in replayed
+    assert main(["replay", str(saved), "--impl", "broken_impls:correct"]) == 0
+    assert main(["explain", str(saved)]) == 0
+    explained = capsys.readouterr().out
+    assert "configuration: EP=1 E=1 top_k=1" in explained and "routed slots" in explained
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "no_such_module:f"], "cannot import module 'no_such_module'"),
+        (["check", "broken_impls:nope"], "has no attribute 'nope'"),
+        (["check", "broken_impls"], "expected MODULE:FUNCTION"),
+        (["explain", "/nonexistent.npz"], "no such file"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(in_tests_dir, capsys, argv, message) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_is_the_same_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "oracle", "check", "x"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "expected MODULE:FUNCTION" in done.stderr
+
+
+def test_hunt_reports_the_historical_flaws_and_variants(tmp_path, capsys) -> None:
+    assert main(["hunt", "--max-examples", "30", "--save-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "zero-row NaN" in out and "pr5665" in out and "pr6156" in out
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    pytester.makepyfile(test_own="def test_mine():\n    assert True\n")
+    good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
+                                         "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
+                                         "-k", "default_search or routing")
+    good.assert_outcomes(passed=1 + 7)  # the default search and the seven routing families
+    header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
+    header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct numerics=faithful "
+                                 "profile=dfc-ci*"])
+    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
+                                        "-k", "default_search")
+    bad.assert_outcomes(failed=1)
+    bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=1 top_k=1*"])
+    skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
+                                            "--dfc-variants", "w8a8", "-k", "variant")
+    skipped.assert_outcomes(passed=1, skipped=2)
+    missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
+    assert missing.ret != 0
+    missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
