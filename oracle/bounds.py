@@ -319,6 +319,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _B
         e_comb = steps.add("combine", e_comb, rounding)
         out_mag = combine(mag)
         e_out = steps.round("out_cast", out_mag, e_comb, out)
+        # The final cast may overflow the out dtype (fp16: 65504): nothing is promised there.
+        e_out = np.where(out_mag + e_comb >= out.max, np.inf, e_out)
         e64 = steps.add(
             "ideal_float64", np.zeros_like(e_out),
             combine(err64) + F64.gamma(top_k) * combine(mag + err64),

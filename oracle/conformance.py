@@ -69,6 +69,9 @@ def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
         ("per_expert_lists", {"weight_forms": st.just("list")}),
         ("swiglu_clamp", {"swiglu_limits": st.sampled_from((0.5, 2.0))}),
         ("many_ranks", {"ep_sizes": st.sampled_from((16, 31, 32))}),
+        # EP·E = 112, 128, 144 around the 512-byte count-row boundary (§8).
+        ("experts_around_128", {"ep_sizes": st.just(16),
+                                "experts_per_rank": st.sampled_from((8, 7, 9))}),
     ],
 )
 def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:

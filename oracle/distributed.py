@@ -288,6 +288,9 @@ def _ffn_rows(inputs: TorchRankInputs, e: int, rows: torch.Tensor) -> torch.Tens
     amax2 = a.abs().amax(dim=1)
     inv = torch.where(amax2 == 0, 0.0, 127 / amax2)
     q2 = torch.round(a * inv[:, None])  # step 5: ties to even; a zero row stays zero
+    tiny = torch.isinf(inv)  # a degenerate row (oracle.numerics): its scale in float64
+    if bool(tiny.any()):
+        q2[tiny] = torch.round(a[tiny].double() * (127 / amax2[tiny].double())[:, None]).float()
     c2 = _scaled_fp16(_exact_int_matmul(q2, w2), s2)  # step 6
     return (c2 * (amax2 / 127)[:, None]).to(inputs.x.dtype)  # step 7
 

@@ -244,7 +244,11 @@ def check_implementation(
     def conforms(problem: Problem) -> None:
         verdict, outputs = evaluate(impl, problem, numerics=num, timeout=timeout,
                                     inputs=inputs, ulps=ulps)
-        target(min(verdict.ratio, 1e12), label="error / tolerance")
+        if verdict.ratio > 0:
+            # Only a real error is worth climbing: a target of 0 on every example would hand
+            # half the budget to Hypothesis' target phase and starve generation (measured:
+            # 37 of 40 examples were mutations of one).
+            target(min(verdict.ratio, 1e12), label="error / tolerance")
         if verdict.stage == "timeout":
             raise _Hung(problem, verdict)
         if not verdict.ok:

@@ -33,8 +33,8 @@ def test_correct_implementation_conforms() -> None:
         (broken.modulo_mapping, "expert_token_nums", 2, 1, 1),  # g % EP = g // E needs E, EP > 1
         (broken.probs_ignored, "out", 1, 1, 1),
         (broken.crash_on_empty_rank, "call", 1, 0, 1),
-        (broken.returns_none, "ranks", 1, 0, 1),
-        (broken.int64_counts, "structure", 1, 0, 1),
+        (broken.returns_none, "ranks", 1, 1, 1),
+        (broken.int64_counts, "structure", 1, 1, 1),
     ],
 )
 def test_defect_is_found_and_shrunk_to_the_minimal_call(impl, stage, ep, tokens, top_k) -> None:
@@ -57,8 +57,6 @@ def test_wrong_combine_order_is_found_by_the_bitwise_gate() -> None:
     error = find_failure(broken.reverse_combine, strategy, ulps=0)
     assert error.verdict.stage == "out" and "0 ulp of float16" in error.verdict.message
     assert error.problem.config.ep_size <= 2
-    check_implementation(broken.reverse_combine, problems=strategy, settings=FAST,
-                         save_dir=None)  # within the default 1-ulp tolerance: accepted
 
 
 def test_zero_row_nan_is_reported_as_non_finite() -> None:
