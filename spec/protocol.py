@@ -283,7 +283,7 @@ def search_exchange(
     """
     machine = exchange_machine(version=version, tagging=tagging, reset=reset)
     try:
-        run_state_machine_as_test(machine, settings=settings(  # type: ignore[no-untyped-call]
+        run_state_machine_as_test(machine, settings=settings(  # type: ignore[no-untyped-call,unused-ignore]
             derandomize=True, database=None, deadline=None, max_examples=max_examples,
             stateful_step_count=steps, verbosity=Verbosity.quiet, print_blob=False,
             report_multiple_bugs=False, phases=(Phase.generate, Phase.shrink),
