@@ -286,11 +286,15 @@ def _ffn_rows(inputs: TorchRankInputs, e: int, rows: torch.Tensor) -> torch.Tens
         exp_neg = to_tensor(np.exp(-to_numpy(gate)))
     a = gate / (1 + exp_neg) * up  # step 4
     amax2 = a.abs().amax(dim=1)
-    inv = torch.where(amax2 == 0, 0.0, 127 / amax2)
+    # A true division: torch evaluates ``127 / tensor`` as ``reciprocal(tensor) * 127``, two
+    # roundings that are 1 ulp off in some rows (found by the clamp + large-row search).
+    inv = torch.where(amax2 == 0, 0.0, torch.full_like(amax2, 127).div(amax2))
     q2 = torch.round(a * inv[:, None])  # step 5: ties to even; a zero row stays zero
     tiny = torch.isinf(inv)  # a degenerate row (oracle.numerics): its scale in float64
     if bool(tiny.any()):
-        q2[tiny] = torch.round(a[tiny].double() * (127 / amax2[tiny].double())[:, None]).float()
+        amax64 = amax2[tiny].double()
+        scale64 = torch.full_like(amax64, 127).div(amax64)
+        q2[tiny] = torch.round(a[tiny].double() * scale64[:, None]).float()
     c2 = _scaled_fp16(_exact_int_matmul(q2, w2), s2)  # step 6
     return (c2 * (amax2 / 127)[:, None]).to(inputs.x.dtype)  # step 7
 
