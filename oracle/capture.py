@@ -25,6 +25,7 @@ into it (§4 of the reference notes) is fine.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.counterexample import ALLOWED_DTYPES, encode_arrays, read_array
+from oracle.counterexample import ALLOWED_DTYPES, encode_arrays, parse_header, read_array
 from oracle.judge import Verdict, compare
 from oracle.numerics import Numerics
 from oracle.torch import TorchRankInputs, from_torch, output_pair
@@ -178,16 +179,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise _bad(directory, "no such directory", "check the capture directory's path")
     try:
-        manifest = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise _bad(path, "no manifest (rank 0 writes it)",
                    "check that rank 0 called dump") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"a manifest that is not JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _bad(path, "a manifest of another format")
-    if manifest.get("version") != VERSION:
-        raise _bad(path, f"version {manifest.get('version')!r}", "use a matching dfc-oracle")
+    manifest = parse_header(raw, FORMAT, VERSION, functools.partial(_bad, path))
     attrs = manifest.get("attrs")
     if not isinstance(attrs, dict):
         raise _bad(path, "a manifest without attributes")

@@ -10,8 +10,10 @@ so they round-trip exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "Counterexample",
     "encode_arrays",
     "load",
+    "parse_header",
     "read_array",
     "save",
 ]
@@ -108,6 +111,22 @@ def save(
     return path
 
 
+def parse_header(
+    raw: bytes, file_format: str, version: int, bad: Callable[..., SpecError]
+) -> dict[str, Any]:
+    """A JSON manifest of ``file_format`` and ``version``; anything else raises ``bad(given)``
+    or ``bad(given, fix)`` (the caller's error, naming its file)."""
+    try:
+        manifest = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"a manifest that is not JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != file_format:
+        raise bad("a manifest of another format")
+    if manifest.get("version") != version:
+        raise bad(f"version {manifest.get('version')!r}", "use a matching dfc-oracle")
+    return manifest
+
+
 def _read_manifest(path: Path, files: Any) -> dict[str, Any]:
     if "manifest" not in files.files:
         raise _bad(path, "no manifest entry")
@@ -117,14 +136,7 @@ def _read_manifest(path: Path, files: Any) -> dict[str, Any]:
         raise _bad(path, f"a manifest that cannot be read safely ({exc})") from None
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise _bad(path, f"a manifest of {raw.dtype} {raw.shape}")
-    try:
-        manifest = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"a manifest that is not JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _bad(path, "a manifest of another format")
-    if manifest.get("version") != VERSION:
-        raise _bad(path, f"version {manifest.get('version')!r}", "use a matching dfc-oracle")
+    manifest = parse_header(raw.tobytes(), FORMAT, VERSION, functools.partial(_bad, path))
     if not isinstance(manifest.get("arrays"), dict) or not isinstance(manifest.get("config"), dict):
         raise _bad(path, "a manifest without 'arrays' and 'config'")
     return manifest
