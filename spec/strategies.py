@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
+from spec.limits import REAL_MODELS
 from spec.problem import DTYPES, Problem
 from spec.synth import random_problem, uniform_routing
 
 __all__ = [
     "MASK_FAMILIES",
     "PROBS_FAMILIES",
-    "REAL_MODELS",
     "ROUTING_FAMILIES",
     "ROW_FAMILIES",
     "RoutingPlan",
@@ -59,23 +59,6 @@ ROW_FAMILIES = ("normal", "zero_row", "tiny_row", "large_row", "outlier", "ties"
 PROBS_FAMILIES = ("softmax", "ties", "zeros", "negative", "unnormalised")
 MASK_FAMILIES = ("random", "none_active", "all_active", "one_rank_masked")
 CAPACITY_FAMILIES = ("as_drawn", "at_capacity", "one_past")
-
-#: (hidden K, intermediate I, experts EP·E, top_k) of the models in shared/reference/models.md.
-REAL_MODELS: dict[str, tuple[int, int, int, int]] = {
-    "DeepSeek-V3": (7168, 2048, 256, 8),
-    "Kimi-K2": (7168, 2048, 384, 8),
-    "Qwen3-235B-A22B": (4096, 1536, 128, 8),
-    "Qwen3-30B-A3B": (2048, 768, 128, 8),
-    "Qwen3-Coder-480B": (6144, 2560, 160, 8),
-    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4),
-    "GLM-4.5": (5120, 1536, 160, 8),
-    "GLM-4.5-Air": (4096, 1408, 128, 8),
-    "Mixtral-8x7B": (4096, 14336, 8, 2),
-    "gpt-oss-120b": (2880, 2880, 128, 4),
-    "gpt-oss-20b": (2880, 2880, 32, 4),
-    "Llama-4-Scout": (5120, 8192, 16, 1),
-}
-
 
 def _require_strategy(name: str, value: object) -> None:
     if not isinstance(value, st.SearchStrategy):
@@ -174,8 +157,10 @@ def _small_configs(
 
 @st.composite
 def _realistic_configs(draw: Any, *, tokens_per_rank: st.SearchStrategy[int]) -> OpConfig:
-    name = draw(st.sampled_from(sorted(REAL_MODELS)))
-    k_hidden, i_size, experts, top_k = REAL_MODELS[name]
+    model = draw(st.sampled_from(REAL_MODELS))
+    name, k_hidden, i_size, experts, top_k = (
+        model.name, model.hidden, model.intermediate, model.experts, model.top_k
+    )
     ep = draw(st.sampled_from([d for d in range(1, MAX_EP_SIZE + 1) if experts % d == 0]))
     event(f"model: {name}")
     counts = tuple(
@@ -211,9 +196,9 @@ def configs(
     ``top_k`` = 1 / = E / > E, token counts with some, all, or all-but-one ranks empty. EP·E
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
-    strategy. ``sizes="small"`` (default) keeps
-    examples fast; ``sizes="realistic"`` draws the shapes of real models (``REAL_MODELS``) with an
-    EP size that divides their expert count, for long runs.
+    strategy. ``sizes="small"`` (default) keeps examples fast; ``sizes="realistic"`` draws the
+    shapes of real models (``spec.limits.REAL_MODELS``) with an EP size that divides their
+    expert count, for long runs.
 
     >>> configs(ep_sizes=st.just(4)).example().ep_size
     4

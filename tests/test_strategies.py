@@ -14,6 +14,7 @@ from hypothesis.errors import InvalidArgument
 import oracle
 import spec.strategies as strategies_module
 from spec import Problem
+from spec.limits import REAL_MODELS
 from spec.strategies import configs, problems, routings, token_rows
 
 SEARCH = settings(max_examples=400, derandomize=True, database=None, deadline=None)
@@ -117,7 +118,7 @@ def test_families_are_absent_when_the_predicate_is_false() -> None:
 @given(configs(sizes="realistic", tokens_per_rank=st.integers(0, 1)))
 @settings(max_examples=20)
 def test_realistic_sizes_are_real_models(cfg) -> None:
-    shapes = {(k, i, n, t) for k, i, n, t in strategies_module.REAL_MODELS.values()}
+    shapes = {(m.hidden, m.intermediate, m.experts, m.top_k) for m in REAL_MODELS}
     assert (cfg.hidden, cfg.intermediate, cfg.num_experts, cfg.top_k) in shapes
 
 
