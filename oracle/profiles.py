@@ -25,7 +25,7 @@ _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
 def register_profiles() -> None:
     settings.register_profile(
         "dfc-ci", derandomize=True, deadline=None, database=None, print_blob=True,
-        max_examples=40, suppress_health_check=_SLOW_DATA,
+        max_examples=100, suppress_health_check=_SLOW_DATA,
     )
     settings.register_profile(
         "dfc-dev", deadline=None, max_examples=200, suppress_health_check=_SLOW_DATA,
