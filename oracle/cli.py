@@ -152,16 +152,17 @@ def explain(problem: Any, meta: dict[str, Any]) -> str:
 
 
 def _hunt(args: argparse.Namespace) -> int:
+    """Search every historical rule and every variant; print one table row per finding (what,
+    where from, minimal counterexample), then each finding's details and how to rerun it."""
     from oracle.variants import VARIANTS
-
-    found = 0
-    rows = []
     from spec.findings import hunt_rules
 
+    rows: list[tuple[str, str, str]] = []
+    details: list[str] = []
     _err("hunting the operator's historical layout, buffer and protocol rules ...")
     for finding in hunt_rules():
-        rows.append(str(finding))
-        found += 1
+        rows.append((finding.key, finding.source, finding.counterexample))
+        details.append(f"{finding}\n  rerun: {finding.command}")
     for variant in VARIANTS:
         _err(f"hunting variant '{variant.name}' ...")
         try:
@@ -169,15 +170,25 @@ def _hunt(args: argparse.Namespace) -> int:
                                  settings=_settings(args), save_dir=args.save_dir,
                                  impl_name=f"oracle.variants:{variant.name}")
         except ConformanceError as exc:
-            found += 1
-            rows.append(f"{variant.name} ({variant.source}): {variant.what}\n  minimal: "
-                        f"{exc.problem.config.summary()}\n  {exc.verdict.message}\n"
-                        f"  saved: {exc.path}")
+            rows.append((variant.name, variant.source, exc.problem.config.summary()))
+            details.append(f"{variant.name}: {variant.what}\n  {exc.verdict.message}\n"
+                           f"  saved: {exc.path}\n  rerun: dfc-oracle explain {exc.path}")
         else:
-            rows.append(f"{variant.name}: no difference found in the budget")
-    print(f"dfc-oracle hunt: {found} findings\n")
-    print("\n\n".join(rows))
+            details.append(f"{variant.name}: no difference found in the budget")
+    print(f"dfc-oracle hunt: {len(rows)} findings\n")
+    print(_table(("finding", "source", "minimal counterexample"), rows))
+    print("\n" + "\n\n".join(details))
     return EXIT_OK
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int = 72) -> str:
+    """A plain-text table; cells longer than ``width`` are cut with an ellipsis."""
+    cells = [header, *[tuple(c if len(c) <= width else c[: width - 1] + "…" for c in row)
+                       for row in rows]]
+    sizes = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(n) for c, n in zip(row, sizes)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * n for n in sizes))
+    return "\n".join(lines)
 
 
 def _verify(args: argparse.Namespace) -> int:
