@@ -681,4 +681,7 @@ def _check_joined(
         impl.stop()
     finally:
         if created and not hung:  # destroying a group with a hung collective would hang too
+            # Every rank past its last collective before any tears down: a rank that destroys
+            # the group while its peer still uses it aborted at exit under torchrun.
+            dist.barrier()
             dist.destroy_process_group()

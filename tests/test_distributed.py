@@ -177,3 +177,25 @@ def test_a_hung_collective_is_reported_as_a_timeout_naming_the_example(tmp_path:
     assert "did not return" in caught.value.report and "M=" in caught.value.report
     assert _alive(tmp_path) == []  # the hung worker was killed
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(("impl", "expected"), [
+    ("reference", "CONFORMS"),
+    ("return_expert_major", "FOUND EP=2"),
+])
+def test_joined_mode_under_torchrun(impl: str, expected: str) -> None:
+    """The cluster path: torchrun starts the ranks, every rank calls check_distributed, rank 0
+    drives the search; a conforming reference passes, the planted bug is found, and the job
+    exits cleanly (no rank aborts at teardown)."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(here / "torchrun_driver.py"), impl],
+        capture_output=True, text=True, timeout=300, cwd=here,
+        env={**os.environ, "PYTHONPATH": str(here)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout

@@ -1,0 +1,49 @@
+"""A torchrun script, as a user's cluster job would look: every rank calls check_distributed,
+rank 0 drives the search (the "joined" mode of oracle.distributed). Run by test_distributed.py:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 torchrun_driver.py IMPL
+
+Rank 0 prints ``CONFORMS`` or ``FOUND <minimal configuration>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch.distributed as dist
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from oracle import ConformanceError
+from oracle import distributed as D
+from spec.strategies import configs, problems
+
+
+def return_expert_major(inputs, group):  # type: ignore[no-untyped-def]
+    """The planted bug of test_distributed.py: wrong split boundaries on the way back."""
+    plan = D.plan_routes(inputs, group)
+    y = D.expert_ffn(inputs, plan, D.dispatch(inputs, plan, group))
+    back = D.all_to_all_rows(y, send_splits=plan.recv_splits, recv_splits=plan.send_splits,
+                             group=group)
+    return D.combine(inputs, plan, back), plan.expert_token_nums
+
+
+IMPLS = {"reference": D.reference_rank, "return_expert_major": return_expert_major}
+
+if __name__ == "__main__":
+    world = int(os.environ["WORLD_SIZE"])
+    strategy = problems(configs=configs(ep_sizes=st.just(world), weight_dtypes=st.just("int8"),
+                                        experts_per_rank=st.integers(2, 4),
+                                        tokens_per_rank=st.integers(1, 4)))
+    search = settings(derandomize=True, database=None, deadline=None)
+    try:
+        D.check_distributed(IMPLS[sys.argv[1]], world_size=world, problems=strategy,
+                            settings=search, max_examples=20, timeout=60)
+    except ConformanceError as exc:
+        print("FOUND", exc.problem.config.summary(), flush=True)
+    else:
+        if int(os.environ["RANK"]) == 0:
+            print("CONFORMS", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
