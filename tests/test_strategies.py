@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import doctest
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import InvalidArgument
+from hypothesis.errors import InvalidArgument, NonInteractiveExampleWarning
 
 import oracle
 import spec.strategies as strategies_module
@@ -154,5 +155,7 @@ def test_docstring_examples_run() -> None:
     import spec.synth
 
     for module in (strategies_module, spec.config, spec.synth, oracle.reference, oracle.judge):
-        failures, _ = doctest.testmod(module)
+        with warnings.catch_warnings():  # the examples show .example(), meant for the REPL
+            warnings.simplefilter("ignore", NonInteractiveExampleWarning)
+            failures, _ = doctest.testmod(module)
         assert failures == 0, module.__name__
