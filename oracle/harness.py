@@ -25,8 +25,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from oracle.counterexample import save
-from oracle.judge import Verdict, compare
+from oracle.judge import Verdict, compare, structured_outputs
 from oracle.numerics import Numerics, resolve_numerics
+from oracle.reference import route
 from spec import Problem, RankInputs
 
 __all__ = [
@@ -162,7 +163,7 @@ def evaluate(
 def describe_problem(problem: Problem) -> str:
     """The configuration in one line plus the routing matrix (source rank x destination rank)."""
     cfg = problem.config
-    counts = run_counts(problem)
+    counts = route(problem).counts
     per_dest = counts.reshape(cfg.ep_size, cfg.ep_size, cfg.experts_per_rank).sum(axis=2)
     lines = [cfg.summary(), "routed slots, source rank -> {destination rank: slots}:"]
     lines += routing_rows(per_dest)
@@ -178,12 +179,6 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
     if silent:
         lines.append(f"  ranks routing nothing: {silent}")
     return lines
-
-
-def run_counts(problem: Problem) -> np.ndarray:
-    from oracle.reference import route
-
-    return np.asarray(route(problem).counts)
 
 
 def format_report(
@@ -278,9 +273,7 @@ def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
     numerics: Numerics, impl_name: str | None,
 ) -> Path:
-    from oracle.judge import _structure
-
-    checked = _structure(problem, outputs) if outputs is not None else None
+    checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
         "stage": verdict.stage,
         "message": verdict.message,

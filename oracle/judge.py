@@ -32,7 +32,9 @@ from oracle.reference import Result, run
 from spec import DTYPES, Problem
 from spec.errors import describe
 
-__all__ = ["STAGES", "Verdict", "compare", "out_dtype_spacing", "routing_summary"]
+__all__ = [
+    "STAGES", "Verdict", "compare", "out_dtype_spacing", "routing_summary", "structured_outputs",
+]
 
 STAGES = (
     "call", "timeout", "ranks", "structure", "expert_token_nums", "non_finite", "out", "inputs",
@@ -103,7 +105,11 @@ def _fail(stage: str, message: str, rank: int | None = None,
     return Verdict(False, stage, message, ratio, rank, where)
 
 
-def _structure(problem: Problem, outputs: object) -> list[tuple[Array, Array]] | Verdict:
+def structured_outputs(
+    problem: Problem, outputs: object
+) -> list[tuple[Array, Array]] | Verdict:
+    """``outputs`` as one ``(out, expert_token_nums)`` NumPy pair per rank, or the failing
+    :class:`Verdict` of stage ``ranks`` or ``structure`` that says what is wrong with them."""
     cfg = problem.config
     if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
         return _fail("ranks", f"expected a sequence of {cfg.ep_size} per-rank results; "
@@ -160,7 +166,7 @@ def compare(
     """
     num = resolve_numerics(numerics)
     cfg = problem.config
-    checked = _structure(problem, outputs)
+    checked = structured_outputs(problem, outputs)
     if isinstance(checked, Verdict):
         return checked
     expected = expected if expected is not None else run(problem, numerics=num)
