@@ -29,7 +29,7 @@ from hypothesis.errors import InvalidArgument
 from spec.config import MAX_EP_SIZE, OpConfig
 from spec.limits import REAL_MODELS
 from spec.problem import DTYPES, Problem
-from spec.synth import random_problem, uniform_routing
+from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
 __all__ = [
     "MASK_FAMILIES",
@@ -379,9 +379,8 @@ def token_rows(*, families: st.SearchStrategy[str] | None = None) -> st.SearchSt
 
 def _probs(family: str, rng: np.random.Generator, m: int, k: int) -> np.ndarray:
     if family == "softmax":
-        logits = rng.standard_normal((m, k))
-        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    elif family == "ties":
+        return softmax_probs(rng, m, k)
+    if family == "ties":
         p = np.full((m, k), 1.0 / k)
     elif family == "zeros":
         p = np.where(rng.random((m, k)) < 0.5, 0.0, rng.random((m, k)))
@@ -440,8 +439,7 @@ def problems(
     capacity = capacity if cfg.max_output_size is not None else None
     seed = draw(_SEEDS)
     rng = np.random.default_rng(seed)
-    x = [rng.standard_normal((m, cfg.hidden)).astype(DTYPES[cfg.x_dtype])
-         for m in cfg.tokens_per_rank]
+    x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
     rows.plant(cfg, rng, x)
     ids = [plan.expert_ids(cfg, rng, m) for m in cfg.tokens_per_rank]
     probs = [_probs(probs_family, rng, m, cfg.top_k) for m in cfg.tokens_per_rank]

@@ -20,7 +20,7 @@ import numpy as np
 from spec.config import OpConfig
 from spec.problem import DTYPES, Problem, RankInputs
 
-__all__ = ["expert_weights", "random_problem", "uniform_routing"]
+__all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
 
 
 def expert_weights(
@@ -57,6 +57,17 @@ def expert_weights(
     return form(w1), form(w2), form(scales[0]), form(scales[1])
 
 
+def normal_tokens(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
+    """``(tokens, K)`` token rows drawn from N(0, 1), in x's dtype."""
+    return rng.standard_normal((tokens, config.hidden)).astype(DTYPES[config.x_dtype])
+
+
+def softmax_probs(rng: np.random.Generator, tokens: int, top_k: int) -> np.ndarray:
+    """``(tokens, top_k)`` float32 routing weights: the softmax of N(0, 1) logits per token."""
+    logits = rng.standard_normal((tokens, top_k))
+    return np.asarray(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), dtype=np.float32)
+
+
 def uniform_routing(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
     """``(tokens, top_k)`` int32 ids drawn uniformly from all ``EP·E`` experts, distinct per
     token where ``top_k <= EP·E`` (as a real top-k router gives), with repeats otherwise."""
@@ -85,17 +96,12 @@ def random_problem(
     configuration, a random mask.
     """
     rng = np.random.default_rng(seed)
-    x_dtype = DTYPES[config.x_dtype]
     ranks = []
     for r, m in enumerate(config.tokens_per_rank):
         w1, w2, s1, s2 = expert_weights(config, rng)
-        x_r = x[r] if x is not None else rng.standard_normal((m, config.hidden)).astype(x_dtype)
+        x_r = x[r] if x is not None else normal_tokens(config, rng, m)
         idx_r = expert_idx[r] if expert_idx is not None else uniform_routing(config, rng, m)
-        if probs is not None:
-            p_r = probs[r]
-        else:
-            logits = rng.standard_normal((m, config.top_k))
-            p_r = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+        p_r = probs[r] if probs is not None else softmax_probs(rng, m, config.top_k)
         if active_mask is not None:
             mask_r = active_mask[r]
         elif config.masked:
