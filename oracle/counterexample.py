@@ -27,6 +27,7 @@ __all__ = [
     "ALLOWED_DTYPES",
     "FORMAT",
     "Counterexample",
+    "arrays_of",
     "encode_arrays",
     "load",
     "parse_header",
@@ -61,7 +62,11 @@ def _bad(path: Path, what: str, fix: str = "regenerate the file with dfc-oracle"
     )
 
 
-def _arrays_of(problem: Problem, outputs: list[tuple[Array, Array]] | None) -> dict[str, Array]:
+def arrays_of(
+    problem: Problem, outputs: list[tuple[Array, Array]] | None = None
+) -> dict[str, Array]:
+    """Every array of ``problem`` (and ``outputs``) by name: ``r{rank}.{field}`` and
+    ``r{rank}.{list}.{index}`` for TensorList entries, as the file stores them."""
     arrays: dict[str, Array] = {}
     for r, inputs in enumerate(problem.ranks):
         for name in _RANK_FIELDS:
@@ -96,7 +101,7 @@ def save(
     ``meta`` holds JSON-serialisable facts (the report, the implementation, numerics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = _arrays_of(problem, outputs)
+    arrays = arrays_of(problem, outputs)
     stored, specs = encode_arrays(arrays)
     manifest = {
         "format": FORMAT,

@@ -24,7 +24,7 @@ from hypothesis import seed as hseed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from oracle.counterexample import save
+from oracle.counterexample import arrays_of, save
 from oracle.judge import Verdict, compare, structured_outputs
 from oracle.numerics import Numerics, resolve_numerics
 from oracle.reference import route
@@ -95,17 +95,9 @@ def _copy_inputs(problem: Problem) -> Problem:
 
 
 def _changed_inputs(original: Problem, copy: Problem) -> list[str]:
-    changed = []
-    for r, (a, b) in enumerate(zip(original.ranks, copy.ranks)):
-        for name in ("x", "expert_idx", "probs", "active_mask"):
-            va, vb = getattr(a, name), getattr(b, name)
-            if va is not None and not np.array_equal(va, vb):
-                changed.append(f"rank {r} {name}")
-        for name in ("w1", "w2", "scale1", "scale2"):
-            for i, (ta, tb) in enumerate(zip(getattr(a, name) or (), getattr(b, name) or ())):
-                if not np.array_equal(ta, tb):
-                    changed.append(f"rank {r} {name}[{i}]")
-    return changed
+    """The names (``r{rank}.{field}``) of the arrays the implementation changed in its copy."""
+    before, after = arrays_of(original), arrays_of(copy)
+    return [name for name, a in before.items() if not np.array_equal(a, after[name])]
 
 
 def _call(impl: Implementation, problem: Problem, timeout: float) -> tuple[str, object]:
