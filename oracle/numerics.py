@@ -14,9 +14,12 @@ The uncertain points of §6 are the named switches of :class:`Numerics`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from oracle.kernels import KernelProfile
 
 __all__ = [
     "MODES",
@@ -44,9 +47,12 @@ Array = np.ndarray[Any, Any]
 class Numerics:
     """How the reference model computes.
 
-    ``truncate_scales``: use the dequant scales truncated to 19 bits (``bits & 0xFFFFE000``), as
-    the official CANN weight converter stores them [inferred]; default off because vLLM passes
-    the raw float32 bits. ``zero_rows``: see :data:`ZERO_ROW_POLICIES`.
+    ``mode="faithful"`` runs the pipeline of the kernel profile ``kernel`` (a name in
+    :data:`oracle.kernels.PROFILES`, or a :class:`oracle.kernels.KernelProfile`; default
+    ``"ascend-a3"``); ``"ideal"`` the float64 mathematics. ``truncate_scales`` (an ascend-a3
+    switch): use the dequant scales truncated to 19 bits (``bits & 0xFFFFE000``), as the
+    official CANN weight converter stores them [inferred]; default off because vLLM passes the
+    raw float32 bits. ``zero_rows``: see :data:`ZERO_ROW_POLICIES`.
 
     >>> Numerics("ideal").mode
     'ideal'
@@ -55,12 +61,21 @@ class Numerics:
     mode: str = "faithful"
     truncate_scales: bool = False
     zero_rows: str = "zero"
+    kernel: str | KernelProfile = "ascend-a3"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"numerics mode {self.mode!r} is not one of {MODES}")
+        self.profile  # noqa: B018 -- an unknown kernel name fails here, with the known ones
         if self.zero_rows not in ZERO_ROW_POLICIES:
             raise ValueError(f"zero_rows {self.zero_rows!r} is not one of {ZERO_ROW_POLICIES}")
+
+    @property
+    def profile(self) -> KernelProfile:
+        """The kernel profile (for ``"ideal"`` too: it names the stored dtypes)."""
+        from oracle.kernels import get_kernel
+
+        return get_kernel(self.kernel)
 
     def describe(self) -> str:
         extras = []
@@ -68,12 +83,44 @@ class Numerics:
             extras.append("19-bit scales")
         if self.zero_rows != "zero":
             extras.append(f"zero rows -> {self.zero_rows}")
-        return self.mode + (f" ({', '.join(extras)})" if extras else "")
+        name = self.mode if self.mode == "ideal" else f"faithful to {self.profile.name}"
+        return name + (f" ({', '.join(extras)})" if extras else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable, with the whole profile (a counterexample's manifest)."""
+        return {"mode": self.mode, "truncate_scales": self.truncate_scales,
+                "zero_rows": self.zero_rows, "kernel": self.profile.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Numerics:
+        """Inverse of :meth:`to_dict`; older files without a kernel get the default.
+        ``ValueError``/``TypeError`` on anything malformed."""
+        from oracle.kernels import DEFAULT_KERNEL, PROFILES, profile_from_dict
+
+        if not isinstance(data, dict):
+            raise ValueError("numerics must be a JSON object")
+        kernel_data = data.get("kernel", DEFAULT_KERNEL)
+        if isinstance(kernel_data, str):
+            kernel: str | KernelProfile = kernel_data
+        else:
+            kernel = profile_from_dict(kernel_data)
+            known = PROFILES.get(kernel.name)
+            kernel = kernel.name if known == kernel else kernel
+        flags = {k: data[k] for k in ("mode", "truncate_scales", "zero_rows") if k in data}
+        if not all(isinstance(v, bool if k == "truncate_scales" else str)
+                   for k, v in flags.items()):
+            raise ValueError(f"numerics: malformed switches {flags}")
+        return cls(**flags, kernel=kernel)
 
 
 def resolve_numerics(numerics: str | Numerics) -> Numerics:
-    """Accept a mode name or a :class:`Numerics`."""
-    return numerics if isinstance(numerics, Numerics) else Numerics(numerics)
+    """Accept a mode name (``"faithful"``: the default profile; ``"ideal"``), a kernel profile
+    name (``"vllm-triton"``) or a :class:`Numerics`."""
+    if isinstance(numerics, Numerics):
+        return numerics
+    if numerics in MODES:
+        return Numerics(numerics)
+    return Numerics("faithful", kernel=numerics)
 
 
 def round_half_away(v: Array) -> Array:

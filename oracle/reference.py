@@ -17,15 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from oracle.numerics import (
-    F32,
-    Numerics,
-    exact_int_matmul,
-    resolve_numerics,
-    round_half_away,
-    scaled_fp16,
-    truncate_scale_bits,
-)
+from oracle.kernels import Env, _monotone, cast
+from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 
@@ -94,11 +87,15 @@ class Trace:
 @dataclass(frozen=True)
 class RankResult:
     """One rank's outputs. Rows where ``defined`` is False (masked tokens, tokens that lost a
-    slot to truncation) are undefined by the contract; the model writes 0 there."""
+    slot to truncation) are undefined by the contract; the model writes 0 there.
+    ``out_lo``/``out_hi`` (``run(..., envelope=True)``, as float32): the envelope of every
+    ``out`` a kernel of the profile may produce."""
 
     out: Array
     expert_token_nums: Array
     defined: Array
+    out_lo: Array | None = None
+    out_hi: Array | None = None
 
 
 @dataclass(frozen=True)
@@ -158,59 +155,6 @@ def route(problem: Problem) -> Routing:
     return Routing(counts, order, expert_start, expert_kept, slot_kept, receive)
 
 
-def _ffn_w8a8_faithful(
-    q: Array, sigma1: Array, w1: Array, s1: Array, w2: Array, s2: Array,
-    cfg: OpConfig, numerics: Numerics,
-) -> Array:
-    """§6 steps 2–7 for the rows of one expert: quantised tokens ``q`` (integers as float32) with
-    their per-token scales ``sigma1``. Returns float32 holding out-dtype values."""
-    if numerics.truncate_scales:
-        s1, s2 = truncate_scale_bits(s1), truncate_scale_bits(s2)
-    c1 = scaled_fp16(exact_int_matmul(q, w1), s1)
-    h = c1 * sigma1[:, None]
-    i = cfg.intermediate
-    if cfg.swiglu_limit is not None:
-        limit = F32(cfg.swiglu_limit)
-        h = np.minimum(h, limit)
-        h[:, i:] = np.maximum(h[:, i:], -limit)  # the up half only; gate has no lower clamp
-    gate, up = h[:, :i], h[:, i:]
-    with np.errstate(over="ignore"):
-        a = gate / (F32(1) + np.exp(-gate)) * up
-    amax2 = np.abs(a).max(axis=1) if i else np.zeros(a.shape[0], F32)
-    zero = amax2 == 0
-    with np.errstate(divide="ignore", over="ignore"):
-        inv = np.where(zero, F32(0), F32(127) / amax2)
-    # A row with amax2 < 127/FLT_MAX (about 3.7e-37) overflows the float32 scale: the kernel
-    # computes inf·a there; the "zero" policy takes the mathematical value instead.
-    tiny = np.isinf(inv)
-    with np.errstate(invalid="ignore"):
-        q2 = np.rint(a * inv[:, None])  # round half to even (§6 step 5)
-    if tiny.any():
-        scale = 127.0 / amax2[tiny, None].astype(np.float64)
-        q2[tiny] = np.rint(a[tiny].astype(np.float64) * scale)
-    c2 = scaled_fp16(exact_int_matmul(q2, w2), s2)
-    sigma2 = amax2 / F32(127)
-    y = (c2 * sigma2[:, None]).astype(DTYPES[cfg.x_dtype]).astype(F32)
-    if numerics.zero_rows == "nan":
-        y[zero | tiny | (sigma1 == 0)] = np.nan
-    return y
-
-
-def _ffn_float_faithful(x: Array, w1: Array, w2: Array, cfg: OpConfig) -> Array:
-    """The BF16/FP16-weight variant: products exact, float32 accumulation modelled as an exact
-    float64 sum rounded once to float32; the GMM1 output and the SwiGLU result are stored in x's
-    dtype between the GEMMs [inferred: the variant was not analysed in depth]."""
-    dtype = DTYPES[cfg.x_dtype]
-    i = cfg.intermediate
-    acc1 = np.matmul(x.astype(np.float64), w1.astype(np.float64)).astype(F32)
-    h = acc1.astype(dtype).astype(F32)
-    gate, up = h[:, :i], h[:, i:]
-    with np.errstate(over="ignore"):
-        a = (gate / (F32(1) + np.exp(-gate)) * up).astype(dtype).astype(np.float64)
-    acc2 = np.matmul(a, w2.astype(np.float64)).astype(F32)
-    return np.asarray(acc2.astype(dtype).astype(F32))
-
-
 def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
 ) -> Array:
@@ -228,28 +172,24 @@ def _ffn_ideal(
     return np.asarray(a @ w2d)
 
 
-def _quantise_tokens(x: Array) -> tuple[Array, Array]:
-    """§6 step 1 for every token at once: ``σ1 = amax/127``, ``q = round_half_away(x/σ1)``.
-    A zero row gets ``q = 0`` here; the NaN reading is applied per policy by the caller."""
-    xf = x.astype(F32)
-    amax = np.abs(xf).max(axis=1) if xf.shape[1] else np.zeros(xf.shape[0], F32)
-    sigma = amax / F32(127)
-    safe = np.where(sigma == 0, F32(1), sigma)
-    return round_half_away(xf / safe[:, None]), sigma
-
-
-def _combine(y: Array, probs: Array, dtype: Any) -> Array:
-    """§6 step 8: ``acc = y0·p0; acc += yk·pk`` for k = 1…top_k−1, sequentially, in y's dtype
-    (float32 faithful: no fused multiply-add [inferred]; float64 ideal)."""
-    acc = y[:, 0] * probs[:, 0, None].astype(dtype)
+def _combine_ideal(y: Array, probs: Array) -> Array:
+    """§6 step 8 in float64: ``Σ_k y_k·p_k``, sequentially in k order."""
+    acc = y[:, 0] * probs[:, 0, None].astype(np.float64)
     for k in range(1, y.shape[1]):
-        acc = acc + y[:, k] * probs[:, k, None].astype(dtype)
+        acc = acc + y[:, k] * probs[:, k, None].astype(np.float64)
     return np.asarray(acc)
 
 
-def run(problem: Problem, *, numerics: str | Numerics = "faithful") -> Result:
+def run(
+    problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False
+) -> Result:
     """The whole collective call: every rank's ``out``, ``expert_token_nums`` and ``defined``,
     plus the :class:`Trace` of intermediates.
+
+    ``numerics``: ``"faithful"`` (the default kernel profile, ``ascend-a3``), a profile name
+    (``"vllm-triton"``, see :mod:`oracle.kernels`), ``"ideal"``, or a :class:`Numerics`.
+    ``envelope=True`` (faithful only) also computes, per rank, ``out_lo``/``out_hi``: every
+    ``out`` a kernel of the profile may produce, whatever it does with its freedoms.
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -262,13 +202,21 @@ def run(problem: Problem, *, numerics: str | Numerics = "faithful") -> Result:
     cfg = problem.config
     ep, e_local, top_k, k_hidden = cfg.ep_size, cfg.experts_per_rank, cfg.top_k, cfg.hidden
     routing = route(problem)
-    x = _concat([r.x for r in problem.ranks], DTYPES[cfg.x_dtype], (k_hidden,))
-    q, sigma1 = _quantise_tokens(x)
+    x_dtype = DTYPES[cfg.x_dtype]
+    x = _concat([r.x for r in problem.ranks], x_dtype, (k_hidden,))
+    probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
+    slot_p = probs.reshape(-1)
     w8a8 = cfg.weight_dtype == "int8"
     ideal = num.mode == "ideal"
-    y_dtype = np.float64 if ideal else F32
+    env = envelope and not ideal
+    profile = num.profile
+    x_env = Env(x.astype(F32), *((x.astype(F32),) * 2 if env else ()))
+    if w8a8 and not ideal:
+        q, sigma1, _ = profile.quantise(x_env, num.zero_rows)
     total_tokens = x.shape[0]
-    y = np.full((total_tokens * top_k, k_hidden), np.nan, dtype=y_dtype)
+    shape = (total_tokens * top_k, k_hidden)
+    y = np.full(shape, np.nan, dtype=np.float64 if ideal else F32)
+    y_lo, y_hi = (np.full(shape, np.nan, F32), np.full(shape, np.nan, F32)) if env else (y, y)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
@@ -276,30 +224,47 @@ def run(problem: Problem, *, numerics: str | Numerics = "faithful") -> Result:
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
         if ideal:
             y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
-        elif w8a8:
+            continue
+        if w8a8:
             assert s1 is not None and s2 is not None
-            y[slots] = _ffn_w8a8_faithful(q[tok], sigma1[tok], w1, s1, w2, s2, cfg, num)
+            if num.truncate_scales:
+                s1, s2 = truncate_scale_bits(s1), truncate_scale_bits(s2)
+            ys = profile.int8_ffn(q.take(tok), sigma1.take(tok), w1, s1, w2, s2,
+                                  slot_p[slots], cfg, num.zero_rows)
         else:
-            y[slots] = _ffn_float_faithful(x[tok], w1, w2, cfg)
+            ys = profile.float_ffn(x_env.take(tok), w1, w2, slot_p[slots], cfg)
+        y[slots] = ys.mid
+        if env:
+            y_lo[slots], y_hi[slots] = ys.lo, ys.hi
     y3 = y.reshape(total_tokens, top_k, k_hidden)
-    probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
     defined = np.asarray(routing.slot_kept.reshape(total_tokens, top_k).all(axis=1))
-    combined = _combine(y3, probs, y_dtype)
-    out = np.where(defined[:, None], combined, 0).astype(DTYPES[cfg.x_dtype])
+    if ideal:
+        combined = _combine_ideal(y3, probs)
+        out_env = Env(combined)
+    else:
+        y_env = Env(y3, *((y_lo.reshape(y3.shape), y_hi.reshape(y3.shape)) if env else ()))
+        acc = profile.combine(y_env, probs, x_dtype)
+        combined = acc.mid
+        out_env = _monotone(cast(x_dtype), acc)
+    out = np.where(defined[:, None], combined, 0).astype(x_dtype)
     bounds = np.concatenate([[0], np.cumsum(cfg.tokens_per_rank)])
     per_expert = routing.counts.sum(axis=0).reshape(ep, e_local).astype(np.int32)
 
     def split(a: Array) -> tuple[Array, ...]:
         return tuple(a[lo:hi] for lo, hi in pairwise(bounds))
 
+    lows = split(out_env.lo) if out_env.lo is not None else (None,) * ep
+    highs = split(out_env.hi) if out_env.hi is not None else (None,) * ep
     ranks = tuple(
-        RankResult(out=o, expert_token_nums=per_expert[r], defined=d)
-        for r, (o, d) in enumerate(zip(split(out), split(defined)))
+        RankResult(out=o, expert_token_nums=per_expert[r], defined=d, out_lo=lo, out_hi=hi)
+        for r, (o, d, lo, hi) in enumerate(zip(split(out), split(defined), lows, highs))
     )
+    sigma_trace = (sigma1.mid if w8a8 and not ideal
+                   else np.abs(x.astype(F32)).max(axis=1, initial=0) / F32(127))
     trace = Trace(
         counts=routing.counts,
         receive=routing.receive,
-        token_scale=split(sigma1),
+        token_scale=split(sigma_trace),
         y=split(y3),
         combined=split(combined),
     )

@@ -15,7 +15,7 @@ template, so a caller can list them all or raise the first.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from spec.config import OpConfig
 from spec.errors import ConfigError
@@ -23,18 +23,22 @@ from spec.layout import COUNT_REGION_BYTES, count_row_stride
 
 __all__ = [
     "A2_W8A8",
+    "A3_DOMAIN",
     "A3_W8A8",
+    "CONTRACT_DOMAIN",
     "MAX_HIDDEN_A3",
     "MC2_V1_A2",
     "MC2_V1_A3",
     "MC2_V2_A3",
     "PROFILES",
     "REAL_MODELS",
+    "VLLM_DOMAIN",
     "Limit",
     "LimitViolation",
     "ModelShape",
     "Profile",
     "Shape",
+    "ShapeDomain",
     "check_supported",
     "models_hitting",
 ]
@@ -242,6 +246,104 @@ ep32' (PR #5156: 16)). Fix: use ep_size in 1..32
         )
         found.append(LimitViolation(limit, value, error))
     return found
+
+
+@dataclass(frozen=True)
+class ShapeDomain:
+    """The calls one kernel can run: the shapes of its platform profile (``limits``, a name in
+    :data:`PROFILES`) and the features it implements. A kernel profile carries one, and the
+    strategies generate inside it, so every counterexample is runnable on that kernel.
+
+    :meth:`fit` maps any configuration to one inside the domain by the smallest change of
+    each field (hidden rounded up to the multiple, E raised to the minimum, I lowered to
+    ``hidden/2`` where ``N <= K``, EP capped, features dropped). It is a deterministic map, so
+    Hypothesis still shrinks through it.
+    """
+
+    name: str
+    hidden_multiple: int = 1
+    max_hidden: int | None = None
+    min_experts_per_rank: int = 1
+    n_at_most_hidden: bool = False
+    max_ep: int | None = None
+    truncation: bool = True
+    masks: bool = True
+    clamp: bool = True
+    limits: str | None = None
+    sources: str = ""
+
+    def describe(self) -> str:
+        parts = [self.name]
+        if self.hidden_multiple > 1:
+            parts.append(f"K % {self.hidden_multiple} == 0")
+        if self.max_hidden is not None:
+            parts.append(f"K <= {self.max_hidden}")
+        if self.min_experts_per_rank > 1:
+            parts.append(f"E >= {self.min_experts_per_rank}")
+        if self.n_at_most_hidden:
+            parts.append("N <= K")
+        if self.max_ep is not None:
+            parts.append(f"EP <= {self.max_ep}")
+        parts += [f"no {f}" for f, on in (("truncation", self.truncation), ("masks", self.masks),
+                                          ("clamp", self.clamp)) if not on]
+        return ", ".join(parts) + (f" ({self.sources})" if self.sources else "")
+
+    def violations(self, config: OpConfig) -> list[str]:
+        """What puts ``config`` outside the domain, one phrase each (empty: inside)."""
+        found = []
+        k, e, i = config.hidden, config.experts_per_rank, config.intermediate
+        if k % self.hidden_multiple:
+            found.append(f"hidden {k} is not a multiple of {self.hidden_multiple}")
+        if self.max_hidden is not None and k > self.max_hidden:
+            found.append(f"hidden {k} > {self.max_hidden}")
+        if e < self.min_experts_per_rank:
+            found.append(f"experts_per_rank {e} < {self.min_experts_per_rank}")
+        if self.n_at_most_hidden and 2 * i > k:
+            found.append(f"N = {2 * i} > hidden {k}")
+        if self.max_ep is not None and config.ep_size > self.max_ep:
+            found.append(f"ep_size {config.ep_size} > {self.max_ep}")
+        if not self.truncation and config.max_output_size is not None:
+            found.append("max_output_size given (the kernel has no receive buffer)")
+        if not self.masks and config.masked:
+            found.append("active_mask given")
+        if not self.clamp and config.swiglu_limit is not None:
+            found.append("swiglu_limit given")
+        if self.limits is not None:
+            found += [str(v.error) for v in check_supported(config, PROFILES[self.limits])]
+        return found
+
+    def fit(self, config: OpConfig) -> OpConfig:
+        """The configuration inside the domain nearest to ``config`` (see the class doc)."""
+        k = -(-config.hidden // self.hidden_multiple) * self.hidden_multiple
+        if self.max_hidden is not None and k > self.max_hidden:
+            k = self.max_hidden // self.hidden_multiple * self.hidden_multiple
+        i = min(config.intermediate, k // 2) if self.n_at_most_hidden else config.intermediate
+        ep = config.ep_size if self.max_ep is None else min(config.ep_size, self.max_ep)
+        e = max(config.experts_per_rank, self.min_experts_per_rank)
+        return replace(
+            config, hidden=k, intermediate=max(i, 1), ep_size=ep, experts_per_rank=e,
+            tokens_per_rank=config.tokens_per_rank[len(config.tokens_per_rank) - ep:],
+            weight_form=config.weight_form if e > 1 else "stacked",
+            max_output_size=config.max_output_size if self.truncation else None,
+            masked=config.masked and self.masks,
+            swiglu_limit=config.swiglu_limit if self.clamp else None,
+        )
+
+
+#: The whole contract: every call :class:`spec.Problem` accepts.
+CONTRACT_DOMAIN = ShapeDomain("contract")
+#: The A3 kernel's shapes (§9): K a multiple of 32 and at most ~9000, E >= 2, N <= K, EP <= 32,
+#: and every limit of :data:`A3_W8A8`.
+A3_DOMAIN = ShapeDomain(
+    "a3", hidden_multiple=32, max_hidden=MAX_HIDDEN_A3, min_experts_per_rank=2,
+    n_at_most_hidden=True, max_ep=32, limits="a3-w8a8",
+    sources="dispatch_ffn_combine.md §9; PR #5787, PR #9528 [inferred]",
+)
+#: vLLM's fused_moe has no receive buffer (no truncation) and no SwiGLU clamp; masked tokens
+#: route nowhere (kernels.md, last row).
+VLLM_DOMAIN = ShapeDomain(
+    "vllm", truncation=False, clamp=False, sources="kernels.md [code]",
+)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
-from spec.limits import REAL_MODELS
+from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
 from spec.problem import DTYPES, Problem
 from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
@@ -106,6 +106,7 @@ def _small_configs(
     truncation: st.SearchStrategy[bool],
     swiglu_limits: st.SearchStrategy[float | None],
     edges: frozenset[str],
+    domain: ShapeDomain,
 ) -> OpConfig:
     # Every choice is drawn whether or not it is used, so that shrinking one choice (a family,
     # an EP size) never shifts the meaning of the choices after it. EP·E around 128 (the
@@ -151,13 +152,21 @@ def _small_configs(
         max_output_size=cap if truncate else None, swiglu_limit=limit if w8a8 else None,
         masked=is_masked and w8a8,
     )
+    cfg = domain.fit(cfg)
     event(f"variant: {cfg.variant}, form: {form}")
     return cfg
 
 
 @st.composite
-def _realistic_configs(draw: Any, *, tokens_per_rank: st.SearchStrategy[int]) -> OpConfig:
-    model = draw(st.sampled_from(REAL_MODELS))
+def _realistic_configs(
+    draw: Any, *, tokens_per_rank: st.SearchStrategy[int], domain: ShapeDomain
+) -> OpConfig:
+    models = [m for m in REAL_MODELS if not domain.violations(OpConfig(
+        ep_size=1, experts_per_rank=m.experts, top_k=m.top_k, hidden=m.hidden,
+        intermediate=m.intermediate, tokens_per_rank=(1,)))]
+    if not models:
+        raise InvalidArgument(f"no real model's shape lies in the domain {domain.describe()}")
+    model = draw(st.sampled_from(models))
     name, k_hidden, i_size, experts, top_k = (
         model.name, model.hidden, model.intermediate, model.experts, model.top_k
     )
@@ -166,11 +175,11 @@ def _realistic_configs(draw: Any, *, tokens_per_rank: st.SearchStrategy[int]) ->
     counts = tuple(
         _draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20) for _ in range(ep)
     )
-    return OpConfig(
+    return domain.fit(OpConfig(
         ep_size=ep, experts_per_rank=experts // ep, top_k=top_k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=counts,
         weight_form=draw(st.sampled_from(("stacked", "list"))) if experts > ep else "stacked",
-    )
+    ))
 
 
 def configs(
@@ -188,6 +197,7 @@ def configs(
     truncation: st.SearchStrategy[bool] | None = None,
     swiglu_limits: st.SearchStrategy[float | None] | None = None,
     sizes: str = "small",
+    domain: ShapeDomain | None = None,
 ) -> st.SearchStrategy[OpConfig]:
     """Valid :class:`spec.OpConfig` values; every draw satisfies ``OpConfig``'s validation.
 
@@ -198,7 +208,9 @@ def configs(
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
     strategy. ``sizes="small"`` (default) keeps examples fast; ``sizes="realistic"`` draws the
     shapes of real models (``spec.limits.REAL_MODELS``) with an EP size that divides their
-    expert count, for long runs.
+    expert count, for long runs. ``domain`` (a :class:`spec.limits.ShapeDomain`, e.g. a kernel
+    profile's) keeps every draw runnable on that kernel: each drawn configuration is mapped
+    into it by :meth:`ShapeDomain.fit` (default: the whole contract).
 
     >>> configs(ep_sizes=st.just(4)).example().ep_size
     4
@@ -222,7 +234,7 @@ def configs(
                 f"sizes='realistic' draws real models' shapes; drop {', '.join(fixed)} or use "
                 "sizes='small'"
             )
-        return _realistic_configs(tokens_per_rank=tokens)
+        return _realistic_configs(tokens_per_rank=tokens, domain=domain or CONTRACT_DOMAIN)
     if sizes != "small":
         raise InvalidArgument(f"sizes={sizes!r} must be 'small' or 'realistic'")
     edges = frozenset(
@@ -235,6 +247,7 @@ def configs(
     )
     return _small_configs(
         edges=edges,
+        domain=domain or CONTRACT_DOMAIN,
         # sampled_from shrinks by index, one step at a time; a one_of of ranges would need two
         # simultaneous changes to go from a large value back into the small range.
         ep_sizes=_or(ep_sizes, st.sampled_from((1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 31, 32))),

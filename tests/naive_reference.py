@@ -170,12 +170,31 @@ def _exact_dot_f32(v: Array, w: Array) -> Array:
     return np.array([math.fsum(v * w[:, n]) for n in range(w.shape[1])], dtype=F32)
 
 
+def _cast_ties_away(values: Array, out: Any) -> Array:
+    """Round each float32 value to ``out`` (bfloat16 / float16), ties away from zero: take the
+    nearest-even candidate and its neighbour on the other side of the value (one step of the
+    16-bit pattern, sign-magnitude), and pick the farther from zero on an exact tie."""
+    result = []
+    for v in values.astype(np.float64):
+        near = np.array(v).astype(out)
+        if not math.isfinite(v) or float(near) == v:
+            result.append(float(near))
+            continue
+        bits = int(near.view(np.uint16))
+        step = 1 if abs(v) > abs(float(near)) else -1  # towards v, in magnitude
+        other = float(np.array(bits + step, dtype=np.uint16).view(out))
+        tie = abs(v - float(near)) == abs(other - v)
+        result.append(other if tie and abs(other) > abs(float(near)) else float(near))
+    return np.array(result, dtype=F32)
+
+
 def _ffn_float(x: Array, ex: _Expert, out: Any) -> Array:
-    """The BF16/FP16-weight variant as ``oracle/reference.py`` documents it: exact products,
-    float32 accumulation of the exact sum, GMM1 output and SwiGLU result stored in x's dtype."""
+    """The BF16/FP16-weight variant of the ``ascend-a3`` profile (variants.md): exact products,
+    float32 accumulation of the exact sum, GMM1 output stored in x's dtype, the SwiGLU result
+    cast to x's dtype with ties away from zero."""
     i = ex.w2_f64.shape[0]
     h = _exact_dot_f32(x.astype(np.float64), ex.w1_f64).astype(out).astype(F32)
-    a = _swiglu_f32(h, i).astype(out).astype(np.float64)
+    a = _cast_ties_away(_swiglu_f32(h, i), out).astype(np.float64)
     return np.asarray(_exact_dot_f32(a, ex.w2_f64).astype(out).astype(F32))
 
 

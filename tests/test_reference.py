@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import ml_dtypes
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 from naive_reference import naive_run
 
 import oracle
+import oracle.kernels as kernels
 import oracle.reference as reference
 from oracle import Numerics
 from oracle.bounds import SILU_LIPSCHITZ, TERMS, ideal_tolerance, quantisation_error_bound
@@ -120,13 +122,15 @@ def _active(inputs: RankInputs) -> Array:
 # The naive model agrees with the vectorised one
 
 
-def check_agreement(problem: Problem, numerics: str | Numerics = "faithful") -> None:
+def check_agreement(
+    problem: Problem, numerics: str | Numerics = "faithful", naive: Numerics | None = None
+) -> None:
     """``oracle.run`` and ``naive_run``: counts, receive layouts, expert_token_nums, defined rows
     and token scales exactly; faithful ``out``, ``y`` and the combine accumulator bitwise; ideal
     ``out`` within 1 ulp and ``y``, ``combined`` within 1e-12 relative."""
     num = numerics if isinstance(numerics, Numerics) else Numerics(numerics)
     got = oracle.run(problem, numerics=num)
-    want = naive_run(problem, num)
+    want = naive_run(problem, naive or num)
     assert np.array_equal(got.trace.counts, want.counts), "count matrix cnt[s][g] differs"
     for d, (layout, buffer) in enumerate(zip(got.trace.receive, want.receive)):
         assert _layout_rows(layout) == buffer.rows, f"rank {d}: receive layout differs"
@@ -213,6 +217,23 @@ def _coverage() -> Iterator[tuple[str, Problem]]:
                    max_output_size=5, swiglu_limit=7.0, tokens_per_rank=(4, 3), **base)
     yield "fp16 x, mask, truncation, zero+tie rows", random_problem(
         cfg, seed=7, x=_special_rows(cfg, 7))
+    yield "bf16 weights with ties", _bf16_swiglu_ties()
+
+
+def _bf16_swiglu_ties() -> Problem:
+    """BF16 weights whose SwiGLU products are exact ties of the bf16 cast: x = e0 makes
+    gate = 29 (silu(29) = 29 in float32: 1 + e^-29 rounds to 1) and up = 9, so a = 261, halfway
+    between 260 and 262; ties to even give 260, ties away (variants.md) 262."""
+    bf16 = DTYPES["bfloat16"]
+    x = np.zeros((2, 16), bf16)
+    x[:, 0] = 1
+    w1 = np.zeros((2, 16, 16), np.float32)
+    w1[:, 0, :8], w1[:, 0, 8:] = 29, 9
+    w2 = np.full((2, 8, 16), 2.0**-10, np.float32)
+    w2[:, 0, :] = 1
+    ranks = [RankInputs(x, np.array([[0, 1], [1, 0]], np.int32), np.full((2, 2), 0.5, np.float32),
+                        [w1.astype(bf16)], [w2.astype(bf16)])]
+    return Problem(ranks)
 
 
 COVERAGE = dict(_coverage())
@@ -239,24 +260,27 @@ def _descending_ties(original: Any) -> Any:
     return Patched()
 
 
-def _reverse_combine(y: Array, probs: Array, dtype: Any) -> Array:
-    acc = y[:, -1] * probs[:, -1, None].astype(dtype)
-    for k in range(y.shape[1] - 2, -1, -1):
-        acc = acc + y[:, k] * probs[:, k, None].astype(dtype)
-    return np.asarray(acc)
+class _ReversedCombine(kernels.Combine):
+    """The combine summed in reverse k order: one step class, as a new profile would add."""
+
+    def __call__(self, y: kernels.Env, probs: Array, x_dtype: Any) -> kernels.Env:
+        flipped = kernels.Env(y.mid[:, ::-1])
+        return super().__call__(flipped, probs[:, ::-1], x_dtype)
 
 
 def _float32_ideal(original: Callable[..., Array]) -> Callable[..., Array]:
     return lambda *args: original(*args).astype(np.float32).astype(np.float64)
 
 
-#: (attribute of oracle.reference, replacement factory, numerics): one realistic defect each.
-REFERENCE_MUTANTS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
-    "step 1 rounds half to even": (
-        "round_half_away", lambda _: lambda v: np.rint(v).astype(np.float32), "faithful"),
-    "no fp16 intermediate": (
-        "scaled_fp16", lambda _: lambda acc, s: acc.astype(np.float32) * s, "faithful"),
-    "combine in reverse k order": ("_combine", lambda _: _reverse_combine, "faithful"),
+_A3 = kernels.ASCEND_A3
+#: A realistic defect each: a mutated kernel profile run where the naive model runs ascend-a3,
+#: or (attribute of oracle.reference, replacement factory, numerics) patched into the model.
+REFERENCE_MUTANTS: dict[str, kernels.KernelProfile | tuple[str, Callable[[Any], Any], str]] = {
+    "step 1 rounds half to even": replace(_A3, quantise=replace(_A3.quantise, ties="even")),
+    "no fp16 intermediate": replace(_A3, gemm1=replace(_A3.gemm1, epilogue=("col", "row"))),
+    "combine in reverse k order": replace(_A3, combine=_ReversedCombine()),
+    "bf16 swiglu cast ties to even": replace(
+        _A3, float_swiglu=replace(_A3.float_swiglu, store="x")),
     "dispatch sort not stable": ("np", _descending_ties, "faithful"),
     "ideal mode in float32": ("_ffn_ideal", _float32_ideal, "ideal"),
 }
@@ -266,8 +290,16 @@ REFERENCE_MUTANTS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
 def test_agreement_check_catches_reference_mutants(
     mutant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    attribute, replacement, numerics = REFERENCE_MUTANTS[mutant]
+    entry = REFERENCE_MUTANTS[mutant]
     problem = COVERAGE["EP3 E8 duplicates clamp zero+tie rows"]
+    if isinstance(entry, kernels.KernelProfile):
+        if "bf16" in mutant:
+            problem = COVERAGE["bf16 weights with ties"]
+        check_agreement(problem, "faithful")
+        with pytest.raises(AssertionError):
+            check_agreement(problem, Numerics(kernel=entry), naive=Numerics())
+        return
+    attribute, replacement, numerics = entry
     check_agreement(problem, numerics)
     monkeypatch.setattr(reference, attribute, replacement(getattr(reference, attribute)))
     with pytest.raises(AssertionError):
@@ -561,17 +593,17 @@ def test_determinism_check_catches_a_buffer_not_reset(monkeypatch: pytest.Monkey
     problem = COVERAGE["EP1 E1 top_k1"]
     check_deterministic(problem, "faithful")
     buffers: dict[tuple[int, ...], Array] = {}
-    original = reference._combine
 
-    def stale_combine(y: Array, probs: Array, dtype: Any) -> Array:
-        acc = original(y, probs, dtype)
-        buffer = buffers.setdefault(acc.shape, np.zeros_like(acc))
-        buffer += acc
-        return buffer.copy()
+    class StaleCombine(kernels.Combine):
+        def __call__(self, y: kernels.Env, probs: Array, x_dtype: Any) -> kernels.Env:
+            acc = super().__call__(y, probs, x_dtype).mid
+            buffer = buffers.setdefault(acc.shape, np.zeros_like(acc))
+            buffer += acc
+            return kernels.Env(buffer.copy())
 
-    monkeypatch.setattr(reference, "_combine", stale_combine)
+    stale = Numerics(kernel=replace(kernels.ASCEND_A3, combine=StaleCombine()))
     with pytest.raises(AssertionError):
-        check_deterministic(problem, "faithful")
+        check_deterministic(problem, stale)
 
 
 def _caller_copy(problem: Problem) -> Problem:

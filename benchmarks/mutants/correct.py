@@ -68,6 +68,22 @@ def int_matmul(q: np.ndarray, w: np.ndarray) -> np.ndarray:
     return acc
 
 
+def cast_half_away(v: np.ndarray, dtype: Any) -> np.ndarray:
+    """Cast float32 values to a 16-bit float type rounding ties away from zero (the Ascend
+    BF16 kernel's SwiGLU cast, ``CAST_ROUND``, variants.md): round to even, then, where the
+    value lay exactly halfway and even went towards zero, take the neighbour away from zero.
+
+    >>> cast_half_away(np.array([261.0, -261.0, 259.0], np.float32), np.float16).tolist()
+    [261.0, -261.0, 259.0]
+    """
+    near = v.astype(dtype)
+    away = (near.view(np.uint16) + np.uint16(1)).view(dtype)  # sign-magnitude: one step out
+    gap = np.abs(away.astype(np.float64) - near.astype(np.float64))
+    tie = (np.abs(v.astype(np.float64) - near.astype(np.float64)) * 2 == gap) & (
+        np.abs(v.astype(np.float64)) > np.abs(near.astype(np.float64)))
+    return np.asarray(np.where(tie, away, near))
+
+
 def round_half_even(v: np.ndarray) -> np.ndarray:
     """Round to integers, ties to even (§6 step 5)."""
     return np.asarray(np.rint(v))
@@ -214,11 +230,12 @@ class DispatchFfnCombine:
     def ffn_float(
         self, x: np.ndarray, weights: tuple[Any, ...], out_dtype: np.dtype[Any]
     ) -> np.ndarray:
-        """BF16/FP16 weights: float32 GEMMs and SwiGLU, intermediates stored in the weight dtype
-        [inferred]."""
+        """BF16/FP16 weights (variants.md): float32 GEMMs and SwiGLU, intermediates stored in
+        the weight dtype, the SwiGLU result cast with ties away from zero."""
         w1, w2, _, _ = weights
         h = (x.astype(np.float64) @ w1.astype(np.float64)).astype(F32)
-        a = self.swiglu(*self.gate_up(h.astype(out_dtype).astype(F32))).astype(out_dtype)
+        a = cast_half_away(self.swiglu(*self.gate_up(h.astype(out_dtype).astype(F32))),
+                           out_dtype)
         acc2 = np.asarray(a.astype(np.float64) @ w2.astype(np.float64))
         return acc2.astype(F32).astype(out_dtype)
 
