@@ -28,8 +28,9 @@ Step 2–3 (``"gemm1"``). ``acc1 = q·W1`` is exact; ``h = fl32(fl16(fl32(fl32(a
 With ``V = |h*| + ε1·B1`` bounding ``|σ1·acc1·s1|``, the four roundings add
 ``u32·V`` (the int-to-float32 conversion of an integer: no underflow), then ``u32``, ``u16`` and
 ``u32`` steps on ``V`` (underflow terms of the scaled steps carry the factor ``σ1``). So
-``|h − h*| <= E_h := ε1·B1 + (rounding chain)``. If ``127·colsum(B1)(1+u32)²`` reaches the
-float16 maximum the fp16 intermediate may overflow and the bound is ``inf``.
+``|h − h*| <= E_h := ε1·B1 + (rounding chain)``. The fp16 intermediate is ``acc1·s1``, at
+most ``127·V/amax`` (``σ1 >= amax(1 − u32)/127``) and at most ``127·colsum(B1)``; only where
+that reaches the float16 maximum may it overflow, and the row's bound is ``inf``.
 ``"scale_truncation"`` (``truncate_scales=True`` only): the faithful model chops ``s1`` to 19
 bits, 11 significant bits, a relative error below ``2^(1−11) = 2^-10``; the ideal keeps ``s1``.
 
@@ -48,8 +49,9 @@ the computed ``a`` is ``±0``: relative error 1 there.
 
 Step 5 (``"requantisation"``). ``σ2 = fl(amax2/127)``, ``q2 = rint(fl(a·fl(127/amax2)))``:
 ``σ2·fl(a·inv) = a(1+δ)³`` (+ underflow), so ``|a − σ2 q2| <= σ2/2 + |a|·((1+u32)³ − 1)``,
-with ``σ2 <= max|a|(1+u32)/127``. If ``amax2`` can be positive but below ``127/max32``, then
-``127/amax2`` overflows and the row is garbage: bound ``inf``.
+with ``σ2 <= max|a|(1+u32)/127``. ``σ2`` may be subnormal: ``127·η32`` more. Where
+``127/amax2`` overflows float32 the model (``zero_rows="zero"``) requantises in float64, with
+the same error: no infinite bound.
 
 Steps 6–7 (``"gemm2"``, ``"y_cast"``). As steps 2–3 with ``V2 = |y*| + (E_a + E_req)·B2``, and
 the final rounding of ``y`` to the out dtype.
@@ -69,6 +71,13 @@ the rounding of ``a`` to x's dtype.
 
 The bound is for the default ``zero_rows="zero"`` policy. Undefined rows (masked tokens, tokens
 that lost a slot to truncation) get ``inf``: nothing is promised there.
+
+Evaluation. The magnitudes ``|h*|``, ``|a*|``, ``|y*|`` are evaluated on float32 BLAS (x, int8
+and 16-bit weights are exact in float32; the scales are applied in float64), with the float32
+GEMM's own error ``γ_n·Σ|terms|`` carried as a never-omitted error on the magnitudes; every
+product with ``B1``/``B2`` is an upper bound: nonnegative rows rounded up to float32, the sum
+divided by ``1 − γ_n`` (``γ_n``-relative for sums of nonnegative terms, Higham §3.1), plus
+``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product.
 
 It is a worst case (absolute values everywhere): on generated problems the actual error is
 typically 3–20 % of the bound, and up to about 60 % where one final rounding dominates.
@@ -205,6 +214,42 @@ class _SlotBound:
     err64: Array
 
 
+def _upper32(v: Array) -> Array:
+    """``v`` (float64, >= 0) rounded up to float32: every element ``>= v``."""
+    with np.errstate(over="ignore"):
+        v32 = v.astype(np.float32)
+        return np.asarray(np.where(v32 < v, np.nextafter(v32, np.float32(np.inf)), v32))
+
+
+def _abs_product(rows: Array, w_abs: Array, scale: Array | None) -> Array:
+    """An upper bound on ``rows @ (w_abs·diag(scale))`` for nonnegative ``rows`` (float64) and
+    ``w_abs`` (float32 holding ``|W|``), computed on float32 BLAS: the rows rounded up to
+    float32, the sum of ``n`` nonnegative products within ``γ_n`` relative of its exact value
+    (Higham §3.1: ``exact <= fl/(1 − γ_n)``) plus ``n·η32`` for products that underflow, the
+    scale applied in float64 (two roundings: ``(1 + u64)²``)."""
+    n = rows.shape[1]
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = (_upper32(rows) @ w_abs).astype(np.float64) / (1 - F32.gamma(n)) + n * F32.tiny
+    if scale is None:
+        return np.asarray(p)
+    return np.asarray(p * scale.astype(np.float64) * (1 + F64.unit) ** 2)
+
+
+def _signed_product(rows: Array, w: Array, scale: Array | None) -> Array:
+    """``rows @ (w·diag(scale))`` on float32 BLAS for float32-exact ``rows`` and ``w``, within
+    :func:`_signed_error` of the exact product."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = (rows.astype(np.float32) @ w).astype(np.float64)
+    return p if scale is None else np.asarray(p * scale.astype(np.float64))
+
+
+def _signed_error(n: int, abs_bound: Array, scale: Array | None) -> Array:
+    """The error of :func:`_signed_product`: ``γ_n`` of the float32 sum (the float64 scaling
+    of a float32 value is exact), plus the underflow of ``n`` products."""
+    s = 1.0 if scale is None else scale.astype(np.float64)
+    return np.asarray(F32.gamma(n) * abs_bound + n * F32.tiny * s)
+
+
 def _expert_bound(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
     cfg: OpConfig, steps: _Steps, truncate: bool,
@@ -212,16 +257,28 @@ def _expert_bound(
     """The per-slot bounds of one expert's rows (§6 steps 1–7)."""
     i, k_len = cfg.intermediate, cfg.hidden
     out = _Format.of(DTYPES[cfg.x_dtype])
+    exact = _Steps(())  # the error of our own evaluation is never omitted
     x64 = x.astype(np.float64)
     ax = np.abs(x64)
-    w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
-    w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
-    b1, b2 = np.abs(w1d), np.abs(w2d)
+    w1f, w2f = w1.astype(np.float32), w2.astype(np.float32)  # int8 and 16-bit: exact
+    a1, a2 = np.abs(w1f), np.abs(w2f)
+    int8 = cfg.weight_dtype == "int8"
+    rows = x.shape[0]
 
-    # The ideal pipeline in float64 and its own distance to the exact values.
-    h = x64 @ w1d
-    e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * (ax @ b1))
-    h_mag = np.abs(h) + e64_h  # >= |h*| (before the clamp)
+    # |x|·B1 and (int8) the activation error through B1, in one float32 product.
+    if int8:
+        amax = ax.max(axis=1, keepdims=True, initial=0.0)
+        act_in = _activation_error(ax, amax)
+        both = _abs_product(np.concatenate([ax, act_in]), a1, s1)
+        ax_b1, act = both[:rows], both[rows:]
+    else:
+        ax_b1 = _abs_product(ax, a1, s1)
+    # h as we evaluate it (float32 products, float64 scaling): within e_c of the exact h*;
+    # the float64 ideal that the judge holds is within e64 of h*.
+    h = _signed_product(x, w1f, s1)
+    e_c_h = _signed_error(k_len, ax_b1, s1)
+    e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
+    h_mag = np.abs(h) + e_c_h  # >= |h*| (before the clamp)
     if cfg.swiglu_limit is not None:
         h = np.minimum(h, cfg.swiglu_limit)
         h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
@@ -229,56 +286,73 @@ def _expert_bound(
     with np.errstate(over="ignore"):
         silu = g / (1.0 + np.exp(-g))
     a = silu * u
-    silu_mag = np.abs(silu) + SILU_LIPSCHITZ * e64_h[:, :i]
-    up_mag = np.abs(u) + e64_h[:, i:]
-    e64_a = _swiglu_error(
-        steps, silu_mag, up_mag, e64_h[:, :i], e64_h[:, i:], np.abs(g) + e64_h[:, :i],
-        F64, EXP_ULPS64, "ideal_float64",
-    )
-    a_mag = np.abs(a) + e64_a
-    y = a @ w2d
-    e64_y = steps.add("ideal_float64", e64_a @ b2, F64.gamma(i) * ((np.abs(a) + e64_a) @ b2))
-    y_mag = np.abs(y) + e64_y
+    silu_mag = np.abs(silu) + SILU_LIPSCHITZ * e_c_h[:, :i]
+    up_mag = np.abs(u) + e_c_h[:, i:]
+    gate_hi = np.abs(g) + e_c_h[:, :i]
+    e_c_a = _swiglu_error(exact, silu_mag, up_mag, e_c_h[:, :i], e_c_h[:, i:], gate_hi, F64,
+                          EXP_ULPS64, "ideal_float64")
+    e64_a = _swiglu_error(steps, silu_mag, up_mag, e64_h[:, :i], e64_h[:, i:], gate_hi, F64,
+                          EXP_ULPS64, "ideal_float64")
+    a_mag = np.abs(a) + e_c_a  # >= |a*|
 
-    overflow1 = np.zeros(x.shape[0], dtype=bool)
-    overflow2 = np.zeros(x.shape[0], dtype=bool)
-    if cfg.weight_dtype == "int8":
-        amax = ax.max(axis=1, keepdims=True, initial=0.0)
+    overflow = np.zeros(rows, dtype=bool)
+    c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
+    if int8:
         sigma1 = amax / 127 * (1 + F32.unit)
-        act = _activation_error(ax, amax) @ b1
         e_h = steps.add("activation", np.zeros_like(act), act)
         e_h = e_h + _dequant_chain(steps, "gemm1", h_mag + act, sigma1, truncate)
-        c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
-        overflow1 |= (c_max * b1.sum(axis=0) >= F16.max).any()
+        overflow |= _fp16_overflow(h_mag + act, amax, c_max * a1.sum(axis=0, dtype=np.float64)
+                                   * (1.0 if s1 is None else s1))
     else:
-        e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * (ax @ b1))
+        e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
         e_h = steps.round("gemm1", h_mag, steps.round("gemm1", h_mag, e_h, F32), out)
     e_g, e_u = e_h[:, :i], e_h[:, i:]
     e_a = _swiglu_error(
-        steps, silu_mag, up_mag, e_g, e_u, np.abs(g) + e64_h[:, :i] + e_g, F32, EXP_ULPS,
-        "swiglu",
+        steps, silu_mag, up_mag, e_g, e_u, gate_hi + e_g, F32, EXP_ULPS, "swiglu",
     )
-    if cfg.weight_dtype == "int8":
+    if int8:
         af_mag = a_mag + e_a  # >= |a| as the kernel computes it
         amax2 = af_mag.max(axis=1, keepdims=True, initial=0.0)
         sigma2 = amax2 / 127 * (1 + F32.unit)
-        req = sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1) + sigma2 * F32.tiny
-        # 127/amax2 overflows for a positive amax2 below 127/max32.
-        lowest = np.clip(np.abs(a) - e64_a - e_a, 0, None).max(axis=1, initial=0.0)
-        overflow2 |= (amax2[:, 0] > 0) & (lowest < 127 / F32.max)
-        prop = steps.add("requantisation", e_a, req) @ b2
-        e_y = prop + _dequant_chain(steps, "gemm2", y_mag + prop, sigma2, truncate)
-        c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
-        overflow2 |= (c_max * b2.sum(axis=0) >= F16.max).any()
+        # sigma2 may be subnormal (absolute error η32, times |q2| <= 127); where 127/amax2
+        # overflows the model requantises in float64 (zero_rows="zero"), with the same error.
+        req = sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1) + 127 * F32.tiny * (af_mag > 0)
+        blocks = [steps.add("requantisation", e_a, req), e_c_a, e64_a, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
-        prop = e_a @ b2
-        gemm = steps.add("gemm2", prop, F64.gamma(i) * ((a_mag + e_a) @ b2))
+        blocks = [e_a, a_mag + e_a, e_c_a, e64_a, a_mag]
+    prods = np.split(_abs_product(np.concatenate(blocks), a2, s2), len(blocks))
+    prop, e_c_prop, e64_prop, a_b2 = prods[0], prods[-3], prods[-2], prods[-1]
+    y = _signed_product(np.asarray(a, dtype=np.float32), w2f, s2)
+    # a rounded to float32 first: u32·|a| more through B2.
+    e_c_y = e_c_prop + _signed_error(i, a_b2, s2) + F32.unit * a_b2 * (1 + F32.gamma(i))
+    e64_y = steps.add("ideal_float64", e64_prop, F64.gamma(i) * a_b2)
+    y_mag = np.abs(y) + e_c_y
+    if int8:
+        e_y = prop + _dequant_chain(steps, "gemm2", y_mag + prop, sigma2, truncate)
+        lowest = np.clip(np.abs(a) - e_c_a - e_a, 0, None).max(axis=1, initial=0.0)
+        worst_case = c_max * a2.sum(axis=0, dtype=np.float64) * (1.0 if s2 is None else s2)
+        overflow |= np.where(lowest > 0, _fp16_overflow(y_mag + prop, lowest[:, None],
+                                                        worst_case),
+                             (worst_case >= F16.max).any())
+    else:
+        gemm = steps.add("gemm2", prop, F64.gamma(i) * prods[1])
         e_y = steps.round("gemm2", y_mag, gemm, F32)
     e_y = steps.round("y_cast", y_mag, e_y, out)
-    bad = overflow1 | overflow2 | (y_mag + e_y >= out.max).any(axis=1)
+    bad = overflow | (y_mag + e_y >= out.max).any(axis=1)
     e_y[bad] = np.inf
     return _SlotBound(y_mag, e_y, e64_y)
+
+
+def _fp16_overflow(mag: Array, amax: Array, worst_case: Array) -> Array:
+    """Rows whose fp16 intermediate ``fl16(acc·s)`` may overflow: ``|σ·acc·s| <= mag`` with
+    ``σ >= amax(1 − u32)/127``, so ``|acc·s| <= 127·mag/(amax(1 − u32))`` (two float32
+    roundings on top), and never more than the worst case ``127·colsum|W·s|`` (``worst_case``,
+    rounding included). A zero row has ``acc = 0``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = 127 * mag / (amax * (1 - F32.unit)) * (1 + F32.unit) ** 2
+    reach = np.minimum(np.where(amax > 0, value, 0.0), worst_case)
+    return np.asarray((reach >= F16.max).any(axis=1))
 
 
 @dataclass(frozen=True)
@@ -326,7 +400,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _B
             combine(err64) + F64.gamma(top_k) * combine(mag + err64),
         )
     defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
-    bound = np.where(defined[:, None], np.nan_to_num(e_out + e64, nan=np.inf), np.inf)
+    total_err = e_out + e64  # NaN (inf · 0) only where nothing is promised
+    bound = np.where(defined[:, None] & ~np.isnan(total_err), total_err, np.inf)
     cuts = np.cumsum(cfg.tokens_per_rank)[:-1]
     return _Bound(tuple(np.split(bound, cuts)), tuple(np.split(out_mag + e64, cuts)))
 
@@ -361,6 +436,6 @@ def ideal_tolerance(
     b = _bound(problem, truncate_scales, ())
     out = _Format.of(DTYPES[problem.config.x_dtype])
     mags = b.mag if ideal is None else tuple(
-        np.nan_to_num(np.abs(c), nan=np.inf) for c in ideal.trace.combined  # NaN: undefined
+        np.where(np.isnan(c), np.inf, np.abs(c)) for c in ideal.trace.combined  # NaN: undefined
     )
     return tuple(e + out.unit * m + out.tiny for e, m in zip(b.err, mags))
