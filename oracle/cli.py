@@ -29,8 +29,10 @@ from oracle.harness import (
     evaluate,
     routing_rows,
 )
+from oracle.isolation import ChildProcess, check_signature
 from oracle.loading import ImplLoadError, load_impl
 from oracle.numerics import Numerics
+from oracle.options import OptionError, check_options
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
 from spec import SpecError
@@ -61,31 +63,66 @@ class _Progress:
     def __init__(self, impl: Any) -> None:
         self.impl, self.calls, self.start = impl, 0, time.perf_counter()
 
-    def __call__(self, problem: Any) -> Any:
+    def tick(self) -> None:
         self.calls += 1
         if self.calls % 25 == 0:
             _err(f"  ... {self.calls} calls, {time.perf_counter() - self.start:.1f} s")
+
+    def __call__(self, problem: Any) -> Any:
+        self.tick()
         return self.impl(problem)
+
+
+def _usage(command: str, exc: OptionError) -> int:
+    flag = "--" + exc.option.replace("_", "-")
+    _err(f"dfc-oracle {command}: {flag}: {exc}")
+    return EXIT_USAGE
+
+
+def _runner(args: argparse.Namespace) -> ChildProcess | Any:
+    """The implementation: a started child process, or (``--in-process``) the loaded callable.
+    Raises ImplLoadError."""
+    if args.in_process:
+        impl = load_impl(args.impl)
+        check_signature(impl, args.impl)
+        return impl
+    child = ChildProcess(args.impl)
+    child.start()
+    return child
 
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        impl = load_impl(args.impl)
+        check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
+                      inputs=args.inputs, save_dir=args.save_dir,
+                      max_examples=args.max_examples, profile=args.profile)
+    except OptionError as exc:
+        return _usage("check", exc)
+    try:
+        runner = _runner(args)
     except ImplLoadError as exc:
         _err(f"dfc-oracle check: {exc}")
         return EXIT_USAGE
-    progress = _Progress(impl)
-    _err(f"dfc-oracle check {args.impl}: numerics {args.numerics}, profile {args.profile}")
+    progress = _Progress(runner)
+    if isinstance(runner, ChildProcess):
+        runner.on_call = progress.tick
+    mode = "in process" if args.in_process else "in a child process"
+    _err(f"dfc-oracle check {args.impl}: numerics {args.numerics}, profile {args.profile}, "
+         f"{mode}")
     try:
         check_implementation(
-            progress, numerics=args.numerics, settings=_settings(args), save_dir=args.save_dir,
-            impl_name=args.impl, timeout=args.timeout, inputs=args.inputs, seed=args.seed,
+            runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
+            settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
+            timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
         )
     except ConformanceError as exc:
         print(exc.report)
         _err(f"counterexample found after {progress.calls} calls "
              f"({time.perf_counter() - progress.start:.1f} s)")
         return EXIT_FOUND
+    finally:
+        if isinstance(runner, ChildProcess):
+            runner.close()
     print(f"no counterexample in {progress.calls} calls "
           f"({time.perf_counter() - progress.start:.1f} s)")
     return EXIT_OK
@@ -96,13 +133,21 @@ def _replay(args: argparse.Namespace) -> int:
     from oracle.harness import format_report
 
     try:
-        impl = load_impl(args.impl)
+        check_options(timeout=args.timeout)
+    except OptionError as exc:
+        return _usage("replay", exc)
+    try:
         saved = load(args.file)
+        impl = _runner(args)
     except (ImplLoadError, SpecError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     numerics = Numerics(args.numerics or saved.meta.get("numerics", {}).get("mode", "faithful"))
-    verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout)
+    try:
+        verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout)
+    finally:
+        if isinstance(impl, ChildProcess):
+            impl.close()
     if verdict.ok:
         print(f"{args.file}: the implementation now conforms ({describe_problem(saved.problem)})")
         return EXIT_OK
@@ -157,6 +202,10 @@ def _hunt(args: argparse.Namespace) -> int:
     from oracle.variants import VARIANTS
     from spec.findings import hunt_rules
 
+    try:
+        check_options(save_dir=args.save_dir, max_examples=args.max_examples)
+    except OptionError as exc:
+        return _usage("hunt", exc)
     rows: list[tuple[str, str, str]] = []
     details: list[str] = []
     _err("hunting the operator's historical layout, buffer and protocol rules ...")
@@ -214,12 +263,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=None)
     check.add_argument("--timeout", type=float, default=60.0)
     check.add_argument("--inputs", choices=("strict", "report", "ignore"), default="strict")
+    check.add_argument("--ulps", type=float, default=1.0,
+                       help="faithful-mode tolerance in units in the last place (0: bitwise)")
+    check.add_argument("--in-process", action="store_true",
+                       help="run the implementation in this process (debugging; an os._exit, "
+                       "crash or GIL-holding hang then stops the check)")
     search_options(check)
     replay = sub.add_parser("replay", help="rerun a saved counterexample")
     replay.add_argument("file", type=Path)
     replay.add_argument("--impl", required=True, metavar="MODULE:FUNC")
     replay.add_argument("--numerics", choices=("faithful", "ideal"), default=None)
     replay.add_argument("--timeout", type=float, default=60.0)
+    replay.add_argument("--in-process", action="store_true",
+                        help="run the implementation in this process (debugging)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample")

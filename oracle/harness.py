@@ -3,8 +3,10 @@
 :func:`check_implementation` runs a Hypothesis search comparing an implementation with
 :func:`oracle.run` and, on failure, raises :class:`ConformanceError` carrying the minimal failing
 problem and a report a kernel engineer can act on in one read. The implementation runs on its
-own copy of the inputs, under a timeout; whatever it does — raise, hang, return garbage, write
-into its inputs — becomes a report, never a traceback from this code.
+own copy of the inputs, under a timeout; whatever it does — raise, hang, crash, exit, return
+garbage, write into its inputs — becomes a report, never a traceback from this code. Given by
+name (``"module:function"``) it runs in a child process (:mod:`oracle.isolation`); a callable
+runs in this process unless ``isolate=True``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,19 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from oracle.counterexample import arrays_of, save
+from oracle.isolation import (
+    CallOutcome,
+    ChildProcess,
+    InputWatch,
+    check_signature,
+    describe_exception,
+    importable_name,
+    plain_outputs,
+)
 from oracle.judge import Verdict, compare, structured_outputs
+from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics
+from oracle.options import INPUT_POLICIES, check_options
 from oracle.reference import route
 from spec import Problem, RankInputs
 
@@ -41,9 +53,10 @@ __all__ = [
 ]
 
 Implementation = Callable[[Problem], Any]
-#: What to do when an implementation writes into its inputs: fail ("strict"), warn ("report":
-#: the real operator writes masked ids back into expert_idx, §4), or nothing ("ignore").
-INPUT_POLICIES = ("strict", "report", "ignore")
+#: NumPy's default floating-point error handling, restored around the judge: an implementation
+#: that calls ``np.seterr(all="raise")`` (at import, or in its call) must not crash the oracle.
+_NUMPY_DEFAULTS: dict[str, Any] = {"divide": "warn", "over": "warn", "under": "ignore",
+                                   "invalid": "warn"}
 DEFAULT_SAVE_DIR = Path("dfc-counterexamples")
 
 
@@ -94,36 +107,38 @@ def _copy_inputs(problem: Problem) -> Problem:
     return Problem.from_validated(ranks, problem.config)
 
 
-def _changed_inputs(original: Problem, copy: Problem) -> list[str]:
-    """The names (``r{rank}.{field}``) of the arrays the implementation changed in its copy."""
-    before, after = arrays_of(original), arrays_of(copy)
-    return [name for name, a in before.items() if not np.array_equal(a, after[name])]
-
-
-def _call(impl: Implementation, problem: Problem, timeout: float) -> tuple[str, object]:
-    """Run ``impl`` in a daemon thread: ("ok", result), ("raised", text) or ("hung", text)."""
+def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome:
+    """Run ``impl`` in this process, on a copy of ``problem``, in a daemon thread. It cannot
+    survive ``os._exit`` or a segfault, nor stop a call that holds the GIL: see
+    :class:`oracle.isolation.ChildProcess` for that."""
+    copy = _copy_inputs(problem)
+    watch = InputWatch(copy)
     box: dict[str, object] = {}
 
     def target_fn() -> None:
         try:
-            box["result"] = impl(problem)
+            box["result"] = impl(copy)
         except BaseException as exc:
-            frames = traceback.extract_tb(exc.__traceback__)[1:]  # drop this wrapper's frame
-            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-            box["error"] = f"{type(exc).__name__}: {exc}{where}"
+            box["error"] = describe_exception(exc)
 
     thread = threading.Thread(target=target_fn, name="dfc-oracle-impl", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        return "hung", f"no result after {timeout:g} s (hung, or far too slow)"
-    if "error" in box:
-        return "raised", str(box["error"])
-    return "ok", box.get("result")
+        return CallOutcome("hung", f"no result after {timeout:g} s (hung, or far too slow)")
+    with np.errstate(**_NUMPY_DEFAULTS):
+        changed = tuple(watch.changed(arrays_of(problem)))
+        if "error" in box:
+            return CallOutcome("raised", str(box["error"]), changed=changed)
+        return CallOutcome("ok", outputs=plain_outputs(problem, box.get("result")),
+                           changed=changed)
+
+
+Runner = Implementation | ChildProcess
 
 
 def evaluate(
-    impl: Implementation,
+    impl: Runner,
     problem: Problem,
     *,
     numerics: str | Numerics = "faithful",
@@ -131,25 +146,35 @@ def evaluate(
     inputs: str = "strict",
     ulps: float = 1.0,
 ) -> tuple[Verdict, object]:
-    """Call ``impl`` on a copy of ``problem`` and judge it: ``(verdict, raw outputs)``."""
-    copy = _copy_inputs(problem)
-    status, result = _call(impl, copy, timeout)
-    if status == "raised":
-        return Verdict(False, "call", f"the implementation raised: {result}", float("inf")), None
-    if status == "hung":
-        return Verdict(False, "timeout", f"the implementation did not return: {result}",
-                       float("inf")), None
-    verdict = compare(problem, result, numerics=numerics, ulps=ulps)
-    if verdict.ok and inputs != "ignore":
-        changed = _changed_inputs(problem, copy)
-        if changed and inputs == "strict":
-            return Verdict(False, "inputs", "the implementation wrote into its inputs: "
-                           + ", ".join(changed) + " (pass inputs='report' to allow it)",
-                           float("inf")), result
-        if changed:
-            warnings.warn("the implementation wrote into its inputs: " + ", ".join(changed),
-                          stacklevel=2)
-    return verdict, result
+    """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
+    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``."""
+    if isinstance(impl, ChildProcess):
+        outcome = impl.call(problem, timeout)
+    else:
+        outcome = _call(impl, problem, timeout)
+    if outcome.status == "raised":
+        return _failed("call", f"the implementation raised: {outcome.message}"), None
+    if outcome.status == "crashed":
+        return _failed("call", f"the implementation crashed: {outcome.message}"), None
+    if outcome.status == "hung":
+        return _failed("timeout", f"the implementation did not return: {outcome.message}"), None
+    if isinstance(outcome.outputs, Verdict):
+        return outcome.outputs, None
+    outputs = outcome.outputs
+    with np.errstate(**_NUMPY_DEFAULTS):
+        verdict = compare(problem, outputs, numerics=numerics, ulps=ulps)
+    changed = list(outcome.changed)
+    if verdict.ok and inputs != "ignore" and changed:
+        if inputs == "strict":
+            return _failed("inputs", "the implementation wrote into its inputs: "
+                           + ", ".join(changed) + " (pass inputs='report' to allow it)"), outputs
+        warnings.warn("the implementation wrote into its inputs: " + ", ".join(changed),
+                      stacklevel=2)
+    return verdict, outputs
+
+
+def _failed(stage: str, message: str) -> Verdict:
+    return Verdict(False, stage, message, float("inf"))
 
 
 def describe_problem(problem: Problem) -> str:
@@ -192,7 +217,7 @@ def format_report(
 
 
 def check_implementation(
-    impl: Implementation,
+    impl: Implementation | str | ChildProcess,
     *,
     numerics: str | Numerics = "faithful",
     problems: st.SearchStrategy[Problem] | None = None,
@@ -203,6 +228,7 @@ def check_implementation(
     inputs: str = "strict",
     ulps: float = 1.0,
     seed: int | None = None,
+    isolate: bool | None = None,
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -211,20 +237,35 @@ def check_implementation(
     ``settings`` to the active Hypothesis profile. On failure, raises :class:`ConformanceError`
     with the minimal failing problem, saved under ``save_dir`` (None: not saved). ``seed``
     fixes Hypothesis' random seed for a reproducible non-derandomised search.
+
+    ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
+    ``isolate`` (default: True for a name, False for a callable) runs it in a child process
+    that nothing it does can take down with the search (``os._exit``, a segfault, a call that
+    holds the GIL past ``timeout``); a callable that cannot be imported by name (a lambda, a
+    closure) then runs in this process, with a warning. Options outside what is allowed raise
+    :class:`oracle.options.OptionError` before the search; an implementation that cannot be
+    loaded, or does not take one argument, :class:`oracle.loading.ImplLoadError`.
     """
-    if inputs not in INPUT_POLICIES:
-        raise ValueError(f"inputs={inputs!r} must be one of {INPUT_POLICIES}")
+    check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
+                  save_dir=save_dir)
     num = resolve_numerics(numerics)
     if problems is None:
         from spec.strategies import problems as default_problems
 
         problems = default_problems()
-    base = settings if settings is not None else hsettings()
+    # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
+    base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(
         base, report_multiple_bugs=False,
         suppress_health_check=[*base.suppress_health_check, HealthCheck.too_slow,
                                HealthCheck.data_too_large],
     )
+
+    if impl_name is None and isinstance(impl, str):
+        impl_name = impl
+    # Rebound under the same name: derandomised Hypothesis seeds itself from this function's
+    # source, so the search below stays the one the tests and benchmarks were measured with.
+    impl, owned = _runner(impl, isolate)
 
     @search_settings
     @given(problems)
@@ -251,6 +292,9 @@ def check_implementation(
         problem, verdict, outputs = mismatch.problem, mismatch.verdict, mismatch.outputs
     else:
         return
+    finally:
+        if owned and isinstance(impl, ChildProcess):
+            impl.close()
     path = None
     if save_dir is not None:
         path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name)
@@ -259,6 +303,34 @@ def check_implementation(
         replay = f"dfc-oracle replay {path} --impl {impl_name}"
     report = format_report(problem, verdict, numerics=num, path=path, replay=replay)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
+
+
+def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> tuple[Runner, bool]:
+    """What runs the implementation, and whether this search owns (starts and stops) it."""
+    if isinstance(impl, ChildProcess):
+        return impl, False
+    if isinstance(impl, str):
+        if isolate is False:
+            fn = load_impl(impl)
+            check_signature(fn, impl)
+            return fn, False
+        child = ChildProcess(impl)
+        child.start()
+        return child, True
+    if not callable(impl):
+        raise TypeError(f"impl must be a callable or a 'module:function' name, not {impl!r}")
+    if isolate:
+        name = importable_name(impl)
+        if name is not None:
+            child = ChildProcess(name)
+            child.start()
+            return child, True
+        warnings.warn(f"isolate=True: {impl!r} cannot be imported by name in a child process "
+                      "(a lambda, closure or function of __main__); it runs in this process, "
+                      "where os._exit, a crash or a GIL-holding hang can stop the search",
+                      stacklevel=3)
+    check_signature(impl, repr(impl))
+    return impl, False
 
 
 def _save_counterexample(

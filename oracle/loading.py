@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["ImplLoadError", "load_impl"]
 
 
@@ -26,13 +28,16 @@ def load_impl(name: str) -> Callable[..., Any]:
         )
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    saved = np.geterr()  # a module that calls np.seterr(all="raise") must not change ours
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit(0) at import is no implementation
         raise ImplLoadError(
             f"cannot import module {module_name!r} for --impl {name!r}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
+    finally:
+        np.seterr(**saved)
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):

@@ -3,11 +3,13 @@ runs the bundled conformance suite (:mod:`oracle.conformance`) against that impl
 
 The header prints the implementation, numerics, profile and seed, so a CI log says what was
 checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.profiles`.
+The implementation runs in one child process for the whole session (:mod:`oracle.isolation`),
+so an ``os._exit``, a crash or a hang is a failing test with a report, never a silently green
+or dead gate; ``--dfc-in-process`` runs it in pytest's process instead, for debugging.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from hypothesis import settings
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
-_IMPL = pytest.StashKey[Callable[..., Any]]()
+_IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
 VARIANTS = ("w8a8", "bf16", "fp16")
 
 
@@ -39,6 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-timeout", type=float, default=60.0,
                     help="seconds one call of the implementation may take before it is "
                     "reported as hung")
+    group.addoption("--dfc-in-process", action="store_true", default=False,
+                    help="run the implementation in pytest's own process (debugging: an "
+                    "os._exit, crash or GIL-holding hang then takes the gate down)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,17 +54,39 @@ def pytest_configure(config: pytest.Config) -> None:
     if profile:
         settings.load_profile(profile)
     if impl:
+        from oracle.isolation import ChildProcess, check_signature
         from oracle.loading import ImplLoadError, load_impl
+        from oracle.options import OptionError, check_options
 
         variants = set(config.getoption("--dfc-variants").split(","))
         unknown = variants - set(VARIANTS)
         if unknown:
             raise pytest.UsageError(f"--dfc-variants: unknown {sorted(unknown)}; use {VARIANTS}")
+        try:
+            check_options(numerics=config.getoption("--dfc-numerics"),
+                          ulps=config.getoption("--dfc-ulps"),
+                          timeout=config.getoption("--dfc-timeout"),
+                          inputs=config.getoption("--dfc-inputs"))
+        except OptionError as exc:
+            raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         try:  # once, before collection: a bad name is one usage error, not an error per test
-            config.stash[_IMPL] = load_impl(impl)
+            if config.getoption("--dfc-in-process"):
+                loaded = load_impl(impl)
+                check_signature(loaded, impl)
+                config.stash[_IMPL] = loaded
+            else:
+                child = ChildProcess(impl)
+                child.start()
+                config.stash[_IMPL] = child
         except ImplLoadError as exc:
             raise pytest.UsageError(f"--dfc-impl: {exc}") from None
         config.args.append(str(_SUITE))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    runner = config.stash.get(_IMPL, None)
+    if runner is not None and not callable(runner):  # the gate's ChildProcess
+        runner.close()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -72,7 +99,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"dfc-oracle: impl={impl} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
-        f"max_examples={current.max_examples} seed={seed}"
+        f"max_examples={current.max_examples} seed={seed} "
+        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'}"
     ]
 
 

@@ -78,6 +78,23 @@ _CAPACITIES = st.sampled_from(CAPACITY_FAMILIES)
 _SEEDS = st.integers(0, 2**32 - 1)
 
 
+def _known_families(
+    owner: str, families: object, allowed: tuple[str, ...]
+) -> st.SearchStrategy[str]:
+    """``families`` checked at every draw: an unknown name (``"zipff"``) is an InvalidArgument,
+    not a silent fallback to another family."""
+    _require_strategy("families", families)
+    assert isinstance(families, st.SearchStrategy)
+
+    def check(name: str) -> str:
+        if name not in allowed:
+            raise InvalidArgument(f"{owner}(families=...) drew {name!r}; families must be names "
+                                  f"from {', '.join(allowed)}")
+        return name
+
+    return families.map(check)
+
+
 def _or(given: st.SearchStrategy[Any] | None, default: st.SearchStrategy[Any]) -> Any:
     return given if given is not None else default
 
@@ -323,7 +340,7 @@ def routings(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStra
     'one_rank'
     """
     if families is not None:
-        _require_strategy("families", families)
+        families = _known_families("routings", families, ROUTING_FAMILIES)
     return st.builds(
         RoutingPlan,
         family=_or(families, st.sampled_from(ROUTING_FAMILIES)),
@@ -381,7 +398,7 @@ class RowPlan:
 def token_rows(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[RowPlan]:
     """Special-row plans; ``families`` defaults to every family of :data:`ROW_FAMILIES`."""
     if families is not None:
-        _require_strategy("families", families)
+        families = _known_families("token_rows", families, ROW_FAMILIES)
     return st.builds(
         RowPlan,
         family=_or(families, st.sampled_from(ROW_FAMILIES)),

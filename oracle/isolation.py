@@ -1,0 +1,569 @@
+"""Run the implementation under test in a child process, so nothing it does can fool the gate.
+
+In process, an implementation that calls ``os._exit(0)`` ends the gate with exit code 0 and no
+output (CI passes); a segfault or ``abort()`` ends it without a report; a call that holds the
+GIL cannot be timed out. :class:`ChildProcess` imports the implementation by its
+``module:function`` name in a child interpreter (start-up paid once, reused across examples) and
+talks to it over two pipes of its own (the child's stdout and stderr stay free for the
+implementation's prints; their last lines go into reports):
+
+- request: a small JSON header (the config, each array's name, dtype and shape) and the arrays'
+  raw bytes; the child rebuilds a writable :class:`spec.Problem` from them;
+- answer: a JSON header and, for a result, the raw bytes of one ``(out, expert_token_nums)`` pair
+  of plain ndarrays per rank. The child converts and checks the implementation's result with the
+  judge's :func:`oracle.judge.structured_outputs` (nothing is pickled); the parent checks the
+  header against the shapes and dtypes the contract expects before it reads a byte of payload.
+
+A watchdog kills the child (SIGKILL) when a call exceeds the timeout, whatever it holds; a child
+that ends during a call (any exit code, a signal) is a failing call with its exit status, the
+last lines of its stderr and the example; the next call starts a new child.
+
+:func:`plain_outputs` and :class:`InputWatch` are shared with the in-process path of
+:mod:`oracle.harness`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from oracle.counterexample import arrays_of
+from oracle.judge import Verdict, structured_outputs
+from oracle.loading import ImplLoadError, load_impl
+from spec import DTYPES, OpConfig, Problem, RankInputs
+
+__all__ = [
+    "CallOutcome",
+    "ChildProcess",
+    "InputWatch",
+    "describe_exception",
+    "importable_name",
+    "plain_outputs",
+]
+
+Array = np.ndarray[Any, Any]
+_HEAD = 12  # header length (4 bytes) and payload length (8 bytes), big-endian
+_MAX_HEADER = 1 << 20
+_STDERR_LINES = 20
+_END_OF_REQUESTS = 90  # a worker's exit code when the parent closed its requests
+_LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """How one call ended: ``status`` is ``"ok"`` (``outputs`` holds the plain per-rank pairs, or
+    the failing :class:`Verdict` of converting them), ``"raised"``, ``"hung"`` or ``"crashed"``
+    (``message`` says how); ``changed`` names the inputs the implementation wrote into."""
+
+    status: str
+    message: str = ""
+    outputs: list[tuple[Array, Array]] | Verdict | None = None
+    changed: tuple[str, ...] = ()
+
+
+def describe_exception(exc: BaseException, skip_frames: int = 1) -> str:
+    """``Type: message at file:line``, even when the exception's ``__str__`` itself fails."""
+    try:
+        text = str(exc)
+    except BaseException as inner:  # a hostile __str__ must not escape
+        text = f"<its __str__ raised {type(inner).__name__}>"
+    frames = traceback.extract_tb(exc.__traceback__)[skip_frames:]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {text[:2000]}{where}"
+
+
+def plain_outputs(problem: Problem, raw: object) -> list[tuple[Array, Array]] | Verdict:
+    """The implementation's result as one ``(out, expert_token_nums)`` pair of plain, C-ordered
+    ndarrays per rank, or the failing ``ranks``/``structure`` :class:`Verdict`. Never raises: an
+    output whose attributes raise, or a tensor that cannot be converted, is a ``structure``
+    failure; ndarray subclasses (``numpy.ma`` masked arrays hide NaN from the judge,
+    ``np.matrix``) are refused."""
+    try:
+        checked = structured_outputs(problem, raw)
+    except Exception as exc:  # whatever the result's objects raise
+        return Verdict(False, "structure", "the outputs cannot be read: "
+                       + describe_exception(exc, skip_frames=0), float("inf"))
+    if isinstance(checked, Verdict):
+        return checked
+    plain = []
+    for r, pair in enumerate(checked):
+        for name, a in zip(("out", "expert_token_nums"), pair):
+            if type(a) is not np.ndarray:
+                return Verdict(False, "structure", f"rank {r}: {name} is a "
+                               f"{type(a).__module__}.{type(a).__qualname__}, an ndarray "
+                               "subclass the judge does not read; return a plain ndarray "
+                               "(np.asarray, after filling any masked values)", float("inf"), r)
+        plain.append((np.ascontiguousarray(pair[0]), np.ascontiguousarray(pair[1])))
+    return plain
+
+
+class InputWatch:
+    """What the implementation was handed, to name afterwards what it wrote into: every array
+    (by the names of :func:`oracle.counterexample.arrays_of`) and every TensorList's entries.
+    References are taken before the call, so a damaged ``Problem`` cannot hide a write."""
+
+    def __init__(self, given: Problem) -> None:
+        self._arrays = arrays_of(given)
+        self._lists = [
+            (f"r{r}.{name}", tensors, list(tensors))
+            for r, inputs in enumerate(given.ranks) for name in _LIST_FIELDS
+            if (tensors := getattr(inputs, name)) is not None
+        ]
+
+    def changed(self, originals: dict[str, Array]) -> list[str]:
+        """Names of the arrays that differ from ``originals`` and of the lists whose entries were
+        added, removed or replaced."""
+        names = []
+        for name, a in self._arrays.items():
+            want = originals[name]
+            if a.shape != want.shape or a.dtype != want.dtype or not np.array_equal(a, want):
+                names.append(name)
+        for name, tensors, entries in self._lists:
+            if len(tensors) != len(entries) or any(a is not b for a, b in zip(tensors, entries)):
+                names.append(f"{name} (entries added, removed or replaced)")
+        return names
+
+
+def importable_name(fn: Callable[..., Any]) -> str | None:
+    """``module:qualname`` when importing that name gives ``fn`` back (so a child process can
+    load it), else None (a lambda, a closure, a function of ``__main__``)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    target: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return f"{module}:{qualname}" if target is fn else None
+
+
+def check_signature(fn: Callable[..., Any], name: str) -> None:
+    """An implementation must accept one positional argument (the :class:`spec.Problem`)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins and C extensions without a signature: judged by their calls
+    try:
+        sig.bind(None)
+    except TypeError as exc:
+        raise ImplLoadError(f"{name} must take one argument, the problem (impl(problem)); its "
+                            f"signature is {sig} ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire format: header length, payload length, JSON header, raw array bytes.
+
+
+def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[bytes | memoryview]:
+    header = {**header, "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays]}
+    head = json.dumps(header).encode()
+    chunks = [np.ascontiguousarray(a) for _, a in arrays]
+    size = sum(c.nbytes for c in chunks)
+    return [len(head).to_bytes(4, "big") + size.to_bytes(8, "big"), head,
+            *(c.reshape(-1).view(np.uint8).data for c in chunks if c.nbytes)]
+
+
+def _decode_arrays(specs: object, payload: bytes) -> list[tuple[str, Array]]:
+    """Arrays of ``payload`` as declared by ``specs``, each a read-only view; a declaration that
+    does not account for the payload exactly is a ValueError."""
+    if not isinstance(specs, list):
+        raise ValueError("no array list")
+    arrays, offset = [], 0
+    for spec in specs:
+        name, dtype_name, shape = spec
+        dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
+        if dtype.hasobject or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ValueError(f"array {name!r}: {dtype_name} {shape}")
+        count = int(np.prod(shape, dtype=np.int64))
+        end = offset + count * dtype.itemsize
+        if end > len(payload):
+            raise ValueError(f"array {name!r} beyond the payload")
+        arrays.append((str(name), np.frombuffer(payload, dtype, count, offset).reshape(shape)))
+        offset = end
+    if offset != len(payload):
+        raise ValueError("payload longer than its arrays")
+    return arrays
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
+    """``n`` bytes from ``fd``; None at end of file; TimeoutError past ``deadline``."""
+    parts, left = [], n
+    while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, chunks: list[bytes | memoryview], deadline: float | None) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([], [fd], [], wait)[1]:
+                    raise TimeoutError
+            view = view[os.write(fd, view):]
+
+
+def _read_message(
+    fd: int, deadline: float | None, max_payload: int
+) -> tuple[dict[str, Any], bytes] | None:
+    head = _read_exact(fd, _HEAD, deadline)
+    if head is None:
+        return None
+    n_head, n_payload = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+    if n_head > _MAX_HEADER or n_payload > max_payload:
+        raise ValueError(f"a message of {n_head} + {n_payload} bytes, more than expected")
+    raw = _read_exact(fd, n_head, deadline)
+    payload = _read_exact(fd, n_payload, deadline) if n_payload else b""
+    if raw is None or payload is None:
+        return None
+    header = json.loads(raw.decode())
+    if not isinstance(header, dict):
+        raise ValueError("a header that is not a JSON object")
+    return header, payload
+
+
+# ---------------------------------------------------------------------------------------------
+# The child.
+
+
+def _problem_from(header: dict[str, Any], payload: bytes) -> tuple[Problem, dict[str, Array]]:
+    """A writable problem (the implementation's copy) and the read-only originals by name."""
+    originals = dict(_decode_arrays(header["arrays"], payload))
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in header["config"].items()}
+    config = OpConfig(**fields)
+
+    def copy(key: str) -> Array | None:
+        return None if key not in originals else np.array(originals[key])
+
+    def many(r: int, name: str) -> list[Array] | None:
+        items: list[Array] = []
+        while f"r{r}.{name}.{len(items)}" in originals:
+            items.append(np.array(originals[f"r{r}.{name}.{len(items)}"]))
+        return items or None
+
+    ranks = []
+    for r in range(config.ep_size):
+        x, idx, probs = copy(f"r{r}.x"), copy(f"r{r}.expert_idx"), copy(f"r{r}.probs")
+        assert x is not None and idx is not None and probs is not None
+        ranks.append(RankInputs(x, idx, probs, many(r, "w1") or [], many(r, "w2") or [],
+                                scale1=many(r, "scale1"), scale2=many(r, "scale2"),
+                                active_mask=copy(f"r{r}.active_mask")))
+    return Problem.from_validated(ranks, config), originals
+
+
+def _serve(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
+    while (message := _read_message(rfd, None, 1 << 62)) is not None:
+        problem, originals = _problem_from(*message)
+        shell = Problem.from_validated(problem.ranks, problem.config)  # what the judge reads
+        watch = InputWatch(problem)
+        saved = np.geterr()
+        arrays: list[tuple[str, Array]] = []
+        try:
+            result: Any = impl(problem)
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too
+            answer: dict[str, Any] = {"status": "raised", "message": describe_exception(exc)}
+        else:
+            np.seterr(**saved)  # an implementation's np.seterr(all="raise") stays its own
+            outputs = plain_outputs(shell, result)
+            if isinstance(outputs, Verdict):
+                answer = {"status": "verdict", "stage": outputs.stage,
+                          "message": outputs.message, "rank": outputs.rank}
+            else:
+                answer = {"status": "ok"}
+                arrays = [(f"r{r}.{k}", a) for r, pair in enumerate(outputs)
+                          for k, a in zip(("out", "expert_token_nums"), pair)]
+        finally:
+            np.seterr(**saved)
+        answer["changed"] = watch.changed(originals)
+        _write_all(wfd, _encode(answer, arrays), None)
+
+
+def child_main(name: str, rfd: int, wfd: int) -> None:
+    """The child's entry point: load ``name``, say so, answer requests until end of file; then
+    leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
+    try:
+        impl = load_impl(name)
+        check_signature(impl, name)
+    except ImplLoadError as exc:
+        _write_all(wfd, _encode({"status": "load_error", "message": str(exc)}, []), None)
+        os._exit(0)
+    _write_all(wfd, _encode({"status": "ready"}, []), None)
+    # This process stays a loaded template: each worker is a fork of it, so a crash costs a
+    # fork (milliseconds) instead of an interpreter start and imports (about 1 s), and the
+    # search can shrink a crashing example like any other failure.
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve(impl, rfd, wfd)
+            except BaseException:  # the parent reports the exit code and stderr
+                traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(3)
+            os._exit(_END_OF_REQUESTS)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code == _END_OF_REQUESTS:
+            os._exit(0)
+        _write_all(wfd, _encode({"status": "died", "returncode": code}, []), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent.
+
+
+def _how_it_ended(returncode: object) -> str:
+    if not isinstance(returncode, int):
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return (f"exited with code {returncode} without returning a result (os._exit, a C-level "
+            "exit, or an error before the result could be sent)")
+
+
+class ChildProcess:
+    """The implementation ``name`` (``module:function``) in a child process, reused across calls
+    and restarted after a crash or a timeout. Use as a context manager, or call :meth:`close`.
+
+    :meth:`start` raises :class:`oracle.loading.ImplLoadError` when the child cannot load the
+    implementation (the message says why, with its exit status and stderr if it died).
+    """
+
+    def __init__(self, name: str, *, start_timeout: float = 120.0) -> None:
+        self.name = name
+        self.start_timeout = start_timeout
+        self.starts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._rfd = self._wfd = -1
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        self._drain: threading.Thread | None = None
+        #: Called before every call (the CLI counts calls with it).
+        self.on_call: Callable[[], None] | None = None
+
+    def __enter__(self) -> ChildProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        """Start the child unless it is running; wait until it has loaded the implementation."""
+        if self.alive:
+            return
+        self._reap()
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        path = [p for p in sys.path if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        code = ("import sys; from oracle.isolation import child_main; "
+                "child_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code, self.name, str(req_r), str(ans_w)],
+                pass_fds=(req_r, ans_w), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), start_new_session=True,
+            )
+        finally:
+            os.close(req_r)
+            os.close(ans_w)
+        self._rfd, self._wfd = ans_r, req_w
+        self.starts += 1
+        self._stderr = collections.deque(maxlen=_STDERR_LINES)
+        assert self._proc.stdout is not None
+        self._drain = threading.Thread(target=_drain, args=(self._proc.stdout, self._stderr),
+                                       name="dfc-oracle-child-stderr", daemon=True)
+        self._drain.start()
+        try:
+            message = _read_message(self._rfd, time.monotonic() + self.start_timeout, 0)
+        except TimeoutError:
+            self._kill()
+            raise ImplLoadError(f"{self.name}: the child process did not load it within "
+                                f"{self.start_timeout:g} s{self._tail()}") from None
+        except ValueError as exc:
+            self._kill()
+            raise ImplLoadError(f"{self.name}: the child process answered garbage ({exc})"
+                                f"{self._tail()}") from None
+        if message is None:
+            self._reap()
+            raise ImplLoadError(f"{self.name}: the child process loading it "
+                                f"{_how_it_ended(self._returncode())}{self._tail()}")
+        header, _ = message
+        if header.get("status") == "load_error":
+            self._reap()
+            raise ImplLoadError(str(header.get("message")))
+        if header.get("status") != "ready":
+            self._kill()
+            raise ImplLoadError(f"{self.name}: unexpected answer {header!r} from the child")
+
+    def call(self, problem: Problem, timeout: float) -> CallOutcome:
+        """Run the implementation once on (a copy of) ``problem``; never raises for what the
+        implementation does."""
+        if self.on_call is not None:
+            self.on_call()
+        if not self.alive:
+            self._reap()
+            try:
+                self.start()
+            except ImplLoadError as exc:
+                return CallOutcome("crashed", f"the implementation's process could not be "
+                                   f"restarted: {exc}")
+        cfg = problem.config
+        request = _encode({"config": asdict(cfg)}, list(arrays_of(problem).items()))
+        expected = [(f"r{r}.{k}", dtype, shape) for r in range(cfg.ep_size) for k, dtype, shape in
+                    (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
+                     ("expert_token_nums", "int32", [cfg.experts_per_rank]))]
+        max_payload = sum(int(np.prod(s)) * DTYPES.get(d, np.dtype(d)).itemsize
+                          for _, d, s in expected)
+        deadline = time.monotonic() + timeout
+        self._stderr.clear()
+        try:
+            _write_all(self._wfd, request, deadline)
+            message = _read_message(self._rfd, deadline, max_payload)
+        except TimeoutError:
+            self._kill()
+            return CallOutcome("hung", f"no result after {timeout:g} s (hung, or far too slow); "
+                               f"its process was killed (SIGKILL){self._tail()}")
+        except (BrokenPipeError, ConnectionResetError):
+            message = None
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._kill()
+            return CallOutcome("crashed", f"its process sent an unreadable answer ({exc})")
+        if message is None:
+            self._reap()
+            return CallOutcome("crashed", f"its process {_how_it_ended(self._returncode())} "
+                               f"during the call{self._tail()}")
+        if message[0].get("status") == "died":
+            code = message[0].get("returncode")
+            return CallOutcome("crashed", f"its process {_how_it_ended(code)} during the call"
+                               f"{self._tail()}")
+        return self._outcome(*message, expected)
+
+    def _outcome(self, header: dict[str, Any], payload: bytes,
+                 expected: list[tuple[str, str, list[int]]]) -> CallOutcome:
+        changed = header.get("changed")
+        if not isinstance(changed, list) or not all(isinstance(c, str) for c in changed):
+            changed = []
+        status = header.get("status")
+        if status == "raised":
+            return CallOutcome("raised", str(header.get("message")), changed=tuple(changed))
+        if status == "verdict":
+            stage = header.get("stage")
+            rank = header.get("rank")
+            verdict = Verdict(False, stage if stage in ("ranks", "structure") else "structure",
+                              str(header.get("message")), float("inf"),
+                              rank if isinstance(rank, int) else None)
+            return CallOutcome("ok", outputs=verdict, changed=tuple(changed))
+        if status != "ok" or [list(a) for a in header.get("arrays", ())] != [
+            list(e) for e in expected
+        ]:
+            self._kill()
+            return CallOutcome("crashed", "its process sent an answer that does not match the "
+                               f"contract's shapes: {str(header)[:500]}")
+        try:
+            arrays = dict(_decode_arrays(header["arrays"], payload))
+        except (ValueError, TypeError) as exc:
+            self._kill()
+            return CallOutcome("crashed", f"its process sent an unreadable answer ({exc})")
+        pairs = [(arrays[f"r{r}.out"], arrays[f"r{r}.expert_token_nums"])
+                 for r in range(len(expected) // 2)]
+        return CallOutcome("ok", outputs=pairs, changed=tuple(changed))
+
+    def close(self) -> None:
+        """Stop the child: end of file on its requests, then SIGKILL if it does not leave."""
+        if self._wfd >= 0:
+            os.close(self._wfd)
+            self._wfd = -1
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=2)
+        self._kill()
+
+    def _kill(self) -> None:
+        """SIGKILL the template and its worker (one process group), whatever they hold."""
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._reap()
+
+    def _returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    def _reap(self) -> None:
+        """Wait for a finished (or killed) child, collect its stderr, close our pipe ends."""
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        if self._drain is not None:
+            self._drain.join(timeout=1)
+        for fd in (self._rfd, self._wfd):
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._wfd = -1
+
+    def _tail(self) -> str:
+        if self._drain is not None and self._proc is not None and self._proc.poll() is not None:
+            self._drain.join(timeout=1)
+        elif self._proc is not None and self._proc.stdout is not None:
+            # A worker died: let the drain thread catch up with what it wrote before dying.
+            for _ in range(20):
+                if not select.select([self._proc.stdout], [], [], 0)[0]:
+                    break
+                time.sleep(0.005)
+            time.sleep(0.002)
+        lines = list(self._stderr)
+        if not lines:
+            return ""
+        return "; last lines of its stderr:\n    " + "\n    ".join(lines)
+
+    def __del__(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+
+def _drain(stream: IO[bytes], lines: collections.deque[str]) -> None:
+    """Keep the last lines of the child's stdout and stderr (so the pipe never fills)."""
+    for raw in iter(lambda: stream.readline(4096), b""):
+        text = raw.decode(errors="replace").rstrip()
+        if text:
+            lines.append(text[:400])
+    stream.close()

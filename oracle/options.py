@@ -1,0 +1,89 @@
+"""Every option of a search, checked once before it starts.
+
+One place for :func:`oracle.check_implementation`, ``dfc-oracle`` and the pytest gate: a value
+outside what is allowed is an :class:`OptionError` whose message is one sentence saying what is
+allowed (the CLI prints it with exit code 2, the plugin raises ``pytest.UsageError``), instead
+of a gate that passes everything (``ulps=nan``), marks everything hung (``timeout=0``) or ends
+in a traceback after a full search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from oracle.numerics import Numerics
+from oracle.profiles import PROFILES
+
+__all__ = ["INPUT_POLICIES", "NUMERICS_MODES", "OptionError", "check_options"]
+
+#: What to do when an implementation writes into its inputs: fail ("strict"), warn ("report":
+#: the real operator writes masked ids back into expert_idx, §4), or nothing ("ignore").
+INPUT_POLICIES = ("strict", "report", "ignore")
+NUMERICS_MODES = ("faithful", "ideal")
+
+
+class OptionError(ValueError):
+    """An option outside what is allowed; ``option`` is its keyword name (``max_examples``)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _number(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(option, f"{option}={value!r} must be a number")
+    return float(value)
+
+
+def check_options(
+    *,
+    numerics: object = "faithful",
+    ulps: object = 1.0,
+    timeout: object = 60.0,
+    inputs: object = "strict",
+    save_dir: object = None,
+    max_examples: object = None,
+    profile: object = None,
+) -> None:
+    """Raise :class:`OptionError` for the first option outside what is allowed."""
+    if not isinstance(numerics, Numerics) and numerics not in NUMERICS_MODES:
+        raise OptionError("numerics", f"numerics={numerics!r} must be one of "
+                          f"{', '.join(NUMERICS_MODES)} (or an oracle.Numerics)")
+    u = _number("ulps", ulps)
+    if not (math.isfinite(u) and u >= 0):
+        raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (0 is the "
+                          "bitwise gate, 1 the default)")
+    t = _number("timeout", timeout)
+    if not (math.isfinite(t) and t > 0):
+        raise OptionError("timeout", f"timeout={timeout!r} must be a finite number of seconds "
+                          "> 0 (one call of the implementation)")
+    if inputs not in INPUT_POLICIES:
+        raise OptionError("inputs", f"inputs={inputs!r} must be one of "
+                          f"{', '.join(INPUT_POLICIES)}")
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise OptionError("max_examples", f"max_examples={max_examples!r} must be an integer "
+                          ">= 1")
+    if profile is not None and profile not in PROFILES:
+        raise OptionError("profile", f"profile={profile!r} must be one of {', '.join(PROFILES)}")
+    if save_dir is not None:
+        _check_save_dir(save_dir)
+
+
+def _check_save_dir(value: Any) -> None:
+    """The directory must exist and be writable, or be creatable under a writable directory."""
+    path = Path(value)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OptionError("save_dir", f"save_dir={str(value)!r}: {str(probe)!r} is not a "
+                          "directory; pass a writable directory (or None not to save)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OptionError("save_dir", f"save_dir={str(value)!r}: {str(probe)!r} is not "
+                          "writable; pass a writable directory (or None not to save)")

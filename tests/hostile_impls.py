@@ -1,0 +1,100 @@
+"""Hostile implementations for the isolation tests: each ends, hangs or lies in a way an
+in-process harness cannot survive or would judge wrongly."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from broken_impls import correct
+
+from spec import Problem
+
+
+def exits_zero(problem: Problem) -> Any:
+    os._exit(0)
+
+
+def segfaults(problem: Problem) -> Any:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def aborts(problem: Problem) -> Any:
+    os.abort()
+
+
+def null_pointer(problem: Problem) -> Any:
+    return ctypes.string_at(0)
+
+
+def holds_the_gil(problem: Problem) -> Any:
+    # Catastrophic backtracking inside the re module: C code that never releases the GIL.
+    return re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+def leaves_a_thread(problem: Problem) -> Any:
+    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+    return correct(problem)
+
+
+def sys_exit(problem: Problem) -> Any:
+    raise SystemExit(0)
+
+
+def masked_nan(problem: Problem) -> Any:
+    return [(np.ma.masked_invalid(np.full_like(out, np.nan)), nums)
+            for out, nums in correct(problem)]
+
+
+class _Broken:
+    @property
+    def out(self) -> Any:
+        raise RuntimeError("out is not ready")
+
+    expert_token_nums = None
+
+
+def out_raises(problem: Problem) -> Any:
+    return [_Broken() for _ in problem.ranks]
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def unprintable_error(problem: Problem) -> Any:
+    raise _Unprintable()
+
+
+def appends_to_weights(problem: Problem) -> Any:
+    result = correct(problem)
+    problem.ranks[0].w1.append(problem.ranks[0].w1[0])
+    return result
+
+
+def damages_the_problem(problem: Problem) -> Any:
+    result = correct(problem)
+    problem._ranks = None  # type: ignore[assignment]
+    problem._config = None  # type: ignore[assignment]
+    return result
+
+
+def seterr_raise(problem: Problem) -> Any:
+    np.seterr(all="raise")
+    return correct(problem)
+
+
+def prints_and_dies(problem: Problem) -> Any:
+    print("device lost: HBM ECC error on die 3", flush=True)
+    os._exit(17)
+
+
+def takes_two(problem: Problem, stream: Any) -> Any:
+    return correct(problem)

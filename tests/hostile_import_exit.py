@@ -1,0 +1,5 @@
+"""Ends the process while being imported (as a broken extension module might)."""
+
+import os
+
+os._exit(0)

@@ -1,0 +1,139 @@
+"""The gate cannot be fooled: whatever the implementation does in its child process (exit,
+crash, hang holding the GIL, lie about its outputs), the result is a report, never a pass, a
+dead harness or a traceback from the oracle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from oracle.cli import main
+from oracle.harness import ConformanceError, check_implementation, evaluate
+from oracle.isolation import ChildProcess, importable_name
+from oracle.loading import ImplLoadError, load_impl
+from spec import OpConfig, random_problem
+from spec.strategies import configs, problems
+
+TESTS = Path(__file__).parent
+FAST = settings(max_examples=10, derandomize=True, database=None, deadline=None)
+SMALL = problems(configs=configs(ep_sizes=st.sampled_from((1, 2)),
+                                 tokens_per_rank=st.integers(0, 3)))
+PROBLEM = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,
+                                  intermediate=8, tokens_per_rank=(3, 1)), seed=1)
+
+
+def find(name: str, **kwargs) -> ConformanceError:
+    with pytest.raises(ConformanceError) as info:
+        check_implementation(f"hostile_impls:{name}", problems=SMALL, settings=FAST,
+                             save_dir=None, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "message"),
+    [
+        ("exits_zero", "call", "exited with code 0 without returning a result"),
+        ("segfaults", "call", "killed by SIGSEGV"),
+        ("null_pointer", "call", "killed by SIGSEGV"),
+        ("aborts", "call", "killed by SIGABRT"),
+        ("sys_exit", "call", "raised: SystemExit: 0"),
+        ("unprintable_error", "call", "_Unprintable: <its __str__ raised ValueError>"),
+        ("masked_nan", "structure", "numpy.ma.MaskedArray, an ndarray subclass"),
+        ("out_raises", "structure", "cannot be read: RuntimeError: out is not ready"),
+        ("appends_to_weights", "inputs", "r0.w1 (entries added, removed or replaced)"),
+    ],
+)
+def test_every_way_of_ending_is_a_report_with_the_minimal_call(name, stage, message) -> None:
+    error = find(name)
+    assert error.verdict.stage == stage and message in error.verdict.message
+    assert "minimal call: EP=1" in error.report and "M=[0]" in error.problem.config.summary()
+
+
+def test_a_crash_report_carries_the_exit_code_and_the_last_lines_of_stderr() -> None:
+    error = find("prints_and_dies")
+    assert "exited with code 17" in error.verdict.message
+    assert "last lines of its stderr:\n    device lost: HBM ECC error on die 3" in error.report
+
+
+def test_a_call_that_holds_the_gil_is_killed_at_the_timeout() -> None:
+    start = time.perf_counter()
+    error = find("holds_the_gil", timeout=0.5)
+    assert error.verdict.stage == "timeout" and "killed (SIGKILL)" in error.verdict.message
+    assert time.perf_counter() - start < 10
+
+
+def test_the_child_is_reused_and_restarted_after_a_crash() -> None:
+    with ChildProcess("broken_impls:correct") as child:
+        pid = child.pid
+        for _ in range(3):
+            verdict, _ = evaluate(child, PROBLEM)
+            assert verdict.ok
+        assert (child.starts, child.pid) == (1, pid)
+    with ChildProcess("hostile_impls:holds_the_gil") as child:
+        assert evaluate(child, PROBLEM, timeout=0.3)[0].stage == "timeout"
+        assert evaluate(child, PROBLEM, timeout=0.3)[0].stage == "timeout"
+        assert child.starts == 2  # killed at the first timeout, started again for the second
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("no_such_module:f", "cannot import module 'no_such_module'"),
+        ("hostile_import_exit:f", "exited with code 0"),
+        ("hostile_impls:takes_two", "must take one argument"),
+    ],
+)
+def test_an_implementation_that_cannot_be_loaded_is_a_load_error(name, message) -> None:
+    with pytest.raises(ImplLoadError, match=message):
+        ChildProcess(name).start()
+
+
+def test_seterr_at_import_does_not_reach_the_oracle() -> None:
+    before = np.geterr()
+    load_impl("hostile_import_seterr:dispatch_ffn_combine")
+    assert np.geterr() == before
+    check_implementation("hostile_import_seterr:dispatch_ffn_combine", problems=SMALL,
+                         settings=FAST, save_dir=None)
+
+
+def test_only_importable_callables_are_isolated() -> None:
+    import broken_impls
+
+    assert importable_name(broken_impls.correct) == "broken_impls:correct"
+    assert importable_name(lambda p: p) is None
+    with pytest.warns(UserWarning, match="runs in this process"):
+        check_implementation(lambda p: broken_impls.correct(p), problems=SMALL, settings=FAST,
+                             save_dir=None, isolate=True)
+
+
+def test_check_exits_1_for_os_exit_and_is_not_held_by_leftover_threads(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(TESTS)
+    assert main(["check", "hostile_impls:exits_zero", "--max-examples", "5",
+                 "--save-dir", str(tmp_path)]) == 1
+    assert "exited with code 0" in capsys.readouterr().out
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "oracle", "check", "hostile_impls:leaves_a_thread",
+                           "--max-examples", "5", "--save-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=TESTS)
+    assert done.returncode == 0 and "no counterexample in 5 calls" in done.stdout
+    assert time.perf_counter() - start < 60
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_the_gate_fails_an_implementation_that_exits(pytester, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    result = pytester.runpytest_subprocess("--dfc-impl", "hostile_impls:exits_zero", "-q",
+                                           "-k", "default_search", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*exited with code 0 without returning a result*"])

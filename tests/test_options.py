@@ -1,0 +1,109 @@
+"""Options outside what is allowed are usage errors before the search, in one sentence: never a
+gate that passes everything, marks everything hung, or ends in a traceback after a full search."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import broken_impls
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from oracle.cli import main
+from oracle.harness import check_implementation
+from oracle.loading import ImplLoadError
+from oracle.options import OptionError
+from spec import OpConfig, random_problem
+from spec.strategies import problems, routings, token_rows
+
+TESTS = Path(__file__).parent
+PROBLEM = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=16,
+                                  intermediate=8, tokens_per_rank=(1,)), seed=0)
+
+
+def never_called(problem):
+    raise AssertionError("the search started despite an invalid option")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("ulps", -1.0, "must be a finite number >= 0"),
+        ("ulps", float("nan"), "must be a finite number >= 0"),
+        ("ulps", "1", "must be a number"),
+        ("timeout", 0, "must be a finite number of seconds > 0"),
+        ("timeout", -1.0, "must be a finite number of seconds > 0"),
+        ("timeout", float("nan"), "must be a finite number of seconds > 0"),
+        ("timeout", float("inf"), "must be a finite number of seconds > 0"),
+        ("inputs", "lenient", "must be one of strict, report, ignore"),
+        ("numerics", "exact", "must be one of faithful, ideal"),
+    ],
+)
+def test_invalid_options_are_rejected_before_the_search(option, value, message) -> None:
+    with pytest.raises(OptionError, match=message) as info:
+        check_implementation(never_called, save_dir=None, **{option: value})
+    assert info.value.option == option
+
+
+def test_a_save_dir_that_is_not_a_directory_is_rejected(tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OptionError, match="is not a directory"):
+        check_implementation(never_called, save_dir=tmp_path / "file" / "sub")
+
+
+def test_the_signature_is_checked_once_up_front() -> None:
+    with pytest.raises(ImplLoadError, match="must take one argument"):
+        check_implementation(lambda: None, save_dir=None)
+
+
+def test_unknown_family_names_are_rejected_not_routed_as_another_family() -> None:
+    for strategy in (problems(routing=routings(families=st.just("zipff"))),
+                     problems(values=token_rows(families=st.just("zero_rows")))):
+        with pytest.raises(InvalidArgument, match="families must be names from"):
+            check_implementation(broken_impls.correct, problems=strategy, save_dir=None,
+                                 settings=settings(max_examples=5, database=None))
+
+
+def test_without_settings_hypothesis_deadline_does_not_apply() -> None:
+    def slow(problem):
+        time.sleep(0.3)
+        return broken_impls.correct(problem)
+
+    current = settings._current_profile  # type: ignore[attr-defined]
+    settings.load_profile("default")  # Hypothesis' own: a 200 ms deadline
+    try:
+        check_implementation(slow, problems=st.just(PROBLEM), save_dir=None)
+    finally:
+        settings.load_profile(current)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "broken_impls:correct", "--max-examples", "0"], "--max-examples: "),
+        (["check", "broken_impls:correct", "--timeout", "nan"], "--timeout: "),
+        (["check", "broken_impls:correct", "--timeout", "0"], "--timeout: "),
+        (["check", "broken_impls:correct", "--ulps", "-1"], "--ulps: "),
+        (["hunt", "--max-examples", "0"], "--max-examples: "),
+        (["replay", "x.npz", "--impl", "broken_impls:correct", "--timeout", "-1"], "--timeout: "),
+    ],
+)
+def test_cli_usage_errors_exit_2_before_the_search(monkeypatch, capsys, argv, message) -> None:
+    monkeypatch.chdir(TESTS)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_gate_options_are_usage_errors(pytester, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    for flag, value in (("--dfc-ulps", "nan"), ("--dfc-timeout", "0")):
+        result = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", flag, value)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([f"*{flag}: *must be a finite number*"])
