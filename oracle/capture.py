@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from oracle.counterexample import ALLOWED_DTYPES, encode_arrays, parse_header, read_array
+from oracle.counterexample import (
+    ALLOWED_DTYPES,
+    READ_ERRORS,
+    Archive,
+    encode_arrays,
+    open_regular,
+    parse_header,
+    read_array,
+)
 from oracle.judge import Verdict, compare
 from oracle.numerics import Numerics
 from oracle.torch import TorchRankInputs, from_torch, output_pair
@@ -50,6 +57,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 #: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
 _CALL_ATTRS = ("max_output_size", "swiglu_limit")
+_MAX_MANIFEST = 1 << 20
 _BINDING_NAMES = ("x", "weight1", "weight2", "expert_idx", "scale1", "scale2", "probs",
                   "x_active_mask")
 
@@ -178,11 +186,12 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not directory.is_dir():
         raise _bad(directory, "no such directory", "check the capture directory's path")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise _bad(path, "no manifest (rank 0 writes it)",
-                   "check that rank 0 called dump") from None
+    if not os.path.lexists(path):
+        raise _bad(path, "no manifest (rank 0 writes it)", "check that rank 0 called dump")
+    with open_regular(path, functools.partial(_bad, path)) as f:
+        raw = f.read(_MAX_MANIFEST + 1)
+    if len(raw) > _MAX_MANIFEST:
+        raise _bad(path, f"a manifest of more than {_MAX_MANIFEST} bytes")
     manifest = parse_header(raw, FORMAT, VERSION, functools.partial(_bad, path))
     attrs = manifest.get("attrs")
     if not isinstance(attrs, dict):
@@ -198,22 +207,15 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 
 def _read_rank(directory: Path, rank: int, attrs: dict[str, Any]) -> dict[str, Array]:
     path = _rank_file(directory, rank)
-    try:
-        files = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        present = sorted(p.name for p in directory.glob("rank*.npz"))
+    if not os.path.lexists(path):
+        present = sorted(p.name for p in directory.glob("rank*.npz"))[:40]
         raise _bad(path, f"no file for rank {rank} (present: {present})",
                    f"copy every rank's file into {directory} (rank {rank} must call dump)",
-                   rank) from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise _bad(path, f"not a readable .npz ({exc})", rank=rank) from None
-    with files:
-        if not hasattr(files, "files") or "meta" not in files.files:
-            raise _bad(path, "no meta entry", rank=rank)
+                   rank)
+    with Archive(path, functools.partial(_bad, path, rank=rank)) as files:
         try:
-            raw = files["meta"]
-            meta = json.loads(raw.tobytes().decode()) if raw.dtype == np.uint8 else None
-        except (ValueError, UnicodeDecodeError):  # pickled objects, or not JSON
+            meta = json.loads(files.manifest("meta").decode())
+        except (ValueError, UnicodeDecodeError, RecursionError):  # not JSON
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(
             meta.get("arrays"), dict
@@ -226,12 +228,13 @@ def _read_rank(directory: Path, rank: int, attrs: dict[str, Any]) -> dict[str, A
             raise _bad(path, f"attributes {meta.get('attrs')} while {MANIFEST} has {attrs}",
                        "every rank must pass the same attributes to dump (one call, one "
                        "capture directory)", rank)
+        unlisted = sorted(set(files.files) - set(meta["arrays"]) - {"meta"})
+        if unlisted:
+            raise _bad(path, f"members the meta entry does not list ({unlisted[:5]})", rank=rank)
         try:
             return {k: read_array(path, files, k, v) for k, v in meta["arrays"].items()}
         except CounterexampleFileError as exc:
             raise _bad(path, exc.given, rank=rank) from None
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # e.g. pickled object arrays
-            raise _bad(path, f"an unreadable array ({exc})", rank=rank) from None
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,16 @@ class Capture:
 def load(directory: str | Path) -> Capture:
     """Read and validate a capture directory (see the module docstring)."""
     directory = Path(directory)
+    try:
+        return _load(directory)
+    except SpecError:
+        raise
+    except READ_ERRORS as exc:  # a last net: no damaged capture ends in a traceback
+        raise _bad(directory, f"an unreadable capture ({type(exc).__name__}: "
+                   f"{str(exc)[:200]})") from None
+
+
+def _load(directory: Path) -> Capture:
     attrs = _read_manifest(directory)["attrs"]
     world_size = attrs["world_size"]
     extra = sorted(

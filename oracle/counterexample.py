@@ -1,35 +1,44 @@
 """Counterexample files: a failing :class:`spec.Problem` (and what the implementation returned)
 as one ``.npz`` holding the arrays and a JSON manifest.
 
-Nothing read is trusted: the file is opened with ``allow_pickle=False``, every array is checked
-against the manifest (name, dtype from a fixed list, shape), and the problem is rebuilt through
-:class:`spec.Problem`'s full validation. A malformed or hostile file raises
-:class:`spec.CounterexampleFileError`. bfloat16 arrays are stored as their uint16 bit patterns,
-so they round-trip exactly.
+Nothing read is trusted (:class:`Archive`): only a regular file is opened (no link, FIFO or
+device); member counts and declared sizes are checked before anything is decompressed, every
+read is bounded by the size the manifest implies, every array's ``.npy`` header must match its
+manifest entry (name, dtype from a fixed list, shape) before its data is read, nothing is
+unpickled, and the problem is rebuilt through :class:`spec.Problem`'s full validation. A
+malformed or hostile file raises :class:`spec.CounterexampleFileError`, whatever is wrong with
+it. bfloat16 arrays are stored as their uint16 bit patterns, so they round-trip exactly.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
+import math
+import os
+import stat
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from spec import DTYPES, OpConfig, Problem, RankInputs, SpecError
+from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 
 __all__ = [
     "ALLOWED_DTYPES",
     "FORMAT",
+    "Archive",
     "Counterexample",
     "arrays_of",
     "encode_arrays",
     "load",
+    "open_regular",
     "parse_header",
     "read_array",
     "save",
@@ -43,6 +52,16 @@ ALLOWED_DTYPES = ("bfloat16", "float16", "float32", "int8", "int32", "bool")
 _RANK_FIELDS = ("x", "expert_idx", "probs", "active_mask")
 _LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
 _MAX_ELEMENTS = 1 << 31
+#: Members of one archive: the manifest, six arrays per rank (four fields, two outputs) and four
+#: per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).
+MAX_MEMBERS = 1 + 6 * MAX_EP_SIZE + 4 * 4096
+_MAX_MANIFEST = 16 << 20
+_MAX_NPY_HEADER = 1 << 16
+_DEFLATE_RATIO = 1100  # deflate cannot expand more than about 1032:1
+#: Everything a damaged archive can raise while being read; each becomes a SpecError.
+READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+               MemoryError, RecursionError, NotImplementedError, RuntimeError,
+               zipfile.BadZipFile, zlib.error)
 
 Array = np.ndarray[Any, Any]
 
@@ -116,6 +135,132 @@ def save(
     return path
 
 
+def open_regular(path: Path, bad: Callable[..., SpecError]) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file; a link, a FIFO, a device or a
+    directory raises ``bad(given, fix)`` (reading one could block or never end)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise bad("no such file", "check the path printed by the failing run") from None
+    except OSError as exc:
+        raise bad(f"a path that cannot be inspected ({exc})", "check the path") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise bad("a symbolic link", "pass the file itself, not a link to it")
+    if not stat.S_ISREG(info.st_mode):
+        raise bad("not a regular file (a FIFO, a device or a directory)", "pass the file itself")
+    try:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise bad(f"a file that cannot be opened ({exc})", "check the file's permissions") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the two looks
+        f.close()
+        raise bad("not a regular file", "pass the file itself")
+    return f
+
+
+class Archive:
+    """An ``.npz`` read without trusting it: members by name (without ``.npy``), each read
+    with a bound, arrays decoded only after their ``.npy`` header matched what is expected.
+    Every failure raises ``bad(given)``. Use as a context manager."""
+
+    def __init__(self, path: Path, bad: Callable[..., SpecError]) -> None:
+        self.path, self._bad = path, bad
+        self._file = open_regular(path, bad)
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            self._zip = zipfile.ZipFile(self._file)
+            infos = self._zip.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise bad(f"{len(infos)} members, more than any call has ({MAX_MEMBERS})")
+            self._members: dict[str, zipfile.ZipInfo] = {}
+            for info in infos:
+                key = info.filename.removesuffix(".npy")
+                if key == info.filename or key in self._members or info.is_dir():
+                    raise bad(f"a member {info.filename[:80]!r} that is not one .npy array")
+                self._members[key] = info
+            declared = sum(i.file_size for i in infos)
+            if declared > _DEFLATE_RATIO * size + (1 << 20):
+                raise bad(f"members declaring {declared} bytes in a file of {size} bytes")
+        except SpecError:
+            self._file.close()
+            raise
+        except READ_ERRORS as exc:
+            self._file.seek(0)
+            single = self._file.read(6) == b"\x93NUMPY"
+            self._file.close()
+            if single:
+                raise bad("a single array, not an .npz archive") from None
+            raise bad(f"not a readable .npz ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._zip.close()
+        self._file.close()
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._members)
+
+    def _read(self, key: str, limit: int) -> bytes:
+        info = self._members[key]
+        if info.file_size > limit:
+            raise self._bad(f"member {key!r} declaring {info.file_size} bytes, more than its "
+                            f"manifest entry allows ({limit})")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise self._bad(f"member {key!r} compressed with method {info.compress_type}")
+        try:
+            with self._zip.open(info) as member:
+                data = member.read(limit + 1)
+        except READ_ERRORS as exc:
+            raise self._bad(f"member {key!r} that cannot be read ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+        if len(data) > limit:
+            raise self._bad(f"member {key!r} longer than its manifest entry allows ({limit})")
+        return data
+
+    def _npy(self, key: str, limit: int) -> tuple[np.dtype[Any], tuple[int, ...], bool, bytes]:
+        """The dtype, shape, Fortran order and data bytes of the .npy member ``key``."""
+        raw = self._read(key, limit + _MAX_NPY_HEADER)
+        stream = io.BytesIO(raw)
+        try:
+            version = np.lib.format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(stream, max_header_size=_MAX_NPY_HEADER)
+        except READ_ERRORS as exc:
+            raise self._bad(f"array {key!r} with a damaged .npy header ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+        return dtype, tuple(shape), bool(fortran), raw[stream.tell():]
+
+    def array(self, key: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Array:
+        """Member ``key`` as an array, which must be ``dtype`` of ``shape`` (read-only)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        got, got_shape, fortran, data = self._npy(key, nbytes)
+        if got.hasobject:
+            raise self._bad(f"array {key!r} that cannot be read safely (pickled objects)")
+        if got != dtype or got_shape != tuple(shape):
+            raise self._bad(f"array {key!r} stored as {got} {got_shape}, not {dtype} "
+                            f"{tuple(shape)} as its manifest says")
+        if len(data) != nbytes:
+            raise self._bad(f"array {key!r} with {len(data)} bytes of data, not {nbytes}")
+        return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+    def manifest(self, key: str) -> bytes:
+        """The raw bytes of a JSON manifest stored as a 1-D uint8 array under ``key``."""
+        if key not in self._members:
+            raise self._bad(f"no {key} entry")
+        got, shape, _, data = self._npy(key, _MAX_MANIFEST)
+        if got != np.uint8 or len(shape) != 1 or len(data) != shape[0]:
+            raise self._bad(f"a {key} entry of {got} {shape}, not a JSON text as uint8")
+        return data
+
+
 def parse_header(
     raw: bytes, file_format: str, version: int, bad: Callable[..., SpecError]
 ) -> dict[str, Any]:
@@ -132,58 +277,56 @@ def parse_header(
     return manifest
 
 
-def _read_manifest(path: Path, files: Any) -> dict[str, Any]:
-    if "manifest" not in files.files:
-        raise _bad(path, "no manifest entry")
-    try:
-        raw = files["manifest"]
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise _bad(path, f"a manifest that cannot be read safely ({exc})") from None
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise _bad(path, f"a manifest of {raw.dtype} {raw.shape}")
-    manifest = parse_header(raw.tobytes(), FORMAT, VERSION, functools.partial(_bad, path))
+def _read_manifest(path: Path, files: Archive) -> dict[str, Any]:
+    manifest = parse_header(files.manifest("manifest"), FORMAT, VERSION,
+                            functools.partial(_bad, path))
     if not isinstance(manifest.get("arrays"), dict) or not isinstance(manifest.get("config"), dict):
         raise _bad(path, "a manifest without 'arrays' and 'config'")
     return manifest
 
 
-def read_array(path: Path, files: Any, key: str, spec: object) -> Array:
-    """One array of an open .npz, checked against its manifest entry (dtype from a fixed list,
-    shape, size) and decoded (bfloat16 from its bit pattern)."""
+def read_array(path: Path, files: Archive, key: str, spec: object) -> Array:
+    """One array of an open :class:`Archive`, checked against its manifest entry (dtype from a
+    fixed list, shape, size) and decoded (bfloat16 from its bit pattern)."""
     if not isinstance(spec, dict) or spec.get("dtype") not in ALLOWED_DTYPES:
         raise _bad(path, f"array {key!r} with a dtype outside {ALLOWED_DTYPES}")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise _bad(path, f"array {key!r} with shape {shape!r}")
-    if int(np.prod(shape, dtype=np.int64)) > _MAX_ELEMENTS:
+    if not isinstance(shape, list) or not all(
+        type(s) is int and 0 <= s <= _MAX_ELEMENTS for s in shape
+    ) or len(shape) > 4:
+        raise _bad(path, f"array {key!r} with shape {str(shape)[:80]}")
+    if math.prod(shape) > _MAX_ELEMENTS:
         raise _bad(path, f"array {key!r} of {shape} elements, more than any call here")
     if key not in files.files:
         raise _bad(path, f"no array {key!r} though the manifest lists it")
     dtype = np.dtype(DTYPES.get(spec["dtype"], spec["dtype"]))
-    try:
-        stored = files[key]
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. a pickled object array
-        raise _bad(path, f"array {key!r} that cannot be read safely ({exc})") from None
-    if stored.dtype != _STORED.get(spec["dtype"], dtype) or list(stored.shape) != shape:
-        raise _bad(path, f"array {key!r} stored as {stored.dtype} {stored.shape}, "
-                   f"not {spec['dtype']} {tuple(shape)} as its manifest says")
-    return np.asarray(stored.view(dtype))
+    stored = files.array(key, _STORED.get(spec["dtype"], dtype), tuple(shape))
+    return stored.view(dtype)
+
+
+def _read_arrays(path: Path, files: Archive, specs: dict[str, Any], meta: str) -> dict[str, Array]:
+    """Every array the manifest lists; a member it does not list is a damaged file."""
+    unlisted = sorted(set(files.files) - set(specs) - {meta})
+    if unlisted:
+        raise _bad(path, f"members the manifest does not list ({unlisted[:5]})")
+    return {k: read_array(path, files, k, v) for k, v in specs.items()}
 
 
 def load(path: str | Path) -> Counterexample:
-    """Read and validate a counterexample file (``allow_pickle=False``)."""
+    """Read and validate a counterexample file (see the module docstring)."""
     path = Path(path)
     try:
-        files = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise _bad(path, "no such file", "check the path printed by the failing run") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise _bad(path, f"not a readable .npz ({exc})") from None
-    if not isinstance(files, np.lib.npyio.NpzFile):
-        raise _bad(path, "a single array, not an .npz archive")
-    with files:
+        return _load(path)
+    except SpecError:
+        raise
+    except READ_ERRORS as exc:  # a last net: no damaged file ends in a traceback
+        raise _bad(path, f"an unreadable file ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _load(path: Path) -> Counterexample:
+    with Archive(path, functools.partial(_bad, path)) as files:
         manifest = _read_manifest(path, files)
-        arrays = {k: read_array(path, files, k, v) for k, v in manifest["arrays"].items()}
+        arrays = _read_arrays(path, files, manifest["arrays"], "manifest")
     try:
         config = OpConfig(**manifest["config"])
     except (TypeError, SpecError) as exc:
