@@ -1,0 +1,440 @@
+"""A row-level statistical test of ``numerics="ideal"`` outputs, with a stated false-alarm
+probability: power at production shapes, where the sound elementwise bound
+(:mod:`oracle.bounds`) no longer rules anything out.
+
+Why. A worst-case bound adds absolute values at every step, so relative to the output it grows
+like √n per GEMM. A legitimate kernel's deviation from the float64 mathematics is a sum of many
+small rounding errors that mostly cancel; a bug moves a whole row coherently (a scale, a missing
+slot, a wrong expert, zeros). The test measures the coherent part: the projection of a token
+row's error ``d = got − out*`` (``out*`` the float64 ideal ``trace.combined``) on the ideal row.
+
+Model (the assumptions; :class:`IdealAssumptions` is the only input describing the kernel).
+A legitimate kernel computes ``out* + Σ_p J_p e_p + r``: every rounding point ``p`` contributes
+an error vector ``e_p`` whose elements are **independent, zero-mean and bounded**,
+``|e_p,j| <= c_p,j``, propagated linearly through the problem's own weights (``J_p`` the
+Jacobian of the pipeline at the ideal values), plus a second-order remainder ``r``. The rounding
+points, per received slot, in §6 order (``shared/reference/dispatch_ffn_combine.md``,
+``kernels.md`` for the other kernels' choices), ``u_s`` the unit roundoff of
+``stored_dtype`` (the coarsest format a legitimate kernel stores an intermediate in),
+``u_o`` that of the out dtype, ``u32 = 2^-24``:
+
+1. activation quantisation (W8A8): ``x − σ1·q``, ``c = σ1/2 + u32·amax`` with
+   ``σ1 = max(amax, amax_floor)(1 + u32)/127``. Equal values of ``x`` in a row quantise
+   identically, so the independent variables are the row's **distinct values**: a value ``v``
+   at positions ``g_v`` contributes ``e_v·Σ_{j∈g_v} α_j``. Exact ties (``fl(x/σ1)`` or
+   ``fl(x·127/amax)`` at ``k + 1/2``) round by the kernel's tie rule, not at random: their
+   ``|α_j|·c`` is added deterministically. Zeros are exact.
+2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
+   dequant multiplications), plus float32 accumulation in any order,
+   ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
+3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.bounds`) and up to two roundings to
+   ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
+4. requantisation (W8A8): ``c = σ2/2 + 3·u32·|a'|``, ``σ2 = (max|a| + max E_a)(1 + u32)/127``.
+5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
+   accumulation ``γ_I·||a'||·||W2_c||``.
+6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
+   the out dtype, each ``<= u_o·Σ_k|p_k y'_k|``; otherwise float32, ``γ_topk·Σ_k|p_k y'_k|``.
+7. final cast: ``c = u_o·|out'|``.
+
+Primed values are the kernel's (``|v'| <= |v| + E_v``, ``E_v`` below), so every ``c`` bounds the
+error actually made.
+
+The projection (Hoeffding). With ``ŵ = out*/|out*|``, ``s = ŵ·d = Σ_p (J_pᵀŵ)·e_p + ŵ·r``. The
+coefficients ``α_p = J_pᵀŵ`` come from back-propagating ``ŵ`` through the linearised pipeline:
+``β_y,k = p_k·ŵ``, ``β_a = W2d·β_y`` (one matvec), ``β_g = β_a·silu'(g)·u``, ``β_u = β_a·silu(g)``
+(zero where the clamp is active), ``α_x = Σ_k W1d·β_h,k`` (one matvec per slot, summed over the
+token's slots, which share ``x``'s quantisation). For independent zero-mean ``e_j`` with
+``|e_j| <= c_j``, Hoeffding's inequality (Hoeffding 1963, Thm 2) gives
+``P(|Σ α_j e_j| >= t) <= 2·exp(−t²/(2V))``, ``V = Σ α_j² c_j²``. So, with the per-row share
+``δ_row`` of the false-alarm probability, a legitimate row has
+``|s| <= T := sqrt(2V·ln(2/δ_row)) + R``, ``R`` the deterministic part (ties, remainder).
+
+The remainder. Everything is linear in the ``e_p`` except SwiGLU: with ``|δg| <= E_g``,
+``|δu| <= E_u``, Taylor's theorem with ``sup|silu''| = 1/2`` (at 0) gives, per element,
+``r = [silu(g+δg) − silu(g) − silu'(g)δg](u+δu) + silu'(g)·δg·δu``, so
+``|r| <= E_g²(|u| + E_u)/4 + |silu'(g)|·E_g·E_u``, which reaches ``s`` through ``β_a``. ``E_h``
+holds with probability ``1 − δ_h`` for every element of the call at once: per element
+Hoeffding on the activation part with variance proxy ``v = c1²·Σ_j m_j·W1d_jc²`` (``m_j`` the
+multiplicity of ``x_j``'s value: Cauchy–Schwarz within a group, ``(Σ_{j∈g} w_j)² <=
+m·Σ_{j∈g} w_j²``), union bound over the ``n_h`` elements (``z = sqrt(2 ln(2n_h/δ_h))``), plus
+the deterministic storage term; ``E_a = |silu'(g)u|·E_g + |silu(g)|·E_u + |r| + c_swiglu``, and
+``|δy_c| <= ||E_a + c_req||·||W2d_c||`` (Cauchy–Schwarz). The remainders enter the model as
+further bounded zero-mean terms, with two bounds of which the smaller is used (both are fixed
+before the output is seen): Hoeffding on their ranges ``|β_a|·|r|`` (added to ``V``), or
+Bernstein's inequality (Boucheron, Lugosi, Massart, *Concentration Inequalities*, Thm 2.10)
+on their second moments, ``E r² <= 2(3v_g²(|u| + E_u)²/16 + 3·silu'(g)²·v_g·v_u)`` (for a
+sum of independent zero-mean terms bounded as above, ``E δ⁴ <= 3v²``), range
+``b = max|β_a·r|``: ``t = sqrt(2σ²L) + 2bL/3``. Where the clamp may switch within ``E_h``, the
+element's whole ``|β_h|·E_h`` is deterministic.
+
+Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the projections, and
+the projections' share over the tested rows (union bound, ``L = ln(2n_rows/(δ/2))``): under
+the model, a call with a legitimate output is rejected with probability at most
+``false_alarm``. The coefficients are computed in float32: ``V`` and ``R`` are widened by
+``(1 + γ_{K+N})``.
+
+Fallback (which test judged each row, :attr:`RowThresholds.judged_by`): undefined rows are not
+tested; a zero ideal row (no direction), a row below the quantiser's ``amax_floor``, a row with
+a non-finite coefficient, a row whose remainder part of the threshold exceeds its first-order
+part (the linearisation is not small there), and a row whose deterministic part (ties, clamp
+band) exceeds its stochastic part are left to the sound bound alone.
+
+Neglected: the float64 ideal's own error (``γ64``-relative, ten orders below every term here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from oracle.bounds import EXP_ULPS, F32, _Format
+from oracle.reference import Result, route
+from spec import DTYPES, Problem
+
+__all__ = ["DEFAULT_FALSE_ALARM", "TERMS", "IdealAssumptions", "RowThresholds", "RowVerdict",
+           "row_test", "row_thresholds"]
+
+Array = np.ndarray[Any, Any]
+
+#: The default probability, per call, that a legitimate kernel's output is rejected.
+DEFAULT_FALSE_ALARM = 1e-9
+#: The modelled error sources (module docstring, points 1–7, and the SwiGLU remainder).
+TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out_cast",
+         "remainder")
+#: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
+_SILU_CURVATURE = 0.5
+
+
+@dataclass(frozen=True)
+class IdealAssumptions:
+    """What the row test assumes of a legitimate kernel: the only input that describes it.
+
+    ``stored_dtype``: the coarsest format it stores an intermediate in (GEMM1 output, SwiGLU
+    output, ``y`` per slot); default ``"bfloat16"``, the coarsest legitimate one (kernels.md).
+    ``ties``: the tie rules it may use when quantising (``"away"``, ``"even"``).
+    ``amax_floor``: its quantiser floors ``amax`` (vLLM's Triton quantiser: 1e-10); rows below
+    are left to the sound bound. ``x_dtype_combine_topk``: the top_k values for which it may
+    sum the combine in the out dtype (vLLM ``moe_sum``). ``false_alarm``: the probability per
+    call of rejecting a legitimate output, under the model of the module docstring.
+    """
+
+    stored_dtype: str = "bfloat16"
+    ties: tuple[str, ...] = ("away", "even")
+    amax_floor: float | None = None
+    x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
+    false_alarm: float = DEFAULT_FALSE_ALARM
+
+    def __post_init__(self) -> None:
+        if self.stored_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"stored_dtype {self.stored_dtype!r} is not bfloat16 or float16")
+        if not set(self.ties) <= {"away", "even"} or not self.ties:
+            raise ValueError(f"ties {self.ties!r}: give one or both of 'away', 'even'")
+        if not 0 < self.false_alarm < 1:
+            raise ValueError(f"false_alarm {self.false_alarm!r} must lie strictly between 0 "
+                             "and 1")
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    """The row test's answer for one call: ``ratio`` = worst ``|s|/T`` over tested rows."""
+
+    ok: bool
+    ratio: float
+    rank: int | None
+    token: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class RowThresholds:
+    """Per rank: the ideal unit rows ``direction`` (M_r, K), ``norm`` = ``|out*|``, the
+    threshold ``threshold`` on ``|ŵ·d|/|out*|`` (``inf`` where not tested) and ``judged_by``
+    (``"projection"``, ``"bound: <reason>"`` or ``"undefined"``)."""
+
+    ideal: tuple[Array, ...]
+    direction: tuple[Array, ...]
+    norm: tuple[Array, ...]
+    threshold: tuple[Array, ...]
+    judged_by: tuple[Array, ...]
+    assumptions: IdealAssumptions
+
+    def statistics(self, outs: Sequence[Array]) -> tuple[Array, ...]:
+        """Per rank, ``ŵ·(got − out*)/|out*|`` per row (0 where not tested)."""
+        stats = []
+        for out, ideal, w, n, t in zip(outs, self.ideal, self.direction, self.norm,
+                                       self.threshold):
+            tested = np.isfinite(t)
+            d = np.where(tested[:, None], out.astype(np.float64) - np.nan_to_num(ideal), 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                stats.append(np.where(tested, np.einsum("tk,tk->t", d, w) / n, 0.0))
+        return tuple(stats)
+
+    def judge(self, outs: Sequence[Array]) -> RowVerdict:
+        """Reject the call if any tested row's ``|s|`` exceeds its threshold."""
+        worst = (0.0, -1, -1, 0.0, 0.0)
+        for r, (s, t) in enumerate(zip(self.statistics(outs), self.threshold)):
+            if not s.size:
+                continue
+            with np.errstate(invalid="ignore"):
+                ratios = np.where(np.isfinite(t), np.abs(s) / t, 0.0)
+            k = int(np.argmax(ratios))
+            if ratios[k] > worst[0]:
+                worst = (float(ratios[k]), r, k, float(s[k]), float(t[k]))
+        top, r, k, s_k, t_k = worst
+        if top <= 1:
+            return RowVerdict(True, top, None, None, "rows conform")
+        return RowVerdict(
+            False, top, r, k,
+            f"rank {r}, token {k}: error projection on the ideal row {s_k:+.3g} x |row| where "
+            f"legitimate kernels stay within ±{t_k:.3g} (row test, false-alarm probability "
+            f"{self.assumptions.false_alarm:g})",
+        )
+
+
+def row_test(
+    problem: Problem, ideal: Result, outs: Sequence[Array],
+    assumptions: IdealAssumptions = IdealAssumptions(),
+) -> RowVerdict:
+    """Judge one call's ``out`` arrays (one per rank) with the row test.
+
+    >>> from spec import OpConfig, random_problem
+    >>> import oracle
+    >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=64,
+    ...                             intermediate=32, tokens_per_rank=(4,)))
+    >>> ideal = oracle.run(p, numerics="ideal")
+    >>> row_test(p, ideal, [r.out for r in oracle.run(p).ranks]).ok
+    True
+    >>> row_test(p, ideal, [r.out * 0 for r in oracle.run(p).ranks]).ok
+    False
+    """
+    return row_thresholds(problem, ideal, assumptions).judge(outs)
+
+
+def _unit(dtype_name: str) -> float:
+    return _Format.of(DTYPES[dtype_name]).unit
+
+
+def _col_sumsq(w: Array) -> Array:
+    return np.asarray(np.einsum("kn,kn->n", w, w, dtype=np.float64))
+
+
+def row_thresholds(
+    problem: Problem, ideal: Result,
+    assumptions: IdealAssumptions = IdealAssumptions(),
+    *, omit: Collection[str] = (),
+) -> RowThresholds:
+    """The row test's thresholds for one problem (derivation: the module docstring); the
+    ideal-mode result ``ideal`` supplies ``out*`` and the per-slot ``y*``. ``omit`` drops
+    named :data:`TERMS` from the variance (for showing that each is needed)."""
+    unknown = set(omit) - set(TERMS)
+    if unknown:
+        raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
+    on = {t: 0.0 if t in omit else 1.0 for t in TERMS}
+    cfg = problem.config
+    top_k, k_len, i_len, e_local = cfg.top_k, cfg.hidden, cfg.intermediate, cfg.experts_per_rank
+    n_len = 2 * i_len
+    u32 = F32.unit
+    u_s = _unit(assumptions.stored_dtype) + 3 * u32
+    u_o = _unit(cfg.x_dtype)
+    rho = F32.exp_rho(EXP_ULPS)
+    int8 = cfg.weight_dtype == "int8"
+    total = sum(cfg.tokens_per_rank)
+    routing = route(problem)
+    x = (np.concatenate([r.x for r in problem.ranks]).astype(np.float32) if total
+         else np.zeros((0, k_len), np.float32))
+    probs = (np.concatenate([r.probs for r in problem.ranks]).astype(np.float64) if total
+             else np.zeros((0, top_k)))
+    combined = np.concatenate(ideal.trace.combined) if total else np.zeros((0, k_len))
+    y_star = (np.concatenate(ideal.trace.y).reshape(total * top_k, k_len) if total
+              else np.zeros((0, k_len)))
+    defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
+    norm = np.sqrt(np.einsum("tk,tk->t", np.nan_to_num(combined), np.nan_to_num(combined)))
+    tested = defined & (norm > 0) & np.isfinite(norm)
+    direction = np.where(tested[:, None], np.nan_to_num(combined) / np.where(tested, norm, 1)
+                         [:, None], 0.0)
+    reasons = np.full(total, "projection", dtype=object)
+    reasons[~defined] = "undefined"
+    reasons[defined & ~tested] = "bound: zero ideal row"
+
+    # Activation quantisation, per token: scale, largest multiplicity of a value, ties.
+    ax = np.abs(x.astype(np.float64))
+    amax = ax.max(axis=1, initial=0.0)
+    floor = assumptions.amax_floor
+    if floor is not None:
+        below = defined & (amax < floor)
+        reasons[below & tested] = "bound: below the quantiser's amax floor"
+        tested &= ~below
+        amax = np.maximum(amax, floor)
+    c1 = (amax * (1 + u32) / 127 / 2 + u32 * amax) if int8 else np.zeros(total)
+    ties = _activation_ties(x, amax) if int8 else np.zeros(x.shape, dtype=bool)
+    group, mult = _value_groups(x, ties)
+
+    n_slots = int(routing.slot_kept.sum())
+    delta = assumptions.false_alarm
+    z_h = math.sqrt(2 * math.log(2 * max(n_slots * n_len, 1) / (delta / 2)))
+    alpha_x = np.zeros((total, k_len))
+    var = np.zeros(total)
+    det = np.zeros(total)
+    var_rem = np.zeros(total)  # the SwiGLU remainder: second moments (Bernstein)
+    range_rem = np.zeros(total)  # and the largest single term
+    hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
+    e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
+    limit = cfg.swiglu_limit
+    x_norm = np.sqrt(np.einsum("tk,tk->t", ax, ax))
+    for g in np.flatnonzero(routing.expert_kept):
+        start = routing.expert_start[g]
+        slots = routing.order[start: start + routing.expert_kept[g]]
+        tok = slots // top_k
+        w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        w1d = w1.astype(np.float32) * (np.float32(1) if s1 is None else s1)
+        w2d = w2.astype(np.float32) * (np.float32(1) if s2 is None else s2)
+        col1 = _col_sumsq(w1d)  # (N,)
+        w1sq = np.square(w1d)
+        col2 = _col_sumsq(w2d)  # (K,)
+        h = (x[tok] @ w1d).astype(np.float64)
+        # High-probability bound on |δh| (activation part) plus the deterministic storage.
+        c_h = u_s * np.abs(h) + F32.gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
+        n_ties = ties[tok].sum(axis=1)
+        v_act = c1[tok, None] ** 2 * (mult[tok] @ w1sq).astype(np.float64)
+        e_h = z_h * np.sqrt(v_act) + c1[tok, None] * np.sqrt(n_ties[:, None] * col1)
+        c_h = c_h + u_s * e_h
+        e_h = e_h + c_h
+        v_h = v_act + c_h**2  # variance proxy of δh
+        gate, up = h[:, :i_len], h[:, i_len:]
+        e_g, e_u = e_h[:, :i_len], e_h[:, i_len:]
+        pass_g = np.ones_like(gate, dtype=bool)
+        pass_u = np.ones_like(up, dtype=bool)
+        band = np.zeros_like(h, dtype=bool)
+        if limit is not None:
+            pass_g = gate < limit
+            pass_u = np.abs(up) < limit
+            band[:, :i_len] = np.abs(gate - limit) <= e_g
+            band[:, i_len:] = np.abs(np.abs(up) - limit) <= e_u
+            gate = np.minimum(gate, limit)
+            up = np.clip(up, -limit, limit)
+        with np.errstate(over="ignore"):
+            sig = 1 / (1 + np.exp(-gate))
+        silu = gate * sig
+        dsilu = sig * (1 + gate * (1 - sig))
+        d_g = np.where(pass_g, dsilu * up, 0.0)
+        d_u = np.where(pass_u, silu, 0.0)
+        a = silu * up
+        rem_a = _SILU_CURVATURE / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
+        e_a = np.abs(d_g) * e_g + np.abs(d_u) * e_u + rem_a
+        a_mag = np.abs(a) + e_a
+        c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
+        e_a = e_a + np.sqrt(c_sw2)
+        if int8:
+            amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
+            c_req = amax2[:, None] * (1 + u32) / 127 / 2 + 3 * u32 * (np.abs(a) + e_a)
+        else:
+            c_req = np.zeros_like(a)
+        e_a2 = e_a + c_req
+        e_y = np.sqrt(np.einsum("ri,ri->r", e_a2, e_a2))[:, None] * np.sqrt(col2)
+        e_y_norm[slots] = e_y
+
+        # Back-propagate ŵ.
+        p = probs.reshape(-1)[slots]
+        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
+        beta_a = (beta_y @ w2d.T).astype(np.float64)
+        beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
+        np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
+        a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
+        c_acc2 = F32.gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
+        y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
+        slot_var = (
+            on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
+            + np.einsum("ri,ri->r", beta_a**2, on["swiglu"] * c_sw2
+                        + on["requantisation"] * c_req**2)
+            + on["y"] * p**2 * np.einsum("rk,rk->r", direction[tok]**2,
+                                         (u_s**2 + u_o**2) * y_mag**2 + c_acc2**2)
+        )
+        slot_det = np.einsum("rn,rn->r", np.abs(beta_h), e_h * band)
+        np.add.at(var, tok, slot_var)
+        np.add.at(det, tok, slot_det)
+        v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
+        rem_m2 = 2 * (3 / 16 * v_g**2 * (np.abs(up) + e_u) ** 2 + 3 * dsilu**2 * v_g * v_u)
+        np.add.at(var_rem, tok, on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_m2))
+        np.maximum.at(range_rem, tok, (np.abs(beta_a) * rem_a).max(axis=1, initial=0.0))
+        np.add.at(hoeffding_rem, tok,
+                  on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_a**2))
+
+    # Activation: distinct values are the independent variables; ties are deterministic.
+    if int8 and total:
+        free = ~ties & (x != 0)
+        sums = np.bincount(group[free], weights=alpha_x[free], minlength=int(group.max()) + 1)
+        owner = np.zeros(sums.shape[0], dtype=np.int64)
+        owner[group[free]] = np.nonzero(free)[0]
+        var += on["activation"] * c1**2 * np.bincount(owner, weights=sums**2, minlength=total)
+        det += on["activation"] * c1 * np.where(ties, np.abs(alpha_x), 0.0).sum(axis=1)
+
+    # Combine and the final cast, on the token's own direction.
+    mags = (probs[:, :, None] * (np.abs(np.nan_to_num(y_star)) + e_y_norm).reshape(
+        total, top_k, k_len)).sum(axis=1)
+    if top_k in assumptions.x_dtype_combine_topk:
+        comb2 = (top_k - 1) * (u_o * mags) ** 2
+    else:
+        comb2 = (F32.gamma(top_k) * mags) ** 2
+    out_mag = np.abs(np.nan_to_num(combined)) + (probs[:, :, None] * e_y_norm.reshape(
+        total, top_k, k_len)).sum(axis=1)
+    var += np.einsum("tk,tk->t", direction**2,
+                     on["combine"] * comb2 + on["out_cast"] * (u_o * out_mag) ** 2)
+
+    widen = 1 + F32.gamma(k_len + n_len)
+    n_rows = max(int(tested.sum()), 1)
+    log_row = math.log(2 * n_rows / (delta / 2))
+    stochastic = np.sqrt(2 * var * log_row) * widen
+    # Hoeffding on the remainder's ranges, or Bernstein on its second moments: both
+    # thresholds are fixed before the output is seen, so the smaller one holds.
+    hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
+    bernstein = stochastic + (np.sqrt(2 * var_rem * log_row) + 2 / 3 * range_rem * log_row) * widen
+    remainder = np.minimum(hoeffding, bernstein) - stochastic
+    nonlinear = tested & (remainder > stochastic)
+    reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
+    tested &= ~nonlinear
+    stochastic = stochastic + remainder
+    det = det * widen
+    finite = np.isfinite(stochastic) & np.isfinite(det)
+    reasons[tested & ~finite] = "bound: non-finite coefficient"
+    tested &= finite
+    coherent = tested & (det > stochastic)
+    reasons[coherent] = "bound: deterministic terms (ties, clamp) exceed the stochastic part"
+    tested &= ~coherent
+    with np.errstate(divide="ignore", invalid="ignore"):
+        threshold = np.where(tested, (stochastic + det) / norm, np.inf)
+    cuts = np.cumsum(cfg.tokens_per_rank)[:-1]
+
+    def split(a: Array) -> tuple[Array, ...]:
+        return tuple(np.split(a, cuts))
+
+    return RowThresholds(tuple(ideal.trace.combined), split(direction), split(norm),
+                         split(threshold), split(reasons), assumptions)
+
+
+def _activation_ties(x: Array, amax: Array) -> Array:
+    """Elements that land exactly on ``k + 1/2`` under either quantiser formula (§6 step 1's
+    ``x / fl(amax/127)`` or the reciprocal ``x · fl(127/amax)``): rounded by the tie rule."""
+    a32 = amax.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        t1 = x / (a32 / np.float32(127))
+        t2 = x * (np.float32(127) / a32)
+    frac = [np.abs(t) - np.floor(np.abs(t)) for t in (t1, t2)]
+    return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
+
+
+def _value_groups(x: Array, ties: Array) -> tuple[Array, Array]:
+    """Per element, a group id shared by equal values of the same row (``x`` float32), and per
+    element the multiplicity of its value (0 for zeros and ties, which are not random)."""
+    rows, cols = x.shape
+    if not x.size:
+        return np.zeros(x.shape, np.int64), np.zeros(x.shape, np.float32)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
+    key = np.arange(rows, dtype=np.int64)[:, None] << 32 | bits
+    _, inverse, counts = np.unique(key.reshape(-1), return_inverse=True, return_counts=True)
+    group = inverse.reshape(rows, cols)
+    mult = np.where((x != 0) & ~ties, counts[group], 0)
+    return group, mult.astype(np.float32)

@@ -1,0 +1,210 @@
+"""The judge's meta-tests (ulp spacing, signed zeros, NaN, undefined rows) and the ideal-mode
+row test (:mod:`oracle.rowtest`): legitimate kernels pass, coherent bugs fail, the threshold
+follows its false-alarm probability, and a modelled error source is needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import oracle
+from oracle.bounds import ideal_tolerance
+from oracle.judge import compare, out_dtype_spacing
+from oracle.rowtest import TERMS, IdealAssumptions, row_test, row_thresholds
+from spec import OpConfig, Problem, random_problem
+
+Array = np.ndarray[Any, Any]
+BF16 = ml_dtypes.bfloat16
+
+
+def _pairs(result: oracle.Result, outs: list[Array] | None = None) -> list[tuple[Array, Array]]:
+    return [(r.out if outs is None else o, r.expert_token_nums)
+            for r, o in zip(result.ranks, outs or [None] * len(result.ranks))]
+
+
+def _problem(k: int = 256, i: int = 128, **kw: Any) -> Problem:
+    cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=4, hidden=k, intermediate=i,
+                   tokens_per_rank=(4, 3), **kw)
+    return random_problem(cfg, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# ulp spacing, ±0, NaN, undefined rows
+
+
+@pytest.mark.parametrize(("dtype_name", "digits"), [("bfloat16", 8), ("float16", 11)])
+def test_spacing_below_a_power_of_two_is_half(dtype_name: str, digits: int) -> None:
+    one = np.array([1.0, -4.0])
+    above = 2.0 ** (1 - digits) * np.abs(one)
+    assert np.array_equal(out_dtype_spacing(one, dtype_name), above)
+    assert np.array_equal(out_dtype_spacing(one, dtype_name, toward=one * 1.5), above)
+    assert np.array_equal(out_dtype_spacing(one, dtype_name, toward=one * 0.9), above / 2)
+    # Two ulps below a power of two are two spacings, not one.
+    two_below = one - np.sign(one) * 2 * above / 2
+    err = np.abs(two_below - one)
+    assert (err / out_dtype_spacing(one, dtype_name, toward=two_below) == 2).all()
+
+
+def test_spacing_at_the_smallest_normal_stays_subnormal() -> None:
+    tiny = np.array([2.0**-14])
+    assert out_dtype_spacing(tiny, "float16", toward=tiny / 2)[0] == 2.0**-24
+
+
+def _with_zero_row() -> Problem:
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+                   tokens_per_rank=(3,))
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(BF16)
+    x[1] = 0
+    return random_problem(cfg, seed=0, x=[x])
+
+
+@pytest.mark.parametrize("numerics", ["faithful", "ideal"])
+def test_negative_zero_equals_zero(numerics: str) -> None:
+    problem = _with_zero_row()
+    result = oracle.run(problem)
+    out = result.ranks[0].out.copy()
+    assert (out[1].astype(np.float32) == 0).all()
+    out[1] = -out[1]
+    assert compare(problem, _pairs(result, [out]), numerics=numerics).ok
+
+
+def test_nan_on_a_defined_row_fails_and_is_ignored_on_an_undefined_one() -> None:
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+                   tokens_per_rank=(3,))
+    problem = random_problem(cfg, seed=0, active_mask=[np.array([True, False, True])])
+    result = oracle.run(problem)
+    for numerics in ("faithful", "ideal"):
+        out = result.ranks[0].out.copy()
+        out[1] = np.nan  # masked: undefined, anything goes
+        assert compare(problem, _pairs(result, [out]), numerics=numerics).ok
+        out[0, 3] = np.nan
+        verdict = compare(problem, _pairs(result, [out]), numerics=numerics)
+        assert (verdict.ok, verdict.stage, verdict.where) == (False, "non_finite", (0, 3))
+
+
+def test_undefined_rows_are_not_row_tested() -> None:
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=64, intermediate=32,
+                   tokens_per_rank=(4,))
+    problem = random_problem(cfg, seed=0, active_mask=[np.array([True, False, True, True])])
+    ideal = oracle.run(problem, numerics="ideal")
+    th = row_thresholds(problem, ideal)
+    assert th.judged_by[0][1] == "undefined" and np.isinf(th.threshold[0][1])
+    out = oracle.run(problem).ranks[0].out.copy()
+    out[1] = 1000
+    assert row_test(problem, ideal, [out]).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# The sound bound's degenerate cases
+
+
+def test_tiny_rows_get_a_finite_ideal_tolerance() -> None:
+    """Rows so small that 127/amax2 overflows float32: the model requantises in float64, so
+    the bound stays finite (it used to be inf, which let any output pass)."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=2, hidden=32, intermediate=16,
+                   tokens_per_rank=(4,))
+    scale = 2.0 ** np.array([-58, -61, -63, 0])[:, None]
+    x = (np.random.default_rng(0).standard_normal((4, 32)) * scale).astype(BF16)
+    problem = random_problem(cfg, seed=1, x=[x])
+    ideal = oracle.run(problem, numerics="ideal")
+    tol = ideal_tolerance(problem, ideal)[0]
+    assert np.isfinite(tol).all() and (tol < 1e300).all()
+    faithful = oracle.run(problem).ranks[0].out.astype(np.float64)
+    assert (np.abs(faithful - ideal.ranks[0].out.astype(np.float64)) <= tol).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The row test
+
+
+@pytest.mark.parametrize("kernel", ["ascend-a3", "vllm-triton"])
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_legitimate_kernels_pass_the_row_test(kernel: str, weights: str) -> None:
+    problem = _problem(weight_dtype=weights)
+    verdict = compare(problem, _pairs(oracle.run(problem, numerics=kernel)), numerics="ideal")
+    assert verdict.ok, verdict.message
+    th = row_thresholds(problem, oracle.run(problem, numerics="ideal"))
+    assert all((j == "projection").all() for j in th.judged_by)
+
+
+def test_scaled_output_fails_the_row_test_with_its_numbers() -> None:
+    problem = _problem()
+    result = oracle.run(problem)
+    outs = [(r.out.astype(np.float32) * 1.08).astype(r.out.dtype) for r in result.ranks]
+    verdict = compare(problem, _pairs(result, outs), numerics="ideal")
+    assert not verdict.ok and verdict.stage == "out", verdict
+    assert "row test, false-alarm probability 1e-09" in verdict.message
+    assert "error projection on the ideal row +0.08" in verdict.message
+    assert verdict.ratio > 1
+
+
+def test_zero_output_fails_where_the_bound_alone_passes_it() -> None:
+    problem = _problem(k=1024, i=512)
+    ideal = oracle.run(problem, numerics="ideal")
+    result = oracle.run(problem)
+    zeros = [r.out * 0 for r in result.ranks]
+    tol = ideal_tolerance(problem, ideal)
+    within = all((np.abs(w.out.astype(np.float64)) <= t).all() for w, t in zip(ideal.ranks, tol))
+    verdict = compare(problem, _pairs(result, zeros), numerics="ideal", expected=ideal)
+    assert not verdict.ok and ("row test" in verdict.message or not within)
+
+
+def test_threshold_follows_the_false_alarm_probability() -> None:
+    """``T = sqrt(2V·ln(2n/δ))`` (plus terms that do not depend on δ): a smaller δ raises it,
+    and the statistic of a legitimate kernel is the same whatever δ."""
+    problem = _problem()
+    ideal = oracle.run(problem, numerics="ideal")
+    loose, strict = (row_thresholds(problem, ideal, IdealAssumptions(false_alarm=d))
+                     for d in (1e-3, 1e-12))
+    for a, b in zip(loose.threshold, strict.threshold):
+        assert (b > a).all()
+    outs = [r.out for r in oracle.run(problem).ranks]
+    for a, b in zip(loose.statistics(outs), strict.statistics(outs)):
+        assert np.array_equal(a, b)
+
+
+def _activation_witness() -> Problem:
+    """I = 1 and fp16 x: the activation quantisation error dominates every other source."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=256, intermediate=1,
+                   tokens_per_rank=(64,), x_dtype="float16")
+    return random_problem(cfg, seed=1)
+
+
+def test_the_row_test_fails_without_the_activation_term() -> None:
+    """At a false-alarm probability of 0.9 the threshold is tight enough that dropping the
+    dominant modelled source makes the legitimate kernel fail; with it, it passes."""
+    problem = _activation_witness()
+    ideal = oracle.run(problem, numerics="ideal")
+    outs = [r.out for r in oracle.run(problem).ranks]
+    tight = IdealAssumptions(false_alarm=0.9)
+    assert row_thresholds(problem, ideal, tight).judge(outs).ok
+    assert not row_thresholds(problem, ideal, tight, omit=("activation",)).judge(outs).ok
+
+
+def test_zero_rows_fall_back_to_the_sound_bound() -> None:
+    problem = _with_zero_row()
+    th = row_thresholds(problem, oracle.run(problem, numerics="ideal"))
+    assert th.judged_by[0].tolist() == ["projection", "bound: zero ideal row", "projection"]
+
+
+def test_rows_below_the_amax_floor_fall_back() -> None:
+    problem = _with_zero_row()
+    ideal = oracle.run(problem, numerics="ideal")
+    th = row_thresholds(problem, ideal, IdealAssumptions(amax_floor=1e3))
+    assert all(j.startswith("bound") for j in th.judged_by[0])
+
+
+def test_assumptions_and_terms_are_checked() -> None:
+    with pytest.raises(ValueError, match="false_alarm"):
+        IdealAssumptions(false_alarm=0)
+    with pytest.raises(ValueError, match="ties"):
+        IdealAssumptions(ties=("up",))
+    with pytest.raises(ValueError, match="stored_dtype"):
+        IdealAssumptions(stored_dtype="int8")
+    problem = _with_zero_row()
+    with pytest.raises(ValueError, match="unknown terms"):
+        row_thresholds(problem, oracle.run(problem, numerics="ideal"), omit=("rounding",))
+    assert "activation" in TERMS and "remainder" in TERMS
