@@ -218,6 +218,13 @@ def _unit(dtype_name: str) -> float:
     return _Format.of(DTYPES[dtype_name]).unit
 
 
+def _scaled32(w: Array, scale: Array | None) -> Array:
+    """``w·diag(scale)`` in float32, one pass."""
+    if scale is None:
+        return np.asarray(w, dtype=np.float32)
+    return np.multiply(w, scale, dtype=np.float32)
+
+
 def _col_sumsq(w: Array) -> Array:
     return np.asarray(np.einsum("kn,kn->n", w, w, dtype=np.float64))
 
@@ -290,10 +297,10 @@ def row_thresholds(
         slots = routing.order[start: start + routing.expert_kept[g]]
         tok = slots // top_k
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
-        w1d = w1.astype(np.float32) * (np.float32(1) if s1 is None else s1)
-        w2d = w2.astype(np.float32) * (np.float32(1) if s2 is None else s2)
-        col1 = _col_sumsq(w1d)  # (N,)
+        w1d = _scaled32(w1, s1)
+        w2d = _scaled32(w2, s2)
         w1sq = np.square(w1d)
+        col1 = w1sq.sum(axis=0, dtype=np.float64)  # (N,)
         col2 = _col_sumsq(w2d)  # (K,)
         h = (x[tok] @ w1d).astype(np.float64)
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
