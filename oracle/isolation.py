@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import inspect
 import json
 import os
@@ -389,6 +390,9 @@ class ChildProcess:
         self._reap()
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
+        for fd in (req_w, ans_w):  # Linux: fewer round trips for megabytes of weights
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         path = [p for p in sys.path if p]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         code = ("import sys; from oracle.isolation import child_main; "
