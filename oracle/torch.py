@@ -102,10 +102,19 @@ def to_numpy(value: Any) -> Array:
             field="tensor", given=describe(value), allowed="a torch.Tensor or a NumPy array",
             fix="pass tensors or arrays",
         )
-    t = value.detach().to("cpu").contiguous()
+    if value.layout != torch.strided or value.is_meta:
+        what = "a meta tensor (no data)" if value.is_meta else f"a {value.layout} tensor"
+        raise DTypeError(field="tensor", given=what, allowed="a dense tensor with data",
+                         fix="return dense tensors on a real device (e.g. .to_dense())")
+    t = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
     if t.dtype == torch.bfloat16:
         return np.array(t.view(torch.int16).numpy().view(_BF16))
-    return np.array(t.numpy())
+    try:
+        return np.array(t.numpy())
+    except (TypeError, RuntimeError) as exc:  # float8, complex32, quantised: no NumPy dtype
+        raise DTypeError(field="tensor", given=f"dtype {t.dtype} ({exc})",
+                         allowed="a dtype NumPy holds (bfloat16, float16, float32, int*)",
+                         fix="return the contract's dtypes (out like x, int32 counts)") from None
 
 
 def to_tensor(a: Array, *, device: Any = None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Sources: §2–§4 of ``shared/reference/dispatch_ffn_combine.md`` (vllm-ascend ``main`` at
 ``182b75ea84``). ``Problem`` validates everything on construction and never writes into the
-caller's arrays: it keeps read-only views of them, so neither the oracle nor anything handed the
-problem can modify what the caller passed through it.
+caller's arrays: it keeps read-only copies of them, so neither the oracle nor anything handed the
+problem can modify what the caller passed, and nothing the caller does later changes the
+problem.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ class RankInputs:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    view = a.view()
-    view.flags.writeable = False
-    return view
+    copy = np.array(a, copy=True, order="C")
+    copy.flags.writeable = False
+    return copy
 
 
 def _require_array(value: object, *, rank: int, field: str, allowed: str) -> np.ndarray:
@@ -103,6 +104,15 @@ def _require_array(value: object, *, rank: int, field: str, allowed: str) -> np.
         raise DTypeError(
             rank=rank, field=field, given=describe(value), allowed=f"a NumPy array, {allowed}",
             fix=f"pass {field} as a NumPy array (the torch adapter converts tensors)",
+        )
+    if type(value) is not np.ndarray:
+        # A masked array hides NaN and -1 ids from validation; np.matrix changes what * means.
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise DTypeError(
+            rank=rank, field=field, given=f"a {kind} (an ndarray subclass)",
+            allowed=f"a plain NumPy array, {allowed}",
+            fix=f"pass np.asarray({field}) (fill masked values first; mask padding tokens "
+            "with active_mask)",
         )
     return value
 
@@ -408,6 +418,7 @@ class Problem:
             swiglu_limit=swiglu_limit,
             masked=any(s.masked for s in shapes),
         )
+        # Copies, read-only: independent of the caller's arrays from here on.
         self._ranks = tuple(_freeze(inputs) for inputs in ranks)
 
     @classmethod

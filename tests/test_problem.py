@@ -153,6 +153,12 @@ CASES = [
     # x, expert_idx, probs.
     Case("x not an array", DTypeError, 1, "x", "list of 2 entries", "a NumPy array",
          "as a NumPy array", edit(1, x=lambda x: x.tolist())),
+    Case("expert_idx a masked array hiding -1", DTypeError, 1, "expert_idx",
+         "numpy.ma.MaskedArray (an ndarray subclass)", "a plain NumPy array",
+         "np.asarray(expert_idx)",
+         edit(1, expert_idx=lambda i: np.ma.masked_equal(np.where(i == 0, -1, i), -1))),
+    Case("x an np.matrix", DTypeError, 1, "x", "numpy.matrix", "a plain NumPy array",
+         "active_mask", edit(1, x=lambda x: np.asmatrix(x))),
     Case("x 1-D", ShapeError, 1, "x", "shape (16,)", "2-D (M, K)", "(tokens, hidden)",
          edit(1, x=lambda x: x.reshape(-1))),
     Case("x float32", DTypeError, 1, "x", "dtype float32", "bfloat16 or float16",
