@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from hypothesis import settings as hsettings
 
 from oracle.harness import (
+    DOMAINS,
     ConformanceError,
     check_implementation,
     describe_problem,
@@ -30,8 +32,10 @@ from oracle.harness import (
     routing_rows,
 )
 from oracle.isolation import ChildProcess, check_signature
+from oracle.kernels import DEFAULT_KERNEL
+from oracle.kernels import PROFILES as KERNELS
 from oracle.loading import ImplLoadError, load_impl
-from oracle.numerics import Numerics
+from oracle.numerics import Numerics, with_kernel
 from oracle.options import OptionError, check_options
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
@@ -95,7 +99,8 @@ def _check(args: argparse.Namespace) -> int:
     try:
         check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
                       inputs=args.inputs, save_dir=args.save_dir,
-                      max_examples=args.max_examples, profile=args.profile)
+                      max_examples=args.max_examples, profile=args.profile,
+                      kernel=args.kernel, domain=args.domain)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -107,13 +112,14 @@ def _check(args: argparse.Namespace) -> int:
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
     mode = "in process" if args.in_process else "in a child process"
-    _err(f"dfc-oracle check {args.impl}: numerics {args.numerics}, profile {args.profile}, "
-         f"{mode}")
+    _err(f"dfc-oracle check {args.impl}: kernel {args.kernel} ({args.domain} domain), numerics "
+         f"{args.numerics}, profile {args.profile}, {mode}")
     try:
         check_implementation(
             runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
             settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
             timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
+            kernel=args.kernel, domain=args.domain,
         )
     except ConformanceError as exc:
         print(exc.report)
@@ -138,13 +144,18 @@ def _replay(args: argparse.Namespace) -> int:
         return _usage("replay", exc)
     try:
         saved = load(args.file)
+        numerics, ulps = judged_with(saved.meta)
         impl = _runner(args)
     except (ImplLoadError, SpecError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
-    numerics = Numerics(args.numerics or saved.meta.get("numerics", {}).get("mode", "faithful"))
+    if args.numerics is not None:
+        numerics = replace(numerics, mode=args.numerics)
+    numerics = with_kernel(numerics, args.kernel)
+    ulps = ulps if args.ulps is None else args.ulps
     try:
-        verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout)
+        verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
+                              ulps=ulps)
     finally:
         if isinstance(impl, ChildProcess):
             impl.close()
@@ -152,8 +163,38 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"{args.file}: the implementation now conforms ({describe_problem(saved.problem)})")
         return EXIT_OK
     print(format_report(saved.problem, verdict, numerics=numerics, path=Path(args.file),
-                        replay=None))
+                        replay=None, ulps=ulps))
     return EXIT_FOUND
+
+
+def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
+    """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
+    files written before profiles existed get the defaults of their time (1 ulp). Raises
+    SpecError for a malformed record."""
+    try:
+        numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
+        ulps = meta.get("ulps", 1.0)
+        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
+            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
+    except (TypeError, ValueError) as exc:
+        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
+                        allowed="the record dfc-oracle writes",
+                        fix="regenerate the file with dfc-oracle") from None
+    return numerics, float(ulps)
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain."""
+    from oracle.kernels import DEFAULT_KERNEL
+    from oracle.kernels import PROFILES as KERNELS
+
+    for name, profile in KERNELS.items():
+        if args.verbose:
+            print(profile.describe() + "\n")
+        else:
+            default = " (default)" if name == DEFAULT_KERNEL else ""
+            print(f"{name:<14}{profile.summary}{default}")
+    return EXIT_OK
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -175,6 +216,14 @@ def explain(problem: Any, meta: dict[str, Any]) -> str:
     lines = [f"configuration: {cfg.summary()}"]
     if meta.get("stage"):
         lines.append(f"saved for: stage '{meta['stage']}': {meta.get('message', '')}")
+    try:
+        numerics, ulps = judged_with(meta)
+    except SpecError as exc:
+        lines.append(f"judged with: unreadable ({exc})")
+    else:
+        slack = f" + {ulps:g} ulp" if ulps else ""
+        lines.append(f"judged with: numerics {numerics.describe()}{slack}; the profile's knobs: "
+                     "dfc-oracle kernels --verbose")
     lines.append("routed slots, source rank -> {global expert: slots} (expert g lives on rank "
                  f"g // {cfg.experts_per_rank}):")
     lines += routing_rows(routing.counts)
@@ -259,12 +308,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="hunt for a counterexample in MODULE:FUNC")
     check.add_argument("impl", metavar="MODULE:FUNC")
-    check.add_argument("--numerics", choices=("faithful", "ideal"), default="faithful")
+    check.add_argument("--numerics", choices=("faithful", "ideal"), default="faithful",
+                       help="faithful: emulate the kernel profile; ideal: the float64 "
+                       "mathematics with a derived tolerance (default: %(default)s)")
+    check.add_argument("--kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
+                       help="kernel profile: emulation, tolerance and generated shapes "
+                       "(dfc-oracle kernels lists them; default: %(default)s)")
+    check.add_argument("--domain", choices=DOMAINS, default="kernel",
+                       help="generate the kernel profile's shapes, or the whole contract "
+                       "(default: %(default)s)")
     check.add_argument("--seed", type=int, default=None)
     check.add_argument("--timeout", type=float, default=60.0)
     check.add_argument("--inputs", choices=("strict", "report", "ignore"), default="strict")
-    check.add_argument("--ulps", type=float, default=1.0,
-                       help="faithful-mode tolerance in units in the last place (0: bitwise)")
+    check.add_argument("--ulps", type=float, default=0.0,
+                       help="ulps of the out dtype allowed beyond the kernel profile's "
+                       "envelope (default: %(default)s: the envelope only)")
     check.add_argument("--in-process", action="store_true",
                        help="run the implementation in this process (debugging; an os._exit, "
                        "crash or GIL-holding hang then stops the check)")
@@ -272,10 +330,18 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="rerun a saved counterexample")
     replay.add_argument("file", type=Path)
     replay.add_argument("--impl", required=True, metavar="MODULE:FUNC")
-    replay.add_argument("--numerics", choices=("faithful", "ideal"), default=None)
+    replay.add_argument("--numerics", choices=("faithful", "ideal"), default=None,
+                        help="override the numerics mode the file was judged with")
+    replay.add_argument("--kernel", choices=list(KERNELS), default=None,
+                        help="override the kernel profile the file was judged with")
+    replay.add_argument("--ulps", type=float, default=None,
+                        help="override the ulps the file was judged with")
     replay.add_argument("--timeout", type=float, default=60.0)
     replay.add_argument("--in-process", action="store_true",
                         help="run the implementation in this process (debugging)")
+    kernels_p = sub.add_parser("kernels", help="list the kernel numerics profiles")
+    kernels_p.add_argument("--verbose", "-v", action="store_true",
+                           help="every knob, freedom and the shape domain of each profile")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample")
@@ -289,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"check": _check, "replay": _replay, "hunt": _hunt, "explain": _explain,
-               "verify": _verify}[args.command]
+               "verify": _verify, "kernels": _kernels}[args.command]
     return handler(args)
 
 

@@ -14,10 +14,17 @@ import pytest
 from hypothesis import strategies as st
 
 from oracle.harness import ConformanceError, check_implementation
+from oracle.kernels import get_kernel
 from spec import Problem
+from spec.limits import ShapeDomain
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
 
 _WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _domain(options: dict[str, Any]) -> ShapeDomain | None:
+    """The shapes to generate: the kernel profile's, unless ``--dfc-domain contract``."""
+    return get_kernel(options["kernel"]).domain if options["domain"] == "kernel" else None
 
 
 def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrategy[Any]:
@@ -26,7 +33,7 @@ def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrateg
                 "w8a8" in variants or {"bfloat16": "bf16", "float16": "fp16"}[x] in variants]
     weights = [_WEIGHT_DTYPE[v] for v in variants]
     return configs(x_dtypes=st.sampled_from(x_dtypes), weight_dtypes=st.sampled_from(weights),
-                   **fields)
+                   domain=_domain(options), **fields)
 
 
 def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> None:
@@ -34,7 +41,7 @@ def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> Non
         check_implementation(
             options["impl"], numerics=options["numerics"], problems=strategy,
             impl_name=options["impl_name"], inputs=options["inputs"], ulps=options["ulps"],
-            timeout=options["timeout"],
+            timeout=options["timeout"], kernel=options["kernel"],
         )
     except ConformanceError as exc:
         report = exc.report
@@ -77,6 +84,11 @@ def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
 def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:
     if name in ("masked", "swiglu_clamp") and "w8a8" not in dfc_options["variants"]:
         pytest.skip(f"{name} exists only in the W8A8 variant, not in --dfc-variants")
+    domain = _domain(dfc_options)
+    feature = {"masked": "masks", "truncation": "truncation", "swiglu_clamp": "clamp"}.get(name)
+    if domain is not None and feature and not getattr(domain, feature):
+        pytest.skip(f"the {dfc_options['kernel']} kernel has no {feature} (--dfc-domain contract "
+                    "generates it anyway)")
     _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
 
 
@@ -85,5 +97,6 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     if variant not in dfc_options["variants"]:
         pytest.skip(f"variant {variant} not in --dfc-variants")
     x = "float16" if variant == "fp16" else "bfloat16"
-    strategy = configs(x_dtypes=st.just(x), weight_dtypes=st.just(_WEIGHT_DTYPE[variant]))
+    strategy = configs(x_dtypes=st.just(x), weight_dtypes=st.just(_WEIGHT_DTYPE[variant]),
+                       domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))

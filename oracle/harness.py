@@ -36,8 +36,9 @@ from oracle.isolation import (
     plain_outputs,
 )
 from oracle.judge import Verdict, compare, structured_outputs
+from oracle.kernels import KernelProfile
 from oracle.loading import load_impl
-from oracle.numerics import Numerics, resolve_numerics
+from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import INPUT_POLICIES, check_options
 from oracle.reference import route
 from spec import Problem, RankInputs
@@ -144,7 +145,7 @@ def evaluate(
     numerics: str | Numerics = "faithful",
     timeout: float = 60.0,
     inputs: str = "strict",
-    ulps: float = 1.0,
+    ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
     ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``."""
@@ -200,12 +201,13 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
 
 def format_report(
     problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
-    replay: str | None,
+    replay: str | None, ulps: float = 0.0,
 ) -> str:
     """The one-read report: configuration, stage, worst element, routing, file, replay."""
+    slack = f", +{ulps:g} ulp" if ulps and numerics.mode == "faithful" else ""
     lines = [
         f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
-        f"{numerics.describe()}).",
+        f"{numerics.describe()}{slack}).",
         f"minimal call: {describe_problem(problem)}",
         f"what failed: {verdict.message}",
     ]
@@ -214,6 +216,19 @@ def format_report(
     if replay:
         lines.append(f"replay: {replay}")
     return "\n".join(lines)
+
+
+DOMAINS = ("kernel", "contract")
+
+
+def default_problems(profile: KernelProfile, domain: str = "kernel") -> st.SearchStrategy[Problem]:
+    """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
+    (``domain="kernel"``) or the whole contract (``"contract"``)."""
+    from spec.strategies import configs, problems
+
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
+    return problems(configs=configs(domain=profile.domain if domain == "kernel" else None))
 
 
 def check_implementation(
@@ -226,9 +241,11 @@ def check_implementation(
     impl_name: str | None = None,
     timeout: float = 60.0,
     inputs: str = "strict",
-    ulps: float = 1.0,
+    ulps: float = 0.0,
     seed: int | None = None,
     isolate: bool | None = None,
+    kernel: str | KernelProfile | None = None,
+    domain: str = "kernel",
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -237,6 +254,12 @@ def check_implementation(
     ``settings`` to the active Hypothesis profile. On failure, raises :class:`ConformanceError`
     with the minimal failing problem, saved under ``save_dir`` (None: not saved). ``seed``
     fixes Hypothesis' random seed for a reproducible non-derandomised search.
+
+    ``kernel`` (a profile name of :mod:`oracle.kernels`, or a profile) selects the emulation and
+    tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
+    judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
+    so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
+    contract. ``ulps`` allows that many ulps of the out dtype beyond the profile's envelope.
 
     ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
     ``isolate`` (default: True for a name, False for a callable) runs it in a child process
@@ -247,12 +270,10 @@ def check_implementation(
     loaded, or does not take one argument, :class:`oracle.loading.ImplLoadError`.
     """
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
-                  save_dir=save_dir)
-    num = resolve_numerics(numerics)
+                  save_dir=save_dir, kernel=kernel, domain=domain)
+    num = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
-        from spec.strategies import problems as default_problems
-
-        problems = default_problems()
+        problems = default_problems(num.profile, domain)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(
@@ -297,11 +318,12 @@ def check_implementation(
             impl.close()
     path = None
     if save_dir is not None:
-        path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name)
+        path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name,
+                                    ulps)
     replay = None
     if path is not None and impl_name:
-        replay = f"dfc-oracle replay {path} --impl {impl_name}"
-    report = format_report(problem, verdict, numerics=num, path=path, replay=replay)
+        replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
+    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 
@@ -335,14 +357,15 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
 
 def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
-    numerics: Numerics, impl_name: str | None,
+    numerics: Numerics, impl_name: str | None, ulps: float,
 ) -> Path:
     checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
         "stage": verdict.stage,
         "message": verdict.message,
-        "numerics": {"mode": numerics.mode, "truncate_scales": numerics.truncate_scales,
-                     "zero_rows": numerics.zero_rows},
+        # The whole profile, switches and tolerance: replay and explain judge as the search did.
+        "numerics": numerics.to_dict(),
+        "ulps": ulps,
         "impl": impl_name,
     }
     digest = hashlib.sha1(f"{problem.config}{verdict.message}".encode()).hexdigest()[:10]

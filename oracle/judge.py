@@ -264,8 +264,9 @@ def compare(
         allowance = (f"the {num.profile.name} profile allows [{lo:.6g}, {hi:.6g}] here"
                      if lo != hi else f"the {num.profile.name} profile pins this value")
         extra = f" + {ulps:g} ulp" if ulps else ""
+        outside = f", {max(beyond, 0) / ulp:.3g} ulp outside the envelope" if lo != hi else ""
         detail = (f"{allowance}{extra}; |error| {abs(got - exp):.3g} = {abs(got - exp) / ulp:.3g} "
-                  f"ulp of {cfg.x_dtype}, {max(beyond, 0) / ulp:.3g} ulp outside the envelope")
+                  f"ulp of {cfg.x_dtype}{outside}")
     else:
         tol_worst = float(tolerances[r][token, c])
         detail = (f"|error| {abs(got - exp):.3g} = {ratio_max:.3g} x tolerance {tol_worst:.3g}, "

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from oracle.numerics import exact_int_matmul, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
@@ -181,13 +182,8 @@ def _round_to_int(ties: str) -> Callable[[Array], Array]:
     if ties == "even":
         return np.rint
     if ties == "away":
-        return _round_half_away
+        return round_half_away
     raise ValueError(f"ties {ties!r} is not 'even' or 'away'")
-
-
-def _round_half_away(v: Array) -> Array:
-    a = np.abs(v.astype(np.float64))
-    return np.asarray((np.sign(v) * np.floor(a + 0.5)).astype(F32))
 
 
 # ---------------------------------------------------------------- steps
@@ -298,12 +294,6 @@ class Quantiser:
         return Env(q, q_lo, q_hi), sigma_env
 
 
-def _exact_int_matmul(q: Array, w: Array) -> Array:
-    from oracle.numerics import exact_int_matmul
-
-    return exact_int_matmul(q, w)
-
-
 #: Epilogue operations, applied in order to the float32 accumulator (kernels.md rows 3, 6):
 #: ``"col"`` × the per-channel weight scale, ``"row"`` × the per-token activation scale,
 #: ``"slot"`` × the routed weight, ``"fp16"`` / ``"x"`` a cast to float16 / x's dtype
@@ -370,7 +360,7 @@ class IntGemm:
     def __call__(
         self, q: Env, w: Array, col: Array, row: Env, slot: Array | None, x_dtype: Any
     ) -> Env:
-        acc_mid = _exact_int_matmul(q.mid, w)
+        acc_mid = exact_int_matmul(q.mid, w)
         if q.lo is None or q.hi is None:
             acc = Env(to_f32(acc_mid))
         else:

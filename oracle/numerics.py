@@ -13,7 +13,7 @@ The uncertain points of §6 are the named switches of :class:`Numerics`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +28,8 @@ __all__ = [
     "exact_int_matmul",
     "resolve_numerics",
     "round_half_away",
-    "scaled_fp16",
     "truncate_scale_bits",
+    "with_kernel",
 ]
 
 MODES = ("faithful", "ideal")
@@ -113,6 +113,11 @@ class Numerics:
         return cls(**flags, kernel=kernel)
 
 
+def with_kernel(numerics: Numerics, kernel: str | KernelProfile | None) -> Numerics:
+    """``numerics`` with its kernel profile replaced (``None``: unchanged)."""
+    return numerics if kernel is None else replace(numerics, kernel=kernel)
+
+
 def resolve_numerics(numerics: str | Numerics) -> Numerics:
     """Accept a mode name (``"faithful"``: the default profile; ``"ideal"``), a kernel profile
     name (``"vllm-triton"``) or a :class:`Numerics`."""
@@ -137,13 +142,6 @@ def truncate_scale_bits(scale: Array) -> Array:
     """Keep the top 19 bits of float32 scales (``bits & 0xFFFFE000``) [inferred]."""
     bits = np.ascontiguousarray(scale, dtype=F32).view(np.uint32) & np.uint32(0xFFFFE000)
     return bits.view(F32)
-
-
-def scaled_fp16(acc: Array, scale: Array) -> Array:
-    """``float16(float32(acc) · float32(scale))``, each cast rounding to nearest even (§6 steps
-    2 and 6, pinned [inferred]); returned as float32 holding the float16 values."""
-    with np.errstate(over="ignore"):
-        return (acc.astype(F32, copy=False) * scale).astype(np.float16).astype(F32)
 
 
 # Partial sums of an int8 × int8 GEMM are integers bounded by 127·128·L (activations are

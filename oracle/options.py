@@ -42,21 +42,33 @@ def _number(option: str, value: object) -> float:
 def check_options(
     *,
     numerics: object = "faithful",
-    ulps: object = 1.0,
+    ulps: object = 0.0,
     timeout: object = 60.0,
     inputs: object = "strict",
     save_dir: object = None,
     max_examples: object = None,
     profile: object = None,
+    kernel: object = None,
+    domain: object = "kernel",
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
-    if not isinstance(numerics, Numerics) and numerics not in NUMERICS_MODES:
+    from oracle.kernels import PROFILES as KERNELS
+    from oracle.kernels import KernelProfile
+
+    if not isinstance(numerics, Numerics) and numerics not in (*NUMERICS_MODES, *KERNELS):
         raise OptionError("numerics", f"numerics={numerics!r} must be one of "
-                          f"{', '.join(NUMERICS_MODES)} (or an oracle.Numerics)")
+                          f"{', '.join((*NUMERICS_MODES, *KERNELS))} (or an oracle.Numerics)")
+    if kernel is not None and not isinstance(kernel, KernelProfile) and kernel not in KERNELS:
+        raise OptionError("kernel", f"kernel={kernel!r} must be one of {', '.join(KERNELS)} "
+                          "(or an oracle.kernels.KernelProfile)")
+    if domain not in ("kernel", "contract"):
+        raise OptionError("domain", f"domain={domain!r} must be 'kernel' (the kernel "
+                          "profile's shapes) or 'contract' (every shape the contract allows)")
     u = _number("ulps", ulps)
     if not (math.isfinite(u) and u >= 0):
-        raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (0 is the "
-                          "bitwise gate, 1 the default)")
+        raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (ulps of the out "
+                          "dtype allowed beyond the kernel profile's envelope; 0, the default, "
+                          "allows the envelope only)")
     t = _number("timeout", timeout)
     if not (math.isfinite(t) and t > 0):
         raise OptionError("timeout", f"timeout={timeout!r} must be a finite number of seconds "

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from oracle.kernels import DEFAULT_KERNEL
+from oracle.kernels import PROFILES as KERNELS
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
@@ -28,7 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-impl", metavar="MODULE:FUNC", default=None,
                     help="run the dfc-oracle conformance suite against this implementation")
     group.addoption("--dfc-numerics", choices=("faithful", "ideal"), default="faithful",
-                    help="reference numerics: kernel-faithful W8A8 emulation, or ideal float64")
+                    help="faithful: emulate the kernel profile; ideal: the float64 mathematics "
+                    "with a derived tolerance (default: faithful)")
+    group.addoption("--dfc-kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
+                    help="kernel numerics profile: emulation, tolerance and generated shapes "
+                    f"(dfc-oracle kernels lists them; default: {DEFAULT_KERNEL})")
+    group.addoption("--dfc-domain", choices=("kernel", "contract"), default="kernel",
+                    help="generate the kernel profile's shapes (default), or every shape the "
+                    "contract allows")
     group.addoption("--dfc-profile", choices=PROFILES, default=None,
                     help=f"Hypothesis profile (default with --dfc-impl: {DEFAULT_PROFILE})")
     group.addoption("--dfc-variants", default=",".join(VARIANTS),
@@ -36,8 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     f"(from {', '.join(VARIANTS)}); the others are skipped by name")
     group.addoption("--dfc-inputs", choices=("strict", "report", "ignore"), default="strict",
                     help="an implementation that writes into its inputs: fail, warn, or allow")
-    group.addoption("--dfc-ulps", type=float, default=1.0,
-                    help="faithful-mode tolerance in units in the last place of the out dtype")
+    group.addoption("--dfc-ulps", type=float, default=0.0,
+                    help="ulps of the out dtype allowed beyond the kernel profile's envelope "
+                    "(default: 0, the envelope only; a value no freedom reaches is bitwise)")
     group.addoption("--dfc-timeout", type=float, default=60.0,
                     help="seconds one call of the implementation may take before it is "
                     "reported as hung")
@@ -66,7 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
             check_options(numerics=config.getoption("--dfc-numerics"),
                           ulps=config.getoption("--dfc-ulps"),
                           timeout=config.getoption("--dfc-timeout"),
-                          inputs=config.getoption("--dfc-inputs"))
+                          inputs=config.getoption("--dfc-inputs"),
+                          kernel=config.getoption("--dfc-kernel"),
+                          domain=config.getoption("--dfc-domain"))
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         try:  # once, before collection: a bad name is one usage error, not an error per test
@@ -96,7 +108,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     current = settings()
     seed = "derandomised" if current.derandomize else "random (see Hypothesis' seed report)"
     return [
-        f"dfc-oracle: impl={impl} numerics={config.getoption('--dfc-numerics')} "
+        f"dfc-oracle: impl={impl} kernel={config.getoption('--dfc-kernel')} "
+        f"domain={config.getoption('--dfc-domain')} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
         f"max_examples={current.max_examples} seed={seed} "
@@ -117,5 +130,7 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "variants": tuple(request.config.getoption("--dfc-variants").split(",")),
         "inputs": request.config.getoption("--dfc-inputs"),
         "ulps": request.config.getoption("--dfc-ulps"),
+        "kernel": request.config.getoption("--dfc-kernel"),
+        "domain": request.config.getoption("--dfc-domain"),
         "timeout": request.config.getoption("--dfc-timeout"),
     }

@@ -92,3 +92,9 @@ def writes_masked_ids(problem: Problem) -> Outputs:
     for r in problem.ranks:
         r.expert_idx[~r.is_active()] = problem.config.num_experts
     return correct(problem)
+
+
+def vllm_model(problem: Problem) -> Outputs:
+    """A conforming kernel of the vllm-triton profile (its own model)."""
+    return [(r.out, r.expert_token_nums)
+            for r in oracle.run(problem, numerics="vllm-triton").ranks]

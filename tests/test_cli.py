@@ -25,7 +25,8 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
     assert main(["check", "broken_impls:probs_ignored", "--max-examples", "30",
                  "--save-dir", str(tmp_path)]) == 1
     report = capsys.readouterr().out
-    assert "stage 'out'" in report and "minimal call: EP=1 E=1 top_k=1" in report
+    # E = 2: the default kernel profile (ascend-a3) generates only shapes A3 runs (E >= 2).
+    assert "stage 'out'" in report and "minimal call: EP=1 E=2 top_k=1 K=32" in report
     saved = next(tmp_path.glob("broken_impls.probs_ignored-out-*.npz"))
     assert f"dfc-oracle replay {saved} --impl broken_impls:probs_ignored" in report
     # The replay prints the same finding; a fixed implementation conforms on the same file.
@@ -35,7 +36,7 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
     assert main(["replay", str(saved), "--impl", "broken_impls:correct"]) == 0
     assert main(["explain", str(saved)]) == 0
     explained = capsys.readouterr().out
-    assert "configuration: EP=1 E=1 top_k=1" in explained and "routed slots" in explained
+    assert "configuration: EP=1 E=2 top_k=1" in explained and "routed slots" in explained
 
 
 @pytest.mark.parametrize(
@@ -75,12 +76,12 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
                                          "-k", "default_search or routing")
     good.assert_outcomes(passed=1 + 7)  # the default search and the seven routing families
     header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
-    header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct numerics=faithful "
-                                 "profile=dfc-ci*"])
+    header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct kernel=ascend-a3 "
+                                 "domain=kernel numerics=faithful profile=dfc-ci*"])
     bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
                                         "-k", "default_search")
     bad.assert_outcomes(failed=1)
-    bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=1 top_k=1*"])
+    bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=1 K=32*"])
     skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                             "--dfc-variants", "w8a8", "-k", "variant")
     skipped.assert_outcomes(passed=1, skipped=2)

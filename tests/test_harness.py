@@ -26,6 +26,7 @@ def test_correct_implementation_conforms() -> None:
     check_implementation(broken.correct, settings=FAST, save_dir=None)
 
 
+@pytest.mark.parametrize("domain", ["contract", "kernel"])
 @pytest.mark.parametrize(
     ("impl", "stage", "ep", "tokens", "top_k"),
     [
@@ -37,11 +38,21 @@ def test_correct_implementation_conforms() -> None:
         (broken.int64_counts, "structure", 1, 1, 1),
     ],
 )
-def test_defect_is_found_and_shrunk_to_the_minimal_call(impl, stage, ep, tokens, top_k) -> None:
-    error = find_failure(impl)
+def test_defect_is_found_and_shrunk_to_the_minimal_call(
+    impl, stage, ep, tokens, top_k, domain
+) -> None:
+    """In the whole contract every defect shrinks to its minimal call; inside the default
+    kernel's domain (A3: E >= 2, K % 32 == 0) too, except that the g % EP mapping stops at a
+    local minimum of EP = 3 (measured: shrinking EP re-draws which expert the last token picks,
+    and with E = 2 only odd ids show the defect)."""
+    error = find_failure(impl, domain=domain)
     cfg = error.problem.config
     assert error.verdict.stage == stage
+    if domain == "kernel" and impl is broken.modulo_mapping:
+        ep, tokens = 3, 3
     assert (cfg.ep_size, sum(cfg.tokens_per_rank), cfg.top_k) == (ep, tokens, top_k)
+    if domain == "kernel":
+        assert cfg.experts_per_rank == 2 and cfg.hidden == 32
     assert f"stage '{stage}'" in error.report and cfg.summary() in error.report
 
 

@@ -1,0 +1,127 @@
+"""Kernel profiles as the user selects them: ``kernel=``/``--kernel``/``--dfc-kernel``, the
+shape domain they generate, and counterexample files that replay as they were judged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import broken_impls as broken
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from oracle import ConformanceError, Numerics, check_implementation, evaluate
+from oracle.cli import main
+from oracle.counterexample import load, save
+from oracle.kernels import ASCEND_A3, profile_from_dict
+from spec.limits import A3_W8A8, check_supported
+from spec.strategies import configs, problems, token_rows
+
+TESTS = Path(__file__).parent
+FAST = settings(max_examples=30, derandomize=True, database=None, deadline=None)
+PASS = settings(FAST, max_examples=12)
+
+
+@pytest.fixture
+def in_tests_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TESTS)
+
+
+def _found(impl, tmp_path: Path, **kwargs) -> ConformanceError:
+    with pytest.raises(ConformanceError) as info:
+        check_implementation(impl, settings=FAST, save_dir=tmp_path, impl_name="x:y", **kwargs)
+    return info.value
+
+
+def test_each_profile_accepts_its_own_kernel_and_rejects_the_other() -> None:
+    check_implementation(broken.vllm_model, kernel="vllm-triton", settings=PASS, save_dir=None)
+    check_implementation(broken.correct, kernel="ascend-a3", settings=PASS, save_dir=None)
+    with pytest.raises(ConformanceError, match="vllm-triton profile"):
+        check_implementation(broken.correct, kernel="vllm-triton", settings=FAST, save_dir=None)
+    with pytest.raises(ConformanceError, match="ascend-a3 profile"):
+        check_implementation(broken.vllm_model, settings=FAST, save_dir=None)
+
+
+def test_counterexamples_run_on_the_kernel_they_are_for(tmp_path: Path) -> None:
+    """Under the default domain the minimal failure is an A3 shape; ``domain="contract"``
+    shrinks below it (E = 1, K = 16), which the A3 kernel cannot run."""
+    inside = _found(broken.probs_ignored, tmp_path).problem.config
+    assert ASCEND_A3.domain.violations(inside) == [] and check_supported(inside, A3_W8A8) == []
+    outside = _found(broken.probs_ignored, tmp_path, domain="contract").problem.config
+    assert ASCEND_A3.domain.violations(outside), outside.summary()
+
+
+def _saved_meta(path: Path) -> dict:
+    return load(path).meta
+
+
+def test_the_file_records_the_whole_profile_switches_and_ulps(tmp_path: Path) -> None:
+    error = _found(broken.vllm_model, tmp_path, ulps=0.5)
+    meta = _saved_meta(error.path)
+    assert meta["ulps"] == 0.5 and meta["numerics"]["kernel"]["name"] == "ascend-a3"
+    assert profile_from_dict(meta["numerics"]["kernel"]) == ASCEND_A3
+    assert Numerics.from_dict(meta["numerics"]) == Numerics()
+
+
+def test_replay_uses_the_zero_row_switch_it_was_found_with(in_tests_dir, tmp_path: Path,
+                                                           capsys) -> None:
+    """Found with zero_rows="nan", a kernel that writes 0 for a zero row fails; replayed with
+    the default policy it would conform (the old replay did that)."""
+    zero_rows = problems(values=token_rows(families=st.just("zero_row")))
+    error = _found(broken.correct, tmp_path, numerics=Numerics(zero_rows="nan"),
+                   problems=zero_rows)
+    assert error.verdict.stage == "non_finite"
+    assert evaluate(broken.correct, error.problem)[0].ok  # the default switch: conforms
+    assert main(["replay", str(error.path), "--impl", "broken_impls:correct"]) == 1
+    assert "zero rows -> nan" in capsys.readouterr().out
+
+
+def test_replay_uses_the_bitwise_gate_it_was_found_with(in_tests_dir, tmp_path: Path) -> None:
+    """reverse_combine differs by 1 ulp where the profile pins the value: found at ulps=0, it
+    must replay as a failure; ``--ulps 1`` overrides and lets it pass."""
+    strategy = problems(configs=configs(
+        top_k=st.just(8), x_dtypes=st.just("float16"), weight_dtypes=st.just("int8"),
+        hidden=st.just(256), tokens_per_rank=st.integers(32, 64), ep_sizes=st.just(1),
+        experts_per_rank=st.just(8), masked=st.just(False), truncation=st.just(False),
+    ))
+    error = _found(broken.reverse_combine, tmp_path, problems=strategy)
+    assert _saved_meta(error.path)["ulps"] == 0
+    file = str(error.path)
+    assert main(["replay", file, "--impl", "broken_impls:reverse_combine"]) == 1
+    assert main(["replay", file, "--impl", "broken_impls:reverse_combine", "--ulps", "1"]) == 0
+
+
+def test_replay_of_a_profile_file_and_its_override(in_tests_dir, tmp_path: Path) -> None:
+    error = _found(broken.correct, tmp_path, kernel="vllm-triton")
+    file = str(error.path)
+    assert main(["replay", file, "--impl", "broken_impls:correct"]) == 1
+    assert main(["replay", file, "--impl", "broken_impls:vllm_model"]) == 0
+    assert main(["replay", file, "--impl", "broken_impls:correct", "--kernel", "ascend-a3"]) == 0
+
+
+def test_a_malformed_profile_record_is_a_usage_error(in_tests_dir, tmp_path: Path,
+                                                     capsys) -> None:
+    error = _found(broken.probs_ignored, tmp_path)
+    meta = load(error.path).meta
+    meta["numerics"]["kernel"]["combine"] = {"weight": "combine", "sum": 3, "extra": 1}
+    bad = save(tmp_path / "bad.npz", error.problem, meta=meta)
+    assert load(bad).problem.config == error.problem.config
+    assert main(["replay", str(bad), "--impl", "broken_impls:correct"]) == 2
+    assert "numerics" in capsys.readouterr().err
+
+
+def test_kernels_lists_every_profile(capsys) -> None:
+    assert main(["kernels"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == ["ascend-a3", "vllm-triton"]
+    assert main(["kernels", "--verbose"]) == 0
+    verbose = capsys.readouterr().out
+    assert "freedoms:" in verbose and "domain: a3, K % 32 == 0" in verbose
+
+
+def test_unknown_kernel_is_a_usage_error(in_tests_dir, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["check", "broken_impls:correct", "--kernel", "cutlass"])
+    assert info.value.code == 2
+    with pytest.raises(ValueError, match="kernel='cutlass' must be one of ascend-a3, vllm"):
+        check_implementation(broken.correct, kernel="cutlass")
