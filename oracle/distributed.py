@@ -25,6 +25,7 @@ variant (a planted bug) can reuse all but one of them.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -425,6 +426,14 @@ class _WorkerPool:
         impl_rank, world_size, backend, scales, collective_timeout = self._args
         self._store_dir = tempfile.mkdtemp(prefix="dfc-oracle-group-")
         store_path = self._store_path = str(Path(self._store_dir) / "store")
+        try:
+            self._spawn(world_size, backend, store_path, impl_rank, scales, collective_timeout)
+        except BaseException:  # a worker that fails to start must not leak the store directory
+            self._stop_workers(graceful=False)
+            raise
+
+    def _spawn(self, world_size: int, backend: str, store_path: str, impl_rank: ImplRank,
+               scales: str, collective_timeout: float) -> None:
         for rank in range(world_size):
             parent, child = self._ctx.Pipe()
             proc = self._ctx.Process(
@@ -504,7 +513,8 @@ class _WorkerPool:
     def _stop_workers(self, *, graceful: bool) -> None:
         if graceful:
             for conn in self._conns:
-                conn.send(None)
+                with contextlib.suppress(OSError):  # a dead rank's pipe is closed
+                    conn.send(None)
             deadline = time.monotonic() + 2.0
             for proc in self._procs:
                 proc.join(max(0.0, deadline - time.monotonic()))
@@ -517,6 +527,7 @@ class _WorkerPool:
         self._procs, self._conns = [], []
         if self._store_dir is not None:
             shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
 
     def _restart(self) -> None:
         # After a failure the group may be broken (a closed pair, a rank in a collective):
