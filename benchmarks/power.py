@@ -530,6 +530,9 @@ def render(m: Measurements) -> str:
         "|---|---|---|",
         *(f"| {label} | {sec:.2f} | {100 * sec / t.profiled_seconds:.0f}% |"
           for label, sec in t.profile),
+        "",
+        "Ideal-mode judge (sound bound and row test): power at production shapes, false alarms "
+        "and cost in [IDEAL_POWER.md](IDEAL_POWER.md) (`python benchmarks/ideal_power.py`).",
     ]
     return "\n".join(lines) + "\n"
 

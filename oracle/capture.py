@@ -329,7 +329,7 @@ def verify(directory: str | Path, *, numerics: str | Numerics = "faithful") -> V
     return VerifyReport(Path(directory), capture.problem, capture.attrs, verdict, label)
 
 
-def verify_main(directory: str | Path, numerics: str = "faithful") -> int:
+def verify_main(directory: str | Path, numerics: str | Numerics = "faithful") -> int:
     """``dfc-oracle verify``: print the report; exit 0 (conforms), 1 (does not), 2 (invalid
     capture)."""
     try:

@@ -35,7 +35,7 @@ from oracle.isolation import ChildProcess, check_signature
 from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
 from oracle.loading import ImplLoadError, load_impl
-from oracle.numerics import Numerics, with_kernel
+from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import OptionError, check_options
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
@@ -292,7 +292,8 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int 
 def _verify(args: argparse.Namespace) -> int:
     from oracle.capture import verify_main
 
-    return int(verify_main(args.directory, args.numerics or "faithful"))
+    numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), args.kernel)
+    return int(verify_main(args.directory, numerics))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,7 +349,11 @@ def _parser() -> argparse.ArgumentParser:
     explain_p.add_argument("file", type=Path)
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path)
-    verify.add_argument("--numerics", choices=("faithful", "ideal"), default=None)
+    verify.add_argument("--numerics", choices=("faithful", "ideal"), default=None,
+                        help="faithful: the kernel profile; ideal: the float64 mathematics "
+                        "(default: faithful)")
+    verify.add_argument("--kernel", choices=list(KERNELS), default=None,
+                        help=f"kernel profile to judge with (default: {DEFAULT_KERNEL})")
     return parser
 
 

@@ -244,9 +244,13 @@ def compare(
             worst = (float(ratio.flat[flat]), r, int(np.flatnonzero(rows)[t]), c)
     ratio_max, r, token, c = worst
     if ratio_max <= 1.0 and num.mode == "ideal":  # within the sound bound: the row test next
-        from oracle.rowtest import row_test
+        from oracle.rowtest import IdealAssumptions, row_test
 
-        row = row_test(problem, expected, [o for o, _ in checked])
+        # A named profile says what the kernel stores; without one, the coarsest legitimate
+        # kernel (bf16 intermediates, either tie rule, bf16 top-k sums) is assumed.
+        assumptions = (IdealAssumptions() if num.kernel is None
+                       else num.profile.ideal_assumptions(cfg.x_dtype))
+        row = row_test(problem, expected, [o for o, _ in checked], assumptions)
         if not row.ok and row.rank is not None and row.token is not None:
             return _fail("out", f"{row.message}; {routing_summary(problem, row.rank, row.token)}",
                          row.rank, (row.token,), row.ratio)

@@ -38,7 +38,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +63,9 @@ __all__ = [
     "profile_from_dict",
     "register",
 ]
+
+if TYPE_CHECKING:
+    from oracle.rowtest import IdealAssumptions
 
 Array = np.ndarray[Any, Any]
 F32 = np.float32
@@ -640,13 +643,20 @@ class KernelProfile:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def stored_dtype(self, x_dtype: str) -> str:
-        """The coarsest dtype this pipeline stores an intermediate in (for the ideal judge)."""
-        ops = (*self.gemm1.epilogue, *self.gemm2.epilogue, *self.float_gemm1.epilogue,
-               *self.float_gemm2.epilogue,
-               *(s for s in (self.swiglu.store, self.swiglu.silu_store) if s))
-        uses_x = any(o in ("x", "x_away") for o in ops)
-        return x_dtype if uses_x or x_dtype == "bfloat16" else "float16"
+    def ideal_assumptions(self, x_dtype: str) -> IdealAssumptions:
+        """What the ideal judge's row test may assume of this kernel (``oracle.rowtest``): its
+        coarsest stored dtype (every profile stores ``y`` in x's dtype; the Ascend GEMM
+        intermediates are float16, finer than bfloat16), its quantisers' tie rules and ``amax``
+        floor, and where its combine sums in x's dtype."""
+        from oracle.rowtest import IdealAssumptions
+
+        in_x = self.combine.x_dtype_topk if self.combine.sum == "moe_sum" else ()
+        return IdealAssumptions(
+            stored_dtype=x_dtype,
+            ties=tuple(sorted({self.quantise.ties, self.requantise.ties})),
+            amax_floor=self.quantise.amax_floor,
+            x_dtype_combine_topk=tuple(in_x),
+        )
 
 
 _STEP_TYPES: dict[str, type] = {

@@ -48,11 +48,13 @@ class Numerics:
     """How the reference model computes.
 
     ``mode="faithful"`` runs the pipeline of the kernel profile ``kernel`` (a name in
-    :data:`oracle.kernels.PROFILES`, or a :class:`oracle.kernels.KernelProfile`; default
-    ``"ascend-a3"``); ``"ideal"`` the float64 mathematics. ``truncate_scales`` (an ascend-a3
-    switch): use the dequant scales truncated to 19 bits (``bits & 0xFFFFE000``), as the
-    official CANN weight converter stores them [inferred]; default off because vLLM passes the
-    raw float32 bits. ``zero_rows``: see :data:`ZERO_ROW_POLICIES`.
+    :data:`oracle.kernels.PROFILES`, or a :class:`oracle.kernels.KernelProfile`; ``None``, the
+    default: ``"ascend-a3"``); ``"ideal"`` the float64 mathematics, judged assuming the given
+    profile's stored dtypes and quantisers, or (``None``) the coarsest legitimate kernel.
+    ``truncate_scales`` (an ascend-a3 switch): use the dequant scales truncated to 19 bits
+    (``bits & 0xFFFFE000``), as the official CANN weight converter stores them [inferred];
+    default off because vLLM passes the raw float32 bits. ``zero_rows``: see
+    :data:`ZERO_ROW_POLICIES`.
 
     >>> Numerics("ideal").mode
     'ideal'
@@ -61,7 +63,7 @@ class Numerics:
     mode: str = "faithful"
     truncate_scales: bool = False
     zero_rows: str = "zero"
-    kernel: str | KernelProfile = "ascend-a3"
+    kernel: str | KernelProfile | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,10 +74,10 @@ class Numerics:
 
     @property
     def profile(self) -> KernelProfile:
-        """The kernel profile (for ``"ideal"`` too: it names the stored dtypes)."""
-        from oracle.kernels import get_kernel
+        """The kernel profile (the default one when none is given)."""
+        from oracle.kernels import DEFAULT_KERNEL, get_kernel
 
-        return get_kernel(self.kernel)
+        return get_kernel(DEFAULT_KERNEL if self.kernel is None else self.kernel)
 
     def describe(self) -> str:
         extras = []
@@ -83,25 +85,32 @@ class Numerics:
             extras.append("19-bit scales")
         if self.zero_rows != "zero":
             extras.append(f"zero rows -> {self.zero_rows}")
-        name = self.mode if self.mode == "ideal" else f"faithful to {self.profile.name}"
+        if self.mode == "faithful":
+            name = f"faithful to {self.profile.name}"
+        else:
+            name = "ideal" + (f", assuming {self.profile.name}" if self.kernel is not None else "")
         return name + (f" ({', '.join(extras)})" if extras else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable, with the whole profile (a counterexample's manifest)."""
+        # Faithful runs a profile even when none was named: record it whole. Ideal without a
+        # profile assumes the coarsest kernel, and says so with None.
+        unnamed_ideal = self.kernel is None and self.mode == "ideal"
+        kernel = None if unnamed_ideal else self.profile.to_dict()
         return {"mode": self.mode, "truncate_scales": self.truncate_scales,
-                "zero_rows": self.zero_rows, "kernel": self.profile.to_dict()}
+                "zero_rows": self.zero_rows, "kernel": kernel}
 
     @classmethod
     def from_dict(cls, data: object) -> Numerics:
         """Inverse of :meth:`to_dict`; older files without a kernel get the default.
         ``ValueError``/``TypeError`` on anything malformed."""
-        from oracle.kernels import DEFAULT_KERNEL, PROFILES, profile_from_dict
+        from oracle.kernels import PROFILES, profile_from_dict
 
         if not isinstance(data, dict):
             raise ValueError("numerics must be a JSON object")
-        kernel_data = data.get("kernel", DEFAULT_KERNEL)
-        if isinstance(kernel_data, str):
-            kernel: str | KernelProfile = kernel_data
+        kernel_data = data.get("kernel")
+        if kernel_data is None or isinstance(kernel_data, str):
+            kernel: str | KernelProfile | None = kernel_data
         else:
             kernel = profile_from_dict(kernel_data)
             known = PROFILES.get(kernel.name)

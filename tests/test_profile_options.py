@@ -60,7 +60,8 @@ def test_the_file_records_the_whole_profile_switches_and_ulps(tmp_path: Path) ->
     meta = _saved_meta(error.path)
     assert meta["ulps"] == 0.5 and meta["numerics"]["kernel"]["name"] == "ascend-a3"
     assert profile_from_dict(meta["numerics"]["kernel"]) == ASCEND_A3
-    assert Numerics.from_dict(meta["numerics"]) == Numerics()
+    assert Numerics.from_dict(meta["numerics"]) == Numerics(kernel="ascend-a3")
+    assert Numerics.from_dict(Numerics("ideal").to_dict()) == Numerics("ideal")
 
 
 def test_replay_uses_the_zero_row_switch_it_was_found_with(in_tests_dir, tmp_path: Path,
@@ -125,3 +126,31 @@ def test_unknown_kernel_is_a_usage_error(in_tests_dir, capsys) -> None:
     assert info.value.code == 2
     with pytest.raises(ValueError, match="kernel='cutlass' must be one of ascend-a3, vllm"):
         check_implementation(broken.correct, kernel="cutlass")
+
+
+def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``numerics="ideal"`` with a profile assumes that kernel's stored dtypes (fp16
+    intermediates for fp16 x on Ascend: a tighter threshold than the coarsest-kernel default,
+    which must allow bf16); without one, the coarsest legitimate kernel."""
+    import oracle
+    import oracle.rowtest as rowtest
+    from oracle.judge import compare
+    from spec import OpConfig, random_problem
+
+    p = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=256,
+                                intermediate=64, x_dtype="float16", tokens_per_rank=(3, 2)))
+    ideal = oracle.run(p, numerics="ideal")
+    a3 = ASCEND_A3.ideal_assumptions("float16")
+    assert a3.stored_dtype == "float16" and a3.x_dtype_combine_topk == ()
+    assert a3.ties == ("away", "even")
+    coarse = rowtest.row_thresholds(p, ideal).threshold
+    tight = rowtest.row_thresholds(p, ideal, a3).threshold
+    assert all((t <= c).all() for t, c in zip(tight, coarse))
+    assert any((t < c).any() for t, c in zip(tight, coarse))
+    seen = []
+    original = rowtest.row_test
+    monkeypatch.setattr(rowtest, "row_test", lambda *a: seen.append(a[3]) or original(*a))
+    outs = [(r.out, r.expert_token_nums) for r in oracle.run(p).ranks]
+    assert compare(p, outs, numerics=Numerics("ideal", kernel="ascend-a3")).ok
+    assert compare(p, outs, numerics="ideal").ok
+    assert seen == [a3, rowtest.IdealAssumptions()]
