@@ -3,18 +3,23 @@
 One test per input family of :mod:`spec.strategies` (routing, special rows, token counts,
 masks, truncation, weight forms and variants) and one for the whole default search; each runs
 :func:`oracle.check_implementation` under the active profile and fails with its report. A
-variant the implementation does not support (``--dfc-variants``) is a named skip.
+variant the implementation does not support (``--dfc-variants``) is a named skip. A failure
+found by one test is tried first by every later one, which then fails in one line ("same
+failure as ...") instead of searching and shrinking the same defect again.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from hypothesis import strategies as st
 
-from oracle.harness import ConformanceError, check_implementation
+from oracle.harness import ConformanceError, check_implementation, evaluate
 from oracle.kernels import get_kernel
+from oracle.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.limits import ShapeDomain
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
@@ -36,7 +41,46 @@ def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrateg
                    domain=_domain(options), **fields)
 
 
+@dataclass(frozen=True)
+class _Known:
+    """A minimal failure an earlier test of this session found (and shrank)."""
+
+    test: str
+    problem: Problem
+    stage: str
+    summary: str
+
+
+#: The failures found so far, in order; each later test tries them before its own search, so
+#: one defect is searched for and shrunk once, not once per test (issue "gate in a minute").
+_KNOWN: list[_Known] = []
+
+
+def _current_test() -> str:
+    node = os.environ.get("PYTEST_CURRENT_TEST", "an earlier test").split(" ")[0]
+    return node.split("::")[-1]
+
+
+def _known_failure(options: dict[str, Any]) -> str | None:
+    """The one-line report of the first known failure this implementation still has."""
+    numerics = with_kernel(resolve_numerics(options["numerics"]), options["kernel"])
+    for known in _KNOWN:
+        if known.stage == "timeout":  # re-running a hang costs a whole timeout per test
+            return (f"not searched: the implementation hung in {known.test} "
+                    f"({known.summary}); fix that first")
+        verdict, _ = evaluate(options["impl"], known.problem, numerics=numerics,
+                              timeout=options["timeout"], inputs=options["inputs"],
+                              ulps=options["ulps"])
+        if not verdict.ok:
+            return (f"same failure as {known.test}: stage '{verdict.stage}' on its minimal "
+                    f"call {known.summary}; see that test's report")
+    return None
+
+
 def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> None:
+    again = _known_failure(options)
+    if again is not None:
+        pytest.fail(again, pytrace=False)
     try:
         check_implementation(
             options["impl"], numerics=options["numerics"], problems=strategy,
@@ -44,6 +88,8 @@ def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> Non
             timeout=options["timeout"], kernel=options["kernel"],
         )
     except ConformanceError as exc:
+        _KNOWN.append(_Known(_current_test(), exc.problem, exc.verdict.stage,
+                             exc.problem.config.summary()))
         report = exc.report
     else:
         return
