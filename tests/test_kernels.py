@@ -1,0 +1,304 @@
+"""Evidence for the kernel profiles (issue 14), each property with both outcomes.
+
+- The vllm-triton profile agrees with a naive loop model written from ``kernels.md``
+  (``naive_vllm.py``): bitwise for W8A8 (K <= 1032: every int sum exact), inside the envelope for
+  BF16/FP16 weights (the naive model sums in K order); a planted defect fails.
+- Legitimate orders pass each profile: float32 BLAS batched and row by row, reversed K, another
+  int8 K block size; and a from-scratch batched-BLAS BF16 kernel passes the default gate.
+- A change of one rounding point is caught: every search example where the mutant differs from
+  the profile's model on a defined row is rejected, and at least one such example exists.
+- A third profile (CUTLASS-style, SiLU on the second half) is one record.
+- The generated shapes lie in each profile's domain; the envelope contains the model's own out
+  and is pinned (lo = hi) on almost every ascend-a3 W8A8 element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from naive_vllm import naive_vllm_run
+from test_reference import _bf16_swiglu_ties
+
+import oracle
+import oracle.kernels as kernels
+from oracle import Numerics, compare
+from oracle.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile
+from spec import DTYPES, OpConfig, Problem, random_problem
+from spec.strategies import configs, problems
+
+Array = np.ndarray[Any, Any]
+F32 = np.float32
+
+
+def search(max_examples: int) -> settings:
+    return settings(max_examples=max_examples, derandomize=True, database=None, deadline=None)
+
+
+def outputs(result: oracle.Result) -> list[tuple[Array, Array]]:
+    return [(r.out, r.expert_token_nums) for r in result.ranks]
+
+
+def run_outputs(problem: Problem, profile: KernelProfile) -> list[tuple[Array, Array]]:
+    return outputs(oracle.run(problem, numerics=Numerics(kernel=profile)))
+
+
+#: Small problems in each profile's domain (few ranks: the naive model loops per slot).
+def domain_problems(profile: KernelProfile, **fields: Any) -> st.SearchStrategy[Problem]:
+    fields.setdefault("ep_sizes", st.sampled_from((1, 2, 3, 4)))
+    return problems(configs=configs(domain=profile.domain, **fields))
+
+
+FLOAT_WEIGHTS = st.just("float")  # any non-int8 weight dtype becomes x's dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The vllm-triton profile agrees with a naive model of it
+
+
+def check_vllm_agreement(problem: Problem, **naive: Any) -> None:
+    """W8A8: bitwise on defined rows; float weights: the naive out inside [out_lo, out_hi]."""
+    res = oracle.run(problem, numerics="vllm-triton", envelope=True)
+    outs, nums, defined = naive_vllm_run(problem, **naive)
+    for r, (rank, out, n, d) in enumerate(zip(res.ranks, outs, nums, defined)):
+        assert np.array_equal(rank.defined, d), f"rank {r}: defined rows"
+        assert np.array_equal(rank.expert_token_nums, n), f"rank {r}: expert_token_nums"
+        if problem.config.weight_dtype == "int8":
+            same = rank.out[d].view(np.uint16) == out[d].view(np.uint16)
+            assert same.all(), f"rank {r}: {int((~same).sum())} W8A8 values not bitwise equal"
+        else:
+            assert rank.out_lo is not None and rank.out_hi is not None
+            got = out[d].astype(F32)
+            inside = (got >= rank.out_lo[d]) & (got <= rank.out_hi[d])
+            assert inside.all(), f"rank {r}: {int((~inside).sum())} float values off envelope"
+
+
+@search(80)
+@given(domain_problems(VLLM_TRITON))
+def test_vllm_triton_agrees_with_the_naive_model(problem: Problem) -> None:
+    check_vllm_agreement(problem)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_vllm_agreement_fails_when_the_naive_model_keeps_silu_in_float32(weights: str) -> None:
+    cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=64, intermediate=32,
+                   tokens_per_rank=(4, 3), weight_dtype=weights)
+    problem = random_problem(cfg, seed=3)
+    check_vllm_agreement(problem)
+    with pytest.raises(AssertionError):
+        check_vllm_agreement(problem, silu_rounded=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Legitimate orders pass
+
+
+@dataclass(frozen=True)
+class BlasFloatGemm(kernels.FloatGemm):
+    """Float32 BLAS: the products summed in whatever order the library takes; ``rows``: one
+    GEMV per row instead of one batched GEMM."""
+
+    rows: bool = False
+
+    def __call__(self, a: kernels.Env, w: Array, slot: Array | None, x_dtype: Any) -> kernels.Env:
+        w32, a32 = w.astype(F32), a.mid.astype(F32)
+        if self.rows:
+            acc = np.stack([w32.T @ row for row in a32]) if len(a32) else a32 @ w32
+        else:
+            acc = a32 @ w32
+        return kernels._apply_epilogue(self.epilogue, kernels.Env(acc.astype(F32)), col=None,
+                                       row=None, slot=slot, x_dtype=x_dtype)
+
+
+class ReversedFloatGemm(kernels.FloatGemm):
+    """Float32 accumulation sequentially from the last K index to the first."""
+
+    def __call__(self, a: kernels.Env, w: Array, slot: Array | None, x_dtype: Any) -> kernels.Env:
+        w32, a32 = w.astype(F32), a.mid.astype(F32)
+        acc = np.zeros((a32.shape[0], w.shape[1]), F32)
+        for k in reversed(range(w.shape[0])):
+            acc = (acc + a32[:, k, None] * w32[k]).astype(F32)
+        return kernels._apply_epilogue(self.epilogue, kernels.Env(acc), col=None, row=None,
+                                       slot=slot, x_dtype=x_dtype)
+
+
+@dataclass(frozen=True)
+class BlockedIntGemm(kernels.IntGemm):
+    """int dots per ``block``-wide K block summed in float32 (vLLM's Triton accumulator),
+    optionally from the last block to the first."""
+
+    reverse: bool = False
+
+    def __call__(self, q: kernels.Env, w: Array, col: Array, row: kernels.Env,
+                 slot: Array | None, x_dtype: Any) -> kernels.Env:
+        n = w.shape[0]
+        starts = list(range(0, n, self.block))
+        acc = np.zeros((q.mid.shape[0], w.shape[1]), F32)
+        qi, wi = q.mid.astype(np.int64), w.astype(np.int64)
+        for b in reversed(starts) if self.reverse else starts:
+            acc = (acc + (qi[:, b:b + self.block] @ wi[b:b + self.block]).astype(F32)).astype(F32)
+        return kernels._apply_epilogue(self.epilogue, kernels.Env(acc), col=col,
+                                       row=kernels.Env(row.mid), slot=slot, x_dtype=x_dtype)
+
+
+def float_orders(profile: KernelProfile) -> dict[str, KernelProfile]:
+    one, two = profile.float_gemm1.epilogue, profile.float_gemm2.epilogue
+    return {
+        "float32 BLAS, batched": replace(profile, float_gemm1=BlasFloatGemm(one),
+                                         float_gemm2=BlasFloatGemm(two)),
+        "float32 BLAS, row by row": replace(profile, float_gemm1=BlasFloatGemm(one, True),
+                                            float_gemm2=BlasFloatGemm(two, True)),
+        "reversed K": replace(profile, float_gemm1=ReversedFloatGemm(one),
+                              float_gemm2=ReversedFloatGemm(two)),
+    }
+
+
+#: Reductions long enough for the summation order to change some stored value.
+LONG_SUMS = dict(hidden=st.sampled_from((512, 1024)), intermediate=st.just(64),
+                 ep_sizes=st.sampled_from((1, 2)))
+
+LEGITIMATE = {
+    **{f"ascend-a3 {k}": (ASCEND_A3, v) for k, v in float_orders(ASCEND_A3).items()},
+    **{f"vllm-triton {k}": (VLLM_TRITON, v) for k, v in float_orders(VLLM_TRITON).items()},
+}
+
+
+def check_legitimate(problem: Problem, profile: KernelProfile, legit: KernelProfile) -> bool:
+    """``legit``'s outputs pass ``profile``'s judge; returns whether they differ from its model
+    (the order made a difference somewhere)."""
+    got = run_outputs(problem, legit)
+    verdict = compare(problem, got, numerics=Numerics(kernel=profile))
+    assert verdict.ok, verdict.message
+    want = oracle.run(problem, numerics=Numerics(kernel=profile))
+    return any(not np.array_equal(g.view(np.uint16), w.out.view(np.uint16))
+               for (g, _), w in zip(got, want.ranks))
+
+
+@pytest.mark.parametrize("name", sorted(LEGITIMATE))
+def test_a_legitimate_float_order_passes(name: str) -> None:
+    profile, legit = LEGITIMATE[name]
+    differs = []
+
+    @search(30)
+    @given(domain_problems(profile, weight_dtypes=FLOAT_WEIGHTS, **LONG_SUMS))
+    def check(problem: Problem) -> None:
+        differs.append(check_legitimate(problem, profile, legit))
+
+    check()
+    assert sum(differs) >= 1, f"the order changed only {sum(differs)} of {len(differs)} outputs"
+
+
+# K > 1032: partial sums pass 2^24, so the float32 block sum depends on the block size.
+WIDE_K = dict(hidden=st.sampled_from((1056, 2048)), intermediate=st.sampled_from((8, 16)),
+              weight_dtypes=st.just("int8"), top_k=st.sampled_from((1, 2, 8)),
+              ep_sizes=st.sampled_from((1, 2)))
+
+
+def _wide_positive_problem() -> Problem:
+    """K = 2048, positive tokens and weights 64..127: GEMM1's partial sums pass 2^24, where a
+    float32 block sum is no longer exact."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=2048, intermediate=16,
+                   tokens_per_rank=(6,))
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0.9, 1.0, size=(6, 2048)).astype(ml_dtypes.bfloat16)
+    base = random_problem(cfg, seed=7, x=[x])
+    w1 = rng.integers(64, 128, size=(2, 2048, 32)).astype(np.int8)
+    return Problem([dataclasses.replace(r, w1=[w1]) for r in base.ranks])
+
+
+def _blocked_accumulators_differ(problem: Problem, gemm: kernels.IntGemm) -> bool:
+    rank = problem.ranks[0]
+    q, sigma, _ = VLLM_TRITON.quantise(kernels.Env(rank.x.astype(F32)), "zero")
+    w1 = rank.expert_weights(0)[0]
+    ones = np.ones(w1.shape[1], F32)
+    exact = kernels.IntGemm("int32", ())(q, w1, ones, sigma, None, rank.x.dtype).mid
+    blocked = replace(gemm, epilogue=())(q, w1, ones, sigma, None, rank.x.dtype).mid
+    return not np.array_equal(exact, blocked)
+
+
+@pytest.mark.parametrize(("block", "reverse"), [(32, False), (64, False), (64, True)])
+def test_vllm_int8_block_sizes_pass_at_wide_k(block: int, reverse: bool) -> None:
+    v = VLLM_TRITON
+    gemm1 = BlockedIntGemm("f32_blocks", v.gemm1.epilogue, block, reverse)
+    gemm2 = BlockedIntGemm("f32_blocks", v.gemm2.epilogue, block, reverse)
+    legit = replace(v, gemm1=gemm1, gemm2=gemm2)
+    wide = _wide_positive_problem()
+    assert _blocked_accumulators_differ(wide, gemm1), "the freedom is not exercised"
+    check_legitimate(wide, v, legit)
+
+    @search(25)
+    @given(domain_problems(v, **WIDE_K))
+    def check(problem: Problem) -> None:
+        check_legitimate(problem, v, legit)
+
+    check()
+
+
+def _round_to(a: Array, dtype: Any, ties_away: bool) -> Array:
+    """float32 -> 16-bit dtype (as float32), nearest, ties even or away from zero."""
+    near = a.astype(dtype)
+    if not ties_away:
+        return near.astype(F32)
+    other = np.nextafter(near.astype(F32), np.copysign(F32(np.inf), a)).astype(dtype)
+    other = np.where(other.astype(F32) == near.astype(F32),  # nextafter in float32 steps
+                     _step_away(near), other)
+    a64, n64, o64 = a.astype(np.float64), near.astype(np.float64), other.astype(np.float64)
+    tie = (np.abs(a64 - n64) == np.abs(o64 - a64)) & (np.abs(o64) > np.abs(n64))
+    return np.where(tie & (a64 != n64), o64, n64).astype(F32)
+
+
+def _step_away(v: Array) -> Array:
+    """One 16-bit step away from zero (sign-magnitude bit pattern + 1)."""
+    return (v.view(np.uint16) + np.uint16(1)).view(v.dtype)
+
+
+def blas_bf16_kernel(problem: Problem, ties_away: bool = True) -> list[tuple[Array, Array]]:
+    """A from-scratch ascend-a3 BF16/FP16-weight kernel: batched float32 BLAS per expert,
+    GMM1 and GMM2 stored in x's dtype, SwiGLU cast ties away, combine in float32 in k order.
+    (Written for problems without masks or truncation, as the A3 float variant drops both.)"""
+    cfg = problem.config
+    dtype = DTYPES[cfg.x_dtype]
+    e_local, top_k = cfg.experts_per_rank, cfg.top_k
+    xs = np.concatenate([r.x for r in problem.ranks]).astype(F32)
+    ids = np.concatenate([r.expert_idx for r in problem.ranks]).reshape(-1)
+    probs = np.concatenate([r.probs for r in problem.ranks]).reshape(-1, top_k)
+    y = np.zeros((ids.shape[0], cfg.hidden), F32)
+    for g in np.unique(ids):
+        slots = np.flatnonzero(ids == g)
+        w1, w2, _, _ = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        h = (xs[slots // top_k] @ w1.astype(F32)).astype(dtype).astype(F32)
+        gate, up = h[:, :cfg.intermediate], h[:, cfg.intermediate:]
+        a = _round_to((gate / (F32(1) + np.exp(-gate)) * up).astype(F32), dtype, ties_away)
+        y[slots] = (a @ w2.astype(F32)).astype(dtype).astype(F32)
+    y3 = y.reshape(-1, top_k, cfg.hidden)
+    acc = y3[:, 0] * probs[:, :1]
+    for k in range(1, top_k):
+        acc = (acc + y3[:, k] * probs[:, k, None]).astype(F32)
+    out = acc.astype(dtype)
+    counts = np.bincount(ids, minlength=cfg.num_experts).reshape(cfg.ep_size, e_local)
+    bounds = np.cumsum([0, *cfg.tokens_per_rank])
+    return [(out[lo:hi], counts[r].astype(np.int32))
+            for r, (lo, hi) in enumerate(itertools.pairwise(bounds))]
+
+
+BF16_GATE = problems(configs=configs(domain=ASCEND_A3.domain, weight_dtypes=FLOAT_WEIGHTS,
+                                     masked=st.just(False), truncation=st.just(False),
+                                     ep_sizes=st.sampled_from((1, 2, 3, 4))))
+
+
+def test_the_default_gate_passes_a_float32_batched_blas_bf16_kernel() -> None:
+    oracle.check_implementation(blas_bf16_kernel, problems=BF16_GATE, settings=search(60),
+                                save_dir=None)
+
+
+def test_the_blas_bf16_kernel_passes_compare_and_its_ties_even_twin_does_not() -> None:
+    problem = _bf16_swiglu_ties()
+    assert compare(problem, blas_bf16_kernel(problem)).ok
+    assert not compare(problem, blas_bf16_kernel(problem, ties_away=False)).ok
