@@ -497,6 +497,12 @@ class Swiglu:
         # float32 rounding of the float64 bound may land inside: step outward.
         lo32 = np.where(pinned, lo32, np.nextafter(lo32, F32(-np.inf)))
         hi32 = np.where(pinned, hi32, np.nextafter(hi32, F32(np.inf)))
+        # gate >= 17: exp(−g) < 2^-24 even a few ulps off, so fl(1 + exp(−g)) = 1 and an exact
+        # division returns g itself: silu is the gate's own envelope, with no rounding slack.
+        if self.div_ulps == 0:
+            big = gate.lo >= 17
+            lo32 = np.where(big, gate.lo, lo32)
+            hi32 = np.where(big, gate.hi, hi32)
         return Env(silu_mid, lo32.astype(F32), hi32.astype(F32))
 
 
