@@ -89,10 +89,6 @@ class Env:
     lo: Array | None = None
     hi: Array | None = None
 
-    @property
-    def enveloped(self) -> bool:
-        return self.lo is not None
-
     def take(self, index: Any) -> Env:
         if self.lo is None or self.hi is None:
             return Env(self.mid[index])
@@ -105,10 +101,6 @@ class Env:
         """``max(hi − mid, mid − lo)``: 0 where the value is pinned."""
         assert self.lo is not None and self.hi is not None
         return np.asarray(np.maximum(self.hi - self.mid, self.mid - self.lo))
-
-
-def _exact(mid: Array, enveloped: bool) -> Env:
-    return Env(mid, mid, mid) if enveloped else Env(mid)
 
 
 def _monotone(f: Callable[[Array], Array], v: Env) -> Env:
@@ -131,17 +123,6 @@ def _product(a: Env, b: Env, rnd: Callable[[Array], Array]) -> Env:
     lo = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
     hi = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
     return Env(mid, lo, hi)
-
-
-def _widen(v: Env, rel: float | Array, absolute: float = 0.0) -> Env:
-    """Widen an envelope by a relative and an absolute error (a freedom's bound)."""
-    if v.lo is None or v.hi is None:
-        return v
-    return Env(
-        v.mid,
-        v.lo - rel * np.abs(v.lo) - absolute,
-        v.hi + rel * np.abs(v.hi) + absolute,
-    )
 
 
 def to_f32(a: Array) -> Array:
@@ -592,10 +573,6 @@ class KernelProfile:
     float_gemm2: FloatGemm
     combine: Combine
     domain: ShapeDomain = field(default_factory=lambda: CONTRACT_DOMAIN)
-
-    @property
-    def weight_in_gemm2(self) -> bool:
-        return self.combine.weight == "gemm2"
 
     @property
     def freedoms(self) -> tuple[str, ...]:
