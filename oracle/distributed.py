@@ -15,7 +15,10 @@ failing example shrinks like any other. Two ways to get ranks:
   either, and always killed at the end.
 - **joined**: when ``torch.distributed`` is already initialised, or the process runs under
   ``torchrun``, every process calls :func:`check_distributed`; rank 0 drives the search and the
-  other ranks serve it.
+  other ranks serve it. Results come back through the group's store, so a rank that raises is
+  reported at once with its error (stage ``'call'``), even while the others wait in a
+  collective it never entered; the group is then unusable, so that example is reported as drawn
+  (not shrunk) and the group is aborted rather than destroyed.
 
 :func:`reference_rank` is a real EP implementation on the real engine, written from §4–§6 of
 ``shared/reference/dispatch_ffn_combine.md``: count exchange (``all_to_all_single``), dispatch,
@@ -26,9 +29,11 @@ variant (a planted bug) can reuse all but one of them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -351,9 +356,8 @@ def _run_job(impl_rank: ImplRank, job: _Job, group: Any, scales: str) -> tuple[s
         inputs = to_torch(job.inputs, max_output_size=job.max_output_size,
                           swiglu_limit=job.swiglu_limit, scales=scales)
         return "ok", output_pair(impl_rank(inputs, group))
-    except Exception as exc:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        return "raised", f"{type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
+    except BaseException as exc:  # SystemExit too: the rank must answer
+        return "raised", _describe_failure(exc)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -548,48 +552,149 @@ class _WorkerPool:
 
 # --------------------------------------------------------------------------------------------
 # Joining an existing group (torchrun).
+#
+# Examples travel on a gloo control group (a scatter); results come back through the group's
+# store, so that rank 0 hears of a rank that raised while its own part, or another rank's, still
+# waits in a collective that the raising rank never entered. Every rank runs its part in a daemon
+# thread, so that a rank left waiting can still be told to give the example up.
 
 _STOP = "stop"
+_POLL = 0.005
+_searches = 0  # joined searches driven by this process: with its pid, a unique store prefix
 
 
-def _serve_group(impl_rank: ImplRank, group: Any, control: Any, scales: str) -> None:
-    """A non-zero rank: run each example rank 0 scatters, until it scatters stop."""
+@dataclass(frozen=True)
+class _Example:
+    key: str  # the store prefix of this example's results
+    job: _Job
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message``, then the last frames, innermost last."""
+    try:
+        text = str(exc)[:2000]
+    except BaseException as inner:  # a hostile __str__ must not escape
+        text = f"<its __str__ raised {type(inner).__name__}>"
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
+    return f"{type(exc).__name__}: {text}" + (f" (last frames: {where})" if where else "")
+
+
+def _in_thread(impl_rank: ImplRank, job: _Job, group: Any, scales: str) -> dict[str, Any]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        box["reply"] = _run_job(impl_rank, job, group, scales)
+
+    thread = threading.Thread(target=target, name="dfc-oracle-rank", daemon=True)
+    box["thread"] = thread
+    thread.start()
+    return box
+
+
+def _serve_group(impl_rank: ImplRank, group: Any, control: Any, store: Any, scales: str,
+                 parts: list[threading.Thread]) -> bool:
+    """A non-zero rank: run each example rank 0 scatters (its threads appended to ``parts``),
+    until it scatters stop. Returns whether the group was left broken (a part may still wait
+    in a collective)."""
     dist = _dist()
+    rank = dist.get_rank(group)
     while True:
         box: list[Any] = [None]
         dist.scatter_object_list(box, None, src=0, group=control)
-        if box[0] == _STOP:
-            return
-        dist.gather_object(_run_job(impl_rank, box[0], group, scales), None, dst=0,
-                           group=control)
+        if isinstance(box[0], tuple) and box[0][0] == _STOP:
+            return bool(box[0][1])
+        example: _Example = box[0]
+        running = _in_thread(impl_rank, example.job, group, scales)
+        parts.append(running["thread"])
+        while running["thread"].is_alive():
+            running["thread"].join(_POLL)
+            if store.check([f"{example.key}/abandon"]):
+                break  # rank 0 gave the example up: leave the part waiting
+        else:
+            store.set(f"{example.key}/{rank}", pickle.dumps(running["reply"]))
 
 
 class _GroupImpl:
-    """Rank 0's implementation for the harness: scatter, run its own part, gather."""
+    """Rank 0's implementation for the harness: scatter, run its own part, collect.
 
-    def __init__(self, impl_rank: ImplRank, group: Any, control: Any, scales: str) -> None:
-        self._impl_rank, self._group, self._control, self._scales = (
-            impl_rank, group, control, scales)
+    A rank that raises while others are left waiting in a collective leaves the group unusable:
+    that example is reported as it is, not shrunk. Later examples of the search are not run
+    (they are answered with the model's outputs), so the search ends on that example."""
+
+    def __init__(self, impl_rank: ImplRank, group: Any, control: Any, store: Any, scales: str,
+                 numerics: str | Numerics) -> None:
+        global _searches
+        _searches += 1
+        self._impl_rank, self._group, self._control, self._store, self._scales = (
+            impl_rank, group, control, store, scales)
+        self._numerics = numerics
+        self._prefix = f"dfc-oracle/{os.getpid()}/{_searches}"
+        self._count = 0
+        self.broken: tuple[bytes, str] | None = None  # (the example's digest, its failure)
+        self.closed = False
+        self.parts: list[threading.Thread] = []  # this rank's parts, one per example
 
     def __call__(self, problem: Problem) -> list[tuple[Array, Array]]:
         dist = _dist()
         world_size = dist.get_world_size(self._group)
         jobs = [_Job(r, problem.max_output_size, problem.swiglu_limit) for r in problem.ranks]
+        digest = hashlib.sha256(pickle.dumps(jobs)).digest()
+        if self.broken is not None:
+            if digest == self.broken[0]:  # Hypothesis replays the failing example
+                raise RankFailure(self.broken[1])
+            from oracle.reference import run
+
+            model = run(problem, numerics=self._numerics)
+            return [(r.out, r.expert_token_nums) for r in model.ranks]
+        self._count += 1
+        key = f"{self._prefix}/{self._count}"
         box: list[Any] = [None]
-        dist.scatter_object_list(box, jobs, src=0, group=self._control)
-        mine = _run_job(self._impl_rank, box[0], self._group, self._scales)
-        replies: list[Any] = [None] * world_size
-        dist.gather_object(mine, replies, dst=0, group=self._control)
-        failures = [f"rank {r} {kind}: {what}" for r, (kind, what) in enumerate(replies)
+        dist.scatter_object_list(box, [_Example(key, job) for job in jobs], src=0,
+                                 group=self._control)
+        mine = _in_thread(self._impl_rank, jobs[0], self._group, self._scales)
+        self.parts.append(mine["thread"])
+        replies = self._collect(key, world_size, mine)
+        failures = [f"rank {r} {kind}: {what}" for r, (kind, what) in sorted(replies.items())
                     if kind != "ok"]
+        silent = [r for r in range(world_size) if r not in replies]
+        if silent:
+            self._store.set(f"{key}/abandon", b"1")
+            failures.append(
+                f"ranks {silent} did not return (waiting in a collective the failing rank "
+                "never entered?); the group cannot run another example, so this one is "
+                "reported as drawn, not shrunk")
+            self.broken = (digest, "; ".join(failures))
         if failures:
             raise RankFailure("; ".join(failures))
-        return [what for _, what in replies]
+        return [replies[r][1] for r in range(world_size)]
+
+    def _collect(self, key: str, world_size: int, mine: dict[str, Any]) -> dict[int, Any]:
+        """Every rank's reply; after the first failure, the others get a short grace. Waits
+        as long as it takes otherwise: the harness's timeout decides when an example hung."""
+        replies: dict[int, Any] = {}
+        deadline = inf
+        while len(replies) < world_size and time.monotonic() < deadline and not self.closed:
+            if 0 not in replies:
+                mine["thread"].join(_POLL)
+                if not mine["thread"].is_alive():
+                    replies[0] = mine["reply"]
+            else:
+                time.sleep(_POLL)
+            for r in range(1, world_size):
+                if r not in replies and self._store.check([f"{key}/{r}"]):
+                    replies[r] = pickle.loads(self._store.get(f"{key}/{r}"))
+                    self._store.delete_key(f"{key}/{r}")
+            if deadline == inf and any(kind != "ok" for kind, _ in replies.values()):
+                deadline = time.monotonic() + _FAILURE_GRACE
+        return replies
 
     def stop(self) -> None:
         dist = _dist()
+        self.closed = True
         box: list[Any] = [None]
-        dist.scatter_object_list(box, [_STOP] * dist.get_world_size(self._group), src=0,
+        stop = (_STOP, self.broken is not None)
+        dist.scatter_object_list(box, [stop] * dist.get_world_size(self._group), src=0,
                                  group=self._control)
 
 
@@ -666,7 +771,8 @@ def _check_joined(
     created = not dist.is_initialized()
     if created:
         dist.init_process_group(backend)  # torchrun's environment: RANK, WORLD_SIZE, MASTER_*
-    hung = False
+    hung = broken = False
+    parts: list[threading.Thread] = []
     try:
         group = dist.group.WORLD
         if dist.get_world_size(group) != world_size:
@@ -676,22 +782,33 @@ def _check_joined(
                 fix="pass world_size=torch.distributed.get_world_size()",
             )
         control = dist.new_group(backend="gloo")  # examples and results travel on the CPU
+        store = dist.distributed_c10d._get_default_store()
         if dist.get_rank(group) != 0:
-            _serve_group(impl_rank, group, control, scales)
+            broken = _serve_group(impl_rank, group, control, store, scales, parts)
             return
-        impl = _GroupImpl(impl_rank, group, control, scales)
+        impl = _GroupImpl(impl_rank, group, control, store, scales, numerics)
+        parts = impl.parts
         try:
             check_implementation(impl, numerics=numerics, problems=problems, settings=settings,
                                  timeout=timeout, save_dir=save_dir, inputs="ignore")
         except ConformanceError as err:
             if _is_hang(err):  # the other ranks are stuck: torchrun stops them when we exit
-                hung = True
+                hung = impl.closed = True
                 raise DistributedTimeout(err, []) from None
             impl.stop()
+            broken = impl.broken is not None
             raise
         impl.stop()
+        broken = impl.broken is not None
     finally:
-        if created and not hung:  # destroying a group with a hung collective would hang too
+        if created and broken:
+            # A part still waits in a collective on the group: abort it, on every rank, rather
+            # than destroy it (which waits for that collective).
+            dist.distributed_c10d._abort_process_group()
+            for part in parts:
+                part.join(2.0)  # the aborted collective raises in it
+        # Destroying a group with a hung collective would hang too.
+        elif created and not hung:
             # Every rank past its last collective before any tears down: a rank that destroys
             # the group while its peer still uses it aborted at exit under torchrun.
             dist.barrier()

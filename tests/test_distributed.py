@@ -179,6 +179,19 @@ def test_a_hung_collective_is_reported_as_a_timeout_naming_the_example(tmp_path:
     assert time.monotonic() - start < 30
 
 
+def _torchrun(impl: str) -> Any:
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(here / "torchrun_driver.py"), impl],
+        capture_output=True, text=True, timeout=300, cwd=here,
+        env={**os.environ, "PYTHONPATH": str(here)},
+    )
+
+
 @pytest.mark.parametrize(("impl", "expected"), [
     ("reference", "CONFORMS"),
     ("return_expert_major", "FOUND EP=2"),
@@ -187,15 +200,26 @@ def test_joined_mode_under_torchrun(impl: str, expected: str) -> None:
     """The cluster path: torchrun starts the ranks, every rank calls check_distributed, rank 0
     drives the search; a conforming reference passes, the planted bug is found, and the job
     exits cleanly (no rank aborts at teardown)."""
-    import subprocess
-    import sys
-
-    here = Path(__file__).parent
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(here / "torchrun_driver.py"), impl],
-        capture_output=True, text=True, timeout=300, cwd=here,
-        env={**os.environ, "PYTHONPATH": str(here)},
-    )
+    done = _torchrun(impl)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
+
+
+@pytest.mark.parametrize("impl", ["reference", "rank_one_raises"])
+def test_joined_mode_reports_a_raising_rank_with_its_error(impl: str) -> None:
+    """Under torchrun, rank 1 raises before the first collective and leaves rank 0 waiting in
+    the count exchange: rank 0 hears of it through the store and reports a 'call' failure with
+    the error (type, message, last frames), well before the 60 s example timeout, and the job
+    still exits cleanly. The reference, run the same way, conforms."""
+    start = time.monotonic()
+    done = _torchrun(impl)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+    if impl == "reference":
+        assert "CONFORMS" in done.stdout and "FOUND" not in done.stdout
+        return
+    assert "STAGE call" in done.stdout  # not 'timeout': no hang
+    assert "rank 1 raised: ValueError: planted failure on rank 1" in done.stdout
+    assert "torchrun_driver.py:" in done.stdout and "in rank_one_raises" in done.stdout
+    assert "ranks [0] did not return" in done.stdout
+    assert elapsed < 30, elapsed  # the example timeout is 60 s

@@ -3,7 +3,8 @@ rank 0 drives the search (the "joined" mode of oracle.distributed). Run by test_
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 torchrun_driver.py IMPL
 
-Rank 0 prints ``CONFORMS`` or ``FOUND <minimal configuration>``.
+Rank 0 prints ``CONFORMS``, or ``FOUND <minimal configuration>``, the verdict's stage and
+the report.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def return_expert_major(inputs, group):  # type: ignore[no-untyped-def]
     return D.combine(inputs, plan, back), plan.expert_token_nums
 
 
-IMPLS = {"reference": D.reference_rank, "return_expert_major": return_expert_major}
+def rank_one_raises(inputs, group):  # type: ignore[no-untyped-def]
+    """Planted failure: rank 1 raises before the first collective, so rank 0 is left waiting in
+    the count exchange."""
+    if dist.get_rank(group) == 1:
+        raise ValueError("planted failure on rank 1")
+    return D.reference_rank(inputs, group)
+
+
+IMPLS = {"reference": D.reference_rank, "return_expert_major": return_expert_major,
+         "rank_one_raises": rank_one_raises}
 
 if __name__ == "__main__":
     world = int(os.environ["WORLD_SIZE"])
@@ -42,6 +52,7 @@ if __name__ == "__main__":
                             settings=search, max_examples=20, timeout=60)
     except ConformanceError as exc:
         print("FOUND", exc.problem.config.summary(), flush=True)
+        print(f"STAGE {exc.verdict.stage}", exc.report, sep="\n", flush=True)
     else:
         if int(os.environ["RANK"]) == 0:
             print("CONFORMS", flush=True)
