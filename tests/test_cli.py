@@ -83,8 +83,10 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     bad.assert_outcomes(failed=1 + 7)
     bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=1 K=32*"])
     # The defect is searched for and shrunk once; the seven later tests reuse that minimum.
-    assert bad.stdout.str().count("what failed:") == 1  # one full report
-    assert bad.stdout.str().count("same failure as test_default_search: stage 'out'") == 7
+    lines = bad.stdout.lines
+    assert sum(line.startswith("what failed:") for line in lines) == 1  # one full report
+    assert sum(line.startswith("same failure as test_default_search: stage 'out'")
+               for line in lines) == 7
     skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                             "--dfc-variants", "w8a8", "-k", "variant")
     skipped.assert_outcomes(passed=1, skipped=2)
