@@ -75,6 +75,7 @@ __all__ = [
     "all_to_all_rows",
     "check_distributed",
     "combine",
+    "default_problems",
     "dispatch",
     "expert_ffn",
     "plan_routes",
@@ -706,6 +707,16 @@ def _is_hang(err: ConformanceError) -> bool:
     return err.verdict.stage == "timeout"
 
 
+def default_problems(world_size: int) -> st.SearchStrategy[Problem]:
+    """:func:`check_distributed`'s default search: :func:`spec.strategies.problems` of the W8A8
+    variant (``weight_dtypes=st.just("int8")``) at EP = ``world_size``, which is what
+    :func:`reference_rank` models (it rejects float weights), so that the reference conforms
+    on every problem of the default search."""
+    from spec.strategies import configs, problems
+
+    return problems(configs=configs(ep_sizes=st.just(world_size), weight_dtypes=st.just("int8")))
+
+
 def check_distributed(
     impl_rank: ImplRank,
     *,
@@ -721,7 +732,10 @@ def check_distributed(
 ) -> None:
     """Search for a problem on which the per-rank ``impl_rank`` disagrees with :func:`oracle.run`.
 
-    ``problems`` defaults to :func:`spec.strategies.problems` at EP = ``world_size``;
+    ``problems`` defaults to :func:`default_problems`: W8A8 problems (int8 weights) at EP =
+    ``world_size``, the variant :func:`reference_rank` models; to check a float-weight (BF16 or
+    FP16) implementation, pass ``problems=spec.strategies.problems(configs=configs(ep_sizes=
+    st.just(world_size), weight_dtypes=st.sampled_from(["bfloat16", "float16"])))``;
     ``max_examples`` overrides the active Hypothesis profile's (``settings``, default the active
     profile). ``timeout``: seconds one example may take on all ranks before it is reported as
     hung. ``scales``: how the dequant scales reach ``impl_rank`` (``"int64"``, vLLM's encoding,
@@ -733,10 +747,7 @@ def check_distributed(
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
     if problems is None:
-        from spec.strategies import configs
-        from spec.strategies import problems as default_problems
-
-        problems = default_problems(configs=configs(ep_sizes=st.just(world_size)))
+        problems = default_problems(world_size)
     base = settings if settings is not None else hsettings()
     search = hsettings(base, deadline=None, max_examples=max_examples or base.max_examples)
     run_search = (_check_joined if _under_torchrun() or _dist().is_initialized()

@@ -19,13 +19,13 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from oracle import ConformanceError  # noqa: E402
 from oracle import distributed as D  # noqa: E402
 from oracle.profiles import DEFAULT_PROFILE  # noqa: E402
-from oracle.torch import TorchRankInputs  # noqa: E402
+from oracle.torch import TorchRankInputs, to_torch  # noqa: E402
 from spec.strategies import configs, problems, token_rows  # noqa: E402
 
 #: Deterministic searches (derandomised, no database): the same counterexample on every run.
@@ -105,6 +105,25 @@ def test_reference_rank_conforms_on_real_collectives(ep: int, examples: int,
     pids = [int(f.name) for f in tmp_path.iterdir()]
     assert len(pids) == ep  # one persistent worker per rank for the whole search
     assert _alive(tmp_path) == []
+
+
+@settings(CI, max_examples=40, deadline=None)
+@given(D.default_problems(2))
+def test_default_strategy_draws_only_what_reference_rank_models(problem: Any) -> None:
+    """check_distributed's default search draws W8A8 problems only: each rank's weights reach
+    reference_rank as int8, which its dtype gate (expert_ffn) accepts."""
+    assert problem.config.ep_size == 2 and problem.config.weight_dtype == "int8"
+    for rank in problem.ranks:
+        inputs = to_torch(rank, max_output_size=problem.max_output_size,
+                          swiglu_limit=problem.swiglu_limit)
+        assert all(w.dtype == torch.int8 for w in [*inputs.weight1, *inputs.weight2])
+
+
+def test_reference_rank_conforms_on_the_default_strategy() -> None:
+    """Without problems=, the search is the default one; before it was W8A8-only, it drew BF16
+    problems that reference_rank rejects (a 'call' failure of the reference itself)."""
+    D.check_distributed(D.reference_rank, world_size=2, settings=CI, max_examples=10,
+                        timeout=60)
 
 
 def test_reference_rank_with_clamp_and_large_rows() -> None:
