@@ -285,6 +285,16 @@ class Quantiser:
 EPILOGUE_OPS = ("col", "row", "slot", "fp16", "x", "x_away")
 
 
+def _store(name: str, x_dtype: Any) -> Callable[[Array], Array]:
+    """The cast that stores a value as ``"fp16"``, ``"x"`` (x's dtype, ties to even) or
+    ``"x_away"`` (x's dtype, ties away from zero)."""
+    if name == "fp16":
+        return cast(np.float16)
+    if name in ("x", "x_away"):
+        return cast(x_dtype, "away" if name == "x_away" else "even")
+    raise ValueError(f"store {name!r} is not one of 'fp16', 'x', 'x_away'")
+
+
 def _scaled_by(factor: Array) -> Callable[[Array], Array]:
     """Multiplication by a fixed float32 factor (any sign), rounded to float32."""
 
@@ -305,18 +315,12 @@ def _apply_epilogue(
             v = _monotone(_scaled_by(col), v)
         elif op == "row":
             assert row is not None
-            r2 = Env(row.mid[:, None], None if row.lo is None else row.lo[:, None],
-                     None if row.hi is None else row.hi[:, None])
-            v = _product(v, r2, to_f32)
+            v = _product(v, row.take((slice(None), None)), to_f32)
         elif op == "slot":
             assert slot is not None
             v = _monotone(_scaled_by(slot[:, None].astype(F32)), v)
-        elif op == "fp16":
-            v = _monotone(cast(np.float16), v)
-        elif op == "x":
-            v = _monotone(cast(x_dtype), v)
-        elif op == "x_away":
-            v = _monotone(cast(x_dtype, "away"), v)
+        elif op in EPILOGUE_OPS:
+            v = _monotone(_store(op, x_dtype), v)
         else:
             raise ValueError(f"epilogue op {op!r} is not one of {EPILOGUE_OPS}")
     return v
@@ -349,19 +353,19 @@ class IntGemm:
             acc = Env(to_f32(acc_mid))
         else:
             rad = np.zeros(acc_mid.shape, dtype=np.float64)
+            w_abs = np.abs(w.astype(np.float64))
             q_rad = q.radius()
             flipped = np.flatnonzero((q_rad > 0).any(axis=1) | ~np.isfinite(q_rad).all(axis=1))
             if flipped.size:
                 with np.errstate(invalid="ignore"):
                     rad[flipped] = np.nan_to_num(q_rad[flipped], nan=np.inf).astype(
-                        np.float64) @ np.abs(w.astype(np.float64))
+                        np.float64) @ w_abs
             n = q.mid.shape[1]
             if self.accumulate == "f32_blocks" and 127 * 128 * n >= 2**24:
                 blocks = -(-n // self.block)
                 gamma = blocks * _U32 / (1 - blocks * _U32)
                 q_abs = np.maximum(np.abs(q.lo), np.abs(q.hi)).astype(np.float64)
-                rad = rad + gamma * (np.nan_to_num(q_abs, nan=127.0) @ np.abs(w.astype(
-                    np.float64)))
+                rad = rad + gamma * (np.nan_to_num(q_abs, nan=127.0) @ w_abs)
             acc64 = acc_mid.astype(np.float64)
             acc = Env(to_f32(acc_mid), to_f32(acc64 - rad), to_f32(acc64 + rad))
         return _apply_epilogue(self.epilogue, acc, col=col, row=row, slot=slot, x_dtype=x_dtype)
@@ -445,11 +449,10 @@ class Swiglu:
         if gate.lo is not None and gate.hi is not None:
             silu = self._silu_envelope(gate, silu_mid)
         if self.silu_store is not None:
-            silu = _monotone(cast(x_dtype, "away" if self.silu_store == "x_away" else "even"),
-                             silu)
+            silu = _monotone(_store(self.silu_store, x_dtype), silu)
         a = _product(silu, up, to_f32)
         if self.store is not None:
-            a = _monotone(cast(x_dtype, "away" if self.store == "x_away" else "even"), a)
+            a = _monotone(_store(self.store, x_dtype), a)
         return a
 
     def _silu_envelope(self, gate: Env, silu_mid: Array) -> Env:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.kernels import Env, _monotone, cast
+from oracle.kernels import Env, cast
 from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
 from spec import DTYPES, Problem
 from spec.config import OpConfig
@@ -210,7 +210,8 @@ def run(
     ideal = num.mode == "ideal"
     env = envelope and not ideal
     profile = num.profile
-    x_env = Env(x.astype(F32), *((x.astype(F32),) * 2 if env else ()))
+    xf = x.astype(F32)
+    x_env = Env(xf, xf, xf) if env else Env(xf)
     if w8a8 and not ideal:
         q, sigma1, _ = profile.quantise(x_env, num.zero_rows)
     total_tokens = x.shape[0]
@@ -238,14 +239,14 @@ def run(
             y_lo[slots], y_hi[slots] = ys.lo, ys.hi
     y3 = y.reshape(total_tokens, top_k, k_hidden)
     defined = np.asarray(routing.slot_kept.reshape(total_tokens, top_k).all(axis=1))
+    lows: tuple[Array | None, ...] = (None,) * ep
+    highs = lows
     if ideal:
         combined = _combine_ideal(y3, probs)
-        out_env = Env(combined)
     else:
         y_env = Env(y3, *((y_lo.reshape(y3.shape), y_hi.reshape(y3.shape)) if env else ()))
         acc = profile.combine(y_env, probs, x_dtype)
         combined = acc.mid
-        out_env = _monotone(cast(x_dtype), acc)
     out = np.where(defined[:, None], combined, 0).astype(x_dtype)
     bounds = np.concatenate([[0], np.cumsum(cfg.tokens_per_rank)])
     per_expert = routing.counts.sum(axis=0).reshape(ep, e_local).astype(np.int32)
@@ -253,14 +254,14 @@ def run(
     def split(a: Array) -> tuple[Array, ...]:
         return tuple(a[lo:hi] for lo, hi in pairwise(bounds))
 
-    lows = split(out_env.lo) if out_env.lo is not None else (None,) * ep
-    highs = split(out_env.hi) if out_env.hi is not None else (None,) * ep
+    if not ideal and acc.lo is not None and acc.hi is not None:  # the cast is monotone
+        lows, highs = split(cast(x_dtype)(acc.lo)), split(cast(x_dtype)(acc.hi))
     ranks = tuple(
         RankResult(out=o, expert_token_nums=per_expert[r], defined=d, out_lo=lo, out_hi=hi)
         for r, (o, d, lo, hi) in enumerate(zip(split(out), split(defined), lows, highs))
     )
     sigma_trace = (sigma1.mid if w8a8 and not ideal
-                   else np.abs(x.astype(F32)).max(axis=1, initial=0) / F32(127))
+                   else np.abs(xf).max(axis=1, initial=0) / F32(127))
     trace = Trace(
         counts=routing.counts,
         receive=routing.receive,
