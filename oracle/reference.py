@@ -11,6 +11,8 @@ slot index ``t·top_k + k``), which is exactly the order inside one (expert, sou
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -22,7 +24,8 @@ from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 
-__all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "route", "run"]
+__all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "kernel_mathematics",
+           "route", "run"]
 
 Array = np.ndarray[Any, Any]
 
@@ -170,6 +173,34 @@ def _ffn_ideal(
     with np.errstate(over="ignore"):
         a = gate / (1.0 + np.exp(-gate)) * up
     return np.asarray(a @ w2d)
+
+
+def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
+    """``problem`` as the ideal model should read it to give the float64 mathematics of the
+    kernel ``numerics`` names: itself, or a copy with the halves of ``w1`` and ``scale1``
+    swapped where the profile's SwiGLU takes the gate from the second half (CUTLASS,
+    kernels.md 'Other kernels'; the ideal model reads the gate first), and with the scales
+    truncated to 19 bits where ``truncate_scales`` says the kernel reads them so."""
+    cfg = problem.config
+    w8a8 = cfg.weight_dtype == "int8"
+    profile = numerics.profile
+    swap = not (profile.swiglu if w8a8 else profile.float_swiglu).gate_first
+    chop = numerics.truncate_scales and w8a8
+    if not swap and not chop:
+        return problem
+
+    def halves(tensors: Sequence[Array]) -> list[Array]:
+        return [np.roll(t, cfg.intermediate, axis=-1) if swap else t for t in tensors]
+
+    def scales(tensors: Sequence[Array] | None, swapped: bool) -> list[Array] | None:
+        if tensors is None:
+            return None
+        out = halves(tensors) if swapped else list(tensors)
+        return [truncate_scale_bits(t) for t in out] if chop else out
+
+    ranks = [dataclasses.replace(r, w1=halves(r.w1), scale1=scales(r.scale1, True),
+                                 scale2=scales(r.scale2, False)) for r in problem.ranks]
+    return Problem(ranks, max_output_size=cfg.max_output_size, swiglu_limit=cfg.swiglu_limit)
 
 
 def _combine_ideal(y: Array, probs: Array) -> Array:

@@ -35,6 +35,11 @@ points, per received slot, in §6 order (``shared/reference/dispatch_ffn_combine
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
    the out dtype, each ``<= u_o·Σ_k|p_k y'_k|``; otherwise float32, ``γ_topk·Σ_k|p_k y'_k|``.
 7. final cast: ``c = u_o·|out'|``.
+8. underflow: every rounding to a 16-bit format above (points 2, 3, 5, 6, 7) also makes an
+   absolute error up to ``η``, half its smallest subnormal (``η_s``, ``η_o``: 2^-25 for
+   float16, 2^-134 for bfloat16). A kernel may flush such values either way, so this part is
+   deterministic: ``Σ|coefficient|·η`` joins ``R``. It matters for rows of tiny values, where
+   it sends the row to the sound bound; float32 underflow (2^-150) is neglected.
 
 Primed values are the kernel's (``|v'| <= |v| + E_v``, ``E_v`` below), so every ``c`` bounds the
 error actually made.
@@ -102,9 +107,9 @@ Array = np.ndarray[Any, Any]
 
 #: The default probability, per call, that a legitimate kernel's output is rejected.
 DEFAULT_FALSE_ALARM = 1e-9
-#: The modelled error sources (module docstring, points 1–7, and the SwiGLU remainder).
+#: The modelled error sources (module docstring, points 1–8, and the SwiGLU remainder).
 TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out_cast",
-         "remainder")
+         "remainder", "underflow")
 #: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
 _SILU_CURVATURE = 0.5
 
@@ -167,7 +172,8 @@ class RowThresholds:
         stats = []
         for out, ideal, w, n, t in zip(outs, self.ideal, self.direction, self.norm,
                                        self.threshold):
-            tested = np.isfinite(t)
+            # Non-finite values passed the judge's non_finite stage (the model has them too).
+            tested = np.isfinite(t) & np.isfinite(out).all(axis=1)
             d = np.where(tested[:, None], out.astype(np.float64) - np.nan_to_num(ideal), 0.0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 stats.append(np.where(tested, np.einsum("tk,tk->t", d, w) / n, 0.0))
@@ -218,6 +224,10 @@ def _unit(dtype_name: str) -> float:
     return _Format.of(DTYPES[dtype_name]).unit
 
 
+def _tiny(dtype_name: str) -> float:
+    return _Format.of(DTYPES[dtype_name]).tiny
+
+
 def _scaled32(w: Array, scale: Array | None) -> Array:
     """``w·diag(scale)`` in float32, one pass."""
     if scale is None:
@@ -247,6 +257,7 @@ def row_thresholds(
     u32 = F32.unit
     u_s = _unit(assumptions.stored_dtype) + 3 * u32
     u_o = _unit(cfg.x_dtype)
+    eta_s, eta_o = _tiny(assumptions.stored_dtype), _tiny(cfg.x_dtype)
     rho = F32.exp_rho(EXP_ULPS)
     int8 = cfg.weight_dtype == "int8"
     total = sum(cfg.tokens_per_rank)
@@ -360,7 +371,10 @@ def row_thresholds(
             + on["y"] * p**2 * np.einsum("rk,rk->r", direction[tok]**2,
                                          (u_s**2 + u_o**2) * y_mag**2 + c_acc2**2)
         )
-        slot_det = np.einsum("rn,rn->r", np.abs(beta_h), e_h * band)
+        slot_det = (np.einsum("rn,rn->r", np.abs(beta_h), e_h * band)
+                    + on["underflow"] * (eta_s * np.abs(beta_h).sum(axis=1)
+                                         + 2 * eta_s * np.abs(beta_a).sum(axis=1)
+                                         + (eta_s + eta_o) * np.abs(beta_y).sum(axis=1)))
         np.add.at(var, tok, slot_var)
         np.add.at(det, tok, slot_det)
         v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
@@ -382,10 +396,11 @@ def row_thresholds(
     # Combine and the final cast, on the token's own direction.
     mags = (probs[:, :, None] * (np.abs(np.nan_to_num(y_star)) + e_y_norm).reshape(
         total, top_k, k_len)).sum(axis=1)
-    if top_k in assumptions.x_dtype_combine_topk:
-        comb2 = (top_k - 1) * (u_o * mags) ** 2
-    else:
-        comb2 = (F32.gamma(top_k) * mags) ** 2
+    in_x_dtype = top_k in assumptions.x_dtype_combine_topk
+    comb2 = ((top_k - 1) * (u_o * mags) ** 2 if in_x_dtype
+             else (F32.gamma(top_k) * mags) ** 2)
+    casts = 1 + (top_k - 1) * in_x_dtype
+    det += on["underflow"] * casts * eta_o * np.abs(direction).sum(axis=1)
     out_mag = np.abs(np.nan_to_num(combined)) + (probs[:, :, None] * e_y_norm.reshape(
         total, top_k, k_len)).sum(axis=1)
     var += np.einsum("tk,tk->t", direction**2,

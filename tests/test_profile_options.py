@@ -133,6 +133,7 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     intermediates for fp16 x on Ascend: a tighter threshold than the coarsest-kernel default,
     which must allow bf16); without one, the coarsest legitimate kernel."""
     import oracle
+    import oracle.judge
     import oracle.rowtest as rowtest
     from oracle.judge import compare
     from spec import OpConfig, random_problem
@@ -149,7 +150,7 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     assert any((t < c).any() for t, c in zip(tight, coarse))
     seen = []
     original = rowtest.row_test
-    monkeypatch.setattr(rowtest, "row_test", lambda *a: seen.append(a[3]) or original(*a))
+    monkeypatch.setattr(oracle.judge, "row_test", lambda *a: seen.append(a[3]) or original(*a))
     outs = [(r.out, r.expert_token_nums) for r in oracle.run(p).ranks]
     assert compare(p, outs, numerics=Numerics("ideal", kernel="ascend-a3")).ok
     assert compare(p, outs, numerics="ideal").ok
