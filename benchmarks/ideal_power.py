@@ -18,6 +18,7 @@ import dataclasses
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,14 @@ class PerTensorQuantiser(Quantiser):
         return Env(q.astype(np.float32)), Env(sigma), np.zeros(a.mid.shape[0], bool)
 
 
-SWAPPED = dataclasses.replace(kernels.ASCEND_A3, name="bug-swapped", swiglu=dataclasses.replace(
-    kernels.ASCEND_A3.swiglu, gate_first=False))
+def swapped(profile: kernels.KernelProfile) -> kernels.KernelProfile:
+    """The bug: gate and up halves of W1 exchanged."""
+    return dataclasses.replace(
+        profile, name="bug-swapped",
+        swiglu=dataclasses.replace(profile.swiglu, gate_first=False),
+        float_swiglu=dataclasses.replace(profile.float_swiglu, gate_first=False))
+
+
 PER_TENSOR = dataclasses.replace(kernels.ASCEND_A3, name="bug-per-tensor",
                                  quantise=PerTensorQuantiser(scale="divide", ties="away"))
 
@@ -77,22 +84,29 @@ def outs_of(result: oracle.Result) -> list[Array]:
     return [r.out for r in result.ranks]
 
 
-def bug_outputs(cfg: OpConfig, seed: int) -> dict[str, list[Array]]:
+def bug_outputs(cfg: OpConfig, seed: int,
+                profile: kernels.KernelProfile = kernels.ASCEND_A3) -> dict[str, list[Array]]:
+    """Six gross bugs of a kernel with ``profile``'s pipeline (and, for W8A8 on Ascend, a
+    per-tensor activation scale)."""
     base = problem_with(cfg, seed)
-    right = oracle.run(base)
+    right = oracle.run(base, numerics=profile)
+
+    def run_on(**change: Any) -> list[Array]:
+        return outs_of(oracle.run(problem_with(cfg, seed, **change), numerics=profile))
+
     n = cfg.num_experts
-    return {
+    bugs = {
         "all zeros": [o * 0 for o in outs_of(right)],
-        "gate/up swapped": outs_of(oracle.run(base, numerics=SWAPPED)),
-        "probs ignored": outs_of(oracle.run(problem_with(cfg, seed, probs=np.ones_like))),
-        "last slot dropped": outs_of(oracle.run(problem_with(
-            cfg, seed, probs=lambda p: np.where(np.arange(p.shape[1]) == p.shape[1] - 1, 0, p)
-            .astype(p.dtype)))),
-        "experts off by one": outs_of(oracle.run(problem_with(
-            cfg, seed, expert_idx=lambda e: ((e + 1) % n).astype(e.dtype)))),
+        "gate/up swapped": outs_of(oracle.run(base, numerics=swapped(profile))),
+        "probs ignored": run_on(probs=np.ones_like),
+        "last slot dropped": run_on(probs=lambda p: np.where(
+            np.arange(p.shape[1]) == p.shape[1] - 1, 0, p).astype(p.dtype)),
+        "experts off by one": run_on(expert_idx=lambda e: ((e + 1) % n).astype(e.dtype)),
         "output x 1.08": [(o.astype(np.float32) * 1.08).astype(o.dtype) for o in outs_of(right)],
-        "per-tensor activation scale": outs_of(oracle.run(base, numerics=PER_TENSOR)),
     }
+    if profile == kernels.ASCEND_A3 and cfg.weight_dtype == "int8":
+        bugs["per-tensor activation scale"] = outs_of(oracle.run(base, numerics=PER_TENSOR))
+    return bugs
 
 
 def judge(problem: Problem, ideal: oracle.Result, tol: tuple[Array, ...], th: Any,
@@ -154,9 +168,18 @@ def power(shapes: dict[int, int]) -> tuple[list[str], dict[str, float]]:
     return lines, costs
 
 
-def false_alarms(pairs: int, seed: int = 7) -> list[str]:
+def false_alarms(
+    pairs: int, seed: int = 7,
+    kernels_under_test: dict[str, kernels.KernelProfile] | None = None,
+    assumptions_of: Callable[[kernels.KernelProfile, str], IdealAssumptions] = (
+        lambda profile, x_dtype: IdealAssumptions()),
+) -> list[str]:
+    """Legitimate (problem, output) pairs judged by the row test: each kernel's outputs
+    against the thresholds ``assumptions_of(its profile, x dtype)`` gives (default: the
+    coarsest legitimate kernel, as ``numerics="ideal"`` assumes)."""
     rng = np.random.default_rng(seed)
-    kernels_under_test = ("ascend-a3", "vllm-triton")
+    if kernels_under_test is None:
+        kernels_under_test = {k: kernels.get_kernel(k) for k in ("ascend-a3", "vllm-triton")}
     worst = 0.0
     worst_where = ""
     n_pairs = n_rows = n_tested = n_rejected = 0
@@ -182,10 +205,14 @@ def false_alarms(pairs: int, seed: int = 7) -> list[str]:
                        weight_dtype=weights)
         problem = problem_with(cfg, int(rng.integers(1 << 30)))
         ideal = oracle.run(problem, numerics="ideal")
-        th = row_thresholds(problem, ideal, IdealAssumptions())
-        tested = np.concatenate(th.threshold)
-        for name in kernels_under_test:
-            outs = outs_of(oracle.run(problem, numerics=name))
+        thresholds: dict[IdealAssumptions, Any] = {}
+        for name, profile in kernels_under_test.items():
+            assumptions = assumptions_of(profile, x_dtype)
+            if assumptions not in thresholds:
+                thresholds[assumptions] = row_thresholds(problem, ideal, assumptions)
+            th = thresholds[assumptions]
+            tested = np.concatenate(th.threshold)
+            outs = outs_of(oracle.run(problem, numerics=oracle.Numerics(kernel=profile)))
             stats = np.concatenate(th.statistics(outs))
             ok = np.isfinite(tested)
             ratio = np.where(ok, np.abs(stats) / np.where(ok, tested, 1), 0)
@@ -203,7 +230,8 @@ def false_alarms(pairs: int, seed: int = 7) -> list[str]:
         f"{n_pairs} legitimate (problem, output) pairs in {seconds:.0f} s ({i} problems; every "
         "25th at a realistic shape K=1024/I=512 or K=2048/I=768 with EP=2 E=4 top_k=8; the "
         "others random with K 16–512, I 8–256, EP 1–2, E 1–4, top_k 1–8, 1–4 tokens per rank; "
-        "70 % int8 weights, 20 % fp16 x). False-alarm probability per call: "
+        f"70 % int8 weights, 20 % fp16 x; kernels: {', '.join(kernels_under_test)}). "
+        "False-alarm probability per call: "
         f"{IdealAssumptions().false_alarm:g}.",
         "",
         f"- rejected calls: **{n_rejected}** of {n_pairs}",

@@ -1,9 +1,11 @@
 """The judge's meta-tests (ulp spacing, signed zeros, NaN, undefined rows) and the ideal-mode
 row test (:mod:`oracle.rowtest`): legitimate kernels pass, coherent bugs fail, the threshold
-follows its false-alarm probability, and a modelled error source is needed."""
+follows its false-alarm probability, and a modelled error source is needed; under a kernel
+profile, the row test catches what a wide envelope admits."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import ml_dtypes
@@ -12,7 +14,7 @@ import pytest
 
 import oracle
 from oracle.bounds import ideal_tolerance
-from oracle.judge import compare, out_dtype_spacing
+from oracle.judge import compare, envelope_ratio, out_dtype_spacing
 from oracle.rowtest import TERMS, IdealAssumptions, row_test, row_thresholds
 from spec import OpConfig, Problem, random_problem
 
@@ -182,6 +184,55 @@ def test_the_row_test_fails_without_the_activation_term() -> None:
     tight = IdealAssumptions(false_alarm=0.9)
     assert row_thresholds(problem, ideal, tight).judge(outs).ok
     assert not row_thresholds(problem, ideal, tight, omit=("activation",)).judge(outs).ok
+
+
+def _subnormal_rows() -> Problem:
+    """fp16 x and weights scaled so that every output is below fp16's smallest normal: the
+    kernel's output underflows to zero where the mathematics is a tiny nonzero row."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=512, intermediate=64,
+                   tokens_per_rank=(3,), x_dtype="float16", weight_dtype="float16")
+    base = random_problem(cfg, seed=1)
+    return Problem([replace(r, x=(r.x.astype(np.float32) * 1e-5).astype(np.float16))
+                    for r in base.ranks])
+
+
+def test_underflow_sends_rows_of_subnormal_values_to_the_sound_bound() -> None:
+    """With the underflow term the kernel's all-zero rows pass (the row test leaves them to
+    the sound bound); without it they are rejected as 100 % errors."""
+    problem = _subnormal_rows()
+    ideal = oracle.run(problem, numerics="ideal")
+    result = oracle.run(problem)
+    outs = [r.out for r in result.ranks]
+    assert not np.any(outs[0]) and np.any(ideal.trace.combined[0]), "the witness must underflow"
+    a3 = oracle.kernels.ASCEND_A3.ideal_assumptions("float16")
+    th = row_thresholds(problem, ideal, a3)
+    assert th.judge(outs).ok
+    assert all("underflow" in j for j in th.judged_by[0])
+    assert not row_thresholds(problem, ideal, a3, omit=("underflow",)).judge(outs).ok
+    assert compare(problem, _pairs(result)).ok
+
+
+def _wide_envelope() -> Problem:
+    """BF16 weights, K = 2048, top_k = 8: an ascend-a3 envelope wider than 5 % of the output."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=8, top_k=8, hidden=2048, intermediate=768,
+                   tokens_per_rank=(2,), weight_dtype="bfloat16")
+    return random_problem(cfg, seed=0)
+
+
+def test_profile_mode_row_test_catches_what_a_wide_envelope_admits() -> None:
+    """The output scaled by 1.05 lies inside the envelope (the judge before the row test
+    joined it passed it); today's judge rejects it by the row test, and still passes the
+    profile's own output."""
+    problem = _wide_envelope()
+    expected = oracle.run(problem, envelope=True)
+    scaled = [(r.out.astype(np.float32) * 1.05).astype(r.out.dtype) for r in expected.ranks]
+    inside = [envelope_ratio(o[r.defined], r, r.defined, "bfloat16", 0).max()
+              for o, r in zip(scaled, expected.ranks)]
+    assert max(inside) <= 1, inside
+    verdict = compare(problem, _pairs(expected, scaled), expected=expected)
+    assert not verdict.ok and verdict.stage == "out"
+    assert "row test" in verdict.message and "inside the ascend-a3 envelope" in verdict.message
+    assert compare(problem, _pairs(expected), expected=expected).ok
 
 
 def test_zero_rows_fall_back_to_the_sound_bound() -> None:

@@ -417,6 +417,10 @@ def test_a_third_profile_runs_judges_and_round_trips() -> None:
         # gate/up swapped is structural: neither the Ascend nor the vLLM judge accepts it
         assert not compare(problem, mine).ok
         assert not compare(problem, mine, numerics="vllm-triton").ok
+        # The ideal judge reads the mathematics of the named kernel (the gate second), and
+        # rejects the same output as the mathematics of a gate-first kernel.
+        assert compare(problem, mine, numerics=Numerics("ideal", kernel=CUTLASS)).ok
+        assert not compare(problem, mine, numerics="ideal").ok
         assert profile_from_dict(CUTLASS.to_dict()) == CUTLASS
         num = Numerics(kernel=CUTLASS)
         assert Numerics.from_dict(num.to_dict()).profile == CUTLASS
