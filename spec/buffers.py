@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 from spec.config import OpConfig
 from spec.errors import HcclBufferTooSmall
-from spec.layout import BLOCK_BYTES, COUNT_REGION_BYTES, count_row_stride
+from spec.layout import BLOCK_BYTES, COUNT_REGION_BYTES, LayoutViolation, count_row_stride
 from spec.limits import MC2_V1_A2, MC2_V1_A3, MC2_V2_A3, Profile, Shape, check_supported
 
 __all__ = [
     "CHECK_OVERHEAD_BYTES",
     "DEFAULT_HCCL_BUFFSIZE_MB",
+    "INT32_MAX",
     "MAX_HCCL_BUFFSIZE_MB",
     "MESSAGE_OVERHEAD_MB",
     "MIB",
@@ -35,11 +36,13 @@ __all__ = [
     "hccl_buffsize_from_env",
     "hccl_required_bytes",
     "hccl_required_mb",
+    "int32_offset_overflows",
     "layout_fits",
     "mc2_v1_a2_required_mb",
     "mc2_v1_a3_required_mb",
     "mc2_v2_a3_required_mb",
     "operator_message_formula_mb",
+    "region_needs",
     "window_layout",
 ]
 
@@ -55,6 +58,9 @@ CHECK_OVERHEAD_BYTES = 10 * MIB
 MESSAGE_OVERHEAD_MB = 3
 #: The scale block and the count-matrix and sync-flag regions are 1 MiB each (§7 [code]).
 _FIXED_REGION_BYTES = 1 << 20
+#: The largest byte offset an int32 holds: ``row · stride`` computed in int32 wraps past it at
+#: large M·topK·K (edge_cases.md, 2026: vllm PR #45907, Liger-Kernel PR #1248; DeepEP #454).
+INT32_MAX = 2**31 - 1
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -176,29 +182,76 @@ class Region:
                 + (f", OVER by {self.over}" if self.over else ""))
 
 
-def window_layout(config: OpConfig, window_bytes: int) -> tuple[Region, ...]:
-    """The regions of a window of ``window_bytes`` for one call (§7 layout table [code]).
+def region_needs(config: OpConfig) -> dict[str, int]:
+    """Bytes each region of the window needs for one call, exact Python ints (never wrapped).
 
-    Needs [inferred]: region A holds ``M·topK`` send rows of stride ``K + 32`` bytes (int8 row,
-    float32 scale, padding); the scale block one float32 per row; region D ``M·topK`` combine rows
-    of 2-byte out dtype; the count matrix ``EP·S`` int32 (current layout, :mod:`spec.layout`);
-    the sync flags 16 ints per rank before the barrier counter at int offset 2048.
+    [inferred]: region A holds ``M·topK`` send rows of stride ``K + 32`` bytes (int8 row,
+    float32 scale, padding); the scale block one float32 per row; region D ``M·topK`` combine
+    rows of 2-byte out dtype; the count matrix ``EP·S`` int32 (current layout,
+    :mod:`spec.layout`); the sync flags 16 ints per rank.
+
+    >>> from spec import OpConfig
+    >>> cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=32, intermediate=16,
+    ...                tokens_per_rank=(2**25,))
+    >>> region_needs(cfg)["A (dispatch send rows)"] == 2**31
+    True
     """
     rows = config.max_tokens * config.top_k
+    stride = count_row_stride(config.ep_size, config.experts_per_rank)
+    return {
+        "A (dispatch send rows)": rows * (config.hidden + 32),
+        "scale block": rows * 4,
+        "D (combine rows)": rows * config.hidden * 2,
+        "count matrix": config.ep_size * stride * 4,
+        "sync flags": config.ep_size * 16 * 4,
+    }
+
+
+def window_layout(config: OpConfig, window_bytes: int) -> tuple[Region, ...]:
+    """The regions of a window of ``window_bytes`` for one call (§7 layout table [code]), each
+    with its need from :func:`region_needs`; the sync flags sit before the barrier counter at
+    int offset 2048.
+    """
     w = window_bytes
+    need = region_needs(config)
     scale_start = _ceil_div(w // 3, BLOCK_BYTES) * BLOCK_BYTES
     d_start = scale_start + _FIXED_REGION_BYTES
     matrix_start = w - 2 * MIB
-    stride = count_row_stride(config.ep_size, config.experts_per_rank)
-    return (
-        Region("A (dispatch send rows)", 0, w // 3, rows * (config.hidden + 32)),
-        Region("scale block", scale_start, _FIXED_REGION_BYTES, rows * 4),
-        Region("D (combine rows)", d_start, max(0, matrix_start - d_start),
-               rows * config.hidden * 2),
-        Region("count matrix", matrix_start, COUNT_REGION_BYTES,
-               config.ep_size * stride * 4),
-        Region("sync flags", w - MIB, 2048 * 4, config.ep_size * 16 * 4),
-    )
+    place = {
+        "A (dispatch send rows)": (0, w // 3),
+        "scale block": (scale_start, _FIXED_REGION_BYTES),
+        "D (combine rows)": (d_start, max(0, matrix_start - d_start)),
+        "count matrix": (matrix_start, COUNT_REGION_BYTES),
+        "sync flags": (w - MIB, 2048 * 4),
+    }
+    return tuple(Region(name, *place[name], need[name]) for name in place)
+
+
+def int32_offset_overflows(config: OpConfig) -> list[LayoutViolation]:
+    """Regions whose extent (one past the last byte, relative to the region start) exceeds
+    :data:`INT32_MAX`: a kernel that computes ``row · stride`` byte offsets or their loop bound
+    in int32 wraps there (edge_cases.md: vllm PR #45907, DeepEP #454, sglang #6449).
+
+    [inferred]: the reference notes do not say which offsets ``dispatch_ffn_combine`` computes
+    in int32; this marks where any would wrap. Region A is first to, at
+    ``M·topK·(K + 32) >= 2**31`` (region D joins it at K = 32, where 2K = K + 32):
+
+    >>> from spec import OpConfig
+    >>> cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=32, intermediate=16,
+    ...                tokens_per_rank=(2**25,))
+    >>> [v.message.split(" spans")[0] for v in int32_offset_overflows(cfg)]
+    ['region A (dispatch send rows)', 'region D (combine rows)']
+    """
+    return [
+        LayoutViolation(
+            "int32-offset",
+            f"region {name} spans {need} bytes > {INT32_MAX} (M·topK = {config.max_tokens}·"
+            f"{config.top_k}, K = {config.hidden}): int32 byte offsets into it wrap; compute "
+            "offsets in int64 or split the call into fewer tokens per rank",
+        )
+        for name, need in region_needs(config).items()
+        if need > INT32_MAX
+    ]
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,14 @@ from spec.problem import DTYPES, Problem
 from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
 __all__ = [
+    "CAPACITY_FAMILIES",
+    "COUNT_ONLY",
+    "FEW_TOKENS",
     "MASK_FAMILIES",
     "PROBS_FAMILIES",
     "ROUTING_FAMILIES",
     "ROW_FAMILIES",
+    "TOKEN_FAMILIES",
     "RoutingPlan",
     "RowPlan",
     "configs",
@@ -52,13 +56,38 @@ ROUTING_FAMILIES = (
     "zipf",  # Zipf-skewed expert popularity (DeepEP #427)
     "empty_experts",  # only a few experts receive anything
     "empty_rank",  # one rank's experts receive nothing
-    "duplicates",  # ids drawn with replacement: duplicates within a token
+    "duplicates",  # one id repeated 2..top_k times within every token (vllm PR #39391)
+    "balanced",  # slots round-robin over ranks: every rank receives within one row of the rest
 )
 #: Special token rows planted into otherwise normal data (§6 numerics edges).
 ROW_FAMILIES = ("normal", "zero_row", "tiny_row", "large_row", "outlier", "ties", "mixed")
 PROBS_FAMILIES = ("softmax", "ties", "zeros", "negative", "unnormalised")
-MASK_FAMILIES = ("random", "none_active", "all_active", "one_rank_masked")
-CAPACITY_FAMILIES = ("as_drawn", "at_capacity", "one_past")
+MASK_FAMILIES = ("random", "all_active", "one_rank_masked", "none_active")
+#: ``max_output_size`` against the busiest rank's received rows R: R, R − 1, R + 1, or the
+#: configuration's drawn value (often 0 or a few rows: most tokens lose a slot).
+CAPACITY_FAMILIES = ("at_capacity", "one_past", "one_spare", "as_drawn")
+#: Token counts per rank: as drawn (ragged), some ranks empty beside busy ones, all ranks but
+#: one empty, one small M on every rank (1, odd, below the 20/40 vector cores: vllm-ascend
+#: #9983, PR #9992), every rank empty.
+TOKEN_FAMILIES = ("ragged", "some_empty", "one_busy", "few_tokens", "all_empty")
+#: The families after which no output row is defined (only the counts are judged): drawn
+#: rarely, so that >= 90 % of default draws judge at least one row (issue 15), and last, so
+#: that they shrink away when the failure does not need them.
+COUNT_ONLY = {"tokens": "all_empty", "mask": "none_active", "capacity": "as_drawn"}
+#: Each common family is drawn this many times as often as a count-only one.
+_COMMON_WEIGHT = 10
+#: M of the ``few_tokens`` family: 1, small odd counts, and just below 20 and 40 (the vector
+#: core counts of A2 and A3, where a core gets no token: vllm-ascend PR #9992 [inferred]).
+FEW_TOKENS = (1, 3, 5, 7, 19, 39)
+
+
+def _mostly(families: tuple[str, ...], rare: str) -> st.SearchStrategy[str]:
+    """``families`` with ``rare`` drawn about 1 time in ``_COMMON_WEIGHT · (len − 1) + 1``;
+    shrinks to ``families[0]``. ``rare`` sits in the middle: Hypothesis favours the ends of
+    a range, which made a last entry several times more frequent than its share."""
+    common = tuple(f for f in families if f != rare) * (_COMMON_WEIGHT // 2)
+    return st.sampled_from((*common, rare, *common))
+
 
 def _require_strategy(name: str, value: object) -> None:
     if not isinstance(value, st.SearchStrategy):
@@ -69,12 +98,13 @@ def _require_strategy(name: str, value: object) -> None:
 
 # Built once: a strategy constructed inside every draw costs validation each time.
 _TOP_K_FAMILIES = st.sampled_from(("drawn", "one", "equals_E", "above_E"))
-_TOKEN_FAMILIES = st.sampled_from(("ragged", "some_empty", "all_empty", "one_busy"))
+_TOKEN_FAMILIES = _mostly(TOKEN_FAMILIES, COUNT_ONLY["tokens"])
+_FEW_TOKENS = st.sampled_from(FEW_TOKENS)
 _RANK_INDEX = st.integers(0, MAX_EP_SIZE - 1)
 _CAPACITY = st.integers(0, 64)
 _PROBS = st.sampled_from(PROBS_FAMILIES)
-_MASKS = st.sampled_from(MASK_FAMILIES)
-_CAPACITIES = st.sampled_from(CAPACITY_FAMILIES)
+_MASKS = _mostly(MASK_FAMILIES, COUNT_ONLY["mask"])
+_CAPACITIES = _mostly(CAPACITY_FAMILIES, COUNT_ONLY["capacity"])
 _SEEDS = st.integers(0, 2**32 - 1)
 
 
@@ -104,6 +134,21 @@ def _draw_int_in(draw: Any, strategy: st.SearchStrategy[int], name: str, lo: int
     if not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidArgument(f"{name} drew {value!r}; every draw must be an int in [{lo}, {hi}]")
     return value
+
+
+def _token_family(family: str, counts: list[int], pick: int, few: int) -> tuple[list[int], str]:
+    """The counts of ``family`` and the family they really show: at EP = 1 "some_empty" and
+    "one_busy" are plain ragged counts (emptying the only rank would leave no row to judge)."""
+    ep = len(counts)
+    if family == "few_tokens":
+        return [few] * ep, family
+    if family == "all_empty":
+        return [0] * ep, family
+    if ep == 1 or family == "ragged":
+        return counts, "ragged"
+    if family == "some_empty":  # ragged, with every other rank from ``pick`` on empty
+        return [0 if (r - pick) % 2 == 0 else m for r, m in enumerate(counts)], family
+    return [counts[-1] if r == pick else 0 for r in range(ep)], family  # one_busy
 
 
 @st.composite
@@ -144,13 +189,9 @@ def _small_configs(
     counts = [_draw_int_in(draw, tokens_per_rank, "tokens_per_rank", 0, 1 << 20)
               for _ in range(MAX_EP_SIZE)][MAX_EP_SIZE - ep:]
     pick = draw(_RANK_INDEX) % ep
+    few = draw(_FEW_TOKENS)
     if "tokens" in edges:
-        if tokens_family == "some_empty":
-            counts[pick] = 0
-        elif tokens_family == "all_empty":
-            counts = [0] * ep
-        elif tokens_family == "one_busy":  # the last drawn count, moved to the busy rank
-            counts = [counts[-1] if r == pick else 0 for r in range(ep)]
+        counts, tokens_family = _token_family(tokens_family, counts, pick, few)
         event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
@@ -220,7 +261,9 @@ def configs(
 
     Each keyword takes a strategy for that field (``tokens_per_rank`` is per rank). Where a field
     is left to its default, edge families are explicit draws besides the drawn values:
-    ``top_k`` = 1 / = E / > E, token counts with some, all, or all-but-one ranks empty. EP·E
+    ``top_k`` = 1 / = E / > E, token counts (:data:`TOKEN_FAMILIES`) ragged, with some or
+    all-but-one ranks empty, one small M on every rank (:data:`FEW_TOKENS`), or rarely every
+    rank empty. EP·E
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
     strategy. ``sizes="small"`` (default) keeps examples fast; ``sizes="realistic"`` draws the
@@ -289,35 +332,57 @@ _default_configs = configs
 
 @dataclass(frozen=True)
 class RoutingPlan:
-    """A routing family with its explicit choices (which expert, which rank); the ids themselves
-    come from the problem's seeded generator. ``target`` is reduced modulo the number of experts
-    or ranks, so it shrinks to 0 whatever the configuration."""
+    """A routing family with its explicit choices (which expert, which rank, how many copies of
+    an id); the ids themselves come from the problem's seeded generator. ``target`` is reduced
+    modulo the number of experts or ranks, so it shrinks to 0 whatever the configuration."""
 
     family: str
     target: int = 0
     spread: int = 1
+    multiplicity: int = 2
 
-    def expert_ids(self, cfg: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
+    def copies(self, cfg: OpConfig) -> int:
+        """How many slots of each token hold its repeated id ("duplicates"): 2..top_k, from
+        ``multiplicity`` (shrinks to 2); 1 at top_k = 1, where no token can repeat an id."""
+        return 1 if cfg.top_k < 2 else 2 + (self.multiplicity - 2) % (cfg.top_k - 1)
+
+    def expert_ids(
+        self, cfg: OpConfig, rng: np.random.Generator, tokens: int, *, first_slot: int = 0
+    ) -> np.ndarray:
+        """``(tokens, top_k)`` ids of one rank; ``first_slot`` is the global index of its first
+        slot (ranks in order), which "balanced" deals round-robin over the ranks."""
         num, e_local, k = cfg.num_experts, cfg.experts_per_rank, cfg.top_k
         if self.family == "uniform":
             return uniform_routing(cfg, rng, tokens)
         if self.family == "one_expert":
             return np.full((tokens, k), self.target % num, dtype=np.int32)
         if self.family == "duplicates":
-            return rng.integers(0, num, size=(tokens, k)).astype(np.int32)
+            return _duplicated(rng, num, tokens, k, self.copies(cfg))
+        if self.family == "balanced":  # slot j to rank j % EP: per-rank rows differ by <= 1
+            dest = (first_slot + self.target + np.arange(tokens * k)) % cfg.ep_size
+            local = rng.integers(0, e_local, size=tokens * k)
+            return (dest * e_local + local).reshape(tokens, k).astype(np.int32)
         if self.family == "one_rank":
             pool = (self.target % cfg.ep_size) * e_local + np.arange(e_local)
         elif self.family == "empty_rank":
             pool = np.setdiff1d(np.arange(num), (self.target % cfg.ep_size) * e_local
                                 + np.arange(e_local))
-        elif self.family == "empty_experts":
-            pool = (self.target + np.arange(self.spread)) % num
+        elif self.family == "empty_experts":  # at least one expert of several gets nothing
+            pool = (self.target + np.arange(max(1, min(self.spread, num - 1)))) % num
         else:  # zipf: popularity ∝ 1/rank^1.2 over a seeded permutation of the experts
             weights = 1.0 / np.arange(1, num + 1) ** 1.2
             return _weighted_topk(rng, rng.permutation(num), weights, tokens, k)
         if pool.size == 0:  # a single rank has no other rank's experts to use
             pool = np.arange(num)
         return _weighted_topk(rng, np.unique(pool), np.ones(np.unique(pool).size), tokens, k)
+
+
+def _duplicated(rng: np.random.Generator, num: int, tokens: int, k: int, copies: int) -> np.ndarray:
+    """Every token holds one id in ``copies`` of its ``k`` slots (at random positions) and
+    distinct others, exactly so where ``EP·E >= k − copies + 1`` (else ids also repeat)."""
+    base = _weighted_topk(rng, np.arange(num), np.ones(num), tokens, k - copies + 1)
+    ids = np.concatenate([np.repeat(base[:, :1], copies - 1, axis=1), base], axis=1)
+    return np.take_along_axis(ids, np.argsort(rng.random((tokens, k)), axis=1), axis=1)
 
 
 def _weighted_topk(
@@ -346,6 +411,7 @@ def routings(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStra
         family=_or(families, st.sampled_from(ROUTING_FAMILIES)),
         target=st.integers(0, 1023),
         spread=st.integers(1, 3),
+        multiplicity=st.integers(2, 64),
     )
 
 
@@ -421,16 +487,26 @@ def _probs(family: str, rng: np.random.Generator, m: int, k: int) -> np.ndarray:
     return np.asarray(p, dtype=np.float32)
 
 
-def _masks(family: str, rng: np.random.Generator, cfg: OpConfig, target: int) -> list[np.ndarray]:
+def _masks(
+    family: str, rng: np.random.Generator, cfg: OpConfig, target: int
+) -> tuple[list[np.ndarray], str]:
+    """The masks of ``family`` and the family they really show. Only "none_active" masks every
+    token: "one_rank_masked" masks one busy rank beside another (with one busy rank it is
+    "random"), and "random" keeps at least one token of the call active."""
     counts = cfg.tokens_per_rank
+    busy = [r for r, m in enumerate(counts) if m]
     if family == "none_active":
-        return [np.zeros(m, dtype=bool) for m in counts]
+        return [np.zeros(m, dtype=bool) for m in counts], family
     if family == "all_active":
-        return [np.ones(m, dtype=bool) for m in counts]
-    if family == "one_rank_masked":
-        hit = target % cfg.ep_size
-        return [np.full(m, r != hit) for r, m in enumerate(counts)]
-    return [rng.random(m) < 0.7 for m in counts]
+        return [np.ones(m, dtype=bool) for m in counts], family
+    if family == "one_rank_masked" and len(busy) > 1:
+        hit = busy[target % len(busy)]
+        return [np.full(m, r != hit) for r, m in enumerate(counts)], family
+    masks = [rng.random(m) < 0.7 for m in counts]
+    if busy and not any(mask.any() for mask in masks):
+        r = busy[target % len(busy)]
+        masks[r][target % counts[r]] = True
+    return masks, "random"
 
 
 def _receive_rows(cfg: OpConfig, ids: list[np.ndarray], masks: list[np.ndarray] | None) -> int:
@@ -453,8 +529,11 @@ def problems(
     """Valid :class:`spec.Problem` values: a configuration, then its routing, special rows,
     routing weights, masks and capacity edges, then the bulk arrays from a drawn seed.
 
-    ``max_output_size`` is either the configuration's drawn value, or exactly the busiest rank's
-    receive count ("at capacity") or one less ("one past": one row dropped).
+    ``max_output_size`` is exactly the busiest rank's received rows R ("at_capacity"), R − 1
+    ("one_past": its last row dropped), R + 1 ("one_spare"), or rarely the configuration's drawn
+    value ("as_drawn"). Rare families (:data:`COUNT_ONLY`: every rank empty, every token masked,
+    the drawn capacity) leave no output row to judge; every other draw defines at least one
+    row unless ``one_past`` drops the last slot of every token.
     """
     for name, value in (("configs", configs), ("routing", routing), ("values", values)):
         if value is not None:
@@ -471,14 +550,22 @@ def problems(
     rng = np.random.default_rng(seed)
     x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
     rows.plant(cfg, rng, x)
-    ids = [plan.expert_ids(cfg, rng, m) for m in cfg.tokens_per_rank]
+    starts = np.cumsum((0, *cfg.tokens_per_rank)) * cfg.top_k
+    ids = [plan.expert_ids(cfg, rng, m, first_slot=int(starts[r]))
+           for r, m in enumerate(cfg.tokens_per_rank)]
     probs = [_probs(probs_family, rng, m, cfg.top_k) for m in cfg.tokens_per_rank]
-    masks = _masks(mask_family, rng, cfg, plan.target) if mask_family else None
-    if capacity in ("at_capacity", "one_past"):
+    masks = None
+    if mask_family is not None:
+        masks, mask_family = _masks(mask_family, rng, cfg, plan.target)
+    if capacity is not None and capacity != "as_drawn":
         busiest = _receive_rows(cfg, ids, masks)
-        cfg = replace(cfg, max_output_size=max(0, busiest - (capacity == "one_past")))
+        shift = {"at_capacity": 0, "one_past": -1, "one_spare": 1}[capacity]
+        cfg = replace(cfg, max_output_size=max(0, busiest + shift))
+    routing_label = f"routing: {plan.family}"
+    if plan.family == "duplicates":
+        routing_label += f", {plan.copies(cfg)} copies"
     for label in (
-        f"routing: {plan.family}", f"rows: {rows.family}", f"probs: {probs_family}",
+        routing_label, f"rows: {rows.family}", f"probs: {probs_family}",
         f"mask: {mask_family}", f"capacity: {capacity}",
     ):
         event(label)

@@ -7,19 +7,23 @@ import re
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spec import HcclBufferTooSmall, OpConfig
 from spec.buffers import (
+    INT32_MAX,
     MIB,
     check_hccl_buffer,
     hccl_buffsize_from_env,
     hccl_required_bytes,
     hccl_required_mb,
+    int32_offset_overflows,
     layout_fits,
     mc2_v1_a2_required_mb,
     mc2_v1_a3_required_mb,
     mc2_v2_a3_required_mb,
     operator_message_formula_mb,
+    region_needs,
     window_layout,
 )
 from spec.errors import ConfigError
@@ -112,3 +116,59 @@ def test_mc2_formulas_and_their_limits() -> None:
         mc2_v1_a3_required_mb(batch=8, hidden=4096, top_k=8, ep_size=32, experts_per_rank=8)
     with pytest.raises(ConfigError, match="ep_size"):
         mc2_v1_a2_required_mb(batch=8, hidden=4096, top_k=8, ep_size=8, experts_per_rank=8)
+
+
+
+# --- Large offsets without arrays (edge_cases.md: byte offsets past 2^31, vllm PR #45907). ---
+
+@st.composite
+def _near_int32(draw: st.DrawFn) -> OpConfig:
+    """A call whose region A, ``M·topK·(K + 32)`` bytes, lies within two rows of 2**31, with
+    other ranks of fewer tokens (M is the largest)."""
+    top_k = draw(st.sampled_from((1, 2, 8)))
+    hidden = draw(st.sampled_from((32, 96, 2048, 4064, 7168)))
+    m = 2**31 // (top_k * (hidden + 32)) + draw(st.integers(-2, 2))
+    ep = draw(st.sampled_from((1, 2, 32)))
+    return OpConfig(ep_size=ep, experts_per_rank=2, top_k=top_k, hidden=hidden, intermediate=16,
+                    tokens_per_rank=(m,) + (m // 2,) * (ep - 1))
+
+
+@given(_near_int32(), st.sampled_from((200, 2048, 4096, 65535)))
+def test_window_sizes_stay_exact_past_int32(config: OpConfig, window_mb: int) -> None:
+    """Every start, capacity and need is a Python int equal to the formula in exact arithmetic
+    (no wrap, no float rounding), on both sides of 2**31."""
+    m, k, h = config.max_tokens, config.top_k, config.hidden
+    regions = window_layout(config, window_mb * MIB)
+    for r in regions:
+        assert all(type(v) is int for v in (r.start, r.capacity, r.need, r.over)), r
+    needs = {r.name: r.need for r in regions}
+    assert needs == region_needs(config)
+    assert needs["A (dispatch send rows)"] == m * k * (h + 32)
+    assert needs["D (combine rows)"] == m * k * h * 2
+    assert type(hccl_required_bytes(config)) is int
+    assert hccl_required_bytes(config) == m * k * h * 3 + 10 * MIB
+
+
+@given(_near_int32())
+def test_int32_offset_rule_flags_exactly_past_int32_max(config: OpConfig) -> None:
+    extent = config.max_tokens * config.top_k * (config.hidden + 32)
+    flagged = [v.message for v in int32_offset_overflows(config)]
+    assert any("region A" in f for f in flagged) == (extent > INT32_MAX), (extent, flagged)
+    assert all(v.rule == "int32-offset" for v in int32_offset_overflows(config))
+
+
+@pytest.mark.parametrize(("m", "flagged"), [(2**25 - 1, False), (2**25, True)])
+def test_int32_offset_boundary_is_2_to_the_31(m: int, flagged: bool) -> None:
+    """K = 32, top_k = 1: region A spans 64·M bytes, 2**31 − 64 then exactly 2**31."""
+    config = _cfg(m)
+    assert region_needs(config)["A (dispatch send rows)"] == 64 * m
+    assert bool(int32_offset_overflows(config)) == flagged
+
+
+def test_int32_offset_message_names_the_region_and_the_fix() -> None:
+    (a, d) = int32_offset_overflows(_cfg(2**25))
+    assert str(a) == (
+        "int32-offset: region A (dispatch send rows) spans 2147483648 bytes > 2147483647 "
+        "(M·topK = 33554432·1, K = 32): int32 byte offsets into it wrap; compute offsets in "
+        "int64 or split the call into fewer tokens per rank")
+    assert "region D (combine rows)" in str(d)

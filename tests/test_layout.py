@@ -7,6 +7,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spec.findings import layout_params, search
 from spec.layout import (
@@ -99,3 +101,21 @@ def test_violations_are_structured_and_actionable() -> None:
     assert [v.rule for v in found] == ["unpolled-payload"] * 4 + ["sentinel-slot"]
     assert "PR #8560" in str(found[-1])
     assert layout_violations(32, 8) == []
+
+
+
+@given(st.sampled_from((31, 128)), st.integers(-2, 2), st.sampled_from(list(VERSIONS)))
+@settings(max_examples=30)
+def test_count_offsets_stay_exact_past_int32(ep: int, step: int, version: str) -> None:
+    """EP·E where the matrix spans about 2**31 bytes: the polled offsets are int64 and equal
+    the exact Python-int formula, and the region rule reports the exact byte count."""
+    e = 2**31 // (4 * ep * ep) + step
+    stride = count_row_stride(ep, e, version=version)
+    row = ep - 1
+    polled = polled_words(ep, e, row, version=version)
+    first = row * stride + (0 if VERSIONS[version].polls_blocks else ep * e)
+    assert polled.dtype == np.int64 and int(polled[0]) == first
+    used = 4 * (row * stride + written_words(ep, e, version=version))
+    assert used > 2**30 and type(used) is int
+    (overflow,) = matrix_overflow(ep, e, version=version)
+    assert f"need {used} bytes" in overflow.message

@@ -383,3 +383,32 @@ def test_problem_config_describes_the_arrays() -> None:
     problem = Problem([RankInputs(**r) for r in ranks])
     assert problem.config == dataclasses.replace(BASE, weight_form="list", x_dtype="float16")
     assert problem.ranks[0].x.dtype == np.float16
+
+
+# Invalid ids (edge_cases.md, 2026: vllm PR #46408, #48371; ROCm/aiter #4636): -1 padding, the
+# sentinel EP·E, ids past EP·E and the int32 extremes, on either rank and any slot.
+INVALID_IDS = [-1, -(2**31), 4, 5, 2**31 - 1]
+
+
+@pytest.mark.parametrize("value", INVALID_IDS)
+@pytest.mark.parametrize(("rank", "token", "slot"), [(0, 2, 1), (1, 0, 0), (1, 1, 1)])
+def test_invalid_id_names_field_rank_token_and_value(
+    value: int, rank: int, token: int, slot: int
+) -> None:
+    ranks = fresh_ranks()
+    ranks[rank]["expert_idx"][token, slot] = value
+    with pytest.raises(ExpertIdError) as err:
+        Problem(*problem_args(ranks)[:1])
+    e = err.value
+    assert (e.rank, e.field) == (rank, f"expert_idx[{token}, {slot}]")
+    assert str(e).startswith(f"rank {rank}, expert_idx[{token}, {slot}]: got {value} ")
+    assert "allowed: 0..3 (EP=2 x E=2)" in str(e)
+
+
+@pytest.mark.parametrize("value", INVALID_IDS)
+def test_invalid_id_of_a_masked_token_is_not_read(value: int) -> None:
+    """§4: the kernel overwrites a masked token's ids with the sentinel before routing."""
+    ranks = fresh_ranks()
+    ranks[1]["expert_idx"][0, 1] = value
+    ranks[1]["active_mask"] = np.array([False, True])
+    assert Problem(*problem_args(ranks)[:1]).config.masked
