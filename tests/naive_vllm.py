@@ -37,7 +37,11 @@ def _quantise(row: Array) -> tuple[Array, F32]:
     amax = F32(np.max(np.abs(row))) if row.size else F32(0)
     if amax == 0:
         return np.zeros(row.shape, F32), F32(0)
-    inv = F32(F32(127) / amax)
+    with np.errstate(over="ignore"):
+        inv = F32(F32(127) / amax)
+    if np.isinf(inv):  # amax < 127/FLT_MAX: the oracle's "zero" policy, the mathematical value
+        return (np.rint(row.astype(np.float64) * (127 / np.float64(amax))).astype(F32),
+                F32(amax / F32(127)))
     return np.rint(row * inv).astype(F32), F32(amax / F32(127))
 
 

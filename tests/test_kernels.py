@@ -33,7 +33,7 @@ from oracle import Numerics, compare
 from oracle.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
 from spec.limits import A3_W8A8, check_supported
-from spec.strategies import configs, problems
+from spec.strategies import ROW_FAMILIES, configs, problems, token_rows
 
 Array = np.ndarray[Any, Any]
 F32 = np.float32
@@ -52,9 +52,17 @@ def run_outputs(problem: Problem, profile: KernelProfile) -> list[tuple[Array, A
 
 
 #: Small problems in each profile's domain (few ranks: the naive model loops per slot).
-def domain_problems(profile: KernelProfile, **fields: Any) -> st.SearchStrategy[Problem]:
+def domain_problems(profile: KernelProfile, values: st.SearchStrategy[Any] | None = None,
+                    **fields: Any) -> st.SearchStrategy[Problem]:
     fields.setdefault("ep_sizes", st.sampled_from((1, 2, 3, 4)))
-    return problems(configs=configs(domain=profile.domain, **fields))
+    return problems(configs=configs(domain=profile.domain, **fields), values=values)
+
+
+#: Rows of every family but ``tiny_row``: at x ~ 2^-60 the SwiGLU input is ~1e-20, where
+#: silu(g)·u = g·u/2 to first order, so gate/up order and silu's rounding vanish into float32
+#: underflow (the envelope rightly admits either); a one-rounding mutant is only visible above.
+VISIBLE_ROWS = token_rows(families=st.sampled_from(
+    tuple(f for f in ROW_FAMILIES if f != "tiny_row")))
 
 
 FLOAT_WEIGHTS = st.just("float")  # any non-int8 weight dtype becomes x's dtype
@@ -380,7 +388,7 @@ def test_a_one_rounding_change_is_caught(name: str) -> None:
             seen["caught"] += not verdict.ok
 
     @search(40)
-    @given(domain_problems(profile, weight_dtypes=st.just("int8")))
+    @given(domain_problems(profile, VISIBLE_ROWS, weight_dtypes=st.just("int8")))
     def check(problem: Problem) -> None:
         judge(problem)
 
@@ -430,7 +438,7 @@ def test_a_third_profile_runs_judges_and_round_trips() -> None:
 
 
 @search(30)
-@given(domain_problems(ASCEND_A3))
+@given(domain_problems(ASCEND_A3, VISIBLE_ROWS))
 def test_ascend_a3_rejects_the_third_profiles_output(problem: Problem) -> None:
     mine = run_outputs(problem, CUTLASS)
     if mutant_differs(problem, ASCEND_A3, CUTLASS):
