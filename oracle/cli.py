@@ -36,7 +36,7 @@ from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
 from oracle.loading import ImplLoadError, load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import OptionError, check_options
+from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, OptionError, check_options
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
 from spec import SpecError
@@ -145,8 +145,11 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         saved = load(args.file)
         numerics, ulps = judged_with(saved.meta)
+        # Files written before the policy was recorded were judged with that time's "strict".
+        inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
+        check_options(inputs=inputs)
         impl = _runner(args)
-    except (ImplLoadError, SpecError) as exc:
+    except (ImplLoadError, SpecError, OptionError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     if args.numerics is not None:
@@ -155,7 +158,7 @@ def _replay(args: argparse.Namespace) -> int:
     ulps = ulps if args.ulps is None else args.ulps
     try:
         verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
-                              ulps=ulps)
+                              ulps=ulps, inputs=inputs)
     finally:
         if isinstance(impl, ChildProcess):
             impl.close()
@@ -320,7 +323,10 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
     check.add_argument("--seed", type=int, default=None)
     check.add_argument("--timeout", type=float, default=60.0)
-    check.add_argument("--inputs", choices=("strict", "report", "ignore"), default="strict")
+    check.add_argument("--inputs", choices=INPUT_POLICIES, default=DEFAULT_INPUTS,
+                       help="an implementation that writes into its inputs: sentinel allows "
+                       "only the operator's write-back of EP·E into masked tokens' expert ids, "
+                       "strict no write, report warns, ignore (default: %(default)s)")
     check.add_argument("--ulps", type=float, default=0.0,
                        help="ulps of the out dtype allowed beyond the kernel profile's "
                        "envelope (default: %(default)s: the envelope only)")
@@ -337,6 +343,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="override the kernel profile the file was judged with")
     replay.add_argument("--ulps", type=float, default=None,
                         help="override the ulps the file was judged with")
+    replay.add_argument("--inputs", choices=INPUT_POLICIES, default=None,
+                        help="override the input-write policy the file was judged with")
     replay.add_argument("--timeout", type=float, default=60.0)
     replay.add_argument("--in-process", action="store_true",
                         help="run the implementation in this process (debugging)")

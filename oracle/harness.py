@@ -30,6 +30,7 @@ from oracle.isolation import (
     CallOutcome,
     ChildProcess,
     InputWatch,
+    InputWrite,
     check_signature,
     describe_exception,
     importable_name,
@@ -39,11 +40,12 @@ from oracle.judge import Verdict, compare, structured_outputs
 from oracle.kernels import KernelProfile
 from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import INPUT_POLICIES, check_options
+from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
 from oracle.reference import route
 from spec import Problem, RankInputs
 
 __all__ = [
+    "DEFAULT_INPUTS",
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
@@ -144,7 +146,7 @@ def evaluate(
     *,
     numerics: str | Numerics = "faithful",
     timeout: float = 60.0,
-    inputs: str = "strict",
+    inputs: str = DEFAULT_INPUTS,
     ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
@@ -164,14 +166,29 @@ def evaluate(
     outputs = outcome.outputs
     with np.errstate(**_NUMPY_DEFAULTS):
         verdict = compare(problem, outputs, numerics=numerics, ulps=ulps)
-    changed = list(outcome.changed)
-    if verdict.ok and inputs != "ignore" and changed:
-        if inputs == "strict":
-            return _failed("inputs", "the implementation wrote into its inputs: "
-                           + ", ".join(changed) + " (pass inputs='report' to allow it)"), outputs
-        warnings.warn("the implementation wrote into its inputs: " + ", ".join(changed),
-                      stacklevel=2)
+    if verdict.ok and outcome.changed and inputs != "ignore":
+        verdict = _judge_writes(verdict, outcome.changed, inputs, problem.config.num_experts)
     return verdict, outputs
+
+
+def _judge_writes(verdict: Verdict, writes: tuple[InputWrite, ...], inputs: str,
+                  sentinel: int) -> Verdict:
+    """``verdict`` (a pass) for a call that wrote ``writes`` into its inputs, or the ``inputs``
+    failure its policy (:data:`oracle.options.INPUT_POLICIES`) makes of them."""
+    if inputs == "sentinel":
+        forbidden = [w for w in writes if not w.sentinel]
+        if forbidden:
+            return _failed("inputs", "the implementation wrote into its inputs beyond the "
+                           f"operator's write-back of the sentinel EP·E = {sentinel} into masked "
+                           "tokens' expert ids: " + "; ".join(map(str, forbidden)))
+    elif inputs == "strict":
+        return _failed("inputs", "the implementation wrote into its inputs: "
+                       + "; ".join(map(str, writes)) + " (inputs='strict' allows no write; "
+                       "'sentinel' allows the operator's write-back of masked tokens' ids)")
+    else:
+        warnings.warn("the implementation wrote into its inputs: " + "; ".join(map(str, writes)),
+                      stacklevel=3)
+    return verdict
 
 
 def _failed(stage: str, message: str) -> Verdict:
@@ -240,7 +257,7 @@ def check_implementation(
     save_dir: str | Path | None = DEFAULT_SAVE_DIR,
     impl_name: str | None = None,
     timeout: float = 60.0,
-    inputs: str = "strict",
+    inputs: str = DEFAULT_INPUTS,
     ulps: float = 0.0,
     seed: int | None = None,
     isolate: bool | None = None,
@@ -319,7 +336,7 @@ def check_implementation(
     path = None
     if save_dir is not None:
         path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name,
-                                    ulps)
+                                    ulps, inputs)
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
@@ -357,7 +374,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
 
 def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
-    numerics: Numerics, impl_name: str | None, ulps: float,
+    numerics: Numerics, impl_name: str | None, ulps: float, inputs: str,
 ) -> Path:
     checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
@@ -366,6 +383,7 @@ def _save_counterexample(
         # The whole profile, switches and tolerance: replay and explain judge as the search did.
         "numerics": numerics.to_dict(),
         "ulps": ulps,
+        "inputs": inputs,  # the input-write policy, so that replay judges writes the same way
         "impl": impl_name,
     }
     digest = hashlib.sha1(f"{problem.config}{verdict.message}".encode()).hexdigest()[:10]

@@ -17,11 +17,22 @@ from typing import Any
 from oracle.numerics import Numerics
 from oracle.profiles import PROFILES
 
-__all__ = ["INPUT_POLICIES", "NUMERICS_MODES", "OptionError", "check_options"]
+__all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "OptionError", "check_options"]
 
-#: What to do when an implementation writes into its inputs: fail ("strict"), warn ("report":
-#: the real operator writes masked ids back into expert_idx, §4), or nothing ("ignore").
-INPUT_POLICIES = ("strict", "report", "ignore")
+#: What to do when an implementation writes into its inputs:
+#:
+#: - ``"sentinel"`` (the default): allow exactly the real operator's write: the expert ids of
+#:   masked tokens (``active_mask`` False) become the sentinel EP·E (§4 of the reference notes:
+#:   the kernel writes them back into the caller's ``expert_idx``); any other write (another
+#:   id, an active token's id, a masked id set to anything but EP·E, ``x``, ``probs``, weights,
+#:   scales) fails at stage ``inputs``. It is the default because it is the contract: ``strict``
+#:   fails the real operator on every masked call, and a gate that fails the reference
+#:   behaviour gets switched to ``report``, which lets real damage through (a kernel that turns
+#:   the caller's global ids into local ones passes with a warning).
+#: - ``"strict"``: no write at all (a kernel that promises to leave its inputs alone);
+#: - ``"report"``: any write passes with a warning; ``"ignore"``: writes are not looked at.
+INPUT_POLICIES = ("sentinel", "strict", "report", "ignore")
+DEFAULT_INPUTS = "sentinel"
 NUMERICS_MODES = ("faithful", "ideal")
 
 
@@ -44,7 +55,7 @@ def check_options(
     numerics: object = "faithful",
     ulps: object = 0.0,
     timeout: object = 60.0,
-    inputs: object = "strict",
+    inputs: object = DEFAULT_INPUTS,
     save_dir: object = None,
     max_examples: object = None,
     profile: object = None,

@@ -18,6 +18,7 @@ from hypothesis import settings
 
 from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
+from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
@@ -43,8 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-variants", default=",".join(VARIANTS),
                     help="weight variants the implementation supports, comma-separated "
                     f"(from {', '.join(VARIANTS)}); the others are skipped by name")
-    group.addoption("--dfc-inputs", choices=("strict", "report", "ignore"), default="strict",
-                    help="an implementation that writes into its inputs: fail, warn, or allow")
+    group.addoption("--dfc-inputs", choices=INPUT_POLICIES, default=DEFAULT_INPUTS,
+                    help="an implementation that writes into its inputs: sentinel allows only "
+                    "the operator's write-back of EP·E into masked tokens' expert ids, strict "
+                    f"no write, report warns, ignore (default: {DEFAULT_INPUTS})")
     group.addoption("--dfc-ulps", type=float, default=0.0,
                     help="ulps of the out dtype allowed beyond the kernel profile's envelope "
                     "(default: 0, the envelope only; a value no freedom reaches is bitwise)")

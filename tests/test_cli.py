@@ -94,3 +94,19 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
     assert missing.ret != 0
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
+
+
+def test_check_and_replay_judge_input_writes_with_the_same_policy(in_tests_dir, tmp_path,
+                                                                  capsys) -> None:
+    # The default policy (sentinel) passes the operator's write-back of masked ids ...
+    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "20",
+                 "--save-dir", str(tmp_path)]) == 0
+    # ... which strict fails; the file records the policy, so replay judges it the same way.
+    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "40",
+                 "--inputs", "strict", "--save-dir", str(tmp_path)]) == 1
+    assert "stage 'inputs'" in capsys.readouterr().out
+    saved = str(next(tmp_path.glob("broken_impls.writes_masked_ids-inputs-*.npz")))
+    assert main(["replay", saved, "--impl", "broken_impls:writes_masked_ids"]) == 1
+    assert "is masked: the sentinel" in capsys.readouterr().out
+    assert main(["replay", saved, "--impl", "broken_impls:writes_masked_ids",
+                 "--inputs", "sentinel"]) == 0

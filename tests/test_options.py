@@ -38,7 +38,7 @@ def never_called(problem):
         ("timeout", -1.0, "must be a finite number of seconds > 0"),
         ("timeout", float("nan"), "must be a finite number of seconds > 0"),
         ("timeout", float("inf"), "must be a finite number of seconds > 0"),
-        ("inputs", "lenient", "must be one of strict, report, ignore"),
+        ("inputs", "lenient", "must be one of sentinel, strict, report, ignore"),
         ("numerics", "exact", "must be one of faithful, ideal"),
     ],
 )
