@@ -15,7 +15,7 @@ import hashlib
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
 from oracle.reference import route
-from spec import Problem, RankInputs
+from spec import OpConfig, Problem, RankInputs
+from spec.config import X_DTYPES
+from spec.limits import ShapeDomain
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -53,6 +55,7 @@ __all__ = [
     "describe_problem",
     "evaluate",
     "format_report",
+    "variant_configs",
 ]
 
 Implementation = Callable[[Problem], Any]
@@ -236,16 +239,50 @@ def format_report(
 
 
 DOMAINS = ("kernel", "contract")
+#: Each weight variant's token dtypes and weight dtype (float weights are in x's dtype).
+_VARIANT_DTYPES = {"w8a8": (("bfloat16", "float16"), "int8"), "bf16": (("bfloat16",), "bfloat16"),
+                   "fp16": (("float16",), "float16")}
 
 
-def default_problems(profile: KernelProfile, domain: str = "kernel") -> st.SearchStrategy[Problem]:
+def variant_configs(
+    variants: Sequence[str], *, domain: ShapeDomain | None = None, **fields: Any
+) -> st.SearchStrategy[OpConfig]:
+    """:func:`spec.strategies.configs` (with ``fields``) drawing only the weight variants
+    ``variants`` (names of :data:`oracle.options.WEIGHT_VARIANTS`).
+
+    >>> {variant_configs(["bf16"]).example().variant for _ in range(5)}
+    {'bf16'}
+    """
+    from spec.strategies import configs
+
+    xs = [x for x in X_DTYPES if any(x in _VARIANT_DTYPES[v][0] for v in variants)]
+    weights = [_VARIANT_DTYPES[v][1] for v in variants]
+    # configs() draws x, then the weights, and float weights take x's dtype: when a drawn pair
+    # can make a variant not asked for (w8a8 with bf16: x float16 and float weights is fp16),
+    # each variant is drawn with its own dtypes.
+    made = {w if w == "int8" else x for x in xs for w in weights}
+    if made <= {_VARIANT_DTYPES[v][1] for v in variants}:
+        return configs(x_dtypes=st.sampled_from(xs), weight_dtypes=st.sampled_from(weights),
+                       domain=domain, **fields)
+    return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
+                              weight_dtypes=st.just(_VARIANT_DTYPES[v][1]), domain=domain,
+                              **fields) for v in variants])
+
+
+def default_problems(
+    profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
+) -> st.SearchStrategy[Problem]:
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
-    (``domain="kernel"``) or the whole contract (``"contract"``)."""
+    (``domain="kernel"``) or the whole contract (``"contract"``), of every weight variant or
+    only ``variants``."""
     from spec.strategies import configs, problems
 
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
-    return problems(configs=configs(domain=profile.domain if domain == "kernel" else None))
+    shapes = profile.domain if domain == "kernel" else None
+    if variants is None:
+        return problems(configs=configs(domain=shapes))
+    return problems(configs=variant_configs(variants, domain=shapes))
 
 
 def check_implementation(
@@ -263,6 +300,7 @@ def check_implementation(
     isolate: bool | None = None,
     kernel: str | KernelProfile | None = None,
     domain: str = "kernel",
+    variants: Sequence[str] | None = None,
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -276,7 +314,11 @@ def check_implementation(
     tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
     judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
     so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
-    contract. ``ulps`` allows that many ulps of the out dtype beyond the profile's envelope.
+    contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
+    it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
+    the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
+    an implementation may make (:data:`oracle.options.INPUT_POLICIES`; the default,
+    ``"sentinel"``, allows only the operator's write-back of EP·E into masked tokens' ids).
 
     ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
     ``isolate`` (default: True for a name, False for a callable) runs it in a child process
@@ -287,10 +329,10 @@ def check_implementation(
     loaded, or does not take one argument, :class:`oracle.loading.ImplLoadError`.
     """
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
-                  save_dir=save_dir, kernel=kernel, domain=domain)
+                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
     num = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
-        problems = default_problems(num.profile, domain)
+        problems = default_problems(num.profile, domain, variants)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(

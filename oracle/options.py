@@ -17,7 +17,8 @@ from typing import Any
 from oracle.numerics import Numerics
 from oracle.profiles import PROFILES
 
-__all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "OptionError", "check_options"]
+__all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "WEIGHT_VARIANTS", "OptionError",
+           "check_options"]
 
 #: What to do when an implementation writes into its inputs:
 #:
@@ -34,6 +35,8 @@ __all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "OptionError", 
 INPUT_POLICIES = ("sentinel", "strict", "report", "ignore")
 DEFAULT_INPUTS = "sentinel"
 NUMERICS_MODES = ("faithful", "ideal")
+#: The weight variants an implementation may support (``spec.OpConfig.variant``).
+WEIGHT_VARIANTS = ("w8a8", "bf16", "fp16")
 
 
 class OptionError(ValueError):
@@ -61,6 +64,7 @@ def check_options(
     profile: object = None,
     kernel: object = None,
     domain: object = "kernel",
+    variants: object = None,
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
     from oracle.kernels import PROFILES as KERNELS
@@ -75,6 +79,12 @@ def check_options(
     if domain not in ("kernel", "contract"):
         raise OptionError("domain", f"domain={domain!r} must be 'kernel' (the kernel "
                           "profile's shapes) or 'contract' (every shape the contract allows)")
+    if variants is not None and (
+        isinstance(variants, str) or not isinstance(variants, (list, tuple))
+        or not variants or not set(variants) <= set(WEIGHT_VARIANTS)
+    ):
+        raise OptionError("variants", f"variants={variants!r} must be one or more of "
+                          f"{', '.join(WEIGHT_VARIANTS)} (comma-separated on the command line)")
     u = _number("ulps", ulps)
     if not (math.isfinite(u) and u >= 0):
         raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (ulps of the out "
