@@ -34,6 +34,7 @@ import select
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -47,6 +48,7 @@ from oracle.counterexample import arrays_of
 from oracle.judge import Verdict, structured_outputs
 from oracle.loading import ImplLoadError, load_impl
 from spec import DTYPES, OpConfig, Problem, RankInputs
+from spec import __file__ as _SPEC_INIT
 
 __all__ = [
     "CallOutcome",
@@ -103,14 +105,32 @@ class InputWrite:
 
 
 def describe_exception(exc: BaseException, skip_frames: int = 1) -> str:
-    """``Type: message at file:line``, even when the exception's ``__str__`` itself fails."""
+    """``Type: message at file:line``, even when the exception's ``__str__`` itself fails. The
+    location is the user's own frame: the innermost one in a real file (a frozen dataclass
+    raises in generated ``<string>`` code) outside the oracle, ``spec``, the standard library
+    and installed packages (NumPy raises in its own files), then outside the oracle and
+    ``spec`` only (the user's package may be installed), else the innermost frame."""
     try:
         text = str(exc)
     except BaseException as inner:  # a hostile __str__ must not escape
         text = f"<its __str__ raised {type(inner).__name__}>"
     frames = traceback.extract_tb(exc.__traceback__)[skip_frames:]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    real = [(f, os.path.realpath(f.filename)) for f in frames if not f.filename.startswith("<")]
+    mine = [f for f, path in real if not path.startswith(_ORACLE)]
+    users = [f for f, path in real if not path.startswith(_ORACLE + _LIBRARIES)]
+    chosen = users or mine or frames
+    where = f" at {chosen[-1].filename}:{chosen[-1].lineno}" if chosen else ""
     return f"{type(exc).__name__}: {text[:2000]}{where}"
+
+
+def _folder(path: str) -> str:
+    return os.path.join(os.path.realpath(path), "")
+
+
+#: Frames that are not the user's: this package and ``spec``; the standard library and
+#: installed packages.
+_ORACLE = (_folder(os.path.dirname(__file__)), _folder(os.path.dirname(_SPEC_INIT)))
+_LIBRARIES = tuple(_folder(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib"))
 
 
 def plain_outputs(problem: Problem, raw: object) -> list[tuple[Array, Array]] | Verdict:

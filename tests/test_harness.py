@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import re
 import warnings
 
@@ -189,3 +191,42 @@ def test_saved_counterexample_replays_to_the_same_verdict(tmp_path) -> None:
     for (out, nums), rank in zip(saved.outputs, broken.dropped_slot(saved.problem)):
         assert np.array_equal(out.view(np.uint16), rank[0].view(np.uint16))
         assert np.array_equal(nums, rank[1])
+
+
+def assigns_to_a_frozen_field(problem):
+    problem.ranks[0].expert_idx += 0  # raises: FrozenInstanceError
+    return broken.correct(problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    tokens: int
+
+
+def assigns_to_its_own_dataclass(problem):
+    plan = _Plan(problem.ranks[0].num_tokens)
+    plan.tokens = 0  # raises: FrozenInstanceError
+    return broken.correct(problem)
+
+
+def calls_numpy_wrongly(problem):
+    np.reshape(problem.ranks[0].x, (7, 7, 7))  # raises: ValueError
+    return broken.correct(problem)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("impl", [assigns_to_a_frozen_field, assigns_to_its_own_dataclass,
+                                  calls_numpy_wrongly])
+def test_a_raising_implementation_is_located_at_its_own_line(impl, isolate) -> None:
+    """Not at dataclasses' generated ``<string>`` code, NumPy's files or the oracle's."""
+    source = inspect.getsource(impl).splitlines()
+    (offset,) = [i for i, line in enumerate(source) if "# raises:" in line]
+    line = inspect.getsourcelines(impl)[1] + offset
+    error = source[offset].split("# raises: ")[1]
+    runner = ChildProcess(importable_name(impl)) if isolate else impl
+    with contextlib.ExitStack() as stack:
+        if isolate:
+            stack.enter_context(runner)
+        verdict, _ = evaluate(runner, MASKED_CALL)
+    assert verdict.stage == "call" and f"raised: {error}" in verdict.message
+    assert verdict.message.endswith(f" at {__file__}:{line}"), verdict.message
