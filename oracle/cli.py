@@ -36,7 +36,14 @@ from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
 from oracle.loading import ImplLoadError, load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import OptionError, check_options
+from oracle.options import (
+    DEFAULT_INPUTS,
+    INPUT_POLICIES,
+    NUMERICS_MODES,
+    WEIGHT_VARIANTS,
+    OptionError,
+    check_options,
+)
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
 from spec import SpecError
@@ -100,7 +107,7 @@ def _check(args: argparse.Namespace) -> int:
         check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
                       inputs=args.inputs, save_dir=args.save_dir,
                       max_examples=args.max_examples, profile=args.profile,
-                      kernel=args.kernel, domain=args.domain)
+                      kernel=args.kernel, domain=args.domain, variants=args.variants)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -112,14 +119,16 @@ def _check(args: argparse.Namespace) -> int:
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
     mode = "in process" if args.in_process else "in a child process"
+    variants = ",".join(args.variants or WEIGHT_VARIANTS)
     _err(f"dfc-oracle check {args.impl}: kernel {args.kernel} ({args.domain} domain), numerics "
-         f"{args.numerics}, profile {args.profile}, {mode}")
+         f"{args.numerics}, variants {variants}, inputs {args.inputs}, profile {args.profile}, "
+         f"{mode}")
     try:
         check_implementation(
             runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
             settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
             timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
-            kernel=args.kernel, domain=args.domain,
+            kernel=args.kernel, domain=args.domain, variants=args.variants,
         )
     except ConformanceError as exc:
         print(exc.report)
@@ -145,8 +154,11 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         saved = load(args.file)
         numerics, ulps = judged_with(saved.meta)
+        # Files written before the policy was recorded were judged with that time's "strict".
+        inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
+        check_options(inputs=inputs)
         impl = _runner(args)
-    except (ImplLoadError, SpecError) as exc:
+    except (ImplLoadError, SpecError, OptionError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     if args.numerics is not None:
@@ -155,7 +167,7 @@ def _replay(args: argparse.Namespace) -> int:
     ulps = ulps if args.ulps is None else args.ulps
     try:
         verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
-                              ulps=ulps)
+                              ulps=ulps, inputs=inputs)
     finally:
         if isinstance(impl, ChildProcess):
             impl.close()
@@ -296,60 +308,84 @@ def _verify(args: argparse.Namespace) -> int:
     return int(verify_main(args.directory, numerics))
 
 
+def _variants(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
 def _parser() -> argparse.ArgumentParser:
+    """Every option has a one-line help that shows its default (a test walks them)."""
     parser = argparse.ArgumentParser(
         prog="dfc-oracle", description="Specification and test oracle for fused "
         "expert-parallel MoE dispatch -> FFN -> combine operators.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def search_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
-        p.add_argument("--max-examples", type=int, default=None)
-        p.add_argument("--save-dir", type=Path, default=Path("dfc-counterexamples"))
+        p.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
+                       help="Hypothesis settings profile (default: %(default)s)")
+        p.add_argument("--max-examples", type=int, default=None,
+                       help="examples to try (default: the profile's)")
+        p.add_argument("--save-dir", type=Path, default=Path("dfc-counterexamples"),
+                       help="where counterexamples are saved (default: %(default)s)")
+
+    def impl_options(p: argparse.ArgumentParser, judged: str) -> None:
+        p.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds one call of the implementation may take before it is "
+                       "reported as hung (default: %(default)s)")
+        p.add_argument("--in-process", action="store_true",
+                       help="run the implementation in this process (debugging; an os._exit, "
+                       "crash or GIL-holding hang then stops the command; default: a child "
+                       "process)")
+        p.add_argument("--numerics", choices=NUMERICS_MODES, default=judged if judged else None,
+                       help="faithful: emulate the kernel profile; ideal: the float64 "
+                       "mathematics with a derived tolerance (default: "
+                       f"{judged or 'as the file was judged'})")
 
     check = sub.add_parser("check", help="hunt for a counterexample in MODULE:FUNC")
-    check.add_argument("impl", metavar="MODULE:FUNC")
-    check.add_argument("--numerics", choices=("faithful", "ideal"), default="faithful",
-                       help="faithful: emulate the kernel profile; ideal: the float64 "
-                       "mathematics with a derived tolerance (default: %(default)s)")
+    check.add_argument("impl", metavar="MODULE:FUNC",
+                       help="the implementation: a function of the problem, by import name")
+    impl_options(check, "faithful")
     check.add_argument("--kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
                        help="kernel profile: emulation, tolerance and generated shapes "
                        "(dfc-oracle kernels lists them; default: %(default)s)")
     check.add_argument("--domain", choices=DOMAINS, default="kernel",
                        help="generate the kernel profile's shapes, or the whole contract "
                        "(default: %(default)s)")
-    check.add_argument("--seed", type=int, default=None)
-    check.add_argument("--timeout", type=float, default=60.0)
-    check.add_argument("--inputs", choices=("strict", "report", "ignore"), default="strict")
+    check.add_argument("--variants", type=_variants, default=None, metavar="V[,V...]",
+                       help="weight variants the implementation supports, comma-separated, "
+                       f"from {', '.join(WEIGHT_VARIANTS)} (default: all of them)")
+    check.add_argument("--seed", type=int, default=None,
+                       help="Hypothesis' random seed, for a reproducible random search "
+                       "(default: the profile's, derandomised for dfc-ci)")
+    check.add_argument("--inputs", choices=INPUT_POLICIES, default=DEFAULT_INPUTS,
+                       help="an implementation that writes into its inputs: sentinel allows "
+                       "only the operator's write-back of EP·E into masked tokens' expert ids, "
+                       "strict no write, report warns, ignore (default: %(default)s)")
     check.add_argument("--ulps", type=float, default=0.0,
                        help="ulps of the out dtype allowed beyond the kernel profile's "
                        "envelope (default: %(default)s: the envelope only)")
-    check.add_argument("--in-process", action="store_true",
-                       help="run the implementation in this process (debugging; an os._exit, "
-                       "crash or GIL-holding hang then stops the check)")
     search_options(check)
     replay = sub.add_parser("replay", help="rerun a saved counterexample")
-    replay.add_argument("file", type=Path)
-    replay.add_argument("--impl", required=True, metavar="MODULE:FUNC")
-    replay.add_argument("--numerics", choices=("faithful", "ideal"), default=None,
-                        help="override the numerics mode the file was judged with")
+    replay.add_argument("file", type=Path, help="a counterexample file (.npz)")
+    replay.add_argument("--impl", required=True, metavar="MODULE:FUNC",
+                        help="the implementation to rerun it on (required)")
+    impl_options(replay, "")
     replay.add_argument("--kernel", choices=list(KERNELS), default=None,
-                        help="override the kernel profile the file was judged with")
+                        help="kernel profile (default: as the file was judged)")
     replay.add_argument("--ulps", type=float, default=None,
-                        help="override the ulps the file was judged with")
-    replay.add_argument("--timeout", type=float, default=60.0)
-    replay.add_argument("--in-process", action="store_true",
-                        help="run the implementation in this process (debugging)")
+                        help="ulps beyond the envelope (default: as the file was judged)")
+    replay.add_argument("--inputs", choices=INPUT_POLICIES, default=None,
+                        help="input-write policy (default: as the file was judged)")
     kernels_p = sub.add_parser("kernels", help="list the kernel numerics profiles")
     kernels_p.add_argument("--verbose", "-v", action="store_true",
-                           help="every knob, freedom and the shape domain of each profile")
+                           help="every knob, freedom and the shape domain of each profile "
+                           "(default: one line each)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample")
-    explain_p.add_argument("file", type=Path)
+    explain_p.add_argument("file", type=Path, help="a counterexample file (.npz)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
-    verify.add_argument("directory", type=Path)
-    verify.add_argument("--numerics", choices=("faithful", "ideal"), default=None,
+    verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
+    verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
                         help="faithful: the kernel profile; ideal: the float64 mathematics "
                         "(default: faithful)")
     verify.add_argument("--kernel", choices=list(KERNELS), default=None,

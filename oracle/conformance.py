@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from oracle.harness import ConformanceError, check_implementation, evaluate
+from oracle.harness import ConformanceError, check_implementation, evaluate, variant_configs
 from oracle.kernels import get_kernel
 from oracle.numerics import resolve_numerics, with_kernel
 from spec import Problem
@@ -33,12 +33,7 @@ def _domain(options: dict[str, Any]) -> ShapeDomain | None:
 
 
 def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrategy[Any]:
-    variants = options["variants"]
-    x_dtypes = [x for x in ("bfloat16", "float16") if
-                "w8a8" in variants or {"bfloat16": "bf16", "float16": "fp16"}[x] in variants]
-    weights = [_WEIGHT_DTYPE[v] for v in variants]
-    return configs(x_dtypes=st.sampled_from(x_dtypes), weight_dtypes=st.sampled_from(weights),
-                   domain=_domain(options), **fields)
+    return variant_configs(options["variants"], domain=_domain(options), **fields)
 
 
 @dataclass(frozen=True)

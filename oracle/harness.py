@@ -15,7 +15,7 @@ import hashlib
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from oracle.isolation import (
     CallOutcome,
     ChildProcess,
     InputWatch,
+    InputWrite,
     check_signature,
     describe_exception,
     importable_name,
@@ -39,11 +40,14 @@ from oracle.judge import Verdict, compare, structured_outputs
 from oracle.kernels import KernelProfile
 from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import INPUT_POLICIES, check_options
+from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
 from oracle.reference import route
-from spec import Problem, RankInputs
+from spec import OpConfig, Problem, RankInputs
+from spec.config import X_DTYPES
+from spec.limits import ShapeDomain
 
 __all__ = [
+    "DEFAULT_INPUTS",
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
@@ -51,6 +55,7 @@ __all__ = [
     "describe_problem",
     "evaluate",
     "format_report",
+    "variant_configs",
 ]
 
 Implementation = Callable[[Problem], Any]
@@ -144,7 +149,7 @@ def evaluate(
     *,
     numerics: str | Numerics = "faithful",
     timeout: float = 60.0,
-    inputs: str = "strict",
+    inputs: str = DEFAULT_INPUTS,
     ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
@@ -164,14 +169,29 @@ def evaluate(
     outputs = outcome.outputs
     with np.errstate(**_NUMPY_DEFAULTS):
         verdict = compare(problem, outputs, numerics=numerics, ulps=ulps)
-    changed = list(outcome.changed)
-    if verdict.ok and inputs != "ignore" and changed:
-        if inputs == "strict":
-            return _failed("inputs", "the implementation wrote into its inputs: "
-                           + ", ".join(changed) + " (pass inputs='report' to allow it)"), outputs
-        warnings.warn("the implementation wrote into its inputs: " + ", ".join(changed),
-                      stacklevel=2)
+    if verdict.ok and outcome.changed and inputs != "ignore":
+        verdict = _judge_writes(verdict, outcome.changed, inputs, problem.config.num_experts)
     return verdict, outputs
+
+
+def _judge_writes(verdict: Verdict, writes: tuple[InputWrite, ...], inputs: str,
+                  sentinel: int) -> Verdict:
+    """``verdict`` (a pass) for a call that wrote ``writes`` into its inputs, or the ``inputs``
+    failure its policy (:data:`oracle.options.INPUT_POLICIES`) makes of them."""
+    if inputs == "sentinel":
+        forbidden = [w for w in writes if not w.sentinel]
+        if forbidden:
+            return _failed("inputs", "the implementation wrote into its inputs beyond the "
+                           f"operator's write-back of the sentinel EP·E = {sentinel} into masked "
+                           "tokens' expert ids: " + "; ".join(map(str, forbidden)))
+    elif inputs == "strict":
+        return _failed("inputs", "the implementation wrote into its inputs: "
+                       + "; ".join(map(str, writes)) + " (inputs='strict' allows no write; "
+                       "'sentinel' allows the operator's write-back of masked tokens' ids)")
+    else:
+        warnings.warn("the implementation wrote into its inputs: " + "; ".join(map(str, writes)),
+                      stacklevel=3)
+    return verdict
 
 
 def _failed(stage: str, message: str) -> Verdict:
@@ -219,16 +239,50 @@ def format_report(
 
 
 DOMAINS = ("kernel", "contract")
+#: Each weight variant's token dtypes and weight dtype (float weights are in x's dtype).
+_VARIANT_DTYPES = {"w8a8": (("bfloat16", "float16"), "int8"), "bf16": (("bfloat16",), "bfloat16"),
+                   "fp16": (("float16",), "float16")}
 
 
-def default_problems(profile: KernelProfile, domain: str = "kernel") -> st.SearchStrategy[Problem]:
+def variant_configs(
+    variants: Sequence[str], *, domain: ShapeDomain | None = None, **fields: Any
+) -> st.SearchStrategy[OpConfig]:
+    """:func:`spec.strategies.configs` (with ``fields``) drawing only the weight variants
+    ``variants`` (names of :data:`oracle.options.WEIGHT_VARIANTS`).
+
+    >>> {variant_configs(["bf16"]).example().variant for _ in range(5)}
+    {'bf16'}
+    """
+    from spec.strategies import configs
+
+    xs = [x for x in X_DTYPES if any(x in _VARIANT_DTYPES[v][0] for v in variants)]
+    weights = [_VARIANT_DTYPES[v][1] for v in variants]
+    # configs() draws x, then the weights, and float weights take x's dtype: when a drawn pair
+    # can make a variant not asked for (w8a8 with bf16: x float16 and float weights is fp16),
+    # each variant is drawn with its own dtypes.
+    made = {w if w == "int8" else x for x in xs for w in weights}
+    if made <= {_VARIANT_DTYPES[v][1] for v in variants}:
+        return configs(x_dtypes=st.sampled_from(xs), weight_dtypes=st.sampled_from(weights),
+                       domain=domain, **fields)
+    return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
+                              weight_dtypes=st.just(_VARIANT_DTYPES[v][1]), domain=domain,
+                              **fields) for v in variants])
+
+
+def default_problems(
+    profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
+) -> st.SearchStrategy[Problem]:
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
-    (``domain="kernel"``) or the whole contract (``"contract"``)."""
+    (``domain="kernel"``) or the whole contract (``"contract"``), of every weight variant or
+    only ``variants``."""
     from spec.strategies import configs, problems
 
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
-    return problems(configs=configs(domain=profile.domain if domain == "kernel" else None))
+    shapes = profile.domain if domain == "kernel" else None
+    if variants is None:
+        return problems(configs=configs(domain=shapes))
+    return problems(configs=variant_configs(variants, domain=shapes))
 
 
 def check_implementation(
@@ -240,12 +294,13 @@ def check_implementation(
     save_dir: str | Path | None = DEFAULT_SAVE_DIR,
     impl_name: str | None = None,
     timeout: float = 60.0,
-    inputs: str = "strict",
+    inputs: str = DEFAULT_INPUTS,
     ulps: float = 0.0,
     seed: int | None = None,
     isolate: bool | None = None,
     kernel: str | KernelProfile | None = None,
     domain: str = "kernel",
+    variants: Sequence[str] | None = None,
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -259,7 +314,11 @@ def check_implementation(
     tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
     judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
     so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
-    contract. ``ulps`` allows that many ulps of the out dtype beyond the profile's envelope.
+    contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
+    it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
+    the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
+    an implementation may make (:data:`oracle.options.INPUT_POLICIES`; the default,
+    ``"sentinel"``, allows only the operator's write-back of EP·E into masked tokens' ids).
 
     ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
     ``isolate`` (default: True for a name, False for a callable) runs it in a child process
@@ -270,10 +329,10 @@ def check_implementation(
     loaded, or does not take one argument, :class:`oracle.loading.ImplLoadError`.
     """
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
-                  save_dir=save_dir, kernel=kernel, domain=domain)
+                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
     num = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
-        problems = default_problems(num.profile, domain)
+        problems = default_problems(num.profile, domain, variants)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(
@@ -319,7 +378,7 @@ def check_implementation(
     path = None
     if save_dir is not None:
         path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name,
-                                    ulps)
+                                    ulps, inputs)
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
@@ -357,7 +416,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
 
 def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
-    numerics: Numerics, impl_name: str | None, ulps: float,
+    numerics: Numerics, impl_name: str | None, ulps: float, inputs: str,
 ) -> Path:
     checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
@@ -366,6 +425,7 @@ def _save_counterexample(
         # The whole profile, switches and tolerance: replay and explain judge as the search did.
         "numerics": numerics.to_dict(),
         "ulps": ulps,
+        "inputs": inputs,  # the input-write policy, so that replay judges writes the same way
         "impl": impl_name,
     }
     digest = hashlib.sha1(f"{problem.config}{verdict.message}".encode()).hexdigest()[:10]

@@ -34,6 +34,7 @@ import select
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -47,11 +48,13 @@ from oracle.counterexample import arrays_of
 from oracle.judge import Verdict, structured_outputs
 from oracle.loading import ImplLoadError, load_impl
 from spec import DTYPES, OpConfig, Problem, RankInputs
+from spec import __file__ as _SPEC_INIT
 
 __all__ = [
     "CallOutcome",
     "ChildProcess",
     "InputWatch",
+    "InputWrite",
     "describe_exception",
     "importable_name",
     "plain_outputs",
@@ -69,23 +72,65 @@ _LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
 class CallOutcome:
     """How one call ended: ``status`` is ``"ok"`` (``outputs`` holds the plain per-rank pairs, or
     the failing :class:`Verdict` of converting them), ``"raised"``, ``"hung"`` or ``"crashed"``
-    (``message`` says how); ``changed`` names the inputs the implementation wrote into."""
+    (``message`` says how); ``changed`` lists the inputs the implementation wrote into."""
 
     status: str
     message: str = ""
     outputs: list[tuple[Array, Array]] | Verdict | None = None
-    changed: tuple[str, ...] = ()
+    changed: tuple[InputWrite, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputWrite:
+    """One input the implementation wrote into: ``name`` as :func:`oracle.counterexample.arrays_of`
+    names it (``r0.expert_idx``); ``detail``, what changed in one phrase (field, rank, the first
+    element that is not the operator's write-back, its index, old and new value, how many
+    elements); ``sentinel``, True when every changed element is a masked token's expert id set to
+    the sentinel EP·E: the real operator's documented write-back (§4 of the reference notes)."""
+
+    name: str
+    detail: str
+    sentinel: bool = False
+
+    def __str__(self) -> str:
+        return self.detail
+
+    @classmethod
+    def from_wire(cls, value: object) -> tuple[InputWrite, ...]:
+        """The writes a child reported (a JSON list of objects); anything else is no write."""
+        if not isinstance(value, list):
+            return ()
+        return tuple(cls(str(w.get("name")), str(w.get("detail")), w.get("sentinel") is True)
+                     for w in value if isinstance(w, dict))
 
 
 def describe_exception(exc: BaseException, skip_frames: int = 1) -> str:
-    """``Type: message at file:line``, even when the exception's ``__str__`` itself fails."""
+    """``Type: message at file:line``, even when the exception's ``__str__`` itself fails. The
+    location is the user's own frame: the innermost one in a real file (a frozen dataclass
+    raises in generated ``<string>`` code) outside the oracle, ``spec``, the standard library
+    and installed packages (NumPy raises in its own files), then outside the oracle and
+    ``spec`` only (the user's package may be installed), else the innermost frame."""
     try:
         text = str(exc)
     except BaseException as inner:  # a hostile __str__ must not escape
         text = f"<its __str__ raised {type(inner).__name__}>"
     frames = traceback.extract_tb(exc.__traceback__)[skip_frames:]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    real = [(f, os.path.realpath(f.filename)) for f in frames if not f.filename.startswith("<")]
+    mine = [f for f, path in real if not path.startswith(_ORACLE)]
+    users = [f for f, path in real if not path.startswith(_ORACLE + _LIBRARIES)]
+    chosen = users or mine or frames
+    where = f" at {chosen[-1].filename}:{chosen[-1].lineno}" if chosen else ""
     return f"{type(exc).__name__}: {text[:2000]}{where}"
+
+
+def _folder(path: str) -> str:
+    return os.path.join(os.path.realpath(path), "")
+
+
+#: Frames that are not the user's: this package and ``spec``; the standard library and
+#: installed packages.
+_ORACLE = (_folder(os.path.dirname(__file__)), _folder(os.path.dirname(_SPEC_INIT)))
+_LIBRARIES = tuple(_folder(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib"))
 
 
 def plain_outputs(problem: Problem, raw: object) -> list[tuple[Array, Array]] | Verdict:
@@ -114,30 +159,67 @@ def plain_outputs(problem: Problem, raw: object) -> list[tuple[Array, Array]] | 
 
 
 class InputWatch:
-    """What the implementation was handed, to name afterwards what it wrote into: every array
+    """What the implementation was handed, to say afterwards what it wrote into: every array
     (by the names of :func:`oracle.counterexample.arrays_of`) and every TensorList's entries.
-    References are taken before the call, so a damaged ``Problem`` cannot hide a write."""
+    References and the sentinel EP·E are taken before the call, so a damaged ``Problem``
+    cannot hide a write."""
 
     def __init__(self, given: Problem) -> None:
         self._arrays = arrays_of(given)
+        self._sentinel = given.config.num_experts
         self._lists = [
             (f"r{r}.{name}", tensors, list(tensors))
             for r, inputs in enumerate(given.ranks) for name in _LIST_FIELDS
             if (tensors := getattr(inputs, name)) is not None
         ]
 
-    def changed(self, originals: dict[str, Array]) -> list[str]:
-        """Names of the arrays that differ from ``originals`` and of the lists whose entries were
+    def changed(self, originals: dict[str, Array]) -> list[InputWrite]:
+        """The arrays that differ from ``originals`` (bitwise), and the lists whose entries were
         added, removed or replaced."""
-        names = []
+        writes = []
         for name, a in self._arrays.items():
             want = originals[name]
-            if a.shape != want.shape or a.dtype != want.dtype or not np.array_equal(a, want):
-                names.append(name)
+            if a.shape != want.shape or a.dtype != want.dtype:
+                writes.append(InputWrite(name, f"{name}: {want.dtype} {list(want.shape)} became "
+                                         f"{a.dtype} {list(a.shape)}"))
+            elif (differs := _differs(a, want)).any():
+                writes.append(self._write(name, a, want, differs, originals))
         for name, tensors, entries in self._lists:
             if len(tensors) != len(entries) or any(a is not b for a, b in zip(tensors, entries)):
-                names.append(f"{name} (entries added, removed or replaced)")
-        return names
+                writes.append(InputWrite(name, f"{name} (entries added, removed or replaced)"))
+        return writes
+
+    def _write(self, name: str, a: Array, want: Array, differs: Array,
+               originals: dict[str, Array]) -> InputWrite:
+        rank, field = name[1:].split(".", 1)
+        why = f"rank {rank}"
+        forbidden = differs
+        if field == "expert_idx":
+            mask = originals.get(f"r{rank}.active_mask")
+            masked = np.zeros(len(a), bool) if mask is None else ~mask.astype(bool)
+            forbidden = differs & ~(masked[:, None] & (a == self._sentinel))
+        first = tuple(int(i) for i in np.argwhere(forbidden if forbidden.any() else differs)[0])
+        if field == "expert_idx":
+            token = first[0]
+            why += (f", token {token} is active" if not masked[token] else
+                    f", token {token} is masked: the sentinel EP·E = {self._sentinel}"
+                    if a[first] == self._sentinel else
+                    f", token {token} is masked but only the sentinel EP·E = {self._sentinel} "
+                    "may be written")
+        index = ", ".join(map(str, first))
+        return InputWrite(name, f"{name}[{index}]: {want[first]} -> {a[first]} ({why}; "
+                          f"{int(differs.sum())} of {a.size} elements written)",
+                          sentinel=not forbidden.any())
+
+
+def _differs(a: Array, want: Array) -> Array:
+    """Elementwise ``a`` is not bit-for-bit ``want`` (same shape and dtype): a write of -0.0
+    over 0.0 counts, an untouched NaN does not."""
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
+    if bits is None:
+        return np.asarray(a != want, bool)
+    differs: Array = np.ascontiguousarray(a).view(bits) != np.ascontiguousarray(want).view(bits)
+    return differs
 
 
 def importable_name(fn: Callable[..., Any]) -> str | None:
@@ -299,7 +381,7 @@ def _serve(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
                           for k, a in zip(("out", "expert_token_nums"), pair)]
         finally:
             np.seterr(**saved)
-        answer["changed"] = watch.changed(originals)
+        answer["changed"] = [asdict(w) for w in watch.changed(originals)]
         _write_all(wfd, _encode(answer, arrays), None)
 
 
@@ -480,19 +562,17 @@ class ChildProcess:
 
     def _outcome(self, header: dict[str, Any], payload: bytes,
                  expected: list[tuple[str, str, list[int]]]) -> CallOutcome:
-        changed = header.get("changed")
-        if not isinstance(changed, list) or not all(isinstance(c, str) for c in changed):
-            changed = []
+        changed = InputWrite.from_wire(header.get("changed"))
         status = header.get("status")
         if status == "raised":
-            return CallOutcome("raised", str(header.get("message")), changed=tuple(changed))
+            return CallOutcome("raised", str(header.get("message")), changed=changed)
         if status == "verdict":
             stage = header.get("stage")
             rank = header.get("rank")
             verdict = Verdict(False, stage if stage in ("ranks", "structure") else "structure",
                               str(header.get("message")), float("inf"),
                               rank if isinstance(rank, int) else None)
-            return CallOutcome("ok", outputs=verdict, changed=tuple(changed))
+            return CallOutcome("ok", outputs=verdict, changed=changed)
         if status != "ok" or [list(a) for a in header.get("arrays", ())] != [
             list(e) for e in expected
         ]:
@@ -506,7 +586,7 @@ class ChildProcess:
             return CallOutcome("crashed", f"its process sent an unreadable answer ({exc})")
         pairs = [(arrays[f"r{r}.out"], arrays[f"r{r}.expert_token_nums"])
                  for r in range(len(expected) // 2)]
-        return CallOutcome("ok", outputs=pairs, changed=tuple(changed))
+        return CallOutcome("ok", outputs=pairs, changed=changed)
 
     def close(self) -> None:
         """Stop the child: end of file on its requests, then SIGKILL if it does not leave."""

@@ -17,12 +17,26 @@ from typing import Any
 from oracle.numerics import Numerics
 from oracle.profiles import PROFILES
 
-__all__ = ["INPUT_POLICIES", "NUMERICS_MODES", "OptionError", "check_options"]
+__all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "WEIGHT_VARIANTS", "OptionError",
+           "check_options"]
 
-#: What to do when an implementation writes into its inputs: fail ("strict"), warn ("report":
-#: the real operator writes masked ids back into expert_idx, §4), or nothing ("ignore").
-INPUT_POLICIES = ("strict", "report", "ignore")
+#: What to do when an implementation writes into its inputs:
+#:
+#: - ``"sentinel"`` (the default): allow exactly the real operator's write: the expert ids of
+#:   masked tokens (``active_mask`` False) become the sentinel EP·E (§4 of the reference notes:
+#:   the kernel writes them back into the caller's ``expert_idx``); any other write (another
+#:   id, an active token's id, a masked id set to anything but EP·E, ``x``, ``probs``, weights,
+#:   scales) fails at stage ``inputs``. It is the default because it is the contract: ``strict``
+#:   fails the real operator on every masked call, and a gate that fails the reference
+#:   behaviour gets switched to ``report``, which lets real damage through (a kernel that turns
+#:   the caller's global ids into local ones passes with a warning).
+#: - ``"strict"``: no write at all (a kernel that promises to leave its inputs alone);
+#: - ``"report"``: any write passes with a warning; ``"ignore"``: writes are not looked at.
+INPUT_POLICIES = ("sentinel", "strict", "report", "ignore")
+DEFAULT_INPUTS = "sentinel"
 NUMERICS_MODES = ("faithful", "ideal")
+#: The weight variants an implementation may support (``spec.OpConfig.variant``).
+WEIGHT_VARIANTS = ("w8a8", "bf16", "fp16")
 
 
 class OptionError(ValueError):
@@ -44,12 +58,13 @@ def check_options(
     numerics: object = "faithful",
     ulps: object = 0.0,
     timeout: object = 60.0,
-    inputs: object = "strict",
+    inputs: object = DEFAULT_INPUTS,
     save_dir: object = None,
     max_examples: object = None,
     profile: object = None,
     kernel: object = None,
     domain: object = "kernel",
+    variants: object = None,
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
     from oracle.kernels import PROFILES as KERNELS
@@ -64,6 +79,12 @@ def check_options(
     if domain not in ("kernel", "contract"):
         raise OptionError("domain", f"domain={domain!r} must be 'kernel' (the kernel "
                           "profile's shapes) or 'contract' (every shape the contract allows)")
+    if variants is not None and (
+        isinstance(variants, str) or not isinstance(variants, (list, tuple))
+        or not variants or not set(variants) <= set(WEIGHT_VARIANTS)
+    ):
+        raise OptionError("variants", f"variants={variants!r} must be one or more of "
+                          f"{', '.join(WEIGHT_VARIANTS)} (comma-separated on the command line)")
     u = _number("ulps", ulps)
     if not (math.isfinite(u) and u >= 0):
         raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (ulps of the out "

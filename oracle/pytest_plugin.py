@@ -18,11 +18,11 @@ from hypothesis import settings
 
 from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
+from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, WEIGHT_VARIANTS
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
-VARIANTS = ("w8a8", "bf16", "fp16")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,24 +36,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="kernel numerics profile: emulation, tolerance and generated shapes "
                     f"(dfc-oracle kernels lists them; default: {DEFAULT_KERNEL})")
     group.addoption("--dfc-domain", choices=("kernel", "contract"), default="kernel",
-                    help="generate the kernel profile's shapes (default), or every shape the "
-                    "contract allows")
+                    help="kernel: the kernel profile's shapes; contract: every shape the "
+                    "contract allows (default: kernel)")
     group.addoption("--dfc-profile", choices=PROFILES, default=None,
                     help=f"Hypothesis profile (default with --dfc-impl: {DEFAULT_PROFILE})")
-    group.addoption("--dfc-variants", default=",".join(VARIANTS),
-                    help="weight variants the implementation supports, comma-separated "
-                    f"(from {', '.join(VARIANTS)}); the others are skipped by name")
-    group.addoption("--dfc-inputs", choices=("strict", "report", "ignore"), default="strict",
-                    help="an implementation that writes into its inputs: fail, warn, or allow")
+    group.addoption("--dfc-variants", default=",".join(WEIGHT_VARIANTS),
+                    help="weight variants the implementation supports, comma-separated; the "
+                    f"others are skipped by name (default: {','.join(WEIGHT_VARIANTS)})")
+    group.addoption("--dfc-inputs", choices=INPUT_POLICIES, default=DEFAULT_INPUTS,
+                    help="an implementation that writes into its inputs: sentinel allows only "
+                    "the operator's write-back of EP·E into masked tokens' expert ids, strict "
+                    f"no write, report warns, ignore (default: {DEFAULT_INPUTS})")
     group.addoption("--dfc-ulps", type=float, default=0.0,
                     help="ulps of the out dtype allowed beyond the kernel profile's envelope "
                     "(default: 0, the envelope only; a value no freedom reaches is bitwise)")
     group.addoption("--dfc-timeout", type=float, default=60.0,
                     help="seconds one call of the implementation may take before it is "
-                    "reported as hung")
+                    "reported as hung (default: 60)")
     group.addoption("--dfc-in-process", action="store_true", default=False,
                     help="run the implementation in pytest's own process (debugging: an "
-                    "os._exit, crash or GIL-holding hang then takes the gate down)")
+                    "os._exit, crash or GIL-holding hang then takes the gate down; default: a "
+                    "child process)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,17 +71,14 @@ def pytest_configure(config: pytest.Config) -> None:
         from oracle.loading import ImplLoadError, load_impl
         from oracle.options import OptionError, check_options
 
-        variants = set(config.getoption("--dfc-variants").split(","))
-        unknown = variants - set(VARIANTS)
-        if unknown:
-            raise pytest.UsageError(f"--dfc-variants: unknown {sorted(unknown)}; use {VARIANTS}")
         try:
             check_options(numerics=config.getoption("--dfc-numerics"),
                           ulps=config.getoption("--dfc-ulps"),
                           timeout=config.getoption("--dfc-timeout"),
                           inputs=config.getoption("--dfc-inputs"),
                           kernel=config.getoption("--dfc-kernel"),
-                          domain=config.getoption("--dfc-domain"))
+                          domain=config.getoption("--dfc-domain"),
+                          variants=config.getoption("--dfc-variants").split(","))
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         try:  # once, before collection: a bad name is one usage error, not an error per test

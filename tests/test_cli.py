@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import broken_impls
 import pytest
+from hypothesis import given
 
-from oracle.cli import main
+from oracle import pytest_plugin
+from oracle.cli import _parser, main
+from oracle.harness import variant_configs
 
 TESTS = Path(__file__).parent
 
@@ -69,7 +77,8 @@ pytest_plugins = ["pytester"]
 
 
 def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, monkeypatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    # This checkout's oracle, not whichever copy is installed, and broken_impls.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
     pytester.makepyfile(test_own="def test_mine():\n    assert True\n")
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
                                          "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
@@ -94,3 +103,83 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
     assert missing.ret != 0
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
+
+
+def test_check_and_replay_judge_input_writes_with_the_same_policy(in_tests_dir, tmp_path,
+                                                                  capsys) -> None:
+    # The default policy (sentinel) passes the operator's write-back of masked ids ...
+    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "20",
+                 "--save-dir", str(tmp_path)]) == 0
+    # ... which strict fails; the file records the policy, so replay judges it the same way.
+    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "40",
+                 "--inputs", "strict", "--save-dir", str(tmp_path)]) == 1
+    assert "stage 'inputs'" in capsys.readouterr().out
+    saved = str(next(tmp_path.glob("broken_impls.writes_masked_ids-inputs-*.npz")))
+    assert main(["replay", saved, "--impl", "broken_impls:writes_masked_ids"]) == 1
+    assert "is masked: the sentinel" in capsys.readouterr().out
+    assert main(["replay", saved, "--impl", "broken_impls:writes_masked_ids",
+                 "--inputs", "sentinel"]) == 0
+
+
+def only_bf16(problem):
+    """An implementation of the BF16-weight variant only."""
+    if problem.config.variant != "bf16":
+        raise NotImplementedError(f"{problem.config.variant} is not supported")
+    return broken_impls.correct(problem)
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    """Every subcommand's actions (the help action left out)."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: [a for a in p._actions if not isinstance(a, argparse._HelpAction)]
+            for name, p in sub.choices.items()}
+
+
+def test_every_option_of_every_subcommand_has_a_help_that_shows_its_default() -> None:
+    for command, actions in _options(_parser()).items():
+        for action in actions:
+            name = f"dfc-oracle {command} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} has no help"
+            if action.option_strings and not action.required:
+                assert "default" in action.help, f"{name}'s help does not show its default"
+
+
+class _Group:
+    def __init__(self) -> None:
+        self.options: dict[str, dict[str, Any]] = {}
+
+    def addoption(self, name: str, **kwargs: Any) -> None:
+        self.options[name] = kwargs
+
+
+def test_check_takes_every_option_of_the_pytest_gate() -> None:
+    group = _Group()
+    pytest_plugin.pytest_addoption(SimpleNamespace(getgroup=lambda *_: group))
+    check = {s: a for a in _options(_parser())["check"] for s in a.option_strings}
+    for flag, kwargs in group.options.items():
+        if flag == "--dfc-impl":
+            continue  # check's positional MODULE:FUNC
+        assert "default" in kwargs["help"], f"{flag}'s help does not show its default"
+        twin = check.get(flag.replace("--dfc-", "--"))
+        assert twin is not None, f"dfc-oracle check has no {flag.replace('--dfc-', '--')}"
+        if "choices" in kwargs:
+            assert list(twin.choices or ()) == list(kwargs["choices"]), flag
+
+
+def test_check_variants_skips_the_variants_an_implementation_does_not_support(
+    in_tests_dir, tmp_path, capsys
+) -> None:
+    argv = ["check", "test_cli:only_bf16", "--max-examples", "15", "--save-dir", str(tmp_path)]
+    assert main([*argv, "--variants", "bf16"]) == 0
+    assert main(argv) == 1  # every variant is searched by default
+    assert "NotImplementedError: w8a8 is not supported" in capsys.readouterr().out
+    assert main([*argv, "--variants", "bf16,w4a8"]) == 2
+    assert "--variants: variants=('bf16', 'w4a8') must be one or more of w8a8, bf16, fp16" in (
+        capsys.readouterr().err)
+
+
+@given(variant_configs(["w8a8", "bf16"]))
+def test_a_subset_of_variants_draws_only_those(config) -> None:
+    # configs() lets float weights take x's dtype: w8a8's float16 x with bf16's weights would
+    # be fp16, a variant not asked for.
+    assert config.variant in ("w8a8", "bf16")

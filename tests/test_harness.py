@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
+import re
+import warnings
+
 import broken_impls as broken
 import numpy as np
 import pytest
@@ -10,7 +16,9 @@ from hypothesis import strategies as st
 
 import oracle
 from oracle.counterexample import load
-from oracle.harness import ConformanceError, check_implementation
+from oracle.harness import ConformanceError, check_implementation, evaluate
+from oracle.isolation import ChildProcess, importable_name
+from spec import OpConfig, random_problem
 from spec.strategies import configs, problems, token_rows
 
 FAST = settings(max_examples=40, derandomize=True, database=None, deadline=None)
@@ -87,14 +95,89 @@ def test_hang_is_reported_as_a_timeout_without_shrinking() -> None:
     assert error.verdict.stage == "timeout" and "no result after 0.2 s" in error.verdict.message
 
 
+MASKED = problems(configs=configs(masked=st.just(True), weight_dtypes=st.just("int8"),
+                                  tokens_per_rank=st.integers(1, 4)))
+
+
+def converts_to_local_ids(problem):
+    """Computes correctly, but leaves the caller's global expert ids converted to local ones."""
+    result = broken.correct(problem)
+    for r in problem.ranks:
+        r.expert_idx[:] %= problem.config.experts_per_rank
+    return result
+
+
+def writes_a_wrong_sentinel(problem):
+    """Writes -1 (not EP·E) into masked tokens' ids: §4 says -1 is not supported."""
+    result = broken.correct(problem)
+    for r in problem.ranks:
+        r.expert_idx[~r.is_active()] = -1
+    return result
+
+
+def scales_x_in_place(problem):
+    result = broken.correct(problem)
+    problem.ranks[-1].x[-1, 0] = 0
+    return result
+
+
+#: Rank 0's tokens 0 and 2 are masked; every other token is active (EP·E = 4).
+MASKED_CALL = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32,
+                                      intermediate=8, tokens_per_rank=(3, 2),
+                                      weight_dtype="int8", masked=True), seed=0)
+
+
+def test_the_default_sentinel_policy_fails_a_kernel_that_leaves_local_ids() -> None:
+    error = find_failure(converts_to_local_ids)
+    cfg = error.problem.config
+    assert error.verdict.stage == "inputs" and cfg.experts_per_rank < cfg.num_experts
+    # The report names the field, rank, index, old and new value, and why it is not allowed.
+    assert re.search(r"beyond the operator's write-back of the sentinel EP·E = \d+ into masked "
+                     r"tokens' expert ids: r\d+\.expert_idx\[\d+, \d+\]: \d+ -> \d+ "
+                     r"\(rank \d+, token \d+ is active; \d+ of \d+ elements written\)",
+                     error.report), error.report
+    with warnings.catch_warnings():  # ... and passes the operator's own write-back, silently
+        warnings.simplefilter("error")
+        check_implementation(broken.writes_masked_ids, problems=MASKED, settings=FAST,
+                             save_dir=None)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize(
+    ("impl", "message"),
+    [
+        (broken.writes_masked_ids, None),
+        (converts_to_local_ids, "r1.expert_idx[0, 1]: 3 -> 1 (rank 1, token 0 is active; 2 of 4 "
+         "elements written)"),
+        (writes_a_wrong_sentinel, "r0.expert_idx[0, 0]: 0 -> -1 (rank 0, token 0 is masked but "
+         "only the sentinel EP·E = 4 may be written; 4 of 6 elements written)"),
+        (scales_x_in_place, "r1.x[1, 0]: "),
+    ],
+)
+def test_the_sentinel_policy_allows_exactly_the_operators_write_back(impl, message,
+                                                                     isolate) -> None:
+    runner = ChildProcess(importable_name(impl)) if isolate else impl
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.simplefilter("error")
+        if isolate:
+            stack.enter_context(runner)
+        verdict, _ = evaluate(runner, MASKED_CALL)
+    if message is None:
+        assert verdict.ok, verdict.message
+    else:
+        assert verdict.stage == "inputs" and message in verdict.message, verdict.message
+
+
 def test_input_writes_fail_strict_and_warn_in_report_mode() -> None:
-    masked = problems(configs=configs(masked=st.just(True), weight_dtypes=st.just("int8"),
-                                      tokens_per_rank=st.integers(1, 4)))
-    error = find_failure(broken.writes_masked_ids, masked)
-    assert error.verdict.stage == "inputs" and "expert_idx" in error.verdict.message
-    with pytest.warns(UserWarning, match="wrote into its inputs"):
-        check_implementation(broken.writes_masked_ids, problems=masked, settings=FAST,
+    error = find_failure(broken.writes_masked_ids, MASKED, inputs="strict")
+    assert error.verdict.stage == "inputs" and "is masked: the sentinel" in error.verdict.message
+    with pytest.warns(UserWarning, match=r"wrote into its inputs: r\d+\.expert_idx"):
+        check_implementation(converts_to_local_ids, problems=MASKED, settings=FAST,
                              save_dir=None, inputs="report")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_implementation(converts_to_local_ids, problems=MASKED, settings=FAST,
+                             save_dir=None, inputs="ignore")
 
 
 def test_saved_counterexample_replays_to_the_same_verdict(tmp_path) -> None:
@@ -112,3 +195,42 @@ def test_saved_counterexample_replays_to_the_same_verdict(tmp_path) -> None:
     for (out, nums), rank in zip(saved.outputs, broken.dropped_slot(saved.problem)):
         assert np.array_equal(out.view(np.uint16), rank[0].view(np.uint16))
         assert np.array_equal(nums, rank[1])
+
+
+def assigns_to_a_frozen_field(problem):
+    problem.ranks[0].expert_idx += 0  # raises: FrozenInstanceError
+    return broken.correct(problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    tokens: int
+
+
+def assigns_to_its_own_dataclass(problem):
+    plan = _Plan(problem.ranks[0].num_tokens)
+    plan.tokens = 0  # raises: FrozenInstanceError
+    return broken.correct(problem)
+
+
+def calls_numpy_wrongly(problem):
+    np.reshape(problem.ranks[0].x, (7, 7, 7))  # raises: ValueError
+    return broken.correct(problem)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+@pytest.mark.parametrize("impl", [assigns_to_a_frozen_field, assigns_to_its_own_dataclass,
+                                  calls_numpy_wrongly])
+def test_a_raising_implementation_is_located_at_its_own_line(impl, isolate) -> None:
+    """Not at dataclasses' generated ``<string>`` code, NumPy's files or the oracle's."""
+    source = inspect.getsource(impl).splitlines()
+    (offset,) = [i for i, line in enumerate(source) if "# raises:" in line]
+    line = inspect.getsourcelines(impl)[1] + offset
+    error = source[offset].split("# raises: ")[1]
+    runner = ChildProcess(importable_name(impl)) if isolate else impl
+    with contextlib.ExitStack() as stack:
+        if isolate:
+            stack.enter_context(runner)
+        verdict, _ = evaluate(runner, MASKED_CALL)
+    assert verdict.stage == "call" and f"raised: {error}" in verdict.message
+    assert verdict.message.endswith(f" at {__file__}:{line}"), verdict.message

@@ -3,6 +3,7 @@ gate that passes everything, marks everything hung, or ends in a traceback after
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def never_called(problem):
         ("timeout", -1.0, "must be a finite number of seconds > 0"),
         ("timeout", float("nan"), "must be a finite number of seconds > 0"),
         ("timeout", float("inf"), "must be a finite number of seconds > 0"),
-        ("inputs", "lenient", "must be one of strict, report, ignore"),
+        ("inputs", "lenient", "must be one of sentinel, strict, report, ignore"),
         ("numerics", "exact", "must be one of faithful, ideal"),
+        ("variants", ("w8a8", "w4a8"), "must be one or more of w8a8, bf16, fp16"),
+        ("variants", "w8a8", "must be one or more of w8a8, bf16, fp16"),  # a str, not names
+        ("variants", (), "must be one or more of w8a8, bf16, fp16"),
     ],
 )
 def test_invalid_options_are_rejected_before_the_search(option, value, message) -> None:
@@ -102,8 +106,11 @@ pytest_plugins = ["pytester"]
 
 
 def test_gate_options_are_usage_errors(pytester, monkeypatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))
-    for flag, value in (("--dfc-ulps", "nan"), ("--dfc-timeout", "0")):
+    # This checkout's oracle, not whichever copy is installed, and broken_impls.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
+    for flag, value, message in (("--dfc-ulps", "nan", "must be a finite number"),
+                                 ("--dfc-timeout", "0", "must be a finite number"),
+                                 ("--dfc-variants", "w8a8,w4a8", "must be one or more of")):
         result = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", flag, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines([f"*{flag}: *must be a finite number*"])
+        result.stderr.fnmatch_lines([f"*{flag}: *{message}*"])
