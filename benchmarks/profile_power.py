@@ -29,6 +29,7 @@ import numpy as np
 import oracle
 from oracle.judge import compare, envelope_ratio
 from oracle.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile
+from oracle.rowtest import row_thresholds
 from spec import OpConfig
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
@@ -98,6 +99,8 @@ def power(shapes: dict[int, int]) -> list[str]:
                 problem = problem_with(cfg, 0)
                 num = oracle.Numerics(kernel=profile)
                 expected = oracle.run(problem, numerics=num, envelope=True)
+                rows = row_thresholds(problem, oracle.run(problem, numerics="ideal"),
+                                      profile.ideal_assumptions(cfg.x_dtype))
                 mutants = {name: outs_of(oracle.run(problem, numerics=oracle.Numerics(
                     kernel=m))) for name, m in one_rounding_mutants(profile).items()}
                 outputs = {**bug_outputs(cfg, 0, profile), **mutants,
@@ -110,13 +113,13 @@ def power(shapes: dict[int, int]) -> list[str]:
                     verdict = compare(problem, [(o, w.expert_token_nums) for o, w in
                                                 zip(outs, expected.ranks)], numerics=num,
                                       expected=expected)
-                    row = verdict.ratio if "row test" in verdict.message else float("nan")
+                    row = rows.judge(outs).ratio
                     before = "caught" if env > 1 else ("passes" if differs else "(identical)")
                     after = "caught" if not verdict.ok else (
                         "passes" if differs else "(identical)")
                     lines.append(f"| {profile.name} | {weights} | {k_len} | {name} | {differs} "
                                  f"| {env:.3g} | {before} | {row:.3g} | {after} |")
-            print(f"power K={k_len} done", flush=True)
+        print(f"power K={k_len} done", flush=True)
     return lines
 
 
@@ -148,7 +151,8 @@ def main() -> None:
         "`differs`: defined output values that differ bitwise from the profile's model. "
         "`envelope ratio`: the worst error over the envelope's allowance (above 1 rejects); "
         "`before`: the verdict of the envelope alone (the judge before the row test joined "
-        "it); `row |s|/T`: the row test's ratio where it rejected (nan: it did not decide); "
+        "it); `row |s|/T`: the row test's worst ratio of projection to threshold (above 1 "
+        "rejects); "
         "`after`: the verdict of today's judge. `(identical)`: the output equals the model "
         "bit for bit (the mutant changes nothing on this path, e.g. a float-weight step on "
         "int8 weights).",

@@ -17,6 +17,7 @@ from hypothesis import given
 from oracle import pytest_plugin
 from oracle.cli import _parser, main
 from oracle.harness import variant_configs
+from spec.strategies import ROUTING_FAMILIES
 
 TESTS = Path(__file__).parent
 
@@ -34,7 +35,8 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
                  "--save-dir", str(tmp_path)]) == 1
     report = capsys.readouterr().out
     # E = 2: the default kernel profile (ascend-a3) generates only shapes A3 runs (E >= 2).
-    assert "stage 'out'" in report and "minimal call: EP=1 E=2 top_k=1 K=32" in report
+    # top_k = 2: softmax weights at top_k = 1 are all 1, where ignoring them changes nothing.
+    assert "stage 'out'" in report and "minimal call: EP=1 E=2 top_k=2 K=32" in report
     saved = next(tmp_path.glob("broken_impls.probs_ignored-out-*.npz"))
     assert f"dfc-oracle replay {saved} --impl broken_impls:probs_ignored" in report
     # The replay prints the same finding; a fixed implementation conforms on the same file.
@@ -44,7 +46,7 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
     assert main(["replay", str(saved), "--impl", "broken_impls:correct"]) == 0
     assert main(["explain", str(saved)]) == 0
     explained = capsys.readouterr().out
-    assert "configuration: EP=1 E=2 top_k=1" in explained and "routed slots" in explained
+    assert "configuration: EP=1 E=2 top_k=2" in explained and "routed slots" in explained
 
 
 @pytest.mark.parametrize(
@@ -83,20 +85,21 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
                                          "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
                                          "-k", "default_search or routing")
-    good.assert_outcomes(passed=1 + 7)  # the default search and the seven routing families
+    routings = len(ROUTING_FAMILIES)
+    good.assert_outcomes(passed=1 + routings)  # the default search and each routing family
     header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
     header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct kernel=ascend-a3 "
                                  "domain=kernel numerics=faithful profile=dfc-ci*"])
     bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
                                         "-k", "default_search or routing")
-    bad.assert_outcomes(failed=1 + 7)
-    bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=1 K=32*"])
-    # The defect is searched for and shrunk once; the seven later tests reuse that minimum.
+    bad.assert_outcomes(failed=1 + routings)
+    bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=2 K=32*"])
+    # The defect is searched for and shrunk once; the later tests reuse that minimum.
     # The FAILURES section only: under CI=true pytest repeats whole messages in the summary.
     lines = bad.stdout.str().split("short test summary info")[0].splitlines()
     assert sum(line.startswith("what failed:") for line in lines) == 1  # one full report
     assert sum(line.startswith("same failure as test_default_search: stage 'out'")
-               for line in lines) == 7
+               for line in lines) == routings
     skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                             "--dfc-variants", "w8a8", "-k", "variant")
     skipped.assert_outcomes(passed=1, skipped=2)
