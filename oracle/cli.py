@@ -6,7 +6,8 @@
 - ``hunt`` — the main job, needing nothing from the user: search the built-in catalogue (the
   real operator's historical layout and buffer rules, and known-defective reference variants)
   and print what was found, each with its minimal counterexample.
-- ``explain FILE`` — a readable description of a saved counterexample.
+- ``explain FILE`` — a readable description of a saved counterexample and, when it holds the
+  implementation's outputs, the known defect they equal (``oracle.diagnose``).
 - ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.capture``).
 """
 
@@ -218,7 +219,24 @@ def _explain(args: argparse.Namespace) -> int:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
     print(explain(saved.problem, saved.meta))
+    print(diagnosis(saved.problem, saved.outputs, saved.meta))
     return EXIT_OK
+
+
+def diagnosis(problem: Any, outputs: Any, meta: dict[str, Any]) -> str:
+    """The saved outputs against the catalogue of known defects (:mod:`oracle.diagnose`),
+    judged as the file was; the harness saves outputs whenever they had the contract's
+    structure, so a file without them failed before any value could be compared."""
+    from oracle.diagnose import diagnose
+
+    if outputs is None:
+        return (f"diagnosis: none, the file holds no outputs of the implementation (stage "
+                f"'{meta.get('stage', 'unknown')}')")
+    try:
+        numerics, ulps = judged_with(meta)
+    except SpecError:
+        numerics, ulps = Numerics(), 0.0
+    return diagnose(problem, outputs, numerics=numerics, ulps=ulps).describe()
 
 
 def explain(problem: Any, meta: dict[str, Any]) -> str:
@@ -381,7 +399,8 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: one line each)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
-    explain_p = sub.add_parser("explain", help="describe a saved counterexample")
+    explain_p = sub.add_parser("explain", help="describe a saved counterexample and name the "
+                               "known defect its outputs equal")
     explain_p.add_argument("file", type=Path, help="a counterexample file (.npz)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
