@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,18 +38,31 @@ from spec.layout import (
     misaligned_rows,
     sentinel_outside_row,
 )
-from spec.limits import MAX_HIDDEN_A3
-from spec.protocol import ProtocolViolation, first_failing_config
+from spec.limits import (
+    A2_W8A8,
+    A3_W8A8,
+    MAX_HIDDEN_A3,
+    VECTOR_CORES,
+    Profile,
+    Shape,
+    check_supported,
+)
+from spec.protocol import PeerSchedule, ProtocolViolation, first_failing_config
 
 __all__ = [
     "DATA_REGIONS",
     "MAX_EXPERTS_PER_RANK",
+    "MAX_PEER_EP",
+    "MAX_PEER_EXPERTS",
     "MAX_TOKENS_PER_RANK",
     "MAX_TOP_K",
     "Finding",
+    "PeerCall",
     "configs",
     "hunt_rules",
     "layout_params",
+    "misrouted_tokens",
+    "peer_calls",
     "render_findings_markdown",
     "search",
     "whole_mb_boundary",
@@ -63,6 +77,12 @@ MAX_TOKENS_PER_RANK = 131072
 #: The regions whose need grows with ``M·topK·K``, the terms of the buffer check (§7); the
 #: fixed 1 MiB regions have their own rule (count matrix, sync flags).
 DATA_REGIONS = ("A ", "scale", "D ")
+#: EP for the per-core peer searches: up to 64, MegaMoe's limit and the largest of the operator
+#: family (variants.md); the A3 kernel's own guard is 32 (PR #5787).
+MAX_PEER_EP = 64
+#: E for the peer searches: E does not enter whether a core serves two peers (variants.md);
+#: 1..16 keeps the count matrix (EP × EP·E) small.
+MAX_PEER_EXPERTS = 16
 
 T = TypeVar("T")
 
@@ -71,8 +91,9 @@ def search(strategy: st.SearchStrategy[T], fails: Callable[[T], bool], *,
            max_examples: int) -> T | None:
     """The minimal value of ``strategy`` for which ``fails`` holds, or None; deterministic."""
     try:
-        return find(strategy, fails, settings=settings(
-            derandomize=True, database=None, deadline=None, max_examples=max_examples,
+        return find(strategy, fails, settings=settings(  # the same under any loaded profile
+            parent=settings.get_profile("default"), derandomize=True, database=None,
+            deadline=None, max_examples=max_examples,
             phases=(Phase.generate, Phase.shrink), verbosity=Verbosity.quiet,
             suppress_health_check=list(HealthCheck),
         ))
@@ -228,6 +249,148 @@ def _protocol_rows() -> list[Finding]:
     ]
 
 
+@dataclass(frozen=True)
+class PeerCall:
+    """A call's routing for the per-core peer model: ``routing[r][t]`` is token ``t``'s
+    ``top_k`` global expert ids on rank ``r`` (every token active; duplicates allowed, §4)."""
+
+    n_aiv: int
+    ep_size: int
+    experts_per_rank: int
+    top_k: int
+    routing: tuple[tuple[tuple[int, ...], ...], ...]
+
+    def counts(self) -> np.ndarray:
+        """``cnt[source][global expert]``."""
+        experts = self.ep_size * self.experts_per_rank
+        return np.array([np.bincount([g for token in rank for g in token], minlength=experts)
+                         for rank in self.routing], dtype=np.int64).reshape(self.ep_size, experts)
+
+    def schedule(self, *, push: str, offset: str) -> PeerSchedule:
+        """The model of this call's vector cores."""
+        return PeerSchedule(self.ep_size, self.experts_per_rank, self.n_aiv, push=push,
+                            offset=offset)
+
+    def slot_tokens(self, rank: int) -> list[int]:
+        """The token of each of ``rank``'s send slots, sorted by expert then flat index (§5)."""
+        slots = sorted((g, t * self.top_k + k) for t, token in enumerate(self.routing[rank])
+                       for k, g in enumerate(token))
+        return [i // self.top_k for _, i in slots]
+
+    def __str__(self) -> str:
+        ranks = "; ".join(
+            f"rank {r}: " + (", ".join(f"t{t} -> {'/'.join(map(str, token))}"
+                                       for t, token in enumerate(rank)) or "no tokens")
+            for r, rank in enumerate(self.routing))
+        return (f"n_aiv={self.n_aiv}, EP={self.ep_size}, E={self.experts_per_rank}, "
+                f"top_k={self.top_k} ({ranks})")
+
+
+@st.composite
+def _peer_call(draw: st.DrawFn, n_aiv: st.SearchStrategy[int], max_ep: int) -> PeerCall:
+    n, ep = draw(n_aiv), draw(st.integers(1, max_ep))
+    e, top_k = draw(st.integers(1, MAX_PEER_EXPERTS)), draw(st.integers(1, MAX_TOP_K))
+    # Tokens as (source, expert ids) taken modulo EP and EP·E: a smaller EP or E keeps every
+    # token, so the shrinker can lower them without first moving the tokens that fail.
+    ids = st.integers(0, max_ep * MAX_PEER_EXPERTS - 1)
+    tokens = draw(st.lists(st.tuples(st.integers(0, max_ep - 1), st.tuples(*[ids] * top_k)),
+                           max_size=16))
+    routing = tuple(tuple(tuple(g % (ep * e) for g in token) for s, token in tokens
+                          if s % ep == r) for r in range(ep))
+    return PeerCall(n, ep, e, top_k, routing)
+
+
+def peer_calls(*, n_aiv: st.SearchStrategy[int], max_ep: int = MAX_PEER_EP
+               ) -> st.SearchStrategy[PeerCall]:
+    """Calls for the per-core peer model: the core count from ``n_aiv``, EP in 1..max_ep, E in
+    1..16, top-k in 1..16, then up to 16 tokens on any ranks; shrinks towards one core, one
+    rank, no tokens."""
+    return _peer_call(n_aiv, max_ep)
+
+
+def misrouted_tokens(call: PeerCall, *, offset: str) -> list[str]:
+    """Every token slot that receives the FFN of another row, one phrase each (empty: none).
+
+    A block read at the wrong offset returns expert ``d·E+g``'s FFN of the row at the slot it
+    read (another token, or a stale row past the peer's slots) to the block's own slot; reading
+    another slot of the same token is harmless (its row is the same).
+    """
+    sched, counts = call.schedule(push="peer", offset=offset), call.counts()
+    e = call.experts_per_rank
+    found = []
+    for dest in range(call.ep_size):
+        right, read = sched.peer_offsets(counts, dest), sched.read_offsets(counts, dest)
+        rows = counts[:, dest * e: (dest + 1) * e]
+        for p, g in np.argwhere((rows > 0) & (read != right)):
+            tokens = call.slot_tokens(p)
+            for j in range(rows[p, g]):
+                own, got = tokens[right[p, g] + j], int(read[p, g] + j)
+                if got >= len(tokens) or tokens[got] != own:
+                    row = f"token {tokens[got]}" if got < len(tokens) else f"stale slot {got}"
+                    found.append(f"rank {p} token {own} gets expert {dest * e + g}'s FFN of "
+                                 f"{row} (destination rank {dest} reads slot {got}, not "
+                                 f"{right[p, g] + j})")
+    return found
+
+
+def _hangs(call: PeerCall, push: str) -> bool:
+    receivers = call.schedule(push=push, offset="per-peer").count_receivers()
+    return len(receivers) < call.ep_size
+
+
+#: The dies of variants.md and the kernel profile whose guards apply there.
+_PLATFORMS: tuple[tuple[str, Profile], ...] = (("Atlas A3 die", A3_W8A8),
+                                               ("Ascend 910B3", A2_W8A8))
+
+
+def _peer_minima(fails: Callable[[PeerCall], bool], n: int) -> tuple[PeerCall, PeerCall, str]:
+    """The minimal failing call with ``n_aiv`` free and with ``n_aiv = 2·blockDim``, and a
+    sentence on the real dies: the first EP at which a core serves two peers (computed, not
+    searched: the shrinker stalls above it), against the guards of their profiles."""
+    free = _must(search(peer_calls(n_aiv=st.integers(1, max(VECTOR_CORES.values()))), fails,
+                        max_examples=n))
+    even = _must(search(peer_calls(n_aiv=st.integers(1, max(VECTOR_CORES.values()) // 2)
+                                   .map(lambda b: 2 * b)), fails, max_examples=n))
+    real = []
+    for name, profile in _PLATFORMS:  # the first EP at which a core serves two peers
+        cores = VECTOR_CORES[name]
+        ep = next(ep for ep in itertools.count(1)
+                  if len(PeerSchedule(ep, 1, n_aiv=cores).peers(0)) > 1)
+        guard = [v.limit for v in check_supported(Shape(ep_size=ep, experts_per_rank=1, top_k=1,
+                                                        hidden=32), profile)
+                 if v.limit.field == "ep_size"]
+        real.append(f"{name} ({cores} cores): from EP={ep}"
+                    + (f", outside {profile.name}'s guard '{guard[0].name}' ({guard[0].source})"
+                       if guard else f", inside {profile.name}'s guards"))
+    return free, even, "; ".join(real)
+
+
+def _peer_rows(n: int) -> list[Finding]:
+    push_free, push_even, push_real = _peer_minima(lambda c: _hangs(c, "core"), n)
+    hang = _must(push_free.schedule(push="core", offset="per-peer").violation(push_free.counts()))
+    off_free, off_even, off_real = _peer_minima(
+        lambda c: bool(misrouted_tokens(c, offset="shared")), n)
+    shown = _must(off_free.schedule(push="peer", offset="shared").violation(off_free.counts()))
+    return [
+        Finding(
+            "peer-count-push", "count row pushed to rank coreIdx, not the peer (all three "
+            "kernels at HEAD)", "every rank receives every sender's count row",
+            f"n_aiv={push_free.n_aiv}, EP={push_free.ep_size}, E={push_free.experts_per_rank}: "
+            f"{str(hang).split(': ', 1)[1]}; with n_aiv = 2·blockDim: n_aiv={push_even.n_aiv}, "
+            f"EP={push_even.ep_size}; {push_real}",
+            "variants.md [inferred from code]; PR #13426 (open) pushes to the peer (W8A8)",
+            tuple(hang.story)),
+        Finding(
+            "peer-row-offset", "rowSrc = prevSum; prevSum += rows, one running sum per vector "
+            "core (count push fixed as in PR #13426)",
+            "every token receives the FFN of its own row",
+            f"{off_free}: {misrouted_tokens(off_free, offset='shared')[0]}; with n_aiv = "
+            f"2·blockDim: n_aiv={off_even.n_aiv}, EP={off_even.ep_size}; {off_real}",
+            "variants.md [inferred]; issue #10335, PR #10340 (open) fixes W4A8 only; the W8A8 "
+            "and BF16 kernels at HEAD have the same two lines", tuple(shown.story)),
+    ]
+
+
 def _must(value: T | None) -> T:
     if value is None:
         raise AssertionError("a search that must find a counterexample found none")
@@ -241,7 +404,8 @@ def _short(c: OpConfig) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _hunt(max_examples: int) -> tuple[Finding, ...]:
-    return (*_layout_rows(max_examples), *_buffer_rows(max_examples), *_protocol_rows())
+    return (*_layout_rows(max_examples), *_buffer_rows(max_examples), *_protocol_rows(),
+            *_peer_rows(max_examples))
 
 
 def hunt_rules(*, max_examples: int | None = None) -> list[Finding]:
@@ -266,8 +430,10 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "# Findings",
         "",
         "Flaws the properties of `spec.layout`, `spec.buffers` and `spec.protocol` find by "
-        "themselves in the operator's historical and current rules (reference notes §7–§9). "
-        "Each counterexample is the minimal one the search returns.",
+        "themselves in the operator's historical and current rules (reference notes §7–§9, and "
+        "variants.md's per-core peer offset, modelled by `spec.protocol.PeerSchedule` with the "
+        "vector-core count `n_aiv` a parameter). Each counterexample is the minimal one the "
+        "search returns.",
         "",
         "| rule | property | minimal counterexample | reproduce | source |",
         "|---|---|---|---|---|",
@@ -277,7 +443,7 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         f"| {_cell(f.source)} |"
         for f in rows
     ]
-    lines += ["", "## Interleavings", ""]
+    lines += ["", "## Stories (interleavings and core schedules)", ""]
     for f in rows:
         if f.story:
             lines += [f"### {f.key}", "", "```", *f.story, "```", ""]
@@ -285,6 +451,10 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "The per-call tag byte passes the short-reset mutant (a stale word carries the previous "
         "call's tag) but races on the PR #5665 layout exactly as the non-zero tag does: it "
         "replaces the reset, not the 512-byte alignment.",
+        "",
+        "Both per-core peer flaws need EP > n_aiv: no call inside today's guards hits them on a "
+        "full A3 die (48 vector cores) or 910B3 (40); a launch on fewer cores (a core limit "
+        "[inferred]) does. MegaMoe's EP <= 64 is another kernel, not read for this.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -32,6 +32,7 @@ __all__ = [
     "MC2_V2_A3",
     "PROFILES",
     "REAL_MODELS",
+    "VECTOR_CORES",
     "VLLM_DOMAIN",
     "Limit",
     "LimitViolation",
@@ -46,6 +47,11 @@ __all__ = [
 #: Hidden sizes above about 9000 trap in the quantising gather; 7168 is special-cased
 #: (§9 [inferred]).
 MAX_HIDDEN_A3 = 9000
+
+#: Vector (AIV) cores per die, ``n_aiv = 2·blockDim``: each serves the peers ``p ≡ core (mod
+#: n_aiv)`` (variants.md, "The per-core peer offset" [doc]). A launch with a core limit has
+#: fewer [inferred]; :class:`spec.protocol.PeerSchedule` takes ``n_aiv`` as a parameter.
+VECTOR_CORES = {"Atlas A3 die": 48, "Ascend 910B3": 40}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,11 @@ byte ``1 + call % 255`` in bits 24..31, ready when it equals this call's tag) �
 ``reset`` — ``"full"`` (``EP·S`` words, the code) or ``"unpadded"`` (``EP·EP·E`` words: a mutant
 that covers fewer words than were written). PR #3532's counter protocol is not modelled.
 
+:class:`PeerSchedule` models the other half of the exchange: which (peer, local expert) blocks
+each vector core of a destination rank serves, where it pushes the count row, and the offset it
+reads each block's rows from (variants.md, "The per-core peer offset"), as a pure function of
+the shapes and the count matrix.
+
 >>> ex = CountExchange(2, 33, version="pr5665")
 >>> ex.start_call(seed=0); ex.deliver(0); ex.deliver(0)
 Traceback (most recent call last):
@@ -55,10 +60,13 @@ from spec.layout import (
 
 __all__ = [
     "NONZERO_TAG",
+    "OFFSETS",
     "PROTOCOL_VERSIONS",
+    "PUSHES",
     "RESETS",
     "TAGGINGS",
     "CountExchange",
+    "PeerSchedule",
     "ProtocolViolation",
     "exchange_machine",
     "first_failing_config",
@@ -74,9 +82,10 @@ RESETS = ("full", "unpadded")
 
 
 class ProtocolViolation(AssertionError):
-    """An invariant broke; ``config`` is ``(EP, E)`` and ``story`` the events that led there."""
+    """An invariant broke; ``config`` is ``(EP, E)`` (:class:`PeerSchedule`: ``(n_aiv, EP, E)``)
+    and ``story`` the events that led there."""
 
-    def __init__(self, message: str, *, config: tuple[int, int], story: list[str]) -> None:
+    def __init__(self, message: str, *, config: tuple[int, ...], story: list[str]) -> None:
         super().__init__(message)
         self.config = config
         self.story = list(story)
@@ -321,3 +330,136 @@ def first_failing_config(
         except ProtocolViolation as violation:
             return violation
     return None
+
+
+#: Where a vector core pushes this rank's count row for a peer it serves: ``"core"``, to rank
+#: ``coreIdx`` (HEAD [inferred from code]), or ``"peer"`` (PR #13426, W8A8).
+PUSHES = ("core", "peer")
+#: Where a core reads a peer's rows for a local expert: ``"shared"``, one running ``prevSum``
+#: per core initialised from peer ``coreIdx``'s offset (all three kernels at HEAD [code]), or
+#: ``"per-peer"``, the peer's own prefix sum ``P(p, g)`` (PR #10340, W4A8 only, open).
+OFFSETS = ("shared", "per-peer")
+
+
+@dataclass(frozen=True)
+class PeerSchedule:
+    """The vector cores of every destination rank: blocks served, count pushes, read offsets.
+
+    Core ``c`` of ``n_aiv`` serves every (peer ``p``, local expert ``g``) with
+    ``p ≡ c (mod n_aiv)``, ``g``-major then ``p`` ascending (variants.md [code]). For each peer
+    it pushes this rank's count row (to ``p``, or with ``push="core"`` to rank ``c``); for each
+    block it reads ``cnt[p][d·E+g]`` rows from peer ``p``'s expert-sorted send slots starting at
+    ``rowSrc`` and returns the results to the block's own slots. The right ``rowSrc`` is
+    ``P(p, g) = Σ_{i < d·E+g} cnt[p][i]``; ``offset="shared"`` computes ``rowSrc = prevSum;
+    prevSum += rows`` over all the core's blocks, right only while it serves one peer. Truncation
+    (``max_output_size``) is not modelled.
+
+    >>> PeerSchedule(2, 1, n_aiv=1).served(0)
+    [(0, 0), (1, 0)]
+    >>> PeerSchedule(3, 1, n_aiv=2).count_receivers()
+    [0, 1]
+    """
+
+    ep_size: int
+    experts_per_rank: int
+    n_aiv: int
+    push: str = "core"
+    offset: str = "shared"
+
+    def __post_init__(self) -> None:
+        for name, value in (("ep_size", self.ep_size), ("experts_per_rank",
+                            self.experts_per_rank), ("n_aiv", self.n_aiv)):
+            if value < 1:
+                raise ConfigError(field=name, given=repr(value), allowed=">= 1",
+                                  fix=f"use a positive {name}")
+        _choose("push", self.push, PUSHES)
+        _choose("offset", self.offset, OFFSETS)
+
+    @property
+    def label(self) -> str:
+        """``n_aiv=.. EP=.. E=.. push/offset``."""
+        return (f"n_aiv={self.n_aiv} EP={self.ep_size} E={self.experts_per_rank} "
+                f"{self.push}-push/{self.offset}-offset")
+
+    def peers(self, core: int) -> range:
+        """The peers core ``core`` serves, ascending (two or more iff ``EP > n_aiv``)."""
+        return range(core, self.ep_size, self.n_aiv)
+
+    def served(self, core: int) -> list[tuple[int, int]]:
+        """The (peer, local expert) blocks of core ``core`` in service order."""
+        return [(p, g) for g in range(self.experts_per_rank) for p in self.peers(core)]
+
+    def count_receivers(self) -> list[int]:
+        """The ranks every sender pushes its count row to (the same on every sender)."""
+        return sorted({c if self.push == "core" else p
+                       for c in range(self.n_aiv) for p in self.peers(c)})
+
+    def peer_offsets(self, counts: np.ndarray, dest: int) -> np.ndarray:
+        """``P[p, g]``: where peer ``p``'s slots for destination ``dest``'s expert ``g`` start."""
+        e = self.experts_per_rank
+        rows = counts[:, dest * e: (dest + 1) * e]
+        before = counts[:, : dest * e].sum(axis=1, keepdims=True)
+        return np.asarray(before + np.cumsum(rows, axis=1) - rows)
+
+    def read_offsets(self, counts: np.ndarray, dest: int) -> np.ndarray:
+        """``rowSrc[p, g]``: where destination ``dest``'s cores read block (p, g)."""
+        right = self.peer_offsets(counts, dest)
+        if self.offset == "per-peer":
+            return right
+        rows = counts[:, dest * self.experts_per_rank: (dest + 1) * self.experts_per_rank]
+        read = np.zeros_like(right)
+        for core in range(min(self.n_aiv, self.ep_size)):
+            peers = self.peers(core)
+            served = rows[peers].T  # (g, p): the service order, g-major
+            read[peers] = (right[core, 0] + np.cumsum(served) - served.ravel()).reshape(
+                served.shape).T
+        return read
+
+    def _check_counts(self, counts: np.ndarray) -> None:
+        shape = (self.ep_size, self.ep_size * self.experts_per_rank)
+        if counts.shape != shape or (counts < 0).any():
+            raise ConfigError(field="counts", given=f"shape {counts.shape}",
+                              allowed=f"non-negative, shape {shape} (cnt[source][global expert])",
+                              fix="pass the call's count matrix")
+
+    def violation(self, counts: np.ndarray) -> ProtocolViolation | None:
+        """The first broken invariant, or None: every rank receives every sender's count row
+        (else it polls forever on the first call), and every block with rows is read at its
+        own offset ``P(p, g)``."""
+        self._check_counts(counts)
+        receivers = self.count_receivers()
+        starved = sorted(set(range(self.ep_size)) - set(receivers))
+        if starved:
+            r = starved[0]
+            c = r % self.n_aiv
+            return self._fail(
+                f"rank {r} never receives a count row: it polls forever on the first call "
+                "(hang)", [f"every sender: core {c} serves peers {list(self.peers(c))} and "
+                           f"pushes its count row to rank {c} for each",
+                           f"count rows reach ranks {receivers} only"])
+        e = self.experts_per_rank
+        for dest in range(self.ep_size):
+            right, read = self.peer_offsets(counts, dest), self.read_offsets(counts, dest)
+            rows = counts[:, dest * e: (dest + 1) * e]
+            bad = (rows > 0) & (read != right)
+            for core in range(min(self.n_aiv, self.ep_size)):
+                if not bad[self.peers(core)].any():
+                    continue
+                story = [f"destination rank {dest}, core {core}: peers "
+                         f"{list(self.peers(core))}, prevSum := P({core}, 0) = "
+                         f"{right[core, 0]}"]
+                for p, g in self.served(core):
+                    n, a, b = int(rows[p, g]), int(read[p, g]), int(right[p, g])
+                    story.append(f"expert {dest * e + g}, peer {p}: {n} row(s) read at slot {a}"
+                                 f" (P({p}, {g}) = {b})")
+                    if n and a != b:
+                        return self._fail(
+                            f"destination rank {dest} reads peer {p}'s rows for expert "
+                            f"{dest * e + g} at slots {a}..{a + n - 1} instead of "
+                            f"{b}..{b + n - 1}", story)
+        return None
+
+    def _fail(self, message: str, story: list[str]) -> ProtocolViolation:
+        return ProtocolViolation(f"{self.label}: {message}",
+                                 config=(self.n_aiv, self.ep_size, self.experts_per_rank),
+                                 story=[*story, f"VIOLATION: {message}"])

@@ -5,14 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
-from spec.findings import hunt_rules, main, render_findings_markdown
+from spec.findings import (
+    PeerCall,
+    hunt_rules,
+    main,
+    misrouted_tokens,
+    peer_calls,
+    render_findings_markdown,
+    search,
+)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "findings.md"
 REQUIRED = {
     "pr5665-row-alignment", "pr6156-sentinel-slot", "buffer-check-vs-layout",
     "buffer-check-whole-mb", "count-region-ep32", "buffer-message-3mb", "protocol-pr5665-race",
-    "protocol-pr6156-sentinel", "protocol-short-reset",
+    "protocol-pr6156-sentinel", "protocol-short-reset", "peer-count-push", "peer-row-offset",
 }
 
 
@@ -32,3 +41,29 @@ def test_command_reproduces_a_row(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--rule", "protocol-pr5665-race"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("protocol-pr5665-race: ") and "VIOLATION" in out
+
+
+def _starved(call: PeerCall, push: str) -> bool:
+    return len(call.schedule(push=push, offset="per-peer").count_receivers()) < call.ep_size
+
+
+def test_peer_count_push_hangs_unless_pushed_to_the_peer() -> None:
+    calls = peer_calls(n_aiv=st.integers(1, 48))
+    found = search(calls, lambda c: _starved(c, "core"), max_examples=200)
+    assert found is not None and (found.n_aiv, found.ep_size) == (1, 2)
+    assert search(calls, lambda c: _starved(c, "peer"), max_examples=200) is None
+    row = {f.key: f for f in hunt_rules()}["peer-count-push"]
+    assert "n_aiv=2, EP=3" in row.counterexample and "from EP=49" in row.counterexample
+
+
+def test_peer_row_offset_misroutes_unless_per_peer() -> None:
+    calls = peer_calls(n_aiv=st.integers(1, 24).map(lambda b: 2 * b))
+    found = search(calls, lambda c: bool(misrouted_tokens(c, offset="shared")), max_examples=200)
+    assert found is not None
+    assert (found.n_aiv, found.ep_size, found.experts_per_rank) == (2, 3, 1)
+    assert search(calls, lambda c: bool(misrouted_tokens(c, offset="per-peer")),
+                  max_examples=200) is None
+    # variants.md's case: rank 1 routes t0 -> expert 0, t1 -> expert 1 (n_aiv = 1, EP = 2)
+    note = PeerCall(1, 2, 1, 1, ((), ((0,), (1,))))
+    assert misrouted_tokens(note, offset="shared") == [
+        "rank 1 token 1 gets expert 1's FFN of token 0 (destination rank 1 reads slot 0, not 1)"]
