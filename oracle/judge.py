@@ -293,9 +293,9 @@ def _row_test(problem: Problem, num: Numerics, expected: Result, outs: list[Arra
     add up through GEMM2 and the combine: at K = 7168 a BF16 envelope's median width is
     about 1 400 ulps and an output scaled by 1.08 lies inside it; ``benchmarks/
     PROFILE_POWER.md``), while a kernel with the profile's pipeline is a legitimate kernel of
-    the row test's model, with the profile's stored dtypes, tie rules and ``amax`` floor. Without a named profile, ideal
-    mode assumes the coarsest legitimate kernel (bf16 intermediates, either tie rule, bf16
-    top-k sums)."""
+    the row test's model, with the profile's stored dtypes, tie rules and ``amax`` floor.
+    Without a named profile, ideal mode assumes the coarsest legitimate kernel (bf16
+    intermediates, either tie rule, bf16 top-k sums)."""
     assumptions = (IdealAssumptions() if num.mode == "ideal" and num.kernel is None
                    else num.profile.ideal_assumptions(problem.config.x_dtype))
     ideal = expected if num.mode == "ideal" else run(problem, numerics=replace(num, mode="ideal"))
