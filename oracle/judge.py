@@ -214,11 +214,14 @@ def compare(
         tolerances = [np.asarray(t) for t in ideal_tolerance(mathematics, expected)]
     worst: tuple[float, int, int, int] = (0.0, -1, -1, -1)
     n_bad = 0
+    model_bits = True  # every defined value equals the model's own output, bit for bit
     for r, ((out, _), want, tol) in enumerate(zip(checked, expected.ranks, tolerances)):
         rows = want.defined
         if not rows.any():
             continue
         got64 = out[rows].astype(np.float64)
+        model_bits = model_bits and np.array_equal(out[rows].view(np.uint16),
+                                                   want.out[rows].view(np.uint16))
         exp64 = want.out[rows].astype(np.float64)
         finite_got, finite_exp = np.isfinite(got64), np.isfinite(exp64)
         same_special = (got64 == exp64) | (np.isnan(got64) & np.isnan(exp64))
@@ -246,7 +249,8 @@ def compare(
             t, c = divmod(flat, cfg.hidden)
             worst = (float(ratio.flat[flat]), r, int(np.flatnonzero(rows)[t]), c)
     ratio_max, r, token, c = worst
-    if ratio_max <= 1.0 and any(w.defined.any() for w in expected.ranks):
+    # The model's own output is a legitimate kernel's: the row test would only repeat that.
+    if ratio_max <= 1.0 and not model_bits:
         row = _row_test(mathematics, num, expected, [o for o, _ in checked])
         if not row.ok and row.rank is not None and row.token is not None:
             return _fail("out", f"{row.message}; {routing_summary(problem, row.rank, row.token)}",

@@ -273,6 +273,24 @@ def test_each_modelled_source_is_needed(term: str) -> None:
     assert not row_thresholds(problem, ideal, tight, omit=(term,)).judge(outs).ok
 
 
+def test_the_row_test_runs_only_where_the_output_is_not_the_models(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's own output is a legitimate kernel's: the judge does not spend a row test
+    on it; one differing value is enough to run it."""
+    import oracle.judge
+
+    problem = _problem()
+    result = oracle.run(problem)
+    calls = []
+    original = oracle.judge._row_test
+    monkeypatch.setattr(oracle.judge, "_row_test", lambda *a: calls.append(1) or original(*a))
+    assert compare(problem, _pairs(result)).ok and calls == []
+    nudged = [r.out.copy() for r in result.ranks]
+    nudged[0].view(np.uint16)[0, 0] ^= 1  # one ulp on one value: outside the pinned envelope
+    compare(problem, _pairs(result, nudged), ulps=1)
+    assert calls == [1]
+
+
 def test_zero_rows_fall_back_to_the_sound_bound() -> None:
     problem = _with_zero_row()
     th = row_thresholds(problem, oracle.run(problem, numerics="ideal"))
