@@ -114,7 +114,7 @@ def test_check_and_replay_judge_input_writes_with_the_same_policy(in_tests_dir, 
     assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "20",
                  "--save-dir", str(tmp_path)]) == 0
     # ... which strict fails; the file records the policy, so replay judges it the same way.
-    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "40",
+    assert main(["check", "broken_impls:writes_masked_ids", "--max-examples", "60",
                  "--inputs", "strict", "--save-dir", str(tmp_path)]) == 1
     assert "stage 'inputs'" in capsys.readouterr().out
     saved = str(next(tmp_path.glob("broken_impls.writes_masked_ids-inputs-*.npz")))
