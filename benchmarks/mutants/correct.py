@@ -210,8 +210,19 @@ class DispatchFfnCombine:
         return np.where(amax[:, None] > 0, q, F32(0)).astype(F32), amax / QMAX
 
     def requantise_scaled(self, a: np.ndarray, amax: np.ndarray) -> np.ndarray:
-        """Step 5 before rounding: a multiplication by ``127 / amax2`` (where step 1 divides)."""
-        return a * (QMAX / amax)[:, None]
+        """Step 5 before rounding: a multiplication by ``127 / amax2`` (where step 1 divides).
+        Where ``127 / amax2`` overflows float32 (``amax2`` below about 3.7e-37), the
+        mathematical value in float64, as a correct kernel must give (the oracle's "zero"
+        policy), not inf·a."""
+        with np.errstate(over="ignore"):
+            inv = QMAX / amax
+        scaled = a * inv[:, None]
+        tiny = np.isinf(inv) & (amax > 0)
+        if tiny.any():
+            scaled = scaled.astype(np.float64)
+            exact = 127.0 / amax[tiny, None].astype(np.float64)
+            scaled[tiny] = a[tiny].astype(np.float64) * exact
+        return scaled
 
     def ffn_w8a8(
         self, q: np.ndarray, sigma: np.ndarray, weights: tuple[Any, ...], limit: float | None,
