@@ -121,7 +121,8 @@ class TokenStages:
         if self.combined is None or self.out is None:
             return "none, the row is undefined"
         if self._within(got, self.out, ulps):
-            return "none needed, the row is within the reference's envelope"
+            return (f"none: the row is within the {self.profile} envelope element by element "
+                    "(a row-test failure is a property of the whole row)")
         tried = [(f"slot {k} left out", self._combined(drop=k)) for k in range(len(self.slots))]
         if self.combine.weight == "combine":  # else the weight is inside y: a step-7 matter
             tried.append(("the routing weights ignored (every weight 1)", self._combined()))

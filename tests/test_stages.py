@@ -122,11 +122,11 @@ def test_explain_without_outputs_says_there_is_no_token(
     assert "stages: none, the file holds no outputs" in capsys.readouterr().out
 
 
-def test_a_conforming_row_needs_no_explanation_and_an_undefined_one_gets_none() -> None:
+def test_a_conforming_row_is_not_explained_and_an_undefined_one_gets_none() -> None:
     problem = _problem()
     first, last = oracle.run(problem).ranks  # rank 1's tokens all lose a slot to truncation
     stages = token_stages(problem, 0, 3)
-    assert stages.explanation(first.out[3]).startswith("none needed")
+    assert stages.explanation(first.out[3]).startswith("none: the row is within")
     assert not np.abs(stages.error_ulps(first.out[3])).any()
     lost = token_stages(problem, 1, 0)
     assert not last.defined[0] and lost.explanation(last.out[0]) == "none, the row is undefined"
