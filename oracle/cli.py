@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hypothesis import settings as hsettings
@@ -48,6 +48,9 @@ from oracle.options import (
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 from oracle.reference import route
 from spec import SpecError
+
+if TYPE_CHECKING:
+    from oracle.diagnose import Diagnosis
 
 __all__ = ["main"]
 
@@ -219,24 +222,62 @@ def _explain(args: argparse.Namespace) -> int:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
     print(explain(saved.problem, saved.meta))
-    print(diagnosis(saved.problem, saved.outputs, saved.meta))
+    found = _diagnose(saved.problem, saved.outputs, saved.meta)
+    print(diagnosis(saved.problem, saved.outputs, saved.meta, found))
+    if args.stages:
+        print(stage_table(saved.problem, saved.outputs, saved.meta, found))
     return EXIT_OK
 
 
-def diagnosis(problem: Any, outputs: Any, meta: dict[str, Any]) -> str:
-    """The saved outputs against the catalogue of known defects (:mod:`oracle.diagnose`),
-    judged as the file was; the harness saves outputs whenever they had the contract's
-    structure, so a file without them failed before any value could be compared."""
+def _diagnose(problem: Any, outputs: Any, meta: dict[str, Any]) -> Diagnosis | None:
+    """The saved outputs re-judged as the file was, against the catalogue of known defects
+    (:mod:`oracle.diagnose`); ``None`` when the file holds no outputs."""
     from oracle.diagnose import diagnose
 
     if outputs is None:
+        return None
+    numerics, ulps = _judged_or_default(meta)
+    return diagnose(problem, outputs, numerics=numerics, ulps=ulps)
+
+
+def _judged_or_default(meta: dict[str, Any]) -> tuple[Numerics, float]:
+    try:
+        return judged_with(meta)
+    except SpecError:
+        return Numerics(), 0.0
+
+
+def diagnosis(problem: Any, outputs: Any, meta: dict[str, Any],
+              found: Diagnosis | None = None) -> str:
+    """The saved outputs against the catalogue of known defects (:mod:`oracle.diagnose`),
+    judged as the file was (``found``: that diagnosis, if already made); the harness saves
+    outputs whenever they had the contract's structure, so a file without them failed before
+    any value could be compared."""
+    if outputs is None:
         return (f"diagnosis: none, the file holds no outputs of the implementation (stage "
                 f"'{meta.get('stage', 'unknown')}')")
-    try:
-        numerics, ulps = judged_with(meta)
-    except SpecError:
-        numerics, ulps = Numerics(), 0.0
-    return diagnose(problem, outputs, numerics=numerics, ulps=ulps).describe()
+    found = found or _diagnose(problem, outputs, meta)
+    assert found is not None
+    return found.describe()
+
+
+def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
+                found: Diagnosis | None = None) -> str:
+    """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
+    (:mod:`oracle.stages`), next to the implementation's out row."""
+    from oracle.stages import token_stages
+
+    found = found or _diagnose(problem, outputs, meta)
+    if found is None:
+        return "stages: none, the file holds no outputs to locate a failing token"
+    verdict = found.verdict
+    if verdict.stage not in ("out", "non_finite") or verdict.rank is None or not verdict.where:
+        why = "the outputs conform" if verdict.ok else f"stage '{verdict.stage}'"
+        return f"stages: none, no failing out row ({why})"
+    numerics, ulps = _judged_or_default(meta)
+    rank, token = verdict.rank, verdict.where[0]
+    out, _ = outputs[rank]
+    return token_stages(problem, rank, token, numerics).describe(np.asarray(out[token]), ulps)
 
 
 def explain(problem: Any, meta: dict[str, Any]) -> str:
@@ -402,6 +443,10 @@ def _parser() -> argparse.ArgumentParser:
     explain_p = sub.add_parser("explain", help="describe a saved counterexample and name the "
                                "known defect its outputs equal")
     explain_p.add_argument("file", type=Path, help="a counterexample file (.npz)")
+    explain_p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                           help="print the failing token's reference intermediates at each "
+                           "rounding point of the profile, next to your out row (default: on; "
+                           "--no-stages leaves it out)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
