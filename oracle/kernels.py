@@ -68,6 +68,8 @@ if TYPE_CHECKING:
     from oracle.rowtest import IdealAssumptions
 
 Array = np.ndarray[Any, Any]
+#: One rounding point of a pipeline: (§6 step, name, value with its envelope).
+RoundingPoint = tuple[str, str, "Env"]
 F32 = np.float32
 _U32 = 2.0**-24  # float32 unit roundoff
 _TINY32 = float(np.finfo(F32).smallest_subnormal)
@@ -606,25 +608,43 @@ class KernelProfile:
         lines.append("  freedoms: " + ("; ".join(self.freedoms) or "none (bitwise)"))
         return "\n".join(lines)
 
-    def int8_ffn(
+    def int8_stages(
         self, q: Env, sigma1: Env, w1: Array, s1: Array, w2: Array, s2: Array,
         slot_p: Array, cfg: OpConfig, zero_rows: str,
-    ) -> Env:
-        """§6 steps 2–7 for the rows of one expert: quantised tokens ``q`` with their scales;
-        returns ``y`` (float32 holding x-dtype values), routed weight included if the profile
-        applies it in GEMM2."""
+    ) -> tuple[RoundingPoint, ...]:
+        """§6 steps 2–7 for the rows of one expert, from quantised tokens ``q`` with their
+        scales: each rounding point as ``(step, name, value)``, in pipeline order, ending with
+        ``y`` (float32 holding x-dtype values; routed weight included if the profile applies
+        it in GEMM2)."""
         x_dtype = DTYPES[cfg.x_dtype]
         h = self.gemm1(q, w1, s1, sigma1, slot_p, x_dtype)
         a = self.swiglu(h, cfg, x_dtype)
         q2, sigma2, _ = self.requantise(a, zero_rows)
-        return self.gemm2(q2, w2, s2, sigma2, slot_p, x_dtype)
+        y = self.gemm2(q2, w2, s2, sigma2, slot_p, x_dtype)
+        return (("2-3", "h", h), ("4", "a", a), ("5", "q2", q2), ("5", "sigma2", sigma2),
+                ("6-7", "y", y))
 
-    def float_ffn(self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig) -> Env:
-        """The BF16/FP16-weight path for the rows of one expert."""
+    def int8_ffn(
+        self, q: Env, sigma1: Env, w1: Array, s1: Array, w2: Array, s2: Array,
+        slot_p: Array, cfg: OpConfig, zero_rows: str,
+    ) -> Env:
+        """``y`` of :meth:`int8_stages`."""
+        return self.int8_stages(q, sigma1, w1, s1, w2, s2, slot_p, cfg, zero_rows)[-1][2]
+
+    def float_stages(
+        self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig
+    ) -> tuple[RoundingPoint, ...]:
+        """The BF16/FP16-weight path for the rows of one expert, each rounding point as in
+        :meth:`int8_stages`."""
         x_dtype = DTYPES[cfg.x_dtype]
         h = self.float_gemm1(x, w1, slot_p, x_dtype)
         a = self.float_swiglu(h, cfg, x_dtype)
-        return self.float_gemm2(a, w2, slot_p, x_dtype)
+        y = self.float_gemm2(a, w2, slot_p, x_dtype)
+        return (("2-3", "h", h), ("4", "a", a), ("6-7", "y", y))
+
+    def float_ffn(self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig) -> Env:
+        """``y`` of :meth:`float_stages`."""
+        return self.float_stages(x, w1, w2, slot_p, cfg)[-1][2]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -79,6 +79,13 @@ class Numerics:
 
         return get_kernel(DEFAULT_KERNEL if self.kernel is None else self.kernel)
 
+    def read_scales(self, s1: Array, s2: Array) -> tuple[Array, Array]:
+        """The dequant scales as the kernel reads them: truncated to 19 bits with
+        ``truncate_scales``, else as given."""
+        if self.truncate_scales:
+            return truncate_scale_bits(s1), truncate_scale_bits(s2)
+        return s1, s2
+
     def describe(self) -> str:
         extras = []
         if self.truncate_scales:

@@ -259,8 +259,7 @@ def run(
             continue
         if w8a8:
             assert s1 is not None and s2 is not None
-            if num.truncate_scales:
-                s1, s2 = truncate_scale_bits(s1), truncate_scale_bits(s2)
+            s1, s2 = num.read_scales(s1, s2)
             ys = profile.int8_ffn(q.take(tok), sigma1.take(tok), w1, s1, w2, s2,
                                   slot_p[slots], cfg, num.zero_rows)
         else:

@@ -27,7 +27,7 @@ import numpy as np
 
 from oracle.judge import envelope_ratio, out_dtype_spacing
 from oracle.kernels import Env, cast
-from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
+from oracle.numerics import F32, Numerics, resolve_numerics
 from oracle.reference import RankResult, route
 from spec import DTYPES, Problem
 
@@ -214,20 +214,13 @@ def token_stages(
         rows = xf[batch // top_k]
         x = Env(rows, rows, rows)
         if s1 is not None and s2 is not None:
-            if num.truncate_scales:
-                s1, s2 = truncate_scale_bits(s1), truncate_scale_bits(s2)
+            d1, d2 = num.read_scales(s1, s2)
             q, sigma1, _ = profile.quantise(x, num.zero_rows)
-            h = profile.gemm1(q, w1, s1, sigma1, slot_p[batch], x_dtype)
-            a = profile.swiglu(h, cfg, x_dtype)
-            q2, sigma2, _ = profile.requantise(a, num.zero_rows)
-            y = profile.gemm2(q2, w2, s2, sigma2, slot_p[batch], x_dtype)
-            named = [("1", "q", q), ("1", "sigma1", sigma1), ("2-3", "h", h), ("4", "a", a),
-                     ("5", "q2", q2), ("5", "sigma2", sigma2), ("6-7", "y", y)]
+            named = (("1", "q", q), ("1", "sigma1", sigma1),
+                     *profile.int8_stages(q, sigma1, w1, d1, w2, d2, slot_p[batch], cfg,
+                                          num.zero_rows))
         else:
-            h = profile.float_gemm1(x, w1, slot_p[batch], x_dtype)
-            a = profile.float_swiglu(h, cfg, x_dtype)
-            y = profile.float_gemm2(a, w2, slot_p[batch], x_dtype)
-            named = [("2-3", "h", h), ("4", "a", a), ("6-7", "y", y)]
+            named = profile.float_stages(x, w1, w2, slot_p[batch], cfg)
         stages = tuple(Stage(step, name, v.take(row)) for step, name, v in named)
         slots.append(SlotStages(k, g, g // e_local, prob, stages))
     probs = np.asarray(inputs.probs[token], F32)
