@@ -190,10 +190,11 @@ def compare(
     if isinstance(checked, Verdict):
         return checked
     enveloped = num.mode == "faithful"  # a kernel profile: judged by its envelope
-    # The float64 mathematics of the named kernel: the ideal run, bound and row test read it.
-    mathematics = kernel_mathematics(problem, num)
+    # The float64 mathematics of the named kernel: the ideal run, bound and row test read it
+    # (under a profile, only the row test: made there, when it runs).
+    mathematics = problem if enveloped else kernel_mathematics(problem, num)
     if expected is None or (enveloped and expected.ranks and expected.ranks[0].out_lo is None):
-        expected = run(problem if enveloped else mathematics, numerics=num, envelope=enveloped)
+        expected = run(mathematics, numerics=num, envelope=enveloped)
     for r, ((_, nums), want) in enumerate(zip(checked, expected.ranks)):
         diff = np.flatnonzero(nums != want.expert_token_nums)
         if diff.size:
@@ -251,7 +252,8 @@ def compare(
     ratio_max, r, token, c = worst
     # The model's own output is a legitimate kernel's: the row test would only repeat that.
     if ratio_max <= 1.0 and not model_bits:
-        row = _row_test(mathematics, num, expected, [o for o, _ in checked])
+        row = _row_test(kernel_mathematics(problem, num) if enveloped else mathematics, num,
+                        expected, [o for o, _ in checked])
         if not row.ok and row.rank is not None and row.token is not None:
             return _fail("out", f"{row.message}; {routing_summary(problem, row.rank, row.token)}",
                          row.rank, (row.token,), row.ratio)
