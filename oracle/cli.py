@@ -223,7 +223,7 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(explain(saved.problem, saved.meta))
     found = _diagnose(saved.problem, saved.outputs, saved.meta)
-    print(diagnosis(saved.problem, saved.outputs, saved.meta, found))
+    print(diagnosis(saved.meta, found))
     if args.stages:
         print(stage_table(saved.problem, saved.outputs, saved.meta, found))
     return EXIT_OK
@@ -247,27 +247,22 @@ def _judged_or_default(meta: dict[str, Any]) -> tuple[Numerics, float]:
         return Numerics(), 0.0
 
 
-def diagnosis(problem: Any, outputs: Any, meta: dict[str, Any],
-              found: Diagnosis | None = None) -> str:
-    """The saved outputs against the catalogue of known defects (:mod:`oracle.diagnose`),
-    judged as the file was (``found``: that diagnosis, if already made); the harness saves
-    outputs whenever they had the contract's structure, so a file without them failed before
-    any value could be compared."""
-    if outputs is None:
+def diagnosis(meta: dict[str, Any], found: Diagnosis | None) -> str:
+    """``found`` (:func:`_diagnose` of the saved outputs) in words; the harness saves outputs
+    whenever they had the contract's structure, so a file without them failed before any
+    value could be compared."""
+    if found is None:
         return (f"diagnosis: none, the file holds no outputs of the implementation (stage "
                 f"'{meta.get('stage', 'unknown')}')")
-    found = found or _diagnose(problem, outputs, meta)
-    assert found is not None
     return found.describe()
 
 
 def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
-                found: Diagnosis | None = None) -> str:
+                found: Diagnosis | None) -> str:
     """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
     (:mod:`oracle.stages`), next to the implementation's out row."""
     from oracle.stages import token_stages
 
-    found = found or _diagnose(problem, outputs, meta)
     if found is None:
         return "stages: none, the file holds no outputs to locate a failing token"
     verdict = found.verdict
