@@ -37,8 +37,9 @@ points, per received slot, in §6 order (``shared/reference/dispatch_ffn_combine
 7. final cast: ``c = u_o·|out'|``.
 8. underflow: every rounding to a 16-bit format above (points 2, 3, 5, 6, 7) also makes an
    absolute error up to ``η``, half its smallest subnormal (``η_s``, ``η_o``: 2^-25 for
-   float16, 2^-134 for bfloat16). A kernel may flush such values either way, so this part is
-   deterministic: ``Σ|coefficient|·η`` joins ``R``. It matters for rows of tiny values, where
+   float16, 2^-134 for bfloat16). At that fixed spacing rounding errors need not be random
+   (a row of tiny values underflows as a whole), so this part is deterministic:
+   ``Σ|coefficient|·η`` joins ``R``. It matters for rows of tiny values, where
    it sends the row to the sound bound; float32 underflow (2^-150) is neglected.
 
 Primed values are the kernel's (``|v'| <= |v| + E_v``, ``E_v`` below), so every ``c`` bounds the
