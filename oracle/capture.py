@@ -49,6 +49,7 @@ from oracle.numerics import Numerics
 from oracle.torch import TorchRankInputs, from_torch, output_pair
 from spec import MAX_EP_SIZE, CounterexampleFileError, Problem, RankInputs, SpecError
 from spec.errors import describe
+from spec.fields import FIELDS
 
 __all__ = ["FORMAT", "MANIFEST", "Capture", "VerifyReport", "dump", "load", "verify", "verify_main"]
 
@@ -58,8 +59,7 @@ MANIFEST = "manifest.json"
 #: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
 _CALL_ATTRS = ("max_output_size", "swiglu_limit")
 _MAX_MANIFEST = 1 << 20
-_BINDING_NAMES = ("x", "weight1", "weight2", "expert_idx", "scale1", "scale2", "probs",
-                  "x_active_mask")
+_BINDING_NAMES = tuple(f.binding for f in FIELDS)
 
 Array = np.ndarray[Any, Any]
 
@@ -99,15 +99,7 @@ def _rank_inputs(inputs: Any) -> RankInputs:
 
 
 def _arrays(inputs: RankInputs, out: Array, nums: Array) -> dict[str, Array]:
-    arrays = {"x": inputs.x, "expert_idx": inputs.expert_idx, "probs": inputs.probs,
-              "out": out, "expert_token_nums": nums}
-    if inputs.active_mask is not None:
-        arrays["x_active_mask"] = inputs.active_mask
-    for name, tensors in (("weight1", inputs.w1), ("weight2", inputs.w2),
-                          ("scale1", inputs.scale1), ("scale2", inputs.scale2)):
-        for i, t in enumerate(tensors or ()):
-            arrays[f"{name}.{i}"] = t
-    return arrays
+    return {**inputs.arrays(binding=True), "out": out, "expert_token_nums": nums}
 
 
 def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -272,21 +264,12 @@ def _load(directory: Path) -> Capture:
     for r in range(world_size):
         arrays = _read_rank(directory, r, attrs)
 
-        def items(name: str, arrays: dict[str, Array] = arrays) -> list[Array] | None:
-            found: list[Array] = []
-            while f"{name}.{len(found)}" in arrays:
-                found.append(arrays[f"{name}.{len(found)}"])
-            return found or None
-
-        missing = [k for k in ("x", "expert_idx", "probs", "weight1.0", "weight2.0", "out",
-                               "expert_token_nums") if k not in arrays]
+        required = [f"{f.binding}.0" if f.tensor_list else f.binding
+                    for f in FIELDS if f.required]
+        missing = [k for k in (*required, "out", "expert_token_nums") if k not in arrays]
         if missing:
             raise _bad(_rank_file(directory, r), f"no arrays {missing}", rank=r)
-        ranks.append(RankInputs(
-            arrays["x"], arrays["expert_idx"], arrays["probs"], items("weight1") or [],
-            items("weight2") or [], scale1=items("scale1"), scale2=items("scale2"),
-            active_mask=arrays.get("x_active_mask"),
-        ))
+        ranks.append(RankInputs.from_arrays(arrays, binding=True))
         outputs.append((arrays["out"], arrays["expert_token_nums"]))
     problem = Problem(ranks, max_output_size=attrs["max_output_size"],
                       swiglu_limit=attrs["swiglu_limit"])

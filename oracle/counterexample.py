@@ -29,6 +29,7 @@ import numpy as np
 
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
+from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -40,6 +41,7 @@ __all__ = [
     "load",
     "open_regular",
     "parse_header",
+    "rank_arrays",
     "read_array",
     "save",
 ]
@@ -49,12 +51,10 @@ VERSION = 1
 _STORED = {"bfloat16": np.dtype(np.uint16)}  # stored as bit patterns
 #: The only dtypes a file may declare.
 ALLOWED_DTYPES = ("bfloat16", "float16", "float32", "int8", "int32", "bool")
-_RANK_FIELDS = ("x", "expert_idx", "probs", "active_mask")
-_LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
 _MAX_ELEMENTS = 1 << 31
-#: Members of one archive: the manifest, six arrays per rank (four fields, two outputs) and four
-#: per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).
-MAX_MEMBERS = 1 + 6 * MAX_EP_SIZE + 4 * 4096
+#: Members of one archive: the manifest, the plain arrays of each rank and its two outputs, and
+#: the per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).
+MAX_MEMBERS = 1 + (len(ARRAY_FIELDS) + 2) * MAX_EP_SIZE + len(LIST_FIELDS) * 4096
 _MAX_MANIFEST = 16 << 20
 _MAX_NPY_HEADER = 1 << 16
 _DEFLATE_RATIO = 1100  # deflate cannot expand more than about 1032:1
@@ -88,16 +88,17 @@ def arrays_of(
     ``r{rank}.{list}.{index}`` for TensorList entries, as the file stores them."""
     arrays: dict[str, Array] = {}
     for r, inputs in enumerate(problem.ranks):
-        for name in _RANK_FIELDS:
-            value = getattr(inputs, name)
-            if value is not None:
-                arrays[f"r{r}.{name}"] = value
-        for name in _LIST_FIELDS:
-            for i, t in enumerate(getattr(inputs, name) or ()):
-                arrays[f"r{r}.{name}.{i}"] = t
+        arrays.update((f"r{r}.{name}", a) for name, a in inputs.arrays().items())
         if outputs is not None:
             arrays[f"r{r}.out"], arrays[f"r{r}.expert_token_nums"] = outputs[r]
     return arrays
+
+
+def rank_arrays(arrays: dict[str, Array], rank: int) -> dict[str, Array]:
+    """The arrays of one rank named as :meth:`spec.RankInputs.arrays` names them (the
+    ``r{rank}.`` prefix of :func:`arrays_of` removed)."""
+    prefix = f"r{rank}."
+    return {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
 
 
 def encode_arrays(arrays: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Any]]:
@@ -335,21 +336,14 @@ def _load(path: Path) -> Counterexample:
     def entry(key: str) -> Array | None:
         return arrays.get(key)
 
-    def tensor_list(r: int, name: str) -> list[Array] | None:
-        items: list[Array] = []
-        while (t := entry(f"r{r}.{name}.{len(items)}")) is not None:
-            items.append(t)
-        return items or None
-
     ranks = []
     for r in range(config.ep_size):
-        x, idx, probs = entry(f"r{r}.x"), entry(f"r{r}.expert_idx"), entry(f"r{r}.probs")
-        w1, w2 = tensor_list(r, "w1"), tensor_list(r, "w2")
-        if x is None or idx is None or probs is None or w1 is None or w2 is None:
-            raise _bad(path, f"rank {r}'s inputs incomplete (x, expert_idx, probs, w1, w2)")
-        ranks.append(RankInputs(x, idx, probs, w1, w2, scale1=tensor_list(r, "scale1"),
-                                scale2=tensor_list(r, "scale2"),
-                                active_mask=entry(f"r{r}.active_mask")))
+        given = rank_arrays(arrays, r)
+        missing = [f.name for f in FIELDS if f.required
+                   and (f.name if not f.tensor_list else f"{f.name}.0") not in given]
+        if missing:
+            raise _bad(path, f"rank {r}'s inputs incomplete (no {', '.join(missing)})")
+        ranks.append(RankInputs.from_arrays(given))
     try:
         problem = Problem(ranks, max_output_size=config.max_output_size,
                           swiglu_limit=config.swiglu_limit)

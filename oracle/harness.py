@@ -42,7 +42,7 @@ from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
 from oracle.reference import route
-from spec import OpConfig, Problem, RankInputs
+from spec import OpConfig, Problem
 from spec.config import X_DTYPES
 from spec.limits import ShapeDomain
 
@@ -99,18 +99,8 @@ class _Mismatch(Exception):
 def _copy_inputs(problem: Problem) -> Problem:
     """A writable deep copy, so the implementation cannot touch the problem we judge it on."""
 
-    def many(ts: Any) -> list[np.ndarray] | None:
-        return None if ts is None else [np.array(t) for t in ts]
-
-    ranks = [
-        RankInputs(
-            np.array(r.x), np.array(r.expert_idx), np.array(r.probs), many(r.w1) or [],
-            many(r.w2) or [], scale1=many(r.scale1), scale2=many(r.scale2),
-            active_mask=None if r.active_mask is None else np.array(r.active_mask),
-        )
-        for r in problem.ranks
-    ]
-    return Problem.from_validated(ranks, problem.config)
+    return Problem.from_validated([r.map_arrays(np.array, lists=True) for r in problem.ranks],
+                                  problem.config)
 
 
 def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome:

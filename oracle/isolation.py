@@ -44,11 +44,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from oracle.counterexample import arrays_of
+from oracle.counterexample import arrays_of, rank_arrays
 from oracle.judge import Verdict, structured_outputs
 from oracle.loading import ImplLoadError, load_impl
 from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
+from spec.fields import LIST_FIELDS
 
 __all__ = [
     "CallOutcome",
@@ -65,7 +66,6 @@ _HEAD = 12  # header length (4 bytes) and payload length (8 bytes), big-endian
 _MAX_HEADER = 1 << 20
 _STDERR_LINES = 20
 _END_OF_REQUESTS = 90  # a worker's exit code when the parent closed its requests
-_LIST_FIELDS = ("w1", "w2", "scale1", "scale2")
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class InputWatch:
         self._sentinel = given.config.num_experts
         self._lists = [
             (f"r{r}.{name}", tensors, list(tensors))
-            for r, inputs in enumerate(given.ranks) for name in _LIST_FIELDS
+            for r, inputs in enumerate(given.ranks) for name in LIST_FIELDS
             if (tensors := getattr(inputs, name)) is not None
         ]
 
@@ -339,22 +339,8 @@ def _problem_from(header: dict[str, Any], payload: bytes) -> tuple[Problem, dict
                               for k, v in header["config"].items()}
     config = OpConfig(**fields)
 
-    def copy(key: str) -> Array | None:
-        return None if key not in originals else np.array(originals[key])
-
-    def many(r: int, name: str) -> list[Array] | None:
-        items: list[Array] = []
-        while f"r{r}.{name}.{len(items)}" in originals:
-            items.append(np.array(originals[f"r{r}.{name}.{len(items)}"]))
-        return items or None
-
-    ranks = []
-    for r in range(config.ep_size):
-        x, idx, probs = copy(f"r{r}.x"), copy(f"r{r}.expert_idx"), copy(f"r{r}.probs")
-        assert x is not None and idx is not None and probs is not None
-        ranks.append(RankInputs(x, idx, probs, many(r, "w1") or [], many(r, "w2") or [],
-                                scale1=many(r, "scale1"), scale2=many(r, "scale2"),
-                                active_mask=copy(f"r{r}.active_mask")))
+    ranks = [RankInputs.from_arrays(rank_arrays(originals, r)).map_arrays(np.array, lists=True)
+             for r in range(config.ep_size)]
     return Problem.from_validated(ranks, config), originals
 
 

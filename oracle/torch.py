@@ -31,6 +31,7 @@ import numpy as np
 
 from spec import DTypeError, Problem, RankInputs
 from spec.errors import describe
+from spec.fields import FIELDS, Field
 
 if TYPE_CHECKING:
     import torch
@@ -167,36 +168,25 @@ def float32_scales(scales: torch.Tensor) -> torch.Tensor:
     return to_tensor(scales_from_int64(to_numpy(scales)), device=scales.device)
 
 
-def _scales_as_float32(tensors: Sequence[Any] | None, field: str, rank: int | None) -> Any:
-    if tensors is None:
-        return None
-    out = []
-    for i, t in enumerate(tensors):
-        a = to_numpy(t)
-        out.append(scales_from_int64(a, field=f"{field}[{i}]", rank=rank)
-                   if a.dtype == np.int64 else a)
-    return out
-
-
 def from_torch(inputs: TorchRankInputs, *, rank: int | None = None) -> RankInputs:
     """The :class:`spec.RankInputs` (NumPy, float32 scales) of one rank's torch arguments.
 
     Scales may be int64 (vLLM's encoding) or float32. Values are copied; shapes and dtypes are
     validated later, by :class:`spec.Problem`.
     """
-    def many(tensors: Sequence[Any]) -> list[Array]:
-        return [to_numpy(t) for t in tensors]
+    def convert(f: Field, value: Any, i: int = 0) -> Array:
+        a = to_numpy(value)
+        if f.float32_bits and a.dtype == np.int64:
+            return scales_from_int64(a, field=f"{f.binding}[{i}]", rank=rank)
+        return a
 
-    return RankInputs(
-        x=to_numpy(inputs.x),
-        expert_idx=to_numpy(inputs.expert_idx),
-        probs=to_numpy(inputs.probs),
-        w1=many(inputs.weight1),
-        w2=many(inputs.weight2),
-        scale1=_scales_as_float32(inputs.scale1, "scale1", rank),
-        scale2=_scales_as_float32(inputs.scale2, "scale2", rank),
-        active_mask=None if inputs.x_active_mask is None else to_numpy(inputs.x_active_mask),
-    )
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        value = getattr(inputs, f.binding)
+        if value is not None:
+            values[f.name] = ([convert(f, t, i) for i, t in enumerate(value)] if f.tensor_list
+                              else convert(f, value))
+    return RankInputs(**values)
 
 
 def to_torch(
@@ -220,27 +210,16 @@ def to_torch(
     if scales not in SCALE_ENCODINGS:
         raise ValueError(f"scales={scales!r} must be one of {SCALE_ENCODINGS}")
 
-    def many(arrays: Sequence[Array]) -> list[torch.Tensor]:
-        return [to_tensor(a, device=device) for a in arrays]
+    def convert(f: Field, a: Array) -> torch.Tensor:
+        return to_tensor(scales_to_int64(a) if f.float32_bits and scales == "int64" else a,
+                         device=device)
 
-    def many_scales(arrays: Sequence[Array] | None) -> list[torch.Tensor] | None:
-        if arrays is None:
-            return None
-        return many([scales_to_int64(a) if scales == "int64" else a for a in arrays])
-
-    mask = inputs.active_mask
-    return TorchRankInputs(
-        x=to_tensor(inputs.x, device=device),
-        weight1=many(inputs.w1),
-        weight2=many(inputs.w2),
-        expert_idx=to_tensor(inputs.expert_idx, device=device),
-        scale1=many_scales(inputs.scale1),
-        scale2=many_scales(inputs.scale2),
-        probs=to_tensor(inputs.probs, device=device),
-        x_active_mask=None if mask is None else to_tensor(mask, device=device),
-        max_output_size=max_output_size,
-        swiglu_limit=swiglu_limit,
-    )
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        value = getattr(inputs, f.name)
+        values[f.binding] = None if value is None else (
+            [convert(f, t) for t in value] if f.tensor_list else convert(f, value))
+    return TorchRankInputs(**values, max_output_size=max_output_size, swiglu_limit=swiglu_limit)
 
 
 def output_pair(output: Any) -> tuple[Array, Array]:

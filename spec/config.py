@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from spec.errors import ConfigError
+from spec.fields import VARIANTS, variant_for
 
 __all__ = [
     "MAX_EP_SIZE",
@@ -25,7 +26,8 @@ __all__ = [
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
 X_DTYPES = ("bfloat16", "float16")
-#: int8 selects the W8A8 kernel; x's own dtype selects the BF16/FP16-weight variant [code].
+#: int8 selects the W8A8 kernel; x's own dtype selects the BF16/FP16-weight variant [code]
+#: (the table: :data:`spec.fields.VARIANTS`).
 WEIGHT_DTYPES = ("int8", "bfloat16", "float16")
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
@@ -88,10 +90,12 @@ class OpConfig:
                 field="x_dtype", given=repr(self.x_dtype), allowed=" or ".join(X_DTYPES),
                 fix="use bfloat16 or float16 tokens",
             )
-        if self.weight_dtype not in ("int8", self.x_dtype):
+        variant = variant_for(self.weight_dtype, self.x_dtype)
+        if variant is None:
             raise ConfigError(
                 field="weight_dtype", given=repr(self.weight_dtype),
-                allowed=f"'int8' (W8A8) or x's dtype {self.x_dtype!r}",
+                allowed=" or ".join(f"{v.lists['w1'].dtype_given(self.x_dtype)!r} ({v.name})"
+                                    for v in VARIANTS),
                 fix="use int8 weights with float32 scales, or weights in x's dtype",
             )
         if self.weight_form not in WEIGHT_FORMS:
@@ -123,17 +127,19 @@ class OpConfig:
                     field="swiglu_limit", given=repr(limit), allowed="None or a finite float > 0",
                     fix="pass a positive clamp value or None",
                 )
-            if self.weight_dtype != "int8":
+            if not variant.clamped:
                 raise ConfigError(
                     field="swiglu_limit", given=f"{limit!r} with {self.weight_dtype} weights",
-                    allowed="None unless the weights are int8 (W8A8 only)",
-                    fix="drop swiglu_limit or use the W8A8 variant",
+                    allowed=f"None (the {variant.name} variant has no clamp)",
+                    fix="drop swiglu_limit or use a variant with a clamp "
+                    f"({', '.join(v.name for v in VARIANTS if v.clamped)})",
                 )
-        if self.masked and self.weight_dtype != "int8":
+        if self.masked and not variant.masked:
             raise ConfigError(
                 field="masked", given=f"True with {self.weight_dtype} weights",
-                allowed="False unless the weights are int8 (x_active_mask is W8A8 only)",
-                fix="drop active_mask or use the W8A8 variant",
+                allowed=f"False (the {variant.name} variant has no x_active_mask)",
+                fix="drop active_mask or use a variant that reads it "
+                f"({', '.join(v.name for v in VARIANTS if v.masked)})",
             )
 
     @property

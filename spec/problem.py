@@ -9,7 +9,8 @@ problem.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from spec.errors import (
     TensorListError,
     describe,
 )
+from spec.fields import FIELDS, VARIANTS, variant_for
 
 __all__ = ["DTYPES", "Problem", "RankInputs", "dtype_name"]
 
@@ -45,9 +47,11 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
     return str(np.dtype(dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankInputs:
-    """One rank's arrays for a ``dispatch_ffn_combine`` call.
+    """One rank's arrays for a ``dispatch_ffn_combine`` call (the rows of
+    :data:`spec.fields.FIELDS`; which TensorLists a variant reads is
+    :data:`spec.fields.VARIANTS`).
 
     ``w1``, ``w2``, ``scale1`` and ``scale2`` are TensorLists: a list holding one stacked tensor
     (``[(E, K, N)]``, ``[(E, I, K)]``, ``[(E, N)]``, ``[(E, K)]``) or one tensor per expert
@@ -92,6 +96,63 @@ class RankInputs:
             return np.ones(self.num_tokens, dtype=bool)
         return np.asarray(self.active_mask, dtype=bool)
 
+    def arrays(self, *, binding: bool = False) -> dict[str, np.ndarray]:
+        """Every array by name: ``field`` for a plain array, ``field.i`` for TensorList entry i;
+        the field names of :data:`spec.fields.FIELDS`, or with ``binding`` the torch binding's
+        argument names. ``None`` fields are left out.
+
+        >>> from spec import OpConfig, random_problem
+        >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32,
+        ...                             intermediate=16, tokens_per_rank=(2,)))
+        >>> sorted(p.ranks[0].arrays(binding=True))[:4]
+        ['expert_idx', 'probs', 'scale1.0', 'scale2.0']
+        """
+        out: dict[str, np.ndarray] = {}
+        for f in FIELDS:
+            key = f.binding if binding else f.name
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.tensor_list:
+                out.update((f"{key}.{i}", t) for i, t in enumerate(value))
+            else:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], *, binding: bool = False
+    ) -> RankInputs:
+        """The inverse of :meth:`arrays` (the arrays as given, not copied; other keys are
+        ignored). A missing required TensorList becomes an empty list and a missing required
+        array a ``TypeError``: callers that read files check for them first; validation is
+        :class:`Problem`'s."""
+        values: dict[str, Any] = {}
+        for f in FIELDS:
+            key = f.binding if binding else f.name
+            if f.tensor_list:
+                items: list[np.ndarray] = []
+                while (t := arrays.get(f"{key}.{len(items)}")) is not None:
+                    items.append(t)
+                values[f.name] = items if items or f.required else None
+            elif key in arrays:
+                values[f.name] = arrays[key]
+        return cls(**values)
+
+    def map_arrays(
+        self, fn: Callable[[np.ndarray], np.ndarray], *, lists: bool = False
+    ) -> RankInputs:
+        """A copy with ``fn`` applied to every array. TensorLists become tuples, or with
+        ``lists`` Python lists (an implementation's writable copy, as the operator gets)."""
+        changes: dict[str, Any] = {}
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if value is not None:
+                changes[f.name] = (
+                    (list if lists else tuple)(fn(t) for t in value) if f.tensor_list
+                    else fn(value))
+        return dataclasses.replace(self, **changes)
+
 
 def _readonly(a: np.ndarray) -> np.ndarray:
     copy = np.array(a, copy=True, order="C")
@@ -115,6 +176,10 @@ def _require_array(value: object, *, rank: int, field: str, allowed: str) -> np.
             "with active_mask)",
         )
     return value
+
+
+def _is_float(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind == "f" or dtype == DTYPES["bfloat16"]
 
 
 def _first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
@@ -259,48 +324,49 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
             fix="cast with probs.astype(np.float32)",
         )
     w1 = _read_tensor_list(inputs.w1, rank=r, field="weight1", per_expert="K, N")
+    w_dtype = dtype_name(w1.dtype)
+    variant = variant_for(w_dtype, x_dtype)
+    if variant is None:
+        raise DTypeError(
+            rank=r, field="weight1", given=f"dtype {w1.dtype}",
+            allowed=" or ".join(f"{v.lists['w1'].dtype_given(x_dtype)} ({v.name})"
+                                for v in VARIANTS),
+            fix="quantise the weights to int8 with float32 scales, or cast them to x's dtype",
+        )
     if w1.shape[0] != k:
         raise ShapeError(
             rank=r, field="weight1", given=f"per-expert shape {w1.shape}",
             allowed=f"(K, N) with K = {k} (x's columns)",
             fix="weight1 is (hidden, 2*intermediate) per expert; transpose it if it is (N, K)",
         )
-    n = w1.shape[1]
+    n = w1.shape[1] * variant.lists["w1"].packing
     if n % 2:
         raise ShapeError(
             rank=r, field="weight1", given=f"N = {n} columns", allowed="an even N = 2I (gate, up)",
             fix="concatenate the gate and up projections: gate columns first, then up",
         )
     i_size = n // 2
-    w_dtype = dtype_name(w1.dtype)
-    if w_dtype not in ("int8", x_dtype):
-        raise DTypeError(
-            rank=r, field="weight1", given=f"dtype {w1.dtype}",
-            allowed=f"int8 (W8A8) or x's dtype {x_dtype}",
-            fix="quantise the weights to int8 with float32 scales, or cast them to x's dtype",
-        )
-    w2 = _read_tensor_list(inputs.w2, rank=r, field="weight2", per_expert="I, K")
-    _expect_list(w2, rank=r, field="weight2", like=w1, shape=(i_size, k), dtype=w_dtype)
-    for field, scales, shape in (
-        ("scale1", inputs.scale1, (n,)),
-        ("scale2", inputs.scale2, (k,)),
-    ):
-        if w_dtype == "int8":
-            if scales is None:
+    for f in FIELDS:
+        value, want = getattr(inputs, f.name), variant.lists.get(f.name)
+        if not f.tensor_list or f.name == "w1":
+            continue
+        if want is None:
+            if value is not None:
                 raise TensorListError(
-                    rank=r, field=field, given="None", allowed=f"float32 scales {shape} per expert",
-                    fix=f"W8A8 needs per-channel dequant scales: pass {field}",
+                    rank=r, field=f.binding, given=describe(value),
+                    allowed=f"None with {w_dtype} weights ({variant.name} reads no {f.binding})",
+                    fix=f"drop {f.binding}, or use weights of a variant that reads it",
                 )
-            got = _read_tensor_list(scales, rank=r, field=field, per_expert=str(shape[0]))
-            _expect_list(got, rank=r, field=field, like=w1, shape=shape, dtype="float32")
-            for t in scales:
-                _require_finite(t, rank=r, field=field)
-        elif scales is not None:
+            continue
+        shape, dtype = want.dims(k=k, n=n, i=i_size), want.dtype_given(x_dtype)
+        if value is None:
             raise TensorListError(
-                rank=r, field=field, given=describe(scales),
-                allowed=f"None with {w_dtype} weights (no dequant scales)",
-                fix=f"drop {field}, or use int8 weights",
+                rank=r, field=f.binding, given="None",
+                allowed=f"{dtype} {f.role} {shape} per expert",
+                fix=f"the {variant.name} variant reads {f.binding}: pass {f.binding}",
             )
+        got = _read_tensor_list(value, rank=r, field=f.binding, per_expert=", ".join(want.shape))
+        _expect_list(got, rank=r, field=f.binding, like=w1, shape=shape, dtype=dtype)
     mask = inputs.active_mask
     if mask is not None:
         mask = _require_array(mask, rank=r, field="active_mask", allowed=f"bool of shape ({m},)")
@@ -309,19 +375,22 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
                 rank=r, field="active_mask", given=describe(mask), allowed=f"bool of shape ({m},)",
                 fix="pass one bool per token (False = inactive), or None",
             )
-        if w_dtype != "int8":
+        if not variant.masked:
             raise MaskError(
                 rank=r, field="active_mask", given=f"a mask with {w_dtype} weights",
-                allowed="None (x_active_mask is W8A8 only)",
-                fix="drop active_mask, or use int8 weights",
+                allowed=f"None (the {variant.name} variant has no x_active_mask)",
+                fix="drop active_mask, or use weights of a variant that reads it "
+                f"({', '.join(v.name for v in VARIANTS if v.masked)})",
             )
     _require_finite(x, rank=r, field="x")
     _require_finite(probs, rank=r, field="probs")
-    if w_dtype != "int8":
-        for field, tensors in (("weight1", inputs.w1), ("weight2", inputs.w2)):
+    for f in FIELDS:
+        tensors = getattr(inputs, f.name)
+        if f.tensor_list and tensors is not None and _is_float(tensors[0].dtype):
             for t in tensors:
-                _require_finite(t, rank=r, field=field)
+                _require_finite(t, rank=r, field=f.binding)
     return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None)
+
 
 
 def _check_expert_ids(r: int, inputs: RankInputs, num_experts: int, ep: int, e: int) -> None:
@@ -456,18 +525,4 @@ class Problem:
 
 
 def _freeze(inputs: RankInputs) -> RankInputs:
-    def many(tensors: Sequence[np.ndarray] | None) -> tuple[np.ndarray, ...] | None:
-        return None if tensors is None else tuple(_readonly(t) for t in tensors)
-
-    w1, w2 = many(inputs.w1), many(inputs.w2)
-    assert w1 is not None and w2 is not None
-    return RankInputs(
-        x=_readonly(inputs.x),
-        expert_idx=_readonly(inputs.expert_idx),
-        probs=_readonly(inputs.probs),
-        w1=w1,
-        w2=w2,
-        scale1=many(inputs.scale1),
-        scale2=many(inputs.scale2),
-        active_mask=None if inputs.active_mask is None else _readonly(inputs.active_mask),
-    )
+    return inputs.map_arrays(_readonly)

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,10 +24,9 @@ from spec.problem import DTYPES, Problem, RankInputs
 __all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
 
 
-def expert_weights(
-    config: OpConfig, rng: np.random.Generator
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
-    """One rank's ``(w1, w2, scale1, scale2)`` TensorLists in the configuration's form.
+def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+    """One rank's TensorLists (``w1``, ``w2`` and the variant's others, by field name) in the
+    configuration's form.
 
     W8A8: int8 weights over the full range -128..127 and positive float32 per-channel scales
     sized so that dequantised weights have standard deviation about ``1/sqrt(reduction length)``
@@ -34,27 +34,28 @@ def expert_weights(
     dtype with the same standard deviation, no scales.
     """
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    lists: dict[str, np.ndarray]
     if config.weight_dtype == "int8":
-        w1 = rng.integers(-128, 128, size=(e, k, n), dtype=np.int8)
-        w2 = rng.integers(-128, 128, size=(e, i, k), dtype=np.int8)
         # int8 uniform on -128..127 has standard deviation ~73.9.
-        s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32)
-        s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32)
-        scales: tuple[np.ndarray, np.ndarray] | None = (s1, s2)
+        lists = {
+            "w1": rng.integers(-128, 128, size=(e, k, n), dtype=np.int8),
+            "w2": rng.integers(-128, 128, size=(e, i, k), dtype=np.int8),
+            "scale1": (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32),
+            "scale2": (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32),
+        }
     else:
         dtype = DTYPES[config.weight_dtype]
-        w1 = (rng.standard_normal((e, k, n)) / np.sqrt(k)).astype(dtype)
-        w2 = (rng.standard_normal((e, i, k)) / np.sqrt(i)).astype(dtype)
-        scales = None
+        lists = {
+            "w1": (rng.standard_normal((e, k, n)) / np.sqrt(k)).astype(dtype),
+            "w2": (rng.standard_normal((e, i, k)) / np.sqrt(i)).astype(dtype),
+        }
 
     def form(stacked: np.ndarray) -> list[np.ndarray]:
         if config.weight_form == "stacked":
             return [stacked]
         return [np.ascontiguousarray(stacked[j]) for j in range(e)]
 
-    if scales is None:
-        return form(w1), form(w2), None, None
-    return form(w1), form(w2), form(scales[0]), form(scales[1])
+    return {name: form(stacked) for name, stacked in lists.items()}
 
 
 def normal_tokens(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
@@ -98,7 +99,7 @@ def random_problem(
     rng = np.random.default_rng(seed)
     ranks = []
     for r, m in enumerate(config.tokens_per_rank):
-        w1, w2, s1, s2 = expert_weights(config, rng)
+        lists: dict[str, Any] = dict(expert_weights(config, rng))
         x_r = x[r] if x is not None else normal_tokens(config, rng, m)
         idx_r = expert_idx[r] if expert_idx is not None else uniform_routing(config, rng, m)
         p_r = probs[r] if probs is not None else softmax_probs(rng, m, config.top_k)
@@ -109,7 +110,7 @@ def random_problem(
         else:
             mask_r = None
         ranks.append(
-            RankInputs(x_r, idx_r, p_r, w1, w2, scale1=s1, scale2=s2, active_mask=mask_r)
+            RankInputs(x=x_r, expert_idx=idx_r, probs=p_r, active_mask=mask_r, **lists)
         )
     return Problem(
         ranks, max_output_size=config.max_output_size, swiglu_limit=config.swiglu_limit

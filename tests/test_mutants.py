@@ -99,8 +99,9 @@ def one_token(x_row: list[float], w1_row1: list[int], s1: list[float]) -> Proble
     w2 = np.zeros((1, 2, k), dtype=np.int8)
     w2[0, 1] = 1
     rank = RankInputs(
-        x.astype(ml_dtypes.bfloat16), np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32),
-        [w1], [w2], scale1=[np.array([s1], np.float32)], scale2=[np.ones((1, k), np.float32)],
+        x=x.astype(ml_dtypes.bfloat16), expert_idx=np.zeros((1, 1), np.int32),
+        probs=np.ones((1, 1), np.float32), w1=[w1], w2=[w2],
+        scale1=[np.array([s1], np.float32)], scale2=[np.ones((1, k), np.float32)],
     )
     return Problem([rank])
 

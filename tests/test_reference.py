@@ -231,8 +231,9 @@ def _bf16_swiglu_ties() -> Problem:
     w1[:, 0, :8], w1[:, 0, 8:] = 29, 9
     w2 = np.full((2, 8, 16), 2.0**-10, np.float32)
     w2[:, 0, :] = 1
-    ranks = [RankInputs(x, np.array([[0, 1], [1, 0]], np.int32), np.full((2, 2), 0.5, np.float32),
-                        [w1.astype(bf16)], [w2.astype(bf16)])]
+    ranks = [RankInputs(x=x, expert_idx=np.array([[0, 1], [1, 0]], np.int32),
+                        probs=np.full((2, 2), 0.5, np.float32), w1=[w1.astype(bf16)],
+                        w2=[w2.astype(bf16)])]
     return Problem(ranks)
 
 
@@ -450,8 +451,9 @@ def split_over_ranks(full: Problem, cuts: list[int]) -> Problem:
         return None if tensors is None else [tensors[0][r * e : (r + 1) * e]]
 
     return Problem([
-        RankInputs(r0.x[lo:hi], r0.expert_idx[lo:hi], r0.probs[lo:hi], part(r0.w1, r),
-                   part(r0.w2, r), part(r0.scale1, r), part(r0.scale2, r))
+        RankInputs(x=r0.x[lo:hi], expert_idx=r0.expert_idx[lo:hi], probs=r0.probs[lo:hi],
+                   w1=part(r0.w1, r), w2=part(r0.w2, r), scale1=part(r0.scale1, r),
+                   scale2=part(r0.scale2, r))
         for r, (lo, hi) in enumerate(itertools.pairwise(bounds))
     ])
 
@@ -608,15 +610,8 @@ def test_determinism_check_catches_a_buffer_not_reset(monkeypatch: pytest.Monkey
 
 def _caller_copy(problem: Problem) -> Problem:
     """A problem built from fresh, writable arrays that the test owns (as a caller would)."""
-
-    def copies(tensors: Any) -> Any:
-        return None if tensors is None else [np.array(t) for t in tensors]
-
     return Problem(
-        [RankInputs(np.array(r.x), np.array(r.expert_idx), np.array(r.probs), copies(r.w1),
-                    copies(r.w2), copies(r.scale1), copies(r.scale2),
-                    None if r.active_mask is None else np.array(r.active_mask))
-         for r in problem.ranks],
+        [r.map_arrays(np.array) for r in problem.ranks],
         max_output_size=problem.max_output_size, swiglu_limit=problem.swiglu_limit,
     )
 

@@ -1,0 +1,121 @@
+"""The fields of one rank's inputs and the kernel variants that use them, as tables.
+
+Every consumer (validation in :mod:`spec.problem`, the counterexample and capture file formats,
+the isolated child's copies, the torch adapter) reads :data:`FIELDS` and :data:`VARIANTS`
+instead of naming fields itself, so a variant's new input is a row here (and an attribute of
+:class:`spec.RankInputs`). Sources: §2–§3 of ``shared/reference/dispatch_ffn_combine.md``; the
+kernel picks its variant by ``weight1[0].dtype`` [code].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "ARRAY_FIELDS",
+    "FIELDS",
+    "LIST_FIELDS",
+    "VARIANTS",
+    "Field",
+    "ListSpec",
+    "Variant",
+    "variant_for",
+]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input of a rank: ``name`` is the :class:`spec.RankInputs` attribute (and the key in
+    counterexample files), ``binding`` the torch binding's argument name, ``role`` what it is
+    for. A ``tensor_list`` field is a TensorList (one stacked tensor or one per expert, §3);
+    a field that is not ``required`` may be ``None`` (whether it must be depends on the
+    variant). ``float32_bits``: the binding may pass it as int64 holding float32 bits (vLLM's
+    scales); :class:`spec.RankInputs` holds the float32 values."""
+
+    name: str
+    binding: str
+    role: str
+    tensor_list: bool
+    required: bool
+    float32_bits: bool = False
+
+
+#: The inputs of one rank, in the binding's order where it has one.
+FIELDS: tuple[Field, ...] = (
+    Field("x", "x", "tokens (M, K)", False, True),
+    Field("expert_idx", "expert_idx", "global expert ids (M, top_k) int32", False, True),
+    Field("probs", "probs", "routing weights (M, top_k) float32", False, True),
+    Field("w1", "weight1", "gate+up projection (gate columns first)", True, True),
+    Field("w2", "weight2", "down projection", True, True),
+    Field("scale1", "scale1", "per-channel dequant scales of weight1", True, False, True),
+    Field("scale2", "scale2", "per-channel dequant scales of weight2", True, False, True),
+    Field("active_mask", "x_active_mask", "tokens the kernel computes (M,) bool", False, False),
+)
+#: Names of the plain-array fields and of the TensorList fields.
+ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
+LIST_FIELDS = tuple(f.name for f in FIELDS if f.tensor_list)
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    """A TensorList of a variant: its per-expert ``shape`` in the call's dimensions (``"K"``,
+    ``"N"``, ``"I"``; ``"N/8"`` is N packed eight to a word) and its ``dtype`` (``"x"``: x's).
+    """
+
+    shape: tuple[str, ...]
+    dtype: str
+
+    def dims(self, *, k: int, n: int, i: int) -> tuple[int, ...]:
+        """The per-expert shape as numbers (a packed dimension rounded down)."""
+        size = {"K": k, "N": n, "I": i}
+        return tuple(size[d.split("/")[0]] // int(d.partition("/")[2] or 1) for d in self.shape)
+
+    @property
+    def packing(self) -> int:
+        """Elements per stored element along the last axis (8 int4 per int32 word, else 1)."""
+        return int(self.shape[-1].partition("/")[2] or 1)
+
+    def dtype_given(self, x_dtype: str) -> str:
+        """The dtype name with ``"x"`` resolved."""
+        return x_dtype if self.dtype == "x" else self.dtype
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kernel variant: selected by weight1's dtype ``weight_dtype`` (``"x"``: x's dtype), the
+    TensorLists it reads (every other TensorList field must be ``None``), and whether it reads
+    ``x_active_mask`` and ``swiglu_limit``."""
+
+    name: str
+    weight_dtype: str
+    lists: Mapping[str, ListSpec]
+    masked: bool
+    clamped: bool
+
+
+_W1 = ("K", "N")
+_W2 = ("I", "K")
+#: The kernel variants (§2): W8A8 with float32 per-channel scales (the torch binding passes them
+#: as int64 holding the bits, which the adapter decodes), and the variant whose weights share
+#: x's dtype, which reads no scales and silently drops the mask and clamp (variants.md).
+VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "w8a8", "int8",
+        {"w1": ListSpec(_W1, "int8"), "w2": ListSpec(_W2, "int8"),
+         "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32")},
+        masked=True, clamped=True,
+    ),
+    Variant(
+        "float", "x", {"w1": ListSpec(_W1, "x"), "w2": ListSpec(_W2, "x")},
+        masked=False, clamped=False,
+    ),
+)
+
+
+def variant_for(weight_dtype: str, x_dtype: str) -> Variant | None:
+    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype."""
+    for v in VARIANTS:
+        if v.weight_dtype == weight_dtype or (v.weight_dtype == "x" and weight_dtype == x_dtype):
+            return v
+    return None

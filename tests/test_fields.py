@@ -1,0 +1,57 @@
+"""The field table (``spec.fields``) is the one list of a rank's inputs: the data model and the
+torch adapter hold exactly its fields, and every consumer's round trip carries all of them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from oracle.torch import TorchRankInputs
+from spec import OpConfig, RankInputs, random_problem
+from spec.fields import FIELDS, VARIANTS, ListSpec, variant_for
+
+MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
+                  tokens_per_rank=(3,), masked=True)
+
+
+def test_rank_inputs_holds_exactly_the_table_fields() -> None:
+    assert [f.name for f in dataclasses.fields(RankInputs)] == [f.name for f in FIELDS]
+    binding = {f.name for f in dataclasses.fields(TorchRankInputs)}
+    assert {f.binding for f in FIELDS} <= binding
+    assert binding - {f.binding for f in FIELDS} == {"max_output_size", "swiglu_limit"}
+
+
+def test_rank_inputs_is_keyword_only() -> None:
+    rank = random_problem(MASKED).ranks[0]
+    with pytest.raises(TypeError):
+        RankInputs(rank.x, rank.expert_idx, rank.probs, rank.w1, rank.w2)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("binding", [False, True])
+def test_arrays_round_trip_every_field(binding: bool) -> None:
+    rank = random_problem(MASKED).ranks[0]
+    back = RankInputs.from_arrays(rank.arrays(binding=binding), binding=binding)
+    for f in FIELDS:
+        got, want = getattr(back, f.name), getattr(rank, f.name)
+        assert want is not None, f"{f.name}: the masked W8A8 problem leaves it None"
+        pairs = zip(got, want, strict=True) if f.tensor_list else [(got, want)]
+        assert all(a is b for a, b in pairs), f"{f.name} was not carried"
+
+
+def test_map_arrays_copies_every_array() -> None:
+    rank = random_problem(MASKED).ranks[0]
+    copy = rank.map_arrays(np.array, lists=True)
+    originals = rank.arrays()
+    for name, a in copy.arrays().items():
+        assert a is not originals[name] and np.array_equal(a, originals[name]), name
+    assert isinstance(copy.w1, list) and isinstance(rank.map_arrays(np.array).w1, tuple)
+
+
+def test_variant_table() -> None:
+    assert variant_for("int8", "bfloat16") is VARIANTS[0]
+    assert variant_for("bfloat16", "bfloat16") is VARIANTS[1]
+    assert variant_for("float16", "bfloat16") is None
+    assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
+    assert ListSpec(("K", "N/8"), "int32").packing == 8
