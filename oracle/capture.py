@@ -83,11 +83,11 @@ def _rank_inputs(inputs: Any) -> RankInputs:
     if isinstance(inputs, TorchRankInputs):
         return from_torch(inputs)
     if isinstance(inputs, Mapping):
-        unknown = sorted(set(inputs) - set(_BINDING_NAMES) - {"bias1", "bias2"})
+        unknown = sorted(set(inputs) - set(_BINDING_NAMES))
         if unknown:
             raise SpecError(
                 field="inputs", given=f"keys {unknown}", allowed=", ".join(_BINDING_NAMES),
-                fix="name the tensors as the torch binding does (bias lists are ignored)",
+                fix="name the tensors as the torch binding does",
             )
         fields: dict[str, Any] = {name: inputs.get(name) for name in _BINDING_NAMES}
         return from_torch(TorchRankInputs(**fields))  # arrays pass through its converters

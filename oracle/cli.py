@@ -39,6 +39,7 @@ from oracle.loading import ImplLoadError, load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import (
     DEFAULT_INPUTS,
+    DEFAULT_VARIANTS,
     INPUT_POLICIES,
     NUMERICS_MODES,
     WEIGHT_VARIANTS,
@@ -123,7 +124,7 @@ def _check(args: argparse.Namespace) -> int:
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
     mode = "in process" if args.in_process else "in a child process"
-    variants = ",".join(args.variants or WEIGHT_VARIANTS)
+    variants = ",".join(args.variants or DEFAULT_VARIANTS)
     _err(f"dfc-oracle check {args.impl}: kernel {args.kernel} ({args.domain} domain), numerics "
          f"{args.numerics}, variants {variants}, inputs {args.inputs}, profile {args.profile}, "
          f"{mode}")
@@ -406,7 +407,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
     check.add_argument("--variants", type=_variants, default=None, metavar="V[,V...]",
                        help="weight variants the implementation supports, comma-separated, "
-                       f"from {', '.join(WEIGHT_VARIANTS)} (default: all of them)")
+                       f"from {', '.join(WEIGHT_VARIANTS)} (default: "
+                       f"{','.join(DEFAULT_VARIANTS)})")
     check.add_argument("--seed", type=int, default=None,
                        help="Hypothesis' random seed, for a reproducible random search "
                        "(default: the profile's, derandomised for dfc-ci)")

@@ -231,7 +231,7 @@ def format_report(
 DOMAINS = ("kernel", "contract")
 #: Each weight variant's token dtypes and weight dtype (float weights are in x's dtype).
 _VARIANT_DTYPES = {"w8a8": (("bfloat16", "float16"), "int8"), "bf16": (("bfloat16",), "bfloat16"),
-                   "fp16": (("float16",), "float16")}
+                   "fp16": (("float16",), "float16"), "w4a8": (("bfloat16", "float16"), "int32")}
 
 
 def variant_configs(
@@ -250,7 +250,7 @@ def variant_configs(
     # configs() draws x, then the weights, and float weights take x's dtype: when a drawn pair
     # can make a variant not asked for (w8a8 with bf16: x float16 and float weights is fp16),
     # each variant is drawn with its own dtypes.
-    made = {w if w == "int8" else x for x in xs for w in weights}
+    made = {w if w in ("int8", "int32") else x for x in xs for w in weights}
     if made <= {_VARIANT_DTYPES[v][1] for v in variants}:
         return configs(x_dtypes=st.sampled_from(xs), weight_dtypes=st.sampled_from(weights),
                        domain=domain, **fields)

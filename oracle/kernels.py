@@ -14,6 +14,7 @@ step        record field (step object)
 6–7         ``gemm2`` (:class:`IntGemm`), where the routed weight may be applied
 8           ``combine`` (:class:`Combine`): where the routed weight is applied, dtype, order
 float path  ``float_gemm1``/``float_swiglu``/``float_gemm2`` for BF16/FP16 weights
+W4A8        ``split_gemm1``/``split_gemm2`` (:class:`SplitGemm`) for GMM1/GMM2, else as W8A8
 ==========  =====================================================================
 
 plus the kernel's **freedoms** (what it does not promise: a float32 sum order, an ``exp`` or a
@@ -45,6 +46,7 @@ import numpy as np
 from oracle.numerics import exact_int_matmul, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
+from spec.int4 import split_activation
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "IntGemm",
     "KernelProfile",
     "Quantiser",
+    "SplitGemm",
     "Swiglu",
     "get_kernel",
     "profile_from_dict",
@@ -374,6 +377,64 @@ class IntGemm:
 
 
 @dataclass(frozen=True)
+class SplitGemm:
+    """W4A8's GEMM and epilogue (variants.md, W4A8 [code]; the epilogues of
+    ``dispatch_ffn_combine_w4_a8`` at 182b75ea): the int8 activation splits into
+    ``q = 16·hi + lo + 8`` (:func:`spec.int4.split_activation`); the cube gives
+    ``C_hi = fp16(Σ hi·W · s)`` and ``C_lo = fp16(Σ lo·W · s)`` (exact int32 sums, the
+    per-channel dequant as W8A8's); the vector unit computes ``fl(fl(16·C_hi + C_lo) + b)``,
+    times the per-token scale, in float32, then ``store`` (``None``: stays float32, GMM1;
+    ``"x"``: x's dtype, GMM2).
+
+    No freedom: with its inputs pinned the value is pinned. Where ``q``'s envelope is not
+    pinned (a requantisation that may flip), the envelope is the exact value's range widened
+    by the roundings' bound: each fp16 store within ``2^-11`` relative plus half its smallest
+    subnormal, the two float32 sums within ``2^-24`` relative each.
+    """
+
+    store: str | None = None
+
+    def describe(self) -> str:
+        stored = "float32" if self.store is None else self.store
+        return ("q = 16·hi + lo + 8; C_hi, C_lo = fp16(int4 GEMM · s); "
+                f"fl(fl(16·C_hi + C_lo) + bias) · σ, stored as {stored}")
+
+    def __call__(
+        self, q: Env, w: Array, col: Array, bias: Array, row: Env, x_dtype: Any
+    ) -> Env:
+        hi, lo = split_activation(q.mid)
+        fp16 = _store("fp16", x_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            c_hi = fp16(to_f32(exact_int_matmul(hi, w)) * col)
+            c_lo = fp16(to_f32(exact_int_matmul(lo, w)) * col)
+            t = to_f32(to_f32(F32(16) * c_hi + c_lo) + bias)
+        acc = Env(t)
+        if q.lo is not None and q.hi is not None:
+            acc = Env(t, t, t)
+            q_rad = q.radius()
+            moved = np.flatnonzero((q_rad > 0).any(axis=1) | ~np.isfinite(q_rad).all(axis=1))
+            if moved.size:
+                w_abs = np.abs(w.astype(np.float64))
+                s_abs = np.abs(col.astype(np.float64))
+                with np.errstate(invalid="ignore"):
+                    reach = (np.nan_to_num(q_rad[moved], nan=np.inf) @ w_abs) * s_abs
+                # |hi|, |lo| <= 8: each C is at most 8·Σ|W|·|s|.
+                c_max = 8 * w_abs.sum(axis=0) * s_abs
+                t_max = 17 * c_max + np.abs(bias.astype(np.float64))
+                err = 17 * (c_max * 2.0**-11 + 2.0**-25) + 2 * t_max * _U32
+                # The kernel's value for any q in the envelope and the model's own lie within
+                # err of their exact values, which differ by at most reach.
+                wide = reach + 2 * err
+                t64 = t[moved].astype(np.float64)
+                lo_t, hi_t = t.copy(), t.copy()
+                lo_t[moved] = np.nextafter(to_f32(t64 - wide), F32(-np.inf))
+                hi_t[moved] = np.nextafter(to_f32(t64 + wide), F32(np.inf))
+                acc = Env(t, lo_t, hi_t)
+        ops = ("row",) if self.store is None else ("row", self.store)
+        return _apply_epilogue(ops, acc, col=None, row=row, slot=None, x_dtype=x_dtype)
+
+
+@dataclass(frozen=True)
 class FloatGemm:
     """A BF16/FP16-weight GEMM: exact products, a float32 accumulator in an order the kernel
     does not promise (tensor cores, BLAS blocking), then ``epilogue``.
@@ -578,6 +639,9 @@ class KernelProfile:
     float_gemm2: FloatGemm
     combine: Combine
     domain: ShapeDomain = field(default_factory=lambda: CONTRACT_DOMAIN)
+    #: W4A8's GMM1 and GMM2 (``None``: the kernel has no W4A8 path).
+    split_gemm1: SplitGemm | None = None
+    split_gemm2: SplitGemm | None = None
 
     @property
     def freedoms(self) -> tuple[str, ...]:
@@ -631,6 +695,25 @@ class KernelProfile:
         """``y`` of :meth:`int8_stages`."""
         return self.int8_stages(q, sigma1, w1, s1, w2, s2, slot_p, cfg, zero_rows)[-1][2]
 
+    def w4a8_stages(
+        self, q: Env, sigma1: Env, weights: dict[str, Array], cfg: OpConfig, zero_rows: str,
+    ) -> tuple[RoundingPoint, ...]:
+        """W4A8 (variants.md) for the rows of one expert, each rounding point as in
+        :meth:`int8_stages`: ``weights`` holds the unpacked int4 ``w1``/``w2`` (int8 values),
+        ``scale1``/``scale2`` and ``bias1``/``bias2``; clamp, SwiGLU and requantisation are the
+        W8A8 steps."""
+        if self.split_gemm1 is None or self.split_gemm2 is None:
+            raise ValueError(f"kernel profile {self.name!r} has no W4A8 path; use ascend-a3")
+        x_dtype = DTYPES[cfg.x_dtype]
+        h = self.split_gemm1(q, weights["w1"], weights["scale1"], weights["bias1"], sigma1,
+                             x_dtype)
+        a = self.swiglu(h, cfg, x_dtype)
+        q2, sigma2, _ = self.requantise(a, zero_rows)
+        y = self.split_gemm2(q2, weights["w2"], weights["scale2"], weights["bias2"], sigma2,
+                             x_dtype)
+        return (("2-3", "h", h), ("4", "a", a), ("5", "q2", q2), ("5", "sigma2", sigma2),
+                ("6-7", "y", y))
+
     def float_stages(
         self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig
     ) -> tuple[RoundingPoint, ...]:
@@ -669,7 +752,10 @@ _STEP_TYPES: dict[str, type] = {
     "quantise": Quantiser, "requantise": Quantiser, "gemm1": IntGemm, "gemm2": IntGemm,
     "swiglu": Swiglu, "float_swiglu": Swiglu, "float_gemm1": FloatGemm,
     "float_gemm2": FloatGemm, "combine": Combine, "domain": ShapeDomain,
+    "split_gemm1": SplitGemm, "split_gemm2": SplitGemm,
 }
+#: Fields older files (and profiles without the step) may leave out or set to None.
+_OPTIONAL = ("domain", "split_gemm1", "split_gemm2")
 
 
 def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
@@ -679,8 +765,8 @@ def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
         raise ValueError("a kernel profile must be a JSON object")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(KernelProfile):
-        if f.name not in data:
-            if f.name == "domain":
+        if f.name not in data or (f.name in _OPTIONAL and data[f.name] is None):
+            if f.name in _OPTIONAL:
                 continue
             raise ValueError(f"kernel profile: missing field {f.name!r}")
         value = data[f.name]
@@ -717,6 +803,8 @@ ASCEND_A3 = KernelProfile(
     float_gemm2=FloatGemm(("x",)),
     combine=Combine("combine", "f32_seq"),
     domain=A3_DOMAIN,
+    split_gemm1=SplitGemm(),
+    split_gemm2=SplitGemm("x"),
 )
 
 #: vLLM's Triton fused_moe (kernels.md, both vLLM columns): the CUDA quantiser

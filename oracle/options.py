@@ -17,8 +17,8 @@ from typing import Any
 from oracle.numerics import Numerics
 from oracle.profiles import PROFILES
 
-__all__ = ["DEFAULT_INPUTS", "INPUT_POLICIES", "NUMERICS_MODES", "WEIGHT_VARIANTS", "OptionError",
-           "check_options"]
+__all__ = ["DEFAULT_INPUTS", "DEFAULT_VARIANTS", "INPUT_POLICIES", "NUMERICS_MODES",
+           "WEIGHT_VARIANTS", "OptionError", "check_options"]
 
 #: What to do when an implementation writes into its inputs:
 #:
@@ -36,7 +36,9 @@ INPUT_POLICIES = ("sentinel", "strict", "report", "ignore")
 DEFAULT_INPUTS = "sentinel"
 NUMERICS_MODES = ("faithful", "ideal")
 #: The weight variants an implementation may support (``spec.OpConfig.variant``).
-WEIGHT_VARIANTS = ("w8a8", "bf16", "fp16")
+WEIGHT_VARIANTS = ("w8a8", "bf16", "fp16", "w4a8")
+#: Those checked unless asked otherwise: W4A8 (packed int4 weights) is opt-in.
+DEFAULT_VARIANTS = ("w8a8", "bf16", "fp16")
 
 
 class OptionError(ValueError):
@@ -85,6 +87,10 @@ def check_options(
     ):
         raise OptionError("variants", f"variants={variants!r} must be one or more of "
                           f"{', '.join(WEIGHT_VARIANTS)} (comma-separated on the command line)")
+    mode = numerics.mode if isinstance(numerics, Numerics) else numerics
+    if variants is not None and "w4a8" in variants and mode == "ideal":
+        raise OptionError("variants", "w4a8 is judged against a kernel profile only: use "
+                          "numerics='faithful' (the ideal judge's bound reads int8 weights)")
     u = _number("ulps", ulps)
     if not (math.isfinite(u) and u >= 0):
         raise OptionError("ulps", f"ulps={ulps!r} must be a finite number >= 0 (ulps of the out "

@@ -18,7 +18,7 @@ from hypothesis import settings
 
 from oracle.kernels import DEFAULT_KERNEL
 from oracle.kernels import PROFILES as KERNELS
-from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, WEIGHT_VARIANTS
+from oracle.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
 from oracle.profiles import DEFAULT_PROFILE, PROFILES
 
 _SUITE = Path(__file__).with_name("conformance.py")
@@ -40,9 +40,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "contract allows (default: kernel)")
     group.addoption("--dfc-profile", choices=PROFILES, default=None,
                     help=f"Hypothesis profile (default with --dfc-impl: {DEFAULT_PROFILE})")
-    group.addoption("--dfc-variants", default=",".join(WEIGHT_VARIANTS),
-                    help="weight variants the implementation supports, comma-separated; the "
-                    f"others are skipped by name (default: {','.join(WEIGHT_VARIANTS)})")
+    group.addoption("--dfc-variants", default=",".join(DEFAULT_VARIANTS),
+                    help="weight variants the implementation supports, comma-separated, from "
+                    f"{','.join(WEIGHT_VARIANTS)}; the others are skipped by name (default: "
+                    f"{','.join(DEFAULT_VARIANTS)})")
     group.addoption("--dfc-inputs", choices=INPUT_POLICIES, default=DEFAULT_INPUTS,
                     help="an implementation that writes into its inputs: sentinel allows only "
                     "the operator's write-back of EP·E into masked tokens' expert ids, strict "

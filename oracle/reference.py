@@ -23,9 +23,10 @@ from oracle.kernels import Env, cast
 from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
 from spec import DTYPES, Problem
 from spec.config import OpConfig
+from spec.int4 import unpack_int4
 
-__all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "kernel_mathematics",
-           "route", "run"]
+__all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
+           "kernel_mathematics", "route", "run"]
 
 Array = np.ndarray[Any, Any]
 
@@ -158,6 +159,16 @@ def route(problem: Problem) -> Routing:
     return Routing(counts, order, expert_start, expert_kept, slot_kept, receive)
 
 
+def expert_values(problem: Problem, g: int) -> dict[str, Array]:
+    """Global expert ``g``'s tensors by field name, W4A8 weights unpacked to their int4 values
+    (int8): what the numerics read."""
+    lists = problem.ranks[g // problem.config.experts_per_rank].expert_lists(
+        g % problem.config.experts_per_rank)
+    if problem.config.variant == "w4a8":
+        lists["w1"], lists["w2"] = unpack_int4(lists["w1"]), unpack_int4(lists["w2"])
+    return lists
+
+
 def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
 ) -> Array:
@@ -182,7 +193,9 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
     kernels.md 'Other kernels'; the ideal model reads the gate first), and with the scales
     truncated to 19 bits where ``truncate_scales`` says the kernel reads them so."""
     cfg = problem.config
-    w8a8 = cfg.weight_dtype == "int8"
+    w8a8 = cfg.variant == "w8a8"
+    if cfg.variant == "w4a8":  # only ascend-a3 has a W4A8 path: gate first, raw scales
+        return problem
     profile = numerics.profile
     swap = not (profile.swiglu if w8a8 else profile.float_swiglu).gate_first
     chop = numerics.truncate_scales and w8a8
@@ -237,7 +250,7 @@ def run(
     x = _concat([r.x for r in problem.ranks], x_dtype, (k_hidden,))
     probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
     slot_p = probs.reshape(-1)
-    w8a8 = cfg.weight_dtype == "int8"
+    w8a8 = cfg.variant in ("w8a8", "w4a8")  # activations quantised to int8 (§6 step 1)
     ideal = num.mode == "ideal"
     env = envelope and not ideal
     profile = num.profile
@@ -253,11 +266,18 @@ def run(
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
         tok = slots // top_k
-        w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        weights = expert_values(problem, int(g))
+        w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
+        assert w1 is not None and w2 is not None
         if ideal:
             y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
             continue
-        if w8a8:
+        if cfg.variant == "w4a8":
+            assert s1 is not None and s2 is not None
+            weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)
+            ys = profile.w4a8_stages(q.take(tok), sigma1.take(tok), weights, cfg,
+                                     num.zero_rows)[-1][2]
+        elif w8a8:
             assert s1 is not None and s2 is not None
             s1, s2 = num.read_scales(s1, s2)
             ys = profile.int8_ffn(q.take(tok), sigma1.take(tok), w1, s1, w2, s2,

@@ -28,7 +28,7 @@ import numpy as np
 from oracle.judge import envelope_ratio, out_dtype_spacing
 from oracle.kernels import Env, cast
 from oracle.numerics import F32, Numerics, resolve_numerics
-from oracle.reference import RankResult, route
+from oracle.reference import RankResult, expert_values, route
 from spec import DTYPES, Problem
 
 __all__ = ["SlotStages", "Stage", "TokenStages", "token_stages"]
@@ -210,15 +210,19 @@ def token_stages(
         start = int(routing.expert_start[g])
         batch = routing.order[start : start + int(routing.expert_kept[g])]
         row = int(np.flatnonzero(batch == j)[0])
-        w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(g % e_local)
+        weights = expert_values(problem, g)
+        w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
+        assert w1 is not None and w2 is not None
         rows = xf[batch // top_k]
         x = Env(rows, rows, rows)
         if s1 is not None and s2 is not None:
             d1, d2 = num.read_scales(s1, s2)
             q, sigma1, _ = profile.quantise(x, num.zero_rows)
-            named = (("1", "q", q), ("1", "sigma1", sigma1),
-                     *profile.int8_stages(q, sigma1, w1, d1, w2, d2, slot_p[batch], cfg,
-                                          num.zero_rows))
+            steps = (profile.w4a8_stages(q, sigma1, {**weights, "scale1": d1, "scale2": d2},
+                                         cfg, num.zero_rows) if cfg.variant == "w4a8" else
+                     profile.int8_stages(q, sigma1, w1, d1, w2, d2, slot_p[batch], cfg,
+                                         num.zero_rows))
+            named = (("1", "q", q), ("1", "sigma1", sigma1), *steps)
         else:
             named = profile.float_stages(x, w1, w2, slot_p[batch], cfg)
         stages = tuple(Stage(step, name, v.take(row)) for step, name, v in named)

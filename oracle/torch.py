@@ -31,7 +31,7 @@ import numpy as np
 
 from spec import DTypeError, Problem, RankInputs
 from spec.errors import describe
-from spec.fields import FIELDS, Field
+from spec.fields import FIELDS, VARIANTS, Field, Variant, variant_for
 
 if TYPE_CHECKING:
     import torch
@@ -61,9 +61,9 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 class TorchRankInputs:
     """One rank's arguments of the operator, as torch tensors, named as in the torch binding.
 
-    ``weight1``/``weight2``/``scale1``/``scale2`` are TensorLists (one stacked tensor or one per
-    expert, §3). ``max_output_size`` ``None`` means no truncation; ``swiglu_limit`` ``None`` means
-    no clamp (the binding's default 1e6 is effectively none).
+    ``weight1``/``weight2``/``scale1``/``scale2``/``bias1``/``bias2`` are TensorLists (one
+    stacked tensor or one per expert, §3). ``max_output_size`` ``None`` means no truncation;
+    ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none).
     """
 
     x: torch.Tensor
@@ -74,6 +74,8 @@ class TorchRankInputs:
     scale2: list[torch.Tensor] | None
     probs: torch.Tensor
     x_active_mask: torch.Tensor | None = None
+    bias1: list[torch.Tensor] | None = None
+    bias2: list[torch.Tensor] | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
 
@@ -130,34 +132,44 @@ def to_tensor(a: Array, *, device: Any = None) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
-def scales_to_int64(scales: Array) -> Array:
-    """float32 scales as vLLM passes them: the float32 bits, sign-extended into int64.
+def scales_to_int64(scales: Array, *, extension: str = "sign") -> Array:
+    """float32 scales as vLLM passes them: the float32 bits in int64, sign-extended (W8A8) or
+    zero-extended (W4A8, ``extension="zero"``; :attr:`spec.fields.Variant.scale_extension`).
 
     >>> scales_to_int64(np.array([1.0, -2.0], np.float32)).tolist()
     [1065353216, -1073741824]
+    >>> scales_to_int64(np.array([-2.0], np.float32), extension="zero").tolist()
+    [3221225472]
     """
-    return np.ascontiguousarray(scales, dtype=np.float32).view(np.int32).astype(np.int64)
+    bits = np.ascontiguousarray(scales, dtype=np.float32)
+    return bits.view(np.int32 if extension == "sign" else np.uint32).astype(np.int64)
 
 
-def scales_from_int64(encoded: Array, *, field: str = "scale", rank: int | None = None) -> Array:
-    """The float32 scales behind int64 values holding their bits sign-extended (the inverse of
-    :func:`scales_to_int64`). A value outside int32's range is not such an encoding (e.g. bits
-    zero-extended from a negative float, or a value cast rather than bit-copied):
-    :class:`spec.DTypeError`.
+def scales_from_int64(
+    encoded: Array, *, field: str = "scale", rank: int | None = None, extension: str = "sign"
+) -> Array:
+    """The float32 scales behind int64 values holding their bits (the inverse of
+    :func:`scales_to_int64` with the same ``extension``). A value outside int32's range
+    (sign) or uint32's (zero) is not such an encoding (e.g. bits extended the other way, or a
+    value cast rather than bit-copied): :class:`spec.DTypeError`.
 
     >>> scales_from_int64(np.array([1065353216, -1073741824])).tolist()
     [1.0, -2.0]
     """
     encoded = np.asarray(encoded)
-    bad = (encoded < np.iinfo(np.int32).min) | (encoded > np.iinfo(np.int32).max)
+    bits = np.iinfo(np.int32 if extension == "sign" else np.uint32)
+    bad = (encoded < bits.min) | (encoded > bits.max)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
+        how = ("s.view(torch.int32).to(torch.int64), not & 0xFFFFFFFF or a cast"
+               if extension == "sign" else "s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF")
         raise DTypeError(
             rank=rank, field=f"{field}{list(where)}", given=f"int64 value {int(encoded[where])}",
-            allowed="int64 holding float32 bits sign-extended (within int32's range)",
-            fix="encode with s.view(torch.int32).to(torch.int64), not & 0xFFFFFFFF or a cast",
+            allowed=f"int64 holding float32 bits {extension}-extended (within {bits.dtype}'s "
+            "range)",
+            fix=f"encode with {how}",
         )
-    return encoded.astype(np.int32).view(np.float32)
+    return encoded.astype(bits.dtype).view(np.float32)
 
 
 def float32_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -168,22 +180,34 @@ def float32_scales(scales: torch.Tensor) -> torch.Tensor:
     return to_tensor(scales_from_int64(to_numpy(scales)), device=scales.device)
 
 
+def _variant(weight1: Sequence[Any], x: Any) -> Variant:
+    """The variant weight1's dtype selects (W8A8 when it names none: validation, later,
+    says why)."""
+    names = [str(t.dtype).removeprefix("torch.") for t in (*weight1[:1], x)]
+    return (variant_for(names[0], names[-1]) if len(names) == 2 else None) or VARIANTS[0]
+
+
 def from_torch(inputs: TorchRankInputs, *, rank: int | None = None) -> RankInputs:
     """The :class:`spec.RankInputs` (NumPy, float32 scales) of one rank's torch arguments.
 
-    Scales may be int64 (vLLM's encoding) or float32. Values are copied; shapes and dtypes are
-    validated later, by :class:`spec.Problem`.
+    Scales may be int64 (vLLM's encoding, extended as weight1's variant says) or float32; an
+    optional TensorList passed empty (vLLM's ``torch.tensor([])`` for W8A8's biases) is absent.
+    Values are copied; shapes and dtypes are validated later, by :class:`spec.Problem`.
     """
+    extension = _variant(inputs.weight1, inputs.x).scale_extension
+
     def convert(f: Field, value: Any, i: int = 0) -> Array:
         a = to_numpy(value)
         if f.float32_bits and a.dtype == np.int64:
-            return scales_from_int64(a, field=f"{f.binding}[{i}]", rank=rank)
+            return scales_from_int64(a, field=f"{f.binding}[{i}]", rank=rank,
+                                     extension=extension)
         return a
 
     values: dict[str, Any] = {}
     for f in FIELDS:
         value = getattr(inputs, f.binding)
-        if value is not None:
+        # vLLM passes the lists a variant does not read as torch.tensor([]) (W8A8's bias1/2).
+        if value is not None and (f.required or not f.tensor_list or len(value)):
             values[f.name] = ([convert(f, t, i) for i, t in enumerate(value)] if f.tensor_list
                               else convert(f, value))
     return RankInputs(**values)
@@ -210,8 +234,11 @@ def to_torch(
     if scales not in SCALE_ENCODINGS:
         raise ValueError(f"scales={scales!r} must be one of {SCALE_ENCODINGS}")
 
+    extension = _variant(inputs.w1, inputs.x).scale_extension
+
     def convert(f: Field, a: Array) -> torch.Tensor:
-        return to_tensor(scales_to_int64(a) if f.float32_bits and scales == "int64" else a,
+        encode = f.float32_bits and scales == "int64"
+        return to_tensor(scales_to_int64(a, extension=extension) if encode else a,
                          device=device)
 
     values: dict[str, Any] = {}

@@ -9,6 +9,7 @@ count-row layout (``spec.layout``), platform limits (``spec.limits``) and Hypoth
 from spec.config import MAX_EP_SIZE, OpConfig
 from spec.errors import (
     AmbiguousTensorList,
+    BiasError,
     ConfigError,
     CounterexampleFileError,
     DTypeError,
@@ -28,6 +29,7 @@ __all__ = [
     "DTYPES",
     "MAX_EP_SIZE",
     "AmbiguousTensorList",
+    "BiasError",
     "ConfigError",
     "CounterexampleFileError",
     "DTypeError",

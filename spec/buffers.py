@@ -186,7 +186,8 @@ def region_needs(config: OpConfig) -> dict[str, int]:
     """Bytes each region of the window needs for one call, exact Python ints (never wrapped).
 
     [inferred]: region A holds ``M·topK`` send rows of stride ``K + 32`` bytes (int8 row,
-    float32 scale, padding); the scale block one float32 per row; region D ``M·topK`` combine
+    float32 scale, padding; ``K + 512`` for W4A8 [code], the variant's ``send_row_pad``); the
+    scale block one float32 per row; region D ``M·topK`` combine
     rows of 2-byte out dtype; the count matrix ``EP·S`` int32 (current layout,
     :mod:`spec.layout`); the sync flags 16 ints per rank.
 
@@ -199,7 +200,7 @@ def region_needs(config: OpConfig) -> dict[str, int]:
     rows = config.max_tokens * config.top_k
     stride = count_row_stride(config.ep_size, config.experts_per_rank)
     return {
-        "A (dispatch send rows)": rows * (config.hidden + 32),
+        "A (dispatch send rows)": rows * (config.hidden + config.kernel_variant.send_row_pad),
         "scale block": rows * 4,
         "D (combine rows)": rows * config.hidden * 2,
         "count matrix": config.ep_size * stride * 4,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from spec.errors import ConfigError
-from spec.fields import VARIANTS, variant_for
+from spec.fields import VARIANTS, Variant, variant_for
 
 __all__ = [
     "MAX_EP_SIZE",
@@ -26,9 +26,9 @@ __all__ = [
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
 X_DTYPES = ("bfloat16", "float16")
-#: int8 selects the W8A8 kernel; x's own dtype selects the BF16/FP16-weight variant [code]
-#: (the table: :data:`spec.fields.VARIANTS`).
-WEIGHT_DTYPES = ("int8", "bfloat16", "float16")
+#: int8 selects the W8A8 kernel, int32 (packed int4) W4A8; x's own dtype selects the
+#: BF16/FP16-weight variant [code] (the table: :data:`spec.fields.VARIANTS`).
+WEIGHT_DTYPES = ("int8", "int32", "bfloat16", "float16")
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
 
@@ -98,6 +98,20 @@ class OpConfig:
                                     for v in VARIANTS),
                 fix="use int8 weights with float32 scales, or weights in x's dtype",
             )
+        if variant.n_le_k and self.n > self.hidden:
+            raise ConfigError(
+                field="intermediate", given=f"{self.intermediate} (N = {self.n} > K = "
+                f"{self.hidden})", allowed=f"N = 2I <= K for {variant.name} (PR #9927)",
+                fix="use an intermediate size I <= K/2",
+            )
+        if (bad := variant.lists["w2"].indivisible(k=self.hidden, n=self.n, i=self.intermediate)
+                or variant.lists["w1"].indivisible(k=self.hidden, n=self.n, i=self.intermediate)):
+            raise ConfigError(
+                field="hidden" if bad[0] == "K" else "intermediate",
+                given=f"{bad[0]} = {bad[1]}",
+                allowed=f"{bad[0]} a multiple of {bad[2]} for {variant.name} (packed weights)",
+                fix=f"pad {bad[0]} to a multiple of {bad[2]}",
+            )
         if self.weight_form not in WEIGHT_FORMS:
             raise ConfigError(
                 field="weight_form", given=repr(self.weight_form),
@@ -154,10 +168,18 @@ class OpConfig:
 
     @property
     def variant(self) -> str:
-        """``"w8a8"`` for int8 weights, else ``"bf16"`` or ``"fp16"`` (weights in x's dtype)."""
-        if self.weight_dtype == "int8":
-            return "w8a8"
+        """``"w8a8"`` for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or
+        ``"fp16"`` (weights in x's dtype)."""
+        if self.weight_dtype in ("int8", "int32"):
+            return "w8a8" if self.weight_dtype == "int8" else "w4a8"
         return "bf16" if self.weight_dtype == "bfloat16" else "fp16"
+
+    @property
+    def kernel_variant(self) -> Variant:
+        """The row of :data:`spec.fields.VARIANTS` the weight dtype selects."""
+        variant = variant_for(self.weight_dtype, self.x_dtype)
+        assert variant is not None  # checked on construction
+        return variant
 
     @property
     def max_tokens(self) -> int:

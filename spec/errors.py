@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "AmbiguousTensorList",
+    "BiasError",
     "ConfigError",
     "CounterexampleFileError",
     "DTypeError",
@@ -87,6 +88,10 @@ class TensorListError(SpecError):
 
 class AmbiguousTensorList(TensorListError):
     """A per-expert list of one 2-D tensor: the kernel reads it as stacked (E becomes K)."""
+
+
+class BiasError(SpecError):
+    """A W4A8 bias is not the compensation ``8·Σ_k W[k, n]·s[n]`` its weights need."""
 
 
 class ExpertIdError(SpecError):

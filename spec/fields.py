@@ -51,6 +51,8 @@ FIELDS: tuple[Field, ...] = (
     Field("scale1", "scale1", "per-channel dequant scales of weight1", True, False, True),
     Field("scale2", "scale2", "per-channel dequant scales of weight2", True, False, True),
     Field("active_mask", "x_active_mask", "tokens the kernel computes (M,) bool", False, False),
+    Field("bias1", "bias1", "W4A8 compensation 8·Σ_k W1[k, n]·s1[n]", True, False),
+    Field("bias2", "bias2", "W4A8 compensation 8·Σ_i W2[i, k]·s2[k]", True, False),
 )
 #: Names of the plain-array fields and of the TensorList fields.
 ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
@@ -71,6 +73,16 @@ class ListSpec:
         size = {"K": k, "N": n, "I": i}
         return tuple(size[d.split("/")[0]] // int(d.partition("/")[2] or 1) for d in self.shape)
 
+    def indivisible(self, *, k: int, n: int, i: int) -> tuple[str, int, int] | None:
+        """``(dimension, size, per word)`` of a packed dimension whose size the packing does
+        not divide, else ``None``."""
+        size = {"K": k, "N": n, "I": i}
+        for d in self.shape:
+            base, _, per = d.partition("/")
+            if per and size[base] % int(per):
+                return base, size[base], int(per)
+        return None
+
     @property
     def packing(self) -> int:
         """Elements per stored element along the last axis (8 int4 per int32 word, else 1)."""
@@ -85,26 +97,42 @@ class ListSpec:
 class Variant:
     """A kernel variant: selected by weight1's dtype ``weight_dtype`` (``"x"``: x's dtype), the
     TensorLists it reads (every other TensorList field must be ``None``), and whether it reads
-    ``x_active_mask`` and ``swiglu_limit``."""
+    ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
+    ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
+    (``"sign"`` or ``"zero"``-extended). ``send_row_pad``: bytes after the K int8 values of a
+    dispatch send row (the per-token scale and padding) [inferred for the float variant]."""
 
     name: str
     weight_dtype: str
     lists: Mapping[str, ListSpec]
     masked: bool
     clamped: bool
+    n_le_k: bool = False
+    scale_extension: str = "sign"
+    send_row_pad: int = 32
 
 
 _W1 = ("K", "N")
 _W2 = ("I", "K")
 #: The kernel variants (§2): W8A8 with float32 per-channel scales (the torch binding passes them
-#: as int64 holding the bits, which the adapter decodes), and the variant whose weights share
-#: x's dtype, which reads no scales and silently drops the mask and clamp (variants.md).
+#: as int64 holding the bits, which the adapter decodes), W4A8, and the variant whose weights
+#: share x's dtype, which reads no scales and silently drops the mask and clamp (variants.md).
 VARIANTS: tuple[Variant, ...] = (
     Variant(
         "w8a8", "int8",
         {"w1": ListSpec(_W1, "int8"), "w2": ListSpec(_W2, "int8"),
          "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32")},
         masked=True, clamped=True,
+    ),
+    # W4A8 (variants.md, W4A8 [code]): int4 packed eight to an int32 word, per-channel scales
+    # (int64 zero-extended in the binding), the compensation biases; N <= K since PR #9927;
+    # dispatch rows of K + ALIGN_512 bytes (dispatch_ffn_combine_w4_a8_kernel.hpp at 182b75ea).
+    Variant(
+        "w4a8", "int32",
+        {"w1": ListSpec(("K", "N/8"), "int32"), "w2": ListSpec(("I", "K/8"), "int32"),
+         "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32"),
+         "bias1": ListSpec(("N",), "float32"), "bias2": ListSpec(("K",), "float32")},
+        masked=True, clamped=True, n_le_k=True, scale_extension="zero", send_row_pad=512,
     ),
     Variant(
         "float", "x", {"w1": ListSpec(_W1, "x"), "w2": ListSpec(_W2, "x")},

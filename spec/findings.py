@@ -58,6 +58,8 @@ __all__ = [
     "MAX_TOP_K",
     "Finding",
     "PeerCall",
+    "combine_calls",
+    "combined_rows",
     "configs",
     "hunt_rules",
     "layout_params",
@@ -391,6 +393,50 @@ def _peer_rows(n: int) -> list[Finding]:
     ]
 
 
+def combined_rows(received: list[int], capacity: int, *, rows_per_token: int = 1) -> list[int]:
+    """The rows the combine's GEMM2 takes per local expert, as the kernel's combine loop walks
+    them: each expert's ``received`` rows capped by what is left of ``capacity``, the running
+    sum advanced by ``rows_per_token`` per row taken. One row per token is §5's truncation (the
+    receive buffer keeps the first ``capacity`` rows); W4A8 at HEAD packs each token as two
+    int4 rows and advances the sum by both (``CombineV2`` in
+    ``dispatch_ffn_combine_w4_a8_kernel.hpp`` at 182b75ea; open PR #14869).
+
+    >>> combined_rows([1, 1], 2), combined_rows([1, 1], 2, rows_per_token=2)
+    ([1, 1], [1, 0])
+    """
+    taken, used = [], 0
+    for rows in received:
+        m = 0 if used >= capacity else min(rows, capacity - used)
+        taken.append(m)
+        used += rows_per_token * m
+    return taken
+
+
+def combine_calls() -> st.SearchStrategy[tuple[list[int], int]]:
+    """``(rows received per local expert, max_output_size)``: E in 1..16, up to 64 rows per
+    expert, a capacity up to 1024; shrinks towards one expert, no rows, capacity 0."""
+    return st.tuples(st.lists(st.integers(0, 64), min_size=1, max_size=MAX_PEER_EXPERTS),
+                     st.integers(0, 1024))
+
+
+def _w4a8_combine_row(n: int) -> Finding:
+    def drops(call: tuple[list[int], int]) -> bool:
+        received, cap = call
+        return combined_rows(received, cap, rows_per_token=2) != combined_rows(received, cap)
+
+    received, cap = _must(search(combine_calls(), drops, max_examples=n))
+    return Finding(
+        "w4a8-combine-capacity", "W4A8 combine: the running sum of taken rows counts two packed "
+        "rows per token and is compared with max_output_size, a token count",
+        "the combine takes every row the receive buffer kept (§5)",
+        f"E={len(received)}, max_output_size={cap}, rows per expert {received}: the combine "
+        f"takes {combined_rows(received, cap, rows_per_token=2)}, the buffer kept "
+        f"{combined_rows(received, cap)} (the dropped rows' tokens never get that expert's "
+        "FFN)",
+        "variants.md [code]: CombineV2 in dispatch_ffn_combine_w4_a8_kernel.hpp at 182b75ea; "
+        "PR #14869 (open)")
+
+
 def _must(value: T | None) -> T:
     if value is None:
         raise AssertionError("a search that must find a counterexample found none")
@@ -405,7 +451,7 @@ def _short(c: OpConfig) -> str:
 @functools.lru_cache(maxsize=4)
 def _hunt(max_examples: int) -> tuple[Finding, ...]:
     return (*_layout_rows(max_examples), *_buffer_rows(max_examples), *_protocol_rows(),
-            *_peer_rows(max_examples))
+            *_peer_rows(max_examples), _w4a8_combine_row(max_examples))
 
 
 def hunt_rules(*, max_examples: int | None = None) -> list[Finding]:
@@ -432,8 +478,9 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "Flaws the properties of `spec.layout`, `spec.buffers` and `spec.protocol` find by "
         "themselves in the operator's historical and current rules (reference notes §7–§9, and "
         "variants.md's per-core peer offset, modelled by `spec.protocol.PeerSchedule` with the "
-        "vector-core count `n_aiv` a parameter). Each counterexample is the minimal one the "
-        "search returns.",
+        "vector-core count `n_aiv` a parameter, and the W4A8 combine's capacity walk, "
+        "`spec.findings.combined_rows`). Each counterexample is the minimal one the search "
+        "returns.",
         "",
         "| rule | property | minimal counterexample | reproduce | source |",
         "|---|---|---|---|---|",

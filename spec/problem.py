@@ -20,6 +20,7 @@ import numpy as np
 from spec.config import MAX_EP_SIZE, OpConfig
 from spec.errors import (
     AmbiguousTensorList,
+    BiasError,
     DTypeError,
     ExpertIdError,
     MaskError,
@@ -31,6 +32,7 @@ from spec.errors import (
     describe,
 )
 from spec.fields import FIELDS, VARIANTS, variant_for
+from spec.int4 import compensation_bias, unpack_int4
 
 __all__ = ["DTYPES", "Problem", "RankInputs", "dtype_name"]
 
@@ -39,6 +41,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
     "int8": np.dtype(np.int8),
+    "int32": np.dtype(np.int32),
 }
 
 
@@ -53,10 +56,12 @@ class RankInputs:
     :data:`spec.fields.FIELDS`; which TensorLists a variant reads is
     :data:`spec.fields.VARIANTS`).
 
-    ``w1``, ``w2``, ``scale1`` and ``scale2`` are TensorLists: a list holding one stacked tensor
-    (``[(E, K, N)]``, ``[(E, I, K)]``, ``[(E, N)]``, ``[(E, K)]``) or one tensor per expert
-    (``E × (K, N)``, …). ``N = 2I`` with the gate columns first. W8A8 has int8 weights and float32
-    scales; the BF16/FP16-weight variant has weights in x's dtype and no scales.
+    ``w1``, ``w2``, ``scale1``, ``scale2``, ``bias1`` and ``bias2`` are TensorLists: a list
+    holding one stacked tensor (``[(E, K, N)]``, ``[(E, I, K)]``, ``[(E, N)]``, ``[(E, K)]``) or
+    one tensor per expert (``E × (K, N)``, …). ``N = 2I`` with the gate columns first. W8A8 has
+    int8 weights and float32 scales; W4A8 int4 weights packed in int32 (``(K, N/8)``,
+    ``(I, K/8)``, :mod:`spec.int4`), float32 scales and the compensation biases; the
+    BF16/FP16-weight variant has weights in x's dtype and no scales.
     """
 
     x: np.ndarray
@@ -67,6 +72,8 @@ class RankInputs:
     scale1: Sequence[np.ndarray] | None = None
     scale2: Sequence[np.ndarray] | None = None
     active_mask: np.ndarray | None = None
+    bias1: Sequence[np.ndarray] | None = None
+    bias2: Sequence[np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -79,16 +86,15 @@ class RankInputs:
 
         Reads the stacked and the per-expert form alike (views, no copies).
         """
+        lists = self.expert_lists(e)
+        return lists["w1"], lists["w2"], lists.get("scale1"), lists.get("scale2")
+
+    def expert_lists(self, e: int) -> dict[str, np.ndarray]:
+        """Every TensorList's tensor of local expert ``e`` by field name (views, no copies;
+        ``None`` fields left out), from the stacked and the per-expert form alike."""
         stacked = len(self.w1) == 1
-
-        def pick(tensors: Sequence[np.ndarray] | None) -> np.ndarray | None:
-            if tensors is None:
-                return None
-            return tensors[0][e] if stacked else tensors[e]
-
-        w1, w2 = pick(self.w1), pick(self.w2)
-        assert w1 is not None and w2 is not None
-        return w1, w2, pick(self.scale1), pick(self.scale2)
+        return {f.name: tensors[0][e] if stacked else tensors[e] for f in FIELDS
+                if f.tensor_list and (tensors := getattr(self, f.name)) is not None}
 
     def is_active(self) -> np.ndarray:
         """``(M,)`` bool: True for the tokens the kernel computes."""
@@ -346,6 +352,12 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
             fix="concatenate the gate and up projections: gate columns first, then up",
         )
     i_size = n // 2
+    if variant.n_le_k and n > k:
+        raise ShapeError(
+            rank=r, field="weight1", given=f"N = {n} columns with K = {k}",
+            allowed=f"N <= K for {variant.name} (GMM1's output rows overlap otherwise, PR #9927)",
+            fix="use an intermediate size I <= K/2",
+        )
     for f in FIELDS:
         value, want = getattr(inputs, f.name), variant.lists.get(f.name)
         if not f.tensor_list or f.name == "w1":
@@ -358,6 +370,12 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
                     fix=f"drop {f.binding}, or use weights of a variant that reads it",
                 )
             continue
+        if (bad := want.indivisible(k=k, n=n, i=i_size)) is not None:
+            raise ShapeError(
+                rank=r, field=f.binding, given=f"{bad[0]} = {bad[1]}",
+                allowed=f"{bad[0]} a multiple of {bad[2]} ({f.binding} packs {bad[2]} per word)",
+                fix=f"pad {bad[0]} to a multiple of {bad[2]}",
+            )
         shape, dtype = want.dims(k=k, n=n, i=i_size), want.dtype_given(x_dtype)
         if value is None:
             raise TensorListError(
@@ -389,8 +407,37 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
         if f.tensor_list and tensors is not None and _is_float(tensors[0].dtype):
             for t in tensors:
                 _require_finite(t, rank=r, field=f.binding)
+    if "bias1" in variant.lists:
+        _check_compensation(r, inputs, w1.num_experts)
     return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None)
 
+
+#: How far a W4A8 bias may lie from the compensation, relative to ``8·Σ_k |W[k, n]|·|s[n]|``:
+#: a float32 sum of up to 2^16 terms in any order stays within 2^-8 [inferred: vLLM computes
+#: the bias on one checkpoint path and loads it precomputed on another].
+BIAS_TOLERANCE = 2.0**-8
+
+
+def _check_compensation(r: int, inputs: RankInputs, experts: int) -> None:
+    """``bias1``/``bias2`` must be ``8·Σ W·s`` of their weights (variants.md, W4A8)."""
+    for e in range(experts):
+        lists = inputs.expert_lists(e)
+        for bias, weight, scale in (("bias1", "w1", "scale1"), ("bias2", "w2", "scale2")):
+            w = unpack_int4(lists[weight])
+            want = compensation_bias(w, lists[scale])
+            room = BIAS_TOLERANCE * 8 * (np.abs(w).astype(np.float64).sum(axis=0)
+                                         * np.abs(lists[scale].astype(np.float64)))
+            wrong = np.abs(lists[bias].astype(np.float64) - want) > room
+            if wrong.any():
+                n = int(np.argmax(wrong))
+                raise BiasError(
+                    rank=r, field=f"{bias}[expert {e}][{n}]",
+                    given=f"{float(lists[bias][n])!r}",
+                    allowed=f"8·Σ W·s = {float(want[n])!r} (the compensation of the activation "
+                    f"split q = 16·hi + lo + 8), within {BIAS_TOLERANCE:g} relative",
+                    fix=f"compute {bias} as 8 * {weight}.sum(over the reduction axis) * {scale} "
+                    "on the unpacked int4 weights (spec.int4.compensation_bias)",
+                )
 
 
 def _check_expert_ids(r: int, inputs: RankInputs, num_experts: int, ep: int, e: int) -> None:

@@ -195,17 +195,23 @@ def _small_configs(
         event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
-    if w_dtype not in ("int8", x_dtype):
+    if w_dtype not in ("int8", "int32", x_dtype):
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
     form = draw(weight_forms)
-    w8a8 = w_dtype == "int8"
+    w8a8 = w_dtype in ("int8", "int32")  # the variants that quantise (mask and clamp)
     truncate = draw(truncation)
     cap = draw(_CAPACITY) % max(1, sum(counts) * k + 1)
     limit = draw(swiglu_limits)
     is_masked = draw(masked)
+    k_hidden, i_size = draw(hidden), draw(intermediate)
+    if w_dtype == "int32":  # W4A8 packs K and N = 2I eight to a word and needs N <= K
+        if k_hidden % 8:
+            w_dtype = "int8"
+        else:
+            i_size = max(4, min(i_size, k_hidden // 2) // 4 * 4)
     cfg = OpConfig(
-        ep_size=ep, experts_per_rank=e, top_k=k, hidden=draw(hidden),
-        intermediate=draw(intermediate), tokens_per_rank=tuple(counts), x_dtype=x_dtype,
+        ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
+        intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
         weight_dtype=w_dtype, weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None, swiglu_limit=limit if w8a8 else None,
         masked=is_masked and w8a8,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from spec.config import OpConfig
+from spec.int4 import compensation_bias, pack_int4
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
@@ -30,8 +31,9 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
 
     W8A8: int8 weights over the full range -128..127 and positive float32 per-channel scales
     sized so that dequantised weights have standard deviation about ``1/sqrt(reduction length)``
-    (activations stay O(1) and fp16 intermediates never overflow). BF16/FP16: weights in x's
-    dtype with the same standard deviation, no scales.
+    (activations stay O(1) and fp16 intermediates never overflow). W4A8: int4 weights over
+    -8..7, packed (:func:`spec.int4.pack_int4`), scales sized likewise, and the compensation
+    biases. BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     lists: dict[str, np.ndarray]
@@ -43,6 +45,14 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
             "scale1": (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32),
             "scale2": (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32),
         }
+    elif config.weight_dtype == "int32":
+        # int4 uniform on -8..7 has standard deviation ~4.61.
+        w1 = rng.integers(-8, 8, size=(e, k, n), dtype=np.int8)
+        w2 = rng.integers(-8, 8, size=(e, i, k), dtype=np.int8)
+        s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (4.61 * np.sqrt(k))).astype(np.float32)
+        s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (4.61 * np.sqrt(i))).astype(np.float32)
+        lists = {"w1": pack_int4(w1), "w2": pack_int4(w2), "scale1": s1, "scale2": s2,
+                 "bias1": compensation_bias(w1, s1), "bias2": compensation_bias(w2, s2)}
     else:
         dtype = DTYPES[config.weight_dtype]
         lists = {

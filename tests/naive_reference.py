@@ -105,15 +105,36 @@ def _swiglu_f32(h: Array, i: int) -> Array:
         return gate / (F32(1) + np.exp(-gate)) * up
 
 
+def _unpack_nibbles(words: Array) -> Array:
+    """W4A8 weights (variants.md): element n of a row is the signed nibble at bits 4·(n mod 8)
+    of int32 word n // 8; unpacked one element at a time with Python's integer bit operations."""
+    rows = []
+    for row in words:
+        values = []
+        for word in row:
+            for n in range(8):
+                nibble = (int(word) >> (4 * n)) & 0xF
+                values.append(nibble - 16 if nibble >= 8 else nibble)
+        rows.append(values)
+    return np.array(rows, dtype=np.int64).reshape(words.shape[0], words.shape[1] * 8)
+
+
 class _Expert:
-    """One local expert's tensors, converted once: int64 weights and float32 scales (W8A8),
-    float64 weights (BF16/FP16 variant), dequantised float64 weights (ideal)."""
+    """One local expert's tensors, converted once: int64 weights and float32 scales (W8A8,
+    W4A8 with its weights unpacked and its float32 biases), float64 weights (BF16/FP16
+    variant), dequantised float64 weights (ideal)."""
 
     def __init__(self, inputs: RankInputs, e: int, numerics: Numerics) -> None:
         w1, w2 = _local_tensor(inputs.w1, e), _local_tensor(inputs.w2, e)
         s1, s2 = _local_tensor(inputs.scale1, e), _local_tensor(inputs.scale2, e)
         assert w1 is not None and w2 is not None
-        self.w8a8 = w1.dtype == np.int8
+        self.w4a8 = w1.dtype == np.int32
+        if self.w4a8:
+            w1, w2 = _unpack_nibbles(w1), _unpack_nibbles(w2)
+            b1, b2 = _local_tensor(inputs.bias1, e), _local_tensor(inputs.bias2, e)
+            assert b1 is not None and b2 is not None
+            self.b1, self.b2 = b1.astype(F32), b2.astype(F32)
+        self.w8a8 = w1.dtype == np.int8 or self.w4a8
         self.w1_int, self.w2_int = w1.astype(np.int64), w2.astype(np.int64)
         self.w1_f64, self.w2_f64 = w1.astype(np.float64), w2.astype(np.float64)
         if s1 is not None and s2 is not None:
@@ -128,15 +149,45 @@ class _Expert:
             self.w1_ideal, self.w2_ideal = self.w1_f64, self.w2_f64
 
 
+def _gemm_w8a8(q: Array, w: Array, scale: Array, bias: Array | None) -> Array:
+    """§6 steps 2 and 6 before the per-token scale: ``fp16(q @ W · s)``. int64 holds any
+    int8 × int8 dot product here exactly; a non-finite ``q`` spreads as IEEE inf/NaN."""
+    if np.isfinite(q).all():
+        return _dequant_fp16(q.astype(np.int64) @ w, scale)
+    with np.errstate(invalid="ignore"):
+        return _dequant_fp16(q.astype(np.float64) @ w.astype(np.float64), scale)
+
+
+def _gemm_w4a8(q: Array, w: Array, scale: Array, bias: Array | None) -> Array:
+    """W4A8's GMM before the per-token scale (variants.md): each int8 value splits as
+    ``q = 16·hi + lo + 8`` (``hi = q >> 4``, ``lo = (q & 0xF) − 8``, Python integers); two
+    int4 GEMMs, each through the fp16 dequant; then ``(16·C_hi + C_lo) + bias`` in float32."""
+    assert bias is not None
+    if not np.isfinite(q).all():
+        return np.full(w.shape[1], np.nan, F32)
+    ints = [int(v) for v in q]
+    hi = np.array([v >> 4 for v in ints], dtype=np.int64)
+    lo = np.array([(v & 0xF) - 8 for v in ints], dtype=np.int64)
+    c_hi, c_lo = _dequant_fp16(hi @ w, scale), _dequant_fp16(lo @ w, scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (F32(16) * c_hi + c_lo) + bias
+
+
 def _ffn_w8a8(
     q: Array, sigma1: F32, ex: _Expert, limit: float | None, numerics: Numerics, out: Any
 ) -> Array:
-    """§6 steps 2–7 for one received row, in float32 with exact int64 GEMMs."""
+    """§6 steps 2–7 for one received row, in float32 with exact int64 GEMMs (W4A8's split
+    GEMMs where the expert's weights are int4)."""
     i = ex.w2_int.shape[0]
-    if sigma1 == 0:  # an all-zero token row: 0/0 in step 1
+    gemm = _gemm_w4a8 if ex.w4a8 else _gemm_w8a8
+    bias1, bias2 = (ex.b1, ex.b2) if ex.w4a8 else (None, None)
+    # An all-zero row (0/0 in step 1 or 5) with the "zero" policy: W8A8's GEMM of q = 0 is 0.
+    # W4A8's is not (lo = −8, and the bias cancels it only up to the fp16 rounding): the
+    # kernel's residual times σ = 0 is a zero whose sign is the residual's, so compute it.
+    literal = ex.w4a8 and numerics.zero_rows == "zero"
+    if sigma1 == 0 and not literal:
         return np.full(ex.w2_int.shape[1], np.nan if numerics.zero_rows == "nan" else 0, F32)
-    acc1 = q @ ex.w1_int  # exact: int64 has room for any int8 x int8 dot product here
-    h = _dequant_fp16(acc1, ex.s1) * sigma1
+    h = gemm(q, ex.w1_int, ex.s1, bias1) * sigma1
     if limit is not None:
         h = np.minimum(h, F32(limit))
         h[i:] = np.maximum(h[i:], -F32(limit))
@@ -144,25 +195,22 @@ def _ffn_w8a8(
     amax2 = F32(0)
     for v in a:
         amax2 = np.maximum(amax2, abs(v))  # np.maximum: a NaN must win, as in a max reduction
-    if amax2 == 0:  # step 5 divides by amax2
+    if amax2 == 0 and not literal:  # step 5 divides by amax2
         return np.full(ex.w2_int.shape[1], np.nan if numerics.zero_rows == "nan" else 0, F32)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         inv = F32(127) / amax2
-    if np.isinf(inv):  # amax2 < 127/FLT_MAX: the float32 scale overflows (a degenerate row)
+    if amax2 == 0:
+        q2 = np.zeros(a.shape[0])
+    elif np.isinf(inv):  # amax2 < 127/FLT_MAX: the float32 scale overflows (a degenerate row)
         if numerics.zero_rows == "nan":
             return np.full(ex.w2_int.shape[1], np.nan, F32)
         q2 = np.rint(a.astype(np.float64) * (127.0 / float(amax2)))
     else:
         with np.errstate(invalid="ignore"):
             q2 = np.rint(a * inv)  # rint: round half to even
-    acc2: Array
-    if np.isfinite(q2).all():
-        acc2 = q2.astype(np.int64) @ ex.w2_int
-    else:  # 127/amax2 overflowed (amax2 < 127/max32) or a was not finite: IEEE inf/NaN spread
-        with np.errstate(invalid="ignore"):
-            acc2 = q2.astype(np.float64) @ ex.w2_f64
     sigma2 = F32(amax2 / F32(127))
-    return np.asarray((_dequant_fp16(acc2, ex.s2) * sigma2).astype(out).astype(F32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray((gemm(q2, ex.w2_int, ex.s2, bias2) * sigma2).astype(out).astype(F32))
 
 
 def _exact_dot_f32(v: Array, w: Array) -> Array:

@@ -12,8 +12,9 @@ from oracle.torch import TorchRankInputs
 from spec import OpConfig, RankInputs, random_problem
 from spec.fields import FIELDS, VARIANTS, ListSpec, variant_for
 
+#: A W4A8 call with a mask: every field of the table is given.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
-                  tokens_per_rank=(3,), masked=True)
+                  tokens_per_rank=(3,), masked=True, weight_dtype="int32")
 
 
 def test_rank_inputs_holds_exactly_the_table_fields() -> None:
@@ -35,7 +36,7 @@ def test_arrays_round_trip_every_field(binding: bool) -> None:
     back = RankInputs.from_arrays(rank.arrays(binding=binding), binding=binding)
     for f in FIELDS:
         got, want = getattr(back, f.name), getattr(rank, f.name)
-        assert want is not None, f"{f.name}: the masked W8A8 problem leaves it None"
+        assert want is not None, f"{f.name}: the masked W4A8 problem leaves it None"
         pairs = zip(got, want, strict=True) if f.tensor_list else [(got, want)]
         assert all(a is b for a, b in pairs), f"{f.name} was not carried"
 
@@ -50,8 +51,7 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    assert variant_for("int8", "bfloat16") is VARIANTS[0]
-    assert variant_for("bfloat16", "bfloat16") is VARIANTS[1]
+    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16")] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8

@@ -16,7 +16,7 @@ from hypothesis.errors import InvalidArgument
 from oracle.cli import main
 from oracle.harness import check_implementation
 from oracle.loading import ImplLoadError
-from oracle.options import OptionError
+from oracle.options import OptionError, check_options
 from spec import OpConfig, random_problem
 from spec.strategies import problems, routings, token_rows
 
@@ -41,15 +41,21 @@ def never_called(problem):
         ("timeout", float("inf"), "must be a finite number of seconds > 0"),
         ("inputs", "lenient", "must be one of sentinel, strict, report, ignore"),
         ("numerics", "exact", "must be one of faithful, ideal"),
-        ("variants", ("w8a8", "w4a8"), "must be one or more of w8a8, bf16, fp16"),
-        ("variants", "w8a8", "must be one or more of w8a8, bf16, fp16"),  # a str, not names
-        ("variants", (), "must be one or more of w8a8, bf16, fp16"),
+        ("variants", ("w8a8", "w4a16"), "must be one or more of w8a8, bf16, fp16, w4a8"),
+        ("variants", "w8a8", "must be one or more of w8a8, bf16, fp16, w4a8"),  # a str, not names
+        ("variants", (), "must be one or more of w8a8, bf16, fp16, w4a8"),
     ],
 )
 def test_invalid_options_are_rejected_before_the_search(option, value, message) -> None:
     with pytest.raises(OptionError, match=message) as info:
         check_implementation(never_called, save_dir=None, **{option: value})
     assert info.value.option == option
+
+
+def test_w4a8_is_refused_in_ideal_mode_and_accepted_in_faithful() -> None:
+    with pytest.raises(OptionError, match="w4a8 is judged against a kernel profile only"):
+        check_implementation(never_called, save_dir=None, variants=["w4a8"], numerics="ideal")
+    check_options(variants=["w4a8"], numerics="faithful")
 
 
 def test_a_save_dir_that_is_not_a_directory_is_rejected(tmp_path) -> None:
@@ -110,7 +116,7 @@ def test_gate_options_are_usage_errors(pytester, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
     for flag, value, message in (("--dfc-ulps", "nan", "must be a finite number"),
                                  ("--dfc-timeout", "0", "must be a finite number"),
-                                 ("--dfc-variants", "w8a8,w4a8", "must be one or more of")):
+                                 ("--dfc-variants", "w8a8,w4a16", "must be one or more of")):
         result = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", flag, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([f"*{flag}: *{message}*"])

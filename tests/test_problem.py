@@ -21,6 +21,7 @@ import spec.config
 import spec.problem
 from spec import (
     AmbiguousTensorList,
+    BiasError,
     ConfigError,
     DTypeError,
     ExpertIdError,
@@ -41,6 +42,7 @@ Ranks = list[dict[str, Any]]
 BASE = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=8, intermediate=4,
                 tokens_per_rank=(3, 2))
 BF16 = dataclasses.replace(BASE, weight_dtype="bfloat16")
+W4A8 = dataclasses.replace(BASE, weight_dtype="int32")
 
 
 def fresh_ranks(cfg: OpConfig = BASE) -> Ranks:
@@ -147,7 +149,7 @@ CASES = [
          lambda ranks: ([], {})),
     Case("33 ranks", RankCountError, None, "ranks", "33 ranks", "1..32 ranks", "PR #5787",
          lambda ranks: ([RankInputs(**ranks[0])] * 33, {})),
-    Case("a rank that is not RankInputs", SpecError, 1, "ranks", "tuple of 8 entries",
+    Case("a rank that is not RankInputs", SpecError, 1, "ranks", "tuple of 10 entries",
          "spec.RankInputs", "wrap each rank's arrays",
          lambda ranks: ([RankInputs(**ranks[0]), tuple(ranks[1].values())], {})),
     # x, expert_idx, probs.
@@ -210,7 +212,7 @@ CASES = [
     Case("odd N", ShapeError, 1, "weight1", "N = 7", "an even N = 2I", "gate columns first",
          edit(1, w1=lambda w: [w[0][:, :, :7]])),
     Case("weight1 float32", DTypeError, 1, "weight1", "dtype float32",
-         "int8 (w8a8) or bfloat16 (float)",
+         "int8 (w8a8) or int32 (w4a8) or bfloat16 (float)",
          "quantise the weights", edit(1, w1=lambda w: [w[0].astype(np.float32)])),
     Case("weight2 in another form", TensorListError, 1, "weight2", "list form with E=2",
          "stacked form with E=2, like weight1", "same TensorList form",
@@ -233,6 +235,18 @@ CASES = [
     Case("scales with bf16 weights", TensorListError, 1, "scale1", "list of 1 entries",
          "None with bfloat16 weights", "drop scale1",
          edit(1, scale1=[np.ones((2, 8), np.float32)]), BF16),
+    # W4A8 (variants.md): packed dimensions, N <= K, the compensation bias.
+    Case("W4A8 N > K", ShapeError, 1, "weight1", "N = 16 columns with K = 8", "N <= K for w4a8",
+         "I <= K/2", edit(1, w1=lambda w: [np.concatenate([w[0], w[0]], axis=2)]), W4A8),
+    Case("W4A8 K not a multiple of 8", ShapeError, 1, "weight2", "K = 12", "a multiple of 8",
+         "pad K", edit(1, x=lambda x: np.concatenate([x, x[:, :4]], 1),
+                       w1=lambda w: [np.concatenate([w[0], w[0][:, :4]], 1)]), W4A8),
+    Case("W4A8 bias1 not the compensation", BiasError, 1, "bias1[expert 0][", "", "8·Σ W·s",
+         "compensation_bias", edit(1, bias1=lambda b: [b[0] * 2 + 1]), W4A8),
+    Case("W4A8 config N > K", ConfigError, None, "intermediate", "N = 16 > K = 8",
+         "N = 2I <= K for w4a8", "I <= K/2", config(weight_dtype="int32", intermediate=8)),
+    Case("W4A8 config K not a multiple of 8", ConfigError, None, "hidden", "K = 12",
+         "a multiple of 8 for w4a8", "pad K", config(weight_dtype="int32", hidden=12)),
     Case("bf16 weight inf", NonFiniteError, 1, "weight1[", "inf", "finite values", "weight1",
          edit(1, w1=with_inf), BF16),
     # The mask.
@@ -277,7 +291,7 @@ CASES = [
          "positive clamp", keywords(swiglu_limit=True)),
     Case("swiglu_limit with bf16 weights", ConfigError, None, "swiglu_limit",
          "0.5 with bfloat16 weights", "the float variant has no clamp",
-         "variant with a clamp (w8a8)",
+         "variant with a clamp (w8a8, w4a8)",
          keywords(swiglu_limit=0.5), BF16),
     # OpConfig built directly.
     *(Case(f"{name} = {value!r}", ConfigError, None, name, repr(value), "an int >= 1",
@@ -293,7 +307,7 @@ CASES = [
     Case("x_dtype float32", ConfigError, None, "x_dtype", "'float32'", "bfloat16 or float16",
          "bfloat16 or float16 tokens", config(x_dtype="float32")),
     Case("weight_dtype int4", ConfigError, None, "weight_dtype", "'int4'",
-         "'int8' (w8a8) or 'bfloat16' (float)", "float32 scales",
+         "'int8' (w8a8) or 'int32' (w4a8) or 'bfloat16' (float)", "float32 scales",
          config(weight_dtype="int4")),
     Case("fp16 weights with bf16 x", ConfigError, None, "weight_dtype", "'float16'",
          "'bfloat16' (float)", "weights in x's dtype", config(weight_dtype="float16")),

@@ -425,12 +425,12 @@ def test_form_check_catches_lists_read_in_reverse(monkeypatch: pytest.MonkeyPatc
     problem = random_problem(OpConfig(ep_size=2, experts_per_rank=3, top_k=2, hidden=16,
                                       intermediate=8, tokens_per_rank=(3, 2)), seed=12)
     check_forms_agree(problem)
-    original = RankInputs.expert_weights
+    original = RankInputs.expert_lists
 
     def reversed_lists(self: RankInputs, e: int) -> Any:
         return original(self, e if len(self.w1) == 1 else len(self.w1) - 1 - e)
 
-    monkeypatch.setattr(RankInputs, "expert_weights", reversed_lists)
+    monkeypatch.setattr(RankInputs, "expert_lists", reversed_lists)
     with pytest.raises(AssertionError):
         check_forms_agree(problem)
 
@@ -512,13 +512,13 @@ def test_ep_invariance_check_catches_a_placement_bug(monkeypatch: pytest.MonkeyP
     full = _global_problem(experts=4, tokens=6, top_k=2, seed=13)
     layouts = [full, split_over_ranks(full, [0, 2, 2]), split_over_ranks(full, [3])]
     check_ep_invariance(layouts)
-    original = RankInputs.expert_weights
+    original = RankInputs.expert_lists
 
     def shifted(self: RankInputs, e: int) -> Any:
         experts = self.w1[0].shape[0] if len(self.w1) == 1 else len(self.w1)
         return original(self, (e + 1) % experts)
 
-    monkeypatch.setattr(RankInputs, "expert_weights", shifted)
+    monkeypatch.setattr(RankInputs, "expert_lists", shifted)
     with pytest.raises(AssertionError):
         check_ep_invariance(layouts)
 

@@ -32,15 +32,17 @@ def _bits(a: Array) -> Array:
     return np.asarray(a, np.float32).view(np.uint32)
 
 
-@pytest.mark.parametrize("weight_dtype", ["int8", "bfloat16"])
-@pytest.mark.parametrize("kernel", ["ascend-a3", "vllm-triton"])
+@pytest.mark.parametrize(("weight_dtype", "kernel"), [
+    ("int8", "ascend-a3"), ("int8", "vllm-triton"), ("bfloat16", "ascend-a3"),
+    ("bfloat16", "vllm-triton"), ("int32", "ascend-a3"),  # W4A8: ascend-a3 only
+])
 def test_the_stages_are_the_reference_trace_bit_for_bit(weight_dtype: str, kernel: str) -> None:
     problem = _problem(weight_dtype, **({"max_output_size": None} if kernel == "vllm-triton"
                                         else {}))
     numerics = oracle.Numerics(kernel=kernel)
     trace = oracle.run(problem, numerics=numerics).trace
-    names = (["q", "sigma1", "h", "a", "q2", "sigma2", "y"] if weight_dtype == "int8"
-             else ["h", "a", "y"])
+    quantised = weight_dtype in ("int8", "int32")
+    names = ["q", "sigma1", "h", "a", "q2", "sigma2", "y"] if quantised else ["h", "a", "y"]
     computed = dropped = 0
     for r, inputs in enumerate(problem.ranks):
         for t in range(inputs.num_tokens):
@@ -54,7 +56,7 @@ def test_the_stages_are_the_reference_trace_bit_for_bit(weight_dtype: str, kerne
                 values = {st.name: st.value.mid for st in s.stages}
                 assert list(values) == names
                 assert np.array_equal(_bits(values["y"]), _bits(trace.y[r][t, s.slot]))
-                if weight_dtype == "int8":
+                if quantised:
                     assert _bits(values["sigma1"]) == _bits(trace.token_scale[r][t])
             if stages.combined is None:
                 continue
