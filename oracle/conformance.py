@@ -1,14 +1,14 @@
 """The bundled conformance suite that ``pytest --dfc-impl MODULE:FUNC`` runs.
 
 One test per input family of :mod:`spec.strategies` (routing, special rows, token counts,
-masks, truncation, weight forms and variants) and one for the whole default search; each runs
-:func:`oracle.check_implementation` under the active profile and fails with its report. A
-variant the implementation does not support (``--dfc-variants``) is a named skip. A failure
-found by one test is tried first by every later one, which then fails in one line ("same
-failure as ...") instead of searching and shrinking the same defect again. The default search
-runs the profile's ``max_examples``; a family test, whose every draw has its family, runs
-``--dfc-family-examples`` (default a fifth of them): a passing gate costs about what two full
-searches cost, not 25 (issue "gate in a minute"; ``benchmarks/gate_time.py``).
+masks, truncation, weight forms, memory layouts and variants) and one for the whole default
+search; each runs :func:`oracle.check_implementation` under the active profile and fails with
+its report. A variant the implementation does not support (``--dfc-variants``) is a named
+skip. A failure found by one test is tried first by every later one, which then fails in one
+line ("same failure as ...") instead of searching and shrinking the same defect again. The
+default search runs the profile's ``max_examples``; a family test, whose every draw has its
+family, runs ``--dfc-family-examples`` (default a fifth of them): a passing gate costs about
+what two full searches cost, not 25 (issue "gate in a minute"; ``benchmarks/gate_time.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from oracle.kernels import get_kernel
 from oracle.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.limits import ShapeDomain
+from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
 
 _WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16"}
@@ -140,6 +141,14 @@ def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) 
         pytest.skip(f"the {dfc_options['kernel']} kernel has no {feature} (--dfc-domain contract "
                     "generates it anyway)")
     _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "contiguous"])
+def test_memory_layout(dfc_options: dict[str, Any], layout: str) -> None:
+    """x and the weights as Fortran-order or strided views (the operator's weights are
+    ``IgnoreContiguous()``): the same values, so the same outputs."""
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options),
+                                 layouts=st.just(layout)))
 
 
 @pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16"])

@@ -29,6 +29,7 @@ import numpy as np
 
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
+from spec.memory import LAYOUTS, layout_of, with_layout
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -102,10 +103,15 @@ def arrays_of(
 
 def encode_arrays(arrays: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Any]]:
     """Arrays as stored in an .npz (bfloat16 as uint16 bit patterns), and the manifest entry
-    (dtype and shape) that :func:`read_array` checks each of them against."""
+    (dtype, shape, and the layout class of a non-contiguous array, :mod:`spec.memory`) that
+    :func:`read_array` checks each of them against."""
     stored = {k: a.view(_STORED[str(a.dtype)]) if str(a.dtype) in _STORED else a
               for k, a in arrays.items()}
-    specs = {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}
+    specs: dict[str, Any] = {}
+    for k, a in arrays.items():
+        specs[k] = {"dtype": str(a.dtype), "shape": list(a.shape)}
+        if layout_of(a) != "contiguous":
+            specs[k]["layout"] = layout_of(a)
     return stored, specs
 
 
@@ -299,9 +305,12 @@ def read_array(path: Path, files: Archive, key: str, spec: object) -> Array:
         raise _bad(path, f"array {key!r} of {shape} elements, more than any call here")
     if key not in files.files:
         raise _bad(path, f"no array {key!r} though the manifest lists it")
+    layout = spec.get("layout", "contiguous")
+    if layout not in LAYOUTS:
+        raise _bad(path, f"array {key!r} with layout {str(layout)[:40]}, not one of {LAYOUTS}")
     dtype = np.dtype(DTYPES.get(spec["dtype"], spec["dtype"]))
-    stored = files.array(key, _STORED.get(spec["dtype"], dtype), tuple(shape))
-    return stored.view(dtype)
+    stored = files.array(key, _STORED.get(spec["dtype"], dtype), tuple(shape)).view(dtype)
+    return stored if layout == "contiguous" else with_layout(stored, layout)
 
 
 def _read_arrays(path: Path, files: Archive, specs: dict[str, Any], meta: str) -> dict[str, Array]:
