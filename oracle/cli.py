@@ -217,8 +217,12 @@ def _explain(args: argparse.Namespace) -> int:
     from oracle.counterexample import load
 
     try:
+        if args.plot is not None:
+            from oracle.plot import require_matplotlib
+
+            require_matplotlib()
         saved = load(args.file)
-    except SpecError as exc:
+    except (SpecError, ImportError) as exc:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
     print(explain(saved.problem, saved.meta))
@@ -226,6 +230,14 @@ def _explain(args: argparse.Namespace) -> int:
     print(diagnosis(saved.meta, found))
     if args.stages:
         print(stage_table(saved.problem, saved.outputs, saved.meta, found))
+    if args.plot is not None:
+        from oracle.plot import save_plot
+
+        numerics, ulps = _judged_or_default(saved.meta)
+        title = f"{args.file.name}: stage '{saved.meta.get('stage', 'unknown')}'"
+        path = save_plot(args.plot, saved.problem, saved.outputs, numerics=numerics, ulps=ulps,
+                         title=title)
+        print(f"picture saved: {path}")
     return EXIT_OK
 
 
@@ -442,6 +454,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="print the failing token's reference intermediates at each "
                            "rounding point of the profile, next to your out row (default: on; "
                            "--no-stages leaves it out)")
+    explain_p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                           help="also draw the routing matrix, the receive buffers with the "
+                           "truncation line and the error/tolerance heat map into OUT.png "
+                           "(needs pip install 'dfc-oracle[plot]'; default: no picture)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
