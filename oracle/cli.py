@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hypothesis import settings as hsettings
 
+from oracle.counterexample import judged_with
 from oracle.harness import (
     DOMAINS,
     ConformanceError,
@@ -181,22 +182,6 @@ def _replay(args: argparse.Namespace) -> int:
     print(format_report(saved.problem, verdict, numerics=numerics, path=Path(args.file),
                         replay=None, ulps=ulps))
     return EXIT_FOUND
-
-
-def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
-    """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
-    files written before profiles existed get the defaults of their time (1 ulp). Raises
-    SpecError for a malformed record."""
-    try:
-        numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
-        ulps = meta.get("ulps", 1.0)
-        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
-            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
-    except (TypeError, ValueError) as exc:
-        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
-                        allowed="the record dfc-oracle writes",
-                        fix="regenerate the file with dfc-oracle") from None
-    return numerics, float(ulps)
 
 
 def _kernels(args: argparse.Namespace) -> int:
