@@ -223,7 +223,7 @@ def compare(
             return _fail(
                 "non_finite",
                 f"rank {r}, token {token}, column {c}: got {got64[t, c]}, expected "
-                f"{exp64[t, c]} ({int(bad.sum())} such values); "
+                f"{exp64[t, c]} ({int(bad.sum())} such values){_unwritten(got64, exp64, rows)}; "
                 f"{routing_summary(problem, r, token)}",
                 r, (token, c),
             )
@@ -302,6 +302,18 @@ def _non_finite_mismatch(got64: Array, exp64: Array) -> Array:
     same_special = (got64 == exp64) | (np.isnan(got64) & np.isnan(exp64))
     return np.asarray((np.isfinite(got64) != np.isfinite(exp64))
                       | (~np.isfinite(exp64) & ~same_special))
+
+
+def _unwritten(got64: Array, exp64: Array, rows: Array) -> str:
+    """The defined rows that are NaN in every column where the reference is finite: rows never
+    written into an out buffer pre-filled with NaN (``oracle.torch.implementation(...,
+    out_buffers=True)``; vllm-ascend PR #9992)."""
+    whole = (np.isnan(got64) | ~np.isfinite(exp64)).all(axis=1) & np.isfinite(exp64).any(axis=1)
+    if not whole.any():
+        return ""
+    tokens = np.flatnonzero(rows)[whole].tolist()
+    return (f"; rows NaN in every column (never written, if out was given pre-filled with "
+            f"NaN): tokens {tokens}")
 
 
 def _ratio(got64: Array, want: RankResult, tol: Array | None, rows: Array, dtype_name: str,
