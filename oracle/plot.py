@@ -192,7 +192,9 @@ def _errors(ax: Axes, problem: Problem, outputs: list[tuple[Array, Array]] | Non
     starts = np.cumsum([0, *problem.config.tokens_per_rank])
     for start in starts[1:-1]:
         ax.axhline(start - 0.5, color="black", linewidth=1)
-    labels = [f"r{r} t{t}" if defined[start + t].any() else f"r{r} t{t} (undefined)"
+    active = np.concatenate([r.is_active() for r in problem.ranks])
+    reason = np.where(defined.any(axis=1), "", np.where(active, " (lost a slot)", " (masked)"))
+    labels = [f"r{r} t{t}{reason[start + t]}"
               for r, (start, m) in enumerate(zip(starts, problem.config.tokens_per_rank))
               for t in range(m)]
     if len(labels) <= 40:

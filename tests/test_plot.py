@@ -61,6 +61,8 @@ def test_the_figure_draws_the_counterexamples_own_numbers() -> None:
     assert shown.shape == (7, 32)
     defined = np.concatenate([r.defined for r in oracle.run(problem).ranks])
     assert np.array_equal(np.ma.getmaskarray(shown).all(axis=1), ~defined)
+    labels = [label.get_text() for label in errors.get_yticklabels()]
+    assert [label.endswith("(lost a slot)") for label in labels] == (~defined).tolist()
     token, column = verdict.where
     row = token + (problem.config.tokens_per_rank[0] if verdict.rank else 0)
     assert shown[row, column] == pytest.approx(np.log10(verdict.ratio))
