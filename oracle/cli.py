@@ -7,7 +7,8 @@
   real operator's historical layout and buffer rules, and known-defective reference variants)
   and print what was found, each with its minimal counterexample.
 - ``explain FILE`` — a readable description of a saved counterexample and, when it holds the
-  implementation's outputs, the known defect they equal (``oracle.diagnose``).
+  implementation's outputs, the known defect they equal (``oracle.diagnose``); ``--plot
+  OUT.png`` also draws it (``oracle.plot``, the optional extra ``plot``).
 - ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.capture``).
 """
 
