@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from oracle.numerics import Numerics
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 from spec.memory import LAYOUTS, layout_of, with_layout
@@ -38,6 +39,7 @@ __all__ = [
     "Counterexample",
     "arrays_of",
     "encode_arrays",
+    "judged_with",
     "load",
     "open_regular",
     "parse_header",
@@ -74,6 +76,26 @@ class Counterexample:
     problem: Problem
     outputs: list[tuple[Array, Array]] | None
     meta: dict[str, Any]
+
+    def judged_with(self) -> tuple[Numerics, float]:
+        """The numerics and ``ulps`` the file was judged with (:func:`judged_with`)."""
+        return judged_with(self.meta)
+
+
+def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
+    """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
+    files written before profiles existed get the defaults of their time (1 ulp). Raises
+    SpecError for a malformed record."""
+    try:
+        numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
+        ulps = meta.get("ulps", 1.0)
+        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
+            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
+    except (TypeError, ValueError) as exc:
+        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
+                        allowed="the record dfc-oracle writes",
+                        fix="regenerate the file with dfc-oracle") from None
+    return numerics, float(ulps)
 
 
 def _bad(path: Path, what: str, fix: str = "regenerate the file with dfc-oracle") -> SpecError:
