@@ -45,6 +45,7 @@ from oracle.reference import route
 from spec import OpConfig, Problem
 from spec.config import X_DTYPES
 from spec.limits import ShapeDomain
+from spec.memory import copy_array
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -97,9 +98,10 @@ class _Mismatch(Exception):
 
 
 def _copy_inputs(problem: Problem) -> Problem:
-    """A writable deep copy, so the implementation cannot touch the problem we judge it on."""
+    """A writable deep copy, so the implementation cannot touch the problem we judge it on;
+    each array keeps its layout class (:mod:`spec.memory`)."""
 
-    return Problem.from_validated([r.map_arrays(np.array, lists=True) for r in problem.ranks],
+    return Problem.from_validated([r.map_arrays(copy_array, lists=True) for r in problem.ranks],
                                   problem.config)
 
 

@@ -33,6 +33,7 @@ from spec.errors import (
 )
 from spec.fields import FIELDS, VARIANTS, variant_for
 from spec.int4 import compensation_bias, unpack_int4
+from spec.memory import copy_array
 
 __all__ = ["DTYPES", "Problem", "RankInputs", "dtype_name"]
 
@@ -161,7 +162,7 @@ class RankInputs:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    copy = np.array(a, copy=True, order="C")
+    copy = copy_array(a)  # the layout class too: a kernel must cope with strided weights
     copy.flags.writeable = False
     return copy
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from spec.config import OpConfig
 from spec.int4 import compensation_bias, pack_int4
+from spec.memory import with_layout
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
@@ -55,9 +56,12 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
                  "bias1": compensation_bias(w1, s1), "bias2": compensation_bias(w2, s2)}
     else:
         dtype = DTYPES[config.weight_dtype]
+        # bfloat16 through float32: ml_dtypes casts float64 to bfloat16 8x slower than float32
+        # (14.6 vs 1.8 ms for 0.5 M values); the double rounding moves about one value in 2^16.
+        via = np.float32 if config.weight_dtype == "bfloat16" else dtype
         lists = {
-            "w1": (rng.standard_normal((e, k, n)) / np.sqrt(k)).astype(dtype),
-            "w2": (rng.standard_normal((e, i, k)) / np.sqrt(i)).astype(dtype),
+            "w1": (rng.standard_normal((e, k, n)) / np.sqrt(k)).astype(via).astype(dtype),
+            "w2": (rng.standard_normal((e, i, k)) / np.sqrt(i)).astype(via).astype(dtype),
         }
 
     def form(stacked: np.ndarray) -> list[np.ndarray]:
@@ -98,13 +102,15 @@ def random_problem(
     expert_idx: Sequence[np.ndarray] | None = None,
     probs: Sequence[np.ndarray] | None = None,
     active_mask: Sequence[np.ndarray | None] | None = None,
+    layout: str = "contiguous",
 ) -> Problem:
     """A valid :class:`spec.Problem` of exactly this configuration, with seeded random values.
 
     Each keyword, when given, supplies that array for every rank instead of a random one: this is
     how strategies plant special rows, routings and masks. Defaults: x ~ N(0, 1); uniform routing;
     probs = softmax of normal logits (float32); all tokens active, or, for a ``masked``
-    configuration, a random mask.
+    configuration, a random mask. ``layout`` (:data:`spec.memory.LAYOUTS`) lays out x and the
+    weights of every rank: the values stay those of the contiguous draw.
     """
     rng = np.random.default_rng(seed)
     ranks = []
@@ -119,6 +125,10 @@ def random_problem(
             mask_r = rng.random(m) < 0.75
         else:
             mask_r = None
+        if layout != "contiguous":
+            x_r = with_layout(x_r, layout)
+            for name in ("w1", "w2"):
+                lists[name] = [with_layout(w, layout) for w in lists[name]]
         ranks.append(
             RankInputs(x=x_r, expert_idx=idx_r, probs=p_r, active_mask=mask_r, **lists)
         )
