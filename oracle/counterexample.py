@@ -351,8 +351,7 @@ def _load(path: Path) -> Counterexample:
                                 scale2=tensor_list(r, "scale2"),
                                 active_mask=entry(f"r{r}.active_mask")))
     try:
-        problem = Problem(ranks, max_output_size=config.max_output_size,
-                          swiglu_limit=config.swiglu_limit)
+        problem = Problem(ranks, **config.call_attributes())
     except SpecError as exc:
         raise _bad(path, f"arrays that fail validation ({exc})") from None
     if problem.config != config:

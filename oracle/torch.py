@@ -6,6 +6,8 @@ The operator's torch binding (vllm-ascend ``csrc/torch_binding.cpp``) takes, per
                          group, max_output_size, out, expert_token_nums, x_active_mask=None,
                          swiglu_limit=1e6)
 
+and, with the SwigluOAI variant (open PR #11916), ``swiglu_alpha=0.0`` after it.
+
 :class:`TorchRankInputs` holds one rank's arguments under those names. The dequant scales travel
 as int64 tensors holding the float32 bits, sign-extended (``s.view(torch.int32).to(torch.int64)``;
 §2 of the reference notes): :func:`to_torch` produces that encoding by default and
@@ -62,7 +64,8 @@ class TorchRankInputs:
 
     ``weight1``/``weight2``/``scale1``/``scale2`` are TensorLists (one stacked tensor or one per
     expert, §3). ``max_output_size`` ``None`` means no truncation; ``swiglu_limit`` ``None`` means
-    no clamp (the binding's default 1e6 is effectively none).
+    no clamp (the binding's default 1e6 is effectively none); ``swiglu_alpha`` ``None`` means
+    not passed (the PR #11916 binding's default 0: standard SwiGLU).
     """
 
     x: torch.Tensor
@@ -75,6 +78,7 @@ class TorchRankInputs:
     x_active_mask: torch.Tensor | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
 
 
 def _torch() -> Any:
@@ -204,6 +208,7 @@ def to_torch(
     *,
     max_output_size: int | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
     scales: str = "int64",
     device: Any = None,
 ) -> TorchRankInputs:
@@ -240,6 +245,7 @@ def to_torch(
         x_active_mask=None if mask is None else to_tensor(mask, device=device),
         max_output_size=max_output_size,
         swiglu_limit=swiglu_limit,
+        swiglu_alpha=swiglu_alpha,
     )
 
 
@@ -272,8 +278,7 @@ def implementation(
     """
     def impl(problem: Problem) -> list[tuple[Array, Array]]:
         ranks = [
-            to_torch(r, max_output_size=problem.max_output_size,
-                     swiglu_limit=problem.swiglu_limit, scales=scales, device=device)
+            to_torch(r, **problem.config.call_attributes(), scales=scales, device=device)
             for r in problem.ranks
         ]
         return [output_pair(o) for o in fn(ranks)]

@@ -111,6 +111,4 @@ def random_problem(
         ranks.append(
             RankInputs(x_r, idx_r, p_r, w1, w2, scale1=s1, scale2=s2, active_mask=mask_r)
         )
-    return Problem(
-        ranks, max_output_size=config.max_output_size, swiglu_limit=config.swiglu_limit
-    )
+    return Problem(ranks, **config.call_attributes())
