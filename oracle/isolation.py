@@ -49,6 +49,7 @@ from oracle.judge import Verdict, structured_outputs
 from oracle.loading import ImplLoadError, load_impl
 from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
+from spec.memory import LAYOUTS, copy_array, layout_of, with_layout
 
 __all__ = [
     "CallOutcome",
@@ -252,7 +253,8 @@ def check_signature(fn: Callable[..., Any], name: str) -> None:
 
 
 def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[bytes | memoryview]:
-    header = {**header, "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays]}
+    header = {**header, "arrays": [[k, str(a.dtype), list(a.shape), layout_of(a)]
+                                   for k, a in arrays]}
     head = json.dumps(header).encode()
     chunks = [np.ascontiguousarray(a) for _, a in arrays]
     size = sum(c.nbytes for c in chunks)
@@ -261,21 +263,27 @@ def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[byt
 
 
 def _decode_arrays(specs: object, payload: bytes) -> list[tuple[str, Array]]:
-    """Arrays of ``payload`` as declared by ``specs``, each a read-only view; a declaration that
-    does not account for the payload exactly is a ValueError."""
+    """Arrays of ``payload`` as declared by ``specs``, each read-only in its declared layout
+    (:mod:`spec.memory`); a declaration that does not account for the payload exactly is a
+    ValueError."""
     if not isinstance(specs, list):
         raise ValueError("no array list")
     arrays, offset = [], 0
     for spec in specs:
-        name, dtype_name, shape = spec
+        name, dtype_name, shape, layout = spec
         dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
-        if dtype.hasobject or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise ValueError(f"array {name!r}: {dtype_name} {shape}")
+        if (dtype.hasobject or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or layout not in LAYOUTS):
+            raise ValueError(f"array {name!r}: {dtype_name} {shape} {layout}")
         count = int(np.prod(shape, dtype=np.int64))
         end = offset + count * dtype.itemsize
         if end > len(payload):
             raise ValueError(f"array {name!r} beyond the payload")
-        arrays.append((str(name), np.frombuffer(payload, dtype, count, offset).reshape(shape)))
+        values = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+        if layout != "contiguous":
+            values = with_layout(values, layout)
+            values.flags.writeable = False
+        arrays.append((str(name), values))
         offset = end
     if offset != len(payload):
         raise ValueError("payload longer than its arrays")
@@ -340,12 +348,12 @@ def _problem_from(header: dict[str, Any], payload: bytes) -> tuple[Problem, dict
     config = OpConfig(**fields)
 
     def copy(key: str) -> Array | None:
-        return None if key not in originals else np.array(originals[key])
+        return None if key not in originals else copy_array(originals[key])
 
     def many(r: int, name: str) -> list[Array] | None:
         items: list[Array] = []
         while f"r{r}.{name}.{len(items)}" in originals:
-            items.append(np.array(originals[f"r{r}.{name}.{len(items)}"]))
+            items.append(copy_array(originals[f"r{r}.{name}.{len(items)}"]))
         return items or None
 
     ranks = []
@@ -531,11 +539,12 @@ class ChildProcess:
                                    f"restarted: {exc}")
         cfg = problem.config
         request = _encode({"config": asdict(cfg)}, list(arrays_of(problem).items()))
-        expected = [(f"r{r}.{k}", dtype, shape) for r in range(cfg.ep_size) for k, dtype, shape in
+        expected = [(f"r{r}.{k}", dtype, shape, "contiguous") for r in range(cfg.ep_size)
+                    for k, dtype, shape in
                     (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
                      ("expert_token_nums", "int32", [cfg.experts_per_rank]))]
         max_payload = sum(int(np.prod(s)) * DTYPES.get(d, np.dtype(d)).itemsize
-                          for _, d, s in expected)
+                          for _, d, s, _ in expected)
         deadline = time.monotonic() + timeout
         self._stderr.clear()
         try:
@@ -561,7 +570,7 @@ class ChildProcess:
         return self._outcome(*message, expected)
 
     def _outcome(self, header: dict[str, Any], payload: bytes,
-                 expected: list[tuple[str, str, list[int]]]) -> CallOutcome:
+                 expected: list[tuple[str, str, list[int], str]]) -> CallOutcome:
         changed = InputWrite.from_wire(header.get("changed"))
         status = header.get("status")
         if status == "raised":
