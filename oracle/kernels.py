@@ -419,7 +419,10 @@ class Swiglu:
     ties away from zero). ``gate_first``: the gate is the first ``I`` columns. ``exp_ulps`` /
     ``div_ulps``: how far the kernel's ``exp`` and division may lie from correctly rounded
     (freedoms). The clamp (``swiglu_limit``) is the contract's: ``min(·, L)`` on both halves,
-    ``max(·, −L)`` on the up half only, in both modes (variants.md, SwigluOAI).
+    ``max(·, −L)`` on the up half only, in both modes (variants.md, SwigluOAI; at HEAD
+    ``block_epilogue_pertoken_swiglu.hpp`` runs ``ClampMax`` on the whole row, then ``ClampMin``
+    on the up half [code], although PR #11916's description calls standard mode's up clamp
+    one-sided).
 
     SwigluOAI (``cfg.oai_alpha`` not ``None``, open PR #11916): ``exp(−fl(α·g))`` in place of
     ``exp(−g)`` and ``fl(u + 1)`` in place of ``u``, the same roundings otherwise; the order

@@ -88,7 +88,7 @@ def test_every_family_is_generated_by_the_default_strategy() -> None:
     """One generate-only pass records which families appear; every one must."""
     seen: set[str] = set()
 
-    @settings(max_examples=600, derandomize=True, database=None, deadline=None,
+    @settings(max_examples=800, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate])
     @given(problems())
     def record(problem: Problem) -> None:
@@ -292,7 +292,7 @@ def test_duplicates_reach_every_multiplicity() -> None:
                                         experts_per_rank=st.just(8)),
                         routing=routings(families=st.just("duplicates")))
     seen = set()
-    for labels, problem in _labelled(strategy, 80):
+    for labels, problem in _labelled(strategy, 120):
         (label,) = [s for s in labels if s.startswith("routing: ")]
         copies = int(label.split(", ")[1].split()[0])
         if sum(problem.config.tokens_per_rank):

@@ -238,3 +238,14 @@ def test_a_legitimate_exp_lies_in_the_profile_envelope(alpha: float | None) -> N
     if oai is not None:
         dropped = DispatchFfnCombine().swiglu(h[:, :4001], h[:, 4001:] - F32(1), oai)
         assert not ((env.lo <= dropped) & (dropped <= env.hi)).all()
+
+
+@pytest.mark.parametrize("mutant", [_SigmoidWithoutAlpha, _WithoutPlusOne, _AlphaIgnored],
+                         ids=lambda c: c.__name__)
+def test_the_ideal_judge_rejects_swiglu_oai_mutants(mutant: type[DispatchFfnCombine]) -> None:
+    """Where the correct kernel passes the ideal judge, each mutant fails it."""
+    problem = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=4, hidden=256,
+                                      intermediate=128, tokens_per_rank=(4, 3),
+                                      swiglu_alpha=1.702), seed=3)
+    assert compare(problem, DispatchFfnCombine()(problem), numerics="ideal").ok
+    assert not compare(problem, mutant()(problem), numerics="ideal").ok
