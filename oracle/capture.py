@@ -57,6 +57,8 @@ FORMAT = "dfc-oracle-capture"
 VERSION = 1
 MANIFEST = "manifest.json"
 #: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
+#: Call attributes added after format version 1: a capture without one took its default (None).
+_LATER_ATTRIBUTES = ("swiglu_alpha",)
 _MAX_MANIFEST = 1 << 20
 _BINDING_NAMES = ("x", "weight1", "weight2", "expert_idx", "scale1", "scale2", "probs",
                   "x_active_mask")
@@ -201,7 +203,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(world_size, int) or not 1 <= world_size <= MAX_EP_SIZE:
         raise _bad(path, f"world_size {world_size!r}", "capture a call of 1..32 ranks")
     for name in CALL_ATTRIBUTES:
-        if name not in attrs:
+        if name not in attrs and name not in _LATER_ATTRIBUTES:
             raise _bad(path, f"no attribute {name!r}")
     return manifest
 
