@@ -338,7 +338,9 @@ def configs(
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),
         swiglu_limits=_or(swiglu_limits, st.none() | st.sampled_from((0.5, 7.0))),
-        swiglu_alphas=_or(swiglu_alphas, _SWIGLU_ALPHAS),
+        # A domain without SwigluOAI draws nothing here: its searches stay as they were.
+        swiglu_alphas=_or(swiglu_alphas,
+                          _SWIGLU_ALPHAS if (domain or CONTRACT_DOMAIN).oai else st.none()),
     )
 
 
