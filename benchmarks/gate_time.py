@@ -42,13 +42,14 @@ globals().update(MUTANTS)
 
 def gate(checkout: Path, kernel: str, shim_dir: str, *extra: str) -> tuple[float, str, int]:
     """Seconds, outcome (``"pass"``/``"FAIL"``) and the number of full failure reports of one
-    gate run of ``kernel`` from ``checkout``."""
+    gate run of ``kernel`` with ``checkout``'s oracle, from a directory holding nothing but the
+    kernel module (as a user's project would: no test of ours is collected)."""
     env = dict(os.environ, PYTHONPATH=f"{shim_dir}{os.pathsep}{checkout}")
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "--dfc-impl",
          f"gate_kernels:{kernel}", *extra],
-        cwd=checkout, env=env, capture_output=True, text=True, check=False)
+        cwd=shim_dir, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     reports = len(re.findall(r"^what failed:", done.stdout, flags=re.M))
     outcome = {0: "pass", 1: "FAIL"}.get(done.returncode, f"exit {done.returncode}")

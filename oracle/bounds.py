@@ -37,9 +37,11 @@ bits, 11 significant bits, a relative error below ``2^(1−11) = 2^-10``; the id
 Clamp. ``min(·, L)`` and ``max(·, −L)`` are 1-Lipschitz and never increase ``|h|``: ``E_h`` and
 the magnitudes pass through unchanged.
 
-Step 4 (``"swiglu"``). ``silu`` is Lipschitz with constant ``sup|silu'| = 1.0998…`` (attained at
-``x ≈ ±2.3994``, the roots of ``silu''``), bounded above by :data:`SILU_LIPSCHITZ`, and
-``|silu(g)| <= |g|``. Hence
+Step 4 (``"swiglu"``; SwigluOAI, PR #11916: ``silu_α(g) = g/(1 + exp(−α·g)) = silu(αg)/α``
+with the same Lipschitz constant and ``|silu_α(g)| <= |g|``, ``u + 1`` in place of ``u``, and
+the rounding of ``α·g`` and of ``u + 1`` in ``ρ``: :meth:`_Format.exp_rho`). ``silu`` is
+Lipschitz with constant ``sup|silu'| = 1.0998…`` (attained at ``x ≈ ±2.3994``, the roots
+of ``silu''``), bounded above by :data:`SILU_LIPSCHITZ`, and ``|silu(g)| <= |g|``. Hence
 ``|silu(g)u − silu(g*)u*| <= L·E_g·(|u*| + E_u) + |silu(g*)|·E_u``. The float32 evaluation
 ``fl(fl(g / fl(1 + fl(exp(−g)))) · u)`` adds a relative error
 ``ρ = (1+u)²/((1 − c·u)(1 − u)) − 1`` on ``|silu(g)u| <= (|silu(g*)| + L·E_g)(|u*| + E_u)``, with
@@ -93,6 +95,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from oracle.numerics import glu64
 from oracle.reference import Result, route
 from spec import DTYPES, Problem
 from spec.config import OpConfig
@@ -140,10 +143,16 @@ class _Format:
     def gamma(self, n: int) -> float:
         return n * self.unit / (1 - n * self.unit)
 
-    def exp_rho(self, ulps: int) -> float:
-        """Relative error of ``fl(fl(g / fl(1 + exp(−g))) · u)`` with ``exp`` within ``ulps``."""
+    def exp_rho(self, ulps: int, oai_arg: Any = None) -> Any:
+        """Relative error of ``fl(fl(g / fl(1 + exp(−g))) · u)`` with ``exp`` within ``ulps``;
+        for SwigluOAI, ``fl(fl(g / fl(1 + exp(−fl(α·g)))) · fl(u + 1))`` with ``|α·g| <=
+        oai_arg``: the rounded argument puts ``exp`` within ``exp(|αg|·u) − 1`` (at most
+        ``1.01·|αg|·u`` for ``|αg| < 89``) more, and ``u + 1`` is one more rounding."""
         c = 2 * ulps * self.unit
-        return (1 + self.unit) ** 2 / ((1 - c) * (1 - self.unit)) - 1
+        if oai_arg is None:
+            return (1 + self.unit) ** 2 / ((1 - c) * (1 - self.unit)) - 1
+        c = c + 1.01 * oai_arg * self.unit
+        return (1 + self.unit) ** 3 / ((1 - c) * (1 - self.unit)) - 1
 
 
 F16, F32, F64 = _Format.of(np.float16), _Format.of(np.float32), _Format.of(np.float64)
@@ -184,13 +193,17 @@ def _dequant_chain(steps: _Steps, term: str, mag: Array, sigma: Array, truncate:
 
 def _swiglu_error(
     steps: _Steps, silu_mag: Array, up_mag: Array, err_g: Array, err_u: Array,
-    gate_hi: Array, fmt: _Format, ulps: int, term: str,
+    gate_hi: Array, fmt: _Format, ulps: int, term: str, alpha: float | None,
 ) -> Array:
     """``|a − a*|`` of a SwiGLU evaluated in ``fmt`` on inputs within ``err_g``/``err_u`` of the
-    exact ``g*``, ``u*`` (``|silu(g*)| <= silu_mag``, ``|u*| <= up_mag``; ``|g| <= gate_hi``)."""
+    exact ``g*``, ``u*`` (``|silu(g*)| <= silu_mag``, ``|u*| <= up_mag``; ``|g| <= gate_hi``).
+    SwigluOAI (``alpha``): ``silu_α(g) = silu(αg)/α`` has the same Lipschitz constant and
+    ``|silu_α(g)| <= |g|``; ``up_mag`` then bounds ``|u* + 1|``."""
     propagated = SILU_LIPSCHITZ * err_g * (up_mag + err_u) + silu_mag * err_u
     value = (silu_mag + SILU_LIPSCHITZ * err_g) * (up_mag + err_u)
-    rho = np.where(gate_hi < math.log(fmt.max), fmt.exp_rho(ulps), 1.0)
+    arg_hi = gate_hi if alpha is None else alpha * gate_hi
+    rho = np.where(arg_hi < math.log(fmt.max),
+                   fmt.exp_rho(ulps, None if alpha is None else arg_hi), 1.0)
     return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
 
 
@@ -282,17 +295,17 @@ def _expert_bound(
     if cfg.swiglu_limit is not None:
         h = np.minimum(h, cfg.swiglu_limit)
         h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
-    g, u = h[:, :i], h[:, i:]
-    with np.errstate(over="ignore"):
-        silu = g / (1.0 + np.exp(-g))
+    alpha = cfg.oai_alpha
+    g = h[:, :i]
+    _, silu, u = glu64(g, h[:, i:], alpha)
     a = silu * u
     silu_mag = np.abs(silu) + SILU_LIPSCHITZ * e_c_h[:, :i]
     up_mag = np.abs(u) + e_c_h[:, i:]
     gate_hi = np.abs(g) + e_c_h[:, :i]
     e_c_a = _swiglu_error(exact, silu_mag, up_mag, e_c_h[:, :i], e_c_h[:, i:], gate_hi, F64,
-                          EXP_ULPS64, "ideal_float64")
+                          EXP_ULPS64, "ideal_float64", alpha)
     e64_a = _swiglu_error(steps, silu_mag, up_mag, e64_h[:, :i], e64_h[:, i:], gate_hi, F64,
-                          EXP_ULPS64, "ideal_float64")
+                          EXP_ULPS64, "ideal_float64", alpha)
     a_mag = np.abs(a) + e_c_a  # >= |a*|
 
     overflow = np.zeros(rows, dtype=bool)
@@ -308,7 +321,7 @@ def _expert_bound(
         e_h = steps.round("gemm1", h_mag, steps.round("gemm1", h_mag, e_h, F32), out)
     e_g, e_u = e_h[:, :i], e_h[:, i:]
     e_a = _swiglu_error(
-        steps, silu_mag, up_mag, e_g, e_u, gate_hi + e_g, F32, EXP_ULPS, "swiglu",
+        steps, silu_mag, up_mag, e_g, e_u, gate_hi + e_g, F32, EXP_ULPS, "swiglu", alpha,
     )
     if int8:
         af_mag = a_mag + e_a  # >= |a| as the kernel computes it

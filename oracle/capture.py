@@ -48,6 +48,7 @@ from oracle.judge import Verdict, compare
 from oracle.numerics import Numerics
 from oracle.torch import TorchRankInputs, from_torch, output_pair
 from spec import MAX_EP_SIZE, CounterexampleFileError, Problem, RankInputs, SpecError
+from spec.config import CALL_ATTRIBUTES
 from spec.errors import describe
 from spec.fields import FIELDS
 
@@ -57,7 +58,8 @@ FORMAT = "dfc-oracle-capture"
 VERSION = 1
 MANIFEST = "manifest.json"
 #: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
-_CALL_ATTRS = ("max_output_size", "swiglu_limit")
+#: Call attributes added after format version 1: a capture without one took its default (None).
+_LATER_ATTRIBUTES = ("swiglu_alpha",)
 _MAX_MANIFEST = 1 << 20
 _BINDING_NAMES = tuple(f.binding for f in FIELDS)
 
@@ -124,9 +126,10 @@ def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: A
 
     ``outputs`` is ``(out, expert_token_nums)`` or an object with those attributes. ``attrs``
     must include ``world_size`` unless ``torch.distributed`` is initialised (then its world
-    size is used); ``max_output_size`` and ``swiglu_limit`` are the call's attributes (default
-    ``None``: no truncation, no clamp); anything else (step, layer, …) is kept as context. Every
-    rank must pass the same ``attrs``; :func:`verify` checks it.
+    size is used); ``max_output_size``, ``swiglu_limit`` and ``swiglu_alpha`` are the call's
+    attributes (default ``None``: no truncation, no clamp, standard SwiGLU); anything else
+    (step, layer, …) is kept as context. Every rank must pass the same ``attrs``;
+    :func:`verify` checks it.
     """
     directory = Path(directory)
     if "world_size" not in attrs:
@@ -139,9 +142,9 @@ def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: A
             )
         attrs["world_size"] = dist.get_world_size()
     if isinstance(inputs, TorchRankInputs):
-        attrs.setdefault("max_output_size", inputs.max_output_size)
-        attrs.setdefault("swiglu_limit", inputs.swiglu_limit)
-    for name in _CALL_ATTRS:
+        for name in CALL_ATTRIBUTES:
+            attrs.setdefault(name, getattr(inputs, name))
+    for name in CALL_ATTRIBUTES:
         attrs.setdefault(name, None)
     meta_attrs = _json_attrs(attrs)
     world_size = meta_attrs["world_size"]
@@ -191,8 +194,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     world_size = attrs.get("world_size")
     if not isinstance(world_size, int) or not 1 <= world_size <= MAX_EP_SIZE:
         raise _bad(path, f"world_size {world_size!r}", "capture a call of 1..32 ranks")
-    for name in _CALL_ATTRS:
-        if name not in attrs:
+    for name in CALL_ATTRIBUTES:
+        if name not in attrs and name not in _LATER_ATTRIBUTES:
             raise _bad(path, f"no attribute {name!r}")
     return manifest
 
@@ -271,8 +274,7 @@ def _load(directory: Path) -> Capture:
             raise _bad(_rank_file(directory, r), f"no arrays {missing}", rank=r)
         ranks.append(RankInputs.from_arrays(arrays, binding=True))
         outputs.append((arrays["out"], arrays["expert_token_nums"]))
-    problem = Problem(ranks, max_output_size=attrs["max_output_size"],
-                      swiglu_limit=attrs["swiglu_limit"])
+    problem = Problem(ranks, **{name: attrs.get(name) for name in CALL_ATTRIBUTES})
     return Capture(problem, outputs, attrs)
 
 
@@ -291,7 +293,7 @@ class VerifyReport:
         return self.verdict.ok
 
     def __str__(self) -> str:
-        context = {k: v for k, v in self.attrs.items() if k not in (*_CALL_ATTRS, "world_size")}
+        context = {k: v for k, v in self.attrs.items() if k not in (*CALL_ATTRIBUTES, "world_size")}
         lines = [
             f"capture {self.directory}: {self.problem.config.summary()}"
             + (f" {context}" if context else ""),

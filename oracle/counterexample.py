@@ -376,8 +376,7 @@ def _load(path: Path) -> Counterexample:
             raise _bad(path, f"rank {r}'s inputs incomplete (no {', '.join(missing)})")
         ranks.append(RankInputs.from_arrays(given))
     try:
-        problem = Problem(ranks, max_output_size=config.max_output_size,
-                          swiglu_limit=config.swiglu_limit)
+        problem = Problem(ranks, **config.call_attributes())
     except SpecError as exc:
         raise _bad(path, f"arrays that fail validation ({exc})") from None
     if problem.config != config:

@@ -160,8 +160,9 @@ def _each_rank(problem: Problem, change: Callable[[RankInputs], RankInputs],
                max_output_size: int | None = None) -> Problem:
     cfg = problem.config
     cap = cfg.max_output_size if max_output_size is None else max_output_size
-    return Problem([change(r) for r in problem.ranks], max_output_size=cap,
-                   swiglu_limit=cfg.swiglu_limit)
+    attributes = cfg.call_attributes()
+    attributes["max_output_size"] = cap
+    return Problem([change(r) for r in problem.ranks], **attributes)
 
 
 def _probs_ones(problem: Problem) -> Problem:

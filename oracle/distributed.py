@@ -61,6 +61,7 @@ from oracle.torch import (
     to_torch,
 )
 from spec import ConfigError, Problem, RankInputs
+from spec.config import CallAttributes, oai_alpha
 
 if TYPE_CHECKING:
     import torch
@@ -289,8 +290,13 @@ def _ffn_rows(inputs: TorchRankInputs, e: int, rows: torch.Tensor) -> torch.Tens
         h = torch.minimum(h, torch.tensor(limit, dtype=torch.float32))
         h[:, i_size:] = torch.maximum(h[:, i_size:], torch.tensor(-limit, dtype=torch.float32))
     gate, up = h[:, :i_size], h[:, i_size:]
+    alpha = oai_alpha(inputs.swiglu_alpha)
+    if alpha is not None:  # SwigluOAI (PR #11916): exp(−fl(α·gate)), up + 1
+        arg, up = gate * torch.tensor(alpha, dtype=torch.float32), up + 1
+    else:
+        arg = gate
     with np.errstate(over="ignore"):
-        exp_neg = to_tensor(np.exp(-to_numpy(gate)))
+        exp_neg = to_tensor(np.exp(-to_numpy(arg)))
     a = gate / (1 + exp_neg) * up  # step 4
     amax2 = a.abs().amax(dim=1)
     # A true division: torch evaluates ``127 / tensor`` as ``reciprocal(tensor) * 127``, two
@@ -347,15 +353,13 @@ def reference_rank(inputs: TorchRankInputs, group: ProcessGroup) -> tuple[Any, A
 @dataclass(frozen=True)
 class _Job:
     inputs: RankInputs
-    max_output_size: int | None
-    swiglu_limit: float | None
+    attributes: CallAttributes
 
 
 def _run_job(impl_rank: ImplRank, job: _Job, group: Any, scales: str) -> tuple[str, Any]:
     """Run one rank's part of one example: ("ok", (out, nums)) or ("raised", text)."""
     try:
-        inputs = to_torch(job.inputs, max_output_size=job.max_output_size,
-                          swiglu_limit=job.swiglu_limit, scales=scales)
+        inputs = to_torch(job.inputs, **job.attributes, scales=scales)
         return "ok", output_pair(impl_rank(inputs, group))
     except BaseException as exc:  # SystemExit too: the rank must answer
         return "raised", _describe_failure(exc)
@@ -500,7 +504,7 @@ class _WorkerPool:
                 fix="draw problems with configs(ep_sizes=st.just(world_size))",
             )
         for conn, inputs in zip(self._conns, problem.ranks):
-            conn.send(_Job(inputs, problem.max_output_size, problem.swiglu_limit))
+            conn.send(_Job(inputs, problem.config.call_attributes()))
         replies = self._collect(range(world_size), inf)
         if self.closed:
             raise RuntimeError("the worker pool was closed during the example")
@@ -639,7 +643,7 @@ class _GroupImpl:
     def __call__(self, problem: Problem) -> list[tuple[Array, Array]]:
         dist = _dist()
         world_size = dist.get_world_size(self._group)
-        jobs = [_Job(r, problem.max_output_size, problem.swiglu_limit) for r in problem.ranks]
+        jobs = [_Job(r, problem.config.call_attributes()) for r in problem.ranks]
         digest = hashlib.sha256(pickle.dumps(jobs)).digest()
         if self.broken is not None:
             if digest == self.broken[0]:  # Hypothesis replays the failing example

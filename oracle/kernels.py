@@ -480,7 +480,14 @@ class Swiglu:
     ties away from zero). ``gate_first``: the gate is the first ``I`` columns. ``exp_ulps`` /
     ``div_ulps``: how far the kernel's ``exp`` and division may lie from correctly rounded
     (freedoms). The clamp (``swiglu_limit``) is the contract's: ``min(·, L)`` on both halves,
-    ``max(·, −L)`` on the up half only.
+    ``max(·, −L)`` on the up half only, in both modes (variants.md, SwigluOAI; at HEAD
+    ``block_epilogue_pertoken_swiglu.hpp`` runs ``ClampMax`` on the whole row, then ``ClampMin``
+    on the up half [code], although PR #11916's description calls standard mode's up clamp
+    one-sided).
+
+    SwigluOAI (``cfg.oai_alpha`` not ``None``, open PR #11916): ``exp(−fl(α·g))`` in place of
+    ``exp(−g)`` and ``fl(u + 1)`` in place of ``u``, the same roundings otherwise; the order
+    of the PR's float32 operations is not pinned by a source [inferred].
     """
 
     silu_store: str | None = None
@@ -506,11 +513,16 @@ class Swiglu:
         else:
             up = h.columns(up_cols)
         gate = h.columns(gate_cols)
+        alpha = cfg.oai_alpha
+        arg = gate.mid
+        if alpha is not None:
+            arg = gate.mid * F32(alpha)
+            up = _monotone(lambda a: to_f32(a + F32(1)), up)
         with np.errstate(over="ignore"):
-            silu_mid = gate.mid / (F32(1) + np.exp(-gate.mid))
+            silu_mid = gate.mid / (F32(1) + np.exp(-arg))
         silu = Env(silu_mid)
         if gate.lo is not None and gate.hi is not None:
-            silu = self._silu_envelope(gate, silu_mid)
+            silu = self._silu_envelope(gate, silu_mid, 1.0 if alpha is None else alpha)
         if self.silu_store is not None:
             silu = _monotone(_store(self.silu_store, x_dtype), silu)
         a = _product(silu, up, to_f32)
@@ -518,22 +530,30 @@ class Swiglu:
             a = _monotone(_store(self.store, x_dtype), a)
         return a
 
-    def _silu_envelope(self, gate: Env, silu_mid: Array) -> Env:
-        """The range of silu over ``[g_lo, g_hi]`` (float64), widened by the float32
+    def _silu_envelope(self, gate: Env, silu_mid: Array, alpha: float) -> Env:
+        """The range of ``silu_α(g) = g/(1 + exp(−α·g))`` (``α = 1``: silu; its one minimum
+        is silu's scaled by ``1/α``) over ``[g_lo, g_hi]`` (float64), widened by the float32
         evaluation's relative error ``ρ = (1 + u_q)/((1 − ε_e)(1 − u)) − 1`` (``ε_e`` the
-        ``exp`` error, ``u_q`` the division's); exact where nothing is free."""
+        ``exp`` error, plus ``exp(|αg|·u) − 1`` for the rounding of ``α·g`` where ``α ≠ 1``;
+        ``u_q`` the division's); exact where nothing is free."""
         assert gate.lo is not None and gate.hi is not None
         g_lo, g_hi = gate.lo.astype(np.float64), gate.hi.astype(np.float64)
         with np.errstate(over="ignore"):
-            s_lo, s_hi = g_lo / (1 + np.exp(-g_lo)), g_hi / (1 + np.exp(-g_hi))
+            s_lo = g_lo / (1 + np.exp(-alpha * g_lo))
+            s_hi = g_hi / (1 + np.exp(-alpha * g_hi))
+        argmin = _SILU_ARGMIN / alpha
         lo = np.minimum(s_lo, s_hi)
-        lo = np.where((g_lo < _SILU_ARGMIN) & (g_hi > _SILU_ARGMIN), _SILU_MIN, lo)
+        lo = np.where((g_lo < argmin) & (g_hi > argmin), _SILU_MIN / alpha, lo)
         hi = np.maximum(s_lo, s_hi)
-        eps_e = 2 * self.exp_ulps * _U32
+        eps_e: Any = 2 * self.exp_ulps * _U32
+        margin = 1.0  # the relative rounding of α·g (none for α = 1)
+        if alpha != 1.0:
+            eps_e = eps_e + 1.01 * alpha * np.maximum(np.abs(g_lo), np.abs(g_hi)) * _U32
+            margin += 2.0**-20
         u_q = _U32 * (1 + 2 * self.div_ulps)
         rho = (1 + u_q) / ((1 - eps_e) * (1 - _U32)) - 1 + 4 * 2.0**-53
-        # exp(−g) overflows float32 below g ≈ −88.7: the kernel's silu is then ±0.
-        huge = g_lo < -math.log(float(np.finfo(F32).max))
+        # exp(−α·g) overflows float32 below α·g ≈ −88.7: the kernel's silu is then ±0.
+        huge = alpha * g_lo * margin < -math.log(float(np.finfo(F32).max))
         lo = np.where(huge, np.minimum(lo, 0), lo)
         hi = np.where(huge, np.maximum(hi, 0), hi)
         lo = lo - rho * np.abs(lo) - 2 * _TINY32
@@ -544,10 +564,10 @@ class Swiglu:
         # float32 rounding of the float64 bound may land inside: step outward.
         lo32 = np.where(pinned, lo32, np.nextafter(lo32, F32(-np.inf)))
         hi32 = np.where(pinned, hi32, np.nextafter(hi32, F32(np.inf)))
-        # gate >= 17: exp(−g) < 2^-24 even a few ulps off, so fl(1 + exp(−g)) = 1 and an exact
-        # division returns g itself: silu is the gate's own envelope, with no rounding slack.
+        # α·gate >= 17: exp(−α·g) < 2^-24 even a few ulps off, so fl(1 + exp(−α·g)) = 1 and an
+        # exact division returns g itself: silu is the gate's own envelope, no rounding slack.
         if self.div_ulps == 0:
-            big = gate.lo >= 17
+            big = alpha * gate.lo.astype(np.float64) >= 17 * margin
             lo32 = np.where(big, gate.lo, lo32)
             hi32 = np.where(big, gate.hi, hi32)
         return Env(silu_mid, lo32.astype(F32), hi32.astype(F32))

@@ -26,6 +26,7 @@ __all__ = [
     "ZERO_ROW_POLICIES",
     "Numerics",
     "exact_int_matmul",
+    "glu64",
     "resolve_numerics",
     "round_half_away",
     "truncate_scale_bits",
@@ -178,3 +179,16 @@ def exact_int_matmul(q: Array, w: Array) -> Array:
         return np.asarray(np.matmul(q.astype(F32, copy=False), w.astype(F32)))
     assert bound < 2**53, f"int GEMM of reduction length {q.shape[-1]} is not exact in float64"
     return np.asarray(np.matmul(q.astype(np.float64), w.astype(np.float64)))
+
+
+def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:
+    """The call's gated activation in float64 (§6 step 4) on clamped halves: ``(arg, silu,
+    factor)`` with ``a = silu·factor``. SwiGLU (``alpha`` ``None``): ``arg = g``,
+    ``silu = g/(1 + exp(−g))``, ``factor = u``; SwigluOAI (``alpha``:
+    :attr:`spec.OpConfig.oai_alpha`, open PR #11916): ``arg = α·g``,
+    ``silu = g/(1 + exp(−α·g))``, ``factor = u + 1``. ``arg`` is the sigmoid's argument, for
+    the derivatives: ``d silu/dg = σ(arg)·(1 + arg·(1 − σ(arg)))``."""
+    arg = gate if alpha is None else alpha * gate
+    with np.errstate(over="ignore"):
+        silu = gate / (1.0 + np.exp(-arg))
+    return arg, silu, up if alpha is None else up + 1.0

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from oracle.kernels import Env, cast
-from oracle.numerics import F32, Numerics, resolve_numerics, truncate_scale_bits
+from oracle.numerics import F32, Numerics, glu64, resolve_numerics, truncate_scale_bits
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.int4 import unpack_int4
@@ -172,7 +172,8 @@ def expert_values(problem: Problem, g: int) -> dict[str, Array]:
 def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
 ) -> Array:
-    """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any."""
+    """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
+    SwigluOAI activation where the call selects it, :func:`oracle.numerics.glu64`)."""
     w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
     w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
     h = x.astype(np.float64) @ w1d
@@ -180,10 +181,8 @@ def _ffn_ideal(
     if cfg.swiglu_limit is not None:
         h = np.minimum(h, cfg.swiglu_limit)
         h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
-    gate, up = h[:, :i], h[:, i:]
-    with np.errstate(over="ignore"):
-        a = gate / (1.0 + np.exp(-gate)) * up
-    return np.asarray(a @ w2d)
+    _, silu, factor = glu64(h[:, :i], h[:, i:], cfg.oai_alpha)
+    return np.asarray(silu * factor @ w2d)
 
 
 def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
@@ -213,7 +212,7 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
 
     ranks = [dataclasses.replace(r, w1=halves(r.w1), scale1=scales(r.scale1, True),
                                  scale2=scales(r.scale2, False)) for r in problem.ranks]
-    return Problem(ranks, max_output_size=cfg.max_output_size, swiglu_limit=cfg.swiglu_limit)
+    return Problem(ranks, **cfg.call_attributes())
 
 
 def _combine_ideal(y: Array, probs: Array) -> Array:

@@ -48,11 +48,12 @@ error actually made.
 The projection (Hoeffding). With ``ŵ = out*/|out*|``, ``s = ŵ·d = Σ_p (J_pᵀŵ)·e_p + ŵ·r``. The
 coefficients ``α_p = J_pᵀŵ`` come from back-propagating ``ŵ`` through the linearised pipeline:
 ``β_y,k = p_k·ŵ``, ``β_a = W2d·β_y`` (one matvec), ``β_g = β_a·silu'(g)·u``, ``β_u = β_a·silu(g)``
-(zero where the clamp is active), ``α_x = Σ_k W1d·β_h,k`` (one matvec per slot, summed over the
-token's slots, which share ``x``'s quantisation). For independent zero-mean ``e_j`` with
-``|e_j| <= c_j``, Hoeffding's inequality (Hoeffding 1963, Thm 2) gives
-``P(|Σ α_j e_j| >= t) <= 2·exp(−t²/(2V))``, ``V = Σ α_j² c_j²``. So, with the per-row share
-``δ_row`` of the false-alarm probability, a legitimate row has
+(zero where the clamp is active; SwigluOAI: ``silu_α(g) = silu(αg)/α`` with ``silu_α' =
+silu'(αg)``, ``sup|silu_α''| = α/2``, and ``u + 1`` for ``u``), ``α_x = Σ_k W1d·β_h,k`` (one
+matvec per slot, summed over the token's slots, which share ``x``'s quantisation). For
+independent zero-mean ``e_j`` with ``|e_j| <= c_j``, Hoeffding's inequality (Hoeffding
+1963, Thm 2) gives ``P(|Σ α_j e_j| >= t) <= 2·exp(−t²/(2V))``, ``V = Σ α_j² c_j²``. So,
+with the per-row share ``δ_row`` of the false-alarm probability, a legitimate row has
 ``|s| <= T := sqrt(2V·ln(2/δ_row)) + R``, ``R`` the deterministic part (ties, remainder).
 
 The remainder. Everything is linear in the ``e_p`` except SwiGLU: with ``|δg| <= E_g``,
@@ -98,6 +99,7 @@ from typing import Any
 import numpy as np
 
 from oracle.bounds import EXP_ULPS, F32, _Format
+from oracle.numerics import glu64
 from oracle.reference import Result, route
 from spec import DTYPES, Problem
 
@@ -262,7 +264,7 @@ def row_thresholds(
     u_s = _unit(assumptions.stored_dtype) + 3 * u32
     u_o = _unit(cfg.x_dtype)
     eta_s, eta_o = _tiny(assumptions.stored_dtype), _tiny(cfg.x_dtype)
-    rho = F32.exp_rho(EXP_ULPS)
+    alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
     total = sum(cfg.tokens_per_rank)
     routing = route(problem)
@@ -340,16 +342,21 @@ def row_thresholds(
             band[:, i_len:] = np.abs(np.abs(up) - limit) <= e_u
             gate = np.minimum(gate, limit)
             up = np.clip(up, -limit, limit)
+        # SwigluOAI: silu_α(g) = silu(αg)/α, so silu_α' = silu'(αg) and sup|silu_α''| = α/2;
+        # the factor is u + 1 (oracle.numerics.glu64).
+        arg, _, up = glu64(gate, up, alpha)
         with np.errstate(over="ignore"):
-            sig = 1 / (1 + np.exp(-gate))
+            sig = 1 / (1 + np.exp(-arg))
         silu = gate * sig
-        dsilu = sig * (1 + gate * (1 - sig))
+        dsilu = sig * (1 + arg * (1 - sig))
         d_g = np.where(pass_g, dsilu * up, 0.0)
         d_u = np.where(pass_u, silu, 0.0)
         a = silu * up
-        rem_a = _SILU_CURVATURE / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
+        curvature = _SILU_CURVATURE * (1.0 if alpha is None else alpha)
+        rem_a = curvature / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
         e_a = np.abs(d_g) * e_g + np.abs(d_u) * e_u + rem_a
         a_mag = np.abs(a) + e_a
+        rho = F32.exp_rho(EXP_ULPS, None if alpha is None else np.abs(arg) + alpha * e_g)
         c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
         e_a = e_a + np.sqrt(c_sw2)
         if int8:

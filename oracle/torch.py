@@ -6,6 +6,8 @@ The operator's torch binding (vllm-ascend ``csrc/torch_binding.cpp``) takes, per
                          group, max_output_size, out, expert_token_nums, x_active_mask=None,
                          swiglu_limit=1e6)
 
+and, with the SwigluOAI variant (open PR #11916), ``swiglu_alpha=0.0`` after it.
+
 :class:`TorchRankInputs` holds one rank's arguments under those names. The dequant scales travel
 as int64 tensors holding the float32 bits, sign-extended (``s.view(torch.int32).to(torch.int64)``;
 §2 of the reference notes): :func:`to_torch` produces that encoding by default and
@@ -74,9 +76,10 @@ class TorchRankInputs:
 
     ``weight1``/``weight2``/``scale1``/``scale2``/``bias1``/``bias2`` are TensorLists (one
     stacked tensor or one per expert, §3). ``max_output_size`` ``None`` means no truncation;
-    ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none).
-    ``out`` and ``expert_token_nums``: the output buffers to write into, poisoned (NaN, -1),
-    when the implementation was wrapped with ``out_buffers=True``; else ``None``.
+    ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none);
+    ``swiglu_alpha`` ``None`` means not passed (the PR #11916 binding's default 0: standard
+    SwiGLU). ``out`` and ``expert_token_nums``: the output buffers to write into, poisoned (NaN,
+    -1), when the implementation was wrapped with ``out_buffers=True``; else ``None``.
     """
 
     x: torch.Tensor
@@ -91,6 +94,7 @@ class TorchRankInputs:
     bias2: list[torch.Tensor] | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     out: torch.Tensor | None = None
     expert_token_nums: torch.Tensor | None = None
 
@@ -233,6 +237,7 @@ def to_torch(
     *,
     max_output_size: int | None = None,
     swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
     scales: str = "int64",
     device: Any = None,
     out_buffers: bool = False,
@@ -269,6 +274,7 @@ def to_torch(
     num_experts = inputs.w1[0].shape[0] if len(inputs.w1) == 1 else len(inputs.w1)  # §3
     return TorchRankInputs(
         **values, max_output_size=max_output_size, swiglu_limit=swiglu_limit,
+        swiglu_alpha=swiglu_alpha,
         out=torch.full_like(x, float("nan")) if out_buffers else None,
         expert_token_nums=(torch.full((num_experts,), -1, dtype=torch.int32, device=x.device)
                            if out_buffers else None),
@@ -307,8 +313,7 @@ def implementation(
     """
     def impl(problem: Problem) -> list[tuple[Array, Array]]:
         ranks = [
-            to_torch(r, max_output_size=problem.max_output_size,
-                     swiglu_limit=problem.swiglu_limit, scales=scales, device=device,
+            to_torch(r, **problem.config.call_attributes(), scales=scales, device=device,
                      out_buffers=out_buffers)
             for r in problem.ranks
         ]

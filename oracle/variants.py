@@ -7,16 +7,19 @@ difference does to real outputs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from hypothesis import strategies as st
 
 from oracle.numerics import Numerics
 from oracle.reference import run
 from spec import Problem
-from spec.strategies import problems, token_rows
+from spec.adapter import PR11916_PYTHON_DEFAULT_ALPHA, swiglu_experts
+from spec.strategies import configs, problems, token_rows
 
 __all__ = ["VARIANTS", "Variant", "outputs_of"]
 
@@ -28,6 +31,39 @@ def outputs_of(numerics: Numerics) -> Callable[[Problem], list[tuple[Any, Any]]]
         return [(r.out, r.expert_token_nums) for r in run(problem, numerics=numerics).ranks]
 
     return impl
+
+
+def _default_alpha(problem: Problem) -> list[tuple[Any, Any]]:
+    """A standard W8A8 call through PR #11916's Python binding: ``swiglu_alpha`` becomes its
+    default."""
+    attributes = problem.config.call_attributes()
+    if attributes["swiglu_alpha"] is None:
+        attributes["swiglu_alpha"] = PR11916_PYTHON_DEFAULT_ALPHA
+    return outputs_of(Numerics())(Problem(problem.ranks, **attributes))
+
+
+def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
+    """The BF16 kernel's SwiGLU epilogue (:func:`spec.adapter.swiglu_experts`): an expert it
+    skips goes through GMM2 on a SwiGLU buffer nothing wrote, taken as zeros (a first call on
+    a fresh buffer; later calls read the previous call's rows [inferred]), so its ``y`` is 0:
+    the reference with that expert's ``w2`` zeroed."""
+    e = problem.config.experts_per_rank
+    skipped = [j for j in range(e) if j not in swiglu_experts(e, "bf16")]
+    if problem.config.weight_dtype == "int8" or not skipped:
+        return outputs_of(Numerics())(problem)
+
+    def stale(w2: Any) -> Any:
+        w2 = np.array(w2)
+        if w2.ndim == 3:
+            w2[skipped] = 0
+        return w2
+
+    ranks = []
+    for r in problem.ranks:
+        w2 = [stale(w) for w in r.w2] if len(r.w2) == 1 else [
+            np.zeros_like(w) if j in skipped else w for j, w in enumerate(r.w2)]
+        ranks.append(dataclasses.replace(r, w2=w2))
+    return outputs_of(Numerics())(Problem(ranks, **problem.config.call_attributes()))
 
 
 @dataclass(frozen=True)
@@ -55,5 +91,22 @@ VARIANTS = (
         "reference notes §6 step 2 [inferred]",
         outputs_of(Numerics(truncate_scales=True)),
         problems(values=token_rows(families=st.sampled_from(("normal", "ties")))),
+    ),
+    Variant(
+        "oai-default-alpha",
+        f"PR #11916's Python binding passes swiglu_alpha = {PR11916_PYTHON_DEFAULT_ALPHA} when "
+        "the caller passes none: a standard W8A8 model runs SwigluOAI",
+        "variants.md [inferred]; PR #11916 (open)",
+        _default_alpha,
+        problems(configs=configs(weight_dtypes=st.just("int8"), swiglu_alphas=st.none())),
+    ),
+    Variant(
+        "bf16-epilogue-e2",
+        "the BF16 kernel's epilogue granularity E − 2: at E = 2 SwiGLU never runs and GMM2 "
+        "reads a stale buffer; E = 1 works",
+        "variants.md; dispatch_ffn_combine_bf16.h [code]",
+        _bf16_epilogue,
+        problems(configs=configs(weight_dtypes=st.sampled_from(("bfloat16", "float16")),
+                                 experts_per_rank=st.sampled_from((1, 2, 3, 4)))),
     ),
 )

@@ -8,17 +8,22 @@ directly.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
+from typing import TypedDict
 
 from spec.errors import ConfigError
 from spec.fields import VARIANTS, Variant, variant_for
 
 __all__ = [
+    "CALL_ATTRIBUTES",
     "MAX_EP_SIZE",
     "WEIGHT_DTYPES",
     "WEIGHT_FORMS",
     "X_DTYPES",
+    "CallAttributes",
     "OpConfig",
+    "oai_alpha",
 ]
 
 #: The data model's EP limit. The A3 kernel's Python guard allows up to 32 ranks
@@ -31,6 +36,40 @@ X_DTYPES = ("bfloat16", "float16")
 WEIGHT_DTYPES = ("int8", "int32", "bfloat16", "float16")
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
+
+
+class CallAttributes(TypedDict):
+    """The call's scalar attributes: keyword arguments of :class:`spec.Problem`, fields of
+    :class:`OpConfig`, and what every copy of a call carries over."""
+
+    max_output_size: int | None
+    swiglu_limit: float | None
+    swiglu_alpha: float | None
+
+
+#: Their names (:meth:`OpConfig.call_attributes`).
+CALL_ATTRIBUTES = tuple(CallAttributes.__annotations__)
+#: The largest finite float32 (the kernel's attributes are float32).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (round to nearest even), as a Python float."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def oai_alpha(swiglu_alpha: float | None) -> float | None:
+    """The α of the SwigluOAI branch if the kernel takes it, else ``None``.
+
+    α is a mode switch (PR #11916): the kernel compares its float32 value with 0, so ``None``
+    (not passed: the default 0), α ≤ 0 and a positive α that underflows float32 run standard
+    SwiGLU bit for bit; otherwise the activation is ``(up + 1)·gate/(1 + exp(−α·gate))`` with
+    α as float32 (returned as that float32 value).
+    """
+    if swiglu_alpha is None:
+        return None
+    alpha = _float32(swiglu_alpha)
+    return alpha if alpha > 0 else None
 
 
 def _is_int(value: object) -> bool:
@@ -61,6 +100,7 @@ class OpConfig:
     weight_form: str = "stacked"
     max_output_size: int | None = None
     swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     masked: bool = False
 
     def __post_init__(self) -> None:
@@ -148,6 +188,8 @@ class OpConfig:
                     fix="drop swiglu_limit or use a variant with a clamp "
                     f"({', '.join(v.name for v in VARIANTS if v.clamped)})",
                 )
+        if self.swiglu_alpha is not None:
+            self._check_alpha(self.swiglu_alpha)
         if self.masked and not variant.masked:
             raise ConfigError(
                 field="masked", given=f"True with {self.weight_dtype} weights",
@@ -155,6 +197,40 @@ class OpConfig:
                 fix="drop active_mask or use a variant that reads it "
                 f"({', '.join(v.name for v in VARIANTS if v.masked)})",
             )
+
+    def _check_alpha(self, alpha: object) -> None:
+        # The kernel reads swigluAlpha as a float32 attribute (PR #11916).
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+            math.isfinite(alpha) and abs(alpha) <= FLOAT32_MAX
+        ):
+            raise ConfigError(
+                field="swiglu_alpha", given=repr(alpha),
+                allowed="None or a finite float within float32's range",
+                fix="pass the SwigluOAI alpha (e.g. 1.702), 0 or None for standard SwiGLU",
+            )
+        if self.weight_dtype != "int8" and _float32(alpha) > 0:
+            # PR #11916 passes swigluAlpha to the int8 kernel only: the BF16/FP16 adapter
+            # drops it and runs standard SwiGLU (its review asks for a TORCH_CHECK instead).
+            raise ConfigError(
+                field="swiglu_alpha", given=f"{alpha!r} with {self.weight_dtype} weights",
+                allowed="None or <= 0 unless the weights are int8 (SwigluOAI is W8A8 only)",
+                fix="drop swiglu_alpha or use the W8A8 variant",
+            )
+
+    @property
+    def oai_alpha(self) -> float | None:
+        """:func:`oai_alpha` of the call's ``swiglu_alpha``.
+
+        >>> OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32, intermediate=8,
+        ...          tokens_per_rank=(1,), swiglu_alpha=1e-50).oai_alpha is None
+        True
+        """
+        return oai_alpha(self.swiglu_alpha)
+
+    def call_attributes(self) -> CallAttributes:
+        """The call's attributes by name (:data:`CALL_ATTRIBUTES`), for ``Problem(ranks, **…)``."""
+        return CallAttributes(max_output_size=self.max_output_size,
+                              swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha)
 
     @property
     def num_experts(self) -> int:
@@ -203,6 +279,8 @@ class OpConfig:
             parts.append(f"max_output_size={self.max_output_size}")
         if self.swiglu_limit is not None:
             parts.append(f"swiglu_limit={self.swiglu_limit}")
+        if self.swiglu_alpha is not None:
+            parts.append(f"swiglu_alpha={self.swiglu_alpha}")
         if self.masked:
             parts.append("masked")
         return " ".join(parts)

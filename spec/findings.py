@@ -23,6 +23,12 @@ from hypothesis import HealthCheck, Phase, Verbosity, find, settings
 from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 
+from spec.adapter import (
+    KERNELS,
+    PR11916_PYTHON_DEFAULT_ALPHA,
+    dropped_attributes,
+    swiglu_experts,
+)
 from spec.buffers import (
     MIB,
     hccl_required_bytes,
@@ -30,7 +36,7 @@ from spec.buffers import (
     layout_fits,
     operator_message_formula_mb,
 )
-from spec.config import MAX_EP_SIZE, OpConfig
+from spec.config import MAX_EP_SIZE, OpConfig, oai_alpha
 from spec.layout import (
     COUNT_REGION_BYTES,
     count_row_stride,
@@ -435,6 +441,74 @@ def _w4a8_combine_row(n: int) -> Finding:
         "FFN)",
         "variants.md [code]: CombineV2 in dispatch_ffn_combine_w4_a8_kernel.hpp at 182b75ea; "
         "PR #14869 (open)")
+def _adapter_row(key: str, attribute: str, adapter: str, consequence: str,
+                 source: str, n: int) -> Finding:
+    kernels = st.sampled_from(KERNELS)  # shrinks towards w8a8, then w4a8
+    first = _must(search(kernels, lambda k: bool(dropped_attributes(k, [attribute],
+                                                                    adapter=adapter)),
+                         max_examples=n))
+    every = [k for k in KERNELS if dropped_attributes(k, [attribute], adapter=adapter)]
+    return Finding(
+        key, f"the torch adapter's dispatch by weight dtype ({adapter})",
+        "every attribute a call passes reaches its kernel, or the call is rejected",
+        f"{first} weights with {attribute}: dropped without an error (dropped by "
+        f"{', '.join(every)}); {consequence}", source)
+
+
+def _masked_count_change(n: int) -> str:
+    """The minimal call whose ``expert_token_nums`` a dropped mask changes (§5: masked slots
+    are not counted): a search over (EP, E, top_k, M) with every token masked."""
+    def changes(c: tuple[int, int, int, int]) -> bool:
+        return c[2] * c[3] > 0  # top_k·M masked slots are counted once the mask is gone
+
+    ep, e, top_k, m = _must(search(st.tuples(st.integers(1, MAX_EP_SIZE),
+                                             st.integers(1, MAX_EXPERTS_PER_RANK),
+                                             st.integers(1, MAX_TOP_K), st.integers(0, 4)),
+                                   changes, max_examples=n))
+    return (f"EP={ep}, E={e}, top_k={top_k}, M={m}, x_active_mask=[False]: the masked "
+            f"token is dispatched, counted (expert_token_nums [{m * top_k}], the contract "
+            "[0]) and its out row written")
+
+
+def _bf16_rows(n: int) -> list[Finding]:
+    e_bf16 = _must(search(st.integers(1, MAX_EXPERTS_PER_RANK),
+                          lambda e: len(swiglu_experts(e, "bf16")) < e, max_examples=n))
+    e_w8a8 = _must(search(st.integers(1, MAX_EXPERTS_PER_RANK),
+                          lambda e: len(swiglu_experts(e, "w8a8")) < e, max_examples=n))
+    upstream = "BF16 kernel of PR #5866 (merged); no upstream issue or fix found"
+    return [
+        _adapter_row("bf16-adapter-drops-mask", "x_active_mask", "head",
+                     _masked_count_change(n),
+                     f"variants.md; dispatch_ffn_combine_torch_adpt.h [code]; {upstream}", n),
+        _adapter_row("bf16-adapter-drops-clamp", "swiglu_limit", "head",
+                     "SwiGLU runs unclamped; spec.OpConfig rejects the call instead",
+                     f"variants.md; dispatch_ffn_combine_torch_adpt.h [code]; {upstream}", n),
+        _adapter_row("oai-adapter-drops-alpha", "swiglu_alpha", "pr11916",
+                     "standard SwiGLU runs where SwigluOAI was asked for; spec.OpConfig "
+                     "rejects alpha > 0 there",
+                     "PR #11916 (open): its review asks for a TORCH_CHECK", n),
+        Finding(
+            "bf16-epilogue-e2", "epilogueGranularity = E − 2 (uint32), BF16 kernel",
+            "SwiGLU runs on the rows of every local expert",
+            f"E={e_bf16}: granularity 0, neither SwiGLU batch runs and GMM2 reads a SwiGLU "
+            f"buffer nothing wrote; E=1 wraps to 2^32 − 1 and works (the W8A8 kernel's "
+            f"E − 1 / E − 3 rule fails at E={e_w8a8}, which its E >= 2 limit excludes)",
+            f"variants.md; dispatch_ffn_combine_bf16.h, *_kernel.hpp [code]; {upstream}"),
+    ]
+
+
+def _oai_rows() -> list[Finding]:
+    # The property, for the caller who passes nothing: the default must select standard SwiGLU.
+    _must(oai_alpha(PR11916_PYTHON_DEFAULT_ALPHA))
+    return [Finding(
+        "oai-default-alpha", f"the Python binding's default swiglu_alpha = "
+        f"{PR11916_PYTHON_DEFAULT_ALPHA} (PR #11916)",
+        "a call that does not pass swiglu_alpha runs standard SwiGLU",
+        f"any W8A8 call without swiglu_alpha: the kernel's α > 0 switch reads "
+        f"{PR11916_PYTHON_DEFAULT_ALPHA} as SwigluOAI, (up + 1)·gate·σ(gate) instead of "
+        "silu(gate)·up (the hunt's variant 'oai-default-alpha' gives the smallest call "
+        "whose outputs change)",
+        "variants.md [inferred]; PR #11916 (open); the C++ adapter defaults to 0.0")]
 
 
 def _must(value: T | None) -> T:
@@ -451,7 +525,8 @@ def _short(c: OpConfig) -> str:
 @functools.lru_cache(maxsize=4)
 def _hunt(max_examples: int) -> tuple[Finding, ...]:
     return (*_layout_rows(max_examples), *_buffer_rows(max_examples), *_protocol_rows(),
-            *_peer_rows(max_examples), _w4a8_combine_row(max_examples))
+            *_peer_rows(max_examples), *_bf16_rows(max_examples), *_oai_rows(),
+            _w4a8_combine_row(max_examples))
 
 
 def hunt_rules(*, max_examples: int | None = None) -> list[Finding]:
@@ -475,12 +550,15 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "tests/test_findings.py fails when this file is stale. -->",
         "# Findings",
         "",
-        "Flaws the properties of `spec.layout`, `spec.buffers` and `spec.protocol` find by "
-        "themselves in the operator's historical and current rules (reference notes §7–§9, and "
-        "variants.md's per-core peer offset, modelled by `spec.protocol.PeerSchedule` with the "
-        "vector-core count `n_aiv` a parameter, and the W4A8 combine's capacity walk, "
-        "`spec.findings.combined_rows`). Each counterexample is the minimal one the search "
-        "returns.",
+        "Flaws the properties of `spec.layout`, `spec.buffers`, `spec.protocol` and "
+        "`spec.adapter` find by themselves in the operator's historical and current rules "
+        "(reference notes §7–§9, and variants.md's per-core peer offset, modelled by "
+        "`spec.protocol.PeerSchedule` with the vector-core count `n_aiv` a parameter, the BF16 "
+        "kernel's adapter and epilogue, SwigluOAI's default α, and the W4A8 combine's capacity "
+        "walk, `spec.findings.combined_rows`). Each counterexample is the minimal one the "
+        "search returns; `dfc-oracle hunt` also runs the kernel variants "
+        "`oai-default-alpha` and `bf16-epilogue-e2` (`oracle.variants`) and prints the "
+        "smallest call whose outputs they change.",
         "",
         "| rule | property | minimal counterexample | reproduce | source |",
         "|---|---|---|---|---|",

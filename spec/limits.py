@@ -275,6 +275,7 @@ class ShapeDomain:
     truncation: bool = True
     masks: bool = True
     clamp: bool = True
+    oai: bool = True
     limits: str | None = None
     sources: str = ""
 
@@ -291,7 +292,8 @@ class ShapeDomain:
         if self.max_ep is not None:
             parts.append(f"EP <= {self.max_ep}")
         parts += [f"no {f}" for f, on in (("truncation", self.truncation), ("masks", self.masks),
-                                          ("clamp", self.clamp)) if not on]
+                                          ("clamp", self.clamp), ("SwigluOAI", self.oai))
+                  if not on]
         return ", ".join(parts) + (f" ({self.sources})" if self.sources else "")
 
     def violations(self, config: OpConfig) -> list[str]:
@@ -314,6 +316,8 @@ class ShapeDomain:
             found.append("active_mask given")
         if not self.clamp and config.swiglu_limit is not None:
             found.append("swiglu_limit given")
+        if not self.oai and config.swiglu_alpha is not None:
+            found.append("swiglu_alpha given")
         if self.limits is not None:
             found += [str(v.error) for v in check_supported(config, PROFILES[self.limits])]
         return found
@@ -333,22 +337,25 @@ class ShapeDomain:
             max_output_size=config.max_output_size if self.truncation else None,
             masked=config.masked and self.masks,
             swiglu_limit=config.swiglu_limit if self.clamp else None,
+            swiglu_alpha=config.swiglu_alpha if self.oai else None,
         )
 
 
 #: The whole contract: every call :class:`spec.Problem` accepts.
 CONTRACT_DOMAIN = ShapeDomain("contract")
 #: The A3 kernel's shapes (§9): K a multiple of 32 and at most ~9000, E >= 2, N <= K, EP <= 32,
-#: and every limit of :data:`A3_W8A8`.
+#: and every limit of :data:`A3_W8A8`. No SwigluOAI: its ``swiglu_alpha`` is an open PR
+#: (#11916), so a kernel at HEAD is not asked for it (``--dfc-domain contract`` generates it).
 A3_DOMAIN = ShapeDomain(
     "a3", hidden_multiple=32, max_hidden=MAX_HIDDEN_A3, min_experts_per_rank=2,
-    n_at_most_hidden=True, max_ep=32, limits="a3-w8a8",
+    n_at_most_hidden=True, max_ep=32, oai=False, limits="a3-w8a8",
     sources="dispatch_ffn_combine.md §9; PR #5787, PR #9528 [inferred]",
 )
 #: vLLM's fused_moe has no receive buffer (no truncation) and no SwiGLU clamp; masked tokens
-#: route nowhere (kernels.md, last row).
+#: route nowhere (kernels.md, last row). Its "swigluoai" activation reads gate and up
+#: interleaved, not as this call's halves, so the profile takes no swiglu_alpha [inferred].
 VLLM_DOMAIN = ShapeDomain(
-    "vllm", truncation=False, clamp=False, sources="kernels.md [code]",
+    "vllm", truncation=False, clamp=False, oai=False, sources="kernels.md [code]",
 )
 
 

@@ -473,8 +473,9 @@ class Problem:
     Validates everything on construction (raising a :class:`spec.SpecError` subclass whose message
     names the rank, the field, what was given, what is allowed and what to change) and exposes
     ``ranks`` (read-only views of the caller's arrays), ``max_output_size`` (``None``: no
-    truncation; the kernel's defaults have been 65536, then 131072), ``swiglu_limit`` and
-    ``config``. The EP size is ``len(ranks)``, from 1 to 32.
+    truncation; the kernel's defaults have been 65536, then 131072), ``swiglu_limit``,
+    ``swiglu_alpha`` (SwigluOAI, open PR #11916: ``None`` is not passed, the kernel's default 0)
+    and ``config``. The EP size is ``len(ranks)``, from 1 to 32.
     """
 
     def __init__(
@@ -483,6 +484,7 @@ class Problem:
         *,
         max_output_size: int | None = None,
         swiglu_limit: float | None = None,
+        swiglu_alpha: float | None = None,
     ) -> None:
         if isinstance(ranks, RankInputs) or not isinstance(ranks, Sequence):
             raise RankCountError(
@@ -533,6 +535,7 @@ class Problem:
             weight_form=first.weights.form,
             max_output_size=max_output_size,
             swiglu_limit=swiglu_limit,
+            swiglu_alpha=swiglu_alpha,
             masked=any(s.masked for s in shapes),
         )
         # Copies, read-only: independent of the caller's arrays from here on.
@@ -563,6 +566,10 @@ class Problem:
     @property
     def swiglu_limit(self) -> float | None:
         return self._config.swiglu_limit
+
+    @property
+    def swiglu_alpha(self) -> float | None:
+        return self._config.swiglu_alpha
 
     @property
     def ep_size(self) -> int:

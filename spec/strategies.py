@@ -40,6 +40,7 @@ __all__ = [
     "PROBS_FAMILIES",
     "ROUTING_FAMILIES",
     "ROW_FAMILIES",
+    "SWIGLU_ALPHAS",
     "TOKEN_FAMILIES",
     "RoutingPlan",
     "RowPlan",
@@ -80,6 +81,10 @@ _COMMON_WEIGHT = 10
 #: M of the ``few_tokens`` family: 1, small odd counts, and just below 20 and 40 (the vector
 #: core counts of A2 and A3, where a core gets no token: vllm-ascend PR #9992 [inferred]).
 FEW_TOKENS = (1, 3, 5, 7, 19, 39)
+#: SwigluOAI's ``swiglu_alpha`` (open PR #11916), simplest first: not passed; 0 and negative
+#: (standard SwiGLU: α is a mode switch); gpt-oss's 1.702; 1.0 (the PR's Python default
+#: [inferred]); a small and a large α. W8A8 only; no kernel profile's domain has it yet.
+SWIGLU_ALPHAS = (None, 0.0, -1.0, 1.702, 1.0, 0.25, 8.0)
 
 
 def _mostly(families: tuple[str, ...], rare: str) -> st.SearchStrategy[str]:
@@ -101,6 +106,7 @@ def _require_strategy(name: str, value: object) -> None:
 _TOP_K_FAMILIES = st.sampled_from(("drawn", "one", "equals_E", "above_E"))
 _TOKEN_FAMILIES = _mostly(TOKEN_FAMILIES, COUNT_ONLY["tokens"])
 _FEW_TOKENS = st.sampled_from(FEW_TOKENS)
+_SWIGLU_ALPHAS = st.sampled_from(SWIGLU_ALPHAS)
 _RANK_INDEX = st.integers(0, MAX_EP_SIZE - 1)
 _CAPACITY = st.integers(0, 64)
 _PROBS = st.sampled_from(PROBS_FAMILIES)
@@ -168,6 +174,7 @@ def _small_configs(
     masked: st.SearchStrategy[bool],
     truncation: st.SearchStrategy[bool],
     swiglu_limits: st.SearchStrategy[float | None],
+    swiglu_alphas: st.SearchStrategy[float | None],
     edges: frozenset[str],
     domain: ShapeDomain,
 ) -> OpConfig:
@@ -210,15 +217,19 @@ def _small_configs(
             w_dtype = "int8"
         else:
             i_size = max(4, min(i_size, k_hidden // 2) // 4 * 4)
+    alpha = draw(swiglu_alphas)
     cfg = OpConfig(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
         weight_dtype=w_dtype, weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None, swiglu_limit=limit if w8a8 else None,
-        masked=is_masked and w8a8,
+        swiglu_alpha=alpha if w_dtype == "int8" else None, masked=is_masked and w8a8,
     )
     cfg = domain.fit(cfg)
     event(f"variant: {cfg.variant}, form: {form}")
+    if cfg.swiglu_alpha is not None:
+        event("swiglu_alpha: " + ("SwigluOAI" if cfg.oai_alpha is not None
+                                  else "<= 0 (standard SwiGLU)"))
     return cfg
 
 
@@ -261,6 +272,7 @@ def configs(
     masked: st.SearchStrategy[bool] | None = None,
     truncation: st.SearchStrategy[bool] | None = None,
     swiglu_limits: st.SearchStrategy[float | None] | None = None,
+    swiglu_alphas: st.SearchStrategy[float | None] | None = None,
     sizes: str = "small",
     domain: ShapeDomain | None = None,
 ) -> st.SearchStrategy[OpConfig]:
@@ -270,7 +282,7 @@ def configs(
     is left to its default, edge families are explicit draws besides the drawn values:
     ``top_k`` = 1 / = E / > E, token counts (:data:`TOKEN_FAMILIES`) ragged, with some or
     all-but-one ranks empty, one small M on every rank (:data:`FEW_TOKENS`), or rarely every
-    rank empty. EP·E
+    rank empty; ``swiglu_alpha`` (W8A8) from :data:`SWIGLU_ALPHAS`. EP·E
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
     strategy. ``sizes="small"`` (default) keeps examples fast; ``sizes="realistic"`` draws the
@@ -286,7 +298,7 @@ def configs(
         ep_sizes=ep_sizes, experts_per_rank=experts_per_rank, top_k=top_k, hidden=hidden,
         intermediate=intermediate, tokens_per_rank=tokens_per_rank, x_dtypes=x_dtypes,
         weight_dtypes=weight_dtypes, weight_forms=weight_forms, masked=masked,
-        truncation=truncation, swiglu_limits=swiglu_limits,
+        truncation=truncation, swiglu_limits=swiglu_limits, swiglu_alphas=swiglu_alphas,
     )
     for name, value in given.items():
         if value is not None:
@@ -331,6 +343,9 @@ def configs(
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),
         swiglu_limits=_or(swiglu_limits, st.none() | st.sampled_from((0.5, 7.0))),
+        # A domain without SwigluOAI draws nothing here: its searches stay as they were.
+        swiglu_alphas=_or(swiglu_alphas,
+                          _SWIGLU_ALPHAS if (domain or CONTRACT_DOMAIN).oai else st.none()),
     )
 
 

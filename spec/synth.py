@@ -132,6 +132,4 @@ def random_problem(
         ranks.append(
             RankInputs(x=x_r, expert_idx=idx_r, probs=p_r, active_mask=mask_r, **lists)
         )
-    return Problem(
-        ranks, max_output_size=config.max_output_size, swiglu_limit=config.swiglu_limit
-    )
+    return Problem(ranks, **config.call_attributes())

@@ -98,10 +98,18 @@ def _dequant_fp16(acc: Array, scale: Array) -> Array:
         return (acc.astype(F32) * scale.astype(F32)).astype(np.float16).astype(F32)
 
 
-def _swiglu_f32(h: Array, i: int) -> Array:
-    """§6 step 4 in float32: ``gate / (1 + exp(−gate)) · up``, gate = first I columns."""
+def _oai(alpha: float | None) -> bool:
+    """SwigluOAI's mode switch (PR #11916): the float32 attribute is positive."""
+    return alpha is not None and bool(F32(alpha) > 0)
+
+
+def _swiglu_f32(h: Array, i: int, alpha: float | None) -> Array:
+    """§6 step 4 in float32: ``gate / (1 + exp(−gate)) · up``, gate = first I columns; with
+    SwigluOAI ``gate / (1 + exp(−α·gate)) · (up + 1)``, α as float32."""
     gate, up = h[:i], h[i:]
     with np.errstate(over="ignore"):
+        if _oai(alpha):
+            return gate / (F32(1) + np.exp(-(F32(alpha) * gate))) * (up + F32(1))
         return gate / (F32(1) + np.exp(-gate)) * up
 
 
@@ -174,7 +182,8 @@ def _gemm_w4a8(q: Array, w: Array, scale: Array, bias: Array | None) -> Array:
 
 
 def _ffn_w8a8(
-    q: Array, sigma1: F32, ex: _Expert, limit: float | None, numerics: Numerics, out: Any
+    q: Array, sigma1: F32, ex: _Expert, limit: float | None, alpha: float | None,
+    numerics: Numerics, out: Any,
 ) -> Array:
     """§6 steps 2–7 for one received row, in float32 with exact int64 GEMMs (W4A8's split
     GEMMs where the expert's weights are int4)."""
@@ -191,7 +200,7 @@ def _ffn_w8a8(
     if limit is not None:
         h = np.minimum(h, F32(limit))
         h[i:] = np.maximum(h[i:], -F32(limit))
-    a = _swiglu_f32(h, i)
+    a = _swiglu_f32(h, i, alpha)
     amax2 = F32(0)
     for v in a:
         amax2 = np.maximum(amax2, abs(v))  # np.maximum: a NaN must win, as in a max reduction
@@ -242,11 +251,11 @@ def _ffn_float(x: Array, ex: _Expert, out: Any) -> Array:
     cast to x's dtype with ties away from zero."""
     i = ex.w2_f64.shape[0]
     h = _exact_dot_f32(x.astype(np.float64), ex.w1_f64).astype(out).astype(F32)
-    a = _cast_ties_away(_swiglu_f32(h, i), out).astype(np.float64)
+    a = _cast_ties_away(_swiglu_f32(h, i, None), out).astype(np.float64)
     return np.asarray(_exact_dot_f32(a, ex.w2_f64).astype(out).astype(F32))
 
 
-def _ffn_ideal(x: Array, ex: _Expert, limit: float | None) -> Array:
+def _ffn_ideal(x: Array, ex: _Expert, limit: float | None, alpha: float | None) -> Array:
     """The mathematics (float64, dequantised weights, no activation quantisation)."""
     i = ex.w2_ideal.shape[0]
     h = x.astype(np.float64) @ ex.w1_ideal
@@ -255,7 +264,10 @@ def _ffn_ideal(x: Array, ex: _Expert, limit: float | None) -> Array:
         h[i:] = np.maximum(h[i:], -limit)
     gate, up = h[:i], h[i:]
     with np.errstate(over="ignore"):
-        a = gate / (1.0 + np.exp(-gate)) * up
+        if _oai(alpha):
+            a = gate / (1.0 + np.exp(-float(F32(alpha)) * gate)) * (up + 1.0)
+        else:
+            a = gate / (1.0 + np.exp(-gate)) * up
     return np.asarray(a @ ex.w2_ideal)
 
 
@@ -318,10 +330,11 @@ def naive_run(problem: Problem, numerics: str | Numerics = "faithful") -> NaiveR
                 ex = experts[(d, e)] = _Expert(problem.ranks[d], e, num)
             x_row = problem.ranks[s].x[t]
             if ideal:
-                y[s][t, k] = _ffn_ideal(x_row, ex, cfg.swiglu_limit)
+                y[s][t, k] = _ffn_ideal(x_row, ex, cfg.swiglu_limit, cfg.swiglu_alpha)
             elif ex.w8a8:
                 q, sigma1 = quantised[s][t]
-                y[s][t, k] = _ffn_w8a8(q, sigma1, ex, cfg.swiglu_limit, num, out_dtype)
+                y[s][t, k] = _ffn_w8a8(q, sigma1, ex, cfg.swiglu_limit, cfg.swiglu_alpha, num,
+                                          out_dtype)
             else:
                 y[s][t, k] = _ffn_float(x_row, ex, out_dtype)
             computed[s][t, k] = True

@@ -142,3 +142,27 @@ def test_dump_rejects_what_the_operator_cannot_have_seen(tmp_path: Path) -> None
         capture.dump(tmp_path, 3, problem.ranks[0], res, world_size=3)
     with pytest.raises(SpecError, match="layer: got"):
         capture.dump(tmp_path, 0, problem.ranks[0], res, world_size=3, layer=[1])
+
+
+def test_swiglu_alpha_is_captured_and_old_captures_without_it_load(tmp_path: Path) -> None:
+    """swiglu_alpha (PR #11916) travels as a call attribute; a capture written before it
+    existed has no such key and loads with the default (None: standard SwiGLU)."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+                   tokens_per_rank=(3,), swiglu_alpha=1.702)
+    problem = random_problem(cfg, seed=4)
+    for r, (inputs, res) in enumerate(zip(problem.ranks, oracle.run(problem).ranks)):
+        capture.dump(tmp_path / "new", r, inputs, res, world_size=1, swiglu_alpha=1.702)
+    assert capture.verify(tmp_path / "new").problem.swiglu_alpha == 1.702
+    _dump_run(tmp_path / "old")
+    manifest = tmp_path / "old" / capture.MANIFEST
+    meta = json.loads(manifest.read_text())
+    del meta["attrs"]["swiglu_alpha"]
+    manifest.write_text(json.dumps(meta))
+    for path in (tmp_path / "old").glob("rank*.npz"):
+        with np.load(path) as files:
+            arrays = dict(files)
+        meta = json.loads(arrays["meta"].tobytes())
+        del meta["attrs"]["swiglu_alpha"]
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+    assert capture.verify(tmp_path / "old").problem.swiglu_alpha is None

@@ -119,3 +119,14 @@ def test_missing_and_non_npz_files_are_rejected(tmp_path) -> None:
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(CounterexampleFileError, match=r"not an \.npz"):
         load(tmp_path / "one.npy")
+
+
+def test_a_file_from_before_swiglu_alpha_loads_with_the_default(saved_file, tmp_path) -> None:
+    """Files written before the SwigluOAI attribute have no ``swiglu_alpha`` in their config;
+    they load as standard SwiGLU, and a file with one keeps it."""
+    old = tmp_path / "old.npz"
+    _rewrite(saved_file, old, _manifest_edit(lambda m: m["config"].pop("swiglu_alpha")))
+    assert load(old).problem.swiglu_alpha is None
+    alpha = tmp_path / "alpha.npz"
+    _rewrite(saved_file, alpha, _manifest_edit(lambda m: m["config"].update(swiglu_alpha=1.702)))
+    assert load(alpha).problem.config.oai_alpha == float(np.float32(1.702))

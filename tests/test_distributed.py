@@ -114,8 +114,7 @@ def test_default_strategy_draws_only_what_reference_rank_models(problem: Any) ->
     reference_rank as int8, which its dtype gate (expert_ffn) accepts."""
     assert problem.config.ep_size == 2 and problem.config.weight_dtype == "int8"
     for rank in problem.ranks:
-        inputs = to_torch(rank, max_output_size=problem.max_output_size,
-                          swiglu_limit=problem.swiglu_limit)
+        inputs = to_torch(rank, **problem.config.call_attributes())
         assert all(w.dtype == torch.int8 for w in [*inputs.weight1, *inputs.weight2])
 
 

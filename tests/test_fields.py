@@ -21,8 +21,8 @@ def test_rank_inputs_holds_exactly_the_table_fields() -> None:
     assert [f.name for f in dataclasses.fields(RankInputs)] == [f.name for f in FIELDS]
     binding = {f.name for f in dataclasses.fields(TorchRankInputs)}
     assert {f.binding for f in FIELDS} <= binding
-    assert binding - {f.binding for f in FIELDS} == {"max_output_size", "swiglu_limit", "out",
-                                                     "expert_token_nums"}
+    assert binding - {f.binding for f in FIELDS} == {"max_output_size", "swiglu_limit",
+                                                     "swiglu_alpha", "out", "expert_token_nums"}
 
 
 def test_rank_inputs_is_keyword_only() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from oracle.reference import route
 from spec import Problem
+from spec.adapter import ATTRIBUTES, dropped_attributes, swiglu_experts
 from spec.findings import (
     PeerCall,
     combine_calls,
@@ -29,6 +30,8 @@ REQUIRED = {
     "buffer-check-whole-mb", "count-region-ep32", "buffer-message-3mb", "protocol-pr5665-race",
     "protocol-pr6156-sentinel", "protocol-short-reset", "peer-count-push", "peer-row-offset",
     "w4a8-combine-capacity",
+    "bf16-adapter-drops-mask", "bf16-adapter-drops-clamp", "oai-adapter-drops-alpha",
+    "bf16-epilogue-e2", "oai-default-alpha",
 }
 
 
@@ -100,3 +103,56 @@ def test_one_row_per_token_is_the_reference_truncation(problem: Problem) -> None
     kept = routing.expert_kept.reshape(cfg.ep_size, cfg.experts_per_rank)
     for d in range(cfg.ep_size):
         assert combined_rows(per_expert[d].tolist(), cfg.max_output_size) == kept[d].tolist()
+def test_bf16_epilogue_skips_swiglu_only_at_two_experts() -> None:
+    """The BF16 rule E − 2 fails at E = 2 alone; the W8A8 rule only at E = 1 (excluded by its
+    E >= 2 limit)."""
+    skipping = {k: [e for e in range(1, 513) if len(swiglu_experts(e, k)) < e]
+                for k in ("bf16", "w8a8")}
+    assert skipping == {"bf16": [2], "w8a8": [1]}
+    assert swiglu_experts(1, "bf16") == range(1) and swiglu_experts(3, "bf16") == range(3)
+
+
+def test_only_the_pr_adapter_on_int8_forwards_every_attribute() -> None:
+    assert dropped_attributes("w8a8", ATTRIBUTES, adapter="pr11916") == ()
+    assert dropped_attributes("w8a8", ATTRIBUTES) == ("swiglu_alpha",)
+    assert dropped_attributes("bf16", ATTRIBUTES, adapter="pr11916") == ATTRIBUTES
+    assert dropped_attributes("w4a8", ATTRIBUTES, adapter="pr11916") == ("swiglu_alpha",)
+
+
+@pytest.mark.parametrize(("key", "text"), [
+    ("bf16-adapter-drops-mask", "EP=1, E=1, top_k=1, M=1, x_active_mask=[False]"),
+    ("bf16-epilogue-e2", "E=2: granularity 0"),
+    ("oai-adapter-drops-alpha", "w4a8 weights with swiglu_alpha"),
+    ("oai-default-alpha", "reads 1.0 as SwigluOAI"),
+])
+def test_new_rows_reproduce(key: str, text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--rule", key]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{key}: ") and text in out
+
+
+def test_the_default_alpha_row_needs_a_positive_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a default of 0 (the C++ adapter's) the property holds and the row is not found."""
+    import spec.findings
+
+    monkeypatch.setattr(spec.findings, "PR11916_PYTHON_DEFAULT_ALPHA", 0.0)
+    with pytest.raises(AssertionError, match="found none"):
+        spec.findings._oai_rows()
+
+
+@pytest.mark.parametrize(("variant", "minimal"), [
+    ("oai-default-alpha", "EP=1 E=1 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=int8"),
+    ("bf16-epilogue-e2", "EP=1 E=2 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=bfloat16"),
+])
+def test_the_hunt_finds_the_kernel_variants_minimal_calls(variant: str, minimal: str) -> None:
+    from hypothesis import settings
+
+    from oracle.harness import ConformanceError, check_implementation
+    from oracle.variants import VARIANTS
+
+    chosen = {v.name: v for v in VARIANTS}[variant]
+    with pytest.raises(ConformanceError) as found:
+        check_implementation(chosen.impl, problems=chosen.problems, save_dir=None,
+                             settings=settings(max_examples=30, derandomize=True,
+                                               database=None, deadline=None))
+    assert found.value.problem.config.summary().startswith(minimal)

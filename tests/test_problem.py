@@ -293,6 +293,18 @@ CASES = [
          "0.5 with bfloat16 weights", "the float variant has no clamp",
          "variant with a clamp (w8a8, w4a8)",
          keywords(swiglu_limit=0.5), BF16),
+    Case("swiglu_alpha NaN", ConfigError, None, "swiglu_alpha", "nan",
+         "None or a finite float within float32's range", "SwigluOAI alpha",
+         keywords(swiglu_alpha=float("nan"))),
+    Case("swiglu_alpha beyond float32", ConfigError, None, "swiglu_alpha", "1e+39",
+         "within float32's range", "0 or None for standard SwiGLU", keywords(swiglu_alpha=1e39)),
+    Case("swiglu_alpha True", ConfigError, None, "swiglu_alpha", "True", "finite float",
+         "SwigluOAI alpha", keywords(swiglu_alpha=True)),
+    Case("swiglu_alpha a string", ConfigError, None, "swiglu_alpha", "'1.702'", "finite float",
+         "SwigluOAI alpha", config(swiglu_alpha="1.702")),
+    Case("swiglu_alpha > 0 with bf16 weights", ConfigError, None, "swiglu_alpha",
+         "1.702 with bfloat16 weights", "None or <= 0 unless the weights are int8",
+         "use the W8A8 variant", keywords(swiglu_alpha=1.702), BF16),
     # OpConfig built directly.
     *(Case(f"{name} = {value!r}", ConfigError, None, name, repr(value), "an int >= 1",
            f"positive integer for {name}", config(**{name: value}))

@@ -406,7 +406,7 @@ def other_form(problem: Problem) -> Problem:
     return Problem(
         [dataclasses.replace(r, w1=flip(r.w1), w2=flip(r.w2), scale1=flip(r.scale1),
                              scale2=flip(r.scale2)) for r in problem.ranks],
-        max_output_size=problem.max_output_size, swiglu_limit=problem.swiglu_limit,
+        **problem.config.call_attributes(),
     )
 
 
@@ -539,8 +539,7 @@ def with_masked_tokens(problem: Problem, extra: list[int], seed: int) -> Problem
             probs=np.concatenate([inputs.probs, probs]),
             active_mask=np.concatenate([_active(inputs), np.zeros(n, bool)]),
         ))
-    return Problem(ranks, max_output_size=problem.max_output_size,
-                   swiglu_limit=problem.swiglu_limit)
+    return Problem(ranks, **problem.config.call_attributes())
 
 
 def check_masked_tokens_change_nothing(problem: Problem, appended: Problem) -> None:
@@ -612,7 +611,7 @@ def _caller_copy(problem: Problem) -> Problem:
     """A problem built from fresh, writable arrays that the test owns (as a caller would)."""
     return Problem(
         [r.map_arrays(np.array) for r in problem.ranks],
-        max_output_size=problem.max_output_size, swiglu_limit=problem.swiglu_limit,
+        **problem.config.call_attributes(),
     )
 
 

@@ -78,6 +78,9 @@ FAMILIES = {
     "E not a power of two": lambda p: p.config.experts_per_rank in (3, 5, 7),
     "32 ranks": lambda p: p.config.ep_size == 32,
     "swiglu clamp": lambda p: p.config.swiglu_limit is not None,
+    "SwigluOAI (swiglu_alpha > 0)": lambda p: p.config.oai_alpha is not None,
+    "swiglu_alpha <= 0 (standard SwiGLU)": lambda p: p.config.swiglu_alpha is not None
+    and p.config.oai_alpha is None,
 }
 
 
@@ -85,7 +88,7 @@ def test_every_family_is_generated_by_the_default_strategy() -> None:
     """One generate-only pass records which families appear; every one must."""
     seen: set[str] = set()
 
-    @settings(max_examples=600, derandomize=True, database=None, deadline=None,
+    @settings(max_examples=800, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate])
     @given(problems())
     def record(problem: Problem) -> None:
@@ -109,12 +112,13 @@ def test_families_are_absent_when_the_predicate_is_false() -> None:
                                      masked=st.just(False), truncation=st.just(False),
                                      weight_forms=st.just("stacked"), hidden=st.just(16),
                                      weight_dtypes=st.just("int8"), x_dtypes=st.just("bfloat16"),
-                                     swiglu_limits=st.none()),
+                                     swiglu_limits=st.none(), swiglu_alphas=st.none()),
                      routing=routings(families=st.just("uniform")),
                      values=token_rows(families=st.just("normal")))
     example = find(plain, lambda p: True, settings=SEARCH)
     for name in ("every rank empty", "an all-zero token row", "32 ranks",
-                 "rows dropped by max_output_size", "per-expert weight lists", "swiglu clamp"):
+                 "rows dropped by max_output_size", "per-expert weight lists", "swiglu clamp",
+                 "SwigluOAI (swiglu_alpha > 0)", "swiglu_alpha <= 0 (standard SwiGLU)"):
         assert not FAMILIES[name](example), name
 
 
@@ -288,7 +292,7 @@ def test_duplicates_reach_every_multiplicity() -> None:
                                         experts_per_rank=st.just(8)),
                         routing=routings(families=st.just("duplicates")))
     seen = set()
-    for labels, problem in _labelled(strategy, 80):
+    for labels, problem in _labelled(strategy, 120):
         (label,) = [s for s in labels if s.startswith("routing: ")]
         copies = int(label.split(", ")[1].split()[0])
         if sum(problem.config.tokens_per_rank):

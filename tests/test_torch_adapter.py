@@ -81,10 +81,10 @@ def test_to_torch_copies_so_an_implementation_cannot_write_into_the_problem() ->
 def _reference_in_torch(ranks: list[ot.TorchRankInputs]) -> list[tuple[object, object]]:
     """A torch 'implementation' that returns the reference model's answer, via from_torch."""
     from spec import Problem
+    from spec.config import CALL_ATTRIBUTES
 
     problem = Problem([ot.from_torch(r) for r in ranks],
-                      max_output_size=ranks[0].max_output_size,
-                      swiglu_limit=ranks[0].swiglu_limit)
+                      **{name: getattr(ranks[0], name) for name in CALL_ATTRIBUTES})
     return [(ot.to_tensor(r.out), torch.from_numpy(r.expert_token_nums))
             for r in oracle.run(problem).ranks]
 
@@ -121,10 +121,10 @@ def _writes_defined_rows(skip: int | None = None):
     counts into the given buffers, and leaves the undefined rows alone."""
     def fn(ranks: list[ot.TorchRankInputs]) -> None:
         from spec import Problem
+        from spec.config import CALL_ATTRIBUTES
 
         problem = Problem([ot.from_torch(r) for r in ranks],
-                          max_output_size=ranks[0].max_output_size,
-                          swiglu_limit=ranks[0].swiglu_limit)
+                          **{name: getattr(ranks[0], name) for name in CALL_ATTRIBUTES})
         for s, (r, want) in enumerate(zip(ranks, oracle.run(problem).ranks)):
             assert r.out is not None and r.expert_token_nums is not None
             rows = np.flatnonzero(want.defined)

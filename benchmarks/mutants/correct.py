@@ -196,10 +196,13 @@ class DispatchFfnCombine:
         i = h.shape[1] // 2
         return h[:, :i], h[:, i:]
 
-    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        """Step 4, float32: ``gate / (1 + exp(−gate)) · up``."""
+    def swiglu(self, gate: np.ndarray, up: np.ndarray, alpha: float | None = None) -> np.ndarray:
+        """Step 4, float32: ``gate / (1 + exp(−gate)) · up``; SwigluOAI (``alpha``, the call's
+        ``oai_alpha``; variants.md, open PR #11916): ``gate / (1 + exp(−α·gate)) · (up + 1)``."""
         with np.errstate(over="ignore"):
-            return np.asarray(gate / (F32(1) + np.exp(-gate)) * up)
+            if alpha is None:
+                return np.asarray(gate / (F32(1) + np.exp(-gate)) * up)
+            return np.asarray(gate / (F32(1) + np.exp(-(gate * F32(alpha)))) * (up + F32(1)))
 
     def requantise(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Step 5: ``q2 = round_half_even(a · (127 / amax2))``, ``σ2 = amax2 / 127``; a zero row
@@ -226,7 +229,7 @@ class DispatchFfnCombine:
 
     def ffn_w8a8(
         self, q: np.ndarray, sigma: np.ndarray, weights: tuple[Any, ...], limit: float | None,
-        out_dtype: np.dtype[Any],
+        alpha: float | None, out_dtype: np.dtype[Any],
     ) -> np.ndarray:
         """Steps 2–7 for one expert's rows, with exact integer GEMMs."""
         w1, w2, s1, s2 = weights
@@ -234,7 +237,7 @@ class DispatchFfnCombine:
         h = c1.astype(F32) * sigma[:, None]
         if limit is not None:
             h = self.clamp(h, limit)
-        q2, sigma2 = self.requantise(self.swiglu(*self.gate_up(h)))
+        q2, sigma2 = self.requantise(self.swiglu(*self.gate_up(h), alpha))
         c2 = self.dequantise(int_matmul(q2, w2), s2)
         return np.asarray(c2.astype(F32) * sigma2[:, None]).astype(out_dtype)
 
@@ -368,7 +371,8 @@ class DispatchFfnCombine:
                 idx = token_of_row[offset[d] + lo : offset[d] + hi]
                 weights = self.expert_weights(inputs, j)
                 if w8a8:
-                    block = self.ffn_w8a8(x[idx], sigma[idx], weights, cfg.swiglu_limit, out_dtype)
+                    block = self.ffn_w8a8(x[idx], sigma[idx], weights, cfg.swiglu_limit,
+                                          cfg.oai_alpha, out_dtype)
                 else:
                     block = self.ffn_float(x[idx], weights, out_dtype)
                 y_buf[offset[d] + lo : offset[d] + hi] = block.astype(F32)
