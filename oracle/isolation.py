@@ -385,9 +385,29 @@ def _serve(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
         _write_all(wfd, _encode(answer, arrays), None)
 
 
+def _threads() -> int:
+    """This process's threads: every OS thread where the system lists them (Linux), else the
+    Python threads."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _serve_and_exit(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
+    try:
+        _serve(impl, rfd, wfd)
+    except BaseException:  # the parent reports the exit code and stderr
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(3)
+    os._exit(_END_OF_REQUESTS)
+
+
 def child_main(name: str, rfd: int, wfd: int) -> None:
     """The child's entry point: load ``name``, say so, answer requests until end of file; then
     leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
+    threads = _threads()
     try:
         impl = load_impl(name)
         check_signature(impl, name)
@@ -395,19 +415,19 @@ def child_main(name: str, rfd: int, wfd: int) -> None:
         _write_all(wfd, _encode({"status": "load_error", "message": str(exc)}, []), None)
         os._exit(0)
     _write_all(wfd, _encode({"status": "ready"}, []), None)
+    if _threads() > threads:
+        # Loading started threads (torch's OpenMP pool after a tensor operation at import, or
+        # the module's own): a fork copies none of them, and a forked worker that waits for one
+        # hangs (measured: torch's first product in such a fork never returns). Serve here; a
+        # crash then costs the parent a new child (an interpreter start and the imports).
+        _serve_and_exit(impl, rfd, wfd)
     # This process stays a loaded template: each worker is a fork of it, so a crash costs a
     # fork (milliseconds) instead of an interpreter start and imports (about 1 s), and the
     # search can shrink a crashing example like any other failure.
     while True:
         pid = os.fork()
         if pid == 0:
-            try:
-                _serve(impl, rfd, wfd)
-            except BaseException:  # the parent reports the exit code and stderr
-                traceback.print_exc()
-                sys.stderr.flush()
-                os._exit(3)
-            os._exit(_END_OF_REQUESTS)
+            _serve_and_exit(impl, rfd, wfd)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if code == _END_OF_REQUESTS:
             os._exit(0)
