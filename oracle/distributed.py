@@ -777,8 +777,8 @@ def check_distributed(
     all ranks before it is reported as hung. ``scales``: how the dequant scales reach
     ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
     :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
-    dies is a failure too), or :class:`DistributedTimeout` naming the
-    example that hung. Spawned worker processes are always stopped before this returns.
+    dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
+    Spawned worker processes are always stopped before this returns.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
