@@ -291,6 +291,28 @@ def test_the_row_test_runs_only_where_the_output_is_not_the_models(
     assert calls == [1]
 
 
+def test_the_envelope_is_computed_only_for_an_output_that_is_not_the_models(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a profile the model's own output passes on the model alone (the envelope costs
+    about 4x the model); one differing value makes the judge compute the envelope and judge
+    by it, here rejecting a value the envelope pins."""
+    import oracle.judge
+
+    problem = _problem()
+    result = oracle.run(problem)
+    envelopes = []
+    original = oracle.judge.run
+    monkeypatch.setattr(oracle.judge, "run",
+                        lambda *a, **kw: envelopes.append(kw.get("envelope", False))
+                        or original(*a, **kw))
+    assert compare(problem, _pairs(result)).ok and envelopes == [False]
+    nudged = [r.out.copy() for r in result.ranks]
+    nudged[0].view(np.uint16)[0, 0] ^= 1
+    verdict = compare(problem, _pairs(result, nudged))
+    assert envelopes[1:3] == [False, True]
+    assert not verdict.ok and verdict.stage == "out" and "pins this value" in verdict.message
+
+
 def test_zero_rows_fall_back_to_the_sound_bound() -> None:
     problem = _with_zero_row()
     th = row_thresholds(problem, oracle.run(problem, numerics="ideal"))
