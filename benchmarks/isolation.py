@@ -6,7 +6,9 @@ in process (the old default) and isolated (the new one), side by side in one run
 The implementation is ``broken_impls:correct`` (the reference model itself), so both columns do
 the same work and their difference is the isolation's cost: copying the problem into the child
 as raw bytes, the outputs back, and the parent's checks. Not a timed test: numbers depend on
-the machine.
+the machine. On a loaded machine, NumPy's BLAS threads of the parent and the child compete (the
+parent's spin while the child computes): ``OPENBLAS_NUM_THREADS=1`` shows the isolation's own
+cost.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from hypothesis import settings
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import broken_impls
 
 import oracle.profiles  # noqa: F401 - registers the profiles
-from oracle.harness import check_implementation, evaluate
+from oracle.harness import _call, check_implementation
 from oracle.isolation import ChildProcess
 from spec import OpConfig, random_problem
 
@@ -37,21 +40,26 @@ SHAPES = {
 }
 
 
-def per_call(calls: int) -> list[tuple[str, float, float]]:
+def per_call(calls: int) -> list[tuple[str, float, float, float, float]]:
+    """Median and minimum of one call (copying the problem in, running the implementation,
+    watching its inputs, bringing its outputs back; no judge), in process and in the child,
+    interleaved so that both see the same load."""
     rows = []
     with ChildProcess("broken_impls:correct") as child:
         for label, config in SHAPES.items():
             problem = random_problem(config, seed=0)
-            timings = {}
-            for mode, impl in (("in process", broken_impls.correct), ("child", child)):
-                evaluate(impl, problem)  # warm-up
-                samples = []
-                for _ in range(calls):
+            runs = (partial(_call, broken_impls.correct, problem, 60.0),
+                    partial(child.call, problem, 60.0))
+            samples: list[list[float]] = [[], []]
+            for run in runs:
+                run()  # warm-up
+            for _ in range(calls):
+                for times, run in zip(samples, runs):
                     start = time.perf_counter()
-                    evaluate(impl, problem)
-                    samples.append(time.perf_counter() - start)
-                timings[mode] = statistics.median(samples) * 1e3
-            rows.append((label, timings["in process"], timings["child"]))
+                    run()
+                    times.append((time.perf_counter() - start) * 1e3)
+            rows.append((label, statistics.median(samples[0]), statistics.median(samples[1]),
+                         min(samples[0]), min(samples[1])))
     return rows
 
 
@@ -71,10 +79,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--max-examples", type=int, default=100)
     args = parser.parse_args()
-    print("| per call (median of evaluate: call + judge) | in process | child process | overhead |")
+    print("| one call, no judge: median (min) | in process | child process | overhead |")
     print("|---|---:|---:|---:|")
-    for label, inproc, child in per_call(args.calls):
-        print(f"| {label} | {inproc:.2f} ms | {child:.2f} ms | {child - inproc:+.2f} ms |")
+    for label, inproc, child, inproc_min, child_min in per_call(args.calls):
+        print(f"| {label} | {inproc:.2f} ({inproc_min:.2f}) ms | {child:.2f} ({child_min:.2f}) "
+              f"ms | {child - inproc:+.2f} ({child_min - inproc_min:+.2f}) ms |")
     inproc, child = gate(args.max_examples)
     print(f"\n| gate: check_implementation, dfc-ci, {args.max_examples} examples | in process | "
           "child process | overhead |")
