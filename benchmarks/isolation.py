@@ -40,26 +40,30 @@ SHAPES = {
 }
 
 
-def per_call(calls: int) -> list[tuple[str, float, float, float, float]]:
+def per_call(calls: int) -> list[tuple[str, list[float], list[float]]]:
     """Median and minimum of one call (copying the problem in, running the implementation,
-    watching its inputs, bringing its outputs back; no judge), in process and in the child,
-    interleaved so that both see the same load."""
+    watching its inputs, bringing its outputs back; no judge): in process, in a child that
+    receives every array through its pipe, and in one that receives arrays of more than
+    ``shared_above`` bytes through a shared file (the default). Interleaved, in turn, so that
+    all three see the same load."""
     rows = []
-    with ChildProcess("broken_impls:correct") as child:
+    name = "broken_impls:correct"
+    with ChildProcess(name, shared_above=None) as piped, ChildProcess(name) as shared:
         for label, config in SHAPES.items():
             problem = random_problem(config, seed=0)
             runs = (partial(_call, broken_impls.correct, problem, 60.0),
-                    partial(child.call, problem, 60.0))
-            samples: list[list[float]] = [[], []]
+                    partial(piped.call, problem, 60.0), partial(shared.call, problem, 60.0))
+            samples: list[list[float]] = [[] for _ in runs]
             for run in runs:
                 run()  # warm-up
-            for _ in range(calls):
-                for times, run in zip(samples, runs):
+            for i in range(calls):
+                for j in range(len(runs)):  # each goes first in turn: no one gains by its place
+                    k = (i + j) % len(runs)
                     start = time.perf_counter()
-                    run()
-                    times.append((time.perf_counter() - start) * 1e3)
-            rows.append((label, statistics.median(samples[0]), statistics.median(samples[1]),
-                         min(samples[0]), min(samples[1])))
+                    runs[k]()
+                    samples[k].append((time.perf_counter() - start) * 1e3)
+            rows.append((label, [statistics.median(t) for t in samples],
+                         [min(t) for t in samples]))
     return rows
 
 
@@ -79,11 +83,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--max-examples", type=int, default=100)
     args = parser.parse_args()
-    print("| one call, no judge: median (min) | in process | child process | overhead |")
-    print("|---|---:|---:|---:|")
-    for label, inproc, child, inproc_min, child_min in per_call(args.calls):
-        print(f"| {label} | {inproc:.2f} ({inproc_min:.2f}) ms | {child:.2f} ({child_min:.2f}) "
-              f"ms | {child - inproc:+.2f} ({child_min - inproc_min:+.2f}) ms |")
+    print("| one call, no judge: median (min), ms | in process | child, pipes | child, shared "
+          "file | overhead, pipes | overhead, shared file |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, medians, minima in per_call(args.calls):
+        cells = [f"{m:.2f} ({n:.2f})" for m, n in zip(medians, minima)]
+        cells += [f"{m - medians[0]:+.2f} ({n - minima[0]:+.2f})"
+                  for m, n in zip(medians[1:], minima[1:])]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     inproc, child = gate(args.max_examples)
     print(f"\n| gate: check_implementation, dfc-ci, {args.max_examples} examples | in process | "
           "child process | overhead |")
