@@ -7,7 +7,8 @@
   real operator's historical layout and buffer rules, and known-defective reference variants)
   and print what was found, each with its minimal counterexample.
 - ``explain FILE`` — a readable description of a saved counterexample and, when it holds the
-  implementation's outputs, the known defect they equal (``oracle.diagnose``).
+  implementation's outputs, the known defect they equal (``oracle.diagnose``); ``--plot
+  OUT.png`` also draws it (``oracle.plot``, the optional extra ``plot``).
 - ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.capture``).
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hypothesis import settings as hsettings
 
+from oracle.counterexample import judged_with
 from oracle.harness import (
     DOMAINS,
     ConformanceError,
@@ -183,22 +185,6 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_FOUND
 
 
-def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
-    """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
-    files written before profiles existed get the defaults of their time (1 ulp). Raises
-    SpecError for a malformed record."""
-    try:
-        numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
-        ulps = meta.get("ulps", 1.0)
-        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
-            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
-    except (TypeError, ValueError) as exc:
-        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
-                        allowed="the record dfc-oracle writes",
-                        fix="regenerate the file with dfc-oracle") from None
-    return numerics, float(ulps)
-
-
 def _kernels(args: argparse.Namespace) -> int:
     """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain."""
     from oracle.kernels import DEFAULT_KERNEL
@@ -217,8 +203,12 @@ def _explain(args: argparse.Namespace) -> int:
     from oracle.counterexample import load
 
     try:
+        if args.plot is not None:
+            from oracle.plot import require_matplotlib
+
+            require_matplotlib()
         saved = load(args.file)
-    except SpecError as exc:
+    except (SpecError, ImportError) as exc:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
     print(explain(saved.problem, saved.meta))
@@ -226,6 +216,14 @@ def _explain(args: argparse.Namespace) -> int:
     print(diagnosis(saved.meta, found))
     if args.stages:
         print(stage_table(saved.problem, saved.outputs, saved.meta, found))
+    if args.plot is not None:
+        from oracle.plot import save_plot
+
+        numerics, ulps = _judged_or_default(saved.meta)
+        title = f"{args.file.name}: stage '{saved.meta.get('stage', 'unknown')}'"
+        path = save_plot(args.plot, saved.problem, saved.outputs, numerics=numerics, ulps=ulps,
+                         title=title)
+        print(f"picture saved: {path}")
     return EXIT_OK
 
 
@@ -442,6 +440,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="print the failing token's reference intermediates at each "
                            "rounding point of the profile, next to your out row (default: on; "
                            "--no-stages leaves it out)")
+    explain_p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                           help="also draw the routing matrix, the receive buffers with the "
+                           "truncation line and the error/tolerance heat map into OUT.png "
+                           "(needs pip install 'dfc-oracle[plot]'; default: no picture)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,

@@ -1,11 +1,14 @@
 """The bundled conformance suite that ``pytest --dfc-impl MODULE:FUNC`` runs.
 
 One test per input family of :mod:`spec.strategies` (routing, special rows, token counts,
-masks, truncation, weight forms and variants) and one for the whole default search; each runs
-:func:`oracle.check_implementation` under the active profile and fails with its report. A
-variant the implementation does not support (``--dfc-variants``) is a named skip. A failure
-found by one test is tried first by every later one, which then fails in one line ("same
-failure as ...") instead of searching and shrinking the same defect again.
+masks, truncation, weight forms, memory layouts and variants) and one for the whole default
+search; each runs :func:`oracle.check_implementation` under the active profile and fails with
+its report. A variant the implementation does not support (``--dfc-variants``) is a named
+skip. A failure found by one test is tried first by every later one, which then fails in one
+line ("same failure as ...") instead of searching and shrinking the same defect again. The
+default search runs the profile's ``max_examples``; a family test, whose every draw has its
+family, runs ``--dfc-family-examples`` (default a fifth of them): a passing gate costs about
+what two full searches cost, not 25 (issue "gate in a minute"; ``benchmarks/gate_time.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from oracle.harness import ConformanceError, check_implementation, evaluate, variant_configs
@@ -22,6 +26,7 @@ from oracle.kernels import get_kernel
 from oracle.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.limits import ShapeDomain
+from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
 
 _WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16"}
@@ -72,15 +77,20 @@ def _known_failure(options: dict[str, Any]) -> str | None:
     return None
 
 
-def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> None:
+def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem], *,
+           family: bool = True) -> None:
+    """Search ``strategy``: with the profile's budget for the default search, with
+    ``--dfc-family-examples`` for a test of one family."""
     again = _known_failure(options)
     if again is not None:
         pytest.fail(again, pytrace=False)
+    budget = settings(settings(), deadline=None,
+                      max_examples=options["family_examples"]) if family else None
     try:
         check_implementation(
             options["impl"], numerics=options["numerics"], problems=strategy,
             impl_name=options["impl_name"], inputs=options["inputs"], ulps=options["ulps"],
-            timeout=options["timeout"], kernel=options["kernel"],
+            timeout=options["timeout"], kernel=options["kernel"], settings=budget,
         )
     except ConformanceError as exc:
         _KNOWN.append(_Known(_current_test(), exc.problem, exc.verdict.stage,
@@ -93,7 +103,7 @@ def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem]) -> Non
 
 def test_default_search(dfc_options: dict[str, Any]) -> None:
     """Every family at once, as drawn by the default strategies."""
-    _check(dfc_options, problems(configs=_variant_configs(dfc_options)))
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options)), family=False)
 
 
 @pytest.mark.parametrize("family", ROUTING_FAMILIES)
@@ -131,6 +141,14 @@ def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) 
         pytest.skip(f"the {dfc_options['kernel']} kernel has no {feature} (--dfc-domain contract "
                     "generates it anyway)")
     _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "contiguous"])
+def test_memory_layout(dfc_options: dict[str, Any], layout: str) -> None:
+    """x and the weights as Fortran-order or strided views (the operator's weights are
+    ``IgnoreContiguous()``): the same values, so the same outputs."""
+    _check(dfc_options, problems(configs=_variant_configs(dfc_options),
+                                 layouts=st.just(layout)))
 
 
 @pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16"])

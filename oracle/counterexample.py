@@ -27,8 +27,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from oracle.numerics import Numerics
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
+from spec.memory import LAYOUTS, layout_of, with_layout
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -37,6 +39,7 @@ __all__ = [
     "Counterexample",
     "arrays_of",
     "encode_arrays",
+    "judged_with",
     "load",
     "open_regular",
     "parse_header",
@@ -74,6 +77,26 @@ class Counterexample:
     outputs: list[tuple[Array, Array]] | None
     meta: dict[str, Any]
 
+    def judged_with(self) -> tuple[Numerics, float]:
+        """The numerics and ``ulps`` the file was judged with (:func:`judged_with`)."""
+        return judged_with(self.meta)
+
+
+def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
+    """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
+    files written before profiles existed get the defaults of their time (1 ulp). Raises
+    SpecError for a malformed record."""
+    try:
+        numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
+        ulps = meta.get("ulps", 1.0)
+        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
+            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
+    except (TypeError, ValueError) as exc:
+        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
+                        allowed="the record dfc-oracle writes",
+                        fix="regenerate the file with dfc-oracle") from None
+    return numerics, float(ulps)
+
 
 def _bad(path: Path, what: str, fix: str = "regenerate the file with dfc-oracle") -> SpecError:
     return CounterexampleFileError(
@@ -102,10 +125,15 @@ def arrays_of(
 
 def encode_arrays(arrays: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Any]]:
     """Arrays as stored in an .npz (bfloat16 as uint16 bit patterns), and the manifest entry
-    (dtype and shape) that :func:`read_array` checks each of them against."""
+    (dtype, shape, and the layout class of a non-contiguous array, :mod:`spec.memory`) that
+    :func:`read_array` checks each of them against."""
     stored = {k: a.view(_STORED[str(a.dtype)]) if str(a.dtype) in _STORED else a
               for k, a in arrays.items()}
-    specs = {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}
+    specs: dict[str, Any] = {}
+    for k, a in arrays.items():
+        specs[k] = {"dtype": str(a.dtype), "shape": list(a.shape)}
+        if layout_of(a) != "contiguous":
+            specs[k]["layout"] = layout_of(a)
     return stored, specs
 
 
@@ -299,9 +327,12 @@ def read_array(path: Path, files: Archive, key: str, spec: object) -> Array:
         raise _bad(path, f"array {key!r} of {shape} elements, more than any call here")
     if key not in files.files:
         raise _bad(path, f"no array {key!r} though the manifest lists it")
+    layout = spec.get("layout", "contiguous")
+    if layout not in LAYOUTS:
+        raise _bad(path, f"array {key!r} with layout {str(layout)[:40]}, not one of {LAYOUTS}")
     dtype = np.dtype(DTYPES.get(spec["dtype"], spec["dtype"]))
-    stored = files.array(key, _STORED.get(spec["dtype"], dtype), tuple(shape))
-    return stored.view(dtype)
+    stored = files.array(key, _STORED.get(spec["dtype"], dtype), tuple(shape)).view(dtype)
+    return stored if layout == "contiguous" else with_layout(stored, layout)
 
 
 def _read_arrays(path: Path, files: Archive, specs: dict[str, Any], meta: str) -> dict[str, Array]:

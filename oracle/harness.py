@@ -45,6 +45,7 @@ from oracle.reference import route
 from spec import OpConfig, Problem, RankInputs
 from spec.config import X_DTYPES
 from spec.limits import ShapeDomain
+from spec.memory import copy_array
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -97,16 +98,17 @@ class _Mismatch(Exception):
 
 
 def _copy_inputs(problem: Problem) -> Problem:
-    """A writable deep copy, so the implementation cannot touch the problem we judge it on."""
+    """A writable deep copy, so the implementation cannot touch the problem we judge it on;
+    each array keeps its layout class (:mod:`spec.memory`)."""
 
     def many(ts: Any) -> list[np.ndarray] | None:
-        return None if ts is None else [np.array(t) for t in ts]
+        return None if ts is None else [copy_array(t) for t in ts]
 
     ranks = [
         RankInputs(
-            np.array(r.x), np.array(r.expert_idx), np.array(r.probs), many(r.w1) or [],
+            copy_array(r.x), copy_array(r.expert_idx), copy_array(r.probs), many(r.w1) or [],
             many(r.w2) or [], scale1=many(r.scale1), scale2=many(r.scale2),
-            active_mask=None if r.active_mask is None else np.array(r.active_mask),
+            active_mask=None if r.active_mask is None else copy_array(r.active_mask),
         )
         for r in problem.ranks
     ]

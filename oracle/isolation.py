@@ -54,6 +54,7 @@ from oracle.judge import Verdict, structured_outputs
 from oracle.loading import ImplLoadError, load_impl
 from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
+from spec.memory import LAYOUTS, copy_array, layout_of, with_layout
 
 __all__ = [
     "CallOutcome",
@@ -257,8 +258,14 @@ def check_signature(fn: Callable[..., Any], name: str) -> None:
 # Wire format: header length, payload length, JSON header, raw array bytes.
 
 
+def _declare(name: str, a: Array) -> list[Any]:
+    """How a request declares one array: name, dtype, shape, layout class (:mod:`spec.memory`);
+    its bytes are its values in C order."""
+    return [name, str(a.dtype), list(a.shape), layout_of(a)]
+
+
 def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[bytes | memoryview]:
-    header = {**header, "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays]}
+    header = {**header, "arrays": [_declare(k, a) for k, a in arrays]}
     head = json.dumps(header).encode()
     chunks = [np.ascontiguousarray(a) for _, a in arrays]
     size = sum(c.nbytes for c in chunks)
@@ -266,22 +273,44 @@ def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[byt
             *(c.reshape(-1).view(np.uint8).data for c in chunks if c.nbytes)]
 
 
+def _declared(spec: object) -> tuple[str, np.dtype[Any], list[int], str, int]:
+    """Name, dtype, shape, layout and element count of a declaration (:func:`_declare`); one
+    that is not a plain array's is a ValueError."""
+    if not isinstance(spec, list) or len(spec) != 4:
+        raise ValueError(f"not an array declaration: {str(spec)[:100]}")
+    name, dtype_name, shape, layout = spec
+    dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
+    if (dtype.hasobject or not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape) or layout not in LAYOUTS):
+        raise ValueError(f"array {name!r}: {dtype_name} {shape} {layout}")
+    return str(name), dtype, shape, layout, int(np.prod(shape, dtype=np.int64))
+
+
+def _view(buffer: Any, declared: tuple[str, np.dtype[Any], list[int], str, int],
+          offset: int) -> tuple[str, Array]:
+    """The declared array whose values start at ``offset`` of ``buffer``, read-only, in its
+    layout."""
+    name, dtype, shape, layout, count = declared
+    values = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
+    if layout != "contiguous":
+        values = with_layout(values, layout)
+        values.flags.writeable = False
+    return name, values
+
+
 def _decode_arrays(specs: object, payload: bytes) -> list[tuple[str, Array]]:
-    """Arrays of ``payload`` as declared by ``specs``, each a read-only view; a declaration that
-    does not account for the payload exactly is a ValueError."""
+    """Arrays of ``payload`` as declared by ``specs``, each read-only in its declared layout
+    (:mod:`spec.memory`); a declaration that does not account for the payload exactly is a
+    ValueError."""
     if not isinstance(specs, list):
         raise ValueError("no array list")
     arrays, offset = [], 0
     for spec in specs:
-        name, dtype_name, shape = spec
-        dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
-        if dtype.hasobject or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise ValueError(f"array {name!r}: {dtype_name} {shape}")
-        count = int(np.prod(shape, dtype=np.int64))
-        end = offset + count * dtype.itemsize
+        declared = _declared(spec)
+        end = offset + declared[4] * declared[1].itemsize
         if end > len(payload):
-            raise ValueError(f"array {name!r} beyond the payload")
-        arrays.append((str(name), np.frombuffer(payload, dtype, count, offset).reshape(shape)))
+            raise ValueError(f"array {declared[0]!r} beyond the payload")
+        arrays.append(_view(payload, declared, offset))
         offset = end
     if offset != len(payload):
         raise ValueError("payload longer than its arrays")
@@ -365,39 +394,39 @@ class _SharedFile:
         return self._map
 
     def put(self, arrays: list[tuple[str, Array]]) -> list[list[Any]]:
-        """Write ``arrays`` one after the other (64-byte aligned); their declarations."""
+        """Write ``arrays``' values one after the other (64-byte aligned); their declarations
+        (:func:`_declare`), each with its offset."""
         specs: list[list[Any]] = []
         offset = 0
         if not arrays:
             return specs
         for name, a in arrays:
-            specs.append([name, str(a.dtype), list(a.shape), offset])
+            specs.append([*_declare(name, a), offset])
             offset += -(-a.nbytes // 64) * 64
         target = self._mapped(offset)
         for (_, a), spec in zip(arrays, specs):
             flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            np.frombuffer(target, np.uint8, flat.size, spec[3])[:] = flat
+            np.frombuffer(target, np.uint8, flat.size, spec[-1])[:] = flat
         return specs
 
     def get(self, specs: object) -> list[tuple[str, Array]]:
-        """The arrays ``specs`` declares, as read-only views of the file; a declaration that is
-        not an array inside the file is a ValueError."""
+        """The arrays ``specs`` declares, read-only, in their layouts; a declaration that is not
+        an array inside the file is a ValueError."""
         if not isinstance(specs, list):
             raise ValueError("no shared array list")
-        checked = []
-        for name, dtype_name, shape, offset in specs:
-            dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
-            if (dtype.hasobject or not isinstance(offset, int) or offset < 0
-                    or not all(isinstance(n, int) and n >= 0 for n in shape)):
-                raise ValueError(f"shared array {name!r}: {dtype_name} {shape} at {offset}")
-            count = int(np.prod(shape, dtype=np.int64))
-            checked.append((str(name), dtype, shape, offset, count))
-        end = max((o + c * d.itemsize for _, d, _, o, c in checked), default=0)
+        placed = []
+        for spec in specs:
+            if not isinstance(spec, list) or not spec:
+                raise ValueError(f"not a shared array declaration: {str(spec)[:100]}")
+            declared, offset = _declared(spec[:-1]), spec[-1]
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"shared array {declared[0]!r} at offset {offset!r}")
+            placed.append((declared, offset))
+        end = max((o + d[4] * d[1].itemsize for d, o in placed), default=0)
         if not end:
-            return [(name, np.zeros(shape, dtype)) for name, dtype, shape, _, _ in checked]
+            return [(d[0], np.zeros(d[2], d[1])) for d, _ in placed]
         source = self._mapped(end)
-        return [(name, np.frombuffer(source, dtype, count, offset).reshape(shape))
-                for name, dtype, shape, offset, count in checked]
+        return [_view(source, d, o) for d, o in placed]
 
     def close(self) -> None:
         self._map = None
@@ -418,12 +447,12 @@ def _problem_from(header: dict[str, Any], payload: bytes,
     config = OpConfig(**fields)
 
     def copy(key: str) -> Array | None:
-        return None if key not in originals else np.array(originals[key])
+        return None if key not in originals else copy_array(originals[key])
 
     def many(r: int, name: str) -> list[Array] | None:
         items: list[Array] = []
         while f"r{r}.{name}.{len(items)}" in originals:
-            items.append(np.array(originals[f"r{r}.{name}.{len(items)}"]))
+            items.append(copy_array(originals[f"r{r}.{name}.{len(items)}"]))
         return items or None
 
     ranks = []
@@ -642,11 +671,12 @@ class ChildProcess:
         shared = self._shared.put([(k, a) for k, a in arrays if a.nbytes > limit])
         request = _encode({"config": asdict(cfg), "shared": shared},
                           [(k, a) for k, a in arrays if a.nbytes <= limit])
-        expected = [(f"r{r}.{k}", dtype, shape) for r in range(cfg.ep_size) for k, dtype, shape in
+        expected = [(f"r{r}.{k}", dtype, shape, "contiguous") for r in range(cfg.ep_size)
+                    for k, dtype, shape in
                     (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
                      ("expert_token_nums", "int32", [cfg.experts_per_rank]))]
         max_payload = sum(int(np.prod(s)) * DTYPES.get(d, np.dtype(d)).itemsize
-                          for _, d, s in expected)
+                          for _, d, s, _ in expected)
         deadline = time.monotonic() + timeout
         self._stderr.clear()
         try:
@@ -672,7 +702,7 @@ class ChildProcess:
         return self._outcome(*message, expected)
 
     def _outcome(self, header: dict[str, Any], payload: bytes,
-                 expected: list[tuple[str, str, list[int]]]) -> CallOutcome:
+                 expected: list[tuple[str, str, list[int], str]]) -> CallOutcome:
         changed = InputWrite.from_wire(header.get("changed"))
         status = header.get("status")
         if status == "raised":

@@ -39,7 +39,8 @@ from spec import DTYPES, Problem
 from spec.errors import describe
 
 __all__ = [
-    "STAGES", "Verdict", "compare", "out_dtype_spacing", "routing_summary", "structured_outputs",
+    "STAGES", "Verdict", "compare", "error_ratios", "out_dtype_spacing", "routing_summary",
+    "structured_outputs",
 ]
 
 STAGES = (
@@ -190,9 +191,7 @@ def compare(
     if isinstance(checked, Verdict):
         return checked
     enveloped = num.mode == "faithful"  # a kernel profile: judged by its envelope
-    # The float64 mathematics of the named kernel: the ideal run, bound and row test read it
-    # (under a profile, only the row test: made there, when it runs).
-    mathematics = problem if enveloped else kernel_mathematics(problem, num)
+    mathematics = _mathematics(problem, num)
     if expected is None:
         # The model alone first: under a profile, most outputs of a kernel in the model's order
         # equal it bit for bit and need no envelope, which costs about 4x the model.
@@ -209,17 +208,10 @@ def compare(
                 "masked slots and are taken before truncation",
                 r, (e,),
             )
-    if enveloped:
-        if _model_bits(checked, expected):
-            return Verdict(True, "ok", "outputs conform: the profile's own output, bit for bit",
-                           0.0)
-        if expected.ranks and expected.ranks[0].out_lo is None:
-            expected = run(mathematics, numerics=num, envelope=True)
-        tolerances: list[Array] | list[None] = [None] * cfg.ep_size
-    else:
-        from oracle.bounds import ideal_tolerance
-
-        tolerances = [np.asarray(t) for t in ideal_tolerance(mathematics, expected)]
+    if enveloped and _model_bits(checked, expected):
+        return Verdict(True, "ok", "outputs conform: the profile's own output, bit for bit", 0.0)
+    expected = _enveloped(mathematics, num, expected)
+    tolerances = _tolerances(mathematics, num, expected)
     worst: tuple[float, int, int, int] = (0.0, -1, -1, -1)
     n_bad = 0
     for r, ((out, _), want, tol) in enumerate(zip(checked, expected.ranks, tolerances)):
@@ -228,26 +220,18 @@ def compare(
             continue
         got64 = out[rows].astype(np.float64)
         exp64 = want.out[rows].astype(np.float64)
-        finite_got, finite_exp = np.isfinite(got64), np.isfinite(exp64)
-        same_special = (got64 == exp64) | (np.isnan(got64) & np.isnan(exp64))
-        bad = (finite_got != finite_exp) | (~finite_exp & ~same_special)
+        bad = _non_finite_mismatch(got64, exp64)
         if bad.any():
             t, c = (int(v) for v in np.argwhere(bad)[0])
             token = int(np.flatnonzero(rows)[t])
             return _fail(
                 "non_finite",
                 f"rank {r}, token {token}, column {c}: got {got64[t, c]}, expected "
-                f"{exp64[t, c]} ({int(bad.sum())} such values); "
+                f"{exp64[t, c]} ({int(bad.sum())} such values){_unwritten(got64, exp64, rows)}; "
                 f"{routing_summary(problem, r, token)}",
                 r, (token, c),
             )
-        if tol is None:
-            got_finite = np.where(finite_exp, got64, exp64)
-            ratio = envelope_ratio(got_finite, want, rows, cfg.x_dtype, ulps)
-        else:
-            err = np.where(finite_exp, np.abs(got64 - exp64), 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(err == 0, 0.0, err / tol[rows])  # exact passes at ulps=0
+        ratio = _ratio(got64, want, tol, rows, cfg.x_dtype, ulps)
         n_bad += int((ratio > 1).sum())
         flat = int(np.argmax(ratio))
         if ratio.size and ratio.flat[flat] > worst[0]:
@@ -292,6 +276,102 @@ def compare(
         f"{routing_summary(problem, r, token)}",
         r, (token, c), ratio_max,
     )
+
+
+def _mathematics(problem: Problem, num: Numerics) -> Problem:
+    """The float64 mathematics of the named kernel: the ideal run, bound and row test read it
+    (under a profile, only the row test: made there, when it runs)."""
+    return problem if num.mode == "faithful" else kernel_mathematics(problem, num)
+
+
+def _enveloped(mathematics: Problem, num: Numerics, expected: Result) -> Result:
+    """``expected`` with the profile's envelope (run again if it has none); in ideal mode,
+    ``expected`` itself."""
+    if num.mode == "faithful" and expected.ranks and expected.ranks[0].out_lo is None:
+        return run(mathematics, numerics=num, envelope=True)
+    return expected
+
+
+def _tolerances(mathematics: Problem, num: Numerics,
+                expected: Result) -> list[Array] | list[None]:
+    """Per rank, the ideal mode's elementwise tolerance; ``None`` under a profile (its
+    envelope is the tolerance)."""
+    if num.mode == "faithful":
+        return [None] * mathematics.config.ep_size
+    from oracle.bounds import ideal_tolerance
+
+    return [np.asarray(t) for t in ideal_tolerance(mathematics, expected)]
+
+
+def _non_finite_mismatch(got64: Array, exp64: Array) -> Array:
+    """Where a value is NaN or inf and the reference's is not the same (the reverse too)."""
+    same_special = (got64 == exp64) | (np.isnan(got64) & np.isnan(exp64))
+    return np.asarray((np.isfinite(got64) != np.isfinite(exp64))
+                      | (~np.isfinite(exp64) & ~same_special))
+
+
+def _unwritten(got64: Array, exp64: Array, rows: Array) -> str:
+    """The defined rows that are NaN in every column where the reference is finite: rows never
+    written into an out buffer pre-filled with NaN (``oracle.torch.implementation(...,
+    out_buffers=True)``; vllm-ascend PR #9992)."""
+    whole = (np.isnan(got64) | ~np.isfinite(exp64)).all(axis=1) & np.isfinite(exp64).any(axis=1)
+    if not whole.any():
+        return ""
+    tokens = np.flatnonzero(rows)[whole].tolist()
+    return (f"; rows NaN in every column (never written, if out was given pre-filled with "
+            f"NaN): tokens {tokens}")
+
+
+def _ratio(got64: Array, want: RankResult, tol: Array | None, rows: Array, dtype_name: str,
+           ulps: float) -> Array:
+    """The error-to-tolerance ratio of the float64 values ``got64`` on ``rows`` (above 1
+    fails); where the reference is not finite, 0 (the non-finite stage judges those)."""
+    exp64 = want.out[rows].astype(np.float64)
+    finite_exp = np.isfinite(exp64)
+    if tol is None:
+        return envelope_ratio(np.where(finite_exp, got64, exp64), want, rows, dtype_name, ulps)
+    err = np.where(finite_exp, np.abs(got64 - exp64), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(np.where(err == 0, 0.0, err / tol[rows]))  # exact passes at ulps=0
+
+
+def error_ratios(
+    problem: Problem,
+    outputs: object,
+    *,
+    numerics: str | Numerics = "faithful",
+    ulps: float = 0.0,
+) -> list[Array] | Verdict:
+    """Per rank, the ``(M_r, K)`` error-to-tolerance ratio of every out value, as
+    :func:`compare` judges it elementwise (above 1 fails; 0 is exact): NaN on rows the contract
+    leaves undefined, ``inf`` where out is NaN or inf and the reference is not (or the
+    reverse). The failing :class:`Verdict` of stage ``ranks`` or ``structure`` when the outputs
+    have no such values. The row test's verdict on whole rows is :func:`compare`'s.
+
+    >>> from spec import OpConfig, random_problem
+    >>> from oracle import run
+    >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16,
+    ...                             intermediate=8, tokens_per_rank=(2,)))
+    >>> [float(np.nanmax(r)) for r in error_ratios(p, [(r.out, r.expert_token_nums)
+    ...                                                 for r in run(p).ranks])]
+    [0.0]
+    """
+    num = resolve_numerics(numerics)
+    checked = structured_outputs(problem, outputs)
+    if isinstance(checked, Verdict):
+        return checked
+    mathematics = _mathematics(problem, num)
+    expected = run(mathematics, numerics=num, envelope=num.mode == "faithful")
+    ratios = []
+    for (out, _), want, tol in zip(checked, expected.ranks, _tolerances(mathematics, num,
+                                                                          expected)):
+        rows = want.defined
+        ratio = np.full(out.shape, np.nan)
+        got64, exp64 = out[rows].astype(np.float64), want.out[rows].astype(np.float64)
+        ratio[rows] = np.where(_non_finite_mismatch(got64, exp64), np.inf,
+                               _ratio(got64, want, tol, rows, problem.config.x_dtype, ulps))
+        ratios.append(ratio)
+    return ratios
 
 
 def _model_bits(checked: list[tuple[Array, Array]], expected: Result) -> bool:

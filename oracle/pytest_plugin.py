@@ -53,6 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-timeout", type=float, default=60.0,
                     help="seconds one call of the implementation may take before it is "
                     "reported as hung (default: 60)")
+    group.addoption("--dfc-family-examples", type=int, default=None,
+                    help="examples for each test of one input family (default: a fifth of the "
+                    "profile's max_examples, at least 10; the default search keeps them all)")
     group.addoption("--dfc-in-process", action="store_true", default=False,
                     help="run the implementation in pytest's own process (debugging: an "
                     "os._exit, crash or GIL-holding hang then takes the gate down; default: a "
@@ -81,6 +84,10 @@ def pytest_configure(config: pytest.Config) -> None:
                           variants=config.getoption("--dfc-variants").split(","))
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
+        family = config.getoption("--dfc-family-examples")
+        if family is not None and family < 1:
+            raise pytest.UsageError(f"--dfc-family-examples: {family} is not allowed; give at "
+                                    "least 1 example per family test")
         try:  # once, before collection: a bad name is one usage error, not an error per test
             if config.getoption("--dfc-in-process"):
                 loaded = load_impl(impl)
@@ -112,7 +119,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"domain={config.getoption('--dfc-domain')} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
-        f"max_examples={current.max_examples} seed={seed} "
+        f"max_examples={current.max_examples} "
+        f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
+        f"seed={seed} "
         f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'}"
     ]
 
@@ -133,4 +142,13 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "kernel": request.config.getoption("--dfc-kernel"),
         "domain": request.config.getoption("--dfc-domain"),
         "timeout": request.config.getoption("--dfc-timeout"),
+        "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),
     }
+
+
+def family_examples(option: int | None) -> int:
+    """Examples per family test: ``--dfc-family-examples``, else a fifth of the profile's
+    ``max_examples`` (at least 10). A family test draws its family in every example, so a
+    defect of that family shows in the first few (``benchmarks/gate_time.py`` measures what the
+    smaller budget loses on the mutant catalogue)."""
+    return option if option is not None else max(10, settings().max_examples // 5)

@@ -18,6 +18,17 @@ helpers here (:func:`to_numpy` on arrays, :func:`scales_from_int64`) work withou
 Wrapping a torch implementation of the whole call is one line::
 
     oracle.check_implementation(oracle.torch.implementation(my_torch_fn))
+
+**Output buffers** (``implementation(fn, out_buffers=True)``): the binding writes into the
+``out`` and ``expert_token_nums`` its caller allocates, and vLLM allocated ``out`` with
+``torch.empty_like``, so a row the kernel never writes holds whatever the memory held (vllm-ascend
+PR #9992, open: rows of local experts with no tokens, or of ranks with fewer tokens than cores,
+are not written; issue #9170's corrupted first-step logits). With the option, each rank's
+arguments carry those two buffers **poisoned**: ``out`` filled with NaN, ``expert_token_nums``
+with -1, and the results are read from them. A row the contract defines and the implementation
+never writes stays NaN and fails at stage ``non_finite``, named as a row never written; rows the
+contract leaves undefined (masked tokens, tokens that lost a slot to ``max_output_size``) may
+stay NaN, as the judge ignores them.
 """
 
 from __future__ import annotations
@@ -62,7 +73,9 @@ class TorchRankInputs:
 
     ``weight1``/``weight2``/``scale1``/``scale2`` are TensorLists (one stacked tensor or one per
     expert, §3). ``max_output_size`` ``None`` means no truncation; ``swiglu_limit`` ``None`` means
-    no clamp (the binding's default 1e6 is effectively none).
+    no clamp (the binding's default 1e6 is effectively none). ``out`` and ``expert_token_nums``:
+    the output buffers to write into, poisoned (NaN, -1), when the implementation was wrapped
+    with ``out_buffers=True``; else ``None``.
     """
 
     x: torch.Tensor
@@ -75,6 +88,8 @@ class TorchRankInputs:
     x_active_mask: torch.Tensor | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
+    out: torch.Tensor | None = None
+    expert_token_nums: torch.Tensor | None = None
 
 
 def _torch() -> Any:
@@ -206,9 +221,12 @@ def to_torch(
     swiglu_limit: float | None = None,
     scales: str = "int64",
     device: Any = None,
+    out_buffers: bool = False,
 ) -> TorchRankInputs:
     """One rank's arguments as torch tensors (copies: an implementation may write into them, as
     the kernel writes the sentinel into ``expert_idx``). ``scales``: see :data:`SCALE_ENCODINGS`.
+    ``out_buffers``: also the poisoned output buffers (``out`` all NaN in x's dtype,
+    ``expert_token_nums`` all -1, int32; see the module docstring).
 
     >>> from spec import OpConfig, random_problem
     >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32,
@@ -229,8 +247,11 @@ def to_torch(
         return many([scales_to_int64(a) if scales == "int64" else a for a in arrays])
 
     mask = inputs.active_mask
+    x = to_tensor(inputs.x, device=device)
+    torch = _torch()
+    num_experts = inputs.w1[0].shape[0] if len(inputs.w1) == 1 else len(inputs.w1)  # §3
     return TorchRankInputs(
-        x=to_tensor(inputs.x, device=device),
+        x=x,
         weight1=many(inputs.w1),
         weight2=many(inputs.w2),
         expert_idx=to_tensor(inputs.expert_idx, device=device),
@@ -240,6 +261,9 @@ def to_torch(
         x_active_mask=None if mask is None else to_tensor(mask, device=device),
         max_output_size=max_output_size,
         swiglu_limit=swiglu_limit,
+        out=torch.full_like(x, float("nan")) if out_buffers else None,
+        expert_token_nums=(torch.full((num_experts,), -1, dtype=torch.int32, device=x.device)
+                           if out_buffers else None),
     )
 
 
@@ -258,10 +282,13 @@ def implementation(
     *,
     scales: str = "int64",
     device: Any = None,
+    out_buffers: bool = False,
 ) -> Callable[[Problem], list[tuple[Array, Array]]]:
     """An implementation for :func:`oracle.check_implementation` from a torch function of all
     ranks: ``fn(ranks)`` takes one :class:`TorchRankInputs` per rank and returns one
-    ``(out, expert_token_nums)`` per rank (tensors).
+    ``(out, expert_token_nums)`` per rank (tensors). With ``out_buffers=True`` it writes into
+    each rank's poisoned ``out`` and ``expert_token_nums`` instead, and what it returns is
+    ignored (see the module docstring).
 
     >>> impl = implementation(lambda ranks: [(r.x, r.expert_idx[:0]) for r in ranks])
     >>> from spec import OpConfig, random_problem
@@ -273,9 +300,11 @@ def implementation(
     def impl(problem: Problem) -> list[tuple[Array, Array]]:
         ranks = [
             to_torch(r, max_output_size=problem.max_output_size,
-                     swiglu_limit=problem.swiglu_limit, scales=scales, device=device)
+                     swiglu_limit=problem.swiglu_limit, scales=scales, device=device,
+                     out_buffers=out_buffers)
             for r in problem.ranks
         ]
-        return [output_pair(o) for o in fn(ranks)]
+        returned = fn(ranks)
+        return [output_pair(o) for o in (ranks if out_buffers else returned)]
 
     return impl

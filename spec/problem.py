@@ -29,6 +29,7 @@ from spec.errors import (
     TensorListError,
     describe,
 )
+from spec.memory import copy_array
 
 __all__ = ["DTYPES", "Problem", "RankInputs", "dtype_name"]
 
@@ -94,7 +95,7 @@ class RankInputs:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    copy = np.array(a, copy=True, order="C")
+    copy = copy_array(a)  # the layout class too: a kernel must cope with strided weights
     copy.flags.writeable = False
     return copy
 

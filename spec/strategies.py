@@ -28,6 +28,7 @@ from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
 from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
+from spec.memory import LAYOUTS
 from spec.problem import DTYPES, Problem
 from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
@@ -525,6 +526,7 @@ def problems(
     configs: st.SearchStrategy[OpConfig] | None = None,
     routing: st.SearchStrategy[RoutingPlan] | None = None,
     values: st.SearchStrategy[RowPlan] | None = None,
+    layouts: st.SearchStrategy[str] | None = None,
 ) -> Problem:
     """Valid :class:`spec.Problem` values: a configuration, then its routing, special rows,
     routing weights, masks and capacity edges, then the bulk arrays from a drawn seed.
@@ -534,8 +536,13 @@ def problems(
     value ("as_drawn"). Rare families (:data:`COUNT_ONLY`: every rank empty, every token masked,
     the drawn capacity) leave no output row to judge; every other draw defines at least one
     row unless ``one_past`` drops the last slot of every token.
+
+    ``layouts`` (names from :data:`spec.memory.LAYOUTS`; default: contiguous, no draw) lays out
+    x and the weights of every rank in memory, as the operator's ``IgnoreContiguous()`` weights
+    may come: Fortran order or every other element of a wider buffer, the same values.
     """
-    for name, value in (("configs", configs), ("routing", routing), ("values", values)):
+    for name, value in (("configs", configs), ("routing", routing), ("values", values),
+                        ("layouts", layouts)):
         if value is not None:
             _require_strategy(name, value)
     cfg = draw(configs if configs is not None else _default_configs())
@@ -547,6 +554,9 @@ def problems(
     mask_family = mask_family if cfg.masked else None
     capacity = capacity if cfg.max_output_size is not None else None
     seed = draw(_SEEDS)
+    layout = draw(layouts) if layouts is not None else "contiguous"
+    if layout not in LAYOUTS:
+        raise InvalidArgument(f"layouts drew {layout!r}; draw names from {LAYOUTS}")
     rng = np.random.default_rng(seed)
     x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
     rows.plant(cfg, rng, x)
@@ -566,10 +576,10 @@ def problems(
         routing_label += f", {plan.copies(cfg)} copies"
     for label in (
         routing_label, f"rows: {rows.family}", f"probs: {probs_family}",
-        f"mask: {mask_family}", f"capacity: {capacity}",
+        f"mask: {mask_family}", f"capacity: {capacity}", f"layout: {layout}",
     ):
         event(label)
     return random_problem(
         cfg, seed=seed, x=x, expert_idx=ids, probs=probs,
-        active_mask=masks if masks is not None else [None] * cfg.ep_size,
+        active_mask=masks if masks is not None else [None] * cfg.ep_size, layout=layout,
     )

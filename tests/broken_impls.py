@@ -98,3 +98,12 @@ def vllm_model(problem: Problem) -> Outputs:
     """A conforming kernel of the vllm-triton profile (its own model)."""
     return [(r.out, r.expert_token_nums)
             for r in oracle.run(problem, numerics="vllm-triton").ranks]
+
+
+def needs_contiguous_weights(problem: Problem) -> Outputs:
+    """A kernel that asserts contiguous weights, as one taking a data pointer would need."""
+    for r in problem.ranks:
+        for w in (*r.w1, *r.w2):
+            if not w.flags.c_contiguous:
+                raise ValueError(f"weights of strides {w.strides} are not contiguous")
+    return correct(problem)

@@ -89,7 +89,8 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     good.assert_outcomes(passed=1 + routings)  # the default search and each routing family
     header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
     header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct kernel=ascend-a3 "
-                                 "domain=kernel numerics=faithful profile=dfc-ci*"])
+                                 "domain=kernel numerics=faithful profile=dfc-ci*"
+                                 "max_examples=100 family_examples=20 *"])
     bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
                                         "-k", "default_search or routing")
     bad.assert_outcomes(failed=1 + routings)
@@ -106,6 +107,28 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
     assert missing.ret != 0
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
+
+
+def test_family_tests_search_with_the_family_budget(monkeypatch) -> None:
+    """The default search keeps the profile's budget; a family test runs
+    ``--dfc-family-examples`` (plugin default: a fifth of max_examples, at least 10)."""
+    import oracle.conformance as conformance
+    from oracle.pytest_plugin import family_examples
+
+    budgets = []
+    monkeypatch.setattr(conformance, "check_implementation",
+                        lambda impl, **kw: budgets.append(kw["settings"]))
+    monkeypatch.setattr(conformance, "_KNOWN", [])
+    options = {"impl": None, "impl_name": "x", "numerics": "faithful", "inputs": "sentinel",
+               "ulps": 0.0, "timeout": 1.0, "kernel": "ascend-a3", "domain": "kernel",
+               "variants": ("w8a8",), "family_examples": 7}
+    conformance.test_default_search(options)
+    conformance.test_routing(options, "uniform")
+    assert budgets[0] is None and budgets[1].max_examples == 7
+    for profile, family in ((100, 20), (12, 10)):
+        monkeypatch.setattr(pytest_plugin, "settings",
+                            lambda p=profile: SimpleNamespace(max_examples=p))
+        assert family_examples(None) == family and family_examples(3) == 3
 
 
 def test_check_and_replay_judge_input_writes_with_the_same_policy(in_tests_dir, tmp_path,
@@ -160,8 +183,8 @@ def test_check_takes_every_option_of_the_pytest_gate() -> None:
     pytest_plugin.pytest_addoption(SimpleNamespace(getgroup=lambda *_: group))
     check = {s: a for a in _options(_parser())["check"] for s in a.option_strings}
     for flag, kwargs in group.options.items():
-        if flag == "--dfc-impl":
-            continue  # check's positional MODULE:FUNC
+        if flag in ("--dfc-impl", "--dfc-family-examples"):
+            continue  # check's positional MODULE:FUNC; check runs one search, no family tests
         assert "default" in kwargs["help"], f"{flag}'s help does not show its default"
         twin = check.get(flag.replace("--dfc-", "--"))
         assert twin is not None, f"dfc-oracle check has no {flag.replace('--dfc-', '--')}"

@@ -102,14 +102,19 @@ def test_large_arrays_travel_through_the_shared_file_intact() -> None:
 
 def test_the_child_reads_only_declared_arrays_inside_the_shared_file() -> None:
     writer = _SharedFile.create()
-    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", np.ones((2, 3)))])
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran)])
     reader = _SharedFile(os.dup(writer.fd), writable=False)
     try:
         (_, a), (_, b) = reader.get(specs)
-        assert a.tolist() == list(range(10)) and b.tolist() == [[1.0] * 3] * 2
-        assert not a.flags.writeable
-        for bad in ([["a", "int32", [10], 1 << 30]], [["a", "int32", [10], -64]],
-                    [["a", "object", [1], 0]], [["a", "int32", [-1], 0]], "not a list"):
+        assert a.tolist() == list(range(10)) and b.tolist() == fortran.tolist()
+        assert b.flags.f_contiguous and not b.flags.c_contiguous  # its layout class kept
+        assert not a.flags.writeable and not b.flags.writeable
+        for bad in ([["a", "int32", [10], "contiguous", 1 << 30]],
+                    [["a", "int32", [10], "contiguous", -64]],
+                    [["a", "object", [1], "contiguous", 0]],
+                    [["a", "int32", [-1], "contiguous", 0]],
+                    [["a", "int32", [10], "diagonal", 0]], [["a"]], "not a list"):
             with pytest.raises(ValueError):
                 reader.get(bad)
     finally:

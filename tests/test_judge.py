@@ -14,7 +14,7 @@ import pytest
 
 import oracle
 from oracle.bounds import ideal_tolerance
-from oracle.judge import compare, envelope_ratio, out_dtype_spacing
+from oracle.judge import compare, envelope_ratio, error_ratios, out_dtype_spacing
 from oracle.rowtest import TERMS, IdealAssumptions, row_test, row_thresholds
 from spec import OpConfig, Problem, random_problem
 
@@ -337,3 +337,40 @@ def test_assumptions_and_terms_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown terms"):
         row_thresholds(problem, oracle.run(problem, numerics="ideal"), omit=("rounding",))
     assert "activation" in TERMS and "remainder" in TERMS
+
+
+# ---------------------------------------------------------------------------------------------
+# error_ratios: the judge's elementwise ratios, as the plot draws them
+
+
+@pytest.mark.parametrize("numerics", ["faithful", "ideal"])
+def test_error_ratios_are_the_ratios_compare_judges(numerics: str) -> None:
+    """Conforming outputs: every ratio at most 1; one value moved far: its ratio is the
+    verdict's worst, at the verdict's place, and the only one above 1."""
+    problem = _problem(max_output_size=9)
+    result = oracle.run(problem, numerics=numerics)
+    ratios = error_ratios(problem, _pairs(result), numerics=numerics)
+    assert isinstance(ratios, list)
+    for r, (ratio, rank) in enumerate(zip(ratios, result.ranks)):
+        assert np.isnan(ratio[~rank.defined]).all() and (ratio[rank.defined] <= 1).all(), r
+    r, t = next((r, int(np.flatnonzero(x.defined)[0])) for r, x in enumerate(result.ranks)
+                if x.defined.any())
+    outs = [x.out.copy() for x in result.ranks]
+    outs[r][t, 5] = outs[r][t, 5] + 1000
+    verdict = compare(problem, _pairs(result, outs), numerics=numerics)
+    ratios = error_ratios(problem, _pairs(result, outs), numerics=numerics)
+    assert isinstance(ratios, list)
+    assert not verdict.ok and verdict.rank == r and verdict.where == (t, 5)
+    assert ratios[r][t, 5] == pytest.approx(verdict.ratio)
+    assert sum(int((x > 1).sum()) for x in ratios) == 1
+
+
+def test_error_ratios_mark_non_finite_values_and_bad_structure() -> None:
+    problem = _problem()
+    result = oracle.run(problem)
+    outs = [x.out.copy() for x in result.ranks]
+    t = int(np.flatnonzero(result.ranks[0].defined)[0])
+    outs[0][t, 3] = np.nan
+    ratios = error_ratios(problem, _pairs(result, outs))
+    assert isinstance(ratios, list) and ratios[0][t, 3] == np.inf
+    assert error_ratios(problem, _pairs(result)[:1]).stage == "ranks"  # type: ignore[union-attr]

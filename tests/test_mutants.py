@@ -166,6 +166,8 @@ WITNESSES: dict[str, Callable[[], Problem]] = {
     "list_read_reversed": lambda: random_problem(cfg(experts_per_rank=2, weight_form="list")),
     # S = EP·E = 40: rank 3's row spans words 120..159; words 128..159 (experts 8..39) are in a
     # 512-byte block holding none of its polled words
+    # any non-contiguous weights; contiguous ones hide the bug
+    "weights_read_as_contiguous": lambda: random_problem(cfg(), layout="fortran"),
     "pre_fix_count_stride": lambda: random_problem(
         cfg(ep_size=4, experts_per_rank=10, tokens_per_rank=(0, 0, 0, 1)),
         expert_idx=ids([], [], [], [[8]])),

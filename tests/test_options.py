@@ -110,7 +110,8 @@ def test_gate_options_are_usage_errors(pytester, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
     for flag, value, message in (("--dfc-ulps", "nan", "must be a finite number"),
                                  ("--dfc-timeout", "0", "must be a finite number"),
-                                 ("--dfc-variants", "w8a8,w4a8", "must be one or more of")):
+                                 ("--dfc-variants", "w8a8,w4a8", "must be one or more of"),
+                                 ("--dfc-family-examples", "0", "give at least 1 example")):
         result = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", flag, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([f"*{flag}: *{message}*"])

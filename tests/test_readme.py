@@ -1,5 +1,6 @@
-"""The README's whole-call skeleton runs as written: it conforms to the default gate, and the
-same code with one planted defect does not."""
+"""The README's whole-call skeletons (NumPy and torch) run as written: each conforms to the default
+gate, and the same code with one planted defect does not. The torch one is skipped, with its
+reason, without the optional extra."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ README = Path(__file__).parents[1] / "README.md"
 FAST = settings(max_examples=40, derandomize=True, database=None, deadline=None)
 
 
-def _skeleton_source() -> str:
+#: Each skeleton by the line that starts its whole-call function.
+SKELETONS = {"numpy": "def dispatch_ffn_combine(problem)",
+             "torch": "def dispatch_ffn_combine_torch(ranks)"}
+PLANTED = ("acc = acc + y[s, t, k] * r.probs[t, k]", "acc = acc + y[s, t, k]")
+
+
+def _skeleton_source(kind: str) -> str:
+    if kind == "torch":
+        pytest.importorskip("torch", reason="the torch skeleton needs the optional extra 'torch'")
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    return next(b for b in blocks if "def dispatch_ffn_combine(problem)" in b)
+    return next(b for b in blocks if SKELETONS[kind] in b)
 
 
 def _module(source: str, tmp_path: Path, name: str) -> ModuleType:
@@ -34,17 +43,36 @@ def _module(source: str, tmp_path: Path, name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.parametrize("kind", SKELETONS)
 @pytest.mark.parametrize("domain", ["kernel", "contract"])
-def test_the_readme_skeleton_conforms(tmp_path: Path, domain: str) -> None:
-    kernels = _module(_skeleton_source(), tmp_path, f"readme_kernels_{domain}")
+def test_the_readme_skeleton_conforms(tmp_path: Path, domain: str, kind: str) -> None:
+    kernels = _module(_skeleton_source(kind), tmp_path, f"readme_kernels_{kind}_{domain}")
     check_implementation(kernels.dispatch_ffn_combine, settings=FAST, save_dir=None,
                          domain=domain)
 
 
-def test_the_readme_skeleton_with_a_planted_defect_fails(tmp_path: Path) -> None:
-    source = _skeleton_source()
-    planted = source.replace("acc = acc + y[s, t, k] * r.probs[t, k]", "acc = acc + y[s, t, k]")
+@pytest.mark.parametrize("kind", SKELETONS)
+def test_the_readme_skeleton_with_a_planted_defect_fails(tmp_path: Path, kind: str) -> None:
+    source = _skeleton_source(kind)
+    planted = source.replace(*PLANTED)
     assert planted != source
-    kernels = _module(planted, tmp_path, "readme_kernels_planted")
+    kernels = _module(planted, tmp_path, f"readme_kernels_{kind}_planted")
     with pytest.raises(ConformanceError, match="stage 'out'"):
         check_implementation(kernels.dispatch_ffn_combine, settings=FAST, save_dir=None)
+
+
+def test_the_readme_reads_a_counterexample_from_python(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The block on reading a saved counterexample runs on a real one and prints its diagnosis
+    and the failing token's stages."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    source = next(b for b in blocks if "saved = load(path)" in b)
+    kernels = _module(_skeleton_source("numpy").replace(*PLANTED), tmp_path, "readme_cx")
+    with pytest.raises(ConformanceError) as failure:
+        check_implementation(kernels.dispatch_ffn_combine, settings=FAST, save_dir=tmp_path,
+                             isolate=False)
+    exec(compile(source, "README.md", "exec"), {"path": failure.value.path})
+    printed = capsys.readouterr().out
+    assert printed.startswith("out rank 0, token ") and "\ndiagnosis: " in printed
+    assert "stages of rank 0 token" in printed and "out (yours)" in printed, printed

@@ -108,3 +108,71 @@ def test_wrapped_torch_function_conforms_and_a_wrong_one_does_not() -> None:
                                     settings=quick, save_dir=None)
     assert caught.value.verdict.stage == "expert_token_nums"
     assert caught.value.problem.config.ep_size == 1
+
+
+# Output buffers (out_buffers=True): rows never written stay NaN and are caught (PR #9992).
+
+BUFFERED = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+                    tokens_per_rank=(5, 3), masked=True, max_output_size=5)
+
+
+def _writes_defined_rows(skip: int | None = None):
+    """A kernel that writes the reference's defined rows (except rank 0's token ``skip``) and
+    counts into the given buffers, and leaves the undefined rows alone."""
+    def fn(ranks: list[ot.TorchRankInputs]) -> None:
+        from spec import Problem
+
+        problem = Problem([ot.from_torch(r) for r in ranks],
+                          max_output_size=ranks[0].max_output_size,
+                          swiglu_limit=ranks[0].swiglu_limit)
+        for s, (r, want) in enumerate(zip(ranks, oracle.run(problem).ranks)):
+            assert r.out is not None and r.expert_token_nums is not None
+            rows = np.flatnonzero(want.defined)
+            rows = rows[rows != skip] if s == 0 else rows
+            r.out[torch.from_numpy(rows)] = ot.to_tensor(want.out[rows])
+            r.expert_token_nums.copy_(torch.from_numpy(want.expert_token_nums))
+
+    return fn
+
+
+def _buffered_problem():
+    problem = random_problem(BUFFERED, seed=11)
+    defined = [r.defined for r in oracle.run(problem).ranks]
+    assert defined[0].any() and not all(d.all() for d in defined)  # both kinds of rows
+    return problem, defined
+
+
+def test_given_buffers_are_poisoned_and_undefined_rows_stay_unjudged() -> None:
+    problem, defined = _buffered_problem()
+    outputs = ot.implementation(_writes_defined_rows(), out_buffers=True)(problem)
+    for (out, _), d in zip(outputs, defined):
+        assert np.isnan(out[~d].astype(np.float32)).all()  # never written, and not judged
+    assert oracle.compare(problem, outputs).ok
+
+
+def test_a_defined_row_never_written_is_caught_and_named() -> None:
+    from hypothesis import strategies as st
+
+    problem, defined = _buffered_problem()
+    token = int(np.flatnonzero(defined[0])[-1])
+    skipping = ot.implementation(_writes_defined_rows(skip=token), out_buffers=True)
+    with pytest.raises(oracle.ConformanceError) as caught:
+        oracle.check_implementation(skipping, problems=st.just(problem), save_dir=None,
+                                    isolate=False)
+    verdict = caught.value.verdict
+    assert verdict.stage == "non_finite" and verdict.rank == 0 and verdict.where[0] == token
+    assert f"never written, if out was given pre-filled with NaN): tokens [{token}]" in (
+        verdict.message)
+    # Without the option the same kernel gets no buffers: nothing to skip into.
+    assert ot.to_torch(problem.ranks[0]).out is None
+
+
+def test_counts_never_written_keep_the_poison() -> None:
+    problem, _ = _buffered_problem()
+
+    def rows_only(ranks: list[ot.TorchRankInputs]) -> None:
+        _writes_defined_rows()(ranks)
+        ranks[1].expert_token_nums.fill_(-1)  # type: ignore[union-attr]
+
+    verdict = oracle.compare(problem, ot.implementation(rows_only, out_buffers=True)(problem))
+    assert verdict.stage == "expert_token_nums" and "got -1 rows" in verdict.message

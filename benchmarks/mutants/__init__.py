@@ -51,6 +51,7 @@ _CLASSES: dict[str, tuple[str, type[DispatchFfnCombine]]] = {
     "single_expert_list_as_stacked": ("resources", resources.SingleExpertListAsStacked),
     "list_read_reversed": ("resources", resources.ListReadReversed),
     "pre_fix_count_stride": ("resources", resources.PreFixCountStride),
+    "weights_read_as_contiguous": ("resources", resources.WeightsReadAsContiguous),
 }
 
 #: Mutant name -> implementation under test.

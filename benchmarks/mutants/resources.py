@@ -13,7 +13,10 @@ import numpy as np
 from benchmarks.mutants.correct import DispatchFfnCombine
 from spec import Problem, RankInputs
 
-__all__ = ["ListReadReversed", "PreFixCountStride", "SingleExpertListAsStacked"]
+__all__ = [
+    "ListReadReversed", "PreFixCountStride", "SingleExpertListAsStacked",
+    "WeightsReadAsContiguous",
+]
 
 #: int32 words per 512-byte hardware block: the receiver polls the first word of each (§8).
 WORDS_PER_BLOCK = 128
@@ -47,6 +50,26 @@ class ListReadReversed(DispatchFfnCombine):
         if len(inputs.w1) > 1:
             local = len(inputs.w1) - 1 - local
         return super().expert_weights(inputs, local)
+
+
+class WeightsReadAsContiguous(DispatchFfnCombine):
+    """Weights read from their first element as if they were C-contiguous, whatever their
+    strides: the operator declares its weights ``IgnoreContiguous()``, and a kernel that takes
+    the data pointer of a transposed or sliced view computes with other elements of memory
+    (intel-xpu-backend-for-triton #7455, Liger-Kernel PR #1377; edge_cases.md). Contiguous
+    weights, all that the default strategy draws, hide it."""
+
+    def expert_weights(self, inputs: RankInputs, local: int) -> tuple[Any, ...]:
+        w1, w2, s1, s2 = super().expert_weights(inputs, local)
+        return _as_contiguous(w1), _as_contiguous(w2), s1, s2
+
+
+def _as_contiguous(a: np.ndarray) -> np.ndarray:
+    """The elements a C-order walk from ``a``'s first element meets: ``a`` itself when it is
+    contiguous; inside the buffer for the layouts of :mod:`spec.memory` (Fortran order, or every
+    other element of a buffer twice as wide)."""
+    c_strides = tuple(int(np.prod(a.shape[i + 1:])) * a.itemsize for i in range(a.ndim))
+    return np.lib.stride_tricks.as_strided(a, a.shape, c_strides, writeable=False)
 
 
 class PreFixCountStride(DispatchFfnCombine):
