@@ -6,7 +6,9 @@ in process (the old default) and isolated (the new one), side by side in one run
 The implementation is ``broken_impls:correct`` (the reference model itself), so both columns do
 the same work and their difference is the isolation's cost: copying the problem into the child
 as raw bytes, the outputs back, and the parent's checks. Not a timed test: numbers depend on
-the machine.
+the machine. On a loaded machine, NumPy's BLAS threads of the parent and the child compete (the
+parent's spin while the child computes): ``OPENBLAS_NUM_THREADS=1`` shows the isolation's own
+cost.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from hypothesis import settings
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import broken_impls
 
 import oracle.profiles  # noqa: F401 - registers the profiles
-from oracle.harness import check_implementation, evaluate
+from oracle.harness import _call, check_implementation
 from oracle.isolation import ChildProcess
 from spec import OpConfig, random_problem
 
@@ -37,21 +40,30 @@ SHAPES = {
 }
 
 
-def per_call(calls: int) -> list[tuple[str, float, float]]:
+def per_call(calls: int) -> list[tuple[str, list[float], list[float]]]:
+    """Median and minimum of one call (copying the problem in, running the implementation,
+    watching its inputs, bringing its outputs back; no judge): in process, in a child that
+    receives every array through its pipe, and in one that receives arrays of more than
+    ``shared_above`` bytes through a shared file (the default). Interleaved, in turn, so that
+    all three see the same load."""
     rows = []
-    with ChildProcess("broken_impls:correct") as child:
+    name = "broken_impls:correct"
+    with ChildProcess(name, shared_above=None) as piped, ChildProcess(name) as shared:
         for label, config in SHAPES.items():
             problem = random_problem(config, seed=0)
-            timings = {}
-            for mode, impl in (("in process", broken_impls.correct), ("child", child)):
-                evaluate(impl, problem)  # warm-up
-                samples = []
-                for _ in range(calls):
+            runs = (partial(_call, broken_impls.correct, problem, 60.0),
+                    partial(piped.call, problem, 60.0), partial(shared.call, problem, 60.0))
+            samples: list[list[float]] = [[] for _ in runs]
+            for run in runs:
+                run()  # warm-up
+            for i in range(calls):
+                for j in range(len(runs)):  # each goes first in turn: no one gains by its place
+                    k = (i + j) % len(runs)
                     start = time.perf_counter()
-                    evaluate(impl, problem)
-                    samples.append(time.perf_counter() - start)
-                timings[mode] = statistics.median(samples) * 1e3
-            rows.append((label, timings["in process"], timings["child"]))
+                    runs[k]()
+                    samples[k].append((time.perf_counter() - start) * 1e3)
+            rows.append((label, [statistics.median(t) for t in samples],
+                         [min(t) for t in samples]))
     return rows
 
 
@@ -71,10 +83,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--max-examples", type=int, default=100)
     args = parser.parse_args()
-    print("| per call (median of evaluate: call + judge) | in process | child process | overhead |")
-    print("|---|---:|---:|---:|")
-    for label, inproc, child in per_call(args.calls):
-        print(f"| {label} | {inproc:.2f} ms | {child:.2f} ms | {child - inproc:+.2f} ms |")
+    print("| one call, no judge: median (min), ms | in process | child, pipes | child, shared "
+          "file | overhead, pipes | overhead, shared file |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, medians, minima in per_call(args.calls):
+        cells = [f"{m:.2f} ({n:.2f})" for m, n in zip(medians, minima)]
+        cells += [f"{m - medians[0]:+.2f} ({n - minima[0]:+.2f})"
+                  for m, n in zip(medians[1:], minima[1:])]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     inproc, child = gate(args.max_examples)
     print(f"\n| gate: check_implementation, dfc-ci, {args.max_examples} examples | in process | "
           "child process | overhead |")

@@ -22,8 +22,9 @@ failing example shrinks like any other. Two ways to get ranks:
 
 :func:`reference_rank` is a real EP implementation on the real engine, written from §4–§6 of
 ``shared/reference/dispatch_ffn_combine.md``: count exchange (``all_to_all_single``), dispatch,
-a local grouped FFN in the W8A8 kernel's numerics, return, combine. Its steps are public so that a
-variant (a planted bug) can reuse all but one of them.
+a local grouped FFN in the ascend-a3 kernel's numerics (the W8A8 path written in torch; the
+BF16/FP16-weight path by the single-process model on the received rows), return, combine. Its
+steps are public so that a variant (a planted bug) can reuse all but one of them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from math import inf
 from pathlib import Path
@@ -52,9 +53,11 @@ from hypothesis import strategies as st
 
 from oracle.harness import ConformanceError, check_implementation
 from oracle.numerics import Numerics
+from oracle.options import check_options
 from oracle.torch import (
     TorchRankInputs,
     float32_scales,
+    from_torch,
     output_pair,
     to_numpy,
     to_tensor,
@@ -218,21 +221,32 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
 
 
 def dispatch(inputs: TorchRankInputs, plan: RoutePlan, group: ProcessGroup) -> torch.Tensor:
-    """Quantise every token once (§6 step 1: ``σ1 = amax/127``, ``q = round_half_away(x/σ1)``),
-    send each slot's int8 row with its float32 scale appended (the kernel's send row, §7), and
-    return the received rows in the expert-major buffer order. An all-zero row has ``σ1 = 0``;
-    it is quantised to zeros (a correct kernel's result, §6 step 1)."""
+    """Send each slot's row (the kernel's send row, §7) to its expert's rank and return the
+    received rows in the expert-major buffer order. W8A8: every token quantised once (§6 step
+    1: ``σ1 = amax/127``, ``q = round_half_away(x/σ1)``), int8 with its float32 scale appended;
+    an all-zero row has ``σ1 = 0`` and is quantised to zeros (a correct kernel's result, §6 step
+    1). BF16/FP16 weights: the token itself, in x's dtype (no activation quantisation,
+    variants.md 'BF16 / FP16 weights')."""
     torch = _torch()
-    xf = inputs.x.float()
-    sigma = xf.abs().amax(dim=1) / 127
-    q = _round_half_away(xf / torch.where(sigma == 0, 1.0, sigma)[:, None]).to(torch.int8)
     tokens = plan.order // int(inputs.expert_idx.shape[1])
-    send = torch.cat([q[tokens], sigma[tokens].contiguous().view(torch.int8).reshape(-1, 4)], 1)
+    w8a8 = _is_w8a8(inputs)
+    if w8a8:
+        xf = inputs.x.float()
+        sigma = xf.abs().amax(dim=1) / 127
+        q = _round_half_away(xf / torch.where(sigma == 0, 1.0, sigma)[:, None]).to(torch.int8)
+        send = torch.cat([q[tokens], sigma[tokens].contiguous().view(torch.int8).reshape(-1, 4)],
+                         1)
+    else:
+        send = inputs.x[tokens].view(torch.int8)  # the bits, as bytes (gloo sends int8)
     received = all_to_all_rows(send, send_splits=plan.send_splits,
                                recv_splits=plan.recv_splits, group=group)
     buffer: Tensor = torch.empty_like(received)
     buffer[plan.buffer_index] = received
-    return buffer
+    return buffer if w8a8 else buffer.view(inputs.x.dtype)
+
+
+def _is_w8a8(inputs: TorchRankInputs) -> bool:
+    return bool(inputs.weight1[0].dtype == _torch().int8)
 
 
 def _exact_int_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -247,27 +261,45 @@ def _scaled_fp16(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def expert_ffn(inputs: TorchRankInputs, plan: RoutePlan, buffer: torch.Tensor) -> torch.Tensor:
-    """The local grouped FFN of the W8A8 kernel (§6 steps 2–7) on the kept buffer rows,
-    expert by expert. Returns ``(rows, K)`` in x's dtype, NaN on rows dropped by truncation
-    (the kernel never computes them, §5). SwiGLU's ``exp`` is NumPy's float32 ``exp``, the
-    faithful model's pinned choice (§6)."""
+    """The local grouped FFN (§6 steps 2–7) on the kept buffer rows. Returns ``(rows, K)`` in
+    x's dtype, NaN on rows dropped by truncation (the kernel never computes them, §5).
+
+    W8A8: in torch, expert by expert; SwiGLU's ``exp`` is NumPy's float32 ``exp``, the faithful
+    model's pinned choice (§6). BF16/FP16 weights: :func:`_float_ffn`."""
     torch = _torch()
-    if inputs.weight1[0].dtype != torch.int8:
-        raise ConfigError(
-            field="weight1", given=f"dtype {inputs.weight1[0].dtype}",
-            allowed="int8 (reference_rank models the W8A8 kernel of §6)",
-            fix="check float-weight implementations with oracle.check_implementation",
-        )
-    k_hidden = int(inputs.x.shape[1])
-    y: Tensor = torch.full((buffer.shape[0], k_hidden), float("nan"), dtype=inputs.x.dtype)
-    rows_per_expert = plan.expert_token_nums.tolist()
+    y: Tensor = torch.full((buffer.shape[0], int(inputs.x.shape[1])), float("nan"),
+                           dtype=inputs.x.dtype)
+    if not _is_w8a8(inputs):
+        y[: plan.kept] = _float_ffn(inputs, plan, buffer[: plan.kept])
+        return y
     start = 0
-    for e, rows in enumerate(rows_per_expert):
+    for e, rows in enumerate(plan.expert_token_nums.tolist()):
         stop = min(start + rows, plan.kept)
         if stop > start:
             y[start:stop] = _ffn_rows(inputs, e, buffer[start:stop])
         start += rows
     return y
+
+
+def _float_ffn(inputs: TorchRankInputs, plan: RoutePlan, rows: torch.Tensor) -> torch.Tensor:
+    """The float-weight path, by the single-process model (:func:`oracle.reference.run`, the
+    ascend-a3 profile): the kept buffer ``rows`` are the tokens of a one-rank call with this
+    rank's weights, each row routed to its local expert with ``top_k = 1`` and weight 1. That
+    call's ``out`` is the rows' ``y``: ``y`` already holds x-dtype values (GMM2's output), so
+    the combine's ``y · 1`` and its cast to x's dtype change nothing."""
+    from oracle.kernels import ASCEND_A3
+    from oracle.reference import run
+
+    torch = _torch()
+    kept = int(rows.shape[0])
+    if kept == 0:
+        return rows
+    expert = torch.repeat_interleave(torch.arange(plan.experts_per_rank),
+                                     plan.expert_token_nums)[:kept]
+    rank = replace(from_torch(inputs), x=to_numpy(rows),
+                   expert_idx=to_numpy(expert.to(torch.int32)[:, None]),
+                   probs=np.ones((kept, 1), np.float32), active_mask=None)
+    return to_tensor(run(Problem([rank]), numerics=ASCEND_A3.name).ranks[0].out)
 
 
 def _expert_tensors(inputs: TorchRankInputs, e: int) -> tuple[torch.Tensor, ...]:
@@ -336,7 +368,8 @@ def combine(inputs: TorchRankInputs, plan: RoutePlan, back: torch.Tensor) -> tor
 
 
 def reference_rank(inputs: TorchRankInputs, group: ProcessGroup) -> tuple[Any, Any]:
-    """One rank of ``dispatch_ffn_combine`` (W8A8) on ``torch.distributed`` collectives.
+    """One rank of ``dispatch_ffn_combine`` (W8A8, BF16 or FP16 weights) on
+    ``torch.distributed`` collectives.
 
     Agrees with :func:`oracle.run` (faithful numerics) bit for bit on the defined rows.
     """
@@ -711,14 +744,18 @@ def _is_hang(err: ConformanceError) -> bool:
     return err.verdict.stage == "timeout"
 
 
-def default_problems(world_size: int) -> st.SearchStrategy[Problem]:
-    """:func:`check_distributed`'s default search: :func:`spec.strategies.problems` of the W8A8
-    variant (``weight_dtypes=st.just("int8")``) at EP = ``world_size``, which is what
-    :func:`reference_rank` models (it rejects float weights), so that the reference conforms
-    on every problem of the default search."""
+def default_problems(world_size: int,
+                     variants: Sequence[str] | None = None) -> st.SearchStrategy[Problem]:
+    """:func:`check_distributed`'s default search: :func:`spec.strategies.problems` at EP =
+    ``world_size``, of every weight variant (W8A8, BF16 and FP16 weights, all of which
+    :func:`reference_rank` models) or only ``variants`` (names from
+    :data:`oracle.options.WEIGHT_VARIANTS`)."""
+    from oracle.harness import variant_configs
     from spec.strategies import configs, problems
 
-    return problems(configs=configs(ep_sizes=st.just(world_size), weight_dtypes=st.just("int8")))
+    ep = st.just(world_size)
+    return problems(configs=configs(ep_sizes=ep) if variants is None
+                    else variant_configs(variants, ep_sizes=ep))
 
 
 def check_distributed(
@@ -733,25 +770,26 @@ def check_distributed(
     settings: hsettings | None = None,
     scales: str = "int64",
     save_dir: str | Path | None = None,
+    variants: Sequence[str] | None = None,
 ) -> None:
     """Search for a problem on which the per-rank ``impl_rank`` disagrees with :func:`oracle.run`.
 
-    ``problems`` defaults to :func:`default_problems`: W8A8 problems (int8 weights) at EP =
-    ``world_size``, the variant :func:`reference_rank` models; to check a float-weight (BF16 or
-    FP16) implementation, pass ``problems=spec.strategies.problems(configs=configs(ep_sizes=
-    st.just(world_size), weight_dtypes=st.sampled_from(["bfloat16", "float16"])))``;
-    ``max_examples`` overrides the active Hypothesis profile's (``settings``, default the active
-    profile). ``timeout``: seconds one example may take on all ranks before it is reported as
-    hung. ``scales``: how the dequant scales reach ``impl_rank`` (``"int64"``, vLLM's encoding,
-    or ``"float32"``). Raises :class:`oracle.ConformanceError` with the minimal failing problem
-    (a rank that raises or dies is a failure too), or :class:`DistributedTimeout` naming the
-    example that hung. Spawned worker processes are always stopped before this returns.
+    ``problems`` defaults to :func:`default_problems`: problems at EP = ``world_size`` of
+    every weight variant, or of ``variants`` only (e.g. ``["w8a8"]`` for a kernel without the
+    float-weight path); ``max_examples`` overrides the active Hypothesis profile's
+    (``settings``, default the active profile). ``timeout``: seconds one example may take on
+    all ranks before it is reported as hung. ``scales``: how the dequant scales reach
+    ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
+    :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
+    dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
+    Spawned worker processes are always stopped before this returns.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
+    check_options(variants=variants)
     if problems is None:
-        problems = default_problems(world_size)
+        problems = default_problems(world_size, variants)
     base = settings if settings is not None else hsettings()
     search = hsettings(base, deadline=None, max_examples=max_examples or base.max_examples)
     run_search = (_check_joined if _under_torchrun() or _dist().is_initialized()

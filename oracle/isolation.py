@@ -8,7 +8,9 @@ talks to it over two pipes of its own (the child's stdout and stderr stay free f
 implementation's prints; their last lines go into reports):
 
 - request: a small JSON header (the config, each array's name, dtype and shape) and the arrays'
-  raw bytes; the child rebuilds a writable :class:`spec.Problem` from them;
+  raw bytes; arrays of more than 64 KiB are written into a file both processes map instead
+  (the header gives their offsets; the child maps it read-only and checks every extent); the
+  child rebuilds a writable :class:`spec.Problem` from them;
 - answer: a JSON header and, for a result, the raw bytes of one ``(out, expert_token_nums)`` pair
   of plain ndarrays per rank. The child converts and checks the implementation's result with the
   judge's :func:`oracle.judge.structured_outputs` (nothing is pickled); the parent checks the
@@ -29,17 +31,20 @@ import contextlib
 import fcntl
 import inspect
 import json
+import mmap
 import os
 import select
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from math import inf
 from typing import IO, Any
 
 import numpy as np
@@ -67,6 +72,7 @@ _HEAD = 12  # header length (4 bytes) and payload length (8 bytes), big-endian
 _MAX_HEADER = 1 << 20
 _STDERR_LINES = 20
 _END_OF_REQUESTS = 90  # a worker's exit code when the parent closed its requests
+_SHARED_ABOVE = 1 << 16  # bytes; measured with benchmarks/isolation.py
 
 
 @dataclass(frozen=True)
@@ -252,14 +258,44 @@ def check_signature(fn: Callable[..., Any], name: str) -> None:
 # Wire format: header length, payload length, JSON header, raw array bytes.
 
 
+def _declare(name: str, a: Array) -> list[Any]:
+    """How a request declares one array: name, dtype, shape, layout class (:mod:`spec.memory`);
+    its bytes are its values in C order."""
+    return [name, str(a.dtype), list(a.shape), layout_of(a)]
+
+
 def _encode(header: dict[str, Any], arrays: list[tuple[str, Array]]) -> list[bytes | memoryview]:
-    header = {**header, "arrays": [[k, str(a.dtype), list(a.shape), layout_of(a)]
-                                   for k, a in arrays]}
+    header = {**header, "arrays": [_declare(k, a) for k, a in arrays]}
     head = json.dumps(header).encode()
     chunks = [np.ascontiguousarray(a) for _, a in arrays]
     size = sum(c.nbytes for c in chunks)
     return [len(head).to_bytes(4, "big") + size.to_bytes(8, "big"), head,
             *(c.reshape(-1).view(np.uint8).data for c in chunks if c.nbytes)]
+
+
+def _declared(spec: object) -> tuple[str, np.dtype[Any], list[int], str, int]:
+    """Name, dtype, shape, layout and element count of a declaration (:func:`_declare`); one
+    that is not a plain array's is a ValueError."""
+    if not isinstance(spec, list) or len(spec) != 4:
+        raise ValueError(f"not an array declaration: {str(spec)[:100]}")
+    name, dtype_name, shape, layout = spec
+    dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
+    if (dtype.hasobject or not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape) or layout not in LAYOUTS):
+        raise ValueError(f"array {name!r}: {dtype_name} {shape} {layout}")
+    return str(name), dtype, shape, layout, int(np.prod(shape, dtype=np.int64))
+
+
+def _view(buffer: Any, declared: tuple[str, np.dtype[Any], list[int], str, int],
+          offset: int) -> tuple[str, Array]:
+    """The declared array whose values start at ``offset`` of ``buffer``, read-only, in its
+    layout."""
+    name, dtype, shape, layout, count = declared
+    values = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
+    if layout != "contiguous":
+        values = with_layout(values, layout)
+        values.flags.writeable = False
+    return name, values
 
 
 def _decode_arrays(specs: object, payload: bytes) -> list[tuple[str, Array]]:
@@ -270,20 +306,11 @@ def _decode_arrays(specs: object, payload: bytes) -> list[tuple[str, Array]]:
         raise ValueError("no array list")
     arrays, offset = [], 0
     for spec in specs:
-        name, dtype_name, shape, layout = spec
-        dtype = DTYPES.get(dtype_name) or np.dtype(dtype_name)
-        if (dtype.hasobject or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or layout not in LAYOUTS):
-            raise ValueError(f"array {name!r}: {dtype_name} {shape} {layout}")
-        count = int(np.prod(shape, dtype=np.int64))
-        end = offset + count * dtype.itemsize
+        declared = _declared(spec)
+        end = offset + declared[4] * declared[1].itemsize
         if end > len(payload):
-            raise ValueError(f"array {name!r} beyond the payload")
-        values = np.frombuffer(payload, dtype, count, offset).reshape(shape)
-        if layout != "contiguous":
-            values = with_layout(values, layout)
-            values.flags.writeable = False
-        arrays.append((str(name), values))
+            raise ValueError(f"array {declared[0]!r} beyond the payload")
+        arrays.append(_view(payload, declared, offset))
         offset = end
     if offset != len(payload):
         raise ValueError("payload longer than its arrays")
@@ -336,13 +363,85 @@ def _read_message(
     return header, payload
 
 
+class _SharedFile:
+    """A file both processes map: the parent writes a request's large arrays into it, the child
+    reads them from there instead of from the pipe (no copy through the kernel's pipe buffers).
+    The child maps it read-only and checks every declared extent against the file's size."""
+
+    def __init__(self, fd: int, *, writable: bool) -> None:
+        self.fd, self._writable = fd, writable
+        self._map: mmap.mmap | None = None
+
+    @classmethod
+    def create(cls) -> _SharedFile:
+        try:
+            fd = os.memfd_create("dfc-oracle-arrays")
+        except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+            with tempfile.TemporaryFile() as f:
+                fd = os.dup(f.fileno())
+        return cls(fd, writable=True)
+
+    def _mapped(self, size: int) -> mmap.mmap:
+        if self._map is None or len(self._map) < size:
+            if self._writable and os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, max(size, 2 * os.fstat(self.fd).st_size))
+            length = os.fstat(self.fd).st_size
+            if length < size:
+                raise ValueError(f"shared arrays up to byte {size}, beyond the file's {length}")
+            # A new map; the old one closes when the arrays viewing it are gone.
+            self._map = mmap.mmap(self.fd, length, access=mmap.ACCESS_WRITE if self._writable
+                                  else mmap.ACCESS_READ)
+        return self._map
+
+    def put(self, arrays: list[tuple[str, Array]]) -> list[list[Any]]:
+        """Write ``arrays``' values one after the other (64-byte aligned); their declarations
+        (:func:`_declare`), each with its offset."""
+        specs: list[list[Any]] = []
+        offset = 0
+        if not arrays:
+            return specs
+        for name, a in arrays:
+            specs.append([*_declare(name, a), offset])
+            offset += -(-a.nbytes // 64) * 64
+        target = self._mapped(offset)
+        for (_, a), spec in zip(arrays, specs):
+            flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            np.frombuffer(target, np.uint8, flat.size, spec[-1])[:] = flat
+        return specs
+
+    def get(self, specs: object) -> list[tuple[str, Array]]:
+        """The arrays ``specs`` declares, read-only, in their layouts; a declaration that is not
+        an array inside the file is a ValueError."""
+        if not isinstance(specs, list):
+            raise ValueError("no shared array list")
+        placed = []
+        for spec in specs:
+            if not isinstance(spec, list) or not spec:
+                raise ValueError(f"not a shared array declaration: {str(spec)[:100]}")
+            declared, offset = _declared(spec[:-1]), spec[-1]
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"shared array {declared[0]!r} at offset {offset!r}")
+            placed.append((declared, offset))
+        end = max((o + d[4] * d[1].itemsize for d, o in placed), default=0)
+        if not end:
+            return [(d[0], np.zeros(d[2], d[1])) for d, _ in placed]
+        source = self._mapped(end)
+        return [_view(source, d, o) for d, o in placed]
+
+    def close(self) -> None:
+        self._map = None
+        os.close(self.fd)
+
+
 # ---------------------------------------------------------------------------------------------
 # The child.
 
 
-def _problem_from(header: dict[str, Any], payload: bytes) -> tuple[Problem, dict[str, Array]]:
+def _problem_from(header: dict[str, Any], payload: bytes,
+                  shared: _SharedFile) -> tuple[Problem, dict[str, Array]]:
     """A writable problem (the implementation's copy) and the read-only originals by name."""
     originals = dict(_decode_arrays(header["arrays"], payload))
+    originals.update(shared.get(header.get("shared", [])))
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in header["config"].items()}
     config = OpConfig(**fields)
@@ -352,9 +451,9 @@ def _problem_from(header: dict[str, Any], payload: bytes) -> tuple[Problem, dict
     return Problem.from_validated(ranks, config), originals
 
 
-def _serve(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
+def _serve(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) -> None:
     while (message := _read_message(rfd, None, 1 << 62)) is not None:
-        problem, originals = _problem_from(*message)
+        problem, originals = _problem_from(*message, shared)
         shell = Problem.from_validated(problem.ranks, problem.config)  # what the judge reads
         watch = InputWatch(problem)
         saved = np.geterr()
@@ -379,9 +478,30 @@ def _serve(impl: Callable[..., Any], rfd: int, wfd: int) -> None:
         _write_all(wfd, _encode(answer, arrays), None)
 
 
-def child_main(name: str, rfd: int, wfd: int) -> None:
+def _threads() -> int:
+    """This process's threads: every OS thread where the system lists them (Linux), else the
+    Python threads."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _serve_and_exit(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) -> None:
+    try:
+        _serve(impl, rfd, wfd, shared)
+    except BaseException:  # the parent reports the exit code and stderr
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(3)
+    os._exit(_END_OF_REQUESTS)
+
+
+def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
     """The child's entry point: load ``name``, say so, answer requests until end of file; then
     leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
+    shared = _SharedFile(shared_fd, writable=False)
+    threads = _threads()
     try:
         impl = load_impl(name)
         check_signature(impl, name)
@@ -389,19 +509,19 @@ def child_main(name: str, rfd: int, wfd: int) -> None:
         _write_all(wfd, _encode({"status": "load_error", "message": str(exc)}, []), None)
         os._exit(0)
     _write_all(wfd, _encode({"status": "ready"}, []), None)
+    if _threads() > threads:
+        # Loading started threads (torch's OpenMP pool after a tensor operation at import, or
+        # the module's own): a fork copies none of them, and a forked worker that waits for one
+        # hangs (measured: torch's first product in such a fork never returns). Serve here; a
+        # crash then costs the parent a new child (an interpreter start and the imports).
+        _serve_and_exit(impl, rfd, wfd, shared)
     # This process stays a loaded template: each worker is a fork of it, so a crash costs a
     # fork (milliseconds) instead of an interpreter start and imports (about 1 s), and the
     # search can shrink a crashing example like any other failure.
     while True:
         pid = os.fork()
         if pid == 0:
-            try:
-                _serve(impl, rfd, wfd)
-            except BaseException:  # the parent reports the exit code and stderr
-                traceback.print_exc()
-                sys.stderr.flush()
-                os._exit(3)
-            os._exit(_END_OF_REQUESTS)
+            _serve_and_exit(impl, rfd, wfd, shared)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if code == _END_OF_REQUESTS:
             os._exit(0)
@@ -433,9 +553,13 @@ class ChildProcess:
     implementation (the message says why, with its exit status and stderr if it died).
     """
 
-    def __init__(self, name: str, *, start_timeout: float = 120.0) -> None:
+    def __init__(self, name: str, *, start_timeout: float = 120.0,
+                 shared_above: int | None = _SHARED_ABOVE) -> None:
         self.name = name
         self.start_timeout = start_timeout
+        #: Arrays of more bytes travel through a shared file, not the pipe (None: none do).
+        self.shared_above = shared_above
+        self._shared: _SharedFile | None = None
         self.starts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._rfd = self._wfd = -1
@@ -472,12 +596,15 @@ class ChildProcess:
         path = [p for p in sys.path if p]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         code = ("import sys; from oracle.isolation import child_main; "
-                "child_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))")
+                "child_main(sys.argv[1], *map(int, sys.argv[2:]))")
+        self._shared = _SharedFile.create()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", code, self.name, str(req_r), str(ans_w)],
-                pass_fds=(req_r, ans_w), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(), start_new_session=True,
+                [sys.executable, "-c", code, self.name, str(req_r), str(ans_w),
+                 str(self._shared.fd)],
+                pass_fds=(req_r, ans_w, self._shared.fd), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                start_new_session=True,
             )
         finally:
             os.close(req_r)
@@ -524,7 +651,12 @@ class ChildProcess:
                 return CallOutcome("crashed", f"the implementation's process could not be "
                                    f"restarted: {exc}")
         cfg = problem.config
-        request = _encode({"config": asdict(cfg)}, list(arrays_of(problem).items()))
+        arrays = list(arrays_of(problem).items())
+        limit = inf if self.shared_above is None else self.shared_above
+        assert self._shared is not None
+        shared = self._shared.put([(k, a) for k, a in arrays if a.nbytes > limit])
+        request = _encode({"config": asdict(cfg), "shared": shared},
+                          [(k, a) for k, a in arrays if a.nbytes <= limit])
         expected = [(f"r{r}.{k}", dtype, shape, "contiguous") for r in range(cfg.ep_size)
                     for k, dtype, shape in
                     (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
@@ -604,7 +736,8 @@ class ChildProcess:
         return None if self._proc is None else self._proc.returncode
 
     def _reap(self) -> None:
-        """Wait for a finished (or killed) child, collect its stderr, close our pipe ends."""
+        """Wait for a finished (or killed) child, collect its stderr, close our pipe ends and
+        the shared file."""
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=5)
@@ -617,6 +750,9 @@ class ChildProcess:
             if fd >= 0:
                 os.close(fd)
         self._rfd = self._wfd = -1
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
 
     def _tail(self) -> str:
         if self._drain is not None and self._proc is not None and self._proc.poll() is not None:

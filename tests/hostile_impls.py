@@ -79,6 +79,12 @@ def appends_to_weights(problem: Problem) -> Any:
     return result
 
 
+def writes_into_weights(problem: Problem) -> Any:
+    result = correct(problem)
+    problem.ranks[0].w1[0][0, 0] ^= 1
+    return result
+
+
 def damages_the_problem(problem: Problem) -> Any:
     result = correct(problem)
     problem._ranks = None  # type: ignore[assignment]

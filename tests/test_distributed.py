@@ -6,8 +6,10 @@ Spawned ranks import the per-rank functions by name, so they live at module leve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,14 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import Phase, find, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis.errors import NoSuchExample  # noqa: E402
 
 from oracle import ConformanceError  # noqa: E402
 from oracle import distributed as D  # noqa: E402
 from oracle.profiles import DEFAULT_PROFILE  # noqa: E402
-from oracle.torch import TorchRankInputs, to_torch  # noqa: E402
+from oracle.torch import TorchRankInputs  # noqa: E402
 from spec.strategies import configs, problems, token_rows  # noqa: E402
 
 #: Deterministic searches (derandomised, no database): the same counterexample on every run.
@@ -77,6 +80,14 @@ def empty_ranks_return_early(pid_dir: Path, inputs: TorchRankInputs, group: Any)
     return D.reference_rank(inputs, group)
 
 
+def float_gate_second(inputs: TorchRankInputs, group: Any) -> Any:
+    """Planted bug in a float-weight kernel: the expert FFN takes the gate from the second half
+    of weight1 (the CUTLASS order, kernels.md 'Other kernels'), the reference otherwise."""
+    half = inputs.weight1[0].shape[-1] // 2
+    swapped = dataclasses.replace(inputs, weight1=[w.roll(half, dims=-1) for w in inputs.weight1])
+    return D.reference_rank(swapped, group)
+
+
 def rank_one_raises(inputs: TorchRankInputs, group: Any) -> Any:
     if dist.get_rank(group) == 1:
         raise ValueError("planted failure on rank 1")
@@ -107,22 +118,43 @@ def test_reference_rank_conforms_on_real_collectives(ep: int, examples: int,
     assert _alive(tmp_path) == []
 
 
-@settings(CI, max_examples=40, deadline=None)
-@given(D.default_problems(2))
-def test_default_strategy_draws_only_what_reference_rank_models(problem: Any) -> None:
-    """check_distributed's default search draws W8A8 problems only: each rank's weights reach
-    reference_rank as int8, which its dtype gate (expert_ffn) accepts."""
-    assert problem.config.ep_size == 2 and problem.config.weight_dtype == "int8"
-    for rank in problem.ranks:
-        inputs = to_torch(rank, **problem.config.call_attributes())
-        assert all(w.dtype == torch.int8 for w in [*inputs.weight1, *inputs.weight2])
+@pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16"])
+def test_default_strategy_draws_every_variant(variant: str) -> None:
+    """check_distributed's default search draws each weight variant at EP = world_size;
+    variants= restricts it (the W8A8-only search of before never draws a float variant)."""
+    search = settings(CI, max_examples=20, phases=[Phase.generate])  # found, not shrunk
+    found = find(D.default_problems(2), lambda p: p.config.variant == variant, settings=search)
+    assert found.config.ep_size == 2
+    only = [v for v in ("w8a8", "bf16", "fp16") if v != variant]
+    with pytest.raises(NoSuchExample):
+        find(D.default_problems(2, only), lambda p: p.config.variant == variant,
+             settings=search)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_reference_rank_conforms_on_float_weights(ep: int) -> None:
+    """The BF16/FP16-weight path of reference_rank (x rows dispatched as they are, the grouped
+    FFN by the single-process model) conforms on real collectives."""
+    D.check_distributed(D.reference_rank, world_size=ep, variants=["bf16", "fp16"],
+                        settings=CI, max_examples=15, timeout=60)
 
 
 def test_reference_rank_conforms_on_the_default_strategy() -> None:
-    """Without problems=, the search is the default one; before it was W8A8-only, it drew BF16
-    problems that reference_rank rejects (a 'call' failure of the reference itself)."""
+    """Without problems=, the search draws every variant; reference_rank models them all."""
     D.check_distributed(D.reference_rank, world_size=2, settings=CI, max_examples=10,
                         timeout=60)
+
+
+def test_a_float_weight_bug_is_caught_and_shrunk() -> None:
+    """A gate/up swap in the float path fails on BF16 weights (the reference passes on the same
+    search above); the minimal call is a BF16-weight one."""
+    with pytest.raises(ConformanceError) as caught:
+        D.check_distributed(float_gate_second, world_size=2, variants=["bf16"], settings=CI,
+                            max_examples=15, timeout=60)
+    cfg = caught.value.problem.config
+    assert (cfg.x_dtype, cfg.weight_dtype) == ("bfloat16", "bfloat16")
+    assert caught.value.verdict.stage == "out"
+    assert sum(cfg.tokens_per_rank) <= 2 and cfg.top_k == 1  # any routed token shows it
 
 
 def test_reference_rank_with_clamp_and_large_rows() -> None:
@@ -197,16 +229,18 @@ def test_a_hung_collective_is_reported_as_a_timeout_naming_the_example(tmp_path:
     assert time.monotonic() - start < 30
 
 
-def _torchrun(impl: str) -> Any:
+def _torchrun(impl: str, nproc: int = 2) -> Any:
     import subprocess
     import sys
 
     here = Path(__file__).parent
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(here / "torchrun_driver.py"), impl],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", str(here / "torchrun_driver.py"), impl],
         capture_output=True, text=True, timeout=300, cwd=here,
-        env={**os.environ, "PYTHONPATH": str(here)},
+        # This checkout's oracle, not whichever one the environment has installed.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])},
     )
 
 
@@ -216,28 +250,43 @@ def _torchrun(impl: str) -> Any:
 ])
 def test_joined_mode_under_torchrun(impl: str, expected: str) -> None:
     """The cluster path: torchrun starts the ranks, every rank calls check_distributed, rank 0
-    drives the search; a conforming reference passes, the planted bug is found, and the job
-    exits cleanly (no rank aborts at teardown)."""
+    drives the search (of every weight variant); a conforming reference passes, the planted bug
+    is found, and the job exits cleanly (no rank aborts at teardown)."""
     done = _torchrun(impl)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
+    assert "FOUND" not in done.stdout if expected == "CONFORMS" else "CONFORMS" not in done.stdout
 
 
-@pytest.mark.parametrize("impl", ["reference", "rank_one_raises"])
-def test_joined_mode_reports_a_raising_rank_with_its_error(impl: str) -> None:
+def test_joined_mode_reports_a_raising_rank_with_its_error() -> None:
     """Under torchrun, rank 1 raises before the first collective and leaves rank 0 waiting in
     the count exchange: rank 0 hears of it through the store and reports a 'call' failure with
     the error (type, message, last frames), well before the 60 s example timeout, and the job
-    still exits cleanly. The reference, run the same way, conforms."""
+    still exits cleanly. (The reference, run the same way, conforms: the test above.)"""
     start = time.monotonic()
-    done = _torchrun(impl)
+    done = _torchrun("rank_one_raises")
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-2000:]
-    if impl == "reference":
-        assert "CONFORMS" in done.stdout and "FOUND" not in done.stdout
-        return
     assert "STAGE call" in done.stdout  # not 'timeout': no hang
     assert "rank 1 raised: ValueError: planted failure on rank 1" in done.stdout
     assert "torchrun_driver.py:" in done.stdout and "in rank_one_raises" in done.stdout
     assert "ranks [0] did not return" in done.stdout
     assert elapsed < 30, elapsed  # the example timeout is 60 s
+
+
+def test_joined_mode_reports_every_raising_rank_of_four() -> None:
+    """At 4 ranks, rank 1 raises on every example and rank 3 on those where it has an even
+    number of tokens: the report names exactly the ranks that raised on the reported example,
+    each with its error, and the others as left waiting; no hang, and the job exits cleanly."""
+    start = time.monotonic()
+    done = _torchrun("two_ranks_raise", nproc=4)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "STAGE call" in done.stdout
+    tokens = [int(m) for m in re.search(r"M=\[([\d, ]+)\]", done.stdout)[1].split(",")]
+    raised = [1, 3] if tokens[3] % 2 == 0 else [1]
+    assert "rank 1 raised: ValueError: planted failure on rank 1" in done.stdout
+    assert ("rank 3 raised: KeyError: 'planted failure on rank 3'" in done.stdout) == (3 in raised)
+    silent = [r for r in range(4) if r not in raised]
+    assert f"ranks {silent} did not return" in done.stdout
+    assert elapsed < 60, elapsed  # the example timeout is 60 s

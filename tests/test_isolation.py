@@ -4,6 +4,7 @@ dead harness or a traceback from the oracle."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -15,8 +16,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from oracle.cli import main
+from oracle.counterexample import arrays_of
 from oracle.harness import ConformanceError, check_implementation, evaluate
-from oracle.isolation import ChildProcess, importable_name
+from oracle.isolation import _SHARED_ABOVE, ChildProcess, _SharedFile, importable_name
 from oracle.loading import ImplLoadError, load_impl
 from spec import OpConfig, random_problem
 from spec.strategies import configs, problems
@@ -27,6 +29,8 @@ SMALL = problems(configs=configs(ep_sizes=st.sampled_from((1, 2)),
                                  tokens_per_rank=st.integers(0, 3)))
 PROBLEM = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,
                                   intermediate=8, tokens_per_rank=(3, 1)), seed=1)
+BIG = random_problem(OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=256,
+                              intermediate=128, tokens_per_rank=(5, 3)), seed=2)
 
 
 def find(name: str, **kwargs) -> ConformanceError:
@@ -80,6 +84,42 @@ def test_the_child_is_reused_and_restarted_after_a_crash() -> None:
         assert evaluate(child, PROBLEM, timeout=0.3)[0].stage == "timeout"
         assert evaluate(child, PROBLEM, timeout=0.3)[0].stage == "timeout"
         assert child.starts == 2  # killed at the first timeout, started again for the second
+
+
+def test_large_arrays_travel_through_the_shared_file_intact() -> None:
+    """Arrays above the threshold (here the weights) reach the child through the shared file:
+    a correct implementation passes, a wrong one fails, a write into a shared input is seen."""
+    assert [k for k, a in arrays_of(BIG).items() if a.nbytes > _SHARED_ABOVE] == [
+        f"r{r}.{w}.0" for r in range(2) for w in ("w1", "w2")]
+    with ChildProcess("broken_impls:correct") as child:
+        assert evaluate(child, BIG)[0].ok
+    with ChildProcess("broken_impls:probs_ignored") as child:
+        assert evaluate(child, BIG)[0].stage == "out"
+    with ChildProcess("hostile_impls:writes_into_weights") as child:
+        verdict, _ = evaluate(child, BIG)
+    assert verdict.stage == "inputs" and "r0.w1" in verdict.message
+
+
+def test_the_child_reads_only_declared_arrays_inside_the_shared_file() -> None:
+    writer = _SharedFile.create()
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran)])
+    reader = _SharedFile(os.dup(writer.fd), writable=False)
+    try:
+        (_, a), (_, b) = reader.get(specs)
+        assert a.tolist() == list(range(10)) and b.tolist() == fortran.tolist()
+        assert b.flags.f_contiguous and not b.flags.c_contiguous  # its layout class kept
+        assert not a.flags.writeable and not b.flags.writeable
+        for bad in ([["a", "int32", [10], "contiguous", 1 << 30]],
+                    [["a", "int32", [10], "contiguous", -64]],
+                    [["a", "object", [1], "contiguous", 0]],
+                    [["a", "int32", [-1], "contiguous", 0]],
+                    [["a", "int32", [10], "diagonal", 0]], [["a"]], "not a list"):
+            with pytest.raises(ValueError):
+                reader.get(bad)
+    finally:
+        reader.close()
+        writer.close()
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
 """A torchrun script, as a user's cluster job would look: every rank calls check_distributed,
 rank 0 drives the search (the "joined" mode of oracle.distributed). Run by test_distributed.py:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 torchrun_driver.py IMPL
+    python -m torch.distributed.run --standalone --nproc_per_node=N torchrun_driver.py IMPL
 
-Rank 0 prints ``CONFORMS``, or ``FOUND <minimal configuration>``, the verdict's stage and
-the report.
+The search draws every weight variant. Rank 0 prints ``CONFORMS``, or ``FOUND <minimal
+configuration>``, the verdict's stage and the report.
 """
 
 from __future__ import annotations
@@ -38,12 +38,23 @@ def rank_one_raises(inputs, group):  # type: ignore[no-untyped-def]
     return D.reference_rank(inputs, group)
 
 
+def two_ranks_raise(inputs, group):  # type: ignore[no-untyped-def]
+    """Planted failures for 4 ranks, before the first collective: rank 1 raises on every
+    example, rank 3 only on examples where it has an even number of tokens."""
+    rank = dist.get_rank(group)
+    if rank == 1:
+        raise ValueError("planted failure on rank 1")
+    if rank == 3 and inputs.x.shape[0] % 2 == 0:
+        raise KeyError("planted failure on rank 3")
+    return D.reference_rank(inputs, group)
+
+
 IMPLS = {"reference": D.reference_rank, "return_expert_major": return_expert_major,
-         "rank_one_raises": rank_one_raises}
+         "rank_one_raises": rank_one_raises, "two_ranks_raise": two_ranks_raise}
 
 if __name__ == "__main__":
     world = int(os.environ["WORLD_SIZE"])
-    strategy = problems(configs=configs(ep_sizes=st.just(world), weight_dtypes=st.just("int8"),
+    strategy = problems(configs=configs(ep_sizes=st.just(world),
                                         experts_per_rank=st.integers(2, 4),
                                         tokens_per_rank=st.integers(1, 4)))
     search = settings(derandomize=True, database=None, deadline=None)
