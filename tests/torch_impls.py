@@ -25,7 +25,7 @@ def _model(ranks: list[TorchRankInputs], scale: float) -> list[tuple[torch.Tenso
     product = torch.ones(_SIDE, _SIDE) @ torch.ones(_SIDE, _SIDE)
     assert float(product[0, 0]) == _SIDE
     problem = Problem([from_torch(r) for r in ranks], max_output_size=ranks[0].max_output_size,
-                      swiglu_limit=ranks[0].swiglu_limit)
+                      swiglu_limit=ranks[0].swiglu_limit, swiglu_alpha=ranks[0].swiglu_alpha)
     return [(to_tensor(r.out) * scale, to_tensor(r.expert_token_nums))
             for r in run(problem).ranks]
 
