@@ -76,3 +76,13 @@ def test_the_readme_reads_a_counterexample_from_python(
     printed = capsys.readouterr().out
     assert printed.startswith("out rank 0, token ") and "\ndiagnosis: " in printed
     assert "stages of rank 0 token" in printed and "out (yours)" in printed, printed
+
+
+def test_the_readme_oracle_example_runs_as_written(capsys) -> None:
+    """The "Use the oracle directly" block (RankInputs by keyword, a validated Problem, a run
+    and its trace) runs as written and prints one line per rank."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    source = next(b for b in blocks if "# Either build every rank's arrays yourself" in b)
+    exec(compile(source, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["0", "1"] and lines[2].startswith("[[")
