@@ -29,7 +29,7 @@ from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
 
-_WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16"}
+_WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16", "w4a8": "int32"}
 
 
 def _domain(options: dict[str, Any]) -> ShapeDomain | None:
@@ -151,8 +151,10 @@ def test_memory_layout(dfc_options: dict[str, Any], layout: str) -> None:
                                  layouts=st.just(layout)))
 
 
-@pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16"])
+@pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16", "w4a8"])
 def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
+    """One weight variant alone; W4A8 (int4 weights packed in int32) only when asked for with
+    ``--dfc-variants``, like every variant outside the default list."""
     if variant not in dfc_options["variants"]:
         pytest.skip(f"variant {variant} not in --dfc-variants")
     x = "float16" if variant == "fp16" else "bfloat16"

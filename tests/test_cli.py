@@ -109,6 +109,19 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
 
 
+def test_the_gate_judges_w4a8_when_asked(pytester, monkeypatch) -> None:
+    """W4A8 is opt-in: skipped by name by default; with --dfc-variants w4a8 the reference
+    passes its variant test and a probs-dropping kernel fails it."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
+    default = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
+                                            "-k", "variant and w4a8")
+    default.assert_outcomes(skipped=1)
+    for impl, outcome in (("correct", {"passed": 1}), ("probs_ignored", {"failed": 1})):
+        result = pytester.runpytest_subprocess("--dfc-impl", f"broken_impls:{impl}", "-q",
+                                               "--dfc-variants", "w4a8", "-k", "variant and w4a8")
+        result.assert_outcomes(**outcome)
+
+
 def test_family_tests_search_with_the_family_budget(monkeypatch) -> None:
     """The default search keeps the profile's budget; a family test runs
     ``--dfc-family-examples`` (plugin default: a fifth of max_examples, at least 10)."""
