@@ -156,3 +156,17 @@ def test_the_hunt_finds_the_kernel_variants_minimal_calls(variant: str, minimal:
                              settings=settings(max_examples=30, derandomize=True,
                                                database=None, deadline=None))
     assert found.value.problem.config.summary().startswith(minimal)
+
+
+def test_a_stalled_peer_shrink_still_reports_the_minimum() -> None:
+    """A full CI run once stopped Hypothesis' shrink at top_k = 5 with every id 0; the greedy
+    descent after the search takes such a local minimum to the documented one."""
+    from spec.findings import _descend, misrouted_tokens
+
+    def fails(c: PeerCall) -> bool:
+        return bool(misrouted_tokens(c, offset="shared"))
+
+    stalled = PeerCall(1, 2, 1, 5, (((0,) * 5, (0,) * 5), ((0,) * 5,)))
+    assert fails(stalled)
+    assert str(_descend(stalled, fails, core_step=1)).startswith(
+        "n_aiv=1, EP=2, E=1, top_k=1 (rank 0: t0 -> 0; rank 1: t0 -> 0)")
