@@ -701,10 +701,20 @@ class KernelProfile:
         ``y`` (float32 holding x-dtype values; routed weight included if the profile applies
         it in GEMM2)."""
         x_dtype = DTYPES[cfg.x_dtype]
-        h = self.gemm1(q, w1, s1, sigma1, slot_p, x_dtype)
-        a = self.swiglu(h, cfg, x_dtype)
+        return self._quantised_stages(
+            lambda: self.gemm1(q, w1, s1, sigma1, slot_p, x_dtype),
+            lambda q2, sigma2: self.gemm2(q2, w2, s2, sigma2, slot_p, x_dtype), cfg, zero_rows)
+
+    def _quantised_stages(
+        self, gemm1: Callable[[], Env], gemm2: Callable[[Env, Env], Env], cfg: OpConfig,
+        zero_rows: str,
+    ) -> tuple[RoundingPoint, ...]:
+        """``gemm1``, the clamp and SwiGLU, the requantisation, then ``gemm2`` of the
+        requantised rows and their scales: the rounding points W8A8 and W4A8 share."""
+        h = gemm1()
+        a = self.swiglu(h, cfg, DTYPES[cfg.x_dtype])
         q2, sigma2, _ = self.requantise(a, zero_rows)
-        y = self.gemm2(q2, w2, s2, sigma2, slot_p, x_dtype)
+        y = gemm2(q2, sigma2)
         return (("2-3", "h", h), ("4", "a", a), ("5", "q2", q2), ("5", "sigma2", sigma2),
                 ("6-7", "y", y))
 
@@ -724,15 +734,11 @@ class KernelProfile:
         W8A8 steps."""
         if self.split_gemm1 is None or self.split_gemm2 is None:
             raise ValueError(f"kernel profile {self.name!r} has no W4A8 path; use ascend-a3")
-        x_dtype = DTYPES[cfg.x_dtype]
-        h = self.split_gemm1(q, weights["w1"], weights["scale1"], weights["bias1"], sigma1,
-                             x_dtype)
-        a = self.swiglu(h, cfg, x_dtype)
-        q2, sigma2, _ = self.requantise(a, zero_rows)
-        y = self.split_gemm2(q2, weights["w2"], weights["scale2"], weights["bias2"], sigma2,
-                             x_dtype)
-        return (("2-3", "h", h), ("4", "a", a), ("5", "q2", q2), ("5", "sigma2", sigma2),
-                ("6-7", "y", y))
+        gemm1, gemm2, x_dtype = self.split_gemm1, self.split_gemm2, DTYPES[cfg.x_dtype]
+        return self._quantised_stages(
+            lambda: gemm1(q, weights["w1"], weights["scale1"], weights["bias1"], sigma1, x_dtype),
+            lambda q2, sigma2: gemm2(q2, weights["w2"], weights["scale2"], weights["bias2"],
+                                     sigma2, x_dtype), cfg, zero_rows)
 
     def float_stages(
         self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig
