@@ -115,21 +115,22 @@ _CAPACITIES = _mostly(CAPACITY_FAMILIES, COUNT_ONLY["capacity"])
 _SEEDS = st.integers(0, 2**32 - 1)
 
 
+def _known_name(owner: str, keyword: str, name: str, allowed: tuple[str, ...]) -> str:
+    """``name``, drawn from the argument ``keyword`` of ``owner``; an unknown one (``"zipff"``)
+    is an InvalidArgument, not a silent fallback to another family."""
+    if name not in allowed:
+        raise InvalidArgument(f"{owner}({keyword}=...) drew {name!r}; {keyword} must be names "
+                              f"from {', '.join(allowed)}")
+    return name
+
+
 def _known_families(
     owner: str, families: object, allowed: tuple[str, ...]
 ) -> st.SearchStrategy[str]:
-    """``families`` checked at every draw: an unknown name (``"zipff"``) is an InvalidArgument,
-    not a silent fallback to another family."""
+    """``families`` checked at every draw (:func:`_known_name`)."""
     _require_strategy("families", families)
     assert isinstance(families, st.SearchStrategy)
-
-    def check(name: str) -> str:
-        if name not in allowed:
-            raise InvalidArgument(f"{owner}(families=...) drew {name!r}; families must be names "
-                                  f"from {', '.join(allowed)}")
-        return name
-
-    return families.map(check)
+    return families.map(lambda name: _known_name(owner, "families", name, allowed))
 
 
 def _or(given: st.SearchStrategy[Any] | None, default: st.SearchStrategy[Any]) -> Any:
@@ -575,9 +576,8 @@ def problems(
     mask_family = mask_family if cfg.masked else None
     capacity = capacity if cfg.max_output_size is not None else None
     seed = draw(_SEEDS)
-    layout = draw(layouts) if layouts is not None else "contiguous"
-    if layout not in LAYOUTS:
-        raise InvalidArgument(f"layouts drew {layout!r}; draw names from {LAYOUTS}")
+    layout = (_known_name("problems", "layouts", draw(layouts), LAYOUTS)
+              if layouts is not None else "contiguous")
     rng = np.random.default_rng(seed)
     x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
     rows.plant(cfg, rng, x)

@@ -70,9 +70,12 @@ def test_the_signature_is_checked_once_up_front() -> None:
 
 
 def test_unknown_family_names_are_rejected_not_routed_as_another_family() -> None:
-    for strategy in (problems(routing=routings(families=st.just("zipff"))),
-                     problems(values=token_rows(families=st.just("zero_rows")))):
-        with pytest.raises(InvalidArgument, match="families must be names from"):
+    for strategy, keyword in ((problems(routing=routings(families=st.just("zipff"))),
+                               "families"),
+                              (problems(values=token_rows(families=st.just("zero_rows"))),
+                               "families"),
+                              (problems(layouts=st.just("transposed")), "layouts")):
+        with pytest.raises(InvalidArgument, match=f"{keyword} must be names from"):
             check_implementation(broken_impls.correct, problems=strategy, save_dir=None,
                                  settings=settings(max_examples=5, database=None))
 
