@@ -100,7 +100,6 @@ class _Mismatch(Exception):
 def _copy_inputs(problem: Problem) -> Problem:
     """A writable deep copy, so the implementation cannot touch the problem we judge it on;
     each array keeps its layout class (:mod:`spec.memory`)."""
-
     return Problem.from_validated([r.map_arrays(copy_array, lists=True) for r in problem.ranks],
                                   problem.config)
 
