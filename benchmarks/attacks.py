@@ -70,7 +70,7 @@ def corruptions(n: int) -> Counter[str]:
     code = f"""
 import random, tempfile, pathlib, numpy as np
 import oracle
-from oracle import counterexample
+from oracle.files import counterexample
 from spec import OpConfig, SpecError, random_problem
 p = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16, intermediate=8,
                             tokens_per_rank=(2, 1)), seed=3)
@@ -125,7 +125,7 @@ def option_attacks() -> list[str]:
         results.append(library(f"""
 import broken_impls
 from hypothesis import settings
-from oracle.harness import check_implementation, ConformanceError
+from oracle.check.harness import check_implementation, ConformanceError
 try:
     check_implementation(broken_impls.probs_ignored, save_dir=None, {kwargs},
                          settings=settings(max_examples=10, database=None, deadline=None))
@@ -167,7 +167,7 @@ except SpecError:
                 "meta": "torch.zeros(s, device='meta')", "sparse": "torch.zeros(s).to_sparse()"}
         results.append(library(f"""
 import torch
-from oracle.harness import evaluate
+from oracle.check.harness import evaluate
 from spec import OpConfig, random_problem
 p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=16, intermediate=8,
                             tokens_per_rank=(2,)), seed=0)

@@ -20,9 +20,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 
 import oracle
-from oracle import judge
-from oracle.kernels import get_kernel
-from oracle.rowtest import RowVerdict
+from oracle.judge import verdict as judge
+from oracle.judge.rowtest import RowVerdict
+from oracle.model.kernels import get_kernel
 from spec import Problem
 from spec.strategies import configs, problems
 

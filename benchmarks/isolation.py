@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import broken_impls
 
-import oracle.profiles  # noqa: F401 - registers the profiles
-from oracle.harness import _call, check_implementation
-from oracle.isolation import ChildProcess
+import oracle.check.settings  # noqa: F401 - registers the profiles
+from oracle.check.harness import _call, check_implementation
+from oracle.check.isolation import ChildProcess
 from spec import OpConfig, random_problem
 
 SHAPES = {

@@ -52,7 +52,7 @@ import hypothesis.core  # noqa: E402
 from hypothesis import settings as hsettings  # noqa: E402
 
 import oracle  # noqa: E402
-import oracle.profiles  # noqa: E402  (registers dfc-ci)
+import oracle.check.settings  # noqa: E402  (registers dfc-ci)
 from benchmarks.mutants import KIND, MUTANTS, correct  # noqa: E402
 from spec import OpConfig, Problem, random_problem  # noqa: E402
 
@@ -294,9 +294,9 @@ def measure_speed(
 #: Where the search loop's time goes, by (file suffix, function name) of cProfile entries.
 PROFILE_PARTS = (
     ("generation", "spec/strategies.py", "problems"),
-    ("reference model (oracle.run)", "oracle/reference.py", "run"),
-    ("comparison (judge, without its oracle.run)", "oracle/judge.py", "compare"),
-    ("input copy and input check", "oracle/harness.py", "_copy_inputs"),
+    ("reference model (oracle.run)", "oracle/model/reference.py", "run"),
+    ("comparison (judge, without its oracle.run)", "oracle/judge/verdict.py", "compare"),
+    ("input copy and input check", "oracle/check/harness.py", "_copy_inputs"),
 )
 
 
@@ -357,8 +357,8 @@ def measure_throughput(budget: int) -> Throughput:
     stats = pstats.Stats(profiler)
     parts = {label: _cumulative(stats, suffix, name) for label, suffix, name in PROFILE_PARTS}
     judge = "comparison (judge, without its oracle.run)"
-    parts[judge] -= _called_from(stats, ("oracle/reference.py", "run"),
-                                 ("oracle/judge.py", "compare"))
+    parts[judge] -= _called_from(stats, ("oracle/model/reference.py", "run"),
+                                 ("oracle/judge/verdict.py", "compare"))
     parts["implementation under test (worker thread, wall)"] = timed.seconds
     parts["Hypothesis engine and the rest"] = result.profiled_seconds - sum(parts.values())
     result.profile = list(parts.items())

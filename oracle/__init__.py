@@ -4,10 +4,10 @@
 - :func:`compare` / :func:`check_implementation` — judge an implementation against it.
 """
 
-from oracle.harness import ConformanceError, check_implementation, evaluate
-from oracle.judge import Verdict, compare
-from oracle.numerics import Numerics
-from oracle.reference import RankResult, ReceiveLayout, Result, Trace, run
+from oracle.check.harness import ConformanceError, check_implementation, evaluate
+from oracle.judge.verdict import Verdict, compare
+from oracle.model.numerics import Numerics
+from oracle.model.reference import RankResult, ReceiveLayout, Result, Trace, run
 
 __all__ = [
     "ConformanceError",

@@ -7,9 +7,9 @@
   real operator's historical layout and buffer rules, and known-defective reference variants)
   and print what was found, each with its minimal counterexample.
 - ``explain FILE`` — a readable description of a saved counterexample and, when it holds the
-  implementation's outputs, the known defect they equal (``oracle.diagnose``); ``--plot
-  OUT.png`` also draws it (``oracle.plot``, the optional extra ``plot``).
-- ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.capture``).
+  implementation's outputs, the known defect they equal (``oracle.explain.diagnose``); ``--plot
+  OUT.png`` also draws it (``oracle.explain.plot``, the optional extra ``plot``).
+- ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.check.capture``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from hypothesis import settings as hsettings
 
-from oracle.counterexample import judged_with
-from oracle.harness import (
+from oracle.check.harness import (
     DOMAINS,
     ConformanceError,
     check_implementation,
@@ -34,12 +33,9 @@ from oracle.harness import (
     evaluate,
     routing_rows,
 )
-from oracle.isolation import ChildProcess, check_signature
-from oracle.kernels import DEFAULT_KERNEL
-from oracle.kernels import PROFILES as KERNELS
-from oracle.loading import ImplLoadError, load_impl
-from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import (
+from oracle.check.isolation import ChildProcess, check_signature
+from oracle.check.loading import ImplLoadError, load_impl
+from oracle.check.options import (
     DEFAULT_INPUTS,
     DEFAULT_VARIANTS,
     INPUT_POLICIES,
@@ -48,12 +44,16 @@ from oracle.options import (
     OptionError,
     check_options,
 )
-from oracle.profiles import DEFAULT_PROFILE, PROFILES
-from oracle.reference import route
+from oracle.check.settings import DEFAULT_PROFILE, PROFILES
+from oracle.files.counterexample import judged_with
+from oracle.model.kernels import DEFAULT_KERNEL
+from oracle.model.kernels import PROFILES as KERNELS
+from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
+from oracle.model.reference import route
 from spec import SpecError
 
 if TYPE_CHECKING:
-    from oracle.diagnose import Diagnosis
+    from oracle.explain.diagnose import Diagnosis
 
 __all__ = ["main"]
 
@@ -151,8 +151,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from oracle.counterexample import load
-    from oracle.harness import format_report
+    from oracle.check.harness import format_report  # lazy: start-up
+    from oracle.files.counterexample import load  # lazy: start-up
 
     try:
         check_options(timeout=args.timeout)
@@ -188,8 +188,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _kernels(args: argparse.Namespace) -> int:
     """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain."""
-    from oracle.kernels import DEFAULT_KERNEL
-    from oracle.kernels import PROFILES as KERNELS
+    from oracle.model.kernels import DEFAULT_KERNEL  # lazy: start-up
+    from oracle.model.kernels import PROFILES as KERNELS  # lazy: start-up
 
     for name, profile in KERNELS.items():
         if args.verbose:
@@ -201,11 +201,11 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from oracle.counterexample import load
+    from oracle.files.counterexample import load  # lazy: start-up
 
     try:
         if args.plot is not None:
-            from oracle.plot import require_matplotlib
+            from oracle.explain.plot import require_matplotlib  # lazy: start-up
 
             require_matplotlib()
         saved = load(args.file)
@@ -218,7 +218,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.stages:
         print(stage_table(saved.problem, saved.outputs, saved.meta, found))
     if args.plot is not None:
-        from oracle.plot import save_plot
+        from oracle.explain.plot import save_plot  # lazy: start-up
 
         numerics, ulps = _judged_or_default(saved.meta)
         title = f"{args.file.name}: stage '{saved.meta.get('stage', 'unknown')}'"
@@ -230,8 +230,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _diagnose(problem: Any, outputs: Any, meta: dict[str, Any]) -> Diagnosis | None:
     """The saved outputs re-judged as the file was, against the catalogue of known defects
-    (:mod:`oracle.diagnose`); ``None`` when the file holds no outputs."""
-    from oracle.diagnose import diagnose
+    (:mod:`oracle.explain.diagnose`); ``None`` when the file holds no outputs."""
+    from oracle.explain.diagnose import diagnose  # lazy: start-up
 
     if outputs is None:
         return None
@@ -259,8 +259,8 @@ def diagnosis(meta: dict[str, Any], found: Diagnosis | None) -> str:
 def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
                 found: Diagnosis | None) -> str:
     """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
-    (:mod:`oracle.stages`), next to the implementation's out row."""
-    from oracle.stages import token_stages
+    (:mod:`oracle.explain.stages`), next to the implementation's out row."""
+    from oracle.explain.stages import token_stages  # lazy: start-up
 
     if found is None:
         return "stages: none, the file holds no outputs to locate a failing token"
@@ -313,8 +313,8 @@ def explain(problem: Any, meta: dict[str, Any]) -> str:
 def _hunt(args: argparse.Namespace) -> int:
     """Search every historical rule and every variant; print one table row per finding (what,
     where from, minimal counterexample), then each finding's details and how to rerun it."""
-    from oracle.variants import VARIANTS
-    from spec.findings import hunt_rules
+    from oracle.check.hunt import VARIANTS  # lazy: start-up
+    from spec.findings import hunt_rules  # lazy: start-up
 
     try:
         check_options(save_dir=args.save_dir, max_examples=args.max_examples)
@@ -331,7 +331,7 @@ def _hunt(args: argparse.Namespace) -> int:
         try:
             check_implementation(variant.impl, problems=variant.problems,
                                  settings=_settings(args), save_dir=args.save_dir,
-                                 impl_name=f"oracle.variants:{variant.name}")
+                                 impl_name=f"oracle.check.hunt:{variant.name}")
         except ConformanceError as exc:
             rows.append((variant.name, variant.source, exc.problem.config.summary()))
             details.append(f"{variant.name}: {variant.what}\n  {exc.verdict.message}\n"
@@ -355,7 +355,7 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int 
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from oracle.capture import verify_main
+    from oracle.check.capture import verify_main  # lazy: start-up
 
     numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), args.kernel)
     return int(verify_main(args.directory, numerics))
@@ -447,7 +447,7 @@ def _parser() -> argparse.ArgumentParser:
                            "truncation line and the error/tolerance heat map into OUT.png "
                            "(needs pip install 'dfc-oracle[plot]'; default: no picture)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
-    verify.add_argument("directory", type=Path, help="the capture directory (oracle.capture)")
+    verify.add_argument("directory", type=Path, help="the capture directory (oracle.check.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
                         help="faithful: the kernel profile; ideal: the float64 mathematics "
                         "(default: faithful)")

@@ -1,9 +1,9 @@
 """pytest plugin (entry point ``pytest11``): ``pytest --dfc-impl package.module:function``
-runs the bundled conformance suite (:mod:`oracle.conformance`) against that implementation.
+runs the bundled conformance suite (:mod:`oracle.check.conformance`) against that implementation.
 
 The header prints the implementation, numerics, profile and seed, so a CI log says what was
-checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.profiles`.
-The implementation runs in one child process for the whole session (:mod:`oracle.isolation`),
+checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.check.settings`.
+The implementation runs in one child process for the whole session (:mod:`oracle.check.isolation`),
 so an ``os._exit``, a crash or a hang is a failing test with a report, never a silently green
 or dead gate; ``--dfc-in-process`` runs it in pytest's process instead, for debugging.
 """
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from oracle.kernels import DEFAULT_KERNEL
-from oracle.kernels import PROFILES as KERNELS
-from oracle.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
-from oracle.profiles import DEFAULT_PROFILE, PROFILES
+from oracle.check.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
+from oracle.check.settings import DEFAULT_PROFILE, PROFILES
+from oracle.model.kernels import DEFAULT_KERNEL
+from oracle.model.kernels import PROFILES as KERNELS
 
 _SUITE = Path(__file__).with_name("conformance.py")
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
@@ -71,9 +71,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if profile:
         settings.load_profile(profile)
     if impl:
-        from oracle.isolation import ChildProcess, check_signature
-        from oracle.loading import ImplLoadError, load_impl
-        from oracle.options import OptionError, check_options
+        from oracle.check.isolation import ChildProcess, check_signature  # lazy: start-up
+        from oracle.check.loading import ImplLoadError, load_impl  # lazy: start-up
+        from oracle.check.options import OptionError, check_options  # lazy: start-up
 
         try:
             check_options(numerics=config.getoption("--dfc-numerics"),

@@ -1,7 +1,7 @@
 """What the real operator does with a call before and around its kernels: which of the call's
 attributes its torch adapter hands to which kernel, and which local experts the SwiGLU epilogue
 covers. Models of vllm-ascend's code, read at 182b75ea (``csrc/mc2/dispatch_ffn_combine*``),
-for the findings (:mod:`spec.findings`) and the hunt's kernel variants (``oracle.variants``).
+for the findings (:mod:`spec.findings`) and the hunt's kernel variants (``oracle.check.hunt``).
 
 >>> dropped_attributes("bf16", ("x_active_mask", "swiglu_limit"))
 ('x_active_mask', 'swiglu_limit')

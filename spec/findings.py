@@ -594,7 +594,7 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "kernel's adapter and epilogue, SwigluOAI's default α, and the W4A8 combine's capacity "
         "walk, `spec.findings.combined_rows`). Each counterexample is the minimal one the "
         "search returns; `dfc-oracle hunt` also runs the kernel variants "
-        "`oai-default-alpha` and `bf16-epilogue-e2` (`oracle.variants`) and prints the "
+        "`oai-default-alpha` and `bf16-epilogue-e2` (`oracle.check.hunt`) and prints the "
         "smallest call whose outputs they change.",
         "",
         "| rule | property | minimal counterexample | reproduce | source |",

@@ -472,7 +472,7 @@ class RowPlan:
         planted = {
             "zero_row": np.zeros_like(row),
             # bf16: so small that the requantisation scale 127/amax2 overflows float32 (a
-            # degenerate row, oracle.numerics); fp16 has no such range, so 2**-20 there.
+            # degenerate row, oracle.model.numerics); fp16 has no such range, so 2**-20 there.
             "tiny_row": row * (2.0**-60 if cfg.x_dtype == "bfloat16" else 2.0**-20),
             # Large and outlier rows stay below overflow of the fp16 pipeline (SwiGLU ~ h²):
             # beyond it every implementation returns inf and the comparison says nothing.

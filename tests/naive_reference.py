@@ -1,8 +1,9 @@
 """A second, deliberately naive model of one ``dispatch_ffn_combine`` call, for cross-checking.
 
-Written from ``shared/reference/dispatch_ffn_combine.md`` §4–§6, not from ``oracle/reference.py``:
-plain Python loops per rank, per token, per slot; each destination's receive buffer is a Python
-list; every received row goes through its own FFN with per-row NumPy operations; W8A8 GEMMs are
+Written from ``shared/reference/dispatch_ffn_combine.md`` §4–§6, not from
+``oracle/model/reference.py``: plain Python loops per rank, per token, per slot; each destination's
+receive buffer is a Python list; every received row goes through its own FFN with per-row NumPy
+operations; W8A8 GEMMs are
 exact integer dot products in int64. Slow on purpose and obvious on purpose: it is the second
 opinion that :func:`oracle.run` must agree with (bitwise in faithful mode).
 
@@ -14,23 +15,39 @@ opinion that :func:`oracle.run` must agree with (bitwise in faithful mode).
 True
 """
 
+
 from __future__ import annotations
 
 import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from oracle.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem, RankInputs
 
 __all__ = ["NaiveReceive", "NaiveResult", "naive_run"]
 
 F32 = np.float32
 Array = np.ndarray[Any, Any]
+
+
+class Numerics(Protocol):
+    """The switches this model reads; an ``oracle.Numerics`` has them. The model imports nothing
+    of ``oracle``: it is a second opinion on it."""
+
+    mode: str
+    truncate_scales: bool
+    zero_rows: str
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    mode: str
+    truncate_scales: bool = False
+    zero_rows: str = "zero"
 
 
 @dataclass(frozen=True)
@@ -273,7 +290,7 @@ def _ffn_ideal(x: Array, ex: _Expert, limit: float | None, alpha: float | None) 
 
 def naive_run(problem: Problem, numerics: str | Numerics = "faithful") -> NaiveResult:
     """Every rank's outputs of one call, computed slot by slot (§4–§6)."""
-    num = resolve_numerics(numerics)
+    num = _Defaults(numerics) if isinstance(numerics, str) else numerics
     cfg = problem.config
     ep, n_local, top_k, hidden = cfg.ep_size, cfg.experts_per_rank, cfg.top_k, cfg.hidden
     out_dtype = DTYPES[cfg.x_dtype]

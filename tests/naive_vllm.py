@@ -1,9 +1,9 @@
 """A deliberately naive model of the ``vllm-triton`` kernel profile, for cross-checking.
 
 Written from ``shared/reference/kernels.md`` (the two vLLM columns), not from
-``oracle/kernels.py``: a Python loop per rank, token and slot; per-row NumPy float32 operations.
-vLLM has no receive buffer, so there is no truncation; a masked token routes nowhere and its row
-is undefined.
+``oracle/model/kernels.py``: a Python loop per rank, token and slot; per-row NumPy float32
+operations. vLLM has no receive buffer, so there is no truncation; a masked token routes nowhere and
+its row is undefined.
 
 - W8A8 (the CUDA quantiser ``scaled_int8_quant``): ``q = rint(x · fl(127/amax))`` (half to even,
   no floor), ``σ = fl(amax/127)``; int dots per ``block``-wide K block summed in a float32

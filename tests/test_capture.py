@@ -1,4 +1,5 @@
-"""oracle.capture: dump every rank of a call, verify it offline, reject bad captures clearly."""
+"""oracle.check.capture: dump every rank of a call, verify it offline, reject bad captures
+clearly."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="capturing torch tensors needs the extra 'torch'")
 
 import oracle  # noqa: E402
-from oracle import capture  # noqa: E402
-from oracle.torch import scales_to_int64, to_tensor, to_torch  # noqa: E402
+from oracle.adapters.torch_io import scales_to_int64, to_tensor, to_torch  # noqa: E402
+from oracle.check import capture  # noqa: E402
 from spec import CounterexampleFileError, OpConfig, SpecError, random_problem  # noqa: E402
 
 CFG = OpConfig(ep_size=3, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,

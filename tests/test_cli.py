@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 
 from oracle import pytest_plugin
+from oracle.check.harness import variant_configs
 from oracle.cli import _parser, main
-from oracle.harness import variant_configs
 from spec.strategies import ROUTING_FAMILIES
 
 TESTS = Path(__file__).parent
@@ -125,7 +125,7 @@ def test_the_gate_judges_w4a8_when_asked(pytester, monkeypatch) -> None:
 def test_family_tests_search_with_the_family_budget(monkeypatch) -> None:
     """The default search keeps the profile's budget; a family test runs
     ``--dfc-family-examples`` (plugin default: a fifth of max_examples, at least 10)."""
-    import oracle.conformance as conformance
+    import oracle.check.conformance as conformance
     from oracle.pytest_plugin import family_examples
 
     budgets = []

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from oracle.counterexample import load, save
+from oracle.files.counterexample import load, save
 from spec import CounterexampleFileError, Problem
 from spec.memory import LAYOUTS, layout_of
 from spec.strategies import problems

@@ -22,7 +22,7 @@ from test_reference import _bf16_swiglu_ties, _special_rows
 
 import oracle
 from oracle.cli import main
-from oracle.diagnose import CATALOGUE, diagnose
+from oracle.explain.diagnose import CATALOGUE, diagnose
 from spec import DTYPES, OpConfig, Problem, random_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_explain_prints_the_diagnosis_of_a_saved_counterexample(
 def test_explain_says_when_the_file_holds_no_outputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from oracle.counterexample import save
+    from oracle.files.counterexample import save
 
     path = save(tmp_path / "bare.npz", _problem(), meta={"stage": "timeout"})
     assert main(["explain", str(path)]) == 0

@@ -1,5 +1,5 @@
-"""oracle.distributed: the per-rank reference on real gloo collectives, checked by the harness,
-and the harness itself catching planted bugs, crashes and hangs.
+"""oracle.check.distributed: the per-rank reference on real gloo collectives, checked by the
+harness, and the harness itself catching planted bugs, crashes and hangs.
 
 Spawned ranks import the per-rank functions by name, so they live at module level here.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="oracle.distributed needs the optional extra 'torch'")
+torch = pytest.importorskip(
+    "torch", reason="oracle.check.distributed needs the optional extra 'torch'")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
@@ -26,9 +27,9 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import NoSuchExample  # noqa: E402
 
 from oracle import ConformanceError  # noqa: E402
-from oracle import distributed as D  # noqa: E402
-from oracle.profiles import DEFAULT_PROFILE  # noqa: E402
-from oracle.torch import TorchRankInputs  # noqa: E402
+from oracle.adapters.torch_io import TorchRankInputs  # noqa: E402
+from oracle.check import distributed as D  # noqa: E402
+from oracle.check.settings import DEFAULT_PROFILE  # noqa: E402
 from spec.strategies import configs, problems, token_rows  # noqa: E402
 
 #: Deterministic searches (derandomised, no database): the same counterexample on every run.

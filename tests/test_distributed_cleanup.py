@@ -10,7 +10,7 @@ import pytest
 
 def test_a_worker_that_cannot_start_leaves_no_store_directory() -> None:
     pytest.importorskip("torch")
-    from oracle.distributed import _WorkerPool
+    from oracle.check.distributed import _WorkerPool
 
     def stores() -> set[Path]:
         return set(Path(tempfile.gettempdir()).glob("dfc-oracle-group-*"))

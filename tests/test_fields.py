@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from oracle.torch import TorchRankInputs
+from oracle.adapters.torch_io import TorchRankInputs
 from spec import OpConfig, RankInputs, random_problem
 from spec.fields import FIELDS, VARIANTS, ListSpec, variant_for
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracle.reference import route
+from oracle.model.reference import route
 from spec import Problem
 from spec.adapter import ATTRIBUTES, dropped_attributes, swiglu_experts
 from spec.findings import (
@@ -147,8 +147,8 @@ def test_the_default_alpha_row_needs_a_positive_default(monkeypatch: pytest.Monk
 def test_the_hunt_finds_the_kernel_variants_minimal_calls(variant: str, minimal: str) -> None:
     from hypothesis import settings
 
-    from oracle.harness import ConformanceError, check_implementation
-    from oracle.variants import VARIANTS
+    from oracle.check.harness import ConformanceError, check_implementation
+    from oracle.check.hunt import VARIANTS
 
     chosen = {v.name: v for v in VARIANTS}[variant]
     with pytest.raises(ConformanceError) as found:

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
-from oracle import capture, counterexample
+from oracle.check import capture
 from oracle.cli import main
+from oracle.files import counterexample
 from spec import OpConfig, SpecError, random_problem
 
 PROBLEM = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,

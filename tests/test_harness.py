@@ -15,9 +15,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import oracle
-from oracle.counterexample import load
-from oracle.harness import ConformanceError, check_implementation, evaluate
-from oracle.isolation import ChildProcess, importable_name
+from oracle.check.harness import ConformanceError, check_implementation, evaluate
+from oracle.check.isolation import ChildProcess, importable_name
+from oracle.files.counterexample import load
 from spec import OpConfig, random_problem
 from spec.strategies import configs, problems, token_rows
 

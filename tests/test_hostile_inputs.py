@@ -9,7 +9,7 @@ import hostile_impls as hostile
 import numpy as np
 import pytest
 
-from oracle.harness import evaluate
+from oracle.check.harness import evaluate
 from spec import OpConfig, Problem, random_problem
 
 PROBLEM = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from oracle.check.harness import ConformanceError, check_implementation, evaluate
+from oracle.check.isolation import _SHARED_ABOVE, ChildProcess, _SharedFile, importable_name
+from oracle.check.loading import ImplLoadError, load_impl
 from oracle.cli import main
-from oracle.counterexample import arrays_of
-from oracle.harness import ConformanceError, check_implementation, evaluate
-from oracle.isolation import _SHARED_ABOVE, ChildProcess, _SharedFile, importable_name
-from oracle.loading import ImplLoadError, load_impl
+from oracle.files.counterexample import arrays_of
 from spec import OpConfig, random_problem
 from spec.strategies import configs, problems
 

@@ -1,6 +1,7 @@
 """Isolation with torch on both sides: the parent has imported torch and used its thread pool,
 and the implementation's module (tests/torch_impls.py) multiplies tensors at import, in the
-child, before any call; the implementation takes and returns tensors through oracle.torch.
+child, before any call; the implementation takes and returns tensors through
+oracle.adapters.torch_io.
 
 Before the child checked for threads started by loading the implementation, its template
 forked a worker with torch's OpenMP pool running, and the worker's first product never returned:
@@ -17,8 +18,8 @@ torch = pytest.importorskip("torch", reason="the torch adapter needs the optiona
 from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from oracle.harness import check_implementation, evaluate  # noqa: E402
-from oracle.isolation import ChildProcess  # noqa: E402
+from oracle.check.harness import check_implementation, evaluate  # noqa: E402
+from oracle.check.isolation import ChildProcess  # noqa: E402
 from spec import OpConfig, random_problem  # noqa: E402
 from spec.strategies import configs, problems  # noqa: E402
 

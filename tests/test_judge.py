@@ -1,5 +1,5 @@
 """The judge's meta-tests (ulp spacing, signed zeros, NaN, undefined rows) and the ideal-mode
-row test (:mod:`oracle.rowtest`): legitimate kernels pass, coherent bugs fail, the threshold
+row test (:mod:`oracle.judge.rowtest`): legitimate kernels pass, coherent bugs fail, the threshold
 follows its false-alarm probability, and a modelled error source is needed; under a kernel
 profile, the row test catches what a wide envelope admits."""
 
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import oracle
-from oracle.bounds import ideal_tolerance
-from oracle.judge import compare, envelope_ratio, error_ratios, out_dtype_spacing
-from oracle.rowtest import TERMS, IdealAssumptions, row_test, row_thresholds
+from oracle.judge.bounds import ideal_tolerance
+from oracle.judge.rowtest import TERMS, row_test, row_thresholds
+from oracle.judge.verdict import compare, envelope_ratio, error_ratios, out_dtype_spacing
+from oracle.model.kernels import IdealAssumptions
 from spec import OpConfig, Problem, random_problem
 
 Array = np.ndarray[Any, Any]
@@ -204,7 +205,7 @@ def test_underflow_sends_rows_of_subnormal_values_to_the_sound_bound() -> None:
     result = oracle.run(problem)
     outs = [r.out for r in result.ranks]
     assert not np.any(outs[0]) and np.any(ideal.trace.combined[0]), "the witness must underflow"
-    a3 = oracle.kernels.ASCEND_A3.ideal_assumptions("float16")
+    a3 = oracle.model.kernels.ASCEND_A3.ideal_assumptions("float16")
     th = row_thresholds(problem, ideal, a3)
     assert th.judge(outs).ok
     assert all("underflow" in j for j in th.judged_by[0])
@@ -268,7 +269,8 @@ def test_each_modelled_source_is_needed(term: str) -> None:
         problem = Problem([replace(r, x=x.astype(r.x.dtype)) for r in problem.ranks])
     ideal = oracle.run(problem, numerics="ideal")
     outs = [r.out for r in oracle.run(problem, numerics="vllm-triton").ranks]
-    tight = replace(oracle.kernels.VLLM_TRITON.ideal_assumptions(cfg.x_dtype), false_alarm=0.9)
+    tight = replace(oracle.model.kernels.VLLM_TRITON.ideal_assumptions(cfg.x_dtype),
+                    false_alarm=0.9)
     assert row_thresholds(problem, ideal, tight).judge(outs).ok
     assert not row_thresholds(problem, ideal, tight, omit=(term,)).judge(outs).ok
 
@@ -277,13 +279,14 @@ def test_the_row_test_runs_only_where_the_output_is_not_the_models(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's own output is a legitimate kernel's: the judge does not spend a row test
     on it; one differing value is enough to run it."""
-    import oracle.judge
+    import oracle.judge.verdict
 
     problem = _problem()
     result = oracle.run(problem)
     calls = []
-    original = oracle.judge._row_test
-    monkeypatch.setattr(oracle.judge, "_row_test", lambda *a: calls.append(1) or original(*a))
+    original = oracle.judge.verdict._row_test
+    monkeypatch.setattr(oracle.judge.verdict, "_row_test",
+                        lambda *a: calls.append(1) or original(*a))
     assert compare(problem, _pairs(result)).ok and calls == []
     nudged = [r.out.copy() for r in result.ranks]
     nudged[0].view(np.uint16)[0, 0] ^= 1  # one ulp on one value: outside the pinned envelope
@@ -296,13 +299,13 @@ def test_the_envelope_is_computed_only_for_an_output_that_is_not_the_models(
     """Under a profile the model's own output passes on the model alone (the envelope costs
     about 4x the model); one differing value makes the judge compute the envelope and judge
     by it, here rejecting a value the envelope pins."""
-    import oracle.judge
+    import oracle.judge.verdict
 
     problem = _problem()
     result = oracle.run(problem)
     envelopes = []
-    original = oracle.judge.run
-    monkeypatch.setattr(oracle.judge, "run",
+    original = oracle.judge.verdict.run
+    monkeypatch.setattr(oracle.judge.verdict, "run",
                         lambda *a, **kw: envelopes.append(kw.get("envelope", False))
                         or original(*a, **kw))
     assert compare(problem, _pairs(result)).ok and envelopes == [False]

@@ -28,9 +28,9 @@ from naive_vllm import naive_vllm_run
 from test_reference import _bf16_swiglu_ties, _ReversedCombine, _special_rows
 
 import oracle
-import oracle.kernels as kernels
+import oracle.model.kernels as kernels
 from oracle import Numerics, compare
-from oracle.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile, profile_from_dict
+from oracle.model.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
 from spec.limits import A3_W8A8, check_supported
 from spec.strategies import ROW_FAMILIES, configs, problems, token_rows

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from oracle.harness import ConformanceError, check_implementation
-from oracle.isolation import _decode_arrays, _encode
+from oracle.check.harness import ConformanceError, check_implementation
+from oracle.check.isolation import _decode_arrays, _encode
 from spec import OpConfig, Problem, random_problem
 from spec.memory import LAYOUTS, copy_array, layout_of, with_layout
 from spec.strategies import problems

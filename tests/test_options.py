@@ -13,10 +13,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from oracle.check.harness import check_implementation
+from oracle.check.loading import ImplLoadError
+from oracle.check.options import OptionError, check_options
 from oracle.cli import main
-from oracle.harness import check_implementation
-from oracle.loading import ImplLoadError
-from oracle.options import OptionError, check_options
 from spec import OpConfig, random_problem
 from spec.strategies import problems, routings, token_rows
 

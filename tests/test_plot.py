@@ -14,9 +14,9 @@ import pytest
 
 import oracle
 from oracle.cli import main
-from oracle.counterexample import save
-from oracle.judge import compare
-from oracle.plot import INSTALL, PANELS
+from oracle.explain.plot import INSTALL, PANELS
+from oracle.files.counterexample import save
+from oracle.judge.verdict import compare
 from spec import OpConfig, Problem, random_problem
 
 Array = np.ndarray[Any, Any]
@@ -42,7 +42,7 @@ def _panel(fig: Any, title: str) -> Any:
 
 def test_the_figure_draws_the_counterexamples_own_numbers() -> None:
     pytest.importorskip("matplotlib")
-    from oracle.plot import counterexample_figure
+    from oracle.explain.plot import counterexample_figure
 
     problem = _problem()
     outputs = broken_impls.probs_ignored(problem)
@@ -52,7 +52,7 @@ def test_the_figure_draws_the_counterexamples_own_numbers() -> None:
     titled = [ax for ax in fig.axes if ax.get_title(loc="left")]
     assert len(titled) == 3
     routing, buffers, errors = (_panel(fig, panel) for panel in PANELS)
-    counts = oracle.reference.route(problem).counts
+    counts = oracle.model.reference.route(problem).counts
     assert np.array_equal(routing.images[0].get_array(), counts)
     assert [line.get_xdata()[0] for line in buffers.lines if line.get_color() == "red"] == [7.5]
     assert "rows dropped past max_output_size = 8" in buffers.get_title(loc="left")
@@ -72,7 +72,7 @@ def test_the_figure_draws_the_counterexamples_own_numbers() -> None:
 
 def test_a_conforming_output_draws_no_value_above_one() -> None:
     pytest.importorskip("matplotlib")
-    from oracle.plot import counterexample_figure
+    from oracle.explain.plot import counterexample_figure
 
     problem = _problem()
     fig = counterexample_figure(problem, broken_impls.correct(problem),
@@ -94,7 +94,7 @@ def test_explain_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_a_file_without_outputs_gets_routing_and_buffers_only(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from oracle.plot import counterexample_figure
+    from oracle.explain.plot import counterexample_figure
 
     fig = counterexample_figure(_problem(), None, numerics=oracle.Numerics())
     errors = _panel(fig, PANELS[2])

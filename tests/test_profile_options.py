@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from oracle import ConformanceError, Numerics, check_implementation, evaluate
 from oracle.cli import main
-from oracle.counterexample import load, save
-from oracle.kernels import ASCEND_A3, profile_from_dict
+from oracle.files.counterexample import load, save
+from oracle.model.kernels import ASCEND_A3, profile_from_dict
 from spec.limits import A3_W8A8, check_supported
 from spec.strategies import configs, problems, token_rows
 
@@ -133,9 +133,9 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     intermediates for fp16 x on Ascend: a tighter threshold than the coarsest-kernel default,
     which must allow bf16); without one, the coarsest legitimate kernel."""
     import oracle
-    import oracle.judge
-    import oracle.rowtest as rowtest
-    from oracle.judge import compare
+    import oracle.judge.rowtest as rowtest
+    import oracle.judge.verdict
+    from oracle.judge.verdict import compare
     from spec import OpConfig, random_problem
 
     p = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=256,
@@ -150,7 +150,8 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     assert any((t < c).any() for t, c in zip(tight, coarse))
     seen = []
     original = rowtest.row_test
-    monkeypatch.setattr(oracle.judge, "row_test", lambda *a: seen.append(a[3]) or original(*a))
+    monkeypatch.setattr(oracle.judge.verdict, "row_test",
+                        lambda *a: seen.append(a[3]) or original(*a))
     outs = [(r.out, r.expert_token_nums) for r in oracle.run(p).ranks]
     assert compare(p, outs, numerics=Numerics("ideal", kernel="ascend-a3")).ok
     assert compare(p, outs, numerics="ideal").ok

@@ -6,7 +6,7 @@
 - Invariants of the contract (``shared/reference/dispatch_ffn_combine.md`` §4–§6): slot
   conservation, per-expert receive sets, stacked = per-expert lists, EP-size invariance, masked
   tokens change nothing, determinism, inputs never written.
-- Faithful vs ideal stays within :func:`oracle.bounds.quantisation_error_bound`, and the bound
+- Faithful vs ideal stays within :func:`oracle.judge.bounds.quantisation_error_bound`, and the bound
   fails when a quantisation term is dropped.
 
 Every check is a plain function; each is shown to fail on a mutant of the reference (a
@@ -29,10 +29,10 @@ from hypothesis import strategies as st
 from naive_reference import naive_run
 
 import oracle
-import oracle.kernels as kernels
-import oracle.reference as reference
+import oracle.model.kernels as kernels
+import oracle.model.reference as reference
 from oracle import Numerics
-from oracle.bounds import SILU_LIPSCHITZ, TERMS, ideal_tolerance, quantisation_error_bound
+from oracle.judge.bounds import SILU_LIPSCHITZ, TERMS, ideal_tolerance, quantisation_error_bound
 from spec import DTYPES, OpConfig, Problem, RankInputs, random_problem
 from spec.strategies import configs, problems
 
@@ -275,7 +275,7 @@ def _float32_ideal(original: Callable[..., Array]) -> Callable[..., Array]:
 
 _A3 = kernels.ASCEND_A3
 #: A realistic defect each: a mutated kernel profile run where the naive model runs ascend-a3,
-#: or (attribute of oracle.reference, replacement factory, numerics) patched into the model.
+#: or (attribute of oracle.model.reference, replacement factory, numerics) patched into the model.
 REFERENCE_MUTANTS: dict[str, kernels.KernelProfile | tuple[str, Callable[[Any], Any], str]] = {
     "step 1 rounds half to even": replace(_A3, quantise=replace(_A3.quantise, ties="even")),
     "no fp16 intermediate": replace(_A3, gemm1=replace(_A3.gemm1, epilogue=("col", "row"))),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import oracle
 from oracle.cli import main
-from oracle.stages import _line, token_stages
+from oracle.explain.stages import _line, token_stages
 from spec import OpConfig, Problem, random_problem
 
 Array = np.ndarray[Any, Any]
@@ -117,7 +117,7 @@ def test_explain_prints_the_failing_token_stage_by_stage(
 def test_explain_without_outputs_says_there_is_no_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from oracle.counterexample import save
+    from oracle.files.counterexample import save
 
     path = save(tmp_path / "bare.npz", _problem(), meta={"stage": "timeout"})
     assert main(["explain", str(path)]) == 0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument, NonInteractiveExampleWarning
 
 import oracle
-import oracle.reference
+import oracle.model.reference
 import spec.strategies as strategies_module
 from spec import Problem
 from spec.limits import A3_DOMAIN, REAL_MODELS
@@ -155,12 +155,13 @@ def test_out_of_range_draws_are_invalid_arguments() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    import oracle.judge
-    import oracle.reference
+    import oracle.judge.verdict
+    import oracle.model.reference
     import spec.config
     import spec.synth
 
-    for module in (strategies_module, spec.config, spec.synth, oracle.reference, oracle.judge):
+    for module in (strategies_module, spec.config, spec.synth, oracle.model.reference,
+                   oracle.judge.verdict):
         with warnings.catch_warnings():  # the examples show .example(), meant for the REPL
             warnings.simplefilter("ignore", NonInteractiveExampleWarning)
             failures, _ = doctest.testmod(module)
@@ -189,7 +190,7 @@ def _labelled(strategy: st.SearchStrategy[Problem], n: int) -> list[tuple[frozen
 
 def _judged(p: Problem) -> bool:
     """At least one output row is defined: an active token that kept every slot."""
-    kept = oracle.reference.route(p).slot_kept
+    kept = oracle.model.reference.route(p).slot_kept
     return bool(kept.size and kept.reshape(-1, p.config.top_k).all(axis=1).any())
 
 

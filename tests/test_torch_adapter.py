@@ -1,4 +1,5 @@
-"""oracle.torch: tensors <-> spec arrays bit for bit, the int64 scale encoding, the wrapper."""
+"""oracle.adapters.torch_io: tensors <-> spec arrays bit for bit, the int64 scale encoding, the
+wrapper."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="oracle.torch needs the optional extra 'torch'")
+torch = pytest.importorskip(
+    "torch", reason="oracle.adapters.torch_io needs the optional extra 'torch'")
 
 import oracle  # noqa: E402
-from oracle import torch as ot  # noqa: E402
+from oracle.adapters import torch_io as ot  # noqa: E402
 from spec import DTypeError, OpConfig, random_problem  # noqa: E402
 
 CFG = OpConfig(ep_size=2, experts_per_rank=3, top_k=2, hidden=32, intermediate=16,

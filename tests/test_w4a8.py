@@ -18,7 +18,7 @@ from test_reference import FAITHFUL_SWITCHES, check_agreement
 
 import oracle
 from oracle import Numerics
-from oracle.kernels import ASCEND_A3, Env, SplitGemm
+from oracle.model.kernels import ASCEND_A3, Env, SplitGemm
 from spec import BiasError, OpConfig, Problem, random_problem
 from spec.buffers import region_needs
 from spec.int4 import compensation_bias, pack_int4, split_activation, unpack_int4
@@ -173,7 +173,7 @@ def test_a_wrong_bias_is_refused_naming_its_field(mistake: str, field: str, seed
 
 
 def test_w4a8_round_trips_through_the_torch_adapter() -> None:
-    torch_adapter = pytest.importorskip("oracle.torch")
+    torch_adapter = pytest.importorskip("oracle.adapters.torch_io")
     pytest.importorskip("torch")
     problem = random_problem(BASE, seed=4)
     for rank in problem.ranks:

@@ -1,5 +1,5 @@
 """Torch implementations for the isolation tests: tensors in, tensors out through the adapter
-(:func:`oracle.torch.implementation`), run in the isolation child. Importing this module
+(:func:`oracle.adapters.torch_io.implementation`), run in the isolation child. Importing this module
 multiplies two matrices, so torch's intra-op thread pool is running in the child's template
 process before it forks the worker that serves calls; every call multiplies again in the worker.
 """
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from oracle.reference import run
-from oracle.torch import TorchRankInputs, from_torch, implementation, to_tensor
+from oracle.adapters.torch_io import TorchRankInputs, from_torch, implementation, to_tensor
+from oracle.model.reference import run
 from spec import Problem
 
 _SIDE = 256  # large enough for torch to split the product over its threads

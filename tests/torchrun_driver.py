@@ -1,5 +1,6 @@
 """A torchrun script, as a user's cluster job would look: every rank calls check_distributed,
-rank 0 drives the search (the "joined" mode of oracle.distributed). Run by test_distributed.py:
+rank 0 drives the search (the "joined" mode of oracle.check.distributed). Run by
+test_distributed.py:
 
     python -m torch.distributed.run --standalone --nproc_per_node=N torchrun_driver.py IMPL
 
@@ -17,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from oracle import ConformanceError
-from oracle import distributed as D
+from oracle.check import distributed as D
 from spec.strategies import configs, problems
 
 

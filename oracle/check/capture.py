@@ -2,14 +2,14 @@
 
 Inside a real run (any backend, any device), after the operator's call, every rank calls::
 
-    from oracle.capture import dump
+    from oracle.check.capture import dump
     dump("capture/step0", rank, inputs, (out, expert_token_nums), world_size=world_size,
          max_output_size=max_output_size)
 
 ``inputs`` is a mapping with the torch binding's argument names (``x``, ``weight1``, ``weight2``,
 ``expert_idx``, ``scale1``, ``scale2``, ``probs`` and optionally ``x_active_mask``), an
-:class:`oracle.torch.TorchRankInputs` or a :class:`spec.RankInputs`; tensors or arrays. Each rank
-writes ``rank<r>.npz``; rank 0 also writes ``manifest.json``. Then, on any machine::
+:class:`oracle.adapters.torch_io.TorchRankInputs` or a :class:`spec.RankInputs`; tensors or arrays.
+Each rank writes ``rank<r>.npz``; rank 0 also writes ``manifest.json``. Then, on any machine::
 
     dfc-oracle verify capture/step0 [--numerics faithful|ideal]
 
@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from oracle.counterexample import (
+from oracle.adapters.torch_io import TorchRankInputs, from_torch, output_pair
+from oracle.files.counterexample import (
     ALLOWED_DTYPES,
     READ_ERRORS,
     Archive,
@@ -44,9 +45,8 @@ from oracle.counterexample import (
     parse_header,
     read_array,
 )
-from oracle.judge import Verdict, compare
-from oracle.numerics import Numerics
-from oracle.torch import TorchRankInputs, from_torch, output_pair
+from oracle.judge.verdict import Verdict, compare
+from oracle.model.numerics import Numerics
 from spec import MAX_EP_SIZE, CounterexampleFileError, Problem, RankInputs, SpecError
 from spec.config import CALL_ATTRIBUTES
 from spec.errors import describe
@@ -70,7 +70,7 @@ def _rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank{rank}.npz"
 
 
-def _bad(path: Path, given: str, fix: str = "capture the run again with oracle.capture.dump",
+def _bad(path: Path, given: str, fix: str = "capture the run again with oracle.check.capture.dump",
          rank: int | None = None) -> CounterexampleFileError:
     return CounterexampleFileError(
         rank=rank, field=str(path), given=given,

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from oracle.harness import ConformanceError, check_implementation, evaluate, variant_configs
-from oracle.kernels import get_kernel
-from oracle.numerics import resolve_numerics, with_kernel
+from oracle.check.harness import ConformanceError, check_implementation, evaluate, variant_configs
+from oracle.model.kernels import get_kernel
+from oracle.model.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS

@@ -2,7 +2,7 @@
 
 The operator is collective: each rank calls it with its own arguments and the group. A per-rank
 implementation is therefore ``impl_rank(inputs, group) -> (out, expert_token_nums)``, called on
-every rank, where ``inputs`` is the rank's :class:`oracle.torch.TorchRankInputs`.
+every rank, where ``inputs`` is the rank's :class:`oracle.adapters.torch_io.TorchRankInputs`.
 
 :func:`check_distributed` runs the oracle's Hypothesis search (:func:`oracle.check_implementation`)
 over such an implementation. Each example is drawn (deterministically under the ``dfc-ci``
@@ -51,10 +51,7 @@ import numpy as np
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from oracle.harness import ConformanceError, check_implementation
-from oracle.numerics import Numerics
-from oracle.options import check_options
-from oracle.torch import (
+from oracle.adapters.torch_io import (
     TorchRankInputs,
     float32_scales,
     from_torch,
@@ -63,8 +60,14 @@ from oracle.torch import (
     to_tensor,
     to_torch,
 )
+from oracle.check.harness import ConformanceError, check_implementation, variant_configs
+from oracle.check.options import check_options
+from oracle.model.kernels import ASCEND_A3
+from oracle.model.numerics import Numerics
+from oracle.model.reference import run
 from spec import ConfigError, Problem, RankInputs
 from spec.config import CallAttributes, oai_alpha
+from spec.strategies import configs, problems
 
 if TYPE_CHECKING:
     import torch
@@ -282,14 +285,11 @@ def expert_ffn(inputs: TorchRankInputs, plan: RoutePlan, buffer: torch.Tensor) -
 
 
 def _float_ffn(inputs: TorchRankInputs, plan: RoutePlan, rows: torch.Tensor) -> torch.Tensor:
-    """The float-weight path, by the single-process model (:func:`oracle.reference.run`, the
+    """The float-weight path, by the single-process model (:func:`oracle.model.reference.run`, the
     ascend-a3 profile): the kept buffer ``rows`` are the tokens of a one-rank call with this
     rank's weights, each row routed to its local expert with ``top_k = 1`` and weight 1. That
     call's ``out`` is the rows' ``y``: ``y`` already holds x-dtype values (GMM2's output), so
     the combine's ``y · 1`` and its cast to x's dtype change nothing."""
-    from oracle.kernels import ASCEND_A3
-    from oracle.reference import run
-
     torch = _torch()
     kept = int(rows.shape[0])
     if kept == 0:
@@ -335,7 +335,7 @@ def _ffn_rows(inputs: TorchRankInputs, e: int, rows: torch.Tensor) -> torch.Tens
     # roundings that are 1 ulp off in some rows (found by the clamp + large-row search).
     inv = torch.where(amax2 == 0, 0.0, torch.full_like(amax2, 127).div(amax2))
     q2 = torch.round(a * inv[:, None])  # step 5: ties to even; a zero row stays zero
-    tiny = torch.isinf(inv)  # a degenerate row (oracle.numerics): its scale in float64
+    tiny = torch.isinf(inv)  # a degenerate row (oracle.model.numerics): its scale in float64
     if bool(tiny.any()):
         amax64 = amax2[tiny].double()
         scale64 = torch.full_like(amax64, 127).div(amax64)
@@ -455,7 +455,7 @@ class _WorkerPool:
         self._args = (impl_rank, world_size, backend, scales, collective_timeout)
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that has imported these once: a restart costs no import.
-        self._ctx.set_forkserver_preload(["torch", "torch.distributed", "oracle.distributed"])
+        self._ctx.set_forkserver_preload(["torch", "torch.distributed", "oracle.check.distributed"])
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         self._store_dir: str | None = None
@@ -681,8 +681,6 @@ class _GroupImpl:
         if self.broken is not None:
             if digest == self.broken[0]:  # Hypothesis replays the failing example
                 raise RankFailure(self.broken[1])
-            from oracle.reference import run
-
             model = run(problem, numerics=self._numerics)
             return [(r.out, r.expert_token_nums) for r in model.ranks]
         self._count += 1
@@ -749,10 +747,7 @@ def default_problems(world_size: int,
     """:func:`check_distributed`'s default search: :func:`spec.strategies.problems` at EP =
     ``world_size``, of every weight variant (W8A8, BF16 and FP16 weights, all of which
     :func:`reference_rank` models) or only ``variants`` (names from
-    :data:`oracle.options.WEIGHT_VARIANTS`)."""
-    from oracle.harness import variant_configs
-    from spec.strategies import configs, problems
-
+    :data:`oracle.check.options.WEIGHT_VARIANTS`)."""
     ep = st.just(world_size)
     return problems(configs=configs(ep_sizes=ep) if variants is None
                     else variant_configs(variants, ep_sizes=ep))

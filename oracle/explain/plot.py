@@ -9,7 +9,7 @@ Three panels, top to bottom in the order the call runs:
    rank, §5), coloured by local expert and labelled with the source rank, with the truncation
    line at ``max_output_size``: rows right of it are dropped and their tokens' out rows undefined;
 3. **error / tolerance** — every out value's error as a ratio of the judge's tolerance
-   (:func:`oracle.judge.error_ratios`: the profile's envelope plus ``ulps``, or the ideal
+   (:func:`oracle.judge.verdict.error_ratios`: the profile's envelope plus ``ulps``, or the ideal
    bound), token by column with the ranks stacked, on a log scale; above 1 fails, undefined
    rows are grey, NaN or inf where the reference is finite is black, the worst value circled.
 
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oracle.judge import Verdict, error_ratios
-from oracle.numerics import Numerics
-from oracle.reference import route
+from oracle.judge.verdict import Verdict, error_ratios
+from oracle.model.numerics import Numerics
+from oracle.model.reference import route
 from spec import Problem
 
 if TYPE_CHECKING:

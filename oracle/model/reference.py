@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from oracle.kernels import Env, cast
-from oracle.numerics import F32, Numerics, glu64, resolve_numerics, truncate_scale_bits
+from oracle.model.arithmetic import F32, glu64, truncate_scale_bits
+from oracle.model.kernels import Env, cast
+from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.int4 import unpack_int4
@@ -173,7 +174,7 @@ def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
 ) -> Array:
     """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
-    SwigluOAI activation where the call selects it, :func:`oracle.numerics.glu64`)."""
+    SwigluOAI activation where the call selects it, :func:`oracle.model.numerics.glu64`)."""
     w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
     w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
     h = x.astype(np.float64) @ w1d
@@ -230,7 +231,7 @@ def run(
     plus the :class:`Trace` of intermediates.
 
     ``numerics``: ``"faithful"`` (the default kernel profile, ``ascend-a3``), a profile name
-    (``"vllm-triton"``, see :mod:`oracle.kernels`), ``"ideal"``, or a :class:`Numerics`.
+    (``"vllm-triton"``, see :mod:`oracle.model.kernels`), ``"ideal"``, or a :class:`Numerics`.
     ``envelope=True`` (faithful only) also computes, per rank, ``out_lo``/``out_hi``: every
     ``out`` a kernel of the profile may produce, whatever it does with its freedoms.
 

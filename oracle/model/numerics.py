@@ -1,4 +1,5 @@
-"""Numerics of the reference model: the switches, and the rounding and GEMM primitives.
+"""Numerics of the reference model: the choice record (mode, kernel profile, switches), resolved
+once at the door and carried by everything below it.
 
 Two modes (``shared/reference/dispatch_ffn_combine.md`` §6):
 
@@ -14,22 +15,24 @@ The uncertain points of §6 are the named switches of :class:`Numerics`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from oracle.kernels import KernelProfile
+from oracle.model.arithmetic import truncate_scale_bits
+from oracle.model.kernels import (
+    DEFAULT_KERNEL,
+    PROFILES,
+    KernelProfile,
+    get_kernel,
+    profile_from_dict,
+)
 
 __all__ = [
     "MODES",
     "ZERO_ROW_POLICIES",
     "Numerics",
-    "exact_int_matmul",
-    "glu64",
     "resolve_numerics",
-    "round_half_away",
-    "truncate_scale_bits",
     "with_kernel",
 ]
 
@@ -40,7 +43,6 @@ MODES = ("faithful", "ideal")
 #: ``"nan"``: the kernel's literal reading of §6 steps 1 and 5, 0/0 and inf·0 = NaN [inferred].
 ZERO_ROW_POLICIES = ("zero", "nan")
 
-F32 = np.float32
 Array = np.ndarray[Any, Any]
 
 
@@ -49,9 +51,9 @@ class Numerics:
     """How the reference model computes.
 
     ``mode="faithful"`` runs the pipeline of the kernel profile ``kernel`` (a name in
-    :data:`oracle.kernels.PROFILES`, or a :class:`oracle.kernels.KernelProfile`; ``None``, the
-    default: ``"ascend-a3"``); ``"ideal"`` the float64 mathematics, judged assuming the given
-    profile's stored dtypes and quantisers, or (``None``) the coarsest legitimate kernel.
+    :data:`oracle.model.kernels.PROFILES`, or a :class:`oracle.model.kernels.KernelProfile`;
+    ``None``, the default: ``"ascend-a3"``); ``"ideal"`` the float64 mathematics, judged assuming
+    the given profile's stored dtypes and quantisers, or (``None``) the coarsest legitimate kernel.
     ``truncate_scales`` (an ascend-a3 switch): use the dequant scales truncated to 19 bits
     (``bits & 0xFFFFE000``), as the official CANN weight converter stores them [inferred];
     default off because vLLM passes the raw float32 bits. ``zero_rows``: see
@@ -76,7 +78,6 @@ class Numerics:
     @property
     def profile(self) -> KernelProfile:
         """The kernel profile (the default one when none is given)."""
-        from oracle.kernels import DEFAULT_KERNEL, get_kernel
 
         return get_kernel(DEFAULT_KERNEL if self.kernel is None else self.kernel)
 
@@ -112,7 +113,6 @@ class Numerics:
     def from_dict(cls, data: object) -> Numerics:
         """Inverse of :meth:`to_dict`; older files without a kernel get the default.
         ``ValueError``/``TypeError`` on anything malformed."""
-        from oracle.kernels import PROFILES, profile_from_dict
 
         if not isinstance(data, dict):
             raise ValueError("numerics must be a JSON object")
@@ -143,52 +143,3 @@ def resolve_numerics(numerics: str | Numerics) -> Numerics:
     if numerics in MODES:
         return Numerics(numerics)
     return Numerics("faithful", kernel=numerics)
-
-
-def round_half_away(v: Array) -> Array:
-    """Round float32 values to integers, ties away from zero (§6 step 1).
-
-    Computed in float64, where ``|v| + 0.5`` is exact for every float32 ``v``; the float32
-    expression ``floor(v + 0.5)`` would round 0.49999997 up.
-    """
-    a = np.abs(v.astype(np.float64))
-    return (np.sign(v) * np.floor(a + 0.5)).astype(F32)
-
-
-def truncate_scale_bits(scale: Array) -> Array:
-    """Keep the top 19 bits of float32 scales (``bits & 0xFFFFE000``) [inferred]."""
-    bits = np.ascontiguousarray(scale, dtype=F32).view(np.uint32) & np.uint32(0xFFFFE000)
-    return bits.view(F32)
-
-
-# Partial sums of an int8 × int8 GEMM are integers bounded by 127·128·L (activations are
-# quantised to [-127, 127], weights span [-128, 127]). BLAS computes them exactly while that
-# bound stays below the float type's integer range: 2**24 for float32 (L <= 1032), 2**53 for
-# float64. Any order of summation is then exact, so BLAS equals int32 accumulation.
-_INT8_PRODUCT_BOUND = 127 * 128
-
-
-def exact_int_matmul(q: Array, w: Array) -> Array:
-    """``q @ w`` for integer-valued ``q`` (|q| <= 127) and int8 ``w``, exactly, on float BLAS.
-
-    Returns float32 when every partial sum is below 2**24 (float32 BLAS, about 2.4x faster here),
-    else float64 (exact below 2**53; asserted). The result holds exact integers.
-    """
-    bound = _INT8_PRODUCT_BOUND * q.shape[-1]
-    if bound < 2**24:
-        return np.asarray(np.matmul(q.astype(F32, copy=False), w.astype(F32)))
-    assert bound < 2**53, f"int GEMM of reduction length {q.shape[-1]} is not exact in float64"
-    return np.asarray(np.matmul(q.astype(np.float64), w.astype(np.float64)))
-
-
-def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:
-    """The call's gated activation in float64 (§6 step 4) on clamped halves: ``(arg, silu,
-    factor)`` with ``a = silu·factor``. SwiGLU (``alpha`` ``None``): ``arg = g``,
-    ``silu = g/(1 + exp(−g))``, ``factor = u``; SwigluOAI (``alpha``:
-    :attr:`spec.OpConfig.oai_alpha`, open PR #11916): ``arg = α·g``,
-    ``silu = g/(1 + exp(−α·g))``, ``factor = u + 1``. ``arg`` is the sigmoid's argument, for
-    the derivatives: ``d silu/dg = σ(arg)·(1 + arg·(1 − σ(arg)))``."""
-    arg = gate if alpha is None else alpha * gate
-    with np.errstate(over="ignore"):
-        silu = gate / (1.0 + np.exp(-arg))
-    return arg, silu, up if alpha is None else up + 1.0

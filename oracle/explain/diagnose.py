@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from oracle.judge import Verdict, compare, envelope_ratio, structured_outputs
-from oracle.kernels import Combine, Env, KernelProfile, cast, to_f32
-from oracle.numerics import Numerics, resolve_numerics
-from oracle.reference import RankResult, Result, route, run
+from oracle.judge.verdict import Verdict, compare, envelope_ratio, structured_outputs
+from oracle.model.kernels import Combine, Env, KernelProfile, cast, to_f32
+from oracle.model.numerics import Numerics, resolve_numerics
+from oracle.model.reference import RankResult, Result, route, run
 from spec import DTYPES, Problem, RankInputs
 
 __all__ = ["CATALOGUE", "Defect", "Diagnosis", "diagnose"]

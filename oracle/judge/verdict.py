@@ -11,14 +11,14 @@ Stages, in the order they are checked (the first failing one is reported):
 
 Tolerance policy (per element, on defined rows):
 
-- ``faithful`` (a kernel profile, :mod:`oracle.kernels`): inside the profile's envelope, the
+- ``faithful`` (a kernel profile, :mod:`oracle.model.kernels`): inside the profile's envelope, the
   set of values a kernel with that pipeline may compute whatever it does with its freedoms
   (summation order, ``exp`` and division accuracy), plus ``ulps`` units in the last place of
   the out dtype (default 0). Where no freedom reaches a value, the comparison is bitwise.
-- ``ideal``: the quantisation error bound of :func:`oracle.bounds.ideal_tolerance`, derived
+- ``ideal``: the quantisation error bound of :func:`oracle.judge.bounds.ideal_tolerance`, derived
   step by step from the scales and shapes of the problem, plus one rounding to the out dtype.
 
-Both then apply the row test of :mod:`oracle.rowtest` to each defined token row: its error
+Both then apply the row test of :mod:`oracle.judge.rowtest` to each defined token row: its error
 against the float64 mathematics, projected on the ideal row, within a threshold a legitimate
 kernel exceeds with probability at most ``false_alarm`` per call. Element by element, a sound
 tolerance grows with the shape until it admits gross bugs; the row test keeps the power.
@@ -32,9 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from oracle.numerics import Numerics, resolve_numerics
-from oracle.reference import RankResult, Result, kernel_mathematics, run
-from oracle.rowtest import IdealAssumptions, RowVerdict, row_test
+from oracle.adapters.torch_io import to_numpy
+from oracle.judge.bounds import ideal_tolerance
+from oracle.judge.rowtest import RowVerdict, row_test
+from oracle.model.arithmetic import FORMATS
+from oracle.model.kernels import IdealAssumptions
+from oracle.model.numerics import Numerics, resolve_numerics
+from oracle.model.reference import RankResult, Result, kernel_mathematics, run
 from spec import DTYPES, Problem
 from spec.errors import describe
 
@@ -49,8 +53,6 @@ STAGES = (
 
 Array = np.ndarray[Any, Any]
 
-# Significand bits (with the implicit one) and smallest normal exponent of each out dtype.
-_FLOAT_FORMATS = {"bfloat16": (8, -126), "float16": (11, -14)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def out_dtype_spacing(values: Array, dtype_name: str, toward: Array | None = Non
     (one ulp), for bfloat16 or float16; subnormal spacing near zero. At a power of two the
     spacing below is half the spacing above: with ``toward`` (the values compared against),
     the spacing on their side, so that 2 ulps below a power of two count as 2."""
-    digits, emin = _FLOAT_FORMATS[dtype_name]
+    fmt = FORMATS[dtype_name]
+    digits, emin = fmt.digits, fmt.emin
     mag = np.abs(values.astype(np.float64))
     exponent = np.floor(np.log2(np.where(mag > 0, mag, 1.0)))
     exponent = np.where(mag > 0, np.maximum(exponent, emin), emin)
@@ -107,8 +110,6 @@ def _entry(raw: object) -> tuple[object, object] | None:
 def _as_numpy(value: object) -> object:
     """Accept torch tensors where NumPy is expected (bfloat16 through its bit pattern)."""
     if type(value).__module__.startswith("torch"):
-        from oracle.torch import to_numpy  # optional extra
-
         return to_numpy(value)
     return value
 
@@ -307,8 +308,6 @@ def _tolerances(mathematics: Problem, num: Numerics,
     envelope is the tolerance)."""
     if num.mode == "faithful":
         return [None] * mathematics.config.ep_size
-    from oracle.bounds import ideal_tolerance
-
     return [np.asarray(t) for t in ideal_tolerance(mathematics, expected)]
 
 
@@ -321,7 +320,7 @@ def _non_finite_mismatch(got64: Array, exp64: Array) -> Array:
 
 def _unwritten(got64: Array, exp64: Array, rows: Array) -> str:
     """The defined rows that are NaN in every column where the reference is finite: rows never
-    written into an out buffer pre-filled with NaN (``oracle.torch.implementation(...,
+    written into an out buffer pre-filled with NaN (``oracle.adapters.torch_io.implementation(...,
     out_buffers=True)``; vllm-ascend PR #9992)."""
     whole = (np.isnan(got64) | ~np.isfinite(exp64)).all(axis=1) & np.isfinite(exp64).any(axis=1)
     if not whole.any():
@@ -391,8 +390,8 @@ def _model_bits(checked: list[tuple[Array, Array]], expected: Result) -> bool:
 
 
 def _row_test(problem: Problem, num: Numerics, expected: Result, outs: list[Array]) -> RowVerdict:
-    """The row test of :mod:`oracle.rowtest` on outputs the elementwise check accepted;
-    ``problem`` is the kernel's mathematics (:func:`oracle.reference.kernel_mathematics`).
+    """The row test of :mod:`oracle.judge.rowtest` on outputs the elementwise check accepted;
+    ``problem`` is the kernel's mathematics (:func:`oracle.model.reference.kernel_mathematics`).
 
     In ideal mode it is the power beyond the sound bound. Under a kernel profile it is the
     same test, against the float64 mathematics: the envelope is sound but, at production

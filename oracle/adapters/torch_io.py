@@ -19,7 +19,7 @@ helpers here (:func:`to_numpy` on arrays, :func:`scales_from_int64`) work withou
 
 Wrapping a torch implementation of the whole call is one line::
 
-    oracle.check_implementation(oracle.torch.implementation(my_torch_fn))
+    oracle.check_implementation(oracle.adapters.torch_io.implementation(my_torch_fn))
 
 **Output buffers** (``implementation(fn, out_buffers=True)``): the binding writes into the
 ``out`` and ``expert_token_nums`` its caller allocates, and vLLM allocated ``out`` with
@@ -104,7 +104,7 @@ def _torch() -> Any:
         import torch
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "oracle.torch needs PyTorch: pip install 'dfc-oracle[torch]'"
+            "oracle.adapters.torch_io needs PyTorch: pip install 'dfc-oracle[torch]'"
         ) from err
     return torch
 

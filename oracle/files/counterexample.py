@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from oracle.numerics import Numerics
+from oracle.model.numerics import Numerics
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS

@@ -39,11 +39,11 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from oracle.numerics import exact_int_matmul, round_half_away
+from oracle.model.arithmetic import exact_int_matmul, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
 from spec.int4 import split_activation
@@ -51,12 +51,14 @@ from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
 __all__ = [
     "ASCEND_A3",
+    "DEFAULT_FALSE_ALARM",
     "DEFAULT_KERNEL",
     "PROFILES",
     "VLLM_TRITON",
     "Combine",
     "Env",
     "FloatGemm",
+    "IdealAssumptions",
     "IntGemm",
     "KernelProfile",
     "Quantiser",
@@ -66,9 +68,6 @@ __all__ = [
     "profile_from_dict",
     "register",
 ]
-
-if TYPE_CHECKING:
-    from oracle.rowtest import IdealAssumptions
 
 Array = np.ndarray[Any, Any]
 #: One rounding point of a pipeline: (§6 step, name, value with its envelope).
@@ -642,6 +641,40 @@ def _sum(a: Env, b: Env, rnd: Callable[[Array], Array]) -> Env:
 # ---------------------------------------------------------------- the record
 
 
+#: The default probability, per call, that the row test rejects a legitimate kernel's output.
+DEFAULT_FALSE_ALARM = 1e-9
+
+
+@dataclass(frozen=True)
+class IdealAssumptions:
+    """What the row test assumes of a legitimate kernel: the only input that describes it.
+
+    ``stored_dtype``: the coarsest format it stores an intermediate in (GEMM1 output, SwiGLU
+    output, ``y`` per slot); default ``"bfloat16"``, the coarsest legitimate one
+    (docs/contract/kernels.md). ``ties``: the tie rules it may use when quantising (``"away"``,
+    ``"even"``). ``amax_floor``: its quantiser floors ``amax`` (vLLM's Triton quantiser: 1e-10);
+    rows below
+    are left to the sound bound. ``x_dtype_combine_topk``: the top_k values for which it may
+    sum the combine in the out dtype (vLLM ``moe_sum``). ``false_alarm``: the probability per
+    call of rejecting a legitimate output, under the model of the module docstring.
+    """
+
+    stored_dtype: str = "bfloat16"
+    ties: tuple[str, ...] = ("away", "even")
+    amax_floor: float | None = None
+    x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
+    false_alarm: float = DEFAULT_FALSE_ALARM
+
+    def __post_init__(self) -> None:
+        if self.stored_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"stored_dtype {self.stored_dtype!r} is not bfloat16 or float16")
+        if not set(self.ties) <= {"away", "even"} or not self.ties:
+            raise ValueError(f"ties {self.ties!r}: give one or both of 'away', 'even'")
+        if not 0 < self.false_alarm < 1:
+            raise ValueError(f"false_alarm {self.false_alarm!r} must lie strictly between 0 "
+                             "and 1")
+
+
 @dataclass(frozen=True)
 class KernelProfile:
     """One real kernel pipeline as data: its steps, freedoms and shape domain."""
@@ -759,12 +792,10 @@ class KernelProfile:
         return dataclasses.asdict(self)
 
     def ideal_assumptions(self, x_dtype: str) -> IdealAssumptions:
-        """What the ideal judge's row test may assume of this kernel (``oracle.rowtest``): its
+        """What the ideal judge's row test may assume of this kernel (``oracle.judge.rowtest``): its
         coarsest stored dtype (every profile stores ``y`` in x's dtype; the Ascend GEMM
         intermediates are float16, finer than bfloat16), its quantisers' tie rules and ``amax``
         floor, and where its combine sums in x's dtype."""
-        from oracle.rowtest import IdealAssumptions
-
         in_x = self.combine.x_dtype_topk if self.combine.sum == "moe_sum" else ()
         return IdealAssumptions(
             stored_dtype=x_dtype,

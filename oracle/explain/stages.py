@@ -2,14 +2,14 @@
 of a kernel profile (issue 13), for ``dfc-oracle explain``.
 
 :func:`token_stages` recomputes, for one (rank, token), what :func:`oracle.run` computes on the
-way to its ``out`` row, by calling the profile's step objects (:mod:`oracle.kernels`) on the
+way to its ``out`` row, by calling the profile's step objects (:mod:`oracle.model.kernels`) on the
 same rows in the same batches (each slot's whole expert batch, so a BLAS call sees the shapes
 the reference gave it and every value is the reference's bit for bit): §6 steps 1–7 per slot,
 then the combine (step 8). Each value carries the profile's envelope, so that
 :meth:`TokenStages.explanation` can say whether the implementation's ``out`` row equals, within
 that envelope, the combine of the reference ``y`` with one slot left out or with the routing
 weights ignored: a defect of the combine alone. Whole-call defects are
-:mod:`oracle.diagnose`'s.
+:mod:`oracle.explain.diagnose`'s.
 
 >>> from spec import OpConfig, random_problem
 >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=32,
@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from oracle.judge import envelope_ratio, out_dtype_spacing
-from oracle.kernels import Env, cast
-from oracle.numerics import F32, Numerics, resolve_numerics
-from oracle.reference import RankResult, expert_values, route
+from oracle.judge.verdict import envelope_ratio, out_dtype_spacing
+from oracle.model.arithmetic import F32
+from oracle.model.kernels import Env, cast
+from oracle.model.numerics import Numerics, resolve_numerics
+from oracle.model.reference import RankResult, expert_values, route
 from spec import DTYPES, Problem
 
 __all__ = ["SlotStages", "Stage", "TokenStages", "token_stages"]
@@ -185,8 +186,8 @@ def token_stages(
 ) -> TokenStages:
     """The reference intermediates of token ``token`` of rank ``rank`` under the kernel
     profile of ``numerics`` (its switches included; ideal numerics use their profile, as
-    :mod:`oracle.diagnose` does). Every value equals :func:`oracle.run`'s bit for bit: ``σ1``
-    its ``Trace.token_scale``, ``y`` its ``Trace.y``, the combine its ``Trace.combined``."""
+    :mod:`oracle.explain.diagnose` does). Every value equals :func:`oracle.run`'s bit for bit:
+    ``σ1`` its ``Trace.token_scale``, ``y`` its ``Trace.y``, the combine its ``Trace.combined``."""
     num = replace(resolve_numerics(numerics), mode="faithful")
     profile = num.profile
     cfg = problem.config

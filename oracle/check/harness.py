@@ -5,7 +5,7 @@
 problem and a report a kernel engineer can act on in one read. The implementation runs on its
 own copy of the inputs, under a timeout; whatever it does — raise, hang, crash, exit, return
 garbage, write into its inputs — becomes a report, never a traceback from this code. Given by
-name (``"module:function"``) it runs in a child process (:mod:`oracle.isolation`); a callable
+name (``"module:function"``) it runs in a child process (:mod:`oracle.check.isolation`); a callable
 runs in this process unless ``isolate=True``.
 """
 
@@ -25,8 +25,7 @@ from hypothesis import seed as hseed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from oracle.counterexample import arrays_of, save
-from oracle.isolation import (
+from oracle.check.isolation import (
     CallOutcome,
     ChildProcess,
     InputWatch,
@@ -36,16 +35,18 @@ from oracle.isolation import (
     importable_name,
     plain_outputs,
 )
-from oracle.judge import Verdict, compare, structured_outputs
-from oracle.kernels import KernelProfile
-from oracle.loading import load_impl
-from oracle.numerics import Numerics, resolve_numerics, with_kernel
-from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
-from oracle.reference import route
+from oracle.check.loading import load_impl
+from oracle.check.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
+from oracle.files.counterexample import arrays_of, save
+from oracle.judge.verdict import Verdict, compare, structured_outputs
+from oracle.model.kernels import KernelProfile
+from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
+from oracle.model.reference import route
 from spec import OpConfig, Problem
 from spec.config import X_DTYPES
 from spec.limits import ShapeDomain
 from spec.memory import copy_array
+from spec.strategies import configs, problems
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -107,7 +108,7 @@ def _copy_inputs(problem: Problem) -> Problem:
 def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome:
     """Run ``impl`` in this process, on a copy of ``problem``, in a daemon thread. It cannot
     survive ``os._exit`` or a segfault, nor stop a call that holds the GIL: see
-    :class:`oracle.isolation.ChildProcess` for that."""
+    :class:`oracle.check.isolation.ChildProcess` for that."""
     copy = _copy_inputs(problem)
     watch = InputWatch(copy)
     box: dict[str, object] = {}
@@ -168,7 +169,7 @@ def evaluate(
 def _judge_writes(verdict: Verdict, writes: tuple[InputWrite, ...], inputs: str,
                   sentinel: int) -> Verdict:
     """``verdict`` (a pass) for a call that wrote ``writes`` into its inputs, or the ``inputs``
-    failure its policy (:data:`oracle.options.INPUT_POLICIES`) makes of them."""
+    failure its policy (:data:`oracle.check.options.INPUT_POLICIES`) makes of them."""
     if inputs == "sentinel":
         forbidden = [w for w in writes if not w.sentinel]
         if forbidden:
@@ -239,13 +240,11 @@ def variant_configs(
     variants: Sequence[str], *, domain: ShapeDomain | None = None, **fields: Any
 ) -> st.SearchStrategy[OpConfig]:
     """:func:`spec.strategies.configs` (with ``fields``) drawing only the weight variants
-    ``variants`` (names of :data:`oracle.options.WEIGHT_VARIANTS`).
+    ``variants`` (names of :data:`oracle.check.options.WEIGHT_VARIANTS`).
 
     >>> {variant_configs(["bf16"]).example().variant for _ in range(5)}
     {'bf16'}
     """
-    from spec.strategies import configs
-
     xs = [x for x in X_DTYPES if any(x in _VARIANT_DTYPES[v][0] for v in variants)]
     weights = [_VARIANT_DTYPES[v][1] for v in variants]
     # configs() draws x, then the weights, and float weights take x's dtype: when a drawn pair
@@ -266,8 +265,6 @@ def default_problems(
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
     (``domain="kernel"``) or the whole contract (``"contract"``), of every weight variant or
     only ``variants``."""
-    from spec.strategies import configs, problems
-
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
@@ -301,14 +298,14 @@ def check_implementation(
     with the minimal failing problem, saved under ``save_dir`` (None: not saved). ``seed``
     fixes Hypothesis' random seed for a reproducible non-derandomised search.
 
-    ``kernel`` (a profile name of :mod:`oracle.kernels`, or a profile) selects the emulation and
-    tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
+    ``kernel`` (a profile name of :mod:`oracle.model.kernels`, or a profile) selects the emulation
+    and tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
     judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
     so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
     contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
     it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
     the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
-    an implementation may make (:data:`oracle.options.INPUT_POLICIES`; the default,
+    an implementation may make (:data:`oracle.check.options.INPUT_POLICIES`; the default,
     ``"sentinel"``, allows only the operator's write-back of EP·E into masked tokens' ids).
 
     ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
@@ -316,8 +313,8 @@ def check_implementation(
     that nothing it does can take down with the search (``os._exit``, a segfault, a call that
     holds the GIL past ``timeout``); a callable that cannot be imported by name (a lambda, a
     closure) then runs in this process, with a warning. Options outside what is allowed raise
-    :class:`oracle.options.OptionError` before the search; an implementation that cannot be
-    loaded, or does not take one argument, :class:`oracle.loading.ImplLoadError`.
+    :class:`oracle.check.options.OptionError` before the search; an implementation that cannot be
+    loaded, or does not take one argument, :class:`oracle.check.loading.ImplLoadError`.
     """
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
                   save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)

@@ -13,15 +13,15 @@ implementation's prints; their last lines go into reports):
   child rebuilds a writable :class:`spec.Problem` from them;
 - answer: a JSON header and, for a result, the raw bytes of one ``(out, expert_token_nums)`` pair
   of plain ndarrays per rank. The child converts and checks the implementation's result with the
-  judge's :func:`oracle.judge.structured_outputs` (nothing is pickled); the parent checks the
-  header against the shapes and dtypes the contract expects before it reads a byte of payload.
+  judge's :func:`oracle.judge.verdict.structured_outputs` (nothing is pickled); the parent checks
+  the header against the shapes and dtypes the contract expects before it reads a byte of payload.
 
 A watchdog kills the child (SIGKILL) when a call exceeds the timeout, whatever it holds; a child
 that ends during a call (any exit code, a signal) is a failing call with its exit status, the
 last lines of its stderr and the example; the next call starts a new child.
 
 :func:`plain_outputs` and :class:`InputWatch` are shared with the in-process path of
-:mod:`oracle.harness`.
+:mod:`oracle.check.harness`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from oracle.counterexample import arrays_of, rank_arrays
-from oracle.judge import Verdict, structured_outputs
-from oracle.loading import ImplLoadError, load_impl
+from oracle.check.loading import ImplLoadError, load_impl
+from oracle.files.counterexample import arrays_of, rank_arrays
+from oracle.judge.verdict import Verdict, structured_outputs
 from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
 from spec.fields import LIST_FIELDS
@@ -89,9 +89,10 @@ class CallOutcome:
 
 @dataclass(frozen=True)
 class InputWrite:
-    """One input the implementation wrote into: ``name`` as :func:`oracle.counterexample.arrays_of`
-    names it (``r0.expert_idx``); ``detail``, what changed in one phrase (field, rank, the first
-    element that is not the operator's write-back, its index, old and new value, how many
+    """One input the implementation wrote into: ``name`` as
+    :func:`oracle.files.counterexample.arrays_of` names it (``r0.expert_idx``); ``detail``, what
+    changed in one phrase (field, rank, the first element that is not the operator's write-back, its
+    index, old and new value, how many
     elements); ``sentinel``, True when every changed element is a masked token's expert id set to
     the sentinel EP·E: the real operator's documented write-back (§4 of the reference notes)."""
 
@@ -167,7 +168,7 @@ def plain_outputs(problem: Problem, raw: object) -> list[tuple[Array, Array]] | 
 
 class InputWatch:
     """What the implementation was handed, to say afterwards what it wrote into: every array
-    (by the names of :func:`oracle.counterexample.arrays_of`) and every TensorList's entries.
+    (by the names of :func:`oracle.files.counterexample.arrays_of`) and every TensorList's entries.
     References and the sentinel EP·E are taken before the call, so a damaged ``Problem``
     cannot hide a write."""
 
@@ -549,7 +550,7 @@ class ChildProcess:
     """The implementation ``name`` (``module:function``) in a child process, reused across calls
     and restarted after a crash or a timeout. Use as a context manager, or call :meth:`close`.
 
-    :meth:`start` raises :class:`oracle.loading.ImplLoadError` when the child cannot load the
+    :meth:`start` raises :class:`oracle.check.loading.ImplLoadError` when the child cannot load the
     implementation (the message says why, with its exit status and stderr if it died).
     """
 
@@ -595,7 +596,7 @@ class ChildProcess:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         path = [p for p in sys.path if p]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        code = ("import sys; from oracle.isolation import child_main; "
+        code = ("import sys; from oracle.check.isolation import child_main; "
                 "child_main(sys.argv[1], *map(int, sys.argv[2:]))")
         self._shared = _SharedFile.create()
         try:

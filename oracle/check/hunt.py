@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from oracle.numerics import Numerics
-from oracle.reference import run
+from oracle.model.numerics import Numerics
+from oracle.model.reference import run
 from spec import Problem
 from spec.adapter import PR11916_PYTHON_DEFAULT_ALPHA, swiglu_experts
 from spec.strategies import configs, problems, token_rows

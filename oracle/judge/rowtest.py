@@ -1,6 +1,6 @@
 """A row-level statistical test of ``numerics="ideal"`` outputs, with a stated false-alarm
 probability: power at production shapes, where the sound elementwise bound
-(:mod:`oracle.bounds`) no longer rules anything out.
+(:mod:`oracle.judge.bounds`) no longer rules anything out.
 
 Why. A worst-case bound adds absolute values at every step, so relative to the output it grows
 like √n per GEMM. A legitimate kernel's deviation from the float64 mathematics is a sum of many
@@ -27,7 +27,7 @@ points, per received slot, in §6 order (``shared/reference/dispatch_ffn_combine
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
-3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.bounds`) and up to two roundings to
+3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.judge.bounds`) and up to two roundings to
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + 3·u32·|a'|``, ``σ2 = (max|a| + max E_a)(1 + u32)/127``.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
@@ -98,52 +98,22 @@ from typing import Any
 
 import numpy as np
 
-from oracle.bounds import EXP_ULPS, F32, _Format
-from oracle.numerics import glu64
-from oracle.reference import Result, route
+from oracle.judge.bounds import EXP_ULPS, F32, exp_rho
+from oracle.model.arithmetic import FloatFormat, glu64
+from oracle.model.kernels import IdealAssumptions
+from oracle.model.reference import Result, route
 from spec import DTYPES, Problem
 
-__all__ = ["DEFAULT_FALSE_ALARM", "TERMS", "IdealAssumptions", "RowThresholds", "RowVerdict",
-           "row_test", "row_thresholds"]
+__all__ = ["TERMS", "RowThresholds", "RowVerdict", "row_test", "row_thresholds"]
 
 Array = np.ndarray[Any, Any]
 
-#: The default probability, per call, that a legitimate kernel's output is rejected.
-DEFAULT_FALSE_ALARM = 1e-9
 #: The modelled error sources (module docstring, points 1–8, and the SwiGLU remainder).
 TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out_cast",
          "remainder", "underflow")
+_DEFAULT_ASSUMPTIONS = IdealAssumptions()
 #: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
 _SILU_CURVATURE = 0.5
-
-
-@dataclass(frozen=True)
-class IdealAssumptions:
-    """What the row test assumes of a legitimate kernel: the only input that describes it.
-
-    ``stored_dtype``: the coarsest format it stores an intermediate in (GEMM1 output, SwiGLU
-    output, ``y`` per slot); default ``"bfloat16"``, the coarsest legitimate one (kernels.md).
-    ``ties``: the tie rules it may use when quantising (``"away"``, ``"even"``).
-    ``amax_floor``: its quantiser floors ``amax`` (vLLM's Triton quantiser: 1e-10); rows below
-    are left to the sound bound. ``x_dtype_combine_topk``: the top_k values for which it may
-    sum the combine in the out dtype (vLLM ``moe_sum``). ``false_alarm``: the probability per
-    call of rejecting a legitimate output, under the model of the module docstring.
-    """
-
-    stored_dtype: str = "bfloat16"
-    ties: tuple[str, ...] = ("away", "even")
-    amax_floor: float | None = None
-    x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
-    false_alarm: float = DEFAULT_FALSE_ALARM
-
-    def __post_init__(self) -> None:
-        if self.stored_dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"stored_dtype {self.stored_dtype!r} is not bfloat16 or float16")
-        if not set(self.ties) <= {"away", "even"} or not self.ties:
-            raise ValueError(f"ties {self.ties!r}: give one or both of 'away', 'even'")
-        if not 0 < self.false_alarm < 1:
-            raise ValueError(f"false_alarm {self.false_alarm!r} must lie strictly between 0 "
-                             "and 1")
 
 
 @dataclass(frozen=True)
@@ -206,7 +176,7 @@ class RowThresholds:
 
 def row_test(
     problem: Problem, ideal: Result, outs: Sequence[Array],
-    assumptions: IdealAssumptions = IdealAssumptions(),
+    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
 ) -> RowVerdict:
     """Judge one call's ``out`` arrays (one per rank) with the row test.
 
@@ -224,11 +194,11 @@ def row_test(
 
 
 def _unit(dtype_name: str) -> float:
-    return _Format.of(DTYPES[dtype_name]).unit
+    return FloatFormat.of(DTYPES[dtype_name]).unit
 
 
 def _tiny(dtype_name: str) -> float:
-    return _Format.of(DTYPES[dtype_name]).tiny
+    return FloatFormat.of(DTYPES[dtype_name]).tiny
 
 
 def _scaled32(w: Array, scale: Array | None, out: Array) -> Array:
@@ -247,7 +217,7 @@ def _col_sumsq(w: Array) -> Array:
 
 def row_thresholds(
     problem: Problem, ideal: Result,
-    assumptions: IdealAssumptions = IdealAssumptions(),
+    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
     *, omit: Collection[str] = (),
 ) -> RowThresholds:
     """The row test's thresholds for one problem (derivation: the module docstring); the
@@ -343,7 +313,7 @@ def row_thresholds(
             gate = np.minimum(gate, limit)
             up = np.clip(up, -limit, limit)
         # SwigluOAI: silu_α(g) = silu(αg)/α, so silu_α' = silu'(αg) and sup|silu_α''| = α/2;
-        # the factor is u + 1 (oracle.numerics.glu64).
+        # the factor is u + 1 (oracle.model.numerics.glu64).
         arg, _, up = glu64(gate, up, alpha)
         with np.errstate(over="ignore"):
             sig = 1 / (1 + np.exp(-arg))
@@ -356,7 +326,7 @@ def row_thresholds(
         rem_a = curvature / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
         e_a = np.abs(d_g) * e_g + np.abs(d_u) * e_u + rem_a
         a_mag = np.abs(a) + e_a
-        rho = F32.exp_rho(EXP_ULPS, None if alpha is None else np.abs(arg) + alpha * e_g)
+        rho = exp_rho(F32, EXP_ULPS, None if alpha is None else np.abs(arg) + alpha * e_g)
         c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
         e_a = e_a + np.sqrt(c_sw2)
         if int8:

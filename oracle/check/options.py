@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oracle.numerics import Numerics
-from oracle.profiles import PROFILES
+from oracle.check.settings import PROFILES
+from oracle.model.kernels import PROFILES as KERNELS
+from oracle.model.kernels import KernelProfile
+from oracle.model.numerics import Numerics
 
 __all__ = ["DEFAULT_INPUTS", "DEFAULT_VARIANTS", "INPUT_POLICIES", "NUMERICS_MODES",
            "WEIGHT_VARIANTS", "OptionError", "check_options"]
@@ -69,15 +71,13 @@ def check_options(
     variants: object = None,
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
-    from oracle.kernels import PROFILES as KERNELS
-    from oracle.kernels import KernelProfile
 
     if not isinstance(numerics, Numerics) and numerics not in (*NUMERICS_MODES, *KERNELS):
         raise OptionError("numerics", f"numerics={numerics!r} must be one of "
                           f"{', '.join((*NUMERICS_MODES, *KERNELS))} (or an oracle.Numerics)")
     if kernel is not None and not isinstance(kernel, KernelProfile) and kernel not in KERNELS:
         raise OptionError("kernel", f"kernel={kernel!r} must be one of {', '.join(KERNELS)} "
-                          "(or an oracle.kernels.KernelProfile)")
+                          "(or an oracle.model.kernels.KernelProfile)")
     if domain not in ("kernel", "contract"):
         raise OptionError("domain", f"domain={domain!r} must be 'kernel' (the kernel "
                           "profile's shapes) or 'contract' (every shape the contract allows)")

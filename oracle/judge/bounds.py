@@ -39,7 +39,7 @@ the magnitudes pass through unchanged.
 
 Step 4 (``"swiglu"``; SwigluOAI, PR #11916: ``silu_α(g) = g/(1 + exp(−α·g)) = silu(αg)/α``
 with the same Lipschitz constant and ``|silu_α(g)| <= |g|``, ``u + 1`` in place of ``u``, and
-the rounding of ``α·g`` and of ``u + 1`` in ``ρ``: :meth:`_Format.exp_rho`). ``silu`` is
+the rounding of ``α·g`` and of ``u + 1`` in ``ρ``: :func:`exp_rho`). ``silu`` is
 Lipschitz with constant ``sup|silu'| = 1.0998…`` (attained at ``x ≈ ±2.3994``, the roots
 of ``silu''``), bounded above by :data:`SILU_LIPSCHITZ`, and ``|silu(g)| <= |g|``. Hence
 ``|silu(g)u − silu(g*)u*| <= L·E_g·(|u*| + E_u) + |silu(g*)|·E_u``. The float32 evaluation
@@ -88,15 +88,14 @@ typically 3–20 % of the bound, and up to about 60 % where one final rounding d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from oracle.numerics import glu64
-from oracle.reference import Result, route
+from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
+from oracle.model.reference import Result, route
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 
@@ -126,36 +125,19 @@ EXP_ULPS64 = 1
 _CHOP_UNIT = 2.0**-10
 
 
-_finfo: Callable[[Any], Any] = ml_dtypes.finfo  # ml_dtypes' finfo also knows bfloat16
+def exp_rho(fmt: FloatFormat, ulps: int, oai_arg: Any = None) -> Any:
+    """Relative error of ``fl(fl(g / fl(1 + exp(−g))) · u)`` in ``fmt`` with ``exp`` within
+    ``ulps``; for SwigluOAI, ``fl(fl(g / fl(1 + exp(−fl(α·g)))) · fl(u + 1))`` with ``|α·g| <=
+    oai_arg``: the rounded argument puts ``exp`` within ``exp(|αg|·u) − 1`` (at most
+    ``1.01·|αg|·u`` for ``|αg| < 89``) more, and ``u + 1`` is one more rounding."""
+    c = 2 * ulps * fmt.unit
+    if oai_arg is None:
+        return (1 + fmt.unit) ** 2 / ((1 - c) * (1 - fmt.unit)) - 1
+    c = c + 1.01 * oai_arg * fmt.unit
+    return (1 + fmt.unit) ** 3 / ((1 - c) * (1 - fmt.unit)) - 1
 
 
-@dataclass(frozen=True)
-class _Format:
-    unit: float  # unit roundoff u
-    tiny: float  # underflow error η
-    max: float
-
-    @classmethod
-    def of(cls, dtype: Any) -> _Format:
-        info = _finfo(dtype)
-        return cls(float(info.eps) / 2, float(info.smallest_subnormal) / 2, float(info.max))
-
-    def gamma(self, n: int) -> float:
-        return n * self.unit / (1 - n * self.unit)
-
-    def exp_rho(self, ulps: int, oai_arg: Any = None) -> Any:
-        """Relative error of ``fl(fl(g / fl(1 + exp(−g))) · u)`` with ``exp`` within ``ulps``;
-        for SwigluOAI, ``fl(fl(g / fl(1 + exp(−fl(α·g)))) · fl(u + 1))`` with ``|α·g| <=
-        oai_arg``: the rounded argument puts ``exp`` within ``exp(|αg|·u) − 1`` (at most
-        ``1.01·|αg|·u`` for ``|αg| < 89``) more, and ``u + 1`` is one more rounding."""
-        c = 2 * ulps * self.unit
-        if oai_arg is None:
-            return (1 + self.unit) ** 2 / ((1 - c) * (1 - self.unit)) - 1
-        c = c + 1.01 * oai_arg * self.unit
-        return (1 + self.unit) ** 3 / ((1 - c) * (1 - self.unit)) - 1
-
-
-F16, F32, F64 = _Format.of(np.float16), _Format.of(np.float32), _Format.of(np.float64)
+F16, F32, F64 = FORMATS["float16"], FORMATS["float32"], FORMATS["float64"]
 
 
 class _Steps:
@@ -172,7 +154,7 @@ class _Steps:
         return err if term in self.omit else np.asarray(err + extra)
 
     def round(
-        self, term: str, mag: Array, err: Array, fmt: _Format, scale: Array | float = 1.0
+        self, term: str, mag: Array, err: Array, fmt: FloatFormat, scale: Array | float = 1.0
     ) -> Array:
         """``|fl(w) − v|`` given ``|w − v| <= err`` and ``|v| <= mag``; the underflow error of
         a value computed as ``scale · (something rounded)`` scales with it."""
@@ -193,7 +175,7 @@ def _dequant_chain(steps: _Steps, term: str, mag: Array, sigma: Array, truncate:
 
 def _swiglu_error(
     steps: _Steps, silu_mag: Array, up_mag: Array, err_g: Array, err_u: Array,
-    gate_hi: Array, fmt: _Format, ulps: int, term: str, alpha: float | None,
+    gate_hi: Array, fmt: FloatFormat, ulps: int, term: str, alpha: float | None,
 ) -> Array:
     """``|a − a*|`` of a SwiGLU evaluated in ``fmt`` on inputs within ``err_g``/``err_u`` of the
     exact ``g*``, ``u*`` (``|silu(g*)| <= silu_mag``, ``|u*| <= up_mag``; ``|g| <= gate_hi``).
@@ -203,7 +185,7 @@ def _swiglu_error(
     value = (silu_mag + SILU_LIPSCHITZ * err_g) * (up_mag + err_u)
     arg_hi = gate_hi if alpha is None else alpha * gate_hi
     rho = np.where(arg_hi < math.log(fmt.max),
-                   fmt.exp_rho(ulps, None if alpha is None else arg_hi), 1.0)
+                   exp_rho(fmt, ulps, None if alpha is None else arg_hi), 1.0)
     return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
 
 
@@ -269,7 +251,7 @@ def _expert_bound(
 ) -> _SlotBound:
     """The per-slot bounds of one expert's rows (§6 steps 1–7)."""
     i, k_len = cfg.intermediate, cfg.hidden
-    out = _Format.of(DTYPES[cfg.x_dtype])
+    out = FloatFormat.of(DTYPES[cfg.x_dtype])
     exact = _Steps(())  # the error of our own evaluation is never omitted
     x64 = x.astype(np.float64)
     ax = np.abs(x64)
@@ -378,7 +360,7 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _B
     steps = _Steps(omit)
     cfg = problem.config
     top_k, k_len, e_local = cfg.top_k, cfg.hidden, cfg.experts_per_rank
-    out = _Format.of(DTYPES[cfg.x_dtype])
+    out = FloatFormat.of(DTYPES[cfg.x_dtype])
     routing = route(problem)
     total = sum(cfg.tokens_per_rank)
     x = np.concatenate([r.x for r in problem.ranks]) if total else np.zeros((0, k_len))
@@ -447,7 +429,7 @@ def ideal_tolerance(
     ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` if at hand, makes
     the rounding term exact; otherwise a bound on ``|ideal|`` is used."""
     b = _bound(problem, truncate_scales, ())
-    out = _Format.of(DTYPES[problem.config.x_dtype])
+    out = FloatFormat.of(DTYPES[problem.config.x_dtype])
     mags = b.mag if ideal is None else tuple(
         np.where(np.isnan(c), np.inf, np.abs(c)) for c in ideal.trace.combined  # NaN: undefined
     )
