@@ -53,13 +53,13 @@ class PerTensorQuantiser(Quantiser):
 def swapped(profile: kernels.KernelProfile) -> kernels.KernelProfile:
     """The bug: gate and up halves of W1 exchanged."""
     return dataclasses.replace(
-        profile, name="bug-swapped",
-        swiglu=dataclasses.replace(profile.swiglu, gate_first=False),
-        float_swiglu=dataclasses.replace(profile.float_swiglu, gate_first=False))
+        profile.map_steps("swiglu", lambda s: dataclasses.replace(s, gate_first=False)),
+        name="bug-swapped")
 
 
-PER_TENSOR = dataclasses.replace(kernels.ASCEND_A3, name="bug-per-tensor",
-                                 quantise=PerTensorQuantiser(scale="divide", ties="away"))
+PER_TENSOR = dataclasses.replace(
+    kernels.ASCEND_A3.with_steps(quantise=PerTensorQuantiser(scale="divide", ties="away")),
+    name="bug-per-tensor")
 
 
 def problem_with(cfg: OpConfig, seed: int, spread: float = 0.0, **change: Any) -> Problem:

@@ -45,36 +45,35 @@ replace = dataclasses.replace
 def one_rounding_mutants(profile: KernelProfile) -> dict[str, KernelProfile]:
     """A kernel that moves one rounding point of ``profile`` (``tests/test_kernels.py``)."""
     if profile.name == ASCEND_A3.name:
-        a = profile
+        a, ai, af = profile, profile.pipeline("w8a8"), profile.pipeline("float")
         return {
-            "bf16 instead of fp16 intermediates": replace(
-                a, gemm1=replace(a.gemm1, epilogue=("col", "x", "row")),
-                gemm2=replace(a.gemm2, epilogue=("col", "x", "row", "x"))),
-            "SwiGLU cast ties even (float weights)": replace(
-                a, float_swiglu=replace(a.float_swiglu, store="x")),
-            "SwiGLU result not rounded (float weights)": replace(
-                a, float_swiglu=replace(a.float_swiglu, store=None)),
+            "bf16 instead of fp16 intermediates": a.with_steps(
+                "w8a8", gemm1=replace(ai.gemm1, epilogue=("col", "x", "row")),
+                gemm2=replace(ai.gemm2, epilogue=("col", "x", "row", "x"))),
+            "SwiGLU cast ties even (float weights)": a.with_steps(
+                "float", swiglu=replace(af.swiglu, store="x")),
+            "SwiGLU result not rounded (float weights)": a.with_steps(
+                "float", swiglu=replace(af.swiglu, store=None)),
         }
-    v = profile
+    v, vi, vf = profile, profile.pipeline("w8a8"), profile.pipeline("float")
     return {
-        "fp16 for bf16 intermediates": replace(
-            v, gemm1=replace(v.gemm1, epilogue=("row", "col", "fp16")),
-            float_gemm1=replace(v.float_gemm1, epilogue=("fp16",))),
-        "silu not rounded": replace(
-            v, swiglu=replace(v.swiglu, silu_store=None),
-            float_swiglu=replace(v.float_swiglu, silu_store=None)),
-        "routed weight in the combine": replace(
-            v, gemm2=replace(v.gemm2, epilogue=("row", "col", "x")),
-            float_gemm2=replace(v.float_gemm2, epilogue=("x",)),
+        "fp16 for bf16 intermediates": v.with_steps(
+            "w8a8", gemm1=replace(vi.gemm1, epilogue=("row", "col", "fp16"))).with_steps(
+            "float", gemm1=replace(vf.gemm1, epilogue=("fp16",))),
+        "silu not rounded": v.map_steps("swiglu", lambda s: replace(s, silu_store=None)),
+        "routed weight in the combine": replace(v.with_steps(
+            "w8a8", gemm2=replace(vi.gemm2, epilogue=("row", "col", "x"))).with_steps(
+            "float", gemm2=replace(vf.gemm2, epilogue=("x",))),
             combine=replace(v.combine, weight="combine")),
     }
 
 
 def blas_order(profile: KernelProfile) -> KernelProfile:
     """The same pipeline with float32 BLAS accumulation: a legitimate kernel of ``profile``."""
-    return replace(profile, name=f"{profile.name} (BLAS order)",
-                   float_gemm1=BlasFloatGemm(profile.float_gemm1.epilogue),
-                   float_gemm2=BlasFloatGemm(profile.float_gemm2.epilogue))
+    float_path = profile.pipeline("float")
+    return replace(profile.with_steps("float", gemm1=BlasFloatGemm(float_path.gemm1.epilogue),
+                                      gemm2=BlasFloatGemm(float_path.gemm2.epilogue)),
+                   name=f"{profile.name} (BLAS order)")
 
 
 def envelope_only(expected: oracle.Result, outs: list[Array], x_dtype: str) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from spec.errors import ConfigError
-from spec.fields import VARIANTS, Variant, variant_for
+from spec.fields import VARIANTS, X_DTYPES, Variant, gate_variant, variant_for
 
 __all__ = [
     "CALL_ATTRIBUTES",
@@ -30,7 +30,6 @@ __all__ = [
 #: (PR #5787 "enable ep32"; PR #5156 had set 16).
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
-X_DTYPES = ("bfloat16", "float16")
 #: int8 selects the W8A8 kernel, int32 (packed int4) W4A8; x's own dtype selects the
 #: BF16/FP16-weight variant [code] (the table: :data:`spec.fields.VARIANTS`).
 WEIGHT_DTYPES = ("int8", "int32", "bfloat16", "float16")
@@ -208,7 +207,7 @@ class OpConfig:
                 allowed="None or a finite float within float32's range",
                 fix="pass the SwigluOAI alpha (e.g. 1.702), 0 or None for standard SwiGLU",
             )
-        if self.weight_dtype != "int8" and _float32(alpha) > 0:
+        if not self.kernel_variant.swiglu_alpha and _float32(alpha) > 0:
             # PR #11916 passes swigluAlpha to the int8 kernel only: the BF16/FP16 adapter
             # drops it and runs standard SwiGLU (its review asks for a TORCH_CHECK instead).
             raise ConfigError(
@@ -244,11 +243,12 @@ class OpConfig:
 
     @property
     def variant(self) -> str:
-        """``"w8a8"`` for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or
-        ``"fp16"`` (weights in x's dtype)."""
-        if self.weight_dtype in ("int8", "int32"):
-            return "w8a8" if self.weight_dtype == "int8" else "w4a8"
-        return "bf16" if self.weight_dtype == "bfloat16" else "fp16"
+        """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
+        for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
+        (weights in x's dtype)."""
+        found = gate_variant(self.weight_dtype, self.x_dtype)
+        assert found is not None  # checked on construction
+        return found.name
 
     @property
     def kernel_variant(self) -> Variant:

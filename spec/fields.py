@@ -15,11 +15,16 @@ from dataclasses import dataclass
 __all__ = [
     "ARRAY_FIELDS",
     "FIELDS",
+    "GATE_VARIANTS",
     "LIST_FIELDS",
     "VARIANTS",
+    "VARIANT_NAMES",
+    "X_DTYPES",
     "Field",
+    "GateVariant",
     "ListSpec",
     "Variant",
+    "gate_variant",
     "variant_for",
 ]
 
@@ -99,14 +104,21 @@ class Variant:
     TensorLists it reads (every other TensorList field must be ``None``), and whether it reads
     ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
     ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
-    (``"sign"`` or ``"zero"``-extended). ``send_row_pad``: bytes after the K int8 values of a
-    dispatch send row (the per-token scale and padding) [inferred for the float variant]."""
+    (``"sign"`` or ``"zero"``-extended). ``quantised``: the activations are quantised to int8
+    per token (§6 step 1) before GEMM1, else they enter it in x's dtype. ``swiglu_alpha``: the
+    kernel reads SwigluOAI's α (PR #11916). ``opt_in``: the gate runs it only when asked for.
+    ``send_row_pad``: bytes
+    after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
+    for the float variant]."""
 
     name: str
     weight_dtype: str
     lists: Mapping[str, ListSpec]
     masked: bool
     clamped: bool
+    quantised: bool = True
+    swiglu_alpha: bool = False
+    opt_in: bool = False
     n_le_k: bool = False
     scale_extension: str = "sign"
     send_row_pad: int = 32
@@ -122,7 +134,7 @@ VARIANTS: tuple[Variant, ...] = (
         "w8a8", "int8",
         {"w1": ListSpec(_W1, "int8"), "w2": ListSpec(_W2, "int8"),
          "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32")},
-        masked=True, clamped=True,
+        masked=True, clamped=True, swiglu_alpha=True,
     ),
     # W4A8 (variants.md, W4A8 [code]): int4 packed eight to an int32 word, per-channel scales
     # (int64 zero-extended in the binding), the compensation biases; N <= K since PR #9927;
@@ -132,13 +144,54 @@ VARIANTS: tuple[Variant, ...] = (
         {"w1": ListSpec(("K", "N/8"), "int32"), "w2": ListSpec(("I", "K/8"), "int32"),
          "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32"),
          "bias1": ListSpec(("N",), "float32"), "bias2": ListSpec(("K",), "float32")},
-        masked=True, clamped=True, n_le_k=True, scale_extension="zero", send_row_pad=512,
+        masked=True, clamped=True, opt_in=True, n_le_k=True, scale_extension="zero",
+        send_row_pad=512,
     ),
     Variant(
         "float", "x", {"w1": ListSpec(_W1, "x"), "w2": ListSpec(_W2, "x")},
-        masked=False, clamped=False,
+        masked=False, clamped=False, quantised=False,
     ),
 )
+
+
+#: The variants' names, in table order.
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+#: x's dtypes (§2) and the short names the gate gives the float variant at each.
+X_DTYPES = ("bfloat16", "float16")
+_SHORT = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class GateVariant:
+    """A variant as the gate and the CLI name it (``--dfc-variants``, ``test_variant[...]``):
+    a row of :data:`VARIANTS` at the x dtypes it runs with. Weights in x's dtype make one
+    gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name."""
+
+    name: str
+    variant: Variant
+    x_dtypes: tuple[str, ...]
+    weight_dtype: str
+
+    @property
+    def default(self) -> bool:
+        """Whether the gate runs it unless ``--dfc-variants`` says otherwise."""
+        return not self.variant.opt_in
+
+
+#: Every gate variant, derived from :data:`VARIANTS`: the default ones first, in table order.
+GATE_VARIANTS: tuple[GateVariant, ...] = tuple(sorted((
+    GateVariant(_SHORT[x], v, (x,), x) if v.weight_dtype == "x"
+    else GateVariant(v.name, v, X_DTYPES, v.weight_dtype)
+    for v in VARIANTS for x in (X_DTYPES if v.weight_dtype == "x" else X_DTYPES[:1])
+), key=lambda g: g.variant.opt_in))
+
+
+def gate_variant(weight_dtype: str, x_dtype: str) -> GateVariant | None:
+    """The gate's variant for weight1's dtype and x's, or ``None``."""
+    for g in GATE_VARIANTS:
+        if g.weight_dtype == weight_dtype and x_dtype in g.x_dtypes:
+            return g
+    return None
 
 
 def variant_for(weight_dtype: str, x_dtype: str) -> Variant | None:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
+from spec.fields import VARIANTS, variant_for
 from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
 from spec.memory import LAYOUTS
 from spec.problem import DTYPES, Problem
@@ -204,27 +205,34 @@ def _small_configs(
         event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
-    if w_dtype not in ("int8", "int32", x_dtype):
+    variant = variant_for(w_dtype, x_dtype)
+    if variant is None:
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
+        variant = variant_for(w_dtype, x_dtype)
+        assert variant is not None
     form = draw(weight_forms)
-    w8a8 = w_dtype in ("int8", "int32")  # the variants that quantise (mask and clamp)
     truncate = draw(truncation)
     cap = draw(_CAPACITY) % max(1, sum(counts) * k + 1)
     limit = draw(swiglu_limits)
     is_masked = draw(masked)
     k_hidden, i_size = draw(hidden), draw(intermediate)
-    if w_dtype == "int32":  # W4A8 packs K and N = 2I eight to a word and needs N <= K
-        if k_hidden % 8:
-            w_dtype = "int8"
+    packing = max(spec.packing for spec in variant.lists.values())
+    if packing > 1:  # W4A8 packs K and N = 2I eight to a word and needs N <= K
+        if k_hidden % packing:
+            variant = VARIANTS[0]  # W8A8
+            w_dtype = variant.weight_dtype
         else:
-            i_size = max(4, min(i_size, k_hidden // 2) // 4 * 4)
+            i_size = max(packing // 2, min(i_size, k_hidden // 2) // (packing // 2)
+                         * (packing // 2))
     alpha = draw(swiglu_alphas)
     cfg = OpConfig(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
         weight_dtype=w_dtype, weight_form=form if e > 1 else "stacked",
-        max_output_size=cap if truncate else None, swiglu_limit=limit if w8a8 else None,
-        swiglu_alpha=alpha if w_dtype == "int8" else None, masked=is_masked and w8a8,
+        max_output_size=cap if truncate else None,
+        swiglu_limit=limit if variant.clamped else None,
+        swiglu_alpha=alpha if variant.swiglu_alpha else None,
+        masked=is_masked and variant.masked,
     )
     cfg = domain.fit(cfg)
     event(f"variant: {cfg.variant}, form: {form}")

@@ -13,7 +13,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,47 @@ from spec.problem import DTYPES, Problem, RankInputs
 __all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
 
 
+def _w8a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    # int8 uniform on -128..127 has standard deviation ~73.9.
+    return {
+        "w1": rng.integers(-128, 128, size=(e, k, n), dtype=np.int8),
+        "w2": rng.integers(-128, 128, size=(e, i, k), dtype=np.int8),
+        "scale1": (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32),
+        "scale2": (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32),
+    }
+
+
+def _w4a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    # int4 uniform on -8..7 has standard deviation ~4.61.
+    w1 = rng.integers(-8, 8, size=(e, k, n), dtype=np.int8)
+    w2 = rng.integers(-8, 8, size=(e, i, k), dtype=np.int8)
+    s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (4.61 * np.sqrt(k))).astype(np.float32)
+    s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (4.61 * np.sqrt(i))).astype(np.float32)
+    return {"w1": pack_int4(w1), "w2": pack_int4(w2), "scale1": s1, "scale2": s2,
+            "bias1": compensation_bias(w1, s1), "bias2": compensation_bias(w2, s2)}
+
+
+def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    dtype = DTYPES[config.weight_dtype]
+    # bfloat16 through float32: ml_dtypes casts float64 to bfloat16 8x slower than float32
+    # (14.6 vs 1.8 ms for 0.5 M values); the double rounding moves about one value in 2^16.
+    via = np.float32 if config.weight_dtype == "bfloat16" else dtype
+    return {
+        name: (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(via)
+        .astype(dtype, copy=False)
+        for name, shape in (("w1", (e, k, n)), ("w2", (e, i, k)))
+    }
+
+
+#: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
+#: field name.
+_WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
+    "w8a8": _w8a8, "w4a8": _w4a8, "float": _float}
+
+
 def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
     """One rank's TensorLists (``w1``, ``w2`` and the variant's others, by field name) in the
     configuration's form.
@@ -36,39 +77,12 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     -8..7, packed (:func:`spec.int4.pack_int4`), scales sized likewise, and the compensation
     biases. BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
-    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-    lists: dict[str, np.ndarray]
-    if config.weight_dtype == "int8":
-        # int8 uniform on -128..127 has standard deviation ~73.9.
-        lists = {
-            "w1": rng.integers(-128, 128, size=(e, k, n), dtype=np.int8),
-            "w2": rng.integers(-128, 128, size=(e, i, k), dtype=np.int8),
-            "scale1": (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32),
-            "scale2": (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32),
-        }
-    elif config.weight_dtype == "int32":
-        # int4 uniform on -8..7 has standard deviation ~4.61.
-        w1 = rng.integers(-8, 8, size=(e, k, n), dtype=np.int8)
-        w2 = rng.integers(-8, 8, size=(e, i, k), dtype=np.int8)
-        s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (4.61 * np.sqrt(k))).astype(np.float32)
-        s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (4.61 * np.sqrt(i))).astype(np.float32)
-        lists = {"w1": pack_int4(w1), "w2": pack_int4(w2), "scale1": s1, "scale2": s2,
-                 "bias1": compensation_bias(w1, s1), "bias2": compensation_bias(w2, s2)}
-    else:
-        dtype = DTYPES[config.weight_dtype]
-        # bfloat16 through float32: ml_dtypes casts float64 to bfloat16 8x slower than float32
-        # (14.6 vs 1.8 ms for 0.5 M values); the double rounding moves about one value in 2^16.
-        via = np.float32 if config.weight_dtype == "bfloat16" else dtype
-        lists = {
-            name: (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(via)
-            .astype(dtype, copy=False)
-            for name, shape in (("w1", (e, k, n)), ("w2", (e, i, k)))
-        }
+    lists = _WEIGHTS[config.kernel_variant.name](config, rng)
 
     def form(stacked: np.ndarray) -> list[np.ndarray]:
         if config.weight_form == "stacked":
             return [stacked]
-        return [np.ascontiguousarray(stacked[j]) for j in range(e)]
+        return [np.ascontiguousarray(stacked[j]) for j in range(config.experts_per_rank)]
 
     return {name: form(stacked) for name, stacked in lists.items()}
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from oracle.adapters.torch_io import TorchRankInputs
+from oracle.check.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import OpConfig, RankInputs, random_problem
-from spec.fields import FIELDS, VARIANTS, ListSpec, variant_for
+from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, variant_for
 
 #: A W4A8 call with a mask: every field of the table is given.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
@@ -56,3 +57,22 @@ def test_variant_table() -> None:
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
+
+
+def test_gate_variants_come_from_the_table() -> None:
+    """The gate's names (--dfc-variants, test_variant[...]) are the table's rows, the float
+    row once per x dtype, the opt-in rows last and not run by default."""
+    assert [(g.name, g.weight_dtype, g.x_dtypes, g.default) for g in GATE_VARIANTS] == [
+        ("w8a8", "int8", ("bfloat16", "float16"), True),
+        ("bf16", "bfloat16", ("bfloat16",), True),
+        ("fp16", "float16", ("float16",), True),
+        ("w4a8", "int32", ("bfloat16", "float16"), False),
+    ]
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8")
+    assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
+    for g in GATE_VARIANTS:
+        for x in g.x_dtypes:
+            cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
+                           tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype)
+            assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
+

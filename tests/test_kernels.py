@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -158,14 +160,15 @@ class BlockedIntGemm(kernels.IntGemm):
 
 
 def float_orders(profile: KernelProfile) -> dict[str, KernelProfile]:
-    one, two = profile.float_gemm1.epilogue, profile.float_gemm2.epilogue
+    float_path = profile.pipeline("float")
+    one, two = float_path.gemm1.epilogue, float_path.gemm2.epilogue
     return {
-        "float32 BLAS, batched": replace(profile, float_gemm1=BlasFloatGemm(one),
-                                         float_gemm2=BlasFloatGemm(two)),
-        "float32 BLAS, row by row": replace(profile, float_gemm1=BlasFloatGemm(one, True),
-                                            float_gemm2=BlasFloatGemm(two, True)),
-        "reversed K": replace(profile, float_gemm1=ReversedFloatGemm(one),
-                              float_gemm2=ReversedFloatGemm(two)),
+        "float32 BLAS, batched": profile.with_steps(
+            "float", gemm1=BlasFloatGemm(one), gemm2=BlasFloatGemm(two)),
+        "float32 BLAS, row by row": profile.with_steps(
+            "float", gemm1=BlasFloatGemm(one, True), gemm2=BlasFloatGemm(two, True)),
+        "reversed K": profile.with_steps(
+            "float", gemm1=ReversedFloatGemm(one), gemm2=ReversedFloatGemm(two)),
     }
 
 
@@ -224,7 +227,9 @@ def _wide_positive_problem() -> Problem:
 
 def _blocked_accumulators_differ(problem: Problem, gemm: kernels.IntGemm) -> bool:
     rank = problem.ranks[0]
-    q, sigma, _ = VLLM_TRITON.quantise(kernels.Env(rank.x.astype(F32)), "zero")
+    quantise = VLLM_TRITON.pipeline("w8a8").quantise
+    assert quantise is not None
+    q, sigma, _ = quantise(kernels.Env(rank.x.astype(F32)), "zero")
     w1 = rank.expert_weights(0)[0]
     ones = np.ones(w1.shape[1], F32)
     exact = kernels.IntGemm("int32", ())(q, w1, ones, sigma, None, rank.x.dtype).mid
@@ -235,9 +240,10 @@ def _blocked_accumulators_differ(problem: Problem, gemm: kernels.IntGemm) -> boo
 @pytest.mark.parametrize(("block", "reverse"), [(32, False), (64, False), (64, True)])
 def test_vllm_int8_block_sizes_pass_at_wide_k(block: int, reverse: bool) -> None:
     v = VLLM_TRITON
-    gemm1 = BlockedIntGemm("f32_blocks", v.gemm1.epilogue, block, reverse)
-    gemm2 = BlockedIntGemm("f32_blocks", v.gemm2.epilogue, block, reverse)
-    legit = replace(v, gemm1=gemm1, gemm2=gemm2)
+    int8 = v.pipeline("w8a8")
+    gemm1 = BlockedIntGemm("f32_blocks", int8.gemm1.epilogue, block, reverse)
+    gemm2 = BlockedIntGemm("f32_blocks", int8.gemm2.epilogue, block, reverse)
+    legit = v.with_steps("w8a8", gemm1=gemm1, gemm2=gemm2)
     wide = _wide_positive_problem()
     assert _blocked_accumulators_differ(wide, gemm1), "the freedom is not exercised"
     check_legitimate(wide, v, legit)
@@ -334,29 +340,30 @@ def _long_combine_problem() -> Problem:
 
 
 _V, _A = VLLM_TRITON, ASCEND_A3
+_VI, _VF = _V.pipeline("w8a8"), _V.pipeline("float")
+_AI, _AF = _A.pipeline("w8a8"), _A.pipeline("float")
 #: (profile, mutant differing from it in one rounding point, constructed problem or None).
 MUTANTS: dict[str, tuple[KernelProfile, KernelProfile, Problem | None]] = {
-    "vllm-triton: fp16 intermediates for bf16 x": (_V, replace(
-        _V, gemm1=replace(_V.gemm1, epilogue=("row", "col", "fp16")),
-        float_gemm1=replace(_V.float_gemm1, epilogue=("fp16",))), None),
-    "vllm-triton: silu not rounded": (_V, replace(
-        _V, swiglu=replace(_V.swiglu, silu_store=None),
-        float_swiglu=replace(_V.float_swiglu, silu_store=None)), None),
-    "vllm-triton: routed weight in the combine": (_V, replace(
-        _V, gemm2=replace(_V.gemm2, epilogue=("row", "col", "x")),
-        float_gemm2=replace(_V.float_gemm2, epilogue=("x",)),
+    "vllm-triton: fp16 intermediates for bf16 x": (_V, _V.with_steps(
+        "w8a8", gemm1=replace(_VI.gemm1, epilogue=("row", "col", "fp16"))).with_steps(
+        "float", gemm1=replace(_VF.gemm1, epilogue=("fp16",))), None),
+    "vllm-triton: silu not rounded": (_V, _V.map_steps(
+        "swiglu", lambda s: replace(s, silu_store=None)), None),
+    "vllm-triton: routed weight in the combine": (_V, replace(_V.with_steps(
+        "w8a8", gemm2=replace(_VI.gemm2, epilogue=("row", "col", "x"))).with_steps(
+        "float", gemm2=replace(_VF.gemm2, epilogue=("x",))),
         combine=replace(_V.combine, weight="combine")), None),
     "vllm-triton: float32 top-k sum": (_V, replace(
         _V, combine=replace(_V.combine, x_dtype_topk=())), _long_combine_problem()),
-    "vllm-triton: quantiser ties away": (_V, replace(
-        _V, quantise=replace(_V.quantise, ties="away")), _tie_problem()),
-    "ascend-a3: bf16 instead of fp16 intermediates": (_A, replace(
-        _A, gemm1=replace(_A.gemm1, epilogue=("col", "x", "row")),
-        gemm2=replace(_A.gemm2, epilogue=("col", "x", "row", "x"))), None),
-    "ascend-a3: step 1 ties even": (_A, replace(
-        _A, quantise=replace(_A.quantise, ties="even")), _tie_problem()),
-    "ascend-a3: BF16 SwiGLU cast ties even": (_A, replace(
-        _A, float_swiglu=replace(_A.float_swiglu, store="x")), _bf16_swiglu_ties()),
+    "vllm-triton: quantiser ties away": (_V, _V.map_steps(
+        "quantise", lambda q: replace(q, ties="away")), _tie_problem()),
+    "ascend-a3: bf16 instead of fp16 intermediates": (_A, _A.with_steps(
+        "w8a8", gemm1=replace(_AI.gemm1, epilogue=("col", "x", "row")),
+        gemm2=replace(_AI.gemm2, epilogue=("col", "x", "row", "x"))), None),
+    "ascend-a3: step 1 ties even": (_A, _A.map_steps(
+        "quantise", lambda q: replace(q, ties="even")), _tie_problem()),
+    "ascend-a3: BF16 SwiGLU cast ties even": (_A, _A.with_steps(
+        "float", swiglu=replace(_AF.swiglu, store="x")), _bf16_swiglu_ties()),
     "ascend-a3: combine in reverse k order": (_A, replace(_A, combine=_ReversedCombine()),
                                               _long_combine_problem()),
 }
@@ -405,10 +412,9 @@ def test_a_one_rounding_change_is_caught(name: str) -> None:
 #: CUTLASS/TensorRT-LLM style (kernels.md, "Other kernels"): SiLU on the second half, a top-k
 #: finalize in float32 in any order; otherwise vLLM's Triton numerics.
 CUTLASS = replace(
-    VLLM_TRITON, name="cutlass-test", summary="CUTLASS-style MoE: SiLU on the second half",
+    VLLM_TRITON.map_steps("swiglu", lambda s: replace(s, gate_first=False)),
+    name="cutlass-test", summary="CUTLASS-style MoE: SiLU on the second half",
     sources="kernels.md, 'Other kernels' [code]",
-    swiglu=replace(VLLM_TRITON.swiglu, gate_first=False),
-    float_swiglu=replace(VLLM_TRITON.float_swiglu, gate_first=False),
     combine=replace(VLLM_TRITON.combine, x_dtype_topk=()),
 )
 
@@ -519,3 +525,38 @@ def test_ascend_w8a8_envelope_is_pinned_almost_everywhere() -> None:
 
     check()
     assert total[0] > 0 and pinned[0] / total[0] >= 0.99, f"{pinned[0]} of {total[0]} pinned"
+
+
+#: ascend-a3 and vllm-triton as counterexample files recorded them before profiles held one
+#: pipeline per variant (flat step fields: quantise, ..., float_gemm1, split_gemm1).
+PROFILES_V1 = json.loads((Path(__file__).parent / "data" / "profiles_v1.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["ascend-a3", "vllm-triton"])
+def test_a_profile_recorded_before_pipelines_loads_as_today(name: str) -> None:
+    assert profile_from_dict(PROFILES_V1[name]) == kernels.PROFILES[name]
+    assert profile_from_dict(kernels.PROFILES[name].to_dict()) == kernels.PROFILES[name]
+
+
+def test_a_profile_without_a_variant_says_so() -> None:
+    assert VLLM_TRITON.variants == ("w8a8", "float")
+    with pytest.raises(ValueError, match=r"has no w4a8 pipeline.*profiles with one: ascend-a3"):
+        VLLM_TRITON.pipeline("w4a8")
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=64, intermediate=32,
+                   tokens_per_rank=(2,), weight_dtype="int32")
+    with pytest.raises(ValueError, match="has no w4a8 pipeline"):
+        oracle.run(random_problem(cfg, seed=0), numerics="vllm-triton")
+    with pytest.raises(ValueError, match="unknown variants"):
+        replace(VLLM_TRITON, pipelines={"fp8": VLLM_TRITON.pipeline("w8a8")})
+
+
+def test_with_steps_replaces_a_step_in_the_named_pipelines_only() -> None:
+    loose = ASCEND_A3.with_steps("float", swiglu=kernels.Swiglu(store="x"))
+    assert loose.pipeline("float").swiglu.store == "x"
+    assert loose.pipeline("w8a8") == ASCEND_A3.pipeline("w8a8")
+    # a step the pipeline lacks stays absent: the float pipeline has no quantiser
+    quantised = ASCEND_A3.with_steps(quantise=kernels.Quantiser(ties="even"))
+    assert quantised.pipeline("float").quantise is None
+    assert quantised.pipeline("w4a8").quantise == kernels.Quantiser(ties="even")
+    with pytest.raises(ValueError, match="unknown steps"):
+        ASCEND_A3.with_steps(float_swiglu=kernels.Swiglu())

@@ -277,11 +277,12 @@ _A3 = kernels.ASCEND_A3
 #: A realistic defect each: a mutated kernel profile run where the naive model runs ascend-a3,
 #: or (attribute of oracle.model.reference, replacement factory, numerics) patched into the model.
 REFERENCE_MUTANTS: dict[str, kernels.KernelProfile | tuple[str, Callable[[Any], Any], str]] = {
-    "step 1 rounds half to even": replace(_A3, quantise=replace(_A3.quantise, ties="even")),
-    "no fp16 intermediate": replace(_A3, gemm1=replace(_A3.gemm1, epilogue=("col", "row"))),
+    "step 1 rounds half to even": _A3.map_steps("quantise", lambda q: replace(q, ties="even")),
+    "no fp16 intermediate": _A3.with_steps(
+        "w8a8", gemm1=replace(_A3.pipeline("w8a8").gemm1, epilogue=("col", "row"))),
     "combine in reverse k order": replace(_A3, combine=_ReversedCombine()),
-    "bf16 swiglu cast ties to even": replace(
-        _A3, float_swiglu=replace(_A3.float_swiglu, store="x")),
+    "bf16 swiglu cast ties to even": _A3.with_steps(
+        "float", swiglu=replace(_A3.pipeline("float").swiglu, store="x")),
     "dispatch sort not stable": ("np", _descending_ties, "faithful"),
     "ideal mode in float32": ("_ffn_ideal", _float32_ideal, "ideal"),
 }

@@ -229,7 +229,7 @@ def test_a_legitimate_exp_lies_in_the_profile_envelope(alpha: float | None) -> N
     rng = np.random.default_rng(5)
     gate = np.concatenate([np.linspace(-100, 100, 2001), rng.standard_normal(2000) * 3])
     h = np.concatenate([gate, rng.standard_normal(4001) * 3]).astype(F32)[None, :]
-    env = oracle.model.kernels.ASCEND_A3.swiglu(Env(h, h, h), cfg, np.float32)
+    env = oracle.model.kernels.ASCEND_A3.pipeline("w8a8").swiglu(Env(h, h, h), cfg, np.float32)
     assert env.lo is not None and env.hi is not None
     oai = cfg.oai_alpha
     high = _ExpTwoUlpsHigh().swiglu(h[:, :4001], h[:, 4001:], oai)

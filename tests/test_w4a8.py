@@ -103,7 +103,7 @@ class _RoundlessLo(SplitGemm):
 def test_naive_catches_a_split_gemm_mutant() -> None:
     problem = random_problem(BASE, seed=1)
     check_agreement(problem)
-    mutant = Numerics(kernel=dataclasses.replace(ASCEND_A3, split_gemm1=_RoundlessLo()))
+    mutant = Numerics(kernel=ASCEND_A3.with_steps("w4a8", gemm1=_RoundlessLo()))
     with pytest.raises(AssertionError):
         check_agreement(problem, mutant, naive=Numerics())
 

@@ -25,11 +25,12 @@ from oracle.check.harness import ConformanceError, check_implementation, evaluat
 from oracle.model.kernels import get_kernel
 from oracle.model.numerics import resolve_numerics, with_kernel
 from spec import Problem
+from spec.fields import GATE_VARIANTS
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
 
-_WEIGHT_DTYPE = {"w8a8": "int8", "bf16": "bfloat16", "fp16": "float16", "w4a8": "int32"}
+_GATE = {g.name: g for g in GATE_VARIANTS}
 
 
 def _domain(options: dict[str, Any]) -> ShapeDomain | None:
@@ -133,8 +134,9 @@ def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
     ],
 )
 def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:
-    if name in ("masked", "swiglu_clamp") and "w8a8" not in dfc_options["variants"]:
-        pytest.skip(f"{name} exists only in the W8A8 variant, not in --dfc-variants")
+    flag = {"masked": "masked", "swiglu_clamp": "clamped"}.get(name)
+    if flag and not any(getattr(_GATE[v].variant, flag) for v in dfc_options["variants"]):
+        pytest.skip(f"{name}: no variant in --dfc-variants has it")
     domain = _domain(dfc_options)
     feature = {"masked": "masks", "truncation": "truncation", "swiglu_clamp": "clamp"}.get(name)
     if domain is not None and feature and not getattr(domain, feature):
@@ -151,13 +153,14 @@ def test_memory_layout(dfc_options: dict[str, Any], layout: str) -> None:
                                  layouts=st.just(layout)))
 
 
-@pytest.mark.parametrize("variant", ["w8a8", "bf16", "fp16", "w4a8"])
+@pytest.mark.parametrize("variant", list(_GATE))
 def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     """One weight variant alone; W4A8 (int4 weights packed in int32) only when asked for with
     ``--dfc-variants``, like every variant outside the default list."""
     if variant not in dfc_options["variants"]:
         pytest.skip(f"variant {variant} not in --dfc-variants")
-    x = "float16" if variant == "fp16" else "bfloat16"
-    strategy = configs(x_dtypes=st.just(x), weight_dtypes=st.just(_WEIGHT_DTYPE[variant]),
+    gate = _GATE[variant]
+    strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
+                       weight_dtypes=st.just(gate.weight_dtype),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))

@@ -43,7 +43,7 @@ from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import OpConfig, Problem
-from spec.config import X_DTYPES
+from spec.fields import GATE_VARIANTS, X_DTYPES
 from spec.limits import ShapeDomain
 from spec.memory import copy_array
 from spec.strategies import configs, problems
@@ -232,8 +232,7 @@ def format_report(
 
 DOMAINS = ("kernel", "contract")
 #: Each weight variant's token dtypes and weight dtype (float weights are in x's dtype).
-_VARIANT_DTYPES = {"w8a8": (("bfloat16", "float16"), "int8"), "bf16": (("bfloat16",), "bfloat16"),
-                   "fp16": (("float16",), "float16"), "w4a8": (("bfloat16", "float16"), "int32")}
+_VARIANT_DTYPES = {g.name: (g.x_dtypes, g.weight_dtype) for g in GATE_VARIANTS}
 
 
 def variant_configs(

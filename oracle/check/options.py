@@ -18,6 +18,7 @@ from oracle.check.settings import PROFILES
 from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
+from spec.fields import GATE_VARIANTS
 
 __all__ = ["DEFAULT_INPUTS", "DEFAULT_VARIANTS", "INPUT_POLICIES", "NUMERICS_MODES",
            "WEIGHT_VARIANTS", "OptionError", "check_options"]
@@ -38,9 +39,9 @@ INPUT_POLICIES = ("sentinel", "strict", "report", "ignore")
 DEFAULT_INPUTS = "sentinel"
 NUMERICS_MODES = ("faithful", "ideal")
 #: The weight variants an implementation may support (``spec.OpConfig.variant``).
-WEIGHT_VARIANTS = ("w8a8", "bf16", "fp16", "w4a8")
+WEIGHT_VARIANTS = tuple(g.name for g in GATE_VARIANTS)
 #: Those checked unless asked otherwise: W4A8 (packed int4 weights) is opt-in.
-DEFAULT_VARIANTS = ("w8a8", "bf16", "fp16")
+DEFAULT_VARIANTS = tuple(g.name for g in GATE_VARIANTS if g.default)
 
 
 class OptionError(ValueError):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from oracle.judge.verdict import Verdict, compare, envelope_ratio, structured_outputs
-from oracle.model.kernels import Combine, Env, KernelProfile, cast, to_f32
+from oracle.model.kernels import Combine, Env, FloatGemm, IntGemm, KernelProfile, cast, to_f32
 from oracle.model.numerics import Numerics, resolve_numerics
 from oracle.model.reference import RankResult, Result, route, run
 from spec import DTYPES, Problem, RankInputs
@@ -99,16 +99,21 @@ def _flip(ties: str) -> str:
     return "even" if ties == "away" else "away"
 
 
-def _both_swiglus(p: KernelProfile, **fields: Any) -> KernelProfile:
-    return replace(p, swiglu=replace(p.swiglu, **fields),
-                   float_swiglu=replace(p.float_swiglu, **fields))
+def _swiglus(p: KernelProfile, **fields: Any) -> KernelProfile:
+    return p.map_steps("swiglu", lambda s: replace(s, **fields))
 
 
 def _epilogues(p: KernelProfile, change: Callable[[tuple[str, ...]], tuple[str, ...]],
-               gemms: Sequence[str]) -> KernelProfile:
-    """``p`` with ``change`` applied to the epilogue of each GEMM named in ``gemms``."""
-    steps = {g: replace(getattr(p, g), epilogue=change(getattr(p, g).epilogue)) for g in gemms}
-    return replace(p, **steps)
+               gemms: tuple[str, ...], kinds: tuple[type, ...]) -> KernelProfile:
+    """``p`` with ``change`` applied to the epilogue of each GEMM step named in ``gemms``
+    that is one of ``kinds``, in every pipeline."""
+    def edit(step: Any) -> Any:
+        if not isinstance(step, kinds):
+            return step
+        gemm: Any = step
+        return replace(gemm, epilogue=change(gemm.epilogue))
+
+    return p.map_steps(gemms, edit)
 
 
 def _with_slot(ops: tuple[str, ...]) -> tuple[str, ...]:
@@ -122,24 +127,27 @@ def _without_slot(ops: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(op for op in ops if op != "slot")
 
 
-_GEMM2 = ("gemm2", "float_gemm2")
+#: The int8 GEMMs (W8A8; W4A8's split GEMMs store fp16 by construction).
+_INT_GEMMS = ("gemm1", "gemm2"), (IntGemm,)
+#: GEMM2 of the W8A8 and float pipelines (W4A8's split GEMM has no epilogue list).
+_GEMM2 = ("gemm2",), (IntGemm, FloatGemm)
 
 
 def _weight_in_gemm2(p: KernelProfile) -> KernelProfile:
     if p.combine.weight == "gemm2":
         return p
-    return replace(_epilogues(p, _with_slot, _GEMM2), combine=replace(p.combine, weight="gemm2"))
+    return replace(_epilogues(p, _with_slot, *_GEMM2), combine=replace(p.combine, weight="gemm2"))
 
 
 def _weight_in_combine(p: KernelProfile) -> KernelProfile:
     if p.combine.weight == "combine":
         return p
-    return replace(_epilogues(p, _without_slot, _GEMM2),
+    return replace(_epilogues(p, _without_slot, *_GEMM2),
                    combine=replace(p.combine, weight="combine"))
 
 
 def _weight_twice(p: KernelProfile) -> KernelProfile:
-    return replace(_epilogues(p, _with_slot, _GEMM2), combine=replace(p.combine, weight="combine"))
+    return replace(_epilogues(p, _with_slot, *_GEMM2), combine=replace(p.combine, weight="combine"))
 
 
 def _swap_store(old: str, new: str | None) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
@@ -149,8 +157,8 @@ def _swap_store(old: str, new: str | None) -> Callable[[tuple[str, ...]], tuple[
 
 def _swiglu_cast_ties(p: KernelProfile) -> KernelProfile:
     flipped = {"x_away": "x", "x": "x_away"}
-    return replace(p, float_swiglu=replace(
-        p.float_swiglu, store=flipped.get(p.float_swiglu.store or "", p.float_swiglu.store)))
+    return p.map_steps("swiglu", lambda s: replace(s, store=flipped.get(s.store or "", s.store)),
+                       ("float",))
 
 
 # ---------------------------------------------------------------- problem changes
@@ -249,7 +257,8 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("gate_up_swapped", "the gate and up halves of W1 swapped",
            "SwiGLU takes the gate from W1's first I columns and up from the last I: check the "
            "checkpoint's gate/up order and the slice offsets of the activation",
-           kernel=lambda p: _both_swiglus(p, gate_first=not p.swiglu.gate_first)),
+           kernel=lambda p: p.map_steps("swiglu",
+                                        lambda s: replace(s, gate_first=not s.gate_first))),
     Defect("probs_ignored", "the routing weights ignored (every weight 1)",
            "multiply each slot's expert output by probs[t, k] before summing the slots",
            inputs=_probs_ones),
@@ -277,27 +286,26 @@ CATALOGUE: tuple[Defect, ...] = (
            "commute in its roundings)", kernel=_combine_as(_ReversedCombine)),
     Defect("step1_ties", "step 1 (token quantisation) rounding ties the other way",
            "round x/σ1 to int8 with the profile's tie rule (ascend-a3: half away from zero)",
-           kernel=lambda p: replace(p, quantise=replace(p.quantise,
-                                                        ties=_flip(p.quantise.ties)))),
+           kernel=lambda p: p.map_steps("quantise", lambda q: replace(q, ties=_flip(q.ties)))),
     Defect("step5_ties", "step 5 (requantisation) rounding ties the other way",
            "round a·127/amax to int8 with the profile's tie rule (ascend-a3: half to even)",
-           kernel=lambda p: replace(p, requantise=replace(p.requantise,
-                                                          ties=_flip(p.requantise.ties)))),
+           kernel=lambda p: p.map_steps("requantise",
+                                        lambda q: replace(q, ties=_flip(q.ties)))),
     Defect("swiglu_cast_ties", "the SwiGLU output cast to x's dtype with ties the other way "
            "(BF16/FP16 weights)", "cast the SwiGLU result with the profile's tie rule "
            "(ascend-a3: CAST_ROUND, half away from zero)", kernel=_swiglu_cast_ties),
     Defect("bf16_intermediates", "bf16 instead of fp16 intermediates (GEMM dequant outputs)",
            "store the dequantised GEMM1/GEMM2 outputs as float16 even when x is bfloat16",
-           kernel=lambda p: _epilogues(p, _swap_store("fp16", "x"), ("gemm1", "gemm2"))),
+           kernel=lambda p: _epilogues(p, _swap_store("fp16", "x"), *_INT_GEMMS)),
     Defect("f32_intermediates", "the GEMM dequant outputs kept in float32 (no fp16 store)",
            "round the dequantised GEMM outputs to float16 as the kernel stores them",
-           kernel=lambda p: _epilogues(p, _swap_store("fp16", None), ("gemm1", "gemm2"))),
+           kernel=lambda p: _epilogues(p, _swap_store("fp16", None), *_INT_GEMMS)),
     Defect("silu_unrounded", "silu not rounded to x's dtype before the product",
            "store silu(gate) in x's dtype before multiplying by up",
-           kernel=lambda p: _both_swiglus(p, silu_store=None)),
+           kernel=lambda p: _swiglus(p, silu_store=None)),
     Defect("swiglu_unrounded", "the SwiGLU output not rounded to x's dtype before GEMM2",
            "store silu(gate)·up in x's dtype before GEMM2",
-           kernel=lambda p: _both_swiglus(p, store=None)),
+           kernel=lambda p: _swiglus(p, store=None)),
     Defect("ids_plus_one", "every expert id read one too high (wrapping at EP·E)",
            "index experts from 0: global expert g is local expert g % E of rank g // E",
            inputs=_ids_shifted(1)),

@@ -191,6 +191,7 @@ def token_stages(
     num = replace(resolve_numerics(numerics), mode="faithful")
     profile = num.profile
     cfg = problem.config
+    pipeline = profile.pipeline(cfg.kernel_variant.name)
     top_k, e_local = cfg.top_k, cfg.experts_per_rank
     routing = route(problem)
     x_dtype = DTYPES[cfg.x_dtype]
@@ -212,20 +213,17 @@ def token_stages(
         batch = routing.order[start : start + int(routing.expert_kept[g])]
         row = int(np.flatnonzero(batch == j)[0])
         weights = expert_values(problem, g)
-        w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
-        assert w1 is not None and w2 is not None
+        s1, s2 = weights.get("scale1"), weights.get("scale2")
         rows = xf[batch // top_k]
         x = Env(rows, rows, rows)
         if s1 is not None and s2 is not None:
-            d1, d2 = num.read_scales(s1, s2)
-            q, sigma1, _ = profile.quantise(x, num.zero_rows)
-            steps = (profile.w4a8_stages(q, sigma1, {**weights, "scale1": d1, "scale2": d2},
-                                         cfg, num.zero_rows) if cfg.variant == "w4a8" else
-                     profile.int8_stages(q, sigma1, w1, d1, w2, d2, slot_p[batch], cfg,
-                                         num.zero_rows))
-            named = (("1", "q", q), ("1", "sigma1", sigma1), *steps)
-        else:
-            named = profile.float_stages(x, w1, w2, slot_p[batch], cfg)
+            weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)
+        named: tuple[tuple[str, str, Env], ...] = ()
+        a, sigma1 = x, None
+        if pipeline.quantise is not None:
+            a, sigma1, _ = pipeline.quantise(x, num.zero_rows)
+            named = (("1", "q", a), ("1", "sigma1", sigma1))
+        named += pipeline.stages(a, sigma1, weights, slot_p[batch], cfg, num.zero_rows)
         stages = tuple(Stage(step, name, v.take(row)) for step, name, v in named)
         slots.append(SlotStages(k, g, g // e_local, prob, stages))
     probs = np.asarray(inputs.probs[token], F32)

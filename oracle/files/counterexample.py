@@ -53,7 +53,8 @@ FORMAT = "dfc-oracle-counterexample"
 VERSION = 1
 _STORED = {"bfloat16": np.dtype(np.uint16)}  # stored as bit patterns
 #: The only dtypes a file may declare.
-ALLOWED_DTYPES = ("bfloat16", "float16", "float32", "int8", "int32", "bool")
+#: The spec's dtypes, float32 (scales, probs) and bool (masks): nothing else is read.
+ALLOWED_DTYPES = (*DTYPES, "float32", "bool")
 _MAX_ELEMENTS = 1 << 31
 #: Members of one archive: the manifest, the plain arrays of each rank and its two outputs, and
 #: the per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).

@@ -1,20 +1,20 @@
 """Kernel numerics profiles: one frozen record per real kernel pipeline.
 
-A :class:`KernelProfile` is data. It names a pipeline (``shared/reference/kernels.md``: the
-table of knobs on which real kernels differ) and composes it from one step object per §6 step
-of ``shared/reference/dispatch_ffn_combine.md``:
+A :class:`KernelProfile` is data. It names a real kernel (``docs/contract/kernels.md``: the
+table of knobs on which real kernels differ) and holds one :class:`Pipeline` per variant it
+supports, keyed by the variant table :data:`spec.fields.VARIANTS` (``w8a8``, ``w4a8``,
+``float``): a profile that lacks a variant says so by not having its pipeline. A pipeline is
+composed from one step record per §6 step of ``docs/contract/dispatch_ffn_combine.md``:
 
 ==========  =====================================================================
-step        record field (step object)
+step        pipeline field (step record)
 ==========  =====================================================================
-1           ``quantise`` (:class:`Quantiser`): scale formula, tie rule, ``amax`` floor
-2–3         ``gemm1`` (:class:`IntGemm`): accumulation and the dequant epilogue
+1           ``quantise`` (:class:`Quantiser`; ``None``: float activations)
+2–3         ``gemm1`` (:class:`IntGemm`, :class:`SplitGemm` for W4A8, :class:`FloatGemm`)
 4           ``swiglu`` (:class:`Swiglu`): silu evaluation, stored dtypes, gate/up order
-5           ``requantise`` (:class:`Quantiser`)
-6–7         ``gemm2`` (:class:`IntGemm`), where the routed weight may be applied
-8           ``combine`` (:class:`Combine`): where the routed weight is applied, dtype, order
-float path  ``float_gemm1``/``float_swiglu``/``float_gemm2`` for BF16/FP16 weights
-W4A8        ``split_gemm1``/``split_gemm2`` (:class:`SplitGemm`) for GMM1/GMM2, else as W8A8
+5           ``requantise`` (:class:`Quantiser`; ``None``: none)
+6–7         ``gemm2``, where the routed weight may be applied
+8           the profile's ``combine`` (:class:`Combine`): routed weight, dtype, order
 ==========  =====================================================================
 
 plus the kernel's **freedoms** (what it does not promise: a float32 sum order, an ``exp`` or a
@@ -30,14 +30,17 @@ freedom, ``lo = hi = mid`` and the judge's comparison is bitwise; a flip of one 
 intermediate, or of one int8 value after a requantisation, shows up as a nonzero envelope on
 exactly the values it can reach.
 
-Adding a profile is one record (see :data:`PROFILES`), at most plus one new step class.
+Adding a profile is one record (see :data:`PROFILES`; :meth:`KernelProfile.with_steps` changes
+steps of an existing one), at most plus one new step class. Adding a variant is a row of
+:data:`spec.fields.VARIANTS` and a pipeline entry in each profile that has it
+(``docs/architecture.md``, "Adding a variant").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ import numpy as np
 from oracle.model.arithmetic import exact_int_matmul, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
+from spec.fields import VARIANT_NAMES
 from spec.int4 import split_activation
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
@@ -53,6 +57,7 @@ __all__ = [
     "ASCEND_A3",
     "DEFAULT_FALSE_ALARM",
     "DEFAULT_KERNEL",
+    "PIPELINE_STEPS",
     "PROFILES",
     "VLLM_TRITON",
     "Combine",
@@ -61,6 +66,7 @@ __all__ = [
     "IdealAssumptions",
     "IntGemm",
     "KernelProfile",
+    "Pipeline",
     "Quantiser",
     "SplitGemm",
     "Swiglu",
@@ -70,6 +76,8 @@ __all__ = [
 ]
 
 Array = np.ndarray[Any, Any]
+#: One expert's tensors by field name (:data:`spec.fields.FIELDS`), packed int4 unpacked.
+Weights = Mapping[str, Array]
 #: One rounding point of a pipeline: (§6 step, name, value with its envelope).
 RoundingPoint = tuple[str, str, "Env"]
 F32 = np.float32
@@ -374,6 +382,12 @@ class IntGemm:
             acc = Env(to_f32(acc_mid), to_f32(acc64 - rad), to_f32(acc64 + rad))
         return _apply_epilogue(self.epilogue, acc, col=col, row=row, slot=slot, x_dtype=x_dtype)
 
+    def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
+        assert sigma is not None
+        return self(a, weights[f"w{which}"], weights[f"scale{which}"], sigma, slot, x_dtype)
+
 
 @dataclass(frozen=True)
 class SplitGemm:
@@ -432,6 +446,13 @@ class SplitGemm:
         ops = ("row",) if self.store is None else ("row", self.store)
         return _apply_epilogue(ops, acc, col=None, row=row, slot=None, x_dtype=x_dtype)
 
+    def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
+        assert sigma is not None
+        return self(a, weights[f"w{which}"], weights[f"scale{which}"], weights[f"bias{which}"],
+                    sigma, x_dtype)
+
 
 @dataclass(frozen=True)
 class FloatGemm:
@@ -468,6 +489,11 @@ class FloatGemm:
             acc = Env(to_f32(s), to_f32(s - rad), to_f32(s + rad))
         return _apply_epilogue(self.epilogue, acc, col=None, row=None, slot=slot,
                                x_dtype=x_dtype)
+
+    def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
+        return self(a, weights[f"w{which}"], slot, x_dtype)
 
 
 @dataclass(frozen=True)
@@ -675,40 +701,153 @@ class IdealAssumptions:
                              "and 1")
 
 
+GemmStep = IntGemm | SplitGemm | FloatGemm
+#: The step fields of a :class:`Pipeline`, in §6 order.
+PIPELINE_STEPS = ("quantise", "gemm1", "swiglu", "requantise", "gemm2")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One variant's §6 steps 1–7 in one kernel, as step records applied in order.
+
+    ``quantise`` (step 1, ``None``: the activations stay in x's dtype) runs once on every
+    token; :meth:`stages` runs the rest on one expert's rows: ``gemm1`` (steps 2–3), ``swiglu``
+    (4), ``requantise`` (5, ``None``: SwiGLU's output feeds GEMM2 directly) and ``gemm2``
+    (6–7). A GEMM step reads the expert's tensors it needs by field name
+    (:data:`spec.fields.FIELDS`), so one pipeline class serves every variant.
+    """
+
+    gemm1: GemmStep
+    swiglu: Swiglu
+    gemm2: GemmStep
+    quantise: Quantiser | None = None
+    requantise: Quantiser | None = None
+
+    def stages(
+        self, a: Env, sigma1: Env | None, weights: Weights, slot_p: Array, cfg: OpConfig,
+        zero_rows: str,
+    ) -> tuple[RoundingPoint, ...]:
+        """Steps 2–7 for the rows of one expert, from its inputs ``a`` (the quantised tokens
+        with their scales ``sigma1``, or the tokens): each rounding point as ``(step, name,
+        value)``, in pipeline order, ending with ``y`` (float32 holding x-dtype values; the
+        routed weight included where the profile applies it in GEMM2)."""
+        x_dtype = DTYPES[cfg.x_dtype]
+        h = self.gemm1.apply(a, sigma1, weights, 1, slot_p, x_dtype)
+        act = self.swiglu(h, cfg, x_dtype)
+        if self.requantise is None:
+            y = self.gemm2.apply(act, None, weights, 2, slot_p, x_dtype)
+            return (("2-3", "h", h), ("4", "a", act), ("6-7", "y", y))
+        q2, sigma2, _ = self.requantise(act, zero_rows)
+        y = self.gemm2.apply(q2, sigma2, weights, 2, slot_p, x_dtype)
+        return (("2-3", "h", h), ("4", "a", act), ("5", "q2", q2), ("5", "sigma2", sigma2),
+                ("6-7", "y", y))
+
+    def ffn(self, a: Env, sigma1: Env | None, weights: Weights, slot_p: Array, cfg: OpConfig,
+            zero_rows: str) -> Env:
+        """``y`` of :meth:`stages`."""
+        return self.stages(a, sigma1, weights, slot_p, cfg, zero_rows)[-1][2]
+
+    def steps(self) -> Iterator[tuple[str, Any]]:
+        """``(field, step)`` for every step present, in §6 order."""
+        for name in PIPELINE_STEPS:
+            step = getattr(self, name)
+            if step is not None:
+                yield name, step
+
+    def freedoms(self, variant: str) -> list[str]:
+        found = []
+        if any(isinstance(s, FloatGemm) for _, s in self.steps()):
+            found.append(f"{variant}: float32 GEMM accumulation order")
+        if any(isinstance(s, IntGemm) and s.accumulate == "f32_blocks" for _, s in self.steps()):
+            found.append(f"{variant}: int8 K-block size (blocks summed in float32)")
+        if self.swiglu.exp_ulps or self.swiglu.div_ulps:
+            found.append(f"{variant}: SwiGLU exp within {self.swiglu.exp_ulps} ulp, division "
+                         f"within {self.swiglu.div_ulps} ulp")
+        for name, s in self.steps():
+            if isinstance(s, Quantiser) and s.div_ulps:
+                found.append(f"{variant}: {name} division within {s.div_ulps} ulp")
+        return found
+
+
 @dataclass(frozen=True)
 class KernelProfile:
-    """One real kernel pipeline as data: its steps, freedoms and shape domain."""
+    """One real kernel's numerics as data: a :class:`Pipeline` per variant it supports (keyed
+    by the names of :data:`spec.fields.VARIANTS`; a variant it lacks is absent), its combine,
+    freedoms and shape domain.
+
+    ``pipelines`` may be given as a mapping; it is kept as a tuple of ``(variant, pipeline)``
+    pairs in the table's order, so that the record stays hashable.
+    """
 
     name: str
     summary: str
     sources: str
-    quantise: Quantiser
-    gemm1: IntGemm
-    swiglu: Swiglu
-    requantise: Quantiser
-    gemm2: IntGemm
-    float_gemm1: FloatGemm
-    float_swiglu: Swiglu
-    float_gemm2: FloatGemm
+    pipelines: tuple[tuple[str, Pipeline], ...]
     combine: Combine
     domain: ShapeDomain = field(default_factory=lambda: CONTRACT_DOMAIN)
-    #: W4A8's GMM1 and GMM2 (``None``: the kernel has no W4A8 path).
-    split_gemm1: SplitGemm | None = None
-    split_gemm2: SplitGemm | None = None
+
+    def __post_init__(self) -> None:
+        pairs = tuple(dict(self.pipelines).items())
+        unknown = [v for v, _ in pairs if v not in VARIANT_NAMES]
+        if unknown:
+            raise ValueError(f"kernel profile {self.name!r}: unknown variants {unknown}; the "
+                             f"variants are {', '.join(VARIANT_NAMES)} (spec.fields.VARIANTS)")
+        # in the table's order, so that equal profiles compare equal however they were built
+        object.__setattr__(self, "pipelines", tuple(sorted(
+            pairs, key=lambda pair: VARIANT_NAMES.index(pair[0]))))
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants this kernel has a pipeline for."""
+        return tuple(v for v, _ in self.pipelines)
+
+    def pipeline(self, variant: str) -> Pipeline:
+        """The pipeline of ``variant``; ``ValueError`` names the profiles that have one."""
+        for name, pipe in self.pipelines:
+            if name == variant:
+                return pipe
+        having = [p.name for p in PROFILES.values() if variant in p.variants]
+        raise ValueError(f"kernel profile {self.name!r} has no {variant} pipeline (it has "
+                         f"{', '.join(self.variants)}); profiles with one: "
+                         f"{', '.join(having) or 'none'}")
+
+    def map_steps(self, names: str | tuple[str, ...], change: Callable[[Any], Any],
+                  variants: tuple[str, ...] | None = None) -> KernelProfile:
+        """This profile with each step named in ``names`` (fields of :class:`Pipeline`)
+        replaced by ``change(step)``, in the pipelines of ``variants`` (``None``: all);
+        a pipeline without that step keeps it absent."""
+        names = (names,) if isinstance(names, str) else names
+        unknown = set(names) - set(PIPELINE_STEPS)
+        if unknown:
+            raise ValueError(f"unknown steps {sorted(unknown)}; a pipeline's steps are "
+                             f"{', '.join(PIPELINE_STEPS)}")
+        for variant in variants or ():
+            self.pipeline(variant)  # raises for a variant the profile lacks
+        return dataclasses.replace(self, pipelines=tuple(
+            (v, dataclasses.replace(p, **{n: change(getattr(p, n)) for n in names
+                                          if getattr(p, n) is not None}))
+            if variants is None or v in variants else (v, p) for v, p in self.pipelines))
+
+    def with_steps(self, variants: str | tuple[str, ...] | None = None,
+                   **steps: Any) -> KernelProfile:
+        """This profile with the named steps (fields of :class:`Pipeline`) replaced in the
+        pipelines of ``variants`` (a name or names), or in every pipeline that has that step
+        (``None``).
+
+        >>> up_first = ASCEND_A3.with_steps(swiglu=Swiglu(gate_first=False))
+        >>> [p.swiglu.gate_first for _, p in up_first.pipelines]
+        [False, False, False]
+        """
+        profile = self
+        for name, step in steps.items():
+            profile = profile.map_steps(
+                name, _constant(step), (variants,) if isinstance(variants, str) else variants)
+        return profile
 
     @property
     def freedoms(self) -> tuple[str, ...]:
         """What the kernel does not promise; each widens the judge's envelope by its bound."""
-        found = ["float32 GEMM accumulation order (BF16/FP16 weights)"]
-        if "f32_blocks" in (self.gemm1.accumulate, self.gemm2.accumulate):
-            found.append("int8 K-block size (blocks summed in float32)")
-        for label, s in (("W8A8", self.swiglu), ("float", self.float_swiglu)):
-            if s.exp_ulps or s.div_ulps:
-                found.append(f"{label} SwiGLU exp within {s.exp_ulps} ulp, division within "
-                             f"{s.div_ulps} ulp")
-        for label, qz in (("quantisation", self.quantise), ("requantisation", self.requantise)):
-            if qz.div_ulps:
-                found.append(f"{label} division within {qz.div_ulps} ulp")
+        found = [f for v, p in self.pipelines for f in p.freedoms(v)]
         if self.combine.sum == "moe_sum":
             found.append("float32 top-k sum order (top_k outside "
                          f"{list(self.combine.x_dtype_topk)})")
@@ -717,125 +856,113 @@ class KernelProfile:
     def describe(self) -> str:
         """Every knob, one line each."""
         lines = [f"{self.name}: {self.summary}", f"  sources: {self.sources}"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if hasattr(value, "describe") and f.name != "domain":
-                lines.append(f"  {f.name}: {value.describe()}")
+        for variant, pipe in self.pipelines:
+            lines.append(f"  {variant}:")
+            lines += [f"    {name}: {step.describe()}" for name, step in pipe.steps()]
+        lines.append(f"  combine: {self.combine.describe()}")
         lines.append(f"  domain: {self.domain.describe()}")
         lines.append("  freedoms: " + ("; ".join(self.freedoms) or "none (bitwise)"))
         return "\n".join(lines)
 
-    def int8_stages(
-        self, q: Env, sigma1: Env, w1: Array, s1: Array, w2: Array, s2: Array,
-        slot_p: Array, cfg: OpConfig, zero_rows: str,
-    ) -> tuple[RoundingPoint, ...]:
-        """§6 steps 2–7 for the rows of one expert, from quantised tokens ``q`` with their
-        scales: each rounding point as ``(step, name, value)``, in pipeline order, ending with
-        ``y`` (float32 holding x-dtype values; routed weight included if the profile applies
-        it in GEMM2)."""
-        x_dtype = DTYPES[cfg.x_dtype]
-        return self._quantised_stages(
-            lambda: self.gemm1(q, w1, s1, sigma1, slot_p, x_dtype),
-            lambda q2, sigma2: self.gemm2(q2, w2, s2, sigma2, slot_p, x_dtype), cfg, zero_rows)
-
-    def _quantised_stages(
-        self, gemm1: Callable[[], Env], gemm2: Callable[[Env, Env], Env], cfg: OpConfig,
-        zero_rows: str,
-    ) -> tuple[RoundingPoint, ...]:
-        """``gemm1``, the clamp and SwiGLU, the requantisation, then ``gemm2`` of the
-        requantised rows and their scales: the rounding points W8A8 and W4A8 share."""
-        h = gemm1()
-        a = self.swiglu(h, cfg, DTYPES[cfg.x_dtype])
-        q2, sigma2, _ = self.requantise(a, zero_rows)
-        y = gemm2(q2, sigma2)
-        return (("2-3", "h", h), ("4", "a", a), ("5", "q2", q2), ("5", "sigma2", sigma2),
-                ("6-7", "y", y))
-
-    def int8_ffn(
-        self, q: Env, sigma1: Env, w1: Array, s1: Array, w2: Array, s2: Array,
-        slot_p: Array, cfg: OpConfig, zero_rows: str,
-    ) -> Env:
-        """``y`` of :meth:`int8_stages`."""
-        return self.int8_stages(q, sigma1, w1, s1, w2, s2, slot_p, cfg, zero_rows)[-1][2]
-
-    def w4a8_stages(
-        self, q: Env, sigma1: Env, weights: dict[str, Array], cfg: OpConfig, zero_rows: str,
-    ) -> tuple[RoundingPoint, ...]:
-        """W4A8 (variants.md) for the rows of one expert, each rounding point as in
-        :meth:`int8_stages`: ``weights`` holds the unpacked int4 ``w1``/``w2`` (int8 values),
-        ``scale1``/``scale2`` and ``bias1``/``bias2``; clamp, SwiGLU and requantisation are the
-        W8A8 steps."""
-        if self.split_gemm1 is None or self.split_gemm2 is None:
-            raise ValueError(f"kernel profile {self.name!r} has no W4A8 path; use ascend-a3")
-        gemm1, gemm2, x_dtype = self.split_gemm1, self.split_gemm2, DTYPES[cfg.x_dtype]
-        return self._quantised_stages(
-            lambda: gemm1(q, weights["w1"], weights["scale1"], weights["bias1"], sigma1, x_dtype),
-            lambda q2, sigma2: gemm2(q2, weights["w2"], weights["scale2"], weights["bias2"],
-                                     sigma2, x_dtype), cfg, zero_rows)
-
-    def float_stages(
-        self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig
-    ) -> tuple[RoundingPoint, ...]:
-        """The BF16/FP16-weight path for the rows of one expert, each rounding point as in
-        :meth:`int8_stages`."""
-        x_dtype = DTYPES[cfg.x_dtype]
-        h = self.float_gemm1(x, w1, slot_p, x_dtype)
-        a = self.float_swiglu(h, cfg, x_dtype)
-        y = self.float_gemm2(a, w2, slot_p, x_dtype)
-        return (("2-3", "h", h), ("4", "a", a), ("6-7", "y", y))
-
-    def float_ffn(self, x: Env, w1: Array, w2: Array, slot_p: Array, cfg: OpConfig) -> Env:
-        """``y`` of :meth:`float_stages`."""
-        return self.float_stages(x, w1, w2, slot_p, cfg)[-1][2]
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A JSON-able record; :func:`profile_from_dict` rebuilds it (each step names its
+        class, so the record needs no import to be read back)."""
+        return {
+            "name": self.name, "summary": self.summary, "sources": self.sources,
+            "pipelines": {v: {name: {"step": type(s).__name__, **dataclasses.asdict(s)}
+                              for name, s in p.steps()} for v, p in self.pipelines},
+            "combine": dataclasses.asdict(self.combine),
+            "domain": dataclasses.asdict(self.domain),
+        }
 
     def ideal_assumptions(self, x_dtype: str) -> IdealAssumptions:
-        """What the ideal judge's row test may assume of this kernel (``oracle.judge.rowtest``): its
-        coarsest stored dtype (every profile stores ``y`` in x's dtype; the Ascend GEMM
+        """What the ideal judge's row test may assume of this kernel (:mod:`oracle.judge.rowtest`):
+        its coarsest stored dtype (every profile stores ``y`` in x's dtype; the Ascend GEMM
         intermediates are float16, finer than bfloat16), its quantisers' tie rules and ``amax``
-        floor, and where its combine sums in x's dtype."""
+        floors, and where its combine sums in x's dtype."""
+        quantisers = [s for _, p in self.pipelines for _, s in p.steps()
+                      if isinstance(s, Quantiser)]
+        floors = [p.quantise.amax_floor for _, p in self.pipelines
+                  if p.quantise is not None and p.quantise.amax_floor is not None]
         in_x = self.combine.x_dtype_topk if self.combine.sum == "moe_sum" else ()
         return IdealAssumptions(
             stored_dtype=x_dtype,
-            ties=tuple(sorted({self.quantise.ties, self.requantise.ties})),
-            amax_floor=self.quantise.amax_floor,
+            ties=tuple(sorted({q.ties for q in quantisers})) or ("away", "even"),
+            amax_floor=max(floors) if floors else None,
             x_dtype_combine_topk=tuple(in_x),
         )
 
 
-_STEP_TYPES: dict[str, type] = {
-    "quantise": Quantiser, "requantise": Quantiser, "gemm1": IntGemm, "gemm2": IntGemm,
-    "swiglu": Swiglu, "float_swiglu": Swiglu, "float_gemm1": FloatGemm,
-    "float_gemm2": FloatGemm, "combine": Combine, "domain": ShapeDomain,
-    "split_gemm1": SplitGemm, "split_gemm2": SplitGemm,
-}
-#: Fields older files (and profiles without the step) may leave out or set to None.
-_OPTIONAL = ("domain", "split_gemm1", "split_gemm2")
+def _constant(step: Any) -> Callable[[Any], Any]:
+    return lambda _: step
+
+
+_STEP_CLASSES: dict[str, type] = {
+    c.__name__: c for c in (Quantiser, IntGemm, SplitGemm, FloatGemm, Swiglu)}
+
+
+def _record(cls: type, value: object, what: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"kernel profile: {what} must be an object")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+def _from_old_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A profile record written before pipelines (flat step fields) in today's form."""
+    def step(name: str, cls: type) -> dict[str, Any]:
+        if not isinstance(data.get(name), dict):
+            raise ValueError(f"kernel profile: missing field {name!r}")
+        return {"step": cls.__name__, **data[name]}
+
+    int8 = {"quantise": step("quantise", Quantiser), "gemm1": step("gemm1", IntGemm),
+            "swiglu": step("swiglu", Swiglu), "requantise": step("requantise", Quantiser),
+            "gemm2": step("gemm2", IntGemm)}
+    pipelines = {"w8a8": int8, "float": {"gemm1": step("float_gemm1", FloatGemm),
+                                         "swiglu": step("float_swiglu", Swiglu),
+                                         "gemm2": step("float_gemm2", FloatGemm)}}
+    if data.get("split_gemm1") is not None or data.get("split_gemm2") is not None:
+        pipelines["w4a8"] = {**int8, "gemm1": step("split_gemm1", SplitGemm),
+                             "gemm2": step("split_gemm2", SplitGemm)}
+    return {k: data[k] for k in ("name", "summary", "sources", "combine", "domain")
+            if k in data} | {"pipelines": pipelines}
 
 
 def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
-    """Rebuild a profile from :meth:`KernelProfile.to_dict` (a counterexample's manifest).
-    Raises ``ValueError`` (``TypeError`` for a wrong field) on anything else."""
+    """Rebuild a profile from :meth:`KernelProfile.to_dict` (a counterexample's manifest),
+    or from the flat record files written before pipelines hold. Raises ``ValueError``
+    (``TypeError`` for a wrong field) on anything else."""
     if not isinstance(data, dict):
         raise ValueError("a kernel profile must be a JSON object")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(KernelProfile):
-        if f.name not in data or (f.name in _OPTIONAL and data[f.name] is None):
-            if f.name in _OPTIONAL:
-                continue
-            raise ValueError(f"kernel profile: missing field {f.name!r}")
-        value = data[f.name]
-        step = _STEP_TYPES.get(f.name)
-        if step is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"kernel profile: {f.name} must be an object")
-            value = step(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-        elif not isinstance(value, str):
-            raise ValueError(f"kernel profile: {f.name} must be a string")
-        kwargs[f.name] = value
-    return KernelProfile(**kwargs)
+    if "pipelines" not in data:
+        data = _from_old_dict(data)
+    for name in ("name", "summary", "sources"):
+        if not isinstance(data.get(name), str):
+            raise ValueError(f"kernel profile: {name} must be a string")
+    if not isinstance(data["pipelines"], dict) or not data["pipelines"]:
+        raise ValueError("kernel profile: pipelines must be a non-empty object")
+    pipelines = {}
+    for variant, steps in data["pipelines"].items():
+        if not isinstance(steps, dict):
+            raise ValueError(f"kernel profile: pipeline {variant!r} must be an object")
+        built = {}
+        for name, value in steps.items():
+            if name not in PIPELINE_STEPS or not isinstance(value, dict):
+                raise ValueError(f"kernel profile: pipeline {variant!r}: {name!r} is not a step "
+                                 f"({', '.join(PIPELINE_STEPS)}) given as an object")
+            kind = value.get("step")
+            if kind not in _STEP_CLASSES:
+                raise ValueError(f"kernel profile: {variant}.{name}: unknown step class {kind!r}")
+            built[name] = _record(_STEP_CLASSES[kind],
+                                  {k: v for k, v in value.items() if k != "step"},
+                                  f"{variant}.{name}")
+        pipelines[variant] = Pipeline(**built)
+    domain = data.get("domain")
+    return KernelProfile(
+        name=data["name"], summary=data["summary"], sources=data["sources"],
+        pipelines=tuple(pipelines.items()),
+        combine=_record(Combine, data.get("combine"), "combine"),
+        **({} if domain is None else {"domain": _record(ShapeDomain, domain, "domain")}),
+    )
 
 
 # ---------------------------------------------------------------- the profiles
@@ -845,23 +972,27 @@ def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
 #: dtype, SwiGLU cast to x's dtype with ties away from zero). The vector unit's ``exp`` is not
 #: documented: allowed 3 ulp, NumPy's own test tolerance for float32 ``exp`` [inferred];
 #: divisions are IEEE float32 [inferred].
-ASCEND_A3 = KernelProfile(
-    name="ascend-a3",
-    summary="vllm-ascend dispatch_ffn_combine on Atlas A3 (W8A8 §6; BF16/FP16 per variants.md)",
-    sources="dispatch_ffn_combine.md §6 [code]; variants.md 'BF16 / FP16 weights' [code]; "
-            "exp accuracy [inferred]",
+_A3_W8A8 = Pipeline(
     quantise=Quantiser(scale="divide", ties="away"),
     gemm1=IntGemm("int32", ("col", "fp16", "row")),
     swiglu=Swiglu(exp_ulps=3),
     requantise=Quantiser(scale="reciprocal", ties="even"),
     gemm2=IntGemm("int32", ("col", "fp16", "row", "x")),
-    float_gemm1=FloatGemm(("x",)),
-    float_swiglu=Swiglu(store="x_away", exp_ulps=3),
-    float_gemm2=FloatGemm(("x",)),
+)
+ASCEND_A3 = KernelProfile(
+    name="ascend-a3",
+    summary="vllm-ascend dispatch_ffn_combine on Atlas A3 (W8A8 §6; BF16/FP16 per variants.md)",
+    sources="dispatch_ffn_combine.md §6 [code]; variants.md 'BF16 / FP16 weights' [code]; "
+            "exp accuracy [inferred]",
+    pipelines=(
+        ("w8a8", _A3_W8A8),
+        # W4A8 (variants.md): GMM1/GMM2 split the activation, the rest as W8A8.
+        ("w4a8", dataclasses.replace(_A3_W8A8, gemm1=SplitGemm(), gemm2=SplitGemm("x"))),
+        ("float", Pipeline(gemm1=FloatGemm(("x",)), swiglu=Swiglu(store="x_away", exp_ulps=3),
+                           gemm2=FloatGemm(("x",)))),
+    ),
     combine=Combine("combine", "f32_seq"),
     domain=A3_DOMAIN,
-    split_gemm1=SplitGemm(),
-    split_gemm2=SplitGemm("x"),
 )
 
 #: vLLM's Triton fused_moe (kernels.md, both vLLM columns): the CUDA quantiser
@@ -875,14 +1006,17 @@ VLLM_TRITON = KernelProfile(
     summary="vLLM Triton fused_moe (int8 W8A8 per-token, and BF16/FP16 weights)",
     sources="kernels.md [code]: fused_moe.py, moe_align_sum_kernels.cu, int8_quant_kernels.cu; "
             "expf accuracy [doc]; no fast-math [inferred]",
-    quantise=Quantiser(scale="reciprocal", ties="even"),
-    gemm1=IntGemm("f32_blocks", ("row", "col", "x")),
-    swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
-    requantise=Quantiser(scale="reciprocal", ties="even"),
-    gemm2=IntGemm("f32_blocks", ("slot", "row", "col", "x")),
-    float_gemm1=FloatGemm(("x",)),
-    float_swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
-    float_gemm2=FloatGemm(("slot", "x")),
+    pipelines=(
+        ("w8a8", Pipeline(
+            quantise=Quantiser(scale="reciprocal", ties="even"),
+            gemm1=IntGemm("f32_blocks", ("row", "col", "x")),
+            swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
+            requantise=Quantiser(scale="reciprocal", ties="even"),
+            gemm2=IntGemm("f32_blocks", ("slot", "row", "col", "x")))),
+        ("float", Pipeline(
+            gemm1=FloatGemm(("x",)), swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
+            gemm2=FloatGemm(("slot", "x")))),
+    ),
     combine=Combine("gemm2", "moe_sum", (2, 3, 4)),
     domain=VLLM_DOMAIN,
 )

@@ -24,7 +24,7 @@ from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
 from spec.config import OpConfig
-from spec.int4 import unpack_int4
+from spec.int4 import PER_WORD, unpack_int4
 
 __all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
            "kernel_mathematics", "route", "run"]
@@ -163,10 +163,11 @@ def route(problem: Problem) -> Routing:
 def expert_values(problem: Problem, g: int) -> dict[str, Array]:
     """Global expert ``g``'s tensors by field name, W4A8 weights unpacked to their int4 values
     (int8): what the numerics read."""
-    lists = problem.ranks[g // problem.config.experts_per_rank].expert_lists(
-        g % problem.config.experts_per_rank)
-    if problem.config.variant == "w4a8":
-        lists["w1"], lists["w2"] = unpack_int4(lists["w1"]), unpack_int4(lists["w2"])
+    cfg = problem.config
+    lists = problem.ranks[g // cfg.experts_per_rank].expert_lists(g % cfg.experts_per_rank)
+    for name, spec in cfg.kernel_variant.lists.items():
+        if spec.packing == PER_WORD:  # int4 packed eight to a word
+            lists[name] = unpack_int4(lists[name])
     return lists
 
 
@@ -193,12 +194,11 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
     kernels.md 'Other kernels'; the ideal model reads the gate first), and with the scales
     truncated to 19 bits where ``truncate_scales`` says the kernel reads them so."""
     cfg = problem.config
-    w8a8 = cfg.variant == "w8a8"
-    if cfg.variant == "w4a8":  # only ascend-a3 has a W4A8 path: gate first, raw scales
+    variant = cfg.kernel_variant
+    if any(s.packing != 1 for s in variant.lists.values()):  # W4A8: gate first, raw scales
         return problem
-    profile = numerics.profile
-    swap = not (profile.swiglu if w8a8 else profile.float_swiglu).gate_first
-    chop = numerics.truncate_scales and w8a8
+    swap = not numerics.profile.pipeline(variant.name).swiglu.gate_first
+    chop = numerics.truncate_scales and "scale1" in variant.lists
     if not swap and not chop:
         return problem
 
@@ -250,14 +250,15 @@ def run(
     x = _concat([r.x for r in problem.ranks], x_dtype, (k_hidden,))
     probs = _concat([r.probs for r in problem.ranks], F32, (top_k,))
     slot_p = probs.reshape(-1)
-    w8a8 = cfg.variant in ("w8a8", "w4a8")  # activations quantised to int8 (§6 step 1)
     ideal = num.mode == "ideal"
     env = envelope and not ideal
     profile = num.profile
+    pipeline = None if ideal else profile.pipeline(cfg.kernel_variant.name)
     xf = x.astype(F32)
     x_env = Env(xf, xf, xf) if env else Env(xf)
-    if w8a8 and not ideal:
-        q, sigma1, _ = profile.quantise(x_env, num.zero_rows)
+    inputs, sigma1 = x_env, None
+    if pipeline is not None and pipeline.quantise is not None:  # §6 step 1
+        inputs, sigma1, _ = pipeline.quantise(x_env, num.zero_rows)
     total_tokens = x.shape[0]
     shape = (total_tokens * top_k, k_hidden)
     y = np.full(shape, np.nan, dtype=np.float64 if ideal else F32)
@@ -269,21 +270,13 @@ def run(
         weights = expert_values(problem, int(g))
         w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
         assert w1 is not None and w2 is not None
-        if ideal:
+        if pipeline is None:
             y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
             continue
-        if cfg.variant == "w4a8":
-            assert s1 is not None and s2 is not None
+        if s1 is not None and s2 is not None:
             weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)
-            ys = profile.w4a8_stages(q.take(tok), sigma1.take(tok), weights, cfg,
-                                     num.zero_rows)[-1][2]
-        elif w8a8:
-            assert s1 is not None and s2 is not None
-            s1, s2 = num.read_scales(s1, s2)
-            ys = profile.int8_ffn(q.take(tok), sigma1.take(tok), w1, s1, w2, s2,
-                                  slot_p[slots], cfg, num.zero_rows)
-        else:
-            ys = profile.float_ffn(x_env.take(tok), w1, w2, slot_p[slots], cfg)
+        ys = pipeline.ffn(inputs.take(tok), None if sigma1 is None else sigma1.take(tok),
+                          weights, slot_p[slots], cfg, num.zero_rows)
         y[slots] = ys.mid
         if env:
             y_lo[slots], y_hi[slots] = ys.lo, ys.hi
@@ -310,7 +303,7 @@ def run(
         RankResult(out=o, expert_token_nums=per_expert[r], defined=d, out_lo=lo, out_hi=hi)
         for r, (o, d, lo, hi) in enumerate(zip(split(out), split(defined), lows, highs))
     )
-    sigma_trace = (sigma1.mid if w8a8 and not ideal
+    sigma_trace = (sigma1.mid if sigma1 is not None
                    else np.abs(xf).max(axis=1, initial=0) / F32(127))
     trace = Trace(
         counts=routing.counts,
