@@ -26,6 +26,8 @@ _PAGE = re.compile(r"[\w./-]*\w\.md\b")
 _URL = re.compile(r"\w+://\S+")
 _SECTION = re.compile(r"§\s?(\d+)(?:\s*[–-]\s*§?\s?(\d+))?")
 _HEADING = re.compile(r"^#+\s+§(\d+)\b", re.M)
+#: A page name followed by a quoted section title: ``variants.md, "The per-core peer offset"``.
+_QUOTED = re.compile(r"([\w-]+\.md),? ['\"]([^'\"\n]{3,60})['\"]")
 
 
 def outside_citations(text: str) -> list[str]:
@@ -61,6 +63,19 @@ def missing_sections(text: str, page_text: str) -> list[int]:
     return sorted(cited_sections(text) - headings)
 
 
+def missing_titles(text: str) -> list[str]:
+    """Each page name followed by a quoted title in ``text`` (:data:`_QUOTED`) whose contract
+    page has no heading starting with that title, as the page name and the quoted title."""
+    found = []
+    for page, title in _QUOTED.findall(text):
+        path = CONTRACT / page
+        headings = re.findall(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), re.M) \
+            if path.is_file() else []
+        if not any(h.startswith(title) for h in headings):
+            found.append(f"{page} {title!r}")
+    return found
+
+
 def unindexed_pages(index_text: str, pages: list[str]) -> list[str]:
     """The ``pages`` that the index ``index_text`` does not link as ``[name](name)``."""
     return [p for p in pages if f"[{p}]({p})" not in index_text]
@@ -83,6 +98,8 @@ def _findings(check: str) -> list[str]:
             found += [f"{where}: {f}" for f in outside_citations(text)]
         elif check == "pages":
             found += [f"{where}: {f}" for f in missing_pages(text)]
+        elif check == "titles":
+            found += [f"{where}: {f}" for f in missing_titles(text)]
         else:
             found += [f"{where}: §{n}" for n in missing_sections(text, page_text)]
     return found
@@ -112,6 +129,13 @@ def test_every_cited_section_exists() -> None:
     assert not found, (
         f"{len(found)} cited section(s) have no '## §N' heading in "
         f"docs/contract/dispatch_ffn_combine.md: {found}; cite an existing section or add it")
+
+
+def test_every_cited_section_title_is_a_heading_of_its_page() -> None:
+    found = _findings("titles")
+    assert not found, (
+        f"{len(found)} quoted section title(s) are no heading of their page: {found}; quote "
+        "the heading as the page writes it")
 
 
 def test_the_index_links_every_contract_page_and_the_readme_links_the_index() -> None:
@@ -153,6 +177,12 @@ def test_missing_sections_flags_a_planted_section_and_passes_its_fix(
     assert missing_sections(bad, page) == missing
     assert missing_sections("§4–§6, §4-5, §6 step 8, §10", page) == []
     assert missing_sections("§3", page.replace("## §3 ", "## ")) == [3]
+
+
+def test_missing_titles_flags_a_planted_title_and_passes_its_fix() -> None:
+    bad = _planted("kernels", ".md 'Other kernel types'")
+    assert missing_titles(bad) == [bad]
+    assert missing_titles('kernels.md, "Other kernels"; variants.md \'BF16 / FP16 weights\'') == []
 
 
 def test_unindexed_pages_flags_a_page_the_index_leaves_out() -> None:
