@@ -1,8 +1,8 @@
 """Kernel numerics profiles: one frozen record per real kernel pipeline.
 
-A :class:`KernelProfile` is data. It names a pipeline (``shared/reference/kernels.md``: the
+A :class:`KernelProfile` is data. It names a pipeline (``docs/contract/kernels.md``: the
 table of knobs on which real kernels differ) and composes it from one step object per §6 step
-of ``shared/reference/dispatch_ffn_combine.md``:
+of ``docs/contract/dispatch_ffn_combine.md``:
 
 ==========  =====================================================================
 step        record field (step object)
