@@ -21,7 +21,7 @@ from oracle.check.settings import DEFAULT_PROFILE, PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
 
-_SUITE = Path(__file__).with_name("conformance.py")
+_SUITE = Path(__file__).parent / "check" / "conformance.py"
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
 
 

@@ -3,7 +3,7 @@
 Every consumer (validation in :mod:`spec.problem`, the counterexample and capture file formats,
 the isolated child's copies, the torch adapter) reads :data:`FIELDS` and :data:`VARIANTS`
 instead of naming fields itself, so a variant's new input is a row here (and an attribute of
-:class:`spec.RankInputs`). Sources: §2–§3 of ``shared/reference/dispatch_ffn_combine.md``; the
+:class:`spec.RankInputs`). Sources: §2–§3 of ``docs/contract/dispatch_ffn_combine.md``; the
 kernel picks its variant by ``weight1[0].dtype`` [code].
 """
 

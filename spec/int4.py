@@ -1,4 +1,4 @@
-"""W4A8's packed int4 weights and their compensation bias (``shared/reference/variants.md``,
+"""W4A8's packed int4 weights and their compensation bias (``docs/contract/variants.md``,
 section W4A8 [code]).
 
 The operator takes signed int4 weights eight to an int32 word, little-endian nibbles: element

@@ -361,7 +361,7 @@ VLLM_DOMAIN = ShapeDomain(
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A public MoE model's shape (``/work/shared/reference/models.md``)."""
+    """A public MoE model's shape (``docs/contract/models.md``)."""
 
     name: str
     hidden: int

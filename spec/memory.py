@@ -1,6 +1,6 @@
 """Memory layouts of input arrays: what a kernel may be handed besides a C-contiguous tensor.
 
-The operator declares its weights ``IgnoreContiguous()`` (``shared/reference/edge_cases.md``,
+The operator declares its weights ``IgnoreContiguous()`` (``docs/contract/edge_cases.md``,
 "non-contiguous weights or inputs"; intel-xpu-backend-for-triton #7455 and Liger-Kernel PR
 #1377 for kernels that ignored strides): a caller may pass a transposed or sliced view, and a
 kernel that reads one as if it were contiguous computes with the wrong values. The oracle

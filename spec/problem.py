@@ -1,6 +1,6 @@
 """The data model of one collective call: ``RankInputs`` per rank, ``Problem`` for the call.
 
-Sources: §2–§4 of ``shared/reference/dispatch_ffn_combine.md`` (vllm-ascend ``main`` at
+Sources: §2–§4 of ``docs/contract/dispatch_ffn_combine.md`` (vllm-ascend ``main`` at
 ``182b75ea84``). ``Problem`` validates everything on construction and never writes into the
 caller's arrays: it keeps read-only copies of them, so neither the oracle nor anything handed the
 problem can modify what the caller passed, and nothing the caller does later changes the

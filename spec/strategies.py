@@ -7,7 +7,7 @@ seeded by one drawn integer (large arrays stay cheap and shrink by their seed). 
 valid by construction: no ``assume`` and no ``filter``.
 
 Each family is labelled with :func:`hypothesis.event`, so ``--hypothesis-show-statistics`` shows
-what a run covered. The families come from ``shared/reference/edge_cases.md``.
+what a run covered. The families come from ``docs/contract/edge_cases.md``.
 
 >>> from hypothesis import given
 >>> @given(problems(configs=configs(ep_sizes=st.just(2))))

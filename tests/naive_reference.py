@@ -1,6 +1,6 @@
 """A second, deliberately naive model of one ``dispatch_ffn_combine`` call, for cross-checking.
 
-Written from ``shared/reference/dispatch_ffn_combine.md`` §4–§6, not from
+Written from ``docs/contract/dispatch_ffn_combine.md`` §4–§6, not from
 ``oracle/model/reference.py``: plain Python loops per rank, per token, per slot; each destination's
 receive buffer is a Python list; every received row goes through its own FFN with per-row NumPy
 operations; W8A8 GEMMs are

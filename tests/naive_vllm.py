@@ -1,6 +1,6 @@
 """A deliberately naive model of the ``vllm-triton`` kernel profile, for cross-checking.
 
-Written from ``shared/reference/kernels.md`` (the two vLLM columns), not from
+Written from ``docs/contract/kernels.md`` (the two vLLM columns), not from
 ``oracle/model/kernels.py``: a Python loop per rank, token and slot; per-row NumPy float32
 operations. vLLM has no receive buffer, so there is no truncation; a masked token routes nowhere and
 its row is undefined.

@@ -3,7 +3,7 @@
 - A second, naive model (``naive_reference.py``, loops written from the notes) agrees with it
   bitwise in faithful mode and within one ulp (1e-12 relative before the final cast) in ideal
   mode, on generated problems and on a fixed list that covers the issue's ranges.
-- Invariants of the contract (``shared/reference/dispatch_ffn_combine.md`` §4–§6): slot
+- Invariants of the contract (``docs/contract/dispatch_ffn_combine.md`` §4–§6): slot
   conservation, per-expert receive sets, stacked = per-expert lists, EP-size invariance, masked
   tokens change nothing, determinism, inputs never written.
 - Faithful vs ideal stays within :func:`oracle.judge.bounds.quantisation_error_bound`, and the bound

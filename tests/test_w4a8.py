@@ -1,4 +1,4 @@
-"""W4A8 (``shared/reference/variants.md``, section W4A8): the int4 packing, the activation split,
+"""W4A8 (``docs/contract/variants.md``, section W4A8): the int4 packing, the activation split,
 the compensation bias, and the reference model against the naive one, bitwise.
 
 Each check is shown to fail on a mutant (a big-endian packer, a split without the −8, a GEMM

@@ -8,7 +8,7 @@ from the counts, each expert's FFN over its range of buffer rows, the results re
 slot and combined in k order. Each stage is one method; a mutant is a subclass that overrides
 one of them (``benchmarks.mutants.routing``, ``.numerics``, ``.resources``).
 
-Sources (``shared/reference/dispatch_ffn_combine.md``): §4 placement and masking, §5 the receive
+Sources (``docs/contract/dispatch_ffn_combine.md``): §4 placement and masking, §5 the receive
 layout, truncation and ``expert_token_nums``, §6 the W8A8 numerics. The BF16/FP16-weight variant
 is not described there beyond "float32 accumulation": its GEMMs are modelled as exact products
 rounded once to float32, and both intermediates (GMM1 output, SwiGLU output) are stored in the

@@ -21,7 +21,7 @@ failing example shrinks like any other. Two ways to get ranks:
   (not shrunk) and the group is aborted rather than destroyed.
 
 :func:`reference_rank` is a real EP implementation on the real engine, written from §4–§6 of
-``shared/reference/dispatch_ffn_combine.md``: count exchange (``all_to_all_single``), dispatch,
+``docs/contract/dispatch_ffn_combine.md``: count exchange (``all_to_all_single``), dispatch,
 a local grouped FFN in the ascend-a3 kernel's numerics (the W8A8 path written in torch; the
 BF16/FP16-weight path by the single-process model on the received rows), return, combine. Its
 steps are public so that a variant (a planted bug) can reuse all but one of them.

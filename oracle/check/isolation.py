@@ -137,7 +137,8 @@ def _folder(path: str) -> str:
 
 #: Frames that are not the user's: this package and ``spec``; the standard library and
 #: installed packages.
-_ORACLE = (_folder(os.path.dirname(__file__)), _folder(os.path.dirname(_SPEC_INIT)))
+_ORACLE = (_folder(os.path.dirname(os.path.dirname(__file__))),  # the oracle package
+           _folder(os.path.dirname(_SPEC_INIT)))
 _LIBRARIES = tuple(_folder(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib"))
 
 

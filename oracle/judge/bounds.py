@@ -1,5 +1,5 @@
 """How far the kernel-faithful W8A8 result may lie from the ideal one: a bound derived step by
-step from §6 of ``shared/reference/dispatch_ffn_combine.md``, from the problem's own values.
+step from §6 of ``docs/contract/dispatch_ffn_combine.md``, from the problem's own values.
 
 Notation, per received row (token ``x``, local expert with int8 ``W1`` (K, N), ``W2`` (I, K) and
 float32 scales ``s1`` (N,), ``s2`` (K,)); starred values are the exact mathematics that

@@ -13,7 +13,7 @@ A legitimate kernel computes ``out* + Σ_p J_p e_p + r``: every rounding point `
 an error vector ``e_p`` whose elements are **independent, zero-mean and bounded**,
 ``|e_p,j| <= c_p,j``, propagated linearly through the problem's own weights (``J_p`` the
 Jacobian of the pipeline at the ideal values), plus a second-order remainder ``r``. The rounding
-points, per received slot, in §6 order (``shared/reference/dispatch_ffn_combine.md``,
+points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md``,
 ``kernels.md`` for the other kernels' choices), ``u_s`` the unit roundoff of
 ``stored_dtype`` (the coarsest format a legitimate kernel stores an intermediate in),
 ``u_o`` that of the out dtype, ``u32 = 2^-24``:

@@ -1,7 +1,7 @@
 """Numerics of the reference model: the choice record (mode, kernel profile, switches), resolved
 once at the door and carried by everything below it.
 
-Two modes (``shared/reference/dispatch_ffn_combine.md`` §6):
+Two modes (``docs/contract/dispatch_ffn_combine.md`` §6):
 
 - ``"faithful"`` emulates the W8A8 kernel step by step, pinned to NumPy float32 operations so
   that independent models agree bit for bit. The hardware's ``exp`` and division are not

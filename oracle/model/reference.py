@@ -1,6 +1,6 @@
 """The reference model of one whole ``dispatch_ffn_combine`` call: every rank, every stage.
 
-Read next to ``shared/reference/dispatch_ffn_combine.md``: :func:`route` is §4–§5, the
+Read next to ``docs/contract/dispatch_ffn_combine.md``: :func:`route` is §4–§5, the
 ``_ffn_*`` functions are §6 steps 1–7, :func:`_combine` is step 8. Vectorised over tokens; the
 only Python loops run over global experts (``EP·E``) and over ``top_k`` in the combine.
 
