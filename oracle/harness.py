@@ -41,6 +41,7 @@ from oracle.kernels import KernelProfile
 from oracle.loading import load_impl
 from oracle.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
+from oracle.reduction import reduce_counterexample
 from oracle.reference import route
 from spec import OpConfig, Problem
 from spec.config import X_DTYPES
@@ -212,9 +213,10 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
 
 def format_report(
     problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
-    replay: str | None, ulps: float = 0.0,
+    replay: str | None, ulps: float = 0.0, note: str | None = None,
 ) -> str:
-    """The one-read report: configuration, stage, worst element, routing, file, replay."""
+    """The one-read report: configuration, stage, worst element, routing, file, replay;
+    ``note`` says how the minimal call was reduced after shrinking."""
     slack = f", +{ulps:g} ulp" if ulps and numerics.mode == "faithful" else ""
     lines = [
         f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
@@ -222,6 +224,8 @@ def format_report(
         f"minimal call: {describe_problem(problem)}",
         f"what failed: {verdict.message}",
     ]
+    if note:
+        lines.insert(2, note)
     if path is not None:
         lines.append(f"counterexample saved: {path}")
     if replay:
@@ -355,12 +359,20 @@ def check_implementation(
 
     if seed is not None:
         conforms = hseed(seed)(conforms)
+    note = None
     try:
         conforms()
     except _Hung as hung:
         problem, verdict, outputs = hung.problem, hung.verdict, None
     except _Mismatch as mismatch:
         problem, verdict, outputs = mismatch.problem, mismatch.verdict, mismatch.outputs
+        reduced = reduce_counterexample(
+            problem, verdict,
+            lambda p: evaluate(impl, p, numerics=num, timeout=timeout, inputs=inputs, ulps=ulps),
+            num.profile.domain if domain == "kernel" else None)
+        if reduced is not None:
+            problem, verdict, outputs = reduced.problem, reduced.verdict, reduced.outputs
+            note = reduced.describe()
     else:
         return
     finally:
@@ -373,7 +385,8 @@ def check_implementation(
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
-    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps)
+    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps,
+                           note=note)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 
