@@ -16,20 +16,26 @@ its row is undefined.
   otherwise a float32 sum in k order and one cast.
 
 ``silu_rounded=False`` plants a defect (silu kept in float32), to show the agreement test bites.
+``quantise=triton_quantiser(...)`` swaps in vLLM's Triton quantiser, with a reciprocal some ulps
+off (a legitimate GPU division) or a planted rounding defect.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from spec import DTYPES, Problem
 
-__all__ = ["naive_vllm_run"]
+__all__ = ["naive_vllm_run", "triton_quantiser"]
 
 F32 = np.float32
 Array = np.ndarray[Any, Any]
+
+
+Quantise = Callable[[Array], tuple[Array, F32]]
 
 
 def _quantise(row: Array) -> tuple[Array, F32]:
@@ -43,6 +49,26 @@ def _quantise(row: Array) -> tuple[Array, F32]:
         return (np.rint(row.astype(np.float64) * (127 / np.float64(amax))).astype(F32),
                 F32(amax / F32(127)))
     return np.rint(row * inv).astype(F32), F32(amax / F32(127))
+
+
+def triton_quantiser(reciprocal_ulps: int = 0, rounding: str = "away") -> Quantise:
+    """vLLM's Triton ``per_token_quant_int8`` (int8_utils.py): ``amax = max(amax, 1e-10)``,
+    ``scale = amax/127``, ``q = round(x · (127/amax))`` with the reciprocal moved
+    ``reciprocal_ulps`` float32 ulps (signed: up or down) from correctly rounded, as a fast
+    GPU division may give. ``rounding``: ``"away"`` (``libdevice.round``), or a planted defect:
+    ``"even"`` (ties to even) or ``"trunc"`` (toward zero)."""
+    rnd = {"even": np.rint, "trunc": np.trunc,
+           "away": lambda v: np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5)}[rounding]
+    toward = F32(np.inf) if reciprocal_ulps > 0 else F32(0)
+
+    def quantise(row: Array) -> tuple[Array, F32]:
+        amax = max(F32(np.max(np.abs(row))) if row.size else F32(0), F32(1e-10))
+        inv = F32(F32(127) / amax)
+        for _ in range(abs(reciprocal_ulps)):
+            inv = np.nextafter(inv, toward)
+        return np.asarray(rnd(row * inv), F32), F32(amax / F32(127))
+
+    return quantise
 
 
 def _blocked_int_dot(q: Array, w: Array, block: int) -> Array:
@@ -74,27 +100,29 @@ def _swiglu(h: Array, out: Any, silu_rounded: bool) -> Array:
 
 
 def _slot_output(x: Array, w1: Array, w2: Array, s1: Array | None, s2: Array | None, p: F32,
-                 out: Any, silu_rounded: bool, block: int) -> Array:
+                 out: Any, silu_rounded: bool, block: int, quantise: Quantise) -> Array:
     xf = x.astype(F32)
     if s1 is None or s2 is None:  # BF16/FP16 weights
         h = _sequential_f32_dot(xf, w1).astype(out).astype(F32)
         a = _swiglu(h, out, silu_rounded)
         return (_sequential_f32_dot(a, w2) * p).astype(out).astype(F32)
-    q, sigma = _quantise(xf)
+    q, sigma = quantise(xf)
     acc1 = _blocked_int_dot(q, w1, block)
     h = ((acc1 * sigma).astype(F32) * s1.astype(F32)).astype(out).astype(F32)
     a = _swiglu(h, out, silu_rounded)
-    q2, sigma2 = _quantise(a)
+    q2, sigma2 = quantise(a)
     acc2 = _blocked_int_dot(q2, w2, block)
     y = ((acc2 * p).astype(F32) * sigma2).astype(F32)
     return (y * s2.astype(F32)).astype(out).astype(F32)
 
 
 def naive_vllm_run(
-    problem: Problem, *, silu_rounded: bool = True, block: int = 32
+    problem: Problem, *, silu_rounded: bool = True, block: int = 32,
+    quantise: Quantise = _quantise,
 ) -> tuple[list[Array], list[Array], list[Array]]:
     """Per rank: ``out`` (x's dtype, 0 on undefined rows), ``expert_token_nums`` (int32) and
-    ``defined`` (the active tokens)."""
+    ``defined`` (the active tokens). ``quantise``: the W8A8 quantiser of both steps (default:
+    the CUDA one; :func:`triton_quantiser`)."""
     cfg = problem.config
     n_local, top_k = cfg.experts_per_rank, cfg.top_k
     out_dtype = DTYPES[cfg.x_dtype]
@@ -114,7 +142,7 @@ def naive_vllm_run(
                 owner = problem.ranks[g // n_local]
                 w1, w2, s1, s2 = owner.expert_weights(g % n_local)
                 ys.append(_slot_output(inputs.x[t], w1, w2, s1, s2, F32(inputs.probs[t, k]),
-                                       out_dtype, silu_rounded, block))
+                                       out_dtype, silu_rounded, block, quantise))
             acc = ys[0]
             for y in ys[1:]:
                 acc = (acc + y).astype(F32)

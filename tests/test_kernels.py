@@ -339,7 +339,16 @@ def _long_combine_problem() -> Problem:
     return random_problem(cfg, seed=0)
 
 
-_V, _A = VLLM_TRITON, ASCEND_A3
+#: The vLLM mutants are judged with the reciprocal pinned to IEEE (as the profile was before
+#: issue 24): they change a rounding point of the pipeline, which is what this test is about.
+#: Under the profile's declared 2-ulp reciprocal every exact tie may round either way, element
+#: by element, and a flipped q widens its whole row; measured at this budget: fp16 intermediates
+#: caught on 5 of 10 differing examples, silu not rounded 15 of 23, routed weight in the combine
+#: 20 of 21, ties away 0 of 16; with the ``ties`` row family left out 18/18, 32/36, 36/36.
+#: (A kernel's reciprocal is one value per row: judging each token row against the reciprocal
+#: below, at and above IEEE separately would pin exact ties again; not built yet.)
+_V = VLLM_TRITON.map_steps(("quantise", "requantise"), lambda q: replace(q, div_ulps=0))
+_A = ASCEND_A3
 _VI, _VF = _V.pipeline("w8a8"), _V.pipeline("float")
 _AI, _AF = _A.pipeline("w8a8"), _A.pipeline("float")
 #: (profile, mutant differing from it in one rounding point, constructed problem or None).

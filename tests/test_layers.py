@@ -32,7 +32,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("files", ("oracle.files", "oracle.files.counterexample")),
     ("check", ("oracle.check", "oracle.check.settings", "oracle.check.options",
                "oracle.check.loading", "oracle.check.hunt", "oracle.check.isolation",
-               "oracle.check.harness", "oracle.check.conformance", "oracle.check.distributed",
+               "oracle.check.reduction", "oracle.check.harness", "oracle.check.conformance",
+               "oracle.check.distributed",
                "oracle.check.capture")),
     ("doors", ("oracle.cli", "oracle.pytest_plugin", "oracle", "oracle.__main__")),
 )

@@ -37,6 +37,7 @@ from oracle.check.isolation import (
 )
 from oracle.check.loading import load_impl
 from oracle.check.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
+from oracle.check.reduction import reduce_counterexample
 from oracle.files.counterexample import arrays_of, save
 from oracle.judge.verdict import Verdict, compare, structured_outputs
 from oracle.model.kernels import KernelProfile
@@ -213,9 +214,10 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
 
 def format_report(
     problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
-    replay: str | None, ulps: float = 0.0,
+    replay: str | None, ulps: float = 0.0, note: str | None = None,
 ) -> str:
-    """The one-read report: configuration, stage, worst element, routing, file, replay."""
+    """The one-read report: configuration, stage, worst element, routing, file, replay;
+    ``note`` says how the minimal call was reduced after shrinking."""
     slack = f", +{ulps:g} ulp" if ulps and numerics.mode == "faithful" else ""
     lines = [
         f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
@@ -223,6 +225,8 @@ def format_report(
         f"minimal call: {describe_problem(problem)}",
         f"what failed: {verdict.message}",
     ]
+    if note:
+        lines.insert(2, note)
     if path is not None:
         lines.append(f"counterexample saved: {path}")
     if replay:
@@ -351,12 +355,20 @@ def check_implementation(
 
     if seed is not None:
         conforms = hseed(seed)(conforms)
+    note = None
     try:
         conforms()
     except _Hung as hung:
         problem, verdict, outputs = hung.problem, hung.verdict, None
     except _Mismatch as mismatch:
         problem, verdict, outputs = mismatch.problem, mismatch.verdict, mismatch.outputs
+        reduced = reduce_counterexample(
+            problem, verdict,
+            lambda p: evaluate(impl, p, numerics=num, timeout=timeout, inputs=inputs, ulps=ulps),
+            num.profile.domain if domain == "kernel" else None)
+        if reduced is not None:
+            problem, verdict, outputs = reduced.problem, reduced.verdict, reduced.outputs
+            note = reduced.describe()
     else:
         return
     finally:
@@ -369,7 +381,8 @@ def check_implementation(
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
-    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps)
+    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps,
+                           note=note)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 

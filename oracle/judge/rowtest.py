@@ -18,7 +18,8 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
 ``stored_dtype`` (the coarsest format a legitimate kernel stores an intermediate in),
 ``u_o`` that of the out dtype, ``u32 = 2^-24``:
 
-1. activation quantisation (W8A8): ``x − σ1·q``, ``c = σ1/2 + u32·amax`` with
+1. activation quantisation (W8A8): ``x − σ1·q``, ``c = σ1/2 + (1 + 2n)·u32·amax`` (``n`` the
+   ``div_ulps`` of its division) with
    ``σ1 = max(amax, amax_floor)(1 + u32)/127``. Equal values of ``x`` in a row quantise
    identically, so the independent variables are the row's **distinct values**: a value ``v``
    at positions ``g_v`` contributes ``e_v·Σ_{j∈g_v} α_j``. Exact ties (``fl(x/σ1)`` or
@@ -29,7 +30,8 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
 3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.judge.bounds`) and up to two roundings to
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
-4. requantisation (W8A8): ``c = σ2/2 + 3·u32·|a'|``, ``σ2 = (max|a| + max E_a)(1 + u32)/127``.
+4. requantisation (W8A8): ``c = σ2/2 + (3 + 2n)·u32·|a'|``,
+   ``σ2 = (max|a| + max E_a)(1 + u32)/127``.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -263,7 +265,9 @@ def row_thresholds(
         reasons[below & tested] = "bound: below the quantiser's amax floor"
         tested &= ~below
         amax = np.maximum(amax, floor)
-    c1 = (amax * (1 + u32) / 127 / 2 + u32 * amax) if int8 else np.zeros(total)
+    # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
+    u_div = 2 * assumptions.div_ulps * u32
+    c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
     ties = _activation_ties(x, amax) if int8 else np.zeros(x.shape, dtype=bool)
     group, mult = _value_groups(x, ties)
 
@@ -331,7 +335,7 @@ def row_thresholds(
         e_a = e_a + np.sqrt(c_sw2)
         if int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
-            c_req = amax2[:, None] * (1 + u32) / 127 / 2 + 3 * u32 * (np.abs(a) + e_a)
+            c_req = amax2[:, None] * (1 + u32) / 127 / 2 + (3 * u32 + u_div) * (np.abs(a) + e_a)
         else:
             c_req = np.zeros_like(a)
         e_a2 = e_a + c_req

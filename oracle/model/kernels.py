@@ -60,6 +60,7 @@ __all__ = [
     "PIPELINE_STEPS",
     "PROFILES",
     "VLLM_TRITON",
+    "VLLM_TRITON_TQ",
     "Combine",
     "Env",
     "FloatGemm",
@@ -192,24 +193,45 @@ class Quantiser:
     ``scale="divide"``: ``σ = fl(amax/127)``, ``q = R(fl(a/σ))``; ``"reciprocal"``:
     ``q = R(fl(a · fl(127/amax)))`` with ``σ = fl(amax/127)`` for the dequant. ``ties``: the
     rounding ``R`` to integers. ``amax_floor``: ``amax = max(amax, floor)`` (vLLM's Triton
-    quantiser, 1e-10), which also makes a zero row quantise to 0. ``div_ulps``: how many ulps
-    the kernel's float32 divisions may be off (0: correctly rounded, the model's own).
+    quantiser, 1e-10), which also makes a zero row quantise to 0.
+
+    Division is a freedom of its own (issue 24): ``div_ulps`` bounds how many ulps the float32
+    division that forms ``q`` (the quotient ``a/σ``, or the reciprocal ``127/amax``) may lie
+    from correctly rounded: Triton's ``/`` and CUDA's fast fp32 division are within 2 ulp
+    (``div.full.f32``), and torch's ``127.0 / amax`` is ``reciprocal(amax)·127``, two roundings,
+    also within 2 ulp. The envelope carries it to ``q ∈ {k, k + 1}`` exactly where
+    ``a·127/amax`` lies that close to a tie. ``scale_ulps`` does the same for the dequant
+    scale ``σ = amax/127`` (0: pinned, as the source pins it). 0 everywhere: IEEE division,
+    the model's own. ``source``: the function that quantises, for ``dfc-oracle kernels -v``.
     """
 
     scale: str = "divide"
     ties: str = "away"
     amax_floor: float | None = None
     div_ulps: int = 0
+    scale_ulps: int = 0
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.scale not in ("divide", "reciprocal"):
             raise ValueError(f"scale {self.scale!r} is not 'divide' or 'reciprocal'")
         _round_to_int(self.ties)
+        for name in ("div_ulps", "scale_ulps"):
+            ulps = getattr(self, name)
+            if not isinstance(ulps, int) or isinstance(ulps, bool) or not 0 <= ulps <= 64:
+                raise ValueError(f"{name} {ulps!r} is not an integer from 0 to 64; give how "
+                                 "many float32 ulps the kernel's division may be off")
 
     def describe(self) -> str:
         formula = "a / fl(amax/127)" if self.scale == "divide" else "a · fl(127/amax)"
         floor = f", amax floored at {self.amax_floor:g}" if self.amax_floor else ""
-        return f"int8 of {formula}, ties {self.ties}{floor}"
+        what = "quotient" if self.scale == "divide" else "reciprocal"
+        div = (f"; {what} within {self.div_ulps} ulp" if self.div_ulps
+               else f"; IEEE {what}")
+        scale = (f", scale within {self.scale_ulps} ulp" if self.scale_ulps
+                 else ", scale IEEE (pinned)")
+        source = f" [{self.source}]" if self.source else ""
+        return f"int8 of {formula}, ties {self.ties}{floor}{div}{scale}{source}"
 
     def __call__(self, a: Env, zero_rows: str) -> tuple[Env, Env, Array]:
         """``(q, σ, degenerate)``: integers (float32), the dequant scale (float32, one per row)
@@ -260,9 +282,10 @@ class Quantiser:
         if self.amax_floor is not None:
             amax_lo = np.maximum(amax_lo, float(F32(self.amax_floor)))
             amax_hi = np.maximum(amax_hi, float(F32(self.amax_floor)))
-        d = self.div_ulps * 2 * _U32  # d ulps of a float32 value are at most 2d·u relative
-        s_lo = to_f32(amax_lo / 127).astype(np.float64) * (1 - d)
-        s_hi = to_f32(amax_hi / 127).astype(np.float64) * (1 + d)
+        # n ulps of a float32 value are at most 2n·u relative.
+        d, d_s = self.div_ulps * 2 * _U32, self.scale_ulps * 2 * _U32
+        s_lo = to_f32(amax_lo / 127).astype(np.float64) * (1 - d_s)
+        s_hi = to_f32(amax_hi / 127).astype(np.float64) * (1 + d_s)
         sigma_env = Env(sigma, np.minimum(s_lo, sigma), np.maximum(s_hi, sigma))
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             if self.scale == "divide":  # t = fl(a / σ): quotient corners, then the division
@@ -679,15 +702,17 @@ class IdealAssumptions:
     output, ``y`` per slot); default ``"bfloat16"``, the coarsest legitimate one
     (docs/contract/kernels.md). ``ties``: the tie rules it may use when quantising (``"away"``,
     ``"even"``). ``amax_floor``: its quantiser floors ``amax`` (vLLM's Triton quantiser: 1e-10);
-    rows below
-    are left to the sound bound. ``x_dtype_combine_topk``: the top_k values for which it may
-    sum the combine in the out dtype (vLLM ``moe_sum``). ``false_alarm``: the probability per
-    call of rejecting a legitimate output, under the model of the module docstring.
+    rows below are left to the sound bound. ``div_ulps``: how far its quantisers' float32
+    division may lie from correctly rounded (:class:`Quantiser`; default 2, GPU fast division).
+    ``x_dtype_combine_topk``: the top_k values for which it may sum the combine in the out
+    dtype (vLLM ``moe_sum``). ``false_alarm``: the probability per call of rejecting a
+    legitimate output, under the model of :mod:`oracle.judge.rowtest`.
     """
 
     stored_dtype: str = "bfloat16"
     ties: tuple[str, ...] = ("away", "even")
     amax_floor: float | None = None
+    div_ulps: int = 2
     x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
     false_alarm: float = DEFAULT_FALSE_ALARM
 
@@ -765,7 +790,10 @@ class Pipeline:
                          f"within {self.swiglu.div_ulps} ulp")
         for name, s in self.steps():
             if isinstance(s, Quantiser) and s.div_ulps:
-                found.append(f"{variant}: {name} division within {s.div_ulps} ulp")
+                what = "quotient" if s.scale == "divide" else "reciprocal"
+                found.append(f"{variant}: {name} {what} within {s.div_ulps} ulp")
+            if isinstance(s, Quantiser) and s.scale_ulps:
+                found.append(f"{variant}: {name} scale within {s.scale_ulps} ulp")
         return found
 
 
@@ -889,6 +917,7 @@ class KernelProfile:
             stored_dtype=x_dtype,
             ties=tuple(sorted({q.ties for q in quantisers})) or ("away", "even"),
             amax_floor=max(floors) if floors else None,
+            div_ulps=max((q.div_ulps for q in quantisers), default=0),
             x_dtype_combine_topk=tuple(in_x),
         )
 
@@ -973,10 +1002,12 @@ def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
 #: documented: allowed 3 ulp, NumPy's own test tolerance for float32 ``exp`` [inferred];
 #: divisions are IEEE float32 [inferred].
 _A3_W8A8 = Pipeline(
-    quantise=Quantiser(scale="divide", ties="away"),
+    quantise=Quantiser(scale="divide", ties="away",
+                       source="§6 step 1: x / σ1, a true division [code]"),
     gemm1=IntGemm("int32", ("col", "fp16", "row")),
     swiglu=Swiglu(exp_ulps=3),
-    requantise=Quantiser(scale="reciprocal", ties="even"),
+    requantise=Quantiser(scale="reciprocal", ties="even",
+                         source="§6 step 5: a · (127/amax2) [code], IEEE [inferred]"),
     gemm2=IntGemm("int32", ("col", "fp16", "row", "x")),
 )
 ASCEND_A3 = KernelProfile(
@@ -995,23 +1026,29 @@ ASCEND_A3 = KernelProfile(
     domain=A3_DOMAIN,
 )
 
-#: vLLM's Triton fused_moe (kernels.md, both vLLM columns): the CUDA quantiser
-#: ``scaled_int8_quant`` (reciprocal multiply, half to even, no floor) by default; int32 dots per
-#: K block summed in float32; GEMM outputs in x's dtype; ``silu_and_mul`` rounds silu to x's
-#: dtype, multiplies in float32 and rounds again; the routed weight in GEMM2's epilogue;
-#: ``moe_sum`` in x's dtype for top_k 2–4. CUDA's ``expf`` is within 2 ulp (CUDA C
-#: Programming Guide, accuracy tables); divisions IEEE (no fast-math) [inferred].
+#: vLLM's Triton fused_moe (kernels.md, both vLLM columns) with the CUDA quantiser
+#: ``ops.scaled_int8_quant`` (reciprocal multiply, half to even, no floor), which vLLM's dense
+#: W8A8 linear layers call; int32 dots per K block summed in float32; GEMM outputs in x's
+#: dtype; ``silu_and_mul`` rounds silu to x's dtype, multiplies in float32 and rounds again; the
+#: routed weight in GEMM2's epilogue; ``moe_sum`` in x's dtype for top_k 2–4. CUDA's ``expf`` is
+#: within 2 ulp (CUDA C Programming Guide, accuracy tables). Division: the reciprocal
+#: ``127/amax`` within 2 ulp, as fast fp32 division and torch's ``reciprocal(amax)·127`` give
+#: (issue 24: on an H100 the IEEE reciprocal's q differed by one in 0.2–7 % of rows, at near
+#: ties); the scale ``amax/127`` stayed IEEE on every row measured there, so it stays pinned.
+_VLLM_CUDA_QUANTISER = Quantiser(
+    scale="reciprocal", ties="even", div_ulps=2,
+    source="CUDA ops.scaled_int8_quant, int8_quant_kernels.cu: vLLM's dense W8A8 linear layers")
 VLLM_TRITON = KernelProfile(
     name="vllm-triton",
-    summary="vLLM Triton fused_moe (int8 W8A8 per-token, and BF16/FP16 weights)",
+    summary="vLLM Triton fused_moe (int8 W8A8 per-token, and BF16/FP16 weights), CUDA quantiser",
     sources="kernels.md [code]: fused_moe.py, moe_align_sum_kernels.cu, int8_quant_kernels.cu; "
-            "expf accuracy [doc]; no fast-math [inferred]",
+            "expf accuracy [doc]; division within 2 ulp (issue 24, measured)",
     pipelines=(
         ("w8a8", Pipeline(
-            quantise=Quantiser(scale="reciprocal", ties="even"),
+            quantise=_VLLM_CUDA_QUANTISER,
             gemm1=IntGemm("f32_blocks", ("row", "col", "x")),
             swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
-            requantise=Quantiser(scale="reciprocal", ties="even"),
+            requantise=_VLLM_CUDA_QUANTISER,
             gemm2=IntGemm("f32_blocks", ("slot", "row", "col", "x")))),
         ("float", Pipeline(
             gemm1=FloatGemm(("x",)), swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
@@ -1021,7 +1058,25 @@ VLLM_TRITON = KernelProfile(
     domain=VLLM_DOMAIN,
 )
 
-PROFILES: dict[str, KernelProfile] = {p.name: p for p in (ASCEND_A3, VLLM_TRITON)}
+#: The same kernel with the quantiser fused_moe itself calls for int8 per-token activations,
+#: both before GEMM1 and for the requantisation after ``silu_and_mul``: ``moe_kernel_quantize_
+#: input`` -> ``_int8_quantize`` -> Triton ``per_token_quant_int8`` (fused_moe/utils.py,
+#: quantization/utils/int8_utils.py [code]): ``amax = max(amax, 1e-10)``, ``scale = amax/127``,
+#: ``x · (127/amax)`` with Triton's fp32 ``/`` (within 2 ulp), ``libdevice.round``: ties away.
+_VLLM_TRITON_QUANTISER = Quantiser(
+    scale="reciprocal", ties="away", amax_floor=1e-10, div_ulps=2,
+    source="Triton per_token_quant_int8, int8_utils.py: fused_moe's int8 per-token path "
+           "(moe_kernel_quantize_input, both quantisations)")
+VLLM_TRITON_TQ = dataclasses.replace(
+    VLLM_TRITON.with_steps(quantise=_VLLM_TRITON_QUANTISER, requantise=_VLLM_TRITON_QUANTISER),
+    name="vllm-triton-tq",
+    summary="vLLM Triton fused_moe with its own Triton quantiser (per_token_quant_int8)",
+    sources="kernels.md [code]; fused_moe/utils.py _int8_quantize and int8_utils.py "
+            "per_token_quant_int8 [code]; division within 2 ulp (issue 24, measured)",
+)
+
+PROFILES: dict[str, KernelProfile] = {
+    p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
