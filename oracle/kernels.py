@@ -53,6 +53,7 @@ __all__ = [
     "ASCEND_A3",
     "DEFAULT_KERNEL",
     "PROFILES",
+    "TORCH_GROUPED_MM",
     "VLLM_TRITON",
     "Combine",
     "Env",
@@ -856,7 +857,27 @@ VLLM_TRITON = KernelProfile(
     domain=VLLM_DOMAIN,
 )
 
-PROFILES: dict[str, KernelProfile] = {p.name: p for p in (ASCEND_A3, VLLM_TRITON)}
+#: A torchtitan-style MoE on torch's grouped GEMM ``torch._grouped_mm`` (CUTLASS on Hopper;
+#: ``tests/controls/gpu/grouped_mm.py`` is one): float32 accumulation, GEMM outputs in x's
+#: dtype; ``F.silu(g) * u`` on x-dtype tensors (torch's silu is ``x / (1 + exp(-x))`` in
+#: float32, rounded to x's dtype, the product in float32 rounded again); the routed weight
+#: after GEMM2, in float32, rounded to x's dtype (torchtitan's ``score_before_experts=False``);
+#: the top-k sum in float32 in an order not promised, one cast [inferred from torch's ATen
+#: sources]. BF16/FP16 weights only: torch has no int8 grouped GEMM (its FP8 one,
+#: ``_scaled_grouped_mm``, needs the FP8 formats), so the int8 steps are vLLM's, unused; gate
+#: it with ``variants=("bf16", "fp16")``. The domain is vLLM's (no receive buffer, no clamp).
+TORCH_GROUPED_MM = dataclasses.replace(
+    VLLM_TRITON,
+    name="torch-grouped-mm",
+    summary="torchtitan-style MoE on torch._grouped_mm (BF16/FP16 weights only)",
+    sources="torch ATen silu and reductions [inferred]; torchtitan MoE score after experts "
+            "[inferred]",
+    float_gemm2=FloatGemm(("x", "slot", "x")),
+    combine=Combine("gemm2", "moe_sum", ()),
+)
+
+PROFILES: dict[str, KernelProfile] = {
+    p.name: p for p in (ASCEND_A3, VLLM_TRITON, TORCH_GROUPED_MM)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
