@@ -21,7 +21,13 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from oracle.check.harness import ConformanceError, check_implementation, evaluate, variant_configs
+from oracle.check.harness import (
+    ConformanceError,
+    check_implementation,
+    evaluate,
+    variant_configs,
+    variants_of,
+)
 from oracle.model.kernels import get_kernel
 from oracle.model.numerics import resolve_numerics, with_kernel
 from spec import Problem
@@ -39,7 +45,12 @@ def _domain(options: dict[str, Any]) -> ShapeDomain | None:
 
 
 def _variant_configs(options: dict[str, Any], **fields: Any) -> st.SearchStrategy[Any]:
-    return variant_configs(options["variants"], domain=_domain(options), **fields)
+    """The selected variants the kernel profile has a pipeline for."""
+    try:
+        have = variants_of(get_kernel(options["kernel"]), options["variants"])
+    except ValueError as e:
+        pytest.skip(str(e))
+    return variant_configs(have, domain=_domain(options), **fields)
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,10 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     ``--dfc-variants``, like every variant outside the default list."""
     if variant not in dfc_options["variants"]:
         pytest.skip(f"variant {variant} not in --dfc-variants")
+    profile = get_kernel(dfc_options["kernel"])
+    if _GATE[variant].variant.name not in profile.variants:
+        pytest.skip(f"kernel profile {profile.name} has no {_GATE[variant].variant.name} "
+                    "pipeline")
     gate = _GATE[variant]
     strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
                        weight_dtypes=st.just(gate.weight_dtype),

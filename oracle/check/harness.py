@@ -36,7 +36,7 @@ from oracle.check.isolation import (
     plain_outputs,
 )
 from oracle.check.loading import load_impl
-from oracle.check.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
+from oracle.check.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, check_options
 from oracle.check.reduction import reduce_counterexample
 from oracle.files.counterexample import arrays_of, save
 from oracle.judge.verdict import Verdict, compare, structured_outputs
@@ -236,6 +236,7 @@ def format_report(
 
 DOMAINS = ("kernel", "contract")
 #: Each weight variant's token dtypes and weight dtype (float weights are in x's dtype).
+_GATE = {g.name: g for g in GATE_VARIANTS}
 _VARIANT_DTYPES = {g.name: (g.x_dtypes, g.weight_dtype) for g in GATE_VARIANTS}
 
 
@@ -271,9 +272,25 @@ def default_problems(
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
-    if variants is None:
+    have = variants_of(profile, variants)
+    if variants is None and have == DEFAULT_VARIANTS:
         return problems(configs=configs(domain=shapes))
-    return problems(configs=variant_configs(variants, domain=shapes))
+    return problems(configs=variant_configs(have, domain=shapes))
+
+
+def variants_of(profile: KernelProfile, variants: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The gate variants of ``variants`` (default: the default ones) that ``profile`` has a
+    pipeline for; ``ValueError`` when it has none of them.
+
+    >>> variants_of(get_kernel("vllm-triton"), ["w8a8", "w4a8", "bf16"])
+    ('w8a8', 'bf16')
+    """
+    wanted = DEFAULT_VARIANTS if variants is None else tuple(variants)
+    have = tuple(v for v in wanted if _GATE[v].variant.name in profile.variants)
+    if not have:
+        raise ValueError(f"kernel profile {profile.name!r} has a pipeline for none of the "
+                         f"variants {', '.join(wanted)} (it has {', '.join(profile.variants)})")
+    return have
 
 
 def check_implementation(

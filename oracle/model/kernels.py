@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_KERNEL",
     "PIPELINE_STEPS",
     "PROFILES",
+    "TORCH_GROUPED_MM",
     "VLLM_TRITON",
     "VLLM_TRITON_TQ",
     "Combine",
@@ -1075,8 +1076,28 @@ VLLM_TRITON_TQ = dataclasses.replace(
             "per_token_quant_int8 [code]; division within 2 ulp (issue 24, measured)",
 )
 
+#: A torchtitan-style MoE on torch's grouped GEMM ``torch._grouped_mm`` (CUTLASS on Hopper;
+#: ``tests/controls/gpu/grouped_mm.py`` is one): float32 accumulation, GEMM outputs in x's
+#: dtype; ``F.silu(g) * u`` on x-dtype tensors (torch's silu is ``x / (1 + exp(-x))`` in
+#: float32, rounded to x's dtype, the product in float32 rounded again); the routed weight
+#: after GEMM2, in float32, rounded to x's dtype (torchtitan's ``score_before_experts=False``);
+#: the top-k sum in float32 in an order not promised, one cast [inferred from torch's ATen
+#: sources]. Only a float pipeline: torch has no int8 grouped GEMM (its FP8 one,
+#: ``_scaled_grouped_mm``, needs the FP8 formats), so the gate draws BF16/FP16 weights only.
+#: The domain is vLLM's (no receive buffer, no clamp).
+TORCH_GROUPED_MM = KernelProfile(
+    name="torch-grouped-mm",
+    summary="torchtitan-style MoE on torch._grouped_mm (BF16/FP16 weights only)",
+    sources="torch ATen silu and reductions [inferred]; torchtitan MoE score after experts "
+            "[inferred]",
+    pipelines=(("float", dataclasses.replace(VLLM_TRITON.pipeline("float"),
+                                             gemm2=FloatGemm(("x", "slot", "x")))),),
+    combine=Combine("gemm2", "moe_sum", ()),
+    domain=VLLM_DOMAIN,
+)
+
 PROFILES: dict[str, KernelProfile] = {
-    p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ)}
+    p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
