@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from oracle.check.harness import evaluate
 from oracle.check.isolation import ChildProcess
-
 from spec import OpConfig, random_problem
 
 PROFILE = "torch-grouped-mm"

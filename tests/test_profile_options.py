@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from oracle import ConformanceError, Numerics, check_implementation, evaluate
 from oracle.cli import main
 from oracle.files.counterexample import load, save
-from oracle.model.kernels import ASCEND_A3, profile_from_dict
+from oracle.model.kernels import ASCEND_A3, KernelProfile, profile_from_dict
+from spec import Problem
 from spec.limits import A3_W8A8, check_supported
 from spec.strategies import configs, problems, token_rows
 
@@ -160,3 +161,35 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     assert compare(p, outs, numerics=Numerics("ideal", kernel="ascend-a3")).ok
     assert compare(p, outs, numerics="ideal").ok
     assert seen == [a3, rowtest.IdealAssumptions()]
+
+
+def test_the_search_draws_only_the_variants_a_profile_has() -> None:
+    """torch-grouped-mm has only a float pipeline: its default search draws BF16/FP16 weights
+    only, and asking it for W8A8 alone is refused by name (the full profile draws W8A8)."""
+    from oracle.check.harness import variants_of
+    from oracle.model.kernels import TORCH_GROUPED_MM
+
+    assert variants_of(TORCH_GROUPED_MM) == ("bf16", "fp16")
+    assert variants_of(ASCEND_A3) == ("w8a8", "bf16", "fp16")
+    with pytest.raises(ValueError, match="has a pipeline for none of the variants w8a8"):
+        variants_of(TORCH_GROUPED_MM, ["w8a8"])
+    assert variants_drawn(TORCH_GROUPED_MM) <= {"bf16", "fp16"}
+    assert "w8a8" in variants_drawn(ASCEND_A3)
+
+
+def variants_drawn(profile: KernelProfile) -> set[str]:
+    """The gate variants 30 derandomised draws of ``profile``'s default search make."""
+    from hypothesis import given
+
+    from oracle.check.harness import default_problems
+
+    drawn: set[str] = set()
+
+    @settings(max_examples=30, derandomize=True, database=None, deadline=None)
+    @given(default_problems(profile))
+    def draw(problem: Problem) -> None:
+        drawn.add(problem.config.variant)
+
+    draw()
+    assert drawn
+    return drawn

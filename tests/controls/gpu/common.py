@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from oracle.adapters.torch_io import TorchRankInputs
 
 Driver = Callable[[list[TorchRankInputs]], list[tuple[torch.Tensor, torch.Tensor]]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from oracle.adapters.torch_io import TorchRankInputs, implementation
 
 from .common import PLANTED, Call, plant

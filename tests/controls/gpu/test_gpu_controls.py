@@ -20,11 +20,11 @@ torch = pytest.importorskip("torch", reason="the GPU controls need torch: pip in
 
 from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from oracle.check.harness import variant_configs  # noqa: E402
-from oracle.model.kernels import get_kernel  # noqa: E402
-from oracle.adapters.torch_io import implementation  # noqa: E402
 
 import oracle  # noqa: E402
+from oracle.adapters.torch_io import implementation  # noqa: E402
+from oracle.check.harness import variant_configs  # noqa: E402
+from oracle.model.kernels import get_kernel  # noqa: E402
 from spec.strategies import problems, token_rows  # noqa: E402
 
 from . import grouped_mm, vllm_triton  # noqa: E402

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from oracle.adapters.torch_io import TorchRankInputs, implementation
 
 from .common import PLANTED, Call, plant
