@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapters", ("oracle.adapters", "oracle.adapters.torch_io")),
     ("model", ("oracle.model", "oracle.model.arithmetic", "oracle.model.kernels",
-               "oracle.model.numerics", "oracle.model.reference")),
+               "oracle.model.numerics", "oracle.model.reference", "oracle.model.routing")),
     ("judge", ("oracle.judge", "oracle.judge.bounds", "oracle.judge.rowtest",
                "oracle.judge.verdict")),
     ("explain", ("oracle.explain", "oracle.explain.diagnose", "oracle.explain.stages",
