@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from spec.config import MAX_EP_SIZE, OpConfig
-from spec.findings import MAX_EXPERTS_PER_RANK, MAX_TOKENS_PER_RANK, MAX_TOP_K, search
 from spec.limits import MAX_HIDDEN_A3
+from spec.search import MAX_EXPERTS_PER_RANK, MAX_TOKENS_PER_RANK, MAX_TOP_K, search
 from spec.strategies import configs
 
 __all__ = ["INT32_OFFSETS", "THRESHOLDS", "Offset", "Threshold", "coverage_report",
