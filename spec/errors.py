@@ -26,6 +26,7 @@ __all__ = [
     "HcclBufferTooSmall",
     "MaskError",
     "NonFiniteError",
+    "PlacementError",
     "RankCountError",
     "ShapeError",
     "SpecError",
@@ -104,6 +105,11 @@ class NonFiniteError(SpecError):
 
 class MaskError(SpecError):
     """``active_mask`` has the wrong dtype or shape, or is given where the variant has none."""
+
+
+class PlacementError(SpecError):
+    """An expert placement, local map, replica or routing-weight setting breaks a rule of
+    ``docs/contract/placement.md``."""
 
 
 class ConfigError(SpecError):

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, Verbosity, find, settings
 from hypothesis import strategies as st
-from hypothesis.errors import NoSuchExample
 
 from spec.adapter import (
     KERNELS,
@@ -37,6 +35,7 @@ from spec.buffers import (
     operator_message_formula_mb,
 )
 from spec.config import MAX_EP_SIZE, OpConfig, oai_alpha
+from spec.index_width import INT32_OFFSETS, first_overflow
 from spec.layout import (
     COUNT_REGION_BYTES,
     count_row_stride,
@@ -53,7 +52,10 @@ from spec.limits import (
     Shape,
     check_supported,
 )
+from spec.placed_strategies import placed_calls
+from spec.placement import NO_EXPERT, PlacedCall
 from spec.protocol import PeerSchedule, ProtocolViolation, first_failing_config
+from spec.search import MAX_EXPERTS_PER_RANK, MAX_TOKENS_PER_RANK, MAX_TOP_K, search
 
 __all__ = [
     "DATA_REGIONS",
@@ -71,17 +73,12 @@ __all__ = [
     "layout_params",
     "misrouted_tokens",
     "peer_calls",
+    "rank_choice_contributions",
     "render_findings_markdown",
     "search",
     "whole_mb_boundary",
 ]
 
-#: Search domain. E up to 512 (CANN's MC2 documents allow 512 experts, §9); top-k up to 16 (the
-#: largest documented MC2 limit, the A3 kernel has none); M up to 131072, the current default
-#: ``max_output_size`` (§5) [inferred: the operator checks no M].
-MAX_EXPERTS_PER_RANK = 512
-MAX_TOP_K = 16
-MAX_TOKENS_PER_RANK = 131072
 #: The regions whose need grows with ``M·topK·K``, the terms of the buffer check (§7); the
 #: fixed 1 MiB regions have their own rule (count matrix, sync flags).
 DATA_REGIONS = ("A ", "scale", "D ")
@@ -93,20 +90,6 @@ MAX_PEER_EP = 64
 MAX_PEER_EXPERTS = 16
 
 T = TypeVar("T")
-
-
-def search(strategy: st.SearchStrategy[T], fails: Callable[[T], bool], *,
-           max_examples: int) -> T | None:
-    """The minimal value of ``strategy`` for which ``fails`` holds, or None; deterministic."""
-    try:
-        return find(strategy, fails, settings=settings(  # the same under any loaded profile
-            parent=settings.get_profile("default"), derandomize=True, database=None,
-            deadline=None, max_examples=max_examples,
-            phases=(Phase.generate, Phase.shrink), verbosity=Verbosity.quiet,
-            suppress_health_check=list(HealthCheck),
-        ))
-    except NoSuchExample:
-        return None
 
 
 def layout_params(*, max_ep: int = MAX_EP_SIZE, ep_size: int | None = None
@@ -548,6 +531,81 @@ def _oai_rows() -> list[Finding]:
         "variants.md [inferred]; PR #11916 (open); the C++ adapter defaults to 0.0")]
 
 
+def rank_choice_contributions(call: PlacedCall) -> np.ndarray:
+    """How many ranks compute each routed slot when every rank sees every token and picks its
+    replica by ``(row + ep_rank + id) % count`` (vLLM's EPLB variant), int per (token, slot)."""
+    pl = call.placement
+    logical = np.concatenate([np.where(r, ids.astype(np.int64), NO_EXPERT)
+                              for r, ids in zip(call.routed, call.logical)])
+    g = np.arange(logical.shape[0])
+    counts = np.bincount(pl.row, minlength=pl.num_logical)
+    lid = np.maximum(logical, 0)
+    first = np.cumsum(counts) - counts
+    slots = np.argsort(pl.row, kind="stable")
+    total = np.zeros(logical.shape, np.int64)
+    for r in range(pl.ep_size):
+        phys = slots[first[lid] + (g[:, None] + r + lid) % counts[lid]]
+        total += phys // pl.slots_per_rank == r
+    return np.where(logical == NO_EXPERT, 1, total)
+
+
+def _unrouted(c: PlacedCall) -> bool:
+    return any(bool((~r).any()) for r in c.routed)
+
+
+def _routing_rows(n: int) -> list[Finding]:
+    """GPU stacks' routing rules (placement.md), each a property over placed calls."""
+    def found(fails: Callable[[PlacedCall], bool]) -> PlacedCall:
+        return _must(search(placed_calls(), fails, max_examples=n))
+
+    shared = found(lambda c: c.shared is not None and c.config.ep_size > 1
+                   and c.config.total_slots > 0)
+    rsf2 = found(lambda c: c.weights.routed_scaling_factor != 1 and c.config.total_slots > 0)
+    skip = found(lambda c: c.weights.routed_scaling_factor != 1 and not c.weights.renormalize
+                 and c.config.total_slots > 0)
+    clamp = found(_unrouted)
+    rank = found(lambda c: bool((rank_choice_contributions(c) != 1).any()))
+    contributions = rank_choice_contributions(rank)
+    rows = [
+        Finding("rank-replica-choice-all-gather", "replica (row + ep_rank + id) % count with "
+                "every rank seeing every token (sglang PR #32962)",
+                "every (token, slot) is computed by exactly one replica",
+                f"{rank.summary()}, every rank seeing every token: slot contributions "
+                f"{contributions.reshape(-1).tolist()} (must all be 1)",
+                "placement.md rule 3 [pr]; fixed upstream"),
+        Finding("clamp-invalid-logical-id", "invalid logical ids clamped to 0 before the "
+                "lookup (vllm-ascend map_and_record)",
+                "a -1 slot computes nothing and counts no load",
+                f"{clamp.summary()}: the -1 slot runs logical expert 0 and adds its output",
+                "placement.md [code]; open"),
+        Finding("padding-counted-as-load", "expert load counted over every slot (vllm PR "
+                "#38128)", "padding and -1 slots do not count as load",
+                f"{clamp.summary()}: a -1 slot adds one row to expert 0's load",
+                "placement.md rule 6 [pr]; fixed by PR #38128"),
+        Finding("rsf-applied-twice", "routed_scaling_factor in the router and on the output "
+                "(vllm PR #45037; sglang PR #35152)", "rsf multiplies the routed part once "
+                "(out linear in the routing weights)",
+                f"{rsf2.summary()}: the routed part is scaled by rsf² = "
+                f"{rsf2.weights.routed_scaling_factor ** 2}", "placement.md [pr]; fixed"),
+        Finding("rsf-skipped-without-renormalize", "rsf applied on the renormalising path only "
+                "(sglang-jax PR #1282; sglang PR #31449)", "rsf applies whether or not the "
+                "weights are renormalised", f"{skip.summary()}: the routed part lacks rsf",
+                "placement.md [pr]; fixed"),
+        Finding("shared-expert-per-rank", "replicated shared-expert output added before the "
+                "all-reduce (TensorRT-LLM PR #15922)",
+                "out(routed + shared) − out(routed) = shared(x) at every EP",
+                f"{shared.summary()}: shared(x) added EP = {shared.config.ep_size} times",
+                "placement.md [pr]; fixed"),
+    ]
+    for off, key in zip(INT32_OFFSETS[:2], ("int32-permuted-offset", "int32-expert-stride")):
+        c = _must(first_overflow(off, max_examples=n))
+        rows.append(Finding(
+            key, f"int32 offset {off.name}", "every offset of the declared domain fits int32",
+            f"{_short(c)}, I={c.intermediate}: largest offset {off.largest(c)} >= 2^31",
+            f"placement.md [pr]: {off.source}"))
+    return rows
+
+
 def _must(value: T | None) -> T:
     if value is None:
         raise AssertionError("a search that must find a counterexample found none")
@@ -563,7 +621,7 @@ def _short(c: OpConfig) -> str:
 def _hunt(max_examples: int) -> tuple[Finding, ...]:
     return (*_layout_rows(max_examples), *_buffer_rows(max_examples), *_protocol_rows(),
             *_peer_rows(max_examples), *_bf16_rows(max_examples), *_oai_rows(),
-            _w4a8_combine_row(max_examples))
+            _w4a8_combine_row(max_examples), *_routing_rows(max_examples))
 
 
 def hunt_rules(*, max_examples: int | None = None) -> list[Finding]:
@@ -592,7 +650,10 @@ def render_findings_markdown(findings: list[Finding] | None = None) -> str:
         "(reference notes §7–§9, and variants.md's per-core peer offset, modelled by "
         "`spec.protocol.PeerSchedule` with the vector-core count `n_aiv` a parameter, the BF16 "
         "kernel's adapter and epilogue, SwigluOAI's default α, and the W4A8 combine's capacity "
-        "walk, `spec.findings.combined_rows`). Each counterexample is the minimal one the "
+        "walk, `spec.findings.combined_rows`), and GPU stacks' routing contract "
+        "(`spec.placement`: replica choice, invalid ids, load, the routed scaling factor, "
+        "shared experts; `spec.index_width`: int32 offsets over the declared shape domain). "
+        "Each counterexample is the minimal one the "
         "search returns; `dfc-oracle hunt` also runs the kernel variants "
         "`oai-default-alpha` and `bf16-epilogue-e2` (`oracle.check.hunt`) and prints the "
         "smallest call whose outputs they change.",

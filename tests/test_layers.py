@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapters", ("oracle.adapters", "oracle.adapters.torch_io")),
     ("model", ("oracle.model", "oracle.model.arithmetic", "oracle.model.kernels",
-               "oracle.model.numerics", "oracle.model.reference")),
+               "oracle.model.numerics", "oracle.model.reference", "oracle.model.routing")),
     ("judge", ("oracle.judge", "oracle.judge.bounds", "oracle.judge.rowtest",
-               "oracle.judge.verdict")),
+               "oracle.judge.verdict", "oracle.judge.placed")),
     ("explain", ("oracle.explain", "oracle.explain.diagnose", "oracle.explain.stages",
                  "oracle.explain.plot")),
     ("files", ("oracle.files", "oracle.files.counterexample")),
