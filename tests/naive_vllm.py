@@ -16,6 +16,8 @@ its row is undefined.
   otherwise a float32 sum in k order and one cast.
 
 ``silu_rounded=False`` plants a defect (silu kept in float32), to show the agreement test bites.
+``ftz=True`` runs it as a flush-to-zero GPU does: every float32 operand it reads and every
+float32 result it writes, if subnormal, is 0 (``np.where(|v| < 2^-126, 0, v)``).
 ``quantise=triton_quantiser(...)`` swaps in vLLM's Triton quantiser, with a reciprocal some ulps
 off (a legitimate GPU division) or a planted rounding defect.
 """
@@ -23,6 +25,7 @@ off (a legitimate GPU division) or a planted rounding defect.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,19 +39,32 @@ Array = np.ndarray[Any, Any]
 
 
 Quantise = Callable[[Array], tuple[Array, F32]]
+Flush = Callable[[Array], Array]
+_NORMAL32 = F32(2.0**-126)
 
 
-def _quantise(row: Array) -> tuple[Array, F32]:
+def _keep(v: Array) -> Array:
+    return v
+
+
+def _flush(v: Array) -> Array:
+    """Subnormal float32 values to 0, as a flush-to-zero kernel reads and writes them."""
+    v = np.asarray(v, F32)
+    return np.where(np.abs(v) < _NORMAL32, F32(0), v).astype(F32)
+
+
+def _quantise(row: Array, fl: Flush = _keep) -> tuple[Array, F32]:
     """Per-token int8 by reciprocal multiply, half to even, no floor (zero row: q = 0)."""
+    row = fl(row)
     amax = F32(np.max(np.abs(row))) if row.size else F32(0)
+    sigma = F32(fl(F32(amax / F32(127))))
     if amax == 0:
         return np.zeros(row.shape, F32), F32(0)
     with np.errstate(over="ignore"):
         inv = F32(F32(127) / amax)
     if np.isinf(inv):  # amax < 127/FLT_MAX: the oracle's "zero" policy, the mathematical value
-        return (np.rint(row.astype(np.float64) * (127 / np.float64(amax))).astype(F32),
-                F32(amax / F32(127)))
-    return np.rint(row * inv).astype(F32), F32(amax / F32(127))
+        return np.rint(row.astype(np.float64) * (127 / np.float64(amax))).astype(F32), sigma
+    return np.rint(fl(row * inv)).astype(F32), sigma
 
 
 def triton_quantiser(reciprocal_ulps: int = 0, rounding: str = "away") -> Quantise:
@@ -80,49 +96,52 @@ def _blocked_int_dot(q: Array, w: Array, block: int) -> Array:
     return acc
 
 
-def _sequential_f32_dot(a: Array, w: Array) -> Array:
+def _sequential_f32_dot(a: Array, w: Array, fl: Flush) -> Array:
     """Float32 accumulation in K order (exact products: 16-bit operands)."""
     acc = np.zeros(w.shape[1], F32)
-    wf = w.astype(F32)
+    a, wf = fl(a), fl(w.astype(F32))
     for k in range(a.shape[0]):
-        acc = (acc + F32(a[k]) * wf[k]).astype(F32)
+        acc = fl(acc + fl(F32(a[k]) * wf[k]))
     return acc
 
 
-def _swiglu(h: Array, out: Any, silu_rounded: bool) -> Array:
+def _swiglu(h: Array, out: Any, silu_rounded: bool, fl: Flush) -> Array:
     i = h.shape[0] // 2
-    gate, up = h[:i], h[i:]
+    gate, up = fl(h[:i]), fl(h[i:])
     with np.errstate(over="ignore"):
-        silu = (gate / (F32(1) + np.exp(-gate))).astype(F32)
+        silu = fl(gate / fl(F32(1) + fl(np.exp(-gate))))
     if silu_rounded:
-        silu = silu.astype(out).astype(F32)
-    return (silu * up).astype(out).astype(F32)
+        silu = fl(silu.astype(out).astype(F32))
+    return fl((fl(silu * up)).astype(out).astype(F32))
 
 
 def _slot_output(x: Array, w1: Array, w2: Array, s1: Array | None, s2: Array | None, p: F32,
-                 out: Any, silu_rounded: bool, block: int, quantise: Quantise) -> Array:
+                 out: Any, silu_rounded: bool, block: int, quantise: Quantise,
+                 fl: Flush) -> Array:
     xf = x.astype(F32)
     if s1 is None or s2 is None:  # BF16/FP16 weights
-        h = _sequential_f32_dot(xf, w1).astype(out).astype(F32)
-        a = _swiglu(h, out, silu_rounded)
-        return (_sequential_f32_dot(a, w2) * p).astype(out).astype(F32)
+        h = fl(_sequential_f32_dot(xf, w1, fl).astype(out).astype(F32))
+        a = _swiglu(h, out, silu_rounded, fl)
+        return fl(fl(_sequential_f32_dot(a, w2, fl) * fl(p)).astype(out).astype(F32))
     q, sigma = quantise(xf)
     acc1 = _blocked_int_dot(q, w1, block)
-    h = ((acc1 * sigma).astype(F32) * s1.astype(F32)).astype(out).astype(F32)
-    a = _swiglu(h, out, silu_rounded)
+    h = fl(fl(fl(acc1 * sigma) * fl(s1.astype(F32))).astype(out).astype(F32))
+    a = _swiglu(h, out, silu_rounded, fl)
     q2, sigma2 = quantise(a)
     acc2 = _blocked_int_dot(q2, w2, block)
-    y = ((acc2 * p).astype(F32) * sigma2).astype(F32)
-    return (y * s2.astype(F32)).astype(out).astype(F32)
+    y = fl(fl(fl(acc2 * fl(p)) * sigma2))
+    return fl(fl(y * fl(s2.astype(F32))).astype(out).astype(F32))
 
 
 def naive_vllm_run(
     problem: Problem, *, silu_rounded: bool = True, block: int = 32,
-    quantise: Quantise = _quantise,
+    quantise: Quantise | None = None, ftz: bool = False,
 ) -> tuple[list[Array], list[Array], list[Array]]:
     """Per rank: ``out`` (x's dtype, 0 on undefined rows), ``expert_token_nums`` (int32) and
     ``defined`` (the active tokens). ``quantise``: the W8A8 quantiser of both steps (default:
-    the CUDA one; :func:`triton_quantiser`)."""
+    the CUDA one, flushing with ``ftz``; :func:`triton_quantiser`)."""
+    fl = _flush if ftz else _keep
+    quantise = quantise or partial(_quantise, fl=fl)
     cfg = problem.config
     n_local, top_k = cfg.experts_per_rank, cfg.top_k
     out_dtype = DTYPES[cfg.x_dtype]
@@ -142,10 +161,10 @@ def naive_vllm_run(
                 owner = problem.ranks[g // n_local]
                 w1, w2, s1, s2 = owner.expert_weights(g % n_local)
                 ys.append(_slot_output(inputs.x[t], w1, w2, s1, s2, F32(inputs.probs[t, k]),
-                                       out_dtype, silu_rounded, block, quantise))
+                                       out_dtype, silu_rounded, block, quantise, fl))
             acc = ys[0]
             for y in ys[1:]:
-                acc = (acc + y).astype(F32)
+                acc = fl(acc + y)
                 if top_k in (2, 3, 4):
                     acc = acc.astype(out_dtype).astype(F32)
             out[t] = acc.astype(out_dtype)

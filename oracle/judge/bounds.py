@@ -71,6 +71,16 @@ The BF16/FP16-weight variant has no quantisation: ``"gemm1"``/``"gemm2"`` are th
 float64 sums (``γ_n`` in float64) rounded to float32 and stored in x's dtype, ``"swiglu"`` adds
 the rounding of ``a`` to x's dtype.
 
+Flush to zero (``ftz=True``: a kernel that may flush float32 subnormals, GPU-style). Every
+rounding into float32 or bfloat16 then has the underflow error 2^-126 in place of ``η``
+(:meth:`oracle.model.arithmetic.FloatFormat.flushing`): a flushed result is a rounding with
+``δ = 0``, ``η = −w``. Operands may be read as 0 too: an element of ``x`` of magnitude at most
+2^-126 quantises with error ``|x|``; a BF16/FP16-weight GEMM moves by at most
+``2^-126·(colsum|W| + ||x||₁ + 2n)`` (operands read as 0, ``n`` products and ``n − 1``
+partial sums written as 0); a routed weight read as 0 drops ``|p_k·y_k| <= 2^-126·|y_k|``.
+A scale ``σ1``, ``σ2`` or ``s`` that may flush makes its whole product 0, an error of at most
+the exact value's magnitude: those rows (columns) take ``|h*|`` (``|y*|``) as their error.
+
 The bound is for the default ``zero_rows="zero"`` policy. Undefined rows (masked tokens, tokens
 that lost a slot to truncation) get ``inf``: nothing is promised there.
 
@@ -123,6 +133,8 @@ EXP_ULPS = 3
 EXP_ULPS64 = 1
 #: The 19-bit scales keep 11 significant bits: chopping errs by less than 2^(1−11) [inferred].
 _CHOP_UNIT = 2.0**-10
+#: float32's smallest normal value: a flush-to-zero kernel may read or write 0 up to it.
+_NORMAL32 = 2.0**-126
 
 
 def exp_rho(fmt: FloatFormat, ulps: int, oai_arg: Any = None) -> Any:
@@ -143,11 +155,17 @@ F16, F32, F64 = FORMATS["float16"], FORMATS["float32"], FORMATS["float64"]
 class _Steps:
     """Applies the rounding model, with the omitted terms contributing nothing."""
 
-    def __init__(self, omit: Collection[str]) -> None:
+    def __init__(self, omit: Collection[str], ftz: bool = False) -> None:
         unknown = set(omit) - set(TERMS)
         if unknown:
             raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
         self.omit = frozenset(omit)
+        self.ftz = ftz
+
+    def kernel(self, fmt: FloatFormat) -> FloatFormat:
+        """``fmt`` as the kernel rounds into it: with its underflow error grown to 2^-126
+        where the kernel may flush float32 subnormals."""
+        return fmt.flushing() if self.ftz else fmt
 
     def add(self, term: str, err: Array, extra: Array | float) -> Array:
         """``err + extra``, unless ``term`` is omitted."""
@@ -159,7 +177,8 @@ class _Steps:
         """``|fl(w) − v|`` given ``|w − v| <= err`` and ``|v| <= mag``; the underflow error of
         a value computed as ``scale · (something rounded)`` scales with it."""
         # A value bounded by 0 is exactly 0: nothing to round, nothing to underflow.
-        return self.add(term, err, fmt.unit * (mag + err) + scale * fmt.tiny * (mag + err > 0))
+        tiny = self.kernel(fmt).tiny
+        return self.add(term, err, fmt.unit * (mag + err) + scale * tiny * (mag + err > 0))
 
 
 def _dequant_chain(steps: _Steps, term: str, mag: Array, sigma: Array, truncate: bool) -> Array:
@@ -264,6 +283,8 @@ def _expert_bound(
     if int8:
         amax = ax.max(axis=1, keepdims=True, initial=0.0)
         act_in = _activation_error(ax, amax)
+        if steps.ftz:  # an element read as 0 quantises to 0: error |x|
+            act_in = np.where(ax <= _NORMAL32, np.maximum(act_in, ax), act_in)
         both = _abs_product(np.concatenate([ax, act_in]), a1, s1)
         ax_b1, act = both[:rows], both[rows:]
     else:
@@ -298,12 +319,17 @@ def _expert_bound(
         e_h = e_h + _dequant_chain(steps, "gemm1", h_mag + act, sigma1, truncate)
         overflow |= _fp16_overflow(h_mag + act, amax, c_max * a1.sum(axis=0, dtype=np.float64)
                                    * (1.0 if s1 is None else s1))
+        if steps.ftz:  # σ1 or a scale flushed to 0: h is 0
+            e_h = np.where(_may_vanish(steps, sigma1, s1), np.maximum(e_h, h_mag), e_h)
     else:
         e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
+        if steps.ftz:
+            e_h = e_h + _flushed_gemm(a1, ax)
         e_h = steps.round("gemm1", h_mag, steps.round("gemm1", h_mag, e_h, F32), out)
     e_g, e_u = e_h[:, :i], e_h[:, i:]
     e_a = _swiglu_error(
-        steps, silu_mag, up_mag, e_g, e_u, gate_hi + e_g, F32, EXP_ULPS, "swiglu", alpha,
+        steps, silu_mag, up_mag, e_g, e_u, gate_hi + e_g, steps.kernel(F32), EXP_ULPS, "swiglu",
+        alpha,
     )
     if int8:
         af_mag = a_mag + e_a  # >= |a| as the kernel computes it
@@ -311,7 +337,8 @@ def _expert_bound(
         sigma2 = amax2 / 127 * (1 + F32.unit)
         # sigma2 may be subnormal (absolute error η32, times |q2| <= 127); where 127/amax2
         # overflows the model requantises in float64 (zero_rows="zero"), with the same error.
-        req = sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1) + 127 * F32.tiny * (af_mag > 0)
+        req = (sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1)
+               + 127 * steps.kernel(F32).tiny * (af_mag > 0))
         blocks = [steps.add("requantisation", e_a, req), e_c_a, e64_a, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
@@ -330,13 +357,36 @@ def _expert_bound(
         overflow |= np.where(lowest > 0, _fp16_overflow(y_mag + prop, lowest[:, None],
                                                         worst_case),
                              (worst_case >= F16.max).any())
+        if steps.ftz:  # σ2 or a scale flushed to 0: y is 0
+            e_y = np.where(_may_vanish(steps, sigma2, s2), np.maximum(e_y, y_mag), e_y)
     else:
         gemm = steps.add("gemm2", prop, F64.gamma(i) * prods[1])
+        if steps.ftz:
+            gemm = gemm + _flushed_gemm(a2, a_mag + e_a)
         e_y = steps.round("gemm2", y_mag, gemm, F32)
     e_y = steps.round("y_cast", y_mag, e_y, out)
     bad = overflow | (y_mag + e_y >= out.max).any(axis=1)
     e_y[bad] = np.inf
     return _SlotBound(y_mag, e_y, e64_y)
+
+
+def _flushed_gemm(w_abs: Array, rows: Array) -> Array:
+    """What flushing float32 subnormals can move a float-weight GEMM ``rows @ W`` by
+    (``rows`` bounding the operands' magnitudes): each weight or operand read as 0, at most
+    2^-126 times the other factor, and each of the ``n`` products and ``n − 1`` partial sums
+    written as 0."""
+    n = rows.shape[1]
+    return np.asarray(_NORMAL32 * (w_abs.sum(axis=0, dtype=np.float64)
+                                   + rows.sum(axis=1, keepdims=True) + 2 * n))
+
+
+def _may_vanish(steps: _Steps, sigma_hi: Array, scale: Array | None) -> Array:
+    """Rows (``σ <= σ_hi``, a column vector) and columns (the per-channel ``scale``) whose
+    dequant factor a flush-to-zero kernel may read as 0, zeroing the product."""
+    rows = sigma_hi <= _NORMAL32
+    if scale is None:
+        return np.asarray(rows)
+    return np.asarray(rows | (np.abs(scale) <= _NORMAL32))
 
 
 def _fp16_overflow(mag: Array, amax: Array, worst_case: Array) -> Array:
@@ -356,8 +406,9 @@ class _Bound:
     mag: tuple[Array, ...]  # per rank (M_r, K): >= |ideal combined|
 
 
-def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _Bound:
-    steps = _Steps(omit)
+def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
+           ftz: bool) -> _Bound:
+    steps = _Steps(omit, ftz)
     cfg = problem.config
     top_k, k_len, e_local = cfg.top_k, cfg.hidden, cfg.experts_per_rank
     out = FloatFormat.of(DTYPES[cfg.x_dtype])
@@ -384,7 +435,11 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _B
     with np.errstate(invalid="ignore"):  # inf · 0 for a zero weight of an undefined slot
         e_comb = combine(err)
         y_abs = combine(mag + err)
-        rounding = F32.gamma(top_k) * y_abs + top_k * F32.tiny * (y_abs > 0)
+        rounding = F32.gamma(top_k) * y_abs + top_k * steps.kernel(F32).tiny * (y_abs > 0)
+        if ftz:  # a routed weight read as 0 drops |p·y| <= 2^-126·|y|
+            subnormal_p = np.where((probs > 0) & (probs <= _NORMAL32), _NORMAL32, 0.0)
+            rounding = rounding + np.einsum("tk,tkc->tc", subnormal_p,
+                                            (mag + err).reshape(total, top_k, k_len))
         e_comb = steps.add("combine", e_comb, rounding)
         out_mag = combine(mag)
         e_out = steps.round("out_cast", out_mag, e_comb, out)
@@ -402,7 +457,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _B
 
 
 def quantisation_error_bound(
-    problem: Problem, *, truncate_scales: bool = False, omit: Collection[str] = ()
+    problem: Problem, *, truncate_scales: bool = False, omit: Collection[str] = (),
+    ftz: bool = False,
 ) -> tuple[Array, ...]:
     """Per rank, an ``(M_r, K)`` float64 array bounding ``|faithful out − ideal combined|``
     elementwise, where *faithful out* is ``oracle.run(problem).ranks[r].out`` (the W8A8 kernel
@@ -410,7 +466,9 @@ def quantisation_error_bound(
     ``oracle.run(problem, numerics="ideal").trace.combined[r]`` before its final cast. ``inf``
     on undefined rows and where an fp16 intermediate may overflow. ``truncate_scales`` matches
     ``Numerics(truncate_scales=True)``. ``omit`` drops named :data:`TERMS` (for showing that
-    each term is needed). The derivation is the module docstring.
+    each term is needed). ``ftz``: the kernel may flush float32 subnormals to zero (then it
+    bounds every such kernel's distance, not only the model's). The derivation is the module
+    docstring.
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -418,17 +476,19 @@ def quantisation_error_bound(
     >>> [b.shape for b in quantisation_error_bound(random_problem(cfg, seed=0))]
     [(3, 32), (1, 32)]
     """
-    return _bound(problem, truncate_scales, omit).err
+    return _bound(problem, truncate_scales, omit, ftz).err
 
 
 def ideal_tolerance(
-    problem: Problem, ideal: Result | None = None, *, truncate_scales: bool = False
+    problem: Problem, ideal: Result | None = None, *, truncate_scales: bool = False,
+    ftz: bool = False,
 ) -> tuple[Array, ...]:
     """Per rank, how far a kernel-faithful ``out`` may lie from the ideal ``out`` (the ideal
     value rounded to the out dtype): :func:`quantisation_error_bound` plus that one rounding,
     ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` if at hand, makes
-    the rounding term exact; otherwise a bound on ``|ideal|`` is used."""
-    b = _bound(problem, truncate_scales, ())
+    the rounding term exact; otherwise a bound on ``|ideal|`` is used. ``ftz``: as in
+    :func:`quantisation_error_bound`."""
+    b = _bound(problem, truncate_scales, (), ftz)
     out = FloatFormat.of(DTYPES[problem.config.x_dtype])
     mags = b.mag if ideal is None else tuple(
         np.where(np.isnan(c), np.inf, np.abs(c)) for c in ideal.trace.combined  # NaN: undefined

@@ -43,6 +43,17 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    (a row of tiny values underflows as a whole), so this part is deterministic:
    ``Σ|coefficient|·η`` joins ``R``. It matters for rows of tiny values, where
    it sends the row to the sound bound; float32 underflow (2^-150) is neglected.
+9. flush to zero (``ftz``, GPU kernels): a kernel may read and write float32 (and bfloat16)
+   subnormals as 0, each an absolute error up to ``N = 2^-126``, at fixed spacing and so
+   deterministic like point 8 (whose ``η`` becomes ``N`` for bfloat16). Per element, GEMM1 makes
+   at most ``2K + 4`` such errors in its own sums and epilogue, plus operands read as 0:
+   ``N·(2K + 4 + colsum|W1d| + ||x||₁)``, times ``max(1, σ1)·max(1, max|s1|)`` for the int8
+   epilogue's later factors (``colsum|W1d| <= sqrt(K·colsum W1d²)``); SwiGLU ``6N``; GEMM2
+   likewise with ``I``, ``||a'||₁``, ``σ2``, ``s2``; the combine ``2·top_k·N``; an element of
+   ``x`` read as 0 ``N·|α_x|``. Their sum ``N·Σ|coefficient|·count`` joins ``R``: negligible on
+   ordinary rows, dominant on rows of values near 2^-126, which go to the sound bound. A
+   dequant scale (``σ1``, ``σ2`` or a per-channel scale) at most ``N`` may be read as 0 and
+   zero the whole product: such rows are left to the bound outright.
 
 Primed values are the kernel's (``|v'| <= |v| + E_v``, ``E_v`` below), so every ``c`` bounds the
 error actually made.
@@ -116,6 +127,8 @@ TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out
 _DEFAULT_ASSUMPTIONS = IdealAssumptions()
 #: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
 _SILU_CURVATURE = 0.5
+#: float32's smallest normal value (point 9).
+_NORMAL32 = 2.0**-126
 
 
 @dataclass(frozen=True)
@@ -199,8 +212,9 @@ def _unit(dtype_name: str) -> float:
     return FloatFormat.of(DTYPES[dtype_name]).unit
 
 
-def _tiny(dtype_name: str) -> float:
-    return FloatFormat.of(DTYPES[dtype_name]).tiny
+def _tiny(dtype_name: str, ftz: bool) -> float:
+    fmt = FloatFormat.of(DTYPES[dtype_name])
+    return (fmt.flushing() if ftz else fmt).tiny
 
 
 def _scaled32(w: Array, scale: Array | None, out: Array) -> Array:
@@ -235,7 +249,9 @@ def row_thresholds(
     u32 = F32.unit
     u_s = _unit(assumptions.stored_dtype) + 3 * u32
     u_o = _unit(cfg.x_dtype)
-    eta_s, eta_o = _tiny(assumptions.stored_dtype), _tiny(cfg.x_dtype)
+    ftz = assumptions.ftz
+    eta_s, eta_o = _tiny(assumptions.stored_dtype, ftz), _tiny(cfg.x_dtype, ftz)
+    flush = on["underflow"] * ftz * _NORMAL32  # point 9: per flushed value
     alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
     total = sum(cfg.tokens_per_rank)
@@ -283,6 +299,9 @@ def row_thresholds(
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
     x_norm = np.sqrt(np.einsum("tk,tk->t", ax, ax))
+    x_l1 = ax.sum(axis=1)
+    sigma1_hi = amax * (1 + u32) / 127
+    vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
     w1d, w1sq = (np.empty((k_len, n_len), np.float32) for _ in range(2))
     w2d = np.empty((i_len, k_len), np.float32)
     for g in np.flatnonzero(routing.expert_kept):
@@ -362,6 +381,23 @@ def row_thresholds(
                     + on["underflow"] * (eta_s * np.abs(beta_h).sum(axis=1)
                                          + 2 * eta_s * np.abs(beta_a).sum(axis=1)
                                          + (eta_s + eta_o) * np.abs(beta_y).sum(axis=1)))
+        if flush:
+            m1: Any = 1.0
+            m2: Any = 1.0
+            if int8:
+                assert s1 is not None and s2 is not None
+                sigma2_hi = amax2 * (1 + u32) / 127
+                m1 = np.maximum(1, sigma1_hi[tok])[:, None] * max(1.0, float(np.abs(s1).max()))
+                m2 = np.maximum(1, sigma2_hi)[:, None] * max(1.0, float(np.abs(s2).max()))
+                zeroed = ((sigma1_hi[tok] <= _NORMAL32) | (sigma2_hi <= _NORMAL32)
+                          | bool((np.abs(s1) <= _NORMAL32).any() | (np.abs(s2) <= _NORMAL32).any()))
+                np.logical_or.at(vanish, tok, zeroed)
+            a_l1 = (np.abs(a) + e_a2).sum(axis=1)
+            n_h = (2 * k_len + 4 + np.sqrt(k_len * col1) + x_l1[tok, None]) * m1
+            n_y = (2 * i_len + 4 + np.sqrt(i_len * col2) + a_l1[:, None]) * m2
+            slot_det = slot_det + flush * (np.einsum("rn,rn->r", np.abs(beta_h), n_h)
+                                           + 6 * np.abs(beta_a).sum(axis=1)
+                                           + np.einsum("rk,rk->r", np.abs(beta_y), n_y))
         np.add.at(var, tok, slot_var)
         np.add.at(det, tok, slot_det)
         v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
@@ -379,6 +415,10 @@ def row_thresholds(
         owner[group[free]] = np.nonzero(free)[0]
         var += on["activation"] * c1**2 * np.bincount(owner, weights=sums**2, minlength=total)
         det += on["activation"] * c1 * np.where(ties, np.abs(alpha_x), 0.0).sum(axis=1)
+    # Flush to zero (point 9): x read as 0, and the combine's products and sums.
+    det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
+    reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
+    tested &= ~vanish
 
     # Combine and the final cast, on the token's own direction.
     mags = (probs[:, :, None] * (np.abs(np.nan_to_num(y_star)) + e_y_norm).reshape(
@@ -411,8 +451,8 @@ def row_thresholds(
     reasons[tested & ~finite] = "bound: non-finite coefficient"
     tested &= finite
     coherent = tested & (det > stochastic)
-    reasons[coherent] = ("bound: deterministic terms (ties, clamp, underflow) exceed the "
-                       "stochastic part")
+    reasons[coherent] = ("bound: deterministic terms (ties, clamp, underflow, flush to zero) "
+                       "exceed the stochastic part")
     tested &= ~coherent
     with np.errstate(divide="ignore", invalid="ignore"):
         threshold = np.where(tested, (stochastic + det) / norm, np.inf)

@@ -308,7 +308,17 @@ def _tolerances(mathematics: Problem, num: Numerics,
     envelope is the tolerance)."""
     if num.mode == "faithful":
         return [None] * mathematics.config.ep_size
-    return [np.asarray(t) for t in ideal_tolerance(mathematics, expected)]
+    ftz = _assumptions(num, mathematics.config.x_dtype).ftz
+    return [np.asarray(t) for t in ideal_tolerance(mathematics, expected, ftz=ftz)]
+
+
+def _assumptions(num: Numerics, x_dtype: str) -> IdealAssumptions:
+    """What the ideal judge assumes of the kernel: the named profile's stored dtypes, tie
+    rules, floors and flushing, or (ideal mode without a profile) the coarsest legitimate
+    kernel, which may flush subnormals."""
+    if num.mode == "ideal" and num.kernel is None:
+        return IdealAssumptions()
+    return num.profile.ideal_assumptions(x_dtype)
 
 
 def _non_finite_mismatch(got64: Array, exp64: Array) -> Array:
@@ -402,8 +412,7 @@ def _row_test(problem: Problem, num: Numerics, expected: Result, outs: list[Arra
     the row test's model, with the profile's stored dtypes, tie rules and ``amax`` floor.
     Without a named profile, ideal mode assumes the coarsest legitimate kernel (bf16
     intermediates, either tie rule, bf16 top-k sums)."""
-    assumptions = (IdealAssumptions() if num.mode == "ideal" and num.kernel is None
-                   else num.profile.ideal_assumptions(problem.config.x_dtype))
+    assumptions = _assumptions(num, problem.config.x_dtype)
     ideal = expected if num.mode == "ideal" else run(problem, numerics=replace(num, mode="ideal"))
     verdict = row_test(problem, ideal, outs, assumptions)
     if num.mode == "ideal" or verdict.ok:

@@ -8,7 +8,7 @@ rounds with the functions here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
@@ -47,6 +47,13 @@ class FloatFormat:
         return cls(np.dtype(dtype).name, float(info.eps) / 2,
                    float(info.smallest_subnormal) / 2, float(info.max), int(info.nmant) + 1,
                    int(info.minexp))
+
+    def flushing(self) -> FloatFormat:
+        """This format as a kernel that flushes float32 subnormals to zero rounds into it: the
+        underflow error grows to float32's smallest normal, 2^-126, for float32 and bfloat16
+        (whose subnormals are float32's); float16's subnormals lie far above that range and
+        float64 is never a kernel's, so those are returned unchanged."""
+        return replace(self, tiny=2.0**-126) if self.emin == -126 else self
 
     def gamma(self, n: int) -> float:
         """Higham's γ_n = n·u / (1 − n·u): the relative error of an n-term sum in any order."""
