@@ -272,7 +272,9 @@ def test_joined_mode_reports_a_raising_rank_with_its_error() -> None:
     assert "rank 1 raised: ValueError: planted failure on rank 1" in done.stdout
     assert "torchrun_driver.py:" in done.stdout and "in rank_one_raises" in done.stdout
     assert "ranks [0] did not return" in done.stdout
-    assert elapsed < 30, elapsed  # the example timeout is 60 s
+    # Below the 60 s example timeout: heard through the store, not by timing out (43 s was
+    # measured on 2 cores shared by eight test runs; about 20 s on a quiet machine).
+    assert elapsed < 55, elapsed
 
 
 def test_joined_mode_reports_every_raising_rank_of_four() -> None:
