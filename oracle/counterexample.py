@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from oracle.atomic import atomic_write
 from oracle.numerics import Numerics
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
@@ -145,10 +146,11 @@ def save(
     outputs: list[tuple[Array, Array]] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``problem`` (and the implementation's ``outputs``, if any) to ``path`` (.npz).
-    ``meta`` holds JSON-serialisable facts (the report, the implementation, numerics)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``problem`` (and the implementation's ``outputs``, if any) to ``path`` (.npz),
+    atomically (:func:`oracle.atomic.atomic_write`: an earlier file of that name stays whole
+    if this write fails; a link there is refused, never followed; failures raise
+    :class:`oracle.atomic.SaveError`). ``meta`` holds JSON-serialisable facts (the report, the
+    implementation, numerics). Returns the absolute path."""
     arrays = arrays_of(problem, outputs)
     stored, specs = encode_arrays(arrays)
     manifest = {
@@ -159,9 +161,7 @@ def save(
         "meta": meta or {},
     }
     stored["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
-    with path.open("wb") as f:
-        np.savez_compressed(f, **stored)  # type: ignore[arg-type]
-    return path
+    return atomic_write(path, lambda f: np.savez_compressed(f, **stored))  # type: ignore[arg-type]
 
 
 def open_regular(path: Path, bad: Callable[..., SpecError]) -> IO[bytes]:

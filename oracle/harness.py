@@ -12,6 +12,7 @@ runs in this process unless ``isolate=True``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import warnings
@@ -25,6 +26,7 @@ from hypothesis import seed as hseed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from oracle.atomic import SaveError
 from oracle.counterexample import arrays_of, save
 from oracle.isolation import (
     CallOutcome,
@@ -212,9 +214,10 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
 
 def format_report(
     problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
-    replay: str | None, ulps: float = 0.0,
+    replay: str | None, ulps: float = 0.0, unsaved: str | None = None,
 ) -> str:
-    """The one-read report: configuration, stage, worst element, routing, file, replay."""
+    """The one-read report: configuration, stage, worst element, routing, file (or why it
+    could not be saved: ``unsaved``), replay."""
     slack = f", +{ulps:g} ulp" if ulps and numerics.mode == "faithful" else ""
     lines = [
         f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
@@ -224,6 +227,8 @@ def format_report(
     ]
     if path is not None:
         lines.append(f"counterexample saved: {path}")
+    if unsaved is not None:
+        lines.append(f"counterexample NOT saved: {unsaved}")
     if replay:
         lines.append(f"replay: {replay}")
     return "\n".join(lines)
@@ -322,6 +327,8 @@ def check_implementation(
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
                   save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
     num = with_kernel(resolve_numerics(numerics), kernel)
+    # Absolute now: an implementation that calls os.chdir() must not move the file.
+    directory = None if save_dir is None else Path(os.path.abspath(save_dir))
     if problems is None:
         problems = default_problems(num.profile, domain, variants)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
@@ -366,14 +373,18 @@ def check_implementation(
     finally:
         if owned and isinstance(impl, ChildProcess):
             impl.close()
-    path = None
-    if save_dir is not None:
-        path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name,
-                                    ulps, inputs)
+    path, unsaved = None, None
+    if directory is not None:
+        try:
+            path = _save_counterexample(directory, problem, verdict, outputs, num, impl_name,
+                                        ulps, inputs)
+        except SaveError as exc:  # the report is whole without the file
+            unsaved = str(exc)
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
-    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps)
+    report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps,
+                           unsaved=unsaved)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 
