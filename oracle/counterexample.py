@@ -29,6 +29,7 @@ import numpy as np
 
 from oracle.atomic import atomic_write
 from oracle.numerics import Numerics
+from oracle.options import OptionError, check_options
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS
@@ -85,15 +86,21 @@ class Counterexample:
 
 def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
     """The numerics (whole profile and switches) and ``ulps`` a counterexample was judged with;
-    files written before profiles existed get the defaults of their time (1 ulp). Raises
-    SpecError for a malformed record."""
+    files written before profiles existed get the defaults of their time (1 ulp). The record's
+    ``ulps`` and input-write policy are checked by :func:`oracle.options.check_options`, as the
+    options of a search are (a file saying ``"ulps": Infinity`` would pass everything). Raises
+    SpecError naming the field for a malformed record."""
+    ulps = meta.get("ulps", 1.0)
+    try:
+        check_options(ulps=ulps, inputs=meta.get("inputs", "strict"))
+    except OptionError as exc:
+        raise SpecError(field=f"manifest.json meta.{exc.option}", given=str(exc)[:200],
+                        allowed="the record dfc-oracle writes",
+                        fix="regenerate the file with dfc-oracle") from None
     try:
         numerics = Numerics.from_dict(meta.get("numerics", {"mode": "faithful"}))
-        ulps = meta.get("ulps", 1.0)
-        if isinstance(ulps, bool) or not isinstance(ulps, (int, float)) or not ulps >= 0:
-            raise ValueError(f"ulps {ulps!r} is not a number >= 0")
     except (TypeError, ValueError) as exc:
-        raise SpecError(field="manifest.json numerics", given=str(exc)[:200],
+        raise SpecError(field="manifest.json meta.numerics", given=str(exc)[:200],
                         allowed="the record dfc-oracle writes",
                         fix="regenerate the file with dfc-oracle") from None
     return numerics, float(ulps)

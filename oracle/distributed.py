@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 
 from oracle.harness import ConformanceError, check_implementation
 from oracle.numerics import Numerics
-from oracle.options import check_options
+from oracle.options import OptionError, check_options
 from oracle.torch import (
     TorchRankInputs,
     float32_scales,
@@ -782,16 +782,24 @@ def check_distributed(
     ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
     :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
     dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
-    Spawned worker processes are always stopped before this returns.
+    Spawned worker processes are always stopped before this returns. Options outside what is
+    allowed (:func:`oracle.options.check_options`) raise :class:`oracle.options.OptionError`
+    before any process starts.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
-    check_options(variants=variants)
+    check_options(variants=variants, world_size=world_size, timeout=timeout,
+                  numerics=numerics, max_examples=max_examples, scales=scales,
+                  save_dir=save_dir)
+    if not isinstance(backend, str) or not backend:
+        raise OptionError("backend", f"backend={backend!r} must be a torch.distributed backend "
+                          "name ('gloo' on CPUs, 'nccl' on GPUs)")
     if problems is None:
         problems = default_problems(world_size, variants)
     base = settings if settings is not None else hsettings()
-    search = hsettings(base, deadline=None, max_examples=max_examples or base.max_examples)
+    search = hsettings(base, deadline=None,
+                       max_examples=base.max_examples if max_examples is None else max_examples)
     run_search = (_check_joined if _under_torchrun() or _dist().is_initialized()
                   else _check_spawned)
     run_search(impl_rank, world_size=world_size, backend=backend, problems=problems,

@@ -146,7 +146,9 @@ def evaluate(
     ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
-    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``."""
+    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``. Options
+    outside what is allowed raise :class:`oracle.options.OptionError`."""
+    check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs)
     if isinstance(impl, ChildProcess):
         outcome = impl.call(problem, timeout)
     else:
