@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import fcntl
 import inspect
 import json
@@ -62,8 +63,10 @@ __all__ = [
     "ChildProcess",
     "InputWatch",
     "InputWrite",
+    "descendants",
     "describe_exception",
     "importable_name",
+    "kill_tree",
     "plain_outputs",
 ]
 
@@ -500,6 +503,7 @@ def _serve_and_exit(impl: Callable[..., Any], rfd: int, wfd: int, shared: _Share
 def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
     """The child's entry point: load ``name``, say so, answer requests until end of file; then
     leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
+    _become_subreaper()  # before the implementation runs a line
     shared = _SharedFile(shared_fd, writable=False)
     threads = _threads()
     try:
@@ -526,6 +530,85 @@ def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
         if code == _END_OF_REQUESTS:
             os._exit(0)
         _write_all(wfd, _encode({"status": "died", "returncode": code}, []), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Killing every process an implementation started.
+#
+# The template is a child subreaper (Linux prctl PR_SET_CHILD_SUBREAPER): a process the
+# implementation starts stays its descendant whatever it does (os.setsid() leaves the process
+# group, a daemon's double fork orphans the grandchild: both once escaped a killpg), so the
+# parent finds every one by walking /proc from the template, stops them (a stopped process
+# cannot fork), walks again until nothing new appears, and only then kills them all.
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """State letter, parent pid and process group of ``pid`` from /proc, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc; elsewhere none are found), parents first."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        if (stat := _proc_stat(pid)) is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(0), ()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def kill_tree(root: int) -> tuple[list[int], list[int]]:
+    """SIGKILL ``root``, its process group and every descendant (:func:`descendants`):
+    ``(the descendants that had left root's process group, those still alive a second
+    later)``."""
+    seen: list[int] = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(root, signal.SIGSTOP)  # the template forks no new worker meanwhile
+    for _ in range(100):  # each round stops what the last one found; stopped, none can fork
+        new = [p for p in descendants(root) if p not in seen]
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        seen += new
+    escaped = [p for p in seen if (stat := _proc_stat(p)) is not None and stat[2] != root]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(root, signal.SIGKILL)
+    for pid in [root, *seen]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 1.0
+    while (left := [p for p in seen if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return escaped, left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,9 +752,9 @@ class ChildProcess:
             _write_all(self._wfd, request, deadline)
             message = _read_message(self._rfd, deadline, max_payload)
         except TimeoutError:
-            self._kill()
+            killed = self._kill()
             return CallOutcome("hung", f"no result after {timeout:g} s (hung, or far too slow); "
-                               f"its process was killed (SIGKILL){self._tail()}")
+                               f"{killed}{self._tail()}")
         except (BrokenPipeError, ConnectionResetError):
             message = None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -716,21 +799,26 @@ class ChildProcess:
         return CallOutcome("ok", outputs=pairs, changed=changed)
 
     def close(self) -> None:
-        """Stop the child: end of file on its requests, then SIGKILL if it does not leave."""
-        if self._wfd >= 0:
-            os.close(self._wfd)
-            self._wfd = -1
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=2)
+        """Stop the child and every process it started (SIGKILL): a daemon the implementation
+        left running must not outlive the search. Killed before the template could leave on
+        end of file, which would orphan them beyond our reach."""
         self._kill()
 
-    def _kill(self) -> None:
-        """SIGKILL the template and its worker (one process group), whatever they hold."""
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+    def _kill(self) -> str:
+        """SIGKILL the template, its worker and every process they started (:func:`kill_tree`),
+        whatever they hold; what happened, in words."""
+        if self._proc is None:
+            return "its process had already ended"
+        escaped, left = ([], []) if self._proc.poll() is not None else kill_tree(self._proc.pid)
         self._reap()
+        what = "its process was killed (SIGKILL)"
+        if escaped:
+            what += (f", with {len(escaped)} process(es) it started that had left its process "
+                     "group (os.setsid, a daemon)")
+        if left:
+            what += (f"; {len(left)} of them still run (pids {left[:10]}): kill them "
+                     "yourself")
+        return what
 
     def _returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
@@ -742,7 +830,7 @@ class ChildProcess:
             try:
                 self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                kill_tree(self._proc.pid)
                 self._proc.wait()
         if self._drain is not None:
             self._drain.join(timeout=1)
@@ -771,8 +859,7 @@ class ChildProcess:
 
     def __del__(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+            kill_tree(self._proc.pid)
 
 
 def _drain(stream: IO[bytes], lines: collections.deque[str]) -> None:

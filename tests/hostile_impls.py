@@ -43,6 +43,32 @@ def leaves_a_thread(problem: Problem) -> Any:
     return correct(problem)
 
 
+def _tell_pid() -> None:
+    """Record this process's pid where the test reads it (``DFC_TEST_PIDFILE``)."""
+    path = os.environ["DFC_TEST_PIDFILE"]
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+
+
+def setsid_and_hang(problem: Problem) -> Any:
+    """Leaves the process group the oracle kills, then hangs (round 1's killpg missed it)."""
+    os.setsid()
+    _tell_pid()
+    time.sleep(3600)
+
+
+def leaves_a_daemon(problem: Problem) -> Any:
+    """A correct result, and a daemon grandchild (double fork, own session) left running."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _tell_pid()
+            time.sleep(3600)
+        os._exit(0)
+    return correct(problem)
+
+
 def sys_exit(problem: Problem) -> Any:
     raise SystemExit(0)
 

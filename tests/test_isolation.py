@@ -4,7 +4,9 @@ dead harness or a traceback from the oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -177,3 +179,63 @@ def test_the_gate_fails_an_implementation_that_exits(pytester, monkeypatch) -> N
                                            "-k", "default_search", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*exited with code 0 without returning a result*"])
+
+
+# --- Round 2 (issue 23): no process the implementation starts escapes the kill. ---
+
+
+class _GroupKillOnly(ChildProcess):
+    """The mutant: round 1's kill, the template's process group only."""
+
+    def _kill(self) -> str:
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._reap()
+        return "its process was killed (SIGKILL)"
+
+
+def _escaped_pid(pidfile: Path) -> int:
+    for _ in range(500):
+        if pidfile.exists():
+            return int(pidfile.read_text())
+        time.sleep(0.01)
+    raise AssertionError("the hostile implementation never recorded its pid")
+
+
+def _running(pid: int) -> bool:
+    from oracle.isolation import _alive
+
+    for _ in range(100):  # SIGKILL takes a moment
+        if not _alive(pid):
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("runner", [ChildProcess, _GroupKillOnly])
+@pytest.mark.parametrize("name", ["setsid_and_hang", "leaves_a_daemon"])
+def test_no_process_the_implementation_starts_outlives_the_kill(
+    tmp_path, monkeypatch, runner, name
+) -> None:
+    """A hung worker in a session of its own is killed at the timeout, and a daemon left by a
+    passing call at close; the report counts them. Round 1's process-group kill missed both."""
+    pidfile = tmp_path / "pid"
+    monkeypatch.setenv("DFC_TEST_PIDFILE", str(pidfile))
+    with runner(f"hostile_impls:{name}") as child:
+        verdict, _ = evaluate(child, PROBLEM, timeout=1.0)
+        escaped = _escaped_pid(pidfile)
+    try:
+        if runner is _GroupKillOnly:
+            assert _running(escaped)
+            return
+        assert not _running(escaped)
+        if name == "setsid_and_hang":
+            assert verdict.stage == "timeout"
+            assert ("killed (SIGKILL), with 1 process(es) it started that had left its process "
+                    "group") in verdict.message
+        else:
+            assert verdict.ok
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escaped, signal.SIGKILL)
