@@ -118,6 +118,20 @@ def damages_the_problem(problem: Problem) -> Any:
     return result
 
 
+def zeroes_x_and_hides_it(problem: Problem) -> Any:
+    """Zeroes its tokens after computing, and patches the oracle's input watch in its own
+    process to see no write."""
+    import oracle.isolation as isolation
+
+    isolation.written = lambda *args: []  # type: ignore[assignment]
+    isolation.InputWatch.changed = lambda self, originals: []  # type: ignore[method-assign]
+    isolation.InputWatch.list_writes = lambda self: []  # type: ignore[method-assign]
+    result = correct(problem)
+    for inputs in problem.ranks:
+        inputs.x[...] = 0
+    return result
+
+
 def seterr_raise(problem: Problem) -> Any:
     np.seterr(all="raise")
     return correct(problem)

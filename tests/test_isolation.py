@@ -18,11 +18,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from oracle.cli import main
-from oracle.counterexample import arrays_of
 from oracle.harness import ConformanceError, check_implementation, evaluate
-from oracle.isolation import _SHARED_ABOVE, ChildProcess, _SharedFile, importable_name
+from oracle.isolation import ChildProcess, _SharedFile, importable_name
 from oracle.loading import ImplLoadError, load_impl
 from spec import OpConfig, random_problem
+from spec.memory import layout_of, with_layout
 from spec.strategies import configs, problems
 
 TESTS = Path(__file__).parent
@@ -89,10 +89,8 @@ def test_the_child_is_reused_and_restarted_after_a_crash() -> None:
 
 
 def test_large_arrays_travel_through_the_shared_file_intact() -> None:
-    """Arrays above the threshold (here the weights) reach the child through the shared file:
-    a correct implementation passes, a wrong one fails, a write into a shared input is seen."""
-    assert [k for k, a in arrays_of(BIG).items() if a.nbytes > _SHARED_ABOVE] == [
-        f"r{r}.{w}.0" for r in range(2) for w in ("w1", "w2")]
+    """Every input reaches the child through the shared file: a correct implementation passes,
+    a wrong one fails, a write into an input is seen."""
     with ChildProcess("broken_impls:correct") as child:
         assert evaluate(child, BIG)[0].ok
     with ChildProcess("broken_impls:probs_ignored") as child:
@@ -103,15 +101,24 @@ def test_large_arrays_travel_through_the_shared_file_intact() -> None:
 
 
 def test_the_child_reads_only_declared_arrays_inside_the_shared_file() -> None:
+    """…in their layouts, as views: what the worker writes, the parent reads back; and the
+    worker cannot shrink the file under the parent's mapping (a SIGBUS in the parent)."""
     writer = _SharedFile.create()
     fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
-    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran)])
-    reader = _SharedFile(os.dup(writer.fd), writable=False)
+    strided = with_layout(np.arange(8, dtype=np.int8).reshape(2, 4), "strided")
+    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran), ("c", strided)])
+    reader = _SharedFile(os.dup(writer.fd), owner=False)
     try:
-        (_, a), (_, b) = reader.get(specs)
+        (_, a), (_, b), (_, c) = reader.get(specs)
         assert a.tolist() == list(range(10)) and b.tolist() == fortran.tolist()
         assert b.flags.f_contiguous and not b.flags.c_contiguous  # its layout class kept
-        assert not a.flags.writeable and not b.flags.writeable
+        assert c.tolist() == strided.tolist() and layout_of(c) == "strided"
+        b[1, 2], c[1, 3] = -1.0, -1
+        (_, a2), (_, b2), (_, c2) = writer.get(specs)
+        assert b2[1, 2] == -1.0 and c2[1, 3] == -1 and a2.tolist() == list(range(10))
+        if sys.platform.startswith("linux"):
+            with pytest.raises(PermissionError):
+                os.ftruncate(reader.fd, 0)
         for bad in ([["a", "int32", [10], "contiguous", 1 << 30]],
                     [["a", "int32", [10], "contiguous", -64]],
                     [["a", "object", [1], "contiguous", 0]],
@@ -239,3 +246,22 @@ def test_no_process_the_implementation_starts_outlives_the_kill(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(escaped, signal.SIGKILL)
+
+
+def test_the_input_write_verdict_is_decided_in_the_parent(monkeypatch) -> None:
+    """An implementation that zeroes x and patches the oracle's watch in its own process: in
+    process (the mutant: the verdict decided where the implementation runs) it passes
+    ``inputs='strict'``; isolated, the parent reads the write from the shared file and fails it."""
+    import oracle.isolation as isolation
+
+    monkeypatch.setattr(isolation, "written", isolation.written)  # restored afterwards
+    for name in ("changed", "list_writes"):
+        monkeypatch.setattr(isolation.InputWatch, name, getattr(isolation.InputWatch, name))
+    import hostile_impls
+
+    fooled, _ = evaluate(hostile_impls.zeroes_x_and_hides_it, PROBLEM, inputs="strict")
+    assert fooled.ok
+    monkeypatch.undo()
+    with ChildProcess("hostile_impls:zeroes_x_and_hides_it") as child:
+        verdict, _ = evaluate(child, PROBLEM, inputs="strict")
+    assert verdict.stage == "inputs" and "r0.x[" in verdict.message
