@@ -7,18 +7,20 @@ GIL cannot be timed out. :class:`ChildProcess` imports the implementation by its
 talks to it over two pipes of its own (the child's stdout and stderr stay free for the
 implementation's prints; their last lines go into reports):
 
-- request: a small JSON header (the config, each array's name, dtype and shape) and the arrays'
-  raw bytes; arrays of more than 64 KiB are written into a file both processes map instead
-  (the header gives their offsets; the child maps it read-only and checks every extent); the
-  child rebuilds a writable :class:`spec.Problem` from them;
+- request: a small JSON header (the config, each array's name, dtype, shape, layout and offset
+  in a file both processes map, :class:`_SharedFile`); the parent writes the arrays there, the
+  child checks every extent and hands the implementation a :class:`spec.Problem` of views of
+  that file, so the parent reads back whatever it wrote into its inputs and judges it itself;
 - answer: a JSON header and, for a result, the raw bytes of one ``(out, expert_token_nums)`` pair
   of plain ndarrays per rank. The child converts and checks the implementation's result with the
   judge's :func:`oracle.judge.structured_outputs` (nothing is pickled); the parent checks the
   header against the shapes and dtypes the contract expects before it reads a byte of payload.
 
-A watchdog kills the child (SIGKILL) when a call exceeds the timeout, whatever it holds; a child
-that ends during a call (any exit code, a signal) is a failing call with its exit status, the
-last lines of its stderr and the example; the next call starts a new child.
+A watchdog kills the child and every process it started (SIGKILL, :func:`kill_tree`) when a
+call exceeds the timeout, whatever it holds; a child that ends during a call (any exit code, a
+signal) is a failing call with its exit status, the last lines of its stderr and the example;
+the next call starts a new child. What the child says can fail a call, never pass one: a
+structure verdict it sends is a failure, and the inputs and outputs are judged in the parent.
 
 :func:`plain_outputs` and :class:`InputWatch` are shared with the in-process path of
 :mod:`oracle.harness`.
