@@ -241,6 +241,11 @@ class Archive:
     def files(self) -> list[str]:
         return list(self._members)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether member ``key`` exists, in constant time (``key in files.files`` made loading
+        quadratic in the member count: 4x the members took 5.5x the time; issue 23)."""
+        return key in self._members
+
     def _read(self, key: str, limit: int) -> bytes:
         info = self._members[key]
         if info.file_size > limit:
@@ -333,7 +338,7 @@ def read_array(path: Path, files: Archive, key: str, spec: object) -> Array:
         raise _bad(path, f"array {key!r} with shape {str(shape)[:80]}")
     if math.prod(shape) > _MAX_ELEMENTS:
         raise _bad(path, f"array {key!r} of {shape} elements, more than any call here")
-    if key not in files.files:
+    if key not in files:
         raise _bad(path, f"no array {key!r} though the manifest lists it")
     layout = spec.get("layout", "contiguous")
     if layout not in LAYOUTS:
