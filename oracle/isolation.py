@@ -568,7 +568,9 @@ def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             _serve_and_exit(impl, rfd, wfd, shared)
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        while (ended := os.waitpid(-1, 0))[0] != pid:  # orphans we reap are zombies no more
+            pass
+        code = os.waitstatus_to_exitcode(ended[1])
         if code == _END_OF_REQUESTS:
             os._exit(0)
         _write_all(wfd, _encode({"status": "died", "returncode": code}, []), None)
