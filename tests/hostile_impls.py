@@ -69,6 +69,15 @@ def leaves_a_daemon(problem: Problem) -> Any:
     return correct(problem)
 
 
+def one_value_off(problem: Problem) -> Any:
+    """The reference, with one out value moved by 0.1: far outside the envelope, too little
+    for the row test; only an infinite --ulps passes it."""
+    result = correct(problem)
+    out = result[0][0].copy()
+    out[0, 0] += out.dtype.type(0.1)
+    return [(out, result[0][1]), *result[1:]]
+
+
 def sys_exit(problem: Problem) -> Any:
     raise SystemExit(0)
 
