@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import broken_impls
 
-import oracle.check.settings  # noqa: F401 - registers the profiles
+import oracle.config.settings  # noqa: F401 - registers the profiles
 from oracle.check.harness import _call, check_implementation
 from oracle.check.isolation import ChildProcess
 from spec import OpConfig, random_problem
@@ -42,17 +42,16 @@ SHAPES = {
 
 def per_call(calls: int) -> list[tuple[str, list[float], list[float]]]:
     """Median and minimum of one call (copying the problem in, running the implementation,
-    watching its inputs, bringing its outputs back; no judge): in process, in a child that
-    receives every array through its pipe, and in one that receives arrays of more than
-    ``shared_above`` bytes through a shared file (the default). Interleaved, in turn, so that
-    all three see the same load."""
+    watching its inputs, bringing its outputs back; no judge): in process, and in a child
+    whose inputs are views of a file both processes map (the parent reads the writes back).
+    Interleaved, in turn, so that both see the same load; run the script of an older checkout
+    for a before/after."""
     rows = []
-    name = "broken_impls:correct"
-    with ChildProcess(name, shared_above=None) as piped, ChildProcess(name) as shared:
+    with ChildProcess("broken_impls:correct") as child:
         for label, config in SHAPES.items():
             problem = random_problem(config, seed=0)
             runs = (partial(_call, broken_impls.correct, problem, 60.0),
-                    partial(piped.call, problem, 60.0), partial(shared.call, problem, 60.0))
+                    partial(child.call, problem, 60.0))
             samples: list[list[float]] = [[] for _ in runs]
             for run in runs:
                 run()  # warm-up
@@ -83,9 +82,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--max-examples", type=int, default=100)
     args = parser.parse_args()
-    print("| one call, no judge: median (min), ms | in process | child, pipes | child, shared "
-          "file | overhead, pipes | overhead, shared file |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| one call, no judge: median (min), ms | in process | child process | overhead |")
+    print("|---|---:|---:|---:|")
     for label, medians, minima in per_call(args.calls):
         cells = [f"{m:.2f} ({n:.2f})" for m, n in zip(medians, minima)]
         cells += [f"{m - medians[0]:+.2f} ({n - minima[0]:+.2f})"

@@ -52,7 +52,7 @@ import hypothesis.core  # noqa: E402
 from hypothesis import settings as hsettings  # noqa: E402
 
 import oracle  # noqa: E402
-import oracle.check.settings  # noqa: E402  (registers dfc-ci)
+import oracle.config.settings  # noqa: E402  (registers dfc-ci)
 from benchmarks.mutants import KIND, MUTANTS, correct  # noqa: E402
 from spec import OpConfig, Problem, random_problem  # noqa: E402
 

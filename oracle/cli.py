@@ -35,7 +35,7 @@ from oracle.check.harness import (
 )
 from oracle.check.isolation import ChildProcess, check_signature
 from oracle.check.loading import ImplLoadError, load_impl
-from oracle.check.options import (
+from oracle.config.options import (
     DEFAULT_INPUTS,
     DEFAULT_VARIANTS,
     INPUT_POLICIES,
@@ -44,7 +44,7 @@ from oracle.check.options import (
     OptionError,
     check_options,
 )
-from oracle.check.settings import DEFAULT_PROFILE, PROFILES
+from oracle.config.settings import DEFAULT_PROFILE, PROFILES
 from oracle.files.counterexample import judged_with
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
@@ -155,17 +155,16 @@ def _replay(args: argparse.Namespace) -> int:
     from oracle.files.counterexample import load  # lazy: start-up
 
     try:
-        check_options(timeout=args.timeout)
+        check_options(timeout=args.timeout, ulps=0.0 if args.ulps is None else args.ulps)
     except OptionError as exc:
         return _usage("replay", exc)
     try:
         saved = load(args.file)
-        numerics, ulps = judged_with(saved.meta)
+        numerics, ulps = judged_with(saved.meta)  # the record, checked as options are
         # Files written before the policy was recorded were judged with that time's "strict".
-        inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
-        check_options(inputs=inputs)
+        inputs = args.inputs or saved.meta.get("inputs", "strict")
         impl = _runner(args)
-    except (ImplLoadError, SpecError, OptionError) as exc:
+    except (ImplLoadError, SpecError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     if args.numerics is not None:

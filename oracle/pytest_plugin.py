@@ -2,7 +2,7 @@
 runs the bundled conformance suite (:mod:`oracle.check.conformance`) against that implementation.
 
 The header prints the implementation, numerics, profile and seed, so a CI log says what was
-checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.check.settings`.
+checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.config.settings`.
 The implementation runs in one child process for the whole session (:mod:`oracle.check.isolation`),
 so an ``os._exit``, a crash or a hang is a failing test with a report, never a silently green
 or dead gate; ``--dfc-in-process`` runs it in pytest's process instead, for debugging.
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from oracle.check.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
-from oracle.check.settings import DEFAULT_PROFILE, PROFILES
+from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
+from oracle.config.settings import DEFAULT_PROFILE, PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
 
@@ -73,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if impl:
         from oracle.check.isolation import ChildProcess, check_signature  # lazy: start-up
         from oracle.check.loading import ImplLoadError, load_impl  # lazy: start-up
-        from oracle.check.options import OptionError, check_options  # lazy: start-up
+        from oracle.config.options import OptionError, check_options  # lazy: start-up
 
         try:
             check_options(numerics=config.getoption("--dfc-numerics"),

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TypedDict, TypeGuard
 
 from spec.errors import ConfigError
 from spec.fields import VARIANTS, X_DTYPES, Variant, gate_variant, variant_for
 
 __all__ = [
     "CALL_ATTRIBUTES",
+    "INT32_MAX",
     "MAX_EP_SIZE",
     "WEIGHT_DTYPES",
     "WEIGHT_FORMS",
@@ -71,8 +72,25 @@ def oai_alpha(swiglu_alpha: float | None) -> float | None:
     return alpha if alpha > 0 else None
 
 
+#: The largest size, count or capacity of a call: the kernel's counts and ids are int32
+#: (``expert_idx`` and ``expert_token_nums``, §2 of docs/contract/dispatch_ffn_combine.md), and
+#: int32 offsets are where real kernels overflow (docs/contract/placement.md, "Index width").
+INT32_MAX = 2**31 - 1
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float32_range(value: object) -> TypeGuard[float]:
+    """``value`` is a real number (not a bool) that float32 holds without becoming infinite:
+    an int too large for a float (``10**400``) is not, and raises nothing here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,27 +121,47 @@ class OpConfig:
     masked: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tokens_per_rank, (tuple, list)):
+            raise ConfigError(
+                field="tokens_per_rank", given=repr(self.tokens_per_rank)[:80],
+                allowed="a tuple of ints >= 0, one per rank",
+                fix="give one token count per rank, e.g. (3, 0) for two ranks",
+            )
         object.__setattr__(self, "tokens_per_rank", tuple(self.tokens_per_rank))
         for name in ("ep_size", "experts_per_rank", "top_k", "hidden", "intermediate"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not _is_int(value) or not 1 <= value <= INT32_MAX:
                 raise ConfigError(
-                    field=name, given=repr(value), allowed="an int >= 1",
+                    field=name, given=repr(value)[:80], allowed=f"an int from 1 to {INT32_MAX}",
                     fix=f"pass a positive integer for {name}",
                 )
+        if self.num_experts > INT32_MAX:
+            raise ConfigError(
+                field="experts_per_rank", given=f"{self.experts_per_rank} (EP·E = "
+                f"{self.num_experts})", allowed=f"EP·E <= {INT32_MAX} (int32 expert ids)",
+                fix="use fewer experts per rank",
+            )
         if self.ep_size > MAX_EP_SIZE:
             raise ConfigError(
                 field="ep_size", given=repr(self.ep_size), allowed=f"1..{MAX_EP_SIZE}",
                 fix=f"use at most {MAX_EP_SIZE} ranks (the kernel's guard, PR #5787)",
             )
         if len(self.tokens_per_rank) != self.ep_size or not all(
-            _is_int(m) and m >= 0 for m in self.tokens_per_rank
-        ):
+            _is_int(m) and 0 <= m <= INT32_MAX for m in self.tokens_per_rank
+        ) or self.total_slots > INT32_MAX:
             raise ConfigError(
-                field="tokens_per_rank", given=repr(self.tokens_per_rank),
-                allowed=f"a tuple of {self.ep_size} ints >= 0 (one per rank)",
+                field="tokens_per_rank", given=repr(self.tokens_per_rank)[:200],
+                allowed=f"a tuple of {self.ep_size} ints >= 0 (one per rank) with at most "
+                f"{INT32_MAX} slots (Σ M_r · top_k) in all",
                 fix="give one token count per rank; 0 is allowed",
             )
+        for name, example in (("x_dtype", "bfloat16"), ("weight_dtype", "int8"),
+                              ("weight_form", "stacked")):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(
+                    field=name, given=repr(getattr(self, name))[:80], allowed="a name (str)",
+                    fix=f"pass {name} by name, e.g. {example!r}",
+                )
         if self.x_dtype not in X_DTYPES:
             raise ConfigError(
                 field="x_dtype", given=repr(self.x_dtype), allowed=" or ".join(X_DTYPES),
@@ -164,20 +202,19 @@ class OpConfig:
                 "(E becomes K); use the stacked form [(1, K, N)]",
             )
         if self.max_output_size is not None and (
-            not _is_int(self.max_output_size) or self.max_output_size < 0
+            not _is_int(self.max_output_size) or not 0 <= self.max_output_size <= INT32_MAX
         ):
             raise ConfigError(
-                field="max_output_size", given=repr(self.max_output_size),
-                allowed="None (no truncation) or an int >= 0",
+                field="max_output_size", given=repr(self.max_output_size)[:80],
+                allowed=f"None (no truncation) or an int from 0 to {INT32_MAX}",
                 fix="pass the receive capacity in rows per rank",
             )
         if self.swiglu_limit is not None:
             limit = self.swiglu_limit
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (
-                math.isfinite(limit) and limit > 0
-            ):
+            if not _float32_range(limit) or not limit > 0:  # a float32 attribute, as alpha
                 raise ConfigError(
-                    field="swiglu_limit", given=repr(limit), allowed="None or a finite float > 0",
+                    field="swiglu_limit", given=repr(limit)[:80],
+                    allowed="None or a finite float > 0 within float32's range",
                     fix="pass a positive clamp value or None",
                 )
             if not variant.clamped:
@@ -189,6 +226,11 @@ class OpConfig:
                 )
         if self.swiglu_alpha is not None:
             self._check_alpha(self.swiglu_alpha)
+        if not isinstance(self.masked, bool):
+            raise ConfigError(
+                field="masked", given=repr(self.masked)[:80], allowed="True or False",
+                fix="pass masked=True when the call has an active_mask",
+            )
         if self.masked and not variant.masked:
             raise ConfigError(
                 field="masked", given=f"True with {self.weight_dtype} weights",
@@ -199,11 +241,9 @@ class OpConfig:
 
     def _check_alpha(self, alpha: object) -> None:
         # The kernel reads swigluAlpha as a float32 attribute (PR #11916).
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
-            math.isfinite(alpha) and abs(alpha) <= FLOAT32_MAX
-        ):
+        if not _float32_range(alpha):
             raise ConfigError(
-                field="swiglu_alpha", given=repr(alpha),
+                field="swiglu_alpha", given=repr(alpha)[:80],
                 allowed="None or a finite float within float32's range",
                 fix="pass the SwigluOAI alpha (e.g. 1.702), 0 or None for standard SwiGLU",
             )

@@ -1,5 +1,5 @@
 """The project's own test suite runs under the deterministic ``dfc-ci`` profile (see
-``oracle.check.settings``) unless ``--dfc-profile`` or ``DFC_PROFILE`` says otherwise."""
+``oracle.config.settings``) unless ``--dfc-profile`` or ``DFC_PROFILE`` says otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import oracle.check.settings  # noqa: F401 - registers the profiles
+import oracle.config.settings  # noqa: F401 - registers the profiles
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -43,6 +43,41 @@ def leaves_a_thread(problem: Problem) -> Any:
     return correct(problem)
 
 
+def _tell_pid() -> None:
+    """Record this process's pid where the test reads it (``DFC_TEST_PIDFILE``)."""
+    path = os.environ["DFC_TEST_PIDFILE"]
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+
+
+def setsid_and_hang(problem: Problem) -> Any:
+    """Leaves the process group the oracle kills, then hangs (round 1's killpg missed it)."""
+    os.setsid()
+    _tell_pid()
+    time.sleep(3600)
+
+
+def leaves_a_daemon(problem: Problem) -> Any:
+    """A correct result, and a daemon grandchild (double fork, own session) left running."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _tell_pid()
+            time.sleep(3600)
+        os._exit(0)
+    return correct(problem)
+
+
+def one_value_off(problem: Problem) -> Any:
+    """The reference, with one out value moved by 0.1: far outside the envelope, too little
+    for the row test; only an infinite --ulps passes it."""
+    result = correct(problem)
+    out = result[0][0].copy()
+    out[0, 0] += out.dtype.type(0.1)
+    return [(out, result[0][1]), *result[1:]]
+
+
 def sys_exit(problem: Problem) -> Any:
     raise SystemExit(0)
 
@@ -89,6 +124,20 @@ def damages_the_problem(problem: Problem) -> Any:
     result = correct(problem)
     problem._ranks = None  # type: ignore[assignment]
     problem._config = None  # type: ignore[assignment]
+    return result
+
+
+def zeroes_x_and_hides_it(problem: Problem) -> Any:
+    """Zeroes its tokens after computing, and patches the oracle's input watch in its own
+    process to see no write."""
+    import oracle.check.isolation as isolation
+
+    isolation.written = lambda *args: []  # type: ignore[assignment]
+    isolation.InputWatch.changed = lambda self, originals: []  # type: ignore[method-assign]
+    isolation.InputWatch.list_writes = lambda self: []  # type: ignore[method-assign]
+    result = correct(problem)
+    for inputs in problem.ranks:
+        inputs.x[...] = 0
     return result
 
 

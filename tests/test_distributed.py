@@ -29,7 +29,8 @@ from hypothesis.errors import NoSuchExample  # noqa: E402
 from oracle import ConformanceError  # noqa: E402
 from oracle.adapters.torch_io import TorchRankInputs  # noqa: E402
 from oracle.check import distributed as D  # noqa: E402
-from oracle.check.settings import DEFAULT_PROFILE  # noqa: E402
+from oracle.config.settings import DEFAULT_PROFILE  # noqa: E402
+from spec import OpConfig, random_problem  # noqa: E402
 from spec.strategies import configs, problems, token_rows  # noqa: E402
 
 #: Deterministic searches (derandomised, no database): the same counterexample on every run.
@@ -93,6 +94,23 @@ def rank_one_raises(inputs: TorchRankInputs, group: Any) -> Any:
     if dist.get_rank(group) == 1:
         raise ValueError("planted failure on rank 1")
     return D.reference_rank(inputs, group)
+
+
+def rank_one_forks_and_dies(inputs: TorchRankInputs, group: Any) -> Any:
+    """Rank 1 forks a helper that keeps its pipe to the driver open, then dies."""
+    if dist.get_rank(group) == 1:
+        if os.fork() == 0:
+            time.sleep(3600)
+        os._exit(7)
+    return D.reference_rank(inputs, group)
+
+
+def rank_one_returns_too_much(inputs: TorchRankInputs, group: Any) -> Any:
+    """Rank 1 answers 64 MiB, far more than its out and counts."""
+    out, nums = D.reference_rank(inputs, group)
+    if dist.get_rank(group) == 1:
+        return torch.zeros(1 << 24), nums
+    return out, nums
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -293,3 +311,50 @@ def test_joined_mode_reports_every_raising_rank_of_four() -> None:
     silent = [r for r in range(4) if r not in raised]
     assert f"ranks {silent} did not return" in done.stdout
     assert elapsed < 60, elapsed  # the example timeout is 60 s
+
+
+# --- Round 2 (issue 23): distributed faults named as they happened. ---
+
+#: One fixed call: nothing to shrink, so each test costs one start of the group.
+ONE = st.just(random_problem(OpConfig(ep_size=2, experts_per_rank=1, top_k=1, hidden=32,
+                                      intermediate=8, tokens_per_rank=(1, 1)), seed=0))
+
+
+@pytest.mark.parametrize("sentinels", [True, False])
+def test_a_rank_that_dies_after_forking_a_helper_is_a_death_not_a_hang(
+    monkeypatch, sentinels
+) -> None:
+    """Its helper holds the pipe open, so the end of file never comes: watched by its process
+    sentinel, the death is reported at once; by end of file only (the mutant), as a hang."""
+    if not sentinels:
+        real = D.wait
+        monkeypatch.setattr(D, "wait", lambda objects, timeout=None:
+                            real([o for o in objects if not isinstance(o, int)], timeout))
+    start = time.monotonic()
+    with pytest.raises(ConformanceError) as caught:
+        D.check_distributed(rank_one_forks_and_dies, world_size=2, problems=ONE, settings=CI,
+                            max_examples=1, timeout=8)
+    if not sentinels:
+        assert isinstance(caught.value, D.DistributedTimeout)
+        return
+    assert not isinstance(caught.value, D.DistributedTimeout)
+    assert "rank 1 died: exit code 7" in caught.value.report
+    assert time.monotonic() - start < 60  # start-ups and one call; the timeout is never waited
+
+
+def test_a_rank_answering_far_more_than_its_outputs_is_refused_before_the_transfer() -> None:
+    with pytest.raises(ConformanceError) as caught:
+        D.check_distributed(rank_one_returns_too_much, world_size=2, problems=ONE, settings=CI,
+                            max_examples=1, timeout=30)
+    assert not isinstance(caught.value, D.DistributedTimeout)
+    assert "rank 1 oversized: an answer of more than" in caught.value.report
+
+
+def test_a_backend_that_cannot_start_says_why() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("nccl starts on this machine")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"group did not start: rank 0 failed: \w+"):
+        D.check_distributed(D.reference_rank, world_size=2, backend="nccl", problems=ONE,
+                            settings=CI, max_examples=1, timeout=30)
+    assert time.monotonic() - start < 100  # not the 120 s start-up timeout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oracle.adapters.torch_io import TorchRankInputs
-from oracle.check.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
+from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import OpConfig, RankInputs, random_problem
 from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, variant_for
 

@@ -4,7 +4,9 @@ dead harness or a traceback from the oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,11 +18,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from oracle.check.harness import ConformanceError, check_implementation, evaluate
-from oracle.check.isolation import _SHARED_ABOVE, ChildProcess, _SharedFile, importable_name
+from oracle.check.isolation import ChildProcess, _SharedFile, importable_name
 from oracle.check.loading import ImplLoadError, load_impl
 from oracle.cli import main
-from oracle.files.counterexample import arrays_of
 from spec import OpConfig, random_problem
+from spec.memory import layout_of, with_layout
 from spec.strategies import configs, problems
 
 TESTS = Path(__file__).parent
@@ -87,10 +89,8 @@ def test_the_child_is_reused_and_restarted_after_a_crash() -> None:
 
 
 def test_large_arrays_travel_through_the_shared_file_intact() -> None:
-    """Arrays above the threshold (here the weights) reach the child through the shared file:
-    a correct implementation passes, a wrong one fails, a write into a shared input is seen."""
-    assert [k for k, a in arrays_of(BIG).items() if a.nbytes > _SHARED_ABOVE] == [
-        f"r{r}.{w}.0" for r in range(2) for w in ("w1", "w2")]
+    """Every input reaches the child through the shared file: a correct implementation passes,
+    a wrong one fails, a write into an input is seen."""
     with ChildProcess("broken_impls:correct") as child:
         assert evaluate(child, BIG)[0].ok
     with ChildProcess("broken_impls:probs_ignored") as child:
@@ -101,15 +101,24 @@ def test_large_arrays_travel_through_the_shared_file_intact() -> None:
 
 
 def test_the_child_reads_only_declared_arrays_inside_the_shared_file() -> None:
+    """…in their layouts, as views: what the worker writes, the parent reads back; and the
+    worker cannot shrink the file under the parent's mapping (a SIGBUS in the parent)."""
     writer = _SharedFile.create()
     fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
-    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran)])
-    reader = _SharedFile(os.dup(writer.fd), writable=False)
+    strided = with_layout(np.arange(8, dtype=np.int8).reshape(2, 4), "strided")
+    specs = writer.put([("a", np.arange(10, dtype=np.int32)), ("b", fortran), ("c", strided)])
+    reader = _SharedFile(os.dup(writer.fd), owner=False)
     try:
-        (_, a), (_, b) = reader.get(specs)
+        (_, a), (_, b), (_, c) = reader.get(specs)
         assert a.tolist() == list(range(10)) and b.tolist() == fortran.tolist()
         assert b.flags.f_contiguous and not b.flags.c_contiguous  # its layout class kept
-        assert not a.flags.writeable and not b.flags.writeable
+        assert c.tolist() == strided.tolist() and layout_of(c) == "strided"
+        b[1, 2], c[1, 3] = -1.0, -1
+        (_, a2), (_, b2), (_, c2) = writer.get(specs)
+        assert b2[1, 2] == -1.0 and c2[1, 3] == -1 and a2.tolist() == list(range(10))
+        if sys.platform.startswith("linux"):
+            with pytest.raises(PermissionError):
+                os.ftruncate(reader.fd, 0)
         for bad in ([["a", "int32", [10], "contiguous", 1 << 30]],
                     [["a", "int32", [10], "contiguous", -64]],
                     [["a", "object", [1], "contiguous", 0]],
@@ -177,3 +186,82 @@ def test_the_gate_fails_an_implementation_that_exits(pytester, monkeypatch) -> N
                                            "-k", "default_search", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*exited with code 0 without returning a result*"])
+
+
+# --- Round 2 (issue 23): no process the implementation starts escapes the kill. ---
+
+
+class _GroupKillOnly(ChildProcess):
+    """The mutant: round 1's kill, the template's process group only."""
+
+    def _kill(self) -> str:
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._reap()
+        return "its process was killed (SIGKILL)"
+
+
+def _escaped_pid(pidfile: Path) -> int:
+    for _ in range(500):
+        if pidfile.exists():
+            return int(pidfile.read_text())
+        time.sleep(0.01)
+    raise AssertionError("the hostile implementation never recorded its pid")
+
+
+def _running(pid: int) -> bool:
+    from oracle.check.isolation import _alive
+
+    for _ in range(100):  # SIGKILL takes a moment
+        if not _alive(pid):
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("runner", [ChildProcess, _GroupKillOnly])
+@pytest.mark.parametrize("name", ["setsid_and_hang", "leaves_a_daemon"])
+def test_no_process_the_implementation_starts_outlives_the_kill(
+    tmp_path, monkeypatch, runner, name
+) -> None:
+    """A hung worker in a session of its own is killed at the timeout, and a daemon left by a
+    passing call at close; the report counts them. Round 1's process-group kill missed both."""
+    pidfile = tmp_path / "pid"
+    monkeypatch.setenv("DFC_TEST_PIDFILE", str(pidfile))
+    with runner(f"hostile_impls:{name}") as child:
+        verdict, _ = evaluate(child, PROBLEM, timeout=1.0)
+        escaped = _escaped_pid(pidfile)
+    try:
+        if runner is _GroupKillOnly:
+            assert _running(escaped)
+            return
+        assert not _running(escaped)
+        if name == "setsid_and_hang":
+            assert verdict.stage == "timeout"
+            assert ("killed (SIGKILL), with 1 process(es) it started that had left its process "
+                    "group") in verdict.message
+        else:
+            assert verdict.ok
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escaped, signal.SIGKILL)
+
+
+def test_the_input_write_verdict_is_decided_in_the_parent(monkeypatch) -> None:
+    """An implementation that zeroes x and patches the oracle's watch in its own process: in
+    process (the mutant: the verdict decided where the implementation runs) it passes
+    ``inputs='strict'``; isolated, the parent reads the write from the shared file and fails it."""
+    import oracle.check.isolation as isolation
+
+    monkeypatch.setattr(isolation, "written", isolation.written)  # restored afterwards
+    for name in ("changed", "list_writes"):
+        monkeypatch.setattr(isolation.InputWatch, name, getattr(isolation.InputWatch, name))
+    import hostile_impls
+
+    fooled, _ = evaluate(hostile_impls.zeroes_x_and_hides_it, PROBLEM, inputs="strict")
+    assert fooled.ok
+    monkeypatch.undo()
+    with ChildProcess("hostile_impls:zeroes_x_and_hides_it") as child:
+        verdict, _ = evaluate(child, PROBLEM, inputs="strict")
+    assert verdict.stage == "inputs" and "r0.x[" in verdict.message

@@ -15,8 +15,8 @@ from hypothesis.errors import InvalidArgument
 
 from oracle.check.harness import check_implementation
 from oracle.check.loading import ImplLoadError
-from oracle.check.options import OptionError, check_options
 from oracle.cli import main
+from oracle.config.options import OptionError, check_options
 from spec import OpConfig, random_problem
 from spec.strategies import problems, routings, token_rows
 
@@ -32,13 +32,13 @@ def never_called(problem):
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("ulps", -1.0, "must be a finite number >= 0"),
-        ("ulps", float("nan"), "must be a finite number >= 0"),
+        ("ulps", -1.0, "must be a finite number from 0 to"),
+        ("ulps", float("nan"), "must be a finite number from 0 to"),
         ("ulps", "1", "must be a number"),
-        ("timeout", 0, "must be a finite number of seconds > 0"),
-        ("timeout", -1.0, "must be a finite number of seconds > 0"),
-        ("timeout", float("nan"), "must be a finite number of seconds > 0"),
-        ("timeout", float("inf"), "must be a finite number of seconds > 0"),
+        ("timeout", 0, "must be a finite number of seconds > 0 and"),
+        ("timeout", -1.0, "must be a finite number of seconds > 0 and"),
+        ("timeout", float("nan"), "must be a finite number of seconds > 0 and"),
+        ("timeout", float("inf"), "must be a finite number of seconds > 0 and"),
         ("inputs", "lenient", "must be one of sentinel, strict, report, ignore"),
         ("numerics", "exact", "must be one of faithful, ideal"),
         ("variants", ("w8a8", "w4a16"), "must be one or more of w8a8, bf16, fp16, w4a8"),
@@ -124,3 +124,91 @@ def test_gate_options_are_usage_errors(pytester, monkeypatch) -> None:
         result = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", flag, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([f"*{flag}: *{message}*"])
+
+
+# --- Round 2 (issue 23): every door checks every option, and every number is bounded. ---
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("timeout", 1e10, r"> 0 and <= 86400"),
+        ("ulps", float("inf"), "from 0 to 65536"),
+        ("ulps", 10**400, "from 0 to 65536"),  # an int beyond any float
+        ("kernel", ["ascend-a3"], "must be one of"),  # unhashable: no TypeError
+        ("variants", [["w8a8"]], "must be one or more of"),
+        ("save_dir", 5, "must be a directory path"),
+    ],
+)
+def test_unbounded_values_are_rejected_at_every_door(option, value, message) -> None:
+    from oracle.check.harness import evaluate
+
+    with pytest.raises(OptionError, match=message):
+        check_implementation(never_called, **{"save_dir": None, option: value})
+    with pytest.raises(OptionError, match="from 1 to 1000000"):
+        check_options(max_examples=10**30)
+    if option in ("timeout", "ulps"):
+        with pytest.raises(OptionError, match=message):
+            evaluate(never_called, PROBLEM, **{option: value})
+
+
+def test_a_timeout_beyond_the_bound_overflowed_and_the_bound_itself_runs() -> None:
+    """Both outcomes: past the validator (the mutant: ``_call`` directly), 1e10 s overflows the
+    thread join a correct implementation waits in; the largest allowed timeout runs."""
+    from oracle.check.harness import _call, evaluate
+    from oracle.config.options import MAX_TIMEOUT
+
+    with pytest.raises(OverflowError):
+        _call(broken_impls.correct, PROBLEM, 1e10)
+    verdict, _ = evaluate(broken_impls.correct, PROBLEM, timeout=MAX_TIMEOUT)
+    assert verdict.ok
+
+
+def test_replay_refuses_an_infinite_slack_from_the_command_line_or_the_file(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Both outcomes: ``ulps=inf`` makes the judge pass a wrong output (the mutant: the judge
+    without the validator); replay refuses it as an option (exit 2) and as a file's record."""
+    import json
+
+    from oracle.files.counterexample import load, save
+    from oracle.judge.verdict import compare
+
+    (out, nums), = broken_impls.correct(PROBLEM)
+    out = out.copy()
+    out[0, 0] += out.dtype.type(0.1)  # one value off, by far more than the envelope
+    wrong = [(out, nums)]
+    assert not compare(PROBLEM, wrong).ok and compare(PROBLEM, wrong, ulps=float("inf")).ok
+    monkeypatch.chdir(TESTS)
+    path = save(tmp_path / "ce.npz", PROBLEM, outputs=wrong,
+                meta={"stage": "out", "ulps": 0.0, "inputs": "sentinel"})
+    for value in ("inf", "nan", "-1"):
+        assert main(["replay", str(path), "--impl", "broken_impls:probs_ignored",
+                     "--ulps", value]) == 2
+        assert "--ulps: ulps=" in capsys.readouterr().err
+    for record, field in ((float("inf"), "meta.ulps"), ("lenient", "meta.inputs")):
+        key = "ulps" if field == "meta.ulps" else "inputs"
+        bad = save(tmp_path / f"{key}.npz", PROBLEM, outputs=wrong,
+                   meta={"stage": "out", "ulps": 0.0, "inputs": "sentinel", key: record})
+        assert json.dumps(load(bad).meta[key]) in ("Infinity", '"lenient"')
+        assert main(["replay", str(bad), "--impl", "broken_impls:probs_ignored"]) == 2
+        err = capsys.readouterr().err
+        assert f"manifest.json {field}: got" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("scales", "bogus", "must be one of int64, float32"),
+        ("world_size", 0, "from 1 to 32"),
+        ("timeout", 1e10, "<= 86400"),
+        ("max_examples", 0, "from 1 to 1000000"),
+        ("backend", "", "must be a torch.distributed backend name"),
+    ],
+)
+def test_check_distributed_checks_its_options_before_any_process(option, value, message) -> None:
+    from oracle.check.distributed import check_distributed
+
+    kwargs = {"world_size": 2, option: value}
+    with pytest.raises(OptionError, match=message) as info:
+        check_distributed(never_called, **kwargs)
+    assert info.value.option == option

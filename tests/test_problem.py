@@ -279,10 +279,32 @@ CASES = [
          other_rank(dataclasses.replace(BASE, weight_form="list"))),
     # Attributes of the call, checked by OpConfig.
     Case("negative max_output_size", ConfigError, None, "max_output_size", "-1",
-         "None (no truncation) or an int >= 0", "receive capacity",
+         "None (no truncation) or an int from 0 to 2147483647", "receive capacity",
          keywords(max_output_size=-1)),
+    # Values that reached OverflowError or TypeError deep inside before round 2 (issue 23).
+    *(Case(f"max_output_size {value}", ConfigError, None, "max_output_size", str(value),
+           "an int from 0 to 2147483647", "receive capacity", keywords(max_output_size=value))
+      for value in (2**31, 2**63, 2**64)),
+    Case("swiglu_limit 10**400", ConfigError, None, "swiglu_limit", "1000", "float32's range",
+         "positive clamp", keywords(swiglu_limit=10**400)),
+    Case("swiglu_limit beyond float32", ConfigError, None, "swiglu_limit", "1e+39",
+         "float32's range", "positive clamp", keywords(swiglu_limit=1e39)),
+    Case("swiglu_alpha 10**400", ConfigError, None, "swiglu_alpha", "1000", "float32's range",
+         "SwigluOAI alpha", keywords(swiglu_alpha=10**400)),
+    *(Case(f"tokens_per_rank {value!r}", ConfigError, None, "tokens_per_rank", repr(value),
+           "a tuple of ints >= 0, one per rank", "one token count per rank",
+           config(tokens_per_rank=value)) for value in (5, None)),
+    Case("tokens_per_rank beyond int32 slots", ConfigError, None, "tokens_per_rank",
+         "(1073741824, 0)", "at most 2147483647 slots", "one token count per rank",
+         config(tokens_per_rank=(2**30, 0))),
+    Case("masked 'yes'", ConfigError, None, "masked", "'yes'", "True or False",
+         "masked=True", config(masked="yes")),
+    Case("x_dtype not a name", ConfigError, None, "x_dtype", "['bfloat16']", "a name (str)",
+         "x_dtype by name, e.g. 'bfloat16'", config(x_dtype=["bfloat16"])),
+    Case("EP·E beyond int32 ids", ConfigError, None, "experts_per_rank", "EP·E = 2147483648",
+         "int32 expert ids", "fewer experts", config(experts_per_rank=2**30)),
     Case("fractional max_output_size", ConfigError, None, "max_output_size", "2.5",
-         "an int >= 0", "receive capacity", keywords(max_output_size=2.5)),
+         "an int from 0", "receive capacity", keywords(max_output_size=2.5)),
     Case("swiglu_limit <= 0", ConfigError, None, "swiglu_limit", "-1.0",
          "None or a finite float > 0", "positive clamp", keywords(swiglu_limit=-1.0)),
     Case("swiglu_limit NaN", ConfigError, None, "swiglu_limit", "nan", "finite float > 0",
@@ -306,10 +328,10 @@ CASES = [
          "1.702 with bfloat16 weights", "None or <= 0 unless the weights are int8",
          "use the W8A8 variant", keywords(swiglu_alpha=1.702), BF16),
     # OpConfig built directly.
-    *(Case(f"{name} = {value!r}", ConfigError, None, name, repr(value), "an int >= 1",
-           f"positive integer for {name}", config(**{name: value}))
+    *(Case(f"{name} = {value!r}", ConfigError, None, name, repr(value),
+           "an int from 1 to 2147483647", f"positive integer for {name}", config(**{name: value}))
       for name in ("ep_size", "experts_per_rank", "top_k", "hidden", "intermediate")
-      for value in (0, True)),
+      for value in (0, True, 2**31)),
     Case("ep_size 33", ConfigError, None, "ep_size", "33", "1..32", "PR #5787",
          config(ep_size=33, tokens_per_rank=(1,) * 33)),
     Case("tokens_per_rank length", ConfigError, None, "tokens_per_rank", "(3,)",

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from oracle.adapters.torch_io import TorchRankInputs, from_torch, output_pair
+from oracle.files.atomic import atomic_write
 from oracle.files.counterexample import (
     ALLOWED_DTYPES,
     READ_ERRORS,
@@ -114,13 +115,6 @@ def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sorted(attrs.items()))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: Any) -> Path:
     """Write one rank's inputs and outputs of one call; returns the rank's file.
 
@@ -170,10 +164,10 @@ def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: A
     stored["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     directory.mkdir(parents=True, exist_ok=True)
     path = _rank_file(directory, rank)
-    _atomic_write(path, lambda f: np.savez(f, **stored))  # type: ignore[arg-type]
+    atomic_write(path, lambda f: np.savez(f, **stored))  # type: ignore[arg-type]
     if rank == 0:
         manifest = {"format": FORMAT, "version": VERSION, "attrs": meta_attrs}
-        _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
+        atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
     return path
 
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from math import inf
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,8 @@ from oracle.adapters.torch_io import (
     to_torch,
 )
 from oracle.check.harness import ConformanceError, check_implementation, variant_configs
-from oracle.check.options import check_options
+from oracle.check.isolation import kill_tree
+from oracle.config.options import OptionError, check_options
 from oracle.model.kernels import ASCEND_A3
 from oracle.model.numerics import Numerics
 from oracle.model.reference import run
@@ -424,6 +426,9 @@ def _worker_main(
     rank: int, world_size: int, backend: str, store_path: str, conn: Any,
     impl_rank: ImplRank, parent_pid: int, scales: str, collective_timeout: float,
 ) -> None:
+    # A process group of its own: a helper this rank forks stays in it after the rank dies,
+    # and the driver kills the group (kill_tree), not only the rank.
+    os.setpgid(0, 0)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     # The backend's own messages (gloo aborts a rank on a size mismatch) go to a log whose tail
     # the driver puts into the failure report.
@@ -433,14 +438,18 @@ def _worker_main(
     torch.set_num_threads(1)  # world_size processes share the machine's cores
     if backend == "gloo":
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # connect over 127.0.0.1 only
-    dist.init_process_group(
-        backend, store=dist.FileStore(store_path, world_size), rank=rank,
-        world_size=world_size, timeout=timedelta(seconds=collective_timeout),
-    )
-    conn.send(("ready", rank))
+    try:
+        dist.init_process_group(
+            backend, store=dist.FileStore(store_path, world_size), rank=rank,
+            world_size=world_size, timeout=timedelta(seconds=collective_timeout),
+        )
+    except BaseException as exc:  # nccl without a GPU, an unknown backend: say why
+        conn.send_bytes(pickle.dumps(("failed", _describe_failure(exc))))
+        os._exit(1)
+    conn.send_bytes(pickle.dumps(("ready", rank)))
     try:
         while (job := conn.recv()) is not None:
-            conn.send(_run_job(impl_rank, job, dist.group.WORLD, scales))
+            conn.send_bytes(pickle.dumps(_run_job(impl_rank, job, dist.group.WORLD, scales)))
     except EOFError:  # the driver went away
         pass
     finally:
@@ -487,44 +496,65 @@ class _WorkerPool:
             child.close()
             self._procs.append(proc)
             self._conns.append(parent)
-        replies = self._collect(range(world_size), _STARTUP_TIMEOUT)
+        replies = self._collect(range(world_size), _STARTUP_TIMEOUT, 1 << 16)
         missing = [r for r in range(world_size) if replies.get(r, ("",))[0] != "ready"]
         if missing:
-            codes = [self._procs[r].exitcode for r in missing]
+            why = "; ".join(f"rank {r} {replies[r][0]}: {replies[r][1]}" if r in replies else
+                            f"rank {r}: no answer within {_STARTUP_TIMEOUT:g} s"
+                            for r in missing)
             self.close()
-            raise RuntimeError(
-                f"ranks {missing} of the {world_size}-process {backend} group did not start "
-                f"within {_STARTUP_TIMEOUT:g} s (exit codes {codes})"
-            )
+            raise RuntimeError(f"the {world_size}-process {backend} group did not start: {why}")
 
-    def _collect(self, ranks: Any, timeout: float) -> dict[int, tuple[str, Any]]:
-        """Answers of ``ranks`` within ``timeout`` s; a dead rank answers ("died", exit code).
+    def _collect(self, ranks: Any, timeout: float,
+                 limits: int | Sequence[int]) -> dict[int, tuple[str, Any]]:
+        """Answers of ``ranks`` within ``timeout`` s, each at most ``limits`` (per rank) bytes.
+        A rank's death is seen by its process sentinel, not by the end of its pipe (a helper
+        it forked may hold that open): it answers ("died", exit code and last words). An
+        answer larger than the contract's outputs is refused before it is read ("oversized").
         After the first failure, the others get only a short grace."""
         pending = set(ranks)
         replies: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + timeout
+        sentinels = {self._procs[r].sentinel: r for r in pending}
         while pending:
             self.pending = sorted(pending)
             left = deadline - time.monotonic()
-            ready = multiprocessing.connection.wait(
-                [self._conns[r] for r in pending], timeout=None if left == inf else max(0.0, left)
-            )
+            ready = wait(
+                [self._conns[r] for r in pending]
+                + [w for w, r in sentinels.items() if r in pending],
+                timeout=None if left == inf else max(0.0, left))
             if not ready:
                 break
-            for conn in ready:
-                r = self._conns.index(conn)
-                try:
-                    replies[r] = self._conns[r].recv()
-                except (EOFError, OSError):
-                    self._procs[r].join(1.0)
-                    tail = _log_tail(self._store_path, r)
-                    replies[r] = ("died", f"exit code {self._procs[r].exitcode}"
-                                  + (f"; its last words: {tail}" if tail else ""))
+            # An answer first: a rank that answered and then died has answered.
+            for waited in sorted(ready, key=lambda w: w in sentinels):
+                r = sentinels[waited] if waited in sentinels else self._conns.index(waited)
+                if r not in pending:
+                    continue
+                limit = limits if isinstance(limits, int) else limits[r]
+                replies[r] = self._receive(r, limit) if waited not in sentinels or (
+                    self._conns[r].poll()) else self._death(r)
                 pending.discard(r)
             if any(kind not in ("ok", "ready") for kind, _ in replies.values()):
                 deadline = min(deadline, time.monotonic() + _FAILURE_GRACE)
         self.pending = sorted(pending)
         return replies
+
+    def _receive(self, r: int, limit: int) -> tuple[str, Any]:
+        try:
+            return tuple(pickle.loads(self._conns[r].recv_bytes(limit)))
+        except OSError as exc:
+            if "bad message length" in str(exc):
+                return ("oversized", f"an answer of more than {limit} bytes, larger than the "
+                        "contract's out and expert_token_nums (refused before it was read)")
+            return self._death(r)
+        except EOFError:
+            return self._death(r)
+
+    def _death(self, r: int) -> tuple[str, Any]:
+        self._procs[r].join(1.0)
+        tail = _log_tail(self._store_path, r)
+        return ("died", f"exit code {self._procs[r].exitcode}"
+                + (f"; its last words: {tail}" if tail else ""))
 
     def run(self, problem: Problem) -> list[tuple[Array, Array]]:
         """One example on every rank. Waits as long as it takes: the harness's timeout decides
@@ -538,7 +568,10 @@ class _WorkerPool:
             )
         for conn, inputs in zip(self._conns, problem.ranks):
             conn.send(_Job(inputs, problem.config.call_attributes()))
-        replies = self._collect(range(world_size), inf)
+        cfg = problem.config
+        limits = [m * cfg.hidden * 4 + cfg.experts_per_rank * 8 + (1 << 16)
+                  for m in cfg.tokens_per_rank]  # out and counts, with room for any dtype
+        replies = self._collect(range(world_size), inf, limits)
         if self.closed:
             raise RuntimeError("the worker pool was closed during the example")
         failures = {r: reply for r, reply in replies.items() if reply[0] != "ok"}
@@ -562,7 +595,10 @@ class _WorkerPool:
                 proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self._procs:
             if proc.is_alive():
-                proc.kill()
+                kill_tree(proc.pid)  # and every process it started
+            elif proc.pid is not None:  # dead: a helper it forked may live on in its group
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.join()
         for conn in self._conns:
             conn.close()
@@ -747,7 +783,7 @@ def default_problems(world_size: int,
     """:func:`check_distributed`'s default search: :func:`spec.strategies.problems` at EP =
     ``world_size``, of every weight variant (W8A8, BF16 and FP16 weights, all of which
     :func:`reference_rank` models) or only ``variants`` (names from
-    :data:`oracle.check.options.WEIGHT_VARIANTS`)."""
+    :data:`oracle.config.options.WEIGHT_VARIANTS`)."""
     ep = st.just(world_size)
     return problems(configs=configs(ep_sizes=ep) if variants is None
                     else variant_configs(variants, ep_sizes=ep))
@@ -777,16 +813,24 @@ def check_distributed(
     ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
     :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
     dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
-    Spawned worker processes are always stopped before this returns.
+    Spawned worker processes are always stopped before this returns. Options outside what is allowed
+    (:func:`oracle.config.options.check_options`) raise :class:`oracle.config.options.OptionError`
+    before any process starts.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
-    check_options(variants=variants)
+    check_options(variants=variants, world_size=world_size, timeout=timeout,
+                  numerics=numerics, max_examples=max_examples, scales=scales,
+                  save_dir=save_dir)
+    if not isinstance(backend, str) or not backend:
+        raise OptionError("backend", f"backend={backend!r} must be a torch.distributed backend "
+                          "name ('gloo' on CPUs, 'nccl' on GPUs)")
     if problems is None:
         problems = default_problems(world_size, variants)
     base = settings if settings is not None else hsettings()
-    search = hsettings(base, deadline=None, max_examples=max_examples or base.max_examples)
+    search = hsettings(base, deadline=None,
+                       max_examples=base.max_examples if max_examples is None else max_examples)
     run_search = (_check_joined if _under_torchrun() or _dist().is_initialized()
                   else _check_spawned)
     run_search(impl_rank, world_size=world_size, backend=backend, problems=problems,

@@ -12,6 +12,7 @@ runs in this process unless ``isolate=True``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import warnings
@@ -36,8 +37,9 @@ from oracle.check.isolation import (
     plain_outputs,
 )
 from oracle.check.loading import load_impl
-from oracle.check.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, check_options
 from oracle.check.reduction import reduce_counterexample
+from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, check_options
+from oracle.files.atomic import SaveError
 from oracle.files.counterexample import arrays_of, save
 from oracle.judge.verdict import Verdict, compare, structured_outputs
 from oracle.model.kernels import KernelProfile
@@ -146,7 +148,9 @@ def evaluate(
     ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
-    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``."""
+    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``. Options
+    outside what is allowed raise :class:`oracle.config.options.OptionError`."""
+    check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs)
     if isinstance(impl, ChildProcess):
         outcome = impl.call(problem, timeout)
     else:
@@ -170,7 +174,7 @@ def evaluate(
 def _judge_writes(verdict: Verdict, writes: tuple[InputWrite, ...], inputs: str,
                   sentinel: int) -> Verdict:
     """``verdict`` (a pass) for a call that wrote ``writes`` into its inputs, or the ``inputs``
-    failure its policy (:data:`oracle.check.options.INPUT_POLICIES`) makes of them."""
+    failure its policy (:data:`oracle.config.options.INPUT_POLICIES`) makes of them."""
     if inputs == "sentinel":
         forbidden = [w for w in writes if not w.sentinel]
         if forbidden:
@@ -215,9 +219,11 @@ def routing_rows(matrix: np.ndarray) -> list[str]:
 def format_report(
     problem: Problem, verdict: Verdict, *, numerics: Numerics, path: Path | None,
     replay: str | None, ulps: float = 0.0, note: str | None = None,
+    unsaved: str | None = None,
 ) -> str:
-    """The one-read report: configuration, stage, worst element, routing, file, replay;
-    ``note`` says how the minimal call was reduced after shrinking."""
+    """The one-read report: configuration, stage, worst element, routing, file (or why it
+    could not be saved: ``unsaved``), replay; ``note`` says how the minimal call was reduced
+    after shrinking."""
     slack = f", +{ulps:g} ulp" if ulps and numerics.mode == "faithful" else ""
     lines = [
         f"dispatch_ffn_combine does not conform (stage '{verdict.stage}', numerics "
@@ -229,6 +235,8 @@ def format_report(
         lines.insert(2, note)
     if path is not None:
         lines.append(f"counterexample saved: {path}")
+    if unsaved is not None:
+        lines.append(f"counterexample NOT saved: {unsaved}")
     if replay:
         lines.append(f"replay: {replay}")
     return "\n".join(lines)
@@ -244,7 +252,7 @@ def variant_configs(
     variants: Sequence[str], *, domain: ShapeDomain | None = None, **fields: Any
 ) -> st.SearchStrategy[OpConfig]:
     """:func:`spec.strategies.configs` (with ``fields``) drawing only the weight variants
-    ``variants`` (names of :data:`oracle.check.options.WEIGHT_VARIANTS`).
+    ``variants`` (names of :data:`oracle.config.options.WEIGHT_VARIANTS`).
 
     >>> {variant_configs(["bf16"]).example().variant for _ in range(5)}
     {'bf16'}
@@ -325,7 +333,7 @@ def check_implementation(
     contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
     it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
     the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
-    an implementation may make (:data:`oracle.check.options.INPUT_POLICIES`; the default,
+    an implementation may make (:data:`oracle.config.options.INPUT_POLICIES`; the default,
     ``"sentinel"``, allows only the operator's write-back of EP·E into masked tokens' ids).
 
     ``impl`` is a callable, a ``"module:function"`` name or a running :class:`ChildProcess`.
@@ -333,12 +341,14 @@ def check_implementation(
     that nothing it does can take down with the search (``os._exit``, a segfault, a call that
     holds the GIL past ``timeout``); a callable that cannot be imported by name (a lambda, a
     closure) then runs in this process, with a warning. Options outside what is allowed raise
-    :class:`oracle.check.options.OptionError` before the search; an implementation that cannot be
+    :class:`oracle.config.options.OptionError` before the search; an implementation that cannot be
     loaded, or does not take one argument, :class:`oracle.check.loading.ImplLoadError`.
     """
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
                   save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
     num = with_kernel(resolve_numerics(numerics), kernel)
+    # Absolute now: an implementation that calls os.chdir() must not move the file.
+    directory = None if save_dir is None else Path(os.path.abspath(save_dir))
     if problems is None:
         problems = default_problems(num.profile, domain, variants)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
@@ -391,15 +401,18 @@ def check_implementation(
     finally:
         if owned and isinstance(impl, ChildProcess):
             impl.close()
-    path = None
-    if save_dir is not None:
-        path = _save_counterexample(Path(save_dir), problem, verdict, outputs, num, impl_name,
-                                    ulps, inputs)
+    path, unsaved = None, None
+    if directory is not None:
+        try:
+            path = _save_counterexample(directory, problem, verdict, outputs, num, impl_name,
+                                        ulps, inputs)
+        except SaveError as exc:  # the report is whole without the file
+            unsaved = str(exc)
     replay = None
     if path is not None and impl_name:
         replay = f"dfc-oracle replay {path} --impl {impl_name}"  # judged as saved
     report = format_report(problem, verdict, numerics=num, path=path, replay=replay, ulps=ulps,
-                           note=note)
+                           note=note, unsaved=unsaved)
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 

@@ -7,18 +7,20 @@ GIL cannot be timed out. :class:`ChildProcess` imports the implementation by its
 talks to it over two pipes of its own (the child's stdout and stderr stay free for the
 implementation's prints; their last lines go into reports):
 
-- request: a small JSON header (the config, each array's name, dtype and shape) and the arrays'
-  raw bytes; arrays of more than 64 KiB are written into a file both processes map instead
-  (the header gives their offsets; the child maps it read-only and checks every extent); the
-  child rebuilds a writable :class:`spec.Problem` from them;
+- request: a small JSON header (the config, each array's name, dtype, shape, layout and offset
+  in a file both processes map, :class:`_SharedFile`); the parent writes the arrays there, the
+  child checks every extent and hands the implementation a :class:`spec.Problem` of views of
+  that file, so the parent reads back whatever it wrote into its inputs and judges it itself;
 - answer: a JSON header and, for a result, the raw bytes of one ``(out, expert_token_nums)`` pair
   of plain ndarrays per rank. The child converts and checks the implementation's result with the
   judge's :func:`oracle.judge.verdict.structured_outputs` (nothing is pickled); the parent checks
   the header against the shapes and dtypes the contract expects before it reads a byte of payload.
 
-A watchdog kills the child (SIGKILL) when a call exceeds the timeout, whatever it holds; a child
-that ends during a call (any exit code, a signal) is a failing call with its exit status, the
-last lines of its stderr and the example; the next call starts a new child.
+A watchdog kills the child and every process it started (SIGKILL, :func:`kill_tree`) when a
+call exceeds the timeout, whatever it holds; a child that ends during a call (any exit code, a
+signal) is a failing call with its exit status, the last lines of its stderr and the example;
+the next call starts a new child. What the child says can fail a call, never pass one: a
+structure verdict it sends is a failure, and the inputs and outputs are judged in the parent.
 
 :func:`plain_outputs` and :class:`InputWatch` are shared with the in-process path of
 :mod:`oracle.check.harness`.
@@ -28,9 +30,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import fcntl
 import inspect
 import json
+import math
 import mmap
 import os
 import select
@@ -44,7 +48,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from math import inf
 from typing import IO, Any
 
 import numpy as np
@@ -55,15 +58,17 @@ from oracle.judge.verdict import Verdict, structured_outputs
 from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
 from spec.fields import LIST_FIELDS
-from spec.memory import LAYOUTS, copy_array, layout_of, with_layout
+from spec.memory import LAYOUTS, layout_of, with_layout
 
 __all__ = [
     "CallOutcome",
     "ChildProcess",
     "InputWatch",
     "InputWrite",
+    "descendants",
     "describe_exception",
     "importable_name",
+    "kill_tree",
     "plain_outputs",
 ]
 
@@ -72,7 +77,6 @@ _HEAD = 12  # header length (4 bytes) and payload length (8 bytes), big-endian
 _MAX_HEADER = 1 << 20
 _STDERR_LINES = 20
 _END_OF_REQUESTS = 90  # a worker's exit code when the parent closed its requests
-_SHARED_ABOVE = 1 << 16  # bytes; measured with benchmarks/isolation.py
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,12 @@ class InputWrite:
 
     @classmethod
     def from_wire(cls, value: object) -> tuple[InputWrite, ...]:
-        """The writes a child reported (a JSON list of objects); anything else is no write."""
+        """The TensorList writes a worker reported (a JSON list of objects; anything else is
+        none). Only the worker sees Python lists; what it says can fail a call, never pass one:
+        none of them is the sentinel write-back."""
         if not isinstance(value, list):
             return ()
-        return tuple(cls(str(w.get("name")), str(w.get("detail")), w.get("sentinel") is True)
+        return tuple(cls(str(w.get("name")), str(w.get("detail")))
                      for w in value if isinstance(w, dict))
 
 
@@ -183,42 +189,55 @@ class InputWatch:
         ]
 
     def changed(self, originals: dict[str, Array]) -> list[InputWrite]:
-        """The arrays that differ from ``originals`` (bitwise), and the lists whose entries were
-        added, removed or replaced."""
-        writes = []
-        for name, a in self._arrays.items():
-            want = originals[name]
-            if a.shape != want.shape or a.dtype != want.dtype:
-                writes.append(InputWrite(name, f"{name}: {want.dtype} {list(want.shape)} became "
-                                         f"{a.dtype} {list(a.shape)}"))
-            elif (differs := _differs(a, want)).any():
-                writes.append(self._write(name, a, want, differs, originals))
-        for name, tensors, entries in self._lists:
-            if len(tensors) != len(entries) or any(a is not b for a, b in zip(tensors, entries)):
-                writes.append(InputWrite(name, f"{name} (entries added, removed or replaced)"))
-        return writes
+        """The arrays that differ from ``originals`` (:func:`written`), and the lists whose
+        entries were added, removed or replaced (:meth:`list_writes`)."""
+        return written(self._arrays, originals, self._sentinel) + self.list_writes()
 
-    def _write(self, name: str, a: Array, want: Array, differs: Array,
-               originals: dict[str, Array]) -> InputWrite:
-        rank, field = name[1:].split(".", 1)
-        why = f"rank {rank}"
-        forbidden = differs
-        if field == "expert_idx":
-            mask = originals.get(f"r{rank}.active_mask")
-            masked = np.zeros(len(a), bool) if mask is None else ~mask.astype(bool)
-            forbidden = differs & ~(masked[:, None] & (a == self._sentinel))
-        first = tuple(int(i) for i in np.argwhere(forbidden if forbidden.any() else differs)[0])
-        if field == "expert_idx":
-            token = first[0]
-            why += (f", token {token} is active" if not masked[token] else
-                    f", token {token} is masked: the sentinel EP·E = {self._sentinel}"
-                    if a[first] == self._sentinel else
-                    f", token {token} is masked but only the sentinel EP·E = {self._sentinel} "
-                    "may be written")
-        index = ", ".join(map(str, first))
-        return InputWrite(name, f"{name}[{index}]: {want[first]} -> {a[first]} ({why}; "
-                          f"{int(differs.sum())} of {a.size} elements written)",
-                          sentinel=not forbidden.any())
+    def list_writes(self) -> list[InputWrite]:
+        """The TensorLists whose entries were added, removed or replaced (Python objects: only
+        the process that ran the implementation can see them)."""
+        return [InputWrite(name, f"{name} (entries added, removed or replaced)")
+                for name, tensors, entries in self._lists
+                if len(tensors) != len(entries)
+                or any(a is not b for a, b in zip(tensors, entries))]
+
+
+def written(handed: dict[str, Array], originals: dict[str, Array],
+            sentinel: int) -> list[InputWrite]:
+    """The arrays ``handed`` to an implementation (by name) that differ from ``originals``
+    bitwise, each as an :class:`InputWrite` (``sentinel``: the call's EP·E)."""
+    writes = []
+    for name, a in handed.items():
+        want = originals[name]
+        if a.shape != want.shape or a.dtype != want.dtype:
+            writes.append(InputWrite(name, f"{name}: {want.dtype} {list(want.shape)} became "
+                                     f"{a.dtype} {list(a.shape)}"))
+        elif (differs := _differs(a, want)).any():
+            writes.append(_write(name, a, want, differs, originals, sentinel))
+    return writes
+
+
+def _write(name: str, a: Array, want: Array, differs: Array, originals: dict[str, Array],
+           sentinel: int) -> InputWrite:
+    rank, field = name[1:].split(".", 1)
+    why = f"rank {rank}"
+    forbidden = differs
+    if field == "expert_idx":
+        mask = originals.get(f"r{rank}.active_mask")
+        masked = np.zeros(len(a), bool) if mask is None else ~mask.astype(bool)
+        forbidden = differs & ~(masked[:, None] & (a == sentinel))
+    first = tuple(int(i) for i in np.argwhere(forbidden if forbidden.any() else differs)[0])
+    if field == "expert_idx":
+        token = first[0]
+        why += (f", token {token} is active" if not masked[token] else
+                f", token {token} is masked: the sentinel EP·E = {sentinel}"
+                if a[first] == sentinel else
+                f", token {token} is masked but only the sentinel EP·E = {sentinel} "
+                "may be written")
+    index = ", ".join(map(str, first))
+    return InputWrite(name, f"{name}[{index}]: {want[first]} -> {a[first]} ({why}; "
+                      f"{int(differs.sum())} of {a.size} elements written)",
+                      sentinel=not forbidden.any())
 
 
 def _differs(a: Array, want: Array) -> Array:
@@ -365,55 +384,78 @@ def _read_message(
     return header, payload
 
 
-class _SharedFile:
-    """A file both processes map: the parent writes a request's large arrays into it, the child
-    reads them from there instead of from the pipe (no copy through the kernel's pipe buffers).
-    The child maps it read-only and checks every declared extent against the file's size."""
+def _image_shape(shape: list[int], layout: str) -> list[int]:
+    """The C-ordered shape of the memory an array of ``shape`` in ``layout`` occupies
+    (:mod:`spec.memory`: a Fortran array's transpose; a strided one's buffer twice as wide; an
+    empty or 0-d array is contiguous whatever its declaration says)."""
+    if layout == "contiguous" or not shape or 0 in shape:
+        return shape
+    return shape[::-1] if layout == "fortran" else [*shape[:-1], 2 * shape[-1]]
 
-    def __init__(self, fd: int, *, writable: bool) -> None:
-        self.fd, self._writable = fd, writable
+
+def _in_layout(image: Array, shape: list[int], layout: str) -> Array:
+    """The array of ``shape`` in ``layout`` whose memory is ``image`` (a view, never a copy)."""
+    if layout == "contiguous" or not shape or 0 in shape:
+        return image.reshape(shape)
+    return image.T if layout == "fortran" else image[..., ::2]
+
+
+class _SharedFile:
+    """A file both processes map, holding a request's input arrays in their memory layouts.
+
+    The parent writes the arrays into it; the worker hands the implementation views of it (no
+    copy): what the implementation writes into its inputs lands in the file, and the parent
+    reads it back after the call and decides the ``inputs`` verdict itself (issue 23: decided in
+    the worker, a patched oracle there let an implementation that zeroes ``x`` pass
+    ``--inputs strict``). On Linux it is a memfd sealed against shrinking, so the worker cannot
+    cut the parent's mapping short (a SIGBUS in the parent); the parent maps only the bytes it
+    wrote, and the worker checks every declared extent against the file's size."""
+
+    def __init__(self, fd: int, *, owner: bool) -> None:
+        self.fd, self._owner = fd, owner
         self._map: mmap.mmap | None = None
 
     @classmethod
     def create(cls) -> _SharedFile:
         try:
-            fd = os.memfd_create("dfc-oracle-arrays")
+            fd = os.memfd_create("dfc-oracle-arrays", os.MFD_ALLOW_SEALING)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         except (AttributeError, OSError):  # not Linux: an unlinked temporary file
             with tempfile.TemporaryFile() as f:
                 fd = os.dup(f.fileno())
-        return cls(fd, writable=True)
+        return cls(fd, owner=True)
 
     def _mapped(self, size: int) -> mmap.mmap:
         if self._map is None or len(self._map) < size:
-            if self._writable and os.fstat(self.fd).st_size < size:
-                os.ftruncate(self.fd, max(size, 2 * os.fstat(self.fd).st_size))
-            length = os.fstat(self.fd).st_size
-            if length < size:
-                raise ValueError(f"shared arrays up to byte {size}, beyond the file's {length}")
+            if self._owner:  # the parent grows the file (geometrically) and maps what it made
+                length = max(size, 2 * len(self._map)) if self._map is not None else size
+                if os.fstat(self.fd).st_size < length:
+                    os.ftruncate(self.fd, length)
+            else:
+                length = os.fstat(self.fd).st_size
+                if length < size:
+                    raise ValueError(f"shared arrays up to byte {size}, beyond the file's "
+                                     f"{length}")
             # A new map; the old one closes when the arrays viewing it are gone.
-            self._map = mmap.mmap(self.fd, length, access=mmap.ACCESS_WRITE if self._writable
-                                  else mmap.ACCESS_READ)
+            self._map = mmap.mmap(self.fd, length, access=mmap.ACCESS_WRITE)
         return self._map
 
     def put(self, arrays: list[tuple[str, Array]]) -> list[list[Any]]:
-        """Write ``arrays``' values one after the other (64-byte aligned); their declarations
-        (:func:`_declare`), each with its offset."""
+        """Write ``arrays`` one after the other (64-byte aligned), each in its layout; their
+        declarations (:func:`_declare`), each with its offset."""
         specs: list[list[Any]] = []
         offset = 0
-        if not arrays:
-            return specs
         for name, a in arrays:
             specs.append([*_declare(name, a), offset])
-            offset += -(-a.nbytes // 64) * 64
-        target = self._mapped(offset)
-        for (_, a), spec in zip(arrays, specs):
-            flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            np.frombuffer(target, np.uint8, flat.size, spec[-1])[:] = flat
+            offset += -(-math.prod(_image_shape(list(a.shape), layout_of(a))) * a.itemsize
+                        // 64) * 64
+        for (_, a), (_, view) in zip(arrays, self.get(specs) if offset else []):
+            view[...] = a
         return specs
 
     def get(self, specs: object) -> list[tuple[str, Array]]:
-        """The arrays ``specs`` declares, read-only, in their layouts; a declaration that is not
-        an array inside the file is a ValueError."""
+        """The arrays ``specs`` declares, writable views of the file in their layouts; a
+        declaration that is not an array inside the file is a ValueError."""
         if not isinstance(specs, list):
             raise ValueError("no shared array list")
         placed = []
@@ -423,12 +465,15 @@ class _SharedFile:
             declared, offset = _declared(spec[:-1]), spec[-1]
             if not isinstance(offset, int) or offset < 0:
                 raise ValueError(f"shared array {declared[0]!r} at offset {offset!r}")
-            placed.append((declared, offset))
-        end = max((o + d[4] * d[1].itemsize for d, o in placed), default=0)
+            image = _image_shape(declared[2], declared[3])
+            placed.append((declared, offset, image, math.prod(image) * declared[1].itemsize))
+        end = max((o + n for _, o, _, n in placed), default=0)
         if not end:
-            return [(d[0], np.zeros(d[2], d[1])) for d, _ in placed]
+            return [(d[0], np.zeros(d[2], d[1])) for d, *_ in placed]
         source = self._mapped(end)
-        return [_view(source, d, o) for d, o in placed]
+        return [(d[0], _in_layout(np.frombuffer(source, d[1], n // d[1].itemsize, o)
+                                  .reshape(image), d[2], d[3]))
+                for d, o, image, n in placed]
 
     def close(self) -> None:
         self._map = None
@@ -439,23 +484,21 @@ class _SharedFile:
 # The child.
 
 
-def _problem_from(header: dict[str, Any], payload: bytes,
-                  shared: _SharedFile) -> tuple[Problem, dict[str, Array]]:
-    """A writable problem (the implementation's copy) and the read-only originals by name."""
-    originals = dict(_decode_arrays(header["arrays"], payload))
-    originals.update(shared.get(header.get("shared", [])))
+def _problem_from(header: dict[str, Any], shared: _SharedFile) -> Problem:
+    """The implementation's problem: views of the shared file (:class:`_SharedFile`), so that
+    the parent sees every write into them."""
+    handed = dict(shared.get(header.get("shared", [])))
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in header["config"].items()}
     config = OpConfig(**fields)
-
-    ranks = [RankInputs.from_arrays(rank_arrays(originals, r)).map_arrays(copy_array, lists=True)
+    ranks = [RankInputs.from_arrays(rank_arrays(handed, r)).map_arrays(lambda a: a, lists=True)
              for r in range(config.ep_size)]
-    return Problem.from_validated(ranks, config), originals
+    return Problem.from_validated(ranks, config)
 
 
 def _serve(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) -> None:
     while (message := _read_message(rfd, None, 1 << 62)) is not None:
-        problem, originals = _problem_from(*message, shared)
+        problem = _problem_from(message[0], shared)
         shell = Problem.from_validated(problem.ranks, problem.config)  # what the judge reads
         watch = InputWatch(problem)
         saved = np.geterr()
@@ -476,7 +519,9 @@ def _serve(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) ->
                           for k, a in zip(("out", "expert_token_nums"), pair)]
         finally:
             np.seterr(**saved)
-        answer["changed"] = [asdict(w) for w in watch.changed(originals)]
+        # Only what the parent cannot see: TensorList entries replaced (Python objects). The
+        # arrays' writes the parent reads from the shared file itself.
+        answer["lists"] = [asdict(w) for w in watch.list_writes()]
         _write_all(wfd, _encode(answer, arrays), None)
 
 
@@ -502,7 +547,8 @@ def _serve_and_exit(impl: Callable[..., Any], rfd: int, wfd: int, shared: _Share
 def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
     """The child's entry point: load ``name``, say so, answer requests until end of file; then
     leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
-    shared = _SharedFile(shared_fd, writable=False)
+    _become_subreaper()  # before the implementation runs a line
+    shared = _SharedFile(shared_fd, owner=False)
     threads = _threads()
     try:
         impl = load_impl(name)
@@ -524,10 +570,91 @@ def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             _serve_and_exit(impl, rfd, wfd, shared)
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        while (ended := os.waitpid(-1, 0))[0] != pid:  # orphans we reap are zombies no more
+            pass
+        code = os.waitstatus_to_exitcode(ended[1])
         if code == _END_OF_REQUESTS:
             os._exit(0)
         _write_all(wfd, _encode({"status": "died", "returncode": code}, []), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Killing every process an implementation started.
+#
+# The template is a child subreaper (Linux prctl PR_SET_CHILD_SUBREAPER): a process the
+# implementation starts stays its descendant whatever it does (os.setsid() leaves the process
+# group, a daemon's double fork orphans the grandchild: both once escaped a killpg), so the
+# parent finds every one by walking /proc from the template, stops them (a stopped process
+# cannot fork), walks again until nothing new appears, and only then kills them all.
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """State letter, parent pid and process group of ``pid`` from /proc, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc; elsewhere none are found), parents first."""
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        if (stat := _proc_stat(pid)) is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(0), ()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def kill_tree(root: int) -> tuple[list[int], list[int]]:
+    """SIGKILL ``root``, its process group and every descendant (:func:`descendants`):
+    ``(the descendants that had left root's process group, those still alive a second
+    later)``."""
+    seen: list[int] = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(root, signal.SIGSTOP)  # the template forks no new worker meanwhile
+    for _ in range(100):  # each round stops what the last one found; stopped, none can fork
+        new = [p for p in descendants(root) if p not in seen]
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        seen += new
+    escaped = [p for p in seen if (stat := _proc_stat(p)) is not None and stat[2] != root]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(root, signal.SIGKILL)
+    for pid in [root, *seen]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 1.0
+    while (left := [p for p in seen if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return escaped, left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,12 +682,9 @@ class ChildProcess:
     implementation (the message says why, with its exit status and stderr if it died).
     """
 
-    def __init__(self, name: str, *, start_timeout: float = 120.0,
-                 shared_above: int | None = _SHARED_ABOVE) -> None:
+    def __init__(self, name: str, *, start_timeout: float = 120.0) -> None:
         self.name = name
         self.start_timeout = start_timeout
-        #: Arrays of more bytes travel through a shared file, not the pipe (None: none do).
-        self.shared_above = shared_above
         self._shared: _SharedFile | None = None
         self.starts = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -653,12 +777,10 @@ class ChildProcess:
                 return CallOutcome("crashed", f"the implementation's process could not be "
                                    f"restarted: {exc}")
         cfg = problem.config
-        arrays = list(arrays_of(problem).items())
-        limit = inf if self.shared_above is None else self.shared_above
+        originals = arrays_of(problem)
         assert self._shared is not None
-        shared = self._shared.put([(k, a) for k, a in arrays if a.nbytes > limit])
-        request = _encode({"config": asdict(cfg), "shared": shared},
-                          [(k, a) for k, a in arrays if a.nbytes <= limit])
+        shared = self._shared.put(list(originals.items()))
+        request = _encode({"config": asdict(cfg), "shared": shared}, [])
         expected = [(f"r{r}.{k}", dtype, shape, "contiguous") for r in range(cfg.ep_size)
                     for k, dtype, shape in
                     (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
@@ -671,9 +793,9 @@ class ChildProcess:
             _write_all(self._wfd, request, deadline)
             message = _read_message(self._rfd, deadline, max_payload)
         except TimeoutError:
-            self._kill()
+            killed = self._kill()
             return CallOutcome("hung", f"no result after {timeout:g} s (hung, or far too slow); "
-                               f"its process was killed (SIGKILL){self._tail()}")
+                               f"{killed}{self._tail()}")
         except (BrokenPipeError, ConnectionResetError):
             message = None
         except (ValueError, UnicodeDecodeError) as exc:
@@ -687,11 +809,16 @@ class ChildProcess:
             code = message[0].get("returncode")
             return CallOutcome("crashed", f"its process {_how_it_ended(code)} during the call"
                                f"{self._tail()}")
-        return self._outcome(*message, expected)
+        # Decided here, from the shared file the implementation's inputs live in: nothing the
+        # worker says about its arrays is trusted.
+        assert self._shared is not None
+        writes = written(dict(self._shared.get(shared)), originals, cfg.num_experts)
+        return self._outcome(*message, expected, tuple(writes))
 
     def _outcome(self, header: dict[str, Any], payload: bytes,
-                 expected: list[tuple[str, str, list[int], str]]) -> CallOutcome:
-        changed = InputWrite.from_wire(header.get("changed"))
+                 expected: list[tuple[str, str, list[int], str]],
+                 writes: tuple[InputWrite, ...]) -> CallOutcome:
+        changed = writes + InputWrite.from_wire(header.get("lists"))
         status = header.get("status")
         if status == "raised":
             return CallOutcome("raised", str(header.get("message")), changed=changed)
@@ -718,21 +845,26 @@ class ChildProcess:
         return CallOutcome("ok", outputs=pairs, changed=changed)
 
     def close(self) -> None:
-        """Stop the child: end of file on its requests, then SIGKILL if it does not leave."""
-        if self._wfd >= 0:
-            os.close(self._wfd)
-            self._wfd = -1
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=2)
+        """Stop the child and every process it started (SIGKILL): a daemon the implementation
+        left running must not outlive the search. Killed before the template could leave on
+        end of file, which would orphan them beyond our reach."""
         self._kill()
 
-    def _kill(self) -> None:
-        """SIGKILL the template and its worker (one process group), whatever they hold."""
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+    def _kill(self) -> str:
+        """SIGKILL the template, its worker and every process they started (:func:`kill_tree`),
+        whatever they hold; what happened, in words."""
+        if self._proc is None:
+            return "its process had already ended"
+        escaped, left = ([], []) if self._proc.poll() is not None else kill_tree(self._proc.pid)
         self._reap()
+        what = "its process was killed (SIGKILL)"
+        if escaped:
+            what += (f", with {len(escaped)} process(es) it started that had left its process "
+                     "group (os.setsid, a daemon)")
+        if left:
+            what += (f"; {len(left)} of them still run (pids {left[:10]}): kill them "
+                     "yourself")
+        return what
 
     def _returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
@@ -744,7 +876,7 @@ class ChildProcess:
             try:
                 self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                kill_tree(self._proc.pid)
                 self._proc.wait()
         if self._drain is not None:
             self._drain.join(timeout=1)
@@ -773,8 +905,7 @@ class ChildProcess:
 
     def __del__(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+            kill_tree(self._proc.pid)
 
 
 def _drain(stream: IO[bytes], lines: collections.deque[str]) -> None:

@@ -19,18 +19,18 @@ state): :func:`counterexample_figure` returns the :class:`matplotlib.figure.Figu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from oracle.files.atomic import atomic_write
 from oracle.judge.verdict import Verdict, error_ratios
 from oracle.model.numerics import Numerics
 from oracle.model.reference import route
 from spec import Problem
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -88,8 +88,8 @@ def save_plot(path: Path, problem: Problem, outputs: list[tuple[Array, Array]] |
               numerics: Numerics, ulps: float = 0.0, title: str = "") -> Path:
     """Draw :func:`counterexample_figure` into ``path`` (PNG, or what its suffix names)."""
     fig = counterexample_figure(problem, outputs, numerics=numerics, ulps=ulps, title=title)
-    fig.savefig(path, dpi=110)
-    return path
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=kind))
 
 
 def _routing(ax: Axes, problem: Problem) -> None:

@@ -123,7 +123,9 @@ def structured_outputs(
     problem: Problem, outputs: object
 ) -> list[tuple[Array, Array]] | Verdict:
     """``outputs`` as one ``(out, expert_token_nums)`` NumPy pair per rank, or the failing
-    :class:`Verdict` of stage ``ranks`` or ``structure`` that says what is wrong with them."""
+    :class:`Verdict` of stage ``ranks`` or ``structure`` that says what is wrong with them.
+    Never raises for what the outputs are (issue 23: compare() raised on float8, meta and
+    sparse tensors)."""
     cfg = problem.config
     if isinstance(outputs, (str, bytes)) or not isinstance(outputs, Sequence):
         return _fail("ranks", f"expected a sequence of {cfg.ep_size} per-rank results; "
@@ -138,7 +140,12 @@ def structured_outputs(
         if entry is None:
             return _fail("structure", f"rank {r}: expected (out, expert_token_nums) or an object "
                          f"with .out and .expert_token_nums; got {describe(raw)}", r)
-        out, nums = (_as_numpy(v) for v in entry)
+        try:  # a float8, meta or sparse tensor, a torch.Size: whatever converting raises
+            out, nums = (_as_numpy(v) for v in entry)
+        except Exception as exc:
+            return _fail("structure", f"rank {r}: out or expert_token_nums cannot be read as an "
+                         f"array ({type(exc).__name__}: {str(exc)[:200]}); return NumPy arrays "
+                         "or dense CPU/GPU tensors of the contract's dtypes", r)
         want_out = (cfg.tokens_per_rank[r], cfg.hidden)
         if not isinstance(out, np.ndarray) or out.shape != want_out or out.dtype != out_dtype:
             return _fail("structure", f"rank {r}: out must be {cfg.x_dtype} of shape {want_out}; "
