@@ -34,7 +34,7 @@ from oracle.check.harness import (
     routing_rows,
 )
 from oracle.check.isolation import ChildProcess, check_signature
-from oracle.check.loading import ImplLoadError, load_impl
+from oracle.check.loading import KERNEL_FORMS, ImplLoadError, load_impl, load_kernel
 from oracle.check.options import (
     DEFAULT_INPUTS,
     DEFAULT_VARIANTS,
@@ -46,7 +46,7 @@ from oracle.check.options import (
 )
 from oracle.check.settings import DEFAULT_PROFILE, PROFILES
 from oracle.files.counterexample import judged_with
-from oracle.model.kernels import DEFAULT_KERNEL
+from oracle.model.kernels import DEFAULT_KERNEL, KernelProfile, get_kernel
 from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
@@ -109,12 +109,17 @@ def _runner(args: argparse.Namespace) -> ChildProcess | Any:
     return child
 
 
+def _kernel_name(kernel: str | KernelProfile | None) -> str:
+    return kernel.name if isinstance(kernel, KernelProfile) else kernel or DEFAULT_KERNEL
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
+        kernel = load_kernel(args.kernel)
         check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
                       inputs=args.inputs, save_dir=args.save_dir,
                       max_examples=args.max_examples, profile=args.profile,
-                      kernel=args.kernel, domain=args.domain, variants=args.variants)
+                      kernel=kernel, domain=args.domain, variants=args.variants)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -127,7 +132,8 @@ def _check(args: argparse.Namespace) -> int:
         runner.on_call = progress.tick
     mode = "in process" if args.in_process else "in a child process"
     variants = ",".join(args.variants or DEFAULT_VARIANTS)
-    _err(f"dfc-oracle check {args.impl}: kernel {args.kernel} ({args.domain} domain), numerics "
+    _err(f"dfc-oracle check {args.impl}: kernel {_kernel_name(kernel)} ({args.domain} domain), "
+         f"numerics "
          f"{args.numerics}, variants {variants}, inputs {args.inputs}, profile {args.profile}, "
          f"{mode}")
     try:
@@ -135,7 +141,7 @@ def _check(args: argparse.Namespace) -> int:
             runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
             settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
             timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
-            kernel=args.kernel, domain=args.domain, variants=args.variants,
+            kernel=kernel, domain=args.domain, variants=args.variants,
         )
     except ConformanceError as exc:
         print(exc.report)
@@ -164,13 +170,13 @@ def _replay(args: argparse.Namespace) -> int:
         # Files written before the policy was recorded were judged with that time's "strict".
         inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
         check_options(inputs=inputs)
+        numerics = with_kernel(numerics, load_kernel(args.kernel))
         impl = _runner(args)
     except (ImplLoadError, SpecError, OptionError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     if args.numerics is not None:
         numerics = replace(numerics, mode=args.numerics)
-    numerics = with_kernel(numerics, args.kernel)
     ulps = ulps if args.ulps is None else args.ulps
     try:
         verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
@@ -187,10 +193,18 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _kernels(args: argparse.Namespace) -> int:
-    """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain."""
-    from oracle.model.kernels import DEFAULT_KERNEL  # lazy: start-up
-    from oracle.model.kernels import PROFILES as KERNELS  # lazy: start-up
+    """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain;
+    ``--dump KERNEL`` one profile as a JSON profile file (what ``--kernel FILE`` reads)."""
+    import json  # lazy: start-up
 
+    if args.dump is not None:
+        try:
+            dumped = get_kernel(load_kernel(args.dump) or DEFAULT_KERNEL)
+        except OptionError as exc:
+            _err(f"dfc-oracle kernels: --dump: {exc}")
+            return EXIT_USAGE
+        print(json.dumps(dumped.to_dict(), indent=2))
+        return EXIT_OK
     for name, profile in KERNELS.items():
         if args.verbose:
             print(profile.describe() + "\n")
@@ -209,18 +223,22 @@ def _explain(args: argparse.Namespace) -> int:
 
             require_matplotlib()
         saved = load(args.file)
-    except (SpecError, ImportError) as exc:
+        kernel = load_kernel(args.kernel)
+    except (SpecError, ImportError, OptionError) as exc:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
+    numerics, ulps = _judged_or_default(saved.meta)
+    numerics = with_kernel(numerics, kernel)
     print(explain(saved.problem, saved.meta))
-    found = _diagnose(saved.problem, saved.outputs, saved.meta)
+    if kernel is not None:
+        print(f"explained with: numerics {numerics.describe()} (--kernel)")
+    found = _diagnose(saved.problem, saved.outputs, numerics, ulps)
     print(diagnosis(saved.meta, found))
     if args.stages:
-        print(stage_table(saved.problem, saved.outputs, saved.meta, found))
+        print(stage_table(saved.problem, saved.outputs, found, numerics, ulps))
     if args.plot is not None:
         from oracle.explain.plot import save_plot  # lazy: start-up
 
-        numerics, ulps = _judged_or_default(saved.meta)
         title = f"{args.file.name}: stage '{saved.meta.get('stage', 'unknown')}'"
         path = save_plot(args.plot, saved.problem, saved.outputs, numerics=numerics, ulps=ulps,
                          title=title)
@@ -228,14 +246,14 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _diagnose(problem: Any, outputs: Any, meta: dict[str, Any]) -> Diagnosis | None:
-    """The saved outputs re-judged as the file was, against the catalogue of known defects
-    (:mod:`oracle.explain.diagnose`); ``None`` when the file holds no outputs."""
+def _diagnose(problem: Any, outputs: Any, numerics: Numerics, ulps: float) -> Diagnosis | None:
+    """The saved outputs re-judged as the file was (or under ``--kernel``), against the
+    catalogue of known defects (:mod:`oracle.explain.diagnose`); ``None`` when the file holds
+    no outputs."""
     from oracle.explain.diagnose import diagnose  # lazy: start-up
 
     if outputs is None:
         return None
-    numerics, ulps = _judged_or_default(meta)
     return diagnose(problem, outputs, numerics=numerics, ulps=ulps)
 
 
@@ -256,8 +274,8 @@ def diagnosis(meta: dict[str, Any], found: Diagnosis | None) -> str:
     return found.describe()
 
 
-def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
-                found: Diagnosis | None) -> str:
+def stage_table(problem: Any, outputs: Any, found: Diagnosis | None, numerics: Numerics,
+                ulps: float) -> str:
     """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
     (:mod:`oracle.explain.stages`), next to the implementation's out row."""
     from oracle.explain.stages import token_stages  # lazy: start-up
@@ -268,7 +286,6 @@ def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
     if verdict.stage not in ("out", "non_finite") or verdict.rank is None or not verdict.where:
         why = "the outputs conform" if verdict.ok else f"stage '{verdict.stage}'"
         return f"stages: none, no failing out row ({why})"
-    numerics, ulps = _judged_or_default(meta)
     rank, token = verdict.rank, verdict.where[0]
     out, _ = outputs[rank]
     return token_stages(problem, rank, token, numerics).describe(np.asarray(out[token]), ulps)
@@ -357,7 +374,11 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int 
 def _verify(args: argparse.Namespace) -> int:
     from oracle.check.capture import verify_main  # lazy: start-up
 
-    numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), args.kernel)
+    try:
+        kernel = load_kernel(args.kernel)
+    except OptionError as exc:
+        return _usage("verify", exc)
+    numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), kernel)
     return int(verify_main(args.directory, numerics))
 
 
@@ -367,6 +388,7 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     """Every option has a one-line help that shows its default (a test walks them)."""
+    kernel_help = KERNEL_FORMS.format(names=", ".join(KERNELS))
     parser = argparse.ArgumentParser(
         prog="dfc-oracle", description="Specification and test oracle for fused "
         "expert-parallel MoE dispatch -> FFN -> combine operators.")
@@ -397,9 +419,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("impl", metavar="MODULE:FUNC",
                        help="the implementation: a function of the problem, by import name")
     impl_options(check, "faithful")
-    check.add_argument("--kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
-                       help="kernel profile: emulation, tolerance and generated shapes "
-                       "(dfc-oracle kernels lists them; default: %(default)s)")
+    check.add_argument("--kernel", default=DEFAULT_KERNEL, metavar="KERNEL",
+                       help="kernel profile: emulation, tolerance and generated shapes; "
+                       f"{kernel_help} (default: %(default)s)")
     check.add_argument("--domain", choices=DOMAINS, default="kernel",
                        help="generate the kernel profile's shapes, or the whole contract "
                        "(default: %(default)s)")
@@ -423,8 +445,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--impl", required=True, metavar="MODULE:FUNC",
                         help="the implementation to rerun it on (required)")
     impl_options(replay, "")
-    replay.add_argument("--kernel", choices=list(KERNELS), default=None,
-                        help="kernel profile (default: as the file was judged)")
+    replay.add_argument("--kernel", default=None, metavar="KERNEL",
+                        help=f"kernel profile, {kernel_help} (default: as the file was judged)")
     replay.add_argument("--ulps", type=float, default=None,
                         help="ulps beyond the envelope (default: as the file was judged)")
     replay.add_argument("--inputs", choices=INPUT_POLICIES, default=None,
@@ -433,11 +455,17 @@ def _parser() -> argparse.ArgumentParser:
     kernels_p.add_argument("--verbose", "-v", action="store_true",
                            help="every knob, freedom and the shape domain of each profile "
                            "(default: one line each)")
+    kernels_p.add_argument("--dump", default=None, metavar="KERNEL",
+                           help="print KERNEL as a JSON profile file, to edit and pass as "
+                           "--kernel FILE.json (default: list the profiles)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample and name the "
                                "known defect its outputs equal")
     explain_p.add_argument("file", type=Path, help="a counterexample file (.npz)")
+    explain_p.add_argument("--kernel", default=None, metavar="KERNEL",
+                           help=f"diagnose under this kernel profile, {kernel_help} "
+                           "(default: as the file was judged)")
     explain_p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                            help="print the failing token's reference intermediates at each "
                            "rounding point of the profile, next to your out row (default: on; "
@@ -451,8 +479,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
                         help="faithful: the kernel profile; ideal: the float64 mathematics "
                         "(default: faithful)")
-    verify.add_argument("--kernel", choices=list(KERNELS), default=None,
-                        help=f"kernel profile to judge with (default: {DEFAULT_KERNEL})")
+    verify.add_argument("--kernel", default=None, metavar="KERNEL",
+                        help=f"kernel profile to judge with, {kernel_help} (default: "
+                        f"{DEFAULT_KERNEL})")
     return parser
 
 

@@ -23,6 +23,7 @@ from oracle.model.kernels import PROFILES as KERNELS
 
 _SUITE = Path(__file__).parent / "check" / "conformance.py"
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
+_KERNEL = pytest.StashKey[Any]()  # --dfc-kernel resolved once: a registered name or a profile
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,9 +33,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-numerics", choices=("faithful", "ideal"), default="faithful",
                     help="faithful: emulate the kernel profile; ideal: the float64 mathematics "
                     "with a derived tolerance (default: faithful)")
-    group.addoption("--dfc-kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
-                    help="kernel numerics profile: emulation, tolerance and generated shapes "
-                    f"(dfc-oracle kernels lists them; default: {DEFAULT_KERNEL})")
+    group.addoption("--dfc-kernel", default=DEFAULT_KERNEL, metavar="KERNEL",
+                    help="kernel numerics profile: emulation, tolerance and generated shapes; "
+                    f"one of {', '.join(KERNELS)}, MODULE:NAME of a KernelProfile, or a "
+                    "profile file from 'dfc-oracle kernels --dump NAME' (default: "
+                    f"{DEFAULT_KERNEL})")
     group.addoption("--dfc-domain", choices=("kernel", "contract"), default="kernel",
                     help="kernel: the kernel profile's shapes; contract: every shape the "
                     "contract allows (default: kernel)")
@@ -72,15 +75,16 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(profile)
     if impl:
         from oracle.check.isolation import ChildProcess, check_signature  # lazy: start-up
-        from oracle.check.loading import ImplLoadError, load_impl  # lazy: start-up
+        from oracle.check.loading import ImplLoadError, load_impl, load_kernel  # lazy: start-up
         from oracle.check.options import OptionError, check_options  # lazy: start-up
 
         try:
+            config.stash[_KERNEL] = load_kernel(config.getoption("--dfc-kernel"))
             check_options(numerics=config.getoption("--dfc-numerics"),
                           ulps=config.getoption("--dfc-ulps"),
                           timeout=config.getoption("--dfc-timeout"),
                           inputs=config.getoption("--dfc-inputs"),
-                          kernel=config.getoption("--dfc-kernel"),
+                          kernel=config.stash[_KERNEL],
                           domain=config.getoption("--dfc-domain"),
                           variants=config.getoption("--dfc-variants").split(","))
         except OptionError as exc:
@@ -116,7 +120,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     current = settings()
     seed = "derandomised" if current.derandomize else "random (see Hypothesis' seed report)"
     return [
-        f"dfc-oracle: impl={impl} kernel={config.getoption('--dfc-kernel')} "
+        f"dfc-oracle: impl={impl} kernel={_kernel_name(config)} "
         f"domain={config.getoption('--dfc-domain')} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
@@ -125,6 +129,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"seed={seed} "
         f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'}"
     ]
+
+
+def _kernel_name(config: pytest.Config) -> str:
+    """The profile's name, and where it came from when the user gave their own."""
+    given = config.getoption("--dfc-kernel")
+    kernel = config.stash.get(_KERNEL, given)
+    name = getattr(kernel, "name", kernel)
+    return name if name == given else f"{name} (from {given})"
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +152,7 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "variants": tuple(request.config.getoption("--dfc-variants").split(",")),
         "inputs": request.config.getoption("--dfc-inputs"),
         "ulps": request.config.getoption("--dfc-ulps"),
-        "kernel": request.config.getoption("--dfc-kernel"),
+        "kernel": request.config.stash[_KERNEL],
         "domain": request.config.getoption("--dfc-domain"),
         "timeout": request.config.getoption("--dfc-timeout"),
         "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),

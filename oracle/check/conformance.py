@@ -140,8 +140,8 @@ def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) 
     domain = _domain(dfc_options)
     feature = {"masked": "masks", "truncation": "truncation", "swiglu_clamp": "clamp"}.get(name)
     if domain is not None and feature and not getattr(domain, feature):
-        pytest.skip(f"the {dfc_options['kernel']} kernel has no {feature} (--dfc-domain contract "
-                    "generates it anyway)")
+        pytest.skip(f"the {get_kernel(dfc_options['kernel']).name} kernel has no {feature} "
+                    "(--dfc-domain contract generates it anyway)")
     _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
 
 

@@ -61,9 +61,10 @@ from oracle.adapters.torch_io import (
     to_torch,
 )
 from oracle.check.harness import ConformanceError, check_implementation, variant_configs
+from oracle.check.loading import load_kernel
 from oracle.check.options import check_options
-from oracle.model.kernels import ASCEND_A3
-from oracle.model.numerics import Numerics
+from oracle.model.kernels import ASCEND_A3, KernelProfile
+from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import run
 from spec import ConfigError, Problem, RankInputs
 from spec.config import CallAttributes, oai_alpha
@@ -766,6 +767,7 @@ def check_distributed(
     scales: str = "int64",
     save_dir: str | Path | None = None,
     variants: Sequence[str] | None = None,
+    kernel: str | KernelProfile | None = None,
 ) -> None:
     """Search for a problem on which the per-rank ``impl_rank`` disagrees with :func:`oracle.run`.
 
@@ -777,12 +779,17 @@ def check_distributed(
     ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
     :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
     dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
-    Spawned worker processes are always stopped before this returns.
+    Spawned worker processes are always stopped before this returns. ``kernel`` (a registered
+    name, a :class:`oracle.model.kernels.KernelProfile`, ``"MODULE:NAME"`` of one or a profile
+    file, as :func:`oracle.check.loading.load_kernel` reads them) replaces the profile of
+    ``numerics``: a kernel with its own rounding points is judged by its own record.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
-    check_options(variants=variants)
+    kernel = load_kernel(kernel)
+    check_options(variants=variants, kernel=kernel)
+    numerics = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
         problems = default_problems(world_size, variants)
     base = settings if settings is not None else hsettings()

@@ -35,7 +35,7 @@ from oracle.check.isolation import (
     importable_name,
     plain_outputs,
 )
-from oracle.check.loading import load_impl
+from oracle.check.loading import load_impl, load_kernel
 from oracle.check.options import DEFAULT_INPUTS, INPUT_POLICIES, check_options
 from oracle.files.counterexample import arrays_of, save
 from oracle.judge.verdict import Verdict, compare, structured_outputs
@@ -297,7 +297,8 @@ def check_implementation(
     with the minimal failing problem, saved under ``save_dir`` (None: not saved). ``seed``
     fixes Hypothesis' random seed for a reproducible non-derandomised search.
 
-    ``kernel`` (a profile name of :mod:`oracle.model.kernels`, or a profile) selects the emulation
+    ``kernel`` (a profile name of :mod:`oracle.model.kernels`, a profile, ``"MODULE:NAME"`` of
+    one or a profile file: :func:`oracle.check.loading.load_kernel`) selects the emulation
     and tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
     judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
     so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
@@ -315,6 +316,7 @@ def check_implementation(
     :class:`oracle.check.options.OptionError` before the search; an implementation that cannot be
     loaded, or does not take one argument, :class:`oracle.check.loading.ImplLoadError`.
     """
+    kernel = load_kernel(kernel)
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
                   save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
     num = with_kernel(resolve_numerics(numerics), kernel)
