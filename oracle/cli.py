@@ -104,7 +104,7 @@ def _runner(args: argparse.Namespace) -> ChildProcess | Any:
         impl = load_impl(args.impl)
         check_signature(impl, args.impl)
         return impl
-    child = ChildProcess(args.impl)
+    child = ChildProcess(args.impl, threads=args.threads or None)
     child.start()
     return child
 
@@ -119,7 +119,8 @@ def _check(args: argparse.Namespace) -> int:
         check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
                       inputs=args.inputs, save_dir=args.save_dir,
                       max_examples=args.max_examples, profile=args.profile,
-                      kernel=kernel, domain=args.domain, variants=args.variants)
+                      kernel=kernel, domain=args.domain, variants=args.variants,
+                      threads=args.threads or None)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -130,7 +131,8 @@ def _check(args: argparse.Namespace) -> int:
     progress = _Progress(runner)
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
-    mode = "in process" if args.in_process else "in a child process"
+    mode = "in process, threads not pinned" if args.in_process else (
+        f"in a child process, {_threads_said(args.threads)}")
     variants = ",".join(args.variants or DEFAULT_VARIANTS)
     _err(f"dfc-oracle check {args.impl}: kernel {_kernel_name(kernel)} ({args.domain} domain), "
          f"numerics "
@@ -156,12 +158,19 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _threads_said(threads: int) -> str:
+    """How the header names ``--threads`` (0: the environment's)."""
+    if not threads:
+        return "threads as the environment sets them"
+    return f"{threads} thread{'s' if threads > 1 else ''} (OpenMP, BLAS and torch pinned)"
+
+
 def _replay(args: argparse.Namespace) -> int:
     from oracle.check.harness import format_report  # lazy: start-up
     from oracle.files.counterexample import load  # lazy: start-up
 
     try:
-        check_options(timeout=args.timeout)
+        check_options(timeout=args.timeout, threads=args.threads or None)
     except OptionError as exc:
         return _usage("replay", exc)
     try:
@@ -410,6 +419,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="run the implementation in this process (debugging; an os._exit, "
                        "crash or GIL-holding hang then stops the command; default: a child "
                        "process)")
+        p.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="OpenMP, BLAS and torch threads of the implementation's child "
+                       "process; 0 leaves them as the environment sets them (default: "
+                       "%(default)s: a timing that does not depend on the machine's load)")
         p.add_argument("--numerics", choices=NUMERICS_MODES, default=judged if judged else None,
                        help="faithful: emulate the kernel profile; ideal: the float64 "
                        "mathematics with a derived tolerance (default: "

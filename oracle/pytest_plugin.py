@@ -60,6 +60,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-family-examples", type=int, default=None,
                     help="examples for each test of one input family (default: a fifth of the "
                     "profile's max_examples, at least 10; the default search keeps them all)")
+    group.addoption("--dfc-threads", type=int, default=1, metavar="N",
+                    help="OpenMP, BLAS and torch threads of the implementation's child "
+                    "process; 0 leaves them as the environment sets them (default: 1, a gate "
+                    "time that does not depend on the machine's load)")
     group.addoption("--dfc-in-process", action="store_true", default=False,
                     help="run the implementation in pytest's own process (debugging: an "
                     "os._exit, crash or GIL-holding hang then takes the gate down; default: a "
@@ -86,7 +90,8 @@ def pytest_configure(config: pytest.Config) -> None:
                           inputs=config.getoption("--dfc-inputs"),
                           kernel=config.stash[_KERNEL],
                           domain=config.getoption("--dfc-domain"),
-                          variants=config.getoption("--dfc-variants").split(","))
+                          variants=config.getoption("--dfc-variants").split(","),
+                          threads=config.getoption("--dfc-threads") or None)
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         family = config.getoption("--dfc-family-examples")
@@ -99,7 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 check_signature(loaded, impl)
                 config.stash[_IMPL] = loaded
             else:
-                child = ChildProcess(impl)
+                child = ChildProcess(impl, threads=config.getoption("--dfc-threads") or None)
                 child.start()
                 config.stash[_IMPL] = child
         except ImplLoadError as exc:
@@ -127,8 +132,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"max_examples={current.max_examples} "
         f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
         f"seed={seed} "
-        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'}"
+        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'} "
+        f"threads={_threads(config)}"
     ]
+
+
+def _threads(config: pytest.Config) -> str:
+    """The child's pinned thread count, as the header says it."""
+    if config.getoption("--dfc-in-process"):
+        return "not-pinned(in-process)"
+    return str(config.getoption("--dfc-threads") or "environment")
 
 
 def _kernel_name(config: pytest.Config) -> str:

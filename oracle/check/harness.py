@@ -288,6 +288,7 @@ def check_implementation(
     kernel: str | KernelProfile | None = None,
     domain: str = "kernel",
     variants: Sequence[str] | None = None,
+    threads: int | None = 1,
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -312,13 +313,16 @@ def check_implementation(
     ``isolate`` (default: True for a name, False for a callable) runs it in a child process
     that nothing it does can take down with the search (``os._exit``, a segfault, a call that
     holds the GIL past ``timeout``); a callable that cannot be imported by name (a lambda, a
-    closure) then runs in this process, with a warning. Options outside what is allowed raise
-    :class:`oracle.check.options.OptionError` before the search; an implementation that cannot be
-    loaded, or does not take one argument, :class:`oracle.check.loading.ImplLoadError`.
+    closure) then runs in this process, with a warning. A child this search starts pins its
+    OpenMP, BLAS and torch threads to ``threads`` (None: as the environment says). Options
+    outside what is allowed raise :class:`oracle.check.options.OptionError` before the search;
+    an implementation that cannot be loaded, or does not take one argument,
+    :class:`oracle.check.loading.ImplLoadError`.
     """
     kernel = load_kernel(kernel)
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
-                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
+                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants,
+                  threads=threads)
     num = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
         problems = default_problems(num.profile, domain, variants)
@@ -334,7 +338,7 @@ def check_implementation(
         impl_name = impl
     # Rebound under the same name: derandomised Hypothesis seeds itself from this function's
     # source, so the search below stays the one the tests and benchmarks were measured with.
-    impl, owned = _runner(impl, isolate)
+    impl, owned = _runner(impl, isolate, threads)
 
     @search_settings
     @given(problems)
@@ -375,7 +379,8 @@ def check_implementation(
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 
-def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> tuple[Runner, bool]:
+def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None,
+            threads: int | None) -> tuple[Runner, bool]:
     """What runs the implementation, and whether this search owns (starts and stops) it."""
     if isinstance(impl, ChildProcess):
         return impl, False
@@ -384,7 +389,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
             fn = load_impl(impl)
             check_signature(fn, impl)
             return fn, False
-        child = ChildProcess(impl)
+        child = ChildProcess(impl, threads=threads)
         child.start()
         return child, True
     if not callable(impl):
@@ -392,7 +397,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
     if isolate:
         name = importable_name(impl)
         if name is not None:
-            child = ChildProcess(name)
+            child = ChildProcess(name, threads=threads)
             child.start()
             return child, True
         warnings.warn(f"isolate=True: {impl!r} cannot be imported by name in a child process "

@@ -70,6 +70,7 @@ def check_options(
     kernel: object = None,
     domain: object = "kernel",
     variants: object = None,
+    threads: object = 1,
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
 
@@ -109,6 +110,13 @@ def check_options(
     ):
         raise OptionError("max_examples", f"max_examples={max_examples!r} must be an integer "
                           ">= 1")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise OptionError("threads", f"threads={threads!r} must be an integer >= 1 (the "
+                          "implementation's OpenMP, BLAS and torch threads in its child "
+                          "process), or None to leave them as the environment sets them "
+                          "(0 on the command line)")
     if profile is not None and profile not in PROFILES:
         raise OptionError("profile", f"profile={profile!r} must be one of {', '.join(PROFILES)}")
     if save_dir is not None:
