@@ -20,6 +20,7 @@ from oracle.check.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIE
 from oracle.check.settings import DEFAULT_PROFILE, PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
+from spec.limits import MODEL_PRESETS
 
 _SUITE = Path(__file__).parent / "check" / "conformance.py"
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
@@ -60,6 +61,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-family-examples", type=int, default=None,
                     help="examples for each test of one input family (default: a fifth of the "
                     "profile's max_examples, at least 10; the default search keeps them all)")
+    group.addoption("--dfc-shapes", default="", metavar="MODEL[,MODEL...]",
+                    help="also test each model's real K, I and top_k as a fixed-shape family "
+                    "(test_model_shape[MODEL]; spec.limits.MODEL_PRESETS: "
+                    f"{','.join(MODEL_PRESETS)}; default: none)")
     group.addoption("--dfc-threads", type=int, default=1, metavar="N",
                     help="OpenMP, BLAS and torch threads of the implementation's child "
                     "process; 0 leaves them as the environment sets them (default: 1, a gate "
@@ -91,7 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
                           kernel=config.stash[_KERNEL],
                           domain=config.getoption("--dfc-domain"),
                           variants=config.getoption("--dfc-variants").split(","),
-                          threads=config.getoption("--dfc-threads") or None)
+                          threads=config.getoption("--dfc-threads") or None,
+                          shapes=shapes(config.getoption("--dfc-shapes")))
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         family = config.getoption("--dfc-family-examples")
@@ -129,6 +135,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"domain={config.getoption('--dfc-domain')} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
+        f"shapes={config.getoption('--dfc-shapes') or 'none'} "
         f"max_examples={current.max_examples} "
         f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
         f"seed={seed} "
@@ -169,7 +176,19 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "domain": request.config.getoption("--dfc-domain"),
         "timeout": request.config.getoption("--dfc-timeout"),
         "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),
+        "preset_examples": preset_examples(request.config.getoption("--dfc-family-examples")),
     }
+
+
+def shapes(option: str) -> tuple[str, ...]:
+    """``--dfc-shapes`` as preset keys (empty: none)."""
+    return tuple(option.split(",")) if option else ()
+
+
+def preset_examples(option: int | None) -> int:
+    """Examples per model-shape preset: a quarter of a family test's, at least 3. One call at
+    DeepSeek-V3's K = 7168 costs seconds, not milliseconds (benchmarks/GATE_TIME.md)."""
+    return max(3, family_examples(option) // 4)
 
 
 def family_examples(option: int | None) -> int:

@@ -44,7 +44,7 @@ from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import OpConfig, Problem
 from spec.fields import GATE_VARIANTS, X_DTYPES
-from spec.limits import ShapeDomain
+from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.strategies import configs, problems
 
@@ -57,6 +57,7 @@ __all__ = [
     "describe_problem",
     "evaluate",
     "format_report",
+    "preset_configs",
     "variant_configs",
 ]
 
@@ -256,6 +257,31 @@ def variant_configs(
     return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
                               weight_dtypes=st.just(_VARIANT_DTYPES[v][1]), domain=domain,
                               **fields) for v in variants])
+
+
+#: Tokens per rank of a model-shape preset: the weights, not the tokens, cost at real K and I.
+PRESET_TOKENS = st.integers(1, 4)
+
+
+def preset_configs(
+    key: str, variants: Sequence[str], *, domain: ShapeDomain | None = None
+) -> st.SearchStrategy[OpConfig]:
+    """The fixed shape of the model-shape preset ``key`` (:data:`spec.limits.MODEL_PRESETS`:
+    real K, I and top_k, two ranks with the fewest experts that give top_k distinct ones; see
+    :meth:`spec.limits.ModelShape.gate_shape`) with 1–4 tokens per rank, every other field
+    (variant among ``variants``, masks, truncation, clamp) drawn as usual and the shape mapped
+    into ``domain``.
+
+    >>> {c.hidden for c in [preset_configs("qwen3-30b-a3b", ["w8a8"]).example()]}
+    {2048}
+    """
+    shape = MODEL_PRESETS[key].gate_shape(
+        min_experts_per_rank=domain.min_experts_per_rank if domain is not None else 1)
+    return variant_configs(
+        variants, domain=domain, ep_sizes=st.just(shape.ep_size),
+        experts_per_rank=st.just(shape.experts_per_rank), top_k=st.just(shape.top_k),
+        hidden=st.just(shape.hidden), intermediate=st.just(shape.intermediate),
+        tokens_per_rank=PRESET_TOKENS)
 
 
 def default_problems(

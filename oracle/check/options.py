@@ -19,6 +19,7 @@ from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
 from spec.fields import GATE_VARIANTS
+from spec.limits import MODEL_PRESETS
 
 __all__ = ["DEFAULT_INPUTS", "DEFAULT_VARIANTS", "INPUT_POLICIES", "NUMERICS_MODES",
            "WEIGHT_VARIANTS", "OptionError", "check_options"]
@@ -71,6 +72,7 @@ def check_options(
     domain: object = "kernel",
     variants: object = None,
     threads: object = 1,
+    shapes: object = (),
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed."""
 
@@ -117,6 +119,11 @@ def check_options(
                           "implementation's OpenMP, BLAS and torch threads in its child "
                           "process), or None to leave them as the environment sets them "
                           "(0 on the command line)")
+    if isinstance(shapes, str) or not isinstance(shapes, (list, tuple)) or not set(shapes) <= set(
+        MODEL_PRESETS
+    ):
+        raise OptionError("shapes", f"shapes={shapes!r} must be model-shape presets from "
+                          f"{', '.join(MODEL_PRESETS)} (comma-separated on the command line)")
     if profile is not None and profile not in PROFILES:
         raise OptionError("profile", f"profile={profile!r} must be one of {', '.join(PROFILES)}")
     if save_dir is not None:
