@@ -10,6 +10,10 @@
   implementation's outputs, the known defect they equal (``oracle.explain.diagnose``); ``--plot
   OUT.png`` also draws it (``oracle.explain.plot``, the optional extra ``plot``).
 - ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.check.capture``).
+- ``fit MODULE:FUNC`` — which rounding points the implementation uses: the kernel profile
+  record, reached from the built-ins by rounding-point changes only, under which every output
+  of its calls lies in the envelope (``oracle.explain.fit``), printed as a profile file (exit
+  0), or "nothing fits" with the nearest record (exit 1).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import SpecError
+from spec.limits import MODEL_PRESETS
 
 if TYPE_CHECKING:
     from oracle.explain.diagnose import Diagnosis
@@ -380,6 +385,53 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int 
     return "\n".join(lines)
 
 
+def _fit(args: argparse.Namespace) -> int:
+    """Run the implementation on drawn problems, then fit a record of rounding points to its
+    outputs; the record goes to stdout as a profile file, the finding to stderr."""
+    import json  # lazy: start-up
+
+    from oracle.check.harness import call_implementation, fit_problems  # lazy: start-up
+    from oracle.explain.fit import fit  # lazy: start-up
+
+    try:
+        bases = [get_kernel(load_kernel(k) or DEFAULT_KERNEL) for k in args.kernel or KERNELS]
+        check_options(timeout=args.timeout, variants=args.variants,
+                      threads=args.threads or None, shapes=args.shapes)
+        if args.calls < 1:
+            raise OptionError("calls", f"calls={args.calls} must be at least 1")
+        runner = _runner(args)
+    except OptionError as exc:
+        return _usage("fit", exc)
+    except ImplLoadError as exc:
+        _err(f"dfc-oracle fit: {exc}")
+        return EXIT_USAGE
+    variants = args.variants or DEFAULT_VARIANTS
+    start = time.perf_counter()
+    calls = []
+    try:
+        for problem in fit_problems(variants, args.calls, domain=bases[0].domain,
+                                    shapes=args.shapes):
+            outcome = call_implementation(runner, problem, args.timeout)
+            if outcome.status != "ok" or not isinstance(outcome.outputs, list):
+                what = outcome.message or getattr(outcome.outputs, "message", "")
+                _err(f"nothing fits: the implementation did not return outputs on "
+                     f"{describe_problem(problem)}\n  {outcome.status}: {what}")
+                return EXIT_FOUND
+            calls.append((problem, outcome.outputs))
+    finally:
+        if isinstance(runner, ChildProcess):
+            runner.close()
+    ran = time.perf_counter() - start
+    found = fit(calls, bases)
+    _err(f"dfc-oracle fit {args.impl}: {len(calls)} calls ({ran:.1f} s), from "
+         f"{', '.join(b.name for b in bases)} ({time.perf_counter() - start - ran:.1f} s)")
+    _err(found.describe())
+    if not found.fits:
+        return EXIT_FOUND
+    print(json.dumps(found.best.to_dict(), indent=2))
+    return EXIT_OK
+
+
 def _verify(args: argparse.Namespace) -> int:
     from oracle.check.capture import verify_main  # lazy: start-up
 
@@ -411,7 +463,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--save-dir", type=Path, default=Path("dfc-counterexamples"),
                        help="where counterexamples are saved (default: %(default)s)")
 
-    def impl_options(p: argparse.ArgumentParser, judged: str) -> None:
+    def impl_options(p: argparse.ArgumentParser, judged: str | None) -> None:
+        """Running the implementation; ``judged``: the default of ``--numerics`` (``""``: as
+        the file was judged; ``None``: no such option, the command judges nothing)."""
         p.add_argument("--timeout", type=float, default=60.0,
                        help="seconds one call of the implementation may take before it is "
                        "reported as hung (default: %(default)s)")
@@ -423,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="OpenMP, BLAS and torch threads of the implementation's child "
                        "process; 0 leaves them as the environment sets them (default: "
                        "%(default)s: a timing that does not depend on the machine's load)")
+        if judged is None:
+            return
         p.add_argument("--numerics", choices=NUMERICS_MODES, default=judged if judged else None,
                        help="faithful: emulate the kernel profile; ideal: the float64 "
                        "mathematics with a derived tolerance (default: "
@@ -487,6 +543,23 @@ def _parser() -> argparse.ArgumentParser:
                            help="also draw the routing matrix, the receive buffers with the "
                            "truncation line and the error/tolerance heat map into OUT.png "
                            "(needs pip install 'dfc-oracle[plot]'; default: no picture)")
+    fit_p = sub.add_parser("fit", help="infer the rounding points of MODULE:FUNC: print the "
+                           "kernel profile whose envelope holds every output as a profile file")
+    fit_p.add_argument("impl", metavar="MODULE:FUNC",
+                       help="the implementation: a function of the problem, by import name")
+    impl_options(fit_p, None)
+    fit_p.add_argument("--kernel", action="append", default=None, metavar="KERNEL",
+                       help=f"a record to start from, repeatable: {kernel_help} (default: "
+                       f"every registered profile, {', '.join(KERNELS)})")
+    fit_p.add_argument("--variants", type=_variants, default=None, metavar="V[,V...]",
+                       help="weight variants the implementation supports, from "
+                       f"{', '.join(WEIGHT_VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    fit_p.add_argument("--calls", type=int, default=24,
+                       help="problems the implementation runs (default: %(default)s; the "
+                       "same ones every time)")
+    fit_p.add_argument("--shapes", type=_variants, default=(), metavar="MODEL[,MODEL...]",
+                       help="also two calls at each model-shape preset's real K, I and top_k "
+                       f"({', '.join(MODEL_PRESETS)}; default: none)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.check.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
@@ -501,7 +574,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"check": _check, "replay": _replay, "hunt": _hunt, "explain": _explain,
-               "verify": _verify, "kernels": _kernels}[args.command]
+               "verify": _verify, "kernels": _kernels, "fit": _fit}[args.command]
     return handler(args)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 import oracle
-from oracle.model.kernels import ASCEND_A3
+from oracle.model.kernels import ASCEND_A3, VLLM_TRITON
 from spec import Problem
 
 SILU_ROUNDED = dataclasses.replace(
@@ -31,3 +31,18 @@ def probs_ignored(problem: Problem) -> list[tuple[Any, Any]]:
     """The same kernel with a structural bug: every routed weight taken as 1."""
     ranks = [dataclasses.replace(r, probs=r.probs * 0 + 1) for r in problem.ranks]
     return dispatch_ffn_combine(Problem.from_validated(ranks, problem.config))
+
+
+#: vLLM's Triton kernel rounding once where it rounds twice: silu not stored in x's dtype
+#: before the product, in the W8A8 pipeline only (one knob of ``dfc-oracle fit``).
+VLLM_SILU_ONCE = dataclasses.replace(
+    VLLM_TRITON.map_steps("swiglu", lambda s: dataclasses.replace(s, silu_store=None),
+                          ("w8a8",)),
+    name="vllm-silu-once", summary="vLLM Triton with silu not rounded before the product",
+    sources="tests/own_profiles.py")
+
+
+def vllm_silu_once(problem: Problem) -> list[tuple[Any, Any]]:
+    """The kernel with VLLM_SILU_ONCE's rounding points."""
+    result = oracle.run(problem, numerics=oracle.Numerics(kernel=VLLM_SILU_ONCE))
+    return [(r.out, r.expert_token_nums) for r in result.ranks]

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("judge", ("oracle.judge", "oracle.judge.bounds", "oracle.judge.rowtest",
                "oracle.judge.verdict")),
     ("explain", ("oracle.explain", "oracle.explain.diagnose", "oracle.explain.stages",
-                 "oracle.explain.plot")),
+                 "oracle.explain.plot", "oracle.explain.fit")),
     ("files", ("oracle.files", "oracle.files.counterexample")),
     ("check", ("oracle.check", "oracle.check.settings", "oracle.check.options",
                "oracle.check.loading", "oracle.check.hunt", "oracle.check.isolation",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hypothesis import HealthCheck, given, target
+from hypothesis import HealthCheck, Phase, given, target
 from hypothesis import seed as hseed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -53,9 +53,11 @@ __all__ = [
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
+    "call_implementation",
     "check_implementation",
     "describe_problem",
     "evaluate",
+    "fit_problems",
     "format_report",
     "preset_configs",
     "variant_configs",
@@ -136,6 +138,14 @@ def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome
 Runner = Implementation | ChildProcess
 
 
+def call_implementation(impl: Runner, problem: Problem, timeout: float) -> CallOutcome:
+    """Run ``impl`` once on a copy of ``problem``, in its child process or in this one; never
+    raises for what the implementation does."""
+    if isinstance(impl, ChildProcess):
+        return impl.call(problem, timeout)
+    return _call(impl, problem, timeout)
+
+
 def evaluate(
     impl: Runner,
     problem: Problem,
@@ -147,10 +157,7 @@ def evaluate(
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
     ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``."""
-    if isinstance(impl, ChildProcess):
-        outcome = impl.call(problem, timeout)
-    else:
-        outcome = _call(impl, problem, timeout)
+    outcome = call_implementation(impl, problem, timeout)
     if outcome.status == "raised":
         return _failed("call", f"the implementation raised: {outcome.message}"), None
     if outcome.status == "crashed":
@@ -282,6 +289,35 @@ def preset_configs(
         experts_per_rank=st.just(shape.experts_per_rank), top_k=st.just(shape.top_k),
         hidden=st.just(shape.hidden), intermediate=st.just(shape.intermediate),
         tokens_per_rank=PRESET_TOKENS)
+
+
+def fit_problems(
+    variants: Sequence[str], n: int, *, domain: ShapeDomain | None = None,
+    shapes: Sequence[str] = (),
+) -> list[Problem]:
+    """What ``dfc-oracle fit`` runs the kernel on: ``n`` problems of the default strategy of
+    ``variants`` in ``domain`` without truncation or clamp (which vLLM's kernel lacks: every
+    built-in runs them), then two of each model-shape preset in ``shapes``; derandomised, so
+    the same kernel is fitted on the same calls."""
+    fixed = {"truncation": st.just(False), "swiglu_limits": st.just(None)}
+    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed)), n)]
+    strategies += [(problems(configs=preset_configs(key, variants, domain=domain)), 2)
+                   for key in shapes]
+    return [problem for strategy, count in strategies for problem in _sample(strategy, count)]
+
+
+def _sample(strategy: st.SearchStrategy[Problem], count: int) -> list[Problem]:
+    """The first ``count`` draws of ``strategy``, derandomised."""
+    batch: list[Problem] = []
+
+    @hsettings(max_examples=count, derandomize=True, database=None, deadline=None,
+               suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(strategy)
+    def collect(problem: Problem) -> None:
+        batch.append(problem)
+
+    collect()
+    return batch[:count]
 
 
 def default_problems(
