@@ -300,6 +300,9 @@ def stage_table(problem: Any, outputs: Any, found: Diagnosis | None, numerics: N
     if verdict.stage not in ("out", "non_finite") or verdict.rank is None or not verdict.where:
         why = "the outputs conform" if verdict.ok else f"stage '{verdict.stage}'"
         return f"stages: none, no failing out row ({why})"
+    if numerics.mode == "ideal" and numerics.kernel is None:
+        return ("stages: none, judged in ideal mode without a kernel profile: the mathematics "
+                "has no rounding points to walk (--kernel NAME walks that profile's)")
     rank, token = verdict.rank, verdict.where[0]
     out, _ = outputs[rank]
     return token_stages(problem, rank, token, numerics).describe(np.asarray(out[token]), ulps)
