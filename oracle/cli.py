@@ -59,6 +59,7 @@ from spec.limits import MODEL_PRESETS
 
 if TYPE_CHECKING:
     from oracle.explain.diagnose import Diagnosis
+    from oracle.explain.stages import TokenStages
 
 __all__ = ["main"]
 
@@ -249,7 +250,8 @@ def _explain(args: argparse.Namespace) -> int:
     found = _diagnose(saved.problem, saved.outputs, numerics, ulps)
     print(diagnosis(saved.meta, found))
     if args.stages:
-        print(stage_table(saved.problem, saved.outputs, found, numerics, ulps))
+        print(stage_table(saved.problem, saved.outputs, found, numerics, ulps,
+                          args.intermediates))
     if args.plot is not None:
         from oracle.explain.plot import save_plot  # lazy: start-up
 
@@ -289,9 +291,11 @@ def diagnosis(meta: dict[str, Any], found: Diagnosis | None) -> str:
 
 
 def stage_table(problem: Any, outputs: Any, found: Diagnosis | None, numerics: Numerics,
-                ulps: float) -> str:
+                ulps: float, hook: str | None = None) -> str:
     """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
-    (:mod:`oracle.explain.stages`), next to the implementation's out row."""
+    (:mod:`oracle.explain.stages`), next to the implementation's out row; with ``hook``
+    (``--intermediates MODULE:FUNC``), the first of the implementation's own intermediates
+    that differs."""
     from oracle.explain.stages import token_stages  # lazy: start-up
 
     if found is None:
@@ -305,7 +309,27 @@ def stage_table(problem: Any, outputs: Any, found: Diagnosis | None, numerics: N
                 "has no rounding points to walk (--kernel NAME walks that profile's)")
     rank, token = verdict.rank, verdict.where[0]
     out, _ = outputs[rank]
-    return token_stages(problem, rank, token, numerics).describe(np.asarray(out[token]), ulps)
+    walk = token_stages(problem, rank, token, numerics)
+    table = walk.describe(np.asarray(out[token]), ulps)
+    if hook is None:
+        return table
+    return table + "\n" + _intermediates(hook, problem, rank, token, walk)
+
+
+def _intermediates(hook: str, problem: Any, rank: int, token: int,
+                   walk: TokenStages) -> str:
+    """The stage hook: ``MODULE:FUNC(problem, rank, token)`` returns the implementation's
+    intermediates of that token, one mapping per slot by stage name; run here, on a copy."""
+    from oracle.check.harness import _copy_inputs  # lazy: start-up
+    from oracle.check.isolation import describe_exception  # lazy: start-up
+
+    try:
+        theirs = load_impl(hook)(_copy_inputs(problem), rank, token)
+        return "  " + walk.first_difference(list(theirs))
+    except ImplLoadError as exc:
+        return f"  your intermediates: --intermediates: {exc}"
+    except Exception as exc:  # the hook is the user's code: its failure is a line, not ours
+        return f"  your intermediates: {hook} raised: {describe_exception(exc)}"
 
 
 def explain(problem: Any, meta: dict[str, Any]) -> str:
@@ -542,6 +566,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="print the failing token's reference intermediates at each "
                            "rounding point of the profile, next to your out row (default: on; "
                            "--no-stages leaves it out)")
+    explain_p.add_argument("--intermediates", default=None, metavar="MODULE:FUNC",
+                           help="the stage hook: FUNC(problem, rank, token) returns your "
+                           "kernel's intermediates of that token, one dict per slot by stage "
+                           "name (q, sigma1, h, a, q2, sigma2, y); the first that differs is "
+                           "named (default: none)")
     explain_p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                            help="also draw the routing matrix, the receive buffers with the "
                            "truncation line and the error/tolerance heat map into OUT.png "

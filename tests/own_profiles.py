@@ -46,3 +46,16 @@ def vllm_silu_once(problem: Problem) -> list[tuple[Any, Any]]:
     """The kernel with VLLM_SILU_ONCE's rounding points."""
     result = oracle.run(problem, numerics=oracle.Numerics(kernel=VLLM_SILU_ONCE))
     return [(r.out, r.expert_token_nums) for r in result.ranks]
+
+
+def intermediates(problem: Problem, rank: int, token: int) -> list[dict[str, Any]]:
+    """The stage hook of ``dispatch_ffn_combine``: its intermediates of one token, one mapping
+    per slot by stage name (here computed by the oracle's walk of its own profile)."""
+    from oracle.explain.stages import token_stages
+
+    walk = token_stages(problem, rank, token, oracle.Numerics(kernel=SILU_ROUNDED))
+    return [{st.name: st.value.mid for st in s.stages} for s in walk.slots]
+
+
+def intermediates_raising(problem: Problem, rank: int, token: int) -> Any:
+    raise RuntimeError("no hook here")

@@ -122,6 +122,27 @@ def test_explain_diagnoses_under_the_profile_asked_for(own_file: Path, tmp_path:
     assert main(["explain", file, "--kernel", "cutlass"]) == 2
 
 
+
+def test_the_stage_hook_names_the_first_intermediate_that_differs(tmp_path: Path,
+                                                                   in_tests_dir, capsys) -> None:
+    """Found under the default profile, the kernel's own intermediates (the stage hook) agree
+    with A3's up to h and first differ at a, where it rounds silu: that is what explain says."""
+    with pytest.raises(ConformanceError) as found:
+        check_implementation(own_profiles.dispatch_ffn_combine, settings=FAST,
+                             save_dir=tmp_path)
+    file = str(found.value.path)
+    assert main(["explain", file, "--intermediates", "own_profiles:intermediates"]) == 0
+    said = capsys.readouterr().out
+    assert "your a (step 4) first differs at slot 0, column " in said, said
+    assert "outside the ascend-a3 envelope (agreeing before it: q, sigma1, h)" in said
+    assert main(["explain", file, "--intermediates", "own_profiles:intermediates",
+                 "--kernel", OWN]) == 0
+    assert "stages: none, no failing out row (the outputs conform)" in capsys.readouterr().out
+    assert main(["explain", file, "--intermediates", "own_profiles:intermediates_raising"]) == 0
+    assert "your intermediates: own_profiles:intermediates_raising raised: RuntimeError: no " \
+        "hook here" in capsys.readouterr().out
+
+
 def test_verify_judges_a_capture_with_the_own_profile(own_file: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="a capture holds torch tensors (extra 'torch')")
     from oracle.check import capture
