@@ -35,6 +35,7 @@ from oracle.check.harness import (
     check_implementation,
     describe_problem,
     evaluate,
+    preset_configs,
     routing_rows,
 )
 from oracle.check.isolation import ChildProcess, check_signature
@@ -56,6 +57,7 @@ from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import SpecError
 from spec.limits import MODEL_PRESETS
+from spec.strategies import problems
 
 if TYPE_CHECKING:
     from oracle.explain.diagnose import Diagnosis
@@ -126,7 +128,7 @@ def _check(args: argparse.Namespace) -> int:
                       inputs=args.inputs, save_dir=args.save_dir,
                       max_examples=args.max_examples, profile=args.profile,
                       kernel=kernel, domain=args.domain, variants=args.variants,
-                      threads=args.threads or None)
+                      threads=args.threads or None, shapes=args.shapes)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -144,13 +146,23 @@ def _check(args: argparse.Namespace) -> int:
          f"numerics "
          f"{args.numerics}, variants {variants}, inputs {args.inputs}, profile {args.profile}, "
          f"{mode}")
+    search = _settings(args)
+    # The default search, then each model-shape preset's fixed shape with a twentieth of the
+    # budget (5 of dfc-ci's 100: what the gate's test_model_shape runs).
+    domain = get_kernel(kernel or DEFAULT_KERNEL).domain if args.domain == "kernel" else None
+    searches = [(None, search)] + [
+        (problems(configs=preset_configs(key, args.variants or DEFAULT_VARIANTS, domain=domain)),
+         hsettings(search, max_examples=max(3, search.max_examples // 20)))
+        for key in args.shapes]
     try:
-        check_implementation(
-            runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
-            settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
-            timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
-            kernel=kernel, domain=args.domain, variants=args.variants,
-        )
+        for strategy, budget in searches:
+            check_implementation(
+                runner if isinstance(runner, ChildProcess) else progress,
+                numerics=args.numerics, problems=strategy, settings=budget,
+                save_dir=args.save_dir, impl_name=args.impl, timeout=args.timeout,
+                inputs=args.inputs, seed=args.seed, ulps=args.ulps, kernel=kernel,
+                domain=args.domain, variants=args.variants,
+            )
     except ConformanceError as exc:
         print(exc.report)
         _err(f"counterexample found after {progress.calls} calls "
@@ -525,6 +537,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="weight variants the implementation supports, comma-separated, "
                        f"from {', '.join(WEIGHT_VARIANTS)} (default: "
                        f"{','.join(DEFAULT_VARIANTS)})")
+    check.add_argument("--shapes", type=_variants, default=(), metavar="MODEL[,MODEL...]",
+                       help="after the search, each model's real K, I and top_k as a "
+                       f"fixed-shape search ({', '.join(MODEL_PRESETS)}; default: none)")
     check.add_argument("--seed", type=int, default=None,
                        help="Hypothesis' random seed, for a reproducible random search "
                        "(default: the profile's, derandomised for dfc-ci)")

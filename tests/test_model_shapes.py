@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from oracle import ConformanceError, check_implementation
 from oracle.check.harness import preset_configs
 from oracle.check.options import OptionError, check_options
+from oracle.cli import main
 from oracle.model.kernels import ASCEND_A3, VLLM_TRITON
 from spec.limits import MODEL_PRESETS
 from spec.strategies import problems
@@ -81,3 +82,14 @@ def test_the_gate_runs_the_presets_it_is_given(pytester, monkeypatch) -> None:
     unknown = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", *gate,
                                             "--dfc-shapes", "qwen3")
     unknown.stderr.fnmatch_lines(["*--dfc-shapes: shapes=('qwen3',) must be model-shape*"])
+
+
+def test_check_runs_the_presets_after_its_search(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.chdir(TESTS)
+    args = ["check", "shape_impls:k_loop_stops_early", "--max-examples", "20", "--in-process",
+            "--save-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert main([*args, "--shapes", "qwen3-30b-a3b"]) == 1
+    assert "minimal call: EP=2 E=4 top_k=8 K=2048 I=768" in capsys.readouterr().out
+    assert main([*args, "--shapes", "qwen3"]) == 2
+    assert "--shapes: shapes=('qwen3',) must be model-shape presets" in capsys.readouterr().err
