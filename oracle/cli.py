@@ -10,6 +10,10 @@
   implementation's outputs, the known defect they equal (``oracle.explain.diagnose``); ``--plot
   OUT.png`` also draws it (``oracle.explain.plot``, the optional extra ``plot``).
 - ``verify DIRECTORY`` — check a captured multi-rank run (see ``oracle.check.capture``).
+- ``fit MODULE:FUNC`` — which rounding points the implementation uses: the kernel profile
+  record, reached from the built-ins by rounding-point changes only, under which every output
+  of its calls lies in the envelope (``oracle.explain.fit``), printed as a profile file (exit
+  0), or "nothing fits" with the nearest record (exit 1).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from oracle.check.harness import (
     check_implementation,
     describe_problem,
     evaluate,
+    preset_configs,
     routing_rows,
 )
 from oracle.check.isolation import ChildProcess, check_signature
-from oracle.check.loading import ImplLoadError, load_impl
+from oracle.check.loading import KERNEL_FORMS, ImplLoadError, load_impl, load_kernel
 from oracle.config.options import (
     DEFAULT_INPUTS,
     DEFAULT_VARIANTS,
@@ -46,14 +51,17 @@ from oracle.config.options import (
 )
 from oracle.config.settings import DEFAULT_PROFILE, PROFILES
 from oracle.files.counterexample import judged_with
-from oracle.model.kernels import DEFAULT_KERNEL
+from oracle.model.kernels import DEFAULT_KERNEL, KernelProfile, get_kernel
 from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import SpecError
+from spec.limits import MODEL_PRESETS
+from spec.strategies import problems
 
 if TYPE_CHECKING:
     from oracle.explain.diagnose import Diagnosis
+    from oracle.explain.stages import TokenStages
 
 __all__ = ["main"]
 
@@ -104,17 +112,23 @@ def _runner(args: argparse.Namespace) -> ChildProcess | Any:
         impl = load_impl(args.impl)
         check_signature(impl, args.impl)
         return impl
-    child = ChildProcess(args.impl)
+    child = ChildProcess(args.impl, threads=args.threads or None)
     child.start()
     return child
 
 
+def _kernel_name(kernel: str | KernelProfile | None) -> str:
+    return kernel.name if isinstance(kernel, KernelProfile) else kernel or DEFAULT_KERNEL
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
+        kernel = load_kernel(args.kernel)
         check_options(numerics=args.numerics, ulps=args.ulps, timeout=args.timeout,
                       inputs=args.inputs, save_dir=args.save_dir,
                       max_examples=args.max_examples, profile=args.profile,
-                      kernel=args.kernel, domain=args.domain, variants=args.variants)
+                      kernel=kernel, domain=args.domain, variants=args.variants,
+                      threads=args.threads or None, shapes=args.shapes)
     except OptionError as exc:
         return _usage("check", exc)
     try:
@@ -125,18 +139,30 @@ def _check(args: argparse.Namespace) -> int:
     progress = _Progress(runner)
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
-    mode = "in process" if args.in_process else "in a child process"
+    mode = "in process, threads not pinned" if args.in_process else (
+        f"in a child process, {_threads_said(args.threads)}")
     variants = ",".join(args.variants or DEFAULT_VARIANTS)
-    _err(f"dfc-oracle check {args.impl}: kernel {args.kernel} ({args.domain} domain), numerics "
+    _err(f"dfc-oracle check {args.impl}: kernel {_kernel_name(kernel)} ({args.domain} domain), "
+         f"numerics "
          f"{args.numerics}, variants {variants}, inputs {args.inputs}, profile {args.profile}, "
          f"{mode}")
+    search = _settings(args)
+    # The default search, then each model-shape preset's fixed shape with a twentieth of the
+    # budget (5 of dfc-ci's 100: what the gate's test_model_shape runs).
+    domain = get_kernel(kernel or DEFAULT_KERNEL).domain if args.domain == "kernel" else None
+    searches = [(None, search)] + [
+        (problems(configs=preset_configs(key, args.variants or DEFAULT_VARIANTS, domain=domain)),
+         hsettings(search, max_examples=max(3, search.max_examples // 20)))
+        for key in args.shapes]
     try:
-        check_implementation(
-            runner if isinstance(runner, ChildProcess) else progress, numerics=args.numerics,
-            settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
-            timeout=args.timeout, inputs=args.inputs, seed=args.seed, ulps=args.ulps,
-            kernel=args.kernel, domain=args.domain, variants=args.variants,
-        )
+        for strategy, budget in searches:
+            check_implementation(
+                runner if isinstance(runner, ChildProcess) else progress,
+                numerics=args.numerics, problems=strategy, settings=budget,
+                save_dir=args.save_dir, impl_name=args.impl, timeout=args.timeout,
+                inputs=args.inputs, seed=args.seed, ulps=args.ulps, kernel=kernel,
+                domain=args.domain, variants=args.variants,
+            )
     except ConformanceError as exc:
         print(exc.report)
         _err(f"counterexample found after {progress.calls} calls "
@@ -150,26 +176,35 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _threads_said(threads: int) -> str:
+    """How the header names ``--threads`` (0: the environment's)."""
+    if not threads:
+        return "threads as the environment sets them"
+    return f"{threads} thread{'s' if threads > 1 else ''} (OpenMP, BLAS and torch pinned)"
+
+
 def _replay(args: argparse.Namespace) -> int:
     from oracle.check.harness import format_report  # lazy: start-up
     from oracle.files.counterexample import load  # lazy: start-up
 
     try:
-        check_options(timeout=args.timeout, ulps=0.0 if args.ulps is None else args.ulps)
+        check_options(timeout=args.timeout, ulps=0.0 if args.ulps is None else args.ulps,
+                      threads=args.threads or None)
     except OptionError as exc:
         return _usage("replay", exc)
     try:
         saved = load(args.file)
         numerics, ulps = judged_with(saved.meta)  # the record, checked as options are
         # Files written before the policy was recorded were judged with that time's "strict".
-        inputs = args.inputs or saved.meta.get("inputs", "strict")
+        inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
+        check_options(inputs=inputs)
+        numerics = with_kernel(numerics, load_kernel(args.kernel))
         impl = _runner(args)
     except (ImplLoadError, SpecError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
     if args.numerics is not None:
         numerics = replace(numerics, mode=args.numerics)
-    numerics = with_kernel(numerics, args.kernel)
     ulps = ulps if args.ulps is None else args.ulps
     try:
         verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
@@ -186,10 +221,18 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _kernels(args: argparse.Namespace) -> int:
-    """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain."""
-    from oracle.model.kernels import DEFAULT_KERNEL  # lazy: start-up
-    from oracle.model.kernels import PROFILES as KERNELS  # lazy: start-up
+    """One line per kernel profile; ``--verbose`` every knob, freedom and the shape domain;
+    ``--dump KERNEL`` one profile as a JSON profile file (what ``--kernel FILE`` reads)."""
+    import json  # lazy: start-up
 
+    if args.dump is not None:
+        try:
+            dumped = get_kernel(load_kernel(args.dump) or DEFAULT_KERNEL)
+        except OptionError as exc:
+            _err(f"dfc-oracle kernels: --dump: {exc}")
+            return EXIT_USAGE
+        print(json.dumps(dumped.to_dict(), indent=2))
+        return EXIT_OK
     width = max(map(len, KERNELS)) + 2
     for name, profile in KERNELS.items():
         if args.verbose:
@@ -209,18 +252,23 @@ def _explain(args: argparse.Namespace) -> int:
 
             require_matplotlib()
         saved = load(args.file)
-    except (SpecError, ImportError) as exc:
+        kernel = load_kernel(args.kernel)
+    except (SpecError, ImportError, OptionError) as exc:
         _err(f"dfc-oracle explain: {exc}")
         return EXIT_USAGE
+    numerics, ulps = _judged_or_default(saved.meta)
+    numerics = with_kernel(numerics, kernel)
     print(explain(saved.problem, saved.meta))
-    found = _diagnose(saved.problem, saved.outputs, saved.meta)
+    if kernel is not None:
+        print(f"explained with: numerics {numerics.describe()} (--kernel)")
+    found = _diagnose(saved.problem, saved.outputs, numerics, ulps)
     print(diagnosis(saved.meta, found))
     if args.stages:
-        print(stage_table(saved.problem, saved.outputs, saved.meta, found))
+        print(stage_table(saved.problem, saved.outputs, found, numerics, ulps,
+                          args.intermediates))
     if args.plot is not None:
         from oracle.explain.plot import save_plot  # lazy: start-up
 
-        numerics, ulps = _judged_or_default(saved.meta)
         title = f"{args.file.name}: stage '{saved.meta.get('stage', 'unknown')}'"
         path = save_plot(args.plot, saved.problem, saved.outputs, numerics=numerics, ulps=ulps,
                          title=title)
@@ -228,14 +276,14 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _diagnose(problem: Any, outputs: Any, meta: dict[str, Any]) -> Diagnosis | None:
-    """The saved outputs re-judged as the file was, against the catalogue of known defects
-    (:mod:`oracle.explain.diagnose`); ``None`` when the file holds no outputs."""
+def _diagnose(problem: Any, outputs: Any, numerics: Numerics, ulps: float) -> Diagnosis | None:
+    """The saved outputs re-judged as the file was (or under ``--kernel``), against the
+    catalogue of known defects (:mod:`oracle.explain.diagnose`); ``None`` when the file holds
+    no outputs."""
     from oracle.explain.diagnose import diagnose  # lazy: start-up
 
     if outputs is None:
         return None
-    numerics, ulps = _judged_or_default(meta)
     return diagnose(problem, outputs, numerics=numerics, ulps=ulps)
 
 
@@ -256,10 +304,12 @@ def diagnosis(meta: dict[str, Any], found: Diagnosis | None) -> str:
     return found.describe()
 
 
-def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
-                found: Diagnosis | None) -> str:
+def stage_table(problem: Any, outputs: Any, found: Diagnosis | None, numerics: Numerics,
+                ulps: float, hook: str | None = None) -> str:
     """The failing token of the re-judged outputs (``found``'s verdict) stage by stage
-    (:mod:`oracle.explain.stages`), next to the implementation's out row."""
+    (:mod:`oracle.explain.stages`), next to the implementation's out row; with ``hook``
+    (``--intermediates MODULE:FUNC``), the first of the implementation's own intermediates
+    that differs."""
     from oracle.explain.stages import token_stages  # lazy: start-up
 
     if found is None:
@@ -268,10 +318,32 @@ def stage_table(problem: Any, outputs: Any, meta: dict[str, Any],
     if verdict.stage not in ("out", "non_finite") or verdict.rank is None or not verdict.where:
         why = "the outputs conform" if verdict.ok else f"stage '{verdict.stage}'"
         return f"stages: none, no failing out row ({why})"
-    numerics, ulps = _judged_or_default(meta)
+    if numerics.mode == "ideal" and numerics.kernel is None:
+        return ("stages: none, judged in ideal mode without a kernel profile: the mathematics "
+                "has no rounding points to walk (--kernel NAME walks that profile's)")
     rank, token = verdict.rank, verdict.where[0]
     out, _ = outputs[rank]
-    return token_stages(problem, rank, token, numerics).describe(np.asarray(out[token]), ulps)
+    walk = token_stages(problem, rank, token, numerics)
+    table = walk.describe(np.asarray(out[token]), ulps)
+    if hook is None:
+        return table
+    return table + "\n" + _intermediates(hook, problem, rank, token, walk)
+
+
+def _intermediates(hook: str, problem: Any, rank: int, token: int,
+                   walk: TokenStages) -> str:
+    """The stage hook: ``MODULE:FUNC(problem, rank, token)`` returns the implementation's
+    intermediates of that token, one mapping per slot by stage name; run here, on a copy."""
+    from oracle.check.harness import _copy_inputs  # lazy: start-up
+    from oracle.check.isolation import describe_exception  # lazy: start-up
+
+    try:
+        theirs = load_impl(hook)(_copy_inputs(problem), rank, token)
+        return "  " + walk.first_difference(list(theirs))
+    except ImplLoadError as exc:
+        return f"  your intermediates: --intermediates: {exc}"
+    except Exception as exc:  # the hook is the user's code: its failure is a line, not ours
+        return f"  your intermediates: {hook} raised: {describe_exception(exc)}"
 
 
 def explain(problem: Any, meta: dict[str, Any]) -> str:
@@ -354,10 +426,61 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], width: int 
     return "\n".join(lines)
 
 
+def _fit(args: argparse.Namespace) -> int:
+    """Run the implementation on drawn problems, then fit a record of rounding points to its
+    outputs; the record goes to stdout as a profile file, the finding to stderr."""
+    import json  # lazy: start-up
+
+    from oracle.check.harness import call_implementation, fit_problems  # lazy: start-up
+    from oracle.explain.fit import fit  # lazy: start-up
+
+    try:
+        bases = [get_kernel(load_kernel(k) or DEFAULT_KERNEL) for k in args.kernel or KERNELS]
+        check_options(timeout=args.timeout, variants=args.variants,
+                      threads=args.threads or None, shapes=args.shapes)
+        if args.calls < 1:
+            raise OptionError("calls", f"calls={args.calls} must be at least 1")
+        runner = _runner(args)
+    except OptionError as exc:
+        return _usage("fit", exc)
+    except ImplLoadError as exc:
+        _err(f"dfc-oracle fit: {exc}")
+        return EXIT_USAGE
+    variants = args.variants or DEFAULT_VARIANTS
+    start = time.perf_counter()
+    calls = []
+    try:
+        for problem in fit_problems(variants, args.calls, domain=bases[0].domain,
+                                    shapes=args.shapes):
+            outcome = call_implementation(runner, problem, args.timeout)
+            if outcome.status != "ok" or not isinstance(outcome.outputs, list):
+                what = outcome.message or getattr(outcome.outputs, "message", "")
+                _err(f"nothing fits: the implementation did not return outputs on "
+                     f"{describe_problem(problem)}\n  {outcome.status}: {what}")
+                return EXIT_FOUND
+            calls.append((problem, outcome.outputs))
+    finally:
+        if isinstance(runner, ChildProcess):
+            runner.close()
+    ran = time.perf_counter() - start
+    found = fit(calls, bases)
+    _err(f"dfc-oracle fit {args.impl}: {len(calls)} calls ({ran:.1f} s), from "
+         f"{', '.join(b.name for b in bases)} ({time.perf_counter() - start - ran:.1f} s)")
+    _err(found.describe())
+    if not found.fits:
+        return EXIT_FOUND
+    print(json.dumps(found.best.to_dict(), indent=2))
+    return EXIT_OK
+
+
 def _verify(args: argparse.Namespace) -> int:
     from oracle.check.capture import verify_main  # lazy: start-up
 
-    numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), args.kernel)
+    try:
+        kernel = load_kernel(args.kernel)
+    except OptionError as exc:
+        return _usage("verify", exc)
+    numerics = with_kernel(resolve_numerics(args.numerics or "faithful"), kernel)
     return int(verify_main(args.directory, numerics))
 
 
@@ -367,6 +490,7 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     """Every option has a one-line help that shows its default (a test walks them)."""
+    kernel_help = KERNEL_FORMS.format(names=", ".join(KERNELS))
     parser = argparse.ArgumentParser(
         prog="dfc-oracle", description="Specification and test oracle for fused "
         "expert-parallel MoE dispatch -> FFN -> combine operators.")
@@ -380,7 +504,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--save-dir", type=Path, default=Path("dfc-counterexamples"),
                        help="where counterexamples are saved (default: %(default)s)")
 
-    def impl_options(p: argparse.ArgumentParser, judged: str) -> None:
+    def impl_options(p: argparse.ArgumentParser, judged: str | None) -> None:
+        """Running the implementation; ``judged``: the default of ``--numerics`` (``""``: as
+        the file was judged; ``None``: no such option, the command judges nothing)."""
         p.add_argument("--timeout", type=float, default=60.0,
                        help="seconds one call of the implementation may take before it is "
                        "reported as hung (default: %(default)s)")
@@ -388,6 +514,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="run the implementation in this process (debugging; an os._exit, "
                        "crash or GIL-holding hang then stops the command; default: a child "
                        "process)")
+        p.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="OpenMP, BLAS and torch threads of the implementation's child "
+                       "process; 0 leaves them as the environment sets them (default: "
+                       "%(default)s: a timing that does not depend on the machine's load)")
+        if judged is None:
+            return
         p.add_argument("--numerics", choices=NUMERICS_MODES, default=judged if judged else None,
                        help="faithful: emulate the kernel profile; ideal: the float64 "
                        "mathematics with a derived tolerance (default: "
@@ -397,9 +529,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("impl", metavar="MODULE:FUNC",
                        help="the implementation: a function of the problem, by import name")
     impl_options(check, "faithful")
-    check.add_argument("--kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
-                       help="kernel profile: emulation, tolerance and generated shapes "
-                       "(dfc-oracle kernels lists them; default: %(default)s)")
+    check.add_argument("--kernel", default=DEFAULT_KERNEL, metavar="KERNEL",
+                       help="kernel profile: emulation, tolerance and generated shapes; "
+                       f"{kernel_help} (default: %(default)s)")
     check.add_argument("--domain", choices=DOMAINS, default="kernel",
                        help="generate the kernel profile's shapes, or the whole contract "
                        "(default: %(default)s)")
@@ -407,6 +539,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="weight variants the implementation supports, comma-separated, "
                        f"from {', '.join(WEIGHT_VARIANTS)} (default: "
                        f"{','.join(DEFAULT_VARIANTS)})")
+    check.add_argument("--shapes", type=_variants, default=(), metavar="MODEL[,MODEL...]",
+                       help="after the search, each model's real K, I and top_k as a "
+                       f"fixed-shape search ({', '.join(MODEL_PRESETS)}; default: none)")
     check.add_argument("--seed", type=int, default=None,
                        help="Hypothesis' random seed, for a reproducible random search "
                        "(default: the profile's, derandomised for dfc-ci)")
@@ -423,8 +558,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--impl", required=True, metavar="MODULE:FUNC",
                         help="the implementation to rerun it on (required)")
     impl_options(replay, "")
-    replay.add_argument("--kernel", choices=list(KERNELS), default=None,
-                        help="kernel profile (default: as the file was judged)")
+    replay.add_argument("--kernel", default=None, metavar="KERNEL",
+                        help=f"kernel profile, {kernel_help} (default: as the file was judged)")
     replay.add_argument("--ulps", type=float, default=None,
                         help="ulps beyond the envelope (default: as the file was judged)")
     replay.add_argument("--inputs", choices=INPUT_POLICIES, default=None,
@@ -433,33 +568,62 @@ def _parser() -> argparse.ArgumentParser:
     kernels_p.add_argument("--verbose", "-v", action="store_true",
                            help="every knob, freedom and the shape domain of each profile "
                            "(default: one line each)")
+    kernels_p.add_argument("--dump", default=None, metavar="KERNEL",
+                           help="print KERNEL as a JSON profile file, to edit and pass as "
+                           "--kernel FILE.json (default: list the profiles)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample and name the "
                                "known defect its outputs equal")
     explain_p.add_argument("file", type=Path, help="a counterexample file (.npz)")
+    explain_p.add_argument("--kernel", default=None, metavar="KERNEL",
+                           help=f"diagnose under this kernel profile, {kernel_help} "
+                           "(default: as the file was judged)")
     explain_p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                            help="print the failing token's reference intermediates at each "
                            "rounding point of the profile, next to your out row (default: on; "
                            "--no-stages leaves it out)")
+    explain_p.add_argument("--intermediates", default=None, metavar="MODULE:FUNC",
+                           help="the stage hook: FUNC(problem, rank, token) returns your "
+                           "kernel's intermediates of that token, one dict per slot by stage "
+                           "name (q, sigma1, h, a, q2, sigma2, y); the first that differs is "
+                           "named (default: none)")
     explain_p.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                            help="also draw the routing matrix, the receive buffers with the "
                            "truncation line and the error/tolerance heat map into OUT.png "
                            "(needs pip install 'dfc-oracle[plot]'; default: no picture)")
+    fit_p = sub.add_parser("fit", help="infer the rounding points of MODULE:FUNC: print the "
+                           "kernel profile whose envelope holds every output as a profile file")
+    fit_p.add_argument("impl", metavar="MODULE:FUNC",
+                       help="the implementation: a function of the problem, by import name")
+    impl_options(fit_p, None)
+    fit_p.add_argument("--kernel", action="append", default=None, metavar="KERNEL",
+                       help=f"a record to start from, repeatable: {kernel_help} (default: "
+                       f"every registered profile, {', '.join(KERNELS)})")
+    fit_p.add_argument("--variants", type=_variants, default=None, metavar="V[,V...]",
+                       help="weight variants the implementation supports, from "
+                       f"{', '.join(WEIGHT_VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    fit_p.add_argument("--calls", type=int, default=24,
+                       help="problems the implementation runs (default: %(default)s; the "
+                       "same ones every time)")
+    fit_p.add_argument("--shapes", type=_variants, default=(), metavar="MODEL[,MODEL...]",
+                       help="also two calls at each model-shape preset's real K, I and top_k "
+                       f"({', '.join(MODEL_PRESETS)}; default: none)")
     verify = sub.add_parser("verify", help="check a captured multi-rank run")
     verify.add_argument("directory", type=Path, help="the capture directory (oracle.check.capture)")
     verify.add_argument("--numerics", choices=NUMERICS_MODES, default=None,
                         help="faithful: the kernel profile; ideal: the float64 mathematics "
                         "(default: faithful)")
-    verify.add_argument("--kernel", choices=list(KERNELS), default=None,
-                        help=f"kernel profile to judge with (default: {DEFAULT_KERNEL})")
+    verify.add_argument("--kernel", default=None, metavar="KERNEL",
+                        help=f"kernel profile to judge with, {kernel_help} (default: "
+                        f"{DEFAULT_KERNEL})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"check": _check, "replay": _replay, "hunt": _hunt, "explain": _explain,
-               "verify": _verify, "kernels": _kernels}[args.command]
+               "verify": _verify, "kernels": _kernels, "fit": _fit}[args.command]
     return handler(args)
 
 

@@ -20,9 +20,11 @@ from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICI
 from oracle.config.settings import DEFAULT_PROFILE, PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
+from spec.limits import MODEL_PRESETS
 
 _SUITE = Path(__file__).parent / "check" / "conformance.py"
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
+_KERNEL = pytest.StashKey[Any]()  # --dfc-kernel resolved once: a registered name or a profile
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,9 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-numerics", choices=("faithful", "ideal"), default="faithful",
                     help="faithful: emulate the kernel profile; ideal: the float64 mathematics "
                     "with a derived tolerance (default: faithful)")
-    group.addoption("--dfc-kernel", choices=list(KERNELS), default=DEFAULT_KERNEL,
-                    help="kernel numerics profile: emulation, tolerance and generated shapes "
-                    f"(dfc-oracle kernels lists them; default: {DEFAULT_KERNEL})")
+    group.addoption("--dfc-kernel", default=DEFAULT_KERNEL, metavar="KERNEL",
+                    help="kernel numerics profile: emulation, tolerance and generated shapes; "
+                    f"one of {', '.join(KERNELS)}, MODULE:NAME of a KernelProfile, or a "
+                    "profile file from 'dfc-oracle kernels --dump NAME' (default: "
+                    f"{DEFAULT_KERNEL})")
     group.addoption("--dfc-domain", choices=("kernel", "contract"), default="kernel",
                     help="kernel: the kernel profile's shapes; contract: every shape the "
                     "contract allows (default: kernel)")
@@ -57,6 +61,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-family-examples", type=int, default=None,
                     help="examples for each test of one input family (default: a fifth of the "
                     "profile's max_examples, at least 10; the default search keeps them all)")
+    group.addoption("--dfc-shapes", default="", metavar="MODEL[,MODEL...]",
+                    help="also test each model's real K, I and top_k as a fixed-shape family "
+                    "(test_model_shape[MODEL]; spec.limits.MODEL_PRESETS: "
+                    f"{','.join(MODEL_PRESETS)}; default: none)")
+    group.addoption("--dfc-threads", type=int, default=1, metavar="N",
+                    help="OpenMP, BLAS and torch threads of the implementation's child "
+                    "process; 0 leaves them as the environment sets them (default: 1, a gate "
+                    "time that does not depend on the machine's load)")
     group.addoption("--dfc-in-process", action="store_true", default=False,
                     help="run the implementation in pytest's own process (debugging: an "
                     "os._exit, crash or GIL-holding hang then takes the gate down; default: a "
@@ -72,17 +84,20 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile(profile)
     if impl:
         from oracle.check.isolation import ChildProcess, check_signature  # lazy: start-up
-        from oracle.check.loading import ImplLoadError, load_impl  # lazy: start-up
+        from oracle.check.loading import ImplLoadError, load_impl, load_kernel  # lazy: start-up
         from oracle.config.options import OptionError, check_options  # lazy: start-up
 
         try:
+            config.stash[_KERNEL] = load_kernel(config.getoption("--dfc-kernel"))
             check_options(numerics=config.getoption("--dfc-numerics"),
                           ulps=config.getoption("--dfc-ulps"),
                           timeout=config.getoption("--dfc-timeout"),
                           inputs=config.getoption("--dfc-inputs"),
-                          kernel=config.getoption("--dfc-kernel"),
+                          kernel=config.stash[_KERNEL],
                           domain=config.getoption("--dfc-domain"),
-                          variants=config.getoption("--dfc-variants").split(","))
+                          variants=config.getoption("--dfc-variants").split(","),
+                          threads=config.getoption("--dfc-threads") or None,
+                          shapes=shapes(config.getoption("--dfc-shapes")))
         except OptionError as exc:
             raise pytest.UsageError(f"--dfc-{exc.option}: {exc}") from None
         family = config.getoption("--dfc-family-examples")
@@ -95,7 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 check_signature(loaded, impl)
                 config.stash[_IMPL] = loaded
             else:
-                child = ChildProcess(impl)
+                child = ChildProcess(impl, threads=config.getoption("--dfc-threads") or None)
                 child.start()
                 config.stash[_IMPL] = child
         except ImplLoadError as exc:
@@ -116,15 +131,32 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     current = settings()
     seed = "derandomised" if current.derandomize else "random (see Hypothesis' seed report)"
     return [
-        f"dfc-oracle: impl={impl} kernel={config.getoption('--dfc-kernel')} "
+        f"dfc-oracle: impl={impl} kernel={_kernel_name(config)} "
         f"domain={config.getoption('--dfc-domain')} numerics={config.getoption('--dfc-numerics')} "
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
+        f"shapes={config.getoption('--dfc-shapes') or 'none'} "
         f"max_examples={current.max_examples} "
         f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
         f"seed={seed} "
-        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'}"
+        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'} "
+        f"threads={_threads(config)}"
     ]
+
+
+def _threads(config: pytest.Config) -> str:
+    """The child's pinned thread count, as the header says it."""
+    if config.getoption("--dfc-in-process"):
+        return "not-pinned(in-process)"
+    return str(config.getoption("--dfc-threads") or "environment")
+
+
+def _kernel_name(config: pytest.Config) -> str:
+    """The profile's name, and where it came from when the user gave their own."""
+    given = config.getoption("--dfc-kernel")
+    kernel = config.stash.get(_KERNEL, given)
+    name = getattr(kernel, "name", kernel)
+    return name if name == given else f"{name} (from {given})"
 
 
 @pytest.fixture(scope="session")
@@ -140,11 +172,23 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "variants": tuple(request.config.getoption("--dfc-variants").split(",")),
         "inputs": request.config.getoption("--dfc-inputs"),
         "ulps": request.config.getoption("--dfc-ulps"),
-        "kernel": request.config.getoption("--dfc-kernel"),
+        "kernel": request.config.stash[_KERNEL],
         "domain": request.config.getoption("--dfc-domain"),
         "timeout": request.config.getoption("--dfc-timeout"),
         "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),
+        "preset_examples": preset_examples(request.config.getoption("--dfc-family-examples")),
     }
+
+
+def shapes(option: str) -> tuple[str, ...]:
+    """``--dfc-shapes`` as preset keys (empty: none)."""
+    return tuple(option.split(",")) if option else ()
+
+
+def preset_examples(option: int | None) -> int:
+    """Examples per model-shape preset: a quarter of a family test's, at least 3. One call at
+    DeepSeek-V3's K = 7168 costs seconds, not milliseconds (benchmarks/GATE_TIME.md)."""
+    return max(3, family_examples(option) // 4)
 
 
 def family_examples(option: int | None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "MC2_V1_A2",
     "MC2_V1_A3",
     "MC2_V2_A3",
+    "MODEL_PRESETS",
     "PROFILES",
     "REAL_MODELS",
     "VECTOR_CORES",
@@ -380,6 +381,22 @@ class ModelShape:
         return Shape(ep_size=ep_size, experts_per_rank=self.experts // ep_size,
                      top_k=self.top_k, hidden=self.hidden, intermediate=self.intermediate)
 
+    @property
+    def key(self) -> str:
+        """The preset's name on the command line: ``"deepseek-v3"``, ``"qwen3-30b-a3b"``."""
+        return self.name.split("/")[0].lower().replace(" ", "-")
+
+    def gate_shape(self, *, ep_size: int = 2, min_experts_per_rank: int = 1) -> Shape:
+        """The gate's fixed shape of this model: its K, I and top_k on ``ep_size`` ranks,
+        each holding the fewest experts that still give every token top_k distinct ones
+        (at least ``min_experts_per_rank``, a kernel's own floor). The expert count is cut
+        because the weights are: DeepSeek-V3's 256 int8 experts are 11 GB; 8 of them are
+        352 MB. What the real count changes, the routing's spread over ranks, the small
+        shapes of the search test."""
+        per_rank = max(-(-self.top_k // ep_size), min_experts_per_rank)
+        return Shape(ep_size=ep_size, experts_per_rank=per_rank, top_k=self.top_k,
+                     hidden=self.hidden, intermediate=self.intermediate)
+
 
 #: The table of models.md (K, I, routed experts, top-k).
 REAL_MODELS = (
@@ -396,6 +413,8 @@ REAL_MODELS = (
     ModelShape("gpt-oss-20b", 2880, 2880, 32, 4),
     ModelShape("Llama-4-Scout", 5120, 8192, 16, 1),
 )
+#: The gate's model-shape presets by key (``--dfc-shapes qwen3-30b-a3b,deepseek-v3``).
+MODEL_PRESETS = {m.key: m for m in REAL_MODELS}
 
 
 def models_hitting(profile: Profile, *, ep_size: int = 4) -> dict[str, list[str]]:

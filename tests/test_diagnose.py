@@ -183,6 +183,7 @@ PLANTED: dict[str, tuple[Callable[[Problem], Outputs], Callable[[], Problem], st
     "ids_minus_one": (lambda p: skeleton(p, ids=-1), _problem, "ascend-a3"),
     "cap_minus_one": (lambda p: skeleton(p, cap=-1), _problem, "ascend-a3"),
     "counts_after_truncation": (MUTANTS["counts_after_truncation"], _problem, "ascend-a3"),
+    "experts_round_robin": (MUTANTS["expert_rank_modulo"], _problem, "ascend-a3"),
 }
 
 
@@ -300,3 +301,28 @@ def test_the_catalogue_keys_are_unique() -> None:
     keys = [d.key for d in CATALOGUE]
     assert len(keys) == len(set(keys))
     assert all(replace(d).advice for d in CATALOGUE)
+
+
+def test_ideal_mode_speaks_of_no_profile_the_user_did_not_choose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Judged ideal without a kernel: the routing weights ignored are named against the ideal
+    mathematics, within its tolerance; no rounding-point entry is tried and no stage walk of a
+    profile is printed. With the kernel named, the profile's bitwise diagnosis."""
+    problem = _problem()
+    outputs = MUTANTS["probs_ignored"](problem)
+    found = diagnose(problem, outputs, numerics="ideal")
+    assert found.close is not None and found.close[0].key == "probs_ignored"
+    said = found.describe()
+    assert "the reference (the ideal mathematics) with the routing weights ignored" in said
+    assert "ascend-a3" not in said
+    assert found.tried == sum(d.kernel is None for d in CATALOGUE)  # no rounding-point entry
+    named = diagnose(problem, outputs, numerics=oracle.Numerics("ideal", kernel="ascend-a3"))
+    assert "(ascend-a3)" in named.describe()
+    with pytest.raises(oracle.ConformanceError) as failure:
+        oracle.check_implementation(MUTANTS["probs_ignored"], problems=_just(problem),
+                                    numerics="ideal", save_dir=tmp_path, isolate=False)
+    assert main(["explain", str(failure.value.path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ascend-a3" not in printed.split("judged with")[1], printed
+    assert "stages: none, judged in ideal mode without a kernel profile" in printed

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("oracle.config", "oracle.config.settings", "oracle.config.options")),
     ("files", ("oracle.files", "oracle.files.atomic", "oracle.files.counterexample")),
     ("explain", ("oracle.explain", "oracle.explain.diagnose", "oracle.explain.stages",
-                 "oracle.explain.plot")),
+                 "oracle.explain.plot", "oracle.explain.fit")),
     ("check", ("oracle.check", "oracle.check.loading", "oracle.check.hunt",
                "oracle.check.isolation", "oracle.check.reduction", "oracle.check.harness",
                "oracle.check.conformance", "oracle.check.distributed", "oracle.check.capture")),

@@ -25,6 +25,7 @@ from oracle.check.harness import (
     ConformanceError,
     check_implementation,
     evaluate,
+    preset_configs,
     variant_configs,
     variants_of,
 )
@@ -90,14 +91,14 @@ def _known_failure(options: dict[str, Any]) -> str | None:
 
 
 def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem], *,
-           family: bool = True) -> None:
+           family: bool = True, examples: int | None = None) -> None:
     """Search ``strategy``: with the profile's budget for the default search, with
-    ``--dfc-family-examples`` for a test of one family."""
+    ``--dfc-family-examples`` for a test of one family, or ``examples``."""
     again = _known_failure(options)
     if again is not None:
         pytest.fail(again, pytrace=False)
     budget = settings(settings(), deadline=None,
-                      max_examples=options["family_examples"]) if family else None
+                      max_examples=examples or options["family_examples"]) if family else None
     try:
         check_implementation(
             options["impl"], numerics=options["numerics"], problems=strategy,
@@ -151,8 +152,8 @@ def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) 
     domain = _domain(dfc_options)
     feature = {"masked": "masks", "truncation": "truncation", "swiglu_clamp": "clamp"}.get(name)
     if domain is not None and feature and not getattr(domain, feature):
-        pytest.skip(f"the {dfc_options['kernel']} kernel has no {feature} (--dfc-domain contract "
-                    "generates it anyway)")
+        pytest.skip(f"the {get_kernel(dfc_options['kernel']).name} kernel has no {feature} "
+                    "(--dfc-domain contract generates it anyway)")
     _check(dfc_options, problems(configs=_variant_configs(dfc_options, **fields)))
 
 
@@ -179,3 +180,19 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
                        weight_dtypes=st.just(gate.weight_dtype),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``test_model_shape`` once per preset of ``--dfc-shapes`` (none given: one skip)."""
+    if "model_shape" in metafunc.fixturenames:
+        given = metafunc.config.getoption("--dfc-shapes")
+        metafunc.parametrize("model_shape", given.split(",") if given else [])
+
+
+def test_model_shape(dfc_options: dict[str, Any], model_shape: str) -> None:
+    """A real model's K, I and top_k (``--dfc-shapes``;
+    :func:`oracle.check.harness.preset_configs`), judged as every other family, with a quarter
+    of a family test's examples: every call generates and runs weights of hundreds of
+    megabytes."""
+    strategy = preset_configs(model_shape, dfc_options["variants"], domain=_domain(dfc_options))
+    _check(dfc_options, problems(configs=strategy), examples=dfc_options["preset_examples"])

@@ -63,9 +63,10 @@ from oracle.adapters.torch_io import (
 )
 from oracle.check.harness import ConformanceError, check_implementation, variant_configs
 from oracle.check.isolation import kill_tree
+from oracle.check.loading import load_kernel
 from oracle.config.options import OptionError, check_options
-from oracle.model.kernels import ASCEND_A3
-from oracle.model.numerics import Numerics
+from oracle.model.kernels import ASCEND_A3, KernelProfile
+from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import run
 from spec import ConfigError, Problem, RankInputs
 from spec.config import CallAttributes, oai_alpha
@@ -802,6 +803,7 @@ def check_distributed(
     scales: str = "int64",
     save_dir: str | Path | None = None,
     variants: Sequence[str] | None = None,
+    kernel: str | KernelProfile | None = None,
 ) -> None:
     """Search for a problem on which the per-rank ``impl_rank`` disagrees with :func:`oracle.run`.
 
@@ -813,19 +815,24 @@ def check_distributed(
     ``impl_rank`` (``"int64"``, vLLM's encoding, or ``"float32"``). Raises
     :class:`oracle.ConformanceError` with the minimal failing problem (a rank that raises or
     dies is a failure too), or :class:`DistributedTimeout` naming the example that hung.
-    Spawned worker processes are always stopped before this returns. Options outside what is allowed
-    (:func:`oracle.config.options.check_options`) raise :class:`oracle.config.options.OptionError`
-    before any process starts.
+    Spawned worker processes are always stopped before this returns. ``kernel`` (a registered
+    name, a :class:`oracle.model.kernels.KernelProfile`, ``"MODULE:NAME"`` of one or a profile
+    file, as :func:`oracle.check.loading.load_kernel` reads them) replaces the profile of
+    ``numerics``: a kernel with its own rounding points is judged by its own record. Options
+    outside what is allowed (:func:`oracle.config.options.check_options`) raise
+    :class:`oracle.config.options.OptionError` before any process starts.
 
     Spawned ranks import ``impl_rank`` by name: it must be a module-level function (or a
     ``functools.partial`` of one), not a lambda or a function defined in a test body.
     """
+    kernel = load_kernel(kernel)
     check_options(variants=variants, world_size=world_size, timeout=timeout,
                   numerics=numerics, max_examples=max_examples, scales=scales,
-                  save_dir=save_dir)
+                  save_dir=save_dir, kernel=kernel)
     if not isinstance(backend, str) or not backend:
         raise OptionError("backend", f"backend={backend!r} must be a torch.distributed backend "
                           "name ('gloo' on CPUs, 'nccl' on GPUs)")
+    numerics = with_kernel(resolve_numerics(numerics), kernel)
     if problems is None:
         problems = default_problems(world_size, variants)
     base = settings if settings is not None else hsettings()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hypothesis import HealthCheck, given, target
+from hypothesis import HealthCheck, Phase, given, target
 from hypothesis import seed as hseed
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -36,7 +36,7 @@ from oracle.check.isolation import (
     importable_name,
     plain_outputs,
 )
-from oracle.check.loading import load_impl
+from oracle.check.loading import load_impl, load_kernel
 from oracle.check.reduction import reduce_counterexample
 from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, check_options
 from oracle.files.atomic import SaveError
@@ -47,7 +47,7 @@ from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import OpConfig, Problem
 from spec.fields import GATE_VARIANTS, X_DTYPES
-from spec.limits import ShapeDomain
+from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.strategies import configs, problems
 
@@ -56,10 +56,13 @@ __all__ = [
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
+    "call_implementation",
     "check_implementation",
     "describe_problem",
     "evaluate",
+    "fit_problems",
     "format_report",
+    "preset_configs",
     "variant_configs",
 ]
 
@@ -138,6 +141,14 @@ def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome
 Runner = Implementation | ChildProcess
 
 
+def call_implementation(impl: Runner, problem: Problem, timeout: float) -> CallOutcome:
+    """Run ``impl`` once on a copy of ``problem``, in its child process or in this one; never
+    raises for what the implementation does."""
+    if isinstance(impl, ChildProcess):
+        return impl.call(problem, timeout)
+    return _call(impl, problem, timeout)
+
+
 def evaluate(
     impl: Runner,
     problem: Problem,
@@ -151,10 +162,7 @@ def evaluate(
     ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``. Options
     outside what is allowed raise :class:`oracle.config.options.OptionError`."""
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs)
-    if isinstance(impl, ChildProcess):
-        outcome = impl.call(problem, timeout)
-    else:
-        outcome = _call(impl, problem, timeout)
+    outcome = call_implementation(impl, problem, timeout)
     if outcome.status == "raised":
         return _failed("call", f"the implementation raised: {outcome.message}"), None
     if outcome.status == "crashed":
@@ -271,6 +279,60 @@ def variant_configs(
                               **fields) for v in variants])
 
 
+#: Tokens per rank of a model-shape preset: the weights, not the tokens, cost at real K and I.
+PRESET_TOKENS = st.integers(1, 4)
+
+
+def preset_configs(
+    key: str, variants: Sequence[str], *, domain: ShapeDomain | None = None
+) -> st.SearchStrategy[OpConfig]:
+    """The fixed shape of the model-shape preset ``key`` (:data:`spec.limits.MODEL_PRESETS`:
+    real K, I and top_k, two ranks with the fewest experts that give top_k distinct ones; see
+    :meth:`spec.limits.ModelShape.gate_shape`) with 1–4 tokens per rank, every other field
+    (variant among ``variants``, masks, truncation, clamp) drawn as usual and the shape mapped
+    into ``domain``.
+
+    >>> {c.hidden for c in [preset_configs("qwen3-30b-a3b", ["w8a8"]).example()]}
+    {2048}
+    """
+    shape = MODEL_PRESETS[key].gate_shape(
+        min_experts_per_rank=domain.min_experts_per_rank if domain is not None else 1)
+    return variant_configs(
+        variants, domain=domain, ep_sizes=st.just(shape.ep_size),
+        experts_per_rank=st.just(shape.experts_per_rank), top_k=st.just(shape.top_k),
+        hidden=st.just(shape.hidden), intermediate=st.just(shape.intermediate),
+        tokens_per_rank=PRESET_TOKENS)
+
+
+def fit_problems(
+    variants: Sequence[str], n: int, *, domain: ShapeDomain | None = None,
+    shapes: Sequence[str] = (),
+) -> list[Problem]:
+    """What ``dfc-oracle fit`` runs the kernel on: ``n`` problems of the default strategy of
+    ``variants`` in ``domain`` without truncation or clamp (which vLLM's kernel lacks: every
+    built-in runs them), then two of each model-shape preset in ``shapes``; derandomised, so
+    the same kernel is fitted on the same calls."""
+    fixed = {"truncation": st.just(False), "swiglu_limits": st.just(None)}
+    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed)), n)]
+    strategies += [(problems(configs=preset_configs(key, variants, domain=domain)), 2)
+                   for key in shapes]
+    return [problem for strategy, count in strategies for problem in _sample(strategy, count)]
+
+
+def _sample(strategy: st.SearchStrategy[Problem], count: int) -> list[Problem]:
+    """The first ``count`` draws of ``strategy``, derandomised."""
+    batch: list[Problem] = []
+
+    @hsettings(max_examples=count, derandomize=True, database=None, deadline=None,
+               suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(strategy)
+    def collect(problem: Problem) -> None:
+        batch.append(problem)
+
+    collect()
+    return batch[:count]
+
+
 def default_problems(
     profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
 ) -> st.SearchStrategy[Problem]:
@@ -317,6 +379,7 @@ def check_implementation(
     kernel: str | KernelProfile | None = None,
     domain: str = "kernel",
     variants: Sequence[str] | None = None,
+    threads: int | None = 1,
 ) -> None:
     """Search for a problem on which ``impl`` disagrees with :func:`oracle.run`.
 
@@ -326,7 +389,8 @@ def check_implementation(
     with the minimal failing problem, saved under ``save_dir`` (None: not saved). ``seed``
     fixes Hypothesis' random seed for a reproducible non-derandomised search.
 
-    ``kernel`` (a profile name of :mod:`oracle.model.kernels`, or a profile) selects the emulation
+    ``kernel`` (a profile name of :mod:`oracle.model.kernels`, a profile, ``"MODULE:NAME"`` of
+    one or a profile file: :func:`oracle.check.loading.load_kernel`) selects the emulation
     and tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
     judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
     so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
@@ -340,12 +404,16 @@ def check_implementation(
     ``isolate`` (default: True for a name, False for a callable) runs it in a child process
     that nothing it does can take down with the search (``os._exit``, a segfault, a call that
     holds the GIL past ``timeout``); a callable that cannot be imported by name (a lambda, a
-    closure) then runs in this process, with a warning. Options outside what is allowed raise
-    :class:`oracle.config.options.OptionError` before the search; an implementation that cannot be
-    loaded, or does not take one argument, :class:`oracle.check.loading.ImplLoadError`.
+    closure) then runs in this process, with a warning. A child this search starts pins its
+    OpenMP, BLAS and torch threads to ``threads`` (None: as the environment says). Options
+    outside what is allowed raise :class:`oracle.config.options.OptionError` before the search;
+    an implementation that cannot be loaded, or does not take one argument,
+    :class:`oracle.check.loading.ImplLoadError`.
     """
+    kernel = load_kernel(kernel)
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs,
-                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants)
+                  save_dir=save_dir, kernel=kernel, domain=domain, variants=variants,
+                  threads=threads)
     num = with_kernel(resolve_numerics(numerics), kernel)
     # Absolute now: an implementation that calls os.chdir() must not move the file.
     directory = None if save_dir is None else Path(os.path.abspath(save_dir))
@@ -363,7 +431,7 @@ def check_implementation(
         impl_name = impl
     # Rebound under the same name: derandomised Hypothesis seeds itself from this function's
     # source, so the search below stays the one the tests and benchmarks were measured with.
-    impl, owned = _runner(impl, isolate)
+    impl, owned = _runner(impl, isolate, threads)
 
     @search_settings
     @given(problems)
@@ -416,7 +484,8 @@ def check_implementation(
     raise ConformanceError(report, problem=problem, verdict=verdict, path=path)
 
 
-def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> tuple[Runner, bool]:
+def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None,
+            threads: int | None) -> tuple[Runner, bool]:
     """What runs the implementation, and whether this search owns (starts and stops) it."""
     if isinstance(impl, ChildProcess):
         return impl, False
@@ -425,7 +494,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
             fn = load_impl(impl)
             check_signature(fn, impl)
             return fn, False
-        child = ChildProcess(impl)
+        child = ChildProcess(impl, threads=threads)
         child.start()
         return child, True
     if not callable(impl):
@@ -433,7 +502,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None) -> 
     if isolate:
         name = importable_name(impl)
         if name is not None:
-            child = ChildProcess(name)
+            child = ChildProcess(name, threads=threads)
             child.start()
             return child, True
         warnings.warn(f"isolate=True: {impl!r} cannot be imported by name in a child process "

@@ -24,6 +24,12 @@ structure verdict it sends is a failure, and the inputs and outputs are judged i
 
 :func:`plain_outputs` and :class:`InputWatch` are shared with the in-process path of
 :mod:`oracle.check.harness`.
+
+The child's thread pools are pinned (``threads``, one by default): the BLAS and OpenMP pools
+through their environment variables (:data:`THREAD_VARIABLES`) and torch's with
+``torch.set_num_threads`` after the implementation is loaded. A kernel run with torch's full
+OpenMP pool on cores the search shares took 66 s to 437 s for one green gate (issue 21);
+pinned, the wall time is the kernel's own.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from spec.fields import LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
 
 __all__ = [
+    "THREAD_VARIABLES",
     "CallOutcome",
     "ChildProcess",
     "InputWatch",
@@ -77,6 +84,9 @@ _HEAD = 12  # header length (4 bytes) and payload length (8 bytes), big-endian
 _MAX_HEADER = 1 << 20
 _STDERR_LINES = 20
 _END_OF_REQUESTS = 90  # a worker's exit code when the parent closed its requests
+#: The environment variables that size the OpenMP and BLAS thread pools a kernel may start.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -544,9 +554,10 @@ def _serve_and_exit(impl: Callable[..., Any], rfd: int, wfd: int, shared: _Share
     os._exit(_END_OF_REQUESTS)
 
 
-def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
-    """The child's entry point: load ``name``, say so, answer requests until end of file; then
-    leave with ``os._exit`` so that threads the implementation left behind cannot keep it."""
+def child_main(name: str, rfd: int, wfd: int, shared_fd: int, pinned: int = 0) -> None:
+    """The child's entry point: load ``name``, pin torch's threads to ``pinned`` (0: leave
+    them), say so, answer requests until end of file; then leave with ``os._exit`` so that
+    threads the implementation left behind cannot keep it."""
     _become_subreaper()  # before the implementation runs a line
     shared = _SharedFile(shared_fd, owner=False)
     threads = _threads()
@@ -556,6 +567,8 @@ def child_main(name: str, rfd: int, wfd: int, shared_fd: int) -> None:
     except ImplLoadError as exc:
         _write_all(wfd, _encode({"status": "load_error", "message": str(exc)}, []), None)
         os._exit(0)
+    if pinned and "torch" in sys.modules:  # the environment pins OpenMP; torch also reads this
+        sys.modules["torch"].set_num_threads(pinned)
     _write_all(wfd, _encode({"status": "ready"}, []), None)
     if _threads() > threads:
         # Loading started threads (torch's OpenMP pool after a tensor operation at import, or
@@ -682,8 +695,11 @@ class ChildProcess:
     implementation (the message says why, with its exit status and stderr if it died).
     """
 
-    def __init__(self, name: str, *, start_timeout: float = 120.0) -> None:
+    def __init__(self, name: str, *, start_timeout: float = 120.0,
+                 threads: int | None = 1) -> None:
         self.name = name
+        #: Threads of the child's OpenMP, BLAS and torch pools (None: as the environment says).
+        self.threads = threads
         self.start_timeout = start_timeout
         self._shared: _SharedFile | None = None
         self.starts = 0
@@ -721,13 +737,15 @@ class ChildProcess:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
         path = [p for p in sys.path if p]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        if self.threads is not None:
+            env.update(dict.fromkeys(THREAD_VARIABLES, str(self.threads)))
         code = ("import sys; from oracle.check.isolation import child_main; "
                 "child_main(sys.argv[1], *map(int, sys.argv[2:]))")
         self._shared = _SharedFile.create()
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", code, self.name, str(req_r), str(ans_w),
-                 str(self._shared.fd)],
+                 str(self._shared.fd), str(self.threads or 0)],
                 pass_fds=(req_r, ans_w, self._shared.fd), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                 start_new_session=True,

@@ -23,6 +23,7 @@ from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
 from spec.config import MAX_EP_SIZE
 from spec.fields import GATE_VARIANTS
+from spec.limits import MODEL_PRESETS
 
 __all__ = ["DEFAULT_INPUTS", "DEFAULT_VARIANTS", "INPUT_POLICIES", "MAX_EXAMPLES", "MAX_TIMEOUT",
            "MAX_ULPS", "NUMERICS_MODES", "SCALE_ENCODINGS", "WEIGHT_VARIANTS", "OptionError",
@@ -90,6 +91,8 @@ def check_options(
     variants: object = None,
     world_size: object = None,
     scales: object = "int64",
+    threads: object = 1,
+    shapes: object = (),
 ) -> None:
     """Raise :class:`OptionError` for the first option outside what is allowed; ``None`` (or
     the default) for an option a door does not have."""
@@ -134,6 +137,18 @@ def check_options(
         raise OptionError("scales", f"scales={scales!r} must be one of "
                           f"{', '.join(SCALE_ENCODINGS)} (how the dequant scales reach the "
                           "implementation: vLLM's int64 bit patterns, or float32)")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise OptionError("threads", f"threads={threads!r} must be an integer >= 1 (the "
+                          "implementation's OpenMP, BLAS and torch threads in its child "
+                          "process), or None to leave them as the environment sets them "
+                          "(0 on the command line)")
+    if isinstance(shapes, str) or not isinstance(shapes, (list, tuple)) or not set(shapes) <= set(
+        MODEL_PRESETS
+    ):
+        raise OptionError("shapes", f"shapes={shapes!r} must be model-shape presets from "
+                          f"{', '.join(MODEL_PRESETS)} (comma-separated on the command line)")
     if profile is not None and (not isinstance(profile, str) or profile not in PROFILES):
         raise OptionError("profile", f"profile={profile!r} must be one of {', '.join(PROFILES)}")
     if save_dir is not None:

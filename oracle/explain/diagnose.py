@@ -15,8 +15,10 @@ same problem and reports, in this order of strength:
 
 An entry that changes nothing the judge looks at on this problem (no truncation for an
 off-by-one in it, ties that never occur, a combine of one slot) is left out and listed.
-Diagnosis always computes with a kernel profile (the judged one; ``ascend-a3`` when the file was
-judged in ideal mode without one): the ideal mathematics has no bits to match.
+Diagnosis computes with the judged kernel profile. Judged in ideal mode without one, it speaks
+of no profile the user did not choose: the entries that change a rounding point are left out
+(the mathematics has none), and each other entry's inputs are judged by the ideal judge itself
+(the reference is "the ideal mathematics"; a match is within its tolerance, never bitwise).
 
 >>> from spec import OpConfig, random_problem
 >>> from oracle import run
@@ -202,6 +204,21 @@ def _ids_shifted(by: int) -> Callable[[Problem], Problem]:
     return shift
 
 
+def _experts_round_robin(problem: Problem) -> Problem | None:
+    """The inputs whose contiguous placement is ``problem``'s round-robin one: global expert g
+    on rank g % EP as local expert g // EP becomes id (g % EP)·E + g // EP."""
+    cfg = problem.config
+    if cfg.ep_size == 1 or cfg.experts_per_rank == 1:
+        return None  # the two placements agree
+
+    def place(r: RankInputs) -> RankInputs:
+        g = r.expert_idx.astype(np.int64)
+        moved = (g % cfg.ep_size) * cfg.experts_per_rank + g // cfg.ep_size
+        return replace(r, expert_idx=np.where(g < cfg.num_experts, moved, g).astype(np.int32))
+
+    return _each_rank(problem, place)
+
+
 def _cap_shifted(by: int) -> Callable[[Problem], Problem | None]:
     def shift(problem: Problem) -> Problem | None:
         cap = problem.config.max_output_size
@@ -312,6 +329,10 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("ids_minus_one", "every expert id read one too low (wrapping at 0)",
            "index experts from 0 (ids are not 1-based): global expert g is local expert g % E "
            "of rank g // E", inputs=_ids_shifted(-1)),
+    Defect("experts_round_robin", "experts placed round-robin (global expert g on rank g % EP) "
+           "instead of in contiguous blocks", "place global expert g on rank g // E as its "
+           "local expert g % E (§4): the DeepEP/Megatron contiguous layout",
+           inputs=_experts_round_robin),
     Defect("cap_minus_one", "max_output_size − 1 receive rows kept (truncation off by one)",
            "keep every receive row with index < max_output_size (the last one is lost)",
            inputs=_cap_shifted(-1)),
@@ -433,6 +454,8 @@ def diagnose(
     ``catalogue`` entry on ``problem`` and name the one they equal (see the module docstring).
     One oracle run per entry: meant for counterexample sizes."""
     num = resolve_numerics(numerics)
+    if num.mode == "ideal" and num.kernel is None:
+        return _diagnose_ideal(problem, outputs, num, ulps, catalogue)
     faithful = replace(num, mode="faithful", kernel=num.profile)
     reference = run(problem, numerics=faithful, envelope=True)
     verdict = compare(problem, outputs, numerics=num, ulps=ulps,
@@ -465,3 +488,41 @@ def diagnose(
     return Diagnosis(verdict, profile, tuple(exact), close, tuple(inert), tried)
 
 
+
+
+IDEAL = "the ideal mathematics"
+
+
+def _diagnose_ideal(problem: Problem, outputs: object, num: Numerics, ulps: float,
+                    catalogue: Sequence[Defect]) -> Diagnosis:
+    """:func:`diagnose` in ideal mode without a profile: each entry that changes the inputs or
+    the counts (not a rounding point) is judged by the ideal judge on its inputs; the one with
+    the smallest worst error-to-tolerance ratio that passes is named."""
+    verdict = compare(problem, outputs, numerics=num, ulps=ulps)
+    got = structured_outputs(problem, outputs)
+    if verdict.ok or isinstance(got, Verdict):
+        return Diagnosis(verdict, IDEAL)
+    passing: list[tuple[float, int, Defect]] = []
+    tried = 0
+    for i, defect in enumerate(catalogue):
+        if defect.kernel is not None:
+            continue
+        changed = problem if defect.inputs is None else defect.inputs(problem)
+        if changed is None:
+            continue
+        tried += 1
+        judged: list[tuple[Array, Array]] = got
+        if defect.counts is not None:
+            if not all(np.array_equal(nums, c)
+                       for (_, nums), c in zip(got, defect.counts(problem))):
+                continue
+            judged = [(out, r.expert_token_nums) for (out, _), r in zip(got, run(
+                problem, numerics=replace(num, mode="faithful")).ranks)]
+        entry = compare(changed, judged, numerics=num, ulps=ulps)
+        if entry.ok:
+            passing.append((entry.ratio, i, defect))
+    close = None
+    if passing:
+        ratio, _, defect = min(passing, key=lambda t: t[:2])
+        close = (defect, ratio)
+    return Diagnosis(verdict, IDEAL, (), close, (), tried)

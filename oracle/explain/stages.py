@@ -20,6 +20,7 @@ weights ignored: a defect of the combine alone. Whole-call defects are
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -134,6 +135,38 @@ class TokenStages:
         return (f"not the combine alone (tried: {'; '.join(w for w, _ in tried)}); compare "
                 "the stages of steps 1-7")
 
+    def first_difference(self, theirs: Sequence[Mapping[str, Any]]) -> str:
+        """The implementation's own intermediates (the stage hook: one mapping per slot, by
+        this walk's stage names, e.g. ``{"h": ..., "q2": ...}``; any subset) against the walk's,
+        in pipeline order: the first value outside the profile's envelope, in words."""
+        if len(theirs) != len(self.slots):
+            return (f"your intermediates: {len(theirs)} slots given, the token has "
+                    f"{len(self.slots)} (one mapping per slot, in k order)")
+        known = {st.name for s in self.slots for st in s.stages}
+        given = {name for slot in theirs for name in slot}
+        if not given & known:
+            return (f"your intermediates: none named like a stage ({', '.join(sorted(given))}); "
+                    f"the stages are {', '.join(n for n in _order(self.slots))}")
+        agree: list[str] = []
+        for name in _order(self.slots):
+            for s, mine in zip(self.slots, theirs):
+                if name not in mine or not s.stages:
+                    continue
+                stage = next(st for st in s.stages if st.name == name)
+                found = _outside(np.asarray(mine[name], np.float64), stage.value)
+                if found is not None:
+                    col, got, want = found
+                    where = f", column {col}" if stage.value.mid.ndim else ""
+                    ulp = _ulps_apart(got, want)
+                    before = f" (agreeing before it: {', '.join(agree)})" if agree else ""
+                    return (f"your {name} (step {stage.step}) first differs at slot {s.slot}"
+                            f"{where}: {got:.9g} vs the reference's {want:.9g}, {ulp} float32 "
+                            f"ulp apart, outside the {self.profile} envelope{before}")
+            if name in given:
+                agree.append(name)
+        return (f"your intermediates ({', '.join(agree)}) all lie in the {self.profile} "
+                "envelope: the difference comes after them")
+
     def _combined(self, drop: int | None = None) -> Env:
         """The out row of the combine of the reference ``y`` with slot ``drop`` left out (its
         ``y`` zero: ``acc + 0`` is ``acc`` exactly), or, for ``None``, every weight 1."""
@@ -157,6 +190,36 @@ class TokenStages:
         ratio = envelope_ratio(np.where(finite, got64, want.mid)[None], ref, np.ones(1, bool),
                                self.x_dtype, ulps)
         return bool((ratio <= 1).all())
+
+
+def _order(slots: Sequence[SlotStages]) -> list[str]:
+    """The stage names in pipeline order (of the first computed slot)."""
+    return next(([st.name for st in s.stages] for s in slots if s.stages), [])
+
+
+def _outside(got: Array, want: Env) -> tuple[int, float, float] | None:
+    """The first element (flat index, yours, reference) outside ``want``'s envelope, or of
+    another shape; ``None`` where every element lies inside (NaN matches NaN)."""
+    mid = np.asarray(want.mid, np.float64).reshape(-1)
+    lo = mid if want.lo is None else np.asarray(want.lo, np.float64).reshape(-1)
+    hi = mid if want.hi is None else np.asarray(want.hi, np.float64).reshape(-1)
+    flat = got.reshape(-1)
+    if flat.size != mid.size:
+        return 0, float("nan"), float(mid[0]) if mid.size else float("nan")
+    with np.errstate(invalid="ignore"):
+        bad = ~(((flat >= lo) & (flat <= hi)) | (np.isnan(flat) & np.isnan(mid)))
+    if not bad.any():
+        return None
+    i = int(np.flatnonzero(bad)[0])
+    return i, float(flat[i]), float(mid[i])
+
+
+def _ulps_apart(a: float, b: float) -> str:
+    """How many float32 values lie between ``a`` and ``b`` (same sign), as text."""
+    if not (np.isfinite(a) and np.isfinite(b)) or (a < 0) != (b < 0):
+        return "many"
+    bits = np.array([abs(a), abs(b)], F32).view(np.int32)
+    return str(abs(int(bits[0]) - int(bits[1])))
 
 
 def _token_of(rows: list[Env]) -> Env:
