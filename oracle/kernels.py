@@ -358,22 +358,36 @@ class IntGemm:
             acc = Env(to_f32(acc_mid))
         else:
             rad = np.zeros(acc_mid.shape, dtype=np.float64)
-            w_abs = np.abs(w.astype(np.float64))
             q_rad = q.radius()
             flipped = np.flatnonzero((q_rad > 0).any(axis=1) | ~np.isfinite(q_rad).all(axis=1))
             if flipped.size:
-                with np.errstate(invalid="ignore"):
-                    rad[flipped] = np.nan_to_num(q_rad[flipped], nan=np.inf).astype(
-                        np.float64) @ w_abs
+                rad[flipped] = _times_abs(np.nan_to_num(q_rad[flipped], nan=np.inf), w)
             n = q.mid.shape[1]
             if self.accumulate == "f32_blocks" and 127 * 128 * n >= 2**24:
                 blocks = -(-n // self.block)
                 gamma = blocks * _U32 / (1 - blocks * _U32)
-                q_abs = np.maximum(np.abs(q.lo), np.abs(q.hi)).astype(np.float64)
-                rad = rad + gamma * (np.nan_to_num(q_abs, nan=127.0) @ w_abs)
+                q_abs = np.maximum(np.abs(q.lo), np.abs(q.hi))
+                rad = rad + gamma * _times_abs(np.nan_to_num(q_abs, nan=127.0), w)
             acc64 = acc_mid.astype(np.float64)
             acc = Env(to_f32(acc_mid), to_f32(acc64 - rad), to_f32(acc64 + rad))
         return _apply_epilogue(self.epilogue, acc, col=col, row=row, slot=slot, x_dtype=x_dtype)
+
+
+def _times_abs(v: Array, w: Array) -> Array:
+    """``v @ |w|`` in float64 for nonnegative integer-valued ``v`` (an envelope's radius of
+    int8 values, or its magnitude; ``inf`` allowed) and int8 ``w``. Finite rows are exact
+    integers (:func:`oracle.numerics.exact_int_matmul`), so they equal the float64 BLAS product
+    bit for bit; rows holding ``inf`` take that product itself (``inf·0`` is NaN there)."""
+    finite = np.isfinite(v).all(axis=1)
+    out = np.empty((v.shape[0], w.shape[1]), np.float64)
+    if finite.any():
+        vf = v[finite]
+        out[finite] = exact_int_matmul(vf, w, absolute=True,
+                                       q_max=max(int(vf.max(initial=0)), 1))
+    if not finite.all():
+        with np.errstate(invalid="ignore"):
+            out[~finite] = v[~finite].astype(np.float64) @ np.abs(w.astype(np.float64))
+    return out
 
 
 @dataclass(frozen=True)
