@@ -61,3 +61,40 @@ def test_mutants_are_caught(mutant: Draw) -> None:
 def test_other_generators_take_numpys_draw() -> None:
     a, b = np.random.Generator(np.random.MT19937(3)), np.random.Generator(np.random.MT19937(3))
     assert np.array_equal(int8_uniform(a, (5, 3)), b.integers(-128, 128, (5, 3), dtype=np.int8))
+
+
+def _follows_caller() -> bool:
+    """Whether changing the caller's ``x`` after ``random_problem`` changes the problem."""
+    from spec import OpConfig, random_problem
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
+                   tokens_per_rank=(2,))
+    x = random_problem(cfg, seed=1).ranks[0].x.copy()
+    problem = random_problem(cfg, seed=0, x=[x])
+    kept = problem.ranks[0].x.copy()
+    assert not any(a.flags.writeable for a in (problem.ranks[0].x, problem.ranks[0].w1[0]))
+    x[...] = 1
+    return not np.array_equal(problem.ranks[0].x, kept)
+
+
+def test_random_problem_holds_no_caller_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The problem keeps its own draws without a copy (``Problem.adopt``) but copies what the
+    caller passed; the mutant that adopts the caller's array too is caught."""
+    assert not _follows_caller()
+    monkeypatch.setattr("spec.synth._own", lambda a: a)
+    assert _follows_caller()
+
+
+def test_adopt_validates_like_the_constructor() -> None:
+    from spec import Problem, RankInputs, SpecError
+
+    rank = RankInputs(x=np.zeros((1, 16), np.float16), expert_idx=np.array([[5]], np.int32),
+                      probs=np.ones((1, 1), np.float32),
+                      w1=[np.zeros((2, 16, 16), np.int8)], w2=[np.zeros((2, 8, 16), np.int8)],
+                      scale1=[np.ones((2, 16), np.float32)], scale2=[np.ones((2, 16), np.float32)])
+    messages = []
+    for build in (Problem, Problem.adopt):
+        with pytest.raises(SpecError) as caught:
+            build([rank])
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "expert_idx" in messages[0]
