@@ -26,6 +26,7 @@ __all__ = [
     "ZERO_ROW_POLICIES",
     "Numerics",
     "exact_int_matmul",
+    "exact_int_matmuls",
     "glu64",
     "resolve_numerics",
     "round_half_away",
@@ -177,35 +178,48 @@ def exact_int_matmul(q: Array, w: Array, *, absolute: bool = False, q_max: int =
 
     Returns float32 when every partial sum is below 2**24, else float64 (exact below 2**53;
     asserted). The result holds exact integers, so it equals any exact evaluation bit for bit
-    (an exact sum that is 0 is +0 here as in BLAS: its accumulators start at +0). Longer
-    reductions run as blocks short enough to be exact in float32, summed in float64; ``w`` is
-    converted a few hundred rows at a time into one reused buffer, never whole: at 16 rows
-    per expert the int8-to-float conversion, not the arithmetic, is the cost (issue 26).
+    (an exact sum that is 0 is +0 here as in BLAS: its accumulators start at +0).
     """
-    n = q.shape[-1]
-    per_row = q_max * 128
-    if per_row * n < 2**24:
+    return exact_int_matmuls(w, (q, absolute, q_max))[0]
+
+
+def exact_int_matmuls(w: Array, *operands: tuple[Array, bool, int]) -> list[Array]:
+    """:func:`exact_int_matmul` of every ``(q, absolute, q_max)`` in ``operands`` with the same
+    int8 ``w``, converting ``w`` once. Longer reductions run as blocks short enough to be exact
+    in float32, summed in float64; ``w`` is converted a few hundred rows at a time into one
+    reused buffer, never whole: at 16 rows per expert the int8-to-float conversion, not the
+    arithmetic, is the cost (issue 26)."""
+    n = w.shape[0]
+    bounds = [q_max * 128 for _, _, q_max in operands]
+    small = [b * n < 2**24 for b in bounds]
+    if all(small):
         wf = w.astype(F32)
-        return np.asarray(np.matmul(q.astype(F32, copy=False), np.abs(wf) if absolute else wf))
-    assert per_row * n < 2**53, f"int GEMM of reduction length {n} is not exact in float64"
-    block = max((2**24 - 1) // per_row // _CHUNK, 1) * _CHUNK
-    q32 = q.astype(F32)  # integers below 2**24: exact
-    out = np.zeros((q.shape[0], w.shape[1]), np.float64)
-    part = np.empty((q.shape[0], w.shape[1]), F32)
-    prod = np.empty_like(part)
+        wa = np.abs(wf) if any(a for _, a, _ in operands) else wf
+        return [np.asarray(np.matmul(q.astype(F32, copy=False), wa if a else wf))
+                for q, a, _ in operands]
+    assert max(bounds) * n < 2**53, f"int GEMM of reduction length {n} is not exact in float64"
+    block = max((2**24 - 1) // max(bounds) // _CHUNK, 1) * _CHUNK
+    qs = [q.astype(F32) for q, _, _ in operands]  # integers below 2**24: exact
+    outs = [np.zeros((q.shape[0], w.shape[1]), np.float64) for q in qs]
+    parts = [np.empty((q.shape[0], w.shape[1]), F32) for q in qs]
+    prods = [np.empty_like(part) for part in parts]
     buf = np.empty((_CHUNK, w.shape[1]), F32)
+    abs_buf = np.empty_like(buf) if any(a for _, a, _ in operands) else buf
     for start in range(0, n, block):
-        part[...] = 0
+        for part in parts:
+            part[...] = 0
         for c in range(start, min(start + block, n), _CHUNK):
             rows = min(c + _CHUNK, start + block, n) - c
-            wc = buf[:rows]
+            wc, wa = buf[:rows], abs_buf[:rows]
             np.copyto(wc, w[c:c + rows], casting="unsafe")
-            if absolute:
-                np.abs(wc, out=wc)
-            np.matmul(q32[:, c:c + rows], wc, out=prod)
-            part += prod  # below 2**24 within a block: exact
-        out += part  # below 2**53: exact
-    return out
+            if abs_buf is not buf:
+                np.abs(wc, out=wa)
+            for q32, (_, absolute, _), part, prod in zip(qs, operands, parts, prods):
+                np.matmul(q32[:, c:c + rows], wa if absolute else wc, out=prod)
+                part += prod  # below 2**24 within a block: exact
+        for out, part in zip(outs, parts):
+            out += part  # below 2**53: exact
+    return [out.astype(F32) if s else out for out, s in zip(outs, small)]
 
 
 def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:
