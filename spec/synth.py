@@ -14,7 +14,10 @@ True
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -75,29 +78,54 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     return {name: form(stacked) for name, stacked in lists.items()}
 
 
+#: Draws of at least this many 64-bit words are split over threads, one slice per core, each
+#: from its own copy of the generator advanced to the slice's start (``PCG64.advance``): the
+#: same words, and ``random_raw`` releases the GIL.
+PARALLEL_WORDS = 1 << 22
+
+
 def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """``rng.integers(-128, 128, size=shape, dtype=np.int8)`` bit for bit, leaving ``rng`` in
-    the same state, in half the time (0.10 s against 0.20 s for 117 M values; issue 26: the
-    weights are most of the synthesis at production shapes). NumPy draws a full-range int8
-    as the successive bytes of 32-bit outputs, each plus -128 (a flip of the top bit);
-    PCG64's 32-bit outputs are the low, then the high half of each 64-bit word, the high
-    half of an odd last word kept for the next draw (the generator's state ends as NumPy's
-    own draw leaves it). Other generators, or one holding such a half already, take
-    ``rng.integers``."""
+    the same state, several times faster (issue 26: the weights are most of the synthesis at
+    production shapes; ``benchmarks/PRODUCTION_SHAPES.md``). NumPy draws a full-range int8 as
+    the successive bytes of 32-bit outputs, each plus -128 (a flip of the top bit); PCG64's
+    32-bit outputs are the low, then the high half of each 64-bit word, the high half of an
+    odd last word kept for the next draw (the generator's state ends as NumPy's own draw
+    leaves it). Other generators, or one holding such a half already, take
+    ``rng.integers`` (and a big-endian machine)."""
     size = math.prod(shape)
     bits = rng.bit_generator
-    state = bits.state
-    if not isinstance(bits, np.random.PCG64) or state["has_uint32"]:
+    state: Any = bits.state
+    if (not isinstance(bits, np.random.PCG64) or state["has_uint32"]
+            or sys.byteorder != "little"):  # the bytes of a word are read in memory order
         return rng.integers(-128, 128, size=shape, dtype=np.int8)
     halves = -(-size // 4)  # 32-bit outputs used
-    words = bits.random_raw(-(-halves // 2))
-    if words.size:  # next_uint32 keeps the last high half: buffered if halves is odd
-        state = bits.state
-        state["has_uint32"], state["uinteger"] = halves % 2, int(words[-1] >> np.uint64(32))
-        bits.state = state
-    out = words.view(np.uint8)[:size]
-    out ^= np.uint8(0x80)
-    return out.view(np.int8).reshape(shape)
+    count = -(-halves // 2)
+    if not count:
+        return np.zeros(shape, np.int8)
+    out = np.empty(count * 8, np.uint8)
+    threads = max(min(os.cpu_count() or 1, -(-count // PARALLEL_WORDS)), 1)
+    cuts = [count * j // threads for j in range(threads + 1)]
+
+    def draw(j: int) -> None:
+        own = np.random.PCG64()
+        own.state = state
+        own.advance(cuts[j])
+        words = own.random_raw(cuts[j + 1] - cuts[j])
+        np.bitwise_xor(words.view(np.uint8), np.uint8(0x80), out=out[8 * cuts[j]:8 * cuts[j + 1]])
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(draw, range(threads)))
+    else:
+        draw(0)
+    bits.advance(count)
+    # next_uint32 keeps the last word's high half: buffered if halves is odd, else spent.
+    after: Any = bits.state
+    last = int(out[-4:].view(np.uint32)[0] ^ 0x80808080)
+    after["has_uint32"], after["uinteger"] = halves % 2, last
+    bits.state = after
+    return out[:size].view(np.int8).reshape(shape)
 
 
 def normal_tokens(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:

@@ -29,6 +29,16 @@ def _unsigned(rng: np.random.Generator, shape: tuple[int, ...]) -> Any:
     return out ^ np.int8(-128)
 
 
+def _repeated_slices(rng: np.random.Generator, shape: tuple[int, ...]) -> Any:
+    """Mutant: a draw split in two slices, the second not advanced past the first."""
+    size = int(np.prod(shape))
+    count = -(-size // 8)
+    first = rng.bit_generator.random_raw(-(-count // 2))
+    rng.bit_generator.random_raw(count - first.size)
+    words = np.concatenate([first, first])[:count]
+    return (words.view(np.uint8)[:size] ^ np.uint8(0x80)).view(np.int8).reshape(shape)
+
+
 def _mismatch(draw: Draw) -> list[str]:
     """Where ``draw`` differs from ``rng.integers``: values, the state after, or the draws
     after (with and without a 32-bit half buffered beforehand)."""
@@ -49,11 +59,16 @@ def _mismatch(draw: Draw) -> list[str]:
     return found
 
 
-def test_int8_uniform_is_numpys_draw() -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+def test_int8_uniform_is_numpys_draw(threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serial, and split over threads (every draw of two words or more, here)."""
+    if threaded:
+        monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1)
+        monkeypatch.setattr("os.cpu_count", lambda: 3)
     assert _mismatch(int8_uniform) == []
 
 
-@pytest.mark.parametrize("mutant", [_no_buffered_half, _unsigned])
+@pytest.mark.parametrize("mutant", [_no_buffered_half, _unsigned, _repeated_slices])
 def test_mutants_are_caught(mutant: Draw) -> None:
     assert _mismatch(mutant)
 
