@@ -486,6 +486,37 @@ class Problem:
         swiglu_limit: float | None = None,
         swiglu_alpha: float | None = None,
     ) -> None:
+        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha)
+        # Copies, read-only: independent of the caller's arrays from here on.
+        self._ranks = tuple(_freeze(inputs) for inputs in checked)
+
+    @classmethod
+    def adopt(
+        cls,
+        ranks: Sequence[RankInputs],
+        *,
+        max_output_size: int | None = None,
+        swiglu_limit: float | None = None,
+        swiglu_alpha: float | None = None,
+    ) -> Problem:
+        """``Problem(ranks, ...)``, validated alike, that keeps the arrays of ``ranks`` (made
+        read-only) instead of copying them: only for arrays nothing else holds, such as
+        :func:`spec.random_problem`'s own draws (a copy of the weights at production shapes
+        costs a third of drawing them)."""
+        self = cls.__new__(cls)
+        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha)
+        self._ranks = tuple(inputs.map_arrays(_sealed) for inputs in checked)
+        return self
+
+    def _validate(
+        self,
+        ranks: Sequence[RankInputs],
+        max_output_size: int | None,
+        swiglu_limit: float | None,
+        swiglu_alpha: float | None,
+    ) -> tuple[RankInputs, ...]:
+        """Check every rank and the call's attributes (a :class:`spec.SpecError` naming what
+        to change otherwise), set the configuration, and return the ranks as a tuple."""
         if isinstance(ranks, RankInputs) or not isinstance(ranks, Sequence):
             raise RankCountError(
                 field="ranks", given=describe(ranks), allowed="a sequence of RankInputs",
@@ -538,8 +569,7 @@ class Problem:
             swiglu_alpha=swiglu_alpha,
             masked=any(s.masked for s in shapes),
         )
-        # Copies, read-only: independent of the caller's arrays from here on.
-        self._ranks = tuple(_freeze(inputs) for inputs in ranks)
+        return ranks
 
     @classmethod
     def from_validated(cls, ranks: Sequence[RankInputs], config: OpConfig) -> Problem:
@@ -581,3 +611,8 @@ class Problem:
 
 def _freeze(inputs: RankInputs) -> RankInputs:
     return inputs.map_arrays(_readonly)
+
+
+def _sealed(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a

@@ -13,25 +13,30 @@ True
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from spec.config import OpConfig
 from spec.int4 import compensation_bias, pack_int4
-from spec.memory import with_layout
+from spec.memory import copy_array, with_layout
 from spec.problem import DTYPES, Problem, RankInputs
 
-__all__ = ["expert_weights", "normal_tokens", "random_problem", "softmax_probs", "uniform_routing"]
+__all__ = ["expert_weights", "int8_uniform", "normal_tokens", "random_problem", "softmax_probs",
+           "uniform_routing"]
 
 
 def _w8a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     # int8 uniform on -128..127 has standard deviation ~73.9.
     return {
-        "w1": rng.integers(-128, 128, size=(e, k, n), dtype=np.int8),
-        "w2": rng.integers(-128, 128, size=(e, i, k), dtype=np.int8),
+        "w1": int8_uniform(rng, (e, k, n)),
+        "w2": int8_uniform(rng, (e, i, k)),
         "scale1": (rng.uniform(0.5, 1.5, size=(e, n)) / (73.9 * np.sqrt(k))).astype(np.float32),
         "scale2": (rng.uniform(0.5, 1.5, size=(e, k)) / (73.9 * np.sqrt(i))).astype(np.float32),
     }
@@ -87,6 +92,56 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     return {name: form(stacked) for name, stacked in lists.items()}
 
 
+#: Draws of at least this many 64-bit words are split over threads, one slice per core, each
+#: from its own copy of the generator advanced to the slice's start (``PCG64.advance``): the
+#: same words, and ``random_raw`` releases the GIL.
+PARALLEL_WORDS = 1 << 22
+
+
+def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """``rng.integers(-128, 128, size=shape, dtype=np.int8)`` bit for bit, leaving ``rng`` in
+    the same state, several times faster (issue 26: the weights are most of the synthesis at
+    production shapes; ``benchmarks/PRODUCTION_SHAPES.md``). NumPy draws a full-range int8 as
+    the successive bytes of 32-bit outputs, each plus -128 (a flip of the top bit); PCG64's
+    32-bit outputs are the low, then the high half of each 64-bit word, the high half of an
+    odd last word kept for the next draw (the generator's state ends as NumPy's own draw
+    leaves it). Other generators, or one holding such a half already, take
+    ``rng.integers`` (and a big-endian machine)."""
+    size = math.prod(shape)
+    bits = rng.bit_generator
+    state: Any = bits.state
+    if (not isinstance(bits, np.random.PCG64) or state["has_uint32"]
+            or sys.byteorder != "little"):  # the bytes of a word are read in memory order
+        return rng.integers(-128, 128, size=shape, dtype=np.int8)
+    halves = -(-size // 4)  # 32-bit outputs used
+    count = -(-halves // 2)
+    if not count:
+        return np.zeros(shape, np.int8)
+    out = np.empty(count * 8, np.uint8)
+    threads = max(min(os.cpu_count() or 1, -(-count // PARALLEL_WORDS)), 1)
+    cuts = [count * j // threads for j in range(threads + 1)]
+
+    def draw(j: int) -> None:
+        own = np.random.PCG64()
+        own.state = state
+        own.advance(cuts[j])
+        words = own.random_raw(cuts[j + 1] - cuts[j])
+        np.bitwise_xor(words.view(np.uint8), np.uint8(0x80), out=out[8 * cuts[j]:8 * cuts[j + 1]])
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(draw, range(threads)))
+    else:
+        draw(0)
+    bits.advance(count)
+    # next_uint32 keeps the last word's high half: buffered if halves is odd, else spent.
+    after: Any = bits.state
+    last = int(out[-4:].view(np.uint32)[0] ^ 0x80808080)
+    after["has_uint32"], after["uinteger"] = halves % 2, last
+    bits.state = after
+    return out[:size].view(np.int8).reshape(shape)
+
+
 def normal_tokens(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:
     """``(tokens, K)`` token rows drawn from N(0, 1), in x's dtype."""
     return rng.standard_normal((tokens, config.hidden)).astype(DTYPES[config.x_dtype])
@@ -131,11 +186,12 @@ def random_problem(
     ranks = []
     for r, m in enumerate(config.tokens_per_rank):
         lists: dict[str, Any] = dict(expert_weights(config, rng))
-        x_r = x[r] if x is not None else normal_tokens(config, rng, m)
-        idx_r = expert_idx[r] if expert_idx is not None else uniform_routing(config, rng, m)
-        p_r = probs[r] if probs is not None else softmax_probs(rng, m, config.top_k)
+        x_r = _own(x[r]) if x is not None else normal_tokens(config, rng, m)
+        idx_r = (_own(expert_idx[r]) if expert_idx is not None
+                 else uniform_routing(config, rng, m))
+        p_r = _own(probs[r]) if probs is not None else softmax_probs(rng, m, config.top_k)
         if active_mask is not None:
-            mask_r = active_mask[r]
+            mask_r = _own(active_mask[r])
         elif config.masked:
             mask_r = rng.random(m) < 0.75
         else:
@@ -147,4 +203,11 @@ def random_problem(
         ranks.append(
             RankInputs(x=x_r, expert_idx=idx_r, probs=p_r, active_mask=mask_r, **lists)
         )
-    return Problem(ranks, **config.call_attributes())
+    # Every array is this function's own (the caller's copied): kept, not copied again.
+    return Problem.adopt(ranks, **config.call_attributes())
+
+
+def _own(a: Any) -> Any:
+    """A copy of a caller's array, with its layout class; anything else as given (for the
+    problem's validation to name)."""
+    return copy_array(a) if type(a) is np.ndarray else a

@@ -19,6 +19,7 @@ __all__ = [
     "Array",
     "FloatFormat",
     "exact_int_matmul",
+    "exact_int_matmuls",
     "glu64",
     "round_half_away",
     "truncate_scale_bits",
@@ -88,19 +89,59 @@ def truncate_scale_bits(scale: Array) -> Array:
 # bound stays below the float type's integer range: 2**24 for float32 (L <= 1032), 2**53 for
 # float64. Any order of summation is then exact, so BLAS equals int32 accumulation.
 _INT8_PRODUCT_BOUND = 127 * 128
+#: Rows of ``w`` converted to float32 at a time by :func:`exact_int_matmul`: a buffer that
+#: stays in cache while BLAS reads it (256 x 4096 float32 is 4 MiB).
+_CHUNK = 256
 
 
-def exact_int_matmul(q: Array, w: Array) -> Array:
-    """``q @ w`` for integer-valued ``q`` (|q| <= 127) and int8 ``w``, exactly, on float BLAS.
+def exact_int_matmul(q: Array, w: Array, *, absolute: bool = False, q_max: int = 127) -> Array:
+    """``q @ w`` (``q @ |w|`` with ``absolute``) for integer-valued ``q`` (|q| <= ``q_max``,
+    NaN allowed) and int8 ``w``, exactly, on float32 BLAS.
 
-    Returns float32 when every partial sum is below 2**24 (float32 BLAS, about 2.4x faster here),
-    else float64 (exact below 2**53; asserted). The result holds exact integers.
+    Returns float32 when every partial sum is below 2**24, else float64 (exact below 2**53;
+    asserted). The result holds exact integers, so it equals any exact evaluation bit for bit
+    (an exact sum that is 0 is +0 here as in BLAS: its accumulators start at +0).
     """
-    bound = _INT8_PRODUCT_BOUND * q.shape[-1]
-    if bound < 2**24:
-        return np.asarray(np.matmul(q.astype(F32, copy=False), w.astype(F32)))
-    assert bound < 2**53, f"int GEMM of reduction length {q.shape[-1]} is not exact in float64"
-    return np.asarray(np.matmul(q.astype(np.float64), w.astype(np.float64)))
+    return exact_int_matmuls(w, (q, absolute, q_max))[0]
+
+
+def exact_int_matmuls(w: Array, *operands: tuple[Array, bool, int]) -> list[Array]:
+    """:func:`exact_int_matmul` of every ``(q, absolute, q_max)`` in ``operands`` with the same
+    int8 ``w``, converting ``w`` once. Longer reductions run as blocks short enough to be exact
+    in float32, summed in float64; ``w`` is converted a few hundred rows at a time into one
+    reused buffer, never whole: at 16 rows per expert the int8-to-float conversion, not the
+    arithmetic, is the cost (issue 26)."""
+    n = w.shape[0]
+    bounds = [q_max * 128 for _, _, q_max in operands]
+    small = [b * n < 2**24 for b in bounds]
+    if all(small):
+        wf = w.astype(F32)
+        wa = np.abs(wf) if any(a for _, a, _ in operands) else wf
+        return [np.asarray(np.matmul(q.astype(F32, copy=False), wa if a else wf))
+                for q, a, _ in operands]
+    assert max(bounds) * n < 2**53, f"int GEMM of reduction length {n} is not exact in float64"
+    block = max((2**24 - 1) // max(bounds) // _CHUNK, 1) * _CHUNK
+    qs = [q.astype(F32) for q, _, _ in operands]  # integers below 2**24: exact
+    outs = [np.zeros((q.shape[0], w.shape[1]), np.float64) for q in qs]
+    parts = [np.empty((q.shape[0], w.shape[1]), F32) for q in qs]
+    prods = [np.empty_like(part) for part in parts]
+    buf = np.empty((_CHUNK, w.shape[1]), F32)
+    abs_buf = np.empty_like(buf) if any(a for _, a, _ in operands) else buf
+    for start in range(0, n, block):
+        for part in parts:
+            part[...] = 0
+        for c in range(start, min(start + block, n), _CHUNK):
+            rows = min(c + _CHUNK, start + block, n) - c
+            wc, wa = buf[:rows], abs_buf[:rows]
+            np.copyto(wc, w[c:c + rows], casting="unsafe")
+            if abs_buf is not buf:
+                np.abs(wc, out=wa)
+            for q32, (_, absolute, _), part, prod in zip(qs, operands, parts, prods):
+                np.matmul(q32[:, c:c + rows], wa if absolute else wc, out=prod)
+                part += prod  # below 2**24 within a block: exact
+        for out, part in zip(outs, parts):
+            out += part  # below 2**53: exact
+    return [out.astype(F32) if s else out for out, s in zip(outs, small)]
 
 
 def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:

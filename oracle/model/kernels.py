@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import exact_int_matmul, round_half_away
+from oracle.model.arithmetic import exact_int_matmul, exact_int_matmuls, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
 from spec.fields import VARIANT_NAMES
@@ -429,24 +429,35 @@ class IntGemm:
     def __call__(
         self, q: Env, w: Array, col: Array, row: Env, slot: Array | None, x_dtype: Any
     ) -> Env:
-        acc_mid = exact_int_matmul(q.mid, w)
         if q.lo is None or q.hi is None:
-            acc = Env(to_f32(acc_mid))
+            acc = Env(to_f32(exact_int_matmul(q.mid, w)))
         else:
-            rad = np.zeros(acc_mid.shape, dtype=np.float64)
-            w_abs = np.abs(w.astype(np.float64))
+            # The model's sum, and the envelope's |w| products, from one pass over w.
             q_rad = q.radius()
             flipped = np.flatnonzero((q_rad > 0).any(axis=1) | ~np.isfinite(q_rad).all(axis=1))
-            if flipped.size:
-                with np.errstate(invalid="ignore"):
-                    rad[flipped] = np.nan_to_num(q_rad[flipped], nan=np.inf).astype(
-                        np.float64) @ w_abs
+            reach = np.nan_to_num(q_rad[flipped], nan=np.inf)
+            finite = np.isfinite(reach).all(axis=1)
             n = q.mid.shape[1]
-            if self.accumulate == "f32_blocks" and 127 * 128 * n >= 2**24:
+            blocked = self.accumulate == "f32_blocks" and 127 * 128 * n >= 2**24
+            operands = [(q.mid, False, 127)]
+            if finite.any():
+                operands.append((reach[finite], True, max(int(reach[finite].max(initial=0)), 1)))
+            if blocked:
+                q_abs = np.maximum(np.abs(q.lo), np.abs(q.hi))
+                operands.append((np.nan_to_num(q_abs, nan=127.0), True, 127))
+            products = iter(exact_int_matmuls(w, *operands))
+            acc_mid = next(products)
+            rad = np.zeros(acc_mid.shape, dtype=np.float64)
+            if finite.any():
+                rad[flipped[finite]] = next(products)
+            if not finite.all():  # a NaN q: the float64 product itself (inf·0 is NaN there)
+                with np.errstate(invalid="ignore"):
+                    rad[flipped[~finite]] = reach[~finite].astype(np.float64) @ np.abs(
+                        w.astype(np.float64))
+            if blocked:
                 blocks = -(-n // self.block)
                 gamma = blocks * _U32 / (1 - blocks * _U32)
-                q_abs = np.maximum(np.abs(q.lo), np.abs(q.hi)).astype(np.float64)
-                rad = rad + gamma * (np.nan_to_num(q_abs, nan=127.0) @ w_abs)
+                rad = rad + gamma * next(products).astype(np.float64)
             acc64 = acc_mid.astype(np.float64)
             acc = Env(to_f32(acc_mid), to_f32(acc64 - rad), to_f32(acc64 + rad))
         return _apply_epilogue(self.epilogue, acc, col=col, row=row, slot=slot, x_dtype=x_dtype,

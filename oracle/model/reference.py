@@ -171,13 +171,29 @@ def expert_values(problem: Problem, g: int) -> dict[str, Array]:
     return lists
 
 
+def _dequantised(w: Array, scale: Array | None, out: Array) -> Array:
+    """``w·diag(scale)`` in float64 (``w`` itself without scales), into ``out`` (reused across
+    experts: at K = 7168 a fresh weight-sized array per expert costs as much as the GEMM),
+    the ufunc casting the int8 or 16-bit weights exactly as it goes. A ``w`` not in C order
+    keeps its layout, as ``astype`` kept it: BLAS reads the operand it always read."""
+    if not w.flags.c_contiguous:
+        return (w.astype(np.float64) if scale is None
+                else np.asarray(np.multiply(w, scale.astype(np.float64))))
+    if scale is None:
+        np.copyto(out, w, casting="unsafe")
+    else:
+        np.multiply(w, scale.astype(np.float64), out=out)
+    return out
+
+
 def _ffn_ideal(
-    x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig
+    x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig,
+    work: tuple[Array, Array],
 ) -> Array:
     """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
-    SwigluOAI activation where the call selects it, :func:`oracle.model.numerics.glu64`)."""
-    w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
-    w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
+    SwigluOAI activation where the call selects it, :func:`oracle.model.arithmetic.glu64`);
+    ``work``: float64 buffers of ``w1``'s and ``w2``'s shapes."""
+    w1d, w2d = _dequantised(w1, s1, work[0]), _dequantised(w2, s2, work[1])
     h = x.astype(np.float64) @ w1d
     i = cfg.intermediate
     if cfg.swiglu_limit is not None:
@@ -263,6 +279,8 @@ def run(
     shape = (total_tokens * top_k, k_hidden)
     y = np.full(shape, np.nan, dtype=np.float64 if ideal else F32)
     y_lo, y_hi = (np.full(shape, np.nan, F32), np.full(shape, np.nan, F32)) if env else (y, y)
+    work = ((np.empty((k_hidden, 2 * cfg.intermediate)), np.empty((cfg.intermediate, k_hidden)))
+            if ideal else None)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
@@ -271,7 +289,8 @@ def run(
         w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
         assert w1 is not None and w2 is not None
         if pipeline is None:
-            y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
+            assert work is not None
+            y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg, work)
             continue
         if s1 is not None and s2 is not None:
             weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)

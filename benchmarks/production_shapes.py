@@ -1,0 +1,180 @@
+"""The judge at production shapes (issue 26): what one gate example costs the oracle at a
+DeepSeek-V3-like call, as multiples of a plain float64 GEMM of the same FLOPs.
+
+Shapes: EP 8 x 4 experts, top-8, 64 tokens (8 per rank), I from ``spec.limits.REAL_MODELS``:
+``dsv3`` (K = 7168, I = 2048) and ``mid`` (K = 1024, I = 512). Timed per shape, best of
+``--repeat`` (the machine is shared: the minimum is the fair estimate):
+
+- ``synthesis``: ``spec.random_problem`` (seeded bulk values);
+- ``run`` / ``run ideal``: ``oracle.run`` faithful (ascend-a3) and ideal;
+- ``compare own``: ``oracle.compare`` (faithful) on the model's own output;
+- ``compare 1 changed``: the same output with one value moved one ulp of bf16 (the verdict
+  needs the envelope and the row test);
+- ``compare ideal``: ``oracle.compare(numerics="ideal")`` on the model's own output (sound
+  bound and row test).
+
+Each is printed as seconds and as ratios of two float64 floors measured in the same process:
+the issue's floor, one ``(R, K) @ (K, 2I)`` and one ``(R, I) @ (I, K)`` GEMM for all ``R``
+rows, and the per-expert floor, the same FLOPs as the MoE does them (each expert's rows through
+its own weights, already in float64): at 16 rows per expert the weights are read once per
+expert, which the one-GEMM floor never pays.
+
+``--before PATH`` first runs this same script in a subprocess against another source tree
+(``PYTHONPATH=PATH``, e.g. an older commit unpacked with ``git archive``) and prints both
+tables side by side; the verdicts (stage of every compare) must agree.
+
+Run from the repository root::
+
+    PYTHONPATH=$PWD python benchmarks/production_shapes.py [--shape dsv3 mid] [--repeat 2]
+        [--before /tmp/before-tree]
+
+Not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+SHAPES = {"dsv3": (7168, 2048), "mid": (1024, 512)}  # K: I (spec.limits.REAL_MODELS)
+STEPS = ("synthesis", "run", "run ideal", "compare own", "compare 1 changed", "compare ideal")
+
+
+def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """The fastest of ``repeat`` calls and the last call's value."""
+    best, value = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, value
+
+
+def _floor(k: int, i: int, rows: int, repeat: int) -> float:
+    """A plain float64 GEMM of the FFN's FLOPs: ``(R, K) @ (K, 2I)`` and ``(R, I) @ (I, K)``
+    (as ``benchmarks/power.py``). Measured before and after the steps; the smaller counts."""
+    rng = np.random.default_rng(0)
+    a, w1 = rng.standard_normal((rows, k)), rng.standard_normal((k, 2 * i))
+    h, w2 = rng.standard_normal((rows, i)), rng.standard_normal((i, k))
+    return _best(lambda: (a @ w1, h @ w2), max(repeat, 5))[0]
+
+
+def _expert_floor(k: int, i: int, rows: list[int], repeat: int) -> float:
+    """The same FLOPs as the MoE does them: per expert, its own rows through a float64 GEMM
+    of weights already in float64 (one expert's weights stand for all: the cost is the same
+    and 32 experts in float64 would need 11 GB). Skinny GEMMs read the weights once per
+    expert; the one-GEMM floor reads them once in all."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((k, 2 * i)), rng.standard_normal((i, k))
+    xs = [(rng.standard_normal((m, k)), rng.standard_normal((m, i))) for m in rows if m]
+    return _best(lambda: [(a @ w1, h @ w2) for a, h in xs], max(repeat, 3))[0]
+
+
+def _move_inside_envelope(out: Any, want: Any) -> None:
+    """Move one defined value of ``out`` one step up inside the profile's envelope: the
+    verdict then needs the envelope and the row test (a value outside fails at once)."""
+    up = (out.view(np.uint16) + np.where(out < 0, -1, 1).astype(np.uint16)).view(out.dtype)
+    inside = want.defined[:, None] & (up.astype(np.float32) <= want.out_hi) & (out != 0)
+    t, c = np.argwhere(inside)[0]
+    out[t, c] = up[t, c]
+
+
+def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
+    """Seconds of every step at ``shape``, the floor, and every compare's verdict."""
+    import oracle
+    from spec import OpConfig, random_problem
+
+    k, i = SHAPES[shape]
+    weight = "int8" if variant == "w8a8" else "bfloat16"
+    cfg = OpConfig(ep_size=8, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
+                   tokens_per_rank=(8,) * 8, weight_dtype=weight)
+    floor = _floor(k, i, cfg.total_slots, repeat)
+    seconds: dict[str, float] = {}
+    verdicts: dict[str, str] = {}
+    seconds["synthesis"], problem = _best(lambda: random_problem(cfg, seed=0), repeat)
+    seconds["run"], result = _best(lambda: oracle.run(problem), repeat)
+    seconds["run ideal"], _ = _best(lambda: oracle.run(problem, numerics="ideal"), repeat)
+    own = [(r.out, r.expert_token_nums) for r in result.ranks]
+    changed = [(o.copy(), n) for o, n in own]
+    _move_inside_envelope(changed[0][0], oracle.run(problem, envelope=True).ranks[0])
+    for name, outs, numerics in (("compare own", own, "faithful"),
+                                 ("compare 1 changed", changed, "faithful"),
+                                 ("compare ideal", own, "ideal")):
+        seconds[name], verdict = _best(
+            lambda outs=outs, numerics=numerics: oracle.compare(problem, outs,
+                                                                numerics=numerics), repeat)
+        verdicts[name] = f"{verdict.stage} {verdict.ratio:.6g}"
+    rows = cfg.total_slots
+    ids = np.concatenate([r.expert_idx.reshape(-1) for r in problem.ranks])
+    per_expert = np.bincount(ids, minlength=cfg.num_experts).tolist()
+    return {"shape": shape, "variant": variant, "summary": cfg.summary(), "rows": rows,
+            "gflop": 2 * rows * (k * 2 * i + i * k) / 1e9,
+            "floor": min(floor, _floor(k, i, rows, repeat)),
+            "expert_floor": _expert_floor(k, i, per_expert, repeat),
+            "seconds": seconds, "verdicts": verdicts}
+
+
+def _before(path: str, argv: list[str]) -> list[dict[str, Any]]:
+    """This script's measurements against the source tree at ``path``, in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(path)}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", *argv],
+                          env=env, cwd=path, check=True, capture_output=True, text=True)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _cell(m: dict[str, Any], step: str) -> str:
+    t = m["seconds"][step]
+    return f"{t:.3g} s, {t / m['floor']:.2g}x, {t / m['expert_floor']:.2g}x"
+
+
+def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> str:
+    lines = []
+    for n, m in enumerate(after):
+        b = before[n] if before else None
+        lines.append(f"\n{m['shape']} ({m['summary']}): {m['rows']} rows, {m['gflop']:.3g} GFLOP, "
+                     f"float64 GEMM floor {m['floor']:.3g} s, per-expert floor "
+                     f"{m['expert_floor']:.3g} s"
+                     + (f" (before's process: {b['floor']:.3g} s, {b['expert_floor']:.3g} s)"
+                        if b else "")
+                     + "; cells: seconds, x floor, x per-expert floor")
+        head = "| step | before | after | verdict |" if b else "| step | this tree | verdict |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for step in STEPS:
+            verdict = m["verdicts"].get(step, "")
+            if b and verdict and b["verdicts"].get(step) != verdict:
+                verdict += f" (before: {b['verdicts'].get(step)})"
+            cells = ([_cell(b, step)] if b else []) + [_cell(m, step)]
+            lines.append(f"| {step} | {' | '.join(cells)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--variant", choices=("w8a8", "bf16"), default="w8a8")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--before", metavar="PATH",
+                        help="also time the source tree at PATH (same script, a subprocess)")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    argv = ["--shape", *args.shape, "--variant", args.variant, "--repeat", str(args.repeat)]
+    before = _before(args.before, argv) if args.before else None
+    after = []
+    for shape in args.shape:
+        after.append(measure(shape, args.variant, args.repeat))
+        if args.json:
+            print(json.dumps(after[-1]), flush=True)
+    if not args.json:
+        print(render(after, before))
+
+
+if __name__ == "__main__":
+    main()
