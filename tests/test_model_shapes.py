@@ -74,8 +74,11 @@ def test_the_gate_runs_the_presets_it_is_given(pytester, monkeypatch) -> None:
     bad = pytester.runpytest_subprocess("--dfc-impl", "shape_impls:k_loop_stops_early", *gate,
                                         "--dfc-shapes", "qwen3-30b-a3b")
     bad.assert_outcomes(failed=1)
-    bad.stdout.fnmatch_lines(["*test_model_shape*qwen3-30b-a3b*", "*minimal call: EP=2 E=4 "
-                              "top_k=8 K=2048 I=768*"])
+    # The preset's call (EP=2 E=4) at Qwen3's top_k, K and I, reduced after shrinking to the
+    # failing row's own experts with its values kept bit for bit.
+    bad.stdout.fnmatch_lines(["*test_model_shape*qwen3-30b-a3b*",
+                              "*minimal call: EP=* top_k=8 K=2048 I=768*",
+                              "*reduced after shrinking*EP=2 E=4 M=*"])
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", *gate,
                                          "--dfc-shapes", "qwen3-30b-a3b")
     good.assert_outcomes(passed=1)
@@ -90,6 +93,7 @@ def test_check_runs_the_presets_after_its_search(monkeypatch, tmp_path: Path, ca
             "--save-dir", str(tmp_path)]
     assert main(args) == 0
     assert main([*args, "--shapes", "qwen3-30b-a3b"]) == 1
-    assert "minimal call: EP=2 E=4 top_k=8 K=2048 I=768" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top_k=8 K=2048 I=768" in out and "reduced after shrinking" in out
     assert main([*args, "--shapes", "qwen3"]) == 2
     assert "--shapes: shapes=('qwen3',) must be model-shape presets" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def test_the_dump_is_the_record_and_reads_back(own_file: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize(("given", "message"), [
-    ("cutlass", "kernel='cutlass' must be one of ascend-a3, vllm-triton (registered), "
+    ("cutlass", f"kernel='cutlass' must be one of {', '.join(PROFILES)} (registered), "
                 "MODULE:NAME"),
     ("own_profiles:NOT_A_PROFILE", "is a dict, not an oracle.model.kernels.KernelProfile"),
     ("own_profiles:NOPE", "has no attribute 'NOPE'"),

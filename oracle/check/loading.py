@@ -72,7 +72,8 @@ def load_kernel(kernel: str | KernelProfile | None) -> KernelProfile | str | Non
     path to a JSON profile file (:meth:`KernelProfile.to_dict`, as ``dfc-oracle kernels --dump``
     writes it) or ``MODULE:NAME`` of a profile becomes that profile. Anything else is an
     :class:`oracle.config.options.OptionError` on ``kernel`` that lists the accepted forms."""
-    if kernel is None or isinstance(kernel, KernelProfile) or kernel in PROFILES:
+    if kernel is None or isinstance(kernel, KernelProfile) or (
+            isinstance(kernel, str) and kernel in PROFILES):
         return kernel
     forms = KERNEL_FORMS.format(names=", ".join(PROFILES))
     if not isinstance(kernel, str):

@@ -287,13 +287,15 @@ def _structural(calls: Sequence[Call], base: KernelProfile) -> str | None:
 def fit(calls: Sequence[Call], bases: Sequence[KernelProfile] | None = None) -> Fit:
     """The record of rounding points that best explains ``calls`` (see the module doc),
     starting from ``bases`` (default: every registered profile)."""
-    bases = list(PROFILES.values()) if bases is None else list(bases)
+    drawn = {problem.config.kernel_variant.name for problem, _ in calls}
+    bases = [p for p in (PROFILES.values() if bases is None else bases)
+             if drawn <= set(p.variants)]  # a profile without a drawn variant cannot fit
     if not calls or not bases:
-        raise ValueError("fit needs at least one call and one base profile")
+        raise ValueError("fit needs at least one call and one base profile with a pipeline "
+                         "for every variant the calls draw")
     structural = _structural(calls, bases[0])
     if structural is not None:
         return Fit(bases[0], bases[0].name, (), 0, len(calls), structural=structural)
-    drawn = {problem.config.kernel_variant.name for problem, _ in calls}
     knobs = [k for k in KNOBS if k.variant is None or k.variant in drawn]
     score = _Scorer(calls)
     start = min(bases, key=score)
