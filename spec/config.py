@@ -30,9 +30,10 @@ __all__ = [
 #: (PR #5787 "enable ep32"; PR #5156 had set 16).
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
-#: int8 selects the W8A8 kernel, int32 (packed int4) W4A8; x's own dtype selects the
+#: int8 selects the W8A8 kernel, int32 (packed int4) W4A8, float8_e4m3fn FP8 block scale (a GPU
+#: format, formats.md); x's own dtype selects the
 #: BF16/FP16-weight variant [code] (the table: :data:`spec.fields.VARIANTS`).
-WEIGHT_DTYPES = ("int8", "int32", "bfloat16", "float16")
+WEIGHT_DTYPES = ("int8", "int32", "float8_e4m3fn", "bfloat16", "float16")
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
 

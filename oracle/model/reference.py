@@ -24,6 +24,7 @@ from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
 from spec.config import OpConfig
+from spec.fp8 import dequantise
 from spec.int4 import PER_WORD, unpack_int4
 
 __all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
@@ -176,8 +177,8 @@ def _ffn_ideal(
 ) -> Array:
     """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
     SwigluOAI activation where the call selects it, :func:`oracle.model.numerics.glu64`)."""
-    w1d = w1.astype(np.float64) * (1.0 if s1 is None else s1.astype(np.float64))
-    w2d = w2.astype(np.float64) * (1.0 if s2 is None else s2.astype(np.float64))
+    w1d = w1.astype(np.float64) if s1 is None else dequantise(w1, s1)
+    w2d = w2.astype(np.float64) if s2 is None else dequantise(w2, s2)
     h = x.astype(np.float64) @ w1d
     i = cfg.intermediate
     if cfg.swiglu_limit is not None:
