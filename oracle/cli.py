@@ -191,12 +191,13 @@ def _kernels(args: argparse.Namespace) -> int:
     from oracle.model.kernels import DEFAULT_KERNEL  # lazy: start-up
     from oracle.model.kernels import PROFILES as KERNELS  # lazy: start-up
 
+    width = max(map(len, KERNELS)) + 2
     for name, profile in KERNELS.items():
         if args.verbose:
             print(profile.describe() + "\n")
         else:
             default = " (default)" if name == DEFAULT_KERNEL else ""
-            print(f"{name:<14}{profile.summary}{default}")
+            print(f"{name:<{width}}{profile.summary}{default}")
     return EXIT_OK
 
 
