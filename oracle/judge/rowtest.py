@@ -109,9 +109,9 @@ from typing import Any
 
 import numpy as np
 
-from oracle.judge.bounds import EXP_ULPS, F32, exp_rho
+from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
 from oracle.model.arithmetic import FloatFormat, glu64
-from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS, IdealAssumptions
+from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, route
 from spec import DTYPES, Problem
 from spec.fp8 import BLOCK, E4M3_MAX, expand_scales, to_e4m3
@@ -280,7 +280,7 @@ def row_thresholds(
         tested &= ~below
         amax = np.maximum(amax, floor)
     if fp8:
-        c_el, ties = _e4m3_noise(x), _e4m3_ties(x)
+        c_el, ties = e4m3_error(x), _e4m3_ties(x)
     else:
         c1 = (amax * (1 + u32) / 127 / 2 + u32 * amax) if int8 else np.zeros(total)
         c_el = np.broadcast_to(c1[:, None], x.shape)
@@ -355,7 +355,7 @@ def row_thresholds(
         c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
         e_a = e_a + np.sqrt(c_sw2)
         if fp8:
-            c_req = _e4m3_noise(np.abs(a) + e_a)
+            c_req = e4m3_error(np.abs(a) + e_a)
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
             c_req = amax2[:, None] * (1 + u32) / 127 / 2 + 3 * u32 * (np.abs(a) + e_a)
@@ -466,21 +466,6 @@ def _activation_ties(x: Array, amax: Array) -> Array:
         t2 = x * (np.float32(127) / a32)
     frac = [np.abs(t) - np.floor(np.abs(t)) for t in (t1, t2)]
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
-
-
-def _e4m3_noise(v: Array) -> Array:
-    """Per element of ``v`` (float64, rows by columns), a bound on ``|v − σ·e4m3(v/σ)|`` under
-    any legitimate FP8 group quantiser (oracle.model.kernels.GroupQuantiser): the relative
-    ``2^-4`` of e4m3's three mantissa bits, the float32 divisions (``3·u32``), and the
-    subnormal spacing ``σ·2^-10``, with ``σ`` the group's ``max(amax, 1e-10)/448``, doubled
-    for a scale rounded up to a power of two (UE8M0)."""
-    rows, cols = v.shape
-    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK))
-    grouped[:, :cols] = np.abs(v)
-    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
-    sigma = np.maximum(amax, 1e-10) / E4M3_MAX * 2 * (1 + F32.unit)
-    per_col = np.repeat(sigma, BLOCK, axis=1)[:, :cols]
-    return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)
 
 
 def _e4m3_ties(x: Array) -> Array:
