@@ -198,7 +198,9 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
     variant = cfg.kernel_variant
     if any(s.packing != 1 for s in variant.lists.values()):  # W4A8: gate first, raw scales
         return problem
-    swap = not numerics.profile.pipeline(variant.name).swiglu.gate_first
+    profile = numerics.profile  # the ideal judge's default profile may lack the variant
+    swap = (variant.name in profile.variants
+            and not profile.pipeline(variant.name).swiglu.gate_first)
     chop = numerics.truncate_scales and "scale1" in variant.lists
     if not swap and not chop:
         return problem
