@@ -31,9 +31,9 @@ __all__ = [
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
 #: int8 selects the W8A8 kernel, int32 (packed int4) W4A8, float8_e4m3fn FP8 block scale (a GPU
-#: format, formats.md); x's own dtype selects the
-#: BF16/FP16-weight variant [code] (the table: :data:`spec.fields.VARIANTS`).
-WEIGHT_DTYPES = ("int8", "int32", "float8_e4m3fn", "bfloat16", "float16")
+#: format, formats.md); x's own dtype selects the BF16/FP16-weight variant [code]. Read from
+#: the table, :data:`spec.fields.VARIANTS`.
+WEIGHT_DTYPES = tuple(v.weight_dtype for v in VARIANTS if v.weight_dtype != "x") + X_DTYPES
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
 

@@ -117,7 +117,8 @@ class Variant:
     ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
     ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
     (``"sign"`` or ``"zero"``-extended). ``quantised``: the activations are quantised to int8
-    per token (§6 step 1) before GEMM1, else they enter it in x's dtype. ``swiglu_alpha``: the
+    per token (§6 step 1; FP8: e4m3 per token and 128-column group) before GEMM1, else they
+    enter it in x's dtype. ``swiglu_alpha``: the
     kernel reads SwigluOAI's α (PR #11916). ``opt_in``: the gate runs it only when asked for.
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
