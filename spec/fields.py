@@ -122,7 +122,9 @@ class Variant:
     kernel reads SwigluOAI's α (PR #11916). ``opt_in``: the gate runs it only when asked for.
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
-    for the float variant]."""
+    for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
+    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`); the
+    numerics then read them as float weights."""
 
     name: str
     weight_dtype: str
@@ -135,6 +137,7 @@ class Variant:
     n_le_k: bool = False
     scale_extension: str = "sign"
     send_row_pad: int = 32
+    dequantise: str | None = None
 
 
 _W1 = ("K", "N")
@@ -175,6 +178,16 @@ VARIANTS: tuple[Variant, ...] = (
          "scale1": ListSpec(("K/128^", "N/128^"), "float32"),
          "scale2": ListSpec(("I/128^", "K/128^"), "float32")},
         masked=False, clamped=False, opt_in=True,
+    ),
+    # MXFP4 weights with bf16/fp16 activations (formats.md, MXFP4 [code]): e2m1 two per byte
+    # (even element low), e8m0 scales per 32 along the reduction, dequantised to x's dtype
+    # before float GEMMs (W4A16) [inferred for where the kernel rounds]; a GPU format as FP8.
+    Variant(
+        "mxfp4_w4a16", "uint8",
+        {"w1": ListSpec(("K", "N/2"), "uint8"), "w2": ListSpec(("I", "K/2"), "uint8"),
+         "scale1": ListSpec(("K/32^", "N"), "uint8"),
+         "scale2": ListSpec(("I/32^", "K"), "uint8")},
+        masked=False, clamped=False, quantised=False, opt_in=True, dequantise="mxfp4",
     ),
 )
 

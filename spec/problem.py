@@ -44,6 +44,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "int8": np.dtype(np.int8),
     "int32": np.dtype(np.int32),
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "uint8": np.dtype(np.uint8),
 }
 
 

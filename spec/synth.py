@@ -22,6 +22,7 @@ from spec.config import OpConfig
 from spec.fp8 import quantise_blocks
 from spec.int4 import compensation_bias, pack_int4
 from spec.memory import with_layout
+from spec.mxfp4 import quantise_mx
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "normal_tokens", "random_problem", "softmax_probs",
@@ -68,6 +69,14 @@ def _fp8_block(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarr
     return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
 
 
+def _mxfp4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    tag = expert_tag(np.arange(e))[:, None, None]
+    w1, s1 = quantise_mx(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
+    w2, s2 = quantise_mx(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
+    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+
+
 def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     dtype = DTYPES[config.weight_dtype]
@@ -84,7 +93,8 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
-    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _fp8_block, "float": _float}
+    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _fp8_block, "mxfp4_w4a16": _mxfp4,
+    "float": _float}
 
 
 def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
@@ -97,6 +107,7 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     -8..7, packed (:func:`spec.int4.pack_int4`), scales sized likewise, and the compensation
     biases. FP8 block scale: normal weights of that standard deviation times the expert's
     :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
+    MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     lists = _WEIGHTS[config.kernel_variant.name](config, rng)

@@ -53,8 +53,8 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16", "float8_e4m3fn")
-            ] == list(VARIANTS)
+    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16", "float8_e4m3fn",
+                                                  "uint8")] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -79,8 +79,9 @@ def test_gate_variants_come_from_the_table() -> None:
         ("fp16", "float16", ("float16",), True),
         ("w4a8", "int32", ("bfloat16", "float16"), False),
         ("fp8_block", "float8_e4m3fn", ("bfloat16", "float16"), False),
+        ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
     ]
-    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block")
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:

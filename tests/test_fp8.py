@@ -431,3 +431,18 @@ def test_search_kills_a_wrong_experts_scales() -> None:
     assert found is not None and found.config.experts_per_rank >= 2
     witness = _witness("1 2 1 64 32 1")
     assert _rejected(wrong_expert_scales, PROFILE, witness)
+
+
+def test_counterexample_files_keep_e4m3_bits(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    """An FP8 counterexample saves and loads bit for bit (stored as uint8 patterns); without
+    that entry NumPy writes ml_dtypes' e4m3 as raw void bytes and the file fails to load."""
+    from oracle.files import counterexample as files
+
+    problem = _witness("1 2 1 64 32 2")
+    back = files.load(files.save(tmp_path / "c.npz", problem)).problem
+    assert back.config == problem.config
+    assert np.array_equal(back.ranks[0].w1[0].view(np.uint8), problem.ranks[0].w1[0].view(np.uint8))
+    monkeypatch.setattr(files, "_STORED", {"bfloat16": np.dtype(np.uint16)})
+    with pytest.raises(files.CounterexampleFileError, match="stored as"):
+        files.load(files.save(tmp_path / "d.npz", problem))

@@ -96,7 +96,7 @@ import numpy as np
 
 from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
 from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
-from oracle.model.reference import Result, route
+from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise
@@ -414,6 +414,8 @@ class _Bound:
 
 
 def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str]) -> _Bound:
+    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+        problem = float_weight_problem(problem)
     steps = _Steps(omit)
     cfg = problem.config
     top_k, k_len, e_local = cfg.top_k, cfg.hidden, cfg.experts_per_rank

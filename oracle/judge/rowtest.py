@@ -112,7 +112,7 @@ import numpy as np
 from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
 from oracle.model.arithmetic import FloatFormat, glu64
 from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
-from oracle.model.reference import Result, route
+from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.fp8 import BLOCK, E4M3_MAX, expand_scales, to_e4m3
 
@@ -242,6 +242,8 @@ def row_thresholds(
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
     on = {t: 0.0 if t in omit else 1.0 for t in TERMS}
+    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+        problem = float_weight_problem(problem)
     cfg = problem.config
     top_k, k_len, i_len, e_local = cfg.top_k, cfg.hidden, cfg.intermediate, cfg.experts_per_rank
     n_len = 2 * i_len

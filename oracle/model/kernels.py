@@ -63,6 +63,7 @@ __all__ = [
     "FP8_DOT_BITS",
     "PIPELINE_STEPS",
     "PROFILES",
+    "VLLM_MXFP4",
     "VLLM_TRITON",
     "VLLM_TRITON_FP8",
     "BlockGemm",
@@ -1246,8 +1247,24 @@ VLLM_TRITON_FP8 = KernelProfile(
     domain=VLLM_DOMAIN,
 )
 
+#: MXFP4 weights with bf16/fp16 activations (vLLM's ``mxfp4_w4a16``; formats.md, MXFP4
+#: [code] for the format): the weights dequantised to x's dtype (exact in bfloat16), then
+#: vLLM Triton's float path. Where the kernel dequantises (registers or a prepass) and that
+#: it rounds nothing else is our reading [inferred]; gpt-oss's own activation (SwigluOAI on
+#: interleaved columns) is not modelled here.
+VLLM_MXFP4 = KernelProfile(
+    name="vllm-mxfp4-w4a16",
+    summary="vLLM MXFP4 W4A16: e2m1 weights with e8m0 scales per 32, dequantised to x's "
+            "dtype, then the Triton float path",
+    sources="formats.md [code]: triton_kernels mxfp.py (format); kernels.md [code]: the "
+            "float path; the dequantisation point [inferred]",
+    pipelines=(("mxfp4_w4a16", VLLM_TRITON.pipeline("float")),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+)
+
 PROFILES: dict[str, KernelProfile] = {p.name: p for p in (ASCEND_A3, VLLM_TRITON,
-                                                          VLLM_TRITON_FP8)}
+                                                          VLLM_TRITON_FP8, VLLM_MXFP4)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
