@@ -446,3 +446,19 @@ def test_counterexample_files_keep_e4m3_bits(tmp_path: Any, monkeypatch: pytest.
     monkeypatch.setattr(files, "_STORED", {"bfloat16": np.dtype(np.uint16)})
     with pytest.raises(files.CounterexampleFileError, match="stored as"):
         files.load(files.save(tmp_path / "d.npz", problem))
+
+
+def test_the_gate_searches_the_variants_a_profile_has() -> None:
+    """``check_implementation(impl, kernel="vllm-triton-fp8")`` without ``variants``: the
+    default search draws FP8 problems only (it drew int8 ones, which the profile cannot run,
+    and reported the oracle's ValueError as the implementation's)."""
+    from oracle.check.harness import default_problems
+
+    @settings(max_examples=5, deadline=None, derandomize=True)
+    @given(default_problems(PROFILE))
+    def draws(problem: Problem) -> None:
+        assert problem.config.variant == "fp8_block"
+
+    draws()
+    check_implementation(model_impl(PROFILE), kernel=PROFILE, save_dir=None, isolate=False,
+                         settings=settings(max_examples=5, deadline=None, derandomize=True))

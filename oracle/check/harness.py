@@ -262,13 +262,17 @@ def default_problems(
     profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
 ) -> st.SearchStrategy[Problem]:
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
-    (``domain="kernel"``) or the whole contract (``"contract"``), of every weight variant or
-    only ``variants``."""
+    (``domain="kernel"``) or the whole contract (``"contract"``), of every default weight
+    variant or only ``variants``; a profile without some default variant (the GPU formats'
+    profiles) searches the gate variants it has."""
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
     if variants is None:
-        return problems(configs=configs(domain=shapes))
+        own = [g for g in GATE_VARIANTS if g.variant.name in profile.variants]
+        if all(g in own for g in GATE_VARIANTS if g.default):
+            return problems(configs=configs(domain=shapes))
+        variants = [g.name for g in own]
     return problems(configs=variant_configs(variants, domain=shapes))
 
 
