@@ -25,8 +25,9 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``fl(x·127/amax)`` at ``k + 1/2``) round by the kernel's tie rule, not at random: their
    ``|α_j|·c`` is added deterministically. Zeros are exact. FP8 block scale (e4m3 per token
    and 128-column group, ``docs/contract/formats.md``): the error is relative,
-   ``c_j = (2^-4 + 3u32)·|x_j| + σ_g·2^-10`` (:func:`_e4m3_noise`; ``σ_g`` the group's scale,
-   doubled for UE8M0), equal values share a variable only within their group, ties are
+   ``c_j = (2^-4 + 3u32)·|x_j| + σ_g·2^-10`` (:func:`oracle.judge.bounds.e4m3_error`;
+   ``σ_g`` the group's scale, doubled for UE8M0, its amax floored at 1e-4), equal values
+   share a variable only within their group, ties are
    ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term ``γ`` is that of
    :class:`oracle.model.kernels.BlockGemm` (:func:`_fp8_gamma`).
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
@@ -35,7 +36,7 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
 3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.judge.bounds`) and up to two roundings to
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + 3·u32·|a'|``, ``σ2 = (max|a| + max E_a)(1 + u32)/127``;
-   FP8: :func:`_e4m3_noise` of ``|a'|``.
+   FP8: :func:`oracle.judge.bounds.e4m3_error` of ``|a'|``.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -288,6 +289,9 @@ def row_thresholds(
         c_el = np.broadcast_to(c1[:, None], x.shape)
         ties = _activation_ties(x, amax) if int8 else np.zeros(x.shape, dtype=bool)
     c_max = c_el.max(axis=1, initial=0.0)
+    # c_el relative to its row's largest, so the float32 product below cannot underflow
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c_rel = np.where(c_max[:, None] > 0, c_el / c_max[:, None], 0.0).astype(np.float32)
     group, mult = _value_groups(x, ties, BLOCK if fp8 else max(k_len, 1))
     # float32 accumulation in any order; FP8: FP8_DOT_BITS-bit tile sums, tiles of 16 or more
     # (oracle.model.kernels.BlockGemm), the two scale products.
@@ -322,7 +326,7 @@ def row_thresholds(
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
         c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
         n_ties = ties[tok].sum(axis=1)
-        v_act = ((mult * c_el**2)[tok].astype(np.float32) @ w1sq).astype(np.float64)
+        v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
         e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
