@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 
 import oracle
+from oracle.judge.bounds import ideal_tolerance
 from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_TRITON_FP8, GroupQuantiser, IdealAssumptions, KernelProfile
 from spec import OpConfig, Problem
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
-from ideal_power import bug_outputs, outs_of, problem_with  # noqa: E402
+from ideal_power import bug_outputs, judge, outs_of, problem_with  # noqa: E402
+from profile_power import envelope_only  # noqa: E402
 from test_fp8 import (  # noqa: E402
     NEAREST,
     TILED,
@@ -73,18 +75,42 @@ def run_outs(problem: Problem, profile: KernelProfile) -> list[Array]:
     return outs_of(oracle.run(problem, numerics=oracle.Numerics(kernel=profile)))
 
 
-def verdicts(problem: Problem, outs: list[Array], profile: KernelProfile,
-             ideal: oracle.Result, rows: dict[str, Any]) -> tuple[str, str, float, float]:
-    """(ideal judge, profile judge, row |s|/T under the ideal and the profile assumptions)."""
-    nums = [r.expert_token_nums for r in ideal.ranks]
-    pairs = [(o, n) for o, n in zip(outs, nums)]
-    by_ideal = oracle.compare(problem, pairs, numerics="ideal", expected=ideal)
-    by_profile = oracle.compare(problem, pairs, numerics=oracle.Numerics(kernel=profile))
+class Judges:
+    """Both judges of one problem, each piece computed once: the ideal judge (the sound bound,
+    then the row test with the default assumptions: ``compare(numerics="ideal")``) and a
+    profile's (its envelope, then the row test with its assumptions: ``compare`` under
+    ``--kernel``), as ``ideal_power.judge`` and ``profile_power.envelope_only`` evaluate
+    them."""
 
-    def word(v: Any) -> str:
-        return "passes" if v.ok else f"caught ({v.stage})"
-    return (word(by_ideal), word(by_profile), rows["ideal"].judge(outs).ratio,
-            rows["profile"].judge(outs).ratio)
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.ideal = oracle.run(problem, numerics="ideal")
+        self.tolerance = ideal_tolerance(problem, self.ideal)
+        x_dtype = problem.config.x_dtype
+        self.rows = {"ideal": row_thresholds(problem, self.ideal, IdealAssumptions()),
+                     "profile": row_thresholds(problem, self.ideal,
+                                               PROFILE.ideal_assumptions(x_dtype))}
+        self.envelopes: dict[str, oracle.Result] = {}
+
+    def __call__(self, outs: list[Array], profile: KernelProfile) -> tuple[str, str, float,
+                                                                           float]:
+        """(ideal judge, profile judge, row |s|/T under the ideal and the profile's
+        assumptions); a judge's answer names the test that rejected."""
+        by_ideal, r_ideal, _ = judge(self.problem, self.ideal, self.tolerance,
+                                     self.rows["ideal"], outs)
+        if profile.name not in self.envelopes:
+            self.envelopes[profile.name] = oracle.run(
+                self.problem, numerics=oracle.Numerics(kernel=profile), envelope=True)
+        expected = self.envelopes[profile.name]
+        r_profile = self.rows["profile"].judge(outs).ratio
+        finite = all(np.isfinite(o[w.defined].astype(np.float64)).all()
+                     for o, w in zip(outs, expected.ranks))
+        envelope = envelope_only(expected, outs, self.problem.config.x_dtype)
+        by_profile = ("caught by non-finite values" if not finite else
+                      "caught by the envelope" if envelope > 1 else
+                      "caught by the row test" if r_profile > 1 else "passes")
+        return (by_ideal if by_ideal == "passes" else f"caught by {by_ideal}", by_profile,
+                r_ideal, r_profile)
 
 
 def power(shapes: list[tuple[int, int]]) -> list[str]:
@@ -94,9 +120,7 @@ def power(shapes: list[tuple[int, int]]) -> list[str]:
         cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
                        intermediate=i_len, tokens_per_rank=(8, 8), weight_dtype="float8_e4m3fn")
         problem = problem_with(cfg, 0)
-        ideal = oracle.run(problem, numerics="ideal")
-        rows = {"ideal": row_thresholds(problem, ideal, IdealAssumptions()),
-                "profile": row_thresholds(problem, ideal, PROFILE.ideal_assumptions("bfloat16"))}
+        judges = Judges(problem)
         cases: list[tuple[str, list[Array], KernelProfile]] = [
             (name, outs, PROFILE) for name, outs in bug_outputs(cfg, 0, PROFILE).items()]
         cases += [
@@ -110,8 +134,7 @@ def power(shapes: list[tuple[int, int]]) -> list[str]:
         cases += [(name, run_outs(problem, p), PROFILE) for name, p in OF_PROFILE.items()]
         cases += [(name, run_outs(problem, p), p) for name, p in OF_FORMAT.items()]
         for name, outs, profile in cases:
-            by_ideal, by_profile, r_ideal, r_profile = verdicts(problem, outs, profile, ideal,
-                                                                rows)
+            by_ideal, by_profile, r_ideal, r_profile = judges(outs, profile)
             lines.append(f"| {k_len} | {i_len} | {name} | {by_ideal} | {r_ideal:.3g} | "
                          f"{by_profile} ({profile.name}) | {r_profile:.3g} |")
         print(f"power K={k_len} I={i_len} done", flush=True)
@@ -119,8 +142,8 @@ def power(shapes: list[tuple[int, int]]) -> list[str]:
 
 
 def false_alarms(pairs: int, seed: int = 25) -> list[str]:
-    """Legitimate pairs judged by both judges: the profile's kernels by both, the format's
-    other kernels by the ideal judge (and by their own profile)."""
+    """Legitimate pairs judged by both judges: the profile's kernels by the profile, the
+    format's other kernels by their own profile; all of them by the ideal judge."""
     rng = np.random.default_rng(seed)
     kernels_under_test = {**OF_PROFILE, **OF_FORMAT}
     worst: dict[str, tuple[float, str]] = {}
@@ -143,18 +166,14 @@ def false_alarms(pairs: int, seed: int = 25) -> list[str]:
         cfg = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k_len,
                        intermediate=i_len, tokens_per_rank=tokens, x_dtype=x_dtype,
                        weight_dtype="float8_e4m3fn")
-        problem = problem_with(cfg, int(rng.integers(1 << 30)))
-        ideal = oracle.run(problem, numerics="ideal")
-        rows = {"ideal": row_thresholds(problem, ideal, IdealAssumptions()),
-                "profile": row_thresholds(problem, ideal, PROFILE.ideal_assumptions(x_dtype))}
+        judges = Judges(problem_with(cfg, int(rng.integers(1 << 30))))
         for name, profile in kernels_under_test.items():
-            outs = run_outs(problem, profile)
-            judge_with = PROFILE if name in OF_PROFILE else profile
-            by_ideal, by_profile, r_ideal, r_profile = verdicts(problem, outs, judge_with,
-                                                                ideal, rows)
+            outs = run_outs(judges.problem, profile)
+            by_ideal, by_profile, r_ideal, r_profile = judges(
+                outs, PROFILE if name in OF_PROFILE else profile)
             where = f"K={k_len} I={i_len} top_k={top_k} {x_dtype}"
-            for judge, ratio in (("ideal", r_ideal), ("profile", r_profile)):
-                key = f"{name.strip('()').removeprefix('legitimate: ')}, {judge} judge"
+            for judge_name, ratio in (("ideal", r_ideal), ("profile", r_profile)):
+                key = f"{name.strip('()').removeprefix('legitimate: ')}, {judge_name} judge"
                 if ratio >= worst.get(key, (-1.0, ""))[0]:
                     worst[key] = (ratio, where)
             n_pairs += 1
@@ -168,8 +187,8 @@ def false_alarms(pairs: int, seed: int = 25) -> list[str]:
         f"{n_pairs} legitimate (problem, output) pairs in {seconds:.0f} s ({i} problems; "
         "every 25th at K=1024/I=160 or K=2048/I=768 with EP=2 E=4 top_k=8; the others random "
         "with K in 32–320, I in 16–160, EP 1–2, E 1–4, top_k 1–8, 1–4 tokens per rank; 20 % "
-        "fp16 x). Each output judged by the ideal judge (`compare(numerics=\"ideal\")`) and by "
-        "its profile (`compare` under `--kernel`); false-alarm probability per call: 1e-09.",
+        "fp16 x). Each output judged by the ideal judge and by its profile; false-alarm "
+        "probability per call: 1e-09.",
         "",
         f"- rejected calls: **{n_rejected}** of {n_pairs}",
         f"- largest row |s|/T observed: **{top[0]:.3g}** ({top[1]}); margin to the threshold "
@@ -206,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "## Power at production shapes",
         "",
         "EP=2, E=4, top_k=8, 8 tokens per rank, bf16 x, `random_problem` weights (per-expert "
-        "tagged scales), x ~ N(0, 1). `ideal judge`: `compare(numerics=\"ideal\")` (sound "
-        "bound, then the row test with the default assumptions); `profile judge`: `compare` "
-        "with the named profile (its envelope, then the row test with its assumptions); the "
-        "stage that caught it in brackets. `row |s|/T`: the row test's worst ratio of "
+        "tagged scales), x ~ N(0, 1). `ideal judge`: as `compare(numerics=\"ideal\")` (sound "
+        "bound, then the row test with the default assumptions); `profile judge`: as "
+        "`compare` with the named profile (its envelope, then the row test with its "
+        "assumptions); each names the test that rejected. `row |s|/T`: the row test's worst "
+        "ratio of "
         "projection to threshold (above 1 rejects). The UE8M0 mutants are judged by the "
         "profile with UE8M0 scales (vLLM's `use_ue8m0`).",
         "",
