@@ -31,9 +31,10 @@ __all__ = [
 #: (PR #5787 "enable ep32"; PR #5156 had set 16).
 MAX_EP_SIZE = 32
 #: Token dtypes of ``x`` [code].
-#: int8 selects the W8A8 kernel, int32 (packed int4) W4A8; x's own dtype selects the
-#: BF16/FP16-weight variant [code] (the table: :data:`spec.fields.VARIANTS`).
-WEIGHT_DTYPES = ("int8", "int32", "bfloat16", "float16")
+#: int8 selects the W8A8 kernel, int32 (packed int4) W4A8, float8_e4m3fn FP8 block scale (a GPU
+#: format, formats.md); x's own dtype selects the BF16/FP16-weight variant [code]. Read from
+#: the table, :data:`spec.fields.VARIANTS`.
+WEIGHT_DTYPES = tuple(v.weight_dtype for v in VARIANTS if v.weight_dtype != "x") + X_DTYPES
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
 

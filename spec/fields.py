@@ -53,8 +53,10 @@ FIELDS: tuple[Field, ...] = (
     Field("probs", "probs", "routing weights (M, top_k) float32", False, True),
     Field("w1", "weight1", "gate+up projection (gate columns first)", True, True),
     Field("w2", "weight2", "down projection", True, True),
-    Field("scale1", "scale1", "per-channel dequant scales of weight1", True, False, True),
-    Field("scale2", "scale2", "per-channel dequant scales of weight2", True, False, True),
+    Field("scale1", "scale1", "dequant scales of weight1 (per channel or per block)", True, False,
+          True),
+    Field("scale2", "scale2", "dequant scales of weight2 (per channel or per block)", True, False,
+          True),
     Field("active_mask", "x_active_mask", "tokens the kernel computes (M,) bool", False, False),
     Field("bias1", "bias1", "W4A8 compensation 8·Σ_k W1[k, n]·s1[n]", True, False),
     Field("bias2", "bias2", "W4A8 compensation 8·Σ_i W2[i, k]·s2[k]", True, False),
@@ -64,34 +66,44 @@ ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
 LIST_FIELDS = tuple(f.name for f in FIELDS if f.tensor_list)
 
 
+def _parse_dim(d: str) -> tuple[str, int, bool]:
+    """``"N/8"`` -> ``("N", 8, False)``; ``"K/128^"`` -> ``("K", 128, True)``; ``"K"`` ->
+    ``("K", 1, False)``."""
+    base, _, per = d.partition("/")
+    return base, int(per.rstrip("^") or 1), per.endswith("^")
+
+
 @dataclass(frozen=True)
 class ListSpec:
     """A TensorList of a variant: its per-expert ``shape`` in the call's dimensions (``"K"``,
-    ``"N"``, ``"I"``; ``"N/8"`` is N packed eight to a word) and its ``dtype`` (``"x"``: x's).
+    ``"N"``, ``"I"``; ``"N/8"`` is N packed eight to a word; ``"K/128^"`` is one entry per
+    started block of 128, ``ceil(K/128)``: block scales) and its ``dtype`` (``"x"``: x's).
     """
 
     shape: tuple[str, ...]
     dtype: str
 
     def dims(self, *, k: int, n: int, i: int) -> tuple[int, ...]:
-        """The per-expert shape as numbers (a packed dimension rounded down)."""
+        """The per-expert shape as numbers (a packed dimension rounded down, a block
+        dimension up)."""
         size = {"K": k, "N": n, "I": i}
-        return tuple(size[d.split("/")[0]] // int(d.partition("/")[2] or 1) for d in self.shape)
+        return tuple(-(-size[base] // per) if ceil else size[base] // per
+                     for base, per, ceil in map(_parse_dim, self.shape))
 
     def indivisible(self, *, k: int, n: int, i: int) -> tuple[str, int, int] | None:
         """``(dimension, size, per word)`` of a packed dimension whose size the packing does
-        not divide, else ``None``."""
+        not divide, else ``None`` (a block dimension takes any size)."""
         size = {"K": k, "N": n, "I": i}
-        for d in self.shape:
-            base, _, per = d.partition("/")
-            if per and size[base] % int(per):
-                return base, size[base], int(per)
+        for base, per, ceil in map(_parse_dim, self.shape):
+            if not ceil and size[base] % per:
+                return base, size[base], per
         return None
 
     @property
     def packing(self) -> int:
         """Elements per stored element along the last axis (8 int4 per int32 word, else 1)."""
-        return int(self.shape[-1].partition("/")[2] or 1)
+        _, per, ceil = _parse_dim(self.shape[-1])
+        return 1 if ceil else per
 
     def dtype_given(self, x_dtype: str) -> str:
         """The dtype name with ``"x"`` resolved."""
@@ -105,11 +117,14 @@ class Variant:
     ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
     ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
     (``"sign"`` or ``"zero"``-extended). ``quantised``: the activations are quantised to int8
-    per token (§6 step 1) before GEMM1, else they enter it in x's dtype. ``swiglu_alpha``: the
+    per token (§6 step 1; FP8: e4m3 per token and 128-column group) before GEMM1, else they
+    enter it in x's dtype. ``swiglu_alpha``: the
     kernel reads SwigluOAI's α (PR #11916). ``opt_in``: the gate runs it only when asked for.
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
-    for the float variant]."""
+    for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
+    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`); the
+    numerics then read them as float weights."""
 
     name: str
     weight_dtype: str
@@ -122,13 +137,15 @@ class Variant:
     n_le_k: bool = False
     scale_extension: str = "sign"
     send_row_pad: int = 32
+    dequantise: str | None = None
 
 
 _W1 = ("K", "N")
 _W2 = ("I", "K")
 #: The kernel variants (§2): W8A8 with float32 per-channel scales (the torch binding passes them
-#: as int64 holding the bits, which the adapter decodes), W4A8, and the variant whose weights
-#: share x's dtype, which reads no scales and silently drops the mask and clamp (variants.md).
+#: as int64 holding the bits, which the adapter decodes), W4A8, the variant whose weights
+#: share x's dtype, which reads no scales and silently drops the mask and clamp (variants.md),
+#: and the GPU formats (formats.md).
 VARIANTS: tuple[Variant, ...] = (
     Variant(
         "w8a8", "int8",
@@ -150,6 +167,27 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "float", "x", {"w1": ListSpec(_W1, "x"), "w2": ListSpec(_W2, "x")},
         masked=False, clamped=False, quantised=False,
+    ),
+    # FP8 block scale (formats.md, FP8 block scale [code]): e4m3fn weights, one float32 scale
+    # per 128 x 128 block in the weights' own (reduction, output) orientation; the kernel
+    # quantises the activations per token and 128-channel group itself. A GPU format: no
+    # x_active_mask, no clamp (vLLM's fused_moe has neither) [inferred for other kernels].
+    Variant(
+        "fp8_block", "float8_e4m3fn",
+        {"w1": ListSpec(_W1, "float8_e4m3fn"), "w2": ListSpec(_W2, "float8_e4m3fn"),
+         "scale1": ListSpec(("K/128^", "N/128^"), "float32"),
+         "scale2": ListSpec(("I/128^", "K/128^"), "float32")},
+        masked=False, clamped=False, opt_in=True,
+    ),
+    # MXFP4 weights with bf16/fp16 activations (formats.md, MXFP4 [code]): e2m1 two per byte
+    # (even element low), e8m0 scales per 32 along the reduction, dequantised to x's dtype
+    # before float GEMMs (W4A16) [inferred for where the kernel rounds]; a GPU format as FP8.
+    Variant(
+        "mxfp4_w4a16", "uint8",
+        {"w1": ListSpec(("K", "N/2"), "uint8"), "w2": ListSpec(("I", "K/2"), "uint8"),
+         "scale1": ListSpec(("K/32^", "N"), "uint8"),
+         "scale2": ListSpec(("I/32^", "K"), "uint8")},
+        masked=False, clamped=False, quantised=False, opt_in=True, dequantise="mxfp4",
     ),
 )
 

@@ -43,6 +43,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "float16": np.dtype(np.float16),
     "int8": np.dtype(np.int8),
     "int32": np.dtype(np.int32),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "uint8": np.dtype(np.uint8),
 }
 
 
@@ -186,7 +188,7 @@ def _require_array(value: object, *, rank: int, field: str, allowed: str) -> np.
 
 
 def _is_float(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind == "f" or dtype == DTYPES["bfloat16"]
+    return dtype.kind == "f" or dtype in (DTYPES["bfloat16"], DTYPES["float8_e4m3fn"])
 
 
 def _first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:

@@ -23,12 +23,16 @@ from typing import Any
 import numpy as np
 
 from spec.config import OpConfig
+from spec.fp8 import quantise_blocks
 from spec.int4 import compensation_bias, pack_int4
 from spec.memory import copy_array, with_layout
+from spec.mxfp4 import quantise_mx
 from spec.problem import DTYPES, Problem, RankInputs
 
-__all__ = ["expert_weights", "int8_uniform", "normal_tokens", "random_problem", "softmax_probs",
-           "uniform_routing"]
+__all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "random_problem",
+           "softmax_probs", "uniform_routing"]
+
+Array = np.ndarray[Any, Any]
 
 
 def _w8a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -53,6 +57,30 @@ def _w4a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "bias1": compensation_bias(w1, s1), "bias2": compensation_bias(w2, s2)}
 
 
+#: FP8 block scale: expert e's weights are multiplied by (1 + e mod 4)/2, so that neighbouring
+#: experts' scales differ by a visible factor and a kernel reading another expert's scales is
+#: wrong by it (sglang #36597, formats.md).
+def expert_tag(e: Array) -> Array:
+    """The per-expert factor ``(1 + e mod 4) / 2`` of the FP8 generator."""
+    return np.asarray((1 + np.asarray(e) % 4) / 2)
+
+
+def _fp8_block(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    tag = expert_tag(np.arange(e))[:, None, None]
+    w1, s1 = quantise_blocks(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
+    w2, s2 = quantise_blocks(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
+    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+
+
+def _mxfp4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+    tag = expert_tag(np.arange(e))[:, None, None]
+    w1, s1 = quantise_mx(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
+    w2, s2 = quantise_mx(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
+    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+
+
 def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     dtype = DTYPES[config.weight_dtype]
@@ -69,7 +97,8 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
-    "w8a8": _w8a8, "w4a8": _w4a8, "float": _float}
+    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _fp8_block, "mxfp4_w4a16": _mxfp4,
+    "float": _float}
 
 
 def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
@@ -80,7 +109,10 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     sized so that dequantised weights have standard deviation about ``1/sqrt(reduction length)``
     (activations stay O(1) and fp16 intermediates never overflow). W4A8: int4 weights over
     -8..7, packed (:func:`spec.int4.pack_int4`), scales sized likewise, and the compensation
-    biases. BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
+    biases. FP8 block scale: normal weights of that standard deviation times the expert's
+    :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
+    MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
+    BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     lists = _WEIGHTS[config.kernel_variant.name](config, rng)
 

@@ -103,7 +103,8 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
                for line in lines) == routings
     skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                             "--dfc-variants", "w8a8", "-k", "variant")
-    skipped.assert_outcomes(passed=1, skipped=3)  # bf16, fp16 and the opt-in w4a8
+    # bf16, fp16 and the opt-in w4a8, fp8_block, mxfp4_w4a16
+    skipped.assert_outcomes(passed=1, skipped=5)
     missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
     assert missing.ret != 0
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])

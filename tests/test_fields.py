@@ -53,10 +53,21 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16")] == list(VARIANTS)
+    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16", "float8_e4m3fn",
+                                                  "uint8")] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
+
+
+def test_block_dimensions_round_up() -> None:
+    """``"K/128^"`` is one entry per started block: any size is allowed, and it packs nothing;
+    a truncating reading (``K // 128``) would give 1 at K = 160 and 0 at K = 64."""
+    spec = ListSpec(("K/128^", "N/128^"), "float32")
+    assert spec.dims(k=160, n=64, i=32) == (2, 1)
+    assert spec.dims(k=256, n=384, i=32) == (2, 3)
+    assert spec.indivisible(k=160, n=100, i=50) is None
+    assert spec.packing == 1
 
 
 def test_gate_variants_come_from_the_table() -> None:
@@ -67,8 +78,10 @@ def test_gate_variants_come_from_the_table() -> None:
         ("bf16", "bfloat16", ("bfloat16",), True),
         ("fp16", "float16", ("float16",), True),
         ("w4a8", "int32", ("bfloat16", "float16"), False),
+        ("fp8_block", "float8_e4m3fn", ("bfloat16", "float16"), False),
+        ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
     ]
-    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8")
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:

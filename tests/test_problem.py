@@ -222,7 +222,7 @@ CASES = [
     Case("weight2 dtype", DTypeError, 1, "weight2", "dtype int16", "int8", "cast weight2",
          edit(1, w2=lambda w: [w[0].astype(np.int16)])),
     Case("W8A8 without scale1", TensorListError, 1, "scale1", "None",
-         "float32 per-channel dequant scales of weight1 (8,)",
+         "float32 dequant scales of weight1 (per channel or per block) (8,)",
          "pass scale1", edit(1, scale1=None)),
     Case("scale1 per-expert shape", ShapeError, 1, "scale1", "per-expert shape (7,)",
          "per-expert shape (8,)", "reshape scale1", edit(1, scale1=lambda s: [s[0][:, :7]])),

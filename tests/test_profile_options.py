@@ -115,8 +115,9 @@ def test_a_malformed_profile_record_is_a_usage_error(in_tests_dir, tmp_path: Pat
 def test_kernels_lists_every_profile(capsys) -> None:
     assert main(["kernels"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listed] == ["ascend-a3", "vllm-triton", "vllm-triton-tq",
-                                                  "torch-grouped-mm"]
+    assert [line.split()[0] for line in listed] == [
+        "ascend-a3", "vllm-triton", "vllm-triton-tq", "torch-grouped-mm", "vllm-triton-fp8",
+        "vllm-mxfp4-w4a16"]
     assert main(["kernels", "--verbose"]) == 0
     verbose = capsys.readouterr().out
     assert "freedoms:" in verbose and "domain: a3, K % 32 == 0" in verbose

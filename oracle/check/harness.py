@@ -337,8 +337,9 @@ def default_problems(
     profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
 ) -> st.SearchStrategy[Problem]:
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
-    (``domain="kernel"``) or the whole contract (``"contract"``), of every weight variant or
-    only ``variants``."""
+    (``domain="kernel"``) or the whole contract (``"contract"``), of every default weight
+    variant or only ``variants``; a profile without some default variant (the GPU formats'
+    profiles) searches the gate variants it has."""
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
@@ -349,14 +350,16 @@ def default_problems(
 
 
 def variants_of(profile: KernelProfile, variants: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The gate variants of ``variants`` (default: the default ones) that ``profile`` has a
-    pipeline for; ``ValueError`` when it has none of them.
+    """The gate variants of ``variants`` (default: the default ones, or the profile's own where
+    it has none of them) that ``profile`` has a pipeline for; ``ValueError`` when it has none.
 
     >>> variants_of(get_kernel("vllm-triton"), ["w8a8", "w4a8", "bf16"])
     ('w8a8', 'bf16')
     """
     wanted = DEFAULT_VARIANTS if variants is None else tuple(variants)
     have = tuple(v for v in wanted if _GATE[v].variant.name in profile.variants)
+    if not have and variants is None:  # a profile of opt-in variants only (FP8, MXFP4)
+        have = tuple(g.name for g in GATE_VARIANTS if g.variant.name in profile.variants)
     if not have:
         raise ValueError(f"kernel profile {profile.name!r} has a pipeline for none of the "
                          f"variants {', '.join(wanted)} (it has {', '.join(profile.variants)})")

@@ -105,15 +105,19 @@ from typing import Any
 import numpy as np
 
 from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
-from oracle.model.reference import Result, route
+from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
+from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.config import OpConfig
+from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise
 
 __all__ = [
     "EXP_ULPS",
     "EXP_ULPS64",
     "SILU_LIPSCHITZ",
     "TERMS",
+    "e4m3_error",
+    "fp8_gemm_error",
     "ideal_tolerance",
     "quantisation_error_bound",
 ]
@@ -208,6 +212,32 @@ def _swiglu_error(
     return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
 
 
+def e4m3_error(v: Array) -> Array:
+    """Per element of ``|v|`` (rows by columns, float64), a bound on ``|v − σ·e4m3(v/σ)|``
+    under any legitimate FP8 group quantiser (:class:`oracle.model.kernels.GroupQuantiser`
+    and its variants, formats.md): e4m3's relative ``2^-4``, the float32 divisions
+    (``3·u32``), and the subnormal spacing ``σ·2^-10``, with ``σ`` the group's
+    ``max(amax, 1e-4)/448`` (the largest floor, DeepGEMM's) doubled for a scale rounded up to
+    a power of two (UE8M0). Saturation never adds: every kernel's ``|v/σ|`` stays within
+    448 up to its roundings."""
+    rows, cols = v.shape
+    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK))
+    grouped[:, :cols] = np.abs(v)
+    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
+    sigma = np.maximum(amax, WEIGHT_EPS) / E4M3_MAX * 2 * (1 + F32.unit)
+    per_col = np.repeat(sigma, BLOCK, axis=1)[:, :cols]
+    return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)
+
+
+def fp8_gemm_error(n: int) -> float:
+    """The FP8 block GEMM's worst-case error relative to ``Σ|a_j·w_j|``
+    (:class:`oracle.model.kernels.BlockGemm`): tile sums of at most 128 products with
+    :data:`~oracle.model.kernels.FP8_DOT_BITS` bits, at most ``ceil(n/16)`` tiles added in
+    float32, the two scale products."""
+    dot = min(n, BLOCK) * 2.0**-FP8_DOT_BITS
+    return dot / (1 - dot) + F32.gamma(-(-n // 16)) + 3 * F32.unit
+
+
 def _activation_error(ax: Array, amax: Array) -> Array:
     """``|x − σ1·q|`` per element (§6 step 1): ``σ1/2 + u32·|x|`` in general; exactly ``|x|``
     where ``|x|/σ1 < 1/2`` even after rounding (q = 0); at most ``u32·amax`` for the largest
@@ -274,15 +304,28 @@ def _expert_bound(
     exact = _Steps(())  # the error of our own evaluation is never omitted
     x64 = x.astype(np.float64)
     ax = np.abs(x64)
-    w1f, w2f = w1.astype(np.float32), w2.astype(np.float32)  # int8 and 16-bit: exact
-    a1, a2 = np.abs(w1f), np.abs(w2f)
     int8 = cfg.weight_dtype == "int8"
+    fp8 = cfg.weight_dtype == "float8_e4m3fn"
+    w_round = 0.0  # relative error of the float32 weights we multiply with
+    if fp8:  # block scales: dequantised once, each weight within u32 of W·s
+        assert s1 is not None and s2 is not None
+        w1d, w2d = dequantise(w1, s1), dequantise(w2, s2)
+        w1f, w2f = w1d.astype(np.float32), w2d.astype(np.float32)
+        a1, a2 = _upper32(np.abs(w1d)), _upper32(np.abs(w2d))
+        s1 = s2 = None
+        w_round = F32.unit
+    else:
+        w1f, w2f = w1.astype(np.float32), w2.astype(np.float32)  # int8 and 16-bit: exact
+        a1, a2 = np.abs(w1f), np.abs(w2f)
     rows = x.shape[0]
 
-    # |x|·B1 and (int8) the activation error through B1, in one float32 product.
-    if int8:
-        amax = ax.max(axis=1, keepdims=True, initial=0.0)
-        act_in = _activation_error(ax, amax)
+    # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
+    if int8 or fp8:
+        if fp8:
+            act_in = e4m3_error(ax)
+        else:
+            amax = ax.max(axis=1, keepdims=True, initial=0.0)
+            act_in = _activation_error(ax, amax)
         if steps.ftz:  # an element read as 0 quantises to 0: error |x|
             act_in = np.where(ax <= _NORMAL32, np.maximum(act_in, ax), act_in)
         both = _abs_product(np.concatenate([ax, act_in]), a1, s1)
@@ -292,7 +335,7 @@ def _expert_bound(
     # h as we evaluate it (float32 products, float64 scaling): within e_c of the exact h*;
     # the float64 ideal that the judge holds is within e64 of h*.
     h = _signed_product(x, w1f, s1)
-    e_c_h = _signed_error(k_len, ax_b1, s1)
+    e_c_h = _signed_error(k_len, ax_b1, s1) + w_round * ax_b1
     e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
     h_mag = np.abs(h) + e_c_h  # >= |h*| (before the clamp)
     if cfg.swiglu_limit is not None:
@@ -321,6 +364,11 @@ def _expert_bound(
                                    * (1.0 if s1 is None else s1))
         if steps.ftz:  # σ1 or a scale flushed to 0: h is 0
             e_h = np.where(_may_vanish(steps, sigma1, s1), np.maximum(e_h, h_mag), e_h)
+    elif fp8:
+        e_h = steps.add("activation", np.zeros_like(act), act)
+        e_h = steps.add("gemm1", e_h, fp8_gemm_error(k_len) * (ax_b1 + act))
+        e_h = steps.round("gemm1", h_mag + act, e_h, out)  # stored in x's dtype
+        overflow |= (h_mag + e_h >= out.max).any(axis=1)
     else:
         e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
         if steps.ftz:
@@ -340,6 +388,12 @@ def _expert_bound(
         req = (sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1)
                + 127 * steps.kernel(F32).tiny * (af_mag > 0))
         blocks = [steps.add("requantisation", e_a, req), e_c_a, e64_a, a_mag]
+    elif fp8:
+        # vLLM's silu_and_mul rounds silu and the product to x's dtype (kernels.md)
+        e_a = steps.round("swiglu", a_mag, steps.round("swiglu", a_mag, e_a, out), out)
+        af_mag = a_mag + e_a
+        req = steps.add("requantisation", e_a, e4m3_error(af_mag))
+        blocks = [req, af_mag + req, e_c_a, e64_a, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
         blocks = [e_a, a_mag + e_a, e_c_a, e64_a, a_mag]
@@ -347,7 +401,8 @@ def _expert_bound(
     prop, e_c_prop, e64_prop, a_b2 = prods[0], prods[-3], prods[-2], prods[-1]
     y = _signed_product(np.asarray(a, dtype=np.float32), w2f, s2)
     # a rounded to float32 first: u32·|a| more through B2.
-    e_c_y = e_c_prop + _signed_error(i, a_b2, s2) + F32.unit * a_b2 * (1 + F32.gamma(i))
+    e_c_y = (e_c_prop + _signed_error(i, a_b2, s2) + F32.unit * a_b2 * (1 + F32.gamma(i))
+             + w_round * a_b2)
     e64_y = steps.add("ideal_float64", e64_prop, F64.gamma(i) * a_b2)
     y_mag = np.abs(y) + e_c_y
     if int8:
@@ -359,6 +414,8 @@ def _expert_bound(
                              (worst_case >= F16.max).any())
         if steps.ftz:  # σ2 or a scale flushed to 0: y is 0
             e_y = np.where(_may_vanish(steps, sigma2, s2), np.maximum(e_y, y_mag), e_y)
+    elif fp8:
+        e_y = steps.add("gemm2", prop, fp8_gemm_error(i) * prods[1])
     else:
         gemm = steps.add("gemm2", prop, F64.gamma(i) * prods[1])
         if steps.ftz:
@@ -408,6 +465,8 @@ class _Bound:
 
 def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
            ftz: bool) -> _Bound:
+    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+        problem = float_weight_problem(problem)
     steps = _Steps(omit, ftz)
     cfg = problem.config
     top_k, k_len, e_local = cfg.top_k, cfg.hidden, cfg.experts_per_rank
@@ -440,6 +499,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
             subnormal_p = np.where((probs > 0) & (probs <= _NORMAL32), _NORMAL32, 0.0)
             rounding = rounding + np.einsum("tk,tkc->tc", subnormal_p,
                                             (mag + err).reshape(total, top_k, k_len))
+        if cfg.weight_dtype == "float8_e4m3fn":  # vLLM's moe_sum may add in x's dtype
+            rounding = rounding + (top_k - 1) * (out.unit * y_abs + out.tiny)
         e_comb = steps.add("combine", e_comb, rounding)
         out_mag = combine(mag)
         e_out = steps.round("out_cast", out_mag, e_comb, out)

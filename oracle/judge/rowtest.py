@@ -24,14 +24,21 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    identically, so the independent variables are the row's **distinct values**: a value ``v``
    at positions ``g_v`` contributes ``e_v·Σ_{j∈g_v} α_j``. Exact ties (``fl(x/σ1)`` or
    ``fl(x·127/amax)`` at ``k + 1/2``) round by the kernel's tie rule, not at random: their
-   ``|α_j|·c`` is added deterministically. Zeros are exact.
+   ``|α_j|·c`` is added deterministically. Zeros are exact. FP8 block scale (e4m3 per token
+   and 128-column group, ``docs/contract/formats.md``): the error is relative,
+   ``c_j = (2^-4 + 3u32)·|x_j| + σ_g·2^-10`` (:func:`oracle.judge.bounds.e4m3_error`;
+   ``σ_g`` the group's scale, doubled for UE8M0, its amax floored at 1e-4), equal values
+   share a variable only within their group, ties are
+   ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term ``γ`` is that of
+   :class:`oracle.model.kernels.BlockGemm` (:func:`_fp8_gamma`).
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
 3. SwiGLU: the float32 evaluation (``ρ`` of :mod:`oracle.judge.bounds`) and up to two roundings to
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + (3 + 2n)·u32·|a'|``,
-   ``σ2 = (max|a| + max E_a)(1 + u32)/127``.
+   ``σ2 = (max|a| + max E_a)(1 + u32)/127``; FP8: :func:`oracle.judge.bounds.e4m3_error` of
+   ``|a'|``.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -82,10 +89,15 @@ the deterministic storage term; ``E_a = |silu'(g)u|·E_g + |silu(g)|·E_u + |r| 
 further bounded zero-mean terms, with two bounds of which the smaller is used (both are fixed
 before the output is seen): Hoeffding on their ranges ``|β_a|·|r|`` (added to ``V``), or
 Bernstein's inequality (Boucheron, Lugosi, Massart, *Concentration Inequalities*, Thm 2.10)
-on their second moments, ``E r² <= 2(3v_g²(|u| + E_u)²/16 + 3·silu'(g)²·v_g·v_u)`` (for a
-sum of independent zero-mean terms bounded as above, ``E δ⁴ <= 3v²``), range
-``b = max|β_a·r|``: ``t = sqrt(2σ²L) + 2bL/3``. Where the clamp may switch within ``E_h``, the
-element's whole ``|β_h|·E_h`` is deterministic.
+on their moments. ``δg``, ``δu`` are sub-Gaussian with proxies ``v_g``, ``v_u`` (Hoeffding's
+lemma), so ``E δ^{2q} <= 2·q!·(2v)^q``; on ``E_h``'s event ``|r| <= A·δg² + A2·δu²`` with
+``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2`` (``|δg·δu| <= (δg² + δu²)/2``),
+hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M = 2|β_a|·max(A·v_g, A2·v_u)``: Thm 2.10's
+condition with ``ν = Σ 16M²`` and scale ``c = max 2M``, ``t = sqrt(2νL) + cL``, plus the
+remainders' mean, ``|E β_a r| <= |β_a|·(A·v_g + A2·v_u)``, added outright. The scale grows
+with the variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
+quantisation noise is large (FP8: e4m3 keeps 3 mantissa bits). Where the clamp may switch
+within ``E_h``, the element's whole ``|β_h|·E_h`` is deterministic.
 
 Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the projections, and
 the projections' share over the tested rows (union bound, ``L = ln(2n_rows/(δ/2))``): under
@@ -111,11 +123,12 @@ from typing import Any
 
 import numpy as np
 
-from oracle.judge.bounds import EXP_ULPS, F32, exp_rho
+from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
 from oracle.model.arithmetic import FloatFormat, glu64
-from oracle.model.kernels import IdealAssumptions
-from oracle.model.reference import Result, route
+from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
+from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
+from spec.fp8 import BLOCK, E4M3_MAX, expand_scales, to_e4m3
 
 __all__ = ["TERMS", "RowThresholds", "RowVerdict", "row_test", "row_thresholds"]
 
@@ -218,10 +231,13 @@ def _tiny(dtype_name: str, ftz: bool) -> float:
 
 
 def _scaled32(w: Array, scale: Array | None, out: Array) -> Array:
-    """``w·diag(scale)`` in float32, into ``out`` (reused across experts: a fresh
-    weight-sized array per expert costs more in page faults than the arithmetic)."""
+    """``w·diag(scale)`` (per-channel scales) or ``w`` times its expanded block scales
+    (FP8, :func:`spec.fp8.expand_scales`) in float32, into ``out`` (reused across experts: a
+    fresh weight-sized array per expert costs more in page faults than the arithmetic)."""
     if scale is None:
         out[...] = w
+    elif scale.ndim == w.ndim:
+        np.multiply(w.astype(np.float32), expand_scales(scale, *w.shape), out=out)
     else:
         np.multiply(w, scale, out=out)
     return out
@@ -243,6 +259,8 @@ def row_thresholds(
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
     on = {t: 0.0 if t in omit else 1.0 for t in TERMS}
+    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+        problem = float_weight_problem(problem)
     cfg = problem.config
     top_k, k_len, i_len, e_local = cfg.top_k, cfg.hidden, cfg.intermediate, cfg.experts_per_rank
     n_len = 2 * i_len
@@ -254,6 +272,7 @@ def row_thresholds(
     flush = on["underflow"] * ftz * _NORMAL32  # point 9: per flushed value
     alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
+    fp8 = cfg.weight_dtype == "float8_e4m3fn"
     total = sum(cfg.tokens_per_rank)
     routing = route(problem)
     x = (np.concatenate([r.x for r in problem.ranks]).astype(np.float32) if total
@@ -283,9 +302,20 @@ def row_thresholds(
         amax = np.maximum(amax, floor)
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
-    c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
-    ties = _activation_ties(x, amax) if int8 else np.zeros(x.shape, dtype=bool)
-    group, mult = _value_groups(x, ties)
+    if fp8:
+        c_el, ties = e4m3_error(x), _e4m3_ties(x)
+    else:
+        c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
+        c_el = np.broadcast_to(c1[:, None], x.shape)
+        ties = _activation_ties(x, amax) if int8 else np.zeros(x.shape, dtype=bool)
+    c_max = c_el.max(axis=1, initial=0.0)
+    # c_el relative to its row's largest, so the float32 product below cannot underflow
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c_rel = np.where(c_max[:, None] > 0, c_el / c_max[:, None], 0.0).astype(np.float32)
+    group, mult = _value_groups(x, ties, BLOCK if fp8 else max(k_len, 1))
+    # float32 accumulation in any order; FP8: FP8_DOT_BITS-bit tile sums, tiles of 16 or more
+    # (oracle.model.kernels.BlockGemm), the two scale products.
+    acc_gamma = _fp8_gamma if fp8 else F32.gamma
 
     n_slots = int(routing.slot_kept.sum())
     delta = assumptions.false_alarm
@@ -293,8 +323,9 @@ def row_thresholds(
     alpha_x = np.zeros((total, k_len))
     var = np.zeros(total)
     det = np.zeros(total)
-    var_rem = np.zeros(total)  # the SwiGLU remainder: second moments (Bernstein)
-    range_rem = np.zeros(total)  # and the largest single term
+    var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
+    range_rem = np.zeros(total)  # its scale c
+    bias_rem = np.zeros(total)  # and its mean
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
@@ -316,10 +347,10 @@ def row_thresholds(
         col2 = _col_sumsq(w2d)  # (K,)
         h = (x[tok] @ w1d).astype(np.float64)
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + F32.gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
+        c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
         n_ties = ties[tok].sum(axis=1)
-        v_act = c1[tok, None] ** 2 * (mult[tok] @ w1sq).astype(np.float64)
-        e_h = z_h * np.sqrt(v_act) + c1[tok, None] * np.sqrt(n_ties[:, None] * col1)
+        v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
+        e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
         v_h = v_act + c_h**2  # variance proxy of δh
@@ -352,7 +383,9 @@ def row_thresholds(
         rho = exp_rho(F32, EXP_ULPS, None if alpha is None else np.abs(arg) + alpha * e_g)
         c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
         e_a = e_a + np.sqrt(c_sw2)
-        if int8:
+        if fp8:
+            c_req = e4m3_error(np.abs(a) + e_a)
+        elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
             c_req = amax2[:, None] * (1 + u32) / 127 / 2 + (3 * u32 + u_div) * (np.abs(a) + e_a)
         else:
@@ -368,7 +401,7 @@ def row_thresholds(
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
         np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
         a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
-        c_acc2 = F32.gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
+        c_acc2 = acc_gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
@@ -401,20 +434,28 @@ def row_thresholds(
         np.add.at(var, tok, slot_var)
         np.add.at(det, tok, slot_det)
         v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
-        rem_m2 = 2 * (3 / 16 * v_g**2 * (np.abs(up) + e_u) ** 2 + 3 * dsilu**2 * v_g * v_u)
-        np.add.at(var_rem, tok, on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_m2))
-        np.maximum.at(range_rem, tok, (np.abs(beta_a) * rem_a).max(axis=1, initial=0.0))
+        # |r| <= A·δg² + A2·δu² (module docstring, "The remainder")
+        quad_g = curvature / 2 * (np.abs(up) + e_u) + np.abs(dsilu) / 2
+        quad_u = np.abs(dsilu) / 2
+        moment = 2 * np.abs(beta_a) * np.maximum(quad_g * v_g, quad_u * v_u)
+        np.add.at(var_rem, tok, on["remainder"] * 16 * np.einsum("ri,ri->r", moment, moment))
+        np.maximum.at(range_rem, tok, on["remainder"] * 2 * moment.max(axis=1, initial=0.0))
+        np.add.at(bias_rem, tok, on["remainder"] * np.einsum(
+            "ri,ri->r", np.abs(beta_a), quad_g * v_g + quad_u * v_u))
         np.add.at(hoeffding_rem, tok,
                   on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_a**2))
 
     # Activation: distinct values are the independent variables; ties are deterministic.
-    if int8 and total:
+    if (int8 or fp8) and total:
         free = ~ties & (x != 0)
         sums = np.bincount(group[free], weights=alpha_x[free], minlength=int(group.max()) + 1)
         owner = np.zeros(sums.shape[0], dtype=np.int64)
         owner[group[free]] = np.nonzero(free)[0]
-        var += on["activation"] * c1**2 * np.bincount(owner, weights=sums**2, minlength=total)
-        det += on["activation"] * c1 * np.where(ties, np.abs(alpha_x), 0.0).sum(axis=1)
+        c_group = np.zeros(sums.shape[0])
+        c_group[group[free]] = c_el[free]  # equal values of one group share their bound
+        var += on["activation"] * np.bincount(owner, weights=sums**2 * c_group**2,
+                                              minlength=total)
+        det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
     reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
@@ -440,7 +481,8 @@ def row_thresholds(
     # Hoeffding on the remainder's ranges, or Bernstein on its second moments: both
     # thresholds are fixed before the output is seen, so the smaller one holds.
     hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
-    bernstein = stochastic + (np.sqrt(2 * var_rem * log_row) + 2 / 3 * range_rem * log_row) * widen
+    bernstein = stochastic + (np.sqrt(2 * var_rem * log_row) + range_rem * log_row
+                              + bias_rem) * widen
     remainder = np.minimum(hoeffding, bernstein) - stochastic
     nonlinear = tested & (remainder > stochastic)
     reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
@@ -476,14 +518,45 @@ def _activation_ties(x: Array, amax: Array) -> Array:
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
 
 
-def _value_groups(x: Array, ties: Array) -> tuple[Array, Array]:
-    """Per element, a group id shared by equal values of the same row (``x`` float32), and per
-    element the multiplicity of its value (0 for zeros and ties, which are not random)."""
+def _e4m3_ties(x: Array) -> Array:
+    """Elements whose ``fl(x/σ)`` (σ the group's ``amax/448``, the one rounding that can put
+    an exact tie in front of the e4m3 cast) lies exactly between two e4m3 values: the two
+    float32 neighbours of a midpoint round to different e4m3 values."""
+    rows, cols = x.shape
+    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK), np.float32)
+    grouped[:, :cols] = np.abs(x)
+    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
+    sigma = np.repeat(np.maximum(amax, np.float32(1e-10)) / np.float32(E4M3_MAX), BLOCK,
+                      axis=1)[:, :cols]
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (x / sigma).astype(np.float32)
+    below = to_e4m3(np.nextafter(t, np.float32(-np.inf))).astype(np.float32)
+    above = to_e4m3(np.nextafter(t, np.float32(np.inf))).astype(np.float32)
+    return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
+
+
+def _fp8_gamma(n: int) -> float:
+    """The FP8 block GEMM's accumulation error as a bounded zero-mean term, relative to
+    ``||a||·||W_c||`` (oracle.model.kernels.BlockGemm): a tile sum of ``m <= 128`` products
+    with :data:`FP8_DOT_BITS` bits makes ``m`` roundings, each within ``2^-bits`` of a partial
+    sum at most ``Σ_tile|a_j w_j| <= ||a_tile||·||W_tile,c||``, independent and zero-mean under
+    the model: their variance proxies add to ``m·2^-2bits·||a||²·||W_c||²`` over the tiles;
+    the tiles' float32 additions and the two scale products are bounded outright."""
+    return 2.0**-FP8_DOT_BITS * math.sqrt(min(n, BLOCK)) + F32.gamma(-(-n // 16)) + 3 * F32.unit
+
+
+def _value_groups(x: Array, ties: Array, width: int) -> tuple[Array, Array]:
+    """Per element, a group id shared by equal values of the same row and of the same
+    ``width`` columns (which share a quantisation scale; ``x`` float32), and per element the
+    multiplicity of its value (0 for zeros and ties, which are not random)."""
     rows, cols = x.shape
     if not x.size:
         return np.zeros(x.shape, np.int64), np.zeros(x.shape, np.float32)
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.int64)
-    key = np.arange(rows, dtype=np.int64)[:, None] << 32 | bits
+    blocks_per_row = -(-cols // width)
+    scale_group = (np.arange(rows, dtype=np.int64)[:, None] * blocks_per_row
+                   + np.arange(cols, dtype=np.int64)[None, :] // width)
+    key = scale_group << 32 | bits
     _, inverse, counts = np.unique(key.reshape(-1), return_inverse=True, return_counts=True)
     group = inverse.reshape(rows, cols)
     mult = np.where((x != 0) & ~ties, counts[group], 0)

@@ -9,10 +9,12 @@ composed from one step record per §6 step of ``docs/contract/dispatch_ffn_combi
 ==========  =====================================================================
 step        pipeline field (step record)
 ==========  =====================================================================
-1           ``quantise`` (:class:`Quantiser`; ``None``: float activations)
-2–3         ``gemm1`` (:class:`IntGemm`, :class:`SplitGemm` for W4A8, :class:`FloatGemm`)
+1           ``quantise`` (:class:`Quantiser`, :class:`GroupQuantiser` for FP8; ``None``: float
+            activations)
+2–3         ``gemm1`` (:class:`IntGemm`, :class:`SplitGemm` for W4A8, :class:`BlockGemm` for
+            FP8, :class:`FloatGemm`)
 4           ``swiglu`` (:class:`Swiglu`): silu evaluation, stored dtypes, gate/up order
-5           ``requantise`` (:class:`Quantiser`; ``None``: none)
+5           ``requantise`` (:class:`Quantiser`, :class:`GroupQuantiser`; ``None``: none)
 6–7         ``gemm2``, where the routed weight may be applied
 8           the profile's ``combine`` (:class:`Combine`): routed weight, dtype, order
 ==========  =====================================================================
@@ -51,6 +53,7 @@ from oracle.model.arithmetic import exact_int_matmul, exact_int_matmuls, round_h
 from spec import DTYPES
 from spec.config import OpConfig
 from spec.fields import VARIANT_NAMES
+from spec.fp8 import BLOCK, E4M3_MAX, blocks, expand_scales, to_e4m3, ue8m0_up
 from spec.int4 import split_activation
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
@@ -58,14 +61,19 @@ __all__ = [
     "ASCEND_A3",
     "DEFAULT_FALSE_ALARM",
     "DEFAULT_KERNEL",
+    "FP8_DOT_BITS",
     "PIPELINE_STEPS",
     "PROFILES",
     "TORCH_GROUPED_MM",
+    "VLLM_MXFP4",
     "VLLM_TRITON",
+    "VLLM_TRITON_FP8",
     "VLLM_TRITON_TQ",
+    "BlockGemm",
     "Combine",
     "Env",
     "FloatGemm",
+    "GroupQuantiser",
     "IdealAssumptions",
     "IntGemm",
     "KernelProfile",
@@ -592,6 +600,195 @@ class FloatGemm:
         return self(a, weights[f"w{which}"], slot, x_dtype)
 
 
+# ---------------------------------------------------------------- FP8 block scale
+
+
+#: The FP8 format's unit roundoff (3 mantissa bits: 2^-4) and its underflow error (half the
+#: smallest subnormal 2^-9): ``|e4m3(t) − t| <= 2^-4·|t| + 2^-10`` below the saturation.
+E4M3_UNIT, E4M3_TINY = 2.0**-4, 2.0**-10
+#: Significand bits kept by Hopper's FP8 tensor-core accumulation inside one ``tl.dot`` tile:
+#: "around 14 bits" (DeepSeek-V3 technical report, arXiv 2412.19437, §3.3.2 [doc]); Triton
+#: accumulates fp8 dots imprecisely on sm90 unless told otherwise (``max_num_imprecise_acc``)
+#: [inferred]. 13 leaves a bit of margin.
+FP8_DOT_BITS = 13
+#: Triton's smallest ``tl.dot`` K width: the most tiles a kernel may split K into [inferred].
+_MIN_TILE_K = 16
+
+
+@dataclass(frozen=True)
+class GroupQuantiser:
+    """Per-token, per-group e4m3 quantisation of the activations (FP8 block scale; formats.md,
+    vLLM's ``per_token_group_quant_fp8`` [code]): per row and ``group`` consecutive columns
+    (the last group may be partial: quantised as if zero-padded [inferred]),
+    ``amax = max(max|a|, amax_floor)``, ``σ = fl(amax/448)`` (``ue8m0``: rounded up to a power
+    of two, :func:`spec.fp8.ue8m0_up`), ``q = e4m3(clamp(fl(a/σ), ±448))`` (``scale =
+    "reciprocal"``: ``fl(a·fl(448/amax))``, DeepGEMM's ``per_token_cast_to_fp8``; with
+    ``ue8m0``, ``fl(a·fl(1/σ))``). ``div_ulps``: how far the kernel's float32 divisions may lie
+    from correctly rounded.
+
+    ``σ`` is one float32 per (row, group). With an envelope, ``q``'s ``[lo, hi]`` bounds the
+    kernel's dequantised value ``q'·σ'`` **in units of the model's σ**, whatever σ' and q' its
+    freedoms give (q and σ move together; the GEMM only reads their product).
+    """
+
+    group: int = BLOCK
+    amax_floor: float = 1e-10
+    scale: str = "divide"
+    ue8m0: bool = False
+    div_ulps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("divide", "reciprocal"):
+            raise ValueError(f"scale {self.scale!r} is not 'divide' or 'reciprocal'")
+
+    def describe(self) -> str:
+        formula = "a / σ" if self.scale == "divide" else "a · (1/σ)"
+        pow2 = ", σ rounded up to a power of two (UE8M0)" if self.ue8m0 else ""
+        return (f"e4m3 of clamp({formula}) per token and {self.group} columns, σ = "
+                f"max(amax, {self.amax_floor:g})/448{pow2}")
+
+    def _grouped(self, a: Array) -> Array:
+        """``(rows, groups, group)`` view of ``a`` zero-padded to whole groups."""
+        rows, cols = a.shape
+        padded = np.zeros((rows, blocks(cols, self.group) * self.group), a.dtype)
+        padded[:, :cols] = a
+        return padded.reshape(rows, -1, self.group)
+
+    def _sigma(self, amax: Array) -> Array:
+        s = to_f32(np.maximum(amax, F32(self.amax_floor)) / F32(E4M3_MAX))
+        return ue8m0_up(s) if self.ue8m0 else s
+
+    def _quotient(self, a: Array, sigma: Array, amax: Array) -> Array:
+        """``fl(a/σ)`` or ``fl(a·inv)`` per element (``a``, ``σ`` grouped)."""
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            if self.scale == "divide":
+                return to_f32(a / sigma[..., None])
+            inv = (F32(1) / sigma if self.ue8m0
+                   else F32(E4M3_MAX) / np.maximum(amax, F32(self.amax_floor)))
+            return to_f32(a * to_f32(inv)[..., None])
+
+    def __call__(self, a: Env, zero_rows: str) -> tuple[Env, Env, Array]:
+        """``(q, σ, degenerate)``: e4m3 values (float32, ``(rows, K)``), the scales
+        ``(rows, groups)`` and no degenerate rows (the floor keeps every σ positive)."""
+        rows, cols = a.mid.shape
+        g = self._grouped(a.mid)
+        amax = np.abs(g).max(axis=2, initial=0).astype(F32)
+        sigma = self._sigma(amax)
+        q = to_e4m3(self._quotient(g, sigma, amax)).astype(F32).reshape(rows, -1)[:, :cols]
+        degenerate = np.zeros(rows, dtype=bool)
+        if a.lo is None or a.hi is None:
+            return Env(q), Env(sigma), degenerate
+        pinned = bool((a.lo == a.mid).all() and (a.hi == a.mid).all()) and not self.div_ulps
+        if pinned:
+            return Env(q, q, q), Env(sigma, sigma, sigma), degenerate
+        return self._envelope(a, q, sigma), Env(sigma, sigma, sigma), degenerate
+
+    def _envelope(self, a: Env, q: Array, sigma: Array) -> Env:
+        """The kernel's ``q'·σ'`` over every input in ``a``'s envelope and every division within
+        ``div_ulps``, in units of the model's ``σ``: ``σ'`` spans the rounded scales of the
+        group's smallest and largest possible amax, ``t' = a'/σ'`` its four corners widened by
+        the division's error, and the e4m3 rounding is monotone."""
+        assert a.lo is not None and a.hi is not None
+        rows, cols = a.mid.shape
+        lo, hi = self._grouped(a.lo), self._grouped(a.hi)
+        straddle = (lo <= 0) & (hi >= 0)
+        amax_lo = np.where(straddle, 0, np.minimum(np.abs(lo), np.abs(hi))).max(axis=2)
+        amax_hi = np.maximum(np.abs(lo), np.abs(hi)).max(axis=2)
+        d = (1 + self.div_ulps) * 2 * _U32  # both the scale's and the quotient's division
+        s_lo = self._sigma(amax_lo.astype(F32)).astype(np.float64) * (1 - d)
+        s_hi = self._sigma(amax_hi.astype(F32)).astype(np.float64) * (1 + d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corners = np.stack([x.astype(np.float64) / s[..., None]
+                                for x in (lo, hi) for s in (s_lo, s_hi)])
+        t_lo = corners.min(0) - d * np.abs(corners).max(0)
+        t_hi = corners.max(0) + d * np.abs(corners).max(0)
+        q_lo = to_e4m3(to_f32(t_lo)).astype(np.float64)
+        q_hi = to_e4m3(to_f32(t_hi)).astype(np.float64)
+        # the monotone float32 rounding of t may land inside: e4m3 is coarser, one step suffices
+        q_lo = np.minimum(q_lo, to_e4m3(np.nextafter(to_f32(t_lo), F32(-np.inf))).astype(float))
+        q_hi = np.maximum(q_hi, to_e4m3(np.nextafter(to_f32(t_hi), F32(np.inf))).astype(float))
+        s_mid = sigma.astype(np.float64)[..., None]
+        v_lo = np.minimum(q_lo * s_lo[..., None], q_lo * s_hi[..., None]) / s_mid
+        v_hi = np.maximum(q_hi * s_lo[..., None], q_hi * s_hi[..., None]) / s_mid
+        v_lo, v_hi = (v.reshape(rows, -1)[:, :cols] for v in (v_lo, v_hi))
+        return Env(q, np.minimum(v_lo, q), np.maximum(v_hi, q))
+
+
+@dataclass(frozen=True)
+class BlockGemm:
+    """The FP8 block-scale GEMM (formats.md, FP8 block scale, "Accumulation"; vLLM's Triton
+    ``fused_moe_kernel`` with ``block_shape`` [code]): per K block of ``block`` columns,
+    ``P = Σ q·w`` over the block, ``acc += fl(fl(P·σ_a[row, kb])·σ_w[kb, nb])``, the blocks in
+    K order into a float32 accumulator; then ``epilogue`` (:data:`EPILOGUE_OPS`; vLLM:
+    the routed weight in GEMM2, the cast to x's dtype).
+
+    The model's ``P`` is the exact block sum rounded once to float32 (exact in float64:
+    e4m3 × e4m3 products span 2^-18 … 2^18, 128 of them fit 53 bits). The kernel's freedoms:
+    the tile width ``BLOCK_SIZE_K`` (a divisor of the block: each tile scaled and added on its
+    own), the order and precision of the in-tile sum (``dot_bits`` significand bits; float32
+    is 24), and the order of the two scale products (``(a_scale·b_scale)`` first in some vLLM
+    versions). The envelope is the exact value's range over the inputs' envelope, widened by
+    ``(γ_dot(block) + γ32(K/16) + 3u32)·Σ|a_j·w_j|``.
+    """
+
+    epilogue: tuple[str, ...] = ("x",)
+    block: int = BLOCK
+    dot_bits: int = 24
+
+    def describe(self) -> str:
+        return (f"e4m3 dots per {self.block}-wide K block ({self.dot_bits}-bit in-tile sums), "
+                f"each × activation and weight block scales into a float32 accumulator; "
+                f"epilogue {' -> '.join(self.epilogue)}")
+
+    def scales(self, w_scale: Array, k: int, n: int) -> Array:
+        """The weight scale of every (K block, column): ``(ceil(K/block), n)``."""
+        return np.repeat(w_scale, self.block, axis=1)[:, :n]
+
+    def __call__(self, q: Env, sigma: Env, w: Array, w_scale: Array, slot: Array | None,
+                 x_dtype: Any) -> Env:
+        rows, k = q.mid.shape
+        n = w.shape[1]
+        w64 = w.astype(np.float64)
+        sw = self.scales(w_scale, k, n)
+        acc = np.zeros((rows, n), F32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for b in range(blocks(k, self.block)):
+                cols = slice(b * self.block, (b + 1) * self.block)
+                p = to_f32(q.mid[:, cols].astype(np.float64) @ w64[cols])
+                acc = to_f32(acc + to_f32(to_f32(p * sigma.mid[:, b, None]) * sw[b]))
+        env = Env(acc)
+        if q.lo is not None and q.hi is not None:
+            env = self._envelope(q, sigma, w64, w_scale, acc)
+        # No flush-to-zero knob on the FP8 steps yet (KernelProfile.with_ftz leaves them).
+        return _apply_epilogue(self.epilogue, env, col=None, row=None, slot=slot,
+                               x_dtype=x_dtype, ftz=False)
+
+    def _envelope(self, q: Env, sigma: Env, w64: Array, w_scale: Array, acc: Array) -> Env:
+        assert q.lo is not None and q.hi is not None
+        k, n = w64.shape
+        s = np.repeat(sigma.mid.astype(np.float64), self.block, axis=1)[:, :k]
+        lo, hi = q.lo * s, q.hi * s
+        wd = w64 * expand_scales(w_scale.astype(np.float64), k, n, self.block)
+        wd_abs = np.abs(wd)
+        center = (lo + hi) / 2 @ wd
+        mag = np.maximum(np.abs(lo), np.abs(hi)) @ wd_abs
+        radius = (hi - lo) / 2 @ wd_abs
+        dot = min(k, self.block) * 2.0**-self.dot_bits
+        tiles = blocks(k, _MIN_TILE_K)
+        slack = (dot / (1 - dot) + tiles * _U32 / (1 - tiles * _U32) + 3 * _U32) * mag
+        wide = (radius + slack) * (1 + 1e-12)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e_lo = np.nextafter(to_f32(center - wide), F32(-np.inf))
+            e_hi = np.nextafter(to_f32(center + wide), F32(np.inf))
+        return Env(acc, np.minimum(e_lo, acc), np.maximum(e_hi, acc))
+
+    def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
+        assert sigma is not None
+        return self(a, sigma, weights[f"w{which}"], weights[f"scale{which}"], slot, x_dtype)
+
+
 @dataclass(frozen=True)
 class Swiglu:
     """SwiGLU on the GEMM1 output (§6 step 4; kernels.md row 4).
@@ -813,7 +1010,8 @@ class IdealAssumptions:
                              "and 1")
 
 
-GemmStep = IntGemm | SplitGemm | FloatGemm
+GemmStep = IntGemm | SplitGemm | FloatGemm | BlockGemm
+QuantStep = Quantiser | GroupQuantiser
 #: The step fields of a :class:`Pipeline`, in §6 order.
 PIPELINE_STEPS = ("quantise", "gemm1", "swiglu", "requantise", "gemm2")
 
@@ -832,8 +1030,8 @@ class Pipeline:
     gemm1: GemmStep
     swiglu: Swiglu
     gemm2: GemmStep
-    quantise: Quantiser | None = None
-    requantise: Quantiser | None = None
+    quantise: QuantStep | None = None
+    requantise: QuantStep | None = None
 
     def stages(
         self, a: Env, sigma1: Env | None, weights: Weights, slot_p: Array, cfg: OpConfig,
@@ -872,16 +1070,19 @@ class Pipeline:
             found.append(f"{variant}: float32 GEMM accumulation order")
         if any(isinstance(s, IntGemm) and s.accumulate == "f32_blocks" for _, s in self.steps()):
             found.append(f"{variant}: int8 K-block size (blocks summed in float32)")
+        if any(isinstance(s, BlockGemm) for _, s in self.steps()):
+            found.append(f"{variant}: FP8 K tile width, in-tile sum order and precision, "
+                         "scale product order")
         if self.swiglu.exp_ulps or self.swiglu.div_ulps:
             found.append(f"{variant}: SwiGLU exp within {self.swiglu.exp_ulps} ulp, division "
                          f"within {self.swiglu.div_ulps} ulp")
         for name, s in self.steps():
-            if isinstance(s, Quantiser) and s.div_ulps:
+            if isinstance(s, (Quantiser, GroupQuantiser)) and s.div_ulps:
                 what = "quotient" if s.scale == "divide" else "reciprocal"
                 found.append(f"{variant}: {name} {what} within {s.div_ulps} ulp")
             if isinstance(s, Quantiser) and s.scale_ulps:
                 found.append(f"{variant}: {name} scale within {s.scale_ulps} ulp")
-        flushing = [name for name, s in self.steps() if s.ftz]
+        flushing = [name for name, s in self.steps() if getattr(s, "ftz", False)]
         if flushing:
             found.append(f"{variant}: float32 subnormals flushed to zero or not "
                          f"({', '.join(flushing)})")
@@ -977,17 +1178,20 @@ class KernelProfile:
     @property
     def ftz(self) -> bool:
         """Some step of this kernel may flush float32 subnormals to zero."""
-        return self.combine.ftz or any(s.ftz for _, p in self.pipelines for _, s in p.steps())
+        return self.combine.ftz or any(getattr(s, "ftz", False)
+                                       for _, p in self.pipelines for _, s in p.steps())
 
     def with_ftz(self, ftz: bool = True) -> KernelProfile:
         """This profile with every step of every pipeline, and the combine, allowed to flush
-        float32 subnormals to zero (``ftz=False``: none).
+        float32 subnormals to zero (``ftz=False``: none). The FP8 block steps
+        (:class:`GroupQuantiser`, :class:`BlockGemm`) have no such knob yet and stay as they are.
 
         >>> VLLM_TRITON.with_ftz(False).ftz, VLLM_TRITON.ftz
         (False, True)
         """
         return dataclasses.replace(
-            self.map_steps(PIPELINE_STEPS, lambda s: dataclasses.replace(s, ftz=ftz)),
+            self.map_steps(PIPELINE_STEPS, lambda s: dataclasses.replace(s, ftz=ftz)
+                           if hasattr(s, "ftz") else s),
             combine=dataclasses.replace(self.combine, ftz=ftz))
 
     def describe(self) -> str:
@@ -1020,7 +1224,7 @@ class KernelProfile:
         quantisers = [s for _, p in self.pipelines for _, s in p.steps()
                       if isinstance(s, Quantiser)]
         floors = [p.quantise.amax_floor for _, p in self.pipelines
-                  if p.quantise is not None and p.quantise.amax_floor is not None]
+                  if isinstance(p.quantise, Quantiser) and p.quantise.amax_floor is not None]
         in_x = self.combine.x_dtype_topk if self.combine.sum == "moe_sum" else ()
         return IdealAssumptions(
             stored_dtype=x_dtype,
@@ -1037,7 +1241,8 @@ def _constant(step: Any) -> Callable[[Any], Any]:
 
 
 _STEP_CLASSES: dict[str, type] = {
-    c.__name__: c for c in (Quantiser, IntGemm, SplitGemm, FloatGemm, Swiglu)}
+    c.__name__: c for c in (Quantiser, GroupQuantiser, IntGemm, SplitGemm, FloatGemm,
+                            BlockGemm, Swiglu)}
 
 
 def _record(cls: type, value: object, what: str) -> Any:
@@ -1214,8 +1419,50 @@ TORCH_GROUPED_MM = KernelProfile(
     domain=VLLM_DOMAIN,
 ).with_ftz()
 
+#: vLLM's Triton fused_moe on FP8 block-scale weights (``use_fp8_w8a8`` with ``block_shape
+#: [128, 128]``; formats.md, FP8 block scale [code]): ``per_token_group_quant_fp8`` (amax floor
+#: 1e-10, a division; Triton's float32 division within 2 ulp [inferred]) before each GEMM,
+#: ``fused_moe_kernel``'s block path (``accumulator += tl.dot(a, b) * a_scale[:, None] *
+#: b_scale[None, :]``, the routed weight and the cast after the K loop), and the rest of the
+#: int8 pipeline: silu_and_mul, moe_sum. vLLM's loader rejects I % 128 != 0
+#: (``quantization/fp8.py``: "not divisible by weight quantization block_n" [code]); other
+#: shapes are the natural extension, partial blocks quantised on their own [inferred].
+VLLM_TRITON_FP8 = KernelProfile(
+    name="vllm-triton-fp8",
+    summary="vLLM Triton fused_moe, FP8 W8A8 with 128x128 weight blocks and 1x128 activation "
+            "groups (DeepSeek-V3 style)",
+    sources="formats.md [code]: fused_moe.py fused_moe_kernel (block_shape), fp8_utils.py "
+            "per_token_group_quant_fp8; kernels.md [code] for the rest; fp8 dot precision "
+            "[doc: DeepSeek-V3 report §3.3.2]; Triton division [inferred]",
+    pipelines=(("fp8_block", Pipeline(
+        quantise=GroupQuantiser(div_ulps=2),
+        gemm1=BlockGemm(("x",), dot_bits=FP8_DOT_BITS),
+        swiglu=Swiglu(silu_store="x", store="x", exp_ulps=2),
+        requantise=GroupQuantiser(div_ulps=2),
+        gemm2=BlockGemm(("slot", "x"), dot_bits=FP8_DOT_BITS))),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+)
+
+#: MXFP4 weights with bf16/fp16 activations (vLLM's ``mxfp4_w4a16``; formats.md, MXFP4
+#: [code] for the format): the weights dequantised to x's dtype (exact in bfloat16), then
+#: vLLM Triton's float path. Where the kernel dequantises (registers or a prepass) and that
+#: it rounds nothing else is our reading [inferred]; gpt-oss's own activation (SwigluOAI on
+#: interleaved columns) is not modelled here.
+VLLM_MXFP4 = KernelProfile(
+    name="vllm-mxfp4-w4a16",
+    summary="vLLM MXFP4 W4A16: e2m1 weights with e8m0 scales per 32, dequantised to x's "
+            "dtype, then the Triton float path",
+    sources="formats.md [code]: triton_kernels mxfp.py (format); kernels.md [code]: the "
+            "float path; the dequantisation point [inferred]",
+    pipelines=(("mxfp4_w4a16", VLLM_TRITON.pipeline("float")),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+)
+
 PROFILES: dict[str, KernelProfile] = {
-    p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM)}
+    p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
+                        VLLM_MXFP4)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

@@ -24,10 +24,12 @@ from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
 from spec.config import OpConfig
+from spec.fp8 import dequantise
 from spec.int4 import PER_WORD, unpack_int4
+from spec.mxfp4 import dequantise_mx
 
 __all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
-           "kernel_mathematics", "route", "run"]
+           "float_weight_problem", "kernel_mathematics", "route", "run"]
 
 Array = np.ndarray[Any, Any]
 
@@ -160,12 +162,25 @@ def route(problem: Problem) -> Routing:
     return Routing(counts, order, expert_start, expert_kept, slot_kept, receive)
 
 
+#: How a W4A16 variant's weights become x's dtype (:attr:`spec.fields.Variant.dequantise`).
+_DEQUANTISERS = {"mxfp4": dequantise_mx}
+
+
+def _as_float_weights(lists: dict[str, Array], how: str, x_dtype: Any) -> dict[str, Array]:
+    """``w1``, ``w2`` dequantised with their scales into ``x_dtype``, the scales dropped."""
+    return {f"w{i}": _DEQUANTISERS[how](lists[f"w{i}"], lists[f"scale{i}"], x_dtype)
+            for i in (1, 2)}
+
+
 def expert_values(problem: Problem, g: int) -> dict[str, Array]:
     """Global expert ``g``'s tensors by field name, W4A8 weights unpacked to their int4 values
-    (int8): what the numerics read."""
+    (int8), W4A16 weights dequantised to x's dtype: what the numerics read."""
     cfg = problem.config
+    variant = cfg.kernel_variant
     lists = problem.ranks[g // cfg.experts_per_rank].expert_lists(g % cfg.experts_per_rank)
-    for name, spec in cfg.kernel_variant.lists.items():
+    if variant.dequantise is not None:
+        return _as_float_weights(lists, variant.dequantise, DTYPES[cfg.x_dtype])
+    for name, spec in variant.lists.items():
         if spec.packing == PER_WORD:  # int4 packed eight to a word
             lists[name] = unpack_int4(lists[name])
     return lists
@@ -175,7 +190,10 @@ def _dequantised(w: Array, scale: Array | None, out: Array) -> Array:
     """``w·diag(scale)`` in float64 (``w`` itself without scales), into ``out`` (reused across
     experts: at K = 7168 a fresh weight-sized array per expert costs as much as the GEMM),
     the ufunc casting the int8 or 16-bit weights exactly as it goes. A ``w`` not in C order
-    keeps its layout, as ``astype`` kept it: BLAS reads the operand it always read."""
+    keeps its layout, as ``astype`` kept it: BLAS reads the operand it always read. Block
+    scales (FP8: one per 128 x 128 block) are expanded (:func:`spec.fp8.dequantise`)."""
+    if scale is not None and scale.ndim == w.ndim:
+        return dequantise(w, scale)
     if not w.flags.c_contiguous:
         return (w.astype(np.float64) if scale is None
                 else np.asarray(np.multiply(w, scale.astype(np.float64))))
@@ -211,9 +229,14 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
     truncated to 19 bits where ``truncate_scales`` says the kernel reads them so."""
     cfg = problem.config
     variant = cfg.kernel_variant
+    if variant.dequantise is not None:  # W4A16: the float weights the kernel multiplies with
+        problem = float_weight_problem(problem)
+        cfg, variant = problem.config, problem.config.kernel_variant
     if any(s.packing != 1 for s in variant.lists.values()):  # W4A8: gate first, raw scales
         return problem
-    swap = not numerics.profile.pipeline(variant.name).swiglu.gate_first
+    profile = numerics.profile  # the ideal judge's default profile may lack the variant
+    swap = (variant.name in profile.variants
+            and not profile.pipeline(variant.name).swiglu.gate_first)
     chop = numerics.truncate_scales and "scale1" in variant.lists
     if not swap and not chop:
         return problem
@@ -229,6 +252,22 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
 
     ranks = [dataclasses.replace(r, w1=halves(r.w1), scale1=scales(r.scale1, True),
                                  scale2=scales(r.scale2, False)) for r in problem.ranks]
+    return Problem(ranks, **cfg.call_attributes())
+
+
+def float_weight_problem(problem: Problem) -> Problem:
+    """A W4A16 problem (:attr:`spec.fields.Variant.dequantise`) as the BF16/FP16-weight
+    problem of its dequantised weights (stacked): the same mathematics and kernel numerics."""
+    cfg = problem.config
+    how, dtype = cfg.kernel_variant.dequantise, DTYPES[cfg.x_dtype]
+    assert how is not None
+    ranks = []
+    for rank in problem.ranks:
+        per_expert = [_as_float_weights(rank.expert_lists(e), how, dtype)
+                      for e in range(cfg.experts_per_rank)]
+        ranks.append(dataclasses.replace(
+            rank, w1=[np.stack([w["w1"] for w in per_expert])],
+            w2=[np.stack([w["w2"] for w in per_expert])], scale1=None, scale2=None))
     return Problem(ranks, **cfg.call_attributes())
 
 
