@@ -188,7 +188,7 @@ class TiledGemm(BlockGemm):
             b = start // self.block
             acc = (acc + part * (sigma.mid[:, b, None] * sw[b]).astype(F32)).astype(F32)
         return kernels._apply_epilogue(self.epilogue, Env(acc), col=None, row=None,
-                                       slot=slot, x_dtype=x_dtype)
+                                       slot=slot, x_dtype=x_dtype, ftz=False)
 
 
 def _truncate(v: Array, bits: int) -> Array:
@@ -216,7 +216,7 @@ class TruncatedDotGemm(BlockGemm):
             acc = (acc + (part * sigma.mid[:, start // self.block, None]).astype(F32)
                    * sw[start // self.block]).astype(F32)
         return kernels._apply_epilogue(self.epilogue, Env(acc), col=None, row=None,
-                                       slot=slot, x_dtype=x_dtype)
+                                       slot=slot, x_dtype=x_dtype, ftz=False)
 
 
 @dataclasses.dataclass(frozen=True)
