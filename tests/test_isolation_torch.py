@@ -45,10 +45,16 @@ def _forked_workers(child: ChildProcess) -> list[str]:
 
 
 def test_a_correct_torch_implementation_passes_isolated() -> None:
-    with ChildProcess("torch_impls:correct") as child:
+    # Threads left as the environment sets them: torch's tensor operation at import starts its
+    # OpenMP pool, so the process that loaded it serves the calls (no fork after threads).
+    with ChildProcess("torch_impls:correct", threads=None) as child:
         check_implementation(child, problems=SMALL, settings=FAST, save_dir=None, timeout=30)
         assert child.starts == 1
         assert _forked_workers(child) == []  # served in the process that loaded it
+    # Pinned to one thread (the default), the same import starts no thread: a fork serves.
+    with ChildProcess("torch_impls:correct") as child:
+        check_implementation(child, problems=SMALL, settings=FAST, save_dir=None, timeout=30)
+        assert child.starts == 1
     with ChildProcess("broken_impls:correct") as child:  # loading started no thread
         assert evaluate(child, PROBLEM)[0].ok
         assert len(_forked_workers(child)) == 1  # a fork of the loaded template serves
@@ -61,8 +67,10 @@ def test_a_wrong_torch_implementation_fails_isolated() -> None:
 
 
 def test_a_crash_inside_a_torch_implementation_is_reported_and_the_child_restarts() -> None:
-    with ChildProcess("torch_impls:segfaults") as child:
-        for starts in (1, 2):  # no template to fork from: a new child after each crash
+    # Threads as the environment sets them: torch's pool started at import, so there is no
+    # template to fork from and each crash starts a new child.
+    with ChildProcess("torch_impls:segfaults", threads=None) as child:
+        for starts in (1, 2):
             verdict, _ = evaluate(child, PROBLEM, timeout=30)
             assert verdict.stage == "call" and "killed by SIGSEGV" in verdict.message
             assert child.starts == starts
