@@ -39,9 +39,9 @@ from oracle.adapters.torch_io import TorchRankInputs, from_torch, output_pair
 from oracle.files.atomic import atomic_write
 from oracle.files.counterexample import (
     ALLOWED_DTYPES,
-    READ_ERRORS,
     Archive,
     encode_arrays,
+    load_guarded,
     open_regular,
     parse_header,
     read_array,
@@ -237,14 +237,7 @@ class Capture:
 
 def load(directory: str | Path) -> Capture:
     """Read and validate a capture directory (see the module docstring)."""
-    directory = Path(directory)
-    try:
-        return _load(directory)
-    except SpecError:
-        raise
-    except READ_ERRORS as exc:  # a last net: no damaged capture ends in a traceback
-        raise _bad(directory, f"an unreadable capture ({type(exc).__name__}: "
-                   f"{str(exc)[:200]})") from None
+    return load_guarded(_load, Path(directory), _bad, "capture")
 
 
 def _load(directory: Path) -> Capture:

@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,7 @@ __all__ = [
     "encode_arrays",
     "judged_with",
     "load",
+    "load_guarded",
     "open_regular",
     "parse_header",
     "rank_arrays",
@@ -72,6 +73,7 @@ READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, O
                zipfile.BadZipFile, zlib.error)
 
 Array = np.ndarray[Any, Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -359,15 +361,21 @@ def _read_arrays(path: Path, files: Archive, specs: dict[str, Any], meta: str) -
     return {k: read_array(path, files, k, v) for k, v in specs.items()}
 
 
-def load(path: str | Path) -> Counterexample:
-    """Read and validate a counterexample file (see the module docstring)."""
-    path = Path(path)
+def load_guarded(read: Callable[[Path], T], path: Path, bad: Callable[[Path, str], SpecError],
+                 what: str) -> T:
+    """``read(path)``, with a last net: whatever a damaged ``what`` raises that is not already a
+    :class:`SpecError` becomes ``bad``'s error, never a traceback."""
     try:
-        return _load(path)
+        return read(path)
     except SpecError:
         raise
-    except READ_ERRORS as exc:  # a last net: no damaged file ends in a traceback
-        raise _bad(path, f"an unreadable file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except READ_ERRORS as exc:
+        raise bad(path, f"an unreadable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def load(path: str | Path) -> Counterexample:
+    """Read and validate a counterexample file (see the module docstring)."""
+    return load_guarded(_load, Path(path), _bad, "file")
 
 
 def _load(path: Path) -> Counterexample:
