@@ -49,7 +49,7 @@ from oracle.config.options import (
     OptionError,
     check_options,
 )
-from oracle.config.settings import DEFAULT_PROFILE, PROFILES
+from oracle.config.settings import DEFAULT_PROFILE, SETTINGS_PROFILES
 from oracle.files.counterexample import judged_with
 from oracle.model.kernels import DEFAULT_KERNEL, KernelProfile, get_kernel
 from oracle.model.kernels import PROFILES as KERNELS
@@ -497,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def search_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
+        p.add_argument("--profile", choices=SETTINGS_PROFILES, default=DEFAULT_PROFILE,
                        help="Hypothesis settings profile (default: %(default)s)")
         p.add_argument("--max-examples", type=int, default=None,
                        help="examples to try (default: the profile's)")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import settings
 
 from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, WEIGHT_VARIANTS
-from oracle.config.settings import DEFAULT_PROFILE, PROFILES
+from oracle.config.settings import DEFAULT_PROFILE, SETTINGS_PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
 from spec.limits import MODEL_PRESETS
@@ -42,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dfc-domain", choices=("kernel", "contract"), default="kernel",
                     help="kernel: the kernel profile's shapes; contract: every shape the "
                     "contract allows (default: kernel)")
-    group.addoption("--dfc-profile", choices=PROFILES, default=None,
+    group.addoption("--dfc-profile", choices=SETTINGS_PROFILES, default=None,
                     help=f"Hypothesis profile (default with --dfc-impl: {DEFAULT_PROFILE})")
     group.addoption("--dfc-variants", default=",".join(DEFAULT_VARIANTS),
                     help="weight variants the implementation supports, comma-separated, from "

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oracle.config.settings import PROFILES
+from oracle.config.settings import SETTINGS_PROFILES
 from oracle.model.kernels import PROFILES as KERNELS
 from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
@@ -149,8 +149,9 @@ def check_options(
     ):
         raise OptionError("shapes", f"shapes={shapes!r} must be model-shape presets from "
                           f"{', '.join(MODEL_PRESETS)} (comma-separated on the command line)")
-    if profile is not None and (not isinstance(profile, str) or profile not in PROFILES):
-        raise OptionError("profile", f"profile={profile!r} must be one of {', '.join(PROFILES)}")
+    if profile is not None and (not isinstance(profile, str) or profile not in SETTINGS_PROFILES):
+        raise OptionError("profile", f"profile={profile!r} must be one of "
+                          f"{', '.join(SETTINGS_PROFILES)}")
     if save_dir is not None:
         _check_save_dir(save_dir)
 

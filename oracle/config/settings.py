@@ -15,9 +15,9 @@ import os
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-__all__ = ["DEFAULT_PROFILE", "PROFILES", "register_profiles"]
+__all__ = ["DEFAULT_PROFILE", "SETTINGS_PROFILES", "register_profiles"]
 
-PROFILES = ("dfc-ci", "dfc-dev", "dfc-nightly")
+SETTINGS_PROFILES = ("dfc-ci", "dfc-dev", "dfc-nightly")
 DEFAULT_PROFILE = "dfc-ci"
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
