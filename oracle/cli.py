@@ -271,6 +271,8 @@ def _kernels(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(json.dumps(dumped.to_dict(), indent=2))
         return EXIT_OK
+    if args.coverage:
+        return _coverage()
     width = max(map(len, KERNELS)) + 2
     for name, profile in KERNELS.items():
         if args.verbose:
@@ -278,6 +280,24 @@ def _kernels(args: argparse.Namespace) -> int:
         else:
             default = " (default)" if name == DEFAULT_KERNEL else ""
             print(f"{name:<{width}}{profile.summary}{default}")
+    return EXIT_OK
+
+
+def _coverage() -> int:
+    """``kernels --coverage``: per profile, the code-path thresholds and int32 offsets its
+    generators never cross (:func:`spec.index_width.domain_coverage`) and whether it generates
+    placed calls; profiles of one domain share its lines."""
+    from spec.index_width import domain_coverage  # lazy: start-up
+
+    lines: dict[str, list[str]] = {}
+    for name, profile in KERNELS.items():
+        domain = profile.domain
+        if domain.name not in lines:
+            placed = ("generated with --placement" if domain.placement else "not crossed: "
+                      "the domain takes none (--domain contract generates them)")
+            lines[domain.name] = [*domain_coverage(domain), f"placed calls: {placed}"]
+        print(f"{name} ({domain.name} domain):")
+        print("\n".join(f"  {line}" for line in lines[domain.name]))
     return EXIT_OK
 
 
@@ -616,6 +636,10 @@ def _parser() -> argparse.ArgumentParser:
     kernels_p.add_argument("--verbose", "-v", action="store_true",
                            help="every knob, freedom and the shape domain of each profile "
                            "(default: one line each)")
+    kernels_p.add_argument("--coverage", action="store_true",
+                           help="per profile, the code-path thresholds and int32 offsets its "
+                           "generated shapes never cross, and whether it generates placed "
+                           "calls (default: off)")
     kernels_p.add_argument("--dump", default=None, metavar="KERNEL",
                            help="print KERNEL as a JSON profile file, to edit and pass as "
                            "--kernel FILE.json (default: list the profiles)")

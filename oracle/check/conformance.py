@@ -34,6 +34,7 @@ from oracle.model.kernels import get_kernel
 from oracle.model.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.fields import GATE_VARIANTS
+from spec.index_width import THRESHOLDS, crossing_fields
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
@@ -144,6 +145,9 @@ def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
         # EP·E = 112, 128, 144 around the 512-byte count-row boundary (§8).
         ("experts_around_128", {"ep_sizes": st.just(16),
                                 "experts_per_rank": st.sampled_from((8, 7, 9))}),
+        # Past the A3 W8A8 kernel's CombineV1 switch at M·topK > 4096, with tiny K and I
+        # (spec.index_width.THRESHOLDS; the other families never cross it).
+        ("combine_v1", crossing_fields(THRESHOLDS[0])),
     ],
 )
 def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:
