@@ -139,6 +139,8 @@ def _check(args: argparse.Namespace) -> int:
     progress = _Progress(runner)
     if isinstance(runner, ChildProcess):
         runner.on_call = progress.tick
+    if args.placement:
+        return _check_placed(args, runner, progress, get_kernel(kernel or DEFAULT_KERNEL))
     mode = "in process, threads not pinned" if args.in_process else (
         f"in a child process, {_threads_said(args.threads)}")
     variants = ",".join(args.variants or DEFAULT_VARIANTS)
@@ -176,6 +178,41 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_placed(args: argparse.Namespace, runner: Any, progress: _Progress,
+                  kernel: KernelProfile) -> int:
+    """``check --placement``: the placed-call search (:func:`oracle.check.placed_search`),
+    judged in ideal numerics, refused for a kernel whose domain takes no placement."""
+    from oracle.check.placed_search import check_placed, placed_families  # lazy: start-up
+
+    try:
+        if args.domain == "kernel" and not kernel.domain.placement:
+            _err(f"dfc-oracle check: --placement: the {kernel.name} kernel takes no placed "
+                 "calls (no replicas, shared experts or rsf: its domain excludes them); pass "
+                 "--domain contract, or a GPU profile such as --kernel vllm-triton")
+            return EXIT_USAGE
+        try:
+            calls = placed_families("any", args.variants or DEFAULT_VARIANTS)
+        except ValueError as exc:
+            _err(f"dfc-oracle check: --variants: {exc}")
+            return EXIT_USAGE
+        _err(f"dfc-oracle check {args.impl}: placed calls (spec.placed_strategies), numerics "
+             f"ideal, inputs {args.inputs}, profile {args.profile}")
+        check_placed(runner if isinstance(runner, ChildProcess) else progress, calls=calls,
+                     settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
+                     timeout=args.timeout, inputs=args.inputs, ulps=args.ulps, seed=args.seed)
+    except ConformanceError as exc:
+        print(exc.report)
+        _err(f"counterexample found after {progress.calls} calls "
+             f"({time.perf_counter() - progress.start:.1f} s)")
+        return EXIT_FOUND
+    finally:
+        if isinstance(runner, ChildProcess):
+            runner.close()
+    print(f"no counterexample in {progress.calls} placed calls "
+          f"({time.perf_counter() - progress.start:.1f} s)")
+    return EXIT_OK
+
+
 def _threads_said(threads: int) -> str:
     """How the header names ``--threads`` (0: the environment's)."""
     if not threads:
@@ -207,13 +244,14 @@ def _replay(args: argparse.Namespace) -> int:
         numerics = replace(numerics, mode=args.numerics)
     ulps = ulps if args.ulps is None else args.ulps
     try:
-        verdict, _ = evaluate(impl, saved.problem, numerics=numerics, timeout=args.timeout,
-                              ulps=ulps, inputs=inputs)
+        verdict, _ = evaluate(impl, saved.placed or saved.problem, numerics=numerics,
+                              timeout=args.timeout, ulps=ulps, inputs=inputs)
     finally:
         if isinstance(impl, ChildProcess):
             impl.close()
     if verdict.ok:
-        print(f"{args.file}: the implementation now conforms ({describe_problem(saved.problem)})")
+        said = saved.placed.summary() if saved.placed else describe_problem(saved.problem)
+        print(f"{args.file}: the implementation now conforms ({said})")
         return EXIT_OK
     print(format_report(saved.problem, verdict, numerics=numerics, path=Path(args.file),
                         replay=None, ulps=ulps))
@@ -233,6 +271,8 @@ def _kernels(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(json.dumps(dumped.to_dict(), indent=2))
         return EXIT_OK
+    if args.coverage:
+        return _coverage()
     width = max(map(len, KERNELS)) + 2
     for name, profile in KERNELS.items():
         if args.verbose:
@@ -240,6 +280,24 @@ def _kernels(args: argparse.Namespace) -> int:
         else:
             default = " (default)" if name == DEFAULT_KERNEL else ""
             print(f"{name:<{width}}{profile.summary}{default}")
+    return EXIT_OK
+
+
+def _coverage() -> int:
+    """``kernels --coverage``: per profile, the code-path thresholds and int32 offsets its
+    generators never cross (:func:`spec.index_width.domain_coverage`) and whether it generates
+    placed calls; profiles of one domain share its lines."""
+    from spec.index_width import domain_coverage  # lazy: start-up
+
+    lines: dict[str, list[str]] = {}
+    for name, profile in KERNELS.items():
+        domain = profile.domain
+        if domain.name not in lines:
+            placed = ("generated with --placement" if domain.placement else "not crossed: "
+                      "the domain takes none (--domain contract generates them)")
+            lines[domain.name] = [*domain_coverage(domain), f"placed calls: {placed}"]
+        print(f"{name} ({domain.name} domain):")
+        print("\n".join(f"  {line}" for line in lines[domain.name]))
     return EXIT_OK
 
 
@@ -385,7 +443,8 @@ def explain(problem: Any, meta: dict[str, Any]) -> str:
 def _hunt(args: argparse.Namespace) -> int:
     """Search every historical rule and every variant; print one table row per finding (what,
     where from, minimal counterexample), then each finding's details and how to rerun it."""
-    from oracle.check.hunt import VARIANTS  # lazy: start-up
+    from oracle.check.hunt import PLACED_VARIANTS, VARIANTS  # lazy: start-up
+    from oracle.check.placed_search import check_placed  # lazy: start-up
     from spec.findings import hunt_rules  # lazy: start-up
 
     try:
@@ -398,12 +457,16 @@ def _hunt(args: argparse.Namespace) -> int:
     for finding in hunt_rules():
         rows.append((finding.key, finding.source, finding.counterexample))
         details.append(f"{finding}\n  rerun: {finding.command}")
-    for variant in VARIANTS:
+    for variant in VARIANTS + PLACED_VARIANTS:
         _err(f"hunting variant '{variant.name}' ...")
         try:
-            check_implementation(variant.impl, problems=variant.problems,
-                                 settings=_settings(args), save_dir=args.save_dir,
-                                 impl_name=f"oracle.check.hunt:{variant.name}")
+            if variant in PLACED_VARIANTS:
+                check_placed(variant.impl, calls=variant.problems, settings=_settings(args),
+                             save_dir=args.save_dir, impl_name=f"oracle.check.hunt:{variant.name}")
+            else:
+                check_implementation(variant.impl, problems=variant.problems,
+                                     settings=_settings(args), save_dir=args.save_dir,
+                                     impl_name=f"oracle.check.hunt:{variant.name}")
         except ConformanceError as exc:
             rows.append((variant.name, variant.source, exc.problem.config.summary()))
             details.append(f"{variant.name}: {variant.what}\n  {exc.verdict.message}\n"
@@ -549,6 +612,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="an implementation that writes into its inputs: sentinel allows "
                        "only the operator's write-back of EP·E into masked tokens' expert ids, "
                        "strict no write, report warns, ignore (default: %(default)s)")
+    check.add_argument("--placement", action="store_true",
+                       help="search placed calls instead: FUNC(call) gets a "
+                       "spec.placement.PlacedCall (replicas, shared experts, rsf, weights on "
+                       "the input, int64 and -1 ids; docs/routing.md), judged in ideal numerics "
+                       "(default: off, plain calls)")
     check.add_argument("--ulps", type=float, default=0.0,
                        help="ulps of the out dtype allowed beyond the kernel profile's "
                        "envelope (default: %(default)s: the envelope only)")
@@ -568,6 +636,10 @@ def _parser() -> argparse.ArgumentParser:
     kernels_p.add_argument("--verbose", "-v", action="store_true",
                            help="every knob, freedom and the shape domain of each profile "
                            "(default: one line each)")
+    kernels_p.add_argument("--coverage", action="store_true",
+                           help="per profile, the code-path thresholds and int32 offsets its "
+                           "generated shapes never cross, and whether it generates placed "
+                           "calls (default: off)")
     kernels_p.add_argument("--dump", default=None, metavar="KERNEL",
                            help="print KERNEL as a JSON profile file, to edit and pass as "
                            "--kernel FILE.json (default: list the profiles)")

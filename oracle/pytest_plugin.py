@@ -65,6 +65,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="also test each model's real K, I and top_k as a fixed-shape family "
                     "(test_model_shape[MODEL]; spec.limits.MODEL_PRESETS: "
                     f"{','.join(MODEL_PRESETS)}; default: none)")
+    group.addoption("--dfc-placement", action="store_true", default=False,
+                    help="also test placed calls (test_placed[FAMILY]): FUNC(call) gets a "
+                    "spec.placement.PlacedCall (replicas, shared experts, rsf, weights on the "
+                    "input, int64 and -1 ids; docs/routing.md), judged in ideal numerics; "
+                    "skipped for a kernel whose domain excludes placement, as the Ascend "
+                    "profile's does (default: off)")
     group.addoption("--dfc-threads", type=int, default=1, metavar="N",
                     help="OpenMP, BLAS and torch threads of the implementation's child "
                     "process; 0 leaves them as the environment sets them (default: 1, a gate "
@@ -136,6 +142,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"profile={settings.get_current_profile_name()} "
         f"variants={config.getoption('--dfc-variants')} "
         f"shapes={config.getoption('--dfc-shapes') or 'none'} "
+        f"placement={'on' if config.getoption('--dfc-placement') else 'off'} "
         f"max_examples={current.max_examples} "
         f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
         f"seed={seed} "
@@ -177,6 +184,7 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "timeout": request.config.getoption("--dfc-timeout"),
         "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),
         "preset_examples": preset_examples(request.config.getoption("--dfc-family-examples")),
+        "placement": request.config.getoption("--dfc-placement"),
     }
 
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import strategies as st
 
 from spec.config import MAX_EP_SIZE, OpConfig
-from spec.limits import MAX_HIDDEN_A3
+from spec.limits import MAX_HIDDEN_A3, ShapeDomain
 from spec.search import MAX_EXPERTS_PER_RANK, MAX_TOKENS_PER_RANK, MAX_TOP_K, search
 from spec.strategies import configs
 
 __all__ = ["INT32_OFFSETS", "THRESHOLDS", "Offset", "Threshold", "coverage_report",
-           "crossing_configs", "first_overflow", "shapes"]
+           "crossing_configs", "crossing_fields", "domain_coverage", "first_overflow", "shapes"]
 
 #: The first offset an int32 index cannot hold.
 INT32_LIMIT = 2**31
@@ -55,19 +56,21 @@ INT32_OFFSETS = (
 
 @dataclass(frozen=True)
 class Threshold:
-    """A code-path switch: ``crosses(config)`` is True on the other path."""
+    """A code-path switch: ``crosses(config)`` is True on the other path; ``domains``: the
+    names of the shape domains whose kernel has it (:class:`spec.limits.ShapeDomain`)."""
 
     name: str
     crosses: Callable[[OpConfig], bool]
     source: str
     crossing: OpConfig
+    domains: tuple[str, ...] = ()
 
 
 THRESHOLDS = (
     Threshold("CombineV1 (M·topK > 4096)", lambda c: c.max_tokens * c.top_k > 4096,
               "dispatch_ffn_combine_kernel.hpp near line 254 @182b75ea [code]",
               OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32, intermediate=16,
-                       tokens_per_rank=(4097,))),
+                       tokens_per_rank=(4097,)), domains=("a3",)),
 )
 
 
@@ -92,13 +95,18 @@ def first_overflow(offset: Offset, *, max_hidden: int = MAX_HIDDEN_A3, limit: in
                   lambda c: offset.largest(c) >= limit, max_examples=max_examples)
 
 
+def crossing_fields(threshold: Threshold) -> dict[str, Any]:
+    """The :func:`spec.strategies.configs` keywords of :func:`crossing_configs`."""
+    c = threshold.crossing
+    return {"ep_sizes": st.just(c.ep_size), "experts_per_rank": st.just(c.experts_per_rank),
+            "top_k": st.just(c.top_k), "hidden": st.just(c.hidden),
+            "intermediate": st.just(c.intermediate), "tokens_per_rank": st.just(c.max_tokens),
+            "truncation": st.just(False)}
+
+
 def crossing_configs(threshold: Threshold) -> st.SearchStrategy[OpConfig]:
     """A family that crosses ``threshold`` on every draw, at an affordable size."""
-    c = threshold.crossing
-    return configs(ep_sizes=st.just(c.ep_size), experts_per_rank=st.just(c.experts_per_rank),
-                   top_k=st.just(c.top_k), hidden=st.just(c.hidden),
-                   intermediate=st.just(c.intermediate),
-                   tokens_per_rank=st.just(c.max_tokens), truncation=st.just(False))
+    return configs(**crossing_fields(threshold))
 
 
 def coverage_report(*, max_examples: int = 300) -> list[str]:
@@ -119,6 +127,38 @@ def coverage_report(*, max_examples: int = 300) -> list[str]:
             f"never crossed in {max_examples} draws; crossing_configs() crosses it at "
             f"M={t.crossing.max_tokens}, top_k={t.crossing.top_k}" if crossed is None
             else f"crossed at {crossed.summary()}") + f"; {t.source}")
+    return lines
+
+
+def _overflows(offset: Offset) -> Callable[[OpConfig], bool]:
+    return lambda c: offset.largest(c) >= INT32_LIMIT
+
+
+def domain_coverage(domain: ShapeDomain, *, max_examples: int = 200) -> list[str]:
+    """What the generators of one kernel's ``domain`` reach: per threshold of its kernel,
+    crossed or "not crossed" in ``max_examples`` draws of :func:`spec.strategies.configs`
+    (and the family that crosses it); per int32 offset, the smallest shape of the domain's K
+    range that overflows (:func:`first_overflow`), a line each."""
+    lines = []
+    for t in THRESHOLDS:
+        if domain.name not in t.domains:
+            continue
+        crossed = search(configs(domain=domain), t.crosses, max_examples=max_examples)
+        lines.append(f"{t.name}: " + (
+            f"not crossed by the generators in {max_examples} draws; the gate's family "
+            f"crosses it at M={t.crossing.max_tokens}, top_k={t.crossing.top_k}"
+            if crossed is None else f"crossed at {crossed.summary()}") + f" ({t.source})")
+    hidden = domain.max_hidden or 16384
+    for off in INT32_OFFSETS:
+        generated = search(configs(domain=domain), _overflows(off), max_examples=max_examples)
+        c = first_overflow(off, max_hidden=hidden, max_examples=max_examples)
+        lines.append(f"int32 {off.name} (K <= {hidden}): " + (
+            "not crossed by the generators" if generated is None
+            else f"crossed at {generated.summary()}") + "; " + (
+            "fits everywhere" if c is None else
+            f"overflows from EP={c.ep_size}, E={c.experts_per_rank}, top_k={c.top_k}, "
+            f"K={c.hidden}, I={c.intermediate}, M={c.max_tokens} (checked analytically: too "
+            "large to run)"))
     return lines
 
 

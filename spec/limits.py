@@ -277,6 +277,9 @@ class ShapeDomain:
     masks: bool = True
     clamp: bool = True
     oai: bool = True
+    #: Placed calls (replicas, shared experts, rsf, weights on the input, int64 or -1 ids:
+    #: spec.placement); the Ascend operator takes none of them (placement.md).
+    placement: bool = True
     limits: str | None = None
     sources: str = ""
 
@@ -293,7 +296,8 @@ class ShapeDomain:
         if self.max_ep is not None:
             parts.append(f"EP <= {self.max_ep}")
         parts += [f"no {f}" for f, on in (("truncation", self.truncation), ("masks", self.masks),
-                                          ("clamp", self.clamp), ("SwigluOAI", self.oai))
+                                          ("clamp", self.clamp), ("SwigluOAI", self.oai),
+                                          ("placement", self.placement))
                   if not on]
         return ", ".join(parts) + (f" ({self.sources})" if self.sources else "")
 
@@ -349,8 +353,8 @@ CONTRACT_DOMAIN = ShapeDomain("contract")
 #: (#11916), so a kernel at HEAD is not asked for it (``--dfc-domain contract`` generates it).
 A3_DOMAIN = ShapeDomain(
     "a3", hidden_multiple=32, max_hidden=MAX_HIDDEN_A3, min_experts_per_rank=2,
-    n_at_most_hidden=True, max_ep=32, oai=False, limits="a3-w8a8",
-    sources="dispatch_ffn_combine.md §9; PR #5787, PR #9528 [inferred]",
+    n_at_most_hidden=True, max_ep=32, oai=False, placement=False, limits="a3-w8a8",
+    sources="dispatch_ffn_combine.md §9; PR #5787, PR #9528; placement.md [inferred]",
 )
 #: vLLM's fused_moe has no receive buffer (no truncation) and no SwiGLU clamp; masked tokens
 #: route nowhere (kernels.md, last row). Its "swigluoai" activation reads gate and up

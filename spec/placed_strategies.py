@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
 from spec.placement import NO_EXPERT, PlacedCall, Placement, RoutingWeights, SharedExperts
@@ -54,12 +55,15 @@ def _row(family: str, ep: int, e: int, rng: np.random.Generator) -> tuple[np.nda
 
 
 @st.composite
-def placements(draw: st.DrawFn, *, max_ep: int = MAX_EP_SIZE,
+def placements(draw: st.DrawFn, *, max_ep: int = MAX_EP_SIZE, min_ep: int = 1,
                max_slots_per_rank: int = 4) -> Placement:
-    """A valid :class:`Placement`: EP mostly small (1..4), up to ``max_ep``; 1 to
+    """A valid :class:`Placement`: EP mostly small (``min_ep``..4), up to ``max_ep``; 1 to
     ``max_slots_per_rank`` slots per rank; a replica family of :data:`REPLICA_FAMILIES`; one or
     two layers; a replica choice and dispatch mode the contract allows."""
-    ep = draw(st.integers(1, min(4, max_ep)) | st.integers(1, max_ep))
+    if not 1 <= min_ep <= max_ep <= MAX_EP_SIZE:
+        raise InvalidArgument(f"placements(min_ep={min_ep}, max_ep={max_ep}): pass "
+                              f"1 <= min_ep <= max_ep <= {MAX_EP_SIZE}")
+    ep = draw(st.integers(min_ep, max(min_ep, min(4, max_ep))) | st.integers(min_ep, max_ep))
     e = draw(st.integers(1, max_slots_per_rank))
     family = draw(st.sampled_from(REPLICA_FAMILIES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))

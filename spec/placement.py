@@ -38,6 +38,7 @@ __all__ = [
     "DISPATCH_MODES",
     "ID_DTYPES",
     "NO_EXPERT",
+    "RECORD_FIELDS",
     "REPLICA_CHOICES",
     "PlacedCall",
     "Placement",
@@ -65,6 +66,13 @@ REPLICA_CHOICES = ("token", "rank")
 DISPATCH_MODES = ("all_to_all", "all_gather")
 
 Array = np.ndarray[Any, Any]
+
+#: The JSON fields of a placement record (:meth:`PlacedCall.record`) and the type each holds;
+#: its arrays are ``placement.phy2log``, ``placement.r{rank}.expert_idx`` (the logical ids) and
+#: ``shared.{field}.{i}`` (the shared experts' TensorList entries).
+RECORD_FIELDS: dict[str, type] = {
+    "num_logical": int, "layer": int, "replica_choice": str, "dispatch": str,
+    "renormalize": bool, "routed_scaling_factor": float, "on_input": bool, "shared": bool}
 
 
 def _readonly(a: Array) -> Array:
@@ -488,6 +496,92 @@ class PlacedCall:
     def __repr__(self) -> str:
         return f"PlacedCall({self.summary()})"
 
+    def record(self) -> tuple[dict[str, Any], dict[str, Array]]:
+        """What :attr:`problem` lacks to make this call again: JSON fields
+        (:data:`RECORD_FIELDS`) and arrays by name; :meth:`from_record` is the inverse. The
+        counterexample files and the child process of the gate carry a placed call so.
+
+        >>> from spec import OpConfig, random_problem
+        >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=3, top_k=1, hidden=32,
+        ...                             intermediate=16, tokens_per_rank=(0,)))
+        >>> pl = Placement(phy2log=np.array([0, 1, 0]), num_logical=2, ep_size=1)
+        >>> call = PlacedCall(p.ranks, placement=pl, weights=RoutingWeights(renormalize=True))
+        >>> fields, arrays = call.record()
+        >>> PlacedCall.from_record(call.problem.ranks, fields, arrays).summary() == call.summary()
+        True
+        """
+        pl, w = self.placement, self.weights
+        fields: dict[str, Any] = {
+            "num_logical": pl.num_logical, "layer": pl.layer,
+            "replica_choice": pl.replica_choice, "dispatch": pl.dispatch,
+            "renormalize": w.renormalize, "routed_scaling_factor": float(w.routed_scaling_factor),
+            "on_input": w.on_input, "shared": self.shared is not None}
+        arrays = {"placement.phy2log": pl.phy2log}
+        arrays.update((f"placement.r{r}.expert_idx", ids) for r, ids in enumerate(self.logical))
+        for name, tensors in (self.shared.lists if self.shared is not None else {}).items():
+            arrays.update((f"shared.{name}.{i}", np.asarray(t)) for i, t in enumerate(tensors))
+        return fields, arrays
+
+    @classmethod
+    def from_record(cls, ranks: Sequence[RankInputs], fields: object,
+                    arrays: Mapping[str, Array], *, swiglu_limit: float | None = None,
+                    swiglu_alpha: float | None = None) -> PlacedCall:
+        """The call :meth:`record` describes, on ``ranks`` (their ``expert_idx`` replaced by
+        the record's logical ids; :attr:`problem`'s ranks do). Arrays outside the record's
+        names are ignored; the record is validated field by field, then the call as any
+        other (:class:`spec.PlacementError` naming the field)."""
+        if not isinstance(fields, Mapping) or set(fields) != set(RECORD_FIELDS):
+            given = sorted(fields) if isinstance(fields, Mapping) else describe(fields)
+            raise PlacementError(field="placement record", given=f"fields {given}"[:200],
+                                 allowed=f"exactly the fields {sorted(RECORD_FIELDS)}",
+                                 fix="write the record with PlacedCall.record()")
+        for key, kind in RECORD_FIELDS.items():
+            value = fields[key]
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                  if kind is float else isinstance(value, kind) and not isinstance(value, bool))
+            if not ok:
+                raise PlacementError(field=f"placement record.{key}", given=repr(value)[:80],
+                                     allowed=f"a JSON {kind.__name__}",
+                                     fix="write the record with PlacedCall.record()")
+        ranks = tuple(ranks)
+        needed = ["placement.phy2log", *(f"placement.r{r}.expert_idx" for r in range(len(ranks)))]
+        missing = [k for k in needed if k not in arrays]
+        if missing:
+            raise PlacementError(field="placement record", given=f"no array {missing[0]}",
+                                 allowed=f"the arrays {needed}"[:200],
+                                 fix="write the record with PlacedCall.record()")
+        lists: dict[str, list[Array]] = {}
+        for name in (f.name for f in FIELDS if f.tensor_list):
+            entries: list[Array] = []
+            while (entry := arrays.get(f"shared.{name}.{len(entries)}")) is not None:
+                entries.append(_readonly(entry))
+            if entries:
+                lists[name] = entries
+        known = {f"shared.{name}.{i}" for name, e in lists.items() for i in range(len(e))}
+        stray = sorted(k for k in arrays if k.startswith("shared.") and k not in known)
+        if stray:
+            raise PlacementError(field=stray[0], given="an array the record does not define",
+                                 allowed="shared.{field}.{i}, i = 0, 1, ... per TensorList",
+                                 fix="write the record with PlacedCall.record()")
+        if bool(lists) != fields["shared"]:
+            raise PlacementError(field="placement record.shared", given=repr(fields["shared"]),
+                                 allowed=f"{bool(lists)}: the record {'has' if lists else 'has no'}"
+                                 " shared-expert arrays", fix="write the record with "
+                                 "PlacedCall.record()")
+        placement = Placement(phy2log=np.asarray(arrays["placement.phy2log"]),
+                              num_logical=fields["num_logical"], ep_size=max(len(ranks), 1),
+                              layer=fields["layer"], replica_choice=fields["replica_choice"],
+                              dispatch=fields["dispatch"])
+        weights = RoutingWeights(renormalize=fields["renormalize"],
+                                 routed_scaling_factor=fields["routed_scaling_factor"],
+                                 on_input=fields["on_input"])
+        logical = [dataclasses.replace(r, expert_idx=arrays[f"placement.r{i}.expert_idx"])
+                   if isinstance(r, RankInputs) else r for i, r in enumerate(ranks)]
+        return cls(logical, placement=placement, weights=weights,
+                   shared=SharedExperts(lists=lists) if lists else None,
+                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+
 
 def _check_shared(shared: SharedExperts, base: Problem) -> None:
     """The shared experts' TensorLists, validated as one rank's weights next to the routed ones
@@ -516,3 +610,4 @@ def _check_shared(shared: SharedExperts, base: Problem) -> None:
             raise PlacementError(field=f"shared ({what})", given=repr(have),
                                  allowed=f"{want!r} as the routed experts",
                                  fix=f"give the shared experts the routed experts' {what}")
+

@@ -16,8 +16,11 @@ from spec.index_width import (
     INT32_OFFSETS,
     THRESHOLDS,
     crossing_configs,
+    crossing_fields,
+    domain_coverage,
     first_overflow,
 )
+from spec.limits import A3_DOMAIN, VLLM_DOMAIN
 from spec.strategies import configs
 
 PERMUTED = INT32_OFFSETS[0]
@@ -52,3 +55,21 @@ def test_crossing_family_crosses_and_runs(cfg: OpConfig) -> None:
     assert THRESHOLDS[0].crosses(cfg)
     result = oracle.run(random_problem(cfg, seed=0))
     assert np.isfinite(np.concatenate([r.out.astype(np.float32) for r in result.ranks])).all()
+
+
+def test_coverage_line_per_domain_says_not_crossed() -> None:
+    """The Ascend domain's generators never reach CombineV1 and the line says so; the vLLM
+    domain's kernel has no such path, so no line; int32 offsets are reported for both."""
+    a3 = domain_coverage(A3_DOMAIN, max_examples=30)
+    assert any(line.startswith("CombineV1") and "not crossed by the generators" in line
+               for line in a3)
+    assert sum("int32" in line for line in a3) == len(INT32_OFFSETS)
+    assert not any(line.startswith("CombineV1") for line in domain_coverage(VLLM_DOMAIN,
+                                                                            max_examples=30))
+
+
+@settings(max_examples=3, deadline=None, database=None, derandomize=True)
+@given(configs(domain=A3_DOMAIN, **crossing_fields(THRESHOLDS[0])))
+def test_gate_family_crosses_combine_v1_inside_the_ascend_domain(cfg: OpConfig) -> None:
+    """The gate's test_family[combine_v1] draws: past the threshold, runnable on A3."""
+    assert THRESHOLDS[0].crosses(cfg) and A3_DOMAIN.violations(cfg) == []

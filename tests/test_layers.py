@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "oracle.explain.plot", "oracle.explain.fit")),
     ("check", ("oracle.check", "oracle.check.loading", "oracle.check.hunt",
                "oracle.check.isolation", "oracle.check.reduction", "oracle.check.harness",
+               "oracle.check.placed_search",
                "oracle.check.conformance", "oracle.check.distributed", "oracle.check.capture")),
     ("doors", ("oracle.cli", "oracle.pytest_plugin", "oracle", "oracle.__main__")),
 )

@@ -133,7 +133,28 @@ CASES: list[tuple[str, type[SpecError], str, str, Callable[[], object]]] = [
      lambda: PlacedCall(ranks(), shared=shared(w1=[np.zeros((1, 16, 32), np.int8)]))),
     ("shared I", PlacementError, "shared (intermediate size I)", "16 as the routed",
      lambda: PlacedCall(ranks(), shared=shared(cfg=dataclasses.replace(BASE, intermediate=8)))),
+    ("record fields", PlacementError, "placement record", "exactly the fields",
+     lambda: from_record(fields={"layer": 0}, whole=True)),
+    ("record field type", PlacementError, "placement record.on_input", "a JSON bool",
+     lambda: from_record(fields={"on_input": 1})),
+    ("record array missing", PlacementError, "placement record", "the arrays",
+     lambda: from_record(drop="placement.phy2log")),
+    ("record stray shared array", PlacementError, "shared.w1.3", "shared.{field}.{i}",
+     lambda: from_record(arrays={"shared.w1.3": np.zeros(1)})),
+    ("record shared flag", PlacementError, "placement record.shared", "False",
+     lambda: from_record(fields={"shared": True})),
 ]
+
+
+def from_record(fields: dict[str, object] | None = None, arrays: dict[str, object] | None = None,
+                drop: str | None = None, whole: bool = False) -> PlacedCall:
+    """:meth:`PlacedCall.from_record` of a plain call's record, edited (``whole``: ``fields``
+    replaces its fields)."""
+    call = PlacedCall(ranks())
+    given, record = call.record()
+    edited = fields if whole else {**given, **(fields or {})}
+    record = {k: a for k, a in {**record, **(arrays or {})}.items() if k != drop}
+    return PlacedCall.from_record(call.problem.ranks, edited, record)  # type: ignore[arg-type]
 
 
 def raise_line(make: Callable[[], object], error: type[SpecError], field: str,

@@ -87,6 +87,11 @@ class PlacedMoe:
         """How many times the shared experts' output is added: once."""
         return 1
 
+    def slot_lists(self, call: PlacedCall, slot: int) -> dict[str, Array]:
+        """The weights, scales and biases physical slot ``slot`` computes with: its rank's."""
+        e = call.config.experts_per_rank
+        return dict(call.problem.ranks[slot // e].expert_lists(slot % e))
+
     def __call__(self, call: PlacedCall) -> list[tuple[Array, Array]]:
         cfg, pl = call.config, call.placement
         ep, e = cfg.ep_size, cfg.experts_per_rank
@@ -116,7 +121,7 @@ class PlacedMoe:
             counts += np.bincount(phys[mine], minlength=pl.slots)
             for p in np.unique(phys[mine]):
                 t, k = np.nonzero(mine & (phys == p))
-                y = _ffn(x_in[t], ranks[p // e].expert_lists(int(p % e)), cfg.swiglu_limit,
+                y = _ffn(x_in[t], self.slot_lists(call, int(p)), cfg.swiglu_limit,
                          cfg.oai_alpha)
                 np.add.at(routed, t, y * scale[t, k, None])
         out = routed * self.output_scale(call)
@@ -174,6 +179,30 @@ class SharedPerRank(PlacedMoe):
         return call.config.ep_size
 
 
+class ReplicasNeverLoaded(PlacedMoe):
+    """Only each logical expert's first slot is loaded; a redundant replica computes with the
+    zeros it was allocated with (vllm PR #37322, GSM8K 0.95 → 0.08)."""
+
+    def slot_lists(self, call: PlacedCall, slot: int) -> dict[str, Array]:
+        lists = super().slot_lists(call, slot)
+        pl = call.placement
+        if pl.log2phy()[pl.row[slot], 0] == slot:
+            return lists
+        return {name: np.zeros_like(a) for name, a in lists.items()}
+
+
+class ScalesMovedWithoutWeights(PlacedMoe):
+    """The rebalance moved each slot's scales to its new logical expert but left the weights
+    of the slot's old one, logical ``slot % num_logical`` before the move (vllm PR #47588);
+    without scales (float weights) the weights alone stayed behind."""
+
+    def slot_lists(self, call: PlacedCall, slot: int) -> dict[str, Array]:
+        pl = call.placement
+        lists = super().slot_lists(call, slot)
+        old = super().slot_lists(call, int(pl.log2phy()[slot % pl.num_logical, 0]))
+        return {name: old[name] if name in ("w1", "w2") else a for name, a in lists.items()}
+
+
 placed_correct = PlacedMoe()
 
 #: Mutant name -> implementation; each stands for one real bug of placement.md.
@@ -183,4 +212,6 @@ PLACED_MUTANTS: dict[str, PlacedMoe] = {
     "rsf_twice": RsfTwice(),
     "rsf_skipped_without_renormalize": RsfSkippedWithoutRenormalize(),
     "shared_per_rank": SharedPerRank(),
+    "replicas_never_loaded": ReplicasNeverLoaded(),
+    "scales_moved_without_weights": ScalesMovedWithoutWeights(),
 }

@@ -29,10 +29,12 @@ from oracle.check.harness import (
     variant_configs,
     variants_of,
 )
+from oracle.check.placed_search import PLACED_FAMILIES, check_placed, placed_families
 from oracle.model.kernels import get_kernel
 from oracle.model.numerics import resolve_numerics, with_kernel
 from spec import Problem
 from spec.fields import GATE_VARIANTS
+from spec.index_width import THRESHOLDS, crossing_fields
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
 from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
@@ -143,6 +145,9 @@ def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
         # EP·E = 112, 128, 144 around the 512-byte count-row boundary (§8).
         ("experts_around_128", {"ep_sizes": st.just(16),
                                 "experts_per_rank": st.sampled_from((8, 7, 9))}),
+        # Past the A3 W8A8 kernel's CombineV1 switch at M·topK > 4096, with tiny K and I
+        # (spec.index_width.THRESHOLDS; the other families never cross it).
+        ("combine_v1", crossing_fields(THRESHOLDS[0])),
     ],
 )
 def test_family(dfc_options: dict[str, Any], name: str, fields: dict[str, Any]) -> None:
@@ -183,10 +188,35 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``test_model_shape`` once per preset of ``--dfc-shapes`` (none given: one skip)."""
+    """``test_model_shape`` once per preset of ``--dfc-shapes`` (none given: one skip);
+    ``test_placed`` once per placed family with ``--dfc-placement`` (else one skip)."""
     if "model_shape" in metafunc.fixturenames:
         given = metafunc.config.getoption("--dfc-shapes")
         metafunc.parametrize("model_shape", given.split(",") if given else [])
+    if "placed_family" in metafunc.fixturenames:
+        on = metafunc.config.getoption("--dfc-placement")
+        metafunc.parametrize("placed_family", PLACED_FAMILIES if on else [])
+
+
+def test_placed(dfc_options: dict[str, Any], placed_family: str) -> None:
+    """Placed calls (``--dfc-placement``, :mod:`oracle.check.placed_search`): the
+    implementation gets a :class:`spec.placement.PlacedCall`, judged in ideal numerics."""
+    domain = _domain(dfc_options)
+    if domain is not None and not domain.placement:
+        pytest.skip(f"the {get_kernel(dfc_options['kernel']).name} kernel takes no placed calls "
+                    "(--dfc-domain contract generates them anyway)")
+    try:
+        calls = placed_families(placed_family, dfc_options["variants"])
+    except ValueError as e:
+        pytest.skip(str(e))
+    try:
+        check_placed(dfc_options["impl"], calls=calls, impl_name=dfc_options["impl_name"],
+                     settings=settings(settings(), deadline=None,
+                                       max_examples=dfc_options["family_examples"]),
+                     timeout=dfc_options["timeout"], inputs=dfc_options["inputs"],
+                     ulps=dfc_options["ulps"])
+    except ConformanceError as exc:
+        pytest.fail(exc.report, pytrace=False)
 
 
 def test_model_shape(dfc_options: dict[str, Any], model_shape: str) -> None:

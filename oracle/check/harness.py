@@ -41,6 +41,7 @@ from oracle.check.reduction import reduce_counterexample
 from oracle.config.options import DEFAULT_INPUTS, DEFAULT_VARIANTS, INPUT_POLICIES, check_options
 from oracle.files.atomic import SaveError
 from oracle.files.counterexample import arrays_of, save
+from oracle.judge.placed import compare_placed
 from oracle.judge.verdict import Verdict, compare, structured_outputs
 from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
@@ -49,6 +50,7 @@ from spec import OpConfig, Problem
 from spec.fields import GATE_VARIANTS, X_DTYPES
 from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
+from spec.placement import PlacedCall
 from spec.strategies import configs, problems
 
 __all__ = [
@@ -66,7 +68,7 @@ __all__ = [
     "variant_configs",
 ]
 
-Implementation = Callable[[Problem], Any]
+Implementation = Callable[[Any], Any]  # takes a spec.Problem, or a PlacedCall (placed search)
 #: NumPy's default floating-point error handling, restored around the judge: an implementation
 #: that calls ``np.seterr(all="raise")`` (at import, or in its call) must not crash the oracle.
 _NUMPY_DEFAULTS: dict[str, Any] = {"divide": "warn", "over": "warn", "under": "ignore",
@@ -111,17 +113,29 @@ def _copy_inputs(problem: Problem) -> Problem:
                                   problem.config)
 
 
-def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome:
-    """Run ``impl`` in this process, on a copy of ``problem``, in a daemon thread. It cannot
-    survive ``os._exit`` or a segfault, nor stop a call that holds the GIL: see
-    :class:`oracle.check.isolation.ChildProcess` for that."""
-    copy = _copy_inputs(problem)
+def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
+    """:func:`_copy_inputs`, of a placed call's problem too (its record is copied read-only)."""
+    if isinstance(given, Problem):
+        return _copy_inputs(given)
+    attrs = given.config.call_attributes()
+    return PlacedCall.from_record(_copy_inputs(given.problem).ranks, *given.record(),
+                                  swiglu_limit=attrs["swiglu_limit"],
+                                  swiglu_alpha=attrs["swiglu_alpha"])
+
+
+def _call(impl: Implementation, given: Problem | PlacedCall, timeout: float) -> CallOutcome:
+    """Run ``impl`` in this process, on a copy of ``given`` (a problem or a placed call), in a
+    daemon thread. It cannot survive ``os._exit`` or a segfault, nor stop a call that holds the
+    GIL: see :class:`oracle.check.isolation.ChildProcess` for that."""
+    problem = given.problem if isinstance(given, PlacedCall) else given
+    handed = _copy_call(given)
+    copy = handed.problem if isinstance(handed, PlacedCall) else handed
     watch = InputWatch(copy)
     box: dict[str, object] = {}
 
     def target_fn() -> None:
         try:
-            box["result"] = impl(copy)
+            box["result"] = impl(handed)
         except BaseException as exc:
             box["error"] = describe_exception(exc)
 
@@ -141,9 +155,10 @@ def _call(impl: Implementation, problem: Problem, timeout: float) -> CallOutcome
 Runner = Implementation | ChildProcess
 
 
-def call_implementation(impl: Runner, problem: Problem, timeout: float) -> CallOutcome:
-    """Run ``impl`` once on a copy of ``problem``, in its child process or in this one; never
-    raises for what the implementation does."""
+def call_implementation(impl: Runner, problem: Problem | PlacedCall,
+                        timeout: float) -> CallOutcome:
+    """Run ``impl`` once on a copy of ``problem`` (or placed call), in its child process or in
+    this one; never raises for what the implementation does."""
     if isinstance(impl, ChildProcess):
         return impl.call(problem, timeout)
     return _call(impl, problem, timeout)
@@ -151,7 +166,7 @@ def call_implementation(impl: Runner, problem: Problem, timeout: float) -> CallO
 
 def evaluate(
     impl: Runner,
-    problem: Problem,
+    problem: Problem | PlacedCall,
     *,
     numerics: str | Numerics = "faithful",
     timeout: float = 60.0,
@@ -159,8 +174,10 @@ def evaluate(
     ulps: float = 0.0,
 ) -> tuple[Verdict, object]:
     """Call ``impl`` (a callable, run in this process, or a :class:`ChildProcess`) on a copy of
-    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``. Options
-    outside what is allowed raise :class:`oracle.config.options.OptionError`."""
+    ``problem`` and judge it: ``(verdict, outputs as plain per-rank pairs, or None)``. A
+    :class:`spec.placement.PlacedCall` is handed over as such and judged by
+    :func:`oracle.judge.placed.compare_placed`. Options outside what is allowed raise
+    :class:`oracle.config.options.OptionError`."""
     check_options(numerics=numerics, ulps=ulps, timeout=timeout, inputs=inputs)
     outcome = call_implementation(impl, problem, timeout)
     if outcome.status == "raised":
@@ -173,7 +190,9 @@ def evaluate(
         return outcome.outputs, None
     outputs = outcome.outputs
     with np.errstate(**_NUMPY_DEFAULTS):
-        verdict = compare(problem, outputs, numerics=numerics, ulps=ulps)
+        verdict = (compare_placed(problem, outputs, numerics=numerics, ulps=ulps)
+                   if isinstance(problem, PlacedCall) else
+                   compare(problem, outputs, numerics=numerics, ulps=ulps))
     if verdict.ok and outcome.changed and inputs != "ignore":
         verdict = _judge_writes(verdict, outcome.changed, inputs, problem.config.num_experts)
     return verdict, outputs
@@ -519,6 +538,7 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None,
 def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
     numerics: Numerics, impl_name: str | None, ulps: float, inputs: str,
+    placed: PlacedCall | None = None,
 ) -> Path:
     checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
@@ -534,4 +554,4 @@ def _save_counterexample(
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", (impl_name or "impl").replace(":", "."))
     name = f"{stem}-{verdict.stage}-{digest}"
     kept = checked if isinstance(checked, list) else None
-    return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta)
+    return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta, placed=placed)

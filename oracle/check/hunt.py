@@ -17,11 +17,14 @@ from hypothesis import strategies as st
 
 from oracle.model.numerics import Numerics
 from oracle.model.reference import run
+from oracle.model.routing import run_placed
 from spec import Problem
 from spec.adapter import PR11916_PYTHON_DEFAULT_ALPHA, swiglu_experts
+from spec.placed_strategies import placed_calls
+from spec.placement import NO_EXPERT, PlacedCall
 from spec.strategies import configs, problems, token_rows
 
-__all__ = ["VARIANTS", "Variant", "outputs_of"]
+__all__ = ["PLACED_VARIANTS", "VARIANTS", "Variant", "outputs_of"]
 
 
 def outputs_of(numerics: Numerics) -> Callable[[Problem], list[tuple[Any, Any]]]:
@@ -66,13 +69,29 @@ def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
     return outputs_of(Numerics())(Problem(ranks, **problem.config.call_attributes()))
 
 
+def _clamp_invalid(call: PlacedCall) -> list[tuple[Any, Any]]:
+    """vllm-ascend's ``map_and_record``: a −1 logical id clamped to 0 before the lookup, so
+    the slot runs logical expert 0 with its weight (the reference on the clamped ids)."""
+    attrs = call.config.call_attributes()
+    fields, arrays = call.record()
+    clamped = {k: np.maximum(a, 0).astype(a.dtype) if k.endswith(".expert_idx") else a
+               for k, a in arrays.items()}
+    again = PlacedCall.from_record(call.problem.ranks, fields, clamped,
+                                   swiglu_limit=attrs["swiglu_limit"],
+                                   swiglu_alpha=attrs["swiglu_alpha"])
+    return [(r.out, r.expert_token_nums) for r in run_placed(again, numerics="ideal").ranks]
+
+
 @dataclass(frozen=True)
 class Variant:
+    """One variant; ``problems`` draws what ``impl`` takes (a Problem, or a PlacedCall for
+    :data:`PLACED_VARIANTS`)."""
+
     name: str
     what: str
     source: str
-    impl: Callable[[Problem], Any]
-    problems: st.SearchStrategy[Problem]
+    impl: Callable[[Any], Any]
+    problems: st.SearchStrategy[Any]
 
 
 VARIANTS = (
@@ -108,5 +127,17 @@ VARIANTS = (
         _bf16_epilogue,
         problems(configs=configs(weight_dtypes=st.sampled_from(("bfloat16", "float16")),
                                  experts_per_rank=st.sampled_from((1, 2, 3, 4)))),
+    ),
+)
+
+#: Variants of placed calls (:mod:`oracle.check.placed_search`), hunted after :data:`VARIANTS`.
+PLACED_VARIANTS = (
+    Variant(
+        "clamp-invalid-id",
+        f"vllm-ascend's map_and_record clamps a logical id of {NO_EXPERT} (a slot routed "
+        "nowhere) to 0 before the lookup: the slot runs expert 0 with its weight",
+        "placement.md [code]; open",
+        _clamp_invalid,
+        placed_calls(),
     ),
 )

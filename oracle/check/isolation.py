@@ -65,6 +65,7 @@ from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
 from spec.fields import LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
+from spec.placement import PlacedCall
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -494,27 +495,33 @@ class _SharedFile:
 # The child.
 
 
-def _problem_from(header: dict[str, Any], shared: _SharedFile) -> Problem:
-    """The implementation's problem: views of the shared file (:class:`_SharedFile`), so that
-    the parent sees every write into them."""
+def _problem_from(header: dict[str, Any], shared: _SharedFile) -> Problem | PlacedCall:
+    """The implementation's problem, or placed call when the header carries a placement
+    record: views of the shared file (:class:`_SharedFile`), so that the parent sees every
+    write into them."""
     handed = dict(shared.get(header.get("shared", [])))
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in header["config"].items()}
     config = OpConfig(**fields)
     ranks = [RankInputs.from_arrays(rank_arrays(handed, r)).map_arrays(lambda a: a, lists=True)
              for r in range(config.ep_size)]
+    if "placement" in header:
+        return PlacedCall.from_record(ranks, header["placement"], handed,
+                                      swiglu_limit=config.swiglu_limit,
+                                      swiglu_alpha=config.swiglu_alpha)
     return Problem.from_validated(ranks, config)
 
 
 def _serve(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) -> None:
     while (message := _read_message(rfd, None, 1 << 62)) is not None:
-        problem = _problem_from(message[0], shared)
+        given = _problem_from(message[0], shared)
+        problem = given.problem if isinstance(given, PlacedCall) else given
         shell = Problem.from_validated(problem.ranks, problem.config)  # what the judge reads
         watch = InputWatch(problem)
         saved = np.geterr()
         arrays: list[tuple[str, Array]] = []
         try:
-            result: Any = impl(problem)
+            result: Any = impl(given)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too
             answer: dict[str, Any] = {"status": "raised", "message": describe_exception(exc)}
         else:
@@ -782,9 +789,9 @@ class ChildProcess:
             self._kill()
             raise ImplLoadError(f"{self.name}: unexpected answer {header!r} from the child")
 
-    def call(self, problem: Problem, timeout: float) -> CallOutcome:
-        """Run the implementation once on (a copy of) ``problem``; never raises for what the
-        implementation does."""
+    def call(self, given: Problem | PlacedCall, timeout: float) -> CallOutcome:
+        """Run the implementation once on (a copy of) ``given``, a problem or a placed call
+        (sent with its placement record); never raises for what the implementation does."""
         if self.on_call is not None:
             self.on_call()
         if not self.alive:
@@ -794,11 +801,17 @@ class ChildProcess:
             except ImplLoadError as exc:
                 return CallOutcome("crashed", f"the implementation's process could not be "
                                    f"restarted: {exc}")
+        problem = given.problem if isinstance(given, PlacedCall) else given
         cfg = problem.config
         originals = arrays_of(problem)
+        header: dict[str, Any] = {"config": asdict(cfg)}
+        sent = dict(originals)
+        if isinstance(given, PlacedCall):
+            header["placement"], record = given.record()
+            sent.update(record)  # read-only copies in the child's call: not inputs it can write
         assert self._shared is not None
-        shared = self._shared.put(list(originals.items()))
-        request = _encode({"config": asdict(cfg), "shared": shared}, [])
+        shared = self._shared.put(list(sent.items()))
+        request = _encode({**header, "shared": shared}, [])
         expected = [(f"r{r}.{k}", dtype, shape, "contiguous") for r in range(cfg.ep_size)
                     for k, dtype, shape in
                     (("out", cfg.x_dtype, [cfg.tokens_per_rank[r], cfg.hidden]),
@@ -830,7 +843,8 @@ class ChildProcess:
         # Decided here, from the shared file the implementation's inputs live in: nothing the
         # worker says about its arrays is trusted.
         assert self._shared is not None
-        writes = written(dict(self._shared.get(shared)), originals, cfg.num_experts)
+        handed = {k: a for k, a in self._shared.get(shared) if k in originals}
+        writes = written(handed, originals, cfg.num_experts)
         return self._outcome(*message, expected, tuple(writes))
 
     def _outcome(self, header: dict[str, Any], payload: bytes,

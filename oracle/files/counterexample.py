@@ -8,6 +8,12 @@ manifest entry (name, dtype from a fixed list, shape) before its data is read, n
 unpickled, and the problem is rebuilt through :class:`spec.Problem`'s full validation. A
 malformed or hostile file raises :class:`spec.CounterexampleFileError`, whatever is wrong with
 it. bfloat16 arrays are stored as their uint16 bit patterns, so they round-trip exactly.
+
+Version 2 adds the placement record of a placed call (:meth:`spec.placement.PlacedCall.record`:
+fields under the manifest's ``placement``, arrays ``placement.*`` and ``shared.*``); the
+``problem`` is then the call's mapped-id problem, and the call is rebuilt from both through its
+own validation. Version 1 files (no placement) still load; a file without placement is still
+written as version 1, so an older dfc-oracle reads it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
+from spec.placement import PlacedCall
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -54,16 +61,18 @@ __all__ = [
 
 FORMAT = "dfc-oracle-counterexample"
 VERSION = 1
+#: The version of a file that holds a placed call (a placement record).
+PLACED_VERSION = 2
 _STORED: dict[str, np.dtype[Any]] = {  # ml_dtypes formats stored as bit patterns
     "bfloat16": np.dtype(np.uint16),
     "float8_e4m3fn": np.dtype(np.uint8)}
 #: The only dtypes a file may declare.
 #: The spec's dtypes, float32 (scales, probs) and bool (masks): nothing else is read.
-ALLOWED_DTYPES = (*DTYPES, "float32", "bool")
+ALLOWED_DTYPES = (*DTYPES, "float32", "bool", "int64")  # int64: logical ids, phy2log
 _MAX_ELEMENTS = 1 << 31
 #: Members of one archive: the manifest, the plain arrays of each rank and its two outputs, and
 #: the per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).
-MAX_MEMBERS = 1 + (len(ARRAY_FIELDS) + 2) * MAX_EP_SIZE + len(LIST_FIELDS) * 4096
+MAX_MEMBERS = 1 + (len(ARRAY_FIELDS) + 3) * MAX_EP_SIZE + len(LIST_FIELDS) * 4096 + 1
 _MAX_MANIFEST = 16 << 20
 _MAX_NPY_HEADER = 1 << 16
 _DEFLATE_RATIO = 1100  # deflate cannot expand more than about 1032:1
@@ -83,6 +92,7 @@ class Counterexample:
     problem: Problem
     outputs: list[tuple[Array, Array]] | None
     meta: dict[str, Any]
+    placed: PlacedCall | None = None  # a placed call's whole record (``problem`` its ids mapped)
 
     def judged_with(self) -> tuple[Numerics, float]:
         """The numerics and ``ulps`` the file was judged with (:func:`judged_with`)."""
@@ -113,7 +123,8 @@ def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
 
 def _bad(path: Path, what: str, fix: str = "regenerate the file with dfc-oracle") -> SpecError:
     return CounterexampleFileError(
-        field=str(path), given=what, allowed=f"a {FORMAT} file (version {VERSION})", fix=fix
+        field=str(path), given=what, allowed=f"a {FORMAT} file (version {VERSION}, or "
+        f"{PLACED_VERSION} with a placement record)", fix=fix
     )
 
 
@@ -157,21 +168,29 @@ def save(
     *,
     outputs: list[tuple[Array, Array]] | None = None,
     meta: dict[str, Any] | None = None,
+    placed: PlacedCall | None = None,
 ) -> Path:
     """Write ``problem`` (and the implementation's ``outputs``, if any) to ``path`` (.npz),
     atomically (:func:`oracle.files.atomic.atomic_write`: an earlier file of that name stays whole
     if this write fails; a link there is refused, never followed; failures raise
     :class:`oracle.files.atomic.SaveError`). ``meta`` holds JSON-serialisable facts (the report, the
-    implementation, numerics). Returns the absolute path."""
+    implementation, numerics). A ``placed`` call is saved whole: ``problem`` must be its
+    ``problem``, and its placement record goes with it (version 2). Returns the absolute path."""
     arrays = arrays_of(problem, outputs)
+    fields = None
+    if placed is not None:
+        fields, record = placed.record()
+        arrays.update(record)
     stored, specs = encode_arrays(arrays)
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if placed is None else PLACED_VERSION,
         "config": asdict(problem.config),
         "arrays": specs,
         "meta": meta or {},
     }
+    if fields is not None:
+        manifest["placement"] = fields
     stored["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     return atomic_write(path, lambda f: np.savez_compressed(f, **stored))  # type: ignore[arg-type]
 
@@ -308,24 +327,27 @@ class Archive:
 
 
 def parse_header(
-    raw: bytes, file_format: str, version: int, bad: Callable[..., SpecError]
+    raw: bytes, file_format: str, version: int | tuple[int, ...], bad: Callable[..., SpecError]
 ) -> dict[str, Any]:
-    """A JSON manifest of ``file_format`` and ``version``; anything else raises ``bad(given)``
-    or ``bad(given, fix)`` (the caller's error, naming its file)."""
+    """A JSON manifest of ``file_format`` and ``version`` (or one of several); anything else
+    raises ``bad(given)`` or ``bad(given, fix)`` (the caller's error, naming its file)."""
     try:
         manifest = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"a manifest that is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != file_format:
         raise bad("a manifest of another format")
-    if manifest.get("version") != version:
+    if manifest.get("version") not in (version if isinstance(version, tuple) else (version,)):
         raise bad(f"version {manifest.get('version')!r}", "use a matching dfc-oracle")
     return manifest
 
 
 def _read_manifest(path: Path, files: Archive) -> dict[str, Any]:
-    manifest = parse_header(files.manifest("manifest"), FORMAT, VERSION,
+    manifest = parse_header(files.manifest("manifest"), FORMAT, (VERSION, PLACED_VERSION),
                             functools.partial(_bad, path))
+    if ("placement" in manifest) != (manifest["version"] == PLACED_VERSION):
+        raise _bad(path, f"version {manifest['version']} "
+                   f"{'with' if 'placement' in manifest else 'without'} a placement record")
     if not isinstance(manifest.get("arrays"), dict) or not isinstance(manifest.get("config"), dict):
         raise _bad(path, "a manifest without 'arrays' and 'config'")
     return manifest
@@ -414,4 +436,23 @@ def _load(path: Path) -> Counterexample:
                 raise _bad(path, f"outputs of rank {r} missing while rank 0 has them")
             outputs.append((out, nums))
     meta = manifest.get("meta")
-    return Counterexample(problem, outputs, meta if isinstance(meta, dict) else {})
+    placed = _placed(path, problem, manifest.get("placement"), arrays) if (
+        "placement" in manifest) else None
+    return Counterexample(problem, outputs, meta if isinstance(meta, dict) else {}, placed)
+
+
+def _placed(path: Path, problem: Problem, fields: object, arrays: dict[str, Array]) -> PlacedCall:
+    """The placed call of a version-2 file, validated as a new call is; its mapped ids must be
+    the file's."""
+    attrs = problem.config.call_attributes()
+    try:
+        placed = PlacedCall.from_record(problem.ranks, fields, arrays,
+                                        swiglu_limit=attrs["swiglu_limit"],
+                                        swiglu_alpha=attrs["swiglu_alpha"])
+    except SpecError as exc:
+        raise _bad(path, f"a placement record that fails validation ({exc})") from None
+    for r, (mine, theirs) in enumerate(zip(placed.problem.ranks, problem.ranks)):
+        if not np.array_equal(mine.expert_idx, theirs.expert_idx):
+            raise _bad(path, f"rank {r}'s physical expert ids unlike those its placement "
+                       "record chooses")
+    return placed
