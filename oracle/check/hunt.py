@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
 from oracle.model.reference import run
 from spec import Problem
 from spec.adapter import PR11916_PYTHON_DEFAULT_ALPHA, swiglu_experts
+from spec.limits import ShapeDomain
 from spec.strategies import configs, problems, token_rows
 
 __all__ = ["VARIANTS", "Variant", "outputs_of"]
@@ -33,16 +35,21 @@ def outputs_of(numerics: Numerics) -> Callable[[Problem], list[tuple[Any, Any]]]
     return impl
 
 
-def _default_alpha(problem: Problem) -> list[tuple[Any, Any]]:
+def _changed(**change: Any) -> Callable[[Problem, Numerics], list[tuple[Any, Any]]]:
+    """The reference under ``numerics`` with ``change`` applied, as a variant's run."""
+    return lambda problem, numerics: outputs_of(dataclasses.replace(numerics, **change))(problem)
+
+
+def _default_alpha(problem: Problem, numerics: Numerics) -> list[tuple[Any, Any]]:
     """A standard W8A8 call through PR #11916's Python binding: ``swiglu_alpha`` becomes its
     default."""
     attributes = problem.config.call_attributes()
     if attributes["swiglu_alpha"] is None:
         attributes["swiglu_alpha"] = PR11916_PYTHON_DEFAULT_ALPHA
-    return outputs_of(Numerics())(Problem(problem.ranks, **attributes))
+    return outputs_of(numerics)(Problem(problem.ranks, **attributes))
 
 
-def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
+def _bf16_epilogue(problem: Problem, numerics: Numerics) -> list[tuple[Any, Any]]:
     """The BF16 kernel's SwiGLU epilogue (:func:`spec.adapter.swiglu_experts`): an expert it
     skips goes through GMM2 on a SwiGLU buffer nothing wrote, taken as zeros (a first call on
     a fresh buffer; later calls read the previous call's rows [inferred]), so its ``y`` is 0:
@@ -50,7 +57,7 @@ def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
     e = problem.config.experts_per_rank
     skipped = [j for j in range(e) if j not in swiglu_experts(e, "bf16")]
     if problem.config.weight_dtype == "int8" or not skipped:
-        return outputs_of(Numerics())(problem)
+        return outputs_of(numerics)(problem)
 
     def stale(w2: Any) -> Any:
         w2 = np.array(w2)
@@ -63,16 +70,27 @@ def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
         w2 = [stale(w) for w in r.w2] if len(r.w2) == 1 else [
             np.zeros_like(w) if j in skipped else w for j, w in enumerate(r.w2)]
         ranks.append(dataclasses.replace(r, w2=w2))
-    return outputs_of(Numerics())(Problem(ranks, **problem.config.call_attributes()))
+    return outputs_of(numerics)(Problem(ranks, **problem.config.call_attributes()))
 
 
 @dataclass(frozen=True)
 class Variant:
+    """One variant: ``run(problem, numerics)`` is the reference under ``numerics`` with the
+    variant's difference; ``search(domain)`` its problems inside a kernel's shape domain."""
+
     name: str
     what: str
     source: str
-    impl: Callable[[Problem], Any]
-    problems: st.SearchStrategy[Problem]
+    run: Callable[[Problem, Numerics], Any]
+    search: Callable[[ShapeDomain | None], st.SearchStrategy[Problem]]
+
+    def impl(self, kernel: KernelProfile | None = None) -> Callable[[Problem], Any]:
+        """The variant of ``kernel`` (default: the default profile), as an implementation."""
+        numerics = Numerics(kernel=kernel)
+        return lambda problem: self.run(problem, numerics)
+
+    def problems(self, kernel: KernelProfile | None = None) -> st.SearchStrategy[Problem]:
+        return self.search(None if kernel is None else kernel.domain)
 
 
 VARIANTS = (
@@ -81,16 +99,18 @@ VARIANTS = (
         "the kernel's reading of §6 steps 1 and 5: an all-zero token row quantises as 0/0 = NaN "
         "and poisons every slot of its token, where the mathematics gives 0",
         "reference notes §6 step 1 and 5 [inferred]",
-        outputs_of(Numerics(zero_rows="nan")),
-        problems(values=token_rows(families=st.just("zero_row"))),
+        _changed(zero_rows="nan"),
+        lambda d: problems(configs=configs(domain=d),
+                           values=token_rows(families=st.just("zero_row"))),
     ),
     Variant(
         "19-bit dequant scales",
         "the CANN converter keeps scale bits & 0xFFFFE000; vLLM passes raw float32 bits: does "
         "the open question change outputs?",
         "reference notes §6 step 2 [inferred]",
-        outputs_of(Numerics(truncate_scales=True)),
-        problems(values=token_rows(families=st.sampled_from(("normal", "ties")))),
+        _changed(truncate_scales=True),
+        lambda d: problems(configs=configs(domain=d),
+                           values=token_rows(families=st.sampled_from(("normal", "ties")))),
     ),
     Variant(
         "oai-default-alpha",
@@ -98,7 +118,8 @@ VARIANTS = (
         "the caller passes none: a standard W8A8 model runs SwigluOAI",
         "variants.md [inferred]; PR #11916 (open)",
         _default_alpha,
-        problems(configs=configs(weight_dtypes=st.just("int8"), swiglu_alphas=st.none())),
+        lambda d: problems(configs=configs(weight_dtypes=st.just("int8"), swiglu_alphas=st.none(),
+                                           domain=d)),
     ),
     Variant(
         "bf16-epilogue-e2",
@@ -106,7 +127,8 @@ VARIANTS = (
         "reads a stale buffer; E = 1 works",
         "variants.md; dispatch_ffn_combine_bf16.h [code]",
         _bf16_epilogue,
-        problems(configs=configs(weight_dtypes=st.sampled_from(("bfloat16", "float16")),
-                                 experts_per_rank=st.sampled_from((1, 2, 3, 4)))),
+        lambda d: problems(configs=configs(
+            weight_dtypes=st.sampled_from(("bfloat16", "float16")),
+            experts_per_rank=st.sampled_from((1, 2, 3, 4)), domain=d)),
     ),
 )
