@@ -448,9 +448,13 @@ def _hunt(args: argparse.Namespace) -> int:
     from spec.findings import hunt_rules  # lazy: start-up
 
     try:
-        check_options(save_dir=args.save_dir, max_examples=args.max_examples)
+        kernel = load_kernel(args.kernel)
+        check_options(save_dir=args.save_dir, max_examples=args.max_examples, kernel=kernel)
     except OptionError as exc:
         return _usage("hunt", exc)
+    profile = None if kernel is None else get_kernel(kernel)
+    if profile is not None:
+        _err(f"hunting the variants of kernel profile '{profile.name}' (--kernel)")
     rows: list[tuple[str, str, str]] = []
     details: list[str] = []
     _err("hunting the operator's historical layout, buffer and protocol rules ...")
@@ -461,12 +465,13 @@ def _hunt(args: argparse.Namespace) -> int:
         _err(f"hunting variant '{variant.name}' ...")
         try:
             if variant in PLACED_VARIANTS:
-                check_placed(variant.impl, calls=variant.problems, settings=_settings(args),
+                check_placed(variant.impl(), calls=variant.problems(), settings=_settings(args),
                              save_dir=args.save_dir, impl_name=f"oracle.check.hunt:{variant.name}")
             else:
-                check_implementation(variant.impl, problems=variant.problems,
+                check_implementation(variant.impl(profile), problems=variant.problems(profile),
                                      settings=_settings(args), save_dir=args.save_dir,
-                                     impl_name=f"oracle.check.hunt:{variant.name}")
+                                     impl_name=f"oracle.check.hunt:{variant.name}",
+                                     kernel=profile)
         except ConformanceError as exc:
             rows.append((variant.name, variant.source, exc.problem.config.summary()))
             details.append(f"{variant.name}: {variant.what}\n  {exc.verdict.message}\n"
@@ -644,6 +649,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="print KERNEL as a JSON profile file, to edit and pass as "
                            "--kernel FILE.json (default: list the profiles)")
     hunt = sub.add_parser("hunt", help="search the built-in catalogue of rules and variants")
+    hunt.add_argument("--kernel", default=None, metavar="KERNEL",
+                      help="run and judge the variants on this kernel profile, "
+                      f"{kernel_help} (default: {DEFAULT_KERNEL})")
     search_options(hunt)
     explain_p = sub.add_parser("explain", help="describe a saved counterexample and name the "
                                "known defect its outputs equal")

@@ -213,8 +213,8 @@ def test_every_catalogue_entry_is_planted_or_invisible() -> None:
     here hits an exact tie of a·127/amax after SwiGLU: not covered), and the routed
     weight moved into the combine, which applies to vllm-triton only and has no independent
     planted vLLM implementation here (not covered)."""
-    assert {d.key for d in CATALOGUE} == set(PLANTED) | {"cap_plus_one", "step5_ties",
-                                                         "weight_in_combine"}
+    assert {d.key for d in CATALOGUE} == set(PLANTED) | set(ISSUE21) | {
+        "cap_plus_one", "step5_ties", "weight_in_combine"}
 
 
 def test_one_row_too_many_is_invisible_to_the_judge() -> None:
@@ -316,7 +316,7 @@ def test_ideal_mode_speaks_of_no_profile_the_user_did_not_choose(
     said = found.describe()
     assert "the reference (the ideal mathematics) with the routing weights ignored" in said
     assert "ascend-a3" not in said
-    assert found.tried == sum(d.kernel is None for d in CATALOGUE)  # no rounding-point entry
+    assert len(found.tried) == sum(d.kernel is None for d in CATALOGUE)  # no rounding-point entry
     named = diagnose(problem, outputs, numerics=oracle.Numerics("ideal", kernel="ascend-a3"))
     assert "(ascend-a3)" in named.describe()
     with pytest.raises(oracle.ConformanceError) as failure:
@@ -326,3 +326,52 @@ def test_ideal_mode_speaks_of_no_profile_the_user_did_not_choose(
     printed = capsys.readouterr().out
     assert "ascend-a3" not in printed.split("judged with")[1], printed
     assert "stages: none, judged in ideal mode without a kernel profile" in printed
+
+
+# ---------------------------------------------------------------- issue 21's classes
+
+
+def _varied(seed: int = 1) -> Problem:
+    """_problem with token rows 10^0..10^-3 apart (the ideal judge's varied_norms family)."""
+    from spec.strategies import RowPlan
+    from spec.synth import normal_tokens
+
+    cfg = _problem(seed).config
+    rng = np.random.default_rng(seed)
+    x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
+    RowPlan("varied_norms").plant(cfg, rng, x)
+    return random_problem(cfg, seed=seed, x=x, probs=[r.probs for r in _problem(seed).ranks])
+
+
+class _ProbsTwice(DispatchFfnCombine):
+    def combine(self, y: Array, probs: Array) -> Array:
+        return super().combine(y, probs * probs)
+
+
+#: issue 21: entry -> (a mutant it names, a mutant of another class it must not name).
+ISSUE21 = {
+    "probs_twice": (_ProbsTwice(), MUTANTS["probs_renormalised"], _problem),
+    "step1_truncated": (MUTANTS["quantise_truncated"], MUTANTS["quantise_double_rounded"],
+                        _problem),
+    "per_tensor_scale": (MUTANTS["per_tensor_activation_scale"], MUTANTS["quantise_truncated"],
+                         _varied),
+}
+
+
+@pytest.mark.parametrize("key", sorted(ISSUE21))
+def test_an_issue21_class_is_named_and_another_is_not(key: str) -> None:
+    named, other, make = ISSUE21[key]
+    problem = make()
+    found = diagnose(problem, named(problem))
+    assert [d.key for d in found.exact][:1] == [key], found.describe()
+    found = diagnose(problem, other(problem))
+    assert not found.conforms and key not in [d.key for d in found.exact], found.describe()
+
+
+def test_no_known_defect_says_which_were_tried() -> None:
+    problem = _problem()
+    rng = np.random.default_rng(0)
+    garbage = [(rng.standard_normal(out.shape).astype(out.dtype), nums)
+               for out, nums in correct(problem)]
+    text = diagnose(problem, garbage).describe()
+    assert "no known defect" in text and "step1_truncated" in text and "probs_twice" in text

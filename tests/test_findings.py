@@ -159,7 +159,7 @@ def test_the_hunt_finds_the_kernel_variants_minimal_calls(variant: str, minimal:
 
     chosen = {v.name: v for v in VARIANTS}[variant]
     with pytest.raises(ConformanceError) as found:
-        check_implementation(chosen.impl, problems=chosen.problems, save_dir=None,
+        check_implementation(chosen.impl(), problems=chosen.problems(), save_dir=None,
                              settings=settings(max_examples=30, derandomize=True,
                                                database=None, deadline=None))
     assert found.value.problem.config.summary().startswith(minimal)

@@ -144,6 +144,14 @@ WITNESSES: dict[str, Callable[[], Problem]] = {
     "swiglu_halves_swapped": lambda: random_problem(cfg()),
     # x[1] = 2.5 with σ1 = 1: a tie, 3 away from zero, 2 to even
     "quantise_half_even": lambda: one_token([2.5], [1, 1, 1, 1], [1, 1, 1, 1]),
+    # x/σ1 = 2.75: rounds to 3, truncates to 2
+    "quantise_truncated": lambda: one_token([2.75], [1, 1, 1, 1], [1, 1, 1, 1]),
+    # random rows: some x/σ1 above 64 has a fraction in (1/4, 1/2), a bfloat16 tie
+    "quantise_double_rounded": lambda: random_problem(cfg(hidden=256), seed=1),
+    # two tokens, the second 64x smaller: the shared scale leaves it a few int8 levels
+    "per_tensor_activation_scale": lambda: random_problem(
+        cfg(tokens_per_rank=(2,)), seed=1,
+        x=[np.array([[1.0] * 32, [2.0**-6] * 31 + [0.5]], dtype=ml_dtypes.bfloat16)]),
     # h = (gate 127, 20 | up 1, 0.125): a = (127, 2.5), requantised at 127/127 = 1: a tie
     "requantise_half_away": lambda: one_token([1], [127, 20, 1, 1], [1, 1, 1, 0.125]),
     # h = (gate 120, 20 | up 1, 3): a = (120, 60); 60·(127/120) and 60/(120/127) round apart

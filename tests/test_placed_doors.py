@@ -147,13 +147,13 @@ def test_cli_check_placement_and_replay(in_tests_dir, tmp_path, capsys) -> None:
 def test_hunt_variant_clamp_invalid_id_differs_only_with_unrouted_slots(tmp_path) -> None:
     variant = PLACED_VARIANTS[0]
     with pytest.raises(ConformanceError) as caught:
-        check_placed(variant.impl, calls=variant.problems, settings=UNSHRUNK, save_dir=None)
+        check_placed(variant.impl(), calls=variant.problems(), settings=UNSHRUNK, save_dir=None)
     assert "-1 slots=" in caught.value.report
     call = find(placed_calls(), lambda c: "-1 slots" not in c.summary() and sum(
         c.config.tokens_per_rank) > 0, settings=ONE)
     from oracle.judge.placed import compare_placed  # the variant equals the reference here
 
-    assert compare_placed(call, variant.impl(call)).ok
+    assert compare_placed(call, variant.impl()(call)).ok
 
 
 def _options(impl: object, kernel: str = "vllm-triton") -> dict[str, object]:

@@ -37,6 +37,9 @@ _CLASSES: dict[str, tuple[str, type[DispatchFfnCombine]]] = {
     # numerics (§6)
     "swiglu_halves_swapped": ("numerics", numerics.SwigluHalvesSwapped),
     "quantise_half_even": ("numerics", numerics.QuantiseHalfEven),
+    "quantise_truncated": ("numerics", numerics.QuantiseTruncated),
+    "quantise_double_rounded": ("numerics", numerics.QuantiseDoubleRounded),
+    "per_tensor_activation_scale": ("numerics", numerics.PerTensorActivationScale),
     "requantise_half_away": ("numerics", numerics.RequantiseHalfAway),
     "requantise_by_division": ("numerics", numerics.RequantiseByDivision),
     "per_token_scale": ("numerics", numerics.PerTokenScale),

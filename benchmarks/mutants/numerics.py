@@ -22,10 +22,13 @@ __all__ = [
     "CombineBf16Accumulator",
     "CombineReverseOrder",
     "Fp16IntermediateSkipped",
+    "PerTensorActivationScale",
     "PerTokenScale",
     "ProbsIgnored",
     "ProbsRenormalised",
+    "QuantiseDoubleRounded",
     "QuantiseHalfEven",
+    "QuantiseTruncated",
     "RequantiseByDivision",
     "RequantiseHalfAway",
     "SwigluHalvesSwapped",
@@ -47,6 +50,40 @@ class QuantiseHalfEven(DispatchFfnCombine):
     (§6 step 1): differs exactly on rows with ``x/σ1`` at n + ½."""
 
     round_tokens = staticmethod(round_half_even)
+
+
+class QuantiseTruncated(DispatchFfnCombine):
+    """Token quantisation truncates ``x/σ1`` toward zero instead of rounding it (§6 step 1): a
+    C cast ``(int8_t)v`` where a rounding cast was due. Every int8 value moves toward zero by
+    the fraction it drops (half a step on average): a bias, not noise."""
+
+    round_tokens = staticmethod(np.trunc)
+
+
+class QuantiseDoubleRounded(DispatchFfnCombine):
+    """Token quantisation rounds twice: ``x/σ1`` is stored in bfloat16 (a division done in the
+    activations' dtype, as ``x.bfloat16() / scale`` gives in torch) and only then rounded to
+    int8 (§6 step 1 rounds the float32 quotient once). Above 64 bfloat16 keeps half steps, so
+    a quotient with a fraction in (¼, ½) becomes a tie and moves one step away from zero."""
+
+    def quantise_tokens(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sigma = np.abs(x).max(axis=1) / QMAX
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stored = (x / sigma[:, None]).astype(DTYPES["bfloat16"]).astype(F32)
+        q = self.round_tokens(stored)
+        return np.where(sigma[:, None] > 0, q, F32(0)).astype(F32), sigma
+
+
+class PerTensorActivationScale(DispatchFfnCombine):
+    """One activation scale for every token of the call (the largest |x| over all of them)
+    instead of one per token (§6 step 1 is per token): a token far smaller than the largest
+    one keeps only a few int8 levels, or none."""
+
+    def quantise_tokens(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sigma = np.full(x.shape[0], np.abs(x).max(initial=F32(0)) / QMAX, dtype=F32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = self.round_tokens(x / sigma[:, None])
+        return np.where(sigma[:, None] > 0, q, F32(0)).astype(F32), sigma
 
 
 class RequantiseHalfAway(DispatchFfnCombine):

@@ -37,7 +37,15 @@ from spec.fields import GATE_VARIANTS
 from spec.index_width import THRESHOLDS, crossing_fields
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
-from spec.strategies import ROUTING_FAMILIES, ROW_FAMILIES, configs, problems, routings, token_rows
+from spec.strategies import (
+    POWER_ROW_FAMILIES,
+    ROUTING_FAMILIES,
+    ROW_FAMILIES,
+    configs,
+    problems,
+    routings,
+    token_rows,
+)
 
 _GATE = {g.name: g for g in GATE_VARIANTS}
 
@@ -127,7 +135,8 @@ def test_routing(dfc_options: dict[str, Any], family: str) -> None:
                                  routing=routings(families=st.just(family))))
 
 
-@pytest.mark.parametrize("family", [f for f in ROW_FAMILIES if f != "normal"])
+@pytest.mark.parametrize("family", [f for f in ROW_FAMILIES + POWER_ROW_FAMILIES
+                                    if f != "normal"])
 def test_token_rows(dfc_options: dict[str, Any], family: str) -> None:
     _check(dfc_options, problems(configs=_variant_configs(dfc_options),
                                  values=token_rows(families=st.just(family))))

@@ -51,7 +51,7 @@ from spec.fields import GATE_VARIANTS, X_DTYPES
 from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.placement import PlacedCall
-from spec.strategies import configs, problems
+from spec.strategies import POWER_ROW_FAMILIES, ROW_FAMILIES, configs, problems, token_rows
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -353,19 +353,24 @@ def _sample(strategy: st.SearchStrategy[Problem], count: int) -> list[Problem]:
 
 
 def default_problems(
-    profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None
+    profile: KernelProfile, domain: str = "kernel", variants: Sequence[str] | None = None,
+    mode: str = "faithful",
 ) -> st.SearchStrategy[Problem]:
     """The default search: :func:`spec.strategies.problems` inside ``profile``'s shape domain
     (``domain="kernel"``) or the whole contract (``"contract"``), of every default weight
     variant or only ``variants``; a profile without some default variant (the GPU formats'
-    profiles) searches the gate variants it has."""
+    profiles) searches the gate variants it has. ``mode="ideal"`` also draws the token rows of
+    :data:`spec.strategies.POWER_ROW_FAMILIES` (what the ideal judge needs to see a per-tensor
+    activation scale)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
     have = variants_of(profile, variants)
+    rows = (token_rows(families=st.sampled_from(ROW_FAMILIES + POWER_ROW_FAMILIES))
+            if mode == "ideal" else None)
     if variants is None and have == DEFAULT_VARIANTS:
-        return problems(configs=configs(domain=shapes))
-    return problems(configs=variant_configs(have, domain=shapes))
+        return problems(configs=configs(domain=shapes), values=rows)
+    return problems(configs=variant_configs(have, domain=shapes), values=rows)
 
 
 def variants_of(profile: KernelProfile, variants: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -440,7 +445,7 @@ def check_implementation(
     # Absolute now: an implementation that calls os.chdir() must not move the file.
     directory = None if save_dir is None else Path(os.path.abspath(save_dir))
     if problems is None:
-        problems = default_problems(num.profile, domain, variants)
+        problems = default_problems(num.profile, domain, variants, num.mode)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(

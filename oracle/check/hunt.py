@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics
 from oracle.model.reference import run
 from oracle.model.routing import run_placed
 from spec import Problem
 from spec.adapter import PR11916_PYTHON_DEFAULT_ALPHA, swiglu_experts
+from spec.limits import ShapeDomain
 from spec.placed_strategies import placed_calls
 from spec.placement import NO_EXPERT, PlacedCall
 from spec.strategies import configs, problems, token_rows
@@ -36,16 +38,21 @@ def outputs_of(numerics: Numerics) -> Callable[[Problem], list[tuple[Any, Any]]]
     return impl
 
 
-def _default_alpha(problem: Problem) -> list[tuple[Any, Any]]:
+def _changed(**change: Any) -> Callable[[Problem, Numerics], list[tuple[Any, Any]]]:
+    """The reference under ``numerics`` with ``change`` applied, as a variant's run."""
+    return lambda problem, numerics: outputs_of(dataclasses.replace(numerics, **change))(problem)
+
+
+def _default_alpha(problem: Problem, numerics: Numerics) -> list[tuple[Any, Any]]:
     """A standard W8A8 call through PR #11916's Python binding: ``swiglu_alpha`` becomes its
     default."""
     attributes = problem.config.call_attributes()
     if attributes["swiglu_alpha"] is None:
         attributes["swiglu_alpha"] = PR11916_PYTHON_DEFAULT_ALPHA
-    return outputs_of(Numerics())(Problem(problem.ranks, **attributes))
+    return outputs_of(numerics)(Problem(problem.ranks, **attributes))
 
 
-def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
+def _bf16_epilogue(problem: Problem, numerics: Numerics) -> list[tuple[Any, Any]]:
     """The BF16 kernel's SwiGLU epilogue (:func:`spec.adapter.swiglu_experts`): an expert it
     skips goes through GMM2 on a SwiGLU buffer nothing wrote, taken as zeros (a first call on
     a fresh buffer; later calls read the previous call's rows [inferred]), so its ``y`` is 0:
@@ -53,7 +60,7 @@ def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
     e = problem.config.experts_per_rank
     skipped = [j for j in range(e) if j not in swiglu_experts(e, "bf16")]
     if problem.config.weight_dtype == "int8" or not skipped:
-        return outputs_of(Numerics())(problem)
+        return outputs_of(numerics)(problem)
 
     def stale(w2: Any) -> Any:
         w2 = np.array(w2)
@@ -66,7 +73,7 @@ def _bf16_epilogue(problem: Problem) -> list[tuple[Any, Any]]:
         w2 = [stale(w) for w in r.w2] if len(r.w2) == 1 else [
             np.zeros_like(w) if j in skipped else w for j, w in enumerate(r.w2)]
         ranks.append(dataclasses.replace(r, w2=w2))
-    return outputs_of(Numerics())(Problem(ranks, **problem.config.call_attributes()))
+    return outputs_of(numerics)(Problem(ranks, **problem.config.call_attributes()))
 
 
 def _clamp_invalid(call: PlacedCall) -> list[tuple[Any, Any]]:
@@ -84,14 +91,23 @@ def _clamp_invalid(call: PlacedCall) -> list[tuple[Any, Any]]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One variant; ``problems`` draws what ``impl`` takes (a Problem, or a PlacedCall for
-    :data:`PLACED_VARIANTS`)."""
+    """One variant: ``run(problem, numerics)`` is the reference under ``numerics`` with the
+    variant's difference; ``search(domain)`` its problems inside a kernel's shape domain (a
+    :class:`~spec.placement.PlacedCall` for :data:`PLACED_VARIANTS`, judged in ideal numerics)."""
 
     name: str
     what: str
     source: str
-    impl: Callable[[Any], Any]
-    problems: st.SearchStrategy[Any]
+    run: Callable[[Any, Numerics], Any]
+    search: Callable[[ShapeDomain | None], st.SearchStrategy[Any]]
+
+    def impl(self, kernel: KernelProfile | None = None) -> Callable[[Any], Any]:
+        """The variant of ``kernel`` (default: the default profile), as an implementation."""
+        numerics = Numerics(kernel=kernel)
+        return lambda problem: self.run(problem, numerics)
+
+    def problems(self, kernel: KernelProfile | None = None) -> st.SearchStrategy[Any]:
+        return self.search(None if kernel is None else kernel.domain)
 
 
 VARIANTS = (
@@ -100,16 +116,18 @@ VARIANTS = (
         "the kernel's reading of §6 steps 1 and 5: an all-zero token row quantises as 0/0 = NaN "
         "and poisons every slot of its token, where the mathematics gives 0",
         "reference notes §6 step 1 and 5 [inferred]",
-        outputs_of(Numerics(zero_rows="nan")),
-        problems(values=token_rows(families=st.just("zero_row"))),
+        _changed(zero_rows="nan"),
+        lambda d: problems(configs=configs(domain=d),
+                           values=token_rows(families=st.just("zero_row"))),
     ),
     Variant(
         "19-bit dequant scales",
         "the CANN converter keeps scale bits & 0xFFFFE000; vLLM passes raw float32 bits: does "
         "the open question change outputs?",
         "reference notes §6 step 2 [inferred]",
-        outputs_of(Numerics(truncate_scales=True)),
-        problems(values=token_rows(families=st.sampled_from(("normal", "ties")))),
+        _changed(truncate_scales=True),
+        lambda d: problems(configs=configs(domain=d),
+                           values=token_rows(families=st.sampled_from(("normal", "ties")))),
     ),
     Variant(
         "oai-default-alpha",
@@ -117,7 +135,8 @@ VARIANTS = (
         "the caller passes none: a standard W8A8 model runs SwigluOAI",
         "variants.md [inferred]; PR #11916 (open)",
         _default_alpha,
-        problems(configs=configs(weight_dtypes=st.just("int8"), swiglu_alphas=st.none())),
+        lambda d: problems(configs=configs(weight_dtypes=st.just("int8"), swiglu_alphas=st.none(),
+                                           domain=d)),
     ),
     Variant(
         "bf16-epilogue-e2",
@@ -125,8 +144,9 @@ VARIANTS = (
         "reads a stale buffer; E = 1 works",
         "variants.md; dispatch_ffn_combine_bf16.h [code]",
         _bf16_epilogue,
-        problems(configs=configs(weight_dtypes=st.sampled_from(("bfloat16", "float16")),
-                                 experts_per_rank=st.sampled_from((1, 2, 3, 4)))),
+        lambda d: problems(configs=configs(
+            weight_dtypes=st.sampled_from(("bfloat16", "float16")),
+            experts_per_rank=st.sampled_from((1, 2, 3, 4)), domain=d)),
     ),
 )
 
@@ -137,7 +157,7 @@ PLACED_VARIANTS = (
         f"vllm-ascend's map_and_record clamps a logical id of {NO_EXPERT} (a slot routed "
         "nowhere) to 0 before the lookup: the slot runs expert 0 with its weight",
         "placement.md [code]; open",
-        _clamp_invalid,
-        placed_calls(),
+        lambda call, _numerics: _clamp_invalid(call),
+        lambda _domain: placed_calls(),
     ),
 )

@@ -32,13 +32,22 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 from oracle.judge.verdict import Verdict, compare, envelope_ratio, structured_outputs
-from oracle.model.kernels import Combine, Env, FloatGemm, IntGemm, KernelProfile, cast, to_f32
+from oracle.model.kernels import (
+    Combine,
+    Env,
+    FloatGemm,
+    IntGemm,
+    KernelProfile,
+    Quantiser,
+    cast,
+    to_f32,
+)
 from oracle.model.numerics import Numerics, resolve_numerics
 from oracle.model.reference import RankResult, Result, route, run
 from spec import DTYPES, Problem, RankInputs
@@ -92,6 +101,23 @@ def _combine_as(kind: type[Combine]) -> Callable[[KernelProfile], KernelProfile]
         return replace(p, combine=kind(c.weight, c.sum, c.x_dtype_topk))
 
     return change
+
+
+@dataclass(frozen=True)
+class _PerTensorQuantiser(Quantiser):
+    """The profile's token quantisation with one scale for the whole call: every row's amax
+    replaced by the largest over all rows (no envelope: the defect's own value)."""
+
+    def __call__(self, a: Env, zero_rows: str) -> tuple[Env, Env, Array]:
+        amax = np.abs(a.mid).max(initial=np.float32(0))
+        column = np.full((a.mid.shape[0], 1), amax, np.float32)  # every row's amax the call's
+        q, sigma, degenerate = super().__call__(Env(np.hstack([a.mid, column])), zero_rows)
+        return Env(q.mid[:, :-1]), sigma, degenerate
+
+
+def _per_tensor(p: KernelProfile) -> KernelProfile:
+    return p.map_steps("quantise", lambda q: _PerTensorQuantiser(
+        **{f.name: getattr(q, f.name) for f in fields(Quantiser)}))
 
 
 # ---------------------------------------------------------------- kernel profile changes
@@ -184,6 +210,11 @@ def _probs_renormalised(problem: Problem) -> Problem | None:
         return None
     return _each_rank(problem, lambda r: replace(
         r, probs=(r.probs / r.probs.sum(axis=1, keepdims=True)).astype(np.float32)))
+
+
+def _probs_squared(problem: Problem) -> Problem:
+    return _each_rank(problem, lambda r: replace(
+        r, probs=(r.probs * r.probs).astype(np.float32)))
 
 
 def _last_slot_dropped(problem: Problem) -> Problem:
@@ -282,6 +313,10 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("probs_renormalised", "the routing weights renormalised to sum 1",
            "use probs as given: the router already normalised them (or chose not to)",
            inputs=_probs_renormalised),
+    Defect("probs_twice", "the routing weights applied twice (each slot weighted by probs²)",
+           "multiply each slot's output by probs[t, k] once: look for a second multiply in "
+           "the combine or an already weighted y",
+           inputs=_probs_squared),
     Defect("weight_twice", "the routed weight applied twice (GEMM2 epilogue and combine)",
            "apply probs[t, k] once: remove it from either GEMM2's epilogue or the combine",
            kernel=_weight_twice),
@@ -304,6 +339,14 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("step1_ties", "step 1 (token quantisation) rounding ties the other way",
            "round x/σ1 to int8 with the profile's tie rule (ascend-a3: half away from zero)",
            kernel=lambda p: p.map_steps("quantise", lambda q: replace(q, ties=_flip(q.ties)))),
+    Defect("step1_truncated", "step 1 (token quantisation) truncating x/σ1 toward zero "
+           "instead of rounding it", "round x/σ1 to the nearest integer (a plain (int8) cast "
+           "truncates): every value loses up to a whole step toward zero",
+           kernel=lambda p: p.map_steps("quantise", lambda q: replace(q, ties="trunc"))),
+    Defect("per_tensor_scale", "one activation scale for the whole call (the largest |x| of "
+           "every token) instead of one per token", "take amax over each token's own row in "
+           "step 1 (a per-token σ1): small tokens lose their int8 levels to the largest one",
+           kernel=_per_tensor),
     Defect("step5_ties", "step 5 (requantisation) rounding ties the other way",
            "round a·127/amax to int8 with the profile's tie rule (ascend-a3: half to even)",
            kernel=lambda p: p.map_steps("requantise",
@@ -352,14 +395,15 @@ class Diagnosis:
     """What :func:`diagnose` found. ``exact``: the entries equal bit for bit (the first is
     named; the others cannot be told apart from it on this problem); ``close``: failing that,
     the entry within the judge's tolerance with the smallest worst error-to-tolerance ratio,
-    and that ratio; ``inert``: the keys of entries that change nothing judged here."""
+    and that ratio; ``inert``: the keys of entries that change nothing judged here;
+    ``tried``: the keys of every entry that applied to the problem."""
 
     verdict: Verdict
     profile: str
     exact: tuple[Defect, ...] = ()
     close: tuple[Defect, float] | None = None
     inert: tuple[str, ...] = ()
-    tried: int = 0
+    tried: tuple[str, ...] = ()
 
     @property
     def conforms(self) -> bool:
@@ -392,8 +436,8 @@ class Diagnosis:
                     f"reference ({self.profile}) with {d.phrase}, within the judge's tolerance "
                     f"(worst error {ratio:.3g} of the allowed).\n  fix: {d.advice}")
         inert = f"; {len(self.inert)} change nothing judged here" if self.inert else ""
-        return (f"diagnosis: no known defect matches ({self.tried} tried against "
-                f"{self.profile}{inert})")
+        return (f"diagnosis: no known defect matches ({len(self.tried)} tried against "
+                f"{self.profile}{inert}: {', '.join(self.tried)})")
 
 
 def _same(got: Array, want: Array) -> bool:
@@ -467,12 +511,12 @@ def diagnose(
     exact: list[Defect] = []
     inert: list[str] = []
     ratios: list[tuple[float, int, Defect]] = []
-    tried = 0
+    tried: list[str] = []
     for i, defect in enumerate(catalogue):
         entry = defect.outputs(problem, faithful)
         if entry is None:
             continue
-        tried += 1
+        tried.append(defect.key)
         if _inert(entry, reference):
             inert.append(defect.key)
             continue
@@ -485,7 +529,7 @@ def diagnose(
     if not exact and ratios:
         ratio, _, defect = min(ratios, key=lambda t: t[:2])
         close = (defect, ratio)
-    return Diagnosis(verdict, profile, tuple(exact), close, tuple(inert), tried)
+    return Diagnosis(verdict, profile, tuple(exact), close, tuple(inert), tuple(tried))
 
 
 
@@ -503,14 +547,14 @@ def _diagnose_ideal(problem: Problem, outputs: object, num: Numerics, ulps: floa
     if verdict.ok or isinstance(got, Verdict):
         return Diagnosis(verdict, IDEAL)
     passing: list[tuple[float, int, Defect]] = []
-    tried = 0
+    tried: list[str] = []
     for i, defect in enumerate(catalogue):
         if defect.kernel is not None:
             continue
         changed = problem if defect.inputs is None else defect.inputs(problem)
         if changed is None:
             continue
-        tried += 1
+        tried.append(defect.key)
         judged: list[tuple[Array, Array]] = got
         if defect.counts is not None:
             if not all(np.array_equal(nums, c)
@@ -525,4 +569,4 @@ def _diagnose_ideal(problem: Problem, outputs: object, num: Numerics, ulps: floa
     if passing:
         ratio, _, defect = min(passing, key=lambda t: t[:2])
         close = (defect, ratio)
-    return Diagnosis(verdict, IDEAL, (), close, (), tried)
+    return Diagnosis(verdict, IDEAL, (), close, (), tuple(tried))
