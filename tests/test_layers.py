@@ -24,16 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapters", ("oracle.adapters", "oracle.adapters.torch_io")),
     ("model", ("oracle.model", "oracle.model.arithmetic", "oracle.model.kernels",
-               "oracle.model.numerics", "oracle.model.reference", "oracle.model.routing")),
+               "oracle.model.numerics", "oracle.model.reference", "oracle.model.routing",
+               "oracle.model.modular")),
     ("judge", ("oracle.judge", "oracle.judge.bounds", "oracle.judge.rowtest",
-               "oracle.judge.verdict", "oracle.judge.placed")),
+               "oracle.judge.verdict", "oracle.judge.placed", "oracle.judge.modular")),
     ("config", ("oracle.config", "oracle.config.settings", "oracle.config.options")),
     ("files", ("oracle.files", "oracle.files.atomic", "oracle.files.counterexample")),
     ("explain", ("oracle.explain", "oracle.explain.diagnose", "oracle.explain.stages",
                  "oracle.explain.plot", "oracle.explain.fit")),
     ("check", ("oracle.check", "oracle.check.loading", "oracle.check.hunt",
                "oracle.check.isolation", "oracle.check.reduction", "oracle.check.harness",
-               "oracle.check.conformance", "oracle.check.distributed", "oracle.check.capture")),
+               "oracle.check.modular", "oracle.check.conformance", "oracle.check.distributed",
+               "oracle.check.capture")),
     ("doors", ("oracle.cli", "oracle.pytest_plugin", "oracle", "oracle.__main__")),
 )
 DOORS = frozenset(LAYERS[-1][1])
