@@ -251,3 +251,10 @@ def test_check_stage_reports_the_failing_call() -> None:
     assert "the combine stage fails" in info.value.report and "routed slots" in info.value.report
     with pytest.raises(ValueError, match="stage 'ffn'"):
         check_stage("ffn", CORRECT["experts"])
+
+
+def test_experts_message_names_rank_expert_row_and_slot() -> None:
+    call = make_call("experts", [[[0]], [[3], [2]]], experts=2)
+    v = verdict(STAGE_MUTANTS["experts_next_expert_weights"][2], call)
+    assert v.message.startswith(f"rank {v.rank}, local expert "), v.message
+    assert "slot 0): column " in v.message and "slots ->" not in v.message, v.message

@@ -14,6 +14,7 @@ outputs are. Messages name the rank, the local expert, the buffer row and the sl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -175,6 +176,13 @@ def _stage_array(call: StageCall, r: int, raw: object, shape: tuple[int, ...],
     return raw
 
 
+def _one_rank(message: str) -> str:
+    """The fused judge's message on a one-rank experts problem without its token prefix and
+    its routing summary (the caller names the rank, expert, row and slot instead)."""
+    message = re.sub(r"^rank 0, token \d+(, |: )", "", message)
+    return re.sub(r"; token \d+ of rank 0: slots -> .*$", "", message)
+
+
 def compare_experts(call: StageCall, outputs: object, *, numerics: str | Numerics = "ideal",
                     ulps: float = 0.0) -> Verdict:
     """Judge an experts stage's per-rank ``y`` (the received layout; padding not judged) as
@@ -212,8 +220,8 @@ def compare_experts(call: StageCall, outputs: object, *, numerics: str | Numeric
             source = valid_rows(buffer, call.layout)[1]
             whose = f" ({_slot(source[i])})" if expert.size else ""
             return _fail(verdict.stage, f"rank {r}, local expert {e}, row {row}{whose}: "
-                         f"{verdict.message} [judged as a one-rank call whose token i is "
-                         "received row i, routed to its expert with weight 1]", r,
+                         f"{_one_rank(verdict.message)} (judged as the one-rank call of the "
+                         "received rows, each routed to its expert with weight 1)", r,
                          (e, row, *(verdict.where or ())[1:]), verdict.ratio)
     return Verdict(True, "ok", "experts conform on every received row", 0.0)
 
