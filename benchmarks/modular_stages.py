@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     print("# The modular split: stage mutants and false alarms (issue 22)\n")
     print(f"`PYTHONPATH=$PWD python benchmarks/modular_stages.py --examples {args.examples}`\n")
-    print("| mutant | stage | killed | calls tried (incl. shrinking) | seconds | shrunk call |")
+    print("| mutant | stage | killed | calls judged (incl. shrinking) | seconds | shrunk call |")
     print("|---|---|---|---|---|---|")
     for name, (stage, _, _) in STAGE_MUTANTS.items():
         call, tried, seconds = kill(name)
