@@ -6,11 +6,12 @@ batched layout a declared ``max_tokens_per_rank`` at the fitting size or a littl
 (shrinking to the fitting size, where an expert can be full). The stage's input buffers are
 the reference's (``oracle.model.modular.stage_inputs`` fills them; ``spec`` has no model).
 
->>> from hypothesis import find
->>> call = find(stage_calls("dispatch", layouts=("batched",)),
-...             lambda c: c.capacity > c.problem.config.ep_size)
->>> call.layout
-'batched'
+>>> from hypothesis import given, settings
+>>> @settings(max_examples=3, database=None)
+... @given(stage_calls("dispatch", layouts=("batched",)))
+... def test_batched(call):
+...     assert call.layout == "batched" and call.capacity % call.problem.config.ep_size == 0
+>>> test_batched()
 """
 
 from __future__ import annotations

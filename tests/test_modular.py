@@ -258,3 +258,18 @@ def test_experts_message_names_rank_expert_row_and_slot() -> None:
     v = verdict(STAGE_MUTANTS["experts_next_expert_weights"][2], call)
     assert v.message.startswith(f"rank {v.rank}, local expert "), v.message
     assert "slot 0): column " in v.message and "slots ->" not in v.message, v.message
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import benchmarks.mutants.modular
+    import oracle.check.modular
+    import oracle.judge.modular
+    import spec.modular
+    import spec.modular_strategies
+
+    for module in (spec.modular, spec.modular_strategies, oracle.judge.modular,
+                   oracle.check.modular, benchmarks.mutants.modular):
+        failures, _ = doctest.testmod(module)
+        assert failures == 0, module.__name__
