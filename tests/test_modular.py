@@ -97,7 +97,7 @@ def _edited(call: StageCall, edit: Any) -> list[Received]:
 def test_dispatch_row_moved_to_another_expert_fails() -> None:
     call = make_call("dispatch", [[[0, 2]], [[3, 2]]], experts=2)  # rank 1: experts 2, 3
 
-    def swap(b: Received) -> None:  # rows 0 and 1 of rank 1: (token 0 of 0, slot 1) <-> ...
+    def swap(b: Received) -> None:  # rank 1: a row of expert 2 <-> the row of expert 3
         b.source[[0, 2]] = b.source[[2, 0]]
         b.x[[0, 2]] = b.x[[2, 0]]
 
@@ -251,6 +251,8 @@ def test_check_stage_reports_the_failing_call() -> None:
     assert "the combine stage fails" in info.value.report and "routed slots" in info.value.report
     with pytest.raises(ValueError, match="stage 'ffn'"):
         check_stage("ffn", CORRECT["experts"])
+    check_stage("dispatch", "benchmarks.mutants.modular:dispatch_shuffled",  # by name
+                settings=settings(max_examples=3, database=None, derandomize=True))
 
 
 def test_experts_message_names_rank_expert_row_and_slot() -> None:

@@ -20,7 +20,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from oracle.check.harness import _NUMPY_DEFAULTS, _copy_inputs, describe_problem
-from oracle.check.isolation import describe_exception
+from oracle.check.isolation import check_signature, describe_exception
+from oracle.check.loading import load_impl
 from oracle.judge.modular import compare_combine, compare_dispatch, compare_experts
 from oracle.judge.verdict import Verdict
 from oracle.model.modular import stage_inputs
@@ -102,7 +103,7 @@ class _Mismatch(Exception):
 
 def check_stage(
     stage: str,
-    impl: StageImpl,
+    impl: StageImpl | str,
     *,
     layouts: Sequence[str] = LAYOUTS,
     numerics: str | Numerics = "ideal",
@@ -112,10 +113,11 @@ def check_stage(
     settings: hsettings | None = None,
 ) -> None:
     """Search for a stage call on which ``impl`` (``impl(call) -> one entry per rank``,
-    :mod:`spec.modular`) disagrees with the reference; raise :class:`StageConformanceError`
-    with the shrunk call. ``layouts``: the receive layouts the implementation takes;
-    ``calls`` replaces the default strategy (:func:`stage_calls`); ``settings`` defaults to
-    the active Hypothesis profile without a deadline.
+    :mod:`spec.modular`, a callable or a ``"module:function"`` name, run in this process)
+    disagrees with the reference; raise :class:`StageConformanceError` with the shrunk call.
+    ``layouts``: the receive layouts the implementation takes; ``calls`` replaces the default
+    strategy (:func:`stage_calls`); ``settings`` defaults to the active Hypothesis profile
+    without a deadline.
 
     >>> from oracle.model.modular import dispatch_reference
     >>> check_stage("dispatch", lambda c: [(b.x, b.source, b.counts)
@@ -128,6 +130,8 @@ def check_stage(
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown or not layouts:
         raise ValueError(f"layouts {list(layouts)!r}: allowed a non-empty subset of {LAYOUTS}")
+    run = load_impl(impl) if isinstance(impl, str) else impl
+    check_signature(run, impl if isinstance(impl, str) else repr(impl))
     strategy = calls if calls is not None else stage_calls(stage, layouts=layouts)
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search = hsettings(base, report_multiple_bugs=False,
@@ -137,7 +141,7 @@ def check_stage(
     @search
     @given(strategy)
     def conforms(call: StageCall) -> None:
-        verdict = evaluate_stage(impl, call, numerics=numerics, ulps=ulps, timeout=timeout)
+        verdict = evaluate_stage(run, call, numerics=numerics, ulps=ulps, timeout=timeout)
         if not verdict.ok:
             raise _Mismatch(call, verdict)
 
