@@ -275,3 +275,38 @@ def test_docstring_examples_run() -> None:
                    oracle.check.modular, benchmarks.mutants.modular):
         failures, _ = doctest.testmod(module)
         assert failures == 0, module.__name__
+
+
+def test_a_float64_combine_conforms_and_an_ulp_off_one_does_not() -> None:
+    # top_k = 5: no legitimate kernel sums in bf16 (kernels.md row 7), so 1 ulp is visible.
+    call = make_call("combine", [[[0, 1, 0, 1, 1], [1, 1, 0, 0, 0]], [[0, 1, 1, 0, 1]]],
+                     experts=1, seed=3)
+    y = np.zeros((3, 5, 16))
+    for b in call.received:
+        s, t, k = b.source.T
+        y[np.array([0, 2])[s] + t, k] = b.x.astype(np.float64)
+    probs = np.concatenate([r.probs for r in call.problem.ranks]).astype(np.float64)
+    exact = (y * probs[:, :, None]).sum(axis=1).astype(call.problem.ranks[0].x.dtype)
+    outs = [exact[:2], exact[2:]]
+    assert judge_stage(call, outs).ok
+    off = [o.copy() for o in outs]
+    off[1].view(np.uint16)[0, 3] += 1
+    v = judge_stage(call, off)
+    assert not v.ok and "rank 1, token 0, column 3" in v.message and "ulp" in v.message, v.message
+
+
+def test_ideal_combine_admits_a_float64_sum_a_float32_profile_does_not() -> None:
+    # Found by a vectorised scan: rounding the float32 sum of the float32 products to bf16
+    # differs by one ulp from rounding the exact sum (a double rounding).
+    y = np.array([-0.66796875, 0.10546875])
+    p = np.array([1048323544, 1043559532], np.uint32).view(np.float32)
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=2, hidden=16, intermediate=8,
+                   tokens_per_rank=(1,))
+    problem = random_problem(cfg, expert_idx=[np.zeros((1, 2), np.int32)], probs=[p[None]])
+    call = stage_inputs(StageCall(stage="combine", problem=problem))
+    call.received[0].x[:, 0] = y  # slots 0 and 1 of token 0, in source order
+    exact = (call.received[0].x.astype(np.float64) * p[:, None]).sum(axis=0)[None]
+    out = [exact.astype(problem.ranks[0].x.dtype)]
+    assert judge_stage(call, out).ok
+    v = judge_stage(call, out, numerics="vllm-triton")
+    assert not v.ok and "column 0" in v.message, v.message

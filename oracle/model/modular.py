@@ -7,7 +7,7 @@
   row by row, so this is the fused call's ``y``);
 - the combine is the profile's :class:`oracle.model.kernels.Combine` with the weights applied
   in it, on the given expert outputs, as an envelope of every value a legitimate kernel may
-  return.
+  return; in ideal mode, every float32-or-finer sum in any order or an x-dtype sum.
 """
 
 from __future__ import annotations
@@ -132,6 +132,18 @@ def _combines(num: Numerics) -> tuple[Combine, ...]:
     return (dataclasses.replace(num.profile.combine, weight="combine"),)
 
 
+def _any_float32(y: Array, probs: Array, ftz: bool) -> Env:
+    """Every ``Σ_k p_k·y_k`` a combine computes in float32 or finer, products and sums in any
+    order, fused multiply-adds included: the float64 sum ± ``γ_2k·Σ|p_k·y_k|`` (Higham §3.1),
+    plus ``2^-126`` per rounding where subnormals may flush."""
+    terms = y.astype(np.float64) * probs[:, :, None].astype(np.float64)
+    exact, mag = terms.sum(axis=1), np.abs(terms).sum(axis=1)
+    n = 2 * y.shape[1]
+    u = float(np.finfo(np.float32).eps) / 2
+    slack = n * u / (1 - n * u) * mag + (n * float(np.finfo(np.float32).tiny) if ftz else 0.0)
+    return Env(exact, exact - slack, exact + slack)
+
+
 def combine_envelope(call: StageCall, numerics: str | Numerics = "ideal") -> CombineEnvelope:
     """The combine's reference on ``call.received`` (expert outputs) and the problem's
     routing weights (module doc)."""
@@ -146,6 +158,8 @@ def combine_envelope(call: StageCall, numerics: str | Numerics = "ideal") -> Com
         y[starts[source[:, 0]] + source[:, 1], source[:, 2]] = rows.astype(np.float32)
     probs = np.concatenate([r.probs for r in problem.ranks])
     envelopes = [c(Env(y, y, y), probs, dtype) for c in _combines(num)]
+    if num.mode == "ideal" and num.kernel is None:  # a finer kernel is legitimate too
+        envelopes.append(_any_float32(y, probs, IdealAssumptions().ftz))
     to_x = cast(dtype)
     mid = to_x(envelopes[0].mid)
     lo = to_x(np.min([e.mid if e.lo is None else e.lo for e in envelopes], axis=0))
