@@ -93,9 +93,11 @@ def _cpu_problems(profile: str):  # type: ignore[no-untyped-def]
                     values=_CPU_ROWS)
 
 
-def _emulated_gemm(a, w, c, weights, aligned, *, routed: bool, top_k: int) -> None:  # type: ignore[no-untyped-def]
+def _emulated_gemm(a, w, c, weights, aligned, *, routed: bool, top_k: int, scales=None) -> None:  # type: ignore[no-untyped-def]
     """vLLM's kernel in float32 on the CPU: each valid slot id s of the aligned order gets
-    ``a[s // top_k] @ w[expert]ᵀ`` (times its routed weight), rounded to c's dtype."""
+    ``a[s // top_k] @ w[expert]ᵀ`` (times its routed weight), rounded to c's dtype (float
+    weights only)."""
+    assert scales is None
     sorted_ids, blocks, _ = aligned
     experts = blocks.long().repeat_interleave(vllm_triton.CONFIG["BLOCK_SIZE_M"])
     valid = sorted_ids < c.shape[0] * c.shape[1]
