@@ -31,11 +31,33 @@ with -1, and the results are read from them. A row the contract defines and the 
 never writes stays NaN and fails at stage ``non_finite``, named as a row never written; rows the
 contract leaves undefined (masked tokens, tokens that lost a slot to ``max_output_size``) may
 stay NaN, as the judge ignores them.
+
+**Workspaces** (``implementation(fn, workspaces=declare)``): ``declare(ranks)`` names the
+intermediate buffers the kernel wants handed to it (``{"h": ((T, top_k, 2 * I), torch.bfloat16)}``:
+a receive buffer, an h buffer), and ``fn(ranks, workspace=buffers)`` gets them allocated on the
+device and **poisoned** (``poison="nan"``: floats NaN; ``"pattern"``: a finite value that changes
+from call to call; integers always a value that changes from call to call), so a kernel that
+reads a workspace row it never wrote, or data left there by the previous call, fails.
+
+**Padded batches and CUDA-graph replay** (``pad_to=``, ``graph=True``): serving stacks capture a
+kernel once per batch-size bucket and replay it on smaller batches padded to the bucket. With
+``pad_to`` (one size or the bucket sizes) every rank's tokens are padded to the smallest bucket
+holding the call's largest rank (calls above the largest run unpadded, as serving runs them
+eagerly): the padding rows' ``x`` and ``probs`` poisoned, their ``expert_idx`` valid ids (so a
+kernel that routes them computes them) and ``x_active_mask`` ``False``; only the real rows are
+judged, so padding that leaks into a real row, or counted in ``expert_token_nums``, fails. This
+works on any device. ``graph=True`` (CUDA only) also captures ``fn`` once per input signature
+(the bucket's shapes) into a ``torch.cuda.CUDAGraph`` and replays it for every call of that
+signature, after copying the call's inputs into the captured buffers and re-poisoning the output
+buffers and workspaces; ``fn`` must then be capturable (no host synchronisation, no
+data-dependent shapes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +73,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "POISONS",
     "SCALE_ENCODINGS",
     "TorchRankInputs",
     "float32_scales",
@@ -68,6 +91,10 @@ Array = np.ndarray[Any, Any]
 #: ``"int64"``: float32 bits sign-extended into int64, as vLLM passes them; ``"float32"``: plain.
 SCALE_ENCODINGS = ("int64", "float32")
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+#: How never-written memory is filled (:func:`implementation`'s ``poison``).
+POISONS = ("nan", "pattern")
+#: Workspace declarations: name -> (shape, torch dtype).
+Workspaces = Mapping[str, tuple[Sequence[int], Any]]
 
 
 @dataclass(frozen=True)
@@ -291,18 +318,156 @@ def output_pair(output: Any) -> tuple[Array, Array]:
     return to_numpy(out), to_numpy(nums)
 
 
+@dataclass(frozen=True)
+class _Poison:
+    """What never-written memory holds in the ``call``-th call (1, 2, …): see :data:`POISONS`."""
+
+    kind: str
+    call: int
+
+    def value(self, dtype: Any) -> float | int | bool:
+        """The poison for a NumPy or torch ``dtype``: NaN or a call-dependent finite float; a
+        call-dependent integer far from any valid id or count (``min + call % 97``)."""
+        torch = _torch()
+        if dtype in (bool, np.bool_, torch.bool) or str(dtype) == "bool":
+            return bool(self.call % 2)
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            info: Any = torch.iinfo(dtype)
+        elif not isinstance(dtype, torch.dtype) and np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+        else:
+            if self.kind == "nan":
+                return float("nan")
+            return (-1.0) ** self.call * 1.5 * 2.0 ** (4 + self.call % 5)
+        return int(info.min) + self.call % 97 if info.min < 0 else int(info.max) - self.call % 97
+
+
+def _bucket(pad_to: int | Sequence[int] | None, tokens: int) -> int | None:
+    """The smallest bucket of ``pad_to`` holding ``tokens`` rows; ``None``: run unpadded."""
+    if pad_to is None:
+        return None
+    sizes = sorted([pad_to] if isinstance(pad_to, int) else pad_to)
+    return next((b for b in sizes if b >= tokens), None)
+
+
+def _padded(inputs: RankInputs, rows: int, num_experts: int, poison: _Poison) -> RankInputs:
+    """``inputs`` with ``rows`` tokens: the padding rows' ``x`` and ``probs`` poisoned, their
+    ``expert_idx`` distinct valid ids that change with the call, ``active_mask`` ``False``."""
+    m, top_k = inputs.expert_idx.shape
+    extra = rows - m
+    if extra <= 0:
+        return inputs
+
+    def grow(a: Array, tail: Array) -> Array:
+        return np.concatenate([a, tail.astype(a.dtype)])
+
+    def poisoned(a: Array) -> Array:
+        return np.full((extra, *a.shape[1:]), poison.value(a.dtype), dtype=a.dtype)
+
+    ids = (np.arange(extra * top_k).reshape(extra, top_k) + poison.call) % num_experts
+    mask = np.ones(m, bool) if inputs.active_mask is None else inputs.active_mask
+    return dataclasses.replace(
+        inputs, x=grow(inputs.x, poisoned(inputs.x)), probs=grow(inputs.probs,
+                                                                 poisoned(inputs.probs)),
+        expert_idx=grow(inputs.expert_idx, ids), active_mask=grow(mask, np.zeros(extra, bool)))
+
+
+def _tensors(ranks: Sequence[TorchRankInputs]) -> list[torch.Tensor]:
+    """Every tensor the ranks hold, in a fixed order (TensorLists flattened)."""
+    found: list[torch.Tensor] = []
+    for r in ranks:
+        for f in dataclasses.fields(r):
+            value = getattr(r, f.name)
+            found.extend(value if isinstance(value, list) else
+                         [value] if hasattr(value, "data_ptr") else [])
+    return found
+
+
+def _signature(ranks: Sequence[TorchRankInputs], workspace: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a captured graph depends on: every tensor's shape and dtype, the other arguments."""
+    scalars = tuple(tuple(getattr(r, f.name) for f in dataclasses.fields(r)
+                          if not isinstance(getattr(r, f.name), list)
+                          and not hasattr(getattr(r, f.name), "data_ptr")) for r in ranks)
+    return (tuple((tuple(t.shape), t.dtype) for t in _tensors(ranks)), scalars,
+            tuple((name, tuple(t.shape), t.dtype) for name, t in workspace.items()))
+
+
+class _Graphs:
+    """CUDA graphs of ``call`` by input signature (the last :attr:`KEEP`): captured on the first
+    call of a signature, then replayed with the inputs copied into the captured buffers."""
+
+    KEEP = 4
+
+    def __init__(self, call: Callable[[list[TorchRankInputs], dict[str, Any]], Any]) -> None:
+        self.call = call
+        self.captured: OrderedDict[tuple[Any, ...], tuple[Any, list[TorchRankInputs],
+                                                          dict[str, Any], Any]] = OrderedDict()
+
+    def _capture(self, ranks: list[TorchRankInputs], workspace: dict[str, Any]) -> tuple[
+            Any, list[TorchRankInputs], dict[str, Any], Any]:
+        torch = _torch()
+        clones = iter([t.clone() for t in _tensors(ranks)])
+        static: list[TorchRankInputs] = []
+        for r in ranks:
+            copied: dict[str, Any] = {}
+            for f in dataclasses.fields(r):
+                value = getattr(r, f.name)
+                if isinstance(value, list) or hasattr(value, "data_ptr"):
+                    copied[f.name] = ([next(clones) for _ in value] if isinstance(value, list)
+                                      else next(clones))
+            static.append(dataclasses.replace(r, **copied))
+        static_ws = {name: t.clone() for name, t in workspace.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):  # warm-up: compilation, autotuning, allocations
+                self.call(static, static_ws)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                returned = self.call(static, static_ws)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"graph=True: the implementation could not be captured in a CUDA graph ({exc}); "
+                "a capturable kernel does no host synchronisation (.item(), int(tensor), "
+                ".cpu(), nonzero) and no data-dependent shapes; drop graph=True (pad_to= alone "
+                "pads without capture)") from exc
+        return graph, static, static_ws, returned
+
+    def __call__(self, ranks: list[TorchRankInputs], workspace: dict[str, Any],
+                 poison: _Poison) -> tuple[Any, list[TorchRankInputs]]:
+        key = _signature(ranks, workspace)
+        if key not in self.captured:
+            self.captured[key] = self._capture(ranks, workspace)
+            while len(self.captured) > self.KEEP:
+                self.captured.popitem(last=False)
+        self.captured.move_to_end(key)
+        graph, static, static_ws, returned = self.captured[key]
+        for dst, src in zip(_tensors(static), _tensors(ranks)):
+            dst.copy_(src)
+        for t in static_ws.values():
+            t.fill_(poison.value(t.dtype))
+        graph.replay()
+        return returned, static
+
+
 def implementation(
-    fn: Callable[[list[TorchRankInputs]], Sequence[Any]],
+    fn: Callable[..., Sequence[Any] | None],
     *,
     scales: str = "int64",
     device: Any = None,
     out_buffers: bool = False,
+    workspaces: Callable[[list[TorchRankInputs]], Workspaces] | None = None,
+    poison: str = "nan",
+    pad_to: int | Sequence[int] | None = None,
+    graph: bool = False,
 ) -> Callable[[Problem], list[tuple[Array, Array]]]:
     """An implementation for :func:`oracle.check_implementation` from a torch function of all
     ranks: ``fn(ranks)`` takes one :class:`TorchRankInputs` per rank and returns one
     ``(out, expert_token_nums)`` per rank (tensors). With ``out_buffers=True`` it writes into
     each rank's poisoned ``out`` and ``expert_token_nums`` instead, and what it returns is
-    ignored (see the module docstring).
+    ignored. ``workspaces``, ``poison``, ``pad_to`` and ``graph``: poisoned workspaces, padded
+    batches and CUDA-graph replay (see the module docstring).
 
     >>> impl = implementation(lambda ranks: [(r.x, r.expert_idx[:0]) for r in ranks])
     >>> from spec import OpConfig, random_problem
@@ -311,13 +476,47 @@ def implementation(
     >>> [out.shape for out, _ in impl(p)]
     [(2, 32), (1, 32)]
     """
+    if poison not in POISONS:
+        raise ValueError(f"poison={poison!r} must be one of {POISONS}")
+    sizes = [] if pad_to is None else [pad_to] if isinstance(pad_to, int) else list(pad_to)
+    if any(not isinstance(b, int) or b < 1 for b in sizes) or (pad_to is not None and not sizes):
+        raise ValueError(f"pad_to={pad_to!r} must be a positive int or a non-empty sequence of "
+                         "them (the batch sizes a serving stack captures, e.g. (8, 16, 32))")
+    if graph and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"graph=True captures CUDA graphs, so device must be a CUDA device ('cuda', "
+            f"'cuda:0'), not device={device!r}; without CUDA use pad_to=... alone, which pads "
+            "and poisons the batch as a replay would, without the capture")
+
+    def call(ranks: list[TorchRankInputs], workspace: dict[str, Any]) -> Any:
+        return fn(ranks, workspace=workspace) if workspaces is not None else fn(ranks)
+
+    graphs = _Graphs(call) if graph else None
+    calls = 0
+
     def impl(problem: Problem) -> list[tuple[Array, Array]]:
+        nonlocal calls
+        calls += 1
+        poisoned = _Poison(poison, calls)
+        rows = _bucket(pad_to, max(r.num_tokens for r in problem.ranks))
+        inputs = [r if rows is None else _padded(r, rows, problem.config.num_experts, poisoned)
+                  for r in problem.ranks]
         ranks = [
             to_torch(r, **problem.config.call_attributes(), scales=scales, device=device,
                      out_buffers=out_buffers)
-            for r in problem.ranks
+            for r in inputs
         ]
-        returned = fn(ranks)
-        return [output_pair(o) for o in (ranks if out_buffers else returned)]
+        workspace = {} if workspaces is None else {
+            name: _torch().full(tuple(shape), poisoned.value(dtype), dtype=dtype, device=device)
+            for name, (shape, dtype) in workspaces(ranks).items()}
+        if graphs is not None:
+            if not _torch().cuda.is_available():
+                raise RuntimeError("graph=True needs CUDA, and torch.cuda.is_available() is "
+                                   "False here: run on a GPU machine, or use pad_to= alone")
+            returned, ranks = graphs(ranks, workspace, poisoned)
+        else:
+            returned = call(ranks, workspace)
+        pairs = [output_pair(o) for o in (ranks if out_buffers else returned)]
+        return [(out[:r.num_tokens], nums) for (out, nums), r in zip(pairs, problem.ranks)]
 
     return impl

@@ -16,12 +16,18 @@ from typing import Any
 
 import torch
 
-from oracle.adapters.torch_io import TorchRankInputs
+from oracle.adapters.torch_io import TorchRankInputs, float32_scales
 
-Driver = Callable[[list[TorchRankInputs]], list[tuple[torch.Tensor, torch.Tensor]]]
+Driver = Callable[..., list[tuple[torch.Tensor, torch.Tensor]]]
 
 #: Bugs a gate must catch, planted around a correct driver (issue 26).
 PLANTED = ("routed_weight_twice", "expert_offset", "dropped_slot")
+#: Bugs only a padded batch shows (``implementation(..., pad_to=...)`` or graph replay): the
+#: padding rows routed and counted, as a driver that ignores ``x_active_mask`` does; and a
+#: per-batch dynamic scale (a power of two from the amax of every row of ``x``, padding
+#: included, folded into ``x`` and out of ``w1``: exact on real rows, NaN once a poisoned
+#: padding row enters the amax), as a per-tensor dynamic quantiser computes it.
+PADDING_PLANTED = ("padding_counted", "batch_amax")
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,20 @@ class Call:
     w1: torch.Tensor
     w2: torch.Tensor
     tokens: tuple[int, ...]
+    scale1: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
 
     @classmethod
     def of(cls, ranks: Sequence[TorchRankInputs]) -> Call:
         def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
             # One tensor is the stacked form (E, ·, ·); several are one per expert (§3).
             return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
+
+        def scales(lists: list[list[torch.Tensor] | None]) -> torch.Tensor | None:
+            # W8A8's per-channel scales, (G, N) and (G, K), float32 whatever their encoding
+            return None if lists[0] is None else torch.cat([
+                stacked([float32_scales(s) for s in one or []]).reshape(
+                    -1, (one or [])[0].shape[-1]) for one in lists])
 
         x = torch.cat([r.x for r in ranks])
         return cls(
@@ -55,6 +69,8 @@ class Call:
             w1=torch.cat([stacked(r.weight1) for r in ranks]),
             w2=torch.cat([stacked(r.weight2) for r in ranks]),
             tokens=tuple(len(r.x) for r in ranks),
+            scale1=scales([r.scale1 for r in ranks]),
+            scale2=scales([r.scale2 for r in ranks]),
         )
 
     @property
@@ -63,25 +79,35 @@ class Call:
 
     def active_slots(self) -> torch.Tensor:
         """(T·top_k,) bool: the slots that route somewhere (masked tokens' do not, §4)."""
-        return self.active.repeat_interleave(self.expert_idx.shape[1])
+        return self.active[:, None].expand(self.expert_idx.shape).reshape(-1)
 
     def per_rank(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``out`` (T, K) split per rank, each with its local experts' counts (every active
         slot counted, §5)."""
-        flat = self.expert_idx.reshape(-1)[self.active_slots()]
-        counts = torch.bincount(flat, minlength=self.num_experts).to(torch.int32)
-        local = counts.reshape(len(self.tokens), -1)
+        # no host synchronisation (a CUDA graph captures this): inactive slots count in a spare
+        slots = torch.where(self.active_slots(), self.expert_idx.reshape(-1), self.num_experts)
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=slots.device)
+        counts.scatter_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        local = counts[:-1].reshape(len(self.tokens), -1)
         return [(o, local[r]) for r, o in enumerate(out.split(list(self.tokens)))]
 
 
 def plant(driver: Driver, bug: str) -> Driver:
-    """``driver`` with one of :data:`PLANTED` put in front of it (new tensors; the given ones
-    are not written): the routed weight applied twice (``p²``), every expert id moved to the
-    next expert, or each rank's last slot of its first token dropped from the combine."""
-    if bug not in PLANTED:
-        raise ValueError(f"bug={bug!r} must be one of {PLANTED}")
+    """``driver`` with one of :data:`PLANTED` or :data:`PADDING_PLANTED` put in front of it
+    (new tensors; the given ones are not written): the routed weight applied twice (``p²``),
+    every expert id moved to the next expert, each rank's last slot of its first token dropped
+    from the combine, the mask ignored, or the batch's power-of-two scale."""
+    if bug not in PLANTED + PADDING_PLANTED:
+        raise ValueError(f"bug={bug!r} must be one of {PLANTED + PADDING_PLANTED}")
 
-    def planted(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def planted(ranks: list[TorchRankInputs], **kw: Any) -> list[
+            tuple[torch.Tensor, torch.Tensor]]:
+        if bug == "batch_amax":
+            amax = torch.cat([r.x for r in ranks]).float().abs().amax()
+            scale = torch.exp2(-torch.floor(torch.log2(amax.clamp_min(1e-30))))
+            return driver([dataclasses.replace(
+                r, x=(r.x * scale).to(r.x.dtype),
+                weight1=[(w / scale).to(w.dtype) for w in r.weight1]) for r in ranks], **kw)
         num_experts = sum(len(r.weight1) if len(r.weight1) > 1 else r.weight1[0].shape[0]
                           for r in ranks)
         changed: list[TorchRankInputs] = []
@@ -91,11 +117,13 @@ def plant(driver: Driver, bug: str) -> Driver:
                 fields["probs"] = r.probs * r.probs
             elif bug == "expert_offset":
                 fields["expert_idx"] = (r.expert_idx + 1) % num_experts
+            elif bug == "padding_counted":
+                fields["x_active_mask"] = None
             elif len(r.probs):
                 probs = r.probs.clone()
                 probs[0, -1] = 0
                 fields["probs"] = probs
             changed.append(dataclasses.replace(r, **fields))
-        return driver(changed)
+        return driver(changed, **kw)
 
     return planted
