@@ -117,3 +117,11 @@ def test_physical_scales_of_a_rank() -> None:
                                    intermediate=16, tokens_per_rank=(1,))).ranks[0]
     with pytest.raises(ValueError, match="w8a8 has no block scales"):
         physical_scales(w8a8, "row-major")
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import spec.scale_layout
+
+    assert doctest.testmod(spec.scale_layout).failed == 0
