@@ -14,6 +14,19 @@ as int64 tensors holding the float32 bits, sign-extended (``s.view(torch.int32).
 :func:`from_torch` reads it back, checking that every value is a sign-extended 32-bit pattern.
 bfloat16 crosses bit for bit through ``ml_dtypes`` (NumPy has no bfloat16 of its own).
 
+**GPU formats** (``docs/contract/formats.md``) cross with the dtypes kernels take, bit for bit:
+e4m3 values (:mod:`spec.fp8`, ml_dtypes' ``float8_e4m3fn``) as ``torch.float8_e4m3fn``; packed
+fp4 (:mod:`spec.mxfp4`: two e2m1 codes per byte, the even element in the low nibble) as
+``torch.uint8``; e8m0 scales as ``torch.uint8`` bytes, or ``torch.float8_e8m0fnu`` with
+``e8m0="float8_e8m0fnu"`` (torch 2.7 and later). Read back, ``torch.float8_e8m0fnu`` and
+``torch.float4_e2m1fn_x2`` become the uint8 bytes the spec holds (:data:`TORCH_BYTES`); the
+nibble order is the format's, not reinterpreted. Float32 scales take the int64 encoding only
+where they are float32 (e8m0 bytes never). **Scale layouts** (``scale_layout=``,
+:mod:`spec.scale_layout`): block scales reach the kernel in the layout it declares, as the
+memory its pointer reads: ``"row-major"``, ``"column-major"`` and ``"tma-aligned"`` as an
+``(…, MN, KB)`` view of that storage (DeepGEMM's strides), ``"swizzle-128x4"`` as the swizzled
+buffer itself; the judge keeps judging against the logical scales of the problem.
+
 ``torch`` is imported only inside the functions that need it: ``import oracle`` and the NumPy
 helpers here (:func:`to_numpy` on arrays, :func:`scales_from_int64`) work without it.
 
@@ -67,14 +80,17 @@ import numpy as np
 from spec import DTypeError, Problem, RankInputs
 from spec.errors import describe
 from spec.fields import FIELDS, VARIANTS, Field, Variant, variant_for
+from spec.scale_layout import physical_scales
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
 __all__ = [
+    "E8M0_DTYPES",
     "POISONS",
     "SCALE_ENCODINGS",
+    "TORCH_BYTES",
     "TorchRankInputs",
     "float32_scales",
     "from_torch",
@@ -90,11 +106,23 @@ __all__ = [
 Array = np.ndarray[Any, Any]
 #: ``"int64"``: float32 bits sign-extended into int64, as vLLM passes them; ``"float32"``: plain.
 SCALE_ENCODINGS = ("int64", "float32")
+#: How e8m0 scale bytes reach the kernel: ``torch.uint8``, or torch's own e8m0 dtype.
+E8M0_DTYPES = ("uint8", "float8_e8m0fnu")
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 #: How never-written memory is filled (:func:`implementation`'s ``poison``).
 POISONS = ("nan", "pattern")
 #: Workspace declarations: name -> (shape, torch dtype).
 Workspaces = Mapping[str, tuple[Sequence[int], Any]]
+#: Torch dtypes NumPy lacks that cross as their bytes: the torch name -> the spec's dtype
+#: (ml_dtypes' float8 types; e8m0 scales and packed fp4 as the uint8 bytes :mod:`spec.mxfp4`
+#: holds).
+TORCH_BYTES: dict[str, np.dtype[Any]] = {
+    "bfloat16": _BF16,
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "float8_e8m0fnu": np.dtype(np.uint8),
+    "float4_e2m1fn_x2": np.dtype(np.uint8),
+}
 
 
 @dataclass(frozen=True)
@@ -156,8 +184,10 @@ def to_numpy(value: Any) -> Array:
         raise DTypeError(field="tensor", given=what, allowed="a dense tensor with data",
                          fix="return dense tensors on a real device (e.g. .to_dense())")
     t = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    if t.dtype == torch.bfloat16:
-        return np.array(t.view(torch.int16).numpy().view(_BF16))
+    name = str(t.dtype).removeprefix("torch.")
+    if name in TORCH_BYTES:
+        bits = torch.int16 if t.element_size() == 2 else torch.uint8
+        return np.array(t.view(bits).numpy().view(TORCH_BYTES[name]))
     try:
         return np.array(t.numpy())
     except (TypeError, RuntimeError) as exc:  # float8, complex32, quantised: no NumPy dtype
@@ -166,16 +196,39 @@ def to_numpy(value: Any) -> Array:
                          fix="return the contract's dtypes (out like x, int32 counts)") from None
 
 
-def to_tensor(a: Array, *, device: Any = None) -> torch.Tensor:
-    """A torch tensor holding a copy of the array ``a`` (bfloat16 bit for bit)."""
+def to_tensor(a: Array, *, device: Any = None, dtype: str | None = None) -> torch.Tensor:
+    """A torch tensor holding a copy of the array ``a``: bfloat16 and ml_dtypes' float8 types
+    bit for bit as torch's own (:data:`TORCH_BYTES`). ``dtype``: a torch dtype name to view the
+    bytes of a uint8 array as (``"float8_e8m0fnu"``: e8m0 scale bytes).
+
+    >>> str(to_tensor(np.array([1.0, 500.0], np.float32).astype(ml_dtypes.float8_e4m3fn)).dtype)
+    'torch.float8_e4m3fn'
+    """
     torch = _torch()
     a = np.ascontiguousarray(a)
+    own = {d: n for n, d in TORCH_BYTES.items() if d != np.uint8}  # NumPy lacks these
+    target = dtype or own.get(a.dtype)
     t: Tensor
-    if a.dtype == _BF16:
-        t = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    else:
+    if target is None:
         t = torch.from_numpy(a.copy())
+    else:
+        to = _torch_dtype(target)
+        if a.dtype.itemsize != torch.empty((), dtype=to).element_size():
+            raise ValueError(f"dtype={target!r}: an array of {a.dtype} does not hold its "
+                             "bytes; pass the format's bytes (uint8 for e8m0)")
+        bits = np.int16 if a.dtype.itemsize == 2 else np.uint8
+        t = torch.from_numpy(a.view(bits).copy()).view(to)
     return t if device is None else t.to(device)
+
+
+def _torch_dtype(name: str) -> Any:
+    """torch's dtype called ``name``; one this torch lacks is a ``ValueError`` saying so."""
+    torch = _torch()
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"torch {torch.__version__} has no dtype {name!r}; upgrade torch or "
+                         "pass the bytes as uint8 (e8m0='uint8')")
+    return dtype
 
 
 def scales_to_int64(scales: Array, *, extension: str = "sign") -> Array:
@@ -268,11 +321,16 @@ def to_torch(
     scales: str = "int64",
     device: Any = None,
     out_buffers: bool = False,
+    e8m0: str = "uint8",
+    scale_layout: str | None = None,
 ) -> TorchRankInputs:
     """One rank's arguments as torch tensors (copies: an implementation may write into them, as
-    the kernel writes the sentinel into ``expert_idx``). ``scales``: see :data:`SCALE_ENCODINGS`.
-    ``out_buffers``: also the poisoned output buffers (``out`` all NaN in x's dtype,
-    ``expert_token_nums`` all -1, int32; see the module docstring).
+    the kernel writes the sentinel into ``expert_idx``). ``scales``: see :data:`SCALE_ENCODINGS`
+    (float32 scales only). ``out_buffers``: also the poisoned output buffers (``out`` all NaN in
+    x's dtype, ``expert_token_nums`` all -1, int32; see the module docstring). ``e8m0``: the
+    torch dtype of e8m0 scale bytes (:data:`E8M0_DTYPES`). ``scale_layout``: the layout the
+    kernel reads block scales in (:data:`spec.scale_layout.LAYOUTS`; ``None``: the logical
+    ``(…, KB, MN)`` arrays as the problem holds them).
 
     >>> from spec import OpConfig, random_problem
     >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32,
@@ -283,19 +341,34 @@ def to_torch(
     """
     if scales not in SCALE_ENCODINGS:
         raise ValueError(f"scales={scales!r} must be one of {SCALE_ENCODINGS}")
+    if e8m0 not in E8M0_DTYPES:
+        raise ValueError(f"e8m0={e8m0!r} must be one of {E8M0_DTYPES}")
 
-    extension = _variant(inputs.w1, inputs.x).scale_extension
+    variant = _variant(inputs.w1, inputs.x)
+    # e8m0 scales: a variant's uint8 scale lists (MXFP4's bytes of 2^(s - 127), spec.mxfp4).
+    e8m0_fields = {name for name, spec in variant.lists.items()
+                   if name.startswith("scale") and spec.dtype == "uint8"}
+    physical = physical_scales(inputs, scale_layout) if scale_layout is not None else {}
 
-    def convert(f: Field, a: Array) -> torch.Tensor:
-        encode = f.float32_bits and scales == "int64"
-        return to_tensor(scales_to_int64(a, extension=extension) if encode else a,
-                         device=device)
+    def convert(f: Field, a: Array, i: int = 0) -> torch.Tensor:
+        encode = f.float32_bits and scales == "int64" and a.dtype == np.float32
+        if f.name in physical:
+            a = physical[f.name][i]
+        t = to_tensor(scales_to_int64(a, extension=variant.scale_extension) if encode else a,
+                      device=device,
+                      dtype=e8m0 if f.name in e8m0_fields and e8m0 != "uint8" else None)
+        if f.name in physical and scale_layout in ("column-major", "tma-aligned"):
+            # the (…, KB, MNpad) storage seen as (…, MN, KB) with DeepGEMM's strides
+            mn = getattr(inputs, f.name)[i].shape[-1]
+            t = t.transpose(-1, -2)[..., :mn, :]
+        return t
 
     values: dict[str, Any] = {}
     for f in FIELDS:
         value = getattr(inputs, f.name)
         values[f.binding] = None if value is None else (
-            [convert(f, t) for t in value] if f.tensor_list else convert(f, value))
+            [convert(f, t, i) for i, t in enumerate(value)] if f.tensor_list
+            else convert(f, value))
     x = values["x"]
     torch = _torch()
     num_experts = inputs.w1[0].shape[0] if len(inputs.w1) == 1 else len(inputs.w1)  # §3
@@ -461,13 +534,17 @@ def implementation(
     poison: str = "nan",
     pad_to: int | Sequence[int] | None = None,
     graph: bool = False,
+    e8m0: str = "uint8",
+    scale_layout: str | None = None,
 ) -> Callable[[Problem], list[tuple[Array, Array]]]:
     """An implementation for :func:`oracle.check_implementation` from a torch function of all
     ranks: ``fn(ranks)`` takes one :class:`TorchRankInputs` per rank and returns one
     ``(out, expert_token_nums)`` per rank (tensors). With ``out_buffers=True`` it writes into
     each rank's poisoned ``out`` and ``expert_token_nums`` instead, and what it returns is
     ignored. ``workspaces``, ``poison``, ``pad_to`` and ``graph``: poisoned workspaces, padded
-    batches and CUDA-graph replay (see the module docstring).
+    batches and CUDA-graph replay (see the module docstring). ``e8m0``, ``scale_layout``: as
+    :func:`to_torch` (the kernel gets block scales in its declared layout; the judge compares
+    with the logical ones).
 
     >>> impl = implementation(lambda ranks: [(r.x, r.expert_idx[:0]) for r in ranks])
     >>> from spec import OpConfig, random_problem
@@ -503,7 +580,7 @@ def implementation(
                   for r in problem.ranks]
         ranks = [
             to_torch(r, **problem.config.call_attributes(), scales=scales, device=device,
-                     out_buffers=out_buffers)
+                     out_buffers=out_buffers, e8m0=e8m0, scale_layout=scale_layout)
             for r in inputs
         ]
         workspace = {} if workspaces is None else {

@@ -631,6 +631,10 @@ class GroupQuantiser:
     ``σ`` is one float32 per (row, group). With an envelope, ``q``'s ``[lo, hi]`` bounds the
     kernel's dequantised value ``q'·σ'`` **in units of the model's σ**, whatever σ' and q' its
     freedoms give (q and σ move together; the GEMM only reads their product).
+
+    ``ftz``: the step may flush float32 subnormals to zero in what it reads (a subnormal
+    activation quantised as 0). ``σ`` itself never flushes: ``amax_floor/448`` must then be
+    normal (vLLM's 1e-10 and DeepGEMM's 1e-4 are), else ``ValueError``.
     """
 
     group: int = BLOCK
@@ -638,16 +642,21 @@ class GroupQuantiser:
     scale: str = "divide"
     ue8m0: bool = False
     div_ulps: int = 0
+    ftz: bool = False
 
     def __post_init__(self) -> None:
         if self.scale not in ("divide", "reciprocal"):
             raise ValueError(f"scale {self.scale!r} is not 'divide' or 'reciprocal'")
+        if self.ftz and self.amax_floor / E4M3_MAX < _NORMAL32:
+            raise ValueError(f"amax_floor {self.amax_floor:g} with ftz: σ = amax/448 may be a "
+                             f"float32 subnormal that a flushing kernel reads as 0; give a "
+                             f"floor of at least {E4M3_MAX * _NORMAL32:.3g} or ftz=False")
 
     def describe(self) -> str:
         formula = "a / σ" if self.scale == "divide" else "a · (1/σ)"
         pow2 = ", σ rounded up to a power of two (UE8M0)" if self.ue8m0 else ""
         return (f"e4m3 of clamp({formula}) per token and {self.group} columns, σ = "
-                f"max(amax, {self.amax_floor:g})/448{pow2}")
+                f"max(amax, {self.amax_floor:g})/448{pow2}{_ftz(self)}")
 
     def _grouped(self, a: Array) -> Array:
         """``(rows, groups, group)`` view of ``a`` zero-padded to whole groups."""
@@ -680,7 +689,9 @@ class GroupQuantiser:
         degenerate = np.zeros(rows, dtype=bool)
         if a.lo is None or a.hi is None:
             return Env(q), Env(sigma), degenerate
-        pinned = bool((a.lo == a.mid).all() and (a.hi == a.mid).all()) and not self.div_ulps
+        a = _may_flush(a, self.ftz)
+        assert a.lo is not None and a.hi is not None
+        pinned = bool(np.all(a.lo == a.mid) and np.all(a.hi == a.mid)) and not self.div_ulps
         if pinned:
             return Env(q, q, q), Env(sigma, sigma, sigma), degenerate
         return self._envelope(a, q, sigma), Env(sigma, sigma, sigma), degenerate
@@ -731,16 +742,22 @@ class BlockGemm:
     is 24), and the order of the two scale products (``(a_scale·b_scale)`` first in some vLLM
     versions). The envelope is the exact value's range over the inputs' envelope, widened by
     ``(γ_dot(block) + γ32(K/16) + 3u32)·Σ|a_j·w_j|``.
+
+    ``ftz``: the step may flush float32 subnormals to zero: a subnormal scale (activation or
+    weight) read as 0, which may drop its block's whole term, and each of the two scale
+    products and the accumulation per block written as 0 (at most 2^-126 each); then the
+    epilogue's. e4m3 products are normal (at least 2^-18), so the dots never flush.
     """
 
     epilogue: tuple[str, ...] = ("x",)
     block: int = BLOCK
     dot_bits: int = 24
+    ftz: bool = False
 
     def describe(self) -> str:
         return (f"e4m3 dots per {self.block}-wide K block ({self.dot_bits}-bit in-tile sums), "
                 f"each × activation and weight block scales into a float32 accumulator; "
-                f"epilogue {' -> '.join(self.epilogue)}")
+                f"epilogue {' -> '.join(self.epilogue)}{_ftz(self)}")
 
     def scales(self, w_scale: Array, k: int, n: int) -> Array:
         """The weight scale of every (K block, column): ``(ceil(K/block), n)``."""
@@ -761,9 +778,8 @@ class BlockGemm:
         env = Env(acc)
         if q.lo is not None and q.hi is not None:
             env = self._envelope(q, sigma, w64, w_scale, acc)
-        # No flush-to-zero knob on the FP8 steps yet (KernelProfile.with_ftz leaves them).
         return _apply_epilogue(self.epilogue, env, col=None, row=None, slot=slot,
-                               x_dtype=x_dtype, ftz=False)
+                               x_dtype=x_dtype, ftz=self.ftz)
 
     def _envelope(self, q: Env, sigma: Env, w64: Array, w_scale: Array, acc: Array) -> Env:
         assert q.lo is not None and q.hi is not None
@@ -778,11 +794,30 @@ class BlockGemm:
         dot = min(k, self.block) * 2.0**-self.dot_bits
         tiles = blocks(k, _MIN_TILE_K)
         slack = (dot / (1 - dot) + tiles * _U32 / (1 - tiles * _U32) + 3 * _U32) * mag
+        if self.ftz:
+            slack = slack + self._flushed(np.maximum(np.abs(lo), np.abs(hi)), wd_abs,
+                                          sigma.mid, w_scale)
         wide = (radius + slack) * (1 + 1e-12)
         with np.errstate(over="ignore", invalid="ignore"):
             e_lo = np.nextafter(to_f32(center - wide), F32(-np.inf))
             e_hi = np.nextafter(to_f32(center + wide), F32(np.inf))
         return Env(acc, np.minimum(e_lo, acc), np.maximum(e_hi, acc))
+
+    def _flushed(self, a_abs: Array, wd_abs: Array, sigma: Array, w_scale: Array) -> Array:
+        """What flushing may move the accumulator by: ``3·2^-126`` per block (the two scale
+        products and the sum), and the whole term of a block whose activation or weight scale
+        is subnormal (read as 0)."""
+        k, n = wd_abs.shape
+        nb = blocks(k, self.block)
+        moved = np.full((a_abs.shape[0], n), 3.0 * nb * _NORMAL32)
+        sw = self.scales(w_scale, k, n).astype(np.float64)
+        tiny_a = (sigma != 0) & (np.abs(sigma) <= _NORMAL32)
+        tiny_w = (sw != 0) & (np.abs(sw) <= _NORMAL32)
+        for b in np.flatnonzero(tiny_a.any(axis=0) | tiny_w.any(axis=1)):
+            cols = slice(b * self.block, (b + 1) * self.block)
+            term = a_abs[:, cols] @ wd_abs[cols]
+            moved += np.where(tiny_a[:, b, None] | tiny_w[b][None, :], term, 0.0)
+        return moved
 
     def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
               x_dtype: Any) -> Env:
@@ -1185,8 +1220,8 @@ class KernelProfile:
 
     def with_ftz(self, ftz: bool = True) -> KernelProfile:
         """This profile with every step of every pipeline, and the combine, allowed to flush
-        float32 subnormals to zero (``ftz=False``: none). The FP8 block steps
-        (:class:`GroupQuantiser`, :class:`BlockGemm`) have no such knob yet and stay as they are.
+        float32 subnormals to zero (``ftz=False``: none), the FP8 block steps
+        (:class:`GroupQuantiser`, :class:`BlockGemm`) included.
 
         >>> VLLM_TRITON.with_ftz(False).ftz, VLLM_TRITON.ftz
         (False, True)
@@ -1429,6 +1464,7 @@ TORCH_GROUPED_MM = KernelProfile(
 #: int8 pipeline: silu_and_mul, moe_sum. vLLM's loader rejects I % 128 != 0
 #: (``quantization/fp8.py``: "not divisible by weight quantization block_n" [code]); other
 #: shapes are the natural extension, partial blocks quantised on their own [inferred].
+#: Subnormals may flush, as in the other GPU profiles (issue 24) [inferred].
 VLLM_TRITON_FP8 = KernelProfile(
     name="vllm-triton-fp8",
     summary="vLLM Triton fused_moe, FP8 W8A8 with 128x128 weight blocks and 1x128 activation "
@@ -1444,7 +1480,7 @@ VLLM_TRITON_FP8 = KernelProfile(
         gemm2=BlockGemm(("slot", "x"), dot_bits=FP8_DOT_BITS))),),
     combine=VLLM_TRITON.combine,
     domain=VLLM_DOMAIN,
-)
+).with_ftz()
 
 #: MXFP4 weights with bf16/fp16 activations (vLLM's ``mxfp4_w4a16``; formats.md, MXFP4
 #: [code] for the format): the weights dequantised to x's dtype (exact in bfloat16), then

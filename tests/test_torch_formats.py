@@ -1,0 +1,186 @@
+"""The torch adapter on the GPU formats (``docs/contract/formats.md``): e4m3 as
+``torch.float8_e4m3fn``, e8m0 scales as uint8 or ``torch.float8_e8m0fnu``, packed fp4 as uint8,
+each compared with the NumPy/ml_dtypes bit patterns; and block scales handed to the kernel in
+its declared layout (``spec/scale_layout.py``) while the judge compares with the logical ones,
+where a kernel reading a swizzled buffer as linear is found by the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="oracle.adapters.torch_io needs the optional extra 'torch'")
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_scale_layout import linear_read  # noqa: E402
+
+import oracle  # noqa: E402
+from oracle.adapters import torch_io as ot  # noqa: E402
+from oracle.check.harness import ConformanceError, check_implementation  # noqa: E402
+from oracle.model.kernels import VLLM_TRITON_FP8  # noqa: E402
+from spec import OpConfig, Problem, random_problem  # noqa: E402
+from spec.fp8 import BLOCK, blocks  # noqa: E402
+from spec.mxfp4 import e8m0_values  # noqa: E402
+from spec.scale_layout import to_logical  # noqa: E402
+from spec.strategies import configs, problems  # noqa: E402
+
+Array = np.ndarray[Any, Any]
+ALL_BYTES = np.arange(256, dtype=np.uint8)
+FP8 = "float8_e4m3fn"
+needs_e8m0 = pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"),
+                                reason="this torch has no float8_e8m0fnu (torch >= 2.7)")
+
+
+def rank_of(weight_dtype: str) -> Any:
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=160, intermediate=96,
+                   tokens_per_rank=(3,), weight_dtype=weight_dtype)
+    return random_problem(cfg, seed=1).ranks[0]
+
+
+def test_e4m3_crosses_bit_for_bit_every_pattern() -> None:
+    """All 256 e4m3fn patterns (the NaNs included) keep their bits both ways, and torch reads
+    the values ml_dtypes means."""
+    e4m3 = ALL_BYTES.view(ml_dtypes.float8_e4m3fn)
+    t = ot.to_tensor(e4m3)
+    assert t.dtype == torch.float8_e4m3fn
+    assert np.array_equal(t.view(torch.uint8).numpy(), ALL_BYTES)
+    assert np.array_equal(t.float().numpy(), e4m3.astype(np.float32), equal_nan=True)
+    back = ot.to_numpy(t)
+    assert back.dtype == e4m3.dtype and np.array_equal(back.view(np.uint8), ALL_BYTES)
+
+
+@needs_e8m0
+def test_e8m0_bytes_mean_what_spec_mxfp4_says() -> None:
+    """torch.float8_e8m0fnu of every byte is 2^(s-127) as ``spec.mxfp4.e8m0_values`` computes
+    (255 NaN); read back, it is the uint8 byte again."""
+    t = ot.to_tensor(ALL_BYTES, dtype="float8_e8m0fnu")
+    assert t.dtype == torch.float8_e8m0fnu
+    assert np.array_equal(t.float().numpy(), e8m0_values(ALL_BYTES), equal_nan=True)
+    back = ot.to_numpy(t)
+    assert back.dtype == np.uint8 and np.array_equal(back, ALL_BYTES)
+    with pytest.raises(ValueError, match="does not hold its bytes"):
+        ot.to_tensor(np.ones(2, np.float32), dtype="float8_e8m0fnu")
+
+
+@pytest.mark.parametrize("weight_dtype", [FP8, "uint8"])
+@pytest.mark.parametrize("e8m0", ["uint8", pytest.param("float8_e8m0fnu", marks=needs_e8m0)])
+def test_a_rank_round_trips_through_torch(weight_dtype: str, e8m0: str) -> None:
+    """FP8 block scale and MXFP4 ranks: the dtypes kernels take, and back bit for bit. Float32
+    scales take the int64 encoding; e8m0 bytes never do (they used to be read as float32
+    values and encoded: 127 became the bits of 127.0)."""
+    rank = rank_of(weight_dtype)
+    t = ot.to_torch(rank, e8m0=e8m0)
+    mx = weight_dtype == "uint8"
+    assert t.weight1[0].dtype == (torch.uint8 if mx else torch.float8_e4m3fn)
+    assert t.scale1[0].dtype == (getattr(torch, e8m0) if mx else torch.int64)
+    back = ot.from_torch(t)
+    for name in ("w1", "w2", "scale1", "scale2"):
+        a, b = getattr(rank, name)[0], getattr(back, name)[0]
+        assert b.dtype == a.dtype and np.array_equal(b.view(np.uint8), a.view(np.uint8)), name
+
+
+def test_packed_fp4_keeps_its_bytes_and_nibble_order() -> None:
+    """Packed e2m1 crosses as the bytes, even element in the low nibble (spec.mxfp4); torch's
+    float4_e2m1fn_x2 reads back as the same bytes."""
+    rank = rank_of("uint8")
+    t = ot.to_torch(rank).weight1[0]
+    assert np.array_equal(t.numpy(), rank.w1[0])
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        assert np.array_equal(ot.to_numpy(t.view(torch.float4_e2m1fn_x2)), rank.w1[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale layouts through the adapter
+
+#: Hypothesis' explain phase (which parts of the minimum matter) cost 54 of 88 s here: off.
+SMALL = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=list(HealthCheck),
+                 phases=[Phase.explicit, Phase.generate, Phase.shrink])
+FP8_PROBLEMS = problems(configs=configs(
+    weight_dtypes=st.just(FP8), hidden=st.sampled_from((64, 160, 320)),
+    intermediate=st.sampled_from((32, 96)), experts_per_rank=st.sampled_from((1, 2))))
+
+
+def layout_kernel(layout: str, read: Callable[[Array, int, int], Array]
+                  ) -> Callable[[list[ot.TorchRankInputs]], list[Any]]:
+    """A torch "kernel" for FP8 block scale that receives scales in ``layout`` and reads them
+    with ``read(buffer, mn, kb)``, then computes what the vllm-triton-fp8 profile does."""
+    def fn(ranks: list[ot.TorchRankInputs]) -> list[Any]:
+        def logical(bufs: list[Any], weights: list[Any]) -> list[Any]:
+            out = []
+            for buf, w in zip(bufs, weights):
+                kb, mn = (blocks(d, BLOCK) for d in w.shape[-2:])
+                s = read(ot.to_numpy(buf), mn, kb)  # the memory, as the kernel reads it
+                out.append(ot.to_tensor(np.swapaxes(s, -1, -2)))
+            return out
+        inputs = [ot.from_torch(dataclasses.replace(
+            t, scale1=logical(t.scale1, t.weight1), scale2=logical(t.scale2, t.weight2)))
+            for t in ranks]
+        first = ranks[0]
+        problem = Problem(inputs, max_output_size=first.max_output_size,
+                          swiglu_limit=first.swiglu_limit, swiglu_alpha=first.swiglu_alpha)
+        return [(r.out, r.expert_token_nums)
+                for r in oracle.run(problem, numerics=VLLM_TRITON_FP8.name).ranks]
+    return fn
+
+
+def _search(layout: str, read: Callable[[Array, int, int], Array]) -> Problem | None:
+    impl = ot.implementation(layout_kernel(layout, read), scales="float32",
+                             scale_layout=layout)
+    try:
+        check_implementation(impl, kernel=VLLM_TRITON_FP8, problems=FP8_PROBLEMS,
+                             settings=SMALL, save_dir=None, isolate=False)
+    except ConformanceError as exc:
+        return exc.problem
+    return None
+
+
+def test_strided_layouts_reach_the_kernel_as_deepgemm_strides() -> None:
+    """column-major and tma-aligned: an ``(E, MN, KB)`` tensor whose memory is MN-major, the
+    MN axis padded to 4 for TMA; the values are the logical scales transposed."""
+    rank = rank_of(FP8)
+    s = rank.scale1[0]  # (E, KB, MN) = (2, 2, 2)
+    for layout, stride in (("column-major", (4, 1, 2)), ("tma-aligned", (8, 1, 4))):
+        t = ot.to_torch(rank, scales="float32", scale_layout=layout).scale1[0]
+        assert tuple(t.shape) == (2, 2, 2) and t.stride() == stride, layout
+        assert np.array_equal(t.numpy(), np.swapaxes(s, -1, -2))
+
+
+SWIZZLED = ("swizzle-128x4", lambda b, mn, kb: to_logical(b, "swizzle-128x4", mn, kb))
+
+
+def _rejected(layout: str, read: Callable[[Array, int, int], Array], problem: Problem) -> bool:
+    impl = ot.implementation(layout_kernel(layout, read), scales="float32",
+                             scale_layout=layout)
+    return not oracle.compare(problem, impl(problem), numerics=VLLM_TRITON_FP8.name).ok
+
+
+def test_a_swizzled_scale_read_as_linear_is_rejected() -> None:
+    """The search's minimum (below), judged directly: EP=1 E=1 top_k=1 K=64 I=96 M=[1], whose
+    W1 scales are a (2, 1) matrix S[nb, kb] (N = 192): the linear read takes row 1's scale from
+    row 0's padding, 0. Both outcomes, and the same read is right where row-major is declared
+    (the bug is the disagreement: vllm PR #54773)."""
+    witness = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64,
+                                      intermediate=96, tokens_per_rank=(1,), weight_dtype=FP8))
+    assert not _rejected(*SWIZZLED, witness)
+    assert _rejected("swizzle-128x4", linear_read, witness)
+    assert not _rejected("row-major", linear_read, witness)
+
+
+@pytest.mark.slow
+def test_search_kills_a_swizzled_scale_read_as_linear() -> None:
+    """Both outcomes of the search (17 s: slow; the twin above judges its minimum). The
+    counterexample needs a scale matrix of two rows or more: N = 2I or K above 128."""
+    assert _search(*SWIZZLED) is None
+    found = _search("swizzle-128x4", linear_read)
+    assert found is not None
+    assert max(found.config.n, found.config.hidden) > BLOCK
+    assert _search("row-major", linear_read) is None
