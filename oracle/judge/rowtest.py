@@ -30,7 +30,7 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``σ_g`` the group's scale, doubled for UE8M0, its amax floored at 1e-4), equal values
    share a variable only within their group, ties are
    ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term ``γ`` is that of
-   :class:`oracle.model.kernels.BlockGemm` (:func:`_fp8_gamma`).
+   :class:`oracle.model.kernels.BlockGemm` (:func:`_accumulation`).
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
@@ -313,9 +313,6 @@ def row_thresholds(
     with np.errstate(invalid="ignore", divide="ignore"):
         c_rel = np.where(c_max[:, None] > 0, c_el / c_max[:, None], 0.0).astype(np.float32)
     group, mult = _value_groups(x, ties, BLOCK if fp8 else max(k_len, 1))
-    # float32 accumulation in any order; FP8: FP8_DOT_BITS-bit tile sums, tiles of 16 or more
-    # (oracle.model.kernels.BlockGemm), the two scale products.
-    acc_gamma = _fp8_gamma if fp8 else F32.gamma
 
     n_slots = int(routing.slot_kept.sum())
     delta = assumptions.false_alarm
@@ -329,7 +326,6 @@ def row_thresholds(
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
-    x_norm = np.sqrt(np.einsum("tk,tk->t", ax, ax))
     x_l1 = ax.sum(axis=1)
     sigma1_hi = amax * (1 + u32) / 127
     vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
@@ -347,10 +343,9 @@ def row_thresholds(
         col2 = _col_sumsq(w2d)  # (K,)
         h = (x[tok] @ w1d).astype(np.float64)
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
-        n_ties = ties[tok].sum(axis=1)
+        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1sq, col1, fp8)
         v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
-        e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
+        e_h = z_h * np.sqrt(v_act) + _tie_shift(c_rel[tok] * ties[tok], w1d) * c_max[tok, None]
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
         v_h = v_act + c_h**2  # variance proxy of δh
@@ -400,8 +395,7 @@ def row_thresholds(
         beta_a = (beta_y @ w2d.T).astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
         np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
-        a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
-        c_acc2 = acc_gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
+        c_acc2 = _accumulation(a_mag + e_a2, np.square(w2d), col2, fp8)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
@@ -507,6 +501,17 @@ def row_thresholds(
                          split(threshold), split(reasons), assumptions)
 
 
+def _tie_shift(c_ties: Array, w: Array) -> Array:
+    """``|Σ_j c_j·w_jc|`` bounded per row and column: ``c_ties @ |w|`` for the rows that
+    hold a tie (``c_ties``: each tie's error bound, 0 elsewhere; the ties' positions are
+    known, so no Cauchy–Schwarz over the row), 0 for the others."""
+    shift = np.zeros((c_ties.shape[0], w.shape[1]))
+    some = np.flatnonzero(c_ties.any(axis=1))
+    if some.size:
+        shift[some] = c_ties[some] @ np.abs(w)
+    return shift
+
+
 def _activation_ties(x: Array, amax: Array) -> Array:
     """Elements that land exactly on ``k + 1/2`` under either quantiser formula (§6 step 1's
     ``x / fl(amax/127)`` or the reciprocal ``x · fl(127/amax)``): rounded by the tie rule."""
@@ -535,14 +540,28 @@ def _e4m3_ties(x: Array) -> Array:
     return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
 
 
-def _fp8_gamma(n: int) -> float:
-    """The FP8 block GEMM's accumulation error as a bounded zero-mean term, relative to
-    ``||a||·||W_c||`` (oracle.model.kernels.BlockGemm): a tile sum of ``m <= 128`` products
-    with :data:`FP8_DOT_BITS` bits makes ``m`` roundings, each within ``2^-bits`` of a partial
-    sum at most ``Σ_tile|a_j w_j| <= ||a_tile||·||W_tile,c||``, independent and zero-mean under
-    the model: their variance proxies add to ``m·2^-2bits·||a||²·||W_c||²`` over the tiles;
-    the tiles' float32 additions and the two scale products are bounded outright."""
-    return 2.0**-FP8_DOT_BITS * math.sqrt(min(n, BLOCK)) + F32.gamma(-(-n // 16)) + 3 * F32.unit
+def _accumulation(rows: Array, w_sq: Array, col_sq: Array, fp8: bool) -> Array:
+    """Per row and column, the bound ``c`` of a GEMM's accumulation error as a bounded
+    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; ``w_sq``: the
+    weights squared, float32; ``col_sq``: their column sums). float32 in any order:
+    ``γ_n·||a||·||W_c||`` (Higham §3.1, Cauchy–Schwarz). FP8 block scale
+    (oracle.model.kernels.BlockGemm): a tile of ``m_t <= 128`` products summed with
+    :data:`FP8_DOT_BITS` bits makes ``m_t`` roundings, each within ``2^-bits`` of a partial
+    sum at most ``Σ_tile|a_j w_j| <= ||a_t||·||W_t,c||``, independent and zero-mean under the
+    model: their variance proxies add to ``2^-2bits·Σ_t m_t·||a_t||²·||W_t,c||²``, evaluated
+    tile by tile (one small product), not as ``max m_t·||a||²·||W_c||²``, which is the number
+    of tiles times larger at K = 7168; the tiles' float32 additions (tiles of 16 or more) and
+    the two scale products are bounded outright."""
+    n = rows.shape[1]
+    outright = np.sqrt(np.einsum("rk,rk->r", rows, rows))[:, None] * np.sqrt(col_sq)
+    if not fp8:
+        return np.asarray(F32.gamma(n) * outright)
+    starts = np.arange(0, n, BLOCK)
+    lengths = np.diff(np.append(starts, n))
+    rows_t = np.add.reduceat(rows**2, starts, axis=1) * lengths if n else rows[:, :0]
+    w_t = np.add.reduceat(w_sq, starts, axis=0, dtype=np.float64) if n else w_sq[:0]
+    tiles = 2.0**-FP8_DOT_BITS * np.sqrt(rows_t @ w_t)
+    return np.asarray(tiles + (F32.gamma(-(-n // 16)) + 3 * F32.unit) * outright)
 
 
 def _value_groups(x: Array, ties: Array, width: int) -> tuple[Array, Array]:
