@@ -24,13 +24,16 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    identically, so the independent variables are the row's **distinct values**: a value ``v``
    at positions ``g_v`` contributes ``e_v·Σ_{j∈g_v} α_j``. Exact ties (``fl(x/σ1)`` or
    ``fl(x·127/amax)`` at ``k + 1/2``) round by the kernel's tie rule, not at random: their
-   ``|α_j|·c`` is added deterministically. Zeros are exact. FP8 block scale (e4m3 per token
-   and 128-column group, ``docs/contract/formats.md``): the error is relative,
-   ``c_j = (2^-4 + 3u32)·|x_j| + σ_g·2^-10`` (:func:`oracle.judge.bounds.e4m3_error`;
-   ``σ_g`` the group's scale, doubled for UE8M0, its amax floored at 1e-4), equal values
-   share a variable only within their group, ties are
-   ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term ``γ`` is that of
-   :class:`oracle.model.kernels.BlockGemm` (:func:`_fp8_gamma`).
+   ``|α_j|·c`` is added deterministically, each tie with its own ``c`` (through
+   ``|W1d|`` for ``E_h``: the ties' positions are known). Zeros are exact. FP8 block scale
+   (e4m3 per token and 128-column group, ``docs/contract/formats.md``): ``c_j`` is half the
+   e4m3 grid step at ``x_j`` under the largest scale a legitimate quantiser may take
+   (:func:`_e4m3_half_step`: amax epsilon 1e-10 to 1e-4, float32 or UE8M0 scale), plus
+   ``3u32·|x_j|``; equal values share a variable only within their group, ties are
+   ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term is that of
+   :class:`oracle.model.kernels.BlockGemm` (:func:`_accumulation`). FP8's grid roundings
+   (this point and the requantisation, point 4) are moreover taken as **uniform on their
+   half step**: variance ``c²/3``, not Hoeffding's proxy ``c²`` (see "The projection").
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
@@ -75,6 +78,14 @@ independent zero-mean ``e_j`` with ``|e_j| <= c_j``, Hoeffding's inequality (Hoe
 1963, Thm 2) gives ``P(|Σ α_j e_j| >= t) <= 2·exp(−t²/(2V))``, ``V = Σ α_j² c_j²``. So,
 with the per-row share ``δ_row`` of the false-alarm probability, a legitimate row has
 ``|s| <= T := sqrt(2V·ln(2/δ_row)) + R``, ``R`` the deterministic part (ties, remainder).
+FP8's grid roundings (points 1 and 4) have variance ``c²/3`` (uniform on the half step):
+Bernstein's inequality (Boucheron, Lugosi, Massart, Thm 2.10 with Bernstein's condition)
+makes each sub-gamma with that variance and scale ``c/3``; a sum of sub-gamma terms (the
+sub-Gaussian ones with scale 0) is sub-gamma with the summed variances and the largest
+scale ``b``, so ``T = sqrt(2V'L) + bL + R`` with ``V'`` the variance sum; the smaller of this
+and Hoeffding's ``T`` is used (both are fixed before the output is seen). ``E_h``'s
+activation part likewise takes the smaller of Hoeffding's ``z·sqrt(v)`` and Bernstein's
+``z·sqrt(v/3) + (c·m·max|W1d_c|/3)·z²/2``.
 
 The remainder. Everything is linear in the ``e_p`` except SwiGLU: with ``|δg| <= E_g``,
 ``|δu| <= E_u``, Taylor's theorem with ``sup|silu''| = 1/2`` (at 0) gives, per element,
@@ -128,7 +139,7 @@ from oracle.model.arithmetic import FloatFormat, glu64
 from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
-from spec.fp8 import BLOCK, E4M3_MAX, expand_scales, to_e4m3
+from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, expand_scales, to_e4m3, ue8m0_up
 
 __all__ = ["TERMS", "RowThresholds", "RowVerdict", "row_test", "row_thresholds"]
 
@@ -303,7 +314,7 @@ def row_thresholds(
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
     if fp8:
-        c_el, ties = e4m3_error(x), _e4m3_ties(x)
+        c_el, ties = _e4m3_half_step(x, floor), _e4m3_ties(x)
     else:
         c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
         c_el = np.broadcast_to(c1[:, None], x.shape)
@@ -313,9 +324,6 @@ def row_thresholds(
     with np.errstate(invalid="ignore", divide="ignore"):
         c_rel = np.where(c_max[:, None] > 0, c_el / c_max[:, None], 0.0).astype(np.float32)
     group, mult = _value_groups(x, ties, BLOCK if fp8 else max(k_len, 1))
-    # float32 accumulation in any order; FP8: FP8_DOT_BITS-bit tile sums, tiles of 16 or more
-    # (oracle.model.kernels.BlockGemm), the two scale products.
-    acc_gamma = _fp8_gamma if fp8 else F32.gamma
 
     n_slots = int(routing.slot_kept.sum())
     delta = assumptions.false_alarm
@@ -325,11 +333,12 @@ def row_thresholds(
     det = np.zeros(total)
     var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
     range_rem = np.zeros(total)  # its scale c
+    var_grid = np.zeros(total)  # grid roundings (uniform on their half step): variance
+    range_grid = np.zeros(total)  # and their largest term
     bias_rem = np.zeros(total)  # and its mean
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
-    x_norm = np.sqrt(np.einsum("tk,tk->t", ax, ax))
     x_l1 = ax.sum(axis=1)
     sigma1_hi = amax * (1 + u32) / 127
     vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
@@ -347,10 +356,14 @@ def row_thresholds(
         col2 = _col_sumsq(w2d)  # (K,)
         h = (x[tok] @ w1d).astype(np.float64)
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
-        n_ties = ties[tok].sum(axis=1)
+        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1sq, col1, fp8)
         v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
-        e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
+        e_act = z_h * np.sqrt(v_act)
+        if fp8:  # grid roundings: Bernstein, variance v/3, largest term c·m·max|W1d_c|
+            big = (c_max * (mult * c_rel).max(axis=1, initial=0.0))[tok, None] * np.abs(
+                w1d).max(axis=0, initial=0.0)
+            e_act = np.minimum(e_act, z_h * np.sqrt(v_act / 3) + big / 3 * z_h**2 / 2)
+        e_h = e_act + _tie_shift(c_rel[tok] * ties[tok], w1d) * c_max[tok, None]
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
         v_h = v_act + c_h**2  # variance proxy of δh
@@ -400,13 +413,16 @@ def row_thresholds(
         beta_a = (beta_y @ w2d.T).astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
         np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
-        a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
-        c_acc2 = acc_gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
+        c_acc2 = _accumulation(a_mag + e_a2, np.square(w2d), col2, fp8)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
+        req = on["requantisation"] * np.abs(beta_a) * c_req
+        grid = fp8 * (np.einsum("ri,ri->r", req, req) / 3)
+        np.add.at(var_grid, tok, grid)
+        np.maximum.at(range_grid, tok, fp8 * req.max(axis=1, initial=0.0))
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
             + np.einsum("ri,ri->r", beta_a**2, on["swiglu"] * c_sw2
-                        + on["requantisation"] * c_req**2)
+                        + (not fp8) * on["requantisation"] * c_req**2)
             + on["y"] * p**2 * np.einsum("rk,rk->r", direction[tok]**2,
                                          (u_s**2 + u_o**2) * y_mag**2 + c_acc2**2)
         )
@@ -453,8 +469,12 @@ def row_thresholds(
         owner[group[free]] = np.nonzero(free)[0]
         c_group = np.zeros(sums.shape[0])
         c_group[group[free]] = c_el[free]  # equal values of one group share their bound
-        var += on["activation"] * np.bincount(owner, weights=sums**2 * c_group**2,
-                                              minlength=total)
+        terms = on["activation"] * np.abs(sums) * c_group
+        if fp8:
+            var_grid += np.bincount(owner, weights=terms**2 / 3, minlength=total)
+            np.maximum.at(range_grid, owner, terms)
+        else:
+            var += np.bincount(owner, weights=terms**2, minlength=total)
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
@@ -477,12 +497,17 @@ def row_thresholds(
     widen = 1 + F32.gamma(k_len + n_len)
     n_rows = max(int(tested.sum()), 1)
     log_row = math.log(2 * n_rows / (delta / 2))
-    stochastic = np.sqrt(2 * var * log_row) * widen
-    # Hoeffding on the remainder's ranges, or Bernstein on its second moments: both
-    # thresholds are fixed before the output is seen, so the smaller one holds.
-    hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
-    bernstein = stochastic + (np.sqrt(2 * var_rem * log_row) + range_rem * log_row
-                              + bias_rem) * widen
+    # Hoeffding (every term sub-Gaussian with its range as proxy; a grid rounding's proxy
+    # is 3 times its variance), or Bernstein: the grid roundings sub-gamma with their
+    # variance and scale range/3, the remainder with its moments (Thm 2.10), the rest
+    # sub-Gaussian; a sum of sub-gamma terms is sub-gamma with the summed variances and the
+    # largest scale. All thresholds are fixed before the output is seen: the smallest holds.
+    stochastic = np.minimum(
+        np.sqrt(2 * (var + 3 * var_grid) * log_row),
+        np.sqrt(2 * (var + var_grid) * log_row) + range_grid / 3 * log_row) * widen
+    hoeffding = np.sqrt(2 * (var + 3 * var_grid + hoeffding_rem) * log_row) * widen
+    bernstein = (np.sqrt(2 * (var + var_grid + var_rem) * log_row)
+                 + np.maximum(range_grid / 3, range_rem) * log_row + bias_rem) * widen
     remainder = np.minimum(hoeffding, bernstein) - stochastic
     nonlinear = tested & (remainder > stochastic)
     reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
@@ -507,6 +532,17 @@ def row_thresholds(
                          split(threshold), split(reasons), assumptions)
 
 
+def _tie_shift(c_ties: Array, w: Array) -> Array:
+    """``|Σ_j c_j·w_jc|`` bounded per row and column: ``c_ties @ |w|`` for the rows that
+    hold a tie (``c_ties``: each tie's error bound, 0 elsewhere; the ties' positions are
+    known, so no Cauchy–Schwarz over the row), 0 for the others."""
+    shift = np.zeros((c_ties.shape[0], w.shape[1]))
+    some = np.flatnonzero(c_ties.any(axis=1))
+    if some.size:
+        shift[some] = c_ties[some] @ np.abs(w)
+    return shift
+
+
 def _activation_ties(x: Array, amax: Array) -> Array:
     """Elements that land exactly on ``k + 1/2`` under either quantiser formula (§6 step 1's
     ``x / fl(amax/127)`` or the reciprocal ``x · fl(127/amax)``): rounded by the tie rule."""
@@ -516,6 +552,40 @@ def _activation_ties(x: Array, amax: Array) -> Array:
         t2 = x * (np.float32(127) / a32)
     frac = [np.abs(t) - np.floor(np.abs(t)) for t in (t1, t2)]
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
+
+
+def _half_step(v: Array, sigma: Array, digits: int, emin: int) -> Array:
+    """Half the spacing of the grid ``σ·F`` around ``|v|`` (``F`` a float format of
+    ``digits`` significand bits, the implicit one included, smallest normal exponent
+    ``emin``): ``σ·2^(e − digits)``, ``e`` the binade of ``|v|/σ`` (``emin`` below it). The
+    quotient is taken 2^-20 relative high, so a kernel whose division or scale lies a few
+    float32 ulps away never lands in a larger binade than the one used."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        t = np.abs(v) / sigma * (1 + 2.0**-20)
+        e = np.maximum(np.floor(np.log2(np.where(t > 0, t, 1.0))), emin)
+    return np.asarray(np.where(sigma > 0, sigma * 2.0 ** (e - digits), 0.0))
+
+
+def _e4m3_half_step(x: Array, floor: float | None) -> Array:
+    """Per element of ``x`` (tokens by channels), a bound on the e4m3 group quantiser's
+    rounding error that a legitimate kernel makes (formats.md, FP8 block scale): half the
+    e4m3 grid step at the element under the largest of the scales a kernel may take, the
+    group's ``max(amax, ε)/448`` with the amax epsilon ``ε`` of any legitimate quantiser
+    (1e-10 … 1e-4, or the assumed ``floor``) and that scale rounded up to a power of two
+    (UE8M0), plus the float32 division (``3·u32·|x|``). Tighter than
+    :func:`oracle.judge.bounds.e4m3_error` (``2^-4·|x|``, a bound for every scale), which is
+    1 to 2 times this."""
+    rows, cols = x.shape
+    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK))
+    grouped[:, :cols] = np.abs(x)
+    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
+    half = np.zeros(x.shape)
+    for eps in (1e-10, WEIGHT_EPS, *(() if floor is None else (floor,))):
+        sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
+        for s in (sigma, ue8m0_up(sigma)):
+            s64 = np.repeat(s.astype(np.float64), BLOCK, axis=1)[:, :cols] * (1 + 2 * F32.unit)
+            half = np.maximum(half, _half_step(x, s64, 4, -6))
+    return np.asarray(half + 3 * F32.unit * np.abs(x))
 
 
 def _e4m3_ties(x: Array) -> Array:
@@ -535,14 +605,28 @@ def _e4m3_ties(x: Array) -> Array:
     return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
 
 
-def _fp8_gamma(n: int) -> float:
-    """The FP8 block GEMM's accumulation error as a bounded zero-mean term, relative to
-    ``||a||·||W_c||`` (oracle.model.kernels.BlockGemm): a tile sum of ``m <= 128`` products
-    with :data:`FP8_DOT_BITS` bits makes ``m`` roundings, each within ``2^-bits`` of a partial
-    sum at most ``Σ_tile|a_j w_j| <= ||a_tile||·||W_tile,c||``, independent and zero-mean under
-    the model: their variance proxies add to ``m·2^-2bits·||a||²·||W_c||²`` over the tiles;
-    the tiles' float32 additions and the two scale products are bounded outright."""
-    return 2.0**-FP8_DOT_BITS * math.sqrt(min(n, BLOCK)) + F32.gamma(-(-n // 16)) + 3 * F32.unit
+def _accumulation(rows: Array, w_sq: Array, col_sq: Array, fp8: bool) -> Array:
+    """Per row and column, the bound ``c`` of a GEMM's accumulation error as a bounded
+    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; ``w_sq``: the
+    weights squared, float32; ``col_sq``: their column sums). float32 in any order:
+    ``γ_n·||a||·||W_c||`` (Higham §3.1, Cauchy–Schwarz). FP8 block scale
+    (oracle.model.kernels.BlockGemm): a tile of ``m_t <= 128`` products summed with
+    :data:`FP8_DOT_BITS` bits makes ``m_t`` roundings, each within ``2^-bits`` of a partial
+    sum at most ``Σ_tile|a_j w_j| <= ||a_t||·||W_t,c||``, independent and zero-mean under the
+    model: their variance proxies add to ``2^-2bits·Σ_t m_t·||a_t||²·||W_t,c||²``, evaluated
+    tile by tile (one small product), not as ``max m_t·||a||²·||W_c||²``, which is the number
+    of tiles times larger at K = 7168; the tiles' float32 additions (tiles of 16 or more) and
+    the two scale products are bounded outright."""
+    n = rows.shape[1]
+    outright = np.sqrt(np.einsum("rk,rk->r", rows, rows))[:, None] * np.sqrt(col_sq)
+    if not fp8:
+        return np.asarray(F32.gamma(n) * outright)
+    starts = np.arange(0, n, BLOCK)
+    lengths = np.diff(np.append(starts, n))
+    rows_t = np.add.reduceat(rows**2, starts, axis=1) * lengths if n else rows[:, :0]
+    w_t = np.add.reduceat(w_sq, starts, axis=0, dtype=np.float64) if n else w_sq[:0]
+    tiles = 2.0**-FP8_DOT_BITS * np.sqrt(rows_t @ w_t)
+    return np.asarray(tiles + (F32.gamma(-(-n // 16)) + 3 * F32.unit) * outright)
 
 
 def _value_groups(x: Array, ties: Array, width: int) -> tuple[Array, Array]:
