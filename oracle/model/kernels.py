@@ -1338,6 +1338,9 @@ def profile_from_dict(data: dict[str, Any]) -> KernelProfile:
                                   f"{variant}.{name}")
         pipelines[variant] = Pipeline(**built)
     domain = data.get("domain")
+    if isinstance(domain, dict) and "placement" not in domain:
+        # A domain recorded before placed calls existed was never handed one.
+        domain = {**domain, "placement": False}
     return KernelProfile(
         name=data["name"], summary=data["summary"], sources=data["sources"],
         pipelines=tuple(pipelines.items()),
