@@ -103,8 +103,10 @@ def test_garbage_on_tiny_rows_fails_down_to_where_zero_is_legitimate(
         # Profile mode: garbage passes exactly where every value may legitimately be 0.
         assert profile_ok == all_may_vanish, f"e={e}: profile {profile_ok}"
         largest = float(np.abs(got[0][0].astype(F32)).max())
-        if largest >= 2.0**-116:
-            assert not compare(problem, bad, numerics="ideal").ok, f"e={e}: ideal passes"
+        if largest >= 2.0**-116:  # ideal mode with this kernel's assumptions (no amax floor:
+            # plain ideal mode allows vLLM's 1e-10 floor, under which tiny int8 rows may be 0)
+            assert not compare(problem, bad, numerics=Numerics("ideal", kernel=VLLM_TRITON)
+                               ).ok, f"e={e}: ideal passes"
         if all_may_vanish and line is None:
             line = e
     assert line is not None and 58 <= line <= 64, f"the line moved: 2^-{line}"

@@ -119,6 +119,27 @@ def test_tiny_rows_get_a_finite_ideal_tolerance() -> None:
     assert (np.abs(faithful - ideal.ranks[0].out.astype(np.float64)) <= tol).all()
 
 
+def test_ideal_mode_accepts_the_amax_floor_of_vllms_int8_quantiser() -> None:
+    """vLLM's Triton quantiser floors amax at 1e-10 (profile vllm-triton-tq): a row whose x or
+    SwiGLU output lies near or below the floor is quantised on the floor's coarser grid, down
+    to zeros. Found on an H100 (got 0, expected -5.57e-35). The ideal judge now assumes the
+    floor (both the sound bound and the row test); without it, both reject that kernel."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=16, intermediate=8,
+                   tokens_per_rank=(8,))
+    scale = 2.0 ** -np.arange(20, 36, 2)[:, None]  # amax2 from above to below the floor
+    x = (np.random.default_rng(0).standard_normal((8, 16)) * scale).astype(BF16)
+    problem = random_problem(cfg, seed=0, x=[x])
+    ideal = oracle.run(problem, numerics="ideal")
+    got = oracle.run(problem, numerics=oracle.Numerics(kernel="vllm-triton-tq")).ranks[0]
+    assert compare(problem, [(got.out, got.expert_token_nums)], numerics="ideal").ok
+    error = np.abs(got.out.astype(np.float64) - ideal.ranks[0].out.astype(np.float64))
+    assert (error <= ideal_tolerance(problem, ideal, amax_floor=1e-10)[0]).all()
+    # the mutants: the bound and the row test without the floor
+    assert (error > ideal_tolerance(problem, ideal, amax_floor=None)[0]).any()
+    assert row_test(problem, ideal, [got.out]).ok
+    assert not row_test(problem, ideal, [got.out], IdealAssumptions(amax_floor=None)).ok
+
+
 # ---------------------------------------------------------------------------------------------
 # The row test
 

@@ -238,15 +238,22 @@ def fp8_gemm_error(n: int) -> float:
     return dot / (1 - dot) + F32.gamma(-(-n // 16)) + 3 * F32.unit
 
 
-def _activation_error(ax: Array, amax: Array) -> Array:
-    """``|x − σ1·q|`` per element (§6 step 1): ``σ1/2 + u32·|x|`` in general; exactly ``|x|``
-    where ``|x|/σ1 < 1/2`` even after rounding (q = 0); at most ``u32·amax`` for the largest
-    element (``fl(amax/σ1)`` is within ``127 ± 2^-16`` of 127, so q = ±127 and the error is
+def _floored(amax: Array, amax_floor: float | None) -> Array:
+    """``max(amax, floor)`` as a quantiser with an ``amax`` floor computes it (float32)."""
+    return amax if amax_floor is None else np.maximum(amax, float(np.float32(amax_floor)))
+
+
+def _activation_error(ax: Array, amax: Array, amax_floor: float | None) -> Array:
+    """``|x − σ1·q|`` per element (§6 step 1), ``σ1`` from ``max(amax, amax_floor)``:
+    ``σ1/2 + u32·|x|`` in general; exactly ``|x|`` where ``|x|/σ1 < 1/2`` even after rounding
+    (q = 0); at most ``u32·amax`` for the largest element of a row above the floor
+    (``fl(amax/σ1)`` is within ``127 ± 2^-16`` of 127, so q = ±127 and the error is
     ``|amax − 127·σ1| = amax·|δ|``)."""
     u = F32.unit
-    sigma_hi, sigma_lo = amax / 127 * (1 + u), amax / 127 * (1 - u)
+    scale = _floored(amax, amax_floor)
+    sigma_hi, sigma_lo = scale / 127 * (1 + u), scale / 127 * (1 - u)
     general = np.where(ax < sigma_lo * (1 - u) / 2, ax, sigma_hi / 2 + u * ax)
-    return np.asarray(np.where(ax == amax, u * amax, general))
+    return np.asarray(np.where((ax == amax) & (scale == amax), u * amax, general))
 
 
 @dataclass(frozen=True)
@@ -296,7 +303,7 @@ def _signed_error(n: int, abs_bound: Array, scale: Array | None) -> Array:
 
 def _expert_bound(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
-    cfg: OpConfig, steps: _Steps, truncate: bool,
+    cfg: OpConfig, steps: _Steps, truncate: bool, amax_floor: float | None,
 ) -> _SlotBound:
     """The per-slot bounds of one expert's rows (§6 steps 1–7)."""
     i, k_len = cfg.intermediate, cfg.hidden
@@ -325,7 +332,7 @@ def _expert_bound(
             act_in = e4m3_error(ax)
         else:
             amax = ax.max(axis=1, keepdims=True, initial=0.0)
-            act_in = _activation_error(ax, amax)
+            act_in = _activation_error(ax, amax, amax_floor)
         if steps.ftz:  # an element read as 0 quantises to 0: error |x|
             act_in = np.where(ax <= _NORMAL32, np.maximum(act_in, ax), act_in)
         both = _abs_product(np.concatenate([ax, act_in]), a1, s1)
@@ -357,7 +364,7 @@ def _expert_bound(
     overflow = np.zeros(rows, dtype=bool)
     c_max = 127 * (1 + F32.unit) ** 2 * (1 + truncate * _CHOP_UNIT)
     if int8:
-        sigma1 = amax / 127 * (1 + F32.unit)
+        sigma1 = _floored(amax, amax_floor) / 127 * (1 + F32.unit)
         e_h = steps.add("activation", np.zeros_like(act), act)
         e_h = e_h + _dequant_chain(steps, "gemm1", h_mag + act, sigma1, truncate)
         overflow |= _fp16_overflow(h_mag + act, amax, c_max * a1.sum(axis=0, dtype=np.float64)
@@ -382,7 +389,7 @@ def _expert_bound(
     if int8:
         af_mag = a_mag + e_a  # >= |a| as the kernel computes it
         amax2 = af_mag.max(axis=1, keepdims=True, initial=0.0)
-        sigma2 = amax2 / 127 * (1 + F32.unit)
+        sigma2 = _floored(amax2, amax_floor) / 127 * (1 + F32.unit)
         # sigma2 may be subnormal (absolute error η32, times |q2| <= 127); where 127/amax2
         # overflows the model requantises in float64 (zero_rows="zero"), with the same error.
         req = (sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1)
@@ -464,7 +471,7 @@ class _Bound:
 
 
 def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
-           ftz: bool) -> _Bound:
+           ftz: bool, amax_floor: float | None) -> _Bound:
     if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
         problem = float_weight_problem(problem)
     steps = _Steps(omit, ftz)
@@ -485,7 +492,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
-        b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales)
+        b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales,
+                          amax_floor)
         mag[slots], err[slots], err64[slots] = b.mag, b.err, b.err64
 
     def combine(values: Array) -> Array:  # Σ_k |p_k|·values_k per token
@@ -519,7 +527,7 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
 
 def quantisation_error_bound(
     problem: Problem, *, truncate_scales: bool = False, omit: Collection[str] = (),
-    ftz: bool = False,
+    ftz: bool = False, amax_floor: float | None = None,
 ) -> tuple[Array, ...]:
     """Per rank, an ``(M_r, K)`` float64 array bounding ``|faithful out − ideal combined|``
     elementwise, where *faithful out* is ``oracle.run(problem).ranks[r].out`` (the W8A8 kernel
@@ -528,8 +536,9 @@ def quantisation_error_bound(
     on undefined rows and where an fp16 intermediate may overflow. ``truncate_scales`` matches
     ``Numerics(truncate_scales=True)``. ``omit`` drops named :data:`TERMS` (for showing that
     each term is needed). ``ftz``: the kernel may flush float32 subnormals to zero (then it
-    bounds every such kernel's distance, not only the model's). The derivation is the module
-    docstring.
+    bounds every such kernel's distance, not only the model's). ``amax_floor``: the kernel's
+    int8 quantisers may floor ``amax`` there (vLLM's Triton quantiser: 1e-10), so a row below it
+    is quantised on the floor's coarser grid. The derivation is the module docstring.
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -537,19 +546,19 @@ def quantisation_error_bound(
     >>> [b.shape for b in quantisation_error_bound(random_problem(cfg, seed=0))]
     [(3, 32), (1, 32)]
     """
-    return _bound(problem, truncate_scales, omit, ftz).err
+    return _bound(problem, truncate_scales, omit, ftz, amax_floor).err
 
 
 def ideal_tolerance(
     problem: Problem, ideal: Result | None = None, *, truncate_scales: bool = False,
-    ftz: bool = False,
+    ftz: bool = False, amax_floor: float | None = None,
 ) -> tuple[Array, ...]:
     """Per rank, how far a kernel-faithful ``out`` may lie from the ideal ``out`` (the ideal
     value rounded to the out dtype): :func:`quantisation_error_bound` plus that one rounding,
     ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` if at hand, makes
-    the rounding term exact; otherwise a bound on ``|ideal|`` is used. ``ftz``: as in
-    :func:`quantisation_error_bound`."""
-    b = _bound(problem, truncate_scales, (), ftz)
+    the rounding term exact; otherwise a bound on ``|ideal|`` is used. ``ftz``, ``amax_floor``:
+    as in :func:`quantisation_error_bound`."""
+    b = _bound(problem, truncate_scales, (), ftz, amax_floor)
     out = FloatFormat.of(DTYPES[problem.config.x_dtype])
     mags = b.mag if ideal is None else tuple(
         np.where(np.isnan(c), np.inf, np.abs(c)) for c in ideal.trace.combined  # NaN: undefined

@@ -342,6 +342,7 @@ def row_thresholds(
     x_l1 = ax.sum(axis=1)
     sigma1_hi = amax * (1 + u32) / 127
     vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
+    coarse = np.zeros(total, dtype=bool)  # a requantisation may fall below the amax floor
     w1d, w1sq = (np.empty((k_len, n_len), np.float32) for _ in range(2))
     w2d = np.empty((i_len, k_len), np.float32)
     for g in np.flatnonzero(routing.expert_kept):
@@ -400,6 +401,9 @@ def row_thresholds(
             c_req = e4m3_error(np.abs(a) + e_a)
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
+            if floor is not None:  # on the floor's grid the roundings are no longer noise
+                np.logical_or.at(coarse, tok, (np.abs(a) - e_a).max(axis=1, initial=0.0) < floor)
+                amax2 = np.maximum(amax2, floor)
             c_req = amax2[:, None] * (1 + u32) / 127 / 2 + (3 * u32 + u_div) * (np.abs(a) + e_a)
         else:
             c_req = np.zeros_like(a)
@@ -480,6 +484,8 @@ def row_thresholds(
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
     reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
     tested &= ~vanish
+    reasons[coarse & tested] = "bound: a requantisation below the quantiser's amax floor"
+    tested &= ~coarse
 
     # Combine and the final cast, on the token's own direction.
     mags = (probs[:, :, None] * (np.abs(np.nan_to_num(y_star)) + e_y_norm).reshape(

@@ -315,8 +315,9 @@ def _tolerances(mathematics: Problem, num: Numerics,
     envelope is the tolerance)."""
     if num.mode == "faithful":
         return [None] * mathematics.config.ep_size
-    ftz = _assumptions(num, mathematics.config.x_dtype).ftz
-    return [np.asarray(t) for t in ideal_tolerance(mathematics, expected, ftz=ftz)]
+    assumed = _assumptions(num, mathematics.config.x_dtype)
+    return [np.asarray(t) for t in ideal_tolerance(mathematics, expected, ftz=assumed.ftz,
+                                                   amax_floor=assumed.amax_floor)]
 
 
 def _assumptions(num: Numerics, x_dtype: str) -> IdealAssumptions:

@@ -230,6 +230,9 @@ def _round_to_int(ties: str) -> Callable[[Array], Array]:
 
 # ---------------------------------------------------------------- steps
 
+#: vLLM's Triton ``per_token_quant_int8`` floors ``amax`` at 1e-10 (int8_utils.py [code]).
+VLLM_INT8_AMAX_FLOOR = 1e-10
+
 
 @dataclass(frozen=True)
 class Quantiser:
@@ -1018,9 +1021,11 @@ class IdealAssumptions:
     ``stored_dtype``: the coarsest format it stores an intermediate in (GEMM1 output, SwiGLU
     output, ``y`` per slot); default ``"bfloat16"``, the coarsest legitimate one
     (docs/contract/kernels.md). ``ties``: the tie rules it may use when quantising (``"away"``,
-    ``"even"``). ``amax_floor``: its quantiser floors ``amax`` (vLLM's Triton quantiser: 1e-10);
-    rows below are left to the sound bound. ``div_ulps``: how far its quantisers' float32
-    division may lie from correctly rounded (:class:`Quantiser`; default 2, GPU fast division).
+    ``"even"``). ``amax_floor``: its int8 quantisers may floor ``amax`` there (default: vLLM's
+    Triton quantiser's 1e-10, the largest legitimate int8 floor known); rows below are left to
+    the sound bound, which takes the floor's coarser grid (a tiny row may come out 0).
+    ``div_ulps``: how far its quantisers' float32 division may lie from correctly rounded
+    (:class:`Quantiser`; default 2, GPU fast division).
     ``x_dtype_combine_topk``: the top_k values for which it may sum the combine in the out
     dtype (vLLM ``moe_sum``). ``ftz``: it may flush float32 (and bfloat16) subnormals to zero
     (default: yes, as GPU kernels do); the ideal bound then takes 2^-126 as their underflow
@@ -1031,7 +1036,7 @@ class IdealAssumptions:
 
     stored_dtype: str = "bfloat16"
     ties: tuple[str, ...] = ("away", "even")
-    amax_floor: float | None = None
+    amax_floor: float | None = VLLM_INT8_AMAX_FLOOR
     div_ulps: int = 2
     x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
     false_alarm: float = DEFAULT_FALSE_ALARM
@@ -1425,7 +1430,7 @@ VLLM_TRITON = KernelProfile(
 #: quantization/utils/int8_utils.py [code]): ``amax = max(amax, 1e-10)``, ``scale = amax/127``,
 #: ``x · (127/amax)`` with Triton's fp32 ``/`` (within 2 ulp), ``libdevice.round``: ties away.
 _VLLM_TRITON_QUANTISER = Quantiser(
-    scale="reciprocal", ties="away", amax_floor=1e-10, div_ulps=2,
+    scale="reciprocal", ties="away", amax_floor=VLLM_INT8_AMAX_FLOOR, div_ulps=2,
     source="Triton per_token_quant_int8, int8_utils.py: fused_moe's int8 per-token path "
            "(moe_kernel_quantize_input, both quantisations)")
 VLLM_TRITON_TQ = dataclasses.replace(
