@@ -65,20 +65,22 @@ def expert_tag(e: Array) -> Array:
     return np.asarray((1 + np.asarray(e) % 4) / 2)
 
 
-def _fp8_block(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-    tag = expert_tag(np.arange(e))[:, None, None]
-    w1, s1 = quantise_blocks(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
-    w2, s2 = quantise_blocks(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
-    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+def _quantised(quantise: Callable[[Array], tuple[Array, ...]]) -> Callable[
+        [OpConfig, np.random.Generator], dict[str, np.ndarray]]:
+    """The generator of a scaled format: normal weights with standard deviation
+    ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`, turned by ``quantise``
+    into the variant's lists ``(w, scale, …)`` of each GEMM (``w1, scale1, …``, ``w2, …``)."""
 
+    def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+        tag = expert_tag(np.arange(e))[:, None, None]
+        out: dict[str, np.ndarray] = {}
+        for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
+            parts = quantise(rng.standard_normal((e, rows, cols)) * (tag / np.sqrt(rows)))
+            out.update(zip((f"w{g}", f"scale{g}"), parts, strict=True))
+        return out
 
-def _mxfp4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-    tag = expert_tag(np.arange(e))[:, None, None]
-    w1, s1 = quantise_mx(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
-    w2, s2 = quantise_mx(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
-    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+    return generate
 
 
 def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -97,7 +99,8 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
-    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _fp8_block, "mxfp4_w4a16": _mxfp4,
+    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(quantise_blocks),
+    "mxfp4_w4a16": _quantised(quantise_mx),
     "float": _float}
 
 
