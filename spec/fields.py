@@ -60,6 +60,8 @@ FIELDS: tuple[Field, ...] = (
     Field("active_mask", "x_active_mask", "tokens the kernel computes (M,) bool", False, False),
     Field("bias1", "bias1", "W4A8 compensation 8·Σ_k W1[k, n]·s1[n]", True, False),
     Field("bias2", "bias2", "W4A8 compensation 8·Σ_i W2[i, k]·s2[k]", True, False),
+    Field("zero1", "zero1", "W4A16 zero points of weight1 (uint4 per group)", True, False),
+    Field("zero2", "zero2", "W4A16 zero points of weight2 (uint4 per group)", True, False),
 )
 #: Names of the plain-array fields and of the TensorList fields.
 ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
@@ -123,7 +125,8 @@ class Variant:
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
     for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
-    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`); the
+    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`,
+    ``"int4"``: :func:`spec.int4.dequantise_groups`); the
     numerics then read them as float weights."""
 
     name: str
@@ -188,6 +191,18 @@ VARIANTS: tuple[Variant, ...] = (
          "scale1": ListSpec(("K/32^", "N"), "uint8"),
          "scale2": ListSpec(("I/32^", "K"), "uint8")},
         masked=False, clamped=False, quantised=False, opt_in=True, dequantise="mxfp4",
+    ),
+    # int4 W4A16 (formats.md, W4A16 [code]: Marlin AWQ/GPTQ MoE): unsigned int4 values (the
+    # logical values, one per byte; :mod:`spec.int4`), scales in x's dtype and uint4 zero points
+    # per group of 128 along the reduction (GPTQ without zero points: z = 8), dequantised to
+    # x's dtype before float GEMMs [inferred for where the kernel rounds]; a GPU format.
+    Variant(
+        "int4_w4a16", "uint4",
+        {"w1": ListSpec(_W1, "uint4"), "w2": ListSpec(_W2, "uint4"),
+         "scale1": ListSpec(("K/128^", "N"), "x"), "scale2": ListSpec(("I/128^", "K"), "x"),
+         "zero1": ListSpec(("K/128^", "N"), "uint4"),
+         "zero2": ListSpec(("I/128^", "K"), "uint4")},
+        masked=False, clamped=False, quantised=False, opt_in=True, dequantise="int4",
     ),
 )
 

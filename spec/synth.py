@@ -24,7 +24,7 @@ import numpy as np
 
 from spec.config import OpConfig
 from spec.fp8 import quantise_blocks
-from spec.int4 import compensation_bias, pack_int4
+from spec.int4 import compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
 from spec.problem import DTYPES, Problem, RankInputs
@@ -65,19 +65,22 @@ def expert_tag(e: Array) -> Array:
     return np.asarray((1 + np.asarray(e) % 4) / 2)
 
 
-def _quantised(quantise: Callable[[Array], tuple[Array, ...]]) -> Callable[
+def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
+               names: tuple[str, ...] = ("w", "scale")) -> Callable[
         [OpConfig, np.random.Generator], dict[str, np.ndarray]]:
     """The generator of a scaled format: normal weights with standard deviation
     ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`, turned by ``quantise``
-    into the variant's lists ``(w, scale, …)`` of each GEMM (``w1, scale1, …``, ``w2, …``)."""
+    (given x's dtype) into the variant's lists of each GEMM, ``names`` numbered by the GEMM
+    (``w1, scale1``, ``w2, scale2``)."""
 
     def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
         e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
         tag = expert_tag(np.arange(e))[:, None, None]
         out: dict[str, np.ndarray] = {}
         for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
-            parts = quantise(rng.standard_normal((e, rows, cols)) * (tag / np.sqrt(rows)))
-            out.update(zip((f"w{g}", f"scale{g}"), parts, strict=True))
+            w = rng.standard_normal((e, rows, cols)) * (tag / np.sqrt(rows))
+            parts = quantise(w, DTYPES[config.x_dtype])
+            out.update(zip((f"{name}{g}" for name in names), parts, strict=True))
         return out
 
     return generate
@@ -99,8 +102,9 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
-    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(quantise_blocks),
-    "mxfp4_w4a16": _quantised(quantise_mx),
+    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
+    "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
+    "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero")),
     "float": _float}
 
 
@@ -115,6 +119,8 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     biases. FP8 block scale: normal weights of that standard deviation times the expert's
     :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
     MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
+    int4 W4A16: the same, quantised per 128 along the reduction with zero points
+    (:func:`spec.int4.quantise_groups`).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     lists = _WEIGHTS[config.kernel_variant.name](config, rng)

@@ -1460,9 +1460,25 @@ VLLM_MXFP4 = KernelProfile(
     domain=VLLM_DOMAIN,
 )
 
+#: int4 W4A16 (vLLM's ``int4_w4a16``, Marlin AWQ/GPTQ MoE; formats.md, W4A16 [code] for the
+#: format): the weights dequantised to x's dtype, ``(q − z)·s`` rounded once (Marlin converts
+#: int4 to 16-bit floats in registers), then vLLM Triton's float path: float32 accumulation,
+#: GEMM outputs in x's dtype, silu_and_mul, moe_sum [inferred: Marlin's epilogue as the
+#: Triton kernel's].
+VLLM_MARLIN_W4A16 = KernelProfile(
+    name="vllm-marlin-w4a16",
+    summary="vLLM Marlin MoE W4A16: uint4 weights, x-dtype scales and zero points per 128, "
+            "dequantised to x's dtype, then the Triton float path",
+    sources="formats.md [code]: Marlin AWQ/GPTQ MoE (format); kernels.md [code]: the float "
+            "path; one rounding of the dequantised weight and the epilogue [inferred]",
+    pipelines=(("int4_w4a16", VLLM_TRITON.pipeline("float")),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+)
+
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
-                        VLLM_MXFP4)}
+                        VLLM_MXFP4, VLLM_MARLIN_W4A16)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
