@@ -46,6 +46,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "uint8": np.dtype(np.uint8),
     "uint4": np.dtype(ml_dtypes.uint4),
+    "float4_e2m1fn": np.dtype(ml_dtypes.float4_e2m1fn),
 }
 
 
@@ -80,6 +81,8 @@ class RankInputs:
     bias2: Sequence[np.ndarray] | None = None
     zero1: Sequence[np.ndarray] | None = None
     zero2: Sequence[np.ndarray] | None = None
+    gscale1: Sequence[np.ndarray] | None = None
+    gscale2: Sequence[np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -27,6 +27,7 @@ from spec.fp8 import quantise_blocks
 from spec.int4 import compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
+from spec.nvfp4 import quantise_nv
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "random_problem",
@@ -105,6 +106,7 @@ _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarr
     "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
     "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
     "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero")),
+    "nvfp4_w4a16": _quantised(lambda w, _: quantise_nv(w), ("w", "scale", "gscale")),
     "float": _float}
 
 
@@ -120,7 +122,8 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
     MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
     int4 W4A16: the same, quantised per 128 along the reduction with zero points
-    (:func:`spec.int4.quantise_groups`).
+    (:func:`spec.int4.quantise_groups`). NVFP4: the same, with e4m3 scales per 16 and a
+    global scale per expert (:func:`spec.nvfp4.quantise_nv`).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     lists = _WEIGHTS[config.kernel_variant.name](config, rng)

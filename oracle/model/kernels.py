@@ -1476,9 +1476,24 @@ VLLM_MARLIN_W4A16 = KernelProfile(
     domain=VLLM_DOMAIN,
 )
 
+#: NVFP4 weights with 16-bit activations (vLLM's ``nvfp4_w4a16``; formats.md, NVFP4 [code] for
+#: the format): the weights dequantised to x's dtype as vLLM's reference does (``e2m1 ·
+#: (scale / global_scale)`` in float32, one rounding), then the Triton float path [inferred:
+#: where the kernel dequantises and its epilogue].
+VLLM_NVFP4_W4A16 = KernelProfile(
+    name="vllm-nvfp4-w4a16",
+    summary="vLLM NVFP4 W4A16: e2m1 weights with e4m3 scales per 16 and a global scale per "
+            "expert, dequantised to x's dtype, then the Triton float path",
+    sources="formats.md [code]: nvfp4_utils.py (format, dequantisation order); kernels.md "
+            "[code]: the float path; the dequantisation point [inferred]",
+    pipelines=(("nvfp4_w4a16", VLLM_TRITON.pipeline("float")),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+)
+
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
-                        VLLM_MXFP4, VLLM_MARLIN_W4A16)}
+                        VLLM_MXFP4, VLLM_MARLIN_W4A16, VLLM_NVFP4_W4A16)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

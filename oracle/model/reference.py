@@ -27,6 +27,7 @@ from spec.config import OpConfig
 from spec.fp8 import dequantise
 from spec.int4 import PER_WORD, dequantise_groups, unpack_int4
 from spec.mxfp4 import dequantise_mx
+from spec.nvfp4 import dequantise_nv
 
 __all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
            "float_weight_problem", "kernel_mathematics", "route", "run"]
@@ -168,6 +169,8 @@ _DEQUANTISERS: dict[str, Callable[[dict[str, Array], int, Any], Array]] = {
     "mxfp4": lambda lists, i, dtype: dequantise_mx(lists[f"w{i}"], lists[f"scale{i}"], dtype),
     "int4": lambda lists, i, dtype: dequantise_groups(
         lists[f"w{i}"], lists[f"scale{i}"], lists[f"zero{i}"], dtype),
+    "nvfp4": lambda lists, i, dtype: dequantise_nv(
+        lists[f"w{i}"], lists[f"scale{i}"], lists[f"gscale{i}"], dtype),
 }
 
 
@@ -272,7 +275,7 @@ def float_weight_problem(problem: Problem) -> Problem:
         ranks.append(dataclasses.replace(
             rank, w1=[np.stack([w["w1"] for w in per_expert])],
             w2=[np.stack([w["w2"] for w in per_expert])], scale1=None, scale2=None,
-            zero1=None, zero2=None))
+            zero1=None, zero2=None, gscale1=None, gscale2=None))
     return Problem(ranks, **cfg.call_attributes())
 
 
