@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_mxfp4 import assert_float_path
 
 import oracle
 from oracle import Numerics
 from oracle.check.harness import ConformanceError, check_implementation
-from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_NVFP4_W4A16
-from oracle.model.reference import float_weight_problem
 from spec import DTYPES, OpConfig, Problem, ShapeError, random_problem
 from spec.nvfp4 import NV_BLOCK, dequantise_nv, global_scale, quantise_nv
 from spec.strategies import configs, problems
@@ -91,12 +90,7 @@ def test_problem_validates_the_block_shapes() -> None:
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(problems(configs=NV_CONFIGS))
 def test_profile_is_the_float_path_on_the_dequantised_weights(problem: Problem) -> None:
-    got = oracle.run(problem, numerics=PROFILE)
-    want = oracle.run(float_weight_problem(problem), numerics="vllm-triton")
-    for a, b in zip(got.ranks, want.ranks):
-        assert np.array_equal(a.out.view(np.uint16), b.out.view(np.uint16))
-    ideal = oracle.run(problem, numerics="ideal")
-    assert row_thresholds(problem, ideal).judge([r.out for r in got.ranks]).ok
+    assert_float_path(problem, VLLM_NVFP4_W4A16.name)
 
 
 # ---------------------------------------------------------------------------------------------
