@@ -82,6 +82,7 @@ def test_problem_validates_the_block_shapes() -> None:
     r = p.ranks[0]
     assert r.scale1[0].shape == (2, 3, 48) and r.scale2[0].shape == (2, 2, 40)
     assert r.gscale1[0].shape == (2, 1) and r.gscale1[0][0] != r.gscale1[0][1]  # expert tags
+    assert r.scale1[0][-1, 0, 0] == 0 and r.scale2[0][-1, 0, 0] == 0  # the zero blocks
     bad = dataclasses.replace(r, gscale2=[r.gscale2[0][:, :0]])
     with pytest.raises(ShapeError, match="gscale2"):
         Problem([bad])

@@ -87,6 +87,9 @@ def test_problem_validates_the_group_shapes() -> None:
     r = p.ranks[0]
     assert r.w1[0].shape == (2, 160, 48) and r.scale1[0].shape == r.zero1[0].shape == (2, 2, 48)
     assert r.scale2[0].dtype == np.float16 and r.zero2[0].shape == (2, 1, 160)
+    # the generator's zero block: the last expert's first group of its first column
+    assert r.scale1[0][-1, 0, 0] == 0 and int(r.zero1[0][-1, 0, 0]) == 8
+    assert not dequantise_groups(r.w2[0], r.scale2[0], r.zero2[0], np.float32)[-1, :, 0].any()
     bad = dataclasses.replace(r, zero2=[r.zero2[0][:, :, :1]])
     with pytest.raises(ShapeError, match=r"per-expert shape \(1, 1\)"):
         Problem([bad])
