@@ -60,6 +60,12 @@ FIELDS: tuple[Field, ...] = (
     Field("active_mask", "x_active_mask", "tokens the kernel computes (M,) bool", False, False),
     Field("bias1", "bias1", "W4A8 compensation 8·Σ_k W1[k, n]·s1[n]", True, False),
     Field("bias2", "bias2", "W4A8 compensation 8·Σ_i W2[i, k]·s2[k]", True, False),
+    Field("zero1", "zero1", "W4A16 zero points of weight1 (uint4 per group)", True, False),
+    Field("zero2", "zero2", "W4A16 zero points of weight2 (uint4 per group)", True, False),
+    Field("gscale1", "gscale1", "NVFP4 global scale of weight1 (float32 per expert)", True,
+          False),
+    Field("gscale2", "gscale2", "NVFP4 global scale of weight2 (float32 per expert)", True,
+          False),
 )
 #: Names of the plain-array fields and of the TensorList fields.
 ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
@@ -76,8 +82,9 @@ def _parse_dim(d: str) -> tuple[str, int, bool]:
 @dataclass(frozen=True)
 class ListSpec:
     """A TensorList of a variant: its per-expert ``shape`` in the call's dimensions (``"K"``,
-    ``"N"``, ``"I"``; ``"N/8"`` is N packed eight to a word; ``"K/128^"`` is one entry per
-    started block of 128, ``ceil(K/128)``: block scales) and its ``dtype`` (``"x"``: x's).
+    ``"N"``, ``"I"``, ``"1"`` for one value per expert; ``"N/8"`` is N packed eight to a word;
+    ``"K/128^"`` is one entry per started block of 128, ``ceil(K/128)``: block scales) and
+    its ``dtype`` (``"x"``: x's).
     """
 
     shape: tuple[str, ...]
@@ -86,14 +93,14 @@ class ListSpec:
     def dims(self, *, k: int, n: int, i: int) -> tuple[int, ...]:
         """The per-expert shape as numbers (a packed dimension rounded down, a block
         dimension up)."""
-        size = {"K": k, "N": n, "I": i}
+        size = {"K": k, "N": n, "I": i, "1": 1}
         return tuple(-(-size[base] // per) if ceil else size[base] // per
                      for base, per, ceil in map(_parse_dim, self.shape))
 
     def indivisible(self, *, k: int, n: int, i: int) -> tuple[str, int, int] | None:
         """``(dimension, size, per word)`` of a packed dimension whose size the packing does
         not divide, else ``None`` (a block dimension takes any size)."""
-        size = {"K": k, "N": n, "I": i}
+        size = {"K": k, "N": n, "I": i, "1": 1}
         for base, per, ceil in map(_parse_dim, self.shape):
             if not ceil and size[base] % per:
                 return base, size[base], per
@@ -123,7 +130,8 @@ class Variant:
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
     for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
-    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`); the
+    x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`,
+    ``"int4"``: :func:`spec.int4.dequantise_groups`, ``"nvfp4"``: :mod:`spec.nvfp4`); the
     numerics then read them as float weights."""
 
     name: str
@@ -188,6 +196,31 @@ VARIANTS: tuple[Variant, ...] = (
          "scale1": ListSpec(("K/32^", "N"), "uint8"),
          "scale2": ListSpec(("I/32^", "K"), "uint8")},
         masked=False, clamped=False, quantised=False, opt_in=True, dequantise="mxfp4",
+    ),
+    # int4 W4A16 (formats.md, W4A16 [code]: Marlin AWQ/GPTQ MoE): unsigned int4 values (the
+    # logical values, one per byte; :mod:`spec.int4`), scales in x's dtype and uint4 zero points
+    # per group of 128 along the reduction (GPTQ without zero points: z = 8), dequantised to
+    # x's dtype before float GEMMs [inferred for where the kernel rounds]; a GPU format.
+    Variant(
+        "int4_w4a16", "uint4",
+        {"w1": ListSpec(_W1, "uint4"), "w2": ListSpec(_W2, "uint4"),
+         "scale1": ListSpec(("K/128^", "N"), "x"), "scale2": ListSpec(("I/128^", "K"), "x"),
+         "zero1": ListSpec(("K/128^", "N"), "uint4"),
+         "zero2": ListSpec(("I/128^", "K"), "uint4")},
+        masked=False, clamped=False, quantised=False, opt_in=True, dequantise="int4",
+    ),
+    # NVFP4 weights with bf16/fp16 activations (vLLM's nvfp4_w4a16; formats.md, NVFP4 [code]):
+    # e2m1 values (logical, one per byte; :mod:`spec.nvfp4`), e4m3 scales per 16 along the
+    # reduction and a float32 global scale per expert, dequantised to x's dtype before float
+    # GEMMs [inferred for where the kernel rounds]. The NVFP4 activations of the Blackwell
+    # kernels are not modelled yet.
+    Variant(
+        "nvfp4_w4a16", "float4_e2m1fn",
+        {"w1": ListSpec(_W1, "float4_e2m1fn"), "w2": ListSpec(_W2, "float4_e2m1fn"),
+         "scale1": ListSpec(("K/16^", "N"), "float8_e4m3fn"),
+         "scale2": ListSpec(("I/16^", "K"), "float8_e4m3fn"),
+         "gscale1": ListSpec(("1",), "float32"), "gscale2": ListSpec(("1",), "float32")},
+        masked=False, clamped=False, quantised=False, opt_in=True, dequantise="nvfp4",
     ),
 )
 

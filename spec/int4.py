@@ -6,20 +6,40 @@ The operator takes signed int4 weights eight to an int32 word, little-endian nib
 int4, so the kernel splits each int8 activation ``q = 16·hi + lo + 8`` (``hi = floor(q/16)``,
 ``lo = (q & 0xF) − 8``, both int4) and the caller supplies the missing ``8·Σ_k W[k, n]·s[n]``
 as a float32 bias (``bias1`` for weight1, ``bias2`` for weight2).
+
+W4A16 on GPUs (Marlin AWQ/GPTQ MoE; ``docs/contract/formats.md``, section W4A16 / W4A8 on
+GPUs [code]) stores unsigned int4 values ``q`` (0..15) with one scale per group of 128 along
+the reduction, in the activations' dtype, and a uint4 zero point per group: the weight is
+``(q − z)·s``. Symmetric GPTQ weights have no zero points: they are ``z = 8``. This project
+keeps the logical values (``ml_dtypes.uint4``, one per byte; packing eight to an int32 is a
+layout) in the weights' ``(K, N)`` / ``(I, K)`` orientation, the scales and zero points
+``(ceil(K/128), N)`` / ``(ceil(I/128), K)``.
+
+>>> q, s, z = quantise_groups(np.array([[-1.5], [0.0], [6.0]]), np.float32)
+>>> s.tolist(), z.tolist(), dequantise_groups(q, s, z, np.float32).ravel().tolist()
+([[0.5]], [[3]], [-1.5, 0.0, 6.0])
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from spec.fp8 import blocks
+
 __all__ = [
+    "GROUP",
     "INT4_MAX",
     "INT4_MIN",
     "PER_WORD",
+    "UINT4",
     "compensation_bias",
+    "dequantise_groups",
+    "expand_groups",
     "pack_int4",
+    "quantise_groups",
     "split_activation",
     "unpack_int4",
 ]
@@ -29,6 +49,9 @@ INT4_MIN, INT4_MAX = -8, 7
 #: int4 elements per int32 word.
 PER_WORD = 8
 _SHIFTS = np.arange(PER_WORD, dtype=np.uint32) * 4
+UINT4 = np.dtype(ml_dtypes.uint4)
+#: W4A16's group along the reduction (Marlin's ``group_size`` 128; formats.md [code]).
+GROUP = 128
 
 
 def pack_int4(values: Array) -> Array:
@@ -78,7 +101,45 @@ def compensation_bias(w: Array, scale: Array) -> Array:
     ``w`` (…, K, N) and per-channel scales ``s`` (…, N); computed in float64 and rounded once.
 
     >>> compensation_bias(np.ones((2, 1, 3), np.int8), np.full((2, 3), 0.5, np.float32))[0]
-    array([8., 8., 8.], dtype=float32)
+    array([4., 4., 4.], dtype=float32)
     """
     column_sums = w.astype(np.int64).sum(axis=-2).astype(np.float64)
     return np.asarray(8 * column_sums * scale.astype(np.float64), dtype=np.float32)
+
+
+def expand_groups(per_group: Array, rows: int, group: int = GROUP) -> Array:
+    """The per-row values of a ``(…, ceil(rows/group), C)`` per-group tensor (the last group
+    may be partial)."""
+    return np.asarray(np.repeat(per_group, group, axis=-2)[..., :rows, :])
+
+
+def dequantise_groups(q: Array, scale: Array, zero: Array, dtype: Any) -> Array:
+    """W4A16 weights ``(…, R, C)`` in ``dtype``: ``(q − z)·s`` per group of 128 rows, exact in
+    float32 (a 5-bit integer times a 16-bit float) and rounded once to ``dtype``, as Marlin's
+    dequantisation in registers gives them [inferred: one rounding]."""
+    rows = q.shape[-2]
+    centred = q.astype(np.float32) - expand_groups(zero, rows).astype(np.float32)
+    with np.errstate(over="ignore"):
+        return np.asarray((centred * expand_groups(scale, rows).astype(np.float32))
+                          .astype(dtype))
+
+
+def quantise_groups(w: Array, dtype: Any) -> tuple[Array, Array, Array]:
+    """``(q, scale, zero)`` of float weights ``w`` (…, R, C), asymmetric per column and group of
+    128 rows (a partial group as it stands), as AWQ makes them: ``scale = (max − min)/15`` in
+    ``dtype`` (the range always holding 0), ``z = round(−min/scale)``, ``q = clamp(round(w/scale)
+    + z, 0, 15)``; an all-zero group has scale 0 and ``z = 8``."""
+    w32 = np.asarray(w, dtype=np.float32)
+    rows, cols = w32.shape[-2:]
+    g = blocks(rows, GROUP)
+    padded = np.zeros((*w32.shape[:-2], g * GROUP, cols), np.float32)
+    padded[..., :rows, :] = w32
+    grouped = padded.reshape(*w32.shape[:-2], g, GROUP, cols)
+    lo, hi = grouped.min(axis=-2), grouped.max(axis=-2)  # zero padding: 0 in the range
+    scale = ((hi - lo) / np.float32(15)).astype(dtype)
+    s32 = scale.astype(np.float32)
+    safe = np.where(s32 > 0, s32, np.float32(1))
+    zero = np.where(s32 > 0, np.clip(np.rint(-lo / safe), 0, 15), 8)
+    per_row = expand_groups(safe, rows)
+    q = np.clip(np.rint(w32 / per_row) + expand_groups(zero, rows), 0, 15)
+    return q.astype(UINT4), scale, zero.astype(UINT4)

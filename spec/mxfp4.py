@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from spec.fp8 import blocks, ue8m0_up
+from spec.fp8 import Array, blocks, ue8m0_up
 
 __all__ = [
     "E2M1",
@@ -34,7 +34,6 @@ __all__ = [
     "unpack_e2m1",
 ]
 
-Array = np.ndarray[Any, Any]
 E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 E2M1_MAX = 6.0
 #: Elements per e8m0 scale along the reduction (OCP MX; triton_kernels' ``mxfp.py``).

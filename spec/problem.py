@@ -45,6 +45,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "int32": np.dtype(np.int32),
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "uint8": np.dtype(np.uint8),
+    "uint4": np.dtype(ml_dtypes.uint4),
+    "float4_e2m1fn": np.dtype(ml_dtypes.float4_e2m1fn),
 }
 
 
@@ -77,6 +79,10 @@ class RankInputs:
     active_mask: np.ndarray | None = None
     bias1: Sequence[np.ndarray] | None = None
     bias2: Sequence[np.ndarray] | None = None
+    zero1: Sequence[np.ndarray] | None = None
+    zero2: Sequence[np.ndarray] | None = None
+    gscale1: Sequence[np.ndarray] | None = None
+    gscale2: Sequence[np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:

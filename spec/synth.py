@@ -24,9 +24,10 @@ import numpy as np
 
 from spec.config import OpConfig
 from spec.fp8 import quantise_blocks
-from spec.int4 import compensation_bias, pack_int4
+from spec.int4 import GROUP, compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
+from spec.nvfp4 import NV_BLOCK, quantise_nv
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "random_problem",
@@ -65,20 +66,27 @@ def expert_tag(e: Array) -> Array:
     return np.asarray((1 + np.asarray(e) % 4) / 2)
 
 
-def _fp8_block(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-    tag = expert_tag(np.arange(e))[:, None, None]
-    w1, s1 = quantise_blocks(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
-    w2, s2 = quantise_blocks(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
-    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
+               names: tuple[str, ...] = ("w", "scale"), zero_block: int = 0) -> Callable[
+        [OpConfig, np.random.Generator], dict[str, np.ndarray]]:
+    """The generator of a scaled format: normal weights with standard deviation
+    ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`, turned by ``quantise``
+    (given x's dtype) into the variant's lists of each GEMM, ``names`` numbered by the GEMM
+    (``w1, scale1``, ``w2, scale2``). ``zero_block``: the first that many rows of the last
+    expert's first column are zero, a block whose scale is 0."""
 
+    def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
+        tag = expert_tag(np.arange(e))[:, None, None]
+        out: dict[str, np.ndarray] = {}
+        for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
+            w = rng.standard_normal((e, rows, cols)) * (tag / np.sqrt(rows))
+            w[-1, :zero_block, 0] = 0
+            parts = quantise(w, DTYPES[config.x_dtype])
+            out.update(zip((f"{name}{g}" for name in names), parts, strict=True))
+        return out
 
-def _mxfp4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-    tag = expert_tag(np.arange(e))[:, None, None]
-    w1, s1 = quantise_mx(rng.standard_normal((e, k, n)) * (tag / np.sqrt(k)))
-    w2, s2 = quantise_mx(rng.standard_normal((e, i, k)) * (tag / np.sqrt(i)))
-    return {"w1": w1, "w2": w2, "scale1": s1, "scale2": s2}
+    return generate
 
 
 def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -97,7 +105,11 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
-    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _fp8_block, "mxfp4_w4a16": _mxfp4,
+    "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
+    "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
+    "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero"), zero_block=GROUP),
+    "nvfp4_w4a16": _quantised(lambda w, _: quantise_nv(w), ("w", "scale", "gscale"),
+                              zero_block=NV_BLOCK),
     "float": _float}
 
 
@@ -112,6 +124,10 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     biases. FP8 block scale: normal weights of that standard deviation times the expert's
     :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
     MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
+    int4 W4A16: the same, quantised per 128 along the reduction with zero points
+    (:func:`spec.int4.quantise_groups`). NVFP4: the same, with e4m3 scales per 16 and a
+    global scale per expert (:func:`spec.nvfp4.quantise_nv`). Both plant one zero block per
+    GEMM (the last expert's first block of its first column: scale 0).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """
     lists = _WEIGHTS[config.kernel_variant.name](config, rng)

@@ -13,9 +13,12 @@ from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import OpConfig, RankInputs, random_problem
 from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, variant_for
 
-#: A W4A8 call with a mask: every field of the table is given.
+#: A W4A8 call with a mask: every field of the table is given but the W4A16 ones.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
                   tokens_per_rank=(3,), masked=True, weight_dtype="int32")
+#: The W4A16 calls: int4's zero points, NVFP4's global scales.
+ZEROS = dataclasses.replace(MASKED, masked=False, weight_dtype="uint4")
+GLOBALS = dataclasses.replace(MASKED, masked=False, weight_dtype="float4_e2m1fn")
 
 
 def test_rank_inputs_holds_exactly_the_table_fields() -> None:
@@ -34,13 +37,19 @@ def test_rank_inputs_is_keyword_only() -> None:
 
 @pytest.mark.parametrize("binding", [False, True])
 def test_arrays_round_trip_every_field(binding: bool) -> None:
-    rank = random_problem(MASKED).ranks[0]
-    back = RankInputs.from_arrays(rank.arrays(binding=binding), binding=binding)
-    for f in FIELDS:
-        got, want = getattr(back, f.name), getattr(rank, f.name)
-        assert want is not None, f"{f.name}: the masked W4A8 problem leaves it None"
-        pairs = zip(got, want, strict=True) if f.tensor_list else [(got, want)]
-        assert all(a is b for a, b in pairs), f"{f.name} was not carried"
+    carried = set()
+    for cfg in (MASKED, ZEROS, GLOBALS):
+        rank = random_problem(cfg).ranks[0]
+        back = RankInputs.from_arrays(rank.arrays(binding=binding), binding=binding)
+        for f in FIELDS:
+            got, want = getattr(back, f.name), getattr(rank, f.name)
+            if want is None:
+                assert got is None, f.name
+                continue
+            pairs = zip(got, want, strict=True) if f.tensor_list else [(got, want)]
+            assert all(a is b for a, b in pairs), f"{f.name} was not carried"
+            carried.add(f.name)
+    assert carried == {f.name for f in FIELDS}, "a field neither problem gives"
 
 
 def test_map_arrays_copies_every_array() -> None:
@@ -53,8 +62,8 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    assert [variant_for(w, "bfloat16") for w in ("int8", "int32", "bfloat16", "float8_e4m3fn",
-                                                  "uint8")] == list(VARIANTS)
+    weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "uint8", "uint4", "float4_e2m1fn")
+    assert [variant_for(w, "bfloat16") for w in weights] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -80,8 +89,11 @@ def test_gate_variants_come_from_the_table() -> None:
         ("w4a8", "int32", ("bfloat16", "float16"), False),
         ("fp8_block", "float8_e4m3fn", ("bfloat16", "float16"), False),
         ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
+        ("int4_w4a16", "uint4", ("bfloat16", "float16"), False),
+        ("nvfp4_w4a16", "float4_e2m1fn", ("bfloat16", "float16"), False),
     ]
-    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16")
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16",
+                               "int4_w4a16", "nvfp4_w4a16")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:

@@ -105,9 +105,13 @@ def test_problem_validates_the_packed_shapes() -> None:
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(problems(configs=MX_CONFIGS))
 def test_profile_is_the_float_path_on_the_dequantised_weights(problem: Problem) -> None:
-    """Bit for bit: the MXFP4 pipeline equals vllm-triton's float path run on the problem
+    assert_float_path(problem, VLLM_MXFP4.name)
+
+
+def assert_float_path(problem: Problem, kernel: str) -> None:
+    """Bit for bit: a W4A16 pipeline equals vllm-triton's float path run on the problem
     whose weights are the dequantised ones; the judges read that problem too."""
-    got = oracle.run(problem, numerics=VLLM_MXFP4.name)
+    got = oracle.run(problem, numerics=kernel)
     floats = float_weight_problem(problem)
     assert floats.config.variant in ("bf16", "fp16")
     want = oracle.run(floats, numerics="vllm-triton")

@@ -36,6 +36,7 @@ from spec import (
     TensorListError,
     random_problem,
 )
+from spec.fields import FIELDS
 
 Ranks = list[dict[str, Any]]
 #: Two ranks, so that errors on rank 1 show the rank is reported (not always 0).
@@ -149,7 +150,8 @@ CASES = [
          lambda ranks: ([], {})),
     Case("33 ranks", RankCountError, None, "ranks", "33 ranks", "1..32 ranks", "PR #5787",
          lambda ranks: ([RankInputs(**ranks[0])] * 33, {})),
-    Case("a rank that is not RankInputs", SpecError, 1, "ranks", "tuple of 10 entries",
+    Case("a rank that is not RankInputs", SpecError, 1, "ranks",
+         f"tuple of {len(FIELDS)} entries",
          "spec.RankInputs", "wrap each rank's arrays",
          lambda ranks: ([RankInputs(**ranks[0]), tuple(ranks[1].values())], {})),
     # x, expert_idx, probs.

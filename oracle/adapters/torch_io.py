@@ -129,8 +129,9 @@ TORCH_BYTES: dict[str, np.dtype[Any]] = {
 class TorchRankInputs:
     """One rank's arguments of the operator, as torch tensors, named as in the torch binding.
 
-    ``weight1``/``weight2``/``scale1``/``scale2``/``bias1``/``bias2`` are TensorLists (one
-    stacked tensor or one per expert, §3). ``max_output_size`` ``None`` means no truncation;
+    ``weight1``/``weight2``/``scale1``/``scale2``/``bias1``/``bias2``/``zero1``/``zero2``/
+    ``gscale1``/``gscale2`` are TensorLists (one stacked tensor or one per expert, §3).
+    ``max_output_size`` ``None`` means no truncation;
     ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none);
     ``swiglu_alpha`` ``None`` means not passed (the PR #11916 binding's default 0: standard
     SwiGLU). ``out`` and ``expert_token_nums``: the output buffers to write into, poisoned (NaN,
@@ -147,6 +148,10 @@ class TorchRankInputs:
     x_active_mask: torch.Tensor | None = None
     bias1: list[torch.Tensor] | None = None
     bias2: list[torch.Tensor] | None = None
+    zero1: list[torch.Tensor] | None = None
+    zero2: list[torch.Tensor] | None = None
+    gscale1: list[torch.Tensor] | None = None
+    gscale2: list[torch.Tensor] | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None

@@ -65,7 +65,8 @@ VERSION = 1
 PLACED_VERSION = 2
 _STORED: dict[str, np.dtype[Any]] = {  # ml_dtypes formats stored as bit patterns
     "bfloat16": np.dtype(np.uint16),
-    "float8_e4m3fn": np.dtype(np.uint8)}
+    "float8_e4m3fn": np.dtype(np.uint8), "uint4": np.dtype(np.uint8),
+    "float4_e2m1fn": np.dtype(np.uint8)}
 #: The only dtypes a file may declare.
 #: The spec's dtypes, float32 (scales, probs) and bool (masks): nothing else is read.
 ALLOWED_DTYPES = (*DTYPES, "float32", "bool", "int64")  # int64: logical ids, phy2log

@@ -1490,25 +1490,45 @@ VLLM_TRITON_FP8 = KernelProfile(
     domain=VLLM_DOMAIN,
 ).with_ftz()
 
+def _w4a16(variant: str, name: str, summary: str, sources: str) -> KernelProfile:
+    """A W4A16 kernel (:attr:`spec.fields.Variant.dequantise`): the weights dequantised to x's
+    dtype, then vLLM Triton's float path (float32 accumulation, GEMM outputs in x's dtype,
+    silu_and_mul, moe_sum) [inferred: where each kernel dequantises and its epilogue]."""
+    return KernelProfile(name=name, summary=summary, sources=sources,
+                         pipelines=((variant, VLLM_TRITON.pipeline("float")),),
+                         combine=VLLM_TRITON.combine, domain=VLLM_DOMAIN)
+
+
 #: MXFP4 weights with bf16/fp16 activations (vLLM's ``mxfp4_w4a16``; formats.md, MXFP4
-#: [code] for the format): the weights dequantised to x's dtype (exact in bfloat16), then
-#: vLLM Triton's float path. Where the kernel dequantises (registers or a prepass) and that
-#: it rounds nothing else is our reading [inferred]; gpt-oss's own activation (SwigluOAI on
-#: interleaved columns) is not modelled here.
-VLLM_MXFP4 = KernelProfile(
-    name="vllm-mxfp4-w4a16",
-    summary="vLLM MXFP4 W4A16: e2m1 weights with e8m0 scales per 32, dequantised to x's "
-            "dtype, then the Triton float path",
-    sources="formats.md [code]: triton_kernels mxfp.py (format); kernels.md [code]: the "
-            "float path; the dequantisation point [inferred]",
-    pipelines=(("mxfp4_w4a16", VLLM_TRITON.pipeline("float")),),
-    combine=VLLM_TRITON.combine,
-    domain=VLLM_DOMAIN,
-)
+#: [code] for the format): dequantised exactly in bfloat16. gpt-oss's own activation
+#: (SwigluOAI on interleaved columns) is not modelled here.
+VLLM_MXFP4 = _w4a16(
+    "mxfp4_w4a16", "vllm-mxfp4-w4a16",
+    "vLLM MXFP4 W4A16: e2m1 weights with e8m0 scales per 32, dequantised to x's dtype, then "
+    "the Triton float path",
+    "formats.md [code]: triton_kernels mxfp.py (format); kernels.md [code]: the float path; "
+    "the dequantisation point [inferred]")
+#: int4 W4A16 (vLLM's ``int4_w4a16``, Marlin AWQ/GPTQ MoE; formats.md, W4A16 [code] for the
+#: format): ``(q − z)·s`` rounded once (Marlin converts int4 to 16-bit floats in registers).
+VLLM_MARLIN_W4A16 = _w4a16(
+    "int4_w4a16", "vllm-marlin-w4a16",
+    "vLLM Marlin MoE W4A16: uint4 weights, x-dtype scales and zero points per 128, "
+    "dequantised to x's dtype, then the Triton float path",
+    "formats.md [code]: Marlin AWQ/GPTQ MoE (format); kernels.md [code]: the float path; one "
+    "rounding of the dequantised weight and the epilogue [inferred]")
+#: NVFP4 weights with 16-bit activations (vLLM's ``nvfp4_w4a16``; formats.md, NVFP4 [code] for
+#: the format): dequantised as vLLM's reference does (``e2m1 · (scale / global_scale)`` in
+#: float32, one rounding).
+VLLM_NVFP4_W4A16 = _w4a16(
+    "nvfp4_w4a16", "vllm-nvfp4-w4a16",
+    "vLLM NVFP4 W4A16: e2m1 weights with e4m3 scales per 16 and a global scale per expert, "
+    "dequantised to x's dtype, then the Triton float path",
+    "formats.md [code]: nvfp4_utils.py (format, dequantisation order); kernels.md [code]: the "
+    "float path; the dequantisation point [inferred]")
 
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
-                        VLLM_MXFP4)}
+                        VLLM_MXFP4, VLLM_MARLIN_W4A16, VLLM_NVFP4_W4A16)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

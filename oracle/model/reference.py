@@ -12,7 +12,7 @@ slot index ``t·top_k + k``), which is exactly the order inside one (expert, sou
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -25,8 +25,9 @@ from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.fp8 import dequantise
-from spec.int4 import PER_WORD, unpack_int4
+from spec.int4 import PER_WORD, dequantise_groups, unpack_int4
 from spec.mxfp4 import dequantise_mx
+from spec.nvfp4 import dequantise_nv
 
 __all__ = ["RankResult", "ReceiveLayout", "Result", "Routing", "Trace", "expert_values",
            "float_weight_problem", "kernel_mathematics", "route", "run"]
@@ -162,14 +163,20 @@ def route(problem: Problem) -> Routing:
     return Routing(counts, order, expert_start, expert_kept, slot_kept, receive)
 
 
-#: How a W4A16 variant's weights become x's dtype (:attr:`spec.fields.Variant.dequantise`).
-_DEQUANTISERS = {"mxfp4": dequantise_mx}
+#: How a W4A16 variant's weights become x's dtype (:attr:`spec.fields.Variant.dequantise`),
+#: from an expert's lists and the GEMM's number (1, 2).
+_DEQUANTISERS: dict[str, Callable[[dict[str, Array], int, Any], Array]] = {
+    "mxfp4": lambda lists, i, dtype: dequantise_mx(lists[f"w{i}"], lists[f"scale{i}"], dtype),
+    "int4": lambda lists, i, dtype: dequantise_groups(
+        lists[f"w{i}"], lists[f"scale{i}"], lists[f"zero{i}"], dtype),
+    "nvfp4": lambda lists, i, dtype: dequantise_nv(
+        lists[f"w{i}"], lists[f"scale{i}"], lists[f"gscale{i}"], dtype),
+}
 
 
 def _as_float_weights(lists: dict[str, Array], how: str, x_dtype: Any) -> dict[str, Array]:
     """``w1``, ``w2`` dequantised with their scales into ``x_dtype``, the scales dropped."""
-    return {f"w{i}": _DEQUANTISERS[how](lists[f"w{i}"], lists[f"scale{i}"], x_dtype)
-            for i in (1, 2)}
+    return {f"w{i}": _DEQUANTISERS[how](lists, i, x_dtype) for i in (1, 2)}
 
 
 def expert_values(problem: Problem, g: int) -> dict[str, Array]:
@@ -267,7 +274,8 @@ def float_weight_problem(problem: Problem) -> Problem:
                       for e in range(cfg.experts_per_rank)]
         ranks.append(dataclasses.replace(
             rank, w1=[np.stack([w["w1"] for w in per_expert])],
-            w2=[np.stack([w["w2"] for w in per_expert])], scale1=None, scale2=None))
+            w2=[np.stack([w["w2"] for w in per_expert])], scale1=None, scale2=None,
+            zero1=None, zero2=None, gscale1=None, gscale2=None))
     return Problem(ranks, **cfg.call_attributes())
 
 
