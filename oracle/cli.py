@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from oracle.check.harness import (
     DOMAINS,
@@ -37,6 +38,7 @@ from oracle.check.harness import (
     evaluate,
     preset_configs,
     routing_rows,
+    variant_configs,
 )
 from oracle.check.isolation import ChildProcess, check_signature
 from oracle.check.loading import KERNEL_FORMS, ImplLoadError, load_impl, load_kernel
@@ -57,6 +59,7 @@ from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import SpecError
 from spec.limits import MODEL_PRESETS
+from spec.modular import LAYOUTS, STAGES
 from spec.strategies import problems
 
 if TYPE_CHECKING:
@@ -131,6 +134,9 @@ def _check(args: argparse.Namespace) -> int:
                       threads=args.threads or None, shapes=args.shapes)
     except OptionError as exc:
         return _usage("check", exc)
+    if args.stage:
+        return _check_stage(args, get_kernel(kernel or DEFAULT_KERNEL) if args.kernel_named
+                            else None)
     try:
         runner = _runner(args)
     except ImplLoadError as exc:
@@ -213,6 +219,50 @@ def _check_placed(args: argparse.Namespace, runner: Any, progress: _Progress,
     return EXIT_OK
 
 
+def _check_stage(args: argparse.Namespace, kernel: KernelProfile | None) -> int:
+    """``check --stage``: one stage of the modular split (:mod:`oracle.check.modular`), in
+    this process, in ideal numerics unless ``--kernel`` names a profile (then the experts
+    stage is emulated with it and the combine judged with its sum; a dispatch is bit-exact
+    either way); ``--placement`` draws the calls from placed calls (−1 slots included)."""
+    from oracle.check.modular import (  # lazy: start-up
+        StageConformanceError,
+        check_stage,
+        stage_calls,
+    )
+
+    layouts = (args.layout,) if args.layout else LAYOUTS
+    try:
+        impl = load_impl(args.impl)
+        check_signature(impl, args.impl)
+    except ImplLoadError as exc:
+        _err(f"dfc-oracle check: {exc}")
+        return EXIT_USAGE
+    numerics: str | Numerics = "ideal" if kernel is None else with_kernel(
+        resolve_numerics(args.numerics), kernel)
+    calls = stage_calls(args.stage, layouts=layouts, placed=args.placement) if (
+        args.placement or kernel is None) else stage_calls(
+        args.stage, layouts=layouts, configs=variant_configs(
+            args.variants or DEFAULT_VARIANTS, domain=kernel.domain,
+            truncation=st.just(False)))
+    progress = _Progress(impl)
+    _err(f"dfc-oracle check {args.impl}: the {args.stage} stage, layouts {','.join(layouts)}, "
+         f"{'placed' if args.placement else 'plain'} calls, numerics "
+         f"{'ideal' if kernel is None else f'{args.numerics} on kernel {kernel.name}'}, "
+         f"profile {args.profile}, in process (a stage is not isolated in a child process)")
+    try:
+        check_stage(args.stage, progress, layouts=layouts, numerics=numerics, ulps=args.ulps,
+                    timeout=args.timeout, calls=calls, settings=_settings(args),
+                    save_dir=args.save_dir, impl_name=args.impl)
+    except StageConformanceError as exc:
+        print(exc.report)
+        _err(f"counterexample found after {progress.calls} calls "
+             f"({time.perf_counter() - progress.start:.1f} s)")
+        return EXIT_FOUND
+    print(f"no counterexample in {progress.calls} {args.stage} calls "
+          f"({time.perf_counter() - progress.start:.1f} s)")
+    return EXIT_OK
+
+
 def _threads_said(threads: int) -> str:
     """How the header names ``--threads`` (0: the environment's)."""
     if not threads:
@@ -236,13 +286,15 @@ def _replay(args: argparse.Namespace) -> int:
         inputs = args.inputs or str(saved.meta.get("inputs", "strict"))
         check_options(inputs=inputs)
         numerics = with_kernel(numerics, load_kernel(args.kernel))
+        if args.numerics is not None:
+            numerics = replace(numerics, mode=args.numerics)
+        ulps = ulps if args.ulps is None else args.ulps
+        if saved.stage is not None:
+            return _replay_stage(args, saved.stage, numerics, ulps)
         impl = _runner(args)
     except (ImplLoadError, SpecError) as exc:
         _err(f"dfc-oracle replay: {exc}")
         return EXIT_USAGE
-    if args.numerics is not None:
-        numerics = replace(numerics, mode=args.numerics)
-    ulps = ulps if args.ulps is None else args.ulps
     try:
         verdict, _ = evaluate(impl, saved.placed or saved.problem, numerics=numerics,
                               timeout=args.timeout, ulps=ulps, inputs=inputs)
@@ -552,6 +604,32 @@ def _verify(args: argparse.Namespace) -> int:
     return int(verify_main(args.directory, numerics))
 
 
+class _Named(argparse.Action):
+    """Stores the value and notes that it was given (``check --stage`` judges in ideal
+    numerics unless ``--kernel`` is named: ``kernel_named``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.kernel_named = True
+
+
+def _replay_stage(args: argparse.Namespace, call: Any, numerics: Numerics, ulps: float) -> int:
+    """``replay`` of a stage file (version 3): the stage implementation rerun in this process
+    on the saved call and judged as the search judged it. Raises ImplLoadError."""
+    from oracle.check.modular import evaluate_stage  # lazy: start-up
+
+    impl = load_impl(args.impl)
+    check_signature(impl, args.impl)
+    verdict = evaluate_stage(impl, call, numerics=numerics, ulps=ulps, timeout=args.timeout)
+    if verdict.ok:
+        print(f"{args.file}: the implementation now conforms ({call.summary()})")
+        return EXIT_OK
+    print(f"{args.file}: the {call.stage} stage fails ({verdict.stage}): {verdict.message}\n"
+          f"{call.summary()}\n{describe_problem(call.problem)}")
+    return EXIT_FOUND
+
+
 def _variants(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
@@ -594,10 +672,11 @@ def _parser() -> argparse.ArgumentParser:
                        f"{judged or 'as the file was judged'})")
 
     check = sub.add_parser("check", help="hunt for a counterexample in MODULE:FUNC")
+    check.set_defaults(kernel_named=False)
     check.add_argument("impl", metavar="MODULE:FUNC",
                        help="the implementation: a function of the problem, by import name")
     impl_options(check, "faithful")
-    check.add_argument("--kernel", default=DEFAULT_KERNEL, metavar="KERNEL",
+    check.add_argument("--kernel", default=DEFAULT_KERNEL, metavar="KERNEL", action=_Named,
                        help="kernel profile: emulation, tolerance and generated shapes; "
                        f"{kernel_help} (default: %(default)s)")
     check.add_argument("--domain", choices=DOMAINS, default="kernel",
@@ -622,6 +701,15 @@ def _parser() -> argparse.ArgumentParser:
                        "spec.placement.PlacedCall (replicas, shared experts, rsf, weights on "
                        "the input, int64 and -1 ids; docs/routing.md), judged in ideal numerics "
                        "(default: off, plain calls)")
+    check.add_argument("--stage", choices=STAGES, default=None,
+                       help="check one stage of the modular split instead: FUNC(call) gets a "
+                       "spec.modular.StageCall and returns one entry per rank (docs/routing.md, "
+                       "'Gating one stage'); run in this process; judged in ideal numerics "
+                       "unless --kernel names a profile; with --placement its calls come from "
+                       "placed calls (default: off, the fused call)")
+    check.add_argument("--layout", choices=LAYOUTS, default=None,
+                       help="with --stage: the receive-buffer layout the stage takes "
+                       "(default: both)")
     check.add_argument("--ulps", type=float, default=0.0,
                        help="ulps of the out dtype allowed beyond the kernel profile's "
                        "envelope (default: %(default)s: the envelope only)")

@@ -6,6 +6,9 @@ checked. ``--dfc-profile`` loads one of the Hypothesis profiles of :mod:`oracle.
 The implementation runs in one child process for the whole session (:mod:`oracle.check.isolation`),
 so an ``os._exit``, a crash or a hang is a failing test with a report, never a silently green
 or dead gate; ``--dfc-in-process`` runs it in pytest's process instead, for debugging.
+``--dfc-stage STAGE`` gates one stage of the modular split instead (``test_stage[...]``, one
+test per layout; :mod:`oracle.check.modular`): the implementation then runs in pytest's
+process and the fused call's tests are skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from oracle.config.settings import DEFAULT_PROFILE, SETTINGS_PROFILES
 from oracle.model.kernels import DEFAULT_KERNEL
 from oracle.model.kernels import PROFILES as KERNELS
 from spec.limits import MODEL_PRESETS
+from spec.modular import LAYOUTS, STAGES
 
 _SUITE = Path(__file__).parent / "check" / "conformance.py"
 _IMPL = pytest.StashKey[Any]()  # the gate's ChildProcess, or the callable (--dfc-in-process)
@@ -71,6 +75,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "input, int64 and -1 ids; docs/routing.md), judged in ideal numerics; "
                     "skipped for a kernel whose domain excludes placement, as the Ascend "
                     "profile's does (default: off)")
+    group.addoption("--dfc-stage", choices=STAGES, default=None,
+                    help="gate one stage of the modular split instead of the fused call "
+                    "(test_stage[STAGE-LAYOUT]): FUNC(call) gets a spec.modular.StageCall; run "
+                    "in pytest's process; judged in ideal numerics unless --dfc-kernel is "
+                    "given; with --dfc-placement also calls made from placed calls (default: "
+                    "off)")
+    group.addoption("--dfc-layout", choices=LAYOUTS, default=None,
+                    help="with --dfc-stage: the receive-buffer layout the stage takes "
+                    "(default: both)")
     group.addoption("--dfc-threads", type=int, default=1, metavar="N",
                     help="OpenMP, BLAS and torch threads of the implementation's child "
                     "process; 0 leaves them as the environment sets them (default: 1, a gate "
@@ -111,7 +124,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--dfc-family-examples: {family} is not allowed; give at "
                                     "least 1 example per family test")
         try:  # once, before collection: a bad name is one usage error, not an error per test
-            if config.getoption("--dfc-in-process"):
+            if config.getoption("--dfc-in-process") or config.getoption("--dfc-stage"):
                 loaded = load_impl(impl)
                 check_signature(loaded, impl)
                 config.stash[_IMPL] = loaded
@@ -122,6 +135,19 @@ def pytest_configure(config: pytest.Config) -> None:
         except ImplLoadError as exc:
             raise pytest.UsageError(f"--dfc-impl: {exc}") from None
         config.args.append(str(_SUITE))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--dfc-stage``, every test of the suite but ``test_stage`` is skipped by name:
+    the implementation is a stage, not the fused call."""
+    stage = config.getoption("--dfc-stage")
+    if not stage or not config.getoption("--dfc-impl"):
+        return
+    skip = pytest.mark.skip(reason=f"--dfc-stage {stage} gates that stage alone; the fused "
+                            "call's tests need a fused implementation")
+    for item in items:
+        if item.path == _SUITE and getattr(item, "originalname", "") != "test_stage":
+            item.add_marker(skip)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -143,17 +169,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"variants={config.getoption('--dfc-variants')} "
         f"shapes={config.getoption('--dfc-shapes') or 'none'} "
         f"placement={'on' if config.getoption('--dfc-placement') else 'off'} "
+        f"stage={config.getoption('--dfc-stage') or 'off(fused)'} "
         f"max_examples={current.max_examples} "
         f"family_examples={family_examples(config.getoption('--dfc-family-examples'))} "
         f"seed={seed} "
-        f"isolation={'in-process' if config.getoption('--dfc-in-process') else 'child-process'} "
+        f"isolation={_isolation(config)} "
         f"threads={_threads(config)}"
     ]
 
 
+def _isolation(config: pytest.Config) -> str:
+    in_process = config.getoption("--dfc-in-process") or config.getoption("--dfc-stage")
+    return "in-process" if in_process else "child-process"
+
+
 def _threads(config: pytest.Config) -> str:
     """The child's pinned thread count, as the header says it."""
-    if config.getoption("--dfc-in-process"):
+    if config.getoption("--dfc-in-process") or config.getoption("--dfc-stage"):
         return "not-pinned(in-process)"
     return str(config.getoption("--dfc-threads") or "environment")
 
@@ -172,6 +204,7 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     name = request.config.getoption("--dfc-impl")
     if not name:
         pytest.skip("no --dfc-impl given: the conformance suite needs an implementation")
+    stage = request.config.getoption("--dfc-stage")
     return {
         "impl": request.config.stash[_IMPL],
         "impl_name": name,
@@ -185,6 +218,10 @@ def dfc_options(request: pytest.FixtureRequest) -> dict[str, Any]:
         "family_examples": family_examples(request.config.getoption("--dfc-family-examples")),
         "preset_examples": preset_examples(request.config.getoption("--dfc-family-examples")),
         "placement": request.config.getoption("--dfc-placement"),
+        "stage": stage,
+        # The stage judges use the kernel profile only when --dfc-kernel was given.
+        "kernel_named": any(a.startswith("--dfc-kernel")
+                            for a in request.config.invocation_params.args),
     }
 
 

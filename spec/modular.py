@@ -34,6 +34,12 @@ order, and each row holds its source token's bits exactly. The experts and combi
 handed the reference's order (expert-major, then source rank, then the source's slot order,
 ``docs/contract/dispatch_ffn_combine.md`` §5) and read ``source`` for the rest.
 
+Slots routed nowhere: a call made from a placed call (:meth:`StageCall.from_placed`) carries
+``routed``, per rank (M_r, top_k) bool: a slot whose logical id is −1 is False there and its
+``expert_idx`` reads 0 (:class:`spec.placement.PlacedCall`). A dispatch sends it nowhere and
+counts it nowhere, a combine adds nothing for it (``docs/contract/placement.md`` rule 6:
+clamping an invalid id to expert 0 is a real bug).
+
 >>> from spec import OpConfig, random_problem
 >>> p = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,
 ...                             intermediate=8, tokens_per_rank=(3, 1)))
@@ -43,12 +49,14 @@ handed the reference's order (expert-major, then source rank, then the source's 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from spec.errors import ConfigError, ShapeError
+from spec.placement import PlacedCall
 from spec.problem import Problem
 
 __all__ = ["LAYOUTS", "SOURCE_FIELDS", "STAGES", "Received", "StageCall", "valid_rows"]
@@ -97,13 +105,15 @@ class StageCall:
     it has no ``max_output_size``. ``max_tokens_per_rank``: DeepEP's
     ``num_max_dispatch_tokens_per_rank`` for the batched layout (None: the smallest that fits
     the call). ``received``: per rank, the buffer the stage reads (experts, combine; empty for
-    a dispatch)."""
+    a dispatch). ``routed``: per rank (M_r, top_k) bool, the slots routed to an expert (module
+    doc; empty: every slot of an active token)."""
 
     stage: str
     problem: Problem
     layout: str = "contiguous"
     max_tokens_per_rank: int | None = None
     received: tuple[Received, ...] = ()
+    routed: tuple[Array, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -120,6 +130,8 @@ class StageCall:
             raise ConfigError(field="max_output_size", given=repr(cfg.max_output_size),
                               allowed="None: a stage call drops no row",
                               fix="judge truncation with the fused call (oracle.compare)")
+        if self.routed:
+            self._check_routed()
         need = self.fitting_tokens()
         given = self.max_tokens_per_rank
         if given is not None and (isinstance(given, bool) or not isinstance(given, int)
@@ -135,14 +147,59 @@ class StageCall:
                              "combine, none for a dispatch (none: not built yet)",
                              fix="build the stage's input with oracle.model.modular.stage_inputs")
 
+    def _check_routed(self) -> None:
+        cfg = self.problem.config
+        shapes = [(m, cfg.top_k) for m in cfg.tokens_per_rank]
+        given = [np.shape(r) for r in self.routed]
+        if given != shapes or not all(np.asarray(r).dtype == np.bool_ for r in self.routed):
+            raise ShapeError(field="routed", given=f"{len(given)} masks of shapes {given}"[:200],
+                             allowed=f"one bool mask per rank of shapes {shapes} (True: the "
+                             "slot is routed to its expert)", fix="build the call with "
+                             "StageCall.from_placed, or pass routed=() (every slot routed)")
+
+    def slot_mask(self) -> Array:
+        """Every rank's slots on one axis, (sum M_r · top_k,) bool: routed to an expert (an
+        active token's slot, and True in ``routed`` when given)."""
+        top_k = self.problem.config.top_k
+        active: Array = np.concatenate([np.zeros(0, bool), *(
+            np.repeat(r.is_active(), top_k) for r in self.problem.ranks)])
+        if self.routed:
+            active = active & np.concatenate([np.asarray(r).reshape(-1) for r in self.routed])
+        return active
+
+    @classmethod
+    def from_placed(cls, stage: str, placed: PlacedCall, *, layout: str = "contiguous",
+                    max_tokens_per_rank: int | None = None) -> StageCall:
+        """The ``stage`` call of a placed call's routed experts: the physical ids as
+        ``expert_idx``, its ``routed`` mask, and as ``probs`` the weights the combine
+        multiplies by (:meth:`spec.placement.RoutingWeights.combine_weights`: renormalised,
+        routed scaling factor applied; the router's business, not the stage's). The
+        all-to-all split only: shared experts (added beside the routed ones) and weights on
+        the input are refused, a ConfigError naming the field."""
+        if placed.shared is not None:
+            raise ConfigError(field="shared", given=f"{placed.shared.count} shared experts",
+                              allowed="none: the stage split gates the routed experts",
+                              fix="judge the shared experts with the fused placed call")
+        if placed.weights.on_input:
+            raise ConfigError(field="weights.on_input", given="True",
+                              allowed="False: a stage call's combine applies the weights",
+                              fix="judge weights on the input with the fused placed call")
+        ranks = [dataclasses.replace(r, probs=placed.weights.combine_weights(r.probs, routed))
+                 for r, routed in zip(placed.problem.ranks, placed.routed)]
+        problem = Problem.from_validated(ranks, placed.problem.config)
+        return cls(stage=stage, problem=problem, layout=layout,
+                   max_tokens_per_rank=max_tokens_per_rank, routed=placed.routed)
+
     def fitting_tokens(self) -> int:
         """The smallest ``max_tokens_per_rank`` that fits the call: the most tokens on one
         rank (at least 1), or more where a token sends one expert several slots (DeepEP's
         top-k ids are distinct per token; the oracle's duplicates need room) [inferred]."""
         cfg = self.problem.config
         most = max((1, *cfg.tokens_per_rank))
-        for r in self.problem.ranks:
-            ids = r.expert_idx[r.is_active()].reshape(-1)
+        mask = self.slot_mask()
+        bounds = np.cumsum((0, *cfg.tokens_per_rank)) * cfg.top_k
+        for r, lo, hi in zip(self.problem.ranks, bounds[:-1], bounds[1:]):
+            ids = r.expert_idx.reshape(-1)[mask[lo:hi]]
             if ids.size:
                 most = max(most, int(np.bincount(ids).max()))
         return most
@@ -155,4 +212,7 @@ class StageCall:
 
     def summary(self) -> str:
         cap = f" capacity={self.capacity}" if self.layout == "batched" else ""
-        return f"{self.stage} {self.layout}{cap}: {self.problem.config.summary()}"
+        unrouted = int((~self.slot_mask()).sum()) - sum(
+            int((~r.is_active()).sum()) * self.problem.config.top_k for r in self.problem.ranks)
+        tail = f" -1 slots={unrouted}" if unrouted else ""
+        return f"{self.stage} {self.layout}{cap}: {self.problem.config.summary()}{tail}"

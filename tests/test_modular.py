@@ -6,6 +6,7 @@ that shrink to those counterexamples are slow (``-m slow``; ``benchmarks/MODULAR
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ from oracle.check.modular import (
     judge_stage,
     stage_calls,
 )
+from oracle.files.counterexample import load
 from oracle.model.modular import dispatch_reference, stage_inputs
 from spec import OpConfig, SpecError, random_problem
 from spec.findings import search
 from spec.modular import Received, StageCall
+from spec.placement import PlacedCall, RoutingWeights
 from spec.strategies import configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +40,7 @@ from benchmarks.mutants.modular import (  # noqa: E402
     CORRECT,
     STAGE_MUTANTS,
     combine_dispatched_ids,
+    dispatch_clamps_unrouted,
     dispatch_shuffled,
 )
 
@@ -242,13 +246,14 @@ def test_a_raising_hanging_or_misshapen_stage_gets_a_report() -> None:
     assert v.stage == "structure" and "counts must be int32" in v.message
 
 
-def test_check_stage_reports_the_failing_call() -> None:
+def test_check_stage_reports_the_failing_call(tmp_path: Path) -> None:
     with pytest.raises(StageConformanceError) as info:
         check_stage("combine", lambda c: [np.ones_like(r.x) for r in c.problem.ranks],
                     settings=settings(max_examples=5, database=None, derandomize=True,
-                                      phases=[Phase.generate]))
+                                      phases=[Phase.generate]), save_dir=tmp_path)
     assert info.value.call.stage == "combine"
     assert "the combine stage fails" in info.value.report and "routed slots" in info.value.report
+    assert info.value.path is not None and f"saved: {info.value.path}" in info.value.report
     with pytest.raises(ValueError, match="stage 'ffn'"):
         check_stage("ffn", CORRECT["experts"])
     check_stage("dispatch", "benchmarks.mutants.modular:dispatch_shuffled",  # by name
@@ -310,3 +315,61 @@ def test_ideal_combine_admits_a_float64_sum_a_float32_profile_does_not() -> None
     assert judge_stage(call, out).ok
     v = judge_stage(call, out, numerics="vllm-triton")
     assert not v.ok and "column 0" in v.message, v.message
+
+
+def unrouted_call(stage: str, layout: str = "contiguous") -> StageCall:
+    """One token of one rank whose second slot's logical id is -1 (routed nowhere), as a
+    stage call of a placed call (identity placement, rsf 2.5)."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=16, intermediate=8,
+                   tokens_per_rank=(1,))
+    ranks = [dataclasses.replace(r, expert_idx=np.array([[1, -1]], np.int64))
+             for r in random_problem(cfg, seed=3).ranks]
+    placed = PlacedCall(ranks, weights=RoutingWeights(routed_scaling_factor=2.5))
+    return stage_inputs(StageCall.from_placed(stage, placed, layout=layout), 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "batched"])
+def test_a_slot_routed_nowhere_is_dispatched_nowhere(layout: str) -> None:
+    call = unrouted_call("dispatch", layout)
+    assert [b.counts.tolist() for b in dispatch_reference(call)] == [[0, 1]]
+    assert evaluate_stage(CORRECT["dispatch"], call).ok
+    v = evaluate_stage(dispatch_clamps_unrouted, call)  # vllm-ascend's clamp to expert 0
+    assert not v.ok and v.stage == "counts" and "routed nowhere (id -1)" in v.message
+    assert "-1 slots=1" in call.summary()
+
+
+def test_a_combine_adds_nothing_for_a_slot_routed_nowhere() -> None:
+    call = unrouted_call("combine")
+    assert evaluate_stage(CORRECT["combine"], call).ok
+    y = call.received[0].x.astype(np.float32)  # the one routed row, expert 1
+    rsf_only = [(2.5 * y[:1]).astype(call.problem.ranks[0].x.dtype)]  # the weight left out
+    assert not evaluate_stage(lambda c: rsf_only, call).ok
+
+
+def test_stage_calls_from_placed_calls_refuse_what_the_split_does_not_gate() -> None:
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
+                   tokens_per_rank=(1,))
+    ranks = random_problem(cfg, seed=1).ranks
+    with pytest.raises(SpecError, match=r"weights\.on_input"):
+        StageCall.from_placed("combine", PlacedCall(ranks, weights=RoutingWeights(on_input=True)))
+    call = StageCall.from_placed("dispatch", PlacedCall(ranks))
+    with pytest.raises(SpecError, match="routed"):
+        dataclasses.replace(call, routed=(np.ones((2, 1), bool),))
+
+
+@pytest.mark.parametrize("stage", ["dispatch", "experts", "combine"])
+def test_correct_stages_pass_placed_stage_calls(stage: str) -> None:
+    check_stage(stage, CORRECT[stage], calls=stage_calls(stage, placed=True),
+                settings=FAST, save_dir=None)
+
+
+def test_the_clamp_mutant_is_killed_in_a_placed_search(tmp_path: Path) -> None:
+    with pytest.raises(StageConformanceError) as info:
+        check_stage("dispatch", dispatch_clamps_unrouted,
+                    calls=stage_calls("dispatch", placed=True), save_dir=tmp_path,
+                    settings=settings(FAST, max_examples=40, phases=[Phase.generate]))
+    assert info.value.verdict.stage == "counts" and "-1 slots=" in info.value.call.summary()
+    saved = load(info.value.path)
+    assert saved.stage is not None and saved.stage.routed
+    assert not evaluate_stage(dispatch_clamps_unrouted, saved.stage).ok
+    assert evaluate_stage(CORRECT["dispatch"], saved.stage).ok

@@ -23,20 +23,25 @@ import numpy as np
 from benchmarks.mutants.placement import _ffn
 from spec.modular import Received, StageCall, valid_rows
 
-__all__ = ["CORRECT", "STAGE_MUTANTS", "combine_by_ids", "dispatch_shuffled"]
+__all__ = ["CORRECT", "PLACED_STAGE_MUTANTS", "STAGE_MUTANTS", "combine_by_ids",
+           "dispatch_shuffled"]
 
 Array = np.ndarray[Any, Any]
 
 
-def _slots(call: StageCall, ids: list[Array]) -> tuple[Array, Array, Array, Array]:
+def _slots(call: StageCall, ids: list[Array],
+           routed: bool = True) -> tuple[Array, Array, Array, Array]:
     """Every slot of every rank in (source rank, token, slot) order: source rank, token,
-    slot, and its expert id under ``ids`` (−1 where the token is masked or the id is −1)."""
+    slot, and its expert id under ``ids`` (−1 where the token is masked, the id is −1, or
+    the slot is routed nowhere in ``call.routed`` unless ``routed`` is False)."""
     cfg = call.problem.config
     k = cfg.top_k
     src = np.repeat(np.arange(cfg.ep_size), np.array(cfg.tokens_per_rank) * k)
     tok = np.concatenate([np.repeat(np.arange(m), k) for m in cfg.tokens_per_rank])
     slot = np.tile(np.arange(k), sum(cfg.tokens_per_rank))
     active = np.concatenate([np.repeat(r.is_active(), k) for r in call.problem.ranks])
+    if routed and call.routed:
+        active &= np.concatenate([m.reshape(-1) for m in call.routed])
     g = np.concatenate([i.reshape(-1) for i in ids]).astype(np.int64)
     return src, tok, slot, np.where(active, g, -1)
 
@@ -53,10 +58,11 @@ def _pad(rows: Array, source: Array, counts: Array, call: StageCall) -> Received
     return Received(x=x, source=src, counts=counts.astype(np.int32))
 
 
-def dispatch_sorted(call: StageCall, shuffle: bool = False) -> list[Received]:
+def dispatch_sorted(call: StageCall, shuffle: bool = False,
+                    routed: bool = True) -> list[Received]:
     cfg = call.problem.config
     e = cfg.experts_per_rank
-    src, tok, slot, g = _slots(call, [r.expert_idx for r in call.problem.ranks])
+    src, tok, slot, g = _slots(call, [r.expert_idx for r in call.problem.ranks], routed)
     x_all = np.concatenate([r.x for r in call.problem.ranks])
     starts = np.cumsum((0, *cfg.tokens_per_rank))[:-1]
     rng = np.random.default_rng(0)
@@ -75,6 +81,13 @@ def dispatch_sorted(call: StageCall, shuffle: bool = False) -> list[Received]:
 def dispatch_shuffled(call: StageCall) -> list[Received]:
     """Correct: each expert's rows in a random order (the layout's freedom)."""
     return dispatch_sorted(call, shuffle=True)
+
+
+def dispatch_clamps_unrouted(call: StageCall) -> list[Received]:
+    """The real vllm-ascend bug (placement.md rule 6): a slot whose logical id is −1 is
+    clamped to expert 0 and dispatched there (the ids of a placed call's −1 slots read 0),
+    instead of going nowhere."""
+    return dispatch_sorted(call, routed=False)
 
 
 def dispatch_drops_last_row_of_full_expert(call: StageCall) -> list[Received]:
@@ -189,6 +202,9 @@ def combine_dispatched_ids(call: StageCall) -> list[Array]:
 
 #: The correct implementation of each stage.
 CORRECT = {"dispatch": dispatch_sorted, "experts": experts_rows, "combine": combine_by_ids}
+#: The mutants searched with placed stage calls
+#: (:func:`spec.modular_strategies.placed_stage_calls`): name -> (stage, implementation).
+PLACED_STAGE_MUTANTS = {"dispatch_clamps_unrouted": ("dispatch", dispatch_clamps_unrouted)}
 #: name -> (stage, the layouts it is searched in, implementation).
 STAGE_MUTANTS = {
     "dispatch_drops_last_row_of_full_expert":

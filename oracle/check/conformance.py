@@ -29,6 +29,7 @@ from oracle.check.harness import (
     variant_configs,
     variants_of,
 )
+from oracle.check.modular import StageConformanceError, check_stage, stage_calls
 from oracle.check.placed_search import PLACED_FAMILIES, check_placed, placed_families
 from oracle.model.kernels import get_kernel
 from oracle.model.numerics import resolve_numerics, with_kernel
@@ -37,6 +38,7 @@ from spec.fields import GATE_VARIANTS
 from spec.index_width import THRESHOLDS, crossing_fields
 from spec.limits import ShapeDomain
 from spec.memory import LAYOUTS
+from spec.modular import LAYOUTS as STAGE_LAYOUTS
 from spec.strategies import (
     POWER_ROW_FAMILIES,
     ROUTING_FAMILIES,
@@ -205,6 +207,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "placed_family" in metafunc.fixturenames:
         on = metafunc.config.getoption("--dfc-placement")
         metafunc.parametrize("placed_family", PLACED_FAMILIES if on else [])
+    if "stage_family" in metafunc.fixturenames:
+        stage = metafunc.config.getoption("--dfc-stage")
+        layout = metafunc.config.getoption("--dfc-layout")
+        placed = ("", "-placed") if metafunc.config.getoption("--dfc-placement") else ("",)
+        metafunc.parametrize("stage_family", [
+            f"{stage}-{lay}{p}" for lay in ((layout,) if layout else STAGE_LAYOUTS)
+            for p in placed] if stage else [])
+
+
+def test_stage(dfc_options: dict[str, Any], stage_family: str) -> None:
+    """One stage of the modular split (``--dfc-stage``, :mod:`oracle.check.modular`) in one
+    layout, on plain calls or (``-placed``, with ``--dfc-placement``) on calls made from placed
+    calls; ideal numerics unless ``--dfc-kernel`` is given (then the experts are emulated with
+    the profile and the combine judged with its sum, on the profile's shapes)."""
+    stage, layout, *placed = stage_family.split("-")
+    named = dfc_options["kernel_named"]
+    profile = get_kernel(dfc_options["kernel"])
+    numerics = with_kernel(resolve_numerics(dfc_options["numerics"]), profile) if named else (
+        "ideal")
+    calls = stage_calls(stage, layouts=(layout,), placed=bool(placed)) if (
+        placed or not named) else stage_calls(stage, layouts=(layout,), configs=variant_configs(
+            dfc_options["variants"], domain=_domain(dfc_options), truncation=st.just(False)))
+    try:
+        check_stage(stage, dfc_options["impl"], layouts=(layout,), numerics=numerics,
+                    ulps=dfc_options["ulps"], timeout=dfc_options["timeout"], calls=calls,
+                    settings=settings(settings(), deadline=None,
+                                      max_examples=dfc_options["family_examples"]),
+                    impl_name=dfc_options["impl_name"])
+    except StageConformanceError as exc:
+        pytest.fail(exc.report, pytrace=False)
 
 
 def test_placed(dfc_options: dict[str, Any], placed_family: str) -> None:

@@ -50,6 +50,7 @@ from spec import OpConfig, Problem
 from spec.fields import GATE_VARIANTS, X_DTYPES
 from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
+from spec.modular import StageCall
 from spec.placement import PlacedCall
 from spec.strategies import POWER_ROW_FAMILIES, ROW_FAMILIES, configs, problems, token_rows
 
@@ -543,8 +544,10 @@ def _runner(impl: Implementation | str | ChildProcess, isolate: bool | None,
 def _save_counterexample(
     directory: Path, problem: Problem, verdict: Verdict, outputs: object,
     numerics: Numerics, impl_name: str | None, ulps: float, inputs: str,
-    placed: PlacedCall | None = None,
+    placed: PlacedCall | None = None, stage: StageCall | None = None,
 ) -> Path:
+    """Save a failing call under ``directory`` (a placed or stage call with its record; a
+    stage call's outputs are not kept, ``outputs`` is None for it)."""
     checked = structured_outputs(problem, outputs) if outputs is not None else None
     meta = {
         "stage": verdict.stage,
@@ -559,4 +562,5 @@ def _save_counterexample(
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", (impl_name or "impl").replace(":", "."))
     name = f"{stem}-{verdict.stage}-{digest}"
     kept = checked if isinstance(checked, list) else None
-    return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta, placed=placed)
+    return save(directory / f"{name}.npz", problem, outputs=kept, meta=meta, placed=placed,
+                stage=stage)

@@ -2,16 +2,22 @@
 draws stage calls (:func:`spec.modular_strategies.stage_calls`, their inputs from the
 reference, :func:`oracle.model.modular.stage_inputs`), runs the implementation on a copy in a
 thread under a timeout, judges it (:mod:`oracle.judge.modular`) and raises
-:class:`StageConformanceError` with the shrunk call. An implementation that raises, hangs or
-returns garbage gets a report, never a traceback of this code. It runs in this process (no
-child isolation, unlike :func:`oracle.check.harness.check_implementation`).
+:class:`StageConformanceError` with the shrunk call, saved as a version-3 counterexample file
+(its stage record: :mod:`oracle.files.counterexample`) that ``dfc-oracle replay`` reruns. An
+implementation that raises, hangs or returns garbage gets a report, never a traceback of this
+code. It runs in this process, in a daemon thread (no child isolation, unlike
+:func:`oracle.check.harness.check_implementation`: the child's wire protocol carries the
+fused call's ``(out, expert_token_nums)`` shapes, not a stage's buffers); an ``os._exit``, a
+crash or a GIL-holding hang in the implementation stops the search.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,14 +25,22 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from oracle.check.harness import _NUMPY_DEFAULTS, _copy_inputs, describe_problem
+from oracle.check.harness import (
+    _NUMPY_DEFAULTS,
+    DEFAULT_SAVE_DIR,
+    _copy_inputs,
+    _save_counterexample,
+    describe_problem,
+)
 from oracle.check.isolation import check_signature, describe_exception
 from oracle.check.loading import load_impl
+from oracle.files.atomic import SaveError
 from oracle.judge.modular import compare_combine, compare_dispatch, compare_experts
 from oracle.judge.verdict import Verdict
 from oracle.model.modular import stage_inputs
-from oracle.model.numerics import Numerics
+from oracle.model.numerics import Numerics, resolve_numerics
 from spec.modular import LAYOUTS, STAGES, Received, StageCall
+from spec.modular_strategies import placed_stage_calls
 from spec.modular_strategies import stage_calls as spec_stage_calls
 
 __all__ = ["StageConformanceError", "check_stage", "evaluate_stage", "judge_stage", "stage_calls"]
@@ -38,17 +52,21 @@ class StageConformanceError(AssertionError):
     """A stage implementation disagrees with the reference: ``call`` is the shrunk
     :class:`spec.modular.StageCall`, ``verdict`` the judge's answer, ``report`` the text."""
 
-    def __init__(self, report: str, *, call: StageCall, verdict: Verdict) -> None:
+    def __init__(self, report: str, *, call: StageCall, verdict: Verdict,
+                 path: Path | None = None) -> None:
         super().__init__(report)
-        self.report, self.call, self.verdict = report, call, verdict
+        self.report, self.call, self.verdict, self.path = report, call, verdict, path
 
 
-def stage_calls(stage: str, *, layouts: Sequence[str] = LAYOUTS,
+def stage_calls(stage: str, *, layouts: Sequence[str] = LAYOUTS, placed: bool = False,
                 **kwargs: Any) -> st.SearchStrategy[StageCall]:
-    """:func:`spec.modular_strategies.stage_calls` with the stage's inputs filled from the
-    reference (a drawn seed for the combine's expert outputs)."""
-    return st.tuples(spec_stage_calls(stage, layouts=layouts, **kwargs),
-                     st.integers(0, 2**32 - 1)).map(lambda pair: stage_inputs(*pair))
+    """:func:`spec.modular_strategies.stage_calls` (``placed``:
+    :func:`~spec.modular_strategies.placed_stage_calls`, ``kwargs`` not taken) with the
+    stage's inputs filled from the reference (a drawn seed for the combine's expert
+    outputs)."""
+    calls = (placed_stage_calls(stage, layouts=layouts, **kwargs) if placed else
+             spec_stage_calls(stage, layouts=layouts, **kwargs))
+    return st.tuples(calls, st.integers(0, 2**32 - 1)).map(lambda pair: stage_inputs(*pair))
 
 
 def judge_stage(call: StageCall, outputs: object, *, numerics: str | Numerics = "ideal",
@@ -66,7 +84,7 @@ def _copy(call: StageCall) -> StageCall:
     return dataclasses.replace(
         call, problem=_copy_inputs(call.problem),
         received=tuple(Received(x=b.x.copy(), source=b.source.copy(), counts=b.counts.copy())
-                       for b in call.received))
+                       for b in call.received), routed=tuple(m.copy() for m in call.routed))
 
 
 def evaluate_stage(impl: StageImpl, call: StageCall, *, numerics: str | Numerics = "ideal",
@@ -111,13 +129,18 @@ def check_stage(
     timeout: float = 60.0,
     calls: st.SearchStrategy[StageCall] | None = None,
     settings: hsettings | None = None,
+    save_dir: str | Path | None = DEFAULT_SAVE_DIR,
+    impl_name: str | None = None,
 ) -> None:
     """Search for a stage call on which ``impl`` (``impl(call) -> one entry per rank``,
     :mod:`spec.modular`, a callable or a ``"module:function"`` name, run in this process)
     disagrees with the reference; raise :class:`StageConformanceError` with the shrunk call.
     ``layouts``: the receive layouts the implementation takes; ``calls`` replaces the default
     strategy (:func:`stage_calls`); ``settings`` defaults to the active Hypothesis profile
-    without a deadline.
+    without a deadline. ``numerics``: ``"ideal"`` (default) or a :class:`Numerics` whose
+    kernel profile the experts stage is emulated with (its rounding points, the one-rank
+    fused judge) and the combine judged with (the profile's sum order and dtype); a dispatch
+    is bit-exact either way. The shrunk call is saved under ``save_dir`` (None: not saved).
 
     >>> from oracle.model.modular import dispatch_reference
     >>> check_stage("dispatch", lambda c: [(b.x, b.source, b.counts)
@@ -149,6 +172,20 @@ def check_stage(
         conforms()
     except _Mismatch as found:
         call, verdict = found.call, found.verdict
-        report = (f"the {stage} stage fails on a {call.layout} call ({verdict.stage}): "
-                  f"{verdict.message}\n{call.summary()}\n{describe_problem(call.problem)}")
-        raise StageConformanceError(report, call=call, verdict=verdict) from None
+    else:
+        return
+    if impl_name is None and isinstance(impl, str):
+        impl_name = impl
+    path, saved = None, ""
+    if save_dir is not None:
+        try:
+            path = _save_counterexample(Path(os.path.abspath(save_dir)), call.problem, verdict,
+                                        None, resolve_numerics(numerics), impl_name, ulps,
+                                        "ignore", stage=call)
+            saved = f"\nsaved: {path}" + (f"\nreplay: dfc-oracle replay {path} --impl "
+                                          f"{impl_name}" if impl_name else "")
+        except SaveError as exc:
+            saved = f"\nnot saved: {exc}"
+    report = (f"the {stage} stage fails on a {call.layout} call ({verdict.stage}): "
+              f"{verdict.message}\n{call.summary()}\n{describe_problem(call.problem)}{saved}")
+    raise StageConformanceError(report, call=call, verdict=verdict, path=path)

@@ -14,6 +14,16 @@ fields under the manifest's ``placement``, arrays ``placement.*`` and ``shared.*
 ``problem`` is then the call's mapped-id problem, and the call is rebuilt from both through its
 own validation. Version 1 files (no placement) still load; a file without placement is still
 written as version 1, so an older dfc-oracle reads it.
+
+Version 3 adds the record of one stage of the modular split (:class:`spec.modular.StageCall`):
+fields under the manifest's ``stage_call`` (``stage``, ``layout``, ``max_tokens_per_rank``),
+arrays ``stage.r{rank}.x``, ``.source``, ``.counts`` (the received buffers the stage read; none
+for a dispatch) and ``stage.r{rank}.routed`` (a placed call's routed slots, when it has them).
+The call is rebuilt through its own validation, and its buffers must be the ones the
+reference builds for it (:func:`oracle.model.modular.dispatch_reference`: the same sources and
+counts; for the experts stage the same rows): a file cannot hand a stage inputs no dispatch
+makes. The stage implementation's outputs are not stored (their shapes are the
+implementation's); ``replay`` reruns it.
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ import numpy as np
 
 from oracle.config.options import OptionError, check_options
 from oracle.files.atomic import atomic_write
+from oracle.model.modular import dispatch_reference
 from oracle.model.numerics import Numerics
 from spec import DTYPES, MAX_EP_SIZE, OpConfig, Problem, RankInputs, SpecError
 from spec.errors import CounterexampleFileError
 from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
+from spec.modular import Received, StageCall, valid_rows
 from spec.placement import PlacedCall
 
 __all__ = [
@@ -63,6 +75,10 @@ FORMAT = "dfc-oracle-counterexample"
 VERSION = 1
 #: The version of a file that holds a placed call (a placement record).
 PLACED_VERSION = 2
+#: The version of a file that holds one stage's call (a stage record).
+STAGE_VERSION = 3
+#: The JSON fields of a stage record and what each may hold.
+STAGE_FIELDS = ("stage", "layout", "max_tokens_per_rank")
 _STORED: dict[str, np.dtype[Any]] = {  # ml_dtypes formats stored as bit patterns
     "bfloat16": np.dtype(np.uint16),
     "float8_e4m3fn": np.dtype(np.uint8), "uint4": np.dtype(np.uint8),
@@ -73,7 +89,8 @@ ALLOWED_DTYPES = (*DTYPES, "float32", "bool", "int64")  # int64: logical ids, ph
 _MAX_ELEMENTS = 1 << 31
 #: Members of one archive: the manifest, the plain arrays of each rank and its two outputs, and
 #: the per-expert TensorLists of up to 4096 experts in all (8x the platform's EP·E <= 512).
-MAX_MEMBERS = 1 + (len(ARRAY_FIELDS) + 3) * MAX_EP_SIZE + len(LIST_FIELDS) * 4096 + 1
+MAX_MEMBERS = 1 + (len(ARRAY_FIELDS) + 3) * MAX_EP_SIZE + len(LIST_FIELDS) * 4096 + 1 + (
+    4 * MAX_EP_SIZE)  # a stage record's x, source, counts, routed per rank
 _MAX_MANIFEST = 16 << 20
 _MAX_NPY_HEADER = 1 << 16
 _DEFLATE_RATIO = 1100  # deflate cannot expand more than about 1032:1
@@ -94,6 +111,7 @@ class Counterexample:
     outputs: list[tuple[Array, Array]] | None
     meta: dict[str, Any]
     placed: PlacedCall | None = None  # a placed call's whole record (``problem`` its ids mapped)
+    stage: StageCall | None = None  # one stage's call (``problem`` its problem; no outputs)
 
     def judged_with(self) -> tuple[Numerics, float]:
         """The numerics and ``ulps`` the file was judged with (:func:`judged_with`)."""
@@ -124,8 +142,9 @@ def judged_with(meta: dict[str, Any]) -> tuple[Numerics, float]:
 
 def _bad(path: Path, what: str, fix: str = "regenerate the file with dfc-oracle") -> SpecError:
     return CounterexampleFileError(
-        field=str(path), given=what, allowed=f"a {FORMAT} file (version {VERSION}, or "
-        f"{PLACED_VERSION} with a placement record)", fix=fix
+        field=str(path), given=what, allowed=f"a {FORMAT} file (version {VERSION}, "
+        f"{PLACED_VERSION} with a placement record or {STAGE_VERSION} with a stage record)",
+        fix=fix
     )
 
 
@@ -170,30 +189,50 @@ def save(
     outputs: list[tuple[Array, Array]] | None = None,
     meta: dict[str, Any] | None = None,
     placed: PlacedCall | None = None,
+    stage: StageCall | None = None,
 ) -> Path:
     """Write ``problem`` (and the implementation's ``outputs``, if any) to ``path`` (.npz),
     atomically (:func:`oracle.files.atomic.atomic_write`: an earlier file of that name stays whole
     if this write fails; a link there is refused, never followed; failures raise
     :class:`oracle.files.atomic.SaveError`). ``meta`` holds JSON-serialisable facts (the report, the
     implementation, numerics). A ``placed`` call is saved whole: ``problem`` must be its
-    ``problem``, and its placement record goes with it (version 2). Returns the absolute path."""
+    ``problem``, and its placement record goes with it (version 2); so is a ``stage`` call
+    (version 3, without ``outputs``). Returns the absolute path."""
+    if placed is not None and stage is not None:
+        raise ValueError("a counterexample holds a placed call or a stage call, not both")
     arrays = arrays_of(problem, outputs)
     fields = None
     if placed is not None:
         fields, record = placed.record()
         arrays.update(record)
+    if stage is not None:
+        arrays.update(_stage_arrays(stage))
     stored, specs = encode_arrays(arrays)
+    version = PLACED_VERSION if placed is not None else STAGE_VERSION if stage else VERSION
     manifest = {
         "format": FORMAT,
-        "version": VERSION if placed is None else PLACED_VERSION,
+        "version": version,
         "config": asdict(problem.config),
         "arrays": specs,
         "meta": meta or {},
     }
     if fields is not None:
         manifest["placement"] = fields
+    if stage is not None:
+        manifest["stage_call"] = {"stage": stage.stage, "layout": stage.layout,
+                                  "max_tokens_per_rank": stage.max_tokens_per_rank}
     stored["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     return atomic_write(path, lambda f: np.savez_compressed(f, **stored))  # type: ignore[arg-type]
+
+
+def _stage_arrays(call: StageCall) -> dict[str, Array]:
+    """A stage record's arrays (module doc)."""
+    arrays: dict[str, Array] = {}
+    for r, b in enumerate(call.received):
+        arrays.update({f"stage.r{r}.x": b.x, f"stage.r{r}.source": b.source,
+                       f"stage.r{r}.counts": b.counts})
+    arrays.update((f"stage.r{r}.routed", m) for r, m in enumerate(call.routed))
+    return arrays
 
 
 def open_regular(path: Path, bad: Callable[..., SpecError]) -> IO[bytes]:
@@ -344,11 +383,14 @@ def parse_header(
 
 
 def _read_manifest(path: Path, files: Archive) -> dict[str, Any]:
-    manifest = parse_header(files.manifest("manifest"), FORMAT, (VERSION, PLACED_VERSION),
+    manifest = parse_header(files.manifest("manifest"), FORMAT,
+                            (VERSION, PLACED_VERSION, STAGE_VERSION),
                             functools.partial(_bad, path))
-    if ("placement" in manifest) != (manifest["version"] == PLACED_VERSION):
-        raise _bad(path, f"version {manifest['version']} "
-                   f"{'with' if 'placement' in manifest else 'without'} a placement record")
+    for key, version, what in (("placement", PLACED_VERSION, "placement"),
+                               ("stage_call", STAGE_VERSION, "stage")):
+        if (key in manifest) != (manifest["version"] == version):
+            raise _bad(path, f"version {manifest['version']} "
+                       f"{'with' if key in manifest else 'without'} a {what} record")
     if not isinstance(manifest.get("arrays"), dict) or not isinstance(manifest.get("config"), dict):
         raise _bad(path, "a manifest without 'arrays' and 'config'")
     return manifest
@@ -439,7 +481,55 @@ def _load(path: Path) -> Counterexample:
     meta = manifest.get("meta")
     placed = _placed(path, problem, manifest.get("placement"), arrays) if (
         "placement" in manifest) else None
-    return Counterexample(problem, outputs, meta if isinstance(meta, dict) else {}, placed)
+    stage = _stage(path, problem, manifest.get("stage_call"), arrays) if (
+        "stage_call" in manifest) else None
+    if stage is not None and outputs is not None:
+        raise _bad(path, "a stage record with fused-call outputs (a stage file stores none)")
+    return Counterexample(problem, outputs, meta if isinstance(meta, dict) else {}, placed,
+                          stage)
+
+
+def _stage(path: Path, problem: Problem, fields: object, arrays: dict[str, Array]) -> StageCall:
+    """The stage call of a version-3 file, validated as a new call is, its buffers checked
+    against the reference's (module doc)."""
+    if not isinstance(fields, dict) or set(fields) != set(STAGE_FIELDS):
+        raise _bad(path, f"a stage record {str(fields)[:80]}, not the fields {STAGE_FIELDS}")
+    stage, layout, most = (fields[k] for k in STAGE_FIELDS)
+    if not isinstance(stage, str) or not isinstance(layout, str):
+        raise _bad(path, f"a stage record naming stage {stage!r} and layout {layout!r}")
+    ep = problem.config.ep_size
+    names = ("x", "source", "counts")
+    received = tuple(Received(*(arrays[f"stage.r{r}.{n}"] for n in names)) for r in range(ep)
+                     if all(f"stage.r{r}.{n}" in arrays for n in names))
+    routed = tuple(arrays[f"stage.r{r}.routed"] for r in range(ep)
+                   if f"stage.r{r}.routed" in arrays)
+    known = {f"stage.r{r}.{n}" for r in range(len(received)) for n in names} | {
+        f"stage.r{r}.routed" for r in range(len(routed))}
+    stray = sorted(k for k in arrays if k.startswith("stage.") and k not in known)
+    if stray:
+        raise _bad(path, f"stage arrays the record does not define ({stray[:3]})")
+    try:
+        call = StageCall(stage=stage, problem=problem, layout=layout, max_tokens_per_rank=most,
+                         routed=routed, received=received)
+    except SpecError as exc:
+        raise _bad(path, f"a stage record that fails validation ({exc})") from None
+    if stage != "dispatch" and len(received) != ep:
+        raise _bad(path, f"a {stage} record with {len(received)} received buffers, not {ep}")
+    for r, (got, want) in enumerate(zip(received, dispatch_reference(call))):
+        if [(a.dtype, a.shape) for a in (got.x, got.source, got.counts)] != [
+                (a.dtype, a.shape) for a in (want.x, want.source, want.counts)] or (
+                not np.array_equal(got.counts, want.counts)):
+            raise _bad(path, f"rank {r}'s received buffer of {got.x.dtype} {got.x.shape}, "
+                       f"{got.source.dtype} {got.source.shape}, counts {got.counts.tolist()}: "
+                       f"not the dispatch of its call ({want.x.dtype} {want.x.shape}, "
+                       f"{want.source.dtype} {want.source.shape}, counts "
+                       f"{want.counts.tolist()})")
+        (x, source, _), (x_w, source_w, _) = (valid_rows(b, layout) for b in (got, want))
+        if not np.array_equal(source, source_w) or (
+                stage == "experts" and x.tobytes() != x_w.tobytes()):
+            raise _bad(path, f"rank {r}'s received rows unlike the dispatch of its call (a "
+                       "stage is judged on the reference's buffers)")
+    return call
 
 
 def _placed(path: Path, problem: Problem, fields: object, arrays: dict[str, Array]) -> PlacedCall:

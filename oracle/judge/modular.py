@@ -87,7 +87,8 @@ def _buffer(call: StageCall, r: int, raw: object, want: Received) -> Received | 
         return _fail("counts", f"rank {r}, local expert {e} (global "
                      f"{r * cfg.experts_per_rank + e}): got {int(counts[e])} rows, expected "
                      f"{int(want.counts[e])} (all: got {counts.tolist()}, expected "
-                     f"{want.counts.tolist()}); padding rows are not rows", r, (e,))
+                     f"{want.counts.tolist()}); padding rows are not rows"
+                     + (", nor slots routed nowhere (id -1)" if call.routed else ""), r, (e,))
     rows = int(counts.sum())
     x_shape = _rows_shape(call, rows, cfg.hidden)
     if not isinstance(x, np.ndarray) or x.shape != x_shape or x.dtype != DTYPES[cfg.x_dtype]:

@@ -62,17 +62,20 @@ def _laid_out(rows: Array, source: Array, counts: Array, layout: str, capacity: 
 
 def dispatch_reference(call: StageCall) -> tuple[Received, ...]:
     """Per destination rank, what the dispatch delivers, in the reference's row order
-    (expert-major, then source rank, then the source's slot order) and the call's layout."""
+    (expert-major, then source rank, then the source's slot order) and the call's layout;
+    a slot ``call.routed`` leaves out is delivered nowhere."""
     problem = call.problem
     cfg = problem.config
     routing = route(problem)
     x, starts = _tokens(problem)
-    per_expert = routing.counts.sum(axis=0).reshape(cfg.ep_size, cfg.experts_per_rank)
+    routed = call.slot_mask()  # the −1 slots of a placed call go nowhere (module doc)
     out = []
-    for d, lay in enumerate(routing.receive):
-        source = np.stack([lay.src_rank, lay.token, lay.slot], axis=1).astype(np.int64)
-        rows = x[starts[lay.src_rank] + lay.token]
-        out.append(_laid_out(rows, source, per_expert[d], call.layout, call.capacity))
+    for lay in routing.receive:
+        keep = routed[(starts[lay.src_rank] + lay.token) * cfg.top_k + lay.slot]
+        source = np.stack([lay.src_rank, lay.token, lay.slot], axis=1).astype(np.int64)[keep]
+        rows = x[starts[source[:, 0]] + source[:, 1]]
+        counts = np.bincount(lay.local_expert[keep], minlength=cfg.experts_per_rank)
+        out.append(_laid_out(rows, source, counts, call.layout, call.capacity))
     return tuple(out)
 
 
@@ -156,7 +159,9 @@ def combine_envelope(call: StageCall, numerics: str | Numerics = "ideal") -> Com
     for buffer in call.received:
         rows, source, _ = valid_rows(buffer, call.layout)
         y[starts[source[:, 0]] + source[:, 1], source[:, 2]] = rows.astype(np.float32)
-    probs = np.concatenate([r.probs for r in problem.ranks])
+    # A slot routed nowhere adds nothing: its y is 0 and its weight too.
+    routed = call.slot_mask().reshape(-1, cfg.top_k)
+    probs = np.where(routed, np.concatenate([r.probs for r in problem.ranks]), np.float32(0))
     envelopes = [c(Env(y, y, y), probs, dtype) for c in _combines(num)]
     if num.mode == "ideal" and num.kernel is None:  # a finer kernel is legitimate too
         envelopes.append(_any_float32(y, probs, IdealAssumptions().ftz))
