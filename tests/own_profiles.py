@@ -59,3 +59,19 @@ def intermediates(problem: Problem, rank: int, token: int) -> list[dict[str, Any
 
 def intermediates_raising(problem: Problem, rank: int, token: int) -> Any:
     raise RuntimeError("no hook here")
+
+
+#: A3 whose float pipeline rounds silu to x's dtype before the product (twice) where its W8A8
+#: pipeline rounds once: one knob of one variant's pipeline, which ``dfc-oracle fit`` must
+#: change there only.
+A3_FLOAT_SILU_ROUNDED = dataclasses.replace(
+    ASCEND_A3.map_steps("swiglu", lambda s: dataclasses.replace(s, silu_store="x"),
+                        ("float",)),
+    name="a3-float-silu-rounded", summary="A3 with silu stored in x's dtype in the float "
+    "pipeline only", sources="tests/own_profiles.py")
+
+
+def a3_float_silu_rounded(problem: Problem) -> list[tuple[Any, Any]]:
+    """The kernel with A3_FLOAT_SILU_ROUNDED's rounding points."""
+    result = oracle.run(problem, numerics=oracle.Numerics(kernel=A3_FLOAT_SILU_ROUNDED))
+    return [(r.out, r.expert_token_nums) for r in result.ranks]

@@ -316,7 +316,8 @@ def test_ideal_mode_speaks_of_no_profile_the_user_did_not_choose(
     said = found.describe()
     assert "the reference (the ideal mathematics) with the routing weights ignored" in said
     assert "ascend-a3" not in said
-    assert len(found.tried) == sum(d.kernel is None for d in CATALOGUE)  # no rounding-point entry
+    # no rounding-point entry, nor a receive-row entry (the ideal judge has no rows to shift)
+    assert len(found.tried) == sum(d.kernel is None and d.reads is None for d in CATALOGUE)
     named = diagnose(problem, outputs, numerics=oracle.Numerics("ideal", kernel="ascend-a3"))
     assert "(ascend-a3)" in named.describe()
     with pytest.raises(oracle.ConformanceError) as failure:
@@ -348,8 +349,21 @@ class _ProbsTwice(DispatchFfnCombine):
         return super().combine(y, probs * probs)
 
 
+def _skipping(seed: int = 1) -> Problem:
+    """_problem without truncation, rank 0 sending expert 0 nothing (every token picks experts
+    1, 2, 3): rank 1's block of expert 0 follows an empty one."""
+    base = _problem(seed, max_output_size=None)
+    rng = np.random.default_rng(seed)
+    ids = [np.tile(np.array([1, 2, 3], np.int32), (4, 1)),
+           np.argsort(rng.random((3, 4)), axis=1)[:, :3].astype(np.int32)]
+    return random_problem(base.config, seed=seed, probs=[r.probs for r in base.ranks],
+                          expert_idx=ids)
+
+
 #: issue 21: entry -> (a mutant it names, a mutant of another class it must not name).
 ISSUE21 = {
+    "rows_shifted_by_empty_rank": (MUTANTS["empty_source_row_shift"],
+                                   MUTANTS["receive_offset_off_by_one"], _skipping),
     "probs_twice": (_ProbsTwice(), MUTANTS["probs_renormalised"], _problem),
     "step1_truncated": (MUTANTS["quantise_truncated"], MUTANTS["quantise_double_rounded"],
                         _problem),
@@ -366,6 +380,24 @@ def test_an_issue21_class_is_named_and_another_is_not(key: str) -> None:
     assert [d.key for d in found.exact][:1] == [key], found.describe()
     found = diagnose(problem, other(problem))
     assert not found.conforms and key not in [d.key for d in found.exact], found.describe()
+
+
+def test_a_row_shifted_by_an_empty_rank_is_not_read_as_a_dropped_slot() -> None:
+    """The issue's misreading: the shifted rows read other tokens' results, not zeros, so
+    "last slot left out" does not match; on the smallest problem (rank 0 has no token, rank 1's
+    one row is read past the buffer: zeros) both match bit for bit and the shift is named."""
+    mutant = MUTANTS["empty_source_row_shift"]
+    problem = _skipping()
+    found = diagnose(problem, mutant(problem))
+    assert [d.key for d in found.exact] == ["rows_shifted_by_empty_rank"], found.describe()
+    smallest = random_problem(OpConfig(ep_size=2, experts_per_rank=1, top_k=1, hidden=32,
+                                       intermediate=16, tokens_per_rank=(0, 1)), seed=0)
+    found = diagnose(smallest, mutant(smallest))
+    assert [d.key for d in found.exact] == ["rows_shifted_by_empty_rank", "last_slot_dropped"]
+    assert "equally consistent on this problem: the last top-k slot" in found.describe()
+    without = diagnose(problem, mutant(problem), catalogue=[
+        d for d in CATALOGUE if d.key != "rows_shifted_by_empty_rank"])
+    assert without.exact == () and "no known defect" in without.describe()
 
 
 def test_no_known_defect_says_which_were_tried() -> None:

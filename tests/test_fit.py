@@ -4,6 +4,7 @@ change, and says "nothing fits" for a structural bug (which no rounding point ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import oracle
 from oracle.check.harness import fit_problems
 from oracle.cli import main
-from oracle.explain.fit import KNOBS, fit
+from oracle.explain.fit import KNOBS, _descend, _Scorer, fit
 from oracle.judge.verdict import compare
 from oracle.model.kernels import ASCEND_A3, VLLM_TRITON, profile_from_dict
 
@@ -52,6 +53,29 @@ def test_one_knob_changed_is_found_and_fits_where_the_built_in_fails() -> None:
     assert found.changes == ("w8a8.swiglu.silu_store: x -> float32 (no store)",)
     assert found.best.pipeline("w8a8") == own_profiles.VLLM_SILU_ONCE.pipeline("w8a8")
     assert all(compare(p, o, numerics=oracle.Numerics(kernel=found.best)).ok for p, o in calls)
+
+
+#: A W8A8 and a BF16 call that split the built-ins: A3 holds the W8A8 call bitwise and vLLM's
+#: Triton the BF16 one, for a kernel that is A3 but for its float pipeline.
+SPLIT = [PROBLEMS[0], PROBLEMS[9]]
+
+
+def test_a_knob_of_one_variants_pipeline_is_changed_there_only() -> None:
+    calls = _calls(own_profiles.a3_float_silu_rounded, SPLIT)
+    score = _Scorer(calls)
+    assert [p.config.kernel_variant.name for p in SPLIT] == ["w8a8", "float"]
+    assert score.unfitted(ASCEND_A3) == score.unfitted(VLLM_TRITON) == 1
+    assert score(VLLM_TRITON) < score(ASCEND_A3)  # the fewest values outside: the wrong base
+    reached, _ = _descend(score, VLLM_TRITON, KNOBS)
+    assert score(reached) > 0  # descending from it alone: nothing fits
+    found = fit(calls)
+    assert found.fits and found.base == "ascend-a3"
+    assert found.changes == ("float.swiglu.silu_store: float32 (no store) -> x",)
+    assert found.best.pipelines == own_profiles.A3_FLOAT_SILU_ROUNDED.pipelines
+    assert '"silu_store": "x"' not in json.dumps(found.best.to_dict()["pipelines"]["w8a8"])
+    # the same knob in every pipeline does not fit: the W8A8 call tells them apart
+    everywhere = ASCEND_A3.map_steps("swiglu", lambda s: dataclasses.replace(s, silu_store="x"))
+    assert not compare(*calls[0], numerics=oracle.Numerics(kernel=everywhere)).ok
 
 
 def test_a_structural_bug_is_not_fitted() -> None:

@@ -208,6 +208,26 @@ def test_the_row_test_fails_without_the_activation_term() -> None:
     assert not row_thresholds(problem, ideal, tight, omit=("activation",)).judge(outs).ok
 
 
+def test_the_row_test_projects_on_a_given_direction() -> None:
+    """``direction=`` (benchmarks/ideal_bias.py): the ideal rows reproduce the default
+    thresholds; an output moved orthogonally to every given row is not seen on them, and is
+    on the ideal rows."""
+    problem = _activation_witness()
+    ideal = oracle.run(problem, numerics="ideal")
+    default = row_thresholds(problem, ideal)
+    ideal_rows = np.concatenate(default.direction)
+    same = row_thresholds(problem, ideal, direction=ideal_rows)
+    assert all(np.array_equal(a, b) for a, b in zip(same.threshold, default.threshold))
+    rng = np.random.default_rng(0)
+    other = rng.standard_normal(ideal_rows.shape)
+    other -= np.einsum("tk,tk->t", other, ideal_rows)[:, None] * ideal_rows
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    out = ideal.ranks[0].out.astype(np.float64)
+    moved = [(out + 0.2 * default.norm[0][:, None] * ideal_rows).astype(np.float16)]
+    assert not default.judge(moved).ok
+    assert row_thresholds(problem, ideal, direction=other).judge(moved).ok
+
+
 def _subnormal_rows() -> Problem:
     """fp16 x and weights scaled so that every output is below fp16's smallest normal: the
     kernel's output underflows to zero where the mathematics is a tiny nonzero row."""

@@ -140,6 +140,9 @@ WITNESSES: dict[str, Callable[[], Problem]] = {
     "truncate_at_greater": lambda: random_problem(cfg(tokens_per_rank=(3,), max_output_size=2)),
     "counts_after_truncation": lambda: random_problem(
         cfg(tokens_per_rank=(3,), max_output_size=1)),
+    # rank 0 sends expert 0 nothing: rank 1's row is read one late (rank 0's token, expert 1)
+    "empty_source_row_shift": lambda: random_problem(
+        cfg(ep_size=2, tokens_per_rank=(1, 1)), expert_idx=ids([[1]], [[0]])),
     # numerics
     "swiglu_halves_swapped": lambda: random_problem(cfg()),
     # x[1] = 2.5 with σ1 = 1: a tie, 3 away from zero, 2 to even

@@ -34,6 +34,7 @@ _CLASSES: dict[str, tuple[str, type[DispatchFfnCombine]]] = {
     "zero_token_rank_crash": ("routing", routing.ZeroTokenRankCrash),
     "truncate_at_greater": ("routing", routing.TruncateAtGreater),
     "counts_after_truncation": ("routing", routing.CountsAfterTruncation),
+    "empty_source_row_shift": ("routing", routing.EmptySourceRowShift),
     # numerics (§6)
     "swiglu_halves_swapped": ("numerics", numerics.SwigluHalvesSwapped),
     "quantise_half_even": ("numerics", numerics.QuantiseHalfEven),

@@ -147,6 +147,12 @@ class DispatchFfnCombine:
         source_base = np.cumsum(cnt, axis=0) - cnt
         return np.asarray(expert_base + source_base)
 
+    def read_rows(self, row: np.ndarray, cnt: np.ndarray, src: np.ndarray,
+                  col: np.ndarray) -> np.ndarray:
+        """The buffer row the combine reads each kept slot's result from (source rank ``src``,
+        column ``col`` of the count matrix ``cnt``): the row it was written to."""
+        return row
+
     def kept_rows(self, total: int, capacity: int | None) -> int:
         """Rows of the receive buffer that are kept: indices ``< max_output_size`` (§5)."""
         return total if capacity is None else min(total, capacity)
@@ -323,7 +329,9 @@ class DispatchFfnCombine:
 
         y = np.full((slots.expert.size, cfg.hidden), np.nan, dtype=F32)
         y_routed = y[routed]
-        y_routed[kept] = y_buf[row]
+        read = self.read_rows(row, seen, src[kept], col[kept])
+        y_routed[kept] = np.vstack([y_buf, np.zeros((1, cfg.hidden), F32)])[
+            np.minimum(read, y_buf.shape[0])]  # a row past the buffer reads zeros
         y[routed] = y_routed
         y = y[primary]
 

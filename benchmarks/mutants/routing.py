@@ -122,3 +122,17 @@ class CountsAfterTruncation(DispatchFfnCombine):
 
     def reported_counts(self, totals: np.ndarray, kept: np.ndarray) -> np.ndarray:
         return kept
+
+
+class EmptySourceRowShift(DispatchFfnCombine):
+    """A row shifted by an empty rank: the combine recomputes where each (expert, source) block
+    starts as the previous source's last row + 1, taking an empty block's last row as its start
+    (an unsigned ``count − 1`` clamped at 0), so for every source rank before it that sends the
+    expert nothing, a block is read one row late: another token's result, the next expert's
+    first row, or past the buffer (zeros). The dispatch writes the right rows; only EP ≥ 2 with
+    a rank that skips an expert shows it (issue 21: misread as "last slot left out")."""
+
+    def read_rows(self, row: np.ndarray, cnt: np.ndarray, src: np.ndarray,
+                  col: np.ndarray) -> np.ndarray:
+        empty = cnt == 0
+        return row + (np.cumsum(empty, axis=0) - empty)[src, col]

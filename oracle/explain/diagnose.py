@@ -3,8 +3,8 @@
 Each :class:`Defect` of :data:`CATALOGUE` is one realistic bug, as data: a phrase, one sentence
 a kernel engineer can act on, and how the oracle computes its output — a changed kernel profile
 (``dataclasses.replace`` of the judged one), a changed problem (the inputs the buggy kernel
-effectively reads), or changed counts. :func:`diagnose` runs the oracle once per entry on the
-same problem and reports, in this order of strength:
+effectively reads), the receive rows its combine reads, or changed counts. :func:`diagnose`
+runs the oracle once per entry on the same problem and reports, in this order of strength:
 
 - the entries whose output equals the implementation's **bit for bit** on every row both define
   (and whose ``expert_token_nums`` equal it);
@@ -260,6 +260,28 @@ def _cap_shifted(by: int) -> Callable[[Problem], Problem | None]:
     return shift
 
 
+def _read_late_after_empty_sources(problem: Problem) -> Array | None:
+    """Per slot, the slot whose result a combine reads that starts each (expert, source) block
+    one row late for every source before it that sends the expert nothing: the kept receive
+    rows of all ranks in buffer order, each read ``late`` rows on (−1: past the last row)."""
+    cfg = problem.config
+    routing = route(problem)
+    empty = routing.counts == 0
+    late_by_block = np.cumsum(empty, axis=0) - empty  # (EP, EP·E): empty sources before s
+    if cfg.ep_size == 1 or not late_by_block.any():
+        return None
+    buffer = routing.order[routing.slot_kept[routing.order]]  # kept rows, rank after rank
+    src = np.repeat(np.arange(cfg.ep_size), np.array(cfg.tokens_per_rank) * cfg.top_k)
+    ids = np.concatenate([r.expert_idx.reshape(-1) for r in problem.ranks]).astype(np.int64)
+    late = late_by_block[src[buffer], ids[buffer]]
+    if not late.any():
+        return None
+    target = np.arange(buffer.size) + late
+    reads = np.arange(src.size)
+    reads[buffer] = np.where(target < buffer.size, buffer[np.minimum(target, buffer.size - 1)], -1)
+    return reads
+
+
 def _counts_after_truncation(problem: Problem) -> Array:
     cfg = problem.config
     return np.asarray(route(problem).expert_kept.reshape(cfg.ep_size, -1).astype(np.int32))
@@ -272,7 +294,9 @@ def _counts_after_truncation(problem: Problem) -> Array:
 class Defect:
     """One known defect: ``phrase`` completes "the reference with …"; ``advice`` is what to
     look at. Its output is the oracle's on ``inputs(problem)`` (``None``: not applicable)
-    with the profile ``kernel(profile)``, and ``counts(problem)`` as ``expert_token_nums``."""
+    with the profile ``kernel(profile)``, its combine reading each slot's result from the slot
+    ``reads(problem)`` names (a receive-layout defect; ``None``: not applicable), and
+    ``counts(problem)`` as ``expert_token_nums``."""
 
     key: str
     phrase: str
@@ -280,6 +304,7 @@ class Defect:
     kernel: Callable[[KernelProfile], KernelProfile] | None = None
     inputs: Callable[[Problem], Problem | None] | None = None
     counts: Callable[[Problem], Array] | None = None
+    reads: Callable[[Problem], Array | None] | None = None
 
     def outputs(self, problem: Problem, numerics: Numerics) -> Result | None:
         """The oracle's run of this defect on ``problem`` (counts replaced where the defect
@@ -287,12 +312,15 @@ class Defect:
         changed = problem if self.inputs is None else self.inputs(problem)
         if changed is None:
             return None
+        reads = None if self.reads is None else self.reads(problem)
+        if self.reads is not None and reads is None:
+            return None
         profile = numerics.profile
         mutant = profile if self.kernel is None else self.kernel(profile)
-        if changed is problem and mutant == profile and self.counts is None:
+        if changed is problem and mutant == profile and self.counts is None and reads is None:
             return None
         result = run(changed, numerics=replace(numerics, mode="faithful", kernel=mutant),
-                     envelope=True)
+                     envelope=True, reads=reads)
         if self.counts is None:
             return result
         nums = self.counts(problem)
@@ -327,6 +355,12 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("weight_in_combine", "the routed weight applied in the combine instead of GEMM2's "
            "epilogue", "scale by probs[t, k] in GEMM2's epilogue, before y is stored",
            kernel=_weight_in_combine),
+    Defect("rows_shifted_by_empty_rank", "receive rows read one position late for each "
+           "source rank before them that sends the expert nothing (a block's start taken as "
+           "the previous block's last row + 1, an empty block's last row as its start)",
+           "compute each (expert, source) block's first row as the exclusive prefix sum of the "
+           "counts of the sources before it (§5), which an empty source adds 0 to",
+           reads=_read_late_after_empty_sources),
     Defect("last_slot_dropped", "the last top-k slot left out of the combine",
            "sum all top_k slots of a token: check the loop bound of the combine",
            inputs=_last_slot_dropped),
@@ -540,8 +574,9 @@ IDEAL = "the ideal mathematics"
 def _diagnose_ideal(problem: Problem, outputs: object, num: Numerics, ulps: float,
                     catalogue: Sequence[Defect]) -> Diagnosis:
     """:func:`diagnose` in ideal mode without a profile: each entry that changes the inputs or
-    the counts (not a rounding point) is judged by the ideal judge on its inputs; the one with
-    the smallest worst error-to-tolerance ratio that passes is named."""
+    the counts (not a rounding point, nor the rows the combine reads, which the ideal judge
+    does not model) is judged by the ideal judge on its inputs; the one with the smallest
+    worst error-to-tolerance ratio that passes is named."""
     verdict = compare(problem, outputs, numerics=num, ulps=ulps)
     got = structured_outputs(problem, outputs)
     if verdict.ok or isinstance(got, Verdict):
@@ -549,7 +584,7 @@ def _diagnose_ideal(problem: Problem, outputs: object, num: Numerics, ulps: floa
     passing: list[tuple[float, int, Defect]] = []
     tried: list[str] = []
     for i, defect in enumerate(catalogue):
-        if defect.kernel is not None:
+        if defect.kernel is not None or defect.reads is not None:
             continue
         changed = problem if defect.inputs is None else defect.inputs(problem)
         if changed is None:

@@ -9,10 +9,15 @@ Routing, counts, the weights a slot reads and the freedoms (``exp`` ulps, summat
 never changed, so a structural bug cannot be fitted away: its nearest record still fails.
 
 The search is a greedy descent on one number, the output values that lie outside the
-candidate's envelope over all calls: from the best built-in, every one-knob change is scored
-and the best taken, for at most :data:`MAX_CHANGES` changes. A record that fits is then
-checked against its own one-knob neighbours: those that fit too are the ambiguity, each with
-the inputs that would separate them (the knob's ``separates``).
+candidate's envelope over all calls: from a built-in, every one-knob change is scored and the
+best taken, for at most :data:`MAX_CHANGES` changes. Each knob changes one variant's pipeline
+(or the shared combine), and the count is kept per variant, so a change is rescored on its
+variant's calls alone. Where the calls span several variants, a kernel that differs from a
+built-in in one pipeline fits that built-in bitwise on the other variants' calls: the descent
+starts from each built-in that leaves the fewest variants unfitted (until one fits), not
+merely from the one with the fewest values outside, which may be many knobs away. A record
+that fits is then checked against its own one-knob neighbours: those that fit too are the
+ambiguity, each with the inputs that would separate them (the knob's ``separates``).
 
 >>> from spec import OpConfig, random_problem
 >>> from oracle import run
@@ -239,26 +244,52 @@ class Fit:
 
 
 class _Scorer:
-    """Values outside each record's envelope over all calls, computed once per record; a
-    score above ``bound`` stops counting (the record cannot be the better one)."""
+    """Values outside each record's envelope over all calls, with the worst call's verdict.
+
+    A call of one variant is judged by that variant's pipeline and the combine only, so the
+    count is kept per variant, keyed by what judges it: a record that changes one pipeline is
+    rescored on that variant's calls alone. A count above ``bound`` stops counting (the record
+    cannot be the better one)."""
 
     def __init__(self, calls: Sequence[Call]) -> None:
-        self.calls = calls
-        self.seen: dict[KernelProfile, tuple[int, Verdict | None, bool]] = {}
+        self.groups: dict[str, list[Call]] = {}
+        for call in calls:
+            self.groups.setdefault(call[0].config.kernel_variant.name, []).append(call)
+        self.seen: dict[tuple[Any, ...], tuple[int, Verdict | None, bool]] = {}
 
     def __call__(self, profile: KernelProfile, bound: float = np.inf) -> int:
         return self.scored(profile, bound)[0]
 
     def scored(self, profile: KernelProfile, bound: float = np.inf) -> tuple[int, Verdict | None]:
-        known = self.seen.get(profile)
+        outside, worst = 0, None
+        for variant in self.groups:
+            n, verdict = self.part(variant, profile, bound - outside)
+            outside += n
+            if verdict is not None and (worst is None or verdict.ratio > worst.ratio):
+                worst = verdict
+            if outside > bound:
+                break
+        return outside, worst
+
+    def part(self, variant: str, profile: KernelProfile,
+             bound: float = np.inf) -> tuple[int, Verdict | None]:
+        """The count over the calls of ``variant`` alone."""
+        key = (variant, profile.name, profile.pipeline(variant), profile.combine, profile.domain)
+        known = self.seen.get(key)
         if known is None or (not known[2] and known[0] <= bound):
-            known = self.seen[profile] = self._score(profile, bound)
+            known = self.seen[key] = self._score(self.groups[variant], profile, bound)
         return known[0], known[1]
 
-    def _score(self, profile: KernelProfile, bound: float) -> tuple[int, Verdict | None, bool]:
+    def unfitted(self, profile: KernelProfile) -> int:
+        """How many drawn variants have a call outside ``profile``'s envelope."""
+        return sum(self.part(variant, profile)[0] > 0 for variant in self.groups)
+
+    @staticmethod
+    def _score(calls: Sequence[Call], profile: KernelProfile,
+               bound: float) -> tuple[int, Verdict | None, bool]:
         numerics = Numerics(kernel=profile)
         outside, worst = 0, None
-        for problem, outputs in self.calls:
+        for problem, outputs in calls:
             verdict = compare(problem, outputs, numerics=numerics)
             if verdict.ok:
                 continue
@@ -284,6 +315,24 @@ def _structural(calls: Sequence[Call], base: KernelProfile) -> str | None:
     return None
 
 
+def _descend(score: _Scorer, start: KernelProfile,
+             knobs: Sequence[Knob]) -> tuple[KernelProfile, tuple[str, ...]]:
+    """Greedy descent from ``start``: the best one-knob change while it lowers the count, for
+    at most :data:`MAX_CHANGES` changes."""
+    best = start
+    changes: tuple[str, ...] = ()
+    while score(best) and len(changes) < MAX_CHANGES:
+        nearest, nearer = score(best), None
+        for knob in knobs:
+            for desc, p in knob.changes(best):
+                if score(p, bound=nearest - 1) < nearest:
+                    nearest, nearer = score(p), (desc, p)
+        if nearer is None:
+            break
+        best, changes = nearer[1], (*changes, nearer[0])
+    return best, changes
+
+
 def fit(calls: Sequence[Call], bases: Sequence[KernelProfile] | None = None) -> Fit:
     """The record of rounding points that best explains ``calls`` (see the module doc),
     starting from ``bases`` (default: every registered profile)."""
@@ -298,18 +347,20 @@ def fit(calls: Sequence[Call], bases: Sequence[KernelProfile] | None = None) -> 
         return Fit(bases[0], bases[0].name, (), 0, len(calls), structural=structural)
     knobs = [k for k in KNOBS if k.variant is None or k.variant in drawn]
     score = _Scorer(calls)
-    start = min(bases, key=score)
-    best = start
-    changes: tuple[str, ...] = ()
-    while score(best) and len(changes) < MAX_CHANGES:
-        nearest, nearer = score(best), None
-        for knob in knobs:
-            for desc, p in knob.changes(best):
-                if score(p, bound=nearest - 1) < nearest:
-                    nearest, nearer = score(p), (desc, p)
-        if nearer is None:
+    # A kernel that differs from a built-in in one variant's pipeline fits that built-in
+    # bitwise on every other variant's calls, however many values the changed pipeline moves:
+    # descend from each base that leaves the fewest drawn variants unfitted, until one fits.
+    # Where no base fits any variant, from the one with the fewest values outside.
+    ranked = sorted(bases, key=lambda base: (score.unfitted(base), score(base)))
+    fewest = score.unfitted(ranked[0])
+    starts = ([b for b in ranked if score.unfitted(b) == fewest]
+              if fewest < len(score.groups) else ranked[:1])
+    tried: list[tuple[KernelProfile, KernelProfile, tuple[str, ...]]] = []
+    for base in starts:
+        tried.append((base, *_descend(score, base, knobs)))
+        if not score(tried[-1][1]):
             break
-        best, changes = nearer[1], (*changes, nearer[0])
+    start, best, changes = min(tried, key=lambda t: (score(t[1]), len(t[2])))
     outside, verdict = score.scored(best)
     ambiguous: tuple[tuple[str, str], ...] = ()
     if outside == 0:

@@ -261,11 +261,13 @@ def _col_sumsq(w: Array) -> Array:
 def row_thresholds(
     problem: Problem, ideal: Result,
     assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
-    *, omit: Collection[str] = (),
+    *, omit: Collection[str] = (), direction: Array | None = None,
 ) -> RowThresholds:
     """The row test's thresholds for one problem (derivation: the module docstring); the
     ideal-mode result ``ideal`` supplies ``out*`` and the per-slot ``y*``. ``omit`` drops
-    named :data:`TERMS` from the variance (for showing that each is needed)."""
+    named :data:`TERMS` from the variance (for showing that each is needed). ``direction``
+    (all ranks' rows, unit or zero): project on these rows instead of the ideal rows ``ŵ``
+    (the bound holds for any direction fixed before the output is seen)."""
     unknown = set(omit) - set(TERMS)
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
@@ -296,8 +298,9 @@ def row_thresholds(
     defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
     norm = np.sqrt(np.einsum("tk,tk->t", np.nan_to_num(combined), np.nan_to_num(combined)))
     tested = defined & (norm > 0) & np.isfinite(norm)
-    direction = np.where(tested[:, None], np.nan_to_num(combined) / np.where(tested, norm, 1)
-                         [:, None], 0.0)
+    if direction is None:
+        direction = np.nan_to_num(combined) / np.where(tested, norm, 1)[:, None]
+    direction = np.where(tested[:, None], direction, 0.0)
     reasons = np.full(total, "projection", dtype=object)
     reasons[~defined] = "undefined"
     reasons[defined & ~tested] = "bound: zero ideal row"

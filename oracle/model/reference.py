@@ -288,7 +288,8 @@ def _combine_ideal(y: Array, probs: Array) -> Array:
 
 
 def run(
-    problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False
+    problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False,
+    reads: Array | None = None,
 ) -> Result:
     """The whole collective call: every rank's ``out``, ``expert_token_nums`` and ``defined``,
     plus the :class:`Trace` of intermediates.
@@ -297,6 +298,8 @@ def run(
     (``"vllm-triton"``, see :mod:`oracle.model.kernels`), ``"ideal"``, or a :class:`Numerics`.
     ``envelope=True`` (faithful only) also computes, per rank, ``out_lo``/``out_hi``: every
     ``out`` a kernel of the profile may produce, whatever it does with its freedoms.
+    ``reads`` (diagnosis of a layout defect): per global slot, the slot whose expert output
+    the combine reads instead of its own, −1 for a row never written (zeros).
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -346,6 +349,8 @@ def run(
         y[slots] = ys.mid
         if env:
             y_lo[slots], y_hi[slots] = ys.lo, ys.hi
+    if reads is not None:
+        y, y_lo, y_hi = (np.where(reads[:, None] < 0, 0, a[reads]) for a in (y, y_lo, y_hi))
     y3 = y.reshape(total_tokens, top_k, k_hidden)
     defined = np.asarray(routing.slot_kept.reshape(total_tokens, top_k).all(axis=1))
     lows: tuple[Array | None, ...] = (None,) * ep
