@@ -85,12 +85,10 @@ def test_gpu_control_planted_bug_is_caught(profile: str, numerics: str, bug: str
 @pytest.mark.parametrize("numerics", MODES)
 def test_gpu_vllm_w8a8_conforms(numerics: str) -> None:
     # int8 per-token activations (fused_moe's Triton quantiser), per-channel int8 weights.
-    # Ideal mode leaves the tiny rows out: the quantiser's amax floor 1e-10 quantises a row
-    # of values near 1e-35 to zeros, which the profile models and the ideal judge's
-    # quantisation bound does not (H100: got 0, expected -5.57e-35, EP=1 E=1 K=16 I=8 M=[1])
-    search = {"problems": _cpu_problems("vllm-triton-tq", "w8a8")} if numerics == "ideal" else {}
-    _gate(_control("vllm-triton").w8a8, "vllm-triton-tq", numerics, EXAMPLES, variant="w8a8",
-          **search)
+    # Tiny rows included in both modes: the quantiser's amax floor 1e-10 quantises a row of
+    # values near 1e-35 to zeros (H100: got 0, expected -5.57e-35, EP=1 E=1 K=16 I=8 M=[1]),
+    # which ideal mode now assumes (IdealAssumptions.amax_floor).
+    _gate(_control("vllm-triton").w8a8, "vllm-triton-tq", numerics, EXAMPLES, variant="w8a8")
 
 
 @needs_cuda
