@@ -12,7 +12,10 @@ legitimate kernels (the profile's model, a 64-wide-tile kernel with the scale pr
 a Hopper-like kernel whose tile sums are chopped to 13 bits after every add;
 for the ideal judge also UE8M0 scales and DeepGEMM's reciprocal with the 1e-4 floor). False
 alarms: legitimate pairs at random small shapes (K, I not multiples of 128 included) and
-every 25th at K = 1024 / I = 160 or K = 2048 / I = 768.
+every 25th at K = 1024 / I = 160 or K = 2048 / I = 768. ``--before REV``: a column with the
+ideal judge's row |s|/T under ``oracle/judge/rowtest.py`` as of git revision REV, in the same
+run. MXFP4 W4A16 (``vllm-mxfp4-w4a16``): the same shapes, its own mutants (nibbles swapped,
+a wrong expert's scales, e8m0 read one off).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,13 @@ import numpy as np
 import oracle
 from oracle.judge.bounds import ideal_tolerance
 from oracle.judge.rowtest import row_thresholds
-from oracle.model.kernels import VLLM_TRITON_FP8, GroupQuantiser, IdealAssumptions, KernelProfile
+from oracle.model.kernels import (
+    VLLM_MXFP4,
+    VLLM_TRITON_FP8,
+    GroupQuantiser,
+    IdealAssumptions,
+    KernelProfile,
+)
 from spec import OpConfig, Problem
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
@@ -45,6 +56,7 @@ from test_fp8 import (  # noqa: E402
     UnclampedNearest,
     wrong_expert_scales,
 )
+from test_mxfp4 import swapped_nibbles  # noqa: E402
 
 Array = np.ndarray[Any, Any]
 OUT = Path(__file__).with_name("FP8_POWER.md")
@@ -113,14 +125,27 @@ class Judges:
                 r_ideal, r_profile)
 
 
-def power(shapes: list[tuple[int, int]]) -> list[str]:
+def rowtest_at(rev: str) -> Any:
+    """``oracle.judge.rowtest`` as of git revision ``rev`` (for the before/after column)."""
+    source = subprocess.run(["git", "show", f"{rev}:oracle/judge/rowtest.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = sys.modules.setdefault(f"rowtest_{rev}", types.ModuleType(f"rowtest_{rev}"))
+    exec(compile(source, f"rowtest@{rev}", "exec"), module.__dict__)
+    return module
+
+
+def power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
+    old = rowtest_at(before) if before else None
     lines = ["| K | I | output | ideal judge | row \\|s\\|/T (ideal) | profile judge (profile) "
-             "| row \\|s\\|/T (profile) |", "|---|---|---|---|---|---|---|"]
+             "| row \\|s\\|/T (profile) |"
+             + (f" row \\|s\\|/T (ideal) at {before} |" if old else ""),
+             f"|---|---|---|---|---|---|---|{'---|' if old else ''}"]
     for k_len, i_len in shapes:
         cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
                        intermediate=i_len, tokens_per_rank=(8, 8), weight_dtype="float8_e4m3fn")
         problem = problem_with(cfg, 0)
         judges = Judges(problem)
+        old_rows = old.row_thresholds(problem, judges.ideal, IdealAssumptions()) if old else None
         cases: list[tuple[str, list[Array], KernelProfile]] = [
             (name, outs, PROFILE) for name, outs in bug_outputs(cfg, 0, PROFILE).items()]
         cases += [
@@ -135,9 +160,56 @@ def power(shapes: list[tuple[int, int]]) -> list[str]:
         cases += [(name, run_outs(problem, p), p) for name, p in OF_FORMAT.items()]
         for name, outs, profile in cases:
             by_ideal, by_profile, r_ideal, r_profile = judges(outs, profile)
+            then = f" {old_rows.judge(outs).ratio:.3g} |" if old_rows else ""
             lines.append(f"| {k_len} | {i_len} | {name} | {by_ideal} | {r_ideal:.3g} | "
-                         f"{by_profile} ({profile.name}) | {r_profile:.3g} |")
+                         f"{by_profile} ({profile.name}) | {r_profile:.3g} |{then}")
         print(f"power K={k_len} I={i_len} done", flush=True)
+    return lines
+
+
+def _with_scales(problem: Problem, f: Any) -> list[Array]:
+    """The MXFP4 profile's outputs with every rank's scale lists passed through ``f``."""
+    ranks = [replace(r, scale1=f(r.scale1), scale2=f(r.scale2)) for r in problem.ranks]
+    return run_outs(Problem(ranks, **problem.config.call_attributes()), VLLM_MXFP4)
+
+
+def _roll(lists: Any) -> Any:
+    """Local expert e's scales become expert (e + 1) mod E's."""
+    return list(lists[1:]) + list(lists[:1]) if len(lists) > 1 else [
+        np.roll(lists[0], -1, axis=0)]
+
+
+def mx_power(shapes: list[tuple[int, int]]) -> list[str]:
+    """MXFP4 W4A16 at the same shapes: the ideal judge (its row test reads the dequantised
+    weights: no weight noise) and the profile's envelope, on its mutants and its model."""
+    lines = ["| K | I | output | ideal judge | row \\|s\\|/T (ideal) | profile judge |",
+             "|---|---|---|---|---|---|"]
+    for k_len, i_len in shapes:
+        cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
+                       intermediate=i_len, tokens_per_rank=(8, 8), weight_dtype="uint8")
+        problem = problem_with(cfg, 0)
+        ideal = oracle.run(problem, numerics="ideal")
+        tolerance = ideal_tolerance(problem, ideal)
+        rows = row_thresholds(problem, ideal, IdealAssumptions())
+        expected = oracle.run(problem, numerics=oracle.Numerics(kernel=VLLM_MXFP4),
+                              envelope=True)
+
+        cases = {
+            "nibbles swapped (vllm #54773)": [o for o, _ in swapped_nibbles(problem)],
+            "a wrong expert's scales": _with_scales(problem, _roll),
+            "e8m0 read one off (bias 128)": _with_scales(problem, lambda ss: [
+                (s.astype(np.int16) - 1).clip(0, 254).astype(s.dtype) for s in ss]),
+            "(legitimate: the profile's model)": run_outs(problem, VLLM_MXFP4),
+        }
+        for name, outs in cases.items():
+            by_ideal, ratio, _ = judge(problem, ideal, tolerance, rows, outs)
+            envelope = envelope_only(expected, outs, cfg.x_dtype)
+            by_profile = ("caught by the envelope" if envelope > 1 else
+                          "caught by the row test" if rows.judge(outs).ratio > 1 else "passes")
+            lines.append(f"| {k_len} | {i_len} | {name} | "
+                         f"{by_ideal if by_ideal == 'passes' else f'caught by {by_ideal}'} | "
+                         f"{ratio:.3g} | {by_profile} |")
+        print(f"mxfp4 K={k_len} I={i_len} done", flush=True)
     return lines
 
 
@@ -206,15 +278,19 @@ def false_alarms(pairs: int, seed: int = 25) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--before", metavar="REV", help="a git revision of rowtest.py to "
+                        "compare with in the same run")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     shapes = [(1024, 160)] if args.quick else SHAPES
-    power_lines = power(shapes)
+    power_lines = power(shapes, args.before)
+    mx_lines = mx_power(shapes)
     fa_lines = false_alarms(200 if args.quick else 2_000)
     text = "\n".join([
         "# FP8 block scale: power and false alarms of both judges",
         "",
-        f"Generated by `python benchmarks/fp8_power.py{' --quick' if args.quick else ''}` in "
+        f"Generated by `python benchmarks/fp8_power.py{' --quick' if args.quick else ''}"
+        f"{f' --before {args.before}' if args.before else ''}` in "
         f"{time.perf_counter() - start:.0f} s; do not edit by hand. Issue 25; the format is "
         "`spec/fp8.py`, the profile `vllm-triton-fp8` (`oracle/model/kernels.py`), the "
         "mutants `tests/test_fp8.py`.",
@@ -234,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         "profile with UE8M0 scales (vLLM's `use_ue8m0`).",
         "",
         *power_lines,
+        "",
+        "## MXFP4 W4A16: power at the same shapes",
+        "",
+        "`vllm-mxfp4-w4a16`: e2m1 weights with e8m0 scales per 32, bf16 x. The row test reads the "
+        "dequantised weights (no weight noise); the profile judge is its envelope, then the row "
+        "test.",
+        "",
+        *mx_lines,
         "",
         "## False alarms",
         "",

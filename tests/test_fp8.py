@@ -436,6 +436,35 @@ NEAREST = _with(UE8M0, "nearest", quantise=NearestUe8m0(ue8m0=True, div_ulps=2),
                 requantise=NearestUe8m0(ue8m0=True, div_ulps=2))
 
 
+def _row_ratio(hidden: int, seed: int, kernel: KernelProfile, judged_as: KernelProfile) -> float:
+    """The row test's worst |s|/T for ``kernel``'s output at EP=1 E=2 top_k=2 I=160, eight
+    tokens, under ``judged_as``'s assumptions."""
+    from oracle.judge.rowtest import row_thresholds
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=hidden, intermediate=160,
+                   tokens_per_rank=(8,), weight_dtype=FP8)
+    problem = random_problem(cfg, seed=seed)
+    th = row_thresholds(problem, oracle.run(problem, numerics="ideal"),
+                        judged_as.ideal_assumptions("bfloat16"))
+    return th.judge([r.out for r in oracle.run(problem, numerics=kernel).ranks]).ratio
+
+
+def test_the_row_test_catches_ue8m0_rounded_to_nearest_at_k_1024() -> None:
+    """UE8M0 scales rounded to nearest, K = 1024, I = 160: rejected (|s|/T 1.32) while
+    UE8M0 rounded up passes (0.14). With the FP8 grid roundings taken as Bernstein terms
+    (variance c²/3, scale c/3) instead of sub-Gaussian with proxy c²/3 (commit 8d5b4cc's
+    parent) the same outputs gave 0.72 and 0.075: missed."""
+    assert _row_ratio(1024, 2, NEAREST, UE8M0) > 1
+    assert _row_ratio(1024, 2, UE8M0, UE8M0) < 0.3
+
+
+def test_the_row_test_catches_block_size_from_the_wrong_scale_dim_at_k_2048() -> None:
+    """vllm #47103's mutant at K = 2048, I = 160: rejected (|s|/T 1.39) while the profile's
+    model passes (0.11); 0.64 and 0.045 before commit 8d5b4cc: missed."""
+    assert _row_ratio(2048, 1, WRONG_DIM, PROFILE) > 1
+    assert _row_ratio(2048, 1, PROFILE, PROFILE) < 0.3
+
+
 def test_search_kills_block_size_from_the_wrong_scale_dimension() -> None:
     """Shrunk to EP=1 E=3 top_k=1 K=64 I=160 M=[1]: W2 is (160, 64) with 2 × 1 block scales,
     so block_k = ceil(160/1) and rows 128… read block 0's scale; the row test rejects it

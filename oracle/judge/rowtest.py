@@ -33,7 +33,8 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``fl(x/σ_g)`` on an e4m3 midpoint, and the GEMMs' accumulation term is that of
    :class:`oracle.model.kernels.BlockGemm` (:func:`_accumulation`). FP8's grid roundings
    (this point and the requantisation, point 4) are moreover taken as **uniform on their
-   half step**: variance ``c²/3``, not Hoeffding's proxy ``c²`` (see "The projection").
+   half step**: sub-Gaussian with proxy ``c²/3``, not Hoeffding's ``c²`` (see "The
+   projection").
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
@@ -78,14 +79,12 @@ independent zero-mean ``e_j`` with ``|e_j| <= c_j``, Hoeffding's inequality (Hoe
 1963, Thm 2) gives ``P(|Σ α_j e_j| >= t) <= 2·exp(−t²/(2V))``, ``V = Σ α_j² c_j²``. So,
 with the per-row share ``δ_row`` of the false-alarm probability, a legitimate row has
 ``|s| <= T := sqrt(2V·ln(2/δ_row)) + R``, ``R`` the deterministic part (ties, remainder).
-FP8's grid roundings (points 1 and 4) have variance ``c²/3`` (uniform on the half step):
-Bernstein's inequality (Boucheron, Lugosi, Massart, Thm 2.10 with Bernstein's condition)
-makes each sub-gamma with that variance and scale ``c/3``; a sum of sub-gamma terms (the
-sub-Gaussian ones with scale 0) is sub-gamma with the summed variances and the largest
-scale ``b``, so ``T = sqrt(2V'L) + bL + R`` with ``V'`` the variance sum; the smaller of this
-and Hoeffding's ``T`` is used (both are fixed before the output is seen). ``E_h``'s
-activation part likewise takes the smaller of Hoeffding's ``z·sqrt(v)`` and Bernstein's
-``z·sqrt(v/3) + (c·m·max|W1d_c|/3)·z²/2``.
+FP8's grid roundings (points 1 and 4) are uniform on ``[−h, h]``, ``h <= c``: such a
+variable is strictly sub-Gaussian, ``E e^(λe) = sinh(λh)/(λh) <= e^(λ²h²/6)`` (termwise,
+``(2k+1)! >= 6^k·k!``), so its proxy in ``V`` (and in ``E_h``'s activation part, and in the
+proxies ``v_g``, ``v_u`` of the remainder below) is its variance bound ``c²/3``, where
+Hoeffding's lemma for a merely bounded term gives ``c²``. (The previous form, Bernstein
+with variance ``c²/3`` and scale ``c/3``, added a ``cL/3`` term that this one does not.)
 
 The remainder. Everything is linear in the ``e_p`` except SwiGLU: with ``|δg| <= E_g``,
 ``|δu| <= E_u``, Taylor's theorem with ``sup|silu''| = 1/2`` (at 0) gives, per element,
@@ -100,8 +99,9 @@ the deterministic storage term; ``E_a = |silu'(g)u|·E_g + |silu(g)|·E_u + |r| 
 further bounded zero-mean terms, with two bounds of which the smaller is used (both are fixed
 before the output is seen): Hoeffding on their ranges ``|β_a|·|r|`` (added to ``V``), or
 Bernstein's inequality (Boucheron, Lugosi, Massart, *Concentration Inequalities*, Thm 2.10)
-on their moments. ``δg``, ``δu`` are sub-Gaussian with proxies ``v_g``, ``v_u`` (Hoeffding's
-lemma), so ``E δ^{2q} <= 2·q!·(2v)^q``; on ``E_h``'s event ``|r| <= A·δg² + A2·δu²`` with
+on their moments. ``δg``, ``δu`` are sub-Gaussian with proxies ``v_g``, ``v_u`` (the
+activation's proxy ``c²/3`` per FP8 grid rounding, Hoeffding's lemma for the rest), so
+``E δ^{2q} <= 2·q!·(2v)^q``; on ``E_h``'s event ``|r| <= A·δg² + A2·δu²`` with
 ``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2`` (``|δg·δu| <= (δg² + δu²)/2``),
 hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M = 2|β_a|·max(A·v_g, A2·v_u)``: Thm 2.10's
 condition with ``ν = Σ 16M²`` and scale ``c = max 2M``, ``t = sqrt(2νL) + cL``, plus the
@@ -331,13 +331,14 @@ def row_thresholds(
     n_slots = int(routing.slot_kept.sum())
     delta = assumptions.false_alarm
     z_h = math.sqrt(2 * math.log(2 * max(n_slots * n_len, 1) / (delta / 2)))
+    # An FP8 grid rounding, uniform on [−h, h] with h <= c, is strictly sub-Gaussian:
+    # E e^(λe) = sinh(λh)/(λh) <= e^(λ²h²/6), proxy c²/3 where Hoeffding's lemma gives c².
+    grid = 1 / 3 if fp8 else 1.0
     alpha_x = np.zeros((total, k_len))
     var = np.zeros(total)
     det = np.zeros(total)
     var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
     range_rem = np.zeros(total)  # its scale c
-    var_grid = np.zeros(total)  # grid roundings (uniform on their half step): variance
-    range_grid = np.zeros(total)  # and their largest term
     bias_rem = np.zeros(total)  # and its mean
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
@@ -362,11 +363,8 @@ def row_thresholds(
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
         c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1sq, col1, fp8)
         v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
+        v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
         e_act = z_h * np.sqrt(v_act)
-        if fp8:  # grid roundings: Bernstein, variance v/3, largest term c·m·max|W1d_c|
-            big = (c_max * (mult * c_rel).max(axis=1, initial=0.0))[tok, None] * np.abs(
-                w1d).max(axis=0, initial=0.0)
-            e_act = np.minimum(e_act, z_h * np.sqrt(v_act / 3) + big / 3 * z_h**2 / 2)
         e_h = e_act + _tie_shift(c_rel[tok] * ties[tok], w1d) * c_max[tok, None]
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
@@ -422,14 +420,10 @@ def row_thresholds(
         np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
         c_acc2 = _accumulation(a_mag + e_a2, np.square(w2d), col2, fp8)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
-        req = on["requantisation"] * np.abs(beta_a) * c_req
-        grid = fp8 * (np.einsum("ri,ri->r", req, req) / 3)
-        np.add.at(var_grid, tok, grid)
-        np.maximum.at(range_grid, tok, fp8 * req.max(axis=1, initial=0.0))
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
             + np.einsum("ri,ri->r", beta_a**2, on["swiglu"] * c_sw2
-                        + (not fp8) * on["requantisation"] * c_req**2)
+                        + grid * on["requantisation"] * c_req**2)
             + on["y"] * p**2 * np.einsum("rk,rk->r", direction[tok]**2,
                                          (u_s**2 + u_o**2) * y_mag**2 + c_acc2**2)
         )
@@ -477,11 +471,7 @@ def row_thresholds(
         c_group = np.zeros(sums.shape[0])
         c_group[group[free]] = c_el[free]  # equal values of one group share their bound
         terms = on["activation"] * np.abs(sums) * c_group
-        if fp8:
-            var_grid += np.bincount(owner, weights=terms**2 / 3, minlength=total)
-            np.maximum.at(range_grid, owner, terms)
-        else:
-            var += np.bincount(owner, weights=terms**2, minlength=total)
+        var += np.bincount(owner, weights=grid * terms**2, minlength=total)
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
@@ -506,17 +496,14 @@ def row_thresholds(
     widen = 1 + F32.gamma(k_len + n_len)
     n_rows = max(int(tested.sum()), 1)
     log_row = math.log(2 * n_rows / (delta / 2))
-    # Hoeffding (every term sub-Gaussian with its range as proxy; a grid rounding's proxy
-    # is 3 times its variance), or Bernstein: the grid roundings sub-gamma with their
-    # variance and scale range/3, the remainder with its moments (Thm 2.10), the rest
-    # sub-Gaussian; a sum of sub-gamma terms is sub-gamma with the summed variances and the
-    # largest scale. All thresholds are fixed before the output is seen: the smallest holds.
-    stochastic = np.minimum(
-        np.sqrt(2 * (var + 3 * var_grid) * log_row),
-        np.sqrt(2 * (var + var_grid) * log_row) + range_grid / 3 * log_row) * widen
-    hoeffding = np.sqrt(2 * (var + 3 * var_grid + hoeffding_rem) * log_row) * widen
-    bernstein = (np.sqrt(2 * (var + var_grid + var_rem) * log_row)
-                 + np.maximum(range_grid / 3, range_rem) * log_row + bias_rem) * widen
+    # Hoeffding (every first-order term sub-Gaussian, an FP8 grid rounding with proxy c²/3),
+    # with the remainder by its ranges (Hoeffding) or its moments (Bernstein, Thm 2.10; a
+    # sum of sub-gamma terms is sub-gamma with the summed variances and the largest scale).
+    # All thresholds are fixed before the output is seen: the smaller holds.
+    stochastic = np.sqrt(2 * var * log_row) * widen
+    hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
+    bernstein = (np.sqrt(2 * (var + var_rem) * log_row) + range_rem * log_row
+                 + bias_rem) * widen
     remainder = np.minimum(hoeffding, bernstein) - stochastic
     nonlinear = tested & (remainder > stochastic)
     reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
