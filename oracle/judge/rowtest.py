@@ -124,7 +124,7 @@ from typing import Any
 import numpy as np
 
 from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
-from oracle.model.arithmetic import FloatFormat, glu64
+from oracle.model.arithmetic import FloatFormat, glu64, weight_chunks
 from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
@@ -230,21 +230,41 @@ def _tiny(dtype_name: str, ftz: bool) -> float:
     return (fmt.flushing() if ftz else fmt).tiny
 
 
-def _scaled32(w: Array, scale: Array | None, out: Array) -> Array:
-    """``w·diag(scale)`` (per-channel scales) or ``w`` times its expanded block scales
-    (FP8, :func:`spec.fp8.expand_scales`) in float32, into ``out`` (reused across experts: a
-    fresh weight-sized array per expert costs more in page faults than the arithmetic)."""
-    if scale is None:
-        out[...] = w
-    elif scale.ndim == w.ndim:
-        np.multiply(w.astype(np.float32), expand_scales(scale, *w.shape), out=out)
-    else:
-        np.multiply(w, scale, out=out)
-    return out
+def _channel_form(w: Array, scale: Array | None) -> tuple[Array, Array | None]:
+    """``w`` and the float64 per-column factor that turns it into the dequantised weight:
+    per-channel scales (or none) stay a factor, applied to the small side of each product;
+    block scales (FP8, :func:`spec.fp8.expand_scales`) are multiplied in, in float32."""
+    if scale is not None and scale.ndim == w.ndim:
+        return np.multiply(w.astype(np.float32), expand_scales(scale, *w.shape)), None
+    return w, None if scale is None else scale.astype(np.float64)
 
 
-def _col_sumsq(w: Array) -> Array:
-    return np.asarray(np.einsum("kn,kn->n", w, w, dtype=np.float64))
+def _weight_pass(w: Array, plain: Array | None = None, squared: Array | None = None,
+                 transposed: Array | None = None) -> tuple[Array, Array, Array]:
+    """One pass over ``w`` (R, C), converted to float32 a chunk of rows at a time
+    (:func:`oracle.model.arithmetic.weight_chunks`): ``plain @ w`` and, with ``squared``,
+    ``squared @ w²`` and the column sums of ``w²``, each summed over the chunks in float64;
+    ``transposed @ wᵀ`` (float32). Absent operands give empty arrays. Float32 products of
+    chunks summed in float64 err less than one float32 product of the whole reduction: the
+    ``(1 + γ_{K+N})`` widening of the coefficients covers both."""
+    rows, cols = w.shape
+    sq_rows = 0 if squared is None else squared.shape[0] + 1  # + a row of ones: column sums
+    out_plain = np.zeros((0 if plain is None else plain.shape[0], cols))
+    out_sq = np.zeros((sq_rows, cols))
+    out_t = np.empty((0 if transposed is None else transposed.shape[0], rows), np.float32)
+    left_sq = (np.concatenate([squared, np.ones((1, rows), np.float32)]).astype(np.float32)
+               if squared is not None else None)
+    sq: Array | None = None  # the squared chunk, in a buffer of its own
+    for start, chunk in weight_chunks(w):
+        stop = start + chunk.shape[0]
+        if plain is not None:
+            out_plain += plain[:, start:stop] @ chunk
+        if left_sq is not None:
+            sq = np.square(chunk, out=None if sq is None else sq[:chunk.shape[0]])
+            out_sq += left_sq[:, start:stop] @ sq
+        if transposed is not None:
+            out_t[:, start:stop] = transposed @ chunk.T
+    return out_plain, out_sq, out_t
 
 
 def row_thresholds(
@@ -333,23 +353,31 @@ def row_thresholds(
     x_l1 = ax.sum(axis=1)
     sigma1_hi = amax * (1 + u32) / 127
     vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
-    w1d, w1sq = (np.empty((k_len, n_len), np.float32) for _ in range(2))
-    w2d = np.empty((i_len, k_len), np.float32)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start: start + routing.expert_kept[g]]
         tok = slots // top_k
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
-        _scaled32(w1, s1, w1d)
-        _scaled32(w2, s2, w2d)
-        np.square(w1d, out=w1sq)
-        col1 = w1sq.sum(axis=0, dtype=np.float64)  # (N,)
-        col2 = _col_sumsq(w2d)  # (K,)
-        h = (x[tok] @ w1d).astype(np.float64)
+        # The products of W1d = W1·diag(f1) and W2d = W2·diag(f2) with the factors on the
+        # small side: W1 and W2 themselves are read a chunk at a time, never copied whole.
+        w1, f1 = _channel_form(w1, s1)
+        w2, f2 = _channel_form(w2, s2)
+        msq = (mult * c_rel**2)[tok]
+        h, sq1, _ = _weight_pass(w1, x[tok], msq)
+        col1 = sq1[-1]  # Σ_k W1d_kn²
+        if f1 is not None:
+            h, sq1, col1 = h * f1, sq1 * f1**2, col1 * f1**2
+        # ŵ back through W2d (the product below) and Σ_i W2d_ik² (for δy), in one pass.
+        p = probs.reshape(-1)[slots]
+        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
+        _, sq2, by_w2 = _weight_pass(w2, squared=np.zeros((0, i_len), np.float32),
+                                     transposed=(beta_y if f2 is None else
+                                                 (beta_y * f2).astype(np.float32)))
+        col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
         c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
         n_ties = ties[tok].sum(axis=1)
-        v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
+        v_act = c_max[tok, None] ** 2 * sq1[:-1]
         e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
@@ -395,11 +423,11 @@ def row_thresholds(
         e_y_norm[slots] = e_y
 
         # Back-propagate ŵ.
-        p = probs.reshape(-1)[slots]
-        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
-        beta_a = (beta_y @ w2d.T).astype(np.float64)
+        beta_a = by_w2.astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
+        _, _, bh_w1 = _weight_pass(w1, transposed=(beta_h if f1 is None else beta_h * f1)
+                                   .astype(np.float32))
+        np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
         a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
         c_acc2 = acc_gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
