@@ -159,7 +159,7 @@ class RowVerdict:
 class RowThresholds:
     """Per rank: the ideal unit rows ``direction`` (M_r, K), ``norm`` = ``|out*|``, the
     threshold ``threshold`` on ``|ŵ·d|/|out*|`` (``inf`` where not tested) and ``judged_by``
-    (``"projection"``, ``"bound: <reason>"`` or ``"undefined"``)."""
+    (``"projection"``, ``"bound: <reason>"``, ``"undefined"`` or ``"not asked"``)."""
 
     ideal: tuple[Array, ...]
     direction: tuple[Array, ...]
@@ -204,9 +204,10 @@ class RowThresholds:
 
 def row_test(
     problem: Problem, ideal: Result, outs: Sequence[Array],
-    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
+    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS, *, only: Array | None = None,
 ) -> RowVerdict:
-    """Judge one call's ``out`` arrays (one per rank) with the row test.
+    """Judge one call's ``out`` arrays (one per rank) with the row test (``only``: the rows
+    to test, :func:`row_thresholds`).
 
     >>> from spec import OpConfig, random_problem
     >>> import oracle
@@ -218,7 +219,7 @@ def row_test(
     >>> row_test(p, ideal, [r.out * 0 for r in oracle.run(p).ranks]).ok
     False
     """
-    return row_thresholds(problem, ideal, assumptions).judge(outs)
+    return row_thresholds(problem, ideal, assumptions, only=only).judge(outs)
 
 
 def _unit(dtype_name: str) -> float:
@@ -251,7 +252,8 @@ def _weight_pass(w: Array, plain: Array | None = None, squared: Array | None = N
     sq_rows = 0 if squared is None else squared.shape[0] + 1  # + a row of ones: column sums
     out_plain = np.zeros((0 if plain is None else plain.shape[0], cols))
     out_sq = np.zeros((sq_rows, cols))
-    out_t = np.empty((0 if transposed is None else transposed.shape[0], rows), np.float32)
+    # transposed @ wᵀ is written as its transpose, w @ transposedᵀ: BLAS runs that shape faster
+    out_t = np.empty((rows, 0 if transposed is None else transposed.shape[0]), np.float32)
     left_sq = (np.concatenate([squared, np.ones((1, rows), np.float32)]).astype(np.float32)
                if squared is not None else None)
     sq: Array | None = None  # the squared chunk, in a buffer of its own
@@ -263,18 +265,25 @@ def _weight_pass(w: Array, plain: Array | None = None, squared: Array | None = N
             sq = np.square(chunk, out=None if sq is None else sq[:chunk.shape[0]])
             out_sq += left_sq[:, start:stop] @ sq
         if transposed is not None:
-            out_t[:, start:stop] = transposed @ chunk.T
-    return out_plain, out_sq, out_t
+            np.matmul(chunk, transposed.T, out=out_t[start:stop])
+    return out_plain, out_sq, out_t.T
 
 
 def row_thresholds(
     problem: Problem, ideal: Result,
     assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
-    *, omit: Collection[str] = (),
+    *, omit: Collection[str] = (), only: Array | None = None,
 ) -> RowThresholds:
     """The row test's thresholds for one problem (derivation: the module docstring); the
     ideal-mode result ``ideal`` supplies ``out*`` and the per-slot ``y*``. ``omit`` drops
-    named :data:`TERMS` from the variance (for showing that each is needed)."""
+    named :data:`TERMS` from the variance (for showing that each is needed). ``only`` (one
+    bool per token, all ranks in order) tests those rows alone, judged ``"not asked"``
+    otherwise, reads only the experts their slots went to, and needs ``ideal`` on those
+    rows alone (:func:`oracle.model.reference.run`'s ``tokens``); the false-alarm budget is
+    still shared over every defined row not below the amax floor, asked or not, so a tested
+    row's threshold is the one the whole test gives it, or (where a row not asked would
+    have gone to the bound, its ideal row zero or a dequant scale flushing) slightly larger:
+    a smaller share of the budget per row, never a larger one."""
     unknown = set(omit) - set(TERMS)
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
@@ -302,14 +311,22 @@ def row_thresholds(
     combined = np.concatenate(ideal.trace.combined) if total else np.zeros((0, k_len))
     y_star = (np.concatenate(ideal.trace.y).reshape(total * top_k, k_len) if total
               else np.zeros((0, k_len)))
+    if total and not ideal.trace.h:
+        raise ValueError(f"ideal: the row test reads the ideal model's GEMM1 outputs, which "
+                         f"an ideal-mode result carries; got a result of numerics="
+                         f"{ideal.numerics.mode!r}: pass oracle.run(problem, numerics='ideal')")
+    h_star = (np.concatenate(ideal.trace.h).reshape(total * top_k, n_len) if total
+              else np.zeros((0, n_len)))
     defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
     norm = np.sqrt(np.einsum("tk,tk->t", np.nan_to_num(combined), np.nan_to_num(combined)))
-    tested = defined & (norm > 0) & np.isfinite(norm)
+    unasked = defined & ~only if only is not None else np.zeros(total, dtype=bool)
+    tested = defined & (norm > 0) & np.isfinite(norm) & ~unasked
     direction = np.where(tested[:, None], np.nan_to_num(combined) / np.where(tested, norm, 1)
                          [:, None], 0.0)
     reasons = np.full(total, "projection", dtype=object)
     reasons[~defined] = "undefined"
-    reasons[defined & ~tested] = "bound: zero ideal row"
+    reasons[unasked] = "not asked"
+    reasons[defined & ~tested & ~unasked] = "bound: zero ideal row"
 
     # Activation quantisation, per token: scale, largest multiplicity of a value, ties.
     ax = np.abs(x.astype(np.float64))
@@ -319,6 +336,7 @@ def row_thresholds(
         below = defined & (amax < floor)
         reasons[below & tested] = "bound: below the quantiser's amax floor"
         tested &= ~below
+        unasked &= ~below
         amax = np.maximum(amax, floor)
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
@@ -356,42 +374,23 @@ def row_thresholds(
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start: start + routing.expert_kept[g]]
+        if only is not None:
+            slots = slots[only[slots // top_k]]
+            if not slots.size:
+                continue
         tok = slots // top_k
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
         # The products of W1d = W1·diag(f1) and W2d = W2·diag(f2) with the factors on the
         # small side: W1 and W2 themselves are read a chunk at a time, never copied whole.
         w1, f1 = _channel_form(w1, s1)
         w2, f2 = _channel_form(w2, s2)
-        msq = (mult * c_rel**2)[tok]
-        h, sq1, _ = _weight_pass(w1, x[tok], msq)
-        col1 = sq1[-1]  # Σ_k W1d_kn²
-        if f1 is not None:
-            h, sq1, col1 = h * f1, sq1 * f1**2, col1 * f1**2
-        # ŵ back through W2d (the product below) and Σ_i W2d_ik² (for δy), in one pass.
-        p = probs.reshape(-1)[slots]
-        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
-        _, sq2, by_w2 = _weight_pass(w2, squared=np.zeros((0, i_len), np.float32),
-                                     transposed=(beta_y if f2 is None else
-                                                 (beta_y * f2).astype(np.float32)))
-        col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
-        # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
-        n_ties = ties[tok].sum(axis=1)
-        v_act = c_max[tok, None] ** 2 * sq1[:-1]
-        e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
-        c_h = c_h + u_s * e_h
-        e_h = e_h + c_h
-        v_h = v_act + c_h**2  # variance proxy of δh
+        h = h_star[slots]  # the float64 ideal's, before the clamp
         gate, up = h[:, :i_len], h[:, i_len:]
-        e_g, e_u = e_h[:, :i_len], e_h[:, i_len:]
         pass_g = np.ones_like(gate, dtype=bool)
         pass_u = np.ones_like(up, dtype=bool)
-        band = np.zeros_like(h, dtype=bool)
         if limit is not None:
             pass_g = gate < limit
             pass_u = np.abs(up) < limit
-            band[:, :i_len] = np.abs(gate - limit) <= e_g
-            band[:, i_len:] = np.abs(np.abs(up) - limit) <= e_u
             gate = np.minimum(gate, limit)
             up = np.clip(up, -limit, limit)
         # SwigluOAI: silu_α(g) = silu(αg)/α, so silu_α' = silu'(αg) and sup|silu_α''| = α/2;
@@ -404,6 +403,34 @@ def row_thresholds(
         d_g = np.where(pass_g, dsilu * up, 0.0)
         d_u = np.where(pass_u, silu, 0.0)
         a = silu * up
+        # Back-propagate ŵ: through W2d, with Σ_i W2d_ik² (for δy) in the same pass; then
+        # through W1d, with Σ_k m·c²·W1d_kn² (the activation's variance) and Σ_k W1d_kn².
+        p = probs.reshape(-1)[slots]
+        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
+        _, sq2, by_w2 = _weight_pass(w2, squared=np.zeros((0, i_len), np.float32),
+                                     transposed=(beta_y if f2 is None else
+                                                 (beta_y * f2).astype(np.float32)))
+        col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
+        beta_a = by_w2.astype(np.float64)
+        beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
+        _, sq1, bh_w1 = _weight_pass(w1, squared=(mult * c_rel**2)[tok],
+                                     transposed=(beta_h if f1 is None else beta_h * f1)
+                                     .astype(np.float32))
+        np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
+        col1 = sq1[-1] if f1 is None else sq1[-1] * f1**2  # Σ_k W1d_kn²
+        v_act = c_max[tok, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
+        # High-probability bound on |δh| (activation part) plus the deterministic storage.
+        c_h = u_s * np.abs(h) + acc_gamma(k_len) * x_norm[tok, None] * np.sqrt(col1)
+        n_ties = ties[tok].sum(axis=1)
+        e_h = z_h * np.sqrt(v_act) + c_max[tok, None] * np.sqrt(n_ties[:, None] * col1)
+        c_h = c_h + u_s * e_h
+        e_h = e_h + c_h
+        v_h = v_act + c_h**2  # variance proxy of δh
+        e_g, e_u = e_h[:, :i_len], e_h[:, i_len:]
+        band = np.zeros_like(h, dtype=bool)
+        if limit is not None:
+            band[:, :i_len] = np.abs(h[:, :i_len] - limit) <= e_g
+            band[:, i_len:] = np.abs(np.abs(h[:, i_len:]) - limit) <= e_u
         curvature = _SILU_CURVATURE * (1.0 if alpha is None else alpha)
         rem_a = curvature / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
         e_a = np.abs(d_g) * e_g + np.abs(d_u) * e_u + rem_a
@@ -422,12 +449,6 @@ def row_thresholds(
         e_y = np.sqrt(np.einsum("ri,ri->r", e_a2, e_a2))[:, None] * np.sqrt(col2)
         e_y_norm[slots] = e_y
 
-        # Back-propagate ŵ.
-        beta_a = by_w2.astype(np.float64)
-        beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        _, _, bh_w1 = _weight_pass(w1, transposed=(beta_h if f1 is None else beta_h * f1)
-                                   .astype(np.float32))
-        np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
         a_abs2 = np.einsum("ri,ri->r", a_mag + e_a2, a_mag + e_a2)
         c_acc2 = acc_gamma(i_len) * np.sqrt(a_abs2)[:, None] * np.sqrt(col2)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
@@ -503,7 +524,7 @@ def row_thresholds(
                      on["combine"] * comb2 + on["out_cast"] * (u_o * out_mag) ** 2)
 
     widen = 1 + F32.gamma(k_len + n_len)
-    n_rows = max(int(tested.sum()), 1)
+    n_rows = max(int((tested | unasked).sum()), 1)  # rows not asked count as tested
     log_row = math.log(2 * n_rows / (delta / 2))
     stochastic = np.sqrt(2 * var * log_row) * widen
     # Hoeffding on the remainder's ranges, or Bernstein on its second moments: both

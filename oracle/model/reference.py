@@ -82,6 +82,8 @@ class Trace:
     values; ideal: float64), NaN where the slot was not computed (masked or dropped).
     ``combined[r]``: the combine accumulator before the final cast (float32 faithful, float64
     ideal).
+    ``h[r]`` (ideal only, empty otherwise): ``(M_r, top_k, 2I)`` float64 GEMM1 outputs ``h*``
+    before the clamp, NaN where the slot was not computed (the row test's Jacobian reads them).
     """
 
     counts: Array
@@ -89,6 +91,7 @@ class Trace:
     token_scale: tuple[Array, ...]
     y: tuple[Array, ...]
     combined: tuple[Array, ...]
+    h: tuple[Array, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,16 +208,16 @@ def _ideal_product(rows: Array, w: Array, scale: Array | None) -> Array:
 
 def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig,
-) -> Array:
-    """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
-    SwigluOAI activation where the call selects it, :func:`oracle.model.arithmetic.glu64`)."""
+) -> tuple[Array, Array]:
+    """``h = x·W1d`` and ``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the
+    clamp if any (the SwigluOAI activation where the call selects it,
+    :func:`oracle.model.arithmetic.glu64`)."""
     h = _ideal_product(x.astype(np.float64), w1, s1)
-    i = cfg.intermediate
-    if cfg.swiglu_limit is not None:
-        h = np.minimum(h, cfg.swiglu_limit)
-        h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
-    _, silu, factor = glu64(h[:, :i], h[:, i:], cfg.oai_alpha)
-    return _ideal_product(silu * factor, w2, s2)
+    i, limit = cfg.intermediate, cfg.swiglu_limit
+    gate = h[:, :i] if limit is None else np.minimum(h[:, :i], limit)
+    up = h[:, i:] if limit is None else np.clip(h[:, i:], -limit, limit)
+    _, silu, factor = glu64(gate, up, cfg.oai_alpha)
+    return h, _ideal_product(silu * factor, w2, s2)
 
 
 def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
@@ -276,7 +279,8 @@ def _combine_ideal(y: Array, probs: Array) -> Array:
 
 
 def run(
-    problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False
+    problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False,
+    tokens: Array | None = None,
 ) -> Result:
     """The whole collective call: every rank's ``out``, ``expert_token_nums`` and ``defined``,
     plus the :class:`Trace` of intermediates.
@@ -285,6 +289,10 @@ def run(
     (``"vllm-triton"``, see :mod:`oracle.model.kernels`), ``"ideal"``, or a :class:`Numerics`.
     ``envelope=True`` (faithful only) also computes, per rank, ``out_lo``/``out_hi``: every
     ``out`` a kernel of the profile may produce, whatever it does with its freedoms.
+    ``tokens`` (one bool per token, all ranks in order) computes the slots of those tokens
+    alone (the other rows of ``out``, ``y`` and ``combined`` are NaN where defined): each
+    row's values are those of the whole run, since routing and counts are the whole call's
+    and every step after them works row by row (the judge reads the rows it needs, issue 26).
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -314,15 +322,20 @@ def run(
     shape = (total_tokens * top_k, k_hidden)
     y = np.full(shape, np.nan, dtype=np.float64 if ideal else F32)
     y_lo, y_hi = (np.full(shape, np.nan, F32), np.full(shape, np.nan, F32)) if env else (y, y)
+    h = np.full((total_tokens * top_k, 2 * cfg.intermediate) if ideal else (0, 0), np.nan)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
+        if tokens is not None:
+            slots = slots[tokens[slots // top_k]]
+            if not slots.size:
+                continue
         tok = slots // top_k
         weights = expert_values(problem, int(g))
         w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
         assert w1 is not None and w2 is not None
         if pipeline is None:
-            y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
+            h[slots], y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
             continue
         if s1 is not None and s2 is not None:
             weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)
@@ -362,5 +375,6 @@ def run(
         token_scale=split(sigma_trace),
         y=split(y3),
         combined=split(combined),
+        h=split(h.reshape(total_tokens, top_k, 2 * cfg.intermediate)) if ideal else (),
     )
     return Result(ranks=ranks, trace=trace, numerics=num)
