@@ -89,7 +89,9 @@ and 16-bit weights are exact in float32; the scales are applied in float64), wit
 GEMM's own error ``γ_n·Σ|terms|`` carried as a never-omitted error on the magnitudes; every
 product with ``B1``/``B2`` is an upper bound: nonnegative rows rounded up to float32, the sum
 divided by ``1 − γ_n`` (``γ_n``-relative for sums of nonnegative terms, Higham §3.1), plus
-``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product.
+``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product,
+and every product of one weight comes from one pass over it, a chunk of rows at a time
+summed in float64: sound for any chunking (:func:`_weight_products`).
 
 It is a worst case (absolute values everywhere): on generated problems the actual error is
 typically 3–20 % of the bound, and up to about 60 % where one final rounding dominates.

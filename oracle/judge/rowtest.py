@@ -240,33 +240,25 @@ def _channel_form(w: Array, scale: Array | None) -> tuple[Array, Array | None]:
     return w, None if scale is None else scale.astype(np.float64)
 
 
-def _weight_pass(w: Array, plain: Array | None = None, squared: Array | None = None,
-                 transposed: Array | None = None) -> tuple[Array, Array, Array]:
+def _weight_pass(w: Array, squared: Array, transposed: Array) -> tuple[Array, Array]:
     """One pass over ``w`` (R, C), converted to float32 a chunk of rows at a time
-    (:func:`oracle.model.arithmetic.weight_chunks`): ``plain @ w`` and, with ``squared``,
-    ``squared @ w²`` and the column sums of ``w²``, each summed over the chunks in float64;
-    ``transposed @ wᵀ`` (float32). Absent operands give empty arrays. Float32 products of
-    chunks summed in float64 err less than one float32 product of the whole reduction: the
-    ``(1 + γ_{K+N})`` widening of the coefficients covers both."""
+    (:func:`oracle.model.arithmetic.weight_chunks`): ``squared @ w²`` with one more row, the
+    column sums of ``w²``, summed over the chunks in float64; and ``transposed @ wᵀ``
+    (float32). Float32 products of chunks summed in float64 err less than one float32
+    product of the whole reduction: the ``(1 + γ_{K+N})`` widening of the coefficients
+    covers both."""
     rows, cols = w.shape
-    sq_rows = 0 if squared is None else squared.shape[0] + 1  # + a row of ones: column sums
-    out_plain = np.zeros((0 if plain is None else plain.shape[0], cols))
-    out_sq = np.zeros((sq_rows, cols))
+    left_sq = np.concatenate([squared, np.ones((1, rows))]).astype(np.float32)
+    out_sq = np.zeros((left_sq.shape[0], cols))
     # transposed @ wᵀ is written as its transpose, w @ transposedᵀ: BLAS runs that shape faster
-    out_t = np.empty((rows, 0 if transposed is None else transposed.shape[0]), np.float32)
-    left_sq = (np.concatenate([squared, np.ones((1, rows), np.float32)]).astype(np.float32)
-               if squared is not None else None)
+    out_t = np.empty((rows, transposed.shape[0]), np.float32)
     sq: Array | None = None  # the squared chunk, in a buffer of its own
     for start, chunk in weight_chunks(w):
         stop = start + chunk.shape[0]
-        if plain is not None:
-            out_plain += plain[:, start:stop] @ chunk
-        if left_sq is not None:
-            sq = np.square(chunk, out=None if sq is None else sq[:chunk.shape[0]])
-            out_sq += left_sq[:, start:stop] @ sq
-        if transposed is not None:
-            np.matmul(chunk, transposed.T, out=out_t[start:stop])
-    return out_plain, out_sq, out_t.T
+        sq = np.square(chunk, out=None if sq is None else sq[:chunk.shape[0]])
+        out_sq += left_sq[:, start:stop] @ sq
+        np.matmul(chunk, transposed.T, out=out_t[start:stop])
+    return out_sq, out_t.T
 
 
 def row_thresholds(
@@ -407,15 +399,13 @@ def row_thresholds(
         # through W1d, with Σ_k m·c²·W1d_kn² (the activation's variance) and Σ_k W1d_kn².
         p = probs.reshape(-1)[slots]
         beta_y = (p[:, None] * direction[tok]).astype(np.float32)
-        _, sq2, by_w2 = _weight_pass(w2, squared=np.zeros((0, i_len), np.float32),
-                                     transposed=(beta_y if f2 is None else
-                                                 (beta_y * f2).astype(np.float32)))
+        sq2, by_w2 = _weight_pass(w2, np.zeros((0, i_len)), beta_y if f2 is None
+                                  else (beta_y * f2).astype(np.float32))
         col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
         beta_a = by_w2.astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        _, sq1, bh_w1 = _weight_pass(w1, squared=(mult * c_rel**2)[tok],
-                                     transposed=(beta_h if f1 is None else beta_h * f1)
-                                     .astype(np.float32))
+        sq1, bh_w1 = _weight_pass(w1, (mult * c_rel**2)[tok],
+                                  (beta_h if f1 is None else beta_h * f1).astype(np.float32))
         np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
         col1 = sq1[-1] if f1 is None else sq1[-1] * f1**2  # Σ_k W1d_kn²
         v_act = c_max[tok, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
