@@ -277,6 +277,25 @@ def test_profile_mode_row_test_catches_what_a_wide_envelope_admits() -> None:
     assert compare(problem, _pairs(expected), expected=expected).ok
 
 
+def test_profile_mode_row_test_reads_the_rows_that_differ_from_the_model() -> None:
+    """Under a profile only rows that differ from the model's own output are row-tested
+    (issue 26: one changed row reads the experts of that row alone), each with the threshold
+    the whole test gives it: token 1 scaled by 1.05 is still rejected, at token 1. Asked for
+    no row (a mutant selection), the same output would pass."""
+    problem = _wide_envelope()
+    expected = oracle.run(problem, envelope=True)
+    scaled = [r.out.copy() for r in expected.ranks]
+    scaled[0][1] = (scaled[0][1].astype(np.float32) * 1.05).astype(scaled[0].dtype)
+    verdict = compare(problem, _pairs(expected, scaled), expected=expected)
+    assert not verdict.ok and verdict.where == (1,) and "row test" in verdict.message
+    ideal = oracle.run(problem, numerics="ideal")
+    whole = row_thresholds(problem, ideal)
+    asked = row_thresholds(problem, ideal, only=np.array([False, True]))
+    np.testing.assert_allclose(asked.threshold[0][1], whole.threshold[0][1], rtol=1e-6)
+    assert np.isinf(asked.threshold[0][0]) and asked.judged_by[0][0] == "not asked"
+    assert not asked.judge(scaled).ok
+    assert row_thresholds(problem, ideal, only=np.array([False, False])).judge(scaled).ok
+
 #: Per modelled source, a problem where it decides (found by a search over 1 100 random
 #: configurations at false-alarm probability 0.9, vllm-triton's assumptions): (config,
 #: seed, x integer-valued so that step 1 quantises exactly). The output-level terms ("y",

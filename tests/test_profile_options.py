@@ -156,7 +156,7 @@ def test_the_ideal_judge_reads_the_named_profile(monkeypatch: pytest.MonkeyPatch
     seen = []
     original = rowtest.row_test
     monkeypatch.setattr(oracle.judge.verdict, "row_test",
-                        lambda *a: seen.append(a[3]) or original(*a))
+                        lambda *a, **kw: seen.append(a[3]) or original(*a, **kw))
     outs = [(r.out, r.expert_token_nums) for r in oracle.run(p).ranks]
     assert compare(p, outs, numerics=Numerics("ideal", kernel="ascend-a3")).ok
     assert compare(p, outs, numerics="ideal").ok

@@ -269,8 +269,12 @@ class _ReversedCombine(kernels.Combine):
         return super().__call__(flipped, probs[:, ::-1], x_dtype)
 
 
-def _float32_ideal(original: Callable[..., Array]) -> Callable[..., Array]:
-    return lambda *args: original(*args).astype(np.float32).astype(np.float64)
+def _float32_ideal(original: Callable[..., tuple[Array, Array]]
+                   ) -> Callable[..., tuple[Array, Array]]:
+    def rounded(*args: Any) -> tuple[Array, Array]:
+        h, y = original(*args)
+        return h, y.astype(np.float32).astype(np.float64)
+    return rounded
 
 
 _A3 = kernels.ASCEND_A3
@@ -758,3 +762,30 @@ def test_tiny_rows_take_their_mathematical_value_unless_the_nan_reading_is_asked
     for numerics in ("faithful", literal):
         got = oracle.run(problem, numerics=numerics).ranks[0].out.view(np.uint16)
         assert np.array_equal(got, np.asarray(naive_run(problem, numerics).out[0]).view(np.uint16))
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_a_run_on_some_tokens_gives_those_rows_of_the_whole_run(weights: str) -> None:
+    """``run(..., tokens=...)`` (the judge's rows that differ from the model, issue 26): the
+    asked rows as the whole run computes them (profile and envelope bit for bit, ideal within
+    float64 sums re-blocked by the row count), the other defined rows NaN; truncation is the
+    whole call's (token 3 of rank 0 loses a slot to ``max_output_size``)."""
+    cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=64, intermediate=32,
+                   max_output_size=5, tokens_per_rank=(4, 3), weight_dtype=weights)
+    problem = random_problem(cfg, seed=5)
+    tokens = np.array([False, True, False, True, True, False, True])
+    for numerics, envelope in (("ascend-a3", True), ("vllm-triton", True), ("ideal", False)):
+        whole = oracle.run(problem, numerics=numerics, envelope=envelope)
+        part = oracle.run(problem, numerics=numerics, envelope=envelope, tokens=tokens)
+        for w, q, asked in zip(whole.ranks, part.ranks, np.split(tokens, [4])):
+            rows = asked & w.defined
+            if numerics == "ideal":
+                np.testing.assert_allclose(q.out[rows].astype(np.float64),
+                                           w.out[rows].astype(np.float64), rtol=2**-8)
+            else:
+                for a, b in ((q.out, w.out), (q.out_lo, w.out_lo), (q.out_hi, w.out_hi)):
+                    assert a is not None and b is not None
+                    assert np.array_equal(a[rows], b[rows])
+            assert np.isnan(q.out[~asked & w.defined].astype(np.float32)).all()
+        np.testing.assert_allclose(np.concatenate(part.trace.combined)[tokens],
+                                   np.concatenate(whole.trace.combined)[tokens], rtol=1e-12)

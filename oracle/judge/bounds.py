@@ -89,7 +89,9 @@ and 16-bit weights are exact in float32; the scales are applied in float64), wit
 GEMM's own error ``γ_n·Σ|terms|`` carried as a never-omitted error on the magnitudes; every
 product with ``B1``/``B2`` is an upper bound: nonnegative rows rounded up to float32, the sum
 divided by ``1 − γ_n`` (``γ_n``-relative for sums of nonnegative terms, Higham §3.1), plus
-``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product.
+``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product,
+and every product of one weight comes from one pass over it, a chunk of rows at a time
+summed in float64: sound for any chunking (:func:`_weight_products`).
 
 It is a worst case (absolute values everywhere): on generated problems the actual error is
 typically 3–20 % of the bound, and up to about 60 % where one final rounding dominates.
@@ -104,7 +106,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
+from oracle.model.arithmetic import FORMATS, FloatFormat, glu64, weight_chunks
 from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
@@ -272,31 +274,50 @@ def _upper32(v: Array) -> Array:
         return np.asarray(np.where(v32 < v, np.nextafter(v32, np.float32(np.inf)), v32))
 
 
-def _abs_product(rows: Array, w_abs: Array, scale: Array | None) -> Array:
-    """An upper bound on ``rows @ (w_abs·diag(scale))`` for nonnegative ``rows`` (float64) and
-    ``w_abs`` (float32 holding ``|W|``), computed on float32 BLAS: the rows rounded up to
-    float32, the sum of ``n`` nonnegative products within ``γ_n`` relative of its exact value
-    (Higham §3.1: ``exact <= fl/(1 − γ_n)``) plus ``n·η32`` for products that underflow, the
-    scale applied in float64 (two roundings: ``(1 + u64)²``)."""
-    n = rows.shape[1]
+def _weight_products(w: Array, signed: Array, nonneg: Array, scale: Array | None,
+                     w_abs: Array | None = None) -> tuple[Array, Array]:
+    """One pass over ``w`` (n, C), float32 chunks (:func:`oracle.model.arithmetic.
+    weight_chunks`), for float32-exact ``w`` and ``signed`` and nonnegative ``nonneg``
+    (float64): ``signed @ (w·diag(scale))``, within :func:`_signed_error` of the exact
+    product, and an upper bound on ``nonneg @ (|w|·diag(scale))`` whose last row, one more,
+    bounds the column sums of ``|w|·diag(scale)``. ``w_abs`` (float32, ``>= |w|``) replaces
+    ``|w|`` where the weight is not float32-exact (FP8's dequantised weights).
+
+    The upper bound: ``nonneg`` rounded up to float32, each chunk's ``c`` products summed in
+    float32 (within ``γ_c`` of its exact sum, Higham §3.1, plus ``c·η32`` for products that
+    underflow), the chunks' sums added in float64, then divided by ``1 − γ_n`` and ``n·η32``
+    added. Sound for any chunking: with ``m`` chunks, ``(1 − γ_c)(1 − γ64_m) >= 1 − γ_n``
+    whenever ``c < n`` (``γ_n − γ_c >= u32``, ``γ64_m < n·2^-52``), and a single chunk is the
+    whole sum. The signed product errs likewise by at most ``γ_n·Σ|terms|``. The scale is
+    applied in float64 (two roundings on the bound: ``(1 + u64)²``; exact on a float32
+    value for the signed product)."""
+    n, cols = w.shape
+    left = np.concatenate([_upper32(nonneg), np.ones((1, n), np.float32)])
+    s32 = signed.astype(np.float32)
+    sp, ap = np.zeros((s32.shape[0], cols)), np.zeros((left.shape[0], cols))
+    abs_chunks = None if w_abs is None else weight_chunks(w_abs)
+    magnitude: Array | None = None
     with np.errstate(over="ignore", invalid="ignore"):
-        p = (_upper32(rows) @ w_abs).astype(np.float64) / (1 - F32.gamma(n)) + n * F32.tiny
+        for start, chunk in weight_chunks(w):
+            stop = start + chunk.shape[0]
+            sp += s32[:, start:stop] @ chunk
+            if abs_chunks is None:
+                magnitude = np.abs(chunk, out=None if magnitude is None
+                                   else magnitude[:chunk.shape[0]])
+            else:
+                magnitude = next(abs_chunks)[1]
+            ap += left[:, start:stop] @ magnitude
+        ap = ap / (1 - F32.gamma(n)) + n * F32.tiny
     if scale is None:
-        return np.asarray(p)
-    return np.asarray(p * scale.astype(np.float64) * (1 + F64.unit) ** 2)
-
-
-def _signed_product(rows: Array, w: Array, scale: Array | None) -> Array:
-    """``rows @ (w·diag(scale))`` on float32 BLAS for float32-exact ``rows`` and ``w``, within
-    :func:`_signed_error` of the exact product."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        p = (rows.astype(np.float32) @ w).astype(np.float64)
-    return p if scale is None else np.asarray(p * scale.astype(np.float64))
+        return sp, ap
+    s64 = scale.astype(np.float64)
+    return sp * s64, ap * s64 * (1 + F64.unit) ** 2
 
 
 def _signed_error(n: int, abs_bound: Array, scale: Array | None) -> Array:
-    """The error of :func:`_signed_product`: ``γ_n`` of the float32 sum (the float64 scaling
-    of a float32 value is exact), plus the underflow of ``n`` products."""
+    """The error of :func:`_weight_products`' signed product: ``γ_n`` of the sum (one float32
+    chunk scaled in float64 is exact; several chunks' float64 additions and scaling add a few
+    ``u64``, inside ``γ_n − γ_c >= u32``), plus the underflow of ``n`` products."""
     s = 1.0 if scale is None else scale.astype(np.float64)
     return np.asarray(F32.gamma(n) * abs_bound + n * F32.tiny * s)
 
@@ -314,16 +335,16 @@ def _expert_bound(
     int8 = cfg.weight_dtype == "int8"
     fp8 = cfg.weight_dtype == "float8_e4m3fn"
     w_round = 0.0  # relative error of the float32 weights we multiply with
+    a1: Array | None = None  # >= |W| where the float32 weights are not exact
+    a2: Array | None = None
+    # int8 and 16-bit weights are exact in float32: |W| is taken chunk by chunk
     if fp8:  # block scales: dequantised once, each weight within u32 of W·s
         assert s1 is not None and s2 is not None
         w1d, w2d = dequantise(w1, s1), dequantise(w2, s2)
-        w1f, w2f = w1d.astype(np.float32), w2d.astype(np.float32)
+        w1, w2 = w1d.astype(np.float32), w2d.astype(np.float32)
         a1, a2 = _upper32(np.abs(w1d)), _upper32(np.abs(w2d))
         s1 = s2 = None
         w_round = F32.unit
-    else:
-        w1f, w2f = w1.astype(np.float32), w2.astype(np.float32)  # int8 and 16-bit: exact
-        a1, a2 = np.abs(w1f), np.abs(w2f)
     rows = x.shape[0]
 
     # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
@@ -335,13 +356,14 @@ def _expert_bound(
             act_in = _activation_error(ax, amax, amax_floor)
         if steps.ftz:  # an element read as 0 quantises to 0: error |x|
             act_in = np.where(ax <= _NORMAL32, np.maximum(act_in, ax), act_in)
-        both = _abs_product(np.concatenate([ax, act_in]), a1, s1)
-        ax_b1, act = both[:rows], both[rows:]
+        h, both = _weight_products(w1, x, np.concatenate([ax, act_in]), s1, a1)
+        ax_b1, act = both[:rows], both[rows:-1]
     else:
-        ax_b1 = _abs_product(ax, a1, s1)
+        h, both = _weight_products(w1, x, ax, s1, a1)
+        ax_b1 = both[:-1]
+    col1 = both[-1]  # >= Σ_k |W1d_kn|
     # h as we evaluate it (float32 products, float64 scaling): within e_c of the exact h*;
     # the float64 ideal that the judge holds is within e64 of h*.
-    h = _signed_product(x, w1f, s1)
     e_c_h = _signed_error(k_len, ax_b1, s1) + w_round * ax_b1
     e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
     h_mag = np.abs(h) + e_c_h  # >= |h*| (before the clamp)
@@ -367,8 +389,7 @@ def _expert_bound(
         sigma1 = _floored(amax, amax_floor) / 127 * (1 + F32.unit)
         e_h = steps.add("activation", np.zeros_like(act), act)
         e_h = e_h + _dequant_chain(steps, "gemm1", h_mag + act, sigma1, truncate)
-        overflow |= _fp16_overflow(h_mag + act, amax, c_max * a1.sum(axis=0, dtype=np.float64)
-                                   * (1.0 if s1 is None else s1))
+        overflow |= _fp16_overflow(h_mag + act, amax, c_max * col1)
         if steps.ftz:  # σ1 or a scale flushed to 0: h is 0
             e_h = np.where(_may_vanish(steps, sigma1, s1), np.maximum(e_h, h_mag), e_h)
     elif fp8:
@@ -379,7 +400,7 @@ def _expert_bound(
     else:
         e_h = steps.add("gemm1", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
         if steps.ftz:
-            e_h = e_h + _flushed_gemm(a1, ax)
+            e_h = e_h + _flushed_gemm(col1, ax)
         e_h = steps.round("gemm1", h_mag, steps.round("gemm1", h_mag, e_h, F32), out)
     e_g, e_u = e_h[:, :i], e_h[:, i:]
     e_a = _swiglu_error(
@@ -404,9 +425,12 @@ def _expert_bound(
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
         blocks = [e_a, a_mag + e_a, e_c_a, e64_a, a_mag]
-    prods = np.split(_abs_product(np.concatenate(blocks), a2, s2), len(blocks))
+    # a rounded to float32 for its product (u32·|a| more through B2, below)
+    y, both = _weight_products(w2, np.asarray(a, dtype=np.float32), np.concatenate(blocks), s2,
+                               a2)
+    col2 = both[-1]  # >= Σ_i |W2d_ik|
+    prods = np.split(both[:-1], len(blocks))
     prop, e_c_prop, e64_prop, a_b2 = prods[0], prods[-3], prods[-2], prods[-1]
-    y = _signed_product(np.asarray(a, dtype=np.float32), w2f, s2)
     # a rounded to float32 first: u32·|a| more through B2.
     e_c_y = (e_c_prop + _signed_error(i, a_b2, s2) + F32.unit * a_b2 * (1 + F32.gamma(i))
              + w_round * a_b2)
@@ -415,7 +439,7 @@ def _expert_bound(
     if int8:
         e_y = prop + _dequant_chain(steps, "gemm2", y_mag + prop, sigma2, truncate)
         lowest = np.clip(np.abs(a) - e_c_a - e_a, 0, None).max(axis=1, initial=0.0)
-        worst_case = c_max * a2.sum(axis=0, dtype=np.float64) * (1.0 if s2 is None else s2)
+        worst_case = c_max * col2
         overflow |= np.where(lowest > 0, _fp16_overflow(y_mag + prop, lowest[:, None],
                                                         worst_case),
                              (worst_case >= F16.max).any())
@@ -426,7 +450,7 @@ def _expert_bound(
     else:
         gemm = steps.add("gemm2", prop, F64.gamma(i) * prods[1])
         if steps.ftz:
-            gemm = gemm + _flushed_gemm(a2, a_mag + e_a)
+            gemm = gemm + _flushed_gemm(col2, a_mag + e_a)
         e_y = steps.round("gemm2", y_mag, gemm, F32)
     e_y = steps.round("y_cast", y_mag, e_y, out)
     bad = overflow | (y_mag + e_y >= out.max).any(axis=1)
@@ -434,14 +458,13 @@ def _expert_bound(
     return _SlotBound(y_mag, e_y, e64_y)
 
 
-def _flushed_gemm(w_abs: Array, rows: Array) -> Array:
+def _flushed_gemm(col_abs: Array, rows: Array) -> Array:
     """What flushing float32 subnormals can move a float-weight GEMM ``rows @ W`` by
-    (``rows`` bounding the operands' magnitudes): each weight or operand read as 0, at most
-    2^-126 times the other factor, and each of the ``n`` products and ``n − 1`` partial sums
-    written as 0."""
+    (``rows`` bounding the operands' magnitudes, ``col_abs`` the column sums of ``|W|``):
+    each weight or operand read as 0, at most 2^-126 times the other factor, and each of the
+    ``n`` products and ``n − 1`` partial sums written as 0."""
     n = rows.shape[1]
-    return np.asarray(_NORMAL32 * (w_abs.sum(axis=0, dtype=np.float64)
-                                   + rows.sum(axis=1, keepdims=True) + 2 * n))
+    return np.asarray(_NORMAL32 * (col_abs + rows.sum(axis=1, keepdims=True) + 2 * n))
 
 
 def _may_vanish(steps: _Steps, sigma_hi: Array, scale: Array | None) -> Array:

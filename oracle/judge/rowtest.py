@@ -135,7 +135,7 @@ from typing import Any
 import numpy as np
 
 from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
-from oracle.model.arithmetic import FloatFormat, glu64
+from oracle.model.arithmetic import FloatFormat, glu64, weight_chunks
 from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
@@ -170,7 +170,7 @@ class RowVerdict:
 class RowThresholds:
     """Per rank: the ideal unit rows ``direction`` (M_r, K), ``norm`` = ``|out*|``, the
     threshold ``threshold`` on ``|ŵ·d|/|out*|`` (``inf`` where not tested) and ``judged_by``
-    (``"projection"``, ``"bound: <reason>"`` or ``"undefined"``)."""
+    (``"projection"``, ``"bound: <reason>"``, ``"undefined"`` or ``"not asked"``)."""
 
     ideal: tuple[Array, ...]
     direction: tuple[Array, ...]
@@ -215,9 +215,10 @@ class RowThresholds:
 
 def row_test(
     problem: Problem, ideal: Result, outs: Sequence[Array],
-    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
+    assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS, *, only: Array | None = None,
 ) -> RowVerdict:
-    """Judge one call's ``out`` arrays (one per rank) with the row test.
+    """Judge one call's ``out`` arrays (one per rank) with the row test (``only``: the rows
+    to test, :func:`row_thresholds`).
 
     >>> from spec import OpConfig, random_problem
     >>> import oracle
@@ -229,7 +230,7 @@ def row_test(
     >>> row_test(p, ideal, [r.out * 0 for r in oracle.run(p).ranks]).ok
     False
     """
-    return row_thresholds(problem, ideal, assumptions).judge(outs)
+    return row_thresholds(problem, ideal, assumptions, only=only).judge(outs)
 
 
 def _unit(dtype_name: str) -> float:
@@ -241,33 +242,53 @@ def _tiny(dtype_name: str, ftz: bool) -> float:
     return (fmt.flushing() if ftz else fmt).tiny
 
 
-def _scaled32(w: Array, scale: Array | None, out: Array) -> Array:
-    """``w·diag(scale)`` (per-channel scales) or ``w`` times its expanded block scales
-    (FP8, :func:`spec.fp8.expand_scales`) in float32, into ``out`` (reused across experts: a
-    fresh weight-sized array per expert costs more in page faults than the arithmetic)."""
-    if scale is None:
-        out[...] = w
-    elif scale.ndim == w.ndim:
-        np.multiply(w.astype(np.float32), expand_scales(scale, *w.shape), out=out)
-    else:
-        np.multiply(w, scale, out=out)
-    return out
+def _channel_form(w: Array, scale: Array | None) -> tuple[Array, Array | None]:
+    """``w`` and the float64 per-column factor that turns it into the dequantised weight:
+    per-channel scales (or none) stay a factor, applied to the small side of each product;
+    block scales (FP8, :func:`spec.fp8.expand_scales`) are multiplied in, in float32."""
+    if scale is not None and scale.ndim == w.ndim:
+        return np.multiply(w.astype(np.float32), expand_scales(scale, *w.shape)), None
+    return w, None if scale is None else scale.astype(np.float64)
 
 
-def _col_sumsq(w: Array) -> Array:
-    return np.asarray(np.einsum("kn,kn->n", w, w, dtype=np.float64))
+def _weight_pass(w: Array, squared: Array, transposed: Array) -> tuple[Array, Array]:
+    """One pass over ``w`` (R, C), converted to float32 a chunk of rows at a time
+    (:func:`oracle.model.arithmetic.weight_chunks`): ``squared @ w²`` with one more row, the
+    column sums of ``w²``, summed over the chunks in float64; and ``transposed @ wᵀ``
+    (float32). Float32 products of chunks summed in float64 err less than one float32
+    product of the whole reduction: the ``(1 + γ_{K+N})`` widening of the coefficients
+    covers both."""
+    rows, cols = w.shape
+    left_sq = np.concatenate([squared, np.ones((1, rows))]).astype(np.float32)
+    out_sq = np.zeros((left_sq.shape[0], cols))
+    # transposed @ wᵀ is written as its transpose, w @ transposedᵀ: BLAS runs that shape faster
+    out_t = np.empty((rows, transposed.shape[0]), np.float32)
+    sq: Array | None = None  # the squared chunk, in a buffer of its own
+    for start, chunk in weight_chunks(w):
+        stop = start + chunk.shape[0]
+        sq = np.square(chunk, out=None if sq is None else sq[:chunk.shape[0]])
+        out_sq += left_sq[:, start:stop] @ sq
+        np.matmul(chunk, transposed.T, out=out_t[start:stop])
+    return out_sq, out_t.T
 
 
 def row_thresholds(
     problem: Problem, ideal: Result,
     assumptions: IdealAssumptions = _DEFAULT_ASSUMPTIONS,
-    *, omit: Collection[str] = (), direction: Array | None = None,
+    *, omit: Collection[str] = (), direction: Array | None = None, only: Array | None = None,
 ) -> RowThresholds:
     """The row test's thresholds for one problem (derivation: the module docstring); the
     ideal-mode result ``ideal`` supplies ``out*`` and the per-slot ``y*``. ``omit`` drops
     named :data:`TERMS` from the variance (for showing that each is needed). ``direction``
     (all ranks' rows, unit or zero): project on these rows instead of the ideal rows ``ŵ``
-    (the bound holds for any direction fixed before the output is seen)."""
+    (the bound holds for any direction fixed before the output is seen). ``only`` (one
+    bool per token, all ranks in order) tests those rows alone, judged ``"not asked"``
+    otherwise, reads only the experts their slots went to, and needs ``ideal`` on those
+    rows alone (:func:`oracle.model.reference.run`'s ``tokens``); the false-alarm budget is
+    still shared over every defined row not below the amax floor, asked or not, so a tested
+    row's threshold is the one the whole test gives it, or (where a row not asked would
+    have gone to the bound, its ideal row zero or a dequant scale flushing) slightly larger:
+    a smaller share of the budget per row, never a larger one."""
     unknown = set(omit) - set(TERMS)
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
@@ -295,15 +316,23 @@ def row_thresholds(
     combined = np.concatenate(ideal.trace.combined) if total else np.zeros((0, k_len))
     y_star = (np.concatenate(ideal.trace.y).reshape(total * top_k, k_len) if total
               else np.zeros((0, k_len)))
+    if total and not ideal.trace.h:
+        raise ValueError(f"ideal: the row test reads the ideal model's GEMM1 outputs, which "
+                         f"an ideal-mode result carries; got a result of numerics="
+                         f"{ideal.numerics.mode!r}: pass oracle.run(problem, numerics='ideal')")
+    h_star = (np.concatenate(ideal.trace.h).reshape(total * top_k, n_len) if total
+              else np.zeros((0, n_len)))
     defined = np.asarray(routing.slot_kept.reshape(total, top_k).all(axis=1), dtype=bool)
     norm = np.sqrt(np.einsum("tk,tk->t", np.nan_to_num(combined), np.nan_to_num(combined)))
-    tested = defined & (norm > 0) & np.isfinite(norm)
+    unasked = defined & ~only if only is not None else np.zeros(total, dtype=bool)
+    tested = defined & (norm > 0) & np.isfinite(norm) & ~unasked
     if direction is None:
         direction = np.nan_to_num(combined) / np.where(tested, norm, 1)[:, None]
     direction = np.where(tested[:, None], direction, 0.0)
     reasons = np.full(total, "projection", dtype=object)
     reasons[~defined] = "undefined"
-    reasons[defined & ~tested] = "bound: zero ideal row"
+    reasons[unasked] = "not asked"
+    reasons[defined & ~tested & ~unasked] = "bound: zero ideal row"
 
     # Activation quantisation, per token: scale, largest multiplicity of a value, ties.
     ax = np.abs(x.astype(np.float64))
@@ -313,6 +342,7 @@ def row_thresholds(
         below = defined & (amax < floor)
         reasons[below & tested] = "bound: below the quantiser's amax floor"
         tested &= ~below
+        unasked &= ~below
         amax = np.maximum(amax, floor)
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
@@ -347,38 +377,26 @@ def row_thresholds(
     sigma1_hi = amax * (1 + u32) / 127
     vanish = np.zeros(total, dtype=bool)  # a dequant scale may flush to 0 (point 9)
     coarse = np.zeros(total, dtype=bool)  # a requantisation may fall below the amax floor
-    w1d, w1sq = (np.empty((k_len, n_len), np.float32) for _ in range(2))
-    w2d = np.empty((i_len, k_len), np.float32)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start: start + routing.expert_kept[g]]
+        if only is not None:
+            slots = slots[only[slots // top_k]]
+            if not slots.size:
+                continue
         tok = slots // top_k
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
-        _scaled32(w1, s1, w1d)
-        _scaled32(w2, s2, w2d)
-        np.square(w1d, out=w1sq)
-        col1 = w1sq.sum(axis=0, dtype=np.float64)  # (N,)
-        col2 = _col_sumsq(w2d)  # (K,)
-        h = (x[tok] @ w1d).astype(np.float64)
-        # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1sq, col1, fp8)
-        v_act = c_max[tok, None] ** 2 * ((mult * c_rel**2)[tok] @ w1sq).astype(np.float64)
-        v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
-        e_act = z_h * np.sqrt(v_act)
-        e_h = e_act + _tie_shift(c_rel[tok] * ties[tok], w1d) * c_max[tok, None]
-        c_h = c_h + u_s * e_h
-        e_h = e_h + c_h
-        v_h = v_act + c_h**2  # variance proxy of δh
+        # The products of W1d = W1·diag(f1) and W2d = W2·diag(f2) with the factors on the
+        # small side: W1 and W2 themselves are read a chunk at a time, never copied whole.
+        w1, f1 = _channel_form(w1, s1)
+        w2, f2 = _channel_form(w2, s2)
+        h = h_star[slots]  # the float64 ideal's, before the clamp
         gate, up = h[:, :i_len], h[:, i_len:]
-        e_g, e_u = e_h[:, :i_len], e_h[:, i_len:]
         pass_g = np.ones_like(gate, dtype=bool)
         pass_u = np.ones_like(up, dtype=bool)
-        band = np.zeros_like(h, dtype=bool)
         if limit is not None:
             pass_g = gate < limit
             pass_u = np.abs(up) < limit
-            band[:, :i_len] = np.abs(gate - limit) <= e_g
-            band[:, i_len:] = np.abs(np.abs(up) - limit) <= e_u
             gate = np.minimum(gate, limit)
             up = np.clip(up, -limit, limit)
         # SwigluOAI: silu_α(g) = silu(αg)/α, so silu_α' = silu'(αg) and sup|silu_α''| = α/2;
@@ -391,6 +409,33 @@ def row_thresholds(
         d_g = np.where(pass_g, dsilu * up, 0.0)
         d_u = np.where(pass_u, silu, 0.0)
         a = silu * up
+        # Back-propagate ŵ: through W2d, with Σ_i W2d_ik² (for δy) in the same pass; then
+        # through W1d, with Σ_k m·c²·W1d_kn² (the activation's variance) and Σ_k W1d_kn².
+        p = probs.reshape(-1)[slots]
+        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
+        sq2, by_w2 = _weight_pass(w2, np.zeros((0, i_len)), beta_y if f2 is None
+                                  else (beta_y * f2).astype(np.float32))
+        col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
+        beta_a = by_w2.astype(np.float64)
+        beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
+        sq1, bh_w1 = _weight_pass(w1, (mult * c_rel**2)[tok],
+                                  (beta_h if f1 is None else beta_h * f1).astype(np.float32))
+        np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
+        col1 = sq1[-1] if f1 is None else sq1[-1] * f1**2  # Σ_k W1d_kn²
+        v_act = c_max[tok, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
+        v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
+        # High-probability bound on |δh| (activation part) plus the deterministic storage.
+        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1, f1, col1, fp8)
+        e_h = (z_h * np.sqrt(v_act)
+               + _tie_shift(c_rel[tok] * ties[tok], w1, f1) * c_max[tok, None])
+        c_h = c_h + u_s * e_h
+        e_h = e_h + c_h
+        v_h = v_act + c_h**2  # variance proxy of δh
+        e_g, e_u = e_h[:, :i_len], e_h[:, i_len:]
+        band = np.zeros_like(h, dtype=bool)
+        if limit is not None:
+            band[:, :i_len] = np.abs(h[:, :i_len] - limit) <= e_g
+            band[:, i_len:] = np.abs(np.abs(h[:, i_len:]) - limit) <= e_u
         curvature = _SILU_CURVATURE * (1.0 if alpha is None else alpha)
         rem_a = curvature / 2 * e_g**2 * (np.abs(up) + e_u) + np.abs(dsilu) * e_g * e_u
         e_a = np.abs(d_g) * e_g + np.abs(d_u) * e_u + rem_a
@@ -412,13 +457,7 @@ def row_thresholds(
         e_y = np.sqrt(np.einsum("ri,ri->r", e_a2, e_a2))[:, None] * np.sqrt(col2)
         e_y_norm[slots] = e_y
 
-        # Back-propagate ŵ.
-        p = probs.reshape(-1)[slots]
-        beta_y = (p[:, None] * direction[tok]).astype(np.float32)
-        beta_a = (beta_y @ w2d.T).astype(np.float64)
-        beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        np.add.at(alpha_x, tok, (beta_h.astype(np.float32) @ w1d.T).astype(np.float64))
-        c_acc2 = _accumulation(a_mag + e_a2, np.square(w2d), col2, fp8)
+        c_acc2 = _accumulation(a_mag + e_a2, w2, f2, col2, fp8)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
@@ -494,7 +533,7 @@ def row_thresholds(
                      on["combine"] * comb2 + on["out_cast"] * (u_o * out_mag) ** 2)
 
     widen = 1 + F32.gamma(k_len + n_len)
-    n_rows = max(int(tested.sum()), 1)
+    n_rows = max(int((tested | unasked).sum()), 1)  # rows not asked count as tested
     log_row = math.log(2 * n_rows / (delta / 2))
     # Hoeffding (every first-order term sub-Gaussian, an FP8 grid rounding with proxy c²/3),
     # with the remainder by its ranges (Hoeffding) or its moments (Bernstein, Thm 2.10; a
@@ -528,14 +567,16 @@ def row_thresholds(
                          split(threshold), split(reasons), assumptions)
 
 
-def _tie_shift(c_ties: Array, w: Array) -> Array:
-    """``|Σ_j c_j·w_jc|`` bounded per row and column: ``c_ties @ |w|`` for the rows that
-    hold a tie (``c_ties``: each tie's error bound, 0 elsewhere; the ties' positions are
-    known, so no Cauchy–Schwarz over the row), 0 for the others."""
+def _tie_shift(c_ties: Array, w: Array, f: Array | None) -> Array:
+    """``|Σ_j c_j·Wd_jc|`` bounded per row and column, ``Wd = w·diag(f)``: ``c_ties @ |Wd|``
+    for the rows that hold a tie (``c_ties``: each tie's error bound, 0 elsewhere; the ties'
+    positions are known, so no Cauchy–Schwarz over the row), 0 for the others."""
     shift = np.zeros((c_ties.shape[0], w.shape[1]))
     some = np.flatnonzero(c_ties.any(axis=1))
     if some.size:
-        shift[some] = c_ties[some] @ np.abs(w)
+        shift[some] = c_ties[some] @ np.abs(w.astype(np.float32))
+        if f is not None:
+            shift[some] *= np.abs(f)
     return shift
 
 
@@ -601,10 +642,11 @@ def _e4m3_ties(x: Array) -> Array:
     return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
 
 
-def _accumulation(rows: Array, w_sq: Array, col_sq: Array, fp8: bool) -> Array:
+def _accumulation(rows: Array, w: Array, f: Array | None, col_sq: Array, fp8: bool) -> Array:
     """Per row and column, the bound ``c`` of a GEMM's accumulation error as a bounded
-    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; ``w_sq``: the
-    weights squared, float32; ``col_sq``: their column sums). float32 in any order:
+    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; the weights
+    ``Wd = w·diag(f)``, read only for FP8; ``col_sq``: their squares' column sums). float32
+    in any order:
     ``γ_n·||a||·||W_c||`` (Higham §3.1, Cauchy–Schwarz). FP8 block scale
     (oracle.model.kernels.BlockGemm): a tile of ``m_t <= 128`` products summed with
     :data:`FP8_DOT_BITS` bits makes ``m_t`` roundings, each within ``2^-bits`` of a partial
@@ -620,7 +662,10 @@ def _accumulation(rows: Array, w_sq: Array, col_sq: Array, fp8: bool) -> Array:
     starts = np.arange(0, n, BLOCK)
     lengths = np.diff(np.append(starts, n))
     rows_t = np.add.reduceat(rows**2, starts, axis=1) * lengths if n else rows[:, :0]
+    w_sq = np.square(w.astype(np.float32))
     w_t = np.add.reduceat(w_sq, starts, axis=0, dtype=np.float64) if n else w_sq[:0]
+    if f is not None:
+        w_t = w_t * f**2
     tiles = 2.0**-FP8_DOT_BITS * np.sqrt(rows_t @ w_t)
     return np.asarray(tiles + (F32.gamma(-(-n // 16)) + 3 * F32.unit) * outright)
 

@@ -7,7 +7,7 @@ rounds with the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "glu64",
     "round_half_away",
     "truncate_scale_bits",
+    "weight_chunks",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -142,6 +143,23 @@ def exact_int_matmuls(w: Array, *operands: tuple[Array, bool, int]) -> list[Arra
         for out, part in zip(outs, parts):
             out += part  # below 2**53: exact
     return [out.astype(F32) if s else out for out, s in zip(outs, small)]
+
+
+def weight_chunks(w: Array, dtype: Any = F32) -> Iterator[tuple[int, Array]]:
+    """``(start, chunk)``: ``w``'s rows ``start`` onwards, a few MiB at a time (as
+    :func:`exact_int_matmuls`' 256 x 4096 float32), converted to ``dtype`` into one reused
+    buffer (the next chunk overwrites it). A consumer that takes every product it needs of a
+    weight from each chunk reads the weight once and never holds a converted copy of it: at
+    16 rows per expert the conversion, not the arithmetic, is the cost (issue 26). Any layout
+    of ``w``; int8 and 16-bit values convert exactly to float32 and float64."""
+    n = w.shape[0]
+    row_bytes = max(int(np.prod(w.shape[1:])) * np.dtype(dtype).itemsize, 1)
+    rows = max(_CHUNK * 4096 * 4 // row_bytes, 16)
+    buf = np.empty((min(rows, n), *w.shape[1:]), dtype)
+    for start in range(0, n, rows):
+        chunk = buf[:min(rows, n - start)]
+        np.copyto(chunk, w[start:start + chunk.shape[0]], casting="unsafe")
+        yield start, chunk
 
 
 def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:

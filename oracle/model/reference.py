@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import F32, glu64, truncate_scale_bits
+from oracle.model.arithmetic import F32, glu64, truncate_scale_bits, weight_chunks
 from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
@@ -83,6 +83,8 @@ class Trace:
     values; ideal: float64), NaN where the slot was not computed (masked or dropped).
     ``combined[r]``: the combine accumulator before the final cast (float32 faithful, float64
     ideal).
+    ``h[r]`` (ideal only, empty otherwise): ``(M_r, top_k, 2I)`` float64 GEMM1 outputs ``h*``
+    before the clamp, NaN where the slot was not computed (the row test's Jacobian reads them).
     """
 
     counts: Array
@@ -90,6 +92,7 @@ class Trace:
     token_scale: tuple[Array, ...]
     y: tuple[Array, ...]
     combined: tuple[Array, ...]
+    h: tuple[Array, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,39 +196,35 @@ def expert_values(problem: Problem, g: int) -> dict[str, Array]:
     return lists
 
 
-def _dequantised(w: Array, scale: Array | None, out: Array) -> Array:
-    """``w·diag(scale)`` in float64 (``w`` itself without scales), into ``out`` (reused across
-    experts: at K = 7168 a fresh weight-sized array per expert costs as much as the GEMM),
-    the ufunc casting the int8 or 16-bit weights exactly as it goes. A ``w`` not in C order
-    keeps its layout, as ``astype`` kept it: BLAS reads the operand it always read. Block
-    scales (FP8: one per 128 x 128 block) are expanded (:func:`spec.fp8.dequantise`)."""
+def _ideal_product(rows: Array, w: Array, scale: Array | None) -> Array:
+    """``rows @ (w·diag(scale))`` in float64 (``rows @ w`` without scales): ``w`` converted a
+    chunk at a time (:func:`oracle.model.arithmetic.weight_chunks`), the chunks' products
+    summed in float64 and the per-channel scale applied to the result. Never a dequantised
+    copy of ``w``: at K = 7168 writing one costs as much as the GEMM (issue 26). For int8 and
+    16-bit weights and x each product ``x_j·w_jc`` is exact in float64, so this makes ``n − 1``
+    additions and one scaling: ``n`` roundings, within ``γ_n`` like any float64 evaluation
+    (the sound bound's ``ideal_float64`` term, :mod:`oracle.judge.bounds`). Block scales
+    (FP8: one per 128 x 128 block) are expanded (:func:`spec.fp8.dequantise`)."""
     if scale is not None and scale.ndim == w.ndim:
-        return dequantise(w, scale)
-    if not w.flags.c_contiguous:
-        return (w.astype(np.float64) if scale is None
-                else np.asarray(np.multiply(w, scale.astype(np.float64))))
-    if scale is None:
-        np.copyto(out, w, casting="unsafe")
-    else:
-        np.multiply(w, scale.astype(np.float64), out=out)
-    return out
+        return np.asarray(rows @ dequantise(w, scale))
+    out = np.zeros((rows.shape[0], w.shape[1]))
+    for start, chunk in weight_chunks(w, np.float64):
+        out += rows[:, start:start + chunk.shape[0]] @ chunk
+    return out if scale is None else out * scale.astype(np.float64)
 
 
 def _ffn_ideal(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None, cfg: OpConfig,
-    work: tuple[Array, Array],
-) -> Array:
-    """``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the clamp if any (the
-    SwigluOAI activation where the call selects it, :func:`oracle.model.arithmetic.glu64`);
-    ``work``: float64 buffers of ``w1``'s and ``w2``'s shapes."""
-    w1d, w2d = _dequantised(w1, s1, work[0]), _dequantised(w2, s2, work[1])
-    h = x.astype(np.float64) @ w1d
-    i = cfg.intermediate
-    if cfg.swiglu_limit is not None:
-        h = np.minimum(h, cfg.swiglu_limit)
-        h[:, i:] = np.maximum(h[:, i:], -cfg.swiglu_limit)
-    _, silu, factor = glu64(h[:, :i], h[:, i:], cfg.oai_alpha)
-    return np.asarray(silu * factor @ w2d)
+) -> tuple[Array, Array]:
+    """``h = x·W1d`` and ``W2ᵀ(silu(gate)·up)`` in float64 on dequantised weights, with the
+    clamp if any (the SwigluOAI activation where the call selects it,
+    :func:`oracle.model.arithmetic.glu64`)."""
+    h = _ideal_product(x.astype(np.float64), w1, s1)
+    i, limit = cfg.intermediate, cfg.swiglu_limit
+    gate = h[:, :i] if limit is None else np.minimum(h[:, :i], limit)
+    up = h[:, i:] if limit is None else np.clip(h[:, i:], -limit, limit)
+    _, silu, factor = glu64(gate, up, cfg.oai_alpha)
+    return h, _ideal_product(silu * factor, w2, s2)
 
 
 def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
@@ -290,6 +289,7 @@ def _combine_ideal(y: Array, probs: Array) -> Array:
 def run(
     problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False,
     reads: Array | None = None,
+    tokens: Array | None = None,
 ) -> Result:
     """The whole collective call: every rank's ``out``, ``expert_token_nums`` and ``defined``,
     plus the :class:`Trace` of intermediates.
@@ -300,6 +300,10 @@ def run(
     ``out`` a kernel of the profile may produce, whatever it does with its freedoms.
     ``reads`` (diagnosis of a layout defect): per global slot, the slot whose expert output
     the combine reads instead of its own, −1 for a row never written (zeros).
+    ``tokens`` (one bool per token, all ranks in order) computes the slots of those tokens
+    alone (the other rows of ``out``, ``y`` and ``combined`` are NaN where defined): each
+    row's values are those of the whole run, since routing and counts are the whole call's
+    and every step after them works row by row (the judge reads the rows it needs, issue 26).
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -329,18 +333,20 @@ def run(
     shape = (total_tokens * top_k, k_hidden)
     y = np.full(shape, np.nan, dtype=np.float64 if ideal else F32)
     y_lo, y_hi = (np.full(shape, np.nan, F32), np.full(shape, np.nan, F32)) if env else (y, y)
-    work = ((np.empty((k_hidden, 2 * cfg.intermediate)), np.empty((cfg.intermediate, k_hidden)))
-            if ideal else None)
+    h = np.full((total_tokens * top_k, 2 * cfg.intermediate) if ideal else (0, 0), np.nan)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
+        if tokens is not None:
+            slots = slots[tokens[slots // top_k]]
+            if not slots.size:
+                continue
         tok = slots // top_k
         weights = expert_values(problem, int(g))
         w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
         assert w1 is not None and w2 is not None
         if pipeline is None:
-            assert work is not None
-            y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg, work)
+            h[slots], y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
             continue
         if s1 is not None and s2 is not None:
             weights["scale1"], weights["scale2"] = num.read_scales(s1, s2)
@@ -382,5 +388,6 @@ def run(
         token_scale=split(sigma_trace),
         y=split(y3),
         combined=split(combined),
+        h=split(h.reshape(total_tokens, top_k, 2 * cfg.intermediate)) if ideal else (),
     )
     return Result(ranks=ranks, trace=trace, numerics=num)
