@@ -356,7 +356,7 @@ def test_fp8_accumulation_variance_is_summed_tile_by_tile() -> None:
     rows, w = np.abs(rng.normal(size=(2, 7168))), rng.normal(size=(7168, 3)).astype(F32)
     w_sq = np.square(w)
     col = w_sq.sum(axis=0, dtype=np.float64)
-    got = _accumulation(rows, w_sq, col, fp8=True)
+    got = _accumulation(rows, w, None, col, fp8=True)
     norms = np.sqrt((rows**2).sum(axis=1))[:, None] * np.sqrt(col)
     outright = (F32FMT.gamma(7168 // 16) + 3 * F32FMT.unit) * norms
     tiles = sum(128 * (rows[:, t:t + 128]**2).sum(axis=1)[:, None]
@@ -375,7 +375,7 @@ def test_tie_shift_uses_each_ties_own_bound() -> None:
     w = rng.normal(size=(7168, 4)).astype(F32)
     c = np.zeros((2, 7168), F32)
     c[0, rng.choice(7168, 35, replace=False)] = rng.uniform(0, 0.25, 35)
-    got = _tie_shift(c, w)
+    got = _tie_shift(c, w, None)
     np.testing.assert_allclose(got[0], c[0] @ np.abs(w), rtol=1e-5)
     assert (got[1] == 0).all()  # a row without ties
     earlier = c[0].max() * np.sqrt(35 * np.square(w.astype(np.float64)).sum(axis=0))
