@@ -138,7 +138,8 @@ class Variant:
     for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
     x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`,
     ``"int4"``: :func:`spec.int4.dequantise_groups`, ``"nvfp4"``: :mod:`spec.nvfp4`); the
-    numerics then read them as float weights."""
+    numerics then read them as float weights. ``group``: the columns that share one activation
+    scale (``None``: the whole row, per token)."""
 
     name: str
     weight_dtype: str
@@ -152,6 +153,7 @@ class Variant:
     scale_extension: str = "sign"
     send_row_pad: int = 32
     dequantise: str | None = None
+    group: int | None = None
 
     @property
     def scale_dims(self) -> int:
@@ -197,6 +199,15 @@ VARIANTS: tuple[Variant, ...] = (
         {"w1": ListSpec(_W1, "float8_e4m3fn"), "w2": ListSpec(_W2, "float8_e4m3fn"),
          "scale1": ListSpec(("K/128^", "N/128^"), "float32"),
          "scale2": ListSpec(("I/128^", "K/128^"), "float32")},
+        masked=False, clamped=False, opt_in=True, group=128,
+    ),
+    # FP8 per token and channel (formats.md; vLLM's fp8_w8a8 without block_shape [code]): e4m3
+    # weights with one float32 scale per output channel, activations e4m3 per token, the
+    # kernel's own quantisation. Told from fp8_block by scale1's 1-D per-expert shape.
+    Variant(
+        "fp8_channel", "float8_e4m3fn",
+        {"w1": ListSpec(_W1, "float8_e4m3fn"), "w2": ListSpec(_W2, "float8_e4m3fn"),
+         "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32")},
         masked=False, clamped=False, opt_in=True,
     ),
     # MXFP4 weights with bf16/fp16 activations (formats.md, MXFP4 [code]): e2m1 two per byte
@@ -270,8 +281,8 @@ def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None) 
     :attr:`Variant.scale_dims`); ``None``, or dimensions no such row has, select the first
     (validation then names the shape it wants).
 
-    >>> variant_for("float8_e4m3fn", "bfloat16").name, variant_for("bfloat16", "bfloat16").name
-    ('fp8_block', 'float')
+    >>> [variant_for("float8_e4m3fn", "bfloat16", d).name for d in (None, 2, 1)]
+    ['fp8_block', 'fp8_block', 'fp8_channel']
     """
     rows = [v for v in VARIANTS if v.weight_dtype in (weight_dtype, "x" if
                                                       weight_dtype == x_dtype else None)]

@@ -62,8 +62,10 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "uint8", "uint4", "float4_e2m1fn")
-    assert [variant_for(w, "bfloat16") for w in weights] == list(VARIANTS)
+    weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
+               "float4_e2m1fn")
+    assert [variant_for(w, "bfloat16", v.scale_dims) for w, v in zip(weights, VARIANTS,
+                                                                     strict=True)] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -88,12 +90,13 @@ def test_gate_variants_come_from_the_table() -> None:
         ("fp16", "float16", ("float16",), True),
         ("w4a8", "int32", ("bfloat16", "float16"), False),
         ("fp8_block", "float8_e4m3fn", ("bfloat16", "float16"), False),
+        ("fp8_channel", "float8_e4m3fn", ("bfloat16", "float16"), False),
         ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
         ("int4_w4a16", "uint4", ("bfloat16", "float16"), False),
         ("nvfp4_w4a16", "float4_e2m1fn", ("bfloat16", "float16"), False),
     ]
-    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16",
-                               "int4_w4a16", "nvfp4_w4a16")
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "fp8_channel",
+                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:
