@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import TypedDict, TypeGuard
 
 from spec.errors import ConfigError
-from spec.fields import VARIANTS, X_DTYPES, Variant, gate_variant, variant_for
+from spec.fields import (
+    VARIANTS,
+    X_DTYPES,
+    Variant,
+    gate_variant,
+    selecting_scale_dims,
+    variant_for,
+)
 
 __all__ = [
     "CALL_ATTRIBUTES",
@@ -34,7 +41,8 @@ MAX_EP_SIZE = 32
 #: int8 selects the W8A8 kernel, int32 (packed int4) W4A8, float8_e4m3fn FP8 block scale (a GPU
 #: format, formats.md); x's own dtype selects the BF16/FP16-weight variant [code]. Read from
 #: the table, :data:`spec.fields.VARIANTS`.
-WEIGHT_DTYPES = tuple(v.weight_dtype for v in VARIANTS if v.weight_dtype != "x") + X_DTYPES
+WEIGHT_DTYPES = tuple(dict.fromkeys(v.weight_dtype for v in VARIANTS
+                                    if v.weight_dtype != "x")) + X_DTYPES
 #: TensorList forms: one stacked tensor, or one tensor per expert (§3 of the reference notes).
 WEIGHT_FORMS = ("stacked", "list")
 
@@ -99,7 +107,9 @@ class OpConfig:
     """The shape of one ``dispatch_ffn_combine`` call.
 
     Every field is validated on construction; a bad one raises :class:`spec.ConfigError` naming
-    the field, the value and what to change.
+    the field, the value and what to change. ``scale_dims`` tells variants with one weight
+    dtype apart (scale1's per-expert dimensions, :func:`spec.fields.variant_for`); ``None``
+    selects the first, and is what a configuration of that variant holds.
 
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
     ...                tokens_per_rank=(3, 0))
@@ -120,6 +130,7 @@ class OpConfig:
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
     masked: bool = False
+    scale_dims: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens_per_rank, (tuple, list)):
@@ -176,6 +187,7 @@ class OpConfig:
                                     for v in VARIANTS),
                 fix="use int8 weights with float32 scales, or weights in x's dtype",
             )
+        variant = self._select(variant)
         if variant.n_le_k and self.n > self.hidden:
             raise ConfigError(
                 field="intermediate", given=f"{self.intermediate} (N = {self.n} > K = "
@@ -240,6 +252,26 @@ class OpConfig:
                 f"({', '.join(v.name for v in VARIANTS if v.masked)})",
             )
 
+    def _select(self, first: Variant) -> Variant:
+        """The row ``scale_dims`` selects among those sharing the weight dtype (``first``: the
+        one the dtype alone selects); stores ``scale_dims`` as ``None`` for ``first``, so one
+        call has one configuration."""
+        dims = self.scale_dims
+        rows = [v for v in VARIANTS if variant_for(self.weight_dtype, self.x_dtype,
+                                                   v.scale_dims) is v]
+        if dims is not None and (isinstance(dims, bool) or dims not in
+                                 [v.scale_dims for v in rows]):
+            raise ConfigError(
+                field="scale_dims", given=f"{dims!r} with {self.weight_dtype} weights",
+                allowed="None or " + " or ".join(f"{v.scale_dims} ({v.name})" for v in rows),
+                fix="give scale1's per-expert dimensions, or None for "
+                f"{first.name}",
+            )
+        variant = variant_for(self.weight_dtype, self.x_dtype, dims)
+        assert variant is not None
+        object.__setattr__(self, "scale_dims", selecting_scale_dims(variant, self.x_dtype))
+        return variant
+
     def _check_alpha(self, alpha: object) -> None:
         # The kernel reads swigluAlpha as a float32 attribute (PR #11916).
         if not _float32_range(alpha):
@@ -287,14 +319,15 @@ class OpConfig:
         """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
         for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
         (weights in x's dtype)."""
-        found = gate_variant(self.weight_dtype, self.x_dtype)
+        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims)
         assert found is not None  # checked on construction
         return found.name
 
     @property
     def kernel_variant(self) -> Variant:
-        """The row of :data:`spec.fields.VARIANTS` the weight dtype selects."""
-        variant = variant_for(self.weight_dtype, self.x_dtype)
+        """The row of :data:`spec.fields.VARIANTS` the weight dtype (and ``scale_dims``)
+        select."""
+        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims)
         assert variant is not None  # checked on construction
         return variant
 
@@ -324,4 +357,6 @@ class OpConfig:
             parts.append(f"swiglu_alpha={self.swiglu_alpha}")
         if self.masked:
             parts.append("masked")
+        if self.scale_dims is not None:
+            parts.append(f"scale_dims={self.scale_dims}")
         return " ".join(parts)

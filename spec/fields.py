@@ -9,8 +9,9 @@ kernel picks its variant by ``weight1[0].dtype`` [code].
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ARRAY_FIELDS",
@@ -25,6 +26,8 @@ __all__ = [
     "ListSpec",
     "Variant",
     "gate_variant",
+    "scale_dims_of",
+    "selecting_scale_dims",
     "variant_for",
 ]
 
@@ -119,7 +122,10 @@ class ListSpec:
 
 @dataclass(frozen=True)
 class Variant:
-    """A kernel variant: selected by weight1's dtype ``weight_dtype`` (``"x"``: x's dtype), the
+    """A kernel variant: selected by weight1's dtype ``weight_dtype`` (``"x"``: x's dtype) and,
+    among rows sharing that dtype, by the per-expert dimensions of its ``scale1``
+    (:attr:`scale_dims`; FP8: 2 for block scales, 1 for per-channel ones); the first such row
+    in table order is the one the dtype alone selects (:func:`variant_for`). The
     TensorLists it reads (every other TensorList field must be ``None``), and whether it reads
     ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
     ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
@@ -132,7 +138,8 @@ class Variant:
     for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
     x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`,
     ``"int4"``: :func:`spec.int4.dequantise_groups`, ``"nvfp4"``: :mod:`spec.nvfp4`); the
-    numerics then read them as float weights."""
+    numerics then read them as float weights. ``group``: the columns that share one activation
+    scale (``None``: the whole row, per token)."""
 
     name: str
     weight_dtype: str
@@ -146,6 +153,13 @@ class Variant:
     scale_extension: str = "sign"
     send_row_pad: int = 32
     dequantise: str | None = None
+    group: int | None = None
+
+    @property
+    def scale_dims(self) -> int:
+        """The per-expert dimensions of ``scale1`` (0 without scales): what tells rows with one
+        weight dtype apart."""
+        return len(self.lists["scale1"].shape) if "scale1" in self.lists else 0
 
 
 _W1 = ("K", "N")
@@ -185,6 +199,15 @@ VARIANTS: tuple[Variant, ...] = (
         {"w1": ListSpec(_W1, "float8_e4m3fn"), "w2": ListSpec(_W2, "float8_e4m3fn"),
          "scale1": ListSpec(("K/128^", "N/128^"), "float32"),
          "scale2": ListSpec(("I/128^", "K/128^"), "float32")},
+        masked=False, clamped=False, opt_in=True, group=128,
+    ),
+    # FP8 per token and channel (formats.md; vLLM's fp8_w8a8 without block_shape [code]): e4m3
+    # weights with one float32 scale per output channel, activations e4m3 per token, the
+    # kernel's own quantisation. Told from fp8_block by scale1's 1-D per-expert shape.
+    Variant(
+        "fp8_channel", "float8_e4m3fn",
+        {"w1": ListSpec(_W1, "float8_e4m3fn"), "w2": ListSpec(_W2, "float8_e4m3fn"),
+         "scale1": ListSpec(("N",), "float32"), "scale2": ListSpec(("K",), "float32")},
         masked=False, clamped=False, opt_in=True,
     ),
     # MXFP4 weights with bf16/fp16 activations (formats.md, MXFP4 [code]): e2m1 two per byte
@@ -236,12 +259,15 @@ _SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 class GateVariant:
     """A variant as the gate and the CLI name it (``--dfc-variants``, ``test_variant[...]``):
     a row of :data:`VARIANTS` at the x dtypes it runs with. Weights in x's dtype make one
-    gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name."""
+    gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name.
+    ``scale_dims``: what :class:`spec.OpConfig` needs besides ``weight_dtype`` to select the
+    row (:func:`selecting_scale_dims`)."""
 
     name: str
     variant: Variant
     x_dtypes: tuple[str, ...]
     weight_dtype: str
+    scale_dims: int | None
 
     @property
     def default(self) -> bool:
@@ -249,25 +275,51 @@ class GateVariant:
         return not self.variant.opt_in
 
 
+def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None) -> Variant | None:
+    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype. Rows
+    sharing the dtype are told apart by ``scale_dims`` (scale1's per-expert dimensions,
+    :attr:`Variant.scale_dims`); ``None``, or dimensions no such row has, select the first
+    (validation then names the shape it wants).
+
+    >>> [variant_for("float8_e4m3fn", "bfloat16", d).name for d in (None, 2, 1)]
+    ['fp8_block', 'fp8_block', 'fp8_channel']
+    """
+    rows = [v for v in VARIANTS if v.weight_dtype in (weight_dtype, "x" if
+                                                      weight_dtype == x_dtype else None)]
+    return next((v for v in rows if v.scale_dims == scale_dims), rows[0] if rows else None)
+
+
+def selecting_scale_dims(variant: Variant, x_dtype: str) -> int | None:
+    """The ``scale_dims`` that :func:`variant_for` needs besides the weight dtype to select
+    ``variant``: ``None`` when the dtype alone selects it."""
+    dtype = variant.lists["w1"].dtype_given(x_dtype)
+    return None if variant_for(dtype, x_dtype) is variant else variant.scale_dims
+
+
+def scale_dims_of(w1: Sequence[Any], scale1: Sequence[Any] | None) -> int | None:
+    """The per-expert dimensions of a ``scale1`` TensorList of arrays or tensors (stacked
+    when ``w1`` is one tensor, as :meth:`spec.RankInputs.expert_lists` reads it), or ``None``
+    when it is missing or not a sequence of arrays (validation says why)."""
+    try:
+        ndim = scale1[0].ndim if scale1 is not None and len(scale1) else None
+        stacked = len(w1) == 1
+    except (TypeError, AttributeError, KeyError, IndexError):
+        return None
+    return ndim - stacked if isinstance(ndim, int) else None
+
+
 #: Every gate variant, derived from :data:`VARIANTS`: the default ones first, in table order.
 GATE_VARIANTS: tuple[GateVariant, ...] = tuple(sorted((
-    GateVariant(_SHORT[x], v, (x,), x) if v.weight_dtype == "x"
-    else GateVariant(v.name, v, X_DTYPES, v.weight_dtype)
+    GateVariant(_SHORT[x], v, (x,), x, None) if v.weight_dtype == "x"
+    else GateVariant(v.name, v, X_DTYPES, v.weight_dtype, selecting_scale_dims(v, X_DTYPES[0]))
     for v in VARIANTS for x in (X_DTYPES if v.weight_dtype == "x" else X_DTYPES[:1])
 ), key=lambda g: g.variant.opt_in))
 
 
-def gate_variant(weight_dtype: str, x_dtype: str) -> GateVariant | None:
-    """The gate's variant for weight1's dtype and x's, or ``None``."""
-    for g in GATE_VARIANTS:
-        if g.weight_dtype == weight_dtype and x_dtype in g.x_dtypes:
-            return g
-    return None
-
-
-def variant_for(weight_dtype: str, x_dtype: str) -> Variant | None:
-    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype."""
-    for v in VARIANTS:
-        if v.weight_dtype == weight_dtype or (v.weight_dtype == "x" and weight_dtype == x_dtype):
-            return v
-    return None
+def gate_variant(weight_dtype: str, x_dtype: str,
+                 scale_dims: int | None = None) -> GateVariant | None:
+    """The gate's variant for weight1's dtype, x's and ``scale_dims`` (:func:`variant_for`),
+    or ``None``."""
+    variant = variant_for(weight_dtype, x_dtype, scale_dims)
+    return next((g for g in GATE_VARIANTS if g.variant is variant and x_dtype in g.x_dtypes),
+                None)

@@ -30,6 +30,7 @@ __all__ = [
     "dequantise",
     "expand_scales",
     "quantise_blocks",
+    "quantise_channels",
     "to_e4m3",
     "ue8m0_up",
 ]
@@ -104,3 +105,19 @@ def quantise_blocks(w: Array, *, eps: float = WEIGHT_EPS) -> tuple[Array, Array]
     amax = padded.reshape(*w32.shape[:-2], rb, BLOCK, cb, BLOCK).max(axis=(-3, -1))
     scale = (np.maximum(amax, np.float32(eps)) / np.float32(E4M3_MAX)).astype(np.float32)
     return to_e4m3(w32 / expand_scales(scale, rows, cols)), scale
+
+
+def quantise_channels(w: Array, *, eps: float = WEIGHT_EPS) -> tuple[Array, Array]:
+    """``(q, scale)`` of float weights ``w`` (…, R, C) with one scale per output channel
+    (column): ``amax = max(|w[:, c]|, eps)`` over the reduction, ``scale = fl32(amax / 448)``,
+    ``q = e4m3(clamp(w / scale))`` (FP8 per channel; the floor as :func:`quantise_blocks`'s
+    [inferred]).
+
+    >>> q, s = quantise_channels(np.array([[896.0, 1.0], [448.0, -2.0]], np.float32))
+    >>> q.astype(np.float32).tolist(), s.tolist()
+    ([[448.0, 224.0], [224.0, -448.0]], [2.0, 0.004464285913854837])
+    """
+    w32 = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w32).max(axis=-2)
+    scale = (np.maximum(amax, np.float32(eps)) / np.float32(E4M3_MAX)).astype(np.float32)
+    return to_e4m3(w32 / scale[..., None, :]), scale

@@ -31,7 +31,7 @@ from spec.errors import (
     TensorListError,
     describe,
 )
-from spec.fields import FIELDS, VARIANTS, variant_for
+from spec.fields import FIELDS, VARIANTS, scale_dims_of, selecting_scale_dims, variant_for
 from spec.int4 import compensation_bias, unpack_int4
 from spec.memory import copy_array
 
@@ -296,6 +296,7 @@ class _RankShape:
     weights: _ListShape
     intermediate: int
     masked: bool
+    scale_dims: int | None
 
 
 def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
@@ -340,7 +341,7 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
         )
     w1 = _read_tensor_list(inputs.w1, rank=r, field="weight1", per_expert="K, N")
     w_dtype = dtype_name(w1.dtype)
-    variant = variant_for(w_dtype, x_dtype)
+    variant = variant_for(w_dtype, x_dtype, scale_dims_of(inputs.w1, inputs.scale1))
     if variant is None:
         raise DTypeError(
             rank=r, field="weight1", given=f"dtype {w1.dtype}",
@@ -418,7 +419,8 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
                 _require_finite(t, rank=r, field=f.binding)
     if "bias1" in variant.lists:
         _check_compensation(r, inputs, w1.num_experts)
-    return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None)
+    return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None,
+                      selecting_scale_dims(variant, x_dtype))
 
 
 #: How far a W4A8 bias may lie from the compensation, relative to ``8·Σ_k |W[k, n]|·|s[n]|``:
@@ -553,6 +555,7 @@ class Problem:
                 ("intermediate size I", s.intermediate, first.intermediate),
                 ("weight dtype", dtype_name(s.weights.dtype), dtype_name(first.weights.dtype)),
                 ("TensorList form", s.weights.form, first.weights.form),
+                ("scale1's per-expert dimensions", s.scale_dims, first.scale_dims),
             ):
                 if got != want:
                     raise SpecError(
@@ -576,6 +579,7 @@ class Problem:
             swiglu_limit=swiglu_limit,
             swiglu_alpha=swiglu_alpha,
             masked=any(s.masked for s in shapes),
+            scale_dims=first.scale_dims,
         )
         return ranks
 

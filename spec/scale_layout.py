@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from spec.fields import variant_for
+from spec.fields import scale_dims_of, variant_for
 
 __all__ = [
     "LAYOUTS",
@@ -163,8 +163,9 @@ def physical_scales(inputs: Any, layout: str) -> dict[str, list[Array]]:
     """
     check_layout(layout)
     w1 = inputs.w1[0]
-    variant = variant_for(str(w1.dtype), str(inputs.x.dtype))
-    dims = len(variant.lists["scale1"].shape) if variant and "scale1" in variant.lists else 0
+    variant = variant_for(str(w1.dtype), str(inputs.x.dtype),
+                          scale_dims_of(inputs.w1, inputs.scale1))
+    dims = variant.scale_dims if variant else 0
     if dims != 2:
         name = variant.name if variant else f"weights of dtype {w1.dtype}"
         raise ValueError(f"scale layout {layout!r}: {name} has no block scales (only variants "

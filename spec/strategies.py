@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
-from spec.fields import VARIANTS, variant_for
+from spec.fields import VARIANTS, selecting_scale_dims, variant_for
 from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
 from spec.memory import LAYOUTS
 from spec.problem import DTYPES, Problem
@@ -179,6 +179,7 @@ def _small_configs(
     tokens_per_rank: st.SearchStrategy[int],
     x_dtypes: st.SearchStrategy[str],
     weight_dtypes: st.SearchStrategy[str],
+    scale_dims: st.SearchStrategy[int | None],
     weight_forms: st.SearchStrategy[str],
     masked: st.SearchStrategy[bool],
     truncation: st.SearchStrategy[bool],
@@ -212,7 +213,7 @@ def _small_configs(
         event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
-    variant = variant_for(w_dtype, x_dtype)
+    variant = variant_for(w_dtype, x_dtype, draw(scale_dims))
     if variant is None:
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
         variant = variant_for(w_dtype, x_dtype)
@@ -235,7 +236,8 @@ def _small_configs(
     cfg = OpConfig(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
-        weight_dtype=w_dtype, weight_form=form if e > 1 else "stacked",
+        weight_dtype=w_dtype, scale_dims=selecting_scale_dims(variant, x_dtype),
+        weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None,
         swiglu_limit=limit if variant.clamped else None,
         swiglu_alpha=alpha if variant.swiglu_alpha else None,
@@ -284,6 +286,7 @@ def configs(
     tokens_per_rank: st.SearchStrategy[int] | None = None,
     x_dtypes: st.SearchStrategy[str] | None = None,
     weight_dtypes: st.SearchStrategy[str] | None = None,
+    scale_dims: st.SearchStrategy[int | None] | None = None,
     weight_forms: st.SearchStrategy[str] | None = None,
     masked: st.SearchStrategy[bool] | None = None,
     truncation: st.SearchStrategy[bool] | None = None,
@@ -301,7 +304,9 @@ def configs(
     rank empty; ``swiglu_alpha`` (W8A8) from :data:`SWIGLU_ALPHAS`. EP·E
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
-    strategy. ``sizes="small"`` (default) keeps examples fast; ``sizes="realistic"`` draws the
+    strategy. ``scale_dims`` picks among variants sharing a weight dtype
+    (:func:`spec.fields.variant_for`; default ``None``: the first). ``sizes="small"``
+    (default) keeps examples fast; ``sizes="realistic"`` draws the
     shapes of real models (``spec.limits.REAL_MODELS``) with an EP size that divides their
     expert count, for long runs. ``domain`` (a :class:`spec.limits.ShapeDomain`, e.g. a kernel
     profile's) keeps every draw runnable on that kernel: each drawn configuration is mapped
@@ -313,7 +318,8 @@ def configs(
     given = dict(
         ep_sizes=ep_sizes, experts_per_rank=experts_per_rank, top_k=top_k, hidden=hidden,
         intermediate=intermediate, tokens_per_rank=tokens_per_rank, x_dtypes=x_dtypes,
-        weight_dtypes=weight_dtypes, weight_forms=weight_forms, masked=masked,
+        weight_dtypes=weight_dtypes, scale_dims=scale_dims, weight_forms=weight_forms,
+        masked=masked,
         truncation=truncation, swiglu_limits=swiglu_limits, swiglu_alphas=swiglu_alphas,
     )
     for name, value in given.items():
@@ -355,6 +361,7 @@ def configs(
         x_dtypes=_or(x_dtypes, st.sampled_from(("bfloat16", "float16"))),
         # W8A8, the variant analysed in depth, half the time.
         weight_dtypes=_or(weight_dtypes, st.sampled_from(("int8", "bfloat16", "int8", "float16"))),
+        scale_dims=_or(scale_dims, st.none()),
         weight_forms=_or(weight_forms, st.sampled_from(("stacked", "list"))),
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from spec.config import OpConfig
-from spec.fp8 import quantise_blocks
+from spec.fp8 import quantise_blocks, quantise_channels
 from spec.int4 import GROUP, compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
@@ -106,6 +106,7 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
     "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
+    "fp8_channel": _quantised(lambda w, _: quantise_channels(w)),
     "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
     "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero"), zero_block=GROUP),
     "nvfp4_w4a16": _quantised(lambda w, _: quantise_nv(w), ("w", "scale", "gscale"),
@@ -122,7 +123,8 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     (activations stay O(1) and fp16 intermediates never overflow). W4A8: int4 weights over
     -8..7, packed (:func:`spec.int4.pack_int4`), scales sized likewise, and the compensation
     biases. FP8 block scale: normal weights of that standard deviation times the expert's
-    :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`).
+    :func:`expert_tag`, quantised per 128 × 128 block (:func:`spec.fp8.quantise_blocks`) or,
+    FP8 per channel, per output column (:func:`spec.fp8.quantise_channels`).
     MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
     int4 W4A16: the same, quantised per 128 along the reduction with zero points
     (:func:`spec.int4.quantise_groups`). NVFP4: the same, with e4m3 scales per 16 and a

@@ -10,8 +10,8 @@ import pytest
 
 from oracle.adapters.torch_io import TorchRankInputs
 from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
-from spec import OpConfig, RankInputs, random_problem
-from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, variant_for
+from spec import ConfigError, OpConfig, RankInputs, random_problem
+from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, scale_dims_of, variant_for
 
 #: A W4A8 call with a mask: every field of the table is given but the W4A16 ones.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
@@ -62,8 +62,10 @@ def test_map_arrays_copies_every_array() -> None:
 
 
 def test_variant_table() -> None:
-    weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "uint8", "uint4", "float4_e2m1fn")
-    assert [variant_for(w, "bfloat16") for w in weights] == list(VARIANTS)
+    weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
+               "float4_e2m1fn")
+    assert [variant_for(w, "bfloat16", v.scale_dims) for w, v in zip(weights, VARIANTS,
+                                                                     strict=True)] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -88,16 +90,39 @@ def test_gate_variants_come_from_the_table() -> None:
         ("fp16", "float16", ("float16",), True),
         ("w4a8", "int32", ("bfloat16", "float16"), False),
         ("fp8_block", "float8_e4m3fn", ("bfloat16", "float16"), False),
+        ("fp8_channel", "float8_e4m3fn", ("bfloat16", "float16"), False),
         ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
         ("int4_w4a16", "uint4", ("bfloat16", "float16"), False),
         ("nvfp4_w4a16", "float4_e2m1fn", ("bfloat16", "float16"), False),
     ]
-    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "mxfp4_w4a16",
-                               "int4_w4a16", "nvfp4_w4a16")
+    assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "fp8_channel",
+                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:
             cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
-                           tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype)
+                           tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype,
+                           scale_dims=g.scale_dims)
             assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
+
+
+def test_scale_dims_tell_rows_of_one_dtype_apart() -> None:
+    """Among rows sharing a weight dtype, scale1's per-expert dimensions pick the row; the
+    first row's own dimensions normalise to ``None`` (one call, one configuration), and
+    dimensions no row has are refused by name."""
+    base = dict(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
+                tokens_per_rank=(1,))
+    assert OpConfig(**base, scale_dims=1) == OpConfig(**base)  # w8a8's own: 1-D scales
+    fp8 = OpConfig(**base, weight_dtype="float8_e4m3fn", scale_dims=2)
+    assert (fp8.scale_dims, fp8.variant) == (None, "fp8_block")
+    with pytest.raises(ConfigError, match=r"scale_dims.*3 with int8 weights"):
+        OpConfig(**base, scale_dims=3)
+    p = random_problem(OpConfig(**base, weight_dtype="float8_e4m3fn"))
+    assert p.config.scale_dims is None
+    stacked, per_expert = p.ranks[0], dataclasses.replace(
+        p.ranks[0], **{f: list(getattr(p.ranks[0], f)[0]) for f in ("w1", "w2", "scale1",
+                                                                     "scale2")})
+    assert scale_dims_of(stacked.w1, stacked.scale1) == 2
+    assert scale_dims_of(per_expert.w1, per_expert.scale1) == 2
+    assert scale_dims_of(stacked.w1, None) is None
 

@@ -194,6 +194,7 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     gate = _GATE[variant]
     strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
                        weight_dtypes=st.just(gate.weight_dtype),
+                       scale_dims=st.just(gate.scale_dims),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
 

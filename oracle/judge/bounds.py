@@ -214,20 +214,22 @@ def _swiglu_error(
     return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
 
 
-def e4m3_error(v: Array) -> Array:
+def e4m3_error(v: Array, group: int | None = BLOCK) -> Array:
     """Per element of ``|v|`` (rows by columns, float64), a bound on ``|v − σ·e4m3(v/σ)|``
     under any legitimate FP8 group quantiser (:class:`oracle.model.kernels.GroupQuantiser`
     and its variants, formats.md): e4m3's relative ``2^-4``, the float32 divisions
     (``3·u32``), and the subnormal spacing ``σ·2^-10``, with ``σ`` the group's
     ``max(amax, 1e-4)/448`` (the largest floor, DeepGEMM's) doubled for a scale rounded up to
     a power of two (UE8M0). Saturation never adds: every kernel's ``|v/σ|`` stays within
-    448 up to its roundings."""
+    448 up to its roundings. ``group``: the columns sharing a scale (the variant's
+    :attr:`spec.fields.Variant.group`; ``None``: the row)."""
     rows, cols = v.shape
-    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK))
+    width = group or max(cols, 1)
+    grouped = np.zeros((rows, -(-cols // width) * width))
     grouped[:, :cols] = np.abs(v)
-    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
+    amax = grouped.reshape(rows, -1, width).max(axis=2)
     sigma = np.maximum(amax, WEIGHT_EPS) / E4M3_MAX * 2 * (1 + F32.unit)
-    per_col = np.repeat(sigma, BLOCK, axis=1)[:, :cols]
+    per_col = np.repeat(sigma, width, axis=1)[:, :cols]
     return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)
 
 
@@ -350,7 +352,7 @@ def _expert_bound(
     # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
     if int8 or fp8:
         if fp8:
-            act_in = e4m3_error(ax)
+            act_in = e4m3_error(ax, cfg.kernel_variant.group)
         else:
             amax = ax.max(axis=1, keepdims=True, initial=0.0)
             act_in = _activation_error(ax, amax, amax_floor)
@@ -420,7 +422,7 @@ def _expert_bound(
         # vLLM's silu_and_mul rounds silu and the product to x's dtype (kernels.md)
         e_a = steps.round("swiglu", a_mag, steps.round("swiglu", a_mag, e_a, out), out)
         af_mag = a_mag + e_a
-        req = steps.add("requantisation", e_a, e4m3_error(af_mag))
+        req = steps.add("requantisation", e_a, e4m3_error(af_mag, cfg.kernel_variant.group))
         blocks = [req, af_mag + req, e_c_a, e64_a, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype

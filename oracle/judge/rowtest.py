@@ -307,6 +307,8 @@ def row_thresholds(
     alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
     fp8 = cfg.weight_dtype == "float8_e4m3fn"
+    group_width = cfg.kernel_variant.group  # columns sharing an activation scale; None: a row
+    width = group_width or max(k_len, 1)
     total = sum(cfg.tokens_per_rank)
     routing = route(problem)
     x = (np.concatenate([r.x for r in problem.ranks]).astype(np.float32) if total
@@ -347,7 +349,7 @@ def row_thresholds(
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
     if fp8:
-        c_el, ties = _e4m3_half_step(x, floor), _e4m3_ties(x)
+        c_el, ties = _e4m3_half_step(x, floor, width), _e4m3_ties(x, width)
     else:
         c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
         c_el = np.broadcast_to(c1[:, None], x.shape)
@@ -356,7 +358,7 @@ def row_thresholds(
     # c_el relative to its row's largest, so the float32 product below cannot underflow
     with np.errstate(invalid="ignore", divide="ignore"):
         c_rel = np.where(c_max[:, None] > 0, c_el / c_max[:, None], 0.0).astype(np.float32)
-    group, mult = _value_groups(x, ties, BLOCK if fp8 else max(k_len, 1))
+    group, mult = _value_groups(x, ties, width if fp8 else max(k_len, 1))
 
     n_slots = int(routing.slot_kept.sum())
     delta = assumptions.false_alarm
@@ -444,7 +446,7 @@ def row_thresholds(
         c_sw2 = (2 * u_s**2 + rho**2) * a_mag**2
         e_a = e_a + np.sqrt(c_sw2)
         if fp8:
-            c_req = e4m3_error(np.abs(a) + e_a)
+            c_req = e4m3_error(np.abs(a) + e_a, group_width)
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
             if floor is not None:  # on the floor's grid the roundings are no longer noise
@@ -603,7 +605,7 @@ def _half_step(v: Array, sigma: Array, digits: int, emin: int) -> Array:
     return np.asarray(np.where(sigma > 0, sigma * 2.0 ** (e - digits), 0.0))
 
 
-def _e4m3_half_step(x: Array, floor: float | None) -> Array:
+def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
     """Per element of ``x`` (tokens by channels), a bound on the e4m3 group quantiser's
     rounding error that a legitimate kernel makes (formats.md, FP8 block scale): half the
     e4m3 grid step at the element under the largest of the scales a kernel may take, the
@@ -611,29 +613,29 @@ def _e4m3_half_step(x: Array, floor: float | None) -> Array:
     (1e-10 … 1e-4, or the assumed ``floor``) and that scale rounded up to a power of two
     (UE8M0), plus the float32 division (``3·u32·|x|``). Tighter than
     :func:`oracle.judge.bounds.e4m3_error` (``2^-4·|x|``, a bound for every scale), which is
-    1 to 2 times this."""
+    1 to 2 times this. ``width``: the columns sharing a scale."""
     rows, cols = x.shape
-    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK))
+    grouped = np.zeros((rows, -(-cols // width) * width))
     grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
+    amax = grouped.reshape(rows, -1, width).max(axis=2)
     half = np.zeros(x.shape)
     for eps in (1e-10, WEIGHT_EPS, *(() if floor is None else (floor,))):
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
         for s in (sigma, ue8m0_up(sigma)):
-            s64 = np.repeat(s.astype(np.float64), BLOCK, axis=1)[:, :cols] * (1 + 2 * F32.unit)
+            s64 = np.repeat(s.astype(np.float64), width, axis=1)[:, :cols] * (1 + 2 * F32.unit)
             half = np.maximum(half, _half_step(x, s64, 4, -6))
     return np.asarray(half + 3 * F32.unit * np.abs(x))
 
 
-def _e4m3_ties(x: Array) -> Array:
+def _e4m3_ties(x: Array, width: int = BLOCK) -> Array:
     """Elements whose ``fl(x/σ)`` (σ the group's ``amax/448``, the one rounding that can put
     an exact tie in front of the e4m3 cast) lies exactly between two e4m3 values: the two
     float32 neighbours of a midpoint round to different e4m3 values."""
     rows, cols = x.shape
-    grouped = np.zeros((rows, -(-cols // BLOCK) * BLOCK), np.float32)
+    grouped = np.zeros((rows, -(-cols // width) * width), np.float32)
     grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -1, BLOCK).max(axis=2)
-    sigma = np.repeat(np.maximum(amax, np.float32(1e-10)) / np.float32(E4M3_MAX), BLOCK,
+    amax = grouped.reshape(rows, -1, width).max(axis=2)
+    sigma = np.repeat(np.maximum(amax, np.float32(1e-10)) / np.float32(E4M3_MAX), width,
                       axis=1)[:, :cols]
     with np.errstate(over="ignore", invalid="ignore"):
         t = (x / sigma).astype(np.float32)

@@ -65,6 +65,7 @@ __all__ = [
     "PIPELINE_STEPS",
     "PROFILES",
     "TORCH_GROUPED_MM",
+    "TORCH_SCALED_GROUPED_MM",
     "VLLM_MXFP4",
     "VLLM_TRITON",
     "VLLM_TRITON_FP8",
@@ -624,7 +625,8 @@ _MIN_TILE_K = 16
 class GroupQuantiser:
     """Per-token, per-group e4m3 quantisation of the activations (FP8 block scale; formats.md,
     vLLM's ``per_token_group_quant_fp8`` [code]): per row and ``group`` consecutive columns
-    (the last group may be partial: quantised as if zero-padded [inferred]),
+    (the last group may be partial: quantised as if zero-padded [inferred]; ``None``: the
+    whole row, FP8 per token as vLLM's ``scaled_fp8_quant(use_per_token_if_dynamic=True)``),
     ``amax = max(max|a|, amax_floor)``, ``σ = fl(amax/448)`` (``ue8m0``: rounded up to a power
     of two, :func:`spec.fp8.ue8m0_up`), ``q = e4m3(clamp(fl(a/σ), ±448))`` (``scale =
     "reciprocal"``: ``fl(a·fl(448/amax))``, DeepGEMM's ``per_token_cast_to_fp8``; with
@@ -640,7 +642,7 @@ class GroupQuantiser:
     normal (vLLM's 1e-10 and DeepGEMM's 1e-4 are), else ``ValueError``.
     """
 
-    group: int = BLOCK
+    group: int | None = BLOCK
     amax_floor: float = 1e-10
     scale: str = "divide"
     ue8m0: bool = False
@@ -658,15 +660,17 @@ class GroupQuantiser:
     def describe(self) -> str:
         formula = "a / σ" if self.scale == "divide" else "a · (1/σ)"
         pow2 = ", σ rounded up to a power of two (UE8M0)" if self.ue8m0 else ""
-        return (f"e4m3 of clamp({formula}) per token and {self.group} columns, σ = "
+        per = f" and {self.group} columns" if self.group else ""
+        return (f"e4m3 of clamp({formula}) per token{per}, σ = "
                 f"max(amax, {self.amax_floor:g})/448{pow2}{_ftz(self)}")
 
     def _grouped(self, a: Array) -> Array:
         """``(rows, groups, group)`` view of ``a`` zero-padded to whole groups."""
         rows, cols = a.shape
-        padded = np.zeros((rows, blocks(cols, self.group) * self.group), a.dtype)
+        group = self.group or max(cols, 1)
+        padded = np.zeros((rows, blocks(cols, group) * group), a.dtype)
         padded[:, :cols] = a
-        return padded.reshape(rows, -1, self.group)
+        return padded.reshape(rows, -1, group)
 
     def _sigma(self, amax: Array) -> Array:
         s = to_f32(np.maximum(amax, F32(self.amax_floor)) / F32(E4M3_MAX))
@@ -744,7 +748,11 @@ class BlockGemm:
     own), the order and precision of the in-tile sum (``dot_bits`` significand bits; float32
     is 24), and the order of the two scale products (``(a_scale·b_scale)`` first in some vLLM
     versions). The envelope is the exact value's range over the inputs' envelope, widened by
-    ``(γ_dot(block) + γ32(K/16) + 3u32)·Σ|a_j·w_j|``.
+    ``(γ_dot(span) + γ32(K/16) + 3u32)·Σ|a_j·w_j|``, ``span`` the products a dot sums at
+    ``dot_bits`` before its sum joins float32 (``dot_span``; ``None``: the block).
+
+    ``block=None``: one block over all of K with per-output-channel weight scales ``(N,)``
+    (FP8 per token and channel: ``fl(fl(P·σ_a[row])·σ_w[col])`` with ``P`` the whole dot).
 
     ``ftz``: the step may flush float32 subnormals to zero: a subnormal scale (activation or
     weight) read as 0, which may drop its block's whole term, and each of the two scale
@@ -753,17 +761,27 @@ class BlockGemm:
     """
 
     epilogue: tuple[str, ...] = ("x",)
-    block: int = BLOCK
+    block: int | None = BLOCK
     dot_bits: int = 24
+    dot_span: int | None = None
     ftz: bool = False
 
     def describe(self) -> str:
+        if self.block is None:
+            return (f"one e4m3 dot over K ({self.dot_bits}-bit sums of {self.dot_span}), × the "
+                    f"token's and the column's scales; epilogue {' -> '.join(self.epilogue)}"
+                    f"{_ftz(self)}")
         return (f"e4m3 dots per {self.block}-wide K block ({self.dot_bits}-bit in-tile sums), "
                 f"each × activation and weight block scales into a float32 accumulator; "
                 f"epilogue {' -> '.join(self.epilogue)}{_ftz(self)}")
 
+    def _width(self, k: int) -> int:
+        return self.block or max(k, 1)
+
     def scales(self, w_scale: Array, k: int, n: int) -> Array:
         """The weight scale of every (K block, column): ``(ceil(K/block), n)``."""
+        if self.block is None:
+            return w_scale.reshape(1, n)
         return np.repeat(w_scale, self.block, axis=1)[:, :n]
 
     def __call__(self, q: Env, sigma: Env, w: Array, w_scale: Array, slot: Array | None,
@@ -774,8 +792,9 @@ class BlockGemm:
         sw = self.scales(w_scale, k, n)
         acc = np.zeros((rows, n), F32)
         with np.errstate(over="ignore", invalid="ignore"):
-            for b in range(blocks(k, self.block)):
-                cols = slice(b * self.block, (b + 1) * self.block)
+            width = self._width(k)
+            for b in range(blocks(k, width)):
+                cols = slice(b * width, (b + 1) * width)
                 p = to_f32(q.mid[:, cols].astype(np.float64) @ w64[cols])
                 acc = to_f32(acc + to_f32(to_f32(p * sigma.mid[:, b, None]) * sw[b]))
         env = Env(acc)
@@ -787,14 +806,16 @@ class BlockGemm:
     def _envelope(self, q: Env, sigma: Env, w64: Array, w_scale: Array, acc: Array) -> Env:
         assert q.lo is not None and q.hi is not None
         k, n = w64.shape
-        s = np.repeat(sigma.mid.astype(np.float64), self.block, axis=1)[:, :k]
+        width = self._width(k)
+        s = np.repeat(sigma.mid.astype(np.float64), width, axis=1)[:, :k]
         lo, hi = q.lo * s, q.hi * s
-        wd = w64 * expand_scales(w_scale.astype(np.float64), k, n, self.block)
+        ws = w_scale.astype(np.float64)
+        wd = w64 * (ws[None, :] if self.block is None else expand_scales(ws, k, n, self.block))
         wd_abs = np.abs(wd)
         center = (lo + hi) / 2 @ wd
         mag = np.maximum(np.abs(lo), np.abs(hi)) @ wd_abs
         radius = (hi - lo) / 2 @ wd_abs
-        dot = min(k, self.block) * 2.0**-self.dot_bits
+        dot = min(k, self.dot_span or width) * 2.0**-self.dot_bits
         tiles = blocks(k, _MIN_TILE_K)
         slack = (dot / (1 - dot) + tiles * _U32 / (1 - tiles * _U32) + 3 * _U32) * mag
         if self.ftz:
@@ -811,13 +832,14 @@ class BlockGemm:
         products and the sum), and the whole term of a block whose activation or weight scale
         is subnormal (read as 0)."""
         k, n = wd_abs.shape
-        nb = blocks(k, self.block)
+        width = self._width(k)
+        nb = blocks(k, width)
         moved = np.full((a_abs.shape[0], n), 3.0 * nb * _NORMAL32)
         sw = self.scales(w_scale, k, n).astype(np.float64)
         tiny_a = (sigma != 0) & (np.abs(sigma) <= _NORMAL32)
         tiny_w = (sw != 0) & (np.abs(sw) <= _NORMAL32)
         for b in np.flatnonzero(tiny_a.any(axis=0) | tiny_w.any(axis=1)):
-            cols = slice(b * self.block, (b + 1) * self.block)
+            cols = slice(b * width, (b + 1) * width)
             term = a_abs[:, cols] @ wd_abs[cols]
             moved += np.where(tiny_a[:, b, None] | tiny_w[b][None, :], term, 0.0)
         return moved
@@ -1490,6 +1512,32 @@ VLLM_TRITON_FP8 = KernelProfile(
     domain=VLLM_DOMAIN,
 ).with_ftz()
 
+#: A torchtitan-style MoE on torch's FP8 grouped GEMM ``torch._scaled_grouped_mm`` (CUTLASS
+#: on Hopper; ``tests/controls/gpu/scaled_grouped_mm.py`` is one), FP8 per token and channel:
+#: e4m3 activations quantised per token by the driver (amax floor 1e-12 as vLLM's
+#: ``scaled_fp8_quant`` per-token path, a division [inferred: the driver's torch ops]), one
+#: e4m3 dot over K promoted to float32 every 128 products (DeepSeek-V3 report §3.3.2's
+#: N_C = 128; CUTLASS without fast accumulation [inferred]), output ``× s_a[row] × s_w[col]``
+#: in float32 and one cast to x's dtype (rowwise scales, ``out_dtype`` x's [inferred]); the
+#: rest as ``torch-grouped-mm``: silu in x's dtype, the routed weight after GEMM2, the top-k
+#: sum. Subnormals may flush, as in the other GPU profiles (issue 24) [inferred].
+TORCH_SCALED_GROUPED_MM = KernelProfile(
+    name="torch-scaled-grouped-mm",
+    summary="torchtitan-style MoE on torch._scaled_grouped_mm (FP8 per token and channel)",
+    sources="torch ATen _scaled_grouped_mm rowwise scales [inferred]; fp8 accumulation "
+            "[doc: DeepSeek-V3 report §3.3.2]; the rest as torch-grouped-mm [inferred]",
+    pipelines=(("fp8_channel", Pipeline(
+        quantise=GroupQuantiser(group=None, amax_floor=1e-12),
+        gemm1=BlockGemm(("x",), block=None, dot_bits=FP8_DOT_BITS, dot_span=BLOCK),
+        swiglu=TORCH_GROUPED_MM.pipeline("float").swiglu,
+        requantise=GroupQuantiser(group=None, amax_floor=1e-12),
+        gemm2=BlockGemm(("x", "slot", "x"), block=None, dot_bits=FP8_DOT_BITS,
+                        dot_span=BLOCK))),),
+    combine=TORCH_GROUPED_MM.combine,
+    domain=VLLM_DOMAIN,
+).with_ftz()
+
+
 def _w4a16(variant: str, name: str, summary: str, sources: str) -> KernelProfile:
     """A W4A16 kernel (:attr:`spec.fields.Variant.dequantise`): the weights dequantised to x's
     dtype, then vLLM Triton's float path (float32 accumulation, GEMM outputs in x's dtype,
@@ -1528,7 +1576,8 @@ VLLM_NVFP4_W4A16 = _w4a16(
 
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
-                        VLLM_MXFP4, VLLM_MARLIN_W4A16, VLLM_NVFP4_W4A16)}
+                        TORCH_SCALED_GROUPED_MM, VLLM_MXFP4, VLLM_MARLIN_W4A16,
+                        VLLM_NVFP4_W4A16)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

@@ -27,7 +27,7 @@ from oracle.check.harness import variant_configs  # noqa: E402
 from oracle.model.kernels import get_kernel  # noqa: E402
 from spec.strategies import problems, token_rows  # noqa: E402
 
-from . import grouped_mm, vllm_triton  # noqa: E402
+from . import grouped_mm, scaled_grouped_mm, vllm_triton  # noqa: E402
 from .common import PADDING_PLANTED, PLANTED, plant  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -35,7 +35,10 @@ EXAMPLES = int(os.environ.get("DFC_GPU_EXAMPLES", "50"))
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: the GPU controls run on a "
                                 "GPU machine (DFC_GPU_EXAMPLES sets their budget)")
 #: Profile name -> the driver module gated in it.
-CONTROLS = {"torch-grouped-mm": grouped_mm, "vllm-triton": vllm_triton}
+CONTROLS = {"torch-grouped-mm": grouped_mm, "vllm-triton": vllm_triton,
+            "torch-scaled-grouped-mm": scaled_grouped_mm}
+#: The gate variant each control runs (BF16 unless named here).
+VARIANTS = {"torch-scaled-grouped-mm": "fp8_channel"}
 MODES = ("faithful", "ideal")
 
 
@@ -45,6 +48,8 @@ def _control(profile: str):  # type: ignore[no-untyped-def]
         if not vllm_triton.KERNEL_SOURCE.is_file():
             pytest.skip(f"vLLM's kernel source is not carried at {vllm_triton.KERNEL_SOURCE} "
                         "(see tests/controls/gpu/vllm_triton.py)")
+    if profile == "torch-scaled-grouped-mm" and not hasattr(torch, "_scaled_grouped_mm"):
+        pytest.skip("torch without _scaled_grouped_mm (FP8 grouped GEMM, Hopper)")
     return CONTROLS[profile]
 
 
@@ -69,7 +74,8 @@ def _gate(impl, profile: str, numerics: str, examples: int, variant: str = "bf16
 @pytest.mark.parametrize("numerics", MODES)
 @pytest.mark.parametrize("profile", CONTROLS)
 def test_gpu_control_conforms(profile: str, numerics: str) -> None:
-    _gate(_control(profile).dispatch_ffn_combine, profile, numerics, EXAMPLES)
+    _gate(_control(profile).dispatch_ffn_combine, profile, numerics, EXAMPLES,
+          VARIANTS.get(profile, "bf16"))
 
 
 @needs_cuda
@@ -78,7 +84,8 @@ def test_gpu_control_conforms(profile: str, numerics: str) -> None:
 @pytest.mark.parametrize("profile", CONTROLS)
 def test_gpu_control_planted_bug_is_caught(profile: str, numerics: str, bug: str) -> None:
     with pytest.raises(oracle.ConformanceError):
-        _gate(getattr(_control(profile), bug), profile, numerics, 200)
+        _gate(getattr(_control(profile), bug), profile, numerics, 200,
+              VARIANTS.get(profile, "bf16"))
 
 
 @needs_cuda
@@ -148,6 +155,22 @@ def test_grouped_mm_planted_bug_is_caught_on_cpu(bug: str) -> None:
     with pytest.raises(oracle.ConformanceError):
         _gate(implementation(plant(grouped_mm.moe, bug), device="cpu"), "torch-grouped-mm",
               "faithful", 100, problems=_cpu_problems("torch-grouped-mm"))
+
+
+@pytest.mark.parametrize("numerics", MODES)
+def test_scaled_grouped_mm_driver_conforms_on_cpu(numerics: str) -> None:
+    """The FP8 driver with its GEMM emulated (same rounding points as the profile)."""
+    profile = "torch-scaled-grouped-mm"
+    _gate(implementation(scaled_grouped_mm.moe, device="cpu"), profile, numerics, 15,
+          "fp8_channel", problems=_cpu_problems(profile, "fp8_channel"))
+
+
+@pytest.mark.parametrize("bug", PLANTED)
+def test_scaled_grouped_mm_planted_bug_is_caught_on_cpu(bug: str) -> None:
+    profile = "torch-scaled-grouped-mm"
+    with pytest.raises(oracle.ConformanceError):
+        _gate(implementation(plant(scaled_grouped_mm.moe, bug), device="cpu"), profile,
+              "faithful", 60, "fp8_channel", problems=_cpu_problems(profile, "fp8_channel"))
 
 
 @pytest.mark.parametrize("numerics", MODES)
