@@ -84,8 +84,11 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     # This checkout's oracle, not whichever copy is installed, and broken_impls.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
     pytester.makepyfile(test_own="def test_mine():\n    assert True\n")
+    # Family tests at a budget of 10 examples: the default (20) is in the header below, and
+    # test_family_tests_search_with_the_family_budget shows the family tests search with it.
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
                                          "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
+                                         "--dfc-family-examples", "10",
                                          "-k", "default_search or routing")
     routings = len(ROUTING_FAMILIES)
     good.assert_outcomes(passed=1 + routings)  # the default search and each routing family
@@ -103,10 +106,6 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     assert sum(line.startswith("what failed:") for line in lines) == 1  # one full report
     assert sum(line.startswith("same failure as test_default_search: stage 'out'")
                for line in lines) == routings
-    skipped = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
-                                            "--dfc-variants", "w8a8", "-k", "variant")
-    # every other gate variant: bf16, fp16 and the opt-in ones (w4a8, the GPU formats)
-    skipped.assert_outcomes(passed=1, skipped=len(GATE_VARIANTS) - 1)
     missing = pytester.runpytest_subprocess("--dfc-impl", "nowhere:f", "-q", "-k", "default")
     assert missing.ret != 0
     missing.stderr.fnmatch_lines(["*--dfc-impl: cannot import module 'nowhere'*"])
@@ -114,15 +113,21 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
 
 def test_the_gate_judges_w4a8_when_asked(pytester, monkeypatch) -> None:
     """W4A8 is opt-in: skipped by name by default; with --dfc-variants w4a8 the reference
-    passes its variant test and a probs-dropping kernel fails it."""
+    passes its variant test, every variant not asked for (the default w8a8, bf16 and fp16,
+    the opt-in GPU formats) is skipped, and a probs-dropping kernel fails it."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
     default = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                             "-k", "variant and w4a8")
     default.assert_outcomes(skipped=1)
-    for impl, outcome in (("correct", {"passed": 1}), ("probs_ignored", {"failed": 1})):
-        result = pytester.runpytest_subprocess("--dfc-impl", f"broken_impls:{impl}", "-q",
-                                               "--dfc-variants", "w4a8", "-k", "variant and w4a8")
-        result.assert_outcomes(**outcome)
+    asked = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
+                                          "--dfc-variants", "w4a8", "-k", "variant", "-rs")
+    others = [v for v in GATE_VARIANTS if v != "w4a8"]
+    asked.assert_outcomes(passed=1, skipped=len(others))
+    asked.stdout.fnmatch_lines([f"SKIPPED *: variant {v} not in --dfc-variants"
+                                for v in others])
+    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
+                                        "--dfc-variants", "w4a8", "-k", "variant and w4a8")
+    bad.assert_outcomes(failed=1)
 
 
 def test_family_tests_search_with_the_family_budget(monkeypatch) -> None:

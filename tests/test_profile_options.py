@@ -43,10 +43,19 @@ def test_each_profile_accepts_its_own_kernel_and_rejects_the_other() -> None:
         check_implementation(broken.vllm_model, settings=FAST, save_dir=None)
 
 
-def test_counterexamples_run_on_the_kernel_they_are_for(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def probs_ignored_found(tmp_path_factory: pytest.TempPathFactory) -> ConformanceError:
+    """probs_ignored's minimal failure under the default profile and domain: searched and
+    shrunk once for the tests below that read it (each costs seconds)."""
+    return _found(broken.probs_ignored, tmp_path_factory.mktemp("probs_ignored"))
+
+
+def test_counterexamples_run_on_the_kernel_they_are_for(
+    tmp_path: Path, probs_ignored_found: ConformanceError
+) -> None:
     """Under the default domain the minimal failure is an A3 shape; ``domain="contract"``
     shrinks below it (E = 1, K = 16), which the A3 kernel cannot run."""
-    inside = _found(broken.probs_ignored, tmp_path).problem.config
+    inside = probs_ignored_found.problem.config
     assert ASCEND_A3.domain.violations(inside) == [] and check_supported(inside, A3_W8A8) == []
     outside = _found(broken.probs_ignored, tmp_path, domain="contract").problem.config
     assert ASCEND_A3.domain.violations(outside), outside.summary()
@@ -101,9 +110,10 @@ def test_replay_of_a_profile_file_and_its_override(in_tests_dir, tmp_path: Path)
     assert main(["replay", file, "--impl", "broken_impls:correct", "--kernel", "ascend-a3"]) == 0
 
 
-def test_a_malformed_profile_record_is_a_usage_error(in_tests_dir, tmp_path: Path,
-                                                     capsys) -> None:
-    error = _found(broken.probs_ignored, tmp_path)
+def test_a_malformed_profile_record_is_a_usage_error(
+    in_tests_dir, tmp_path: Path, capsys, probs_ignored_found: ConformanceError
+) -> None:
+    error = probs_ignored_found
     meta = load(error.path).meta
     meta["numerics"]["kernel"]["combine"] = {"weight": "combine", "sum": 3, "extra": 1}
     bad = save(tmp_path / "bad.npz", error.problem, meta=meta)
