@@ -86,8 +86,9 @@ def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]
     gate, gs = _weights(call.w1[..., :i], call.scale1[:, :i], kp, ip)
     up, us = _weights(call.w1[..., i:], call.scale1[:, i:], kp, ip)
     q, sigma = quantise(x[token], kp)
-    h = scaled_gemm(q, sigma, torch.cat([gate, up], dim=2), torch.cat([gs, us], dim=1), offs,
-                    x.dtype)
+    # _scaled_grouped_mm takes B column-major per expert; a cat along columns is row-major
+    w1 = torch.cat([gate, up], dim=2).transpose(-2, -1).contiguous().transpose(-2, -1)
+    h = scaled_gemm(q, sigma, w1, torch.cat([gs, us], dim=1), offs, x.dtype)
     a = F.silu(h[:, :ip]) * h[:, ip:]
     q2, sigma2 = quantise(a, ip)
     w2, s2 = _weights(call.w2, call.scale2, ip, kp)

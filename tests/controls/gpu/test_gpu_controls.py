@@ -64,7 +64,8 @@ def _gate(impl, profile: str, numerics: str, examples: int, variant: str = "bf16
     if NO_TINY and "problems" not in search:
         search["problems"] = _cpu_problems(profile, variant)
     oracle.check_implementation(
-        impl, numerics=numerics, kernel=profile, variants=(variant,), save_dir=None,
+        impl, numerics=numerics, kernel=profile, variants=(variant,),
+        save_dir=os.environ.get("DFC_GPU_SAVE"),  # a folder for the counterexample, if set
         settings=settings(max_examples=examples, derandomize=True, deadline=None,
                           database=None, print_blob=True,
                           phases=tuple(Phase) if shrink else (Phase.generate,)), **search)
