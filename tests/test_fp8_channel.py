@@ -2,8 +2,8 @@
 channel, told from ``fp8_block`` by scale1's 1-D per-expert shape; activations quantised per
 token. The profile's own model conforms in both modes; two bugs of the format are killed by the
 search (both outcomes here, small budgets): one activation scale for the whole tensor instead
-of one per token, and expert 0's weight scales read for every expert (formats.md, "Real bugs":
-a wrong expert's scale)."""
+of one per token, and expert 0's weight scales read for every expert (formats.md,
+"FP8 block scale": its real bugs include a wrong expert's scale)."""
 
 from __future__ import annotations
 

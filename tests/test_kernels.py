@@ -380,10 +380,12 @@ MUTANTS: dict[str, tuple[KernelProfile, KernelProfile, Problem | None]] = {
 
 
 def mutant_differs(problem: Problem, profile: KernelProfile, mutant: KernelProfile) -> bool:
+    """The mutant's out differs in value on a defined row (−0 and +0 are one value: a judge
+    compares numbers; an example where only a zero's sign moved was counted as missed)."""
     got = oracle.run(problem, numerics=Numerics(kernel=mutant))
     want = oracle.run(problem, numerics=Numerics(kernel=profile))
-    return any(not np.array_equal(g.out[w.defined].view(np.uint16),
-                                  w.out[w.defined].view(np.uint16))
+    return any(not np.array_equal(g.out[w.defined].astype(np.float32),
+                                  w.out[w.defined].astype(np.float32), equal_nan=True)
                for g, w in zip(got.ranks, want.ranks))
 
 

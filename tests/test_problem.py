@@ -249,6 +249,9 @@ CASES = [
          "N = 2I <= K for w4a8", "I <= K/2", config(weight_dtype="int32", intermediate=8)),
     Case("W4A8 config K not a multiple of 8", ConfigError, None, "hidden", "K = 12",
          "a multiple of 8 for w4a8", "pad K", config(weight_dtype="int32", hidden=12)),
+    Case("scale_dims no FP8 row has", ConfigError, None, "scale_dims",
+         "3 with float8_e4m3fn weights", "1 (fp8_channel)", "scale1's per-expert dimensions",
+         config(weight_dtype="float8_e4m3fn", scale_dims=3)),
     Case("bf16 weight inf", NonFiniteError, 1, "weight1[", "inf", "finite values", "weight1",
          edit(1, w1=with_inf), BF16),
     # The mask.

@@ -320,7 +320,9 @@ def test_duplicates_reach_every_multiplicity() -> None:
 
 
 def test_few_tokens_reach_one_odd_and_below_the_core_counts() -> None:
-    seen = {p.config.tokens_per_rank[0] for labels, p in _labelled(problems(), 500)
+    # 900 derandomised draws: the first 500 of today's stream draw M = 19 in none of their 144
+    # few-token problems, the next 400 in 22 (the order of Hypothesis's generation, not bias)
+    seen = {p.config.tokens_per_rank[0] for labels, p in _labelled(problems(), 900)
             if "tokens: few_tokens" in labels}
     assert {1, 19, 39} <= seen and any(m % 2 and 1 < m < 19 for m in seen)
 
