@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,15 +162,25 @@ def _check(args: argparse.Namespace) -> int:
         (problems(configs=preset_configs(key, args.variants or DEFAULT_VARIANTS, domain=domain)),
          hsettings(search, max_examples=max(3, search.max_examples // 20)))
         for key in args.shapes]
-    try:
+
+    def run(impl: Any) -> None:
         for strategy, budget in searches:
             check_implementation(
-                runner if isinstance(runner, ChildProcess) else progress,
-                numerics=args.numerics, problems=strategy, settings=budget,
+                impl, numerics=args.numerics, problems=strategy, settings=budget,
                 save_dir=args.save_dir, impl_name=args.impl, timeout=args.timeout,
                 inputs=args.inputs, seed=args.seed, ulps=args.ulps, kernel=kernel,
                 domain=args.domain, variants=args.variants,
             )
+
+    return _search(run, runner, progress, "calls")
+
+
+def _search(run: Callable[[Any], None], runner: Any, progress: _Progress, what: str) -> int:
+    """``run(impl)``, one search or several, reported as ``check`` reports: the report and
+    :data:`EXIT_FOUND` on a counterexample, else how many ``what`` were judged; the child
+    process is closed either way."""
+    try:
+        run(runner if isinstance(runner, ChildProcess) else progress)
     except ConformanceError as exc:
         print(exc.report)
         _err(f"counterexample found after {progress.calls} calls "
@@ -179,7 +189,7 @@ def _check(args: argparse.Namespace) -> int:
     finally:
         if isinstance(runner, ChildProcess):
             runner.close()
-    print(f"no counterexample in {progress.calls} calls "
+    print(f"no counterexample in {progress.calls} {what} "
           f"({time.perf_counter() - progress.start:.1f} s)")
     return EXIT_OK
 
@@ -190,33 +200,27 @@ def _check_placed(args: argparse.Namespace, runner: Any, progress: _Progress,
     judged in ideal numerics, refused for a kernel whose domain takes no placement."""
     from oracle.check.placed_search import check_placed, placed_families  # lazy: start-up
 
-    try:
-        if args.domain == "kernel" and not kernel.domain.placement:
-            _err(f"dfc-oracle check: --placement: the {kernel.name} kernel takes no placed "
-                 "calls (no replicas, shared experts or rsf: its domain excludes them); pass "
-                 "--domain contract, or a GPU profile such as --kernel vllm-triton")
-            return EXIT_USAGE
+    refused = None
+    if args.domain == "kernel" and not kernel.domain.placement:
+        refused = (f"--placement: the {kernel.name} kernel takes no placed calls (no replicas, "
+                   "shared experts or rsf: its domain excludes them); pass --domain contract, "
+                   "or a GPU profile such as --kernel vllm-triton")
+    else:
         try:
             calls = placed_families("any", args.variants or DEFAULT_VARIANTS)
         except ValueError as exc:
-            _err(f"dfc-oracle check: --variants: {exc}")
-            return EXIT_USAGE
-        _err(f"dfc-oracle check {args.impl}: placed calls (spec.placed_strategies), numerics "
-             f"ideal, inputs {args.inputs}, profile {args.profile}")
-        check_placed(runner if isinstance(runner, ChildProcess) else progress, calls=calls,
-                     settings=_settings(args), save_dir=args.save_dir, impl_name=args.impl,
-                     timeout=args.timeout, inputs=args.inputs, ulps=args.ulps, seed=args.seed)
-    except ConformanceError as exc:
-        print(exc.report)
-        _err(f"counterexample found after {progress.calls} calls "
-             f"({time.perf_counter() - progress.start:.1f} s)")
-        return EXIT_FOUND
-    finally:
+            refused = f"--variants: {exc}"
+    if refused is not None:
         if isinstance(runner, ChildProcess):
             runner.close()
-    print(f"no counterexample in {progress.calls} placed calls "
-          f"({time.perf_counter() - progress.start:.1f} s)")
-    return EXIT_OK
+        _err(f"dfc-oracle check: {refused}")
+        return EXIT_USAGE
+    _err(f"dfc-oracle check {args.impl}: placed calls (spec.placed_strategies), numerics "
+         f"ideal, inputs {args.inputs}, profile {args.profile}")
+    return _search(lambda impl: check_placed(
+        impl, calls=calls, settings=_settings(args), save_dir=args.save_dir,
+        impl_name=args.impl, timeout=args.timeout, inputs=args.inputs, ulps=args.ulps,
+        seed=args.seed), runner, progress, "placed calls")
 
 
 def _check_stage(args: argparse.Namespace, kernel: KernelProfile | None) -> int:
