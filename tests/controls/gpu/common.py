@@ -81,6 +81,15 @@ class Call:
         """(T·top_k,) bool: the slots that route somewhere (masked tokens' do not, §4)."""
         return self.active[:, None].expand(self.expert_idx.shape).reshape(-1)
 
+    def by_expert(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active slots sorted by expert (stable), their tokens, and each expert's end
+        offset into them (int32): a grouped GEMM's ``offs``."""
+        slots = torch.where(self.active_slots(), self.expert_idx.reshape(-1), self.num_experts)
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=self.num_experts + 1)[:self.num_experts]
+        order = order[:int(counts.sum())]
+        return order, order // self.expert_idx.shape[1], torch.cumsum(counts, 0).to(torch.int32)
+
     def per_rank(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``out`` (T, K) split per rank, each with its local experts' counts (every active
         slot counted, §5)."""

@@ -40,17 +40,11 @@ def _column_major(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every rank of one call through two grouped GEMMs (see the module docstring)."""
     call = Call.of(ranks)
-    x, top_k = call.x, call.expert_idx.shape[1]
+    x = call.x
     tokens, k = x.shape
     i = call.w2.shape[1]
     kp, ip = _padded(k), _padded(i)
-    flat = call.expert_idx.reshape(-1)
-    slots = torch.where(call.active_slots(), flat, call.num_experts)  # inactive: last
-    order = torch.argsort(slots, stable=True)
-    counts = torch.bincount(slots, minlength=call.num_experts + 1)[:call.num_experts]
-    order = order[:int(counts.sum())]
-    token = order // top_k
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    order, token, offs = call.by_expert()  # masked tokens' slots left out
 
     xs = torch.zeros((len(order), kp), dtype=x.dtype, device=x.device)
     xs[:, :k] = x[token]
