@@ -141,7 +141,7 @@ def test_reference_rank_conforms_on_real_collectives(ep: int, examples: int,
 def test_default_strategy_draws_every_variant(variant: str) -> None:
     """check_distributed's default search draws each weight variant at EP = world_size;
     variants= restricts it (the W8A8-only search of before never draws a float variant)."""
-    search = settings(CI, max_examples=20, phases=[Phase.generate])  # found, not shrunk
+    search = settings(CI, max_examples=60, phases=[Phase.generate])  # found, not shrunk
     found = find(D.default_problems(2), lambda p: p.config.variant == variant, settings=search)
     assert found.config.ep_size == 2
     only = [v for v in ("w8a8", "bf16", "fp16") if v != variant]

@@ -310,7 +310,7 @@ def test_duplicates_reach_every_multiplicity() -> None:
                                         experts_per_rank=st.just(8)),
                         routing=routings(families=st.just("duplicates")))
     seen = set()
-    for labels, problem in _labelled(strategy, 120):
+    for labels, problem in _labelled(strategy, 240):
         (label,) = [s for s in labels if s.startswith("routing: ")]
         copies = int(label.split(", ")[1].split()[0])
         if sum(problem.config.tokens_per_rank):
