@@ -66,6 +66,7 @@ __all__ = [
     "fit_problems",
     "format_report",
     "preset_configs",
+    "run_in_thread",
     "variant_configs",
 ]
 
@@ -124,6 +125,24 @@ def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
                                   swiglu_alpha=attrs["swiglu_alpha"])
 
 
+def run_in_thread(fn: Callable[[], object], timeout: float,
+                  name: str) -> dict[str, object] | None:
+    """``fn()`` in a daemon thread: ``{"result": ...}``, or ``{"error": ...}`` (what it raised,
+    described), or ``None`` where it has not returned after ``timeout`` seconds."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = describe_exception(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if thread.is_alive() else box
+
+
 def _call(impl: Implementation, given: Problem | PlacedCall, timeout: float) -> CallOutcome:
     """Run ``impl`` in this process, on a copy of ``given`` (a problem or a placed call), in a
     daemon thread. It cannot survive ``os._exit`` or a segfault, nor stop a call that holds the
@@ -132,18 +151,8 @@ def _call(impl: Implementation, given: Problem | PlacedCall, timeout: float) -> 
     handed = _copy_call(given)
     copy = handed.problem if isinstance(handed, PlacedCall) else handed
     watch = InputWatch(copy)
-    box: dict[str, object] = {}
-
-    def target_fn() -> None:
-        try:
-            box["result"] = impl(handed)
-        except BaseException as exc:
-            box["error"] = describe_exception(exc)
-
-    thread = threading.Thread(target=target_fn, name="dfc-oracle-impl", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    box = run_in_thread(lambda: impl(handed), timeout, "dfc-oracle-impl")
+    if box is None:
         return CallOutcome("hung", f"no result after {timeout:g} s (hung, or far too slow)")
     with np.errstate(**_NUMPY_DEFAULTS):
         changed = tuple(watch.changed(arrays_of(problem)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from oracle.check.harness import (
     _copy_inputs,
     _save_counterexample,
     describe_problem,
+    run_in_thread,
 )
-from oracle.check.isolation import check_signature, describe_exception
+from oracle.check.isolation import check_signature
 from oracle.check.loading import load_impl
 from oracle.files.atomic import SaveError
 from oracle.judge.modular import compare_combine, compare_dispatch, compare_experts
@@ -91,19 +91,9 @@ def evaluate_stage(impl: StageImpl, call: StageCall, *, numerics: str | Numerics
                    ulps: float = 0.0, timeout: float = 60.0) -> Verdict:
     """Run ``impl`` on a copy of ``call`` in a daemon thread and judge it; never raises for
     what the implementation does."""
-    box: dict[str, object] = {}
     copy = _copy(call)
-
-    def target() -> None:
-        try:
-            box["result"] = impl(copy)
-        except BaseException as exc:
-            box["error"] = describe_exception(exc)
-
-    thread = threading.Thread(target=target, name="dfc-oracle-stage", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    box = run_in_thread(lambda: impl(copy), timeout, "dfc-oracle-stage")
+    if box is None:
         return Verdict(False, "timeout", f"the {call.stage} implementation did not return: "
                        f"no result after {timeout:g} s (hung, or far too slow)", float("inf"))
     if "error" in box:
