@@ -90,6 +90,15 @@ class Call:
         order = order[:int(counts.sum())]
         return order, order // self.expert_idx.shape[1], torch.cumsum(counts, 0).to(torch.int32)
 
+    def combine(self, y: torch.Tensor, order: torch.Tensor,
+                token: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each sorted slot's ``y`` (x's dtype) times its routed weight in float32, rounded to
+        x's dtype, summed per token in float32, one cast; split per rank."""
+        y = (y.float() * self.probs.reshape(-1)[order, None]).to(self.x.dtype)
+        out = torch.zeros(self.x.shape, dtype=torch.float32, device=self.x.device)
+        out.index_add_(0, token, y.float())
+        return self.per_rank(out.to(self.x.dtype))
+
     def per_rank(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``out`` (T, K) split per rank, each with its local experts' counts (every active
         slot counted, §5)."""

@@ -41,7 +41,7 @@ def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]
     """Every rank of one call through two grouped GEMMs (see the module docstring)."""
     call = Call.of(ranks)
     x = call.x
-    tokens, k = x.shape
+    k = x.shape[1]
     i = call.w2.shape[1]
     kp, ip = _padded(k), _padded(i)
     order, token, offs = call.by_expert()  # masked tokens' slots left out
@@ -53,10 +53,7 @@ def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]
     h = torch._grouped_mm(xs, w1, offs=offs)
     a = F.silu(h[:, :ip]) * h[:, ip:]
     y = torch._grouped_mm(a, _column_major(call.w2, ip, kp), offs=offs)[:, :k]
-    y = (y.float() * call.probs.reshape(-1)[order, None]).to(x.dtype)
-    out = torch.zeros((tokens, k), dtype=torch.float32, device=x.device)
-    out.index_add_(0, token, y.float())
-    return call.per_rank(out.to(x.dtype))
+    return call.combine(y, order, token)
 
 
 dispatch_ffn_combine = implementation(moe, device=DEVICE)

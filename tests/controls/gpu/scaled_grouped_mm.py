@@ -72,7 +72,7 @@ def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]
     call = Call.of(ranks)
     assert call.scale1 is not None and call.scale2 is not None
     x = call.x
-    tokens, k = x.shape
+    k = x.shape[1]
     i = call.w2.shape[1]
     kp, ip = _padded(k), _padded(i)
     order, token, offs = call.by_expert()  # masked tokens' slots left out
@@ -87,10 +87,7 @@ def moe(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]
     q2, sigma2 = quantise(a, ip)
     w2, s2 = _weights(call.w2, call.scale2, ip, kp)
     y = scaled_gemm(q2, sigma2, w2, s2, offs, x.dtype)[:, :k]
-    y = (y.float() * call.probs.reshape(-1)[order, None]).to(x.dtype)
-    out = torch.zeros((tokens, k), dtype=torch.float32, device=x.device)
-    out.index_add_(0, token, y.float())
-    return call.per_rank(out.to(x.dtype))
+    return call.combine(y, order, token)
 
 
 dispatch_ffn_combine = implementation(moe, device=DEVICE)
