@@ -280,6 +280,9 @@ class ShapeDomain:
     #: Placed calls (replicas, shared experts, rsf, weights on the input, int64 or -1 ids:
     #: spec.placement); the Ascend operator takes none of them (placement.md).
     placement: bool = True
+    #: The token dtypes the kernel takes (``None``: every one of ``X_DTYPES``); torch's FP8
+    #: grouped GEMM writes bfloat16 only.
+    x_dtypes: tuple[str, ...] | None = None
     limits: str | None = None
     sources: str = ""
 
@@ -295,6 +298,8 @@ class ShapeDomain:
             parts.append("N <= K")
         if self.max_ep is not None:
             parts.append(f"EP <= {self.max_ep}")
+        if self.x_dtypes is not None:
+            parts.append(f"x {' or '.join(self.x_dtypes)}")
         parts += [f"no {f}" for f, on in (("truncation", self.truncation), ("masks", self.masks),
                                           ("clamp", self.clamp), ("SwigluOAI", self.oai),
                                           ("placement", self.placement))
@@ -315,6 +320,8 @@ class ShapeDomain:
             found.append(f"N = {2 * i} > hidden {k}")
         if self.max_ep is not None and config.ep_size > self.max_ep:
             found.append(f"ep_size {config.ep_size} > {self.max_ep}")
+        if self.x_dtypes is not None and config.x_dtype not in self.x_dtypes:
+            found.append(f"x_dtype {config.x_dtype} is not {' or '.join(self.x_dtypes)}")
         if not self.truncation and config.max_output_size is not None:
             found.append("max_output_size given (the kernel has no receive buffer)")
         if not self.masks and config.masked:
@@ -335,8 +342,12 @@ class ShapeDomain:
         i = min(config.intermediate, k // 2) if self.n_at_most_hidden else config.intermediate
         ep = config.ep_size if self.max_ep is None else min(config.ep_size, self.max_ep)
         e = max(config.experts_per_rank, self.min_experts_per_rank)
+        x, w = config.x_dtype, config.weight_dtype
+        if self.x_dtypes is not None and x not in self.x_dtypes:  # weights in x's dtype follow
+            x, w = self.x_dtypes[0], self.x_dtypes[0] if w == x else w
         return replace(
             config, hidden=k, intermediate=max(i, 1), ep_size=ep, experts_per_rank=e,
+            x_dtype=x, weight_dtype=w,
             tokens_per_rank=config.tokens_per_rank[len(config.tokens_per_rank) - ep:],
             weight_form=config.weight_form if e > 1 else "stacked",
             max_output_size=config.max_output_size if self.truncation else None,

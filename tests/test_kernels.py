@@ -32,7 +32,13 @@ from test_reference import _bf16_swiglu_ties, _ReversedCombine, _special_rows
 import oracle
 import oracle.model.kernels as kernels
 from oracle import Numerics, compare
-from oracle.model.kernels import ASCEND_A3, VLLM_TRITON, KernelProfile, profile_from_dict
+from oracle.model.kernels import (
+    ASCEND_A3,
+    TORCH_SCALED_GROUPED_MM,
+    VLLM_TRITON,
+    KernelProfile,
+    profile_from_dict,
+)
 from spec import DTYPES, OpConfig, Problem, random_problem
 from spec.limits import A3_W8A8, check_supported
 from spec.strategies import ROW_FAMILIES, configs, problems, token_rows
@@ -467,7 +473,8 @@ def test_ascend_a3_rejects_the_third_profiles_output(problem: Problem) -> None:
 # 5. Generated shapes lie in the profile's domain
 
 
-@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON], ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON, TORCH_SCALED_GROUPED_MM],
+                         ids=lambda p: p.name)
 def test_generated_configs_lie_in_the_profile_domain(profile: KernelProfile) -> None:
     @search(100)
     @given(configs(domain=profile.domain), problems(configs=configs(domain=profile.domain)))
@@ -482,7 +489,8 @@ def test_generated_configs_lie_in_the_profile_domain(profile: KernelProfile) -> 
     check()
 
 
-@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON], ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON, TORCH_SCALED_GROUPED_MM],
+                         ids=lambda p: p.name)
 def test_without_a_domain_violations_occur(profile: KernelProfile) -> None:
     seen = []
 

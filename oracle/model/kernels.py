@@ -1522,7 +1522,8 @@ VLLM_TRITON_FP8 = KernelProfile(
 #: ``scaled_fp8_quant`` per-token path, a division [inferred: the driver's torch ops]), one
 #: e4m3 dot over K promoted to float32 every 128 products (DeepSeek-V3 report §3.3.2's
 #: N_C = 128; CUTLASS without fast accumulation [inferred]), output ``× s_a[row] × s_w[col]``
-#: in float32 and one cast to x's dtype (rowwise scales, ``out_dtype`` x's [inferred]); the
+#: in float32 and one cast to x's dtype (rowwise scales, ``out_dtype`` x's [inferred]), which
+#: must be bfloat16 (the domain: torch refuses any other ``out_dtype``, measured); the
 #: rest as ``torch-grouped-mm``: silu in x's dtype, the routed weight after GEMM2, the top-k
 #: sum. Subnormals may flush, as in the other GPU profiles (issue 24) [inferred].
 TORCH_SCALED_GROUPED_MM = KernelProfile(
@@ -1538,7 +1539,10 @@ TORCH_SCALED_GROUPED_MM = KernelProfile(
         gemm2=BlockGemm(("x", "slot", "x"), block=None, dot_bits=FP8_DOT_BITS,
                         dot_span=BLOCK))),),
     combine=TORCH_GROUPED_MM.combine,
-    domain=VLLM_DOMAIN,
+    domain=dataclasses.replace(
+        VLLM_DOMAIN, name="torch-scaled-grouped-mm", x_dtypes=("bfloat16",),
+        sources=VLLM_DOMAIN.sources + "; bfloat16 out only: torch 2.11 on an H100 raised \"Only "
+        "bf16 high precision output types are supported for grouped gemm\" (benchmarks/GPU.md)"),
 ).with_ftz()
 
 
