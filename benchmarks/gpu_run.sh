@@ -5,6 +5,8 @@
 # isolation benchmark, the FP8 dot precision and the offline CLI install.
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+# a failing gate saves its counterexample here (it comes back in logs.tgz)
+mkdir -p $OUT/save && export DFC_GPU_SAVE=$OUT/save
 N=${N:-1000}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import sys,torch,triton,numpy,hypothesis,ml_dtypes;print(sys.version.split()[0],torch.__version__,torch.version.cuda,triton.__version__,numpy.__version__,hypothesis.__version__,ml_dtypes.__version__)"
@@ -32,4 +34,4 @@ wait
 for f in $OUT/*.log; do echo "== $f"; grep -E "passed|failed|error|Error|seconds|slowest|^[0-9.]+s call|passing examples|Typical runtimes|dot_bits|device" $f | head -20; done
 cat $OUT/gate.log | tail -15
 # the device returns at most 8 files: every log in one archive
-(cd $OUT && tar czf logs.tgz *.log *.json 2>/dev/null && rm -f *.log *.json)
+(cd $OUT && tar czf logs.tgz *.log *.json save 2>/dev/null && rm -rf *.log *.json save)
