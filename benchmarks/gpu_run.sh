@@ -29,7 +29,7 @@ done
 timeout ${T:-330} $P -k "graph_replay_padding_bug" > $OUT/graph-planted.log 2>&1 &
 timeout 120 python3 benchmarks/fp8_dot_precision.py --out $OUT/fp8_dot.json > $OUT/fp8-dot.log 2>&1 &
 (timeout 150 python3 benchmarks/gpu_gate.py 10;
- pip install -q --no-build-isolation --no-deps -e . && cd tests && /usr/bin/time -f "check: %e s" timeout 120 dfc-oracle check controls.gpu.grouped_mm:dispatch_ffn_combine --kernel torch-grouped-mm --variants bf16 --max-examples 30; echo "check exit $?") > $OUT/gate.log 2>&1 &
+ python3 -m pip install -q --no-build-isolation --no-deps -e . && cd tests && /usr/bin/time -f "check: %e s" timeout 120 python3 -m oracle.cli check controls.gpu.grouped_mm:dispatch_ffn_combine --kernel torch-grouped-mm --variants bf16 --max-examples 30; echo "check exit $?") > $OUT/gate.log 2>&1 &
 wait
 for f in $OUT/*.log; do echo "== $f"; grep -E "passed|failed|error|Error|seconds|slowest|^[0-9.]+s call|passing examples|Typical runtimes|dot_bits|device" $f | head -20; done
 cat $OUT/gate.log | tail -15
