@@ -154,7 +154,7 @@ def pack_ue8m0(s: Array, *, field: str = "scales") -> Array:
     powers of two (``2^-126`` to ``2^127``); anything else is a ``ValueError`` naming
     ``field``."""
     values = np.asarray(s)
-    s32 = values.astype(np.float32)
+    s32 = values.astype(np.float32, copy=False)
     bits = s32.view(np.uint32)
     exponent = bits >> np.uint32(23)
     bad = (bits & np.uint32(0x807FFFFF) != 0) | (exponent == 0) | (exponent == 255)
@@ -167,12 +167,10 @@ def pack_ue8m0(s: Array, *, field: str = "scales") -> Array:
             "scales up to powers of two (spec.fp8.ue8m0_up, DeepGEMM's ceil_to_ue8m0) before "
             "packing them, or declare a float32 layout")
     *batch, mn, kb = s32.shape
-    words = -(-kb // PACK)
-    padded = np.zeros((*batch, mn, words * PACK), np.uint32)
+    padded = np.zeros((*batch, mn, -(-kb // PACK) * PACK), np.uint8)
     padded[..., :kb] = exponent
-    quads = padded.reshape(*batch, mn, words, PACK)
-    packed = quads[..., 0] | quads[..., 1] << 8 | quads[..., 2] << 16 | quads[..., 3] << 24
-    return np.asarray(packed.view(np.int32))
+    # byte j of a word is its bits 8j to 8j + 7: the bytes read little-endian
+    return np.asarray(padded.view("<i4").astype(np.int32, copy=False))
 
 
 def unpack_ue8m0(words: Array, kb: int) -> Array:
@@ -183,11 +181,9 @@ def unpack_ue8m0(words: Array, kb: int) -> Array:
     if w.dtype.kind not in "iu" or w.dtype.itemsize != 4:
         raise ValueError(f"packed UE8M0 words are 32-bit integers (torch.int32), not {w.dtype}; "
                          "pass the int32 buffer the layout stores")
-    u = w.view(np.uint32)
-    shifts = np.arange(PACK, dtype=np.uint32) * np.uint32(8)
-    bytes_ = ((u[..., None] >> shifts) & np.uint32(0xFF)).astype(np.uint8)
-    flat = bytes_.reshape(*u.shape[:-1], u.shape[-1] * PACK)
-    return e8m0_values(flat[..., :kb])
+    le = np.ascontiguousarray(w, dtype="<i4")
+    codes = le.view(np.uint8).reshape(*le.shape[:-1], le.shape[-1] * PACK)
+    return e8m0_values(codes[..., :kb])
 
 
 def to_physical(s: Array, layout: str, *, field: str = "scales") -> Array:

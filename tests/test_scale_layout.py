@@ -4,7 +4,7 @@ kernel that reads a swizzled buffer as linear fails the same properties (the mut
 #54773's class: loader and kernel disagreeing on the swizzle).
 
 DeepGEMM's packed UE8M0 layout (SM100) round-trips both ways, puts block ``4w + j`` in byte
-``j`` of word ``w`` (checked against NumPy's little-endian view, not our shifts), holds only
+``j`` of word ``w`` (checked against DeepGEMM's shifts on the float32 bits), holds only
 powers of two, and two readers that disagree with it are found: one reading the MN-major words
 as K-major (the layout SM120 also accepts) and one reading the bytes in reverse order.
 
@@ -150,18 +150,20 @@ def e8m0_matrices(draw: Any) -> Array:
     return e8m0_values(draw(arrays(np.uint8, shape, elements=st.integers(1, 254))))
 
 
-def le_words(codes: Array, kb: int) -> Array:
-    """The packed storage built without :mod:`spec.scale_layout`: the bytes ``(…, mn, kb)``
-    zero-padded to whole words, read as little-endian int32 by NumPy, stored MN-major with mn
-    zero-padded to 4."""
-    *batch, mn, _ = codes.shape
+def deepgemm_words(s: Array) -> Array:
+    """The packed storage built as DeepGEMM's ``transpose_and_pack_fp32_into_ue8m0`` does,
+    without :mod:`spec.scale_layout`: per word, the float32 bits ``v0..v3`` of blocks ``4w ..
+    4w + 3`` (0 past the end) as ``(v0 >> 23) | (v1 >> 15) | (v2 >> 7) | (v3 << 1)``, stored
+    MN-major with mn zero-padded to 4."""
+    *batch, mn, kb = s.shape
     words = -(-kb // 4)
-    padded = np.zeros((*batch, mn, 4 * words), np.uint8)
-    padded[..., :kb] = codes
-    per_row = padded.view("<i4")  # (…, mn, words)
-    out = np.zeros((*batch, words, -(-mn // 4) * 4), np.int32)
-    out[..., :mn] = np.swapaxes(per_row, -1, -2)
-    return out
+    v = np.zeros((*batch, mn, 4 * words), np.uint32)
+    v[..., :kb] = s.view(np.uint32)
+    v = v.reshape(*batch, mn, words, 4)
+    packed = (v[..., 0] >> 23) | (v[..., 1] >> 15) | (v[..., 2] >> 7) | (v[..., 3] << 1)
+    out = np.zeros((*batch, words, -(-mn // 4) * 4), np.uint32)
+    out[..., :mn] = np.swapaxes(packed, -1, -2)
+    return out.view(np.int32)
 
 
 def packed_linear(buf: Array, mn: int, kb: int) -> Array:
@@ -181,17 +183,16 @@ def packed_round_trips(s: Array, read: Callable[[Array, int, int], Array]) -> bo
 
 @FAST
 @given(s=e8m0_matrices())
-def test_packed_ue8m0_round_trips_and_matches_little_endian_words(s: Array) -> None:
-    """Logical -> physical -> logical is the identity; the storage is the little-endian words
-    of the exponent bytes, padding bytes and padding rows zero (what DeepGEMM's
-    ``torch.zeros`` padding holds), int32 and C-contiguous."""
+def test_packed_ue8m0_round_trips_and_matches_deepgemm_words(s: Array) -> None:
+    """Logical -> physical -> logical is the identity; the storage is the words DeepGEMM's
+    shifts make, padding bytes and padding rows zero (what DeepGEMM's ``torch.zeros`` padding
+    holds), int32 and C-contiguous."""
     before = s.copy()
     mn, kb = s.shape[-2:]
     buf = to_physical(s, PACKED)
     assert buf.dtype == np.int32 and buf.flags.c_contiguous
     assert buf.shape[-2:] == storage_shape(PACKED, mn, kb)
-    codes = (s.view(np.uint32) >> 23).astype(np.uint8)
-    assert np.array_equal(buf, le_words(codes, kb))
+    assert np.array_equal(buf, deepgemm_words(s))
     assert np.array_equal(to_logical(buf, PACKED, mn, kb), s)
     assert np.array_equal(s, before)
 
@@ -203,7 +204,7 @@ def test_packed_ue8m0_physical_round_trips(s: Array) -> None:
     UE8M0 codes 1 to 254 and whose padding is zero (the buffers :func:`to_physical` makes:
     codes 0 and 255, 2^-127 and NaN, are not powers of two it packs)."""
     mn, kb = s.shape[-2:]
-    buf = le_words((s.view(np.uint32) >> 23).astype(np.uint8), kb)
+    buf = deepgemm_words(s)
     assert np.array_equal(to_physical(to_logical(buf, PACKED, mn, kb), PACKED), buf)
 
 
