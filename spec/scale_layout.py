@@ -45,13 +45,15 @@ True
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from spec.fields import scale_dims_of, variant_for
-from spec.fp8 import BLOCK
+from spec.fp8 import BLOCK, ue8m0_up
 from spec.mxfp4 import e8m0_values
+from spec.problem import Problem
 
 __all__ = [
     "LAYOUTS",
@@ -72,6 +74,7 @@ __all__ = [
     "to_physical",
     "unpack_ue8m0",
     "unswizzle_128x4",
+    "with_ue8m0_scales",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -164,8 +167,9 @@ def pack_ue8m0(s: Array, *, field: str = "scales") -> Array:
         raise ValueError(
             f"{field}: the packed-ue8m0 layout holds UE8M0 scales, positive powers of two from "
             f"2^-126 to 2^127; {values[at]!r} at (…, mn, kb) index {at} is not one. Round the "
-            "scales up to powers of two (spec.fp8.ue8m0_up, DeepGEMM's ceil_to_ue8m0) before "
-            "packing them, or declare a float32 layout")
+            "scales up to powers of two (DeepGEMM's ceil_to_ue8m0: spec.fp8.ue8m0_up; for "
+            "drawn problems, strategy.map(spec.scale_layout.with_ue8m0_scales)), or declare "
+            "a float32 layout")
     *batch, mn, kb = s32.shape
     padded = np.zeros((*batch, mn, -(-kb // PACK) * PACK), np.uint8)
     padded[..., :kb] = exponent
@@ -269,3 +273,25 @@ def kernel_rows(inputs: Any, field: str, i: int, layout: str) -> int:
     if layout in PER_ROW:
         return int(getattr(inputs, _WEIGHT_OF[field])[i].shape[-1])
     return int(getattr(inputs, field)[i].shape[-1])
+
+
+def with_ue8m0_scales(problem: Problem) -> Problem:
+    """``problem`` with its float32 scales rounded **up** to powers of two
+    (:func:`spec.fp8.ue8m0_up`, DeepGEMM's ``ceil_to_ue8m0``), the weights as they were: the
+    calls a ``"packed-ue8m0"`` kernel takes (``problems(...).map(with_ue8m0_scales)``).
+
+    >>> from spec import OpConfig, random_problem
+    >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64,
+    ...                             intermediate=32, tokens_per_rank=(1,),
+    ...                             weight_dtype="float8_e4m3fn"))
+    >>> rank = with_ue8m0_scales(p).ranks[0]
+    >>> [b.shape for b in physical_scales(rank, "packed-ue8m0")["scale1"]]
+    [(1, 1, 64)]
+    """
+    def rounded(inputs: Any) -> Any:
+        return replace(inputs, **{f: [ue8m0_up(t) if t.dtype == np.float32 else t
+                                      for t in getattr(inputs, f)]
+                                  for f in SCALE_FIELDS if getattr(inputs, f) is not None})
+
+    return Problem([rounded(r) for r in problem.ranks], max_output_size=problem.max_output_size,
+                   swiglu_limit=problem.swiglu_limit, swiglu_alpha=problem.swiglu_alpha)

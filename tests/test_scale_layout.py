@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import NoSuchExample
 from hypothesis.extra.numpy import arrays
 
-from spec import OpConfig, random_problem
+from spec import OpConfig, Problem, random_problem
 from spec.fp8 import BLOCK, ue8m0_up
 from spec.mxfp4 import e8m0_values
 from spec.scale_layout import (
@@ -37,6 +37,7 @@ from spec.scale_layout import (
     to_physical,
     unpack_ue8m0,
     unswizzle_128x4,
+    with_ue8m0_scales,
 )
 
 Array = np.ndarray[Any, Any]
@@ -264,7 +265,9 @@ def test_packed_scales_of_a_rank_are_one_per_output_row() -> None:
     rank = random_problem(cfg).ranks[0]
     with pytest.raises(ValueError, match=r"scale1\[0\]: the packed-ue8m0 layout"):
         physical_scales(rank, PACKED)
-    pow2 = rank.map_arrays(lambda a: ue8m0_up(a) if a.dtype == np.float32 else a)
+    pow2 = with_ue8m0_scales(Problem([rank])).ranks[0]
+    assert all(np.array_equal(a, ue8m0_up(b)) for a, b in zip(pow2.scale1, rank.scale1))
+    assert np.array_equal(pow2.w1[0], rank.w1[0])
     got = physical_scales(pow2, PACKED)
     for field, weight in (("scale1", pow2.w1[0]), ("scale2", pow2.w2[0])):
         rows, kb = weight.shape[-1], weight.shape[-2] // BLOCK + (weight.shape[-2] % BLOCK > 0)

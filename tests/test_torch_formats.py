@@ -27,9 +27,14 @@ from oracle.adapters import torch_io as ot  # noqa: E402
 from oracle.check.harness import ConformanceError, check_implementation  # noqa: E402
 from oracle.model.kernels import VLLM_TRITON_FP8  # noqa: E402
 from spec import OpConfig, Problem, random_problem  # noqa: E402
-from spec.fp8 import BLOCK, blocks, ue8m0_up  # noqa: E402
+from spec.fp8 import BLOCK, blocks  # noqa: E402
 from spec.mxfp4 import e8m0_values  # noqa: E402
-from spec.scale_layout import physical_scales, to_logical, unpack_ue8m0  # noqa: E402
+from spec.scale_layout import (  # noqa: E402
+    physical_scales,
+    to_logical,
+    unpack_ue8m0,
+    with_ue8m0_scales,
+)
 from spec.strategies import configs, problems  # noqa: E402
 
 Array = np.ndarray[Any, Any]
@@ -203,15 +208,6 @@ def test_search_kills_a_swizzled_scale_read_as_linear() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # DeepGEMM's packed UE8M0 layout (SM100) through the adapter
-
-def with_ue8m0_scales(problem: Problem) -> Problem:
-    """``problem`` with its FP8 block scales rounded up to powers of two (the UE8M0 scales
-    DeepGEMM's quantisers make on Blackwell; the weights as they were)."""
-    ranks = [dataclasses.replace(r, scale1=[ue8m0_up(t) for t in r.scale1],
-                                 scale2=[ue8m0_up(t) for t in r.scale2]) for r in problem.ranks]
-    return Problem(ranks, max_output_size=problem.max_output_size,
-                   swiglu_limit=problem.swiglu_limit, swiglu_alpha=problem.swiglu_alpha)
-
 
 #: FP8 problems with UE8M0 scales, K up to 640 (five K blocks: two words per row).
 UE8M0_PROBLEMS = problems(configs=configs(
