@@ -230,8 +230,11 @@ def physical_scales(inputs: Any, layout: str) -> dict[str, list[Array]]:
     """The block scales of one rank's inputs (a :class:`spec.RankInputs`) as a kernel reading
     ``layout`` receives them: for ``scale1`` and ``scale2``, each tensor of the TensorList
     (stacked ``(E, KB, MN)`` or one ``(KB, MN)`` per expert) transposed to ``S[mn, kb]`` and
-    stored in ``layout`` (:func:`to_physical`). Only variants with block scales have a layout
-    (their per-expert scales are 2-D): per-channel scales raise ``ValueError``.
+    stored in ``layout`` (:func:`to_physical`); for :data:`PER_ROW` layouts ``S`` first takes
+    one row per output channel (:func:`kernel_rows`), each 128-row block's scale repeated.
+    Only variants with block scales have a layout (their per-expert scales are 2-D):
+    per-channel scales raise ``ValueError``; ``"packed-ue8m0"`` takes fp8_block only, its
+    scales powers of two (:func:`with_ue8m0_scales`).
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=160, intermediate=64,
