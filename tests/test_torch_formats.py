@@ -20,7 +20,7 @@ torch = pytest.importorskip(
 
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_scale_layout import linear_read  # noqa: E402
+from test_scale_layout import PACKED, linear_read, packed_linear, packed_reversed  # noqa: E402
 
 import oracle  # noqa: E402
 from oracle.adapters import torch_io as ot  # noqa: E402
@@ -29,7 +29,12 @@ from oracle.model.kernels import VLLM_TRITON_FP8  # noqa: E402
 from spec import OpConfig, Problem, random_problem  # noqa: E402
 from spec.fp8 import BLOCK, blocks  # noqa: E402
 from spec.mxfp4 import e8m0_values  # noqa: E402
-from spec.scale_layout import to_logical  # noqa: E402
+from spec.scale_layout import (  # noqa: E402
+    physical_scales,
+    to_logical,
+    unpack_ue8m0,
+    with_ue8m0_scales,
+)
 from spec.strategies import configs, problems  # noqa: E402
 
 Array = np.ndarray[Any, Any]
@@ -109,16 +114,30 @@ FP8_PROBLEMS = problems(configs=configs(
     intermediate=st.sampled_from((32, 96)), experts_per_rank=st.sampled_from((1, 2))))
 
 
+def memory_of(view: Any) -> Array:
+    """The memory under an MN-major ``(…, MN, W)`` view whose MN stride is 1 (DeepGEMM's
+    scale tensors): ``(…, W, MN padded)``, what the kernel's pointer reads."""
+    *batch, _, words = view.shape
+    pad = view.stride(-1)
+    storage = torch.as_strided(view, (*batch, words, pad), (*view.stride()[:-2], pad, 1))
+    return ot.to_numpy(storage)
+
+
 def layout_kernel(layout: str, read: Callable[[Array, int, int], Array]
                   ) -> Callable[[list[ot.TorchRankInputs]], list[Any]]:
     """A torch "kernel" for FP8 block scale that receives scales in ``layout`` and reads them
-    with ``read(buffer, mn, kb)``, then computes what the vllm-triton-fp8 profile does."""
+    with ``read(buffer, mn, kb)``, then computes what the vllm-triton-fp8 profile does. A
+    packed-ue8m0 kernel reads the memory under its int32 view, one scale per output row, and
+    uses each 128-row block's first row (its rows hold one scale)."""
     def fn(ranks: list[ot.TorchRankInputs]) -> list[Any]:
         def logical(bufs: list[Any], weights: list[Any]) -> list[Any]:
             out = []
             for buf, w in zip(bufs, weights):
                 kb, mn = (blocks(d, BLOCK) for d in w.shape[-2:])
-                s = read(ot.to_numpy(buf), mn, kb)  # the memory, as the kernel reads it
+                if layout == PACKED:
+                    s = read(memory_of(buf), w.shape[-1], kb)[..., ::BLOCK, :]
+                else:
+                    s = read(ot.to_numpy(buf), mn, kb)  # the memory, as the kernel reads it
                 out.append(ot.to_tensor(np.swapaxes(s, -1, -2)))
             return out
         inputs = [ot.from_torch(dataclasses.replace(
@@ -132,11 +151,12 @@ def layout_kernel(layout: str, read: Callable[[Array, int, int], Array]
     return fn
 
 
-def _search(layout: str, read: Callable[[Array, int, int], Array]) -> Problem | None:
+def _search(layout: str, read: Callable[[Array, int, int], Array],
+            drawn: st.SearchStrategy[Problem] = FP8_PROBLEMS) -> Problem | None:
     impl = ot.implementation(layout_kernel(layout, read), scales="float32",
                              scale_layout=layout)
     try:
-        check_implementation(impl, kernel=VLLM_TRITON_FP8, problems=FP8_PROBLEMS,
+        check_implementation(impl, kernel=VLLM_TRITON_FP8, problems=drawn,
                              settings=SMALL, save_dir=None, isolate=False)
     except ConformanceError as exc:
         return exc.problem
@@ -184,3 +204,74 @@ def test_search_kills_a_swizzled_scale_read_as_linear() -> None:
     assert found is not None
     assert max(found.config.n, found.config.hidden) > BLOCK
     assert _search("row-major", linear_read) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepGEMM's packed UE8M0 layout (SM100) through the adapter
+
+#: FP8 problems with UE8M0 scales, K up to 640 (five K blocks: two words per row).
+UE8M0_PROBLEMS = problems(configs=configs(
+    weight_dtypes=st.just(FP8), hidden=st.sampled_from((64, 160, 640)),
+    intermediate=st.sampled_from((32, 96)), experts_per_rank=st.sampled_from((1, 2)))
+).map(with_ue8m0_scales)
+PACKED_READ = (PACKED, lambda b, mn, kb: to_logical(b, PACKED, mn, kb))
+
+
+def test_packed_ue8m0_reaches_the_kernel_as_deepgemm_int32() -> None:
+    """A packed-ue8m0 kernel gets DeepGEMM's SM100 tensor: int32, ``(E, N, ceil(KB/4))`` with
+    strides ``(ceil(KB/4)·round_up(N, 4), 1, round_up(N, 4))``, one row per output channel
+    (K = 642: W1 has six K blocks in two words, W2 642 rows padded to 644), never the int64
+    encoding of float32 scales; the memory under it is the layout's storage. Scales that are
+    not powers of two are refused, the field named."""
+    rank = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=642,
+                                   intermediate=96, tokens_per_rank=(1,), weight_dtype=FP8),
+                          seed=1).ranks[0]
+    with pytest.raises(ValueError, match=r"scale1\[0\]: the packed-ue8m0 layout holds UE8M0"):
+        ot.to_torch(rank, scale_layout=PACKED)
+    rank = with_ue8m0_scales(Problem([rank])).ranks[0]
+    t = ot.to_torch(rank, scale_layout=PACKED)
+    storage = physical_scales(rank, PACKED)
+    for field, shape, stride, kb in (("scale1", (2, 192, 2), (384, 1, 192), 6),
+                                     ("scale2", (2, 642, 1), (644, 1, 644), 1)):
+        got = getattr(t, field)[0]
+        assert got.dtype == torch.int32 and tuple(got.shape) == shape, field
+        assert got.stride() == stride, field
+        assert np.array_equal(memory_of(got), storage[field][0]), field
+        rows = np.repeat(np.swapaxes(getattr(rank, field)[0], -1, -2), BLOCK, axis=-2)
+        assert np.array_equal(unpack_ue8m0(got.numpy(), kb), rows[:, :shape[1]]), field
+
+
+def _packed_witness(hidden: int) -> Problem:
+    """EP=1 E=1 top_k=1 K=``hidden`` I=32 M=[1] with UE8M0 scales, W1's K block 4 (if any)
+    scaled by two so that it differs from block 0."""
+    p = with_ue8m0_scales(random_problem(OpConfig(
+        ep_size=1, experts_per_rank=1, top_k=1, hidden=hidden, intermediate=32,
+        tokens_per_rank=(1,), weight_dtype=FP8)))
+    s1 = p.ranks[0].scale1[0].copy()
+    s1[..., 4:5, :] *= 2
+    return Problem([dataclasses.replace(p.ranks[0], scale1=[s1])])
+
+
+def test_a_packed_scale_read_wrong_is_rejected() -> None:
+    """The search's minima (below), judged directly: the byte-reversed read is wrong on the
+    smallest call (K = 64, one K block: the reversed read takes padding, 2^-127); the K-major
+    read needs two words per row (K = 640, five K blocks) and is right with one (K = 512).
+    DeepGEMM's reader passes both, and the K-major read is right where row-major packing is
+    what the loader wrote (the bug is the disagreement)."""
+    small, wide, four = (_packed_witness(k) for k in (64, 640, 512))
+    for problem in (small, wide):
+        assert not _rejected(*PACKED_READ, problem)
+    assert _rejected(PACKED, packed_reversed, small)
+    assert _rejected(PACKED, packed_linear, wide)
+    assert not _rejected(PACKED, packed_linear, four)
+
+
+@pytest.mark.slow
+def test_search_kills_a_packed_scale_read_wrong() -> None:
+    """Both outcomes of the search on FP8 problems with UE8M0 scales: DeepGEMM's reader
+    passes; the K-major read is found at K > 512 (two words per row), the byte-reversed read
+    at any K."""
+    assert _search(*PACKED_READ, UE8M0_PROBLEMS) is None
+    found = _search(PACKED, packed_linear, UE8M0_PROBLEMS)
+    assert found is not None and found.config.hidden > 4 * BLOCK
+    assert _search(PACKED, packed_reversed, UE8M0_PROBLEMS) is not None

@@ -25,7 +25,9 @@ where they are float32 (e8m0 bytes never). **Scale layouts** (``scale_layout=``,
 :mod:`spec.scale_layout`): block scales reach the kernel in the layout it declares, as the
 memory its pointer reads: ``"row-major"``, ``"column-major"`` and ``"tma-aligned"`` as an
 ``(…, MN, KB)`` view of that storage (DeepGEMM's strides), ``"swizzle-128x4"`` as the swizzled
-buffer itself; the judge keeps judging against the logical scales of the problem.
+buffer itself, ``"packed-ue8m0"`` as DeepGEMM's SM100 scales: a ``torch.int32`` ``(…, N,
+ceil(KB/4))`` view of MN-major, TMA-aligned words, one row per output channel (the scales must
+be powers of two); the judge keeps judging against the logical scales of the problem.
 
 ``torch`` is imported only inside the functions that need it: ``import oracle`` and the NumPy
 helpers here (:func:`to_numpy` on arrays, :func:`scales_from_int64`) work without it.
@@ -80,7 +82,7 @@ import numpy as np
 from spec import DTypeError, Problem, RankInputs
 from spec.errors import describe
 from spec.fields import FIELDS, VARIANTS, Field, Variant, scale_dims_of, variant_for
-from spec.scale_layout import physical_scales
+from spec.scale_layout import MN_MAJOR, kernel_rows, physical_scales
 
 if TYPE_CHECKING:
     import torch
@@ -357,16 +359,15 @@ def to_torch(
     physical = physical_scales(inputs, scale_layout) if scale_layout is not None else {}
 
     def convert(f: Field, a: Array, i: int = 0) -> torch.Tensor:
-        encode = f.float32_bits and scales == "int64" and a.dtype == np.float32
         if f.name in physical:
             a = physical[f.name][i]
+        encode = f.float32_bits and scales == "int64" and a.dtype == np.float32
         t = to_tensor(scales_to_int64(a, extension=variant.scale_extension) if encode else a,
                       device=device,
                       dtype=e8m0 if f.name in e8m0_fields and e8m0 != "uint8" else None)
-        if f.name in physical and scale_layout in ("column-major", "tma-aligned"):
+        if f.name in physical and scale_layout in MN_MAJOR:
             # the (…, KB, MNpad) storage seen as (…, MN, KB) with DeepGEMM's strides
-            mn = getattr(inputs, f.name)[i].shape[-1]
-            t = t.transpose(-1, -2)[..., :mn, :]
+            t = t.transpose(-1, -2)[..., :kernel_rows(inputs, f.name, i, scale_layout), :]
         return t
 
     values: dict[str, Any] = {}
