@@ -344,9 +344,10 @@ def fit_problems(
     built-in runs them), then two of each model-shape preset in ``shapes``; derandomised, so
     the same kernel is fitted on the same calls."""
     fixed = {"truncation": st.just(False), "swiglu_limits": st.just(None)}
-    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed)), n)]
-    strategies += [(problems(configs=preset_configs(key, variants, domain=domain)), 2)
-                   for key in shapes]
+    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed),
+                            domain=domain), n)]
+    strategies += [(problems(configs=preset_configs(key, variants, domain=domain), domain=domain),
+                    2) for key in shapes]
     return [problem for strategy, count in strategies for problem in _sample(strategy, count)]
 
 
@@ -381,8 +382,8 @@ def default_problems(
     rows = (token_rows(families=st.sampled_from(ROW_FAMILIES + POWER_ROW_FAMILIES))
             if mode == "ideal" else None)
     if variants is None and have == DEFAULT_VARIANTS:
-        return problems(configs=configs(domain=shapes), values=rows)
-    return problems(configs=variant_configs(have, domain=shapes), values=rows)
+        return problems(configs=configs(domain=shapes), values=rows, domain=shapes)
+    return problems(configs=variant_configs(have, domain=shapes), values=rows, domain=shapes)
 
 
 def variants_of(profile: KernelProfile, variants: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -431,8 +432,10 @@ def check_implementation(
     ``kernel`` (a profile name of :mod:`oracle.model.kernels`, a profile, ``"MODULE:NAME"`` of
     one or a profile file: :func:`oracle.check.loading.load_kernel`) selects the emulation
     and tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
-    judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
-    so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
+    judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates
+    and the values of every call (a given ``problems`` strategy's too: UE8M0 scales where the
+    kernel takes only those, :meth:`spec.limits.ShapeDomain.fit_problem`), so that every
+    counterexample runs on that kernel; ``domain="contract"`` generates the whole
     contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
     it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
     the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
@@ -458,6 +461,8 @@ def check_implementation(
     directory = None if save_dir is None else Path(os.path.abspath(save_dir))
     if problems is None:
         problems = default_problems(num.profile, domain, variants, num.mode)
+    elif domain == "kernel":  # a given strategy's values too: only calls the kernel can take
+        problems = problems.map(num.profile.domain.fit_problem)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(
