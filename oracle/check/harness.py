@@ -32,7 +32,7 @@ from oracle.check.isolation import (
     InputWatch,
     InputWrite,
     check_signature,
-    describe_exception,
+    failure_of,
     importable_name,
     plain_outputs,
 )
@@ -127,15 +127,17 @@ def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
 
 def run_in_thread(fn: Callable[[], object], timeout: float,
                   name: str) -> dict[str, object] | None:
-    """``fn()`` in a daemon thread: ``{"result": ...}``, or ``{"error": ...}`` (what it raised,
-    described), or ``None`` where it has not returned after ``timeout`` seconds."""
+    """``fn()`` in a daemon thread: ``{"result": ...}``, or ``{"error": ..., "status": ...}``
+    (what it raised, described, and whether it raised or the adapter refused the call:
+    :func:`oracle.check.isolation.failure_of`), or ``None`` where it has not returned after
+    ``timeout`` seconds."""
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
             box["result"] = fn()
         except BaseException as exc:
-            box["error"] = describe_exception(exc)
+            box["status"], box["error"] = failure_of(exc)
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -157,7 +159,7 @@ def _call(impl: Implementation, given: Problem | PlacedCall, timeout: float) -> 
     with np.errstate(**_NUMPY_DEFAULTS):
         changed = tuple(watch.changed(arrays_of(problem)))
         if "error" in box:
-            return CallOutcome("raised", str(box["error"]), changed=changed)
+            return CallOutcome(str(box["status"]), str(box["error"]), changed=changed)
         return CallOutcome("ok", outputs=plain_outputs(problem, box.get("result")),
                            changed=changed)
 
@@ -192,6 +194,9 @@ def evaluate(
     outcome = call_implementation(impl, problem, timeout)
     if outcome.status == "raised":
         return _failed("call", f"the implementation raised: {outcome.message}"), None
+    if outcome.status == "refused":  # the adapter's, before the implementation was entered
+        return _failed("call", "the gate's inputs were refused (the implementation was not "
+                       f"called): {outcome.message}"), None
     if outcome.status == "crashed":
         return _failed("call", f"the implementation crashed: {outcome.message}"), None
     if outcome.status == "hung":
