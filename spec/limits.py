@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from spec.config import OpConfig
 from spec.errors import ConfigError
 from spec.layout import COUNT_REGION_BYTES, count_row_stride
+from spec.problem import Problem
+from spec.scale_layout import first_non_ue8m0, with_ue8m0_scales
 
 __all__ = [
     "A2_W8A8",
@@ -263,8 +265,9 @@ class ShapeDomain:
 
     :meth:`fit` maps any configuration to one inside the domain by the smallest change of
     each field (hidden rounded up to the multiple, E raised to the minimum, I lowered to
-    ``hidden/2`` where ``N <= K``, EP capped, features dropped). It is a deterministic map, so
-    Hypothesis still shrinks through it.
+    ``hidden/2`` where ``N <= K``, then rounded up to its multiple, EP capped, features
+    dropped); :meth:`fit_problem` maps a problem's values (UE8M0 scales). Both are
+    deterministic maps, so Hypothesis still shrinks through them.
     """
 
     name: str
@@ -283,6 +286,12 @@ class ShapeDomain:
     #: The token dtypes the kernel takes (``None``: every one of ``X_DTYPES``); torch's FP8
     #: grouped GEMM writes bfloat16 only.
     x_dtypes: tuple[str, ...] | None = None
+    #: I a multiple of this (the rows of W2, the columns of each half of W1).
+    intermediate_multiple: int = 1
+    #: The kernel's block and channel scales are UE8M0, powers of two (DeepGEMM on Blackwell
+    #: packs them four to an int32: spec.scale_layout's "packed-ue8m0"); :meth:`fit_problem`
+    #: rounds float32 scales up to them.
+    ue8m0_scales: bool = False
     limits: str | None = None
     sources: str = ""
 
@@ -292,6 +301,8 @@ class ShapeDomain:
             parts.append(f"K % {self.hidden_multiple} == 0")
         if self.max_hidden is not None:
             parts.append(f"K <= {self.max_hidden}")
+        if self.intermediate_multiple > 1:
+            parts.append(f"I % {self.intermediate_multiple} == 0")
         if self.min_experts_per_rank > 1:
             parts.append(f"E >= {self.min_experts_per_rank}")
         if self.n_at_most_hidden:
@@ -300,18 +311,24 @@ class ShapeDomain:
             parts.append(f"EP <= {self.max_ep}")
         if self.x_dtypes is not None:
             parts.append(f"x {' or '.join(self.x_dtypes)}")
+        if self.ue8m0_scales:
+            parts.append("scales UE8M0 (powers of two)")
         parts += [f"no {f}" for f, on in (("truncation", self.truncation), ("masks", self.masks),
                                           ("clamp", self.clamp), ("SwigluOAI", self.oai),
                                           ("placement", self.placement))
                   if not on]
         return ", ".join(parts) + (f" ({self.sources})" if self.sources else "")
 
-    def violations(self, config: OpConfig) -> list[str]:
-        """What puts ``config`` outside the domain, one phrase each (empty: inside)."""
+    def violations(self, given: OpConfig | Problem) -> list[str]:
+        """What puts ``given`` (a configuration, or a problem: its configuration and its
+        values) outside the domain, one phrase each (empty: inside)."""
+        config = given.config if isinstance(given, Problem) else given
         found = []
         k, e, i = config.hidden, config.experts_per_rank, config.intermediate
         if k % self.hidden_multiple:
             found.append(f"hidden {k} is not a multiple of {self.hidden_multiple}")
+        if i % self.intermediate_multiple:
+            found.append(f"intermediate {i} is not a multiple of {self.intermediate_multiple}")
         if self.max_hidden is not None and k > self.max_hidden:
             found.append(f"hidden {k} > {self.max_hidden}")
         if e < self.min_experts_per_rank:
@@ -332,6 +349,10 @@ class ShapeDomain:
             found.append("swiglu_alpha given")
         if self.limits is not None:
             found += [str(v.error) for v in check_supported(config, PROFILES[self.limits])]
+        off = (first_non_ue8m0(given) if self.ue8m0_scales and isinstance(given, Problem)
+               else None)
+        if off is not None:
+            found.append(f"scales not UE8M0 ({off})")
         return found
 
     def fit(self, config: OpConfig) -> OpConfig:
@@ -340,6 +361,7 @@ class ShapeDomain:
         if self.max_hidden is not None and k > self.max_hidden:
             k = self.max_hidden // self.hidden_multiple * self.hidden_multiple
         i = min(config.intermediate, k // 2) if self.n_at_most_hidden else config.intermediate
+        i = -(-i // self.intermediate_multiple) * self.intermediate_multiple
         ep = config.ep_size if self.max_ep is None else min(config.ep_size, self.max_ep)
         e = max(config.experts_per_rank, self.min_experts_per_rank)
         x, w = config.x_dtype, config.weight_dtype
@@ -355,6 +377,13 @@ class ShapeDomain:
             swiglu_limit=config.swiglu_limit if self.clamp else None,
             swiglu_alpha=config.swiglu_alpha if self.oai else None,
         )
+
+    def fit_problem(self, problem: Problem) -> Problem:
+        """``problem``'s values inside the domain: its float32 scales rounded up to powers of
+        two where the kernel takes UE8M0 scales (:func:`spec.scale_layout.with_ue8m0_scales`),
+        else ``problem`` itself. Its configuration is :meth:`fit`'s to make: the strategies map
+        the drawn configuration, then the drawn problem, so Hypothesis shrinks through both."""
+        return with_ue8m0_scales(problem) if self.ue8m0_scales else problem
 
 
 #: The whole contract: every call :class:`spec.Problem` accepts.

@@ -65,7 +65,9 @@ __all__ = [
     "TILE_ROWS",
     "TMA_ALIGN",
     "check_layout",
+    "first_non_ue8m0",
     "kernel_rows",
+    "not_ue8m0",
     "pack_ue8m0",
     "physical_scales",
     "storage_shape",
@@ -158,24 +160,49 @@ def pack_ue8m0(s: Array, *, field: str = "scales") -> Array:
     ``field``."""
     values = np.asarray(s)
     s32 = values.astype(np.float32, copy=False)
-    bits = s32.view(np.uint32)
-    exponent = bits >> np.uint32(23)
-    bad = (bits & np.uint32(0x807FFFFF) != 0) | (exponent == 0) | (exponent == 255)
-    if values.dtype != np.float32:
-        bad |= s32 != values
+    exponent = s32.view(np.uint32) >> np.uint32(23)
+    bad = not_ue8m0(values)
     if bad.any():
         at = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{field}: the packed-ue8m0 layout holds UE8M0 scales, positive powers of two from "
             f"2^-126 to 2^127; {values[at]!r} at (…, mn, kb) index {at} is not one. Round the "
             "scales up to powers of two (DeepGEMM's ceil_to_ue8m0: spec.fp8.ue8m0_up; for "
-            "drawn problems, strategy.map(spec.scale_layout.with_ue8m0_scales)), or declare "
-            "a float32 layout")
+            "drawn problems, a kernel profile whose domain has ue8m0_scales, such as "
+            "deepgemm-sm100-fp8, or strategy.map(spec.scale_layout.with_ue8m0_scales)), or "
+            "declare a float32 layout")
     *batch, mn, kb = s32.shape
     padded = np.zeros((*batch, mn, -(-kb // PACK) * PACK), np.uint8)
     padded[..., :kb] = exponent
     # byte j of a word is its bits 8j to 8j + 7: the bytes read little-endian
     return np.asarray(padded.view("<i4").astype(np.int32, copy=False))
+
+
+def not_ue8m0(s: Array) -> Array:
+    """Where ``s`` holds no UE8M0 scale (a normal positive power of two, ``2^-126`` to
+    ``2^127``, that float32 holds exactly): a bool array of ``s``'s shape."""
+    values = np.asarray(s)
+    s32 = values.astype(np.float32, copy=False)
+    bits = s32.view(np.uint32)
+    exponent = bits >> np.uint32(23)
+    bad = (bits & np.uint32(0x807FFFFF) != 0) | (exponent == 0) | (exponent == 255)
+    if values.dtype != np.float32:
+        bad |= s32 != values
+    return np.asarray(bad)
+
+
+def first_non_ue8m0(problem: Problem) -> str | None:
+    """The first float32 block or channel scale of ``problem`` that is not UE8M0
+    (:func:`not_ue8m0`), named with its rank, field, tensor and index; ``None`` where every one
+    is (the calls :func:`with_ue8m0_scales` makes)."""
+    for r, inputs in enumerate(problem.ranks):
+        for f in SCALE_FIELDS:
+            for i, t in enumerate(getattr(inputs, f) or ()):
+                bad = not_ue8m0(t) if t.dtype == np.float32 else np.zeros(0, bool)
+                if bad.any():
+                    at = tuple(int(j) for j in np.argwhere(bad)[0])
+                    return f"rank {r}, {f}[{i}] at {at}: {t[at]!r} is not a power of two"
+    return None
 
 
 def unpack_ue8m0(words: Array, kb: int) -> Array:
@@ -282,7 +309,8 @@ def kernel_rows(inputs: Any, field: str, i: int, layout: str) -> int:
 def with_ue8m0_scales(problem: Problem) -> Problem:
     """``problem`` with its float32 scales rounded **up** to powers of two
     (:func:`spec.fp8.ue8m0_up`, DeepGEMM's ``ceil_to_ue8m0``), the weights as they were: the
-    calls a ``"packed-ue8m0"`` kernel takes (``problems(...).map(with_ue8m0_scales)``).
+    calls a ``"packed-ue8m0"`` kernel takes (what a domain with ``ue8m0_scales`` draws:
+    :meth:`spec.limits.ShapeDomain.fit_problem`).
 
     >>> from spec import OpConfig, random_problem
     >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64,

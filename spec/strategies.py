@@ -585,6 +585,7 @@ def problems(
     routing: st.SearchStrategy[RoutingPlan] | None = None,
     values: st.SearchStrategy[RowPlan] | None = None,
     layouts: st.SearchStrategy[str] | None = None,
+    domain: ShapeDomain | None = None,
 ) -> Problem:
     """Valid :class:`spec.Problem` values: a configuration, then its routing, special rows,
     routing weights, masks and capacity edges, then the bulk arrays from a drawn seed.
@@ -598,12 +599,16 @@ def problems(
     ``layouts`` (names from :data:`spec.memory.LAYOUTS`; default: contiguous, no draw) lays out
     x and the weights of every rank in memory, as the operator's ``IgnoreContiguous()`` weights
     may come: Fortran order or every other element of a wider buffer, the same values.
+
+    ``domain`` (a kernel profile's :class:`spec.limits.ShapeDomain`) keeps the values runnable
+    on that kernel too (:meth:`ShapeDomain.fit_problem`: UE8M0 scales where it takes only
+    those); without ``configs`` the configurations are drawn in it as well.
     """
     for name, value in (("configs", configs), ("routing", routing), ("values", values),
                         ("layouts", layouts)):
         if value is not None:
             _require_strategy(name, value)
-    cfg = draw(configs if configs is not None else _default_configs())
+    cfg = draw(configs if configs is not None else _default_configs(domain=domain))
     plan = draw(routing if routing is not None else routings())
     rows = draw(values if values is not None else token_rows())
     probs_family = draw(_PROBS)
@@ -636,7 +641,8 @@ def problems(
         f"mask: {mask_family}", f"capacity: {capacity}", f"layout: {layout}",
     ):
         event(label)
-    return random_problem(
+    problem = random_problem(
         cfg, seed=seed, x=x, expert_idx=ids, probs=probs,
         active_mask=masks if masks is not None else [None] * cfg.ep_size, layout=layout,
     )
+    return problem if domain is None else domain.fit_problem(problem)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 import oracle
+from oracle.adapters.torch_io import InputsRefused
 from spec import Problem
 
 Outputs = list[tuple[Any, Any]]
@@ -17,6 +18,11 @@ Outputs = list[tuple[Any, Any]]
 
 def correct(problem: Problem) -> Outputs:
     return [(r.out, r.expert_token_nums) for r in oracle.run(problem).ranks]
+
+
+def refused(problem: Problem) -> Outputs:
+    """What the torch adapter raises for a call its declared input form cannot hold."""
+    raise InputsRefused("the torch adapter refused the gate's call (a stand-in)")
 
 
 def _with_probs(problem: Problem, change: Any) -> Problem:

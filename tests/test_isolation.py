@@ -265,3 +265,18 @@ def test_the_input_write_verdict_is_decided_in_the_parent(monkeypatch) -> None:
     with ChildProcess("hostile_impls:zeroes_x_and_hides_it") as child:
         verdict, _ = evaluate(child, PROBLEM, inputs="strict")
     assert verdict.stage == "inputs" and "r0.x[" in verdict.message
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["child", "in-process"])
+def test_the_adapters_refusal_is_reported_as_the_gates(isolated: bool) -> None:
+    """The adapter's refusal (InputsRefused, raised before the implementation is entered) is
+    told apart from the implementation raising, in the child (the parent may not import the
+    implementation) and in process."""
+    if isolated:
+        with ChildProcess("broken_impls:refused") as child:
+            verdict, _ = evaluate(child, PROBLEM, timeout=30)
+    else:
+        verdict, _ = evaluate(load_impl("broken_impls:refused"), PROBLEM)
+    assert verdict.stage == "call"
+    assert verdict.message == ("the gate's inputs were refused (the implementation was not "
+                               "called): the torch adapter refused the gate's call (a stand-in)")

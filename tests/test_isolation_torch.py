@@ -74,3 +74,19 @@ def test_a_crash_inside_a_torch_implementation_is_reported_and_the_child_restart
             verdict, _ = evaluate(child, PROBLEM, timeout=30)
             assert verdict.stage == "call" and "killed by SIGSEGV" in verdict.message
             assert child.starts == starts
+
+
+@pytest.mark.slow
+def test_the_adapters_refusal_crosses_from_the_child_as_the_gates() -> None:
+    """An implementation declaring packed-ue8m0 scales, handed float32 ones in its child: the
+    verdict says the gate's inputs were refused and the implementation not called (the parent
+    never imports it, so the child classifies the exception). 9 s (torch in a child): slow;
+    tests/test_isolation.py's twin raises the refusal in a child without torch."""
+    fp8 = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=128,
+                                  intermediate=128, tokens_per_rank=(1,),
+                                  weight_dtype="float8_e4m3fn"), seed=1)
+    with ChildProcess("torch_impls:packed_ue8m0") as child:
+        verdict, _ = evaluate(child, fp8, timeout=30)
+        assert verdict.stage == "call", verdict.message
+        assert verdict.message.startswith("the gate's inputs were refused (the implementation "
+                                          "was not called): the torch adapter refused"), verdict

@@ -34,6 +34,7 @@ import oracle.model.kernels as kernels
 from oracle import Numerics, compare
 from oracle.model.kernels import (
     ASCEND_A3,
+    DEEPGEMM_SM100_FP8,
     TORCH_SCALED_GROUPED_MM,
     VLLM_TRITON,
     KernelProfile,
@@ -473,12 +474,16 @@ def test_ascend_a3_rejects_the_third_profiles_output(problem: Problem) -> None:
 # 5. Generated shapes lie in the profile's domain
 
 
-@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON, TORCH_SCALED_GROUPED_MM],
-                         ids=lambda p: p.name)
+DOMAIN_PROFILES = [ASCEND_A3, VLLM_TRITON, TORCH_SCALED_GROUPED_MM, DEEPGEMM_SM100_FP8]
+
+
+@pytest.mark.parametrize("profile", DOMAIN_PROFILES, ids=lambda p: p.name)
 def test_generated_configs_lie_in_the_profile_domain(profile: KernelProfile) -> None:
-    @search(100)
-    @given(configs(domain=profile.domain), problems(configs=configs(domain=profile.domain)))
+    # DeepGEMM's K, I >= 128 make its problems 7x dearer to draw: 20 examples (3 s)
+    @search(20 if profile is DEEPGEMM_SM100_FP8 else 100)
+    @given(configs(domain=profile.domain), problems(domain=profile.domain))
     def check(cfg: OpConfig, problem: Problem) -> None:
+        assert profile.domain.violations(problem) == [], problem.config
         for c in (cfg, problem.config):
             assert profile.domain.violations(c) == [], c
             if profile is ASCEND_A3:
@@ -489,8 +494,7 @@ def test_generated_configs_lie_in_the_profile_domain(profile: KernelProfile) -> 
     check()
 
 
-@pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON, TORCH_SCALED_GROUPED_MM],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", DOMAIN_PROFILES, ids=lambda p: p.name)
 def test_without_a_domain_violations_occur(profile: KernelProfile) -> None:
     seen = []
 
@@ -501,6 +505,23 @@ def test_without_a_domain_violations_occur(profile: KernelProfile) -> None:
 
     check()
     assert any(seen), f"no config outside {profile.domain.describe()} without a domain"
+
+
+def test_a_ue8m0_domain_names_scales_that_are_not_powers_of_two() -> None:
+    """DeepGEMM's SM100 domain takes UE8M0 scales only: a drawn FP8 problem's float32 block
+    scales (amax/448) are reported, rank, field and value named, and ``fit_problem`` rounds
+    them up so that none is left; the domain's shapes alone cannot see it (the configuration
+    is inside), and a domain without the field reports nothing."""
+    domain = DEEPGEMM_SM100_FP8.domain
+    drawn = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=128,
+                                    intermediate=128, tokens_per_rank=(1,),
+                                    weight_dtype="float8_e4m3fn"), seed=3)
+    assert domain.violations(drawn.config) == []
+    [found] = domain.violations(drawn)
+    assert found.startswith("scales not UE8M0 (rank 0, scale1[0] at (0, 0, 0):"), found
+    assert domain.violations(domain.fit_problem(drawn)) == []
+    assert dataclasses.replace(domain, ue8m0_scales=False).violations(drawn) == []
+    assert "scales UE8M0 (powers of two)" in domain.describe()
 
 
 # ---------------------------------------------------------------------------------------------

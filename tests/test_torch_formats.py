@@ -25,7 +25,8 @@ from test_scale_layout import PACKED, linear_read, packed_linear, packed_reverse
 import oracle  # noqa: E402
 from oracle.adapters import torch_io as ot  # noqa: E402
 from oracle.check.harness import ConformanceError, check_implementation  # noqa: E402
-from oracle.model.kernels import VLLM_TRITON_FP8  # noqa: E402
+from oracle.model.kernels import DEEPGEMM_SM100_FP8, VLLM_TRITON_FP8, KernelProfile  # noqa: E402
+from oracle.model.numerics import Numerics  # noqa: E402
 from spec import OpConfig, Problem, random_problem  # noqa: E402
 from spec.fp8 import BLOCK, blocks  # noqa: E402
 from spec.mxfp4 import e8m0_values  # noqa: E402
@@ -123,10 +124,11 @@ def memory_of(view: Any) -> Array:
     return ot.to_numpy(storage)
 
 
-def layout_kernel(layout: str, read: Callable[[Array, int, int], Array]
+def layout_kernel(layout: str, read: Callable[[Array, int, int], Array],
+                  profile: KernelProfile = VLLM_TRITON_FP8,
                   ) -> Callable[[list[ot.TorchRankInputs]], list[Any]]:
     """A torch "kernel" for FP8 block scale that receives scales in ``layout`` and reads them
-    with ``read(buffer, mn, kb)``, then computes what the vllm-triton-fp8 profile does. A
+    with ``read(buffer, mn, kb)``, then computes what ``profile`` does. A
     packed-ue8m0 kernel reads the memory under its int32 view, one scale per output row, and
     uses each 128-row block's first row (its rows hold one scale)."""
     def fn(ranks: list[ot.TorchRankInputs]) -> list[Any]:
@@ -147,7 +149,7 @@ def layout_kernel(layout: str, read: Callable[[Array, int, int], Array]
         problem = Problem(inputs, max_output_size=first.max_output_size,
                           swiglu_limit=first.swiglu_limit, swiglu_alpha=first.swiglu_alpha)
         return [(r.out, r.expert_token_nums)
-                for r in oracle.run(problem, numerics=VLLM_TRITON_FP8.name).ranks]
+                for r in oracle.run(problem, numerics=Numerics(kernel=profile)).ranks]
     return fn
 
 
@@ -275,3 +277,65 @@ def test_search_kills_a_packed_scale_read_wrong() -> None:
     found = _search(PACKED, packed_linear, UE8M0_PROBLEMS)
     assert found is not None and found.config.hidden > 4 * BLOCK
     assert _search(PACKED, packed_reversed, UE8M0_PROBLEMS) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# A packed-ue8m0 kernel gated on DeepGEMM's SM100 profile: no map on the user's side
+
+DEEPGEMM = DEEPGEMM_SM100_FP8
+FEW = settings(SMALL, max_examples=3)
+UNSHRUNK = settings(FEW, phases=[Phase.generate])  # what fails, not its minimum
+
+
+def _gate(read: Callable[[Array, int, int], Array], kernel: KernelProfile = DEEPGEMM,
+          drawn: st.SearchStrategy[Problem] | None = None, search: settings = FEW) -> str | None:
+    """The report of the gate on the packed-ue8m0 kernel reading with ``read``, or None."""
+    impl = ot.implementation(layout_kernel(PACKED, read, DEEPGEMM), scale_layout=PACKED)
+    try:
+        check_implementation(impl, kernel=kernel, problems=drawn, settings=search,
+                             save_dir=None, isolate=False)
+    except ConformanceError as exc:
+        return exc.report
+    return None
+
+
+def test_the_deepgemm_profile_gates_a_packed_kernel_with_no_map() -> None:
+    """``kernel=deepgemm-sm100-fp8`` alone: its domain draws UE8M0 scales (and K, I multiples
+    of 128, bfloat16), so DeepGEMM's reader passes the default gate; the byte-reversed reader
+    fails it at a value stage, not as a refused call."""
+    assert _gate(PACKED_READ[1]) is None
+    report = _gate(packed_reversed, search=UNSHRUNK)
+    assert report is not None and "refused" not in report and "raised" not in report, report
+
+
+def test_a_given_strategy_is_mapped_to_the_kernels_scales_too() -> None:
+    """A user's strategy of float32 scales (K = 640: two words per row, where the K-major
+    read shows) is mapped into the kernel's domain by the gate: the K-major reader is found,
+    DeepGEMM's passes."""
+    wide = problems(configs=configs(
+        weight_dtypes=st.just(FP8), x_dtypes=st.just("bfloat16"), hidden=st.just(640),
+        intermediate=st.just(128), experts_per_rank=st.just(1), ep_sizes=st.just(1),
+        truncation=st.just(False), swiglu_limits=st.none()))
+    assert _gate(PACKED_READ[1], drawn=wide) is None
+    report = _gate(packed_linear, drawn=wide, search=UNSHRUNK)
+    assert report is not None and "refused" not in report, report
+
+
+def test_the_adapters_refusal_is_reported_as_the_gates_not_the_implementations() -> None:
+    """On a profile whose domain draws float32 scales, the packed layout cannot hold them: the
+    report says the gate's inputs were refused before the implementation was called, and
+    names the profile to gate with; an implementation that raises ValueError itself is still
+    reported as raising."""
+    report = _gate(PACKED_READ[1], kernel=VLLM_TRITON_FP8, drawn=FP8_PROBLEMS,
+                   search=UNSHRUNK)
+    assert report is not None
+    assert "the gate's inputs were refused (the implementation was not called)" in report
+    assert "deepgemm-sm100-fp8" in report and "implementation raised" not in report, report
+
+    def raises(ranks: list[ot.TorchRankInputs]) -> list[Any]:
+        raise ValueError("the kernel's own error")
+    impl = ot.implementation(raises, scale_layout=PACKED)
+    with pytest.raises(ConformanceError, match="the implementation raised: ValueError: the "
+                       "kernel's own error"):
+        check_implementation(impl, kernel=DEEPGEMM, settings=UNSHRUNK, save_dir=None,
+                             isolate=False)

@@ -47,3 +47,6 @@ def _segfaults(ranks: list[TorchRankInputs]) -> list[tuple[torch.Tensor, Any]]:
 correct = implementation(_correct)
 doubled = implementation(_doubled)
 segfaults = implementation(_segfaults)
+#: Declares DeepGEMM's packed UE8M0 scales: a call whose scales are not powers of two is
+#: refused by the adapter before ``_correct`` is entered.
+packed_ue8m0 = implementation(_correct, scale_layout="packed-ue8m0")

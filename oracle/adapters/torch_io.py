@@ -93,6 +93,7 @@ __all__ = [
     "POISONS",
     "SCALE_ENCODINGS",
     "TORCH_BYTES",
+    "InputsRefused",
     "TorchRankInputs",
     "float32_scales",
     "from_torch",
@@ -125,6 +126,13 @@ TORCH_BYTES: dict[str, np.dtype[Any]] = {
     "float8_e8m0fnu": np.dtype(np.uint8),
     "float4_e2m1fn_x2": np.dtype(np.uint8),
 }
+
+
+class InputsRefused(ValueError):
+    """The adapter of :func:`implementation` could not hand a call to the wrapped function in
+    the form it declared (a ``scale_layout`` that cannot hold the call's scales, …): raised
+    before that function is entered, so the gate reports the call it drew as refused, not the
+    implementation as raising (:func:`oracle.check.isolation.failure_of`)."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +396,12 @@ def to_torch(
     )
 
 
+def _name(fn: Callable[..., Any]) -> str:
+    """``module:qualname`` of ``fn``, or its repr."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname else repr(fn)
+
+
 def output_pair(output: Any) -> tuple[Array, Array]:
     """``(out, expert_token_nums)`` as NumPy arrays, from a pair or an object with ``.out`` and
     ``.expert_token_nums`` holding tensors or arrays."""
@@ -585,11 +599,21 @@ def implementation(
         rows = _bucket(pad_to, max(r.num_tokens for r in problem.ranks))
         inputs = [r if rows is None else _padded(r, rows, problem.config.num_experts, poisoned)
                   for r in problem.ranks]
-        ranks = [
-            to_torch(r, **problem.config.call_attributes(), scales=scales, device=device,
-                     out_buffers=out_buffers, e8m0=e8m0, scale_layout=scale_layout)
-            for r in inputs
-        ]
+        try:
+            ranks = [
+                to_torch(r, **problem.config.call_attributes(), scales=scales, device=device,
+                         out_buffers=out_buffers, e8m0=e8m0, scale_layout=scale_layout)
+                for r in inputs
+            ]
+        except ValueError as exc:  # SpecError and DTypeError are ValueErrors
+            raise InputsRefused(
+                f"the torch adapter refused the gate's call before entering {_name(fn)}: "
+                f"{exc}. The gate drew a call that the declared input form "
+                f"(scale_layout={scale_layout!r}, scales={scales!r}, e8m0={e8m0!r}) cannot "
+                "hold: gate with the kernel profile whose domain draws only calls the kernel "
+                "takes (a packed-ue8m0 kernel: --kernel deepgemm-sm100-fp8, or "
+                "check_implementation(kernel=...)), or declare the form the kernel reads"
+            ) from exc
         workspace = {} if workspaces is None else {
             name: _torch().full(tuple(shape), poisoned.value(dtype), dtype=dtype, device=device)
             for name, (shape, dtype) in workspaces(ranks).items()}

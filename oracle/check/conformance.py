@@ -115,7 +115,8 @@ def _check(options: dict[str, Any], strategy: st.SearchStrategy[Problem], *,
         check_implementation(
             options["impl"], numerics=options["numerics"], problems=strategy,
             impl_name=options["impl_name"], inputs=options["inputs"], ulps=options["ulps"],
-            timeout=options["timeout"], kernel=options["kernel"], settings=budget,
+            timeout=options["timeout"], kernel=options["kernel"], domain=options["domain"],
+            settings=budget,
         )
     except ConformanceError as exc:
         _KNOWN.append(_Known(_current_test(), exc.problem, exc.verdict.stage,

@@ -32,7 +32,7 @@ from oracle.check.isolation import (
     InputWatch,
     InputWrite,
     check_signature,
-    describe_exception,
+    failure_of,
     importable_name,
     plain_outputs,
 )
@@ -127,15 +127,17 @@ def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
 
 def run_in_thread(fn: Callable[[], object], timeout: float,
                   name: str) -> dict[str, object] | None:
-    """``fn()`` in a daemon thread: ``{"result": ...}``, or ``{"error": ...}`` (what it raised,
-    described), or ``None`` where it has not returned after ``timeout`` seconds."""
+    """``fn()`` in a daemon thread: ``{"result": ...}``, or ``{"error": ..., "status": ...}``
+    (what it raised, described, and whether it raised or the adapter refused the call:
+    :func:`oracle.check.isolation.failure_of`), or ``None`` where it has not returned after
+    ``timeout`` seconds."""
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
             box["result"] = fn()
         except BaseException as exc:
-            box["error"] = describe_exception(exc)
+            box["status"], box["error"] = failure_of(exc)
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -157,7 +159,7 @@ def _call(impl: Implementation, given: Problem | PlacedCall, timeout: float) -> 
     with np.errstate(**_NUMPY_DEFAULTS):
         changed = tuple(watch.changed(arrays_of(problem)))
         if "error" in box:
-            return CallOutcome("raised", str(box["error"]), changed=changed)
+            return CallOutcome(str(box["status"]), str(box["error"]), changed=changed)
         return CallOutcome("ok", outputs=plain_outputs(problem, box.get("result")),
                            changed=changed)
 
@@ -192,6 +194,9 @@ def evaluate(
     outcome = call_implementation(impl, problem, timeout)
     if outcome.status == "raised":
         return _failed("call", f"the implementation raised: {outcome.message}"), None
+    if outcome.status == "refused":  # the adapter's, before the implementation was entered
+        return _failed("call", "the gate's inputs were refused (the implementation was not "
+                       f"called): {outcome.message}"), None
     if outcome.status == "crashed":
         return _failed("call", f"the implementation crashed: {outcome.message}"), None
     if outcome.status == "hung":
@@ -344,9 +349,10 @@ def fit_problems(
     built-in runs them), then two of each model-shape preset in ``shapes``; derandomised, so
     the same kernel is fitted on the same calls."""
     fixed = {"truncation": st.just(False), "swiglu_limits": st.just(None)}
-    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed)), n)]
-    strategies += [(problems(configs=preset_configs(key, variants, domain=domain)), 2)
-                   for key in shapes]
+    strategies = [(problems(configs=variant_configs(variants, domain=domain, **fixed),
+                            domain=domain), n)]
+    strategies += [(problems(configs=preset_configs(key, variants, domain=domain), domain=domain),
+                    2) for key in shapes]
     return [problem for strategy, count in strategies for problem in _sample(strategy, count)]
 
 
@@ -381,8 +387,8 @@ def default_problems(
     rows = (token_rows(families=st.sampled_from(ROW_FAMILIES + POWER_ROW_FAMILIES))
             if mode == "ideal" else None)
     if variants is None and have == DEFAULT_VARIANTS:
-        return problems(configs=configs(domain=shapes), values=rows)
-    return problems(configs=variant_configs(have, domain=shapes), values=rows)
+        return problems(configs=configs(domain=shapes), values=rows, domain=shapes)
+    return problems(configs=variant_configs(have, domain=shapes), values=rows, domain=shapes)
 
 
 def variants_of(profile: KernelProfile, variants: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -431,8 +437,10 @@ def check_implementation(
     ``kernel`` (a profile name of :mod:`oracle.model.kernels`, a profile, ``"MODULE:NAME"`` of
     one or a profile file: :func:`oracle.check.loading.load_kernel`) selects the emulation
     and tolerance (it replaces the kernel of ``numerics``; ``numerics="ideal"`` keeps the ideal
-    judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates,
-    so that every counterexample runs on that kernel; ``domain="contract"`` generates the whole
+    judge) and, with ``domain="kernel"`` (default), the shapes the default strategy generates
+    and the values of every call (a given ``problems`` strategy's too: UE8M0 scales where the
+    kernel takes only those, :meth:`spec.limits.ShapeDomain.fit_problem`), so that every
+    counterexample runs on that kernel; ``domain="contract"`` generates the whole
     contract; ``variants`` (names from ``w8a8``, ``bf16``, ``fp16``; default: all) restricts
     it to the weight variants the implementation supports. ``ulps`` allows that many ulps of
     the out dtype beyond the profile's envelope. ``inputs`` says which writes into its inputs
@@ -458,6 +466,8 @@ def check_implementation(
     directory = None if save_dir is None else Path(os.path.abspath(save_dir))
     if problems is None:
         problems = default_problems(num.profile, domain, variants, num.mode)
+    elif domain == "kernel":  # a given strategy's values too: only calls the kernel can take
+        problems = problems.map(num.profile.domain.fit_problem)
     # Without settings, our timeout bounds a call, not Hypothesis' 200 ms deadline.
     base = settings if settings is not None else hsettings(hsettings(), deadline=None)
     search_settings = hsettings(

@@ -58,6 +58,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from oracle.adapters.torch_io import InputsRefused
 from oracle.check.loading import ImplLoadError, load_impl
 from oracle.files.counterexample import arrays_of, rank_arrays
 from oracle.judge.verdict import Verdict, structured_outputs
@@ -75,6 +76,7 @@ __all__ = [
     "InputWrite",
     "descendants",
     "describe_exception",
+    "failure_of",
     "importable_name",
     "kill_tree",
     "plain_outputs",
@@ -93,8 +95,10 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 @dataclass(frozen=True)
 class CallOutcome:
     """How one call ended: ``status`` is ``"ok"`` (``outputs`` holds the plain per-rank pairs, or
-    the failing :class:`Verdict` of converting them), ``"raised"``, ``"hung"`` or ``"crashed"``
-    (``message`` says how); ``changed`` lists the inputs the implementation wrote into."""
+    the failing :class:`Verdict` of converting them), ``"raised"``, ``"refused"`` (the
+    oracle's torch adapter refused the call before entering it: :func:`failure_of`), ``"hung"``
+    or ``"crashed"`` (``message`` says how); ``changed`` lists the inputs the implementation
+    wrote into."""
 
     status: str
     message: str = ""
@@ -146,6 +150,16 @@ def describe_exception(exc: BaseException, skip_frames: int = 1) -> str:
     chosen = users or mine or frames
     where = f" at {chosen[-1].filename}:{chosen[-1].lineno}" if chosen else ""
     return f"{type(exc).__name__}: {text[:2000]}{where}"
+
+
+def failure_of(exc: BaseException) -> tuple[str, str]:
+    """How a call that raised ``exc`` ended, as :class:`CallOutcome` says it: ``("refused",
+    why)`` where the oracle's torch adapter refused the drawn call before entering the
+    implementation (:class:`oracle.adapters.torch_io.InputsRefused`), else ``("raised",
+    describe_exception(exc))``. Either fails the call."""
+    if isinstance(exc, InputsRefused):
+        return "refused", str(exc)[:2000]
+    return "raised", describe_exception(exc)
 
 
 def _folder(path: str) -> str:
@@ -523,7 +537,8 @@ def _serve(impl: Callable[..., Any], rfd: int, wfd: int, shared: _SharedFile) ->
         try:
             result: Any = impl(given)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt too
-            answer: dict[str, Any] = {"status": "raised", "message": describe_exception(exc)}
+            status, why = failure_of(exc)
+            answer: dict[str, Any] = {"status": status, "message": why}
         else:
             np.seterr(**saved)  # an implementation's np.seterr(all="raise") stays its own
             outputs = plain_outputs(shell, result)
@@ -852,8 +867,8 @@ class ChildProcess:
                  writes: tuple[InputWrite, ...]) -> CallOutcome:
         changed = writes + InputWrite.from_wire(header.get("lists"))
         status = header.get("status")
-        if status == "raised":
-            return CallOutcome("raised", str(header.get("message")), changed=changed)
+        if status in ("raised", "refused"):
+            return CallOutcome(status, str(header.get("message")), changed=changed)
         if status == "verdict":
             stage = header.get("stage")
             rank = header.get("rank")

@@ -96,7 +96,7 @@ def reduce_counterexample(
         small = token_call(problem, rank, token, extra)
     except SpecError:
         return None
-    if domain is not None and domain.violations(small.config):
+    if domain is not None and domain.violations(small):
         return None
     got, outputs = judge(small)
     if got.ok or got.stage not in VALUE_STAGES:

@@ -59,6 +59,7 @@ from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
 __all__ = [
     "ASCEND_A3",
+    "DEEPGEMM_SM100_FP8",
     "DEFAULT_FALSE_ALARM",
     "DEFAULT_KERNEL",
     "FP8_DOT_BITS",
@@ -1547,6 +1548,36 @@ TORCH_SCALED_GROUPED_MM = KernelProfile(
 ).with_ftz()
 
 
+#: vLLM's DeepGEMM MoE experts on Blackwell (SM100; ``DeepGemmExperts``; formats.md, FP8 block
+#: scale, its UE8M0 item [code]; docs/scale_layouts.md on packed-ue8m0 [code]): every scale
+#: UE8M0. The weights' 128
+#: x 128 block scales are powers of two (DeepGEMM's quantisers round up, ``ceil_to_ue8m0``) and
+#: reach ``m_grouped_fp8_gemm_nt_contiguous`` packed four to an int32, so the domain draws only
+#: such calls (``ue8m0_scales``); the activations are quantised per token and 128 columns with
+#: the scale rounded up the same way (vLLM's ``per_token_group_quant_fp8(use_ue8m0=True)``:
+#: ``exp2(ceil(log2(amax/448)))`` [code], so ``a/σ`` is exact). The shapes: vLLM runs DeepGEMM
+#: only where K and I are multiples of 128 (``_valid_deep_gemm_shape``, deep_gemm_moe.py [code];
+#: its ``M >= 128`` is a dispatch choice, not a kernel limit [inferred]); bfloat16 tokens only
+#: (DeepGEMM's grouped FP8 GEMMs write bfloat16 [inferred]). The rest is vllm-triton-fp8's
+#: pipeline: the block-scale product inside the K loop (exact here: powers of two), silu_and_mul,
+#: the routed weight after GEMM2, moe_sum [inferred: the SM100 block-scaled MMA's in-tile
+#: precision is taken as Hopper's 13 bits, and the epilogues as the Triton path's].
+DEEPGEMM_SM100_FP8 = dataclasses.replace(
+    VLLM_TRITON_FP8.with_steps(quantise=GroupQuantiser(ue8m0=True, div_ulps=2),
+                               requantise=GroupQuantiser(ue8m0=True, div_ulps=2)).with_ftz(),
+    name="deepgemm-sm100-fp8",
+    summary="vLLM's DeepGEMM MoE on Blackwell (SM100): FP8 128x128 weight blocks and 1x128 "
+            "activation groups, every scale UE8M0 (weights' packed four per int32)",
+    sources="formats.md UE8M0 [code]; scale_layouts.md packed-ue8m0 [code]; vLLM "
+            "deep_gemm_moe.py _valid_deep_gemm_shape [code]; bfloat16 out, SM100 MMA "
+            "precision and the epilogues [inferred]",
+    domain=dataclasses.replace(
+        VLLM_DOMAIN, name="deepgemm-sm100", hidden_multiple=BLOCK, intermediate_multiple=BLOCK,
+        x_dtypes=("bfloat16",), ue8m0_scales=True,
+        sources=VLLM_DOMAIN.sources + "; K, I % 128: vLLM _valid_deep_gemm_shape [code]; "
+        "UE8M0 weight scales: DeepGEMM SM100 (scale_layouts.md) [code]; bfloat16 [inferred]"),
+)
+
 def _w4a16(variant: str, name: str, summary: str, sources: str) -> KernelProfile:
     """A W4A16 kernel (:attr:`spec.fields.Variant.dequantise`): the weights dequantised to x's
     dtype, then vLLM Triton's float path (float32 accumulation, GEMM outputs in x's dtype,
@@ -1586,7 +1617,7 @@ VLLM_NVFP4_W4A16 = _w4a16(
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
                         TORCH_SCALED_GROUPED_MM, VLLM_MXFP4, VLLM_MARLIN_W4A16,
-                        VLLM_NVFP4_W4A16)}
+                        VLLM_NVFP4_W4A16, DEEPGEMM_SM100_FP8)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 
