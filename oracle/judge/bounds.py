@@ -106,7 +106,8 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import FORMATS, FloatFormat, glu64, weight_chunks
+from oracle.adapters.gemm import Product, weight_products
+from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
 from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
@@ -278,8 +279,8 @@ def _upper32(v: Array) -> Array:
 
 def _weight_products(w: Array, signed: Array, nonneg: Array, scale: Array | None,
                      w_abs: Array | None = None) -> tuple[Array, Array]:
-    """One pass over ``w`` (n, C), float32 chunks (:func:`oracle.model.arithmetic.
-    weight_chunks`), for float32-exact ``w`` and ``signed`` and nonnegative ``nonneg``
+    """One pass over ``w`` (n, C), float32 chunks (:func:`oracle.adapters.gemm.
+    weight_products`), for float32-exact ``w`` and ``signed`` and nonnegative ``nonneg``
     (float64): ``signed @ (w·diag(scale))``, within :func:`_signed_error` of the exact
     product, and an upper bound on ``nonneg @ (|w|·diag(scale))`` whose last row, one more,
     bounds the column sums of ``|w|·diag(scale)``. ``w_abs`` (float32, ``>= |w|``) replaces
@@ -292,23 +293,17 @@ def _weight_products(w: Array, signed: Array, nonneg: Array, scale: Array | None
     whenever ``c < n`` (``γ_n − γ_c >= u32``, ``γ64_m < n·2^-52``), and a single chunk is the
     whole sum. The signed product errs likewise by at most ``γ_n·Σ|terms|``. The scale is
     applied in float64 (two roundings on the bound: ``(1 + u64)²``; exact on a float32
-    value for the signed product)."""
-    n, cols = w.shape
+    value for the signed product). The torch backend sums each product in float64, within
+    ``γ64_n <= γ_n`` of the exact sum: the same bounds hold."""
+    n = w.shape[0]
     left = np.concatenate([_upper32(nonneg), np.ones((1, n), np.float32)])
-    s32 = signed.astype(np.float32)
-    sp, ap = np.zeros((s32.shape[0], cols)), np.zeros((left.shape[0], cols))
-    abs_chunks = None if w_abs is None else weight_chunks(w_abs)
-    magnitude: Array | None = None
+    signed_product = Product(signed.astype(np.float32))
     with np.errstate(over="ignore", invalid="ignore"):
-        for start, chunk in weight_chunks(w):
-            stop = start + chunk.shape[0]
-            sp += s32[:, start:stop] @ chunk
-            if abs_chunks is None:
-                magnitude = np.abs(chunk, out=None if magnitude is None
-                                   else magnitude[:chunk.shape[0]])
-            else:
-                magnitude = next(abs_chunks)[1]
-            ap += left[:, start:stop] @ magnitude
+        if w_abs is None:
+            sp, ap = weight_products(w, [signed_product, Product(left, "abs")])
+        else:
+            sp, = weight_products(w, [signed_product])
+            ap, = weight_products(w_abs, [Product(left)])
         ap = ap / (1 - F32.gamma(n)) + n * F32.tiny
     if scale is None:
         return sp, ap
