@@ -21,12 +21,19 @@ expert, which the one-GEMM floor never pays.
 
 ``--before PATH`` first runs this same script in a subprocess against another source tree
 (``PYTHONPATH=PATH``, e.g. an older commit unpacked with ``git archive``) and prints both
-tables side by side; the verdicts (stage of every compare) must agree.
+tables side by side; the verdicts (stage of every compare) must agree. The subprocess always
+takes the NumPy GEMMs (``DFC_GEMM`` unset).
+
+``--gemm torch`` times this tree with ``DFC_GEMM=torch`` (:mod:`oracle.adapters.gemm`: the
+model's and the judge's weight GEMMs in float64 on ``DFC_GEMM_DEVICE``, cuda where torch
+sees one). On a GPU machine, the NumPy and torch backends side by side, one command::
+
+    PYTHONPATH=$PWD python benchmarks/production_shapes.py --gemm torch --before $PWD
 
 Run from the repository root::
 
     PYTHONPATH=$PWD python benchmarks/production_shapes.py [--shape dsv3 mid] [--repeat 2]
-        [--before /tmp/before-tree]
+        [--before /tmp/before-tree] [--gemm numpy|torch]
 
 Not a timed test.
 """
@@ -116,6 +123,7 @@ def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
     ids = np.concatenate([r.expert_idx.reshape(-1) for r in problem.ranks])
     per_expert = np.bincount(ids, minlength=cfg.num_experts).tolist()
     return {"shape": shape, "variant": variant, "summary": cfg.summary(), "rows": rows,
+            "gemm": os.environ.get("DFC_GEMM") or "numpy",
             "gflop": 2 * rows * (k * 2 * i + i * k) / 1e9,
             "floor": min(floor, _floor(k, i, rows, repeat)),
             "expert_floor": _expert_floor(k, i, per_expert, repeat),
@@ -124,7 +132,8 @@ def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
 
 def _before(path: str, argv: list[str]) -> list[dict[str, Any]]:
     """This script's measurements against the source tree at ``path``, in a subprocess."""
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(path)}
+    env = {key: value for key, value in os.environ.items() if key != "DFC_GEMM"}
+    env["PYTHONPATH"] = os.path.abspath(path)
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", *argv],
                           env=env, cwd=path, check=True, capture_output=True, text=True)
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -139,12 +148,14 @@ def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> 
     lines = []
     for n, m in enumerate(after):
         b = before[n] if before else None
+        gemms = (f"GEMMs: {b.get('gemm', 'numpy')} before, {m['gemm']} after" if b
+                 else f"GEMMs: {m['gemm']}")
         lines.append(f"\n{m['shape']} ({m['summary']}): {m['rows']} rows, {m['gflop']:.3g} GFLOP, "
                      f"float64 GEMM floor {m['floor']:.3g} s, per-expert floor "
                      f"{m['expert_floor']:.3g} s"
                      + (f" (before's process: {b['floor']:.3g} s, {b['expert_floor']:.3g} s)"
                         if b else "")
-                     + "; cells: seconds, x floor, x per-expert floor")
+                     + f"; {gemms}; cells: seconds, x floor, x per-expert floor")
         head = "| step | before | after | verdict |" if b else "| step | this tree | verdict |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for step in STEPS:
@@ -163,8 +174,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--before", metavar="PATH",
                         help="also time the source tree at PATH (same script, a subprocess)")
+    parser.add_argument("--gemm", choices=("numpy", "torch"), default=None,
+                        help="the GEMM backend of this tree (sets DFC_GEMM; default: as set)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gemm:
+        os.environ["DFC_GEMM"] = args.gemm
     argv = ["--shape", *args.shape, "--variant", args.variant, "--repeat", str(args.repeat)]
     before = _before(args.before, argv) if args.before else None
     after = []

@@ -41,7 +41,7 @@ def _mismatches(k: int) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("k", [64, 515, 1100, 3000])
+@pytest.mark.parametrize("k", [64, 515, 1032, 1033, 3000])
 def test_blocked_products_are_the_float64_products(k: int) -> None:
     assert _mismatches(k) == []
     w, q, _ = _operands(k)
@@ -50,5 +50,7 @@ def test_blocked_products_are_the_float64_products(k: int) -> None:
 
 
 def test_too_long_a_block_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(arithmetic, "_CHUNK", 4096)  # one float32 block of up to 4096 terms
+    """A chunk of 3000 rows (past float32's exact range, partial sums up to 127·128·3000 ≈
+    2^25.5 with odd terms in column 0) loses bits; at most 1032 rows it cannot."""
+    monkeypatch.setattr(arithmetic, "_EXACT32", 2**26)  # float32 chunks of up to 4128 rows
     assert "signed values" in _mismatches(3000)

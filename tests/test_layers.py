@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Bottom to top. A module may import only modules before it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("adapters", ("oracle.adapters", "oracle.adapters.torch_io")),
+    ("adapters", ("oracle.adapters", "oracle.adapters.gemm", "oracle.adapters.torch_io")),
     ("model", ("oracle.model", "oracle.model.arithmetic", "oracle.model.kernels",
                "oracle.model.numerics", "oracle.model.reference", "oracle.model.routing",
                "oracle.model.modular")),

@@ -732,6 +732,36 @@ def test_ideal_tolerance_without_the_ideal_result_is_wider() -> None:
         assert (wide >= tight).all()
 
 
+def test_the_bound_takes_h_and_y_only_from_a_whole_ideal_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound takes ``h*`` and ``y*`` from the ideal result it is given; one made on some
+    tokens (NaN on the others) is not used: the bound is that of the whole run. A mutant
+    that takes it anyway gives NaN there, which reads as "nothing promised" (``inf``)."""
+    import oracle.judge.bounds as bounds
+
+    problem = COVERAGE["EP3 E8 duplicates clamp zero+tie rows"]
+
+    def bound(ideal: Any) -> Any:
+        return np.concatenate(bounds._bound(problem, False, (), False, None, ideal).err)
+
+    whole = bound(oracle.run(problem, numerics="ideal"))
+    tokens = np.zeros(sum(problem.config.tokens_per_rank), dtype=bool)
+    tokens[0] = True
+    partial = oracle.run(problem, numerics="ideal", tokens=tokens)
+    assert np.array_equal(bound(partial), whole)
+    assert np.array_equal(bound(None), whole)
+
+    def trusting(problem: Problem, ideal: Any, kept: Any) -> tuple[Any, Any]:
+        cfg = problem.config
+        slots = sum(cfg.tokens_per_rank) * cfg.top_k
+        return (np.concatenate(ideal.trace.h).reshape(slots, -1),
+                np.concatenate(ideal.trace.y).reshape(slots, -1))
+
+    monkeypatch.setattr(bounds, "_ideal_values", trusting)
+    mutant = bound(partial)
+    assert (np.isinf(mutant) & np.isfinite(whole)).any()
+
+
 def test_silu_lipschitz_constant_bounds_the_derivative() -> None:
     x = np.linspace(-30, 30, 600_001)
     s = 1 / (1 + np.exp(-x))

@@ -60,11 +60,16 @@ def _mismatch(draw: Draw) -> list[str]:
 
 
 @pytest.mark.parametrize("threaded", [False, True])
-def test_int8_uniform_is_numpys_draw(threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serial, and split over threads (every draw of two words or more, here)."""
+@pytest.mark.parametrize("pieces", [False, True])
+def test_int8_uniform_is_numpys_draw(threaded: bool, pieces: bool,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serial, and split over threads (every draw of two words or more, here); each slice
+    drawn whole, or two words at a time."""
     if threaded:
         monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1)
         monkeypatch.setattr("os.cpu_count", lambda: 3)
+    if pieces:
+        monkeypatch.setattr("spec.synth.PIECE_WORDS", 2)
     assert _mismatch(int8_uniform) == []
 
 

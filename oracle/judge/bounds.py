@@ -84,14 +84,23 @@ the exact value's magnitude: those rows (columns) take ``|h*|`` (``|y*|``) as th
 The bound is for the default ``zero_rows="zero"`` policy. Undefined rows (masked tokens, tokens
 that lost a slot to truncation) get ``inf``: nothing is promised there.
 
-Evaluation. The magnitudes ``|h*|``, ``|a*|``, ``|y*|`` are evaluated on float32 BLAS (x, int8
-and 16-bit weights are exact in float32; the scales are applied in float64), with the float32
-GEMM's own error ``γ_n·Σ|terms|`` carried as a never-omitted error on the magnitudes; every
-product with ``B1``/``B2`` is an upper bound: nonnegative rows rounded up to float32, the sum
+Evaluation. The magnitudes start from the float64 ideal's own ``h*`` (GEMM1, before the
+clamp) and ``y*`` (``numerics="ideal"``: the run the judge holds, or one made here): each is a
+dot product of length ``n`` of the same operands, within ``γ64_{n+1}·Σ|terms|`` of its exact
+value (:func:`_ideal_error`: ``n`` products, ``n − 1`` additions and the per-channel scaling,
+in any order, so for either GEMM backend), carried as a never-omitted error on the
+magnitudes; ``a`` is computed from that ``h*`` as the ideal computes it (the same clamp and
+:func:`oracle.model.arithmetic.glu64`, so it is the ideal's ``a`` bit for bit, the one its
+``y*`` multiplies). Before issue 26's third stop the bound made its own float32 ``x·W1`` and
+``a·W2``, whose ``γ32_n`` error it carried: the float64 values make it up to a few percent
+tighter where a GEMM's output cancels, and spare two products per expert. Every product
+with ``B1``/``B2`` is an upper bound: nonnegative rows rounded up to float32, the sum
 divided by ``1 − γ_n`` (``γ_n``-relative for sums of nonnegative terms, Higham §3.1), plus
 ``n·η32`` for underflowing products. All vectors that meet the same ``|W|`` share one product,
 and every product of one weight comes from one pass over it, a chunk of rows at a time
-summed in float64: sound for any chunking (:func:`_weight_products`).
+summed in float64: sound for any chunking (:func:`_weight_products`). The float64-sized error
+vectors of ``a`` (``γ64``-relative) reach ``y`` through the column sums of ``B2``
+(:func:`_column_bound`), without a product.
 
 It is a worst case (absolute values everywhere): on generated problems the actual error is
 typically 3–20 % of the bound, and up to about 60 % where one final rounding dominates.
@@ -106,9 +115,10 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import FORMATS, FloatFormat, glu64, weight_chunks
+from oracle.adapters.gemm import Product, weight_products
+from oracle.model.arithmetic import FORMATS, FloatFormat, glu64
 from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
-from oracle.model.reference import Result, float_weight_problem, route
+from oracle.model.reference import Result, float_weight_problem, route, run
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise
@@ -276,59 +286,55 @@ def _upper32(v: Array) -> Array:
         return np.asarray(np.where(v32 < v, np.nextafter(v32, np.float32(np.inf)), v32))
 
 
-def _weight_products(w: Array, signed: Array, nonneg: Array, scale: Array | None,
-                     w_abs: Array | None = None) -> tuple[Array, Array]:
-    """One pass over ``w`` (n, C), float32 chunks (:func:`oracle.model.arithmetic.
-    weight_chunks`), for float32-exact ``w`` and ``signed`` and nonnegative ``nonneg``
-    (float64): ``signed @ (w·diag(scale))``, within :func:`_signed_error` of the exact
-    product, and an upper bound on ``nonneg @ (|w|·diag(scale))`` whose last row, one more,
-    bounds the column sums of ``|w|·diag(scale)``. ``w_abs`` (float32, ``>= |w|``) replaces
-    ``|w|`` where the weight is not float32-exact (FP8's dequantised weights).
+def _weight_products(w: Array, nonneg: Array, scale: Array | None,
+                     w_abs: Array | None = None) -> Array:
+    """One pass over ``w`` (n, C), float32 chunks (:func:`oracle.adapters.gemm.
+    weight_products`), for float32-exact ``w`` and nonnegative ``nonneg`` (float64): an upper
+    bound on ``nonneg @ (|w|·diag(scale))`` whose last row, one more, bounds the column sums
+    of ``|w|·diag(scale)``. ``w_abs`` (float32, ``>= |w|``) replaces ``|w|`` where the
+    weight is not float32-exact (FP8's dequantised weights).
 
     The upper bound: ``nonneg`` rounded up to float32, each chunk's ``c`` products summed in
     float32 (within ``γ_c`` of its exact sum, Higham §3.1, plus ``c·η32`` for products that
     underflow), the chunks' sums added in float64, then divided by ``1 − γ_n`` and ``n·η32``
     added. Sound for any chunking: with ``m`` chunks, ``(1 − γ_c)(1 − γ64_m) >= 1 − γ_n``
     whenever ``c < n`` (``γ_n − γ_c >= u32``, ``γ64_m < n·2^-52``), and a single chunk is the
-    whole sum. The signed product errs likewise by at most ``γ_n·Σ|terms|``. The scale is
-    applied in float64 (two roundings on the bound: ``(1 + u64)²``; exact on a float32
-    value for the signed product)."""
-    n, cols = w.shape
+    whole sum. The scale is applied in float64 (two roundings on the bound: ``(1 + u64)²``).
+    The torch backend sums each product in float64, within ``γ64_n <= γ_n`` of the exact
+    sum: the same bound holds."""
+    n = w.shape[0]
     left = np.concatenate([_upper32(nonneg), np.ones((1, n), np.float32)])
-    s32 = signed.astype(np.float32)
-    sp, ap = np.zeros((s32.shape[0], cols)), np.zeros((left.shape[0], cols))
-    abs_chunks = None if w_abs is None else weight_chunks(w_abs)
-    magnitude: Array | None = None
     with np.errstate(over="ignore", invalid="ignore"):
-        for start, chunk in weight_chunks(w):
-            stop = start + chunk.shape[0]
-            sp += s32[:, start:stop] @ chunk
-            if abs_chunks is None:
-                magnitude = np.abs(chunk, out=None if magnitude is None
-                                   else magnitude[:chunk.shape[0]])
-            else:
-                magnitude = next(abs_chunks)[1]
-            ap += left[:, start:stop] @ magnitude
+        ap, = (weight_products(w, [Product(left, "abs")]) if w_abs is None
+               else weight_products(w_abs, [Product(left)]))
         ap = ap / (1 - F32.gamma(n)) + n * F32.tiny
-    if scale is None:
-        return sp, ap
-    s64 = scale.astype(np.float64)
-    return sp * s64, ap * s64 * (1 + F64.unit) ** 2
+    return np.asarray(ap if scale is None else ap * scale.astype(np.float64) * (1 + F64.unit) ** 2)
 
 
-def _signed_error(n: int, abs_bound: Array, scale: Array | None) -> Array:
-    """The error of :func:`_weight_products`' signed product: ``γ_n`` of the sum (one float32
-    chunk scaled in float64 is exact; several chunks' float64 additions and scaling add a few
-    ``u64``, inside ``γ_n − γ_c >= u32``), plus the underflow of ``n`` products."""
+def _ideal_error(n: int, abs_bound: Array, scale: Array | None) -> Array:
+    """How far a product of the float64 ideal (:func:`oracle.model.reference._ideal_product`:
+    ``n`` products summed, then the per-channel scale; FP8 on weights dequantised in
+    float64) may lie from the exact product of the same operands, ``abs_bound`` bounding
+    ``Σ|terms|``: ``γ64_{n+1}`` (``n`` products, ``n − 1`` additions and the scaling,
+    Higham §3.1, in any order), plus ``n·η64`` for products that underflow."""
     s = 1.0 if scale is None else scale.astype(np.float64)
-    return np.asarray(F32.gamma(n) * abs_bound + n * F32.tiny * s)
+    return np.asarray(F64.gamma(n + 1) * abs_bound + n * F64.tiny * s)
+
+
+def _column_bound(v: Array, col: Array) -> Array:
+    """An upper bound on ``v @ B`` for nonnegative ``v`` (rows, n) and ``B >= 0`` whose
+    column sums are at most ``col``: ``max_j v_j · col``. For error vectors of float64 size
+    (``γ64``-relative), where its slack is ten orders below every other term: no product."""
+    return np.asarray(v.max(axis=1, keepdims=True, initial=0.0) * col)
 
 
 def _expert_bound(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
     cfg: OpConfig, steps: _Steps, truncate: bool, amax_floor: float | None,
+    h_ideal: Array, y_ideal: Array,
 ) -> _SlotBound:
-    """The per-slot bounds of one expert's rows (§6 steps 1–7)."""
+    """The per-slot bounds of one expert's rows (§6 steps 1–7); ``h_ideal``, ``y_ideal``:
+    the float64 ideal's GEMM1 output (before the clamp) and ``y`` of these rows."""
     i, k_len = cfg.intermediate, cfg.hidden
     out = FloatFormat.of(DTYPES[cfg.x_dtype])
     exact = _Steps(())  # the error of our own evaluation is never omitted
@@ -336,17 +342,13 @@ def _expert_bound(
     ax = np.abs(x64)
     int8 = cfg.weight_dtype == "int8"
     fp8 = cfg.weight_dtype == "float8_e4m3fn"
-    w_round = 0.0  # relative error of the float32 weights we multiply with
     a1: Array | None = None  # >= |W| where the float32 weights are not exact
     a2: Array | None = None
     # int8 and 16-bit weights are exact in float32: |W| is taken chunk by chunk
-    if fp8:  # block scales: dequantised once, each weight within u32 of W·s
+    if fp8:  # block scales: |W·s| dequantised once, rounded up to float32
         assert s1 is not None and s2 is not None
-        w1d, w2d = dequantise(w1, s1), dequantise(w2, s2)
-        w1, w2 = w1d.astype(np.float32), w2d.astype(np.float32)
-        a1, a2 = _upper32(np.abs(w1d)), _upper32(np.abs(w2d))
+        a1, a2 = _upper32(np.abs(dequantise(w1, s1))), _upper32(np.abs(dequantise(w2, s2)))
         s1 = s2 = None
-        w_round = F32.unit
     rows = x.shape[0]
 
     # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
@@ -358,16 +360,17 @@ def _expert_bound(
             act_in = _activation_error(ax, amax, amax_floor)
         if steps.ftz:  # an element read as 0 quantises to 0: error |x|
             act_in = np.where(ax <= _NORMAL32, np.maximum(act_in, ax), act_in)
-        h, both = _weight_products(w1, x, np.concatenate([ax, act_in]), s1, a1)
+        both = _weight_products(w1, np.concatenate([ax, act_in]), s1, a1)
         ax_b1, act = both[:rows], both[rows:-1]
     else:
-        h, both = _weight_products(w1, x, ax, s1, a1)
+        both = _weight_products(w1, ax, s1, a1)
         ax_b1 = both[:-1]
     col1 = both[-1]  # >= Σ_k |W1d_kn|
-    # h as we evaluate it (float32 products, float64 scaling): within e_c of the exact h*;
-    # the float64 ideal that the judge holds is within e64 of h*.
-    e_c_h = _signed_error(k_len, ax_b1, s1) + w_round * ax_b1
-    e64_h = steps.add("ideal_float64", np.zeros_like(h), F64.gamma(k_len) * ax_b1)
+    # h, the float64 ideal's: within e_c of the exact h* (our evaluation, never omitted),
+    # and that same distance as the ideal's own error e64 (omittable).
+    h = np.array(h_ideal, dtype=np.float64)
+    e_c_h = _ideal_error(k_len, ax_b1, s1)
+    e64_h = steps.add("ideal_float64", np.zeros_like(h), e_c_h)
     h_mag = np.abs(h) + e_c_h  # >= |h*| (before the clamp)
     if cfg.swiglu_limit is not None:
         h = np.minimum(h, cfg.swiglu_limit)
@@ -417,26 +420,26 @@ def _expert_bound(
         # overflows the model requantises in float64 (zero_rows="zero"), with the same error.
         req = (sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1)
                + 127 * steps.kernel(F32).tiny * (af_mag > 0))
-        blocks = [steps.add("requantisation", e_a, req), e_c_a, e64_a, a_mag]
+        blocks = [steps.add("requantisation", e_a, req), a_mag]
     elif fp8:
         # vLLM's silu_and_mul rounds silu and the product to x's dtype (kernels.md)
         e_a = steps.round("swiglu", a_mag, steps.round("swiglu", a_mag, e_a, out), out)
         af_mag = a_mag + e_a
         req = steps.add("requantisation", e_a, e4m3_error(af_mag, cfg.kernel_variant.group))
-        blocks = [req, af_mag + req, e_c_a, e64_a, a_mag]
+        blocks = [req, af_mag + req, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
-        blocks = [e_a, a_mag + e_a, e_c_a, e64_a, a_mag]
-    # a rounded to float32 for its product (u32·|a| more through B2, below)
-    y, both = _weight_products(w2, np.asarray(a, dtype=np.float32), np.concatenate(blocks), s2,
-                               a2)
+        blocks = [e_a, a_mag + e_a, a_mag]
+    both = _weight_products(w2, np.concatenate(blocks), s2, a2)
     col2 = both[-1]  # >= Σ_i |W2d_ik|
     prods = np.split(both[:-1], len(blocks))
-    prop, e_c_prop, e64_prop, a_b2 = prods[0], prods[-3], prods[-2], prods[-1]
-    # a rounded to float32 first: u32·|a| more through B2.
-    e_c_y = (e_c_prop + _signed_error(i, a_b2, s2) + F32.unit * a_b2 * (1 + F32.gamma(i))
-             + w_round * a_b2)
-    e64_y = steps.add("ideal_float64", e64_prop, F64.gamma(i) * a_b2)
+    prop, a_b2 = prods[0], prods[-1]
+    # y, the float64 ideal's: the product of this very a (the ideal's own, bit for bit: the
+    # same h, clamp and glu64) with W2d, within γ64 of it; a is within e_c_a of a*. Both
+    # error vectors are float64-sized: through B2 by its column sums.
+    y = y_ideal
+    e_c_y = _column_bound(e_c_a, col2) + _ideal_error(i, a_b2, s2)
+    e64_y = steps.add("ideal_float64", _column_bound(e64_a, col2), F64.gamma(i + 1) * a_b2)
     y_mag = np.abs(y) + e_c_y
     if int8:
         e_y = prop + _dequant_chain(steps, "gemm2", y_mag + prop, sigma2, truncate)
@@ -495,8 +498,27 @@ class _Bound:
     mag: tuple[Array, ...]  # per rank (M_r, K): >= |ideal combined|
 
 
+def _ideal_values(problem: Problem, ideal: Result | None, kept: Array) -> tuple[Array, Array]:
+    """Per slot, the float64 ideal's GEMM1 output ``h*`` (before the clamp) and ``y*``: from
+    ``ideal`` (an ideal-mode run of ``problem``) where it holds every ``kept`` slot, else
+    from an ideal run here (one made on some tokens only has NaN on the others; on finite
+    inputs a computed slot's float64 values are finite)."""
+    cfg = problem.config
+    slots, n_len = sum(cfg.tokens_per_rank) * cfg.top_k, 2 * cfg.intermediate
+
+    def values(result: Result) -> tuple[Array, Array]:
+        return (np.concatenate(result.trace.h).reshape(slots, n_len),
+                np.concatenate(result.trace.y).reshape(slots, cfg.hidden))
+
+    if ideal is not None and ideal.trace.h:
+        h, y = values(ideal)
+        if not (np.isnan(h[kept]).any() or np.isnan(y[kept]).any()):
+            return h, y
+    return values(run(problem, numerics="ideal"))
+
+
 def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
-           ftz: bool, amax_floor: float | None) -> _Bound:
+           ftz: bool, amax_floor: float | None, ideal: Result | None = None) -> _Bound:
     if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
         problem = float_weight_problem(problem)
     steps = _Steps(omit, ftz)
@@ -513,12 +535,13 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
     mag = np.zeros((total * top_k, k_len))
     err = np.full((total * top_k, k_len), np.inf)
     err64 = np.zeros((total * top_k, k_len))
+    h_ideal, y_ideal = _ideal_values(problem, ideal, routing.slot_kept)
     for g in np.flatnonzero(routing.expert_kept):
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
         b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales,
-                          amax_floor)
+                          amax_floor, h_ideal[slots], y_ideal[slots])
         mag[slots], err[slots], err64[slots] = b.mag, b.err, b.err64
 
     def combine(values: Array) -> Array:  # Σ_k |p_k|·values_k per token
@@ -563,7 +586,8 @@ def quantisation_error_bound(
     each term is needed). ``ftz``: the kernel may flush float32 subnormals to zero (then it
     bounds every such kernel's distance, not only the model's). ``amax_floor``: the kernel's
     int8 quantisers may floor ``amax`` there (vLLM's Triton quantiser: 1e-10), so a row below it
-    is quantised on the floor's coarser grid. The derivation is the module docstring.
+    is quantised on the floor's coarser grid. The derivation is the module docstring; it runs
+    the ideal model for its ``h*`` and ``y*`` (:func:`ideal_tolerance` takes one at hand).
 
     >>> from spec import OpConfig, random_problem
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
@@ -580,10 +604,11 @@ def ideal_tolerance(
 ) -> tuple[Array, ...]:
     """Per rank, how far a kernel-faithful ``out`` may lie from the ideal ``out`` (the ideal
     value rounded to the out dtype): :func:`quantisation_error_bound` plus that one rounding,
-    ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` if at hand, makes
-    the rounding term exact; otherwise a bound on ``|ideal|`` is used. ``ftz``, ``amax_floor``:
+    ``u_out·|ideal| + η_out``. ``ideal``, the ideal-mode :class:`oracle.Result` of ``problem``
+    if at hand, makes the rounding term exact and gives the bound its ``h*`` and ``y*`` (else
+    the ideal model is run here, and a bound on ``|ideal|`` is used). ``ftz``, ``amax_floor``:
     as in :func:`quantisation_error_bound`."""
-    b = _bound(problem, truncate_scales, (), ftz, amax_floor)
+    b = _bound(problem, truncate_scales, (), ftz, amax_floor, ideal)
     out = FloatFormat.of(DTYPES[problem.config.x_dtype])
     mags = b.mag if ideal is None else tuple(
         np.where(np.isnan(c), np.inf, np.abs(c)) for c in ideal.trace.combined  # NaN: undefined

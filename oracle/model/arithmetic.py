@@ -7,12 +7,14 @@ rounds with the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from oracle.adapters.gemm import Product, weight_products
 
 __all__ = [
     "FORMATS",
@@ -23,7 +25,6 @@ __all__ = [
     "glu64",
     "round_half_away",
     "truncate_scale_bits",
-    "weight_chunks",
 ]
 
 Array = np.ndarray[Any, Any]
@@ -89,10 +90,8 @@ def truncate_scale_bits(scale: Array) -> Array:
 # quantised to [-127, 127], weights span [-128, 127]). BLAS computes them exactly while that
 # bound stays below the float type's integer range: 2**24 for float32 (L <= 1032), 2**53 for
 # float64. Any order of summation is then exact, so BLAS equals int32 accumulation.
-_INT8_PRODUCT_BOUND = 127 * 128
-#: Rows of ``w`` converted to float32 at a time by :func:`exact_int_matmul`: a buffer that
-#: stays in cache while BLAS reads it (256 x 4096 float32 is 4 MiB).
-_CHUNK = 256
+#: float32's exact integer range: the partial sums of one float32 chunk stay below it.
+_EXACT32 = 2**24
 
 
 def exact_int_matmul(q: Array, w: Array, *, absolute: bool = False, q_max: int = 127) -> Array:
@@ -108,58 +107,23 @@ def exact_int_matmul(q: Array, w: Array, *, absolute: bool = False, q_max: int =
 
 def exact_int_matmuls(w: Array, *operands: tuple[Array, bool, int]) -> list[Array]:
     """:func:`exact_int_matmul` of every ``(q, absolute, q_max)`` in ``operands`` with the same
-    int8 ``w``, converting ``w`` once. Longer reductions run as blocks short enough to be exact
-    in float32, summed in float64; ``w`` is converted a few hundred rows at a time into one
-    reused buffer, never whole: at 16 rows per expert the int8-to-float conversion, not the
-    arithmetic, is the cost (issue 26)."""
+    int8 ``w``, from one pass over ``w`` (:func:`oracle.adapters.gemm.weight_products`).
+
+    Why it is exact: ``w`` is converted to float32 a chunk of at most ``c`` rows at a time,
+    ``c = (2^24 − 1) // (128·max q_max)``, so every partial sum of a chunk's float32 product
+    is an integer below 2^24 and BLAS computes it exactly in any order; the chunks' integer
+    sums are added in float64, exact below 2^53. At 16 rows per expert the int8-to-float
+    conversion, not the arithmetic, is the cost (issue 26): the chunks are a few MiB, never
+    a whole converted copy. The torch backend's float64 products are exact likewise."""
     n = w.shape[0]
     bounds = [q_max * 128 for _, _, q_max in operands]
-    small = [b * n < 2**24 for b in bounds]
-    if all(small):
-        wf = w.astype(F32)
-        wa = np.abs(wf) if any(a for _, a, _ in operands) else wf
-        return [np.asarray(np.matmul(q.astype(F32, copy=False), wa if a else wf))
-                for q, a, _ in operands]
-    assert max(bounds) * n < 2**53, f"int GEMM of reduction length {n} is not exact in float64"
-    block = max((2**24 - 1) // max(bounds) // _CHUNK, 1) * _CHUNK
-    qs = [q.astype(F32) for q, _, _ in operands]  # integers below 2**24: exact
-    outs = [np.zeros((q.shape[0], w.shape[1]), np.float64) for q in qs]
-    parts = [np.empty((q.shape[0], w.shape[1]), F32) for q in qs]
-    prods = [np.empty_like(part) for part in parts]
-    buf = np.empty((_CHUNK, w.shape[1]), F32)
-    abs_buf = np.empty_like(buf) if any(a for _, a, _ in operands) else buf
-    for start in range(0, n, block):
-        for part in parts:
-            part[...] = 0
-        for c in range(start, min(start + block, n), _CHUNK):
-            rows = min(c + _CHUNK, start + block, n) - c
-            wc, wa = buf[:rows], abs_buf[:rows]
-            np.copyto(wc, w[c:c + rows], casting="unsafe")
-            if abs_buf is not buf:
-                np.abs(wc, out=wa)
-            for q32, (_, absolute, _), part, prod in zip(qs, operands, parts, prods):
-                np.matmul(q32[:, c:c + rows], wa if absolute else wc, out=prod)
-                part += prod  # below 2**24 within a block: exact
-        for out, part in zip(outs, parts):
-            out += part  # below 2**53: exact
-    return [out.astype(F32) if s else out for out, s in zip(outs, small)]
-
-
-def weight_chunks(w: Array, dtype: Any = F32) -> Iterator[tuple[int, Array]]:
-    """``(start, chunk)``: ``w``'s rows ``start`` onwards, a few MiB at a time (as
-    :func:`exact_int_matmuls`' 256 x 4096 float32), converted to ``dtype`` into one reused
-    buffer (the next chunk overwrites it). A consumer that takes every product it needs of a
-    weight from each chunk reads the weight once and never holds a converted copy of it: at
-    16 rows per expert the conversion, not the arithmetic, is the cost (issue 26). Any layout
-    of ``w``; int8 and 16-bit values convert exactly to float32 and float64."""
-    n = w.shape[0]
-    row_bytes = max(int(np.prod(w.shape[1:])) * np.dtype(dtype).itemsize, 1)
-    rows = max(_CHUNK * 4096 * 4 // row_bytes, 16)
-    buf = np.empty((min(rows, n), *w.shape[1:]), dtype)
-    for start in range(0, n, rows):
-        chunk = buf[:min(rows, n - start)]
-        np.copyto(chunk, w[start:start + chunk.shape[0]], casting="unsafe")
-        yield start, chunk
+    assert max(bounds, default=0) * n < 2**53, \
+        f"int GEMM of reduction length {n} is not exact in float64"
+    rows = max((_EXACT32 - 1) // max(bounds, default=1), 1)
+    outs = weight_products(
+        w, [Product(q.astype(F32, copy=False), "abs" if absolute else "w")
+            for q, absolute, _ in operands], max_rows=rows)
+    return [out.astype(F32) if b * n < _EXACT32 else out for out, b in zip(outs, bounds)]
 
 
 def glu64(gate: Array, up: Array, alpha: float | None) -> tuple[Array, Array, Array]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.arithmetic import F32, glu64, truncate_scale_bits, weight_chunks
+from oracle.adapters.gemm import Product, weight_products
+from oracle.model.arithmetic import F32, glu64, truncate_scale_bits
 from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
 from spec import DTYPES, Problem
@@ -198,18 +199,17 @@ def expert_values(problem: Problem, g: int) -> dict[str, Array]:
 
 def _ideal_product(rows: Array, w: Array, scale: Array | None) -> Array:
     """``rows @ (w·diag(scale))`` in float64 (``rows @ w`` without scales): ``w`` converted a
-    chunk at a time (:func:`oracle.model.arithmetic.weight_chunks`), the chunks' products
+    chunk at a time (:func:`oracle.adapters.gemm.weight_products`), the chunks' products
     summed in float64 and the per-channel scale applied to the result. Never a dequantised
     copy of ``w``: at K = 7168 writing one costs as much as the GEMM (issue 26). For int8 and
     16-bit weights and x each product ``x_j·w_jc`` is exact in float64, so this makes ``n − 1``
     additions and one scaling: ``n`` roundings, within ``γ_n`` like any float64 evaluation
-    (the sound bound's ``ideal_float64`` term, :mod:`oracle.judge.bounds`). Block scales
-    (FP8: one per 128 x 128 block) are expanded (:func:`spec.fp8.dequantise`)."""
+    (the sound bound's ``ideal_float64`` term, :mod:`oracle.judge.bounds`), whichever backend
+    sums them. Block scales (FP8: one per 128 x 128 block) are expanded
+    (:func:`spec.fp8.dequantise`)."""
     if scale is not None and scale.ndim == w.ndim:
         return np.asarray(rows @ dequantise(w, scale))
-    out = np.zeros((rows.shape[0], w.shape[1]))
-    for start, chunk in weight_chunks(w, np.float64):
-        out += rows[:, start:start + chunk.shape[0]] @ chunk
+    out = weight_products(w, [Product(rows)], np.float64)[0]
     return out if scale is None else out * scale.astype(np.float64)
 
 

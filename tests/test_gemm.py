@@ -1,0 +1,105 @@
+"""``oracle.adapters.gemm``: the one place the model's and the judge's weight GEMMs are done
+(issue 26). The NumPy backend's chunked products are the float64 products (exactly where the
+operands make them exact); ``DFC_GEMM=torch`` gives the exact int8 GEMMs, and so the kernel
+profiles' outputs, bit for bit, and the judge's float values within their stated margins,
+with the same verdicts; a torch backend in float32 loses the exact sums and is caught; a
+bad ``DFC_GEMM`` and a missing torch are named."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import oracle
+from oracle.adapters import gemm
+from oracle.adapters.gemm import Product, weight_products
+from oracle.model.arithmetic import exact_int_matmuls
+from spec import OpConfig, random_problem
+
+
+def _operands(k: int = 1101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An int8 weight whose column 0 (-127 throughout) against q = 127 sums to an odd
+    integer past 2^24, which float32 cannot hold: a float32 sum loses bits there."""
+    rng = np.random.default_rng(k)
+    w = rng.integers(-128, 128, size=(k, 24), dtype=np.int8)
+    w[:, 0] = -127
+    q = rng.integers(-127, 128, size=(5, k)).astype(np.float32)
+    q[0] = 127
+    return w, q, rng.standard_normal((3, 24)).astype(np.float32)
+
+
+def test_numpy_products_are_the_float64_products() -> None:
+    w, q, t = _operands()
+    w64 = w.astype(np.float64)
+    signed, absolute, square, transposed = weight_products(
+        w, [Product(q), Product(q, "abs"), Product(q, "square"), Product(t, transposed=True)],
+        max_rows=1000)
+    assert np.array_equal(signed, q @ w64)  # chunks of 1000 rows: integer sums below 2^24
+    assert signed[0, 0] == -127 * 127 * 1101  # odd, past 2^24: no float32 holds it
+    assert np.array_equal(absolute, q @ np.abs(w64))
+    np.testing.assert_allclose(square, q @ w64**2, rtol=1000 * 2.0**-24)  # γ_1000 in float32
+    t64 = t.astype(np.float64)  # a float32 sum of 24 terms: within γ_24 of Σ|terms|
+    assert (np.abs(transposed - t64 @ w64.T) <= 25 * 2.0**-24 * (np.abs(t64) @ np.abs(w64).T)).all()
+
+
+def test_an_unknown_backend_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFC_GEMM", "cupy")
+    with pytest.raises(ValueError, match=r"DFC_GEMM='cupy'.*numpy, torch"):
+        weight_products(*_operands()[:1], [Product(np.ones((1, 1101), np.float32))])
+
+
+def test_torch_backend_without_torch_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFC_GEMM", "torch")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="DFC_GEMM=torch needs torch"):
+        weight_products(*_operands()[:1], [Product(np.ones((1, 1101), np.float32))])
+
+
+def _exact_mismatch(monkeypatch: pytest.MonkeyPatch) -> bool:
+    w, q, _ = _operands()
+    monkeypatch.delenv("DFC_GEMM", raising=False)
+    want = exact_int_matmuls(w, (q, False, 127), (q, True, 127))
+    monkeypatch.setenv("DFC_GEMM", "torch")
+    monkeypatch.setenv("DFC_GEMM_DEVICE", "cpu")
+    got = exact_int_matmuls(w, (q, False, 127), (q, True, 127))
+    return not all(g.dtype == x.dtype and np.array_equal(g.view(np.uint64), x.view(np.uint64))
+                   for g, x in zip(got, want))
+
+
+def test_torch_exact_gemms_are_numpys_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    assert not _exact_mismatch(monkeypatch)
+
+
+def test_a_float32_torch_backend_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    monkeypatch.setattr(gemm, "_TORCH_DTYPE", "float32")
+    assert _exact_mismatch(monkeypatch)
+
+
+def test_torch_backend_judges_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K = 1100 (past float32's exact int8 range): the profile's output bit for bit, the
+    ideal model within float64 reordering, the verdicts (model's own output, a scaled row)
+    the same under both backends."""
+    pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=1100, intermediate=32,
+                   tokens_per_rank=(3, 2))
+    p = random_problem(cfg, seed=3)
+    found = {}
+    for name in ("numpy", "torch"):
+        monkeypatch.setenv("DFC_GEMM", name)
+        monkeypatch.setenv("DFC_GEMM_DEVICE", "cpu")
+        run, ideal = oracle.run(p), oracle.run(p, numerics="ideal")
+        own = [(r.out, r.expert_token_nums) for r in run.ranks]
+        scaled = [(r.out * np.array(2, r.out.dtype), r.expert_token_nums)
+                  for r in run.ranks]
+        verdicts = [(v.stage, v.ok) for v in (oracle.compare(p, own, numerics="ideal"),
+                                              oracle.compare(p, scaled, numerics="ideal"))]
+        found[name] = ([r.out.view(np.uint16) for r in run.ranks],
+                       np.concatenate(ideal.trace.combined), verdicts)
+    (bits_n, ideal_n, verdicts_n), (bits_t, ideal_t, verdicts_t) = found.values()
+    assert all(np.array_equal(a, b) for a, b in zip(bits_n, bits_t))
+    np.testing.assert_allclose(ideal_t, ideal_n, rtol=1e-12, atol=1e-300)
+    assert verdicts_n == verdicts_t == [("ok", True), ("out", False)]
