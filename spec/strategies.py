@@ -34,6 +34,7 @@ from spec.problem import DTYPES, Problem
 from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
 __all__ = [
+    "BLOCK_ROW_FAMILIES",
     "CAPACITY_FAMILIES",
     "COUNT_ONLY",
     "FEW_TOKENS",
@@ -71,6 +72,13 @@ ROW_FAMILIES = ("normal", "zero_row", "tiny_row", "large_row", "outlier", "ties"
 #: leaves the small rows a few int8 levels, or none). Outlier channels and quotients placed
 #: just below integers were measured too and caught nothing more (benchmarks/OWN_PROFILE.md).
 POWER_ROW_FAMILIES = ("varied_norms",)
+#: Token rows for block-scaled activations (MXFP8, FP8 groups), drawn where a search asks for
+#: them (``token_rows(families=...)``): every row's blocks of the variant's group width (32
+#: without one) after the first cycle through zero, amax below the amax epsilons 1e-10 and 1e-4
+#: (2^-34, 2^-14), exact e4m3 ties under the scale 2^-6, and a hot block (16x), shifted by one
+#: block per row so that rows' scales differ, and every other row 2^-12 times smaller (a scale
+#: shared across rows leaves it two bits or none) (:meth:`RowPlan.plant`).
+BLOCK_ROW_FAMILIES = ("scale_blocks",)
 PROBS_FAMILIES = ("softmax", "ties", "zeros", "negative", "unnormalised")
 MASK_FAMILIES = ("random", "all_active", "one_rank_masked", "none_active")
 #: ``max_output_size`` against the busiest rank's received rows R: R, R − 1, R + 1, or the
@@ -490,6 +498,10 @@ class RowPlan:
             for r in busy:
                 x[r] = _varied_norms(rng, x[r]).astype(dtype)
             return
+        if self.family == "scale_blocks":
+            for r in busy:
+                x[r] = _scale_blocks(rng, x[r], cfg.kernel_variant.group or 32).astype(dtype)
+            return
         if self.family == "ties":
             # x = (2n+1)/16 with one element 127/8: σ1 = 1/8 exactly and x/σ1 = n + 1/2, a tie
             # for every element; every value is exact in bf16 and fp16.
@@ -517,6 +529,38 @@ class RowPlan:
         x[r][t] = planted.astype(dtype)
 
 
+def _scale_blocks(rng: np.random.Generator, x: np.ndarray, width: int) -> np.ndarray:
+    """One rank's rows ``x`` with their ``width``-column blocks rewritten in turn (block 0
+    as drawn, block ``b > 0`` of row ``t`` by kind ``1 + (b − 1 + t) mod 5``): zero; amax
+    2^-34 and 2^-14 (below the amax epsilons 1e-10 and 1e-4 of FP8 quantisers); e4m3
+    midpoints times 2^-6 with one element 448·2^-6 = 7 (so the scale is exactly 2^-6 and
+    every other ``x/σ`` an exact tie, exact in bfloat16 and float16); the block times 16
+    (one hot block). Odd rows are then scaled by 2^-12 (a power of two: ties stay ties)."""
+    rows = x.astype(np.float64)
+    m, k = rows.shape
+    if not rows.size:
+        return rows
+    blocks = -(-k // width)
+    padded = np.zeros((m, blocks * width))
+    padded[:, :k] = rows
+    g = padded.reshape(m, blocks, width)
+    b = np.arange(blocks)[None, :]
+    kind = np.where(b == 0, 0, 1 + (b - 1 + np.arange(m)[:, None]) % 5)
+    amax = np.maximum(np.abs(g).max(axis=2, keepdims=True), 1e-30)
+    binade = rng.integers(-3, 8, size=g.shape)
+    mid = 2.0**binade * (1 + (2 * rng.integers(0, 8, size=g.shape) + 1) / 16)
+    mid = np.where(mid > 448, 2.0**-3 * (1 + 1 / 16), mid)  # beyond the grid: the smallest
+    ties = np.where(rng.random(g.shape) < 0.5, -mid, mid) * 2.0**-6
+    ties[..., 0] = 7.0
+    out = np.where((kind == 1)[..., None], 0.0, g)
+    out = np.where((kind == 2)[..., None], g / amax * 2.0**-34, out)
+    out = np.where((kind == 3)[..., None], g / amax * 2.0**-14, out)
+    out = np.where((kind == 4)[..., None], ties, out)
+    out = np.where((kind == 5)[..., None], g * 16, out)
+    out = out * np.where(np.arange(m) % 2, 2.0**-12, 1.0)[:, None, None]
+    return np.asarray(out.reshape(m, blocks * width)[:, :k])
+
+
 def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     """One rank's rows ``x`` rescaled to amax 8 down to 8e-3, log-uniform; the first row 8."""
     rows = x.astype(np.float64)
@@ -528,9 +572,10 @@ def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
 
 def token_rows(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[RowPlan]:
     """Special-row plans; ``families`` defaults to every family of :data:`ROW_FAMILIES` (names
-    from :data:`POWER_ROW_FAMILIES` may be given too)."""
+    from :data:`POWER_ROW_FAMILIES` and :data:`BLOCK_ROW_FAMILIES` may be given too)."""
     if families is not None:
-        families = _known_families("token_rows", families, ROW_FAMILIES + POWER_ROW_FAMILIES)
+        families = _known_families("token_rows", families,
+                                   ROW_FAMILIES + POWER_ROW_FAMILIES + BLOCK_ROW_FAMILIES)
     return st.builds(
         RowPlan,
         family=_or(families, st.sampled_from(ROW_FAMILIES)),

@@ -228,7 +228,7 @@ def e4m3_error(v: Array, group: int | None = BLOCK) -> Array:
     width = group or max(cols, 1)
     grouped = np.zeros((rows, -(-cols // width) * width))
     grouped[:, :cols] = np.abs(v)
-    amax = grouped.reshape(rows, -1, width).max(axis=2)
+    amax = grouped.reshape(rows, grouped.shape[1] // width, width).max(axis=2)
     sigma = np.maximum(amax, WEIGHT_EPS) / E4M3_MAX * 2 * (1 + F32.unit)
     per_col = np.repeat(sigma, width, axis=1)[:, :cols]
     return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)

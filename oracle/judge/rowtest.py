@@ -618,7 +618,7 @@ def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
     rows, cols = x.shape
     grouped = np.zeros((rows, -(-cols // width) * width))
     grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -1, width).max(axis=2)
+    amax = grouped.reshape(rows, grouped.shape[1] // width, width).max(axis=2)
     half = np.zeros(x.shape)
     for eps in (1e-10, WEIGHT_EPS, *(() if floor is None else (floor,))):
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
@@ -635,7 +635,7 @@ def _e4m3_ties(x: Array, width: int = BLOCK) -> Array:
     rows, cols = x.shape
     grouped = np.zeros((rows, -(-cols // width) * width), np.float32)
     grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -1, width).max(axis=2)
+    amax = grouped.reshape(rows, grouped.shape[1] // width, width).max(axis=2)
     sigma = np.repeat(np.maximum(amax, np.float32(1e-10)) / np.float32(E4M3_MAX), width,
                       axis=1)[:, :cols]
     with np.errstate(over="ignore", invalid="ignore"):

@@ -670,7 +670,7 @@ class GroupQuantiser:
         group = self.group or max(cols, 1)
         padded = np.zeros((rows, blocks(cols, group) * group), a.dtype)
         padded[:, :cols] = a
-        return padded.reshape(rows, -1, group)
+        return padded.reshape(rows, padded.shape[1] // group, group)  # rows may be 0
 
     def _sigma(self, amax: Array) -> Array:
         s = to_f32(np.maximum(amax, F32(self.amax_floor)) / F32(E4M3_MAX))
@@ -692,7 +692,8 @@ class GroupQuantiser:
         g = self._grouped(a.mid)
         amax = np.abs(g).max(axis=2, initial=0).astype(F32)
         sigma = self._sigma(amax)
-        q = to_e4m3(self._quotient(g, sigma, amax)).astype(F32).reshape(rows, -1)[:, :cols]
+        q = to_e4m3(self._quotient(g, sigma, amax)).astype(F32)
+        q = q.reshape(rows, g.shape[1] * g.shape[2])[:, :cols]  # rows may be 0
         degenerate = np.zeros(rows, dtype=bool)
         if a.lo is None or a.hi is None:
             return Env(q), Env(sigma), degenerate
@@ -730,7 +731,7 @@ class GroupQuantiser:
         s_mid = sigma.astype(np.float64)[..., None]
         v_lo = np.minimum(q_lo * s_lo[..., None], q_lo * s_hi[..., None]) / s_mid
         v_hi = np.maximum(q_hi * s_lo[..., None], q_hi * s_hi[..., None]) / s_mid
-        v_lo, v_hi = (v.reshape(rows, -1)[:, :cols] for v in (v_lo, v_hi))
+        v_lo, v_hi = (v.reshape(rows, v.shape[1] * v.shape[2])[:, :cols] for v in (v_lo, v_hi))
         return Env(q, np.minimum(v_lo, q), np.maximum(v_hi, q))
 
 
