@@ -36,6 +36,7 @@ from oracle.model.kernels import (
     Env,
     GroupQuantiser,
     KernelProfile,
+    get_kernel,
 )
 from spec import ConfigError, OpConfig, Problem, random_problem
 from spec.fp8 import to_e4m3, ue8m0_up
@@ -331,3 +332,16 @@ def test_search_kills_the_activation_scale_bugs() -> None:
         assert c.top_k >= 2 or max(c.tokens_per_rank) >= 2 or c.hidden > 128
         found = _search(model_impl(PER_TENSOR), numerics, blocks)
         assert found is not None and sum(found.config.tokens_per_rank) >= 2
+
+
+@pytest.mark.parametrize("weights", ["uint8", "float8_e4m3fn"])
+def test_a_call_without_tokens_is_judged(weights: str) -> None:
+    """No token on any rank: the e4m3 group quantiser and both judges' e4m3 terms reshaped
+    0 rows with ``-1`` (a ValueError before this test), which no FP8 search had drawn."""
+    cfg = _config(weight_dtype=weights, tokens_per_rank=(0,),
+                  act_scheme=SCHEME if weights == MX else None)
+    kernel = PROFILE.name if weights == MX else "vllm-triton-fp8"
+    problem = random_problem(cfg, seed=0)
+    outs = model_impl(get_kernel(kernel))(problem)
+    assert oracle.compare(problem, outs, numerics=kernel).ok
+    assert oracle.compare(problem, outs, numerics="ideal").ok
