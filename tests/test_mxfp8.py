@@ -345,3 +345,22 @@ def test_a_call_without_tokens_is_judged(weights: str) -> None:
     outs = model_impl(get_kernel(kernel))(problem)
     assert oracle.compare(problem, outs, numerics=kernel).ok
     assert oracle.compare(problem, outs, numerics="ideal").ok
+
+
+@pytest.mark.parametrize("weights", ["uint8", "float8_e4m3fn"])
+def test_explain_diagnoses_a_gpu_format_counterexample(weights: str) -> None:
+    """``dfc-oracle explain`` on an FP8 or MXFP8 counterexample: its int8 tie and per-tensor
+    defects and the float pipeline's SwiGLU cast do not apply to an e4m3 group quantiser or a
+    profile without a float pipeline (both raised before this test: no ``ties`` field, "no
+    float pipeline"); the diagnosis runs the rest and names the one an all-zero output at
+    top_k = 1 equals: the last slot left out of the combine."""
+    from oracle.explain.diagnose import diagnose
+
+    cfg = _config(weight_dtype=weights, experts_per_rank=1, hidden=32,
+                  act_scheme=SCHEME if weights == MX else None)
+    kernel = PROFILE if weights == MX else get_kernel("vllm-triton-fp8")
+    problem = random_problem(cfg, seed=0)
+    outs = [(o * 0, n) for o, n in model_impl(kernel)(problem)]
+    found = diagnose(problem, outs, numerics=kernel.name)
+    assert not found.verdict.ok and found.exact[0].key == "last_slot_dropped"
+    assert "step1_ties" not in found.tried and "swiglu_cast_ties" not in found.tried
