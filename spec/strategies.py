@@ -188,7 +188,7 @@ def _small_configs(
     x_dtypes: st.SearchStrategy[str],
     weight_dtypes: st.SearchStrategy[str],
     scale_dims: st.SearchStrategy[int | None],
-    act_schemes: st.SearchStrategy[str | None],
+    act_schemes: st.SearchStrategy[str | None] | None,
     weight_forms: st.SearchStrategy[str],
     masked: st.SearchStrategy[bool],
     truncation: st.SearchStrategy[bool],
@@ -223,8 +223,8 @@ def _small_configs(
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
     dims = draw(scale_dims)
-    variant = variant_for(w_dtype, x_dtype, dims, draw(act_schemes)) or variant_for(
-        w_dtype, x_dtype, dims)
+    scheme = draw(act_schemes) if act_schemes is not None else None  # no draw unless asked
+    variant = variant_for(w_dtype, x_dtype, dims, scheme) or variant_for(w_dtype, x_dtype, dims)
     if variant is None:
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
         variant = variant_for(w_dtype, x_dtype)
@@ -376,7 +376,7 @@ def configs(
         # W8A8, the variant analysed in depth, half the time.
         weight_dtypes=_or(weight_dtypes, st.sampled_from(("int8", "bfloat16", "int8", "float16"))),
         scale_dims=_or(scale_dims, st.none()),
-        act_schemes=_or(act_schemes, st.none()),
+        act_schemes=act_schemes,
         weight_forms=_or(weight_forms, st.sampled_from(("stacked", "list"))),
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),
