@@ -50,6 +50,12 @@ TRUNCATED = dataclasses.replace(PROFILE.with_steps(
 MUTANTS = {"e8m0 scale rounded to nearest": NEAREST,
            "scale read through the swizzle (vllm #42118)": UNSWIZZLED,
            "one scale per tensor": PER_TENSOR}
+PER_TENSOR_NOTE = (
+    "With power-of-two scales a per-tensor scale gives the same values as per-block ones "
+    "wherever `x/σ` stays in e4m3's normal range (2^-6 to 448): on N(0, 1) tokens the "
+    "mutant's outputs are the model's (the same row ratio), an equivalent mutant there; the "
+    "`scale_blocks` rows (rows 2^-12 apart, blocks from 2^-34 to 16x) leave the small ones "
+    "subnormal or zero under the shared scale, and both judges reject it.")
 #: Legitimate kernels: of the profile (its freedoms), and of the format (the ideal judge).
 OF_PROFILE = {"(legitimate: the profile's model)": PROFILE,
               "(legitimate: 13-bit truncating dots)": TRUNCATED}
@@ -194,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "pins the round-up).",
         "",
         *power_lines,
+        "",
+        PER_TENSOR_NOTE,
         "",
         "## False alarms",
         "",

@@ -8,7 +8,9 @@ activation-scale bugs killed by the search with their shrunk counterexamples:
 - the activation scales written row-major into a 128x4-swizzled buffer and read through the
   swizzle (vllm #42118, PR #49335: left unswizzled after EP dispatch): visible only with two
   or more scale rows (tokens at an expert) or more than four scale columns (K > 128);
-- one activation scale for the whole tensor instead of one per 32 columns.
+- one activation scale for the whole tensor instead of one per 32 columns: with power-of-two
+  scales it gives the per-block values wherever ``x/σ`` stays in e4m3's normal range, so only
+  rows far apart in magnitude show it (the ``scale_blocks`` rows; benchmarks/MXFP8_POWER.md).
 
 Each search is shown to pass the model as well as to fail on the mutant.
 """
