@@ -54,6 +54,7 @@ class CallAttributes(TypedDict):
     max_output_size: int | None
     swiglu_limit: float | None
     swiglu_alpha: float | None
+    act_scheme: str | None
 
 
 #: Their names (:meth:`OpConfig.call_attributes`).
@@ -109,7 +110,10 @@ class OpConfig:
     Every field is validated on construction; a bad one raises :class:`spec.ConfigError` naming
     the field, the value and what to change. ``scale_dims`` tells variants with one weight
     dtype apart (scale1's per-expert dimensions, :func:`spec.fields.variant_for`); ``None``
-    selects the first, and is what a configuration of that variant holds.
+    selects the first, and is what a configuration of that variant holds. ``act_scheme``
+    names the activation quantisation where the inputs cannot tell it (``"mxfp8"`` with
+    MXFP4 weights: ``mxfp4_mxfp8``, :attr:`spec.fields.Variant.act_scheme`); ``None``: the
+    row the inputs select.
 
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
     ...                tokens_per_rank=(3, 0))
@@ -131,6 +135,7 @@ class OpConfig:
     swiglu_alpha: float | None = None
     masked: bool = False
     scale_dims: int | None = None
+    act_scheme: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens_per_rank, (tuple, list)):
@@ -187,6 +192,8 @@ class OpConfig:
                                     for v in VARIANTS),
                 fix="use int8 weights with float32 scales, or weights in x's dtype",
             )
+        if self.act_scheme is not None:
+            variant = self._scheme()
         variant = self._select(variant)
         if variant.n_le_k and self.n > self.hidden:
             raise ConfigError(
@@ -252,13 +259,29 @@ class OpConfig:
                 f"({', '.join(v.name for v in VARIANTS if v.masked)})",
             )
 
+    def _scheme(self) -> Variant:
+        """The row ``act_scheme`` names for the weight dtype, else a ``ConfigError`` naming
+        the schemes that dtype has."""
+        named = (variant_for(self.weight_dtype, self.x_dtype, None, self.act_scheme)
+                 if isinstance(self.act_scheme, str) else None)
+        if named is None:
+            schemes = [f"{v.act_scheme!r} ({v.name})" for v in VARIANTS if v.act_scheme
+                       and variant_for(self.weight_dtype, self.x_dtype, None, v.act_scheme)]
+            raise ConfigError(
+                field="act_scheme", given=f"{self.act_scheme!r} with {self.weight_dtype} "
+                "weights", allowed=" or ".join(["None", *schemes]),
+                fix="name the activation quantisation your kernel applies, or None for the "
+                "row the weights select",
+            )
+        return named
+
     def _select(self, first: Variant) -> Variant:
         """The row ``scale_dims`` selects among those sharing the weight dtype (``first``: the
         one the dtype alone selects); stores ``scale_dims`` as ``None`` for ``first``, so one
         call has one configuration."""
         dims = self.scale_dims
         rows = [v for v in VARIANTS if variant_for(self.weight_dtype, self.x_dtype,
-                                                   v.scale_dims) is v]
+                                                   v.scale_dims, self.act_scheme) is v]
         if dims is not None and (isinstance(dims, bool) or dims not in
                                  [v.scale_dims for v in rows]):
             raise ConfigError(
@@ -267,7 +290,7 @@ class OpConfig:
                 fix="give scale1's per-expert dimensions, or None for "
                 f"{first.name}",
             )
-        variant = variant_for(self.weight_dtype, self.x_dtype, dims)
+        variant = variant_for(self.weight_dtype, self.x_dtype, dims, self.act_scheme)
         assert variant is not None
         object.__setattr__(self, "scale_dims", selecting_scale_dims(variant, self.x_dtype))
         return variant
@@ -302,7 +325,8 @@ class OpConfig:
     def call_attributes(self) -> CallAttributes:
         """The call's attributes by name (:data:`CALL_ATTRIBUTES`), for ``Problem(ranks, **…)``."""
         return CallAttributes(max_output_size=self.max_output_size,
-                              swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha)
+                              swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha,
+                              act_scheme=self.act_scheme)
 
     @property
     def num_experts(self) -> int:
@@ -319,7 +343,7 @@ class OpConfig:
         """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
         for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
         (weights in x's dtype)."""
-        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims)
+        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims, self.act_scheme)
         assert found is not None  # checked on construction
         return found.name
 
@@ -327,7 +351,7 @@ class OpConfig:
     def kernel_variant(self) -> Variant:
         """The row of :data:`spec.fields.VARIANTS` the weight dtype (and ``scale_dims``)
         select."""
-        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims)
+        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims, self.act_scheme)
         assert variant is not None  # checked on construction
         return variant
 
@@ -359,4 +383,6 @@ class OpConfig:
             parts.append("masked")
         if self.scale_dims is not None:
             parts.append(f"scale_dims={self.scale_dims}")
+        if self.act_scheme is not None:
+            parts.append(f"act_scheme={self.act_scheme}")
         return " ".join(parts)

@@ -138,8 +138,12 @@ class Variant:
     for the float variant]. ``dequantise``: the kernel turns the weights and their scales into
     x's dtype before float GEMMs (W4A16), in this format (``"mxfp4"``: :mod:`spec.mxfp4`,
     ``"int4"``: :func:`spec.int4.dequantise_groups`, ``"nvfp4"``: :mod:`spec.nvfp4`); the
-    numerics then read them as float weights. ``group``: the columns that share one activation
-    scale (``None``: the whole row, per token)."""
+    numerics then read them as float weights (in float32 where the activations are
+    ``quantised``: the kernel never rounds the weights to x's dtype). ``group``: the columns
+    that share one activation scale (``None``: the whole row, per token). ``act_scheme``: the
+    activation quantisation a call names to select this row where its inputs are another
+    row's (``"mxfp8"``: e4m3 with an e8m0 scale per ``group``, vLLM's ``mxfp4_mxfp8``); a row
+    with a scheme is never selected from the inputs alone (:func:`variant_for`)."""
 
     name: str
     weight_dtype: str
@@ -154,6 +158,13 @@ class Variant:
     send_row_pad: int = 32
     dequantise: str | None = None
     group: int | None = None
+    act_scheme: str | None = None
+
+    @property
+    def e4m3_activations(self) -> bool:
+        """The kernel quantises the activations to e4m3 per group (the FP8 rows, MXFP8)."""
+        return self.quantised and (self.weight_dtype == "float8_e4m3fn"
+                                   or self.act_scheme == "mxfp8")
 
     @property
     def scale_dims(self) -> int:
@@ -245,6 +256,18 @@ VARIANTS: tuple[Variant, ...] = (
          "gscale1": ListSpec(("1",), "float32"), "gscale2": ListSpec(("1",), "float32")},
         masked=False, clamped=False, quantised=False, opt_in=True, dequantise="nvfp4",
     ),
+    # MXFP4 weights with MXFP8 activations (vLLM's mxfp4_mxfp8; formats.md, MXFP4 [code]): the
+    # inputs of mxfp4_w4a16, but the kernel quantises the activations to e4m3 with one e8m0
+    # scale per 32 along K before each GEMM. Nothing in the data says so: the call names the
+    # scheme (``act_scheme="mxfp8"``, ``OpConfig.act_scheme``).
+    Variant(
+        "mxfp4_mxfp8", "uint8",
+        {"w1": ListSpec(("K", "N/2"), "uint8"), "w2": ListSpec(("I", "K/2"), "uint8"),
+         "scale1": ListSpec(("K/32^", "N"), "uint8"),
+         "scale2": ListSpec(("I/32^", "K"), "uint8")},
+        masked=False, clamped=False, opt_in=True, dequantise="mxfp4", group=32,
+        act_scheme="mxfp8",
+    ),
 )
 
 
@@ -260,8 +283,8 @@ class GateVariant:
     """A variant as the gate and the CLI name it (``--dfc-variants``, ``test_variant[...]``):
     a row of :data:`VARIANTS` at the x dtypes it runs with. Weights in x's dtype make one
     gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name.
-    ``scale_dims``: what :class:`spec.OpConfig` needs besides ``weight_dtype`` to select the
-    row (:func:`selecting_scale_dims`)."""
+    ``scale_dims`` and ``act_scheme``: what :class:`spec.OpConfig` needs besides
+    ``weight_dtype`` to select the row (:func:`selecting_scale_dims`)."""
 
     name: str
     variant: Variant
@@ -270,22 +293,32 @@ class GateVariant:
     scale_dims: int | None
 
     @property
+    def act_scheme(self) -> str | None:
+        """The activation scheme the call names (:attr:`Variant.act_scheme`)."""
+        return self.variant.act_scheme
+
+    @property
     def default(self) -> bool:
         """Whether the gate runs it unless ``--dfc-variants`` says otherwise."""
         return not self.variant.opt_in
 
 
-def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None) -> Variant | None:
-    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype. Rows
-    sharing the dtype are told apart by ``scale_dims`` (scale1's per-expert dimensions,
+def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
+                act_scheme: str | None = None) -> Variant | None:
+    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype (or
+    none of its rows has ``act_scheme``). Rows sharing the dtype are told apart by the
+    activation scheme the call names (:attr:`Variant.act_scheme`; ``None`` never selects a
+    row that has one) and by ``scale_dims`` (scale1's per-expert dimensions,
     :attr:`Variant.scale_dims`); ``None``, or dimensions no such row has, select the first
     (validation then names the shape it wants).
 
     >>> [variant_for("float8_e4m3fn", "bfloat16", d).name for d in (None, 2, 1)]
     ['fp8_block', 'fp8_block', 'fp8_channel']
+    >>> [variant_for("uint8", "bfloat16", None, s).name for s in (None, "mxfp8")]
+    ['mxfp4_w4a16', 'mxfp4_mxfp8']
     """
-    rows = [v for v in VARIANTS if v.weight_dtype in (weight_dtype, "x" if
-                                                      weight_dtype == x_dtype else None)]
+    rows = [v for v in VARIANTS if v.act_scheme == act_scheme and v.weight_dtype in (
+        weight_dtype, "x" if weight_dtype == x_dtype else None)]
     return next((v for v in rows if v.scale_dims == scale_dims), rows[0] if rows else None)
 
 
@@ -293,7 +326,8 @@ def selecting_scale_dims(variant: Variant, x_dtype: str) -> int | None:
     """The ``scale_dims`` that :func:`variant_for` needs besides the weight dtype to select
     ``variant``: ``None`` when the dtype alone selects it."""
     dtype = variant.lists["w1"].dtype_given(x_dtype)
-    return None if variant_for(dtype, x_dtype) is variant else variant.scale_dims
+    first = variant_for(dtype, x_dtype, None, variant.act_scheme)
+    return None if first is variant else variant.scale_dims
 
 
 def scale_dims_of(w1: Sequence[Any], scale1: Sequence[Any] | None) -> int | None:
@@ -316,10 +350,10 @@ GATE_VARIANTS: tuple[GateVariant, ...] = tuple(sorted((
 ), key=lambda g: g.variant.opt_in))
 
 
-def gate_variant(weight_dtype: str, x_dtype: str,
-                 scale_dims: int | None = None) -> GateVariant | None:
-    """The gate's variant for weight1's dtype, x's and ``scale_dims`` (:func:`variant_for`),
-    or ``None``."""
-    variant = variant_for(weight_dtype, x_dtype, scale_dims)
+def gate_variant(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
+                 act_scheme: str | None = None) -> GateVariant | None:
+    """The gate's variant for weight1's dtype, x's, ``scale_dims`` and ``act_scheme``
+    (:func:`variant_for`), or ``None``."""
+    variant = variant_for(weight_dtype, x_dtype, scale_dims, act_scheme)
     return next((g for g in GATE_VARIANTS if g.variant is variant and x_dtype in g.x_dtypes),
                 None)

@@ -484,8 +484,10 @@ class Problem:
     names the rank, the field, what was given, what is allowed and what to change) and exposes
     ``ranks`` (read-only views of the caller's arrays), ``max_output_size`` (``None``: no
     truncation; the kernel's defaults have been 65536, then 131072), ``swiglu_limit``,
-    ``swiglu_alpha`` (SwigluOAI, open PR #11916: ``None`` is not passed, the kernel's default 0)
-    and ``config``. The EP size is ``len(ranks)``, from 1 to 32.
+    ``swiglu_alpha`` (SwigluOAI, open PR #11916: ``None`` is not passed, the kernel's default 0),
+    ``act_scheme`` (the activation quantisation where the inputs cannot tell it:
+    ``"mxfp8"`` with MXFP4 weights, :class:`spec.OpConfig`) and ``config``. The EP size is
+    ``len(ranks)``, from 1 to 32.
     """
 
     def __init__(
@@ -495,8 +497,9 @@ class Problem:
         max_output_size: int | None = None,
         swiglu_limit: float | None = None,
         swiglu_alpha: float | None = None,
+        act_scheme: str | None = None,
     ) -> None:
-        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha)
+        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha, act_scheme)
         # Copies, read-only: independent of the caller's arrays from here on.
         self._ranks = tuple(_freeze(inputs) for inputs in checked)
 
@@ -508,13 +511,14 @@ class Problem:
         max_output_size: int | None = None,
         swiglu_limit: float | None = None,
         swiglu_alpha: float | None = None,
+        act_scheme: str | None = None,
     ) -> Problem:
         """``Problem(ranks, ...)``, validated alike, that keeps the arrays of ``ranks`` (made
         read-only) instead of copying them: only for arrays nothing else holds, such as
         :func:`spec.random_problem`'s own draws (a copy of the weights at production shapes
         costs a third of drawing them)."""
         self = cls.__new__(cls)
-        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha)
+        checked = self._validate(ranks, max_output_size, swiglu_limit, swiglu_alpha, act_scheme)
         self._ranks = tuple(inputs.map_arrays(_sealed) for inputs in checked)
         return self
 
@@ -524,6 +528,7 @@ class Problem:
         max_output_size: int | None,
         swiglu_limit: float | None,
         swiglu_alpha: float | None,
+        act_scheme: str | None,
     ) -> tuple[RankInputs, ...]:
         """Check every rank and the call's attributes (a :class:`spec.SpecError` naming what
         to change otherwise), set the configuration, and return the ranks as a tuple."""
@@ -580,6 +585,7 @@ class Problem:
             swiglu_alpha=swiglu_alpha,
             masked=any(s.masked for s in shapes),
             scale_dims=first.scale_dims,
+            act_scheme=act_scheme,
         )
         return ranks
 
@@ -612,6 +618,10 @@ class Problem:
     @property
     def swiglu_alpha(self) -> float | None:
         return self._config.swiglu_alpha
+
+    @property
+    def act_scheme(self) -> str | None:
+        return self._config.act_scheme
 
     @property
     def ep_size(self) -> int:

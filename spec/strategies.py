@@ -34,6 +34,7 @@ from spec.problem import DTYPES, Problem
 from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
 
 __all__ = [
+    "BLOCK_ROW_FAMILIES",
     "CAPACITY_FAMILIES",
     "COUNT_ONLY",
     "FEW_TOKENS",
@@ -71,6 +72,13 @@ ROW_FAMILIES = ("normal", "zero_row", "tiny_row", "large_row", "outlier", "ties"
 #: leaves the small rows a few int8 levels, or none). Outlier channels and quotients placed
 #: just below integers were measured too and caught nothing more (benchmarks/OWN_PROFILE.md).
 POWER_ROW_FAMILIES = ("varied_norms",)
+#: Token rows for block-scaled activations (MXFP8, FP8 groups), drawn where a search asks for
+#: them (``token_rows(families=...)``): every row's blocks of the variant's group width (32
+#: without one) after the first cycle through zero, amax below the amax epsilons 1e-10 and 1e-4
+#: (2^-34, 2^-14), exact e4m3 ties under the scale 2^-6, and a hot block (16x), shifted by one
+#: block per row so that rows' scales differ, and every other row 2^-12 times smaller (a scale
+#: shared across rows leaves it two bits or none) (:meth:`RowPlan.plant`).
+BLOCK_ROW_FAMILIES = ("scale_blocks",)
 PROBS_FAMILIES = ("softmax", "ties", "zeros", "negative", "unnormalised")
 MASK_FAMILIES = ("random", "all_active", "one_rank_masked", "none_active")
 #: ``max_output_size`` against the busiest rank's received rows R: R, R − 1, R + 1, or the
@@ -180,6 +188,7 @@ def _small_configs(
     x_dtypes: st.SearchStrategy[str],
     weight_dtypes: st.SearchStrategy[str],
     scale_dims: st.SearchStrategy[int | None],
+    act_schemes: st.SearchStrategy[str | None] | None,
     weight_forms: st.SearchStrategy[str],
     masked: st.SearchStrategy[bool],
     truncation: st.SearchStrategy[bool],
@@ -213,7 +222,9 @@ def _small_configs(
         event(f"tokens: {tokens_family}")
     x_dtype = draw(x_dtypes)
     w_dtype = draw(weight_dtypes)
-    variant = variant_for(w_dtype, x_dtype, draw(scale_dims))
+    dims = draw(scale_dims)
+    scheme = draw(act_schemes) if act_schemes is not None else None  # no draw unless asked
+    variant = variant_for(w_dtype, x_dtype, dims, scheme) or variant_for(w_dtype, x_dtype, dims)
     if variant is None:
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
         variant = variant_for(w_dtype, x_dtype)
@@ -237,7 +248,7 @@ def _small_configs(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
         weight_dtype=w_dtype, scale_dims=selecting_scale_dims(variant, x_dtype),
-        weight_form=form if e > 1 else "stacked",
+        act_scheme=variant.act_scheme, weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None,
         swiglu_limit=limit if variant.clamped else None,
         swiglu_alpha=alpha if variant.swiglu_alpha else None,
@@ -287,6 +298,7 @@ def configs(
     x_dtypes: st.SearchStrategy[str] | None = None,
     weight_dtypes: st.SearchStrategy[str] | None = None,
     scale_dims: st.SearchStrategy[int | None] | None = None,
+    act_schemes: st.SearchStrategy[str | None] | None = None,
     weight_forms: st.SearchStrategy[str] | None = None,
     masked: st.SearchStrategy[bool] | None = None,
     truncation: st.SearchStrategy[bool] | None = None,
@@ -305,7 +317,9 @@ def configs(
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
     strategy. ``scale_dims`` picks among variants sharing a weight dtype
-    (:func:`spec.fields.variant_for`; default ``None``: the first). ``sizes="small"``
+    (:func:`spec.fields.variant_for`; default ``None``: the first); ``act_schemes`` names the
+    activation quantisation where the weights cannot tell it (``"mxfp8"``: ``mxfp4_mxfp8``;
+    default ``None``). ``sizes="small"``
     (default) keeps examples fast; ``sizes="realistic"`` draws the
     shapes of real models (``spec.limits.REAL_MODELS``) with an EP size that divides their
     expert count, for long runs. ``domain`` (a :class:`spec.limits.ShapeDomain`, e.g. a kernel
@@ -318,8 +332,8 @@ def configs(
     given = dict(
         ep_sizes=ep_sizes, experts_per_rank=experts_per_rank, top_k=top_k, hidden=hidden,
         intermediate=intermediate, tokens_per_rank=tokens_per_rank, x_dtypes=x_dtypes,
-        weight_dtypes=weight_dtypes, scale_dims=scale_dims, weight_forms=weight_forms,
-        masked=masked,
+        weight_dtypes=weight_dtypes, scale_dims=scale_dims, act_schemes=act_schemes,
+        weight_forms=weight_forms, masked=masked,
         truncation=truncation, swiglu_limits=swiglu_limits, swiglu_alphas=swiglu_alphas,
     )
     for name, value in given.items():
@@ -362,6 +376,7 @@ def configs(
         # W8A8, the variant analysed in depth, half the time.
         weight_dtypes=_or(weight_dtypes, st.sampled_from(("int8", "bfloat16", "int8", "float16"))),
         scale_dims=_or(scale_dims, st.none()),
+        act_schemes=act_schemes,
         weight_forms=_or(weight_forms, st.sampled_from(("stacked", "list"))),
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),
@@ -483,6 +498,10 @@ class RowPlan:
             for r in busy:
                 x[r] = _varied_norms(rng, x[r]).astype(dtype)
             return
+        if self.family == "scale_blocks":
+            for r in busy:
+                x[r] = _scale_blocks(rng, x[r], cfg.kernel_variant.group or 32).astype(dtype)
+            return
         if self.family == "ties":
             # x = (2n+1)/16 with one element 127/8: σ1 = 1/8 exactly and x/σ1 = n + 1/2, a tie
             # for every element; every value is exact in bf16 and fp16.
@@ -510,6 +529,38 @@ class RowPlan:
         x[r][t] = planted.astype(dtype)
 
 
+def _scale_blocks(rng: np.random.Generator, x: np.ndarray, width: int) -> np.ndarray:
+    """One rank's rows ``x`` with their ``width``-column blocks rewritten in turn (block 0
+    as drawn, block ``b > 0`` of row ``t`` by kind ``1 + (b − 1 + t) mod 5``): zero; amax
+    2^-34 and 2^-14 (below the amax epsilons 1e-10 and 1e-4 of FP8 quantisers); e4m3
+    midpoints times 2^-6 with one element 448·2^-6 = 7 (so the scale is exactly 2^-6 and
+    every other ``x/σ`` an exact tie, exact in bfloat16 and float16); the block times 16
+    (one hot block). Odd rows are then scaled by 2^-12 (a power of two: ties stay ties)."""
+    rows = x.astype(np.float64)
+    m, k = rows.shape
+    if not rows.size:
+        return rows
+    blocks = -(-k // width)
+    padded = np.zeros((m, blocks * width))
+    padded[:, :k] = rows
+    g = padded.reshape(m, blocks, width)
+    b = np.arange(blocks)[None, :]
+    kind = np.where(b == 0, 0, 1 + (b - 1 + np.arange(m)[:, None]) % 5)
+    amax = np.maximum(np.abs(g).max(axis=2, keepdims=True), 1e-30)
+    binade = rng.integers(-3, 8, size=g.shape)
+    mid = 2.0**binade * (1 + (2 * rng.integers(0, 8, size=g.shape) + 1) / 16)
+    mid = np.where(mid > 448, 2.0**-3 * (1 + 1 / 16), mid)  # beyond the grid: the smallest
+    ties = np.where(rng.random(g.shape) < 0.5, -mid, mid) * 2.0**-6
+    ties[..., 0] = 7.0
+    out = np.where((kind == 1)[..., None], 0.0, g)
+    out = np.where((kind == 2)[..., None], g / amax * 2.0**-34, out)
+    out = np.where((kind == 3)[..., None], g / amax * 2.0**-14, out)
+    out = np.where((kind == 4)[..., None], ties, out)
+    out = np.where((kind == 5)[..., None], g * 16, out)
+    out = out * np.where(np.arange(m) % 2, 2.0**-12, 1.0)[:, None, None]
+    return np.asarray(out.reshape(m, blocks * width)[:, :k])
+
+
 def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     """One rank's rows ``x`` rescaled to amax 8 down to 8e-3, log-uniform; the first row 8."""
     rows = x.astype(np.float64)
@@ -521,9 +572,10 @@ def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
 
 def token_rows(*, families: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[RowPlan]:
     """Special-row plans; ``families`` defaults to every family of :data:`ROW_FAMILIES` (names
-    from :data:`POWER_ROW_FAMILIES` may be given too)."""
+    from :data:`POWER_ROW_FAMILIES` and :data:`BLOCK_ROW_FAMILIES` may be given too)."""
     if families is not None:
-        families = _known_families("token_rows", families, ROW_FAMILIES + POWER_ROW_FAMILIES)
+        families = _known_families("token_rows", families,
+                                   ROW_FAMILIES + POWER_ROW_FAMILIES + BLOCK_ROW_FAMILIES)
     return st.builds(
         RowPlan,
         family=_or(families, st.sampled_from(ROW_FAMILIES)),

@@ -108,6 +108,7 @@ _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarr
     "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
     "fp8_channel": _quantised(lambda w, _: quantise_channels(w)),
     "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
+    "mxfp4_mxfp8": _quantised(lambda w, _: quantise_mx(w)),
     "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero"), zero_block=GROUP),
     "nvfp4_w4a16": _quantised(lambda w, _: quantise_nv(w), ("w", "scale", "gscale"),
                               zero_block=NV_BLOCK),

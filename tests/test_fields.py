@@ -11,6 +11,7 @@ import pytest
 from oracle.adapters.torch_io import TorchRankInputs
 from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import ConfigError, OpConfig, RankInputs, random_problem
+from spec.config import CALL_ATTRIBUTES
 from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, scale_dims_of, variant_for
 
 #: A W4A8 call with a mask: every field of the table is given but the W4A16 ones.
@@ -25,8 +26,7 @@ def test_rank_inputs_holds_exactly_the_table_fields() -> None:
     assert [f.name for f in dataclasses.fields(RankInputs)] == [f.name for f in FIELDS]
     binding = {f.name for f in dataclasses.fields(TorchRankInputs)}
     assert {f.binding for f in FIELDS} <= binding
-    assert binding - {f.binding for f in FIELDS} == {"max_output_size", "swiglu_limit",
-                                                     "swiglu_alpha", "out", "expert_token_nums"}
+    assert binding - {f.binding for f in FIELDS} == {*CALL_ATTRIBUTES, "out", "expert_token_nums"}
 
 
 def test_rank_inputs_is_keyword_only() -> None:
@@ -63,9 +63,9 @@ def test_map_arrays_copies_every_array() -> None:
 
 def test_variant_table() -> None:
     weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
-               "float4_e2m1fn")
-    assert [variant_for(w, "bfloat16", v.scale_dims) for w, v in zip(weights, VARIANTS,
-                                                                     strict=True)] == list(VARIANTS)
+               "float4_e2m1fn", "uint8")
+    assert [variant_for(w, "bfloat16", v.scale_dims, v.act_scheme) for w, v in zip(
+        weights, VARIANTS, strict=True)] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -94,15 +94,16 @@ def test_gate_variants_come_from_the_table() -> None:
         ("mxfp4_w4a16", "uint8", ("bfloat16", "float16"), False),
         ("int4_w4a16", "uint4", ("bfloat16", "float16"), False),
         ("nvfp4_w4a16", "float4_e2m1fn", ("bfloat16", "float16"), False),
+        ("mxfp4_mxfp8", "uint8", ("bfloat16", "float16"), False),
     ]
     assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "fp8_channel",
-                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16")
+                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16", "mxfp4_mxfp8")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:
             cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
                            tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype,
-                           scale_dims=g.scale_dims)
+                           scale_dims=g.scale_dims, act_scheme=g.act_scheme)
             assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
 
 

@@ -252,6 +252,9 @@ CASES = [
     Case("scale_dims no FP8 row has", ConfigError, None, "scale_dims",
          "3 with float8_e4m3fn weights", "1 (fp8_channel)", "scale1's per-expert dimensions",
          config(weight_dtype="float8_e4m3fn", scale_dims=3)),
+    Case("act_scheme no row of the weights has", ConfigError, None, "act_scheme",
+         "'mxfp8' with int8 weights", "None", "activation quantisation",
+         config(act_scheme="mxfp8")),
     Case("bf16 weight inf", NonFiniteError, 1, "weight1[", "inf", "finite values", "weight1",
          edit(1, w1=with_inf), BF16),
     # The mask.

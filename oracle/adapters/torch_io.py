@@ -144,7 +144,10 @@ class TorchRankInputs:
     ``max_output_size`` ``None`` means no truncation;
     ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none);
     ``swiglu_alpha`` ``None`` means not passed (the PR #11916 binding's default 0: standard
-    SwiGLU). ``out`` and ``expert_token_nums``: the output buffers to write into, poisoned (NaN,
+    SwiGLU). ``act_scheme``: the activation quantisation the call names where the weights
+    cannot tell it (``"mxfp8"``: MXFP4 x MXFP8, vLLM's ``mxfp4_mxfp8``; ``None``: the row the
+    weights select; not a kernel argument, a property of the call, :class:`spec.OpConfig`).
+    ``out`` and ``expert_token_nums``: the output buffers to write into, poisoned (NaN,
     -1), when the implementation was wrapped with ``out_buffers=True``; else ``None``.
     """
 
@@ -165,6 +168,7 @@ class TorchRankInputs:
     max_output_size: int | None = None
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    act_scheme: str | None = None
     out: torch.Tensor | None = None
     expert_token_nums: torch.Tensor | None = None
 
@@ -334,6 +338,7 @@ def to_torch(
     max_output_size: int | None = None,
     swiglu_limit: float | None = None,
     swiglu_alpha: float | None = None,
+    act_scheme: str | None = None,
     scales: str = "int64",
     device: Any = None,
     out_buffers: bool = False,
@@ -389,7 +394,7 @@ def to_torch(
     num_experts = inputs.w1[0].shape[0] if len(inputs.w1) == 1 else len(inputs.w1)  # §3
     return TorchRankInputs(
         **values, max_output_size=max_output_size, swiglu_limit=swiglu_limit,
-        swiglu_alpha=swiglu_alpha,
+        swiglu_alpha=swiglu_alpha, act_scheme=act_scheme,
         out=torch.full_like(x, float("nan")) if out_buffers else None,
         expert_token_nums=(torch.full((num_experts,), -1, dtype=torch.int32, device=x.device)
                            if out_buffers else None),

@@ -60,7 +60,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 #: Attributes of the call itself; any other keyword of :func:`dump` is free-form context.
 #: Call attributes added after format version 1: a capture without one took its default (None).
-_LATER_ATTRIBUTES = ("swiglu_alpha",)
+_LATER_ATTRIBUTES = ("swiglu_alpha", "act_scheme")
 _MAX_MANIFEST = 1 << 20
 _BINDING_NAMES = tuple(f.binding for f in FIELDS)
 
@@ -120,8 +120,9 @@ def dump(directory: str | Path, rank: int, inputs: Any, outputs: Any, **attrs: A
 
     ``outputs`` is ``(out, expert_token_nums)`` or an object with those attributes. ``attrs``
     must include ``world_size`` unless ``torch.distributed`` is initialised (then its world
-    size is used); ``max_output_size``, ``swiglu_limit`` and ``swiglu_alpha`` are the call's
-    attributes (default ``None``: no truncation, no clamp, standard SwiGLU); anything else
+    size is used); ``max_output_size``, ``swiglu_limit``, ``swiglu_alpha`` and ``act_scheme`` are
+    the call's attributes (default ``None``: no truncation, no clamp, standard SwiGLU, the
+    activation quantisation the weights select); anything else
     (step, layer, …) is kept as context. Every rank must pass the same ``attrs``;
     :func:`verify` checks it.
     """

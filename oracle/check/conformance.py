@@ -196,6 +196,7 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
                        weight_dtypes=st.just(gate.weight_dtype),
                        scale_dims=st.just(gate.scale_dims),
+                       act_schemes=st.just(gate.act_scheme),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
 

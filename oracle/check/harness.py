@@ -306,12 +306,13 @@ def variant_configs(
     # each variant is drawn with its own dtypes.
     made = {w if w in ("int8", "int32") else x for x in xs for w in weights}
     if made <= {_VARIANT_DTYPES[v][1] for v in variants} and all(
-            _GATE[v].scale_dims is None for v in variants):
+            _GATE[v].scale_dims is None and _GATE[v].act_scheme is None for v in variants):
         return configs(x_dtypes=st.sampled_from(xs), weight_dtypes=st.sampled_from(weights),
                        domain=domain, **fields)
     return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
                               weight_dtypes=st.just(_VARIANT_DTYPES[v][1]),
-                              scale_dims=st.just(_GATE[v].scale_dims), domain=domain,
+                              scale_dims=st.just(_GATE[v].scale_dims),
+                              act_schemes=st.just(_GATE[v].act_scheme), domain=domain,
                               **fields) for v in variants])
 
 

@@ -116,8 +116,14 @@ class _PerTensorQuantiser(Quantiser):
 
 
 def _per_tensor(p: KernelProfile) -> KernelProfile:
-    return p.map_steps("quantise", lambda q: _PerTensorQuantiser(
-        **{f.name: getattr(q, f.name) for f in fields(Quantiser)}))
+    return p.map_steps("quantise", _int8(lambda q: _PerTensorQuantiser(
+        **{f.name: getattr(q, f.name) for f in fields(Quantiser)})))
+
+
+def _int8(change: Callable[[Quantiser], Any]) -> Callable[[Any], Any]:
+    """``change`` applied to an int8 quantiser (:class:`Quantiser`); the e4m3 group quantiser
+    of the FP8 and MXFP8 pipelines, which these defects do not describe, is left as it is."""
+    return lambda q: change(q) if isinstance(q, Quantiser) else q
 
 
 # ---------------------------------------------------------------- kernel profile changes
@@ -184,6 +190,10 @@ def _swap_store(old: str, new: str | None) -> Callable[[tuple[str, ...]], tuple[
 
 
 def _swiglu_cast_ties(p: KernelProfile) -> KernelProfile:
+    """The float pipeline's SwiGLU cast with the other tie rule (a profile without one, such
+    as the FP8 and MXFP8 ones, unchanged: the defect does not apply)."""
+    if "float" not in p.variants:
+        return p
     flipped = {"x_away": "x", "x": "x_away"}
     return p.map_steps("swiglu", lambda s: replace(s, store=flipped.get(s.store or "", s.store)),
                        ("float",))
@@ -372,11 +382,12 @@ CATALOGUE: tuple[Defect, ...] = (
            "commute in its roundings)", kernel=_combine_as(_ReversedCombine)),
     Defect("step1_ties", "step 1 (token quantisation) rounding ties the other way",
            "round x/σ1 to int8 with the profile's tie rule (ascend-a3: half away from zero)",
-           kernel=lambda p: p.map_steps("quantise", lambda q: replace(q, ties=_flip(q.ties)))),
+           kernel=lambda p: p.map_steps("quantise",
+                                        _int8(lambda q: replace(q, ties=_flip(q.ties))))),
     Defect("step1_truncated", "step 1 (token quantisation) truncating x/σ1 toward zero "
            "instead of rounding it", "round x/σ1 to the nearest integer (a plain (int8) cast "
            "truncates): every value loses up to a whole step toward zero",
-           kernel=lambda p: p.map_steps("quantise", lambda q: replace(q, ties="trunc"))),
+           kernel=lambda p: p.map_steps("quantise", _int8(lambda q: replace(q, ties="trunc")))),
     Defect("per_tensor_scale", "one activation scale for the whole call (the largest |x| of "
            "every token) instead of one per token", "take amax over each token's own row in "
            "step 1 (a per-token σ1): small tokens lose their int8 levels to the largest one",
@@ -384,7 +395,7 @@ CATALOGUE: tuple[Defect, ...] = (
     Defect("step5_ties", "step 5 (requantisation) rounding ties the other way",
            "round a·127/amax to int8 with the profile's tie rule (ascend-a3: half to even)",
            kernel=lambda p: p.map_steps("requantise",
-                                        lambda q: replace(q, ties=_flip(q.ties)))),
+                                        _int8(lambda q: replace(q, ties=_flip(q.ties))))),
     Defect("swiglu_cast_ties", "the SwiGLU output cast to x's dtype with ties the other way "
            "(BF16/FP16 weights)", "cast the SwiGLU result with the profile's tie rule "
            "(ascend-a3: CAST_ROUND, half away from zero)", kernel=_swiglu_cast_ties),

@@ -121,6 +121,7 @@ from oracle.model.kernels import E4M3_TINY, E4M3_UNIT, FP8_DOT_BITS
 from oracle.model.reference import Result, float_weight_problem, route, run
 from spec import DTYPES, Problem
 from spec.config import OpConfig
+from spec.fields import Variant
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise
 
 __all__ = [
@@ -331,22 +332,23 @@ def _column_bound(v: Array, col: Array) -> Array:
 def _expert_bound(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
     cfg: OpConfig, steps: _Steps, truncate: bool, amax_floor: float | None,
-    h_ideal: Array, y_ideal: Array,
+    h_ideal: Array, y_ideal: Array, variant: Variant,
 ) -> _SlotBound:
     """The per-slot bounds of one expert's rows (§6 steps 1–7); ``h_ideal``, ``y_ideal``:
-    the float64 ideal's GEMM1 output (before the clamp) and ``y`` of these rows."""
+    the float64 ideal's GEMM1 output (before the clamp) and ``y`` of these rows; ``variant``:
+    the call's row (MXFP4 x MXFP8 reaches here as the float-weight problem of its dequantised
+    weights)."""
     i, k_len = cfg.intermediate, cfg.hidden
     out = FloatFormat.of(DTYPES[cfg.x_dtype])
     exact = _Steps(())  # the error of our own evaluation is never omitted
     x64 = x.astype(np.float64)
     ax = np.abs(x64)
     int8 = cfg.weight_dtype == "int8"
-    fp8 = cfg.weight_dtype == "float8_e4m3fn"
+    fp8 = variant.e4m3_activations  # FP8 rows, MXFP8: e4m3 activations per group
     a1: Array | None = None  # >= |W| where the float32 weights are not exact
     a2: Array | None = None
     # int8 and 16-bit weights are exact in float32: |W| is taken chunk by chunk
-    if fp8:  # block scales: |W·s| dequantised once, rounded up to float32
-        assert s1 is not None and s2 is not None
+    if fp8 and s1 is not None and s2 is not None:  # scales: |W·s| dequantised once, rounded up
         a1, a2 = _upper32(np.abs(dequantise(w1, s1))), _upper32(np.abs(dequantise(w2, s2)))
         s1 = s2 = None
     rows = x.shape[0]
@@ -354,7 +356,7 @@ def _expert_bound(
     # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
     if int8 or fp8:
         if fp8:
-            act_in = e4m3_error(ax, cfg.kernel_variant.group)
+            act_in = e4m3_error(ax, variant.group)
         else:
             amax = ax.max(axis=1, keepdims=True, initial=0.0)
             act_in = _activation_error(ax, amax, amax_floor)
@@ -425,7 +427,7 @@ def _expert_bound(
         # vLLM's silu_and_mul rounds silu and the product to x's dtype (kernels.md)
         e_a = steps.round("swiglu", a_mag, steps.round("swiglu", a_mag, e_a, out), out)
         af_mag = a_mag + e_a
-        req = steps.add("requantisation", e_a, e4m3_error(af_mag, cfg.kernel_variant.group))
+        req = steps.add("requantisation", e_a, e4m3_error(af_mag, variant.group))
         blocks = [req, af_mag + req, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
@@ -519,7 +521,8 @@ def _ideal_values(problem: Problem, ideal: Result | None, kept: Array) -> tuple[
 
 def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
            ftz: bool, amax_floor: float | None, ideal: Result | None = None) -> _Bound:
-    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+    variant = problem.config.kernel_variant  # the call's, before its weights become floats
+    if variant.dequantise is not None:  # W4A16, MXFP4 x MXFP8: their float weights
         problem = float_weight_problem(problem)
     steps = _Steps(omit, ftz)
     cfg = problem.config
@@ -541,7 +544,7 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
         slots = routing.order[start : start + routing.expert_kept[g]]
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
         b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales,
-                          amax_floor, h_ideal[slots], y_ideal[slots])
+                          amax_floor, h_ideal[slots], y_ideal[slots], variant)
         mag[slots], err[slots], err64[slots] = b.mag, b.err, b.err64
 
     def combine(values: Array) -> Array:  # Σ_k |p_k|·values_k per token
@@ -555,7 +558,7 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
             subnormal_p = np.where((probs > 0) & (probs <= _NORMAL32), _NORMAL32, 0.0)
             rounding = rounding + np.einsum("tk,tkc->tc", subnormal_p,
                                             (mag + err).reshape(total, top_k, k_len))
-        if cfg.weight_dtype == "float8_e4m3fn":  # vLLM's moe_sum may add in x's dtype
+        if variant.e4m3_activations:  # vLLM's moe_sum may add in x's dtype
             rounding = rounding + (top_k - 1) * (out.unit * y_abs + out.tiny)
         e_comb = steps.add("combine", e_comb, rounding)
         out_mag = combine(mag)

@@ -286,7 +286,8 @@ def row_thresholds(
     if unknown:
         raise ValueError(f"omit: unknown terms {sorted(unknown)}; the terms are {TERMS}")
     on = {t: 0.0 if t in omit else 1.0 for t in TERMS}
-    if problem.config.kernel_variant.dequantise is not None:  # W4A16: its float weights
+    variant = problem.config.kernel_variant  # the call's, before its weights become floats
+    if variant.dequantise is not None:  # W4A16, MXFP4 x MXFP8: their float weights
         problem = float_weight_problem(problem)
     cfg = problem.config
     top_k, k_len, i_len, e_local = cfg.top_k, cfg.hidden, cfg.intermediate, cfg.experts_per_rank
@@ -299,8 +300,8 @@ def row_thresholds(
     flush = on["underflow"] * ftz * _NORMAL32  # point 9: per flushed value
     alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
-    fp8 = cfg.weight_dtype == "float8_e4m3fn"
-    group_width = cfg.kernel_variant.group  # columns sharing an activation scale; None: a row
+    fp8 = variant.e4m3_activations  # FP8 rows, MXFP8: e4m3 activations per group
+    group_width = variant.group  # columns sharing an activation scale; None: a row
     width = group_width or max(k_len, 1)
     total = sum(cfg.tokens_per_rank)
     routing = route(problem)

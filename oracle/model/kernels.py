@@ -53,7 +53,7 @@ from oracle.model.arithmetic import exact_int_matmul, exact_int_matmuls, round_h
 from spec import DTYPES
 from spec.config import OpConfig
 from spec.fields import VARIANT_NAMES
-from spec.fp8 import BLOCK, E4M3_MAX, blocks, expand_scales, to_e4m3, ue8m0_up
+from spec.fp8 import BLOCK, E4M3_MAX, blocks, to_e4m3, ue8m0_up
 from spec.int4 import split_activation
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
 
@@ -755,6 +755,8 @@ class BlockGemm:
 
     ``block=None``: one block over all of K with per-output-channel weight scales ``(N,)``
     (FP8 per token and channel: ``fl(fl(P·σ_a[row])·σ_w[col])`` with ``P`` the whole dot).
+    Weights without scales (MXFP4, dequantised exactly to float32 with their e8m0 scales,
+    which are per column within a K block): ``σ_w = 1``, so each block adds ``fl(P·σ_a)``.
 
     ``ftz``: the step may flush float32 subnormals to zero: a subnormal scale (activation or
     weight) read as 0, which may drop its block's whole term, and each of the two scale
@@ -780,13 +782,16 @@ class BlockGemm:
     def _width(self, k: int) -> int:
         return self.block or max(k, 1)
 
-    def scales(self, w_scale: Array, k: int, n: int) -> Array:
-        """The weight scale of every (K block, column): ``(ceil(K/block), n)``."""
+    def scales(self, w_scale: Array | None, k: int, n: int) -> Array:
+        """The weight scale of every (K block, column): ``(ceil(K/block), n)`` (ones for
+        weights without scales)."""
+        if w_scale is None:
+            return np.ones((blocks(k, self._width(k)), n), F32)
         if self.block is None:
             return w_scale.reshape(1, n)
         return np.repeat(w_scale, self.block, axis=1)[:, :n]
 
-    def __call__(self, q: Env, sigma: Env, w: Array, w_scale: Array, slot: Array | None,
+    def __call__(self, q: Env, sigma: Env, w: Array, w_scale: Array | None, slot: Array | None,
                  x_dtype: Any) -> Env:
         rows, k = q.mid.shape
         n = w.shape[1]
@@ -805,14 +810,15 @@ class BlockGemm:
         return _apply_epilogue(self.epilogue, env, col=None, row=None, slot=slot,
                                x_dtype=x_dtype, ftz=self.ftz)
 
-    def _envelope(self, q: Env, sigma: Env, w64: Array, w_scale: Array, acc: Array) -> Env:
+    def _envelope(self, q: Env, sigma: Env, w64: Array, w_scale: Array | None,
+                  acc: Array) -> Env:
         assert q.lo is not None and q.hi is not None
         k, n = w64.shape
         width = self._width(k)
         s = np.repeat(sigma.mid.astype(np.float64), width, axis=1)[:, :k]
         lo, hi = q.lo * s, q.hi * s
-        ws = w_scale.astype(np.float64)
-        wd = w64 * (ws[None, :] if self.block is None else expand_scales(ws, k, n, self.block))
+        ws = self.scales(w_scale, k, n).astype(np.float64)
+        wd = w64 * np.repeat(ws, width, axis=0)[:k]
         wd_abs = np.abs(wd)
         center = (lo + hi) / 2 @ wd
         mag = np.maximum(np.abs(lo), np.abs(hi)) @ wd_abs
@@ -829,7 +835,8 @@ class BlockGemm:
             e_hi = np.nextafter(to_f32(center + wide), F32(np.inf))
         return Env(acc, np.minimum(e_lo, acc), np.maximum(e_hi, acc))
 
-    def _flushed(self, a_abs: Array, wd_abs: Array, sigma: Array, w_scale: Array) -> Array:
+    def _flushed(self, a_abs: Array, wd_abs: Array, sigma: Array,
+                 w_scale: Array | None) -> Array:
         """What flushing may move the accumulator by: ``3·2^-126`` per block (the two scale
         products and the sum), and the whole term of a block whose activation or weight scale
         is subnormal (read as 0)."""
@@ -850,7 +857,8 @@ class BlockGemm:
               x_dtype: Any) -> Env:
         """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
         assert sigma is not None
-        return self(a, sigma, weights[f"w{which}"], weights[f"scale{which}"], slot, x_dtype)
+        return self(a, sigma, weights[f"w{which}"], weights.get(f"scale{which}"), slot,
+                    x_dtype)
 
 
 @dataclass(frozen=True)
@@ -1614,10 +1622,42 @@ VLLM_NVFP4_W4A16 = _w4a16(
     "formats.md [code]: nvfp4_utils.py (format, dequantisation order); kernels.md [code]: the "
     "float path; the dequantisation point [inferred]")
 
+#: The MXFP8 activation quantiser (formats.md, MXFP4 [code] for the MX scale rule): per token
+#: and 32 columns along K, ``σ = amax/448`` rounded **up** to a power of two (e8m0; triton's
+#: ``downcast_to_mxfp`` rounds ``amax/dest_max`` up, ``dest_max`` 448 for e4m3 [inferred from
+#: the e2m1 case]), ``q = e4m3(a·(1/σ))`` (the reciprocal of a power of two: exact), nearest
+#: even, saturating [inferred: the hardware cast]. No amax epsilon in the MX rule: the floor
+#: ``448·2^-126`` only keeps σ a normal float32 (the smallest e8m0 value, 2^-127, is a
+#: subnormal that a flushing kernel reads as 0) [inferred].
+MXFP8_QUANTISER = GroupQuantiser(group=32, amax_floor=E4M3_MAX * _NORMAL32, scale="reciprocal",
+                                 ue8m0=True)
+#: MXFP4 weights with MXFP8 activations (vLLM's ``mxfp4_mxfp8``, triton_kernels' ``matmul_ogs``
+#: with MX activations; formats.md, MXFP4 [code] for the formats): the activations quantised
+#: by :data:`MXFP8_QUANTISER` before each GEMM (x before GEMM1, silu_and_mul's output before
+#: GEMM2); each GEMM multiplies e4m3 by e2m1 per 32-wide K block, the block's sum times the
+#: two e8m0 scales (powers of two: exact) added into a float32 accumulator
+#: (:class:`BlockGemm` with ``block=32`` on the weights dequantised exactly to float32);
+#: in-block sums at :data:`FP8_DOT_BITS` bits as the FP8 profiles [inferred: the MMA's
+#: internal precision]; the rest as ``vllm-triton-fp8`` (silu_and_mul, moe_sum) [inferred].
+TRITON_MXFP4_MXFP8 = KernelProfile(
+    name="triton-mxfp4-mxfp8",
+    summary="triton_kernels matmul_ogs, MXFP4 weights x MXFP8 activations (e4m3, e8m0 per 32)",
+    sources="formats.md [code]: triton_kernels mxfp.py (MX scale rounded up, e2m1 format); "
+            "e4m3 destination, in-block precision and epilogue [inferred]",
+    pipelines=(("mxfp4_mxfp8", Pipeline(
+        quantise=MXFP8_QUANTISER,
+        gemm1=BlockGemm(("x",), block=32, dot_bits=FP8_DOT_BITS),
+        swiglu=VLLM_TRITON_FP8.pipeline("fp8_block").swiglu,
+        requantise=MXFP8_QUANTISER,
+        gemm2=BlockGemm(("slot", "x"), block=32, dot_bits=FP8_DOT_BITS))),),
+    combine=VLLM_TRITON.combine,
+    domain=VLLM_DOMAIN,
+).with_ftz()
+
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
                         TORCH_SCALED_GROUPED_MM, VLLM_MXFP4, VLLM_MARLIN_W4A16,
-                        VLLM_NVFP4_W4A16, DEEPGEMM_SM100_FP8)}
+                        VLLM_NVFP4_W4A16, DEEPGEMM_SM100_FP8, TRITON_MXFP4_MXFP8)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

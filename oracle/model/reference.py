@@ -185,12 +185,14 @@ def _as_float_weights(lists: dict[str, Array], how: str, x_dtype: Any) -> dict[s
 
 def expert_values(problem: Problem, g: int) -> dict[str, Array]:
     """Global expert ``g``'s tensors by field name, W4A8 weights unpacked to their int4 values
-    (int8), W4A16 weights dequantised to x's dtype: what the numerics read."""
+    (int8), W4A16 weights dequantised to x's dtype (MXFP4 x MXFP8: to float32, exact, as its
+    kernel multiplies them with quantised activations): what the numerics read."""
     cfg = problem.config
     variant = cfg.kernel_variant
     lists = problem.ranks[g // cfg.experts_per_rank].expert_lists(g % cfg.experts_per_rank)
     if variant.dequantise is not None:
-        return _as_float_weights(lists, variant.dequantise, DTYPES[cfg.x_dtype])
+        return _as_float_weights(lists, variant.dequantise,
+                                 F32 if variant.quantised else DTYPES[cfg.x_dtype])
     for name, spec in variant.lists.items():
         if spec.packing == PER_WORD:  # int4 packed eight to a word
             lists[name] = unpack_int4(lists[name])
@@ -235,6 +237,8 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
     truncated to 19 bits where ``truncate_scales`` says the kernel reads them so."""
     cfg = problem.config
     variant = cfg.kernel_variant
+    if variant.dequantise is not None and variant.quantised:
+        return problem  # MXFP4 x MXFP8: the judges read its activation scheme (gate first)
     if variant.dequantise is not None:  # W4A16: the float weights the kernel multiplies with
         problem = float_weight_problem(problem)
         cfg, variant = problem.config, problem.config.kernel_variant
@@ -263,7 +267,11 @@ def kernel_mathematics(problem: Problem, numerics: Numerics) -> Problem:
 
 def float_weight_problem(problem: Problem) -> Problem:
     """A W4A16 problem (:attr:`spec.fields.Variant.dequantise`) as the BF16/FP16-weight
-    problem of its dequantised weights (stacked): the same mathematics and kernel numerics."""
+    problem of its dequantised weights (stacked): the same mathematics and kernel numerics.
+    MXFP4 x MXFP8 becomes the same float-weight problem, its mathematics (exact where x's
+    dtype holds the dequantised weights: always in bfloat16, in float16 for scales 2^-23 to
+    2^13); its judges add the activation quantisation's noise
+    (:attr:`spec.fields.Variant.e4m3_activations`)."""
     cfg = problem.config
     how, dtype = cfg.kernel_variant.dequantise, DTYPES[cfg.x_dtype]
     assert how is not None
@@ -275,7 +283,9 @@ def float_weight_problem(problem: Problem) -> Problem:
             rank, w1=[np.stack([w["w1"] for w in per_expert])],
             w2=[np.stack([w["w2"] for w in per_expert])], scale1=None, scale2=None,
             zero1=None, zero2=None, gscale1=None, gscale2=None))
-    return Problem(ranks, **cfg.call_attributes())
+    attrs = cfg.call_attributes()
+    attrs["act_scheme"] = None  # float weights select their row
+    return Problem(ranks, **attrs)
 
 
 def _combine_ideal(y: Array, probs: Array) -> Array:
