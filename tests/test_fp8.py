@@ -458,6 +458,44 @@ def test_the_row_test_catches_ue8m0_rounded_to_nearest_at_k_1024() -> None:
     assert _row_ratio(1024, 2, UE8M0, UE8M0) < 0.3
 
 
+def test_the_unwidened_requantisation_bound_catches_ue8m0_nearest_at_k_7168(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """UE8M0 rounded to nearest, K = 7168, I = 160: rejected (|s|/T 1.03) with the
+    requantisation's variance split into a fixed part and the activation noise's linear part
+    (rowtest, "FP8 requantisation without the widening"); with ``c_req`` at the widened
+    ``|a| + E_a`` alone (no ε to try) the same output gave 0.97: missed. UE8M0 rounded up
+    passes both ways."""
+    from oracle.judge import rowtest
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=7168, intermediate=160,
+                   tokens_per_rank=(8,), weight_dtype=FP8)
+    problem = random_problem(cfg, seed=3)
+    ideal = oracle.run(problem, numerics="ideal")
+    outs = {k: [r.out for r in oracle.run(problem, numerics=k).ranks] for k in (NEAREST, UE8M0)}
+    assumptions = UE8M0.ideal_assumptions("bfloat16")
+    split = rowtest.row_thresholds(problem, ideal, assumptions)
+    monkeypatch.setattr(rowtest, "_SPLIT_EPS", np.array([]))
+    widened = rowtest.row_thresholds(problem, ideal, assumptions)
+    assert split.judge(outs[NEAREST]).ratio > 1 > widened.judge(outs[NEAREST]).ratio
+    assert split.judge(outs[UE8M0]).ratio < 0.3 and widened.judge(outs[UE8M0]).ratio < 0.3
+
+
+def test_requantisation_split_never_exceeds_the_widened_bound() -> None:
+    """:func:`_requantisation` takes the smaller proxy: the widened one where the linear
+    part's condition fails (ρ >= 1 for every ε), about ``var + fixed`` where there is no
+    linear part, and in between otherwise; the activation's share is inflated by 1/(1 − ρ)."""
+    from oracle.judge.rowtest import _requantisation
+
+    var, act = np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.5, 0.0])
+    widened, fixed = np.array([2.0, 2.0, 2.0]), np.array([0.5, 0.5, 0.5])
+    linear = np.array([0.0, 100.0, 1e-3])
+    got = _requantisation(var, act, widened, fixed, linear, log_row=25.0)
+    assert (got <= var + widened).all()
+    assert got[0] == pytest.approx(1.0 + 0.5 * (1 + 2.0**-6))
+    assert got[1] == 3.0  # the linear part dominates: ρ >= 1, the widened bound stands
+    assert 1.5 < got[2] < 3.0
+
+
 def test_the_row_test_catches_block_size_from_the_wrong_scale_dim_at_k_2048() -> None:
     """vllm #47103's mutant at K = 2048, I = 160: rejected (|s|/T 1.39) while the profile's
     model passes (0.11); 0.64 and 0.045 before commit 8d5b4cc: missed."""
