@@ -514,6 +514,28 @@ def test_chernoff_is_below_the_closed_form_and_exact_without_a_scale() -> None:
     assert got[1] < 1.02 * math.sqrt(2 * 1.02 * 25.0) < 0.9 * closed[1]
 
 
+def test_the_chernoff_remainder_bound_catches_output_x_1_08_at_k_7168(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm-triton-fp8's output scaled by 1.08, K = 7168, I = 160: rejected (|s|/T 1.04) with
+    the remainder combined by :func:`_chernoff`; with the closed form ``sqrt(2(V + ν)L) +
+    cL`` (no λ to try) the same output gave 0.99: missed. The profile's own output passes
+    both ways."""
+    from oracle.judge import rowtest
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=7168, intermediate=160,
+                   tokens_per_rank=(8,), weight_dtype=FP8)
+    problem = random_problem(cfg, seed=27)
+    ideal = oracle.run(problem, numerics="ideal")
+    right = [r.out for r in oracle.run(problem, numerics=PROFILE).ranks]
+    scaled = [(o.astype(F32) * F32(1.08)).astype(o.dtype) for o in right]
+    assumptions = PROFILE.ideal_assumptions("bfloat16")
+    chernoff = rowtest.row_thresholds(problem, ideal, assumptions)
+    monkeypatch.setattr(rowtest, "_LAMBDA_GRID", np.array([]))
+    closed = rowtest.row_thresholds(problem, ideal, assumptions)
+    assert chernoff.judge(scaled).ratio > 1 > closed.judge(scaled).ratio
+    assert chernoff.judge(right).ratio < 0.3 and closed.judge(right).ratio < 0.3
+
+
 def test_the_row_test_catches_block_size_from_the_wrong_scale_dim_at_k_2048() -> None:
     """vllm #47103's mutant at K = 2048, I = 160: rejected (|s|/T 1.39) while the profile's
     model passes (0.11); 0.64 and 0.045 before commit 8d5b4cc: missed."""
