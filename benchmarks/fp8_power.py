@@ -391,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         "Round 3 (issue 25): the row test's FP8 requantisation term no longer charges every "
         "element the z-sigma widening of the kernel's `a'` (rowtest, \"FP8 requantisation "
         "without the widening\": a fixed part plus the activation noise's linear part, bounded "
-        "jointly with the activation's projection); the last column, where present, is the "
+        "jointly with the activation's projection), and the SwiGLU remainder's sub-gamma part "
+        "joins the first-order terms by Chernoff's bound minimised over λ (`_chernoff`), not "
+        "the closed form that charged the whole variance its scale; the last column, where "
+        "present, is the "
         "ideal judge's ratio under the rowtest of the `--before` revision, in the same run.",
         "",
         "## FP8 per token and channel: power at the same shapes",
