@@ -23,7 +23,7 @@ from oracle.check.harness import ConformanceError, check_implementation
 from oracle.model.kernels import TORCH_SCALED_GROUPED_MM, Env, GroupQuantiser, KernelProfile
 from spec import OpConfig, Problem, random_problem
 from spec.fp8 import to_e4m3
-from spec.strategies import configs, problems
+from spec.strategies import FP8_ROW_FAMILIES, ROW_FAMILIES, configs, problems, token_rows
 
 Array = np.ndarray[Any, Any]
 PROFILE = TORCH_SCALED_GROUPED_MM
@@ -46,11 +46,16 @@ def model_impl(profile: KernelProfile) -> Callable[[Problem], list[tuple[Array, 
     return impl
 
 
-def _search(impl: Callable[[Problem], Any], mode: str = "faithful") -> Problem | None:
+#: The token rows of an FP8 profile's default search (oracle.check.harness.default_problems).
+LOUD_ROWS = token_rows(families=st.sampled_from(ROW_FAMILIES + FP8_ROW_FAMILIES))
+
+
+def _search(impl: Callable[[Problem], Any], mode: str = "faithful",
+            rows: Any = None, budget: settings = SEARCH) -> Problem | None:
     try:
         check_implementation(impl, kernel=PROFILE, numerics=mode,
-                             problems=problems(configs=CHANNEL_CONFIGS), settings=SEARCH,
-                             save_dir=None, isolate=False)
+                             problems=problems(configs=CHANNEL_CONFIGS, values=rows),
+                             settings=budget, save_dir=None, isolate=False)
     except ConformanceError as exc:
         return exc.problem
     return None
@@ -118,13 +123,26 @@ def _outlier_rows(seed: int = 0) -> Problem:
 
 
 def test_a_per_tensor_activation_scale_is_rejected_on_outlier_rows() -> None:
-    """The drawn tokens have like magnitudes, where one scale for all serves as well (the
-    search passes it: issue 25's generator of outlier rows is not there yet); beside an
-    outlier row the quiet token's values fall below e4m3's range and the row test rejects
-    it, while the profile's own model passes the same call."""
+    """The drawn tokens have like magnitudes, where one scale for all serves as well (a search
+    without FP8_ROW_FAMILIES passes it); beside an outlier row the quiet token's values fall
+    below e4m3's range and the row test rejects it, while the profile's own model passes the
+    same call."""
     p = _outlier_rows()
     assert oracle.compare(p, model_impl(PROFILE)(p), numerics=Numerics(kernel=PROFILE)).ok
     assert not oracle.compare(p, model_impl(PER_TENSOR)(p), numerics=Numerics(kernel=PROFILE)).ok
+
+
+def test_search_with_loud_rows_kills_a_per_tensor_activation_scale() -> None:
+    """With FP8_ROW_FAMILIES' loud token beside normal ones the search kills the per-tensor
+    scale, and the profile's own model passes the shrunk call: there a token of the call is at
+    least 2^19 times louder than another (in benchmarks/FP8_POWER.md at K = 7168 the row test
+    gives |s|/T 0.08 at 1x, 0.24 at 2^15, 6.7 at 2^19). Not shrunk (time)."""
+    found = _search(model_impl(PER_TENSOR), rows=LOUD_ROWS,
+                    budget=settings(SEARCH, phases=[Phase.explicit, Phase.generate]))
+    assert found is not None
+    amax = np.concatenate([np.abs(r.x.astype(np.float32)).max(axis=1) for r in found.ranks])
+    assert amax.max() >= 2.0**19 * amax[amax > 0].min()
+    assert oracle.compare(found, model_impl(PROFILE)(found), numerics=Numerics(kernel=PROFILE)).ok
 
 
 def test_search_kills_expert_0_scales_for_all_experts() -> None:

@@ -52,7 +52,14 @@ from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.modular import StageCall
 from spec.placement import PlacedCall
-from spec.strategies import POWER_ROW_FAMILIES, ROW_FAMILIES, configs, problems, token_rows
+from spec.strategies import (
+    FP8_ROW_FAMILIES,
+    POWER_ROW_FAMILIES,
+    ROW_FAMILIES,
+    configs,
+    problems,
+    token_rows,
+)
 
 __all__ = [
     "DEFAULT_INPUTS",
@@ -380,13 +387,15 @@ def default_problems(
     variant or only ``variants``; a profile without some default variant (the GPU formats'
     profiles) searches the gate variants it has. ``mode="ideal"`` also draws the token rows of
     :data:`spec.strategies.POWER_ROW_FAMILIES` (what the ideal judge needs to see a per-tensor
-    activation scale)."""
+    activation scale); a profile with an FP8 variant also draws
+    :data:`spec.strategies.FP8_ROW_FAMILIES` (what e4m3's range needs for the same)."""
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS}")
     shapes = profile.domain if domain == "kernel" else None
     have = variants_of(profile, variants)
-    rows = (token_rows(families=st.sampled_from(ROW_FAMILIES + POWER_ROW_FAMILIES))
-            if mode == "ideal" else None)
+    fp8 = any(_GATE[v].variant.weight_dtype == "float8_e4m3fn" for v in have)
+    extra = (POWER_ROW_FAMILIES if mode == "ideal" else ()) + (FP8_ROW_FAMILIES if fp8 else ())
+    rows = token_rows(families=st.sampled_from(ROW_FAMILIES + extra)) if extra else None
     if variants is None and have == DEFAULT_VARIANTS:
         return problems(configs=configs(domain=shapes), values=rows, domain=shapes)
     return problems(configs=variant_configs(have, domain=shapes), values=rows, domain=shapes)

@@ -42,7 +42,7 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + (3 + 2n)·u32·|a'|``,
    ``σ2 = (max|a| + max E_a)(1 + u32)/127``; FP8: :func:`oracle.judge.bounds.e4m3_error` of
-   ``|a'|``.
+   ``|a'|``, or the smaller bound of "FP8 requantisation without the widening" below.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -104,11 +104,40 @@ activation's proxy ``c²/3`` per FP8 grid rounding, Hoeffding's lemma for the re
 ``E δ^{2q} <= 2·q!·(2v)^q``; on ``E_h``'s event ``|r| <= A·δg² + A2·δu²`` with
 ``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2`` (``|δg·δu| <= (δg² + δu²)/2``),
 hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M = 2|β_a|·max(A·v_g, A2·v_u)``: Thm 2.10's
-condition with ``ν = Σ 16M²`` and scale ``c = max 2M``, ``t = sqrt(2νL) + cL``, plus the
-remainders' mean, ``|E β_a r| <= |β_a|·(A·v_g + A2·v_u)``, added outright. The scale grows
-with the variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
+condition with ``ν = Σ 16M²`` and scale ``c = max 2M``; with the first-order terms' proxy
+``V``, ``t`` is Chernoff's bound ``min_λ (L + λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid
+of λ (:func:`_chernoff`; at most the closed form ``sqrt(2(V + ν)L) + cL``, which charges all
+of ``V`` the scale: 9 % of the FP8 threshold at K = 7168, I = 160), plus the remainders'
+mean, ``|E β_a r| <= |β_a|·(A·v_g + A2·v_u)``, added outright. The scale grows with the
+variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
 quantisation noise is large (FP8: e4m3 keeps 3 mantissa bits). Where the clamp may switch
 within ``E_h``, the element's whole ``|β_h|·E_h`` is deterministic.
+
+FP8 requantisation without the widening. ``c_req`` at ``|a| + E_a`` charges every element
+the ``z``-sigma excursion of ``a'`` (``E_a`` holds for all elements at once): at K = 7168 it
+is about 0.3–3 times ``|a|``, and the requantisation term about doubles. But the term only
+needs the **sum** ``Σ_i β_a,i²·h_i²`` (``h_i`` the half step at ``a'_i``), in which the
+excursions average. Split ``|a'_i| <= |a_i| + D_i + |ℓ_i|``: ``ℓ_i = silu'(g)u·δg_lin +
+silu(g)·δu_lin`` the part of ``δa`` linear in the activation's roundings (``δh_lin = e_x·W1d``,
+proxy ``v_act``; zero in the clamp's band), ``D_i`` the rest of ``E_a`` (storage, accumulation,
+ties, remainder, SwiGLU: bounded outright on ``E_h``'s event). With ``k = 2^-4 + 3u32``,
+``h_i <= F_i + k|ℓ_i|``, ``F_i = c_req,i − k·z·sd(ℓ_i)`` (``c_req``'s own form with only
+``D_i`` widening it), so ``Σβ²h² <= (1 + ε)Σβ²F² + (1 + 1/ε)k²Σβ²ℓ²`` for any ``ε > 0``.
+Given ``a'``, the roundings are independent and uniform: ``E exp(λ s_req | a') <=
+exp(λ²Σβ²h²/6)``. The quadratic form ``Q = Σβ²ℓ² = ||B e||²`` in the independent activation
+roundings ``e`` (proxies ``c²/3``) has ``tr := Σ_i β_i²·(|silu'(g)u|·sd(δg) + |silu(g)|·
+sd(δu))² >= E``-proxy (Cauchy–Schwarz over ``δg``, ``δu``), and by the Gaussian decoupling
+``exp(μQ) = E_g exp(sqrt(2μ)gᵀBe)`` (Hsu, Kakade, Zhang 2012, the proof of their Thm 1),
+jointly with the activation's own projection ``λ·αᵀe`` (variance proxy ``V_act``):
+``E exp(λαᵀe + μQ) <= exp((λ²V_act/2 + μ·tr)/(1 − 2μ·tr))``, using ``||B||² <= tr``.
+With ``μ = λ²(1 + 1/ε)k²/6``, every λ up to ``sqrt(2L/W₀)`` (``W₀`` the proxy without the
+denominators, ``L`` the row's log term) has ``2μ·tr <= ρ := 2L(1 + 1/ε)Y/W₀``, ``Y =
+k²·tr/3``; so where ``ρ < 1`` the row's proxy ``W = V_rest + (1 + ε)X + ((1 + 1/ε)Y +
+V_act)/(1 − ρ)``, ``X = Σβ²F²/3``, is sub-Gaussian for the λ the threshold uses. ``ε`` runs
+over a fixed grid, and the row takes the smallest of these proxies and the widened one (all
+fixed before the output is seen: :func:`_requantisation`). At K = 7168, I = 160 the
+row's ``V`` falls by about 13 % and the threshold by 6–7 %
+(benchmarks/FP8_POWER.md).
 
 Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the projections, and
 the projections' share over the tested rows (union bound, ``L = ln(2n_rows/(δ/2))``): under
@@ -137,7 +166,7 @@ import numpy as np
 from oracle.adapters.gemm import Product, weight_products
 from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
 from oracle.model.arithmetic import FloatFormat, glu64
-from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
+from oracle.model.kernels import E4M3_UNIT, FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, expand_scales, to_e4m3, ue8m0_up
@@ -154,6 +183,12 @@ _DEFAULT_ASSUMPTIONS = IdealAssumptions()
 _SILU_CURVATURE = 0.5
 #: float32's smallest normal value (point 9).
 _NORMAL32 = 2.0**-126
+#: e4m3's rounding error relative to the value, with the float32 division (point 4).
+_E4M3_SLOPE = E4M3_UNIT + 3 * F32.unit
+#: The weights ε tried in "FP8 requantisation without the widening" (each is a valid bound).
+_SPLIT_EPS = 2.0 ** np.arange(-6.0, 3.5, 0.5)
+#: The fractions of the sub-Gaussian optimum λ tried by :func:`_chernoff`.
+_LAMBDA_GRID = 2.0 ** np.linspace(-4.0, 0.0, 33)
 
 
 @dataclass(frozen=True)
@@ -361,7 +396,13 @@ def row_thresholds(
     # E e^(λe) = sinh(λh)/(λh) <= e^(λ²h²/6), proxy c²/3 where Hoeffding's lemma gives c².
     grid = 1 / 3 if fp8 else 1.0
     alpha_x = np.zeros((total, k_len))
+    var_act = np.zeros(total)  # the activation's share of var
     var = np.zeros(total)
+    # FP8 requantisation (point 4): Σβ_a²c_req² with c_req at the widened |a| + E_a, or the
+    # split of "FP8 requantisation without the widening": its fixed part and its linear part
+    req_widened = np.zeros(total)
+    req_fixed = np.zeros(total)
+    req_linear = np.zeros(total)
     det = np.zeros(total)
     var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
     range_rem = np.zeros(total)  # its scale c
@@ -441,6 +482,15 @@ def row_thresholds(
         e_a = e_a + np.sqrt(c_sw2)
         if fp8:
             c_req = e4m3_error(np.abs(a) + e_a, group_width)
+            # The activation noise's share of E_a, as a standard deviation (band: the clamp
+            # may switch, not linear there): c_req less its z_h-widened multiple is fixed.
+            sd_lin = np.where(band[:, :i_len], 0.0, np.abs(d_g) * np.sqrt(v_act[:, :i_len]))
+            sd_lin += np.where(band[:, i_len:], 0.0, np.abs(d_u) * np.sqrt(v_act[:, i_len:]))
+            fixed = c_req - _E4M3_SLOPE * z_h * sd_lin
+            np.add.at(req_fixed, tok, on["requantisation"] * grid * np.einsum(
+                "ri,ri->r", beta_a**2, fixed**2))
+            np.add.at(req_linear, tok, on["requantisation"] * grid * _E4M3_SLOPE**2 * np.einsum(
+                "ri,ri->r", beta_a**2, sd_lin**2))
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
             if floor is not None:  # on the floor's grid the roundings are no longer noise
@@ -458,7 +508,7 @@ def row_thresholds(
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
             + np.einsum("ri,ri->r", beta_a**2, on["swiglu"] * c_sw2
-                        + grid * on["requantisation"] * c_req**2)
+                        + (0.0 if fp8 else grid * on["requantisation"] * c_req**2))
             + on["y"] * p**2 * np.einsum("rk,rk->r", direction[tok]**2,
                                          (u_s**2 + u_o**2) * y_mag**2 + c_acc2**2)
         )
@@ -484,6 +534,9 @@ def row_thresholds(
                                            + 6 * np.abs(beta_a).sum(axis=1)
                                            + np.einsum("rk,rk->r", np.abs(beta_y), n_y))
         np.add.at(var, tok, slot_var)
+        if fp8:
+            np.add.at(req_widened, tok, on["requantisation"] * grid * np.einsum(
+                "ri,ri->r", beta_a**2, c_req**2))
         np.add.at(det, tok, slot_det)
         v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
         # |r| <= A·δg² + A2·δu² (module docstring, "The remainder")
@@ -506,7 +559,8 @@ def row_thresholds(
         c_group = np.zeros(sums.shape[0])
         c_group[group[free]] = c_el[free]  # equal values of one group share their bound
         terms = on["activation"] * np.abs(sums) * c_group
-        var += np.bincount(owner, weights=grid * terms**2, minlength=total)
+        var_act = np.bincount(owner, weights=grid * terms**2, minlength=total).astype(float)
+        var += var_act
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
@@ -531,14 +585,15 @@ def row_thresholds(
     widen = 1 + F32.gamma(k_len + n_len)
     n_rows = max(int((tested | unasked).sum()), 1)  # rows not asked count as tested
     log_row = math.log(2 * n_rows / (delta / 2))
+    if fp8:
+        var = _requantisation(var, var_act, req_widened, req_fixed, req_linear, log_row)
     # Hoeffding (every first-order term sub-Gaussian, an FP8 grid rounding with proxy c²/3),
     # with the remainder by its ranges (Hoeffding) or its moments (Bernstein, Thm 2.10; a
     # sum of sub-gamma terms is sub-gamma with the summed variances and the largest scale).
     # All thresholds are fixed before the output is seen: the smaller holds.
     stochastic = np.sqrt(2 * var * log_row) * widen
     hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
-    bernstein = (np.sqrt(2 * (var + var_rem) * log_row) + range_rem * log_row
-                 + bias_rem) * widen
+    bernstein = (_chernoff(var, var_rem, range_rem, log_row) + bias_rem) * widen
     remainder = np.minimum(hoeffding, bernstein) - stochastic
     nonlinear = tested & (remainder > stochastic)
     reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
@@ -561,6 +616,44 @@ def row_thresholds(
 
     return RowThresholds(tuple(ideal.trace.combined), split(direction), split(norm),
                          split(threshold), split(reasons), assumptions)
+
+
+def _chernoff(var: Array, nu: Array, scale: Array, log: float) -> Array:
+    """Per row, a bound ``t`` with ``P(S > t) <= e^-log`` for ``S`` the sum of a sub-Gaussian
+    part (proxy ``var``) and a sub-gamma one (variance factor ``nu``, scale ``scale``):
+    Chernoff's ``(log + ψ(λ))/λ`` with ``ψ(λ) = λ²/2·(var + nu/(1 − scale·λ))``, valid for
+    every ``0 < λ < 1/scale``, minimised over a fixed grid of λ below the sub-Gaussian optimum
+    ``sqrt(2·log/(var + nu))``, and never above the closed form ``sqrt(2(var + nu)·log) +
+    scale·log`` (Boucheron, Lugosi, Massart, §2.4: the inversion, which charges the whole
+    variance ``1/(1 − scale·λ)``): where the scale is set by a few terms and the variance by
+    the many, the minimum is close to ``sqrt(2(var + nu)·log)``."""
+    closed = np.sqrt(2 * (var + nu) * log) + scale * log
+    best = closed
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        optimum = np.sqrt(2 * log / (var + nu))
+        for f in _LAMBDA_GRID:
+            lam = optimum * f
+            t = (log + lam**2 / 2 * (var + nu / (1 - scale * lam))) / lam
+            best = np.where((scale * lam < 1) & np.isfinite(t), np.minimum(best, t), best)
+    return np.asarray(best)
+
+
+def _requantisation(var: Array, var_act: Array, widened: Array, fixed: Array, linear: Array,
+                    log_row: float) -> Array:
+    """Per row, ``var`` (every first-order term but the FP8 requantisation; ``var_act`` its
+    activation part) with the requantisation's variance proxy added: the smaller of
+    ``widened`` (``c_req`` at ``|a| + E_a``) and the bound of "FP8 requantisation without the
+    widening" (module docstring) from its ``fixed`` and ``linear`` parts, where that
+    bound's condition holds."""
+    best = var + widened
+    for eps in _SPLIT_EPS:
+        shared = (1 + 1 / eps) * linear
+        lower = var + (1 + eps) * fixed + shared
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = np.where(lower > 0, 2 * log_row * shared / lower, 0.0)
+            split = var - var_act + (1 + eps) * fixed + (shared + var_act) / (1 - rho)
+        best = np.where(rho < 1, np.minimum(best, split), best)
+    return np.asarray(best)
 
 
 def _tie_shift(c_ties: Array, w: Array, f: Array | None) -> Array:
