@@ -110,6 +110,8 @@ class OpConfig:
     the field, the value and what to change. ``scale_dims`` tells variants with one weight
     dtype apart (scale1's per-expert dimensions, :func:`spec.fields.variant_for`); ``None``
     selects the first, and is what a configuration of that variant holds.
+    ``activation_scales``: the call passes the activations' global scales (``a1_gscale``,
+    ``a2_gscale``), which select NVFP4 W4A4 (``nvfp4``) among the e2m1-weight rows.
 
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
     ...                tokens_per_rank=(3, 0))
@@ -131,6 +133,7 @@ class OpConfig:
     swiglu_alpha: float | None = None
     masked: bool = False
     scale_dims: int | None = None
+    activation_scales: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens_per_rank, (tuple, list)):
@@ -178,6 +181,12 @@ class OpConfig:
             raise ConfigError(
                 field="x_dtype", given=repr(self.x_dtype), allowed=" or ".join(X_DTYPES),
                 fix="use bfloat16 or float16 tokens",
+            )
+        if not isinstance(self.activation_scales, bool):
+            raise ConfigError(
+                field="activation_scales", given=repr(self.activation_scales)[:80],
+                allowed="True or False",
+                fix="pass activation_scales=True when the call has a1_gscale and a2_gscale",
             )
         variant = variant_for(self.weight_dtype, self.x_dtype)
         if variant is None:
@@ -256,9 +265,17 @@ class OpConfig:
         """The row ``scale_dims`` selects among those sharing the weight dtype (``first``: the
         one the dtype alone selects); stores ``scale_dims`` as ``None`` for ``first``, so one
         call has one configuration."""
-        dims = self.scale_dims
+        dims, act = self.scale_dims, self.activation_scales
         rows = [v for v in VARIANTS if variant_for(self.weight_dtype, self.x_dtype,
-                                                   v.scale_dims) is v]
+                                                   v.scale_dims, act) is v]
+        if act and not any(v.activation_scales for v in rows):
+            raise ConfigError(
+                field="activation_scales", given=f"True with {self.weight_dtype} weights",
+                allowed="False, or True with " + " or ".join(
+                    f"{v.weight_dtype} weights ({v.name})" for v in VARIANTS
+                    if v.activation_scales),
+                fix="drop activation_scales (a1_gscale, a2_gscale) or use NVFP4 weights",
+            )
         if dims is not None and (isinstance(dims, bool) or dims not in
                                  [v.scale_dims for v in rows]):
             raise ConfigError(
@@ -267,7 +284,7 @@ class OpConfig:
                 fix="give scale1's per-expert dimensions, or None for "
                 f"{first.name}",
             )
-        variant = variant_for(self.weight_dtype, self.x_dtype, dims)
+        variant = variant_for(self.weight_dtype, self.x_dtype, dims, act)
         assert variant is not None
         object.__setattr__(self, "scale_dims", selecting_scale_dims(variant, self.x_dtype))
         return variant
@@ -319,7 +336,8 @@ class OpConfig:
         """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
         for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
         (weights in x's dtype)."""
-        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims)
+        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims,
+                             self.activation_scales)
         assert found is not None  # checked on construction
         return found.name
 
@@ -327,7 +345,8 @@ class OpConfig:
     def kernel_variant(self) -> Variant:
         """The row of :data:`spec.fields.VARIANTS` the weight dtype (and ``scale_dims``)
         select."""
-        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims)
+        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims,
+                              self.activation_scales)
         assert variant is not None  # checked on construction
         return variant
 
@@ -359,4 +378,6 @@ class OpConfig:
             parts.append("masked")
         if self.scale_dims is not None:
             parts.append(f"scale_dims={self.scale_dims}")
+        if self.activation_scales:
+            parts.append("activation_scales")
         return " ".join(parts)

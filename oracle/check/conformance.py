@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from oracle.check.harness import (
     ConformanceError,
+    activation_scales_strategy,
     check_implementation,
     evaluate,
     preset_configs,
@@ -195,6 +196,7 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
     strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
                        weight_dtypes=st.just(gate.weight_dtype),
                        scale_dims=st.just(gate.scale_dims),
+                       activation_scales=activation_scales_strategy(gate),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
 
