@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import oracle
 from oracle import Numerics
 from oracle.check.harness import ConformanceError, check_implementation
-from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile
+from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
 from spec.strategies import configs, problems
 
@@ -280,3 +280,8 @@ def test_generator_tags_each_experts_activation_scales(problem: Problem) -> None
     for r in range(problem.config.ep_size):
         a1, a2 = _stacked(problem, r, "a1_gscale"), _stacked(problem, r, "a2_gscale")
         assert len(set(a1.ravel().tolist())) == a1.size and not np.array_equal(a1, a2)
+
+
+def test_the_profile_round_trips_as_a_file() -> None:
+    """A counterexample file records the profile: Fp4Gemm and the slot_x epilogue load back."""
+    assert profile_from_dict(VLLM_NVFP4.to_dict()) == VLLM_NVFP4

@@ -1,0 +1,130 @@
+"""Power and false alarms of the vllm-nvfp4 profile's judge on NVFP4 W4A4 (issue 25): the
+envelope (the ideal judges refuse the variant by name).
+
+Writes ``benchmarks/NVFP4_POWER.md``. Run from the repository root:
+``python benchmarks/nvfp4_power.py`` (``--pairs N``: legitimate pairs per shape at small
+shapes, default 200; ``--seeds N``: problems per production shape, default 3). Not a timed
+test.
+
+Power: at K = 7168 with I = 2048 (DeepSeek-V3) and I = 160 (a shard not a multiple of 16·8),
+EP=2, E=2, top_k=2, 2 tokens per rank, bf16 x, the outputs of the real bugs of
+``tests/test_nvfp4a.py`` (expert 0's activation scale, rank 0's scales on every rank, GEMM1's
+alpha unwritten). False alarms: a legitimate kernel that uses the profile's freedom (float32
+accumulation in another order: per 16-column block, blocks added in K order) at those shapes
+and at random small shapes (K, I not multiples of 16 included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import oracle
+from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, _apply_epilogue
+from spec import OpConfig, Problem, random_problem
+from spec.nvfp4 import dequantise_nv
+
+sys.path[:0] = [str(Path(__file__).parents[1] / "tests")]
+from test_nvfp4a import (  # noqa: E402
+    ALPHA_UNWRITTEN,
+    PROFILE,
+    first_expert,
+    model_impl,
+    rank_zero,
+)
+
+Array = np.ndarray[Any, Any]
+NV = "float4_e2m1fn"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOrderGemm(Fp4Gemm):
+    """A legitimate kernel: each 16-column block's products summed exactly, rounded to
+    float32, the blocks added in K order in float32 (one order the profile allows)."""
+
+    def apply(self, a: Env, sigma: Env | None, weights: Any, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        w = weights[f"w{which}"]
+        wd = dequantise_nv(w, weights[f"scale{which}"], np.ones(1, np.float32), np.float32)
+        qa = self.quantise(a, weights[f"a{which}_gscale"]).mid.astype(np.float64)
+        acc = np.zeros((qa.shape[0], w.shape[1]), np.float32)
+        for b in range(0, w.shape[0], 16):
+            part = (qa[:, b:b + 16] @ wd[b:b + 16].astype(np.float64)).astype(np.float32)
+            acc = (acc + part).astype(np.float32)
+        alpha = self.alpha(weights[f"a{which}_gscale"], weights[f"gscale{which}"])
+        return _apply_epilogue(self.epilogue, Env(acc), col=np.broadcast_to(alpha, (w.shape[1],)),
+                               row=None, slot=slot, x_dtype=x_dtype, ftz=self.ftz)
+
+
+def _legit() -> KernelProfile:
+    pipe = VLLM_NVFP4.pipeline("nvfp4")
+    steps = {g: BlockOrderGemm(getattr(pipe, g).epilogue, 2, True) for g in ("gemm1", "gemm2")}
+    return dataclasses.replace(VLLM_NVFP4.with_steps("nvfp4", **steps), name="block-order")
+
+
+LEGIT = model_impl(_legit())
+MUTANTS = {"expert 0's activation scale": first_expert, "rank 0's scales on every rank": rank_zero,
+           "GEMM1 alpha unwritten": ALPHA_UNWRITTEN}
+
+
+def _problem(k: int, i: int, seed: int, ep: int = 2, e: int = 2, top_k: int = 2,
+             tokens: int = 2) -> Problem:
+    cfg = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k, intermediate=i,
+                   tokens_per_rank=(tokens,) * ep, weight_dtype=NV, activation_scales=True)
+    return random_problem(cfg, seed=seed)
+
+
+def _ok(problem: Problem, impl: Any) -> bool:
+    return bool(oracle.compare(problem, impl(problem), numerics=PROFILE).ok)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    lines = ["# NVFP4 W4A4: power and false alarms of the vllm-nvfp4 envelope", "",
+             f"`python benchmarks/nvfp4_power.py --pairs {args.pairs} --seeds {args.seeds}` "
+             f"on {platform.machine()}, Python {platform.python_version()}; "
+             "written by the script.", "",
+             "| shape | implementation | rejected | of | seconds |", "|---|---|---|---|---|"]
+    for k, i in ((7168, 2048), (7168, 160)):
+        problems = [_problem(k, i, s) for s in range(args.seeds)]
+        for name, impl in (("legitimate: block-order float32 sums", LEGIT), *MUTANTS.items()):
+            start = time.perf_counter()
+            bad = sum(not _ok(p, impl) for p in problems)
+            lines.append(f"| K={k} I={i} EP=2 E=2 top_k=2 M=2/rank | {name} | {bad} | "
+                         f"{len(problems)} | {time.perf_counter() - start:.1f} |")
+            print(lines[-1], flush=True)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    alarms = 0
+    for s in range(args.pairs):
+        k, i = int(rng.choice((16, 40, 64, 200))), int(rng.choice((8, 24, 40)))
+        p = _problem(k, i, s, ep=int(rng.integers(1, 3)), e=int(rng.integers(1, 4)),
+                     top_k=int(rng.integers(1, 3)), tokens=int(rng.integers(1, 5)))
+        alarms += not _ok(p, LEGIT)
+    lines.append(f"| small random (K in 16/40/64/200, I in 8/24/40) | legitimate: block-order "
+                 f"float32 sums | {alarms} | {args.pairs} | {time.perf_counter() - start:.1f} |")
+    print(lines[-1])
+    lines += ["", "Reading. The envelope is the only judge of this variant (the ideal judges "
+              "refuse it). Its width comes from the profile's float32 any-order freedom "
+              "(γ_K·Σ|terms|, about 4% of |h| at K = 7168) meeting the e2m1 requantisation "
+              "before GEMM2: an interval that straddles an e2m1 rounding boundary spans a whole "
+              "e2m1 step (25–50 % of the value), and GEMM2 adds those worst cases over I. At "
+              "I = 2048 the output envelope is wider than the outputs themselves and contains 0, "
+              "so even an all-zero output passes; at I = 160 the real bugs are caught. The "
+              "remedy is the row test's noise terms for e2m1 activations (not written: "
+              "docs/architecture.md)."]
+    Path(__file__).with_name("NVFP4_POWER.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
