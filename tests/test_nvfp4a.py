@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import oracle
 from oracle import Numerics
 from oracle.check.harness import ConformanceError, check_implementation
+from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
 from spec.strategies import configs, problems
@@ -102,6 +103,7 @@ def test_profile_is_the_naive_cutlass_path(seed: int) -> None:
 
 
 def test_ideal_mode_is_refused_by_name() -> None:
+    """The sound bound lacks the e2m1 activations: ideal mode names the profile to use."""
     problem = random_problem(_config())
     outs = [(r.out, r.expert_token_nums) for r in oracle.run(problem, numerics=PROFILE).ranks]
     assert oracle.compare(problem, outs, numerics=PROFILE).ok
@@ -285,3 +287,33 @@ def test_generator_tags_each_experts_activation_scales(problem: Problem) -> None
 def test_the_profile_round_trips_as_a_file() -> None:
     """A counterexample file records the profile: Fp4Gemm and the slot_x epilogue load back."""
     assert profile_from_dict(VLLM_NVFP4.to_dict()) == VLLM_NVFP4
+
+
+# ---------------------------------------------------------------------------------------------
+# The row test's e2m1 activation terms
+
+
+def test_the_row_test_fails_without_the_e2m1_activation_term() -> None:
+    """At a false-alarm probability of 0.9 (I = 1, top_k = 8, fp16 x: the activations' e2m1
+    error dominates) the profile's own output passes with the term (|s|/T 0.57) and fails
+    without it (2.6)."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=8, hidden=128, intermediate=1,
+                   tokens_per_rank=(64,), x_dtype="float16", weight_dtype=NV,
+                   activation_scales=True)
+    problem = random_problem(cfg, seed=1)
+    ideal = oracle.run(problem, numerics=dataclasses.replace(PROFILE, mode="ideal"))
+    outs = [r.out for r in oracle.run(problem, numerics=PROFILE).ranks]
+    tight = dataclasses.replace(VLLM_NVFP4.ideal_assumptions("float16"), false_alarm=0.9)
+    assert row_thresholds(problem, ideal, tight).judge(outs).ok
+    assert not row_thresholds(problem, ideal, tight, omit=("activation",)).judge(outs).ok
+
+
+def test_the_row_test_catches_an_all_zero_output_the_envelope_holds() -> None:
+    """At K = 1024, I = 2048 the envelope (float32 in any order meeting e2m1 requantisation)
+    contains 0: flashinfer #5053's all-zero output passes it and the row test rejects it
+    (benchmarks/NVFP4_POWER.md: the same at K = 7168)."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=1024, intermediate=2048,
+                   tokens_per_rank=(1,), weight_dtype=NV, activation_scales=True)
+    problem = random_problem(cfg)
+    verdict = oracle.compare(problem, ALPHA_UNWRITTEN(problem), numerics=PROFILE)
+    assert not verdict.ok and "error projection on the ideal row -1 x |row|" in verdict.message
