@@ -104,11 +104,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    lines = ["# NVFP4 W4A4: power and false alarms of the vllm-nvfp4 envelope", "",
+    lines = ["# NVFP4 W4A4: power and false alarms of the vllm-nvfp4 profile", "",
              f"`python benchmarks/nvfp4_power.py --pairs {args.pairs} --seeds {args.seeds}` "
              f"on {platform.machine()}, Python {platform.python_version()}; "
              "written by the script.", "",
-             "| shape | implementation | rejected | of | verdicts (stage, row test's |s|/T) "
+             "| shape | implementation | rejected | of | verdicts (stage, row test's ratio s/T) "
              "| seconds |", "|---|---|---|---|---|---|"]
     for k, i in ((7168, 2048), (7168, 160)):
         problems = [_problem(k, i, s) for s in range(args.seeds)]
@@ -133,17 +133,18 @@ def main() -> None:
         worst = max(worst, ratio)
     lines.append(f"| small random (K in 16/40/64/200/1024, I in 8/24/40/160) | legitimate: "
                  f"sequential float32 sums | {alarms} | {args.pairs} | {judged} not bitwise "
-                 f"the model's; worst |s|/T {worst:.3g} | {time.perf_counter() - start:.1f} |")
+                 f"the model's; worst s/T {worst:.3g} | {time.perf_counter() - start:.1f} |")
     print(lines[-1])
-    lines += ["", "Reading. The envelope is the only judge of this variant (the ideal judges "
-              "refuse it). Its width comes from the profile's float32 any-order freedom "
-              "(γ_K·Σ|terms|, about 4% of |h| at K = 7168) meeting the e2m1 requantisation "
-              "before GEMM2: an interval that straddles an e2m1 rounding boundary spans a whole "
-              "e2m1 step (25–50 % of the value), and GEMM2 adds those worst cases over I. At "
-              "I = 2048 the output envelope is wider than the outputs themselves and contains 0, "
-              "so even an all-zero output passes; at I = 160 the real bugs are caught. The "
-              "remedy is the row test's noise terms for e2m1 activations (not written: "
-              "docs/architecture.md)."]
+    lines += ["", "Reading. The envelope's width comes from the profile's float32 any-order "
+              "freedom (γ_K·Σ|terms|, about 4% of |h| at K = 7168) meeting the e2m1 "
+              "requantisation before GEMM2: an interval that straddles an e2m1 rounding "
+              "boundary spans a whole e2m1 step (25–50 % of the value), and GEMM2 adds those "
+              "worst cases over I. At I = 2048 the output envelope contains 0, so an all-zero "
+              "output passes it; the row test (with the e2m1 activation terms) then rejects "
+              "it. A wrong expert's scale off by a factor 4/3 on one of two slots moves a row "
+              "by about 1/6, inside the row test's threshold (about 0.27 of |row| at "
+              "K = 7168: e2m1 keeps one mantissa bit); those pass where the envelope is wide. "
+              "The legitimate kernels' |s|/T is their margin to a false alarm (1 rejects)."]
     Path(__file__).with_name("NVFP4_POWER.md").write_text("\n".join(lines) + "\n")
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import oracle
 from oracle import Numerics
 from oracle.check.harness import ConformanceError, check_implementation
+from oracle.judge.bounds import quantisation_error_bound
 from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
@@ -102,13 +103,29 @@ def test_profile_is_the_naive_cutlass_path(seed: int) -> None:
     assert np.mean(got == want) > 0.95 and np.allclose(got, want, rtol=2**-6, atol=1e-3)
 
 
-def test_ideal_mode_is_refused_by_name() -> None:
-    """The sound bound lacks the e2m1 activations: ideal mode names the profile to use."""
-    problem = random_problem(_config())
+def _w4a4(hidden: int, intermediate: int, top_k: int, seed: int) -> Problem:
+    return random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=top_k, hidden=hidden,
+                                   intermediate=intermediate, tokens_per_rank=(4,),
+                                   weight_dtype=NV, activation_scales=True), seed=seed)
+
+
+def test_ideal_mode_judges_the_profile_and_rejects_zeros() -> None:
+    """Ideal mode (the sound bound, then the row test, both with the e2m1 terms) accepts the
+    profile's output and rejects flashinfer #5053's all-zero one."""
+    problem = _w4a4(64, 24, 2, 0)
     outs = [(r.out, r.expert_token_nums) for r in oracle.run(problem, numerics=PROFILE).ranks]
-    assert oracle.compare(problem, outs, numerics=PROFILE).ok
-    with pytest.raises(ValueError, match=r"NVFP4 W4A4.*vllm-nvfp4"):
-        oracle.compare(problem, outs, numerics="ideal")
+    assert oracle.compare(problem, outs, numerics="ideal").ok
+    assert not oracle.compare(problem, ALPHA_UNWRITTEN(problem), numerics="ideal").ok
+
+
+def test_the_sound_bound_fails_without_the_e2m1_activation_term() -> None:
+    """K = 128, I = 1, top_k = 8: the profile's error is 0.02 of the bound with the term and
+    7.2 times a bound without it."""
+    problem = _w4a4(128, 1, 8, 1)
+    got = oracle.run(problem, numerics=PROFILE).ranks[0].out.astype(np.float64)
+    err = np.abs(got - oracle.run(problem, numerics="ideal").trace.combined[0])
+    assert (err <= quantisation_error_bound(problem, ftz=True)[0]).all()
+    assert (err > quantisation_error_bound(problem, ftz=True, omit=("activation",))[0]).any()
 
 
 # ---------------------------------------------------------------------------------------------

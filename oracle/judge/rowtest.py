@@ -36,8 +36,9 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    half step**: sub-Gaussian with proxy ``c²/3``, not Hoeffding's ``c²`` (see "The
    projection"). NVFP4 W4A4 (e2m1 per 16 under the expert's global scale ``γ``,
    :class:`oracle.model.kernels.Fp4Gemm`): ``c_j`` is half the e2m1 grid step at ``x_j`` on
-   the grid ``s/γ``, ``s = e4m3(γ·amax/6)`` (:func:`_e2m1_error`), uniform as FP8's; ties and
-   the excess beyond a saturated block's ``6·s/γ`` are deterministic. A token's slots
+   the grid ``s/γ``, ``s = e4m3(γ·amax/6)`` (:func:`oracle.judge.bounds.e2m1_error`),
+   uniform as FP8's; ties and the excess beyond a saturated block's ``6·s/γ`` are
+   deterministic. A token's slots
    quantise ``x`` under their experts' scales, so per element the variable's bound is
    ``Σ_k |α_jk|·c_jk`` over its slots (whatever their correlation), equal values of one block
    adding up before squaring.
@@ -48,8 +49,9 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + (3 + 2n)·u32·|a'|``,
    ``σ2 = (max|a| + max E_a)(1 + u32)/127``; FP8: :func:`oracle.judge.bounds.e4m3_error` of
-   ``|a'|``; NVFP4: :func:`_e2m1_error` of ``|a'|`` under ``a2_gscale`` (the block's largest
-   ``|a'|`` giving the largest scale), its saturation excess deterministic.
+   ``|a'|``; NVFP4: :func:`oracle.judge.bounds.e2m1_error` of ``|a'|`` under ``a2_gscale``
+   (the block's largest ``|a'|`` giving the largest scale), its saturation excess
+   deterministic.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -141,7 +143,15 @@ from typing import Any
 
 import numpy as np
 
-from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
+from oracle.judge.bounds import (
+    EXP_ULPS,
+    F32,
+    e2m1_error,
+    e4m3_error,
+    exp_rho,
+    half_step,
+    nv_multiplier,
+)
 from oracle.model.arithmetic import FloatFormat, glu64, weight_chunks
 from oracle.model.kernels import FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
@@ -405,7 +415,7 @@ def row_thresholds(
                                     np.float32) for i in (1, 2))
             s1 = s2 = None
             gs_a = [float(lists[f"a{i}_gscale"][0]) for i in (1, 2)]
-            ce, over = _e2m1_error(ax[tok], gs_a[0], assumptions.div_ulps)
+            ce, over = e2m1_error(ax[tok], gs_a[0], assumptions.div_ulps)
             ti = _e2m1_ties(x[tok], gs_a[0]) | (over > 0)
             ce = np.where(over > 0, 0.0, ce)
             cm = ce.max(axis=1, initial=0.0)
@@ -480,7 +490,7 @@ def row_thresholds(
         if fp8:
             c_req = e4m3_error(np.abs(a) + e_a, group_width)
         elif nv:  # the kernel's amax may be the largest |a'|: the largest block scale
-            c_req, over2 = _e2m1_error(np.abs(a) + e_a, gs_a[1], assumptions.div_ulps)
+            c_req, over2 = e2m1_error(np.abs(a) + e_a, gs_a[1], assumptions.div_ulps)
             np.add.at(det, tok, on["requantisation"] * (np.abs(beta_a) * over2).sum(axis=1))
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
@@ -638,18 +648,6 @@ def _activation_ties(x: Array, amax: Array) -> Array:
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
 
 
-def _half_step(v: Array, sigma: Array, digits: int, emin: int) -> Array:
-    """Half the spacing of the grid ``σ·F`` around ``|v|`` (``F`` a float format of
-    ``digits`` significand bits, the implicit one included, smallest normal exponent
-    ``emin``): ``σ·2^(e − digits)``, ``e`` the binade of ``|v|/σ`` (``emin`` below it). The
-    quotient is taken 2^-20 relative high, so a kernel whose division or scale lies a few
-    float32 ulps away never lands in a larger binade than the one used."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        t = np.abs(v) / sigma * (1 + 2.0**-20)
-        e = np.maximum(np.floor(np.log2(np.where(t > 0, t, 1.0))), emin)
-    return np.asarray(np.where(sigma > 0, sigma * 2.0 ** (e - digits), 0.0))
-
-
 def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
     """Per element of ``x`` (tokens by channels), a bound on the e4m3 group quantiser's
     rounding error that a legitimate kernel makes (formats.md, FP8 block scale): half the
@@ -668,7 +666,7 @@ def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
         for s in (sigma, ue8m0_up(sigma)):
             s64 = np.repeat(s.astype(np.float64), width, axis=1)[:, :cols] * (1 + 2 * F32.unit)
-            half = np.maximum(half, _half_step(x, s64, 4, -6))
+            half = np.maximum(half, half_step(x, s64, 4, -6))
     return np.asarray(half + 3 * F32.unit * np.abs(x))
 
 
@@ -689,37 +687,10 @@ def _e4m3_ties(x: Array, width: int = BLOCK) -> Array:
     return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
 
 
-def _nv_multiplier(v: Array, gscale: float, slack: float = 4 * F32.unit) -> Array:
-    """Per element of ``|v|`` (rows by columns), the NVFP4 block multiplier ``s/γ`` of a
-    legitimate quantiser under the global scale ``γ``: ``s = e4m3(γ·amax/6)`` clamped at 448
-    (formats.md, NVFP4), ``amax`` the element's block of 16's, taken ``slack`` high (4 float32
-    ulps: a kernel computing ``γ·amax/6`` otherwise never lands on a larger scale)."""
-    rows, cols = v.shape
-    grouped = np.zeros((rows, -(-cols // NV_BLOCK) * NV_BLOCK))
-    grouped[:, :cols] = np.abs(v)
-    amax = grouped.reshape(rows, -1, NV_BLOCK).max(axis=2)
-    s = to_e4m3((gscale * amax / E2M1_MAX * (1 + slack)).astype(np.float32))
-    return np.repeat(s.astype(np.float64) / gscale, NV_BLOCK, axis=1)[:, :cols]
-
-
-def _e2m1_error(v: Array, gscale: float, div_ulps: int) -> tuple[Array, Array]:
-    """Per element of ``|v|`` (float64), the NVFP4 activation quantiser's error under the
-    global scale ``γ`` (:class:`oracle.model.kernels.Fp4Gemm`): ``(c, excess)``, ``c`` half
-    the e2m1 grid step at the element (:func:`_half_step`: 2 significand bits, the smallest
-    normal exponent 0, on the grid ``s/γ``) plus the float32 quotient's
-    ``(3 + 2·div_ulps)·u32·|v|``, and ``excess`` the deterministic error beyond the grid's
-    end ``6·s/γ`` where the block scale saturates at 448."""
-    mult = _nv_multiplier(v, gscale) * (1 + 2 * F32.unit)
-    top = E2M1_MAX * mult
-    half = _half_step(np.minimum(v, top), mult, 2, 0)
-    excess = np.maximum(v - top * (1 + 2.0**-20), 0.0)
-    return half + (3 + 2 * div_ulps) * F32.unit * v, excess
-
-
 def _e2m1_ties(x: Array, gscale: float) -> Array:
     """Elements whose quotient ``x·(1/(s/γ))`` (float32, the model's operations) lies exactly
     between two e2m1 values: rounded by the tie rule, not at random."""
-    mult = _nv_multiplier(np.abs(x.astype(np.float64)), gscale, 0.0).astype(np.float32)
+    mult = nv_multiplier(np.abs(x.astype(np.float64)), gscale, 0.0).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         t = np.clip(x * np.where(mult > 0, np.float32(1) / mult, np.float32(0)),
                     -E2M1_MAX, E2M1_MAX).astype(np.float32)

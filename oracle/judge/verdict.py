@@ -290,24 +290,15 @@ def compare(
     )
 
 
-#: Variants ideal mode (the sound bound, then the row test) does not model, and why: judged
-#: against a kernel profile.
-_NOT_IDEAL = {
-    "w4a8": ("W4A8 (its error bound and row test read int8 weights, not packed int4)",
-             "a kernel profile (numerics='faithful')"),
-    "nvfp4": ("NVFP4 W4A4 (the sound bound lacks its activations' e2m1 quantisation; the "
-              "row test has it, and runs under the profile)", "the vllm-nvfp4 profile "
-              "(numerics='vllm-nvfp4')"),
-}
-
-
 def _mathematics(problem: Problem, num: Numerics) -> Problem:
     """The float64 mathematics of the named kernel: the ideal run, bound and row test read it
-    (under a profile, only the row test: made there, when it runs). The variants of
-    :data:`_NOT_IDEAL` in ideal mode are refused by name."""
-    if problem.config.variant in _NOT_IDEAL and num.mode != "faithful":
-        what, use = _NOT_IDEAL[problem.config.variant]
-        raise ValueError(f"the ideal judge does not model {what}: judge it against {use}")
+    (under a profile, only the row test: made there, when it runs). W4A8 in ideal mode is
+    refused by name."""
+    if problem.config.variant == "w4a8" and num.mode != "faithful":
+        raise ValueError(
+            "the ideal judge does not model W4A8 (its error bound and row test read int8 "
+            "weights, not packed int4): judge W4A8 against a kernel profile (numerics="
+            "'faithful')")
     return problem if num.mode == "faithful" else kernel_mathematics(problem, num)
 
 
