@@ -334,3 +334,14 @@ def test_the_row_test_catches_an_all_zero_output_the_envelope_holds() -> None:
     problem = random_problem(cfg)
     verdict = oracle.compare(problem, ALPHA_UNWRITTEN(problem), numerics=PROFILE)
     assert not verdict.ok and "error projection on the ideal row -1 x |row|" in verdict.message
+
+
+def test_diagnosis_runs_on_a_profile_without_a_float_pipeline() -> None:
+    """explain's catalogue flipped the float pipeline's SwiGLU ties on every profile, and a
+    GPU format's profile has none (ValueError, a traceback from ``dfc-oracle explain``); the
+    entry now does not apply there, and the all-zero output is named."""
+    from oracle.explain.diagnose import diagnose
+
+    witness = _witness(1, 1, (1,), 0)
+    found = diagnose(witness, ALPHA_UNWRITTEN(witness), numerics=PROFILE)
+    assert not found.verdict.ok and "swiglu_cast_ties" not in str(found)

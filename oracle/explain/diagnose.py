@@ -184,6 +184,10 @@ def _swap_store(old: str, new: str | None) -> Callable[[tuple[str, ...]], tuple[
 
 
 def _swiglu_cast_ties(p: KernelProfile) -> KernelProfile:
+    """The float pipeline's SwiGLU cast with the other tie rule (a profile without a float
+    pipeline, a GPU format's, is returned as it is: the defect does not apply)."""
+    if "float" not in p.variants:
+        return p
     flipped = {"x_away": "x", "x": "x_away"}
     return p.map_steps("swiglu", lambda s: replace(s, store=flipped.get(s.store or "", s.store)),
                        ("float",))
