@@ -244,14 +244,18 @@ ALPHA_UNWRITTEN = model_impl(_with_gemms("alpha-unwritten", AlphaUnwritten, (1,)
 @pytest.mark.slow
 def test_search_kills_the_scale_bugs() -> None:
     """The search (15 examples, 20–30 s each) shrinks to: expert 0's scale, EP=1 E=2 M=[1];
-    rank 0's scales, EP=2 E=1 M=[0, 1]; GEMM1's alpha unwritten, EP=1 E=1 M=[1] (K = 16,
-    I = 8, top_k = 1 each): the witnesses of the tests below."""
+    rank 0's scales, EP=2 E=1 M=[0, 1]; GEMM1's alpha unwritten, EP=1 E=1 M=[1]; the e4m3
+    cast without its clamp, EP=1 E=1 M=[1] with a planted |x| = 32 beyond the calibration
+    (K = 16, I = 8, top_k = 1 each): the witnesses of the tests below."""
     found = _search(first_expert)
     assert found is not None and found.config.experts_per_rank == 2
     found = _search(rank_zero)
     assert found is not None and found.config.ep_size == 2
     found = _search(ALPHA_UNWRITTEN)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
+    found = _search(model_impl(_with_gemms("unclamped", Unclamped)))
+    assert found is not None and max(np.abs(r.x.astype(np.float32)).max(initial=0)
+                                     for r in found.ranks) > 8
 
 
 def test_expert_zeros_activation_scale_is_rejected() -> None:
