@@ -1,9 +1,10 @@
 """NVFP4 W4A4 (``nvfp4``; ``docs/contract/formats.md``, section NVFP4): the row selected by the
 activations' global scales, the vllm-nvfp4 profile against a naive model of vLLM's
-``cutlass_moe_fp4``, and the real bugs as mutants killed by the search: the activation global
-scale of another expert (sglang #36597: expert 0's for every expert, or rank 0's list on every
-rank under EP), GEMM1's output scale never written (flashinfer #5053: an all-zero output), the
-e4m3 block scale cast without its clamp (NaN).
+``cutlass_moe_fp4``, the judges' e2m1 activation terms, and the real bugs as mutants killed by
+the search (slow; their shrunk counterexamples as fast tests): the activation global scale of
+another expert (sglang #36597: expert 0's for every expert, or rank 0's list on every rank
+under EP), GEMM1's output scale never written (flashinfer #5053: an all-zero output), the e4m3
+block scale cast without its clamp (NaN).
 
 Each check is shown to fail on its mutant as well as to pass on the real thing.
 """
