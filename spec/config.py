@@ -113,7 +113,9 @@ class OpConfig:
     selects the first, and is what a configuration of that variant holds. ``act_scheme``
     names the activation quantisation where the inputs cannot tell it (``"mxfp8"`` with
     MXFP4 weights: ``mxfp4_mxfp8``, :attr:`spec.fields.Variant.act_scheme`); ``None``: the
-    row the inputs select.
+    row the inputs select. ``activation_scales``: the call passes the activations' global
+    scales (``a1_gscale``, ``a2_gscale``), which select NVFP4 W4A4 (``nvfp4``) among the
+    e2m1-weight rows.
 
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
     ...                tokens_per_rank=(3, 0))
@@ -136,6 +138,7 @@ class OpConfig:
     masked: bool = False
     scale_dims: int | None = None
     act_scheme: str | None = None
+    activation_scales: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens_per_rank, (tuple, list)):
@@ -183,6 +186,12 @@ class OpConfig:
             raise ConfigError(
                 field="x_dtype", given=repr(self.x_dtype), allowed=" or ".join(X_DTYPES),
                 fix="use bfloat16 or float16 tokens",
+            )
+        if not isinstance(self.activation_scales, bool):
+            raise ConfigError(
+                field="activation_scales", given=repr(self.activation_scales)[:80],
+                allowed="True or False",
+                fix="pass activation_scales=True when the call has a1_gscale and a2_gscale",
             )
         variant = variant_for(self.weight_dtype, self.x_dtype)
         if variant is None:
@@ -279,9 +288,18 @@ class OpConfig:
         """The row ``scale_dims`` selects among those sharing the weight dtype (``first``: the
         one the dtype alone selects); stores ``scale_dims`` as ``None`` for ``first``, so one
         call has one configuration."""
-        dims = self.scale_dims
+        dims, act = self.scale_dims, self.activation_scales
         rows = [v for v in VARIANTS if variant_for(self.weight_dtype, self.x_dtype,
-                                                   v.scale_dims, self.act_scheme) is v]
+                                                   v.scale_dims, act_scheme=self.act_scheme,
+                                                   activation_scales=act) is v]
+        if act and not any(v.activation_scales for v in rows):
+            raise ConfigError(
+                field="activation_scales", given=f"True with {self.weight_dtype} weights",
+                allowed="False, or True with " + " or ".join(
+                    f"{v.weight_dtype} weights ({v.name})" for v in VARIANTS
+                    if v.activation_scales),
+                fix="drop activation_scales (a1_gscale, a2_gscale) or use NVFP4 weights",
+            )
         if dims is not None and (isinstance(dims, bool) or dims not in
                                  [v.scale_dims for v in rows]):
             raise ConfigError(
@@ -290,7 +308,8 @@ class OpConfig:
                 fix="give scale1's per-expert dimensions, or None for "
                 f"{first.name}",
             )
-        variant = variant_for(self.weight_dtype, self.x_dtype, dims, self.act_scheme)
+        variant = variant_for(self.weight_dtype, self.x_dtype, dims, act_scheme=self.act_scheme,
+                              activation_scales=act)
         assert variant is not None
         object.__setattr__(self, "scale_dims", selecting_scale_dims(variant, self.x_dtype))
         return variant
@@ -343,7 +362,9 @@ class OpConfig:
         """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
         for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
         (weights in x's dtype)."""
-        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims, self.act_scheme)
+        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims,
+                             act_scheme=self.act_scheme,
+                             activation_scales=self.activation_scales)
         assert found is not None  # checked on construction
         return found.name
 
@@ -351,7 +372,9 @@ class OpConfig:
     def kernel_variant(self) -> Variant:
         """The row of :data:`spec.fields.VARIANTS` the weight dtype (and ``scale_dims``)
         select."""
-        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims, self.act_scheme)
+        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims,
+                              act_scheme=self.act_scheme,
+                              activation_scales=self.activation_scales)
         assert variant is not None  # checked on construction
         return variant
 
@@ -385,4 +408,6 @@ class OpConfig:
             parts.append(f"scale_dims={self.scale_dims}")
         if self.act_scheme is not None:
             parts.append(f"act_scheme={self.act_scheme}")
+        if self.activation_scales:
+            parts.append("activation_scales")
         return " ".join(parts)

@@ -69,6 +69,10 @@ FIELDS: tuple[Field, ...] = (
           False),
     Field("gscale2", "gscale2", "NVFP4 global scale of weight2 (float32 per expert)", True,
           False),
+    Field("a1_gscale", "a1_gscale", "NVFP4 W4A4 global scale of GEMM1's activations (float32 "
+          "per expert)", True, False),
+    Field("a2_gscale", "a2_gscale", "NVFP4 W4A4 global scale of GEMM2's activations (float32 "
+          "per expert)", True, False),
 )
 #: Names of the plain-array fields and of the TensorList fields.
 ARRAY_FIELDS = tuple(f.name for f in FIELDS if not f.tensor_list)
@@ -165,6 +169,12 @@ class Variant:
         """The kernel quantises the activations to e4m3 per group (the FP8 rows, MXFP8)."""
         return self.quantised and (self.weight_dtype == "float8_e4m3fn"
                                    or self.act_scheme == "mxfp8")
+
+    @property
+    def activation_scales(self) -> bool:
+        """The row reads the activations' global scales (``a1_gscale``): among rows sharing a
+        weight dtype and :attr:`scale_dims`, their presence in the inputs selects it."""
+        return "a1_gscale" in self.lists
 
     @property
     def scale_dims(self) -> int:
@@ -268,6 +278,20 @@ VARIANTS: tuple[Variant, ...] = (
         masked=False, clamped=False, opt_in=True, dequantise="mxfp4", group=32,
         act_scheme="mxfp8",
     ),
+    # NVFP4 W4A4 (vLLM's nvfp4, CUTLASS fp4 MoE; formats.md, NVFP4 [code]): nvfp4_w4a16's
+    # weights plus the static activation global scales per expert (a1_gscale, a2_gscale; vLLM's
+    # cutlass_moe_fp4 reads one per expert), whose presence in the inputs selects this row.
+    # The kernel quantises each GEMM's activations to e2m1 with e4m3 scales per 16 under the
+    # expert's scale (the profile's steps); the weights stay e2m1 (no x-dtype dequantisation).
+    Variant(
+        "nvfp4", "float4_e2m1fn",
+        {"w1": ListSpec(_W1, "float4_e2m1fn"), "w2": ListSpec(_W2, "float4_e2m1fn"),
+         "scale1": ListSpec(("K/16^", "N"), "float8_e4m3fn"),
+         "scale2": ListSpec(("I/16^", "K"), "float8_e4m3fn"),
+         "gscale1": ListSpec(("1",), "float32"), "gscale2": ListSpec(("1",), "float32"),
+         "a1_gscale": ListSpec(("1",), "float32"), "a2_gscale": ListSpec(("1",), "float32")},
+        masked=False, clamped=False, opt_in=True, group=16,
+    ),
 )
 
 
@@ -283,8 +307,9 @@ class GateVariant:
     """A variant as the gate and the CLI name it (``--dfc-variants``, ``test_variant[...]``):
     a row of :data:`VARIANTS` at the x dtypes it runs with. Weights in x's dtype make one
     gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name.
-    ``scale_dims`` and ``act_scheme``: what :class:`spec.OpConfig` needs besides
-    ``weight_dtype`` to select the row (:func:`selecting_scale_dims`)."""
+    ``scale_dims``, ``act_scheme`` and ``activation_scales``: what :class:`spec.OpConfig`
+    needs besides ``weight_dtype`` to select the row (:func:`selecting_scale_dims`;
+    :attr:`Variant.act_scheme`, :attr:`Variant.activation_scales`)."""
 
     name: str
     variant: Variant
@@ -304,29 +329,37 @@ class GateVariant:
 
 
 def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
-                act_scheme: str | None = None) -> Variant | None:
+                act_scheme: str | None = None, activation_scales: bool = False,
+                ) -> Variant | None:
     """The variant weight1's dtype selects, or ``None`` when no variant has that dtype (or
     none of its rows has ``act_scheme``). Rows sharing the dtype are told apart by the
     activation scheme the call names (:attr:`Variant.act_scheme`; ``None`` never selects a
-    row that has one) and by ``scale_dims`` (scale1's per-expert dimensions,
-    :attr:`Variant.scale_dims`); ``None``, or dimensions no such row has, select the first
-    (validation then names the shape it wants).
+    row that has one), by ``activation_scales`` (the inputs carry the activations' global
+    scales ``a1_gscale``: NVFP4 W4A4, :attr:`Variant.activation_scales`) and then by
+    ``scale_dims`` (scale1's per-expert dimensions, :attr:`Variant.scale_dims`); ``None``, or
+    dimensions no such row has, select the first (validation then names the shape it wants).
 
     >>> [variant_for("float8_e4m3fn", "bfloat16", d).name for d in (None, 2, 1)]
     ['fp8_block', 'fp8_block', 'fp8_channel']
     >>> [variant_for("uint8", "bfloat16", None, s).name for s in (None, "mxfp8")]
     ['mxfp4_w4a16', 'mxfp4_mxfp8']
+    >>> [variant_for("float4_e2m1fn", "bfloat16", 2, activation_scales=a).name
+    ...  for a in (False, True)]
+    ['nvfp4_w4a16', 'nvfp4']
     """
     rows = [v for v in VARIANTS if v.act_scheme == act_scheme and v.weight_dtype in (
         weight_dtype, "x" if weight_dtype == x_dtype else None)]
+    rows = [v for v in rows if v.activation_scales == activation_scales] or rows
     return next((v for v in rows if v.scale_dims == scale_dims), rows[0] if rows else None)
 
 
 def selecting_scale_dims(variant: Variant, x_dtype: str) -> int | None:
-    """The ``scale_dims`` that :func:`variant_for` needs besides the weight dtype to select
-    ``variant``: ``None`` when the dtype alone selects it."""
+    """The ``scale_dims`` that :func:`variant_for` needs besides the weight dtype (and
+    :attr:`Variant.activation_scales`) to select ``variant``: ``None`` when they alone
+    select it."""
     dtype = variant.lists["w1"].dtype_given(x_dtype)
-    first = variant_for(dtype, x_dtype, None, variant.act_scheme)
+    first = variant_for(dtype, x_dtype, None, variant.act_scheme,
+                        activation_scales=variant.activation_scales)
     return None if first is variant else variant.scale_dims
 
 
@@ -351,9 +384,11 @@ GATE_VARIANTS: tuple[GateVariant, ...] = tuple(sorted((
 
 
 def gate_variant(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
-                 act_scheme: str | None = None) -> GateVariant | None:
-    """The gate's variant for weight1's dtype, x's, ``scale_dims`` and ``act_scheme``
-    (:func:`variant_for`), or ``None``."""
-    variant = variant_for(weight_dtype, x_dtype, scale_dims, act_scheme)
+                 act_scheme: str | None = None, activation_scales: bool = False,
+                 ) -> GateVariant | None:
+    """The gate's variant for weight1's dtype, x's, ``scale_dims``, ``act_scheme`` and
+    ``activation_scales`` (:func:`variant_for`), or ``None``."""
+    variant = variant_for(weight_dtype, x_dtype, scale_dims, act_scheme,
+                          activation_scales=activation_scales)
     return next((g for g in GATE_VARIANTS if g.variant is variant and x_dtype in g.x_dtypes),
                 None)

@@ -52,13 +52,16 @@ def dequantise_nv(q: Array, scale: Array, gscale: Array, dtype: Any) -> Array:
         return np.asarray(values.astype(dtype))
 
 
-def quantise_nv(w: Array) -> tuple[Array, Array, Array]:
+def quantise_nv(w: Array, gscale: Array | None = None) -> tuple[Array, Array, Array]:
     """``(q, scale, global_scale)`` of float weights ``w`` (…, R, C), the global scale per
     tensor (the last two axes; shape ``(…, 1)``), the e4m3 scales per column and 16 rows (a
-    partial block as if zero-padded)."""
+    partial block as if zero-padded). ``gscale`` (``(…, 1)`` float32): a given global scale
+    instead of the tensor's own (NVFP4 activations: a static calibrated scale per expert,
+    vLLM's ``scaled_fp4_experts_quant``); values beyond it saturate at 448 and 6."""
     w32 = np.asarray(w, dtype=np.float32)
     rows, cols = w32.shape[-2:]
-    gs = global_scale(np.abs(w32).max(axis=(-2, -1), initial=0)[..., None])
+    gs = (global_scale(np.abs(w32).max(axis=(-2, -1), initial=0)[..., None]) if gscale is None
+          else np.asarray(gscale, np.float32))
     rb = blocks(rows, NV_BLOCK)
     padded = np.zeros((*w32.shape[:-2], rb * NV_BLOCK, cols), np.float32)
     padded[..., :rows, :] = np.abs(w32)

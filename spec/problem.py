@@ -83,6 +83,8 @@ class RankInputs:
     zero2: Sequence[np.ndarray] | None = None
     gscale1: Sequence[np.ndarray] | None = None
     gscale2: Sequence[np.ndarray] | None = None
+    a1_gscale: Sequence[np.ndarray] | None = None
+    a2_gscale: Sequence[np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -297,6 +299,7 @@ class _RankShape:
     intermediate: int
     masked: bool
     scale_dims: int | None
+    activation_scales: bool
 
 
 def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
@@ -341,7 +344,8 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
         )
     w1 = _read_tensor_list(inputs.w1, rank=r, field="weight1", per_expert="K, N")
     w_dtype = dtype_name(w1.dtype)
-    variant = variant_for(w_dtype, x_dtype, scale_dims_of(inputs.w1, inputs.scale1))
+    variant = variant_for(w_dtype, x_dtype, scale_dims_of(inputs.w1, inputs.scale1),
+                          activation_scales=inputs.a1_gscale is not None)
     if variant is None:
         raise DTypeError(
             rank=r, field="weight1", given=f"dtype {w1.dtype}",
@@ -420,7 +424,7 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
     if "bias1" in variant.lists:
         _check_compensation(r, inputs, w1.num_experts)
     return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None,
-                      selecting_scale_dims(variant, x_dtype))
+                      selecting_scale_dims(variant, x_dtype), variant.activation_scales)
 
 
 #: How far a W4A8 bias may lie from the compensation, relative to ``8·Σ_k |W[k, n]|·|s[n]|``:
@@ -561,6 +565,8 @@ class Problem:
                 ("weight dtype", dtype_name(s.weights.dtype), dtype_name(first.weights.dtype)),
                 ("TensorList form", s.weights.form, first.weights.form),
                 ("scale1's per-expert dimensions", s.scale_dims, first.scale_dims),
+                ("activation global scales (a1_gscale) given", s.activation_scales,
+                 first.activation_scales),
             ):
                 if got != want:
                     raise SpecError(
@@ -586,6 +592,7 @@ class Problem:
             masked=any(s.masked for s in shapes),
             scale_dims=first.scale_dims,
             act_scheme=act_scheme,
+            activation_scales=first.activation_scales,
         )
         return ranks
 

@@ -274,7 +274,8 @@ def physical_scales(inputs: Any, layout: str) -> dict[str, list[Array]]:
     check_layout(layout)
     w1 = inputs.w1[0]
     variant = variant_for(str(w1.dtype), str(inputs.x.dtype),
-                          scale_dims_of(inputs.w1, inputs.scale1))
+                          scale_dims_of(inputs.w1, inputs.scale1),
+                          activation_scales=inputs.a1_gscale is not None)
     dims = variant.scale_dims if variant else 0
     if dims != 2:
         name = variant.name if variant else f"weights of dtype {w1.dtype}"

@@ -204,6 +204,7 @@ def _small_configs(
     swiglu_alphas: st.SearchStrategy[float | None],
     edges: frozenset[str],
     domain: ShapeDomain,
+    activation_scales: st.SearchStrategy[bool] | None = None,
 ) -> OpConfig:
     # Every choice is drawn whether or not it is used, so that shrinking one choice (a family,
     # an EP size) never shifts the meaning of the choices after it. EP·E around 128 (the
@@ -232,7 +233,10 @@ def _small_configs(
     w_dtype = draw(weight_dtypes)
     dims = draw(scale_dims)
     scheme = draw(act_schemes) if act_schemes is not None else None  # no draw unless asked
-    variant = variant_for(w_dtype, x_dtype, dims, scheme) or variant_for(w_dtype, x_dtype, dims)
+    # drawn only when asked for: the searches that never ask keep their streams
+    act = draw(activation_scales) if activation_scales is not None else False
+    variant = (variant_for(w_dtype, x_dtype, dims, scheme, activation_scales=act)
+               or variant_for(w_dtype, x_dtype, dims, activation_scales=act))
     if variant is None:
         w_dtype = x_dtype  # the float variant's weights are in x's dtype
         variant = variant_for(w_dtype, x_dtype)
@@ -256,7 +260,8 @@ def _small_configs(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
         intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
         weight_dtype=w_dtype, scale_dims=selecting_scale_dims(variant, x_dtype),
-        act_scheme=variant.act_scheme, weight_form=form if e > 1 else "stacked",
+        act_scheme=variant.act_scheme, activation_scales=variant.activation_scales,
+        weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None,
         swiglu_limit=limit if variant.clamped else None,
         swiglu_alpha=alpha if variant.swiglu_alpha else None,
@@ -307,6 +312,7 @@ def configs(
     weight_dtypes: st.SearchStrategy[str] | None = None,
     scale_dims: st.SearchStrategy[int | None] | None = None,
     act_schemes: st.SearchStrategy[str | None] | None = None,
+    activation_scales: st.SearchStrategy[bool] | None = None,
     weight_forms: st.SearchStrategy[str] | None = None,
     masked: st.SearchStrategy[bool] | None = None,
     truncation: st.SearchStrategy[bool] | None = None,
@@ -324,10 +330,11 @@ def configs(
     rank empty; ``swiglu_alpha`` (W8A8) from :data:`SWIGLU_ALPHAS`. EP·E
     around 128 is asked for explicitly, e.g. ``ep_sizes=st.just(16),
     experts_per_rank=st.sampled_from((8, 7, 9))``. A field you set is drawn only from your
-    strategy. ``scale_dims`` picks among variants sharing a weight dtype
-    (:func:`spec.fields.variant_for`; default ``None``: the first); ``act_schemes`` names the
-    activation quantisation where the weights cannot tell it (``"mxfp8"``: ``mxfp4_mxfp8``;
-    default ``None``). ``sizes="small"``
+    strategy. ``scale_dims`` and ``activation_scales`` (NVFP4 W4A4's activation global
+    scales) pick among variants sharing a weight dtype (:func:`spec.fields.variant_for`;
+    default ``None`` and ``False``: the first); ``act_schemes`` names the activation
+    quantisation where the weights cannot tell it (``"mxfp8"``: ``mxfp4_mxfp8``; default
+    ``None``). ``sizes="small"``
     (default) keeps examples fast; ``sizes="realistic"`` draws the
     shapes of real models (``spec.limits.REAL_MODELS``) with an EP size that divides their
     expert count, for long runs. ``domain`` (a :class:`spec.limits.ShapeDomain`, e.g. a kernel
@@ -341,7 +348,7 @@ def configs(
         ep_sizes=ep_sizes, experts_per_rank=experts_per_rank, top_k=top_k, hidden=hidden,
         intermediate=intermediate, tokens_per_rank=tokens_per_rank, x_dtypes=x_dtypes,
         weight_dtypes=weight_dtypes, scale_dims=scale_dims, act_schemes=act_schemes,
-        weight_forms=weight_forms, masked=masked,
+        activation_scales=activation_scales, weight_forms=weight_forms, masked=masked,
         truncation=truncation, swiglu_limits=swiglu_limits, swiglu_alphas=swiglu_alphas,
     )
     for name, value in given.items():
@@ -385,6 +392,7 @@ def configs(
         weight_dtypes=_or(weight_dtypes, st.sampled_from(("int8", "bfloat16", "int8", "float16"))),
         scale_dims=_or(scale_dims, st.none()),
         act_schemes=act_schemes,
+        activation_scales=activation_scales,
         weight_forms=_or(weight_forms, st.sampled_from(("stacked", "list"))),
         masked=_or(masked, st.booleans()),
         truncation=_or(truncation, st.booleans()),

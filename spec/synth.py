@@ -27,7 +27,7 @@ from spec.fp8 import quantise_blocks, quantise_channels
 from spec.int4 import GROUP, compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
-from spec.nvfp4 import NV_BLOCK, quantise_nv
+from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "random_problem",
@@ -115,6 +115,28 @@ _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarr
     "float": _float}
 
 
+#: The activations' calibrated amax that the NVFP4 W4A4 generator's global scales assume, of
+#: x and of the SwiGLU output: x ~ N(0, 1) rows of K <= 7168 stay below 8 in all but a few
+#: draws, the SwiGLU outputs of the generator's weights below 4 [inferred: vLLM's scales come
+#: from calibration]. Different, so that one GEMM's scale read for the other's shows.
+ACT_CALIBRATION_AMAX = (8.0, 4.0)
+
+
+def _nvfp4_w4a4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """nvfp4_w4a16's weights plus the activations' static global scales per expert,
+    ``448·6 / (amax · tag)`` with :func:`expert_tag` of the local index plus a per-rank offset
+    drawn from ``rng``: experts of one rank, and (three times in four) the same expert of two
+    ranks, have scales a power of two or 3/2 apart (sglang #36597's wrong expert shows)."""
+    out = _WEIGHTS["nvfp4_w4a16"](config, rng)
+    tag = expert_tag(np.arange(config.experts_per_rank) + rng.integers(0, 4))
+    for g, amax in enumerate(ACT_CALIBRATION_AMAX, start=1):
+        out[f"a{g}_gscale"] = global_scale(amax * tag)[:, None]
+    return out
+
+
+_WEIGHTS["nvfp4"] = _nvfp4_w4a4
+
+
 def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
     """One rank's TensorLists (``w1``, ``w2`` and the variant's others, by field name) in the
     configuration's form.
@@ -129,7 +151,8 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     MXFP4: the same, quantised per 32 along the reduction (:func:`spec.mxfp4.quantise_mx`).
     int4 W4A16: the same, quantised per 128 along the reduction with zero points
     (:func:`spec.int4.quantise_groups`). NVFP4: the same, with e4m3 scales per 16 and a
-    global scale per expert (:func:`spec.nvfp4.quantise_nv`). Both plant one zero block per
+    global scale per expert (:func:`spec.nvfp4.quantise_nv`); NVFP4 W4A4 adds the activations'
+    global scales (:data:`ACT_CALIBRATION_AMAX`, tagged per expert). Both plant one zero block per
     GEMM (the last expert's first block of its first column: scale 0).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     """

@@ -10,7 +10,7 @@ import pytest
 
 from oracle.adapters.torch_io import TorchRankInputs
 from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
-from spec import ConfigError, OpConfig, RankInputs, random_problem
+from spec import ConfigError, OpConfig, Problem, RankInputs, SpecError, random_problem
 from spec.config import CALL_ATTRIBUTES
 from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, scale_dims_of, variant_for
 
@@ -20,6 +20,8 @@ MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediat
 #: The W4A16 calls: int4's zero points, NVFP4's global scales.
 ZEROS = dataclasses.replace(MASKED, masked=False, weight_dtype="uint4")
 GLOBALS = dataclasses.replace(MASKED, masked=False, weight_dtype="float4_e2m1fn")
+#: NVFP4 W4A4: the activations' global scales besides.
+ACTIVATION_GLOBALS = dataclasses.replace(GLOBALS, activation_scales=True)
 
 
 def test_rank_inputs_holds_exactly_the_table_fields() -> None:
@@ -38,7 +40,7 @@ def test_rank_inputs_is_keyword_only() -> None:
 @pytest.mark.parametrize("binding", [False, True])
 def test_arrays_round_trip_every_field(binding: bool) -> None:
     carried = set()
-    for cfg in (MASKED, ZEROS, GLOBALS):
+    for cfg in (MASKED, ZEROS, GLOBALS, ACTIVATION_GLOBALS):
         rank = random_problem(cfg).ranks[0]
         back = RankInputs.from_arrays(rank.arrays(binding=binding), binding=binding)
         for f in FIELDS:
@@ -63,9 +65,10 @@ def test_map_arrays_copies_every_array() -> None:
 
 def test_variant_table() -> None:
     weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
-               "float4_e2m1fn", "uint8")
-    assert [variant_for(w, "bfloat16", v.scale_dims, v.act_scheme) for w, v in zip(
-        weights, VARIANTS, strict=True)] == list(VARIANTS)
+               "float4_e2m1fn", "uint8", "float4_e2m1fn")
+    assert [variant_for(w, "bfloat16", v.scale_dims, v.act_scheme,
+                        activation_scales=v.activation_scales)
+            for w, v in zip(weights, VARIANTS, strict=True)] == list(VARIANTS)
     assert variant_for("float16", "bfloat16") is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
@@ -95,15 +98,18 @@ def test_gate_variants_come_from_the_table() -> None:
         ("int4_w4a16", "uint4", ("bfloat16", "float16"), False),
         ("nvfp4_w4a16", "float4_e2m1fn", ("bfloat16", "float16"), False),
         ("mxfp4_mxfp8", "uint8", ("bfloat16", "float16"), False),
+        ("nvfp4", "float4_e2m1fn", ("bfloat16", "float16"), False),
     ]
     assert WEIGHT_VARIANTS == ("w8a8", "bf16", "fp16", "w4a8", "fp8_block", "fp8_channel",
-                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16", "mxfp4_mxfp8")
+                               "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16", "mxfp4_mxfp8",
+                               "nvfp4")
     assert DEFAULT_VARIANTS == ("w8a8", "bf16", "fp16")
     for g in GATE_VARIANTS:
         for x in g.x_dtypes:
             cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
                            tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype,
-                           scale_dims=g.scale_dims, act_scheme=g.act_scheme)
+                           scale_dims=g.scale_dims, act_scheme=g.act_scheme,
+                           activation_scales=g.variant.activation_scales)
             assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
 
 
@@ -127,3 +133,19 @@ def test_scale_dims_tell_rows_of_one_dtype_apart() -> None:
     assert scale_dims_of(per_expert.w1, per_expert.scale1) == 2
     assert scale_dims_of(stacked.w1, None) is None
 
+
+
+def test_activation_scales_select_nvfp4_w4a4() -> None:
+    """Two rows share e2m1 weights with 2-D scales: the inputs' activation global scales
+    (``a1_gscale``) select W4A4, their absence W4A16 as before; a call whose ranks disagree,
+    and the flag with weights no such row has, are refused by name."""
+    w4a16 = random_problem(GLOBALS)
+    w4a4 = random_problem(ACTIVATION_GLOBALS)
+    assert (w4a16.config.variant, w4a4.config.variant) == ("nvfp4_w4a16", "nvfp4")
+    assert w4a16.ranks[0].a1_gscale is None and w4a4.config.scale_dims is None
+    dropped = dataclasses.replace(w4a4.ranks[0], a1_gscale=None, a2_gscale=None)
+    assert Problem([dropped]).config == GLOBALS  # the same weights, read as W4A16
+    with pytest.raises(SpecError, match="activation global scales"):
+        Problem([w4a4.ranks[0], dropped])
+    with pytest.raises(ConfigError, match=r"activation_scales.*int32 weights"):
+        dataclasses.replace(MASKED, masked=False, activation_scales=True)

@@ -128,7 +128,7 @@ def test_kernels_lists_every_profile(capsys) -> None:
     assert [line.split()[0] for line in listed] == [
         "ascend-a3", "vllm-triton", "vllm-triton-tq", "torch-grouped-mm", "vllm-triton-fp8",
         "torch-scaled-grouped-mm", "vllm-mxfp4-w4a16", "vllm-marlin-w4a16", "vllm-nvfp4-w4a16",
-        "deepgemm-sm100-fp8", "triton-mxfp4-mxfp8"]
+        "deepgemm-sm100-fp8", "triton-mxfp4-mxfp8", "vllm-nvfp4"]
     assert main(["kernels", "--verbose"]) == 0
     verbose = capsys.readouterr().out
     assert "freedoms:" in verbose and "domain: a3, K % 32 == 0" in verbose

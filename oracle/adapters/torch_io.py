@@ -140,7 +140,8 @@ class TorchRankInputs:
     """One rank's arguments of the operator, as torch tensors, named as in the torch binding.
 
     ``weight1``/``weight2``/``scale1``/``scale2``/``bias1``/``bias2``/``zero1``/``zero2``/
-    ``gscale1``/``gscale2`` are TensorLists (one stacked tensor or one per expert, §3).
+    ``gscale1``/``gscale2``/``a1_gscale``/``a2_gscale`` are TensorLists (one stacked tensor or
+    one per expert, §3).
     ``max_output_size`` ``None`` means no truncation;
     ``swiglu_limit`` ``None`` means no clamp (the binding's default 1e6 is effectively none);
     ``swiglu_alpha`` ``None`` means not passed (the PR #11916 binding's default 0: standard
@@ -165,6 +166,8 @@ class TorchRankInputs:
     zero2: list[torch.Tensor] | None = None
     gscale1: list[torch.Tensor] | None = None
     gscale2: list[torch.Tensor] | None = None
+    a1_gscale: list[torch.Tensor] | None = None
+    a2_gscale: list[torch.Tensor] | None = None
     max_output_size: int | None = None
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
@@ -298,11 +301,13 @@ def float32_scales(scales: torch.Tensor) -> torch.Tensor:
     return to_tensor(scales_from_int64(to_numpy(scales)), device=scales.device)
 
 
-def _variant(weight1: Sequence[Any], scale1: Sequence[Any] | None, x: Any) -> Variant:
-    """The variant weight1's dtype and scale1's dimensions select (W8A8 when they name none:
-    validation, later, says why)."""
+def _variant(weight1: Sequence[Any], scale1: Sequence[Any] | None, x: Any,
+             activation_scales: bool = False) -> Variant:
+    """The variant weight1's dtype, scale1's dimensions and the presence of the activations'
+    global scales select (W8A8 when they name none: validation, later, says why)."""
     names = [str(t.dtype).removeprefix("torch.") for t in (*weight1[:1], x)]
-    return (variant_for(names[0], names[-1], scale_dims_of(weight1, scale1))
+    return (variant_for(names[0], names[-1], scale_dims_of(weight1, scale1),
+                        activation_scales=activation_scales)
             if len(names) == 2 else None) or VARIANTS[0]
 
 
@@ -313,7 +318,8 @@ def from_torch(inputs: TorchRankInputs, *, rank: int | None = None) -> RankInput
     optional TensorList passed empty (vLLM's ``torch.tensor([])`` for W8A8's biases) is absent.
     Values are copied; shapes and dtypes are validated later, by :class:`spec.Problem`.
     """
-    extension = _variant(inputs.weight1, inputs.scale1, inputs.x).scale_extension
+    extension = _variant(inputs.weight1, inputs.scale1, inputs.x,
+                         inputs.a1_gscale is not None).scale_extension
 
     def convert(f: Field, value: Any, i: int = 0) -> Array:
         a = to_numpy(value)
@@ -365,7 +371,7 @@ def to_torch(
     if e8m0 not in E8M0_DTYPES:
         raise ValueError(f"e8m0={e8m0!r} must be one of {E8M0_DTYPES}")
 
-    variant = _variant(inputs.w1, inputs.scale1, inputs.x)
+    variant = _variant(inputs.w1, inputs.scale1, inputs.x, inputs.a1_gscale is not None)
     # e8m0 scales: a variant's uint8 scale lists (MXFP4's bytes of 2^(s - 127), spec.mxfp4).
     e8m0_fields = {name for name, spec in variant.lists.items()
                    if name.startswith("scale") and spec.dtype == "uint8"}

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from oracle.check.harness import (
     ConformanceError,
+    activation_scales_strategy,
     check_implementation,
     evaluate,
     preset_configs,
@@ -197,6 +198,7 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
                        weight_dtypes=st.just(gate.weight_dtype),
                        scale_dims=st.just(gate.scale_dims),
                        act_schemes=st.just(gate.act_scheme),
+                       activation_scales=activation_scales_strategy(gate),
                        domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
 

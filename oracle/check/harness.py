@@ -47,7 +47,7 @@ from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import OpConfig, Problem
-from spec.fields import GATE_VARIANTS, X_DTYPES
+from spec.fields import GATE_VARIANTS, X_DTYPES, GateVariant
 from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.modular import StageCall
@@ -66,6 +66,7 @@ __all__ = [
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
+    "activation_scales_strategy",
     "call_implementation",
     "check_implementation",
     "describe_problem",
@@ -319,8 +320,16 @@ def variant_configs(
     return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
                               weight_dtypes=st.just(_VARIANT_DTYPES[v][1]),
                               scale_dims=st.just(_GATE[v].scale_dims),
-                              act_schemes=st.just(_GATE[v].act_scheme), domain=domain,
+                              act_schemes=st.just(_GATE[v].act_scheme),
+                              activation_scales=activation_scales_strategy(_GATE[v]),
+                              domain=domain,
                               **fields) for v in variants])
+
+
+def activation_scales_strategy(gate: GateVariant) -> st.SearchStrategy[bool] | None:
+    """The ``configs`` argument that selects the gate variant's activation scales (``None``
+    where it has none, so that those searches draw as before)."""
+    return st.just(True) if gate.variant.activation_scales else None
 
 
 #: Tokens per rank of a model-shape preset: the weights, not the tokens, cost at real K and I.

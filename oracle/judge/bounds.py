@@ -71,6 +71,13 @@ The BF16/FP16-weight variant has no quantisation: ``"gemm1"``/``"gemm2"`` are th
 float64 sums (``γ_n`` in float64) rounded to float32 and stored in x's dtype, ``"swiglu"`` adds
 the rounding of ``a`` to x's dtype.
 
+NVFP4 W4A4 (:class:`oracle.model.kernels.Fp4Gemm`): the weights' values ``e2m1·s/γ_w`` in
+float32 (within ``u32``), ``"activation"`` and ``"requantisation"`` :func:`e2m1_error` under
+the expert's ``a1_gscale``, ``a2_gscale`` (half the e2m1 step under the block's e4m3 scale,
+plus the excess of a saturated block), the GEMMs float32 in any order (``γ_n``) with ``α``
+(``3·u32``), silu and the product stored in x's dtype, and per slot two more roundings to x's
+dtype (the routed weight cast, the product).
+
 Flush to zero (``ftz=True``: a kernel that may flush float32 subnormals, GPU-style). Every
 rounding into float32 or bfloat16 then has the underflow error 2^-126 in place of ``η``
 (:meth:`oracle.model.arithmetic.FloatFormat.flushing`): a flushed result is a rounding with
@@ -122,16 +129,21 @@ from oracle.model.reference import Result, float_weight_problem, route, run
 from spec import DTYPES, Problem
 from spec.config import OpConfig
 from spec.fields import Variant
-from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise
+from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, dequantise, to_e4m3
+from spec.mxfp4 import E2M1_MAX
+from spec.nvfp4 import NV_BLOCK, dequantise_nv
 
 __all__ = [
     "EXP_ULPS",
     "EXP_ULPS64",
     "SILU_LIPSCHITZ",
     "TERMS",
+    "e2m1_error",
     "e4m3_error",
     "fp8_gemm_error",
+    "half_step",
     "ideal_tolerance",
+    "nv_multiplier",
     "quantisation_error_bound",
 ]
 
@@ -244,6 +256,51 @@ def e4m3_error(v: Array, group: int | None = BLOCK) -> Array:
     return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)
 
 
+def half_step(v: Array, sigma: Array, digits: int, emin: int) -> Array:
+    """Half the spacing of the grid ``σ·F`` around ``|v|`` (``F`` a float format of
+    ``digits`` significand bits, the implicit one included, smallest normal exponent
+    ``emin``): ``σ·2^(e − digits)``, ``e`` the binade of ``|v|/σ`` (``emin`` below it). The
+    quotient is taken 2^-20 relative high, so a kernel whose division or scale lies a few
+    float32 ulps away never lands in a larger binade than the one used."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        t = np.abs(v) / sigma * (1 + 2.0**-20)
+        e = np.maximum(np.floor(np.log2(np.where(t > 0, t, 1.0))), emin)
+    return np.asarray(np.where(sigma > 0, sigma * 2.0 ** (e - digits), 0.0))
+
+
+def nv_multiplier(v: Array, gscale: float, slack: float = 4 * F32.unit) -> Array:
+    """Per element of ``|v|`` (rows by columns), the NVFP4 block multiplier ``s/γ`` of a
+    legitimate quantiser under the global scale ``γ``: ``s = e4m3(γ·amax/6)`` clamped at 448
+    (formats.md, NVFP4), ``amax`` the element's block of 16's, taken ``slack`` high (4 float32
+    ulps: a kernel computing ``γ·amax/6`` otherwise never lands on a larger scale)."""
+    rows, cols = v.shape
+    grouped = np.zeros((rows, -(-cols // NV_BLOCK) * NV_BLOCK))
+    grouped[:, :cols] = np.abs(v)
+    amax = grouped.reshape(rows, -1, NV_BLOCK).max(axis=2)
+    s = to_e4m3((gscale * amax / E2M1_MAX * (1 + slack)).astype(np.float32))
+    return np.repeat(s.astype(np.float64) / gscale, NV_BLOCK, axis=1)[:, :cols]
+
+
+def e2m1_error(v: Array, gscale: float, div_ulps: int) -> tuple[Array, Array]:
+    """Per element of ``|v|`` (float64), the NVFP4 activation quantiser's error under the
+    global scale ``γ`` (:class:`oracle.model.kernels.Fp4Gemm`): ``(c, excess)``, ``c`` half
+    the e2m1 grid step at the element (2 significand bits, the smallest normal exponent 0, on
+    the grid ``s/γ``) plus the float32 quotient's ``(3 + 2·div_ulps)·u32·|v|``, and
+    ``excess`` the deterministic error beyond the grid's end ``6·s/γ`` where the block scale
+    saturates at 448. ``c + excess`` bounds the error."""
+    mult = nv_multiplier(v, gscale) * (1 + 2 * F32.unit)
+    top = E2M1_MAX * mult
+    half = half_step(np.minimum(v, top), mult, 2, 0)
+    excess = np.maximum(v - top * (1 + 2.0**-20), 0.0)
+    return half + (3 + 2 * div_ulps) * F32.unit * v, excess
+
+
+#: How far NVFP4 activation quantisers' quotients may lie from the reference's float32
+#: operations (vLLM's CUDA quantiser's approximate reciprocals; the vllm-nvfp4 profile's
+#: ``quotient_ulps``) [inferred].
+_NV_QUOTIENT_ULPS = 2
+
+
 def fp8_gemm_error(n: int) -> float:
     """The FP8 block GEMM's worst-case error relative to ``Σ|a_j·w_j|``
     (:class:`oracle.model.kernels.BlockGemm`): tile sums of at most 128 products with
@@ -333,11 +390,13 @@ def _expert_bound(
     x: Array, w1: Array, s1: Array | None, w2: Array, s2: Array | None,
     cfg: OpConfig, steps: _Steps, truncate: bool, amax_floor: float | None,
     h_ideal: Array, y_ideal: Array, variant: Variant,
+    act_gscales: tuple[float, float] | None = None,
 ) -> _SlotBound:
     """The per-slot bounds of one expert's rows (§6 steps 1–7); ``h_ideal``, ``y_ideal``:
     the float64 ideal's GEMM1 output (before the clamp) and ``y`` of these rows; ``variant``:
     the call's row (MXFP4 x MXFP8 reaches here as the float-weight problem of its dequantised
-    weights)."""
+    weights); ``act_gscales``: NVFP4 W4A4's activation global scales of the expert (its
+    weights then come dequantised, in float64)."""
     i, k_len = cfg.intermediate, cfg.hidden
     out = FloatFormat.of(DTYPES[cfg.x_dtype])
     exact = _Steps(())  # the error of our own evaluation is never omitted
@@ -345,17 +404,23 @@ def _expert_bound(
     ax = np.abs(x64)
     int8 = cfg.weight_dtype == "int8"
     fp8 = variant.e4m3_activations  # FP8 rows, MXFP8: e4m3 activations per group
+    nv = act_gscales is not None
     a1: Array | None = None  # >= |W| where the float32 weights are not exact
     a2: Array | None = None
     # int8 and 16-bit weights are exact in float32: |W| is taken chunk by chunk
     if fp8 and s1 is not None and s2 is not None:  # scales: |W·s| dequantised once, rounded up
         a1, a2 = _upper32(np.abs(dequantise(w1, s1))), _upper32(np.abs(dequantise(w2, s2)))
         s1 = s2 = None
+    if nv:  # e2m1·s/γ (float64): |W| rounded up to float32
+        a1, a2 = _upper32(np.abs(w1)), _upper32(np.abs(w2))
     rows = x.shape[0]
 
     # |x|·B1 and (int8, FP8) the activation error through B1, in one float32 product.
-    if int8 or fp8:
-        if fp8:
+    if int8 or fp8 or nv:
+        if nv:
+            assert act_gscales is not None
+            act_in = np.add(*e2m1_error(ax, act_gscales[0], _NV_QUOTIENT_ULPS))
+        elif fp8:
             act_in = e4m3_error(ax, variant.group)
         else:
             amax = ax.max(axis=1, keepdims=True, initial=0.0)
@@ -399,9 +464,10 @@ def _expert_bound(
         overflow |= _fp16_overflow(h_mag + act, amax, c_max * col1)
         if steps.ftz:  # σ1 or a scale flushed to 0: h is 0
             e_h = np.where(_may_vanish(steps, sigma1, s1), np.maximum(e_h, h_mag), e_h)
-    elif fp8:
+    elif fp8 or nv:
         e_h = steps.add("activation", np.zeros_like(act), act)
-        e_h = steps.add("gemm1", e_h, fp8_gemm_error(k_len) * (ax_b1 + act))
+        relative = fp8_gemm_error(k_len) if fp8 else F32.gamma(k_len) + 3 * F32.unit  # α
+        e_h = steps.add("gemm1", e_h, relative * (ax_b1 + act))
         e_h = steps.round("gemm1", h_mag + act, e_h, out)  # stored in x's dtype
         overflow |= (h_mag + e_h >= out.max).any(axis=1)
     else:
@@ -423,11 +489,13 @@ def _expert_bound(
         req = (sigma2 / 2 + af_mag * ((1 + F32.unit) ** 3 - 1)
                + 127 * steps.kernel(F32).tiny * (af_mag > 0))
         blocks = [steps.add("requantisation", e_a, req), a_mag]
-    elif fp8:
+    elif fp8 or nv:
         # vLLM's silu_and_mul rounds silu and the product to x's dtype (kernels.md)
         e_a = steps.round("swiglu", a_mag, steps.round("swiglu", a_mag, e_a, out), out)
         af_mag = a_mag + e_a
-        req = steps.add("requantisation", e_a, e4m3_error(af_mag, variant.group))
+        req = steps.add("requantisation", e_a, np.add(*e2m1_error(
+            af_mag, act_gscales[1], _NV_QUOTIENT_ULPS)) if act_gscales is not None
+            else e4m3_error(af_mag, variant.group))
         blocks = [req, af_mag + req, a_mag]
     else:
         e_a = steps.round("swiglu", a_mag, e_a, out)  # a is stored in x's dtype
@@ -452,14 +520,17 @@ def _expert_bound(
                              (worst_case >= F16.max).any())
         if steps.ftz:  # σ2 or a scale flushed to 0: y is 0
             e_y = np.where(_may_vanish(steps, sigma2, s2), np.maximum(e_y, y_mag), e_y)
-    elif fp8:
-        e_y = steps.add("gemm2", prop, fp8_gemm_error(i) * prods[1])
+    elif fp8 or nv:
+        e_y = steps.add("gemm2", prop, (fp8_gemm_error(i) if fp8
+                                        else F32.gamma(i) + 3 * F32.unit) * prods[1])
     else:
         gemm = steps.add("gemm2", prop, F64.gamma(i) * prods[1])
         if steps.ftz:
             gemm = gemm + _flushed_gemm(col2, a_mag + e_a)
         e_y = steps.round("gemm2", y_mag, gemm, F32)
     e_y = steps.round("y_cast", y_mag, e_y, out)
+    if nv:  # the routed weight cast to x's dtype, the product rounded to it (cutlass_moe_fp4)
+        e_y = steps.round("y_cast", y_mag, steps.round("y_cast", y_mag, e_y, out), out)
     bad = overflow | (y_mag + e_y >= out.max).any(axis=1)
     e_y[bad] = np.inf
     return _SlotBound(y_mag, e_y, e64_y)
@@ -543,8 +614,15 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
         start = routing.expert_start[g]
         slots = routing.order[start : start + routing.expert_kept[g]]
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        act: tuple[float, float] | None = None
+        if variant.activation_scales:  # NVFP4 W4A4: the weights' values
+            lists = problem.ranks[g // e_local].expert_lists(int(g % e_local))
+            w1, w2 = (dequantise_nv(lists[f"w{j}"], lists[f"scale{j}"], lists[f"gscale{j}"],
+                                    np.float64) for j in (1, 2))
+            s1 = s2 = None
+            act = (float(lists["a1_gscale"][0]), float(lists["a2_gscale"][0]))
         b = _expert_bound(x[slots // top_k], w1, s1, w2, s2, cfg, steps, truncate_scales,
-                          amax_floor, h_ideal[slots], y_ideal[slots], variant)
+                          amax_floor, h_ideal[slots], y_ideal[slots], variant, act)
         mag[slots], err[slots], err64[slots] = b.mag, b.err, b.err64
 
     def combine(values: Array) -> Array:  # Σ_k |p_k|·values_k per token
@@ -558,7 +636,8 @@ def _bound(problem: Problem, truncate_scales: bool, omit: Collection[str],
             subnormal_p = np.where((probs > 0) & (probs <= _NORMAL32), _NORMAL32, 0.0)
             rounding = rounding + np.einsum("tk,tkc->tc", subnormal_p,
                                             (mag + err).reshape(total, top_k, k_len))
-        if variant.e4m3_activations:  # vLLM's moe_sum may add in x's dtype
+        if variant.e4m3_activations or variant.activation_scales:
+            # vLLM's moe_sum may add in x's dtype
             rounding = rounding + (top_k - 1) * (out.unit * y_abs + out.tiny)
         e_comb = steps.add("combine", e_comb, rounding)
         out_mag = combine(mag)

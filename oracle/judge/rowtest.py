@@ -34,7 +34,14 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    :class:`oracle.model.kernels.BlockGemm` (:func:`_accumulation`). FP8's grid roundings
    (this point and the requantisation, point 4) are moreover taken as **uniform on their
    half step**: sub-Gaussian with proxy ``c²/3``, not Hoeffding's ``c²`` (see "The
-   projection").
+   projection"). NVFP4 W4A4 (e2m1 per 16 under the expert's global scale ``γ``,
+   :class:`oracle.model.kernels.Fp4Gemm`): ``c_j`` is half the e2m1 grid step at ``x_j`` on
+   the grid ``s/γ``, ``s = e4m3(γ·amax/6)`` (:func:`oracle.judge.bounds.e2m1_error`),
+   uniform as FP8's; ties and the excess beyond a saturated block's ``6·s/γ`` are
+   deterministic. A token's slots
+   quantise ``x`` under their experts' scales, so per element the variable's bound is
+   ``Σ_k |α_jk|·c_jk`` over its slots (whatever their correlation), equal values of one block
+   adding up before squaring.
 2. GEMM1 output stored: ``c = (u_s + 3·u32)·|h'|`` (a cast to ``stored_dtype`` and the float32
    dequant multiplications), plus float32 accumulation in any order,
    ``γ_K·Σ|x_j w_jc| <= γ_K·||x||·||W1_c||`` (Higham §3.1; Cauchy–Schwarz).
@@ -42,7 +49,9 @@ points, per received slot, in §6 order (``docs/contract/dispatch_ffn_combine.md
    ``stored_dtype`` (vLLM rounds silu and the product): ``c² = (2u_s² + ρ²)·|a'|²``.
 4. requantisation (W8A8): ``c = σ2/2 + (3 + 2n)·u32·|a'|``,
    ``σ2 = (max|a| + max E_a)(1 + u32)/127``; FP8: :func:`oracle.judge.bounds.e4m3_error` of
-   ``|a'|``, or the smaller bound of "FP8 requantisation without the widening" below.
+   ``|a'|``, or the smaller bound of "FP8 requantisation without the widening" below;
+   NVFP4: :func:`oracle.judge.bounds.e2m1_error` of ``|a'|`` under ``a2_gscale`` (the
+   block's largest ``|a'|`` giving the largest scale), its saturation excess deterministic.
 5. GEMM2 output stored and ``y`` cast: ``c² = ((u_s + 3u32)² + u_o²)·|y'|²``, float32
    accumulation ``γ_I·||a'||·||W2_c||``.
 6. combine: ``top_k ∈ x_dtype_combine_topk`` (vLLM's ``moe_sum``): ``top_k − 1`` roundings to
@@ -164,12 +173,22 @@ from typing import Any
 import numpy as np
 
 from oracle.adapters.gemm import Product, weight_products
-from oracle.judge.bounds import EXP_ULPS, F32, e4m3_error, exp_rho
+from oracle.judge.bounds import (
+    EXP_ULPS,
+    F32,
+    e2m1_error,
+    e4m3_error,
+    exp_rho,
+    half_step,
+    nv_multiplier,
+)
 from oracle.model.arithmetic import FloatFormat, glu64
 from oracle.model.kernels import E4M3_UNIT, FP8_DOT_BITS, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, expand_scales, to_e4m3, ue8m0_up
+from spec.mxfp4 import E2M1, E2M1_MAX
+from spec.nvfp4 import NV_BLOCK, dequantise_nv
 
 __all__ = ["TERMS", "RowThresholds", "RowVerdict", "row_test", "row_thresholds"]
 
@@ -336,6 +355,7 @@ def row_thresholds(
     alpha = cfg.oai_alpha
     int8 = cfg.weight_dtype == "int8"
     fp8 = variant.e4m3_activations  # FP8 rows, MXFP8: e4m3 activations per group
+    nv = variant.activation_scales  # NVFP4 W4A4: per-expert e2m1 activations
     group_width = variant.group  # columns sharing an activation scale; None: a row
     width = group_width or max(k_len, 1)
     total = sum(cfg.tokens_per_rank)
@@ -394,7 +414,8 @@ def row_thresholds(
     z_h = math.sqrt(2 * math.log(2 * max(n_slots * n_len, 1) / (delta / 2)))
     # An FP8 grid rounding, uniform on [−h, h] with h <= c, is strictly sub-Gaussian:
     # E e^(λe) = sinh(λh)/(λh) <= e^(λ²h²/6), proxy c²/3 where Hoeffding's lemma gives c².
-    grid = 1 / 3 if fp8 else 1.0
+    grid = 1 / 3 if fp8 or nv else 1.0
+    spread_x = np.zeros((total, k_len))  # NVFP4: Σ over a token's slots of |α|·c per element
     alpha_x = np.zeros((total, k_len))
     var_act = np.zeros(total)  # the activation's share of var
     var = np.zeros(total)
@@ -423,6 +444,24 @@ def row_thresholds(
                 continue
         tok = slots // top_k
         w1, w2, s1, s2 = problem.ranks[g // e_local].expert_weights(int(g % e_local))
+        if nv:  # the weights' values, the expert's own activation scales
+            lists = problem.ranks[g // e_local].expert_lists(int(g % e_local))
+            w1, w2 = (dequantise_nv(lists[f"w{i}"], lists[f"scale{i}"], lists[f"gscale{i}"],
+                                    np.float32) for i in (1, 2))
+            s1 = s2 = None
+            gs_a = [float(lists[f"a{i}_gscale"][0]) for i in (1, 2)]
+            ce, over = e2m1_error(ax[tok], gs_a[0], assumptions.div_ulps)
+            ti = _e2m1_ties(x[tok], gs_a[0]) | (over > 0)
+            ce = np.where(over > 0, 0.0, ce)
+            cm = ce.max(axis=1, initial=0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cr = np.where(cm[:, None] > 0, ce / cm[:, None], 0.0).astype(np.float32)
+                dr = np.where(cm[:, None] > 0, (np.where(ti, ce, 0.0) + over) / cm[:, None],
+                              0.0)
+            mu = _value_groups(x[tok], ti, NV_BLOCK)[1]
+        else:
+            ce, cm, cr, mu = c_el[tok], c_max[tok], c_rel[tok], mult[tok]
+            dr = c_rel[tok] * ties[tok]
         # The products of W1d = W1·diag(f1) and W2d = W2·diag(f2) with the factors on the
         # small side: W1 and W2 themselves are read a chunk at a time, never copied whole.
         w1, f1 = _channel_form(w1, s1)
@@ -455,16 +494,19 @@ def row_thresholds(
         col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
         beta_a = by_w2.astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        sq1, bh_w1 = _weight_pass(w1, (mult * c_rel**2)[tok],
+        sq1, bh_w1 = _weight_pass(w1, mu * cr**2,
                                   (beta_h if f1 is None else beta_h * f1).astype(np.float32))
         np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
         col1 = sq1[-1] if f1 is None else sq1[-1] * f1**2  # Σ_k W1d_kn²
-        v_act = c_max[tok, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
+        v_act = cm[:, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
         v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + c_el[tok], w1, f1, col1, fp8)
-        e_h = (z_h * np.sqrt(v_act)
-               + _tie_shift(c_rel[tok] * ties[tok], w1, f1) * c_max[tok, None])
+        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + ce, w1, f1, col1, fp8)
+        e_h = z_h * np.sqrt(v_act) + _tie_shift(dr, w1, f1) * cm[:, None]
+        if nv:  # the activation's noise and its deterministic part, per element of x
+            alpha_abs = np.abs(bh_w1.astype(np.float64))
+            np.add.at(spread_x, tok, alpha_abs * ce)
+            np.add.at(det, tok, on["activation"] * (alpha_abs * dr).sum(axis=1) * cm)
         c_h = c_h + u_s * e_h
         e_h = e_h + c_h
         v_h = v_act + c_h**2  # variance proxy of δh
@@ -491,6 +533,9 @@ def row_thresholds(
                 "ri,ri->r", beta_a**2, fixed**2))
             np.add.at(req_linear, tok, on["requantisation"] * grid * _E4M3_SLOPE**2 * np.einsum(
                 "ri,ri->r", beta_a**2, sd_lin**2))
+        elif nv:  # the kernel's amax may be the largest |a'|: the largest block scale
+            c_req, over2 = e2m1_error(np.abs(a) + e_a, gs_a[1], assumptions.div_ulps)
+            np.add.at(det, tok, on["requantisation"] * (np.abs(beta_a) * over2).sum(axis=1))
         elif int8:
             amax2 = (np.abs(a) + e_a).max(axis=1, initial=0.0)
             if floor is not None:  # on the floor's grid the roundings are no longer noise
@@ -562,6 +607,16 @@ def row_thresholds(
         var_act = np.bincount(owner, weights=grid * terms**2, minlength=total).astype(float)
         var += var_act
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
+    if nv and total:
+        # NVFP4: a token's slots quantise x under their experts' scales; per element the
+        # sum of |α|·c over the slots bounds the error whatever their correlation, and equal
+        # values of one block (same scale, same rounding) add up before squaring.
+        group = _value_groups(x, np.zeros(x.shape, dtype=bool), NV_BLOCK)[0]
+        sums = np.bincount(group.reshape(-1), weights=spread_x.reshape(-1))
+        owner = np.zeros(sums.shape[0], dtype=np.int64)
+        owner[group.reshape(-1)] = np.repeat(np.arange(total), k_len)
+        var += np.bincount(owner, weights=grid * (on["activation"] * sums) ** 2,
+                           minlength=total)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
     reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
@@ -688,18 +743,6 @@ def _activation_ties(x: Array, amax: Array) -> Array:
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
 
 
-def _half_step(v: Array, sigma: Array, digits: int, emin: int) -> Array:
-    """Half the spacing of the grid ``σ·F`` around ``|v|`` (``F`` a float format of
-    ``digits`` significand bits, the implicit one included, smallest normal exponent
-    ``emin``): ``σ·2^(e − digits)``, ``e`` the binade of ``|v|/σ`` (``emin`` below it). The
-    quotient is taken 2^-20 relative high, so a kernel whose division or scale lies a few
-    float32 ulps away never lands in a larger binade than the one used."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        t = np.abs(v) / sigma * (1 + 2.0**-20)
-        e = np.maximum(np.floor(np.log2(np.where(t > 0, t, 1.0))), emin)
-    return np.asarray(np.where(sigma > 0, sigma * 2.0 ** (e - digits), 0.0))
-
-
 def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
     """Per element of ``x`` (tokens by channels), a bound on the e4m3 group quantiser's
     rounding error that a legitimate kernel makes (formats.md, FP8 block scale): half the
@@ -718,7 +761,7 @@ def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
         for s in (sigma, ue8m0_up(sigma)):
             s64 = np.repeat(s.astype(np.float64), width, axis=1)[:, :cols] * (1 + 2 * F32.unit)
-            half = np.maximum(half, _half_step(x, s64, 4, -6))
+            half = np.maximum(half, half_step(x, s64, 4, -6))
     return np.asarray(half + 3 * F32.unit * np.abs(x))
 
 
@@ -737,6 +780,22 @@ def _e4m3_ties(x: Array, width: int = BLOCK) -> Array:
     below = to_e4m3(np.nextafter(t, np.float32(-np.inf))).astype(np.float32)
     above = to_e4m3(np.nextafter(t, np.float32(np.inf))).astype(np.float32)
     return np.asarray((below != above) & (to_e4m3(t).astype(np.float32) != t))
+
+
+def _e2m1_ties(x: Array, gscale: float) -> Array:
+    """Elements whose quotient ``x·(1/(s/γ))`` (float32, the model's operations) lies exactly
+    between two e2m1 values: rounded by the tie rule, not at random."""
+    mult = nv_multiplier(np.abs(x.astype(np.float64)), gscale, 0.0).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        t = np.clip(x * np.where(mult > 0, np.float32(1) / mult, np.float32(0)),
+                    -E2M1_MAX, E2M1_MAX).astype(np.float32)
+
+    def e2m1(v: Array) -> Array:
+        return np.clip(v, -E2M1_MAX, E2M1_MAX).astype(E2M1).astype(np.float32)
+
+    below = e2m1(np.nextafter(t, np.float32(-np.inf)))
+    above = e2m1(np.nextafter(t, np.float32(np.inf)))
+    return np.asarray((below != above) & (e2m1(t) != t))
 
 
 def _accumulation(rows: Array, w: Array, f: Array | None, col_sq: Array, fp8: bool) -> Array:

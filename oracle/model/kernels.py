@@ -56,6 +56,8 @@ from spec.fields import VARIANT_NAMES
 from spec.fp8 import BLOCK, E4M3_MAX, blocks, to_e4m3, ue8m0_up
 from spec.int4 import split_activation
 from spec.limits import A3_DOMAIN, CONTRACT_DOMAIN, VLLM_DOMAIN, ShapeDomain
+from spec.mxfp4 import E2M1, E2M1_MAX
+from spec.nvfp4 import NV_BLOCK, dequantise_nv, quantise_nv
 
 __all__ = [
     "ASCEND_A3",
@@ -68,6 +70,7 @@ __all__ = [
     "TORCH_GROUPED_MM",
     "TORCH_SCALED_GROUPED_MM",
     "VLLM_MXFP4",
+    "VLLM_NVFP4",
     "VLLM_TRITON",
     "VLLM_TRITON_FP8",
     "VLLM_TRITON_TQ",
@@ -75,6 +78,7 @@ __all__ = [
     "Combine",
     "Env",
     "FloatGemm",
+    "Fp4Gemm",
     "GroupQuantiser",
     "IdealAssumptions",
     "IntGemm",
@@ -374,7 +378,7 @@ class Quantiser:
 #: ``"col"`` × the per-channel weight scale, ``"row"`` × the per-token activation scale,
 #: ``"slot"`` × the routed weight, ``"fp16"`` / ``"x"`` a cast to float16 / x's dtype
 #: (ties to even), ``"x_away"`` a cast to x's dtype with ties away from zero.
-EPILOGUE_OPS = ("col", "row", "slot", "fp16", "x", "x_away")
+EPILOGUE_OPS = ("col", "row", "slot", "slot_x", "fp16", "x", "x_away")
 
 
 def _store(name: str, x_dtype: Any) -> Callable[[Array], Array]:
@@ -410,9 +414,10 @@ def _apply_epilogue(
             assert row is not None
             v = _may_flush(_product(v, _may_flush(row, ftz).take((slice(None), None)), to_f32),
                            ftz)
-        elif op == "slot":
+        elif op in ("slot", "slot_x"):  # slot_x: the routed weight cast to x's dtype first
             assert slot is not None
-            v = _scale(v, slot[:, None].astype(F32), ftz)
+            weight = cast(x_dtype)(slot) if op == "slot_x" else slot
+            v = _scale(v, weight[:, None].astype(F32), ftz)
         elif op in EPILOGUE_OPS:  # a cast: a float32 normal value stays at least 2^-126
             v = _monotone(_store(op, x_dtype), v)
         else:
@@ -577,7 +582,8 @@ class FloatGemm:
         return (f"float32 accumulation in any order; epilogue {' -> '.join(self.epilogue)}"
                 f"{_ftz(self)}")
 
-    def __call__(self, a: Env, w: Array, slot: Array | None, x_dtype: Any) -> Env:
+    def __call__(self, a: Env, w: Array, slot: Array | None, x_dtype: Any,
+                 col: Array | None = None) -> Env:
         w64 = w.astype(np.float64)
         s = a.mid.astype(np.float64) @ w64
         a = _may_flush(a, self.ftz)
@@ -598,7 +604,7 @@ class FloatGemm:
                 if self.ftz:
                     rad += a_abs @ np.where(w_abs <= _NORMAL32, w_abs, 0) + 2 * n * _NORMAL32
             acc = Env(to_f32(s), to_f32(s - rad), to_f32(s + rad))
-        return _apply_epilogue(self.epilogue, acc, col=None, row=None, slot=slot,
+        return _apply_epilogue(self.epilogue, acc, col=col, row=None, slot=slot,
                                x_dtype=x_dtype, ftz=self.ftz)
 
     def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
@@ -861,6 +867,104 @@ class BlockGemm:
                     x_dtype)
 
 
+# ---------------------------------------------------------------- NVFP4 W4A4
+
+
+@dataclass(frozen=True)
+class Fp4Gemm:
+    """The NVFP4 W4A4 GEMM of one expert (formats.md, NVFP4; vLLM's ``cutlass_moe_fp4``
+    [code]: ``scaled_fp4_experts_quant`` then ``cutlass_fp4_moe_mm``). The expert's rows are
+    quantised per 16 columns under the expert's static activation global scale
+    ``γ_a = a{which}_gscale`` (:func:`spec.nvfp4.quantise_nv`: block scale ``s =
+    e4m3(γ_a·amax/6)`` clamped at 448, ``q = e2m1(clamp(a·(1/(s/γ_a)), ±6))`` ties to even);
+    the block-scaled products ``q_a·s_a · q_w·s_w`` (exact in float32) summed in float32 in
+    an order the kernel does not promise (:class:`FloatGemm`'s envelope) [inferred: the
+    tensor core's accumulation]; then ``epilogue`` with ``"col"`` the GEMM's
+    ``alpha = fl(1/fl(γ_a·γ_w))`` (vLLM's ``g1_alphas``, ``g2_alphas``).
+
+    ``quotient_ulps``: how far the kernel's quotient ``a·(1/(s/γ_a))`` may lie from the
+    reference's float32 operations (vLLM's CUDA quantiser takes approximate reciprocals
+    [code]; the bound is [inferred]). With an envelope, the quantised activations' ``[lo,
+    hi]`` bounds ``q'·s'`` over the input's envelope and that freedom (``s'`` spans the block
+    scales of the block's smallest and largest possible amax; the e2m1 rounding is monotone).
+    """
+
+    epilogue: tuple[str, ...] = ("col", "x")
+    quotient_ulps: int = 0
+    ftz: bool = False
+
+    def describe(self) -> str:
+        return (f"activations to e2m1 per 16 under the expert's global scale (e4m3 block "
+                f"scales), float32 accumulation in any order; epilogue "
+                f"{' -> '.join(self.epilogue)} (col: alpha = 1/(γ_a·γ_w)){_ftz(self)}")
+
+    def quantise(self, a: Env, gscale: Array) -> Env:
+        """The dequantised activations ``q·s`` (float32, without ``1/γ_a``) of rows ``a``."""
+        gs = np.asarray(gscale, F32).reshape(1)
+        q, s, _ = quantise_nv(a.mid.T, gs)
+        mid = dequantise_nv(q, s, np.ones(1, F32), F32).T
+        if a.lo is None or a.hi is None:
+            return Env(mid)
+        pinned = bool(np.all(a.lo == a.mid) and np.all(a.hi == a.mid))
+        if pinned and not self.quotient_ulps:
+            return Env(mid, mid, mid)
+        return self._envelope(a, mid, float(gs[0]))
+
+    def _envelope(self, a: Env, mid: Array, gs: float) -> Env:
+        assert a.lo is not None and a.hi is not None
+        rows, cols = a.mid.shape
+        width = blocks(cols, NV_BLOCK) * NV_BLOCK
+
+        def grouped(v: Array) -> Array:
+            padded = np.zeros((rows, width), np.float64)
+            padded[:, :cols] = v
+            return padded.reshape(rows, -1, NV_BLOCK)
+
+        lo, hi = grouped(a.lo), grouped(a.hi)
+        straddle = (lo <= 0) & (hi >= 0)
+        amax_lo = np.where(straddle, 0, np.minimum(np.abs(lo), np.abs(hi))).max(axis=2)
+        amax_hi = np.maximum(np.abs(lo), np.abs(hi)).max(axis=2)
+        d = (3 + 2 * self.quotient_ulps) * _U32  # the scale's, the reciprocal's, the product's
+
+        def scale(amax: Array) -> Array:
+            return to_e4m3(to_f32(F32(gs) * to_f32(amax * F32(1 / E2M1_MAX)))).astype(
+                np.float64)
+
+        s_lo, s_hi = scale(amax_lo), scale(amax_hi)
+        m_lo, m_hi = s_lo / gs * (1 - d), s_hi / gs * (1 + d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corners = np.nan_to_num(np.stack([x / m[..., None] for x in (lo, hi)
+                                              for m in (m_lo, m_hi)]),
+                                    posinf=E2M1_MAX, neginf=-E2M1_MAX)
+        t_lo = corners.min(0) - d * np.abs(corners).max(0)
+        t_hi = corners.max(0) + d * np.abs(corners).max(0)
+
+        def e2m1(t: Array) -> Array:
+            return np.clip(to_f32(t), -E2M1_MAX, E2M1_MAX).astype(E2M1).astype(np.float64)
+
+        q_lo, q_hi = e2m1(t_lo), e2m1(t_hi)
+        v_lo = np.minimum(q_lo * s_lo[..., None], q_lo * s_hi[..., None])
+        v_hi = np.maximum(q_hi * s_lo[..., None], q_hi * s_hi[..., None])
+        v_lo, v_hi = (v.reshape(rows, -1)[:, :cols] for v in (v_lo, v_hi))
+        return Env(mid, np.minimum(v_lo, mid), np.maximum(v_hi, mid))
+
+    def alpha(self, a_gscale: Array, w_gscale: Array) -> Array:
+        """``fl(1/fl(γ_a·γ_w))``, the epilogue's factor (float32, shape ``(1,)``)."""
+        with np.errstate(divide="ignore", over="ignore"):
+            return to_f32(F32(1) / to_f32(np.asarray(a_gscale, F32) * np.asarray(w_gscale, F32))
+                          ).reshape(1)
+
+    def apply(self, a: Env, sigma: Env | None, weights: Weights, which: int, slot: Array,
+              x_dtype: Any) -> Env:
+        """The pipeline's call: GEMM ``which`` (1 or 2) of one expert's ``weights``."""
+        w = weights[f"w{which}"]
+        wd = dequantise_nv(w, weights[f"scale{which}"], np.ones(1, F32), F32)
+        qa = self.quantise(a, weights[f"a{which}_gscale"])
+        alpha = self.alpha(weights[f"a{which}_gscale"], weights[f"gscale{which}"])
+        col = np.broadcast_to(alpha, (w.shape[1],))
+        return FloatGemm(self.epilogue, self.ftz)(qa, wd, slot, x_dtype, col=col)
+
+
 @dataclass(frozen=True)
 class Swiglu:
     """SwiGLU on the GEMM1 output (§6 step 4; kernels.md row 4).
@@ -1084,7 +1188,7 @@ class IdealAssumptions:
                              "and 1")
 
 
-GemmStep = IntGemm | SplitGemm | FloatGemm | BlockGemm
+GemmStep = IntGemm | SplitGemm | FloatGemm | BlockGemm | Fp4Gemm
 QuantStep = Quantiser | GroupQuantiser
 #: The step fields of a :class:`Pipeline`, in §6 order.
 PIPELINE_STEPS = ("quantise", "gemm1", "swiglu", "requantise", "gemm2")
@@ -1316,7 +1420,7 @@ def _constant(step: Any) -> Callable[[Any], Any]:
 
 _STEP_CLASSES: dict[str, type] = {
     c.__name__: c for c in (Quantiser, GroupQuantiser, IntGemm, SplitGemm, FloatGemm,
-                            BlockGemm, Swiglu)}
+                            BlockGemm, Fp4Gemm, Swiglu)}
 
 
 def _record(cls: type, value: object, what: str) -> Any:
@@ -1654,10 +1758,35 @@ TRITON_MXFP4_MXFP8 = KernelProfile(
     domain=VLLM_DOMAIN,
 ).with_ftz()
 
+#: NVFP4 W4A4 (vLLM's ``nvfp4``: ``cutlass_moe_fp4``, the kernel vLLM's
+#: ``tests/kernels/moe/test_nvfp4_moe.py`` checks; formats.md, NVFP4 [code]): per expert,
+#: the rows quantised under ``a1_gscale`` (``scaled_fp4_experts_quant``: e4m3 block scales with
+#: a saturating cast, e2m1 ties to even saturating at 6 [code]), ``cutlass_fp4_moe_mm`` into
+#: x's dtype with ``alpha`` in the epilogue [code] (float32 accumulation in any order
+#: [inferred]), ``silu_and_mul`` in x's dtype [code], the same quantisation under
+#: ``a2_gscale``, GEMM2 into x's dtype, then ``c3 · topk_weights.to(x dtype)`` rounded to x's
+#: dtype and the top-k ``sum`` (float32 in any order, one cast) [code: cutlass_moe.py;
+#: torch's reduction order inferred]. The quantiser's approximate reciprocals within 2 ulp
+#: [inferred]. Subnormals may flush, as in the other GPU profiles [inferred].
+VLLM_NVFP4 = KernelProfile(
+    name="vllm-nvfp4",
+    summary="vLLM CUTLASS NVFP4 MoE (W4A4): e2m1 activations per 16 under static per-expert "
+            "global scales, block-scaled e2m1 GEMMs with alpha in the epilogue",
+    sources="formats.md [code]: cutlass_moe.py run_cutlass_moe_fp4, nvfp4_utils.py; the "
+            "accumulation order and reciprocal error [inferred]",
+    pipelines=(("nvfp4", Pipeline(
+        gemm1=Fp4Gemm(("col", "x"), quotient_ulps=2),
+        swiglu=VLLM_TRITON.pipeline("float").swiglu,
+        gemm2=Fp4Gemm(("col", "x", "slot_x", "x"), quotient_ulps=2))),),
+    combine=Combine("gemm2", "moe_sum", ()),
+    domain=VLLM_DOMAIN,
+).with_ftz()
+
 PROFILES: dict[str, KernelProfile] = {
     p.name: p for p in (ASCEND_A3, VLLM_TRITON, VLLM_TRITON_TQ, TORCH_GROUPED_MM, VLLM_TRITON_FP8,
                         TORCH_SCALED_GROUPED_MM, VLLM_MXFP4, VLLM_MARLIN_W4A16,
-                        VLLM_NVFP4_W4A16, DEEPGEMM_SM100_FP8, TRITON_MXFP4_MXFP8)}
+                        VLLM_NVFP4_W4A16, DEEPGEMM_SM100_FP8, TRITON_MXFP4_MXFP8,
+                        VLLM_NVFP4)}
 DEFAULT_KERNEL = ASCEND_A3.name
 
 

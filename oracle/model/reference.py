@@ -356,6 +356,10 @@ def run(
         w1, w2, s1, s2 = (weights.get(name) for name in ("w1", "w2", "scale1", "scale2"))
         assert w1 is not None and w2 is not None
         if pipeline is None:
+            if "a1_gscale" in weights:  # NVFP4 W4A4: the weights' values e2m1·s/γ_w
+                w1, w2 = (dequantise_nv(weights[f"w{i}"], weights[f"scale{i}"],
+                                        weights[f"gscale{i}"], F32) for i in (1, 2))
+                s1 = s2 = None
             h[slots], y[slots] = _ffn_ideal(x[tok], w1, s1, w2, s2, cfg)
             continue
         if s1 is not None and s2 is not None:
