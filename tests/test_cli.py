@@ -86,18 +86,24 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     pytester.makepyfile(test_own="def test_mine():\n    assert True\n")
     # Family tests at a budget of 10 examples: the default (20) is in the header below, and
     # test_family_tests_search_with_the_family_budget shows the family tests search with it.
+    # Each gate run starts pytest and a child process (~3 s of CPU): one run answers several
+    # questions. Opt-in tests are skipped by name when not asked for: W4A8 (without
+    # --dfc-variants w4a8) and the model-shape test (without --dfc-shapes: its empty
+    # parameter set; test_model_shapes.py runs it with presets).
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
                                          "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
-                                         "--dfc-family-examples", "10",
-                                         "-k", "default_search or routing")
+                                         "--dfc-family-examples", "10", "-k",
+                                         "default_search or routing or (variant and w4a8) "
+                                         "or model_shape")
     routings = len(ROUTING_FAMILIES)
-    good.assert_outcomes(passed=1 + routings)  # the default search and each routing family
-    header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
-    header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct kernel=ascend-a3 "
-                                 "domain=kernel numerics=faithful profile=dfc-ci*"
-                                 "max_examples=100 family_examples=20 *"])
-    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
+    # the default search and each routing family; w4a8's variant test and the model shape
+    good.assert_outcomes(passed=1 + routings, skipped=2)
+    # Not -q: the header is printed, with the defaults of the dfc-ci profile.
+    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored",
                                         "-k", "default_search or routing")
+    bad.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:probs_ignored kernel=ascend-a3 "
+                              "domain=kernel numerics=faithful profile=dfc-ci*"
+                              "max_examples=100 family_examples=20 *"])
     bad.assert_outcomes(failed=1 + routings)
     bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=2 K=32*"])
     # The defect is searched for and shrunk once; the later tests reuse that minimum.
@@ -112,13 +118,11 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
 
 
 def test_the_gate_judges_w4a8_when_asked(pytester, monkeypatch) -> None:
-    """W4A8 is opt-in: skipped by name by default; with --dfc-variants w4a8 the reference
-    passes its variant test, every variant not asked for (the default w8a8, bf16 and fp16,
-    the opt-in GPU formats) is skipped, and a probs-dropping kernel fails it."""
+    """W4A8 is opt-in (skipped by name by default: the gate test above): with --dfc-variants
+    w4a8 the reference passes its variant test, every variant not asked for (the default
+    w8a8, bf16 and fp16, the opt-in GPU formats) is skipped, and a probs-dropping kernel fails
+    it."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
-    default = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
-                                            "-k", "variant and w4a8")
-    default.assert_outcomes(skipped=1)
     asked = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                           "--dfc-variants", "w4a8", "-k", "variant", "-rs")
     others = [v.name for v in GATE_VARIANTS if v.name != "w4a8"]
