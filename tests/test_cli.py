@@ -72,9 +72,16 @@ def test_python_dash_m_is_the_same_command() -> None:
 
 
 def test_hunt_reports_the_historical_flaws_and_variants(tmp_path, capsys) -> None:
+    """The table has the historical rules and the kernel variants, whose rows give the
+    smallest call they change (docs/findings.md names these two)."""
     assert main(["hunt", "--max-examples", "30", "--save-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "zero-row NaN" in out and "pr5665" in out and "pr6156" in out
+    for variant, minimal in (
+        ("oai-default-alpha", "EP=1 E=1 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=int8"),
+        ("bf16-epilogue-e2", "EP=1 E=2 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=bfloat16"),
+    ):
+        assert any(line.startswith(variant) and minimal in line for line in out.splitlines())
 
 
 pytest_plugins = ["pytester"]
