@@ -41,11 +41,13 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
     assert "stage 'out'" in report and "minimal call: EP=1 E=2 top_k=2 K=32" in report
     saved = next(tmp_path.glob("broken_impls.probs_ignored-out-*.npz"))
     assert f"dfc-oracle replay {saved} --impl broken_impls:probs_ignored" in report
-    # The replay prints the same finding; a fixed implementation conforms on the same file.
-    assert main(["replay", str(saved), "--impl", "broken_impls:probs_ignored"]) == 1
+    # The replay prints the same finding; a fixed implementation conforms on the same file
+    # (in process: a child start is about a second of CPU, and the search above had one).
+    assert main(["replay", str(saved), "--in-process", "--impl",
+                 "broken_impls:probs_ignored"]) == 1
     replayed = capsys.readouterr().out
     assert report.split("what failed: ")[1].splitlines()[0] in replayed
-    assert main(["replay", str(saved), "--impl", "broken_impls:correct"]) == 0
+    assert main(["replay", str(saved), "--in-process", "--impl", "broken_impls:correct"]) == 0
     assert main(["explain", str(saved)]) == 0
     explained = capsys.readouterr().out
     assert "configuration: EP=1 E=2 top_k=2" in explained and "routed slots" in explained
