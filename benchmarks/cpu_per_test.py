@@ -5,7 +5,8 @@ the wall time follows the load; the CPU time much less.
     PYTHONPATH=$PWD:$PWD/benchmarks CPU_PER_TEST=/tmp/cpu.tsv \\
         python -m pytest tests/test_cli.py -q -p cpu_per_test
 
-writes one ``cpu<TAB>wall<TAB>test`` line per test, most CPU first.
+writes one ``cpu<TAB>wall<TAB>test`` line per test as it ends (a run cut short keeps what it
+measured), then, at the end of the session, the same lines again sorted, most CPU first.
 """
 
 from __future__ import annotations
@@ -26,14 +27,27 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _path() -> str:
+    return os.environ.get("CPU_PER_TEST", "cpu_per_test.tsv")
+
+
+def _line(node: str, wall: float, cpu: float) -> str:
+    return f"{cpu:8.2f}\t{wall:8.2f}\t{node}\n"
+
+
+def pytest_sessionstart() -> None:
+    open(_path(), "w").close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     wall, cpu = time.perf_counter(), _cpu()
     yield
     _ROWS.append((item.nodeid, time.perf_counter() - wall, _cpu() - cpu))
+    with open(_path(), "a") as out:
+        out.write(_line(*_ROWS[-1]))
 
 
 def pytest_sessionfinish() -> None:
-    with open(os.environ.get("CPU_PER_TEST", "cpu_per_test.tsv"), "w") as out:
-        for node, wall, cpu in sorted(_ROWS, key=lambda row: -row[2]):
-            out.write(f"{cpu:8.2f}\t{wall:8.2f}\t{node}\n")
+    with open(_path(), "w") as out:
+        out.writelines(_line(*row) for row in sorted(_ROWS, key=lambda row: -row[2]))

@@ -18,7 +18,7 @@ import dataclasses
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,29 @@ def problem_with(cfg: OpConfig, seed: int, spread: float = 0.0, **change: Any) -
     for key, f in change.items():
         arrays[key] = [f(a) for a in arrays[key]]
     return random_problem(cfg, seed=seed, **arrays)
+
+
+def drawn_problem(rng: np.random.Generator, hidden: Sequence[int],
+                  intermediate: Sequence[int], weights: Callable[[str], str],
+                  shape: tuple[int, int, int, int, int, tuple[int, ...]] | None = None,
+                  ) -> Problem:
+    """One problem of a false-alarm loop, drawn from ``rng`` in the order every such loop of
+    these scripts draws: unless ``shape`` (K, I, EP, E, top_k, tokens per rank) is given, K
+    and I from the choices, EP 1–2, E 1–4, top_k 1–8 and 1–4 tokens a rank; then x's dtype
+    (80 % bf16), the weight dtype ``weights(x's dtype)`` and the problem's seed."""
+    if shape is None:
+        k_len = int(rng.choice(hidden))
+        i_len = int(rng.choice(intermediate))
+        ep, e = int(rng.integers(1, 3)), int(rng.integers(1, 5))
+        top_k = int(rng.choice([1, 2, 4, 8]))
+        tokens = tuple(int(t) for t in rng.integers(1, 5, ep))
+    else:
+        k_len, i_len, ep, e, top_k, tokens = shape
+    x_dtype = "bfloat16" if rng.random() < 0.8 else "float16"
+    cfg = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k_len,
+                   intermediate=i_len, tokens_per_rank=tokens, x_dtype=x_dtype,
+                   weight_dtype=weights(x_dtype))
+    return problem_with(cfg, int(rng.integers(1 << 30)))
 
 
 def outs_of(result: oracle.Result) -> list[Array]:
@@ -189,21 +212,13 @@ def false_alarms(
     while n_pairs < pairs:
         realistic = i % 25 == 0
         i += 1
-        if realistic:
-            k_len, i_len = (1024, 512) if i % 2 else (2048, 768)
-            ep, e, top_k, tokens = 2, 4, 8, (2, 2)
-        else:
-            k_len = int(rng.choice([16, 32, 64, 128, 256, 512]))
-            i_len = int(rng.choice([8, 16, 32, 64, 128, 256]))
-            ep, e = int(rng.integers(1, 3)), int(rng.integers(1, 5))
-            top_k = int(rng.choice([1, 2, 4, 8]))
-            tokens = tuple(int(t) for t in rng.integers(1, 5, ep))
-        x_dtype = "bfloat16" if rng.random() < 0.8 else "float16"
-        weights = "int8" if rng.random() < 0.7 else x_dtype
-        cfg = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k_len,
-                       intermediate=i_len, tokens_per_rank=tokens, x_dtype=x_dtype,
-                       weight_dtype=weights)
-        problem = problem_with(cfg, int(rng.integers(1 << 30)))
+        problem = drawn_problem(
+            rng, [16, 32, 64, 128, 256, 512], [8, 16, 32, 64, 128, 256],
+            lambda x_dtype: "int8" if rng.random() < 0.7 else x_dtype,
+            (*((1024, 512) if i % 2 else (2048, 768)), 2, 4, 8, (2, 2)) if realistic else None)
+        cfg = problem.config
+        k_len, i_len, top_k, x_dtype = cfg.hidden, cfg.intermediate, cfg.top_k, cfg.x_dtype
+        weights = cfg.weight_dtype
         ideal = oracle.run(problem, numerics="ideal")
         thresholds: dict[IdealAssumptions, Any] = {}
         for name, profile in kernels_under_test.items():

@@ -32,7 +32,7 @@ from oracle.model.kernels import VLLM_MARLIN_W4A16, VLLM_NVFP4_W4A16, KernelProf
 from spec import OpConfig, Problem
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
-from ideal_power import problem_with  # noqa: E402
+from ideal_power import drawn_problem, problem_with  # noqa: E402
 from test_nvfp4 import applied_twice, first_expert_s, ignored  # noqa: E402
 from test_w4a16 import _groups_of_64, _no_zero_points, dequantising_with  # noqa: E402
 
@@ -89,16 +89,10 @@ def false_alarms(name: str, pairs: int, seed: int = 25) -> list[str]:
     worst, where_worst, rejected = 0.0, "", []
     t0 = time.perf_counter()
     for _ in range(pairs):
-        k_len = int(rng.choice([16, 32, 40, 64, 128, 160, 200, 320]))
-        i_len = int(rng.choice([8, 16, 24, 72, 136, 160]))
-        ep, e = int(rng.integers(1, 3)), int(rng.integers(1, 5))
-        top_k = int(rng.choice([1, 2, 4, 8]))
-        tokens = tuple(int(t) for t in rng.integers(1, 5, ep))
-        x_dtype = "bfloat16" if rng.random() < 0.8 else "float16"
-        cfg = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k_len,
-                       intermediate=i_len, tokens_per_rank=tokens, x_dtype=x_dtype,
-                       weight_dtype=w_dtype)
-        problem = problem_with(cfg, int(rng.integers(1 << 30)))
+        problem = drawn_problem(rng, [16, 32, 40, 64, 128, 160, 200, 320],
+                                [8, 16, 24, 72, 136, 160], lambda _: w_dtype)
+        cfg = problem.config
+        k_len, i_len, top_k, x_dtype = cfg.hidden, cfg.intermediate, cfg.top_k, cfg.x_dtype
         ideal = oracle.run(problem, numerics="ideal")
         a, b, r = verdicts(problem, own(problem, profile), profile, ideal)
         where = f"K={k_len} I={i_len} top_k={top_k} {x_dtype}"

@@ -63,6 +63,7 @@ from spec.modular import LAYOUTS, STAGES
 from spec.strategies import problems
 
 if TYPE_CHECKING:
+    from oracle.check.modular import StageConformanceError
     from oracle.explain.diagnose import Diagnosis
     from oracle.explain.stages import TokenStages
 
@@ -175,13 +176,15 @@ def _check(args: argparse.Namespace) -> int:
     return _search(run, runner, progress, "calls")
 
 
-def _search(run: Callable[[Any], None], runner: Any, progress: _Progress, what: str) -> int:
+def _search(run: Callable[[Any], None], runner: Any, progress: _Progress, what: str,
+            found: type[ConformanceError | StageConformanceError] = ConformanceError) -> int:
     """``run(impl)``, one search or several, reported as ``check`` reports: the report and
-    :data:`EXIT_FOUND` on a counterexample, else how many ``what`` were judged; the child
-    process is closed either way."""
+    :data:`EXIT_FOUND` on a counterexample (``found``: a stage search raises
+    :class:`~oracle.check.modular.StageConformanceError`), else how many ``what`` were judged;
+    the child process is closed either way."""
     try:
         run(runner if isinstance(runner, ChildProcess) else progress)
-    except ConformanceError as exc:
+    except found as exc:
         print(exc.report)
         _err(f"counterexample found after {progress.calls} calls "
              f"({time.perf_counter() - progress.start:.1f} s)")
@@ -253,18 +256,10 @@ def _check_stage(args: argparse.Namespace, kernel: KernelProfile | None) -> int:
          f"{'placed' if args.placement else 'plain'} calls, numerics "
          f"{'ideal' if kernel is None else f'{args.numerics} on kernel {kernel.name}'}, "
          f"profile {args.profile}, in process (a stage is not isolated in a child process)")
-    try:
-        check_stage(args.stage, progress, layouts=layouts, numerics=numerics, ulps=args.ulps,
-                    timeout=args.timeout, calls=calls, settings=_settings(args),
-                    save_dir=args.save_dir, impl_name=args.impl)
-    except StageConformanceError as exc:
-        print(exc.report)
-        _err(f"counterexample found after {progress.calls} calls "
-             f"({time.perf_counter() - progress.start:.1f} s)")
-        return EXIT_FOUND
-    print(f"no counterexample in {progress.calls} {args.stage} calls "
-          f"({time.perf_counter() - progress.start:.1f} s)")
-    return EXIT_OK
+    return _search(lambda counted: check_stage(
+        args.stage, counted, layouts=layouts, numerics=numerics, ulps=args.ulps,
+        timeout=args.timeout, calls=calls, settings=_settings(args), save_dir=args.save_dir,
+        impl_name=args.impl), impl, progress, f"{args.stage} calls", StageConformanceError)
 
 
 def _threads_said(threads: int) -> str:

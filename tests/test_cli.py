@@ -41,11 +41,13 @@ def test_check_exit_codes_and_replay(in_tests_dir, tmp_path, capsys) -> None:
     assert "stage 'out'" in report and "minimal call: EP=1 E=2 top_k=2 K=32" in report
     saved = next(tmp_path.glob("broken_impls.probs_ignored-out-*.npz"))
     assert f"dfc-oracle replay {saved} --impl broken_impls:probs_ignored" in report
-    # The replay prints the same finding; a fixed implementation conforms on the same file.
-    assert main(["replay", str(saved), "--impl", "broken_impls:probs_ignored"]) == 1
+    # The replay prints the same finding; a fixed implementation conforms on the same file
+    # (in process: a child start is about a second of CPU, and the search above had one).
+    assert main(["replay", str(saved), "--in-process", "--impl",
+                 "broken_impls:probs_ignored"]) == 1
     replayed = capsys.readouterr().out
     assert report.split("what failed: ")[1].splitlines()[0] in replayed
-    assert main(["replay", str(saved), "--impl", "broken_impls:correct"]) == 0
+    assert main(["replay", str(saved), "--in-process", "--impl", "broken_impls:correct"]) == 0
     assert main(["explain", str(saved)]) == 0
     explained = capsys.readouterr().out
     assert "configuration: EP=1 E=2 top_k=2" in explained and "routed slots" in explained
@@ -72,9 +74,16 @@ def test_python_dash_m_is_the_same_command() -> None:
 
 
 def test_hunt_reports_the_historical_flaws_and_variants(tmp_path, capsys) -> None:
+    """The table has the historical rules and the kernel variants, whose rows give the
+    smallest call they change (docs/findings.md names these two)."""
     assert main(["hunt", "--max-examples", "30", "--save-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "zero-row NaN" in out and "pr5665" in out and "pr6156" in out
+    for variant, minimal in (
+        ("oai-default-alpha", "EP=1 E=1 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=int8"),
+        ("bf16-epilogue-e2", "EP=1 E=2 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=bfloat16"),
+    ):
+        assert any(line.startswith(variant) and minimal in line for line in out.splitlines())
 
 
 pytest_plugins = ["pytester"]
@@ -86,18 +95,24 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
     pytester.makepyfile(test_own="def test_mine():\n    assert True\n")
     # Family tests at a budget of 10 examples: the default (20) is in the header below, and
     # test_family_tests_search_with_the_family_budget shows the family tests search with it.
+    # Each gate run starts pytest and a child process (~3 s of CPU): one run answers several
+    # questions. Opt-in tests are skipped by name when not asked for: W4A8 (without
+    # --dfc-variants w4a8) and the model-shape test (without --dfc-shapes: its empty
+    # parameter set; test_model_shapes.py runs it with presets).
     good = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-p",
                                          "no:cacheprovider", "--dfc-profile", "dfc-ci", "-q",
-                                         "--dfc-family-examples", "10",
-                                         "-k", "default_search or routing")
+                                         "--dfc-family-examples", "10", "-k",
+                                         "default_search or routing or (variant and w4a8) "
+                                         "or model_shape")
     routings = len(ROUTING_FAMILIES)
-    good.assert_outcomes(passed=1 + routings)  # the default search and each routing family
-    header = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "--co")
-    header.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:correct kernel=ascend-a3 "
-                                 "domain=kernel numerics=faithful profile=dfc-ci*"
-                                 "max_examples=100 family_examples=20 *"])
-    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored", "-q",
+    # the default search and each routing family; w4a8's variant test and the model shape
+    good.assert_outcomes(passed=1 + routings, skipped=2)
+    # Not -q: the header is printed, with the defaults of the dfc-ci profile.
+    bad = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:probs_ignored",
                                         "-k", "default_search or routing")
+    bad.stdout.fnmatch_lines(["dfc-oracle: impl=broken_impls:probs_ignored kernel=ascend-a3 "
+                              "domain=kernel numerics=faithful profile=dfc-ci*"
+                              "max_examples=100 family_examples=20 *"])
     bad.assert_outcomes(failed=1 + routings)
     bad.stdout.fnmatch_lines(["*minimal call: EP=1 E=2 top_k=2 K=32*"])
     # The defect is searched for and shrunk once; the later tests reuse that minimum.
@@ -112,13 +127,11 @@ def test_pytest_gate_passes_a_correct_kernel_and_fails_a_broken_one(pytester, mo
 
 
 def test_the_gate_judges_w4a8_when_asked(pytester, monkeypatch) -> None:
-    """W4A8 is opt-in: skipped by name by default; with --dfc-variants w4a8 the reference
-    passes its variant test, every variant not asked for (the default w8a8, bf16 and fp16,
-    the opt-in GPU formats) is skipped, and a probs-dropping kernel fails it."""
+    """W4A8 is opt-in (skipped by name by default: the gate test above): with --dfc-variants
+    w4a8 the reference passes its variant test, every variant not asked for (the default
+    w8a8, bf16 and fp16, the opt-in GPU formats) is skipped, and a probs-dropping kernel fails
+    it."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
-    default = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
-                                            "-k", "variant and w4a8")
-    default.assert_outcomes(skipped=1)
     asked = pytester.runpytest_subprocess("--dfc-impl", "broken_impls:correct", "-q",
                                           "--dfc-variants", "w4a8", "-k", "variant", "-rs")
     others = [v.name for v in GATE_VARIANTS if v.name != "w4a8"]

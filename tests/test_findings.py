@@ -147,24 +147,6 @@ def test_the_default_alpha_row_needs_a_positive_default(monkeypatch: pytest.Monk
         spec.findings._oai_rows()
 
 
-@pytest.mark.parametrize(("variant", "minimal"), [
-    ("oai-default-alpha", "EP=1 E=1 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=int8"),
-    ("bf16-epilogue-e2", "EP=1 E=2 top_k=1 K=16 I=8 M=[1] x=bfloat16 w=bfloat16"),
-])
-def test_the_hunt_finds_the_kernel_variants_minimal_calls(variant: str, minimal: str) -> None:
-    from hypothesis import settings
-
-    from oracle.check.harness import ConformanceError, check_implementation
-    from oracle.check.hunt import VARIANTS
-
-    chosen = {v.name: v for v in VARIANTS}[variant]
-    with pytest.raises(ConformanceError) as found:
-        check_implementation(chosen.impl(), problems=chosen.problems(), save_dir=None,
-                             settings=settings(max_examples=30, derandomize=True,
-                                               database=None, deadline=None))
-    assert found.value.problem.config.summary().startswith(minimal)
-
-
 def test_a_stalled_peer_shrink_still_reports_the_minimum() -> None:
     """A full CI run once stopped Hypothesis' shrink at top_k = 5 with every id 0; the greedy
     descent after the search takes such a local minimum to the documented one."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from oracle import pytest_plugin
 from oracle.check.harness import evaluate
 from oracle.check.isolation import THREAD_VARIABLES, ChildProcess
 from oracle.cli import main
@@ -67,10 +69,17 @@ pytest_plugins = ["pytester"]
 
 
 def test_the_gate_header_names_the_threads(pytester, monkeypatch) -> None:
+    """The gate prints the header (one run: each costs a pytest and a child process start,
+    about 3 s of CPU); what it says of each thread option is ``_threads`` of the options."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(TESTS), str(TESTS.parent))))
-    for given, said in (([], "threads=1"), (["--dfc-threads", "0"], "threads=environment"),
-                        (["--dfc-in-process"], "threads=not-pinned(in-process)")):
-        header = pytester.runpytest_subprocess("--dfc-impl", QUICK, "--co", *given)
-        header.stdout.fnmatch_lines([f"dfc-oracle: impl={QUICK} * {said}"])
+    header = pytester.runpytest_subprocess("--dfc-impl", QUICK, "--co")
+    header.stdout.fnmatch_lines([f"dfc-oracle: impl={QUICK} * threads=1"])
+    for given, said in (({"--dfc-threads": 1}, "1"), ({"--dfc-threads": 0}, "environment"),
+                        ({"--dfc-threads": 1, "--dfc-in-process": True},
+                         "not-pinned(in-process)"),
+                        ({"--dfc-threads": 1, "--dfc-stage": "dispatch"},
+                         "not-pinned(in-process)")):
+        options = {"--dfc-in-process": False, "--dfc-stage": None, **given}
+        assert pytest_plugin._threads(SimpleNamespace(getoption=options.get)) == said
     bad = pytester.runpytest_subprocess("--dfc-impl", QUICK, "--co", "--dfc-threads", "-1")
     bad.stderr.fnmatch_lines(["*--dfc-threads: threads=-1 must be an integer >= 1*"])
