@@ -366,3 +366,15 @@ def test_explain_diagnoses_a_gpu_format_counterexample(weights: str) -> None:
     found = diagnose(problem, outs, numerics=kernel.name)
     assert not found.verdict.ok and found.exact[0].key == "last_slot_dropped"
     assert "step1_ties" not in found.tried and "swiglu_cast_ties" not in found.tried
+
+
+def test_the_default_ideal_search_kills_a_per_tensor_scale() -> None:
+    """The gate's own ideal search of this profile (no rows chosen by the caller) finds a
+    per-tensor activation scale: its ``varied_norms`` rows (amax over three decades,
+    ``spec.strategies.POWER_ROW_FAMILIES``) give tokens' scales that differ, as the
+    scale_blocks rows do in the searches above (2 to 5 s)."""
+    with pytest.raises(ConformanceError) as found:
+        check_implementation(model_impl(PER_TENSOR), kernel=PROFILE, numerics="ideal",
+                             variants=("mxfp4_mxfp8",), settings=SEARCH, save_dir=None,
+                             isolate=False)
+    assert sum(found.value.problem.config.tokens_per_rank) >= 2
