@@ -255,6 +255,11 @@ CASES = [
     Case("act_scheme no row of the weights has", ConfigError, None, "act_scheme",
          "'mxfp8' with int8 weights", "None", "activation quantisation",
          config(act_scheme="mxfp8")),
+    Case("activation_scales not a bool", ConfigError, None, "activation_scales", "'yes'",
+         "True or False", "a1_gscale and a2_gscale", config(activation_scales="yes")),
+    Case("activation_scales with int8 weights", ConfigError, None, "activation_scales",
+         "True with int8 weights", "(nvfp4)", "use NVFP4 weights",
+         config(activation_scales=True)),
     Case("bf16 weight inf", NonFiniteError, 1, "weight1[", "inf", "finite values", "weight1",
          edit(1, w1=with_inf), BF16),
     # The mask.
