@@ -72,7 +72,8 @@ def test_alpha_survives_the_call_copies() -> None:
     problem = random_problem(_cfg(swiglu_alpha=1.702, swiglu_limit=7.0), seed=1)
     assert problem.swiglu_alpha == 1.702
     assert problem.config.call_attributes() == {
-        "max_output_size": None, "swiglu_limit": 7.0, "swiglu_alpha": 1.702}
+        "max_output_size": None, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+        "act_scheme": None}
     assert "swiglu_alpha=1.702" in problem.config.summary()
 
 
