@@ -323,7 +323,6 @@ def false_alarms(pairs: int, channel: int, seed: int = 25) -> list[str]:
         record("(legitimate: fp8_channel, the profile's model)", where,
                judges(run_outs(problem, CHANNEL), CHANNEL))
     seconds = time.perf_counter() - t0
-    top = max(worst.values())
     lines = [
         f"{n_pairs} legitimate (problem, output) pairs in {seconds:.0f} s: {n_block} FP8 block "
         f"({i} problems) and {n_pairs - n_block} fp8_channel ({j} problems, a quarter of them "
@@ -333,6 +332,16 @@ def false_alarms(pairs: int, channel: int, seed: int = 25) -> list[str]:
         "Each output judged by the ideal judge and by its profile; false-alarm probability per "
         "call: 1e-09.",
         "",
+    ]
+    return lines + alarm_summary(n_rejected, n_pairs, worst, rejected_where)
+
+
+def alarm_summary(n_rejected: int, n_pairs: int, worst: dict[str, tuple[float, str]],
+                  rejected_where: list[str]) -> list[str]:
+    """The false-alarm section's tail (this script's and mxfp8_power.py's): the count, the
+    largest ratio with its margin, the worst per kernel and judge, the first 20 rejections."""
+    top = max(worst.values())
+    lines = [
         f"- rejected calls: **{n_rejected}** of {n_pairs}",
         f"- largest row |s|/T observed: **{top[0]:.3g}** ({top[1]}); margin to the threshold "
         f"{1 / max(top[0], 1e-12):.1f}x",

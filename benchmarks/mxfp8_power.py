@@ -31,7 +31,7 @@ from spec import OpConfig, Problem
 from spec.strategies import RowPlan
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
-from fp8_power import Judges, run_outs  # noqa: E402
+from fp8_power import Judges, alarm_summary, run_outs  # noqa: E402
 from ideal_power import bug_outputs, problem_with  # noqa: E402
 from test_fp8 import TruncatedDotGemm  # noqa: E402
 from test_mxfp8 import FLOAT32_SCALES, NEAREST, PER_TENSOR, UNSWIZZLED  # noqa: E402
@@ -146,7 +146,6 @@ def false_alarms(pairs: int, seed: int = 42118) -> list[str]:
                 n_rejected += 1
                 rejected_where.append(f"{name} at {where}: {', '.join(failed)}")
     seconds = time.perf_counter() - t0
-    top = max(worst.values())
     lines = [
         f"{n_pairs} legitimate (problem, output) pairs in {seconds:.0f} s ({i} "
         "problems; every 25th at K=2880/I=720 with EP=2 E=4 top_k=4; the others random with "
@@ -155,17 +154,8 @@ def false_alarms(pairs: int, seed: int = 42118) -> list[str]:
         "judges, the float32-scale kernel's by the ideal judge; a pair is rejected if a judge "
         "rejects it; false-alarm probability per call: 1e-09.",
         "",
-        f"- rejected: **{n_rejected}** of {n_pairs}",
-        f"- largest row |s|/T observed: **{top[0]:.3g}** ({top[1]}); margin to the threshold "
-        f"{1 / max(top[0], 1e-12):.1f}x",
-        "",
-        "| kernel, judge | max row \\|s\\|/T | where |",
-        "|---|---|---|",
-        *(f"| {key} | {ratio:.3g} | {where} |" for key, (ratio, where) in worst.items()),
     ]
-    if rejected_where:
-        lines += ["", "Rejected:", *(f"- {w}" for w in rejected_where[:20])]
-    return lines
+    return lines + alarm_summary(n_rejected, n_pairs, worst, rejected_where)
 
 
 def main(argv: list[str] | None = None) -> int:
