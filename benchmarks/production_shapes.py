@@ -133,7 +133,9 @@ def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
 def _before(path: str, argv: list[str]) -> list[dict[str, Any]]:
     """This script's measurements against the source tree at ``path``, in a subprocess."""
     env = {key: value for key, value in os.environ.items() if key != "DFC_GEMM"}
-    env["PYTHONPATH"] = os.path.abspath(path)
+    # the tree first; the rest of PYTHONPATH stays (e.g. a --target folder of wheels)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.abspath(path), *filter(None, [os.environ.get("PYTHONPATH")])])
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--json", *argv],
                           env=env, cwd=path, check=True, capture_output=True, text=True)
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -233,7 +233,9 @@ def main() -> int:
         else:
             print("\n".join(f"{p['name']}: {len(p) - 1} values" for p in problems))
         return 0
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.before)}
+    # the tree first; the rest of PYTHONPATH stays (e.g. a --target folder of wheels)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.abspath(args.before), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "before.npz")
         subprocess.run([sys.executable, os.path.abspath(__file__), "--save", path], env=env,
