@@ -248,14 +248,14 @@ def test_a_hung_collective_is_reported_as_a_timeout_naming_the_example(tmp_path:
     assert time.monotonic() - start < 30
 
 
-def _torchrun(impl: str, nproc: int = 2) -> Any:
+def _torchrun(impl: str, nproc: int = 2, mode: str = "") -> Any:
     import subprocess
     import sys
 
     here = Path(__file__).parent
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={nproc}", str(here / "torchrun_driver.py"), impl],
+         f"--nproc_per_node={nproc}", str(here / "torchrun_driver.py"), impl, mode],
         capture_output=True, text=True, timeout=300, cwd=here,
         # This checkout's oracle, not whichever one the environment has installed.
         env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -295,6 +295,7 @@ def test_joined_mode_reports_a_raising_rank_with_its_error() -> None:
     done = _torchrun("rank_one_raises")
     elapsed = time.monotonic() - start
     assert done.returncode == 0, _said(done.stderr)
+    assert done.stdout.count("PARTS ALIVE 0") == 2
     assert "STAGE call" in done.stdout  # not 'timeout': no hang
     assert "rank 1 raised: ValueError: planted failure on rank 1" in done.stdout
     assert "torchrun_driver.py:" in done.stdout and "in rank_one_raises" in done.stdout
@@ -302,6 +303,20 @@ def test_joined_mode_reports_a_raising_rank_with_its_error() -> None:
     # Below the 60 s example timeout: heard through the store, not by timing out (43 s was
     # measured on 2 cores shared by eight test runs; about 20 s on a quiet machine).
     assert elapsed < 55, elapsed
+
+
+@pytest.mark.parametrize(("mode", "alive"), [("late", 0), ("late-2s", 1)])
+def test_joined_mode_waits_for_a_late_peer_after_an_abort(mode: str, alive: int) -> None:
+    """Rank 1 raises and then tears the group down 5 s late (a loaded machine): rank 0's part,
+    still waiting in the count exchange, ends only when rank 1's group goes, so rank 0 waits
+    for it and leaves with no part running. With the former 2 s wait (the mutant) rank 0 left
+    while its part still waited; when rank 1's close reached it during interpreter exit, the
+    process died of SIGABRT ("terminate called without an active exception", a CI failure)."""
+    done = _torchrun("rank_one_raises", mode=mode)
+    assert "STAGE call" in done.stdout
+    assert f"PARTS ALIVE {alive}" in done.stdout
+    if alive == 0:
+        assert done.returncode == 0, _said(done.stderr)
 
 
 def test_joined_mode_reports_every_raising_rank_of_four() -> None:

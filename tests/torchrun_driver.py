@@ -5,13 +5,19 @@ test_distributed.py:
     python -m torch.distributed.run --standalone --nproc_per_node=N torchrun_driver.py IMPL
 
 The search draws every weight variant. Rank 0 prints ``CONFORMS``, or ``FOUND <minimal
-configuration>``, the verdict's stage and the report.
+configuration>``, the verdict's stage and the report. Every rank then prints ``PARTS ALIVE n``:
+how many of its implementation threads still run as it leaves.
+
+A second argument ``late`` makes rank 1 tear the group down 5 s late (a loaded machine);
+``late-2s`` also restores the former 2 s wait for the parts after an abort (the mutant).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 import torch.distributed as dist
 from hypothesis import settings
@@ -53,8 +59,23 @@ def two_ranks_raise(inputs, group):  # type: ignore[no-untyped-def]
 IMPLS = {"reference": D.reference_rank, "return_expert_major": return_expert_major,
          "rank_one_raises": rank_one_raises, "two_ranks_raise": two_ranks_raise}
 
+
+
+def _late_teardown(abort):  # type: ignore[no-untyped-def]
+    def late(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(5.0)
+        return abort(*args, **kwargs)
+    return late
+
+
 if __name__ == "__main__":
     world = int(os.environ["WORLD_SIZE"])
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode.startswith("late") and os.environ["RANK"] == "1":
+        c10d = dist.distributed_c10d
+        c10d._abort_process_group = _late_teardown(c10d._abort_process_group)
+    if mode == "late-2s":
+        D._TEARDOWN = 2.0
     strategy = problems(configs=configs(ep_sizes=st.just(world),
                                         experts_per_rank=st.integers(2, 4),
                                         tokens_per_rank=st.integers(1, 4)))
@@ -70,3 +91,5 @@ if __name__ == "__main__":
             print("CONFORMS", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
+    alive = [t for t in threading.enumerate() if t.name == "dfc-oracle-rank" and t.is_alive()]
+    print(f"PARTS ALIVE {len(alive)}", flush=True)

@@ -101,6 +101,8 @@ ImplRank = Callable[[TorchRankInputs, "ProcessGroup"], Any]
 _FAILURE_GRACE = 0.5
 # Startup of all workers (the first one starts the fork server, which imports torch).
 _STARTUP_TIMEOUT = 120.0
+# Joined mode, a broken group: how long a rank waits for its parts to end after the abort.
+_TEARDOWN = 30.0
 
 
 class RankFailure(RuntimeError):
@@ -762,6 +764,10 @@ class _GroupImpl:
                 deadline = time.monotonic() + _FAILURE_GRACE
         return replies
 
+    def release(self) -> None:
+        """Forget the groups (after an abort), so that they can be destroyed at once."""
+        self._group = self._control = None
+
     def stop(self) -> None:
         dist = _dist()
         self.closed = True
@@ -872,6 +878,8 @@ def _check_joined(
         dist.init_process_group(backend)  # torchrun's environment: RANK, WORLD_SIZE, MASTER_*
     hung = broken = False
     parts: list[threading.Thread] = []
+    impl: _GroupImpl | None = None
+    group = control = None
     try:
         group = dist.group.WORLD
         if dist.get_world_size(group) != world_size:
@@ -904,8 +912,20 @@ def _check_joined(
             # A part still waits in a collective on the group: abort it, on every rank, rather
             # than destroy it (which waits for that collective).
             dist.distributed_c10d._abort_process_group()
+            # Gloo's abort is a no-op: a part's collective ends only when a peer's group goes
+            # (its sockets close), which may be seconds away on a loaded machine. Leave while a
+            # part still waits and the peer's close reaches it during interpreter exit: the
+            # process dies of SIGABRT ("terminate called without an active exception"), as
+            # happened under CI with the former 2 s wait. Wait for the peers, bounded.
+            deadline = time.monotonic() + _TEARDOWN
             for part in parts:
-                part.join(2.0)  # the aborted collective raises in it
+                part.join(max(0.0, deadline - time.monotonic()))
+            # Drop this call's own references too, so that the groups are destroyed here and
+            # not with the error's traceback at interpreter exit, where freeing gloo's failed
+            # work (tensors that need the GIL) aborts the process the same way.
+            group = control = None
+            if impl is not None:
+                impl.release()
         # Destroying a group with a hung collective would hang too.
         elif created and not hung:
             # Every rank past its last collective before any tears down: a rank that destroys
