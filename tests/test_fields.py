@@ -12,7 +12,16 @@ from oracle.adapters.torch_io import TorchRankInputs
 from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import ConfigError, OpConfig, Problem, RankInputs, SpecError, random_problem
 from spec.config import CALL_ATTRIBUTES
-from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, scale_dims_of, variant_for
+from spec.fields import (
+    FIELDS,
+    GATE_VARIANTS,
+    SELECTING_INPUTS,
+    VARIANTS,
+    ListSpec,
+    Selection,
+    scale_dims_of,
+    variant_for,
+)
 
 #: A W4A8 call with a mask: every field of the table is given but the W4A16 ones.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
@@ -66,10 +75,10 @@ def test_map_arrays_copies_every_array() -> None:
 def test_variant_table() -> None:
     weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
                "float4_e2m1fn", "uint8", "float4_e2m1fn")
-    assert [variant_for(w, "bfloat16", v.scale_dims, v.act_scheme,
-                        activation_scales=v.activation_scales)
+    assert [variant_for(Selection(w, "bfloat16", v.scale_dims, bool(v.selector.inputs),
+                                  v.selector.act_scheme))
             for w, v in zip(weights, VARIANTS, strict=True)] == list(VARIANTS)
-    assert variant_for("float16", "bfloat16") is None
+    assert variant_for(Selection("float16", "bfloat16")) is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
 
@@ -108,8 +117,9 @@ def test_gate_variants_come_from_the_table() -> None:
         for x in g.x_dtypes:
             cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
                            tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype,
-                           scale_dims=g.scale_dims, act_scheme=g.act_scheme,
-                           activation_scales=g.variant.activation_scales)
+                           scale_dims=g.selection.scale_dims,
+                           act_scheme=g.selection.act_scheme,
+                           activation_scales=g.selection.activation_scales)
             assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
 
 
