@@ -83,6 +83,27 @@ def test_variant_table() -> None:
     assert ListSpec(("K", "N/8"), "int32").packing == 8
 
 
+def test_rows_sharing_weight_fields_differ_in_their_selector() -> None:
+    """One record per row tells it apart: rows with one weight dtype and scale1 rank differ
+    in their Selector, and each row's own selection selects it (at both x dtypes). The inputs
+    a selector names are optional fields of the table, each read by its row."""
+    by_weights: dict[tuple[str, int], list[str]] = {}
+    for v in VARIANTS:
+        by_weights.setdefault((v.weight_dtype, v.scale_dims), []).append(v.name)
+        for x in ("bfloat16", "float16"):
+            assert variant_for(v.selection(x)) is v, (v.name, x)
+    shared = {k: names for k, names in by_weights.items() if len(names) > 1}
+    assert shared == {("uint8", 2): ["mxfp4_w4a16", "mxfp4_mxfp8"],
+                      ("float4_e2m1fn", 2): ["nvfp4_w4a16", "nvfp4"]}
+    for names in shared.values():
+        selectors = [next(v for v in VARIANTS if v.name == n).selector for n in names]
+        assert len(set(selectors)) == len(selectors)
+    optional = {f.name for f in FIELDS if not f.required}
+    assert SELECTING_INPUTS == ("a1_gscale", "a2_gscale")
+    assert set(SELECTING_INPUTS) <= optional
+    assert all(set(v.selector.inputs) <= set(v.lists) for v in VARIANTS)
+
+
 def test_block_dimensions_round_up() -> None:
     """``"K/128^"`` is one entry per started block: any size is allowed, and it packs nothing;
     a truncating reading (``K // 128``) would give 1 at K = 160 and 0 at K = 64."""
