@@ -127,10 +127,8 @@ def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
     """:func:`_copy_inputs`, of a placed call's problem too (its record is copied read-only)."""
     if isinstance(given, Problem):
         return _copy_inputs(given)
-    attrs = given.config.call_attributes()
     return PlacedCall.from_record(_copy_inputs(given.problem).ranks, *given.record(),
-                                  swiglu_limit=attrs["swiglu_limit"],
-                                  swiglu_alpha=attrs["swiglu_alpha"])
+                                  **given.attributes)
 
 
 def run_in_thread(fn: Callable[[], object], timeout: float,
