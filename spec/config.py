@@ -7,6 +7,7 @@ directly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from typing import TypedDict, TypeGuard
 
 from spec.errors import ConfigError
 from spec.fields import (
+    SELECTING_INPUTS,
     VARIANTS,
     X_DTYPES,
+    Selection,
     Variant,
     gate_variant,
-    selecting_scale_dims,
     variant_for,
 )
 
@@ -108,14 +110,16 @@ class OpConfig:
     """The shape of one ``dispatch_ffn_combine`` call.
 
     Every field is validated on construction; a bad one raises :class:`spec.ConfigError` naming
-    the field, the value and what to change. ``scale_dims`` tells variants with one weight
-    dtype apart (scale1's per-expert dimensions, :func:`spec.fields.variant_for`); ``None``
-    selects the first, and is what a configuration of that variant holds. ``act_scheme``
-    names the activation quantisation where the inputs cannot tell it (``"mxfp8"`` with
-    MXFP4 weights: ``mxfp4_mxfp8``, :attr:`spec.fields.Variant.act_scheme`); ``None``: the
-    row the inputs select. ``activation_scales``: the call passes the activations' global
-    scales (``a1_gscale``, ``a2_gscale``), which select NVFP4 W4A4 (``nvfp4``) among the
-    e2m1-weight rows.
+    the field, the value and what to change. ``weight_dtype``, ``x_dtype``, ``scale_dims``,
+    ``activation_scales`` and ``act_scheme`` are the call's :attr:`selection` of its row
+    (:func:`spec.fields.variant_for`). ``scale_dims`` tells variants with one weight dtype
+    apart (scale1's per-expert dimensions); ``None`` selects the first, and is what a
+    configuration of that variant holds. ``act_scheme`` names the activation quantisation
+    where the inputs cannot tell it (``"mxfp8"`` with MXFP4 weights: ``mxfp4_mxfp8``,
+    :class:`spec.fields.Selector`); ``None``: the row the inputs select.
+    ``activation_scales``: the call passes the inputs whose presence selects a row (the
+    activations' global scales ``a1_gscale``, ``a2_gscale``: NVFP4 W4A4, ``nvfp4``, among the
+    e2m1-weight rows).
 
     >>> cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=64, intermediate=32,
     ...                tokens_per_rank=(3, 0))
@@ -191,9 +195,10 @@ class OpConfig:
             raise ConfigError(
                 field="activation_scales", given=repr(self.activation_scales)[:80],
                 allowed="True or False",
-                fix="pass activation_scales=True when the call has a1_gscale and a2_gscale",
+                fix="pass activation_scales=True when the call has "
+                + " and ".join(SELECTING_INPUTS),
             )
-        variant = variant_for(self.weight_dtype, self.x_dtype)
+        variant = variant_for(Selection(self.weight_dtype, self.x_dtype))
         if variant is None:
             raise ConfigError(
                 field="weight_dtype", given=repr(self.weight_dtype),
@@ -271,34 +276,36 @@ class OpConfig:
     def _scheme(self) -> Variant:
         """The row ``act_scheme`` names for the weight dtype, else a ``ConfigError`` naming
         the schemes that dtype has."""
-        named = (variant_for(self.weight_dtype, self.x_dtype, None, self.act_scheme)
-                 if isinstance(self.act_scheme, str) else None)
-        if named is None:
-            schemes = [f"{v.act_scheme!r} ({v.name})" for v in VARIANTS if v.act_scheme
-                       and variant_for(self.weight_dtype, self.x_dtype, None, v.act_scheme)]
+        def named(scheme: str) -> Variant | None:
+            return variant_for(Selection(self.weight_dtype, self.x_dtype, act_scheme=scheme))
+
+        found = named(self.act_scheme) if isinstance(self.act_scheme, str) else None
+        if found is None:
+            schemes = [f"{scheme!r} ({v.name})" for v in VARIANTS
+                       if (scheme := v.selector.act_scheme) and named(scheme)]
             raise ConfigError(
                 field="act_scheme", given=f"{self.act_scheme!r} with {self.weight_dtype} "
                 "weights", allowed=" or ".join(["None", *schemes]),
                 fix="name the activation quantisation your kernel applies, or None for the "
                 "row the weights select",
             )
-        return named
+        return found
 
     def _select(self, first: Variant) -> Variant:
         """The row ``scale_dims`` selects among those sharing the weight dtype (``first``: the
         one the dtype alone selects); stores ``scale_dims`` as ``None`` for ``first``, so one
         call has one configuration."""
         dims, act = self.scale_dims, self.activation_scales
-        rows = [v for v in VARIANTS if variant_for(self.weight_dtype, self.x_dtype,
-                                                   v.scale_dims, act_scheme=self.act_scheme,
-                                                   activation_scales=act) is v]
-        if act and not any(v.activation_scales for v in rows):
+        rows = [v for v in VARIANTS if variant_for(dataclasses.replace(
+            self.selection, scale_dims=v.scale_dims)) is v]
+        if act and not any(v.selector.inputs for v in rows):
+            readers = [v for v in VARIANTS if v.selector.inputs]
             raise ConfigError(
                 field="activation_scales", given=f"True with {self.weight_dtype} weights",
                 allowed="False, or True with " + " or ".join(
-                    f"{v.weight_dtype} weights ({v.name})" for v in VARIANTS
-                    if v.activation_scales),
-                fix="drop activation_scales (a1_gscale, a2_gscale) or use NVFP4 weights",
+                    f"{v.weight_dtype} weights ({v.name})" for v in readers),
+                fix=f"drop activation_scales ({', '.join(SELECTING_INPUTS)}) or use "
+                f"{' or '.join(dict.fromkeys(v.weight_dtype for v in readers))} weights",
             )
         if dims is not None and (isinstance(dims, bool) or dims not in
                                  [v.scale_dims for v in rows]):
@@ -308,10 +315,9 @@ class OpConfig:
                 fix="give scale1's per-expert dimensions, or None for "
                 f"{first.name}",
             )
-        variant = variant_for(self.weight_dtype, self.x_dtype, dims, act_scheme=self.act_scheme,
-                              activation_scales=act)
+        variant = variant_for(self.selection)
         assert variant is not None
-        object.__setattr__(self, "scale_dims", selecting_scale_dims(variant, self.x_dtype))
+        object.__setattr__(self, "scale_dims", variant.selection(self.x_dtype).scale_dims)
         return variant
 
     def _check_alpha(self, alpha: object) -> None:
@@ -348,6 +354,12 @@ class OpConfig:
                               act_scheme=self.act_scheme)
 
     @property
+    def selection(self) -> Selection:
+        """What the call shows of its row (:class:`spec.fields.Selection`)."""
+        return Selection(self.weight_dtype, self.x_dtype, self.scale_dims,
+                         self.activation_scales, self.act_scheme)
+
+    @property
     def num_experts(self) -> int:
         """``EP·E``: the number of global experts; also the kernel's masked-slot sentinel."""
         return self.ep_size * self.experts_per_rank
@@ -362,19 +374,14 @@ class OpConfig:
         """The gate's name of the call's variant (:data:`spec.fields.GATE_VARIANTS`): ``"w8a8"``
         for int8 weights, ``"w4a8"`` for int32 (packed int4), else ``"bf16"`` or ``"fp16"``
         (weights in x's dtype)."""
-        found = gate_variant(self.weight_dtype, self.x_dtype, self.scale_dims,
-                             act_scheme=self.act_scheme,
-                             activation_scales=self.activation_scales)
+        found = gate_variant(self.selection)
         assert found is not None  # checked on construction
         return found.name
 
     @property
     def kernel_variant(self) -> Variant:
-        """The row of :data:`spec.fields.VARIANTS` the weight dtype (and ``scale_dims``)
-        select."""
-        variant = variant_for(self.weight_dtype, self.x_dtype, self.scale_dims,
-                              act_scheme=self.act_scheme,
-                              activation_scales=self.activation_scales)
+        """The row of :data:`spec.fields.VARIANTS` the call's :attr:`selection` selects."""
+        variant = variant_for(self.selection)
         assert variant is not None  # checked on construction
         return variant
 

@@ -9,6 +9,7 @@ kernel picks its variant by ``weight1[0].dtype`` [code].
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +19,19 @@ __all__ = [
     "FIELDS",
     "GATE_VARIANTS",
     "LIST_FIELDS",
+    "SELECTING_INPUTS",
     "VARIANTS",
     "VARIANT_NAMES",
     "X_DTYPES",
     "Field",
     "GateVariant",
     "ListSpec",
+    "Selection",
+    "Selector",
     "Variant",
     "gate_variant",
     "scale_dims_of",
-    "selecting_scale_dims",
+    "selection_of",
     "variant_for",
 ]
 
@@ -125,17 +129,48 @@ class ListSpec:
 
 
 @dataclass(frozen=True)
+class Selector:
+    """What tells a row apart from the rows with the same weight fields (weight1's dtype and
+    scale1's dimensions), as a call shows it; the default, nothing, is the row those fields
+    alone select. ``inputs``: optional inputs whose presence selects the row (NVFP4 W4A4's
+    activation global scales); a call that gives them says so as ``activation_scales``.
+    ``act_scheme``: the value of the call attribute ``act_scheme`` that names the row, for a
+    row whose inputs are another's (MXFP8 activations on MXFP4 weights); such a row is never
+    selected from the inputs alone. A new row that shares its weight fields with another adds
+    one of these, nothing at the doors: every door infers a call's row through
+    :func:`selection_of` (the arrays) or :attr:`spec.OpConfig.selection` and
+    :func:`variant_for`."""
+
+    inputs: tuple[str, ...] = ()
+    act_scheme: str | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one call shows of its row, named as :class:`spec.OpConfig`'s fields (so
+    ``OpConfig(**asdict(selection), ...)``): weight1's dtype, x's, scale1's per-expert
+    dimensions (``None``: the dtype's first row's), whether it gives the inputs a row's
+    :attr:`Selector.inputs` names, and the activation scheme it names."""
+
+    weight_dtype: str
+    x_dtype: str
+    scale_dims: int | None = None
+    activation_scales: bool = False
+    act_scheme: str | None = None
+
+
+@dataclass(frozen=True)
 class Variant:
     """A kernel variant: selected by weight1's dtype ``weight_dtype`` (``"x"``: x's dtype) and,
     among rows sharing that dtype, by the per-expert dimensions of its ``scale1``
-    (:attr:`scale_dims`; FP8: 2 for block scales, 1 for per-channel ones); the first such row
-    in table order is the one the dtype alone selects (:func:`variant_for`). The
-    TensorLists it reads (every other TensorList field must be ``None``), and whether it reads
-    ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``: GMM1's output rows overlap unless
-    ``N <= K``. ``scale_extension``: how the binding's int64 scales hold the float32 bits
-    (``"sign"`` or ``"zero"``-extended). ``quantised``: the activations are quantised to int8
-    per token (§6 step 1; FP8: e4m3 per token and 128-column group) before GEMM1, else they
-    enter it in x's dtype. ``swiglu_alpha``: the
+    (:attr:`scale_dims`; FP8: 2 for block scales, 1 for per-channel ones) and its
+    :attr:`selector`; the first such row in table order is the one the dtype alone selects
+    (:func:`variant_for`). The TensorLists it reads (every other TensorList field must be
+    ``None``), and whether it reads ``x_active_mask`` and ``swiglu_limit``. ``n_le_k``:
+    GMM1's output rows overlap unless ``N <= K``. ``scale_extension``: how the binding's
+    int64 scales hold the float32 bits (``"sign"`` or ``"zero"``-extended). ``quantised``:
+    the activations are quantised to int8 per token (§6 step 1; FP8: e4m3 per token and
+    128-column group) before GEMM1, else they enter it in x's dtype. ``swiglu_alpha``: the
     kernel reads SwigluOAI's α (PR #11916). ``opt_in``: the gate runs it only when asked for.
     ``send_row_pad``: bytes
     after the K int8 values of a dispatch send row (the per-token scale and padding) [inferred
@@ -144,10 +179,8 @@ class Variant:
     ``"int4"``: :func:`spec.int4.dequantise_groups`, ``"nvfp4"``: :mod:`spec.nvfp4`); the
     numerics then read them as float weights (in float32 where the activations are
     ``quantised``: the kernel never rounds the weights to x's dtype). ``group``: the columns
-    that share one activation scale (``None``: the whole row, per token). ``act_scheme``: the
-    activation quantisation a call names to select this row where its inputs are another
-    row's (``"mxfp8"``: e4m3 with an e8m0 scale per ``group``, vLLM's ``mxfp4_mxfp8``); a row
-    with a scheme is never selected from the inputs alone (:func:`variant_for`)."""
+    that share one activation scale (``None``: the whole row, per token). ``selector``: what
+    tells the row apart from rows with the same weight fields (:class:`Selector`)."""
 
     name: str
     weight_dtype: str
@@ -162,19 +195,28 @@ class Variant:
     send_row_pad: int = 32
     dequantise: str | None = None
     group: int | None = None
-    act_scheme: str | None = None
+    selector: Selector = Selector()
 
     @property
     def e4m3_activations(self) -> bool:
         """The kernel quantises the activations to e4m3 per group (the FP8 rows, MXFP8)."""
         return self.quantised and (self.weight_dtype == "float8_e4m3fn"
-                                   or self.act_scheme == "mxfp8")
+                                   or self.selector.act_scheme == "mxfp8")
 
     @property
     def activation_scales(self) -> bool:
-        """The row reads the activations' global scales (``a1_gscale``): among rows sharing a
-        weight dtype and :attr:`scale_dims`, their presence in the inputs selects it."""
+        """The row reads the activations' global scales (``a1_gscale``): NVFP4 W4A4, whose
+        activations the judges quantise per expert."""
         return "a1_gscale" in self.lists
+
+    def selection(self, x_dtype: str) -> Selection:
+        """The :class:`Selection` of a call of this row at x's dtype: what
+        :func:`variant_for` needs to select it, ``scale_dims`` ``None`` where the rest
+        selects it alone (one call, one configuration)."""
+        sel = Selection(self.lists["w1"].dtype_given(x_dtype), x_dtype, None,
+                        bool(self.selector.inputs), self.selector.act_scheme)
+        return sel if variant_for(sel) is self else dataclasses.replace(
+            sel, scale_dims=self.scale_dims)
 
     @property
     def scale_dims(self) -> int:
@@ -276,7 +318,7 @@ VARIANTS: tuple[Variant, ...] = (
          "scale1": ListSpec(("K/32^", "N"), "uint8"),
          "scale2": ListSpec(("I/32^", "K"), "uint8")},
         masked=False, clamped=False, opt_in=True, dequantise="mxfp4", group=32,
-        act_scheme="mxfp8",
+        selector=Selector(act_scheme="mxfp8"),
     ),
     # NVFP4 W4A4 (vLLM's nvfp4, CUTLASS fp4 MoE; formats.md, NVFP4 [code]): nvfp4_w4a16's
     # weights plus the static activation global scales per expert (a1_gscale, a2_gscale; vLLM's
@@ -291,6 +333,7 @@ VARIANTS: tuple[Variant, ...] = (
          "gscale1": ListSpec(("1",), "float32"), "gscale2": ListSpec(("1",), "float32"),
          "a1_gscale": ListSpec(("1",), "float32"), "a2_gscale": ListSpec(("1",), "float32")},
         masked=False, clamped=False, opt_in=True, group=16,
+        selector=Selector(inputs=("a1_gscale", "a2_gscale")),
     ),
 )
 
@@ -306,21 +349,21 @@ _SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 class GateVariant:
     """A variant as the gate and the CLI name it (``--dfc-variants``, ``test_variant[...]``):
     a row of :data:`VARIANTS` at the x dtypes it runs with. Weights in x's dtype make one
-    gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name.
-    ``scale_dims``, ``act_scheme`` and ``activation_scales``: what :class:`spec.OpConfig`
-    needs besides ``weight_dtype`` to select the row (:func:`selecting_scale_dims`;
-    :attr:`Variant.act_scheme`, :attr:`Variant.activation_scales`)."""
+    gate variant per x dtype (``bf16``, ``fp16``); the others keep the row's name."""
 
     name: str
     variant: Variant
     x_dtypes: tuple[str, ...]
-    weight_dtype: str
-    scale_dims: int | None
 
     @property
-    def act_scheme(self) -> str | None:
-        """The activation scheme the call names (:attr:`Variant.act_scheme`)."""
-        return self.variant.act_scheme
+    def selection(self) -> Selection:
+        """What a configuration of it names (:meth:`Variant.selection`, at its first x
+        dtype)."""
+        return self.variant.selection(self.x_dtypes[0])
+
+    @property
+    def weight_dtype(self) -> str:
+        return self.selection.weight_dtype
 
     @property
     def default(self) -> bool:
@@ -328,39 +371,65 @@ class GateVariant:
         return not self.variant.opt_in
 
 
-def variant_for(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
-                act_scheme: str | None = None, activation_scales: bool = False,
-                ) -> Variant | None:
-    """The variant weight1's dtype selects, or ``None`` when no variant has that dtype (or
-    none of its rows has ``act_scheme``). Rows sharing the dtype are told apart by the
-    activation scheme the call names (:attr:`Variant.act_scheme`; ``None`` never selects a
-    row that has one), by ``activation_scales`` (the inputs carry the activations' global
-    scales ``a1_gscale``: NVFP4 W4A4, :attr:`Variant.activation_scales`) and then by
-    ``scale_dims`` (scale1's per-expert dimensions, :attr:`Variant.scale_dims`); ``None``, or
-    dimensions no such row has, select the first (validation then names the shape it wants).
+#: The optional inputs whose presence selects a row (every row's :attr:`Selector.inputs`).
+SELECTING_INPUTS = tuple(dict.fromkeys(n for v in VARIANTS for n in v.selector.inputs))
 
-    >>> [variant_for("float8_e4m3fn", "bfloat16", d).name for d in (None, 2, 1)]
+
+def variant_for(selection: Selection, *, strict: bool = True) -> Variant | None:
+    """The variant a call's :class:`Selection` selects, or ``None`` when no variant has its
+    weight dtype (or none of those rows has its ``act_scheme``). Rows sharing the dtype are
+    told apart by their :class:`Selector`: the activation scheme the call names (``None``
+    never selects a row that has one), then whether it gives the inputs a row's selector
+    names (``activation_scales``), then ``scale_dims`` (scale1's per-expert dimensions,
+    :attr:`Variant.scale_dims`); ``None``, or a selector or dimensions no such row has,
+    select the first (validation then names what it wants). ``strict=False``: an
+    ``act_scheme`` none of the weight dtype's rows has selects as ``None`` does (for a door
+    that validates the arrays before :class:`spec.OpConfig` names the schemes there are).
+
+    >>> def name(w, dims=None, inputs=False, scheme=None):
+    ...     return variant_for(Selection(w, "bfloat16", dims, inputs, scheme)).name
+    >>> [name("float8_e4m3fn", d) for d in (None, 2, 1)]
     ['fp8_block', 'fp8_block', 'fp8_channel']
-    >>> [variant_for("uint8", "bfloat16", None, s).name for s in (None, "mxfp8")]
+    >>> [name("uint8", scheme=s) for s in (None, "mxfp8")]
     ['mxfp4_w4a16', 'mxfp4_mxfp8']
-    >>> [variant_for("float4_e2m1fn", "bfloat16", 2, activation_scales=a).name
-    ...  for a in (False, True)]
+    >>> [name("float4_e2m1fn", 2, inputs=a) for a in (False, True)]
     ['nvfp4_w4a16', 'nvfp4']
     """
-    rows = [v for v in VARIANTS if v.act_scheme == act_scheme and v.weight_dtype in (
-        weight_dtype, "x" if weight_dtype == x_dtype else None)]
-    rows = [v for v in rows if v.activation_scales == activation_scales] or rows
-    return next((v for v in rows if v.scale_dims == scale_dims), rows[0] if rows else None)
+    w = selection.weight_dtype
+    rows = [v for v in VARIANTS if v.selector.act_scheme == selection.act_scheme
+            and v.weight_dtype in (w, "x" if w == selection.x_dtype else None)]
+    rows = [v for v in rows if bool(v.selector.inputs) == selection.activation_scales] or rows
+    if not rows and not strict:
+        return variant_for(dataclasses.replace(selection, act_scheme=None))
+    return next((v for v in rows if v.scale_dims == selection.scale_dims),
+                rows[0] if rows else None)
 
 
-def selecting_scale_dims(variant: Variant, x_dtype: str) -> int | None:
-    """The ``scale_dims`` that :func:`variant_for` needs besides the weight dtype (and
-    :attr:`Variant.activation_scales`) to select ``variant``: ``None`` when they alone
-    select it."""
-    dtype = variant.lists["w1"].dtype_given(x_dtype)
-    first = variant_for(dtype, x_dtype, None, variant.act_scheme,
-                        activation_scales=variant.activation_scales)
-    return None if first is variant else variant.scale_dims
+def selection_of(inputs: Any, *, binding: bool = False,
+                 act_scheme: str | None = None) -> Selection | None:
+    """The :class:`Selection` of one rank's arrays (a :class:`spec.RankInputs`, or with
+    ``binding`` an object holding the torch binding's arguments) and the ``act_scheme`` the
+    call names; ``None`` when weight1 or x has no dtype (validation says why).
+
+    >>> from spec import OpConfig, random_problem
+    >>> p = random_problem(OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=32,
+    ...                             intermediate=16, tokens_per_rank=(1,),
+    ...                             weight_dtype="float8_e4m3fn", scale_dims=1))
+    >>> variant_for(selection_of(p.ranks[0])).name
+    'fp8_channel'
+    """
+    def get(name: str) -> Any:
+        return getattr(inputs, _BINDING[name] if binding else name, None)
+
+    try:
+        w_dtype, x_dtype = (str(t.dtype).removeprefix("torch.") for t in (get("w1")[0], get("x")))
+    except (TypeError, AttributeError, KeyError, IndexError):
+        return None
+    return Selection(w_dtype, x_dtype, scale_dims_of(get("w1"), get("scale1")),
+                     any(get(name) is not None for name in SELECTING_INPUTS), act_scheme)
+
+
+_BINDING = {f.name: f.binding for f in FIELDS}
 
 
 def scale_dims_of(w1: Sequence[Any], scale1: Sequence[Any] | None) -> int | None:
@@ -377,18 +446,14 @@ def scale_dims_of(w1: Sequence[Any], scale1: Sequence[Any] | None) -> int | None
 
 #: Every gate variant, derived from :data:`VARIANTS`: the default ones first, in table order.
 GATE_VARIANTS: tuple[GateVariant, ...] = tuple(sorted((
-    GateVariant(_SHORT[x], v, (x,), x, None) if v.weight_dtype == "x"
-    else GateVariant(v.name, v, X_DTYPES, v.weight_dtype, selecting_scale_dims(v, X_DTYPES[0]))
+    GateVariant(_SHORT[x], v, (x,)) if v.weight_dtype == "x" else GateVariant(v.name, v, X_DTYPES)
     for v in VARIANTS for x in (X_DTYPES if v.weight_dtype == "x" else X_DTYPES[:1])
 ), key=lambda g: g.variant.opt_in))
 
 
-def gate_variant(weight_dtype: str, x_dtype: str, scale_dims: int | None = None,
-                 act_scheme: str | None = None, activation_scales: bool = False,
-                 ) -> GateVariant | None:
-    """The gate's variant for weight1's dtype, x's, ``scale_dims``, ``act_scheme`` and
-    ``activation_scales`` (:func:`variant_for`), or ``None``."""
-    variant = variant_for(weight_dtype, x_dtype, scale_dims, act_scheme,
-                          activation_scales=activation_scales)
-    return next((g for g in GATE_VARIANTS if g.variant is variant and x_dtype in g.x_dtypes),
-                None)
+def gate_variant(selection: Selection) -> GateVariant | None:
+    """The gate's variant a call's :class:`Selection` selects (:func:`variant_for`), or
+    ``None``."""
+    variant = variant_for(selection)
+    return next((g for g in GATE_VARIANTS
+                 if g.variant is variant and selection.x_dtype in g.x_dtypes), None)

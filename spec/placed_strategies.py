@@ -5,7 +5,9 @@ drawn seed (:mod:`spec.synth`), so a failure shrinks to few ranks, few tokens an
 placement. What the families reach: replica counts 0, 1 and R = EP; a hot expert with many
 replicas on one rank or on distinct ranks; −1 ids; shared experts on and off; rsf ≠ 1 with
 renormalize on and off; weights on the input; top_k = 1; ragged token counts with empty ranks;
-EP up to 32; int32 and int64 ids; both dispatch modes and both replica choices.
+EP up to 32; int32 and int64 ids; both dispatch modes and both replica choices; every weight
+format (:data:`PLACED_KINDS`), its row selected as :class:`spec.OpConfig` selects it (the call's
+``act_scheme``, the selecting inputs of :class:`spec.fields.Selector`).
 
 >>> from hypothesis import find
 >>> call = find(placed_calls(), lambda c: c.placement.redundant > 0)
@@ -15,6 +17,7 @@ EP up to 32; int32 and int64 ids; both dispatch modes and both replica choices.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -22,15 +25,23 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
+from spec.fields import GATE_VARIANTS, VARIANTS, Variant
 from spec.placement import NO_EXPERT, PlacedCall, Placement, RoutingWeights, SharedExperts
 from spec.problem import RankInputs
 from spec.synth import expert_weights, normal_tokens, softmax_probs
 
-__all__ = ["REPLICA_FAMILIES", "placed_calls", "placements"]
+__all__ = ["PLACED_KINDS", "REPLICA_FAMILIES", "placed_calls", "placements"]
 
 #: How the redundant slots are drawn: none, one, R = EP (one per rank), a hot expert 0 with
 #: every redundant slot on as few ranks as possible or on distinct ranks, or at random.
 REPLICA_FAMILIES = ("none", "one", "per-rank", "hot-same-rank", "hot-distinct-ranks", "random")
+
+
+#: The weight kinds :func:`placed_calls` draws: ``float`` (weights in x's dtype: the gate's
+#: ``bf16``/``fp16``) and every other gate variant by name (:data:`spec.fields.GATE_VARIANTS`).
+PLACED_KINDS: dict[str, Variant] = {
+    "float": next(v for v in VARIANTS if v.weight_dtype == "x"),
+    **{g.name: g.variant for g in GATE_VARIANTS if g.variant.weight_dtype != "x"}}
 
 
 def _row(family: str, ep: int, e: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -94,14 +105,18 @@ def placed_calls(draw: st.DrawFn, *, placements: st.SearchStrategy[Placement] | 
 
     ``placements``: the placement strategy (default :func:`placements`); ``max_tokens`` per
     rank; ``shared``: how many shared experts (default 0, 1 or 2); ``variants``: weight
-    families, ``w8a8`` (int8 with scales) or ``float`` (x's dtype).
+    kinds of :data:`PLACED_KINDS` (``w8a8``: int8 with scales, ``float``: x's dtype, ...).
     """
+    unknown = [v for v in variants if v not in PLACED_KINDS]
+    if unknown or not variants:
+        raise InvalidArgument(f"placed_calls(variants={variants!r}): pass a non-empty tuple of "
+                              f"{', '.join(PLACED_KINDS)}")
     pl = draw(placements if placements is not None else _PLACEMENTS)
     ep, e = pl.ep_size, pl.slots_per_rank
     top_k = draw(st.integers(1, min(4, pl.num_logical)))
     tokens = draw(st.lists(st.integers(0, max_tokens), min_size=ep, max_size=ep))
     x_dtype = draw(st.sampled_from(("bfloat16", "float16")))
-    weight_dtype = "int8" if draw(st.sampled_from(variants)) == "w8a8" else x_dtype
+    selection = PLACED_KINDS[draw(st.sampled_from(variants))].selection(x_dtype)
     hidden = draw(st.sampled_from((32, 64)))
     n_shared = draw(shared if shared is not None else st.sampled_from((0, 1, 2)))
     renormalize = draw(st.booleans())
@@ -114,8 +129,7 @@ def placed_calls(draw: st.DrawFn, *, placements: st.SearchStrategy[Placement] | 
 
     def config(experts: int, m: int = 0) -> OpConfig:
         return OpConfig(ep_size=1, experts_per_rank=experts, top_k=1, hidden=hidden,
-                        intermediate=16, tokens_per_rank=(m,), x_dtype=x_dtype,
-                        weight_dtype=weight_dtype)
+                        intermediate=16, tokens_per_rank=(m,), **asdict(selection))
 
     logical = expert_weights(config(pl.num_logical), rng)  # stacked over logical experts
     ranks = []
@@ -136,4 +150,4 @@ def placed_calls(draw: st.DrawFn, *, placements: st.SearchStrategy[Placement] | 
                                               for name, w in weights.items()})
     return PlacedCall(ranks, placement=pl, shared=shared_experts,
                       weights=RoutingWeights(renormalize=renormalize, routed_scaling_factor=rsf,
-                                             on_input=on_input))
+                                             on_input=on_input), act_scheme=selection.act_scheme)

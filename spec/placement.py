@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from spec.config import MAX_EP_SIZE
+from spec.config import CALL_ATTRIBUTES, MAX_EP_SIZE, OpConfig
 from spec.errors import ExpertIdError, PlacementError, SpecError, describe
 from spec.fields import FIELDS
 from spec.problem import DTYPES, Problem, RankInputs
@@ -38,6 +38,7 @@ __all__ = [
     "DISPATCH_MODES",
     "ID_DTYPES",
     "NO_EXPERT",
+    "PLACED_ATTRIBUTES",
     "RECORD_FIELDS",
     "REPLICA_CHOICES",
     "PlacedCall",
@@ -47,6 +48,7 @@ __all__ = [
     "check_local_map",
     "check_log2phy",
     "check_replicas",
+    "placed_attributes",
 ]
 
 #: A logical id routed nowhere (a padding slot), and the local map's "not on this rank"
@@ -73,6 +75,20 @@ Array = np.ndarray[Any, Any]
 RECORD_FIELDS: dict[str, type] = {
     "num_logical": int, "layer": int, "replica_choice": str, "dispatch": str,
     "renormalize": bool, "routed_scaling_factor": float, "on_input": bool, "shared": bool}
+
+
+#: The call attributes a placed call takes (:data:`spec.config.CALL_ATTRIBUTES` but
+#: ``max_output_size``: GPU stacks size their receive buffers for every token). ``act_scheme``
+#: among them selects the row where the arrays are another row's (``mxfp4_mxfp8``).
+PLACED_ATTRIBUTES = tuple(a for a in CALL_ATTRIBUTES if a != "max_output_size")
+
+
+def placed_attributes(config: OpConfig) -> dict[str, Any]:
+    """``config``'s :data:`PLACED_ATTRIBUTES` by name, for ``PlacedCall(ranks, **...)`` and
+    :meth:`PlacedCall.from_record`: every door that rebuilds a placed call passes them so, and
+    a call attribute added to :class:`spec.config.CallAttributes` reaches them all."""
+    attrs: Mapping[str, Any] = config.call_attributes()
+    return {name: attrs[name] for name in PLACED_ATTRIBUTES}
 
 
 def _readonly(a: Array) -> Array:
@@ -405,7 +421,10 @@ class PlacedCall:
     Validated on construction (a :class:`spec.SpecError` naming the field). ``problem`` is the
     validated call with every routed slot's physical id in place of its logical one (−1 slots
     read 0 there; ``routed`` says which slots are real); ``physical`` the physical ids, −1 kept.
-    No ``max_output_size``: GPU stacks size their receive buffers for every token.
+    ``swiglu_limit``, ``swiglu_alpha`` and ``act_scheme`` are the call's attributes, as for
+    :class:`spec.Problem` (:data:`PLACED_ATTRIBUTES`; ``act_scheme="mxfp8"`` makes MXFP4
+    weights an ``mxfp4_mxfp8`` call). No ``max_output_size``: GPU stacks size their receive
+    buffers for every token.
     """
 
     def __init__(
@@ -417,6 +436,7 @@ class PlacedCall:
         shared: SharedExperts | None = None,
         swiglu_limit: float | None = None,
         swiglu_alpha: float | None = None,
+        act_scheme: str | None = None,
     ) -> None:
         ranks = tuple(ranks)
         if placement is not None and not isinstance(placement, Placement):
@@ -425,7 +445,8 @@ class PlacedCall:
                                  fix="build one with Placement(phy2log=..., ...)")
         zero_ids = [dataclasses.replace(r, expert_idx=np.zeros(
             np.shape(r.expert_idx), np.int32)) if isinstance(r, RankInputs) else r for r in ranks]
-        base = Problem(zero_ids, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+        base = Problem(zero_ids, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
+                       act_scheme=act_scheme)
         cfg = base.config
         if placement is None:
             placement = Placement.identity(cfg.num_experts, cfg.ep_size)
@@ -475,6 +496,12 @@ class PlacedCall:
     def config(self) -> Any:
         return self.problem.config
 
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The call's attributes by name (:func:`placed_attributes`), for
+        :meth:`from_record`."""
+        return placed_attributes(self.config)
+
     def summary(self) -> str:
         """One line: the configuration and the routing contract's settings."""
         pl, w = self.placement, self.weights
@@ -507,7 +534,8 @@ class PlacedCall:
         >>> pl = Placement(phy2log=np.array([0, 1, 0]), num_logical=2, ep_size=1)
         >>> call = PlacedCall(p.ranks, placement=pl, weights=RoutingWeights(renormalize=True))
         >>> fields, arrays = call.record()
-        >>> PlacedCall.from_record(call.problem.ranks, fields, arrays).summary() == call.summary()
+        >>> again = PlacedCall.from_record(call.problem.ranks, fields, arrays, **call.attributes)
+        >>> again.summary() == call.summary()
         True
         """
         pl, w = self.placement, self.weights
@@ -525,9 +553,12 @@ class PlacedCall:
     @classmethod
     def from_record(cls, ranks: Sequence[RankInputs], fields: object,
                     arrays: Mapping[str, Array], *, swiglu_limit: float | None = None,
-                    swiglu_alpha: float | None = None) -> PlacedCall:
+                    swiglu_alpha: float | None = None,
+                    act_scheme: str | None = None) -> PlacedCall:
         """The call :meth:`record` describes, on ``ranks`` (their ``expert_idx`` replaced by
-        the record's logical ids; :attr:`problem`'s ranks do). Arrays outside the record's
+        the record's logical ids; :attr:`problem`'s ranks do), with the call's attributes (a
+        door passes ``**placed_attributes(config)`` of the configuration it carries: the record
+        holds only what :attr:`problem` lacks). Arrays outside the record's
         names are ignored; the record is validated field by field, then the call as any
         other (:class:`spec.PlacementError` naming the field)."""
         if not isinstance(fields, Mapping) or set(fields) != set(RECORD_FIELDS):
@@ -580,12 +611,13 @@ class PlacedCall:
                    if isinstance(r, RankInputs) else r for i, r in enumerate(ranks)]
         return cls(logical, placement=placement, weights=weights,
                    shared=SharedExperts(lists=lists) if lists else None,
-                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+                   swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, act_scheme=act_scheme)
 
 
 def _check_shared(shared: SharedExperts, base: Problem) -> None:
     """The shared experts' TensorLists, validated as one rank's weights next to the routed ones
-    (same variant, form, K and I); errors are re-raised under ``shared.<field>``."""
+    (same variant, under the call's ``act_scheme``, K and I); errors are re-raised under
+    ``shared.<field>``."""
     cfg = base.config
     if not isinstance(shared, SharedExperts) or "w1" not in shared.lists:
         raise PlacementError(field="shared", given=describe(shared),
@@ -600,11 +632,12 @@ def _check_shared(shared: SharedExperts, base: Problem) -> None:
     probe = RankInputs(x=x, expert_idx=np.zeros((0, 1), np.int32),
                        probs=np.zeros((0, 1), np.float32), **shared.lists)  # type: ignore[arg-type]
     try:
-        got = Problem([probe]).config
+        got = Problem([probe], act_scheme=cfg.act_scheme).config
     except SpecError as exc:
         raise PlacementError(field=f"shared.{exc.field}", given=exc.given, allowed=exc.allowed,
                              fix=exc.fix) from None
     for what, have, want in (("weight dtype", got.weight_dtype, cfg.weight_dtype),
+                             ("variant", got.variant, cfg.variant),
                              ("intermediate size I", got.intermediate, cfg.intermediate)):
         if have != want:
             raise PlacementError(field=f"shared ({what})", given=repr(have),

@@ -31,7 +31,7 @@ from spec.errors import (
     TensorListError,
     describe,
 )
-from spec.fields import FIELDS, VARIANTS, scale_dims_of, selecting_scale_dims, variant_for
+from spec.fields import FIELDS, SELECTING_INPUTS, VARIANTS, Selection, selection_of, variant_for
 from spec.int4 import compensation_bias, unpack_int4
 from spec.memory import copy_array
 
@@ -298,11 +298,13 @@ class _RankShape:
     weights: _ListShape
     intermediate: int
     masked: bool
-    scale_dims: int | None
-    activation_scales: bool
+    selection: Selection  # of the row the rank's arrays were validated against
 
 
-def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
+def _check_rank(r: int, inputs: RankInputs, act_scheme: str | None) -> _RankShape:
+    """One rank's arrays, validated against the row they and the call's ``act_scheme``
+    select (the row they alone select where the scheme is not one of theirs:
+    :class:`spec.OpConfig` then names the schemes they have)."""
     x = _require_array(inputs.x, rank=r, field="x", allowed="bfloat16 or float16 of shape (M, K)")
     if x.ndim != 2:
         raise ShapeError(
@@ -344,8 +346,9 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
         )
     w1 = _read_tensor_list(inputs.w1, rank=r, field="weight1", per_expert="K, N")
     w_dtype = dtype_name(w1.dtype)
-    variant = variant_for(w_dtype, x_dtype, scale_dims_of(inputs.w1, inputs.scale1),
-                          activation_scales=inputs.a1_gscale is not None)
+    sel = selection_of(inputs, act_scheme=act_scheme)
+    assert sel is not None  # weight1 and x are arrays
+    variant = variant_for(sel, strict=False)
     if variant is None:
         raise DTypeError(
             rank=r, field="weight1", given=f"dtype {w1.dtype}",
@@ -424,7 +427,7 @@ def _check_rank(r: int, inputs: RankInputs) -> _RankShape:
     if "bias1" in variant.lists:
         _check_compensation(r, inputs, w1.num_experts)
     return _RankShape(m, int(idx.shape[1]), k, x_dtype, w1, i_size, mask is not None,
-                      selecting_scale_dims(variant, x_dtype), variant.activation_scales)
+                      variant.selection(x_dtype))
 
 
 #: How far a W4A8 bias may lie from the compensation, relative to ``8·Σ_k |W[k, n]|·|s[n]|``:
@@ -553,7 +556,7 @@ class Problem:
                     rank=r, field="ranks", given=describe(inputs), allowed="spec.RankInputs",
                     fix="wrap each rank's arrays in spec.RankInputs(...)",
                 )
-        shapes = [_check_rank(r, inputs) for r, inputs in enumerate(ranks)]
+        shapes = [_check_rank(r, inputs, act_scheme) for r, inputs in enumerate(ranks)]
         first = shapes[0]
         for r, s in enumerate(shapes[1:], start=1):
             for what, got, want in (
@@ -564,9 +567,10 @@ class Problem:
                 ("intermediate size I", s.intermediate, first.intermediate),
                 ("weight dtype", dtype_name(s.weights.dtype), dtype_name(first.weights.dtype)),
                 ("TensorList form", s.weights.form, first.weights.form),
-                ("scale1's per-expert dimensions", s.scale_dims, first.scale_dims),
-                ("activation global scales (a1_gscale) given", s.activation_scales,
-                 first.activation_scales),
+                ("scale1's per-expert dimensions", s.selection.scale_dims,
+                 first.selection.scale_dims),
+                (f"activation global scales ({', '.join(SELECTING_INPUTS)}) given",
+                 s.selection.activation_scales, first.selection.activation_scales),
             ):
                 if got != want:
                     raise SpecError(
@@ -583,16 +587,12 @@ class Problem:
             hidden=first.hidden,
             intermediate=first.intermediate,
             tokens_per_rank=tuple(s.tokens for s in shapes),
-            x_dtype=first.x_dtype,
-            weight_dtype=dtype_name(first.weights.dtype),
             weight_form=first.weights.form,
             max_output_size=max_output_size,
             swiglu_limit=swiglu_limit,
             swiglu_alpha=swiglu_alpha,
             masked=any(s.masked for s in shapes),
-            scale_dims=first.scale_dims,
-            act_scheme=act_scheme,
-            activation_scales=first.activation_scales,
+            **{**dataclasses.asdict(first.selection), "act_scheme": act_scheme},
         )
         return ranks
 

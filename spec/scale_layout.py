@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from spec.fields import scale_dims_of, variant_for
+from spec.fields import selection_of, variant_for
 from spec.fp8 import BLOCK, ue8m0_up
 from spec.mxfp4 import e8m0_values
 from spec.problem import Problem
@@ -273,9 +273,8 @@ def physical_scales(inputs: Any, layout: str) -> dict[str, list[Array]]:
     """
     check_layout(layout)
     w1 = inputs.w1[0]
-    variant = variant_for(str(w1.dtype), str(inputs.x.dtype),
-                          scale_dims_of(inputs.w1, inputs.scale1),
-                          activation_scales=inputs.a1_gscale is not None)
+    sel = selection_of(inputs)
+    variant = variant_for(sel) if sel is not None else None
     dims = variant.scale_dims if variant else 0
     if dims != 2:
         name = variant.name if variant else f"weights of dtype {w1.dtype}"
@@ -326,5 +325,4 @@ def with_ue8m0_scales(problem: Problem) -> Problem:
                                       for t in getattr(inputs, f)]
                                   for f in SCALE_FIELDS if getattr(inputs, f) is not None})
 
-    return Problem([rounded(r) for r in problem.ranks], max_output_size=problem.max_output_size,
-                   swiglu_limit=problem.swiglu_limit, swiglu_alpha=problem.swiglu_alpha)
+    return Problem([rounded(r) for r in problem.ranks], **problem.config.call_attributes())

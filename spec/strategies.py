@@ -18,7 +18,7 @@ what a run covered. The families come from ``docs/contract/edge_cases.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from spec.config import MAX_EP_SIZE, OpConfig
-from spec.fields import VARIANTS, selecting_scale_dims, variant_for
+from spec.fields import VARIANTS, Selection, variant_for
 from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
 from spec.memory import LAYOUTS
 from spec.problem import DTYPES, Problem
@@ -235,11 +235,9 @@ def _small_configs(
     scheme = draw(act_schemes) if act_schemes is not None else None  # no draw unless asked
     # drawn only when asked for: the searches that never ask keep their streams
     act = draw(activation_scales) if activation_scales is not None else False
-    variant = (variant_for(w_dtype, x_dtype, dims, scheme, activation_scales=act)
-               or variant_for(w_dtype, x_dtype, dims, activation_scales=act))
-    if variant is None:
-        w_dtype = x_dtype  # the float variant's weights are in x's dtype
-        variant = variant_for(w_dtype, x_dtype)
+    variant = variant_for(Selection(w_dtype, x_dtype, dims, act, scheme), strict=False)
+    if variant is None:  # the float variant's weights are in x's dtype
+        variant = variant_for(Selection(x_dtype, x_dtype))
         assert variant is not None
     form = draw(weight_forms)
     truncate = draw(truncation)
@@ -251,16 +249,14 @@ def _small_configs(
     if packing > 1:  # W4A8 packs K and N = 2I eight to a word and needs N <= K
         if k_hidden % packing:
             variant = VARIANTS[0]  # W8A8
-            w_dtype = variant.weight_dtype
         else:
             i_size = max(packing // 2, min(i_size, k_hidden // 2) // (packing // 2)
                          * (packing // 2))
     alpha = draw(swiglu_alphas)
     cfg = OpConfig(
         ep_size=ep, experts_per_rank=e, top_k=k, hidden=k_hidden,
-        intermediate=i_size, tokens_per_rank=tuple(counts), x_dtype=x_dtype,
-        weight_dtype=w_dtype, scale_dims=selecting_scale_dims(variant, x_dtype),
-        act_scheme=variant.act_scheme, activation_scales=variant.activation_scales,
+        intermediate=i_size, tokens_per_rank=tuple(counts),
+        **asdict(variant.selection(x_dtype)),
         weight_form=form if e > 1 else "stacked",
         max_output_size=cap if truncate else None,
         swiglu_limit=limit if variant.clamped else None,

@@ -12,7 +12,16 @@ from oracle.adapters.torch_io import TorchRankInputs
 from oracle.config.options import DEFAULT_VARIANTS, WEIGHT_VARIANTS
 from spec import ConfigError, OpConfig, Problem, RankInputs, SpecError, random_problem
 from spec.config import CALL_ATTRIBUTES
-from spec.fields import FIELDS, GATE_VARIANTS, VARIANTS, ListSpec, scale_dims_of, variant_for
+from spec.fields import (
+    FIELDS,
+    GATE_VARIANTS,
+    SELECTING_INPUTS,
+    VARIANTS,
+    ListSpec,
+    Selection,
+    scale_dims_of,
+    variant_for,
+)
 
 #: A W4A8 call with a mask: every field of the table is given but the W4A16 ones.
 MASKED = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=16, intermediate=8,
@@ -66,12 +75,33 @@ def test_map_arrays_copies_every_array() -> None:
 def test_variant_table() -> None:
     weights = ("int8", "int32", "bfloat16", "float8_e4m3fn", "float8_e4m3fn", "uint8", "uint4",
                "float4_e2m1fn", "uint8", "float4_e2m1fn")
-    assert [variant_for(w, "bfloat16", v.scale_dims, v.act_scheme,
-                        activation_scales=v.activation_scales)
+    assert [variant_for(Selection(w, "bfloat16", v.scale_dims, bool(v.selector.inputs),
+                                  v.selector.act_scheme))
             for w, v in zip(weights, VARIANTS, strict=True)] == list(VARIANTS)
-    assert variant_for("float16", "bfloat16") is None
+    assert variant_for(Selection("float16", "bfloat16")) is None
     assert ListSpec(("K", "N/8"), "int32").dims(k=16, n=64, i=32) == (16, 8)
     assert ListSpec(("K", "N/8"), "int32").packing == 8
+
+
+def test_rows_sharing_weight_fields_differ_in_their_selector() -> None:
+    """One record per row tells it apart: rows with one weight dtype and scale1 rank differ
+    in their Selector, and each row's own selection selects it (at both x dtypes). The inputs
+    a selector names are optional fields of the table, each read by its row."""
+    by_weights: dict[tuple[str, int], list[str]] = {}
+    for v in VARIANTS:
+        by_weights.setdefault((v.weight_dtype, v.scale_dims), []).append(v.name)
+        for x in ("bfloat16", "float16"):
+            assert variant_for(v.selection(x)) is v, (v.name, x)
+    shared = {k: names for k, names in by_weights.items() if len(names) > 1}
+    assert shared == {("uint8", 2): ["mxfp4_w4a16", "mxfp4_mxfp8"],
+                      ("float4_e2m1fn", 2): ["nvfp4_w4a16", "nvfp4"]}
+    for names in shared.values():
+        selectors = [next(v for v in VARIANTS if v.name == n).selector for n in names]
+        assert len(set(selectors)) == len(selectors)
+    optional = {f.name for f in FIELDS if not f.required}
+    assert SELECTING_INPUTS == ("a1_gscale", "a2_gscale")
+    assert set(SELECTING_INPUTS) <= optional
+    assert all(set(v.selector.inputs) <= set(v.lists) for v in VARIANTS)
 
 
 def test_block_dimensions_round_up() -> None:
@@ -108,8 +138,9 @@ def test_gate_variants_come_from_the_table() -> None:
         for x in g.x_dtypes:
             cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=64, intermediate=32,
                            tokens_per_rank=(1,), x_dtype=x, weight_dtype=g.weight_dtype,
-                           scale_dims=g.scale_dims, act_scheme=g.act_scheme,
-                           activation_scales=g.variant.activation_scales)
+                           scale_dims=g.selection.scale_dims,
+                           act_scheme=g.selection.act_scheme,
+                           activation_scales=g.selection.activation_scales)
             assert (cfg.variant, cfg.kernel_variant) == (g.name, g.variant)
 
 

@@ -258,7 +258,7 @@ CASES = [
     Case("activation_scales not a bool", ConfigError, None, "activation_scales", "'yes'",
          "True or False", "a1_gscale and a2_gscale", config(activation_scales="yes")),
     Case("activation_scales with int8 weights", ConfigError, None, "activation_scales",
-         "True with int8 weights", "(nvfp4)", "use NVFP4 weights",
+         "True with int8 weights", "(nvfp4)", "use float4_e2m1fn weights",
          config(activation_scales=True)),
     Case("bf16 weight inf", NonFiniteError, 1, "weight1[", "inf", "finite values", "weight1",
          edit(1, w1=with_inf), BF16),

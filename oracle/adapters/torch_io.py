@@ -81,7 +81,7 @@ import numpy as np
 
 from spec import DTypeError, Problem, RankInputs
 from spec.errors import describe
-from spec.fields import FIELDS, VARIANTS, Field, Variant, scale_dims_of, variant_for
+from spec.fields import FIELDS, VARIANTS, Field, Variant, selection_of, variant_for
 from spec.scale_layout import MN_MAJOR, kernel_rows, physical_scales
 
 if TYPE_CHECKING:
@@ -301,14 +301,12 @@ def float32_scales(scales: torch.Tensor) -> torch.Tensor:
     return to_tensor(scales_from_int64(to_numpy(scales)), device=scales.device)
 
 
-def _variant(weight1: Sequence[Any], scale1: Sequence[Any] | None, x: Any,
-             activation_scales: bool = False) -> Variant:
-    """The variant weight1's dtype, scale1's dimensions and the presence of the activations'
-    global scales select (W8A8 when they name none: validation, later, says why)."""
-    names = [str(t.dtype).removeprefix("torch.") for t in (*weight1[:1], x)]
-    return (variant_for(names[0], names[-1], scale_dims_of(weight1, scale1),
-                        activation_scales=activation_scales)
-            if len(names) == 2 else None) or VARIANTS[0]
+def _variant(inputs: Any, act_scheme: str | None, *, binding: bool) -> Variant:
+    """The variant one rank's arrays (or, with ``binding``, tensors) and the call's
+    ``act_scheme`` select (:func:`spec.fields.selection_of`; W8A8 when they name none:
+    validation, later, says why)."""
+    sel = selection_of(inputs, binding=binding, act_scheme=act_scheme)
+    return (variant_for(sel, strict=False) if sel is not None else None) or VARIANTS[0]
 
 
 def from_torch(inputs: TorchRankInputs, *, rank: int | None = None) -> RankInputs:
@@ -318,8 +316,7 @@ def from_torch(inputs: TorchRankInputs, *, rank: int | None = None) -> RankInput
     optional TensorList passed empty (vLLM's ``torch.tensor([])`` for W8A8's biases) is absent.
     Values are copied; shapes and dtypes are validated later, by :class:`spec.Problem`.
     """
-    extension = _variant(inputs.weight1, inputs.scale1, inputs.x,
-                         inputs.a1_gscale is not None).scale_extension
+    extension = _variant(inputs, inputs.act_scheme, binding=True).scale_extension
 
     def convert(f: Field, value: Any, i: int = 0) -> Array:
         a = to_numpy(value)
@@ -371,7 +368,7 @@ def to_torch(
     if e8m0 not in E8M0_DTYPES:
         raise ValueError(f"e8m0={e8m0!r} must be one of {E8M0_DTYPES}")
 
-    variant = _variant(inputs.w1, inputs.scale1, inputs.x, inputs.a1_gscale is not None)
+    variant = _variant(inputs, act_scheme, binding=False)
     # e8m0 scales: a variant's uint8 scale lists (MXFP4's bytes of 2^(s - 127), spec.mxfp4).
     e8m0_fields = {name for name, spec in variant.lists.items()
                    if name.startswith("scale") and spec.dtype == "uint8"}

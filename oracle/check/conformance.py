@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from oracle.check.harness import (
     ConformanceError,
-    activation_scales_strategy,
     check_implementation,
     evaluate,
+    gate_configs,
     preset_configs,
     variant_configs,
     variants_of,
@@ -44,7 +44,6 @@ from spec.strategies import (
     POWER_ROW_FAMILIES,
     ROUTING_FAMILIES,
     ROW_FAMILIES,
-    configs,
     problems,
     routings,
     token_rows,
@@ -194,12 +193,7 @@ def test_variant(dfc_options: dict[str, Any], variant: str) -> None:
         pytest.skip(f"kernel profile {profile.name} has no {_GATE[variant].variant.name} "
                     "pipeline")
     gate = _GATE[variant]
-    strategy = configs(x_dtypes=st.just(gate.x_dtypes[0]),
-                       weight_dtypes=st.just(gate.weight_dtype),
-                       scale_dims=st.just(gate.scale_dims),
-                       act_schemes=st.just(gate.act_scheme),
-                       activation_scales=activation_scales_strategy(gate),
-                       domain=_domain(dfc_options))
+    strategy = gate_configs(gate, gate.x_dtypes[:1], domain=_domain(dfc_options))
     _check(dfc_options, problems(configs=strategy))
 
 

@@ -47,7 +47,7 @@ from oracle.model.kernels import KernelProfile
 from oracle.model.numerics import Numerics, resolve_numerics, with_kernel
 from oracle.model.reference import route
 from spec import OpConfig, Problem
-from spec.fields import GATE_VARIANTS, X_DTYPES, GateVariant
+from spec.fields import GATE_VARIANTS, X_DTYPES, GateVariant, Selection
 from spec.limits import MODEL_PRESETS, ShapeDomain
 from spec.memory import copy_array
 from spec.modular import StageCall
@@ -66,13 +66,13 @@ __all__ = [
     "INPUT_POLICIES",
     "ConformanceError",
     "Implementation",
-    "activation_scales_strategy",
     "call_implementation",
     "check_implementation",
     "describe_problem",
     "evaluate",
     "fit_problems",
     "format_report",
+    "gate_configs",
     "preset_configs",
     "run_in_thread",
     "variant_configs",
@@ -127,10 +127,8 @@ def _copy_call(given: Problem | PlacedCall) -> Problem | PlacedCall:
     """:func:`_copy_inputs`, of a placed call's problem too (its record is copied read-only)."""
     if isinstance(given, Problem):
         return _copy_inputs(given)
-    attrs = given.config.call_attributes()
     return PlacedCall.from_record(_copy_inputs(given.problem).ranks, *given.record(),
-                                  swiglu_limit=attrs["swiglu_limit"],
-                                  swiglu_alpha=attrs["swiglu_alpha"])
+                                  **given.attributes)
 
 
 def run_in_thread(fn: Callable[[], object], timeout: float,
@@ -314,22 +312,25 @@ def variant_configs(
     # each variant is drawn with its own dtypes.
     made = {w if w in ("int8", "int32") else x for x in xs for w in weights}
     if made <= {_VARIANT_DTYPES[v][1] for v in variants} and all(
-            _GATE[v].scale_dims is None and _GATE[v].act_scheme is None for v in variants):
+            _GATE[v].selection == Selection(_GATE[v].weight_dtype, _GATE[v].x_dtypes[0])
+            for v in variants):
         return configs(x_dtypes=st.sampled_from(xs), weight_dtypes=st.sampled_from(weights),
                        domain=domain, **fields)
-    return st.one_of([configs(x_dtypes=st.sampled_from(_VARIANT_DTYPES[v][0]),
-                              weight_dtypes=st.just(_VARIANT_DTYPES[v][1]),
-                              scale_dims=st.just(_GATE[v].scale_dims),
-                              act_schemes=st.just(_GATE[v].act_scheme),
-                              activation_scales=activation_scales_strategy(_GATE[v]),
-                              domain=domain,
-                              **fields) for v in variants])
+    return st.one_of([gate_configs(_GATE[v], _GATE[v].x_dtypes, domain=domain, **fields)
+                      for v in variants])
 
 
-def activation_scales_strategy(gate: GateVariant) -> st.SearchStrategy[bool] | None:
-    """The ``configs`` argument that selects the gate variant's activation scales (``None``
-    where it has none, so that those searches draw as before)."""
-    return st.just(True) if gate.variant.activation_scales else None
+def gate_configs(gate: GateVariant, x_dtypes: Sequence[str],
+                 **fields: Any) -> st.SearchStrategy[OpConfig]:
+    """:func:`spec.strategies.configs` (with ``fields``) drawing only ``gate``'s row at
+    ``x_dtypes``: its weight dtype and what selects the row among those sharing it
+    (:attr:`spec.fields.GateVariant.selection`; ``activation_scales`` drawn only for a row its
+    inputs select, so that the other searches draw as before)."""
+    sel = gate.selection
+    return configs(x_dtypes=st.sampled_from(x_dtypes), weight_dtypes=st.just(sel.weight_dtype),
+                   scale_dims=st.just(sel.scale_dims), act_schemes=st.just(sel.act_scheme),
+                   activation_scales=st.just(True) if sel.activation_scales else None,
+                   **fields)
 
 
 #: Tokens per rank of a model-shape preset: the weights, not the tokens, cost at real K and I.

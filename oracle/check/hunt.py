@@ -79,13 +79,10 @@ def _bf16_epilogue(problem: Problem, numerics: Numerics) -> list[tuple[Any, Any]
 def _clamp_invalid(call: PlacedCall) -> list[tuple[Any, Any]]:
     """vllm-ascend's ``map_and_record``: a −1 logical id clamped to 0 before the lookup, so
     the slot runs logical expert 0 with its weight (the reference on the clamped ids)."""
-    attrs = call.config.call_attributes()
     fields, arrays = call.record()
     clamped = {k: np.maximum(a, 0).astype(a.dtype) if k.endswith(".expert_idx") else a
                for k, a in arrays.items()}
-    again = PlacedCall.from_record(call.problem.ranks, fields, clamped,
-                                   swiglu_limit=attrs["swiglu_limit"],
-                                   swiglu_alpha=attrs["swiglu_alpha"])
+    again = PlacedCall.from_record(call.problem.ranks, fields, clamped, **call.attributes)
     return [(r.out, r.expert_token_nums) for r in run_placed(again, numerics="ideal").ranks]
 
 

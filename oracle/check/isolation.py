@@ -66,7 +66,7 @@ from spec import DTYPES, OpConfig, Problem, RankInputs
 from spec import __file__ as _SPEC_INIT
 from spec.fields import LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
-from spec.placement import PlacedCall
+from spec.placement import PlacedCall, placed_attributes
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -521,8 +521,7 @@ def _problem_from(header: dict[str, Any], shared: _SharedFile) -> Problem | Plac
              for r in range(config.ep_size)]
     if "placement" in header:
         return PlacedCall.from_record(ranks, header["placement"], handed,
-                                      swiglu_limit=config.swiglu_limit,
-                                      swiglu_alpha=config.swiglu_alpha)
+                                      **placed_attributes(config))
     return Problem.from_validated(ranks, config)
 
 

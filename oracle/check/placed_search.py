@@ -32,11 +32,11 @@ from oracle.check.harness import (
     format_report,
 )
 from oracle.check.isolation import ChildProcess
-from oracle.config.options import check_options
+from oracle.config.options import WEIGHT_VARIANTS, check_options
 from oracle.files.atomic import SaveError
 from oracle.judge.verdict import Verdict
 from oracle.model.numerics import resolve_numerics
-from spec.placed_strategies import placed_calls, placements
+from spec.placed_strategies import PLACED_KINDS, placed_calls, placements
 from spec.placement import PlacedCall
 
 __all__ = ["PLACED_FAMILIES", "check_placed", "placed_families"]
@@ -46,13 +46,16 @@ PLACED_FAMILIES = ("any", "shared", "many_ranks")
 
 
 def placed_families(family: str, variants: Sequence[str]) -> st.SearchStrategy[PlacedCall]:
-    """The placed calls of one family of :data:`PLACED_FAMILIES`, with the weight variants
-    ``variants`` allows (``w8a8``: int8 weights with scales; ``bf16``/``fp16``: float
-    weights). An unknown family or no usable variant is a ValueError naming what to pass."""
-    kinds = tuple(k for k, names in (("w8a8", ("w8a8",)), ("float", ("bf16", "fp16")))
-                  if any(v in names for v in variants))
-    if not kinds:
-        raise ValueError(f"variants {','.join(variants)}: placed calls need w8a8, bf16 or fp16")
+    """The placed calls of one family of :data:`PLACED_FAMILIES`, of the gate variants
+    ``variants`` names (``bf16``/``fp16``: float weights; every other one by name,
+    :data:`spec.placed_strategies.PLACED_KINDS`) but ``w4a8``, an Ascend format that the
+    ideal judge of placed calls refuses. An unknown family or variant, or none left, is a
+    ValueError naming what to pass."""
+    kinds = tuple(dict.fromkeys("float" if v in ("bf16", "fp16") else v for v in variants
+                                if v != "w4a8"))
+    if not kinds or not set(kinds) <= set(PLACED_KINDS):
+        raise ValueError(f"variants {','.join(variants)!r}: placed calls take "
+                         f"{', '.join(v for v in WEIGHT_VARIANTS if v != 'w4a8')}")
     if family == "any":
         return placed_calls(variants=kinds)
     if family == "shared":

@@ -52,7 +52,7 @@ from spec.errors import CounterexampleFileError
 from spec.fields import ARRAY_FIELDS, FIELDS, LIST_FIELDS
 from spec.memory import LAYOUTS, layout_of, with_layout
 from spec.modular import Received, StageCall, valid_rows
-from spec.placement import PlacedCall
+from spec.placement import PlacedCall, placed_attributes
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -535,11 +535,9 @@ def _stage(path: Path, problem: Problem, fields: object, arrays: dict[str, Array
 def _placed(path: Path, problem: Problem, fields: object, arrays: dict[str, Array]) -> PlacedCall:
     """The placed call of a version-2 file, validated as a new call is; its mapped ids must be
     the file's."""
-    attrs = problem.config.call_attributes()
     try:
         placed = PlacedCall.from_record(problem.ranks, fields, arrays,
-                                        swiglu_limit=attrs["swiglu_limit"],
-                                        swiglu_alpha=attrs["swiglu_alpha"])
+                                        **placed_attributes(problem.config))
     except SpecError as exc:
         raise _bad(path, f"a placement record that fails validation ({exc})") from None
     for r, (mine, theirs) in enumerate(zip(placed.problem.ranks, problem.ranks)):
