@@ -6,7 +6,9 @@ BF16 weights, each gated in its profile and in ideal mode; the planted bugs of
 On a GPU: ``DFC_GPU_EXAMPLES`` (default 50) examples per gate; ``benchmarks/GPU.md`` records a
 run of 1000. Without CUDA these skip; the drivers' own logic (slot grouping, padding, the
 top-k sums) is still checked on the CPU: the torch driver with ``device="cpu"``, vLLM's with
-its kernel replaced by a float32 emulation.
+its kernel replaced by a float32 emulation (for FP8 block scale, its block path per K tile;
+``benchmarks/vllm_fp8_interpret.py`` checks that emulation against the carried kernel run by
+Triton's interpreter).
 """
 
 from __future__ import annotations
