@@ -8,7 +8,8 @@ GEMM2 run once through the driver's ``_gemm`` (the real kernel, interpreted) and
 the emulation, both into NaN-poisoned outputs; reported: the largest relative difference (the
 interpreter's bfloat16 store and e4m3 conversions are not round-to-nearest, so one bfloat16 ulp,
 2^-7 relative, is the expected ceiling), NaNs left (a row never written), and the same launch
-with the weights' block scales read with swapped strides (a layout bug: must be far off).
+with the weights' block scales read with swapped strides (a layout bug: must be far off). The
+carried quantiser's scales are compared with its torch twin's, bit for bit.
 
 Needs triton (``pip install triton==3.6.0``; no GPU) and the carried kernel source
 (``tests/controls/gpu/vllm_triton.py``). Run from the repository root::
@@ -67,6 +68,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1 (Triton's interpreter runs the kernel on the CPU)")
     _numpy_scalars()
+    if v.quant_kernel() is None:
+        sys.exit(f"vLLM's quantiser is not carried at {v.QUANT_SOURCE}")
     print("call (EP, E, top_k, K, I, M) | GEMM | max rel. diff | NaN left | swapped strides")
     for ep, e, top_k, k, i, m in CALLS:
         config = OpConfig(ep_size=ep, experts_per_rank=e, top_k=top_k, hidden=k, intermediate=i,
@@ -75,6 +78,14 @@ def main() -> None:
         call = Call.of([to_torch(r, scales="float32") for r in random_problem(config).ranks])
         assert call.scale1 is not None and call.scale2 is not None
         aligned = v.align(call, v.FP8_CONFIG["BLOCK_SIZE_M"])
+        # the carried quantiser (interpreted) against its torch twin: the same scale per
+        # (row, group) shows its launch (rows, groups, strides, eps); its e4m3 values do not
+        # (the interpreter's cast is wrong), so only their agreement is counted
+        q_kernel, s_kernel = v.group_quantise(call.x, triton=True)
+        q_torch, s_torch = v.group_quantise(call.x, triton=False)
+        print(f"{(ep, e, top_k, k, i, m)} | quantiser | scales equal: "
+              f"{bool(torch.equal(s_kernel, s_torch))} {tuple(s_kernel.shape)} | e4m3 values "
+              f"equal: {float((q_kernel.float() == q_torch.float()).float().mean()):.1%}")
         tokens = call.x.shape[0]
         act = torch.randn((tokens * top_k, i), generator=torch.Generator().manual_seed(0))
         gemms = ((1, v.group_quantise(call.x), call.w1, call.scale1, (tokens, top_k, 2 * i),

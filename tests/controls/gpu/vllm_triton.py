@@ -162,14 +162,16 @@ def quantise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.clamp(-128, 127).to(torch.int8), amax / 127.0
 
 
-def group_quantise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def group_quantise(a: torch.Tensor, triton: bool | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 per token and 128-column group as vLLM's ``per_token_group_quant_fp8`` (``eps``
     1e-10, row-major scales, no UE8M0; profile ``vllm-triton-fp8``): ``amax = max(max|a|,
     1e-10)`` per group, ``σ = amax/448``, ``q = e4m3(clamp(a/σ, ±448))``; ``(q (rows, K')
     e4m3, σ (rows, K'/128) float32)``. vLLM's quantiser takes whole groups only, so ``a`` is
     zero-padded to ``K'``, a multiple of 128 (the kernel reads no column past K) [inferred:
     vLLM's loader rejects shards that are not multiples of 128]. On CUDA the carried Triton
-    kernel (:func:`quant_kernel`) runs, launched as vLLM's Triton fallback launches it
+    kernel (:func:`quant_kernel`) runs (``triton``: whether to run it wherever ``a`` is;
+    ``None``: on CUDA), launched as vLLM's Triton fallback launches it
     (``fp8_utils.py`` @364d0192 [code]: one program per group, ``BLOCK`` 128, one warp, one
     stage); else torch ops compute the same formula. vLLM itself prefers its C++ op
     ``per_token_group_fp8_quant`` on CUDA, which needs vLLM's build and was not read: the
@@ -178,7 +180,7 @@ def group_quantise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = -(-cols // FP8_BLOCK)
     padded = torch.zeros((rows, groups * FP8_BLOCK), dtype=a.dtype, device=a.device)
     padded[:, :cols] = a
-    triton_quant = quant_kernel() if a.is_cuda else None
+    triton_quant = quant_kernel() if (a.is_cuda if triton is None else triton) else None
     if triton_quant is None:
         g = padded.float().view(rows, groups, FP8_BLOCK)  # named: no -1 at 0 rows
         sigma = g.abs().amax(dim=2).clamp_min(1e-10) / FP8_MAX
