@@ -34,7 +34,8 @@ PADDING_PLANTED = ("padding_counted", "batch_amax")
 class Call:
     """One call's inputs on one device: ``x`` (T, K), ``expert_idx`` (T, top_k) int64 global
     ids, ``probs`` (T, top_k) float32, ``active`` (T,) bool, ``w1`` (G, K, 2I) and ``w2``
-    (G, I, K) stacked over the G = EP·E global experts, and each rank's token count."""
+    (G, I, K) stacked over the G = EP·E global experts, each rank's token count, and the
+    weights' scales stacked the same way (per channel or per block), if any."""
 
     x: torch.Tensor
     expert_idx: torch.Tensor
@@ -53,10 +54,10 @@ class Call:
             return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
 
         def scales(lists: list[list[torch.Tensor] | None]) -> torch.Tensor | None:
-            # W8A8's per-channel scales, (G, N) and (G, K), float32 whatever their encoding
+            # per-channel scales (G, N) and (G, K), or FP8 block scales (G, K/128, N/128) and
+            # (G, I/128, K/128), float32 whatever their encoding
             return None if lists[0] is None else torch.cat([
-                stacked([float32_scales(s) for s in one or []]).reshape(
-                    -1, (one or [])[0].shape[-1]) for one in lists])
+                stacked([float32_scales(s) for s in one or []]) for one in lists])
 
         x = torch.cat([r.x for r in ranks])
         return cls(

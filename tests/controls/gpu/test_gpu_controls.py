@@ -6,13 +6,17 @@ BF16 weights, each gated in its profile and in ideal mode; the planted bugs of
 On a GPU: ``DFC_GPU_EXAMPLES`` (default 50) examples per gate; ``benchmarks/GPU.md`` records a
 run of 1000. Without CUDA these skip; the drivers' own logic (slot grouping, padding, the
 top-k sums) is still checked on the CPU: the torch driver with ``device="cpu"``, vLLM's with
-its kernel replaced by a float32 emulation.
+its kernel replaced by a float32 emulation (for FP8 block scale, its block path per K tile;
+``benchmarks/vllm_fp8_interpret.py`` checks that emulation against the carried kernel run by
+Triton's interpreter).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,6 +107,31 @@ def test_gpu_vllm_w8a8_conforms(numerics: str) -> None:
     _gate(_control("vllm-triton").w8a8, "vllm-triton-tq", numerics, EXAMPLES, variant="w8a8")
 
 
+#: vLLM's kernel on FP8 block-scale weights: the profile, the gate variant, the drivers' prefix.
+FP8 = ("vllm-triton-fp8", "fp8_block", "fp8_")
+
+
+@needs_cuda
+@pytest.mark.parametrize("numerics", MODES)
+def test_gpu_vllm_fp8_block_conforms(numerics: str) -> None:
+    # e4m3 weights with 128 x 128 block scales, activations quantised per token and 128
+    # columns by vLLM's Triton quantiser where carried (else its torch equivalent: a warning)
+    control = _control("vllm-triton")
+    if control.quant_kernel() is None:
+        warnings.warn(f"vLLM's per_token_group_quant_fp8 is not carried at "
+                      f"{control.QUANT_SOURCE}: the activations were quantised in torch",
+                      stacklevel=1)
+    _gate(control.fp8_block, FP8[0], numerics, EXAMPLES, FP8[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("bug", PLANTED)
+@pytest.mark.parametrize("numerics", MODES)
+def test_gpu_vllm_fp8_block_planted_bug_is_caught(numerics: str, bug: str) -> None:
+    with pytest.raises(oracle.ConformanceError):
+        _gate(getattr(_control("vllm-triton"), FP8[2] + bug), FP8[0], numerics, 200, FP8[1])
+
+
 @needs_cuda
 @pytest.mark.parametrize("numerics", MODES)
 def test_gpu_vllm_graph_replay_conforms(numerics: str) -> None:
@@ -127,27 +156,55 @@ _CPU_ROWS = token_rows(families=st.sampled_from(("normal", "zero_row", "large_ro
                                                  "ties")))
 
 
-def _cpu_problems(profile: str, variant: str = "bf16"):  # type: ignore[no-untyped-def]
-    return problems(configs=variant_configs([variant], domain=get_kernel(profile).domain),
-                    values=_CPU_ROWS)
+def _cpu_problems(profile: str, variant: str = "bf16", **fields):  # type: ignore[no-untyped-def]
+    return problems(configs=variant_configs([variant], domain=get_kernel(profile).domain,
+                                            **fields), values=_CPU_ROWS)
 
 
-def _emulated_gemm(a, w, c, weights, aligned, *, routed: bool, top_k: int, scales=None) -> None:  # type: ignore[no-untyped-def]
+def _emulated_gemm(a, w, c, weights, aligned, *, routed: bool, top_k: int, scales=None,  # type: ignore[no-untyped-def]
+                   config=vllm_triton.CONFIG) -> None:
     """vLLM's kernel in float32 on the CPU: each valid slot id s of the aligned order gets
     ``a[s // top_k] @ w[expert]ᵀ`` (times its routed weight), rounded to c's dtype. Int8
     W8A8 (``scales``: per-row, per-channel): the int32 dot (exact here, in float64), then the
-    kernel's epilogue order ``((acc · routed weight) · a_scale) · b_scale`` in float32."""
+    kernel's epilogue order ``((acc · routed weight) · a_scale) · b_scale`` in float32. FP8
+    block scale (``a`` e4m3): :func:`_block_scaled_dot`, then the routed weight."""
     sorted_ids, blocks, _ = aligned
-    experts = blocks.long().repeat_interleave(vllm_triton.CONFIG["BLOCK_SIZE_M"])
+    experts = blocks.long().repeat_interleave(sorted_ids.shape[0] // blocks.shape[0])
     valid = sorted_ids < c.shape[0] * c.shape[1]
     slot, expert = sorted_ids[valid].long(), experts[valid]
-    wide = torch.float64 if scales is not None else torch.float32
-    rows = torch.einsum("sk,snk->sn", a[slot // top_k].to(wide), w[expert].to(wide)).float()
+    fp8 = a.dtype == vllm_triton.FP8
+    if fp8:
+        rows = _block_scaled_dot(a[slot // top_k], w[expert], scales[0][slot // top_k],
+                                 scales[1][expert], config["BLOCK_SIZE_K"])
+    else:
+        wide = torch.float64 if scales is not None else torch.float32
+        rows = torch.einsum("sk,snk->sn", a[slot // top_k].to(wide), w[expert].to(wide)).float()
     if routed:
         rows = rows * weights.reshape(-1)[slot, None]
-    if scales is not None:
+    if scales is not None and not fp8:
         rows = rows * scales[0][slot // top_k, None] * scales[1][expert]
     c.view(-1, c.shape[2])[slot] = rows.to(c.dtype)
+
+
+def _block_scaled_dot(a, w, a_scale, w_scale, tile: int,  # type: ignore[no-untyped-def]
+                      window: int = vllm_triton.FP8_BLOCK):
+    """The kernel's FP8 block path for S slots: ``a`` (S, K') e4m3 (K' >= K: columns past K
+    never read), ``w`` (S, N, K) e4m3, ``a_scale`` (S, K/128) and ``w_scale`` (S, K/128,
+    N/128) float32. Per K tile of ``tile`` columns (the tile inside one 128-group), the e4m3
+    dot (exact in float64) rounded to float32, times the row's group scale, times the
+    column's block scale, added to a float32 accumulator, each a float32 rounding:
+    ``accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]``, the scales of
+    group ``k_start // window`` (the kernel's ``group_k``, 128; a smaller ``window`` plants
+    the scale-window bug, its index kept in range as a read past the scales is not)."""
+    n, k = w.shape[1:]
+    col_scale = w_scale.repeat_interleave(vllm_triton.FP8_BLOCK, dim=2)[:, :, :n]
+    acc = torch.zeros((a.shape[0], n), dtype=torch.float32)
+    for start in range(0, k, tile):
+        cols = slice(start, min(start + tile, k))
+        dot = torch.einsum("sk,snk->sn", a[:, cols].double(), w[:, :, cols].double()).float()
+        group = min(start // window, a_scale.shape[1] - 1)
+        acc = acc + dot * a_scale[:, group, None] * col_scale[:, group]
+    return acc
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
@@ -191,12 +248,59 @@ def test_vllm_driver_conforms_on_cpu(numerics: str, monkeypatch: pytest.MonkeyPa
 def test_extract_keeps_only_the_kernel_functions() -> None:
     source = ("import torch\n\n@triton.jit\ndef write_zeros_to_output(c):\n    pass\n\n\n"
               "def invoke(x):\n    return x\n\n\n@triton.jit\ndef fused_moe_kernel(\n    a,\n"
-              "):\n    return a\n")
+              "):\n    return a\n\n\n@triton.jit\ndef _per_token_group_quant_fp8(y):\n"
+              "    return y\n")
     text = vllm_triton.extract(source, "test")
     assert "def invoke" not in text and "import torch" not in text
     assert text.count("@triton.jit") == 2 and "):\n    return a" in text
+    assert "_per_token_group_quant_fp8" not in text
+    quant = vllm_triton.extract(source, "test", vllm_triton.QUANT_FUNCTIONS)
+    assert quant.count("@triton.jit") == 1 and "fused_moe_kernel" not in quant
     with pytest.raises(ValueError, match="fused_moe_kernel"):
         vllm_triton.extract("def write_zeros_to_output():\n    pass\n", "test")
+
+
+@pytest.mark.parametrize("numerics", MODES)
+def test_vllm_fp8_block_driver_conforms_on_cpu(numerics: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 block path (torch quantiser, the kernel emulated per K tile), shapes that are
+    not multiples of 128 included (partial groups and blocks)."""
+    monkeypatch.setattr(vllm_triton, "_gemm", _emulated_gemm)
+    _gate(implementation(vllm_triton.moe, device="cpu", scales="float32"), FP8[0], numerics, 25,
+          FP8[1], problems=_cpu_problems(FP8[0], FP8[1]))
+
+
+@pytest.mark.parametrize("bug", PLANTED)
+def test_vllm_fp8_block_planted_bug_is_caught_on_cpu(
+        bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vllm_triton, "_gemm", _emulated_gemm)
+    with pytest.raises(oracle.ConformanceError):
+        _gate(implementation(plant(vllm_triton.moe, bug), device="cpu", scales="float32"),
+              FP8[0], "faithful", 60, FP8[1], shrink=False,
+              problems=_cpu_problems(FP8[0], FP8[1]))
+
+
+@pytest.mark.parametrize("window", [vllm_triton.FP8_BLOCK, 64])
+def test_fp8_block_scale_window_advanced_per_tile_is_caught_on_cpu(
+        window: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K tiles narrower than the 128-column group (``BLOCK_SIZE_K`` 64, a configuration the
+    kernel takes: passes) with the scale window advanced per tile instead of per group, the
+    real bug class of formats.md (Real bugs: ROCm PR #7920): caught. K > 128 and I = 160
+    (a TP shard): GEMM1 and GEMM2 each span two groups."""
+    monkeypatch.setattr(vllm_triton, "FP8_CONFIG", {**vllm_triton.FP8_CONFIG, "BLOCK_SIZE_K": 64})
+    monkeypatch.setattr(vllm_triton, "_gemm", _emulated_gemm)
+    monkeypatch.setitem(globals(), "_block_scaled_dot", functools.partial(
+        _block_scaled_dot, window=window))
+    gate = functools.partial(
+        _gate, implementation(vllm_triton.moe, device="cpu", scales="float32"), FP8[0],
+        "faithful", 8, FP8[1], shrink=False, problems=_cpu_problems(
+            FP8[0], FP8[1], hidden=st.sampled_from((160, 272)), intermediate=st.just(160),
+            ep_sizes=st.just(1), tokens_per_rank=st.integers(1, 4)))
+    if window == vllm_triton.FP8_BLOCK:
+        gate()
+    else:
+        with pytest.raises(oracle.ConformanceError):
+            gate()
 
 
 # ------------------------------------------------- padded batches and workspaces on the CPU
