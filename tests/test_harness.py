@@ -11,7 +11,7 @@ import warnings
 import broken_impls as broken
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -24,9 +24,9 @@ from spec.strategies import configs, problems, token_rows
 FAST = settings(max_examples=40, derandomize=True, database=None, deadline=None)
 
 
-def find_failure(impl, strategy=None, **kwargs) -> ConformanceError:
+def find_failure(impl, strategy=None, search: settings = FAST, **kwargs) -> ConformanceError:
     with pytest.raises(ConformanceError) as info:
-        check_implementation(impl, problems=strategy, settings=FAST, save_dir=None, **kwargs)
+        check_implementation(impl, problems=strategy, settings=search, save_dir=None, **kwargs)
     return info.value
 
 
@@ -75,13 +75,15 @@ def test_wrong_combine_order_is_found_by_the_bitwise_gate() -> None:
     # Summation order changes float32 low bits; after the cast to fp16 they show as a 1-ulp
     # difference in about 2 of 10**4 values (measured). The ascend-a3 profile promises the
     # combine's k order, so that value is pinned and the default gate (ulps=0) rejects it;
-    # examples of 32+ tokens x 256 columns, all defined, show it almost surely.
+    # examples of 32+ tokens x 256 columns, all defined, show it almost surely. Not shrunk:
+    # the claim is the stage and the message, and shrinking calls of 32+ tokens costs seconds.
     strategy = problems(configs=configs(
         top_k=st.just(8), x_dtypes=st.just("float16"), weight_dtypes=st.just("int8"),
         hidden=st.just(256), tokens_per_rank=st.integers(32, 64), ep_sizes=st.sampled_from((1, 2)),
         experts_per_rank=st.just(8), masked=st.just(False), truncation=st.just(False),
     ))
-    error = find_failure(broken.reverse_combine, strategy, ulps=0)
+    error = find_failure(broken.reverse_combine, strategy,
+                         settings(FAST, phases=[Phase.explicit, Phase.generate]), ulps=0)
     assert error.verdict.stage == "out" and "profile pins this value" in error.verdict.message
     assert error.problem.config.ep_size <= 2
 
