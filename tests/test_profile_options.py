@@ -21,7 +21,9 @@ from spec.strategies import configs, problems, token_rows
 TESTS = Path(__file__).parent
 FAST = settings(max_examples=30, derandomize=True, database=None, deadline=None)
 PASS = settings(FAST, max_examples=12)
-UNSHRUNK = [Phase.explicit, Phase.reuse, Phase.generate]
+#: For the searches whose claim is a verdict, a saved file or its replay, not the minimal
+#: call: the first failing call, without the shrinking that is most of a search's time.
+UNSHRUNK = settings(FAST, phases=[Phase.explicit, Phase.generate])
 
 
 @pytest.fixture
@@ -38,7 +40,8 @@ def _found(impl, tmp_path: Path, search: settings = FAST, **kwargs) -> Conforman
 @pytest.fixture(scope="module")
 def a3_under_vllm(tmp_path_factory: pytest.TempPathFactory) -> ConformanceError:
     """The A3 reference judged by the vllm-triton profile: it fails (searched once, saved)."""
-    return _found(broken.correct, tmp_path_factory.mktemp("a3_under_vllm"), kernel="vllm-triton")
+    return _found(broken.correct, tmp_path_factory.mktemp("a3_under_vllm"), UNSHRUNK,
+                  kernel="vllm-triton")
 
 
 def test_each_profile_accepts_its_own_kernel_and_rejects_the_other(
@@ -73,7 +76,7 @@ def _saved_meta(path: Path) -> dict:
 
 
 def test_the_file_records_the_whole_profile_switches_and_ulps(tmp_path: Path) -> None:
-    error = _found(broken.vllm_model, tmp_path, ulps=0.5)
+    error = _found(broken.vllm_model, tmp_path, UNSHRUNK, ulps=0.5)
     meta = _saved_meta(error.path)
     assert meta["ulps"] == 0.5 and meta["numerics"]["kernel"]["name"] == "ascend-a3"
     assert profile_from_dict(meta["numerics"]["kernel"]) == ASCEND_A3
@@ -86,7 +89,7 @@ def test_replay_uses_the_zero_row_switch_it_was_found_with(in_tests_dir, tmp_pat
     """Found with zero_rows="nan", a kernel that writes 0 for a zero row fails; replayed with
     the default policy it would conform (the old replay did that)."""
     zero_rows = problems(values=token_rows(families=st.just("zero_row")))
-    error = _found(broken.correct, tmp_path, numerics=Numerics(zero_rows="nan"),
+    error = _found(broken.correct, tmp_path, UNSHRUNK, numerics=Numerics(zero_rows="nan"),
                    problems=zero_rows)
     assert error.verdict.stage == "non_finite"
     assert evaluate(broken.correct, error.problem)[0].ok  # the default switch: conforms
@@ -102,10 +105,7 @@ def test_replay_uses_the_bitwise_gate_it_was_found_with(in_tests_dir, tmp_path: 
         hidden=st.just(256), tokens_per_rank=st.integers(32, 64), ep_sizes=st.just(1),
         experts_per_rank=st.just(8), masked=st.just(False), truncation=st.just(False),
     ))
-    # Not shrunk: any failing call replays the same way (shrinking 32 to 64 tokens costs
-    # seconds).
-    error = _found(broken.reverse_combine, tmp_path, settings(FAST, phases=UNSHRUNK),
-                   problems=strategy)
+    error = _found(broken.reverse_combine, tmp_path, UNSHRUNK, problems=strategy)
     assert _saved_meta(error.path)["ulps"] == 0
     replay = ["replay", str(error.path), "--in-process", "--impl"]  # the judge is the parent's
     assert main([*replay, "broken_impls:reverse_combine"]) == 1
