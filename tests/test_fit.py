@@ -11,6 +11,7 @@ from pathlib import Path
 import broken_impls
 import own_profiles
 import pytest
+from gate_search import model_impl
 
 import oracle
 from oracle.check.harness import fit_problems
@@ -33,14 +34,9 @@ def _calls(impl, problems=PROBLEMS):
     return [(p, impl(p)) for p in problems]
 
 
-def _own(kernel):
-    return lambda p: [(r.out, r.expert_token_nums)
-                      for r in oracle.run(p, numerics=oracle.Numerics(kernel=kernel)).ranks]
-
-
 @pytest.mark.parametrize("profile", [ASCEND_A3, VLLM_TRITON], ids=lambda p: p.name)
 def test_a_built_in_is_returned_on_its_own_outputs(profile) -> None:
-    found = fit(_calls(_own(profile)))
+    found = fit(_calls(model_impl(profile)))
     assert found.fits and found.best == profile and found.changes == ()
     assert found.describe().startswith(f"fits: {profile.name} with no change")
 

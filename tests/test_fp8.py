@@ -17,13 +17,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
 import oracle.model.kernels as kernels
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
+from oracle.check.harness import check_implementation
 from oracle.model.kernels import VLLM_TRITON_FP8, BlockGemm, Env, GroupQuantiser, KernelProfile
 from spec import OpConfig, Problem, ShapeError, random_problem
 from spec.fp8 import E4M3, dequantise, expand_scales, quantise_blocks, to_e4m3, ue8m0_up
@@ -265,13 +266,6 @@ UE8M0 = _with(PROFILE, "vllm-triton-fp8-ue8m0",
               requantise=replace(PIPE.requantise, ue8m0=True))
 
 
-def model_impl(profile: KernelProfile) -> Callable[[Problem], list[tuple[Array, Array]]]:
-    """The implementation a profile describes (its model's outputs)."""
-    def impl(problem: Problem) -> list[tuple[Array, Array]]:
-        return [(r.out, r.expert_token_nums)
-                for r in oracle.run(problem, numerics=Numerics(kernel=profile)).ranks]
-    return impl
-
 
 def wrong_expert_scales(problem: Problem) -> list[tuple[Array, Array]]:
     """sglang #36597's class: local expert e reads expert (e + 1) mod E's scales."""
@@ -283,15 +277,8 @@ def wrong_expert_scales(problem: Problem) -> list[tuple[Array, Array]]:
     return model_impl(PROFILE)(Problem(ranks, **problem.config.call_attributes()))
 
 
-def _search(impl: Callable[[Problem], Any], profile: KernelProfile,
-            strategy: Any = None) -> Problem | None:
-    """The gate's search at small FP8 shapes: the shrunk counterexample, or None."""
-    try:
-        check_implementation(impl, kernel=profile, problems=strategy or problems(
-            configs=FP8_CONFIGS), settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+#: What the searches below draw: the gate's search at small FP8 shapes.
+FP8_PROBLEMS = problems(configs=FP8_CONFIGS)
 
 
 TILED = _with(PROFILE, "tiled", gemm1=TiledGemm(("x",), dot_bits=13),
@@ -303,7 +290,7 @@ TRUNCATED = _with(PROFILE, "truncated", gemm1=TruncatedDotGemm(("x",), dot_bits=
 @pytest.mark.parametrize("impl", [model_impl(p) for p in (PROFILE, TILED, TRUNCATED)],
                          ids=["model", "tile 64, scales first", "13-bit truncating dots"])
 def test_search_passes_legitimate_kernels(impl: Callable[[Problem], Any]) -> None:
-    assert _search(impl, PROFILE) is None
+    assert shrunk(impl, PROFILE, FP8_PROBLEMS, SEARCH) is None
 
 
 def test_the_envelope_needs_the_dot_precision_freedom() -> None:
@@ -547,7 +534,7 @@ def test_search_kills_block_size_from_the_wrong_scale_dimension() -> None:
     """Shrunk to EP=1 E=3 top_k=1 K=64 I=160 M=[1]: W2 is (160, 64) with 2 × 1 block scales,
     so block_k = ceil(160/1) and rows 128… read block 0's scale; the row test rejects it
     (projection 0.462 of the row against a threshold of 0.459), the envelope alone does not."""
-    found = _search(model_impl(WRONG_DIM), PROFILE)
+    found = shrunk(model_impl(WRONG_DIM), PROFILE, FP8_PROBLEMS, SEARCH)
     assert found is not None
     c = found.config
     assert -(-c.hidden // 128) != -(-c.n // 128) or -(-c.intermediate // 128) != -(
@@ -562,8 +549,8 @@ def test_search_kills_ue8m0_rounded_to_nearest() -> None:
     group's largest values at 448. The witness plants amax = 4.375 = 448·1.25·2^-7 in every
     token: σ = 1.25·2^-7 rounds to 2^-7 (nearest) instead of 2^-6 (up), and 4.375/2^-7 = 560
     saturates."""
-    assert _search(model_impl(UE8M0), UE8M0) is None
-    assert _search(model_impl(NEAREST), UE8M0) is not None
+    assert shrunk(model_impl(UE8M0), UE8M0, FP8_PROBLEMS, SEARCH) is None
+    assert shrunk(model_impl(NEAREST), UE8M0, FP8_PROBLEMS, SEARCH) is not None
     witness = _witness("3 1 1 64 32 1 1 1", amax=4.375)
     assert _rejected(model_impl(NEAREST), UE8M0, witness)
     assert not _rejected(model_impl(UE8M0), UE8M0, witness)
@@ -592,7 +579,7 @@ def test_missing_clamp_is_invisible_with_correct_scales_and_nan_with_nearest_ue8
 def test_search_kills_a_wrong_experts_scales() -> None:
     """Shrunk to EP=1 E=2 top_k=1 K=64 I=32 M=[1]: expert 0 reads expert 1's scales, twice
     its own (the generator's tags), and 62 of 64 values leave the envelope."""
-    found = _search(wrong_expert_scales, PROFILE)
+    found = shrunk(wrong_expert_scales, PROFILE, FP8_PROBLEMS, SEARCH)
     assert found is not None and found.config.experts_per_rank >= 2
     witness = _witness("1 2 1 64 32 1")
     assert _rejected(wrong_expert_scales, PROFILE, witness)

@@ -8,19 +8,18 @@ of one per token, and expert 0's weight scales read for every expert (formats.md
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
-from oracle.model.kernels import TORCH_SCALED_GROUPED_MM, Env, GroupQuantiser, KernelProfile
+from oracle.model.kernels import TORCH_SCALED_GROUPED_MM, Env, GroupQuantiser
 from spec import OpConfig, Problem, random_problem
 from spec.fp8 import to_e4m3
 from spec.strategies import FP8_ROW_FAMILIES, ROW_FAMILIES, configs, problems, token_rows
@@ -38,27 +37,12 @@ SEARCH = settings(max_examples=25, deadline=None, derandomize=True, database=Non
                   phases=[Phase.explicit, Phase.generate, Phase.shrink])
 
 
-def model_impl(profile: KernelProfile) -> Callable[[Problem], list[tuple[Array, Array]]]:
-    """The implementation a profile describes (its model's outputs)."""
-    def impl(problem: Problem) -> list[tuple[Array, Array]]:
-        return [(r.out, r.expert_token_nums)
-                for r in oracle.run(problem, numerics=Numerics(kernel=profile)).ranks]
-    return impl
-
 
 #: The token rows of an FP8 profile's default search (oracle.check.harness.default_problems).
 LOUD_ROWS = token_rows(families=st.sampled_from(ROW_FAMILIES + FP8_ROW_FAMILIES))
 
 
-def _search(impl: Callable[[Problem], Any], mode: str = "faithful",
-            rows: Any = None, budget: settings = SEARCH) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=PROFILE, numerics=mode,
-                             problems=problems(configs=CHANNEL_CONFIGS, values=rows),
-                             settings=budget, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+CHANNEL_PROBLEMS = problems(configs=CHANNEL_CONFIGS)
 
 
 def test_scale_shape_selects_the_variant() -> None:
@@ -78,7 +62,7 @@ def test_scale_shape_selects_the_variant() -> None:
 
 @pytest.mark.parametrize("mode", ["faithful", "ideal"])
 def test_the_profile_model_conforms(mode: str) -> None:
-    assert _search(model_impl(PROFILE), mode) is None
+    assert shrunk(model_impl(PROFILE), PROFILE, CHANNEL_PROBLEMS, SEARCH, mode) is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +121,9 @@ def test_search_with_loud_rows_kills_a_per_tensor_activation_scale() -> None:
     scale, and the profile's own model passes the shrunk call: there a token of the call is at
     least 2^19 times louder than another (in benchmarks/FP8_POWER.md at K = 7168 the row test
     gives |s|/T 0.08 at 1x, 0.24 at 2^15, 6.7 at 2^19). Not shrunk (time)."""
-    found = _search(model_impl(PER_TENSOR), rows=LOUD_ROWS,
-                    budget=settings(SEARCH, phases=[Phase.explicit, Phase.generate]))
+    found = shrunk(model_impl(PER_TENSOR), PROFILE,
+                   problems(configs=CHANNEL_CONFIGS, values=LOUD_ROWS),
+                   settings(SEARCH, phases=[Phase.explicit, Phase.generate]))
     assert found is not None
     amax = np.concatenate([np.abs(r.x.astype(np.float32)).max(axis=1) for r in found.ranks])
     assert amax.max() >= 2.0**19 * amax[amax > 0].min()
@@ -146,7 +131,7 @@ def test_search_with_loud_rows_kills_a_per_tensor_activation_scale() -> None:
 
 
 def test_search_kills_expert_0_scales_for_all_experts() -> None:
-    found = _search(expert0_scales)
+    found = shrunk(expert0_scales, PROFILE, CHANNEL_PROBLEMS, SEARCH)
     assert found is not None and found.config.experts_per_rank >= 2
 
 

@@ -18,24 +18,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, Phase, settings
 from test_fp8 import (
-    FP8_CONFIGS,
+    FP8_PROBLEMS,
     PROFILE,
     TiledGemm,
     Unclamped,
     _rejected,
     _with,
     _witness,
-    model_impl,
 )
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
 from oracle.model.kernels import BlockGemm, Env, GroupQuantiser, KernelProfile, _apply_epilogue
-from spec import Problem
-from spec.strategies import problems
 
 Array = np.ndarray[Any, Any]
 F32 = np.float32
@@ -43,15 +40,6 @@ F32 = np.float32
 SEARCH = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck),
                   phases=[Phase.explicit, Phase.generate, Phase.shrink])
-
-
-def _search(impl: Any, profile: KernelProfile) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=profile, problems=problems(configs=FP8_CONFIGS),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +93,8 @@ def test_a_scale_window_four_times_too_fast_is_rejected() -> None:
 
 @pytest.mark.slow
 def test_search_kills_a_scale_window_four_times_too_fast() -> None:
-    assert _search(model_impl(_tiled(False)), PROFILE) is None
-    found = _search(model_impl(_tiled(True)), PROFILE)
+    assert shrunk(model_impl(_tiled(False)), PROFILE, FP8_PROBLEMS, SEARCH) is None
+    found = shrunk(model_impl(_tiled(True)), PROFILE, FP8_PROBLEMS, SEARCH)
     assert found is not None
     c = found.config
     assert c.hidden > 128 or c.intermediate > 128  # only a K of two blocks or more shows it
@@ -157,8 +145,8 @@ def test_a_missing_clamp_is_reported_non_finite_at_its_rows() -> None:
 
 @pytest.mark.slow
 def test_search_kills_a_missing_clamp() -> None:
-    assert _search(model_impl(FLOOR), FLOOR) is None
-    found = _search(model_impl(UNCLAMPED), FLOOR)
+    assert shrunk(model_impl(FLOOR), FLOOR, FP8_PROBLEMS, SEARCH) is None
+    found = shrunk(model_impl(UNCLAMPED), FLOOR, FP8_PROBLEMS, SEARCH)
     assert found is not None
     verdict = oracle.compare(found, model_impl(UNCLAMPED)(found), numerics=Numerics(kernel=FLOOR))
     assert verdict.stage == "non_finite"
@@ -193,7 +181,7 @@ def test_an_unwritten_gemm1_scale_is_rejected() -> None:
 
 @pytest.mark.slow
 def test_search_kills_an_unwritten_gemm1_scale() -> None:
-    found = _search(model_impl(UNWRITTEN), PROFILE)
+    found = shrunk(model_impl(UNWRITTEN), PROFILE, FP8_PROBLEMS, SEARCH)
     assert found is not None
     c = found.config
     assert (c.ep_size, c.experts_per_rank, c.top_k) == (1, 1, 1)  # no routing needed

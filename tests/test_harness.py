@@ -11,7 +11,7 @@ import warnings
 import broken_impls as broken
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -22,11 +22,14 @@ from spec import OpConfig, random_problem
 from spec.strategies import configs, problems, token_rows
 
 FAST = settings(max_examples=40, derandomize=True, database=None, deadline=None)
+#: For the tests whose claim is the stage, the report or the saved file, not the minimal call:
+#: the first failing call, without the shrinking that is most of a failing search's time.
+UNSHRUNK = settings(FAST, phases=[Phase.explicit, Phase.generate])
 
 
-def find_failure(impl, strategy=None, **kwargs) -> ConformanceError:
+def find_failure(impl, strategy=None, search: settings = FAST, **kwargs) -> ConformanceError:
     with pytest.raises(ConformanceError) as info:
-        check_implementation(impl, problems=strategy, settings=FAST, save_dir=None, **kwargs)
+        check_implementation(impl, problems=strategy, settings=search, save_dir=None, **kwargs)
     return info.value
 
 
@@ -81,7 +84,7 @@ def test_wrong_combine_order_is_found_by_the_bitwise_gate() -> None:
         hidden=st.just(256), tokens_per_rank=st.integers(32, 64), ep_sizes=st.sampled_from((1, 2)),
         experts_per_rank=st.just(8), masked=st.just(False), truncation=st.just(False),
     ))
-    error = find_failure(broken.reverse_combine, strategy, ulps=0)
+    error = find_failure(broken.reverse_combine, strategy, UNSHRUNK, ulps=0)
     assert error.verdict.stage == "out" and "profile pins this value" in error.verdict.message
     assert error.problem.config.ep_size <= 2
 
@@ -131,7 +134,7 @@ MASKED_CALL = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hi
 
 
 def test_the_default_sentinel_policy_fails_a_kernel_that_leaves_local_ids() -> None:
-    error = find_failure(converts_to_local_ids)
+    error = find_failure(converts_to_local_ids, search=UNSHRUNK)
     cfg = error.problem.config
     assert error.verdict.stage == "inputs" and cfg.experts_per_rank < cfg.num_experts
     # The report names the field, rank, index, old and new value, and why it is not allowed.
@@ -172,7 +175,7 @@ def test_the_sentinel_policy_allows_exactly_the_operators_write_back(impl, messa
 
 
 def test_input_writes_fail_strict_and_warn_in_report_mode() -> None:
-    error = find_failure(broken.writes_masked_ids, MASKED, inputs="strict")
+    error = find_failure(broken.writes_masked_ids, MASKED, UNSHRUNK, inputs="strict")
     assert error.verdict.stage == "inputs" and "is masked: the sentinel" in error.verdict.message
     with pytest.warns(UserWarning, match=r"wrote into its inputs: r\d+\.expert_idx"):
         check_implementation(converts_to_local_ids, problems=MASKED, settings=FAST,
@@ -185,7 +188,7 @@ def test_input_writes_fail_strict_and_warn_in_report_mode() -> None:
 
 def test_saved_counterexample_replays_to_the_same_verdict(tmp_path) -> None:
     with pytest.raises(ConformanceError) as info:
-        check_implementation(broken.dropped_slot, settings=FAST, save_dir=tmp_path,
+        check_implementation(broken.dropped_slot, settings=UNSHRUNK, save_dir=tmp_path,
                              impl_name="broken_impls:dropped_slot")
     error = info.value
     assert error.path is not None and error.path.exists()

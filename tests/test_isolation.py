@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
 from oracle.check.harness import ConformanceError, check_implementation, evaluate
@@ -27,6 +27,8 @@ from spec.strategies import configs, problems
 
 TESTS = Path(__file__).parent
 FAST = settings(max_examples=10, derandomize=True, database=None, deadline=None)
+#: The first failing call, not shrunk: for the tests whose claim is the verdict or the report.
+UNSHRUNK = settings(FAST, phases=[Phase.explicit, Phase.generate])
 SMALL = problems(configs=configs(ep_sizes=st.sampled_from((1, 2)),
                                  tokens_per_rank=st.integers(0, 3)))
 PROBLEM = random_problem(OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=16,
@@ -35,35 +37,47 @@ BIG = random_problem(OpConfig(ep_size=2, experts_per_rank=4, top_k=2, hidden=256
                               intermediate=128, tokens_per_rank=(5, 3)), seed=2)
 
 
-def find(name: str, **kwargs) -> ConformanceError:
+def find(name: str, search: settings = FAST, **kwargs) -> ConformanceError:
     with pytest.raises(ConformanceError) as info:
-        check_implementation(f"hostile_impls:{name}", problems=SMALL, settings=FAST,
+        check_implementation(f"hostile_impls:{name}", problems=SMALL, settings=search,
                              save_dir=None, **kwargs)
     return info.value
 
 
-@pytest.mark.parametrize(
-    ("name", "stage", "message"),
-    [
-        ("exits_zero", "call", "exited with code 0 without returning a result"),
-        ("segfaults", "call", "killed by SIGSEGV"),
-        ("null_pointer", "call", "killed by SIGSEGV"),
-        ("aborts", "call", "killed by SIGABRT"),
-        ("sys_exit", "call", "raised: SystemExit: 0"),
-        ("unprintable_error", "call", "_Unprintable: <its __str__ raised ValueError>"),
-        ("masked_nan", "structure", "numpy.ma.MaskedArray, an ndarray subclass"),
-        ("out_raises", "structure", "cannot be read: RuntimeError: out is not ready"),
-        ("appends_to_weights", "inputs", "r0.w1 (entries added, removed or replaced)"),
-    ],
-)
-def test_every_way_of_ending_is_a_report_with_the_minimal_call(name, stage, message) -> None:
+ENDINGS = [
+    ("exits_zero", "call", "exited with code 0 without returning a result"),
+    ("segfaults", "call", "killed by SIGSEGV"),
+    ("null_pointer", "call", "killed by SIGSEGV"),
+    ("aborts", "call", "killed by SIGABRT"),
+    ("sys_exit", "call", "raised: SystemExit: 0"),
+    ("unprintable_error", "call", "_Unprintable: <its __str__ raised ValueError>"),
+    ("masked_nan", "structure", "numpy.ma.MaskedArray, an ndarray subclass"),
+    ("out_raises", "structure", "cannot be read: RuntimeError: out is not ready"),
+    ("appends_to_weights", "inputs", "r0.w1 (entries added, removed or replaced)"),
+]
+#: One of each way a search meets them: the child ends without a result, is killed by a
+#: signal, or answers what the judge refuses. The others shrink the same way (any call fails:
+#: about 8 s of CPU each), so they run with ``-m slow``.
+SHRUNK_IN_CI = ("exits_zero", "segfaults", "masked_nan")
+
+
+@pytest.mark.parametrize(("name", "stage", "message"), ENDINGS)
+def test_every_way_of_ending_is_a_report(name, stage, message) -> None:
+    error = find(name, UNSHRUNK)
+    assert error.verdict.stage == stage and message in error.verdict.message
+
+
+@pytest.mark.parametrize(("name", "stage", "message"), [
+    case if case[0] in SHRUNK_IN_CI else pytest.param(*case, marks=pytest.mark.slow)
+    for case in ENDINGS])
+def test_every_way_of_ending_shrinks_to_the_minimal_call(name, stage, message) -> None:
     error = find(name)
     assert error.verdict.stage == stage and message in error.verdict.message
     assert "minimal call: EP=1" in error.report and "M=[0]" in error.problem.config.summary()
 
 
 def test_a_crash_report_carries_the_exit_code_and_the_last_lines_of_stderr() -> None:
-    error = find("prints_and_dies")
+    error = find("prints_and_dies", UNSHRUNK)  # the claim is the report
     assert "exited with code 17" in error.verdict.message
     assert "last lines of its stderr:\n    device lost: HBM ECC error on die 3" in error.report
 

@@ -14,12 +14,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
 from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_MXFP4
 from oracle.model.reference import float_weight_problem
@@ -126,28 +126,17 @@ def swapped_nibbles(problem: Problem) -> list[tuple[Array, Array]]:
     def swap(lists: Any) -> list[Array]:
         return [((t & 0xF) << 4 | (t >> 4)).astype(np.uint8) for t in lists]
     ranks = [dataclasses.replace(r, w1=swap(r.w1), w2=swap(r.w2)) for r in problem.ranks]
-    return model_impl(Problem(ranks, **problem.config.call_attributes()))
+    return model_impl(VLLM_MXFP4)(Problem(ranks, **problem.config.call_attributes()))
 
 
-def model_impl(problem: Problem) -> list[tuple[Array, Array]]:
-    return [(r.out, r.expert_token_nums)
-            for r in oracle.run(problem, numerics=Numerics(kernel=VLLM_MXFP4)).ranks]
-
-
-def _search(impl: Any) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=VLLM_MXFP4, problems=problems(configs=MX_CONFIGS),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+MX_PROBLEMS = problems(configs=MX_CONFIGS)
 
 
 def test_search_passes_the_model_and_kills_swapped_nibbles() -> None:
     """Shrunk to one token and one expert at the smallest K and I: any byte whose two
     elements differ moves a weight."""
-    assert _search(model_impl) is None
-    found = _search(swapped_nibbles)
+    assert shrunk(model_impl(VLLM_MXFP4), VLLM_MXFP4, MX_PROBLEMS, SEARCH) is None
+    found = shrunk(swapped_nibbles, VLLM_MXFP4, MX_PROBLEMS, SEARCH)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
     witness = random_problem(OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=32,
                                       intermediate=16, tokens_per_rank=(1,), weight_dtype=MX))

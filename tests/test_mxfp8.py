@@ -23,6 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_fp8 import NearestUe8m0
@@ -63,12 +64,6 @@ SEARCH = settings(max_examples=40, deadline=None, derandomize=True, database=Non
 def _with(name: str, **steps: Any) -> KernelProfile:
     return dataclasses.replace(PROFILE.with_steps("mxfp4_mxfp8", **steps), name=name)
 
-
-def model_impl(profile: KernelProfile) -> Any:
-    def impl(problem: Problem) -> list[tuple[Array, Array]]:
-        return [(r.out, r.expert_token_nums)
-                for r in oracle.run(problem, numerics=Numerics(kernel=profile)).ranks]
-    return impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +107,10 @@ PER_TENSOR = _with("per-tensor", quantise=PerTensor(**dataclasses.asdict(MXFP8_Q
                    requantise=PerTensor(**dataclasses.asdict(MXFP8_QUANTISER)))
 
 
-def _search(impl: Any, numerics: str = "faithful", blocks: bool = False) -> Problem | None:
-    values = token_rows(families=st.just("scale_blocks")) if blocks else None
-    try:
-        check_implementation(impl, kernel=PROFILE, numerics=numerics,
-                             problems=problems(configs=MX8_CONFIGS, values=values),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+#: The searches' draws: the default rows, and only the scale_blocks family.
+MX8_PROBLEMS = {False: problems(configs=MX8_CONFIGS),
+                True: problems(configs=MX8_CONFIGS,
+                               values=token_rows(families=st.just("scale_blocks")))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +306,8 @@ def test_read_as_swizzled_needs_two_rows_or_five_columns() -> None:
 def test_search_passes_the_model() -> None:
     """Faithful and ideal, on the default rows and on the scale_blocks rows (41 s)."""
     for numerics in ("faithful", "ideal"):
-        for blocks in (False, True):
-            assert _search(model_impl(PROFILE), numerics, blocks) is None
+        for drawn in MX8_PROBLEMS.values():
+            assert shrunk(model_impl(PROFILE), PROFILE, drawn, SEARCH, numerics) is None
 
 
 @pytest.mark.slow
@@ -327,12 +317,13 @@ def test_search_kills_the_activation_scale_bugs() -> None:
     two rows at an expert or more than four scale columns, a per-tensor scale only with two
     tokens (80 s)."""
     for numerics, blocks in (("faithful", False), ("ideal", True)):
-        assert _search(model_impl(NEAREST), numerics, blocks) is not None
-        found = _search(model_impl(UNSWIZZLED), numerics, blocks)
+        drawn = MX8_PROBLEMS[blocks]
+        assert shrunk(model_impl(NEAREST), PROFILE, drawn, SEARCH, numerics) is not None
+        found = shrunk(model_impl(UNSWIZZLED), PROFILE, drawn, SEARCH, numerics)
         assert found is not None
         c = found.config
         assert c.top_k >= 2 or max(c.tokens_per_rank) >= 2 or c.hidden > 128
-        found = _search(model_impl(PER_TENSOR), numerics, blocks)
+        found = shrunk(model_impl(PER_TENSOR), PROFILE, drawn, SEARCH, numerics)
         assert found is not None and sum(found.config.tokens_per_rank) >= 2
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_mxfp4 import assert_float_path
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
 from oracle.model.kernels import VLLM_NVFP4_W4A16
 from spec import DTYPES, OpConfig, Problem, ShapeError, random_problem
 from spec.nvfp4 import NV_BLOCK, dequantise_nv, global_scale, quantise_nv
@@ -98,10 +98,6 @@ def test_profile_is_the_float_path_on_the_dequantised_weights(problem: Problem) 
 # The global scale's bugs
 
 
-def model_impl(problem: Problem) -> list[tuple[Array, Array]]:
-    return [(r.out, r.expert_token_nums) for r in oracle.run(problem, numerics=PROFILE).ranks]
-
-
 def with_global_scales(pick: Callable[[Array], Array]) -> Callable[
         [Problem], list[tuple[Array, Array]]]:
     """A kernel that reads ``pick(stacked global scales (E, 1))`` instead of the given ones."""
@@ -116,7 +112,7 @@ def with_global_scales(pick: Callable[[Array], Array]) -> Callable[
             lists = {n: [np.stack([r.expert_lists(j)[n] for j in range(e)])]
                      for n in ("w1", "w2", "scale1", "scale2")}
             ranks.append(dataclasses.replace(r, **lists, **changed))
-        return model_impl(Problem(ranks, **problem.config.call_attributes()))
+        return model_impl(VLLM_NVFP4_W4A16)(Problem(ranks, **problem.config.call_attributes()))
     return impl
 
 
@@ -125,19 +121,14 @@ applied_twice = with_global_scales(np.square)
 first_expert_s = with_global_scales(lambda g: np.broadcast_to(g[:1], g.shape))
 
 
-def _search(impl: Any) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=VLLM_NVFP4_W4A16, problems=problems(configs=NV_CONFIGS),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+NV_PROBLEMS = problems(configs=NV_CONFIGS)
 
 
 def test_search_passes_the_model_and_kills_the_global_scale_applied_twice() -> None:
-    assert _search(model_impl) is None
-    assert _search(with_global_scales(lambda g: g)) is None
-    found = _search(applied_twice)
+    assert shrunk(model_impl(VLLM_NVFP4_W4A16), VLLM_NVFP4_W4A16, NV_PROBLEMS, SEARCH) is None
+    assert shrunk(with_global_scales(lambda g: g), VLLM_NVFP4_W4A16, NV_PROBLEMS,
+                  SEARCH) is None
+    found = shrunk(applied_twice, VLLM_NVFP4_W4A16, NV_PROBLEMS, SEARCH)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
 
 

@@ -18,12 +18,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
 from oracle.judge.bounds import quantisation_error_bound
 from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, profile_from_dict
@@ -133,12 +133,6 @@ def test_the_sound_bound_fails_without_the_e2m1_activation_term() -> None:
 # Mutants
 
 
-def model_impl(profile: KernelProfile) -> Callable[[Problem], list[tuple[Array, Array]]]:
-    def impl(problem: Problem) -> list[tuple[Array, Array]]:
-        return [(r.out, r.expert_token_nums)
-                for r in oracle.run(problem, numerics=Numerics(kernel=profile)).ranks]
-    return impl
-
 
 def _stacked(problem: Problem, r: int, name: str) -> Array:
     e = problem.config.experts_per_rank
@@ -211,18 +205,12 @@ def _with_gemms(name: str, cls: type, which: tuple[int, ...] = (1, 2)) -> Kernel
     return dataclasses.replace(VLLM_NVFP4.with_steps("nvfp4", **steps), name=name)
 
 
-def _search(impl: Callable[[Problem], Any]) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=VLLM_NVFP4, problems=problems(configs=W4A4_CONFIGS),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+W4A4_PROBLEMS = problems(configs=W4A4_CONFIGS)
 
 
 def test_search_passes_the_model() -> None:
-    assert _search(model_impl(VLLM_NVFP4)) is None
-    assert _search(own_scales) is None
+    assert shrunk(model_impl(VLLM_NVFP4), VLLM_NVFP4, W4A4_PROBLEMS, SEARCH) is None
+    assert shrunk(own_scales, VLLM_NVFP4, W4A4_PROBLEMS, SEARCH) is None
 
 
 def _witness(ep: int, experts: int, tokens: tuple[int, ...], expert: int,
@@ -248,13 +236,14 @@ def test_search_kills_the_scale_bugs() -> None:
     rank 0's scales, EP=2 E=1 M=[0, 1]; GEMM1's alpha unwritten, EP=1 E=1 M=[1]; the e4m3
     cast without its clamp, EP=1 E=1 M=[1] with a planted |x| = 32 beyond the calibration
     (K = 16, I = 8, top_k = 1 each): the witnesses of the tests below."""
-    found = _search(first_expert)
+    found = shrunk(first_expert, VLLM_NVFP4, W4A4_PROBLEMS, SEARCH)
     assert found is not None and found.config.experts_per_rank == 2
-    found = _search(rank_zero)
+    found = shrunk(rank_zero, VLLM_NVFP4, W4A4_PROBLEMS, SEARCH)
     assert found is not None and found.config.ep_size == 2
-    found = _search(ALPHA_UNWRITTEN)
+    found = shrunk(ALPHA_UNWRITTEN, VLLM_NVFP4, W4A4_PROBLEMS, SEARCH)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
-    found = _search(model_impl(_with_gemms("unclamped", Unclamped)))
+    found = shrunk(model_impl(_with_gemms("unclamped", Unclamped)), VLLM_NVFP4, W4A4_PROBLEMS,
+                   SEARCH)
     assert found is not None and max(np.abs(r.x.astype(np.float32)).max(initial=0)
                                      for r in found.ranks) > 8
 

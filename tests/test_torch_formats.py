@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip(
     "torch", reason="oracle.adapters.torch_io needs the optional extra 'torch'")
 
+from gate_search import failure, shrunk  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_scale_layout import PACKED, linear_read, packed_linear, packed_reversed  # noqa: E402
@@ -157,12 +158,7 @@ def _search(layout: str, read: Callable[[Array, int, int], Array],
             drawn: st.SearchStrategy[Problem] = FP8_PROBLEMS) -> Problem | None:
     impl = ot.implementation(layout_kernel(layout, read), scales="float32",
                              scale_layout=layout)
-    try:
-        check_implementation(impl, kernel=VLLM_TRITON_FP8, problems=drawn,
-                             settings=SMALL, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+    return shrunk(impl, VLLM_TRITON_FP8, drawn, SMALL)
 
 
 def test_strided_layouts_reach_the_kernel_as_deepgemm_strides() -> None:
@@ -291,12 +287,8 @@ def _gate(read: Callable[[Array, int, int], Array], kernel: KernelProfile = DEEP
           drawn: st.SearchStrategy[Problem] | None = None, search: settings = FEW) -> str | None:
     """The report of the gate on the packed-ue8m0 kernel reading with ``read``, or None."""
     impl = ot.implementation(layout_kernel(PACKED, read, DEEPGEMM), scale_layout=PACKED)
-    try:
-        check_implementation(impl, kernel=kernel, problems=drawn, settings=search,
-                             save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.report
-    return None
+    found = failure(impl, kernel, drawn, search)
+    return None if found is None else found.report
 
 
 def test_the_deepgemm_profile_gates_a_packed_kernel_with_no_map() -> None:

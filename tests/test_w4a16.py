@@ -16,13 +16,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from gate_search import model_impl, shrunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_mxfp4 import assert_float_path
 
 import oracle
 from oracle import Numerics
-from oracle.check.harness import ConformanceError, check_implementation
 from oracle.model.kernels import VLLM_MARLIN_W4A16
 from spec import DTYPES, OpConfig, Problem, ShapeError, random_problem
 from spec.int4 import GROUP, dequantise_groups, expand_groups, quantise_groups
@@ -105,10 +105,6 @@ def test_profile_is_the_float_path_on_the_dequantised_weights(problem: Problem) 
     assert_float_path(problem, VLLM_MARLIN_W4A16.name)
 
 
-def model_impl(problem: Problem) -> list[tuple[Array, Array]]:
-    return [(r.out, r.expert_token_nums) for r in oracle.run(problem, numerics=PROFILE).ranks]
-
-
 def dequantising_with(how: Callable[[Array, Array, Array, Any], Array]) -> Callable[
         [Problem], list[tuple[Array, Array]]]:
     """A kernel that dequantises with ``how`` and then runs the float path."""
@@ -128,23 +124,19 @@ def dequantising_with(how: Callable[[Array, Array, Array, Any], Array]) -> Calla
     return impl
 
 
-def _search(impl: Any) -> Problem | None:
-    try:
-        check_implementation(impl, kernel=VLLM_MARLIN_W4A16, problems=problems(configs=W4_CONFIGS),
-                             settings=SEARCH, save_dir=None, isolate=False)
-    except ConformanceError as exc:
-        return exc.problem
-    return None
+W4_PROBLEMS = problems(configs=W4_CONFIGS)
 
 
 def test_search_passes_the_model_and_its_float_path_twin() -> None:
-    assert _search(model_impl) is None
-    assert _search(dequantising_with(dequantise_groups)) is None
+    assert shrunk(model_impl(VLLM_MARLIN_W4A16), VLLM_MARLIN_W4A16, W4_PROBLEMS, SEARCH) is None
+    assert shrunk(dequantising_with(dequantise_groups), VLLM_MARLIN_W4A16, W4_PROBLEMS,
+                  SEARCH) is None
 
 
 def test_search_kills_zero_points_not_subtracted() -> None:
     """Shrunk to one token: every weight is off by ``z·s``."""
-    found = _search(dequantising_with(_no_zero_points))
+    found = shrunk(dequantising_with(_no_zero_points), VLLM_MARLIN_W4A16, W4_PROBLEMS,
+                   SEARCH)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
 
 
@@ -166,7 +158,8 @@ def test_groups_of_64_show_only_beyond_one_group() -> None:
 @pytest.mark.slow
 def test_search_kills_groups_of_64() -> None:
     """Shrunk to one token with a reduction longer than 128 (K = 160 or I = 136)."""
-    found = _search(dequantising_with(_groups_of_64))
+    found = shrunk(dequantising_with(_groups_of_64), VLLM_MARLIN_W4A16, W4_PROBLEMS,
+                   SEARCH)
     assert found is not None and sum(found.config.tokens_per_rank) == 1
     assert max(found.config.hidden, found.config.intermediate) > GROUP
 
