@@ -824,12 +824,12 @@ def _shared_rows(x: Array, group: Array, owner: Array, width: int,
     cols = x.shape[1]
     ids, first = np.unique(group.reshape(-1), return_index=True)
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).reshape(-1)[first]
-    block = first % max(cols, 1) // width
-    key = [block.astype(np.int64), bits.astype(np.int64)]
+    tag = first % max(cols, 1) // width  # the block, and the scale's key, packed in one int64
     if scale is not None:
-        key.append(scale[owner[ids], block])
-    _, inverse, counts = np.unique(np.stack(key, axis=1), axis=0, return_inverse=True,
-                                   return_counts=True)
+        keys = np.unique(scale[owner[ids], tag], return_inverse=True)[1].reshape(-1)
+        tag = keys * (int(tag.max(initial=0)) + 1) + tag
+    packed = tag.astype(np.int64) << 32 | bits.astype(np.int64)
+    _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
     shared = np.zeros(int(group.max(initial=-1)) + 1)
     shared[ids] = counts[inverse.reshape(-1)]
     return shared
@@ -839,8 +839,8 @@ def _equal_rows(x: Array) -> Array:
     """Per row, how many rows of ``x`` (itself included) are equal to it bit for bit."""
     if not x.size:
         return np.ones(x.shape[0])
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    _, inverse, counts = np.unique(bits, axis=0, return_inverse=True, return_counts=True)
+    rows = np.ascontiguousarray(x, dtype=np.float32).view(np.dtype((np.void, 4 * x.shape[1])))
+    _, inverse, counts = np.unique(rows.reshape(-1), return_inverse=True, return_counts=True)
     return np.asarray(counts[inverse.reshape(-1)], dtype=float)
 
 
