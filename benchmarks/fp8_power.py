@@ -245,7 +245,7 @@ def _roll(lists: Any) -> Any:
 def mx_power(shapes: list[tuple[int, int]]) -> list[str]:
     """MXFP4 W4A16 at the same shapes: the ideal judge (its row test reads the dequantised
     weights: no weight noise) and the profile's envelope, on its mutants and its model."""
-    lines = ["| K | I | output | ideal judge | row \\|s\\|/T (ideal) | profile judge |",
+    lines = ["| K | I | output | ideal judge | row ratio (ideal) | profile judge |",
              "|---|---|---|---|---|---|"]
     for k_len, i_len in shapes:
         cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
