@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,37 +141,63 @@ def rowtest_at(rev: str) -> Any:
     return module
 
 
-def power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
+Case = tuple[str, list[Array], KernelProfile]
+
+
+def power_table(before: str | None, lead: list[str], named: bool,
+                groups: Iterator[tuple[list[str], Judges, list[Case]]]) -> list[str]:
+    """The skeleton of both FP8 power tables: per group (its leading cells, its judges, its
+    cases: name, outputs, the profile judging them), each case's verdicts under both judges,
+    the row test's ratio (the worst row's ``|s|/T`` and the rows together, rowtest's
+    "Rows together"), and with ``before`` the ideal judge's ratio under that revision's
+    rowtest. ``named``: the profile judge's cell names the profile."""
     old = rowtest_at(before) if before else None
-    lines = ["| K | I | output | ideal judge | row \\|s\\|/T (ideal) | profile judge (profile) "
-             "| row \\|s\\|/T (profile) |"
-             + (f" row \\|s\\|/T (ideal) at {before} |" if old else ""),
-             f"|---|---|---|---|---|---|---|{'---|' if old else ''}"]
-    for k_len, i_len in shapes:
-        cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
-                       intermediate=i_len, tokens_per_rank=(8, 8), weight_dtype="float8_e4m3fn")
-        problem = problem_with(cfg, 0)
-        judges = Judges(problem)
-        old_rows = old.row_thresholds(problem, judges.ideal, IdealAssumptions()) if old else None
-        cases: list[tuple[str, list[Array], KernelProfile]] = [
-            (name, outs, PROFILE) for name, outs in bug_outputs(cfg, 0, PROFILE).items()]
-        cases += [
-            ("block size from the wrong scale dim (vllm #47103)",
-             run_outs(problem, WRONG_DIM), PROFILE),
-            ("UE8M0 rounded to nearest", run_outs(problem, NEAREST), UE8M0),
-            ("no clamp, UE8M0 to nearest", run_outs(problem, UNCLAMPED), UE8M0),
-            ("a wrong expert's scales (sglang #36597)",
-             [o for o, _ in wrong_expert_scales(problem)], PROFILE),
-        ]
-        cases += [(name, run_outs(problem, p), PROFILE) for name, p in OF_PROFILE.items()]
-        cases += [(name, run_outs(problem, p), p) for name, p in OF_FORMAT.items()]
+    head = ["K", "I", *lead, "output", "ideal judge", "row ratio (ideal)",
+            "of which: worst row \\|s\\|/T, rows together",
+            "profile judge (profile)" if named else "profile judge", "row ratio (profile)"]
+    head += [f"row ratio (ideal) at {before}"] if old else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cells, judges, cases in groups:
+        old_rows = (old.row_thresholds(judges.problem, judges.ideal, IdealAssumptions())
+                    if old else None)
         for name, outs, profile in cases:
             by_ideal, by_profile, r_ideal, r_profile = judges(outs, profile)
-            then = f" {old_rows.judge(outs).ratio:.3g} |" if old_rows else ""
-            lines.append(f"| {k_len} | {i_len} | {name} | {by_ideal} | {r_ideal:.3g} | "
-                         f"{by_profile} ({profile.name}) | {r_profile:.3g} |{then}")
-        print(f"power K={k_len} I={i_len} done", flush=True)
+            parts = judges.rows["ideal"].judge(outs)
+            row = [*cells, name, by_ideal, f"{r_ideal:.3g}",
+                   f"{parts.projection:.3g}, {parts.together:.3g}",
+                   f"{by_profile} ({profile.name})" if named else by_profile,
+                   f"{r_profile:.3g}"]
+            row += [f"{old_rows.judge(outs).ratio:.3g}"] if old_rows else []
+            lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _config(k_len: int, i_len: int, **format_: Any) -> OpConfig:
+    return OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len, intermediate=i_len,
+                    tokens_per_rank=(8, 8), weight_dtype="float8_e4m3fn", **format_)
+
+
+def power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
+    def groups() -> Iterator[tuple[list[str], Judges, list[Case]]]:
+        for k_len, i_len in shapes:
+            cfg = _config(k_len, i_len)
+            problem = problem_with(cfg, 0)
+            cases: list[Case] = [
+                (name, outs, PROFILE) for name, outs in bug_outputs(cfg, 0, PROFILE).items()]
+            cases += [
+                ("block size from the wrong scale dim (vllm #47103)",
+                 run_outs(problem, WRONG_DIM), PROFILE),
+                ("UE8M0 rounded to nearest", run_outs(problem, NEAREST), UE8M0),
+                ("no clamp, UE8M0 to nearest", run_outs(problem, UNCLAMPED), UE8M0),
+                ("a wrong expert's scales (sglang #36597)",
+                 [o for o, _ in wrong_expert_scales(problem)], PROFILE),
+            ]
+            cases += [(name, run_outs(problem, p), PROFILE) for name, p in OF_PROFILE.items()]
+            cases += [(name, run_outs(problem, p), p) for name, p in OF_FORMAT.items()]
+            yield [str(k_len), str(i_len)], Judges(problem), cases
+            print(f"power K={k_len} I={i_len} done", flush=True)
+
+    return power_table(before, [], True, groups())
 
 
 #: The loud_row family's amax (spec.strategies.FP8_ROW_FAMILIES), for bf16 x.
@@ -187,30 +214,20 @@ def _loud_first(x: Array) -> Array:
 def channel_power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
     """fp8_channel at the same shapes: both judges (the profile's is torch-scaled-grouped-mm's
     envelope, then its row test) on the gross bugs, the format's mutants and its model."""
-    old = rowtest_at(before) if before else None
-    lines = ["| K | I | tokens | output | ideal judge | row \\|s\\|/T (ideal) | profile judge "
-             "| row \\|s\\|/T (profile) |"
-             + (f" row \\|s\\|/T (ideal) at {before} |" if old else ""),
-             f"|---|---|---|---|---|---|---|---|{'---|' if old else ''}"]
-    for k_len, i_len in shapes:
-        cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len, intermediate=i_len,
-                       tokens_per_rank=(8, 8), weight_dtype="float8_e4m3fn", scale_dims=1)
-        for tokens, change in (("normal", {}), ("first loud (2^21)", {"x": _loud_first})):
-            problem = problem_with(cfg, 0, **change)
-            judges = Judges(problem, CHANNEL)
-            old_rows = (old.row_thresholds(problem, judges.ideal, IdealAssumptions()) if old
-                        else None)
-            cases = ({} if change else bug_outputs(cfg, 0, CHANNEL))
-            cases |= {"per-tensor activation scale": run_outs(problem, PER_TENSOR),
-                      "expert 0's scales for all": [o for o, _ in expert0_scales(problem)],
-                      "(legitimate: the profile's model)": run_outs(problem, CHANNEL)}
-            for name, outs in cases.items():
-                by_ideal, by_profile, r_ideal, r_profile = judges(outs, CHANNEL)
-                then = f" {old_rows.judge(outs).ratio:.3g} |" if old_rows else ""
-                lines.append(f"| {k_len} | {i_len} | {tokens} | {name} | {by_ideal} | "
-                             f"{r_ideal:.3g} | {by_profile} | {r_profile:.3g} |{then}")
-        print(f"channel K={k_len} I={i_len} done", flush=True)
-    return lines
+    def groups() -> Iterator[tuple[list[str], Judges, list[Case]]]:
+        for k_len, i_len in shapes:
+            cfg = _config(k_len, i_len, scale_dims=1)
+            for tokens, change in (("normal", {}), ("first loud (2^21)", {"x": _loud_first})):
+                problem = problem_with(cfg, 0, **change)
+                cases = ({} if change else bug_outputs(cfg, 0, CHANNEL))
+                cases |= {"per-tensor activation scale": run_outs(problem, PER_TENSOR),
+                          "expert 0's scales for all": [o for o, _ in expert0_scales(problem)],
+                          "(legitimate: the profile's model)": run_outs(problem, CHANNEL)}
+                yield ([str(k_len), str(i_len), tokens], Judges(problem, CHANNEL),
+                       [(name, outs, CHANNEL) for name, outs in cases.items()])
+            print(f"channel K={k_len} I={i_len} done", flush=True)
+
+    return power_table(before, ["tokens"], False, groups())
 
 
 def _with_scales(problem: Problem, f: Any) -> list[Array]:
@@ -228,7 +245,7 @@ def _roll(lists: Any) -> Any:
 def mx_power(shapes: list[tuple[int, int]]) -> list[str]:
     """MXFP4 W4A16 at the same shapes: the ideal judge (its row test reads the dequantised
     weights: no weight noise) and the profile's envelope, on its mutants and its model."""
-    lines = ["| K | I | output | ideal judge | row \\|s\\|/T (ideal) | profile judge |",
+    lines = ["| K | I | output | ideal judge | row ratio (ideal) | profile judge |",
              "|---|---|---|---|---|---|"]
     for k_len, i_len in shapes:
         cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
@@ -343,10 +360,11 @@ def alarm_summary(n_rejected: int, n_pairs: int, worst: dict[str, tuple[float, s
     top = max(worst.values())
     lines = [
         f"- rejected calls: **{n_rejected}** of {n_pairs}",
-        f"- largest row |s|/T observed: **{top[0]:.3g}** ({top[1]}); margin to the threshold "
+        f"- largest row test ratio observed (the worst row's |s|/T or the rows together's "
+        f"sqrt(Q/q)): **{top[0]:.3g}** ({top[1]}); margin to the threshold "
         f"{1 / max(top[0], 1e-12):.1f}x",
         "",
-        "| kernel, judge | max row \\|s\\|/T | where |",
+        "| kernel, judge | max row test ratio | where |",
         "|---|---|---|",
         *(f"| {key} | {ratio:.3g} | {where} |" for key, (ratio, where) in worst.items()),
     ]
@@ -390,21 +408,21 @@ def main(argv: list[str] | None = None) -> int:
         "tagged scales), x ~ N(0, 1). `ideal judge`: as `compare(numerics=\"ideal\")` (sound "
         "bound, then the row test with the default assumptions); `profile judge`: as "
         "`compare` with the named profile (its envelope, then the row test with its "
-        "assumptions); each names the test that rejected. `row |s|/T`: the row test's worst "
-        "ratio of "
-        "projection to threshold (above 1 rejects). The UE8M0 mutants are judged by the "
-        "profile with UE8M0 scales (vLLM's `use_ue8m0`).",
+        "assumptions); each names the test that rejected. `row ratio`: the row test's "
+        "(above 1 rejects), the larger of the worst row's ratio of projection to threshold "
+        "(`|s|/T`) and the rows together's `sqrt(Q/q)` (rowtest, \"Rows together\"), both "
+        "shown for the ideal judge. The UE8M0 mutants are judged by the profile with UE8M0 "
+        "scales (vLLM's `use_ue8m0`).",
         "",
         *power_lines,
         "",
-        "Round 3 (issue 25): the row test's FP8 requantisation term no longer charges every "
-        "element the z-sigma widening of the kernel's `a'` (rowtest, \"FP8 requantisation "
-        "without the widening\": a fixed part plus the activation noise's linear part, bounded "
-        "jointly with the activation's projection), and the SwiGLU remainder's sub-gamma part "
-        "joins the first-order terms by Chernoff's bound minimised over λ (`_chernoff`), not "
-        "the closed form that charged the whole variance its scale; the last column, where "
-        "present, is the "
-        "ideal judge's ratio under the rowtest of the `--before` revision, in the same run.",
+        "Round 4 (issue 25): the row test adds \"Rows together\" (rowtest): the sum over the "
+        "call's rows of their squared projections, each in units of its legitimate spread, "
+        "against a Chernoff limit for a sum of squared sub-Gaussian terms, with a quarter of "
+        "the rows' false-alarm budget (the worst row's `|s|/T` is about 1 % lower for the "
+        "rest); it catches an error spread over every row. The last column, where present, is "
+        "the ideal judge's ratio under the rowtest of the `--before` revision, in the same "
+        "run.",
         "",
         "## FP8 per token and channel: power at the same shapes",
         "",

@@ -313,7 +313,7 @@ TERM_WITNESSES = {
                        381, False),
     "remainder": (OpConfig(ep_size=1, experts_per_rank=1, top_k=8, hidden=16, intermediate=1,
                            tokens_per_rank=(64,), x_dtype="float16", weight_dtype="float16"),
-                  452, True),
+                  30, True),
 }
 
 

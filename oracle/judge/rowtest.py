@@ -148,8 +148,32 @@ fixed before the output is seen: :func:`_requantisation`). At K = 7168, I = 160 
 row's ``V`` falls by about 13 % and the threshold by 6–7 %
 (benchmarks/FP8_POWER.md).
 
-Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the projections, and
-the projections' share over the tested rows (union bound, ``L = ln(2n_rows/(δ/2))``): under
+Rows together. A bug that moves every row a little (an output scale a few percent off, a scale
+rounded the wrong way in every group) stays below each row's ``T`` and yet shows in all of them
+at once. Per tested row, ``z = max(|s| − R − b, 0)/σ`` with ``σ²`` the row's proxy (the
+first-order terms, the FP8 requantisation at the widened ``|a| + E_a``) and the centred
+remainder in one of two forms: in ``σ²`` by its ranges (Hoeffding), ``b`` its mean bound; or
+bounded outright, ``b`` the mean bound plus Bernstein's ``sqrt(2νL') + cL'`` on an event of its
+own (``L'`` its union bound over the rows); each row takes the form with the smaller ``b +
+σ·sqrt(q/n)``, fixed before the output is seen. So ``z <= |X|/σ`` for the row's centred
+stochastic part ``X``. Rows of different tokens round different values, except where the same
+variable reaches several rows: bitwise-equal tokens (all of the row's variables: ``σ²`` times
+their count), and an element value of ``x`` that other rows hold in the same group (a scale
+they may share: int8 the same amax, FP8 and NVFP4 any, their scale rules differ): a variable
+reaching ``m`` rows enters each row's ``σ²`` times ``m`` (Cauchy–Schwarz, ``(Σ_{r≤m} a_r)² <=
+m·Σ a_r²``). As within a row, intermediate values that coincide by chance (two tokens' equal
+``a'`` in one column) count as independent roundings; the legitimate pairs of the power
+benchmarks measure what that costs. Then ``E exp(λᵀ(X/σ)) <= exp(|λ|²/2)`` for every ``λ``, and
+``Q = Σ z² <= |X/σ|²`` has ``E exp(ηQ) <= (1 − 2η)^(−n/2)`` by the Gaussian decoupling above;
+Chernoff's bound at its optimum gives ``P(Q >= q) <= δ_Q`` where ``n/2·(q/n − 1 − ln(q/n)) =
+ln(1/δ_Q)`` (:func:`_chi_square_limit`). The call is rejected where ``Q > q``; its ratio is
+``sqrt(Q/q)``. At K = 7168, I = 2048 (FP8 block, 16 rows) ``q/n`` is 5.6, against a per-row
+threshold of about (5.3σ)²: an error of 0.45 T on every row is caught, one row at 0.9 T is not.
+
+Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the rows; of the
+rows' share ``δ/2``, :data:`_TOGETHER_SHARE` goes to "Rows together" (half to ``Q``, half
+to the remainder's event) and the rest to the
+projections, over the tested rows (union bound, ``L = ln(2n_rows/(3δ/8))``): under
 the model, a call with a legitimate output is rejected with probability at most
 ``false_alarm``. The coefficients are computed in float32: ``V`` and ``R`` are widened by
 ``(1 + γ_{K+N})``.
@@ -206,6 +230,8 @@ _NORMAL32 = 2.0**-126
 _E4M3_SLOPE = E4M3_UNIT + 3 * F32.unit
 #: The weights ε tried in "FP8 requantisation without the widening" (each is a valid bound).
 _SPLIT_EPS = 2.0 ** np.arange(-6.0, 3.5, 0.5)
+#: The share of the projections' false-alarm budget given to "Rows together".
+_TOGETHER_SHARE = 0.25
 #: The fractions of the sub-Gaussian optimum λ tried by :func:`_chernoff`.
 _LAMBDA_GRID = 2.0 ** np.linspace(-4.0, 0.0, 33)
 
@@ -219,6 +245,10 @@ class RowVerdict:
     rank: int | None
     token: int | None
     message: str
+    #: The two tests' own ratios: the worst row's ``|s|/T``, and "Rows together"'s
+    #: ``sqrt(Q/q)``; ``ratio`` is the larger.
+    projection: float = 0.0
+    together: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +263,9 @@ class RowThresholds:
     threshold: tuple[Array, ...]
     judged_by: tuple[Array, ...]
     assumptions: IdealAssumptions
+    spread: tuple[Array, ...]
+    shift: tuple[Array, ...]
+    limit: float
 
     def statistics(self, outs: Sequence[Array]) -> tuple[Array, ...]:
         """Per rank, ``ŵ·(got − out*)/|out*|`` per row (0 where not tested)."""
@@ -247,25 +280,44 @@ class RowThresholds:
         return tuple(stats)
 
     def judge(self, outs: Sequence[Array]) -> RowVerdict:
-        """Reject the call if any tested row's ``|s|`` exceeds its threshold."""
+        """Reject the call if any tested row's ``|s|`` exceeds its threshold, or if the rows
+        together do (``Q = Σ z²`` above its limit, module docstring, "Rows together")."""
         worst = (0.0, -1, -1, 0.0, 0.0)
-        for r, (s, t) in enumerate(zip(self.statistics(outs), self.threshold)):
+        loudest = (0.0, -1, -1)
+        q = 0.0
+        for r, (s, t, sd, sh) in enumerate(zip(self.statistics(outs), self.threshold,
+                                               self.spread, self.shift)):
             if not s.size:
                 continue
             with np.errstate(invalid="ignore"):
                 ratios = np.where(np.isfinite(t), np.abs(s) / t, 0.0)
+            z2 = np.maximum(np.abs(s) - sh, 0.0) ** 2 / sd**2  # 0 where not tested (sd inf)
+            q += float(z2.sum())
             k = int(np.argmax(ratios))
             if ratios[k] > worst[0]:
                 worst = (float(ratios[k]), r, k, float(s[k]), float(t[k]))
+            j = int(np.argmax(z2))
+            if z2[j] > loudest[0]:
+                loudest = (float(z2[j]), r, j)
         top, r, k, s_k, t_k = worst
-        if top <= 1:
-            return RowVerdict(True, top, None, None, "rows conform")
+        together = math.sqrt(q / self.limit)
+        ratio = max(top, together)
+        if ratio <= 1:
+            return RowVerdict(True, ratio, None, None, "rows conform", top, together)
+        if top > 1:
+            return RowVerdict(
+                False, ratio, r, k,
+                f"rank {r}, token {k}: error projection on the ideal row {s_k:+.3g} x |row| "
+                f"where legitimate kernels stay within ±{t_k:.3g} (row test, false-alarm "
+                f"probability {self.assumptions.false_alarm:g})", top, together)
+        _, r, k = loudest
         return RowVerdict(
-            False, top, r, k,
-            f"rank {r}, token {k}: error projection on the ideal row {s_k:+.3g} x |row| where "
-            f"legitimate kernels stay within ±{t_k:.3g} (row test, false-alarm probability "
-            f"{self.assumptions.false_alarm:g})",
-        )
+            False, ratio, r, k,
+            f"the rows together: their error projections, each in units of its legitimate "
+            f"spread, have sum of squares {q:.4g} where legitimate kernels stay within "
+            f"{self.limit:.4g} (row test, rows together; false-alarm probability "
+            f"{self.assumptions.false_alarm:g}); the largest share is rank {r}, token {k}'s",
+            top, together)
 
 
 def row_test(
@@ -306,17 +358,24 @@ def _channel_form(w: Array, scale: Array | None) -> tuple[Array, Array | None]:
     return w, None if scale is None else scale.astype(np.float64)
 
 
-def _weight_pass(w: Array, squared: Array, transposed: Array) -> tuple[Array, Array]:
+def _weight_pass(w: Array, squared: Array, transposed: Array,
+                 tiled: bool) -> tuple[Array, Array, Array]:
     """One pass over ``w`` (R, C), converted to float32 a chunk of rows at a time
     (:func:`oracle.adapters.gemm.weight_products`): ``squared @ w²`` with one more row, the
-    column sums of ``w²``, summed over the chunks in float64; and ``transposed @ wᵀ``.
-    Float32 products of chunks summed in float64 err less than one float32 product of the
-    whole reduction, and the torch backend's float64 products less still: the
-    ``(1 + γ_{K+N})`` widening of the coefficients covers all three."""
-    left_sq = np.concatenate([squared, np.ones((1, w.shape[0]))]).astype(np.float32)
+    column sums of ``w²``, summed over the chunks in float64; ``transposed @ wᵀ``; and where
+    ``tiled`` (FP8, :func:`_accumulation`) the sums of ``w²`` over each tile of
+    :data:`spec.fp8.BLOCK` rows, from more rows of the same product (not a second float32
+    copy of ``w`` squared outside the pass). Float32 products of chunks summed in float64
+    err less than one float32 product of the whole reduction, and the torch backend's
+    float64 products less still: the ``(1 + γ_{K+N})`` widening of the coefficients covers
+    all three."""
+    n = w.shape[0]
+    tiles = (np.arange(n) // BLOCK == np.arange(-(-n // BLOCK) if tiled else 0)[:, None])
+    left_sq = np.concatenate([squared, np.ones((1, n)), tiles]).astype(np.float32)
     out_sq, out_t = weight_products(w, [Product(left_sq, "square"),
                                         Product(transposed, transposed=True)])
-    return out_sq, out_t
+    cut = squared.shape[0] + 1
+    return out_sq[:cut], out_t, out_sq[cut:]
 
 
 def row_thresholds(
@@ -418,6 +477,7 @@ def row_thresholds(
     spread_x = np.zeros((total, k_len))  # NVFP4: Σ over a token's slots of |α|·c per element
     alpha_x = np.zeros((total, k_len))
     var_act = np.zeros(total)  # the activation's share of var
+    act_shared = np.zeros(total)  # and its proxy where rows may share a variable ("Rows together")
     var = np.zeros(total)
     # FP8 requantisation (point 4): Σβ_a²c_req² with c_req at the widened |a| + E_a, or the
     # split of "FP8 requantisation without the widening": its fixed part and its linear part
@@ -489,19 +549,19 @@ def row_thresholds(
         # through W1d, with Σ_k m·c²·W1d_kn² (the activation's variance) and Σ_k W1d_kn².
         p = probs.reshape(-1)[slots]
         beta_y = (p[:, None] * direction[tok]).astype(np.float32)
-        sq2, by_w2 = _weight_pass(w2, np.zeros((0, i_len)), beta_y if f2 is None
-                                  else (beta_y * f2).astype(np.float32))
+        sq2, by_w2, tiles2 = _weight_pass(w2, np.zeros((0, i_len)), beta_y if f2 is None
+                                          else (beta_y * f2).astype(np.float32), fp8)
         col2 = sq2[-1] if f2 is None else sq2[-1] * f2**2
         beta_a = by_w2.astype(np.float64)
         beta_h = np.concatenate([beta_a * d_g, beta_a * d_u], axis=1)
-        sq1, bh_w1 = _weight_pass(w1, mu * cr**2,
-                                  (beta_h if f1 is None else beta_h * f1).astype(np.float32))
+        sq1, bh_w1, tiles1 = _weight_pass(
+            w1, mu * cr**2, (beta_h if f1 is None else beta_h * f1).astype(np.float32), fp8)
         np.add.at(alpha_x, tok, bh_w1.astype(np.float64))
         col1 = sq1[-1] if f1 is None else sq1[-1] * f1**2  # Σ_k W1d_kn²
         v_act = cm[:, None] ** 2 * (sq1[:-1] if f1 is None else sq1[:-1] * f1**2)
         v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
-        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + ce, w1, f1, col1, fp8)
+        c_h = u_s * np.abs(h) + _accumulation(ax[tok] + ce, tiles1, f1, col1, fp8)
         e_h = z_h * np.sqrt(v_act) + _tie_shift(dr, w1, f1) * cm[:, None]
         if nv:  # the activation's noise and its deterministic part, per element of x
             alpha_abs = np.abs(bh_w1.astype(np.float64))
@@ -548,7 +608,7 @@ def row_thresholds(
         e_y = np.sqrt(np.einsum("ri,ri->r", e_a2, e_a2))[:, None] * np.sqrt(col2)
         e_y_norm[slots] = e_y
 
-        c_acc2 = _accumulation(a_mag + e_a2, w2, f2, col2, fp8)
+        c_acc2 = _accumulation(a_mag + e_a2, tiles2, f2, col2, fp8)
         y_mag = np.abs(np.nan_to_num(y_star[slots])) + e_y
         slot_var = (
             on["gemm1"] * np.einsum("rn,rn->r", beta_h**2, c_h**2 * ~band)
@@ -606,6 +666,11 @@ def row_thresholds(
         terms = on["activation"] * np.abs(sums) * c_group
         var_act = np.bincount(owner, weights=grid * terms**2, minlength=total).astype(float)
         var += var_act
+        # int8: one scale per token, a function of its amax; FP8: the scale rules differ
+        # (float32, UE8M0 rounded up, MXFP8's e8m0), so any rows may share one.
+        sharing = _shared_rows(x, group, owner, width if fp8 else max(k_len, 1),
+                               None if fp8 else np.ascontiguousarray(amax).view(np.int64)[:, None])
+        act_shared += np.bincount(owner, weights=sharing * grid * terms**2, minlength=total)
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     if nv and total:
         # NVFP4: a token's slots quantise x under their experts' scales; per element the
@@ -615,8 +680,11 @@ def row_thresholds(
         sums = np.bincount(group.reshape(-1), weights=spread_x.reshape(-1))
         owner = np.zeros(sums.shape[0], dtype=np.int64)
         owner[group.reshape(-1)] = np.repeat(np.arange(total), k_len)
-        var += np.bincount(owner, weights=grid * (on["activation"] * sums) ** 2,
-                           minlength=total)
+        terms2 = grid * (on["activation"] * sums) ** 2
+        var_act = np.bincount(owner, weights=terms2, minlength=total).astype(float)
+        var += var_act
+        sharing = _shared_rows(x, group, owner, NV_BLOCK, None)
+        act_shared += np.bincount(owner, weights=sharing * terms2, minlength=total)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
     reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
@@ -639,7 +707,23 @@ def row_thresholds(
 
     widen = 1 + F32.gamma(k_len + n_len)
     n_rows = max(int((tested | unasked).sum()), 1)  # rows not asked count as tested
-    log_row = math.log(2 * n_rows / (delta / 2))
+    log_row = math.log(2 * n_rows / (delta / 2 * (1 - _TOGETHER_SHARE)))
+    # "Rows together": each row's sub-Gaussian proxy, the FP8 requantisation widened; rows
+    # that may share a rounding (equal values under a scale they may share, equal tokens) by
+    # Cauchy–Schwarz over the rows sharing it. The remainder either joins the proxy by its
+    # ranges or is bounded outright on an event of its own; each row takes the form whose
+    # ratio is smaller at the limit's typical z (both fixed before the output is seen).
+    eq = _equal_rows(x)
+    first = var - var_act + (req_widened if fp8 else 0.0)
+    limit = _chi_square_limit(n_rows, delta / 4 * _TOGETHER_SHARE)
+    log_rem = math.log(2 * n_rows / (delta / 4 * _TOGETHER_SHARE))
+    by_ranges = np.sqrt((first + hoeffding_rem) * eq + act_shared)
+    outright = np.sqrt(first * eq + act_shared)
+    tail = np.sqrt(2 * var_rem * log_rem) + range_rem * log_rem
+    z_typ = math.sqrt(limit / n_rows)
+    use_tail = tail + z_typ * outright < z_typ * by_ranges
+    joint_sd = np.where(use_tail, outright, by_ranges)
+    joint_shift = bias_rem + np.where(use_tail, tail, 0.0)
     if fp8:
         var = _requantisation(var, var_act, req_widened, req_fixed, req_linear, log_row)
     # Hoeffding (every first-order term sub-Gaussian, an FP8 grid rounding with proxy c²/3),
@@ -664,13 +748,17 @@ def row_thresholds(
     tested &= ~coherent
     with np.errstate(divide="ignore", invalid="ignore"):
         threshold = np.where(tested, (stochastic + det) / norm, np.inf)
+        spread = np.where(tested, joint_sd * widen / norm, np.inf)
+        shift = np.where(tested, (det + joint_shift * widen) / norm, 0.0)
+    spread = np.where(np.isfinite(spread) & (spread > 0), spread, np.inf)
     cuts = np.cumsum(cfg.tokens_per_rank)[:-1]
 
     def split(a: Array) -> tuple[Array, ...]:
         return tuple(np.split(a, cuts))
 
     return RowThresholds(tuple(ideal.trace.combined), split(direction), split(norm),
-                         split(threshold), split(reasons), assumptions)
+                         split(threshold), split(reasons), assumptions, split(spread),
+                         split(shift), limit)
 
 
 def _chernoff(var: Array, nu: Array, scale: Array, log: float) -> Array:
@@ -709,6 +797,51 @@ def _requantisation(var: Array, var_act: Array, widened: Array, fixed: Array, li
             split = var - var_act + (1 + eps) * fixed + (shared + var_act) / (1 - rho)
         best = np.where(rho < 1, np.minimum(best, split), best)
     return np.asarray(best)
+
+
+def _chi_square_limit(rows: int, delta: float) -> float:
+    """The ``q`` with ``P(Q >= q) <= delta`` for ``Q = Σ z_r²`` over ``rows`` terms whose
+    vector ``z`` has ``E exp(αᵀz) <= exp(|α|²/2)``: Chernoff's bound with ``E exp(ηQ) <=
+    (1 − 2η)^(−rows/2)`` (Hsu, Kakade, Zhang 2012, the proof of their Thm 1), at its optimum
+    ``η = (1 − rows/q)/2``: ``rows/2·(x − 1 − ln x) = ln(1/delta)``, ``x = q/rows > 1``,
+    solved by bisection (the left side grows with ``x``)."""
+    target = math.log(1 / delta)
+    lo, hi = 1.0, 2.0
+    while rows / 2 * (hi - 1 - math.log(hi)) < target:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rows / 2 * (mid - 1 - math.log(mid)) < target else (lo, mid)
+    return rows * hi
+
+
+def _shared_rows(x: Array, group: Array, owner: Array, width: int,
+                 scale: Array | None) -> Array:
+    """Per value group of :func:`_value_groups` (``group`` per element, ``owner`` the row of
+    each group), the number of rows holding the same value in the same ``width`` columns
+    under the same ``scale`` key (per row and block; ``None``: any scale): the rows that
+    may round that value identically, one variable they share."""
+    cols = x.shape[1]
+    ids, first = np.unique(group.reshape(-1), return_index=True)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).reshape(-1)[first]
+    tag = first % max(cols, 1) // width  # the block, and the scale's key, packed in one int64
+    if scale is not None:
+        keys = np.unique(scale[owner[ids], tag], return_inverse=True)[1].reshape(-1)
+        tag = keys * (int(tag.max(initial=0)) + 1) + tag
+    packed = tag.astype(np.int64) << 32 | bits.astype(np.int64)
+    _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
+    shared = np.zeros(int(group.max(initial=-1)) + 1)
+    shared[ids] = counts[inverse.reshape(-1)]
+    return shared
+
+
+def _equal_rows(x: Array) -> Array:
+    """Per row, how many rows of ``x`` (itself included) are equal to it bit for bit."""
+    if not x.size:
+        return np.ones(x.shape[0])
+    rows = np.ascontiguousarray(x, dtype=np.float32).view(np.dtype((np.void, 4 * x.shape[1])))
+    _, inverse, counts = np.unique(rows.reshape(-1), return_inverse=True, return_counts=True)
+    return np.asarray(counts[inverse.reshape(-1)], dtype=float)
 
 
 def _tie_shift(c_ties: Array, w: Array, f: Array | None) -> Array:
@@ -798,11 +931,12 @@ def _e2m1_ties(x: Array, gscale: float) -> Array:
     return np.asarray((below != above) & (e2m1(t) != t))
 
 
-def _accumulation(rows: Array, w: Array, f: Array | None, col_sq: Array, fp8: bool) -> Array:
+def _accumulation(rows: Array, w_t: Array, f: Array | None, col_sq: Array, fp8: bool) -> Array:
     """Per row and column, the bound ``c`` of a GEMM's accumulation error as a bounded
-    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; the weights
-    ``Wd = w·diag(f)``, read only for FP8; ``col_sq``: their squares' column sums). float32
-    in any order:
+    zero-mean term (``rows``: bounds on the operands' magnitudes, float64; ``w_t``: the
+    column sums of ``w²`` per tile of :data:`spec.fp8.BLOCK` rows (:func:`_weight_pass`),
+    used only for FP8, of the weights ``Wd = w·diag(f)``; ``col_sq``: their squares' column
+    sums). float32 in any order:
     ``γ_n·||a||·||W_c||`` (Higham §3.1, Cauchy–Schwarz). FP8 block scale
     (oracle.model.kernels.BlockGemm): a tile of ``m_t <= 128`` products summed with
     :data:`FP8_DOT_BITS` bits makes ``m_t`` roundings, each within ``2^-bits`` of a partial
@@ -818,8 +952,6 @@ def _accumulation(rows: Array, w: Array, f: Array | None, col_sq: Array, fp8: bo
     starts = np.arange(0, n, BLOCK)
     lengths = np.diff(np.append(starts, n))
     rows_t = np.add.reduceat(rows**2, starts, axis=1) * lengths if n else rows[:, :0]
-    w_sq = np.square(w.astype(np.float32))
-    w_t = np.add.reduceat(w_sq, starts, axis=0, dtype=np.float64) if n else w_sq[:0]
     if f is not None:
         w_t = w_t * f**2
     tiles = 2.0**-FP8_DOT_BITS * np.sqrt(rows_t @ w_t)

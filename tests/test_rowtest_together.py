@@ -1,0 +1,93 @@
+"""The row test's "Rows together" (:mod:`oracle.judge.rowtest`): the sum of the rows' squared
+projections, each in units of its legitimate spread, against a sound limit. It catches an
+error spread thinly over every row that no single row's projection shows, passes the
+legitimate kernels, and counts bitwise-equal tokens as one variable (without that, equal
+rows' equal errors would add up as if independent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import oracle
+import oracle.judge.rowtest as rowtest
+from oracle.judge.rowtest import row_thresholds
+from spec import OpConfig, Problem, random_problem
+
+Array = np.ndarray[Any, Any]
+
+
+def _problem(x: Array | None = None) -> Problem:
+    """64 tokens on one rank (int8 weights, bf16 x): enough rows for the sum to matter."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=256, intermediate=128,
+                   tokens_per_rank=(64,))
+    return random_problem(cfg, seed=3, **({} if x is None else {"x": [x]}))
+
+
+def _scaled(outs: list[Array], factor: float, rows: slice = slice(None)) -> list[Array]:
+    scaled = [o.copy() for o in outs]
+    for o, s in zip(scaled, outs):
+        o[rows] = (s[rows].astype(np.float32) * factor).astype(s.dtype)
+    return scaled
+
+
+def test_an_output_two_percent_high_on_every_row_is_caught_by_the_rows_together() -> None:
+    """Every row 2 % high: each row's projection stays within its threshold (about 0.6 of
+    it), their sum of squares does not; the same error on one row passes, and the
+    legitimate kernels pass both tests."""
+    problem = _problem()
+    th = row_thresholds(problem, oracle.run(problem, numerics="ideal"))
+    model = [r.out for r in oracle.run(problem).ranks]
+    everywhere = th.judge(_scaled(model, 1.02))
+    assert not everywhere.ok and everywhere.projection < 1 < everywhere.together
+    assert "the rows together" in everywhere.message
+    assert "false-alarm probability 1e-09" in everywhere.message
+    assert th.judge(_scaled(model, 1.02, slice(5, 6))).ok
+    for kernel in ("ascend-a3", "vllm-triton"):
+        verdict = th.judge([r.out for r in oracle.run(problem, numerics=kernel).ranks])
+        assert verdict.ok and max(verdict.projection, verdict.together) < 0.3, (kernel, verdict)
+
+
+def test_compare_rejects_it_in_ideal_mode() -> None:
+    problem = _problem()
+    result = oracle.run(problem)
+    outs = _scaled([r.out for r in result.ranks], 1.02)
+    verdict = oracle.compare(problem, [(o, r.expert_token_nums)
+                                       for o, r in zip(outs, result.ranks)], numerics="ideal")
+    assert not verdict.ok and "rows together" in verdict.message
+
+
+def test_equal_tokens_count_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 copies of one token err alike: an output whose rows are all 2 spreads off along
+    the ideal row (one legitimate draw at 2σ, repeated) passes; counting the copies as
+    independent rows (their multiplicity dropped, a judge's mutant) rejects it."""
+    x = np.repeat(_problem().ranks[0].x[:1], 64, axis=0)
+    problem = _problem(x)
+    ideal = oracle.run(problem, numerics="ideal")
+
+    def two_spreads(th: rowtest.RowThresholds) -> list[Array]:
+        return [(want + ((shift + 2 * spread) * norm)[:, None] * w).astype(np.float32)
+                for want, w, norm, spread, shift in zip(th.ideal, th.direction, th.norm,
+                                                        th.spread, th.shift)]
+
+    right = row_thresholds(problem, ideal)
+    monkeypatch.setattr(rowtest, "_equal_rows", lambda x: np.ones(x.shape[0]))
+    monkeypatch.setattr(rowtest, "_shared_rows", lambda x, group, *_: np.ones(
+        int(group.max(initial=-1)) + 1))
+    counted_apart = row_thresholds(problem, ideal)
+    outs = two_spreads(counted_apart)
+    assert right.judge(outs).ok
+    verdict = counted_apart.judge(outs)
+    assert not verdict.ok and verdict.projection < 1 < verdict.together
+
+
+def test_the_limit_is_chernoffs_for_a_chi_square() -> None:
+    """``n/2·(x − 1 − ln x) = ln(1/δ)`` at ``x = q/n``; one row needs more than the
+    per-row Gaussian quantile, many rows little more than their count."""
+    for rows, delta in ((1, 1e-9), (16, 1e-10), (4096, 1e-3)):
+        x = rowtest._chi_square_limit(rows, delta) / rows
+        assert rows / 2 * (x - 1 - np.log(x)) == pytest.approx(np.log(1 / delta), rel=1e-9)
+    assert rowtest._chi_square_limit(1, 1e-9) > 2 * np.log(2 / 1e-9)
+    assert rowtest._chi_square_limit(4096, 1e-3) < 1.2 * 4096
