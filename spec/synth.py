@@ -30,8 +30,9 @@ from spec.mxfp4 import quantise_mx
 from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv
 from spec.problem import DTYPES, Problem, RankInputs
 
-__all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "random_problem",
-           "softmax_probs", "uniform_routing"]
+__all__ = ["INT4_TABLE", "expert_tag", "expert_weights", "int4_uniform", "int8_uniform",
+           "normal_tokens", "normal_weights", "random_problem", "softmax_probs", "table_draw",
+           "uniform_routing"]
 
 Array = np.ndarray[Any, Any]
 
@@ -50,8 +51,7 @@ def _w8a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _w4a8(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     # int4 uniform on -8..7 has standard deviation ~4.61.
-    w1 = rng.integers(-8, 8, size=(e, k, n), dtype=np.int8)
-    w2 = rng.integers(-8, 8, size=(e, i, k), dtype=np.int8)
+    w1, w2 = (int4_uniform(rng, shape) for shape in ((e, k, n), (e, i, k)))
     s1 = (rng.uniform(0.5, 1.5, size=(e, n)) / (4.61 * np.sqrt(k))).astype(np.float32)
     s2 = (rng.uniform(0.5, 1.5, size=(e, k)) / (4.61 * np.sqrt(i))).astype(np.float32)
     return {"w1": pack_int4(w1), "w2": pack_int4(w2), "scale1": s1, "scale2": s2,
@@ -69,18 +69,18 @@ def expert_tag(e: Array) -> Array:
 def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
                names: tuple[str, ...] = ("w", "scale"), zero_block: int = 0) -> Callable[
         [OpConfig, np.random.Generator], dict[str, np.ndarray]]:
-    """The generator of a scaled format: normal weights with standard deviation
-    ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`, turned by ``quantise``
-    (given x's dtype) into the variant's lists of each GEMM, ``names`` numbered by the GEMM
-    (``w1, scale1``, ``w2, scale2``). ``zero_block``: the first that many rows of the last
-    expert's first column are zero, a block whose scale is 0."""
+    """The generator of a scaled format: float32 normal weights (:func:`normal_weights`) with
+    standard deviation ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`,
+    turned by ``quantise`` (given x's dtype) into the variant's lists of each GEMM, ``names``
+    numbered by the GEMM (``w1, scale1``, ``w2, scale2``). ``zero_block``: the first that
+    many rows of the last expert's first column are zero, a block whose scale is 0."""
 
     def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
         e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
-        tag = expert_tag(np.arange(e))[:, None, None]
+        tag = expert_tag(np.arange(e))
         out: dict[str, np.ndarray] = {}
         for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
-            w = rng.standard_normal((e, rows, cols)) * (tag / np.sqrt(rows))
+            w = normal_weights(rng, (e, rows, cols), tag / np.sqrt(rows), np.float32)
             w[-1, :zero_block, 0] = 0
             parts = quantise(w, DTYPES[config.x_dtype])
             out.update(zip((f"{name}{g}" for name in names), parts, strict=True))
@@ -92,14 +92,8 @@ def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
 def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
     dtype = DTYPES[config.weight_dtype]
-    # bfloat16 through float32: ml_dtypes casts float64 to bfloat16 8x slower than float32
-    # (14.6 vs 1.8 ms for 0.5 M values); the double rounding moves about one value in 2^16.
-    via = np.float32 if config.weight_dtype == "bfloat16" else dtype
-    return {
-        name: (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(via)
-        .astype(dtype, copy=False)
-        for name, shape in (("w1", (e, k, n)), ("w2", (e, i, k)))
-    }
+    return {name: normal_weights(rng, shape, np.full(e, 1 / np.sqrt(shape[1])), dtype)
+            for name, shape in (("w1", (e, k, n)), ("w2", (e, i, k)))}
 
 
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
@@ -175,6 +169,39 @@ PARALLEL_WORDS = 1 << 22
 #: of a slice-sized temporary written, page-faulted and read again (0.1 s against 0.4-0.6 s
 #: for one rank's W1 at K = 7168 on one core; ``benchmarks/PRODUCTION_SHAPES.md``).
 PIECE_WORDS = 1 << 18
+#: :func:`table_draw` takes its words this many at a time: the gather's indices, widened to
+#: 64 bits by ``np.take``, then stay in cache (256 KiB).
+TABLE_PIECE_WORDS = 1 << 13
+
+
+def _each_piece(bits: Any, count: int, piece: int, fill: Callable[[Array, int], None]) -> None:
+    """Hands the next ``count`` raw 64-bit words of the bit generator ``bits`` to
+    ``fill(words, first)`` (``first``: the index of ``words[0]`` among them), at most
+    ``piece`` at a time, and leaves ``bits`` past them. A PCG64 draw of at least
+    :data:`PARALLEL_WORDS` words is split over one thread per core (the same words: each
+    slice from a copy of the generator advanced to its start); ``PCG64.advance`` drops a
+    buffered 32-bit half."""
+    threads = 1
+    if isinstance(bits, np.random.PCG64):
+        threads = max(min(os.cpu_count() or 1, -(-count // PARALLEL_WORDS)), 1)
+    cuts = [count * j // threads for j in range(threads + 1)]
+    state = bits.state
+
+    def draw(j: int) -> None:
+        own = bits
+        if threads > 1:
+            own = np.random.PCG64()
+            own.state = state
+            own.advance(cuts[j])
+        for start in range(cuts[j], cuts[j + 1], piece):
+            fill(own.random_raw(min(piece, cuts[j + 1] - start)), start)
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(draw, range(threads)))
+        bits.advance(count)
+    else:
+        draw(0)
 
 
 def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -188,8 +215,7 @@ def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     ``rng.integers`` (and a big-endian machine)."""
     size = math.prod(shape)
     bits = rng.bit_generator
-    state: Any = bits.state
-    if (not isinstance(bits, np.random.PCG64) or state["has_uint32"]
+    if (not isinstance(bits, np.random.PCG64) or bits.state["has_uint32"]
             or sys.byteorder != "little"):  # the bytes of a word are read in memory order
         return rng.integers(-128, 128, size=shape, dtype=np.int8)
     halves = -(-size // 4)  # 32-bit outputs used
@@ -197,24 +223,12 @@ def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     if not count:
         return np.zeros(shape, np.int8)
     out = np.empty(count, np.uint64)
-    threads = max(min(os.cpu_count() or 1, -(-count // PARALLEL_WORDS)), 1)
-    cuts = [count * j // threads for j in range(threads + 1)]
     flip = np.uint64(0x8080808080808080)  # the top bit of every byte
 
-    def draw(j: int) -> None:
-        own = np.random.PCG64()
-        own.state = state
-        own.advance(cuts[j])
-        for start in range(cuts[j], cuts[j + 1], PIECE_WORDS):
-            stop = min(start + PIECE_WORDS, cuts[j + 1])
-            np.bitwise_xor(own.random_raw(stop - start), flip, out=out[start:stop])
+    def fill(words: Array, first: int) -> None:
+        np.bitwise_xor(words, flip, out=out[first:first + words.size])
 
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(draw, range(threads)))
-    else:
-        draw(0)
-    bits.advance(count)
+    _each_piece(bits, count, PIECE_WORDS, fill)
     # next_uint32 keeps the last word's high half: buffered if halves is odd, else spent.
     after: Any = bits.state
     flat = out.view(np.uint8)
@@ -222,6 +236,78 @@ def int8_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     after["has_uint32"], after["uinteger"] = halves % 2, last
     bits.state = after
     return flat[:size].view(np.int8).reshape(shape)
+
+
+def table_draw(rng: np.random.Generator, table: Array, shape: tuple[int, ...]) -> np.ndarray:
+    """``table[u]`` of a ``shape`` array, ``u`` the successive 16-bit quarters (in memory
+    order) of the next raw 64-bit words of ``rng``'s bit generator, which ends past them:
+    i.i.d. draws from the 2^16 entries of ``table``, in its dtype (:data:`INT4_TABLE`,
+    :func:`normal_weights`). The cheapest bulk draw there is after raw bytes: about 3 ns a
+    value against 27 for ``standard_normal`` (``benchmarks/PRODUCTION_SHAPES.md``, stop 4)."""
+    out = np.empty(shape, table.dtype)
+    _fill_from_table(rng, table, out.reshape(-1))
+    return out
+
+
+def _fill_from_table(rng: np.random.Generator, table: Array, flat: Array) -> None:
+    """:func:`table_draw` into the 1-D array ``flat``."""
+    if table.shape != (1 << 16,):
+        raise ValueError(f"table_draw: the table has shape {table.shape}; it must have "
+                         f"{1 << 16} entries (one per 16-bit index): pass a 1-D table of "
+                         f"that length")
+
+    def fill(words: Array, first: int) -> None:
+        start = 4 * first
+        stop = min(start + 4 * words.size, flat.size)
+        np.take(table, words.view(np.uint16)[:stop - start], out=flat[start:stop],
+                mode="clip")  # "raise" buffers the output (NumPy's documentation)
+
+    _each_piece(rng.bit_generator, -(-flat.size // 4), TABLE_PIECE_WORDS, fill)
+
+
+#: int4 uniform on -8..7 as a :func:`table_draw` table: every value 2^12 times.
+INT4_TABLE = (np.arange(1 << 16) % 16 - 8).astype(np.int8)
+
+
+#: Arrays of fewer values are drawn as before the tables (``standard_normal``,
+#: ``integers``): at most about 30 ms, where a table's fixed cost (2^16 normals, one table per
+#: slice) would be a good part of the draw; the small problems the tests draw keep their values.
+DIRECT_DRAWS = 1 << 20
+
+
+def int4_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """int8 values uniform on -8..7: :func:`table_draw` of :data:`INT4_TABLE` from
+    :data:`DIRECT_DRAWS` values up, ``rng.integers`` below."""
+    if math.prod(shape) < DIRECT_DRAWS:
+        return rng.integers(-8, 8, size=shape, dtype=np.int8)
+    return table_draw(rng, INT4_TABLE, shape)
+
+
+def normal_weights(rng: np.random.Generator, shape: tuple[int, ...], std: Array,
+                   dtype: np.dtype[Any] | type) -> np.ndarray:
+    """A ``shape`` array of ``dtype`` whose slice ``[j]`` is distributed about as N(0,
+    ``std[j]``²) rounded to ``dtype`` (bfloat16 through float32, others directly).
+    From :data:`DIRECT_DRAWS` values up, a :func:`table_draw` (about 3 ns a value against
+    27 for ``standard_normal``) from 2^16 values of N(0, 1) drawn from ``rng``, standardised
+    (mean 0 and standard deviation 1 exactly, so the spread is ``std`` up to the sampling of
+    the draw itself) and scaled per slice: tails end at the table's extremes, about 4.3
+    standard deviations, and every value keeps a full mantissa, so products of such weights
+    round as products of normal ones do. ``tests/test_synth.py`` checks the spread, the
+    shape, the mantissas and the slices' independence, on both paths."""
+    scale = np.asarray(std, np.float64)
+    via = np.float32 if np.dtype(dtype) == DTYPES["bfloat16"] else dtype  # ml_dtypes casts
+    # float64 to bfloat16 8x slower than float32; the double rounding moves about one value
+    # in 2^16
+    if math.prod(shape) < DIRECT_DRAWS:
+        w = rng.standard_normal(shape) * scale.reshape(-1, *(1,) * (len(shape) - 1))
+        return w.astype(via).astype(dtype, copy=False)
+    base = rng.standard_normal(1 << 16)
+    base = (base - base.mean()) / base.std()
+    out = np.empty(shape, dtype)
+    for j, s in enumerate(scale):
+        table = (base * s).astype(via).astype(dtype, copy=False)
+        _fill_from_table(rng, table, out[j].reshape(-1))
+    return out
 
 
 def normal_tokens(config: OpConfig, rng: np.random.Generator, tokens: int) -> np.ndarray:

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spec.synth import int8_uniform
+from spec.problem import DTYPES
+from spec.synth import INT4_TABLE, int4_uniform, int8_uniform, normal_weights, table_draw
 
 Draw = Callable[[np.random.Generator, tuple[int, ...]], Any]
 SHAPES = [(0,), (1,), (3,), (4,), (5,), (8,), (9,), (2, 3, 5), (1000, 7), (4097,)]
@@ -120,3 +121,119 @@ def test_adopt_validates_like_the_constructor() -> None:
             build([rank])
         messages.append(str(caught.value))
     assert messages[0] == messages[1] and "expert_idx" in messages[0]
+
+
+# Float and int4 weights: draws from a table of 2^16 values indexed by the raw words' 16-bit
+# quarters (issue 26: about 3 ns a value against 27 for standard_normal). What the judge and
+# the power benchmarks rely on, each shown failing on a mutant generator:
+# the spread (std[j] per slice: activations O(1), scale1/scale2 sized for it), the normal
+# shape, the full mantissa (roundings as normal weights give), independent slices (experts),
+# and the same values however many threads draw them.
+
+FloatDraw = Callable[[np.random.Generator, tuple[int, ...], Any, Any], Any]
+STD = np.array([0.03, 0.06, 0.045])
+
+
+#: Three slices of 2^15 values (drawn directly) and of 2^19 (from the table).
+SHAPES_DRAWN = [(3, 256, 128), (3, 512, 1024)]
+
+
+def _faults(draw: FloatDraw, dtype: Any, shape: tuple[int, ...]) -> list[str]:
+    """The properties a draw of three slices breaks, by name."""
+    w = np.asarray(draw(np.random.default_rng(5), shape, STD, dtype))
+    found = []
+    if w.dtype != np.dtype(dtype) or w.shape != shape:
+        return ["dtype or shape"]
+    z = w.astype(np.float64).reshape(3, -1) / STD[:, None]
+    if np.abs(z.std(axis=1) - 1).max() > 0.02 or np.abs(z.mean(axis=1)).max() > 0.03:
+        found.append("spread")
+    inside, tail = (np.abs(z) < 1).mean(), (np.abs(z) > 2).mean()
+    if abs(inside - 0.6827) > 0.01 or abs(tail - 0.0455) > 0.005 or np.abs(z).max() < 3.5:
+        found.append("shape")
+    bits = w.view(np.uint16 if w.itemsize == 2 else np.uint32)
+    mantissa = bits & (0x7F if w.itemsize == 2 else 0xFF)  # bf16's 7 bits, float32's low 8
+    one_binade = (np.abs(z) >= 1) & (np.abs(z) < 2) if w.itemsize == 2 else np.abs(z) > 0.1
+    if np.unique(mantissa.reshape(3, -1)[one_binade]).size < (128 if w.itemsize == 2 else 250):
+        found.append("mantissa")
+    if abs(np.corrcoef(z[0], z[1])[0, 1]) > 0.05 or np.array_equal(z[0] > 0, z[2] > 0):
+        found.append("independence")
+    return found
+
+
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: uniform values of the same spread."""
+    u = rng.uniform(-np.sqrt(3), np.sqrt(3), shape) * np.asarray(std)[:, None, None]
+    return u.astype(np.float32).astype(dtype)
+
+
+def _wide(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: a spread 10 % too wide."""
+    return normal_weights(rng, shape, np.asarray(std) * 1.1, dtype)
+
+
+def _coarse(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: the low mantissa bits constant (a table of few distinct values)."""
+    w = normal_weights(rng, shape, std, dtype)
+    bits = w.view(np.uint16 if w.itemsize == 2 else np.uint32)
+    return (bits & ~type(bits[0, 0, 0])(0x3F if w.itemsize == 2 else 0xFFFF)).view(w.dtype)
+
+
+def _shared(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: every slice the first one's draw, scaled."""
+    first = normal_weights(rng, (1, *shape[1:]), np.ones(1), np.float32)
+    return (first * np.asarray(std)[:, None, None]).astype(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES_DRAWN)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_normal_weights_keep_spread_shape_mantissa_and_independence(
+        dtype: str, shape: tuple[int, ...]) -> None:
+    assert _faults(normal_weights, np.dtype(DTYPES.get(dtype, dtype)), shape) == []
+
+
+def test_normal_weights_are_the_same_on_any_number_of_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    one = normal_weights(np.random.default_rng(2), (2, 1024, 512), np.ones(2), np.float32)
+    monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert np.array_equal(
+        normal_weights(np.random.default_rng(2), (2, 1024, 512), np.ones(2), np.float32), one)
+
+
+@pytest.mark.parametrize(("mutant", "fault"), [(_uniform, "shape"), (_wide, "spread"),
+                                               (_coarse, "mantissa"), (_shared, "independence")])
+@pytest.mark.parametrize("shape", SHAPES_DRAWN)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_weight_mutants_are_caught(mutant: FloatDraw, fault: str, dtype: str,
+                                   shape: tuple[int, ...]) -> None:
+    assert fault in _faults(mutant, np.dtype(DTYPES.get(dtype, dtype)), shape)
+
+
+def test_table_draw_is_the_raw_words_quarters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``table[u]`` for the next raw words' 16-bit quarters, the generator left past them:
+    the same on one thread or three, whole pieces or two words at a time (the piece loop is
+    int8_uniform's, whose mutants above show these comparisons failing)."""
+    table = np.arange(1 << 16, dtype=np.uint16)[::-1].copy()
+    draws = []
+    for threads, piece in ((1, 1 << 13), (3, 2)):
+        monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1 if threads > 1 else 1 << 22)
+        monkeypatch.setattr("spec.synth.TABLE_PIECE_WORDS", piece)
+        monkeypatch.setattr("os.cpu_count", lambda threads=threads: threads)
+        a, b = np.random.default_rng(9), np.random.default_rng(9)
+        got = table_draw(a, table, (7, 5))
+        words = b.bit_generator.random_raw(9)
+        assert np.array_equal(got.reshape(-1), table[words.view(np.uint16)[:35]])
+        assert a.bit_generator.random_raw() == b.bit_generator.random_raw()
+        draws.append(got)
+    assert np.array_equal(*draws)
+    with pytest.raises(ValueError, match="65536 entries"):
+        table_draw(np.random.default_rng(0), table[:5], (3,))
+
+
+@pytest.mark.parametrize("size", [1 << 16, 1 << 20])
+def test_int4_weights_are_uniform(size: int) -> None:
+    """Drawn directly and from :data:`INT4_TABLE` (every value 2^12 times)."""
+    assert np.bincount(INT4_TABLE + 8, minlength=16).tolist() == [4096] * 16
+    w = int4_uniform(np.random.default_rng(1), (size,))
+    assert w.dtype == np.int8
+    assert np.abs(np.bincount(w + 8, minlength=16) / (size / 16) - 1).max() < 0.1
