@@ -38,7 +38,8 @@ Run from the repository root::
 
 ``--variant`` names gate variants (``spec.fields.GATE_VARIANTS``: each at its first x
 dtype); ``--steps synthesis`` times the synthesis alone and prints one row per shape and
-variant, seconds only (no floors).
+variant, wall and CPU seconds (``time.process_time``: every thread's, the figure a loaded
+machine moves least), no floors.
 
 Not a timed test.
 """
@@ -123,8 +124,16 @@ def measure(shape: str, variant: str, repeat: int, steps: tuple[str, ...] = STEP
     k, i = SHAPES[shape]
     cfg = _config(shape, variant)
     if steps == ("synthesis",):  # seconds only: no floors
-        seconds = _best(lambda: random_problem(cfg, seed=0), repeat)[0]
-        return {"shape": shape, "variant": variant, "seconds": {"synthesis": seconds}}
+        cpu = []
+
+        def synthesis() -> None:
+            start = time.process_time()
+            random_problem(cfg, seed=0)
+            cpu.append(time.process_time() - start)
+
+        seconds = _best(synthesis, repeat)[0]
+        return {"shape": shape, "variant": variant, "seconds": {"synthesis": seconds},
+                "cpu": min(cpu)}
     floor = _floor(k, i, cfg.total_slots, repeat)
     seconds: dict[str, float] = {}
     verdicts: dict[str, str] = {}
@@ -175,15 +184,16 @@ def _cell(m: dict[str, Any], step: str) -> str:
 
 def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> str:
     if all("floor" not in m for m in after):  # synthesis only: one row per shape and variant
-        lines = ["| shape | variant | " + ("before | after | before / after |" if before
-                                          else "synthesis |"),
+        lines = ["cells: wall seconds (CPU seconds of all threads), best of --repeat each",
+                 "| shape | variant | " + ("before | after | before / after (wall, CPU) |"
+                                          if before else "synthesis |"),
                  "|---|---|---|" + ("---|---|" if before else "")]
         for n, m in enumerate(after):
-            t = m["seconds"]["synthesis"]
-            cells = [f"{t:.3g} s"]
+            t, c = m["seconds"]["synthesis"], m["cpu"]
+            cells = [f"{t:.3g} s ({c:.3g} s)"]
             if before:
-                b = before[n]["seconds"]["synthesis"]
-                cells = [f"{b:.3g} s", cells[0], f"{b / t:.3g}x"]
+                b, bc = before[n]["seconds"]["synthesis"], before[n]["cpu"]
+                cells = [f"{b:.3g} s ({bc:.3g} s)", cells[0], f"{b / t:.3g}x, {bc / c:.3g}x"]
             lines.append(f"| {m['shape']} | {m['variant']} | {' | '.join(cells)} |")
         return "\n".join(lines)
     lines = []

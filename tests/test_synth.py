@@ -134,12 +134,14 @@ FloatDraw = Callable[[np.random.Generator, tuple[int, ...], Any, Any], Any]
 STD = np.array([0.03, 0.06, 0.045])
 
 
-#: Three slices of 2^15 values (drawn directly) and of 2^19 (from the table).
-SHAPES_DRAWN = [(3, 256, 128), (3, 512, 1024)]
+SHAPE = (3, 256, 128)
 
 
-def _faults(draw: FloatDraw, dtype: Any, shape: tuple[int, ...]) -> list[str]:
-    """The properties a draw of three slices breaks, by name."""
+def _faults(draw: FloatDraw, dtype: Any, table: bool, monkeypatch: pytest.MonkeyPatch,
+            shape: tuple[int, ...] = SHAPE) -> list[str]:
+    """The properties a draw of three slices of 2^15 values breaks, by name: from the table,
+    or drawn directly (``DIRECT_DRAWS`` moved to take either path)."""
+    monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1 if table else 1 << 62)
     w = np.asarray(draw(np.random.default_rng(5), shape, STD, dtype))
     found = []
     if w.dtype != np.dtype(dtype) or w.shape != shape:
@@ -184,15 +186,16 @@ def _shared(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: A
     return (first * np.asarray(std)[:, None, None]).astype(dtype)
 
 
-@pytest.mark.parametrize("shape", SHAPES_DRAWN)
+@pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_normal_weights_keep_spread_shape_mantissa_and_independence(
-        dtype: str, shape: tuple[int, ...]) -> None:
-    assert _faults(normal_weights, np.dtype(DTYPES.get(dtype, dtype)), shape) == []
+        dtype: str, table: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _faults(normal_weights, np.dtype(DTYPES.get(dtype, dtype)), table, monkeypatch) == []
 
 
 def test_normal_weights_are_the_same_on_any_number_of_threads(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1)
     one = normal_weights(np.random.default_rng(2), (2, 1024, 512), np.ones(2), np.float32)
     monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1)
     monkeypatch.setattr("os.cpu_count", lambda: 3)
@@ -202,11 +205,11 @@ def test_normal_weights_are_the_same_on_any_number_of_threads(
 
 @pytest.mark.parametrize(("mutant", "fault"), [(_uniform, "shape"), (_wide, "spread"),
                                                (_coarse, "mantissa"), (_shared, "independence")])
-@pytest.mark.parametrize("shape", SHAPES_DRAWN)
+@pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_weight_mutants_are_caught(mutant: FloatDraw, fault: str, dtype: str,
-                                   shape: tuple[int, ...]) -> None:
-    assert fault in _faults(mutant, np.dtype(DTYPES.get(dtype, dtype)), shape)
+def test_weight_mutants_are_caught(mutant: FloatDraw, fault: str, dtype: str, table: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fault in _faults(mutant, np.dtype(DTYPES.get(dtype, dtype)), table, monkeypatch)
 
 
 def test_table_draw_is_the_raw_words_quarters(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,10 +233,11 @@ def test_table_draw_is_the_raw_words_quarters(monkeypatch: pytest.MonkeyPatch) -
         table_draw(np.random.default_rng(0), table[:5], (3,))
 
 
-@pytest.mark.parametrize("size", [1 << 16, 1 << 20])
-def test_int4_weights_are_uniform(size: int) -> None:
-    """Drawn directly and from :data:`INT4_TABLE` (every value 2^12 times)."""
+@pytest.mark.parametrize("table", [True, False])
+def test_int4_weights_are_uniform(table: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From :data:`INT4_TABLE` (every value 2^12 times) and drawn directly."""
     assert np.bincount(INT4_TABLE + 8, minlength=16).tolist() == [4096] * 16
-    w = int4_uniform(np.random.default_rng(1), (size,))
+    monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1 if table else 1 << 62)
+    w = int4_uniform(np.random.default_rng(1), (1 << 16,))
     assert w.dtype == np.int8
-    assert np.abs(np.bincount(w + 8, minlength=16) / (size / 16) - 1).max() < 0.1
+    assert np.abs(np.bincount(w + 8, minlength=16) / 4096 - 1).max() < 0.1
