@@ -34,7 +34,7 @@ Run from the repository root::
 
     PYTHONPATH=$PWD python benchmarks/production_shapes.py [--shape dsv3 mid] [--repeat 2]
         [--before /tmp/before-tree] [--gemm numpy|torch] [--variant w8a8 bf16 ...]
-        [--steps synthesis ...]
+        [--steps synthesis ...] [--ep 8]
 
 ``--variant`` names gate variants (``spec.fields.GATE_VARIANTS``: each at its first x
 dtype); ``--steps synthesis`` times the synthesis alone and prints one row per shape and
@@ -100,29 +100,30 @@ def _move_inside_envelope(out: Any, want: Any) -> None:
     out[t, c] = up[t, c]
 
 
-def _config(shape: str, variant: str) -> Any:
-    """The call at ``shape`` in the gate variant named ``variant`` (its first x dtype)."""
+def _config(shape: str, variant: str, ep: int = 8) -> Any:
+    """The call at ``shape`` in the gate variant named ``variant`` (its first x dtype), on
+    ``ep`` ranks of 4 experts and 8 tokens."""
     from spec import OpConfig
     from spec.fields import GATE_VARIANTS
 
     k, i = SHAPES[shape]
     gate = next(g for g in GATE_VARIANTS if g.name == variant)
-    return OpConfig(ep_size=8, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
-                    tokens_per_rank=(8,) * 8, weight_dtype=gate.weight_dtype,
+    return OpConfig(ep_size=ep, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
+                    tokens_per_rank=(8,) * ep, weight_dtype=gate.weight_dtype,
                     x_dtype=gate.x_dtypes[0], scale_dims=gate.scale_dims,
                     act_scheme=gate.act_scheme,
                     activation_scales=gate.variant.activation_scales)
 
 
 def measure(shape: str, variant: str, repeat: int, steps: tuple[str, ...] = STEPS,
-            ) -> dict[str, Any]:
+            ep: int = 8) -> dict[str, Any]:
     """Seconds of ``steps`` at ``shape`` (synthesis always), the floors, and every compare's
     verdict."""
     import oracle
     from spec import random_problem
 
     k, i = SHAPES[shape]
-    cfg = _config(shape, variant)
+    cfg = _config(shape, variant, ep)
     if steps == ("synthesis",):  # seconds only: no floors
         cpu = []
 
@@ -231,17 +232,19 @@ def main() -> None:
                         help="also time the source tree at PATH (same script, a subprocess)")
     parser.add_argument("--gemm", choices=("numpy", "torch"), default=None,
                         help="the GEMM backend of this tree (sets DFC_GEMM; default: as set)")
+    parser.add_argument("--ep", type=int, default=8,
+                        help="ranks of the call (8; --ep 1 --steps synthesis: one rank's draw)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gemm:
         os.environ["DFC_GEMM"] = args.gemm
     steps = tuple(s for s in STEPS if s in args.steps or s == "synthesis")
     argv = ["--shape", *args.shape, "--variant", *args.variant, "--repeat", str(args.repeat),
-            "--steps", *steps]
+            "--steps", *steps, "--ep", str(args.ep)]
     before = _before(args.before, argv) if args.before else None
     after = []
     for shape, variant in ((s, v) for s in args.shape for v in args.variant):
-        after.append(measure(shape, variant, args.repeat, steps))
+        after.append(measure(shape, variant, args.repeat, steps, args.ep))
         if args.json:
             print(json.dumps(after[-1]), flush=True)
     if not args.json:
