@@ -27,7 +27,7 @@ from spec.fp8 import quantise_blocks, quantise_channels
 from spec.int4 import GROUP, compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
-from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv
+from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv, tensor_global_scale
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "normal_weights",
@@ -66,23 +66,52 @@ def expert_tag(e: Array) -> Array:
     return np.asarray((1 + np.asarray(e) % 4) / 2)
 
 
+#: The strips :func:`_by_strips` quantises: a multiple of every block along the reduction
+#: (16, 32 and 128 rows), 2 MiB of float32 at 4 096 columns.
+STRIP_ROWS = 128
+
+Quantise = Callable[[Array, int], tuple[Array, ...]]
+
+
+def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
+    """The outputs of ``quantise(strip, j)`` over strips of :data:`STRIP_ROWS` rows of each
+    expert ``j`` of ``w`` (E, R, C), joined along the rows and stacked over experts. The
+    whole tensor's outputs where no block of ``quantise`` crosses a strip (blocks of rows
+    dividing :data:`STRIP_ROWS`, of any columns), with each strip's temporaries in cache:
+    what made quantising a DeepSeek-V3 rank cost several times its draw."""
+    parts = [[quantise(w[j, r:r + STRIP_ROWS], j) for r in range(0, w.shape[1], STRIP_ROWS)]
+             for j in range(w.shape[0])]
+    return tuple(np.stack([np.concatenate([strip[n] for strip in expert], axis=-2)
+                           for expert in parts]) for n in range(len(parts[0][0])))
+
+
+def _nv_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
+    """:func:`spec.nvfp4.quantise_nv` by strips, each under its expert's global scale."""
+    gs = tensor_global_scale(w)
+    return (*_by_strips(lambda strip, j: quantise_nv(strip, gs[j])[:2], w), gs)
+
+
 def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
-               names: tuple[str, ...] = ("w", "scale"), zero_block: int = 0) -> Callable[
+               names: tuple[str, ...] = ("w", "scale"), zero_block: int = 0,
+               strips: bool = True) -> Callable[
         [OpConfig, np.random.Generator], dict[str, np.ndarray]]:
     """The generator of a scaled format: float32 normal weights (:func:`normal_weights`) with
     standard deviation ``1/sqrt(reduction length)`` times the expert's :func:`expert_tag`,
     turned by ``quantise`` (given x's dtype) into the variant's lists of each GEMM, ``names``
     numbered by the GEMM (``w1, scale1``, ``w2, scale2``). ``zero_block``: the first that
-    many rows of the last expert's first column are zero, a block whose scale is 0."""
+    many rows of the last expert's first column are zero, a block whose scale is 0.
+    ``strips``: ``quantise`` is applied :func:`_by_strips` (its blocks never cross one)."""
 
     def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
         e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
         tag = expert_tag(np.arange(e))
         out: dict[str, np.ndarray] = {}
+        dtype = DTYPES[config.x_dtype]
         for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
             w = normal_weights(rng, (e, rows, cols), tag / np.sqrt(rows), np.float32)
             w[-1, :zero_block, 0] = 0
-            parts = quantise(w, DTYPES[config.x_dtype])
+            parts = (_by_strips(lambda strip, _: quantise(strip, dtype), w) if strips
+                     else quantise(w, dtype))
             out.update(zip((f"{name}{g}" for name in names), parts, strict=True))
         return out
 
@@ -100,12 +129,12 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 #: field name.
 _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
     "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
-    "fp8_channel": _quantised(lambda w, _: quantise_channels(w)),
+    "fp8_channel": _quantised(lambda w, _: quantise_channels(w), strips=False),  # per column
     "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
     "mxfp4_mxfp8": _quantised(lambda w, _: quantise_mx(w)),
     "int4_w4a16": _quantised(quantise_groups, ("w", "scale", "zero"), zero_block=GROUP),
-    "nvfp4_w4a16": _quantised(lambda w, _: quantise_nv(w), ("w", "scale", "gscale"),
-                              zero_block=NV_BLOCK),
+    "nvfp4_w4a16": _quantised(_nv_by_strips, ("w", "scale", "gscale"), zero_block=NV_BLOCK,
+                              strips=False),
     "float": _float}
 
 

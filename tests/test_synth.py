@@ -232,3 +232,39 @@ def test_the_table_draw_is_the_raw_words_quarters(monkeypatch: pytest.MonkeyPatc
     assert np.array_equal(*draws)
     with pytest.raises(ValueError, match="65536 entries"):
         _fill_from_table(np.random.default_rng(0), table[:5], np.empty(3, np.uint16))
+
+
+STRIPPED = ["fp8_block", "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16"]
+
+
+def _strip_mismatches(variant: str) -> list[str]:
+    """Where the scaled format's weights, quantised by strips of rows, differ from the same
+    weights quantised whole (spec.synth._quantised with strips=False): 2 experts of 300 x 200
+    (a partial strip and partial blocks), values over eight decades and a zero block."""
+    import spec.synth as synth
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((2, 300, 200)) * 10.0 ** rng.integers(-4, 4, (2, 300, 200)))
+    w = w.astype(np.float32)
+    w[-1, :130, 0] = 0
+    quantise = {"fp8_block": lambda v, _: synth.quantise_blocks(v),
+                "mxfp4_w4a16": lambda v, _: synth.quantise_mx(v),
+                "int4_w4a16": synth.quantise_groups}.get(variant)
+    dtype = DTYPES["bfloat16"]
+    if quantise is None:  # NVFP4: the global scale of each expert's whole tensor
+        got, want = synth._nv_by_strips(w, dtype), synth.quantise_nv(w)
+    else:
+        got = synth._by_strips(lambda strip, _: quantise(strip, dtype), w)
+        want = quantise(w, dtype)
+    return [f"output {n}" for n, (a, b) in enumerate(zip(got, want, strict=True))
+            if a.shape != b.shape or a.tobytes() != b.tobytes()]
+
+
+@pytest.mark.parametrize("variant", STRIPPED)
+def test_quantising_by_strips_is_quantising_whole(variant: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit; strips of 24 rows, which NVFP4's 16-row, MXFP4's 32-row and the others'
+    128-row blocks cross, differ."""
+    assert _strip_mismatches(variant) == []
+    monkeypatch.setattr("spec.synth.STRIP_ROWS", 24)
+    assert _strip_mismatches(variant)
