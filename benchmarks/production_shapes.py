@@ -47,6 +47,7 @@ Not a timed test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,12 +108,15 @@ def _config(shape: str, variant: str, ep: int = 8) -> Any:
     from spec.fields import GATE_VARIANTS
 
     k, i = SHAPES[shape]
-    gate = next(g for g in GATE_VARIANTS if g.name == variant)
+    gate: Any = next(g for g in GATE_VARIANTS if g.name == variant)
+    if hasattr(gate, "selection"):  # the row's spec.fields.Selection, OpConfig's field names
+        named = dataclasses.asdict(gate.selection)
+    else:  # a --before tree older than the Selection record
+        named = {"weight_dtype": gate.weight_dtype, "x_dtype": gate.x_dtypes[0],
+                 "scale_dims": gate.scale_dims, "act_scheme": gate.act_scheme,
+                 "activation_scales": gate.variant.activation_scales}
     return OpConfig(ep_size=ep, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
-                    tokens_per_rank=(8,) * ep, weight_dtype=gate.weight_dtype,
-                    x_dtype=gate.x_dtypes[0], scale_dims=gate.scale_dims,
-                    act_scheme=gate.act_scheme,
-                    activation_scales=gate.variant.activation_scales)
+                    tokens_per_rank=(8,) * ep, **named)
 
 
 def measure(shape: str, variant: str, repeat: int, steps: tuple[str, ...] = STEPS,
