@@ -209,10 +209,10 @@ TABLE_PIECE_WORDS = 1 << 13
 def _each_piece(bits: Any, count: int, piece: int, fill: Callable[[Array, int], None]) -> None:
     """Hands the next ``count`` raw 64-bit words of the bit generator ``bits`` to
     ``fill(words, first)`` (``first``: the index of ``words[0]`` among them), at most
-    ``piece`` at a time, and leaves ``bits`` past them. A PCG64 draw of at least
-    :data:`PARALLEL_WORDS` words is split over one thread per core (the same words: each
-    slice from a copy of the generator advanced to its start); ``PCG64.advance`` drops a
-    buffered 32-bit half."""
+    ``piece`` at a time, and leaves ``bits`` past them as ``random_raw`` does (a buffered
+    32-bit half kept). A PCG64 draw of at least :data:`PARALLEL_WORDS` words is split over
+    one thread per core (the same words: each slice from a copy of the generator advanced to
+    its start), and ends in the same state: a problem is the same on any number of cores."""
     threads = 1
     if isinstance(bits, np.random.PCG64):
         threads = max(min(os.cpu_count() or 1, -(-count // PARALLEL_WORDS)), 1)
@@ -231,7 +231,10 @@ def _each_piece(bits: Any, count: int, piece: int, fill: Callable[[Array, int], 
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(draw, range(threads)))
-        bits.advance(count)
+        bits.advance(count)  # which drops a buffered half: put back
+        after = bits.state
+        after["has_uint32"], after["uinteger"] = state["has_uint32"], state["uinteger"]
+        bits.state = after
     else:
         draw(0)
 
@@ -290,11 +293,11 @@ def _fill_from_table(rng: np.random.Generator, table: Array, flat: Array) -> Non
 
 
 #: Arrays of fewer values are drawn as before the table (``standard_normal``): at most
-#: about 0.2 s. The problems the tests draw, up to 2 experts of
-#: K = 7 168 and I = 160, keep their values, among them the seeded problems on which
-#: ``tests/test_fp8.py`` shows a bound of the row test catching what another misses (with
-#: the tables from 2^20 values up, three of them no longer did at their seeds). DeepSeek-V3's
-#: arrays (117 M values a rank) are far above.
+#: about 0.2 s. The problems the tests draw, up to 2 experts of K = 7 168 and I = 160, keep
+#: their values, among them the seeded problems on which ``tests/test_fp8.py`` shows a bound
+#: of the row test catching what another misses (with the table from 2^20 values up, three
+#: of them no longer did at their seeds). DeepSeek-V3's arrays (117 M values a rank) are far
+#: above.
 DIRECT_DRAWS = 1 << 23
 
 
@@ -310,9 +313,9 @@ def normal_weights(rng: np.random.Generator, shape: tuple[int, ...], std: Array,
     round as products of normal ones do. ``tests/test_synth.py`` checks the spread, the
     shape, the mantissas and the slices' independence, on both paths."""
     scale = np.asarray(std, np.float64)
-    via = np.float32 if np.dtype(dtype) == DTYPES["bfloat16"] else dtype  # ml_dtypes casts
-    # float64 to bfloat16 8x slower than float32; the double rounding moves about one value
-    # in 2^16
+    # bfloat16 through float32: ml_dtypes casts float64 to bfloat16 8x slower than float32;
+    # the double rounding moves about one value in 2^16.
+    via = np.float32 if np.dtype(dtype) == DTYPES["bfloat16"] else dtype
     if math.prod(shape) < DIRECT_DRAWS:
         w = rng.standard_normal(shape) * scale.reshape(-1, *(1,) * (len(shape) - 1))
         return w.astype(via).astype(dtype, copy=False)
