@@ -33,7 +33,13 @@ sees one). On a GPU machine, the NumPy and torch backends side by side, one comm
 Run from the repository root::
 
     PYTHONPATH=$PWD python benchmarks/production_shapes.py [--shape dsv3 mid] [--repeat 2]
-        [--before /tmp/before-tree] [--gemm numpy|torch]
+        [--before /tmp/before-tree] [--gemm numpy|torch] [--variant w8a8 bf16 ...]
+        [--steps synthesis ...] [--ep 8]
+
+``--variant`` names gate variants (``spec.fields.GATE_VARIANTS``: each at its first x
+dtype); ``--steps synthesis`` times the synthesis alone and prints one row per shape and
+variant, wall and CPU seconds (``time.process_time``: every thread's, the figure a loaded
+machine moves least), no floors.
 
 Not a timed test.
 """
@@ -41,6 +47,7 @@ Not a timed test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,15 +101,44 @@ def _move_inside_envelope(out: Any, want: Any) -> None:
     out[t, c] = up[t, c]
 
 
-def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
-    """Seconds of every step at ``shape``, the floor, and every compare's verdict."""
-    import oracle
-    from spec import OpConfig, random_problem
+def _config(shape: str, variant: str, ep: int = 8) -> Any:
+    """The call at ``shape`` in the gate variant named ``variant`` (its first x dtype), on
+    ``ep`` ranks of 4 experts and 8 tokens."""
+    from spec import OpConfig
+    from spec.fields import GATE_VARIANTS
 
     k, i = SHAPES[shape]
-    weight = "int8" if variant == "w8a8" else "bfloat16"
-    cfg = OpConfig(ep_size=8, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
-                   tokens_per_rank=(8,) * 8, weight_dtype=weight)
+    gate: Any = next(g for g in GATE_VARIANTS if g.name == variant)
+    if hasattr(gate, "selection"):  # the row's spec.fields.Selection, OpConfig's field names
+        named = dataclasses.asdict(gate.selection)
+    else:  # a --before tree older than the Selection record
+        named = {"weight_dtype": gate.weight_dtype, "x_dtype": gate.x_dtypes[0],
+                 "scale_dims": gate.scale_dims, "act_scheme": gate.act_scheme,
+                 "activation_scales": gate.variant.activation_scales}
+    return OpConfig(ep_size=ep, experts_per_rank=4, top_k=8, hidden=k, intermediate=i,
+                    tokens_per_rank=(8,) * ep, **named)
+
+
+def measure(shape: str, variant: str, repeat: int, steps: tuple[str, ...] = STEPS,
+            ep: int = 8) -> dict[str, Any]:
+    """Seconds of ``steps`` at ``shape`` (synthesis always), the floors, and every compare's
+    verdict."""
+    import oracle
+    from spec import random_problem
+
+    k, i = SHAPES[shape]
+    cfg = _config(shape, variant, ep)
+    if steps == ("synthesis",):  # seconds only: no floors
+        cpu = []
+
+        def synthesis() -> None:
+            start = time.process_time()
+            random_problem(cfg, seed=0)
+            cpu.append(time.process_time() - start)
+
+        seconds = _best(synthesis, repeat)[0]
+        return {"shape": shape, "variant": variant, "seconds": {"synthesis": seconds},
+                "cpu": min(cpu)}
     floor = _floor(k, i, cfg.total_slots, repeat)
     seconds: dict[str, float] = {}
     verdicts: dict[str, str] = {}
@@ -119,6 +155,13 @@ def measure(shape: str, variant: str, repeat: int) -> dict[str, Any]:
             lambda outs=outs, numerics=numerics: oracle.compare(problem, outs,
                                                                 numerics=numerics), repeat)
         verdicts[name] = f"{verdict.stage} {verdict.ratio:.6g}"
+    return _summary(shape, variant, cfg, problem, floor, repeat, seconds, verdicts)
+
+
+def _summary(shape: str, variant: str, cfg: Any, problem: Any, floor: float, repeat: int,
+             seconds: dict[str, float], verdicts: dict[str, str]) -> dict[str, Any]:
+    """:func:`measure`'s record: the steps' seconds and verdicts, and both floors."""
+    k, i = SHAPES[shape]
     rows = cfg.total_slots
     ids = np.concatenate([r.expert_idx.reshape(-1) for r in problem.ranks])
     per_expert = np.bincount(ids, minlength=cfg.num_experts).tolist()
@@ -147,6 +190,19 @@ def _cell(m: dict[str, Any], step: str) -> str:
 
 
 def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> str:
+    if all("floor" not in m for m in after):  # synthesis only: one row per shape and variant
+        lines = ["cells: wall seconds (CPU seconds of all threads), best of --repeat each",
+                 "| shape | variant | " + ("before | after | before / after (wall, CPU) |"
+                                          if before else "synthesis |"),
+                 "|---|---|---|" + ("---|---|" if before else "")]
+        for n, m in enumerate(after):
+            t, c = m["seconds"]["synthesis"], m["cpu"]
+            cells = [f"{t:.3g} s ({c:.3g} s)"]
+            if before:
+                b, bc = before[n]["seconds"]["synthesis"], before[n]["cpu"]
+                cells = [f"{b:.3g} s ({bc:.3g} s)", cells[0], f"{b / t:.3g}x, {bc / c:.3g}x"]
+            lines.append(f"| {m['shape']} | {m['variant']} | {' | '.join(cells)} |")
+        return "\n".join(lines)
     lines = []
     for n, m in enumerate(after):
         b = before[n] if before else None
@@ -160,7 +216,7 @@ def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> 
                      + f"; {gemms}; cells: seconds, x floor, x per-expert floor")
         head = "| step | before | after | verdict |" if b else "| step | this tree | verdict |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for step in STEPS:
+        for step in (s for s in STEPS if s in m["seconds"]):
             verdict = m["verdicts"].get(step, "")
             if b and verdict and b["verdicts"].get(step) != verdict:
                 verdict += f" (before: {b['verdicts'].get(step)})"
@@ -172,21 +228,29 @@ def render(after: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--variant", choices=("w8a8", "bf16"), default="w8a8")
+    parser.add_argument("--variant", nargs="+", default=["w8a8"],
+                        help="gate variants (spec.fields.GATE_VARIANTS names: w8a8 bf16 fp16 "
+                             "fp8_block ...)")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                        help="the steps timed (synthesis always)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--before", metavar="PATH",
                         help="also time the source tree at PATH (same script, a subprocess)")
     parser.add_argument("--gemm", choices=("numpy", "torch"), default=None,
                         help="the GEMM backend of this tree (sets DFC_GEMM; default: as set)")
+    parser.add_argument("--ep", type=int, default=8,
+                        help="ranks of the call (8; --ep 1 --steps synthesis: one rank's draw)")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gemm:
         os.environ["DFC_GEMM"] = args.gemm
-    argv = ["--shape", *args.shape, "--variant", args.variant, "--repeat", str(args.repeat)]
+    steps = tuple(s for s in STEPS if s in args.steps or s == "synthesis")
+    argv = ["--shape", *args.shape, "--variant", *args.variant, "--repeat", str(args.repeat),
+            "--steps", *steps, "--ep", str(args.ep)]
     before = _before(args.before, argv) if args.before else None
     after = []
-    for shape in args.shape:
-        after.append(measure(shape, args.variant, args.repeat))
+    for shape, variant in ((s, v) for s in args.shape for v in args.variant):
+        after.append(measure(shape, variant, args.repeat, steps, args.ep))
         if args.json:
             print(json.dumps(after[-1]), flush=True)
     if not args.json:

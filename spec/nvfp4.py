@@ -24,7 +24,7 @@ import numpy as np
 from spec.fp8 import E4M3_MAX, Array, blocks, to_e4m3
 from spec.mxfp4 import E2M1, E2M1_MAX
 
-__all__ = ["NV_BLOCK", "dequantise_nv", "global_scale", "quantise_nv"]
+__all__ = ["NV_BLOCK", "dequantise_nv", "global_scale", "quantise_nv", "tensor_global_scale"]
 
 #: Elements per e4m3 scale along the reduction.
 NV_BLOCK = 16
@@ -36,6 +36,12 @@ def global_scale(amax: Array) -> Array:
     with np.errstate(divide="ignore"):
         return np.asarray(np.where(a > 0, np.float32(E4M3_MAX * E2M1_MAX) / a, np.float32(1)),
                           np.float32)
+
+
+def tensor_global_scale(w: Array) -> Array:
+    """The global scale (:func:`global_scale`) of each tensor (the last two axes) of float
+    weights ``w``: shape ``(…, 1)``."""
+    return global_scale(np.abs(np.asarray(w, np.float32)).max(axis=(-2, -1), initial=0)[..., None])
 
 
 def _block_multiplier(scale: Array, gscale: Array, rows: int) -> Array:
@@ -60,8 +66,7 @@ def quantise_nv(w: Array, gscale: Array | None = None) -> tuple[Array, Array, Ar
     vLLM's ``scaled_fp4_experts_quant``); values beyond it saturate at 448 and 6."""
     w32 = np.asarray(w, dtype=np.float32)
     rows, cols = w32.shape[-2:]
-    gs = (global_scale(np.abs(w32).max(axis=(-2, -1), initial=0)[..., None]) if gscale is None
-          else np.asarray(gscale, np.float32))
+    gs = tensor_global_scale(w32) if gscale is None else np.asarray(gscale, np.float32)
     rb = blocks(rows, NV_BLOCK)
     padded = np.zeros((*w32.shape[:-2], rb * NV_BLOCK, cols), np.float32)
     padded[..., :rows, :] = np.abs(w32)

@@ -199,8 +199,20 @@ def _is_float(dtype: np.dtype[Any]) -> bool:
     return dtype.kind == "f" or dtype in (DTYPES["bfloat16"], DTYPES["float8_e4m3fn"])
 
 
+#: The bits that are all set in exactly the non-finite values of a narrow float dtype (the
+#: exponent: inf and NaN; e4m3fn has no inf and one NaN per sign): a test on the bits, not a
+#: float32 copy (0.77 of 2.0 s of a BF16 rank's synthesis at K = 7168 was that copy).
+_NONFINITE_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00),
+                   DTYPES["bfloat16"]: (np.uint16, 0x7F80),
+                   DTYPES["float8_e4m3fn"]: (np.uint8, 0x7F)}
+
+
 def _first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
-    bad = ~np.isfinite(a.astype(np.float32, copy=False))
+    if a.dtype in _NONFINITE_BITS:
+        view, bits = _NONFINITE_BITS[a.dtype]
+        bad = (a.view(view) & view(bits)) == bits
+    else:
+        bad = ~np.isfinite(a)
     if not bad.any():
         return None
     return tuple(int(i) for i in np.argwhere(bad)[0])

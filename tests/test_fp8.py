@@ -86,6 +86,46 @@ def test_block_quantisation_partial_blocks() -> None:
     assert np.abs(q.astype(F32)).max() == 448  # each block's amax maps to 448
 
 
+def _whole_tensor_blocks(w: Any) -> tuple[Any, Any]:
+    """quantise_blocks' definition on the whole tensor: zero-padded blocks, expanded scales."""
+    rows, cols = w.shape[-2:]
+    rb, cb = -(-rows // 128), -(-cols // 128)
+    padded = np.zeros((*w.shape[:-2], rb * 128, cb * 128), F32)
+    padded[..., :rows, :cols] = np.abs(w)
+    amax = padded.reshape(*w.shape[:-2], rb, 128, cb, 128).max(axis=(-3, -1))
+    scale = (np.maximum(amax, F32(1e-4)) / F32(448)).astype(F32)
+    with np.errstate(invalid="ignore"):
+        return to_e4m3(w / expand_scales(scale, rows, cols)), scale
+
+
+def _block_mismatches() -> list[tuple[int, ...]]:
+    """The shapes where quantise_blocks (one strip of 128 rows at a time) differs from the
+    whole-tensor definition in a bit: partial and empty blocks, stacked experts, values over
+    ten decades with a NaN, an inf and a zero."""
+    rng = np.random.default_rng(0)
+    found = []
+    for shape in [(160, 200), (2, 3, 129, 257), (1, 128, 128), (0, 5, 7), (3, 0, 4),
+                  (2, 4, 0), (300, 1)]:
+        w = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 4, shape)).astype(F32)
+        if w.size:
+            w.flat[rng.integers(0, w.size, 3)] = [np.nan, np.inf, 0.0]
+        with np.errstate(invalid="ignore"):
+            got = quantise_blocks(w)
+        want = _whole_tensor_blocks(w)
+        if not all(a.shape == b.shape and a.tobytes() == b.tobytes() for a, b in zip(got, want)):
+            found.append(shape)
+    return found
+
+
+def test_block_quantisation_by_strips_is_the_whole_tensor_definition(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit; a mutant whose strips and blocks are 64 rows is caught."""
+    assert _block_mismatches() == []
+    monkeypatch.setattr("spec.fp8.BLOCK", 64)
+    monkeypatch.setattr("spec.fp8.blocks", lambda size, block=64: -(-size // block))
+    assert _block_mismatches()
+
+
 # ---------------------------------------------------------------------------------------------
 # The variant
 

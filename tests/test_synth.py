@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spec.synth import int8_uniform
+from spec.problem import DTYPES
+from spec.synth import _fill_from_table, int8_uniform, normal_weights
 
 Draw = Callable[[np.random.Generator, tuple[int, ...]], Any]
 SHAPES = [(0,), (1,), (3,), (4,), (5,), (8,), (9,), (2, 3, 5), (1000, 7), (4097,)]
@@ -120,3 +121,152 @@ def test_adopt_validates_like_the_constructor() -> None:
             build([rank])
         messages.append(str(caught.value))
     assert messages[0] == messages[1] and "expert_idx" in messages[0]
+
+
+# Float weights: draws from a table of 2^16 values indexed by the raw words' 16-bit
+# quarters (issue 26: about 3 ns a value against 27 for standard_normal). What the judge and
+# the power benchmarks rely on, each shown failing on a mutant generator:
+# the spread (std[j] per slice: activations O(1), scale1/scale2 sized for it), the normal
+# shape, the full mantissa (roundings as normal weights give), independent slices (experts),
+# and the same values however many threads draw them.
+
+FloatDraw = Callable[[np.random.Generator, tuple[int, ...], Any, Any], Any]
+STD = np.array([0.03, 0.06, 0.045])
+
+
+SHAPE = (3, 256, 128)
+
+
+def _faults(draw: FloatDraw, dtype: Any, table: bool, monkeypatch: pytest.MonkeyPatch,
+            shape: tuple[int, ...] = SHAPE) -> list[str]:
+    """The properties a draw of three slices of 2^15 values breaks, by name: from the table,
+    or drawn directly (``DIRECT_DRAWS`` moved to take either path)."""
+    monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1 if table else 1 << 62)
+    w = np.asarray(draw(np.random.default_rng(5), shape, STD, dtype))
+    found = []
+    if w.dtype != np.dtype(dtype) or w.shape != shape:
+        return ["dtype or shape"]
+    z = w.astype(np.float64).reshape(3, -1) / STD[:, None]
+    if np.abs(z.std(axis=1) - 1).max() > 0.02 or np.abs(z.mean(axis=1)).max() > 0.03:
+        found.append("spread")
+    inside, tail = (np.abs(z) < 1).mean(), (np.abs(z) > 2).mean()
+    if abs(inside - 0.6827) > 0.01 or abs(tail - 0.0455) > 0.005 or np.abs(z).max() < 3.5:
+        found.append("shape")
+    bits = w.view(np.uint16 if w.itemsize == 2 else np.uint32)
+    mantissa = bits & (0x7F if w.itemsize == 2 else 0xFF)  # bf16's 7 bits, float32's low 8
+    one_binade = (np.abs(z) >= 1) & (np.abs(z) < 2) if w.itemsize == 2 else np.abs(z) > 0.1
+    if np.unique(mantissa.reshape(3, -1)[one_binade]).size < (128 if w.itemsize == 2 else 250):
+        found.append("mantissa")
+    if abs(np.corrcoef(z[0], z[1])[0, 1]) > 0.05 or np.array_equal(z[0] > 0, z[2] > 0):
+        found.append("independence")
+    return found
+
+
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: uniform values of the same spread."""
+    u = rng.uniform(-np.sqrt(3), np.sqrt(3), shape) * np.asarray(std)[:, None, None]
+    return u.astype(np.float32).astype(dtype)
+
+
+def _wide(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: a spread 10 % too wide."""
+    return normal_weights(rng, shape, np.asarray(std) * 1.1, dtype)
+
+
+def _coarse(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: the low mantissa bits constant (a table of few distinct values)."""
+    w = normal_weights(rng, shape, std, dtype)
+    bits = w.view(np.uint16 if w.itemsize == 2 else np.uint32)
+    return (bits & ~type(bits[0, 0, 0])(0x3F if w.itemsize == 2 else 0xFFFF)).view(w.dtype)
+
+
+def _shared(rng: np.random.Generator, shape: tuple[int, ...], std: Any, dtype: Any) -> Any:
+    """Mutant: every slice the first one's draw, scaled."""
+    first = normal_weights(rng, (1, *shape[1:]), np.ones(1), np.float32)
+    return (first * np.asarray(std)[:, None, None]).astype(dtype)
+
+
+@pytest.mark.parametrize("table", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_normal_weights_keep_spread_shape_mantissa_and_independence(
+        dtype: str, table: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _faults(normal_weights, np.dtype(DTYPES.get(dtype, dtype)), table, monkeypatch) == []
+
+
+def test_normal_weights_are_the_same_on_any_number_of_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1)
+    one = normal_weights(np.random.default_rng(2), (2, 1024, 512), np.ones(2), np.float32)
+    monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert np.array_equal(
+        normal_weights(np.random.default_rng(2), (2, 1024, 512), np.ones(2), np.float32), one)
+
+
+@pytest.mark.parametrize(("mutant", "fault"), [(_uniform, "shape"), (_wide, "spread"),
+                                               (_coarse, "mantissa"), (_shared, "independence")])
+@pytest.mark.parametrize("table", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_weight_mutants_are_caught(mutant: FloatDraw, fault: str, dtype: str, table: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fault in _faults(mutant, np.dtype(DTYPES.get(dtype, dtype)), table, monkeypatch)
+
+
+def test_the_table_draw_is_the_raw_words_quarters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``table[u]`` for the next raw words' 16-bit quarters, the generator left past them:
+    the same on one thread or three, whole pieces or two words at a time (the piece loop is
+    int8_uniform's, whose mutants above show these comparisons failing)."""
+    table = np.arange(1 << 16, dtype=np.uint16)[::-1].copy()
+    draws = []
+    for threads, piece in ((1, 1 << 13), (3, 2)):
+        monkeypatch.setattr("spec.synth.PARALLEL_WORDS", 1 if threads > 1 else 1 << 22)
+        monkeypatch.setattr("spec.synth.TABLE_PIECE_WORDS", piece)
+        monkeypatch.setattr("os.cpu_count", lambda threads=threads: threads)
+        a, b = np.random.default_rng(9), np.random.default_rng(9)
+        a.random(dtype=np.float32)  # a 32-bit half left buffered: kept, as random_raw keeps it
+        b.random(dtype=np.float32)
+        got = np.empty(35, np.uint16)
+        _fill_from_table(a, table, got)
+        words = b.bit_generator.random_raw(9)
+        assert np.array_equal(got, table[words.view(np.uint16)[:35]])
+        assert a.bit_generator.state == b.bit_generator.state
+        draws.append(got)
+    assert np.array_equal(*draws)
+    with pytest.raises(ValueError, match="65536 entries"):
+        _fill_from_table(np.random.default_rng(0), table[:5], np.empty(3, np.uint16))
+
+
+STRIPPED = ["fp8_block", "mxfp4_w4a16", "int4_w4a16", "nvfp4_w4a16"]
+
+
+def _strip_mismatches(variant: str) -> list[str]:
+    """Where the scaled format's weights, quantised by strips of rows, differ from the same
+    weights quantised whole (spec.synth._quantised with strips=False): 2 experts of 300 x 200
+    (a partial strip and partial blocks), values over eight decades and a zero block."""
+    import spec.synth as synth
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((2, 300, 200)) * 10.0 ** rng.integers(-4, 4, (2, 300, 200)))
+    w = w.astype(np.float32)
+    w[-1, :130, 0] = 0
+    quantise = {"fp8_block": lambda v, _: synth.quantise_blocks(v),
+                "mxfp4_w4a16": lambda v, _: synth.quantise_mx(v),
+                "int4_w4a16": synth.quantise_groups}.get(variant)
+    dtype = DTYPES["bfloat16"]
+    if quantise is None:  # NVFP4: the global scale of each expert's whole tensor
+        got, want = synth._nv_by_strips(w, dtype), synth.quantise_nv(w)
+    else:
+        got = synth._by_strips(lambda strip, _: quantise(strip, dtype), w)
+        want = quantise(w, dtype)
+    return [f"output {n}" for n, (a, b) in enumerate(zip(got, want, strict=True))
+            if a.shape != b.shape or a.tobytes() != b.tobytes()]
+
+
+@pytest.mark.parametrize("variant", STRIPPED)
+def test_quantising_by_strips_is_quantising_whole(variant: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit; strips of 24 rows, which NVFP4's 16-row, MXFP4's 32-row and the others'
+    128-row blocks cross, differ."""
+    assert _strip_mismatches(variant) == []
+    monkeypatch.setattr("spec.synth.STRIP_ROWS", 24)
+    assert _strip_mismatches(variant)
