@@ -1639,17 +1639,21 @@ VLLM_TRITON_FP8 = KernelProfile(
 #: in float32 and one cast to x's dtype (rowwise scales, ``out_dtype`` x's [inferred]), which
 #: must be bfloat16 (the domain: torch refuses any other ``out_dtype``, measured); the
 #: rest as ``torch-grouped-mm``: silu in x's dtype, the routed weight after GEMM2, the top-k
-#: sum. Subnormals may flush, as in the other GPU profiles (issue 24) [inferred].
+#: sum. Subnormals may flush, as in the other GPU profiles (issue 24) [inferred]. The
+#: quantisers' ``σ = amax/448`` is torch's CUDA division by a scalar, ``amax·fl(1/448)``: up to
+#: 2 ulps from the IEEE quotient (``div_ulps``; measured on an H100, benchmarks/GPU.md, sixth
+#: part: one ulp moved an e4m3 value and 7 of 16 outputs of a K = 16, I = 8 call).
 TORCH_SCALED_GROUPED_MM = KernelProfile(
     name="torch-scaled-grouped-mm",
     summary="torchtitan-style MoE on torch._scaled_grouped_mm (FP8 per token and channel)",
     sources="torch ATen _scaled_grouped_mm rowwise scales [inferred]; fp8 accumulation "
-            "[doc: DeepSeek-V3 report §3.3.2]; the rest as torch-grouped-mm [inferred]",
+            "[doc: DeepSeek-V3 report §3.3.2]; σ = amax·fl(1/448) on CUDA [measured: H100, "
+            "benchmarks/GPU.md]; the rest as torch-grouped-mm [inferred]",
     pipelines=(("fp8_channel", Pipeline(
-        quantise=GroupQuantiser(group=None, amax_floor=1e-12),
+        quantise=GroupQuantiser(group=None, amax_floor=1e-12, div_ulps=2),
         gemm1=BlockGemm(("x",), block=None, dot_bits=FP8_DOT_BITS, dot_span=BLOCK),
         swiglu=TORCH_GROUPED_MM.pipeline("float").swiglu,
-        requantise=GroupQuantiser(group=None, amax_floor=1e-12),
+        requantise=GroupQuantiser(group=None, amax_floor=1e-12, div_ulps=2),
         gemm2=BlockGemm(("x", "slot", "x"), block=None, dot_bits=FP8_DOT_BITS,
                         dot_span=BLOCK))),),
     combine=TORCH_GROUPED_MM.combine,
