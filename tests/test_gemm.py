@@ -103,3 +103,80 @@ def test_torch_backend_judges_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(bits_n, bits_t))
     np.testing.assert_allclose(ideal_t, ideal_n, rtol=1e-12, atol=1e-300)
     assert verdicts_n == verdicts_t == [("ok", True), ("out", False)]
+
+
+def _counted_uploads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The torch backend on the CPU, each upload's shape recorded."""
+    torch = pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    monkeypatch.setenv("DFC_GEMM", "torch")
+    monkeypatch.setenv("DFC_GEMM_DEVICE", "cpu")
+    uploads: list[tuple[int, ...]] = []
+    from_numpy = torch.from_numpy
+
+    def counted(a: np.ndarray) -> object:
+        uploads.append(a.shape)
+        return from_numpy(a)
+    monkeypatch.setattr(torch, "from_numpy", counted)
+    return uploads
+
+
+def test_a_session_uploads_a_read_only_weight_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three consumers of one read-only weight in one session: one upload of it (and one of
+    each product's rows); a view of the same memory is the same weight; outside a session,
+    every call uploads it again."""
+    uploads = _counted_uploads(monkeypatch)
+    w, q, _ = _operands()
+    w.flags.writeable = False
+    want = q @ w.astype(np.float64)
+    with gemm.session():
+        for view in (w, w[:], w.view()):
+            got, = weight_products(view, [Product(q)])
+            assert np.array_equal(got, want)
+    assert uploads.count(w.shape) == 1
+    weight_products(w, [Product(q)])
+    weight_products(w, [Product(q)])
+    assert uploads.count(w.shape) == 3
+
+
+def _second_product_after_a_change() -> tuple[np.ndarray, np.ndarray]:
+    """A writable weight changed between two products of one session: the second product
+    and the changed weight's product. Fortran order: the upload is a copy even on the CPU
+    (a contiguous CPU tensor would share the array's memory and never go stale)."""
+    w, q, _ = _operands()
+    w = np.asfortranarray(w)
+    with gemm.session():
+        weight_products(w, [Product(q)])
+        w[0] = 1
+        return weight_products(w, [Product(q)])[0], q @ w.astype(np.float64)
+
+
+def test_a_session_never_keeps_a_writable_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second product is the changed weight's; the mutant that keeps writable weights
+    too returns the stale one."""
+    _counted_uploads(monkeypatch)
+    assert np.array_equal(*_second_product_after_a_change())
+    monkeypatch.setattr(gemm, "_kept", lambda w: True)
+    assert not np.array_equal(*_second_product_after_a_change())
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_the_tiny_form_keeps_only_subnormal_weights(name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"tiny"``: ``rows @ (|w| where |w| <= 2^-126, else 0)``, the weights a flushing kernel
+    may read as 0 (``FloatGemm(ftz=True)``): the normal weights' share is left out, which
+    ``"abs"`` would keep."""
+    if name == "torch":
+        pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    monkeypatch.setenv("DFC_GEMM", name)
+    monkeypatch.setenv("DFC_GEMM_DEVICE", "cpu")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 7)).astype(np.float32)
+    w[::3] *= np.float32(2.0**-130)  # a third subnormal
+    w[1, 2] = np.finfo(np.float32).smallest_normal  # the boundary counts as tiny
+    rows = np.abs(rng.standard_normal((4, 300)))
+    w64 = np.abs(w.astype(np.float64))
+    want = rows @ np.where(w64 <= 2.0**-126, w64, 0)
+    tiny, absolute = weight_products(w, [Product(rows, "tiny"), Product(rows, "abs")],
+                                     np.float64, max_rows=64)
+    np.testing.assert_allclose(tiny, want, rtol=1e-14)
+    assert (absolute > 1e3 * tiny).all()

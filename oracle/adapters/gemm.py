@@ -23,23 +23,32 @@ The backend is chosen by the environment variable ``DFC_GEMM``:
   (``γ32_n``; :mod:`oracle.judge.bounds`, :mod:`oracle.judge.rowtest`), or, for the ideal
   model's float64 products, within the ``γ_n`` that holds for any summation order.
 
-``torch`` is imported only when the torch backend is asked for.
+``torch`` is imported only when the torch backend is asked for. Inside :func:`session` (each
+``oracle.run`` and ``oracle.compare`` opens one) it uploads each read-only weight once: the
+model, the ideal model, the sound bound and the row test each take products of the same
+weight, and at the DeepSeek-V3 shape the repeated uploads were half of ``compare``'s seconds
+in ideal mode on an H100 (``benchmarks/GPU.md``, seventh part).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import numpy as np
 
-__all__ = ["BACKENDS", "DEVICE_VARIABLE", "VARIABLE", "Product", "backend", "weight_chunks",
-           "weight_products"]
+__all__ = ["BACKENDS", "DEVICE_VARIABLE", "VARIABLE", "Product", "backend", "in_session",
+           "session", "weight_chunks", "weight_products"]
 
 Array = np.ndarray[Any, Any]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 #: The environment variable naming the backend, its values, and the torch device's variable.
 VARIABLE = "DFC_GEMM"
@@ -50,6 +59,10 @@ _TORCH_DTYPE = "float64"
 #: A chunk is about this many bytes (256 x 4096 float32, 4 MiB): it stays in cache while
 #: BLAS reads it.
 _CHUNK_BYTES = 256 * 4096 * 4
+#: The ``"tiny"`` form keeps ``|w|`` where it is at most float32's smallest normal, 0 elsewhere.
+_NORMAL32 = float(np.finfo(np.float32).smallest_normal)
+#: Per thread: the open sessions' depth and the torch backend's uploaded weights.
+_SESSION = threading.local()
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,36 @@ class Product:
     ``rows`` in their own dtype: float32 rows with float32 chunks run on SGEMM."""
 
     rows: Array
-    form: Literal["w", "abs", "square"] = "w"
+    form: Literal["w", "abs", "square", "tiny"] = "w"
     transposed: bool = False
+
+
+@contextmanager
+def session() -> Iterator[None]:
+    """Within it (and in the sessions it opens), the torch backend keeps each read-only weight
+    it uploads, in the weight's own dtype, and uploads it no more: a read-only array's values
+    do not change while the session holds it (the problem's arrays are read-only copies). The
+    uploads go when the outermost session ends. Writable arrays are uploaded at each use.
+    Per thread; the NumPy backend ignores it."""
+    depth = getattr(_SESSION, "depth", 0)
+    if depth == 0:
+        _SESSION.uploads = {}
+    _SESSION.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SESSION.depth = depth
+        if depth == 0:
+            _SESSION.uploads = None
+
+
+def in_session(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run inside a :func:`session`."""
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with session():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def backend() -> str:
@@ -111,10 +152,12 @@ def weight_products(w: Array, products: Sequence[Product], dtype: Any = np.float
         stop = start + chunk.shape[0]
         forms = {"w": chunk}
         with np.errstate(over="ignore"):
-            for form, ufunc in (("abs", np.abs), ("square", np.square)):
+            for form, ufunc in (("abs", np.abs), ("square", np.square), ("tiny", np.abs)):
                 if any(p.form == form for p in products):
                     buf = derived.setdefault(form, np.empty_like(chunk))[:chunk.shape[0]]
                     forms[form] = ufunc(chunk, out=buf)
+                    if form == "tiny":
+                        buf[buf > _NORMAL32] = 0
         for p, out in zip(products, outs):
             if p.transposed:
                 out[start:stop] = forms[p.form] @ p.rows.T
@@ -131,19 +174,14 @@ def _torch_products(w: Array, products: Sequence[Product]) -> list[Array]:
         raise ImportError(f"{VARIABLE}=torch needs torch (pip install torch, or the extra "
                           f"dfc-oracle[torch]); unset {VARIABLE} for the NumPy GEMMs") from err
     device = os.environ.get(DEVICE_VARIABLE) or ("cuda" if torch.cuda.is_available() else "cpu")
-    # bfloat16 (ml_dtypes) crosses as its bits; every other weight dtype as itself.
-    bits = w.view(np.uint16) if w.dtype.name == "bfloat16" else w
-    with warnings.catch_warnings():  # read-only arrays: the tensors are read, never written
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        tw = torch.from_numpy(np.ascontiguousarray(bits)).to(device)
-    if w.dtype.name == "bfloat16":
-        tw = tw.view(torch.bfloat16)
     dtype = getattr(torch, _TORCH_DTYPE)
-    tw = tw.to(dtype)
+    tw = _upload(torch, w, device).to(dtype)
     forms = {"w": tw}
-    for form, op in (("abs", torch.abs), ("square", torch.square)):
+    for form, op in (("abs", torch.abs), ("square", torch.square), ("tiny", torch.abs)):
         if any(p.form == form for p in products):
             forms[form] = op(tw)
+    if "tiny" in forms:
+        forms["tiny"] = torch.where(forms["tiny"] <= _NORMAL32, forms["tiny"], 0.0)
     outs = []
     for p in products:
         with warnings.catch_warnings():
@@ -152,3 +190,29 @@ def _torch_products(w: Array, products: Sequence[Product]) -> list[Array]:
         m = forms[p.form]
         outs.append((rows @ (m.T if p.transposed else m)).cpu().numpy().astype(np.float64))
     return outs
+
+
+def _kept(w: Array) -> bool:
+    """Whether a session keeps ``w``'s upload: read-only arrays only."""
+    return not w.flags.writeable
+
+
+def _upload(torch: Any, w: Array, device: str) -> Any:
+    """``w`` on ``device`` in its own dtype (bfloat16, from ml_dtypes, crosses as its bits),
+    once per :func:`session` for a read-only ``w``: the session keeps the array itself
+    beside the tensor, so its memory, which the key names, is not reused while it holds it."""
+    uploads = getattr(_SESSION, "uploads", None)
+    key = None
+    if uploads is not None and _kept(w):
+        key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str, device)
+        if key in uploads:
+            return uploads[key][1]
+    bits = w.view(np.uint16) if w.dtype.name == "bfloat16" else w
+    with warnings.catch_warnings():  # read-only arrays: the tensors are read, never written
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        tw = torch.from_numpy(np.ascontiguousarray(bits)).to(device)
+    if w.dtype.name == "bfloat16":
+        tw = tw.view(torch.bfloat16)
+    if key is not None and uploads is not None:
+        uploads[key] = (w, tw)
+    return tw

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from oracle.adapters.gemm import in_session
 from oracle.adapters.torch_io import to_numpy
 from oracle.judge.bounds import ideal_tolerance
 from oracle.judge.rowtest import RowVerdict, row_test
@@ -175,6 +176,7 @@ def envelope_ratio(got: Array, want: RankResult, rows: Array, dtype_name: str,
     return np.asarray(np.where(err == 0, 0.0, ratio))
 
 
+@in_session
 def compare(
     problem: Problem,
     outputs: object,

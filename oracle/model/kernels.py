@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from oracle.adapters.gemm import Product, weight_products
 from oracle.model.arithmetic import exact_int_matmul, exact_int_matmuls, round_half_away
 from spec import DTYPES
 from spec.config import OpConfig
@@ -584,25 +585,28 @@ class FloatGemm:
 
     def __call__(self, a: Env, w: Array, slot: Array | None, x_dtype: Any,
                  col: Array | None = None) -> Env:
-        w64 = w.astype(np.float64)
-        s = a.mid.astype(np.float64) @ w64
+        # every product of w in one pass, float64 chunks (oracle.adapters.gemm): never a
+        # float64 copy of the whole weight (at K = 7168 that copy was the model's cost)
+        mid = Product(a.mid.astype(np.float64))
         a = _may_flush(a, self.ftz)
         if a.lo is None or a.hi is None:
+            s, = weight_products(w, [mid], np.float64)
             acc = Env(to_f32(s))
         else:
             n = a.mid.shape[1]
             g32, g64 = n * _U32 / (1 - n * _U32), n * 2.0**-53 / (1 - n * 2.0**-53)
             a_abs = np.maximum(np.abs(a.lo), np.abs(a.hi)).astype(np.float64)
             rad_in = a.radius().astype(np.float64)
+            spread = np.flatnonzero((rad_in > 0).any(axis=1))
+            products = [mid, Product(a_abs, "abs"), Product(rad_in[spread], "abs")]
+            if self.ftz:
+                products.append(Product(a_abs, "tiny"))
             with np.errstate(invalid="ignore"):
-                w_abs = np.abs(w64)
-                mag = a_abs @ w_abs
+                s, mag, spread_in, *tiny = weight_products(w, products, np.float64)
                 rad = (g32 + g64) * mag * (1 + 1e-12)
-                spread = np.flatnonzero((rad_in > 0).any(axis=1))
-                if spread.size:
-                    rad[spread] += rad_in[spread] @ w_abs
+                rad[spread] += spread_in
                 if self.ftz:
-                    rad += a_abs @ np.where(w_abs <= _NORMAL32, w_abs, 0) + 2 * n * _NORMAL32
+                    rad += tiny[0] + 2 * n * _NORMAL32
             acc = Env(to_f32(s), to_f32(s - rad), to_f32(s + rad))
         return _apply_epilogue(self.epilogue, acc, col=col, row=None, slot=slot,
                                x_dtype=x_dtype, ftz=self.ftz)

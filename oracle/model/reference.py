@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.adapters.gemm import Product, weight_products
+from oracle.adapters.gemm import Product, in_session, weight_products
 from oracle.model.arithmetic import F32, glu64, truncate_scale_bits
 from oracle.model.kernels import Env, cast
 from oracle.model.numerics import Numerics, resolve_numerics
@@ -296,6 +296,7 @@ def _combine_ideal(y: Array, probs: Array) -> Array:
     return np.asarray(acc)
 
 
+@in_session
 def run(
     problem: Problem, *, numerics: str | Numerics = "faithful", envelope: bool = False,
     reads: Array | None = None,
