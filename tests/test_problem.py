@@ -479,23 +479,32 @@ def test_invalid_id_of_a_masked_token_is_not_read(value: int) -> None:
     assert Problem(*problem_args(ranks)[:1]).config.masked
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn"])
-def test_nonfinite_values_of_narrow_floats_are_found_by_their_bits(dtype: str) -> None:
+@pytest.mark.parametrize("shape,at", [((3, 4), (1, 2)), ((300, 500), (299, 487))])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float32"])
+def test_nonfinite_values_are_found_by_their_bits(dtype: str, shape: tuple[int, int],
+                                                  at: tuple[int, int]) -> None:
     """The 16- and 8-bit floats are checked on their exponent bits, not a float32 copy: NaN
-    and inf (cast to e4m3fn: NaN) found where they are, in a strided view too; the largest
-    finite values not. A mask one bit short (here: bfloat16's taken for float16) misses inf."""
+    and inf (cast to e4m3fn: NaN) found where they are, in a strided view and in Fortran
+    order too; the largest finite values not. 150 000 values: the piecewise test (pieces of
+    65 536), the value in the last piece. A mask one bit short (here: bfloat16's taken for
+    float16) misses inf on both paths."""
     wide = np.dtype(spec.problem.DTYPES.get(dtype, dtype))
     largest = float(np.finfo(wide).max) if dtype != "bfloat16" else 3.3895313892515355e38
     for value, bad in ((np.nan, True), (np.inf, True), (largest, False),  # e4m3fn: inf is NaN
-                       (-largest, False)):
-        a = np.zeros((3, 4), np.float32)
-        a[1, 2] = value
+                       (-largest, False), (-np.inf, True)):
+        a = np.zeros(shape, np.float32)
+        a[at] = value
         narrow = a.astype(wide)
-        assert spec.problem._first_nonfinite(narrow) == ((1, 2) if bad else None)
-        assert spec.problem._first_nonfinite(narrow[:, ::2]) == ((1, 1) if bad else None)
-    short = {np.dtype(np.float16): (np.uint16, 0x7F80)}
-    inf16 = np.full(2, np.inf, np.float16)
-    assert spec.problem._first_nonfinite(inf16) == (0,)
+        assert spec.problem._first_nonfinite(narrow) == (at if bad else None)
+        assert spec.problem._first_nonfinite(np.asfortranarray(narrow)) == (at if bad else None)
+        strided = (at[0], at[1] // 2) if at[1] % 2 == 0 else None
+        assert spec.problem._first_nonfinite(narrow[:, ::2]) == (strided if bad else None)
+    if dtype != "float16":
+        return
+    short = {np.dtype(np.float16): (np.uint16, 0x7F80, 0x7FFF)}
+    inf16 = np.zeros(shape, np.float16)
+    inf16[at] = np.inf
+    assert spec.problem._first_nonfinite(inf16) == at
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(spec.problem, "_NONFINITE_BITS", short)
         assert spec.problem._first_nonfinite(inf16) is None
