@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import platform
 import subprocess
 import sys
@@ -179,9 +180,9 @@ def _config(k_len: int, i_len: int, **format_: Any) -> OpConfig:
 
 def power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
     def groups() -> Iterator[tuple[list[str], Judges, list[Case]]]:
-        for k_len, i_len in shapes:
+        for (k_len, i_len), tiles in itertools.product(shapes, (False, True)):
             cfg = _config(k_len, i_len)
-            problem = problem_with(cfg, 0)
+            problem = problem_with(cfg, 0, tiles=tiles)
             cases: list[Case] = [
                 (name, outs, PROFILE) for name, outs in bug_outputs(cfg, 0, PROFILE).items()]
             cases += [
@@ -194,10 +195,11 @@ def power(shapes: list[tuple[int, int]], before: str | None) -> list[str]:
             ]
             cases += [(name, run_outs(problem, p), PROFILE) for name, p in OF_PROFILE.items()]
             cases += [(name, run_outs(problem, p), p) for name, p in OF_FORMAT.items()]
-            yield [str(k_len), str(i_len)], Judges(problem), cases
-            print(f"power K={k_len} I={i_len} done", flush=True)
+            yield ([str(k_len), str(i_len), "tile-tagged" if tiles else "normal"],
+                   Judges(problem), cases)
+            print(f"power K={k_len} I={i_len} tiles={tiles} done", flush=True)
 
-    return power_table(before, [], True, groups())
+    return power_table(before, ["weights"], True, groups())
 
 
 #: The loud_row family's amax (spec.strategies.FP8_ROW_FAMILIES), for bf16 x.
@@ -322,8 +324,10 @@ def false_alarms(pairs: int, channel: int, seed: int = 25) -> list[str]:
     while n_pairs < pairs:
         i += 1
         cfg = _draw_config(rng, i)
-        judges = Judges(problem_with(cfg, int(rng.integers(1 << 30))))
-        where = f"K={cfg.hidden} I={cfg.intermediate} top_k={cfg.top_k} {cfg.x_dtype}"
+        tiles = i % 2 == 0  # every other problem's weights tile-tagged
+        judges = Judges(problem_with(cfg, int(rng.integers(1 << 30)), tiles=tiles))
+        where = (f"K={cfg.hidden} I={cfg.intermediate} top_k={cfg.top_k} {cfg.x_dtype}"
+                 f"{', tile-tagged' if tiles else ''}")
         for name, profile in kernels_under_test.items():
             record(name, where, judges(run_outs(judges.problem, profile),
                                        PROFILE if name in OF_PROFILE else profile))
@@ -342,7 +346,8 @@ def false_alarms(pairs: int, channel: int, seed: int = 25) -> list[str]:
     seconds = time.perf_counter() - t0
     lines = [
         f"{n_pairs} legitimate (problem, output) pairs in {seconds:.0f} s: {n_block} FP8 block "
-        f"({i} problems) and {n_pairs - n_block} fp8_channel ({j} problems, a quarter of them "
+        f"({i} problems, every other one's weights tile-tagged) and {n_pairs - n_block} "
+        f"fp8_channel ({j} problems, a quarter of them "
         "with the first token of each rank 2^21 loud where x is bf16); every 25th problem at "
         "K=1024/I=160 or K=2048/I=768 with EP=2 E=4 top_k=8, the others random with K in "
         "32–320, I in 16–160, EP 1–2, E 1–4, top_k 1–8, 1–4 tokens per rank; 20 % fp16 x. "
@@ -405,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Power at production shapes",
         "",
         "EP=2, E=4, top_k=8, 8 tokens per rank, bf16 x, `random_problem` weights (per-expert "
-        "tagged scales), x ~ N(0, 1). `ideal judge`: as `compare(numerics=\"ideal\")` (sound "
+        "tagged scales; `tile-tagged`: also per 128 x 128 tile, `spec.synth.tile_tag`), "
+        "x ~ N(0, 1). `ideal judge`: as `compare(numerics=\"ideal\")` (sound "
         "bound, then the row test with the default assumptions); `profile judge`: as "
         "`compare` with the named profile (its envelope, then the row test with its "
         "assumptions); each names the test that rejected. `row ratio`: the row test's "

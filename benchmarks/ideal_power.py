@@ -62,9 +62,11 @@ PER_TENSOR = dataclasses.replace(
     name="bug-per-tensor")
 
 
-def problem_with(cfg: OpConfig, seed: int, spread: float = 0.0, **change: Any) -> Problem:
+def problem_with(cfg: OpConfig, seed: int, spread: float = 0.0, tiles: bool = False,
+                 **change: Any) -> Problem:
     """A random problem whose token arrays are drawn here (so that changing one keeps the
-    weights); ``spread``: token RMS log2-uniform in ±spread (real activations vary by token)."""
+    weights); ``spread``: token RMS log2-uniform in ±spread (real activations vary by token);
+    ``tiles``: tile-tagged weights (``spec.synth.tile_tag``)."""
     rng = np.random.default_rng(seed + 1000)
     arrays: dict[str, list[Array]] = {"x": [], "expert_idx": [], "probs": []}
     for m in cfg.tokens_per_rank:
@@ -77,7 +79,7 @@ def problem_with(cfg: OpConfig, seed: int, spread: float = 0.0, **change: Any) -
         arrays["probs"].append(softmax_probs(rng, m, cfg.top_k))
     for key, f in change.items():
         arrays[key] = [f(a) for a in arrays[key]]
-    return random_problem(cfg, seed=seed, **arrays)
+    return random_problem(cfg, seed=seed, tiles=tiles, **arrays)
 
 
 def drawn_problem(rng: np.random.Generator, hidden: Sequence[int],

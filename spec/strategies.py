@@ -31,7 +31,7 @@ from spec.fields import VARIANTS, Selection, variant_for
 from spec.limits import CONTRACT_DOMAIN, REAL_MODELS, ShapeDomain
 from spec.memory import LAYOUTS
 from spec.problem import DTYPES, Problem
-from spec.synth import normal_tokens, random_problem, softmax_probs, uniform_routing
+from spec.synth import TILE_TAGGED, normal_tokens, random_problem, softmax_probs, uniform_routing
 
 __all__ = [
     "BLOCK_ROW_FAMILIES",
@@ -687,6 +687,8 @@ def problems(
     seed = draw(_SEEDS)
     layout = (_known_name("problems", "layouts", draw(layouts), LAYOUTS)
               if layouts is not None else "contiguous")
+    # scaled formats: neighbouring blocks' scales 2x or 4x apart half the time (tile_tag)
+    tiles = cfg.kernel_variant.name in TILE_TAGGED and draw(st.booleans())
     rng = np.random.default_rng(seed)
     x = [normal_tokens(cfg, rng, m) for m in cfg.tokens_per_rank]
     rows.plant(cfg, rng, x)
@@ -707,10 +709,12 @@ def problems(
     for label in (
         routing_label, f"rows: {rows.family}", f"probs: {probs_family}",
         f"mask: {mask_family}", f"capacity: {capacity}", f"layout: {layout}",
+        *(["weights: tile-tagged"] if tiles else []),
     ):
         event(label)
     problem = random_problem(
         cfg, seed=seed, x=x, expert_idx=ids, probs=probs,
         active_mask=masks if masks is not None else [None] * cfg.ep_size, layout=layout,
+        tiles=tiles,
     )
     return problem if domain is None else domain.fit_problem(problem)

@@ -66,6 +66,22 @@ def expert_tag(e: Array) -> Array:
     return np.asarray((1 + np.asarray(e) % 4) / 2)
 
 
+#: The tile of :func:`tile_tag`: FP8 block scale's weight block (``spec.fp8.BLOCK``), a
+#: multiple of every other format's block along the reduction (32, 16, 128).
+TILE = 128
+
+
+def tile_tag(rows: int, cols: int) -> Array:
+    """A ``(rows, cols)`` float32 factor, constant on each :data:`TILE` x :data:`TILE` tile
+    ``(r, c)``: ``2^((r + 2c) mod 3 - 1)``, one of 1/2, 1 and 2, never the same for two tiles
+    that touch along a row or a column. Weights of normal values have nearly equal scales in
+    every block (the amax of 16 384 normals varies by a few percent), so a kernel that reads
+    a neighbouring block's scale (vllm #47103's block size from the wrong scale dimension)
+    is off by a few percent on each; with the tags it is off by 2x or 4x."""
+    tiles = (np.arange(rows)[:, None] // TILE + 2 * (np.arange(cols)[None, :] // TILE)) % 3
+    return np.asarray(np.ldexp(np.float32(1), tiles - 1), np.float32)
+
+
 #: The strips :func:`_by_strips` quantises: a multiple of every block along the reduction
 #: (16, 32 and 128 rows), 2 MiB of float32 at 4 096 columns.
 STRIP_ROWS = 128
@@ -100,15 +116,19 @@ def _quantised(quantise: Callable[[Array, np.dtype[Any]], tuple[Array, ...]],
     turned by ``quantise`` (given x's dtype) into the variant's lists of each GEMM, ``names``
     numbered by the GEMM (``w1, scale1``, ``w2, scale2``). ``zero_block``: the first that
     many rows of the last expert's first column are zero, a block whose scale is 0.
-    ``strips``: ``quantise`` is applied :func:`_by_strips` (its blocks never cross one)."""
+    ``strips``: ``quantise`` is applied :func:`_by_strips` (its blocks never cross one).
+    ``tiles``: the weights are multiplied by :func:`tile_tag` first (the same draws)."""
 
-    def generate(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def generate(config: OpConfig, rng: np.random.Generator,
+                 tiles: bool = False) -> dict[str, np.ndarray]:
         e, k, i, n = config.experts_per_rank, config.hidden, config.intermediate, config.n
         tag = expert_tag(np.arange(e))
         out: dict[str, np.ndarray] = {}
         dtype = DTYPES[config.x_dtype]
         for g, (rows, cols) in ((1, (k, n)), (2, (i, k))):
             w = normal_weights(rng, (e, rows, cols), tag / np.sqrt(rows), np.float32)
+            if tiles:
+                w *= tile_tag(rows, cols)
             w[-1, :zero_block, 0] = 0
             parts = (_by_strips(lambda strip, _: quantise(strip, dtype), w) if strips
                      else quantise(w, dtype))
@@ -127,7 +147,8 @@ def _float(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 #: One weight generator per row of :data:`spec.fields.VARIANTS`: stacked (E, ...) arrays by
 #: field name.
-_WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarray]]] = {
+#: The scaled formats' generators take a third argument, ``tiles`` (:func:`tile_tag`).
+_WEIGHTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "w8a8": _w8a8, "w4a8": _w4a8, "fp8_block": _quantised(lambda w, _: quantise_blocks(w)),
     "fp8_channel": _quantised(lambda w, _: quantise_channels(w), strips=False),  # per column
     "mxfp4_w4a16": _quantised(lambda w, _: quantise_mx(w)),
@@ -145,12 +166,13 @@ _WEIGHTS: dict[str, Callable[[OpConfig, np.random.Generator], dict[str, np.ndarr
 ACT_CALIBRATION_AMAX = (8.0, 4.0)
 
 
-def _nvfp4_w4a4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _nvfp4_w4a4(config: OpConfig, rng: np.random.Generator,
+                tiles: bool = False) -> dict[str, np.ndarray]:
     """nvfp4_w4a16's weights plus the activations' static global scales per expert,
     ``448·6 / (amax · tag)`` with :func:`expert_tag` of the local index plus a per-rank offset
     drawn from ``rng``: experts of one rank, and (three times in four) the same expert of two
     ranks, have scales a power of two or 3/2 apart (sglang #36597's wrong expert shows)."""
-    out = _WEIGHTS["nvfp4_w4a16"](config, rng)
+    out = _WEIGHTS["nvfp4_w4a16"](config, rng, tiles)
     tag = expert_tag(np.arange(config.experts_per_rank) + rng.integers(0, 4))
     for g, amax in enumerate(ACT_CALIBRATION_AMAX, start=1):
         out[f"a{g}_gscale"] = global_scale(amax * tag)[:, None]
@@ -158,9 +180,14 @@ def _nvfp4_w4a4(config: OpConfig, rng: np.random.Generator) -> dict[str, np.ndar
 
 
 _WEIGHTS["nvfp4"] = _nvfp4_w4a4
+#: The variants whose weights :func:`tile_tag` can tag: every format with scales per block
+#: or per channel computed from the weights' values.
+TILE_TAGGED = ("fp8_block", "fp8_channel", "mxfp4_w4a16", "mxfp4_mxfp8", "int4_w4a16",
+               "nvfp4_w4a16", "nvfp4")
 
 
-def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+def expert_weights(config: OpConfig, rng: np.random.Generator,
+                   tiles: bool = False) -> dict[str, list[np.ndarray]]:
     """One rank's TensorLists (``w1``, ``w2`` and the variant's others, by field name) in the
     configuration's form.
 
@@ -180,9 +207,15 @@ def expert_weights(config: OpConfig, rng: np.random.Generator) -> dict[str, list
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     The normal weights come from :func:`normal_weights`: arrays of :data:`DIRECT_DRAWS`
     values or more are draws from a table of 2^16 normals, about nine times cheaper than
-    ``standard_normal`` (issue 26).
+    ``standard_normal`` (issue 26). ``tiles`` (:data:`TILE_TAGGED` variants): the float
+    weights multiplied by :func:`tile_tag` before they are quantised, so that neighbouring
+    blocks' scales differ by 2x or 4x.
     """
-    lists = _WEIGHTS[config.kernel_variant.name](config, rng)
+    name = config.kernel_variant.name
+    if tiles and name not in TILE_TAGGED:
+        raise ValueError(f"tiles: the {name} weights have no block scales to tag; tile tags "
+                         f"apply to {', '.join(TILE_TAGGED)}")
+    lists = _WEIGHTS[name](config, rng, *((True,) if tiles else ()))
 
     def form(stacked: np.ndarray) -> list[np.ndarray]:
         if config.weight_form == "stacked":
@@ -359,6 +392,7 @@ def random_problem(
     probs: Sequence[np.ndarray] | None = None,
     active_mask: Sequence[np.ndarray | None] | None = None,
     layout: str = "contiguous",
+    tiles: bool = False,
 ) -> Problem:
     """A valid :class:`spec.Problem` of exactly this configuration, with seeded random values.
 
@@ -366,12 +400,13 @@ def random_problem(
     how strategies plant special rows, routings and masks. Defaults: x ~ N(0, 1); uniform routing;
     probs = softmax of normal logits (float32); all tokens active, or, for a ``masked``
     configuration, a random mask. ``layout`` (:data:`spec.memory.LAYOUTS`) lays out x and the
-    weights of every rank: the values stay those of the contiguous draw.
+    weights of every rank: the values stay those of the contiguous draw. ``tiles``: the
+    scaled formats' weights tagged per 128 x 128 tile (:func:`expert_weights`).
     """
     rng = np.random.default_rng(seed)
     ranks = []
     for r, m in enumerate(config.tokens_per_rank):
-        lists: dict[str, Any] = dict(expert_weights(config, rng))
+        lists: dict[str, Any] = dict(expert_weights(config, rng, tiles))
         x_r = _own(x[r]) if x is not None else normal_tokens(config, rng, m)
         idx_r = (_own(expert_idx[r]) if expert_idx is not None
                  else uniform_routing(config, rng, m))

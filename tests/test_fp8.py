@@ -293,7 +293,7 @@ class Unclamped(GroupQuantiser):
         sigma = self._sigma(amax)
         t = self._quotient(g, sigma, amax)
         with np.errstate(invalid="ignore"):
-            q = t.astype(E4M3).astype(F32).reshape(rows, -1)[:, :cols]
+            q = t.astype(E4M3).astype(F32).reshape(rows, g.shape[1] * g.shape[2])[:, :cols]
         return Env(q), Env(sigma), np.zeros(rows, bool)
 
 
@@ -464,14 +464,15 @@ NEAREST = _with(UE8M0, "nearest", quantise=NearestUe8m0(ue8m0=True, div_ulps=2),
                 requantise=NearestUe8m0(ue8m0=True, div_ulps=2))
 
 
-def _row_ratio(hidden: int, seed: int, kernel: KernelProfile, judged_as: KernelProfile) -> float:
-    """The row test's worst |s|/T for ``kernel``'s output at EP=1 E=2 top_k=2 I=160, eight
-    tokens, under ``judged_as``'s assumptions."""
+def _row_ratio(hidden: int, seed: int, kernel: KernelProfile, judged_as: KernelProfile,
+               intermediate: int = 160, tiles: bool = False) -> float:
+    """The row test's ratio for ``kernel``'s output at EP=1 E=2 top_k=2, eight tokens, under
+    ``judged_as``'s assumptions; ``tiles``: tile-tagged weights (``spec.synth.tile_tag``)."""
     from oracle.judge.rowtest import row_thresholds
 
-    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=hidden, intermediate=160,
-                   tokens_per_rank=(8,), weight_dtype=FP8)
-    problem = random_problem(cfg, seed=seed)
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=hidden,
+                   intermediate=intermediate, tokens_per_rank=(8,), weight_dtype=FP8)
+    problem = random_problem(cfg, seed=seed, tiles=tiles)
     th = row_thresholds(problem, oracle.run(problem, numerics="ideal"),
                         judged_as.ideal_assumptions("bfloat16"))
     return th.judge([r.out for r in oracle.run(problem, numerics=kernel).ranks]).ratio
@@ -569,6 +570,17 @@ def test_the_row_test_catches_block_size_from_the_wrong_scale_dim_at_k_2048() ->
     model passes (0.11); 0.64 and 0.045 before commit 8d5b4cc: missed."""
     assert _row_ratio(2048, 1, WRONG_DIM, PROFILE) > 1
     assert _row_ratio(2048, 1, PROFILE, PROFILE) < 0.3
+
+
+def test_tile_tags_expose_the_wrong_scale_dim_at_deepseek_v3s_shape() -> None:
+    """vllm #47103's mutant at K = 7168, I = 2048, where the two block counts of W2 differ
+    (16 x 56 scales): on weights whose blocks have nearly equal scales it passes (ratio
+    0.31), being off by a few percent per block; on tile-tagged weights, whose neighbouring
+    blocks' scales are 2x or 4x apart, it is rejected (22; seeds 0-3: 18-22, against
+    1.28, 0.31, 0.24 and 0.51 untagged), and the profile's model passes."""
+    assert _row_ratio(7168, 1, WRONG_DIM, PROFILE, 2048) < 1
+    assert _row_ratio(7168, 1, WRONG_DIM, PROFILE, 2048, tiles=True) > 10
+    assert _row_ratio(7168, 1, PROFILE, PROFILE, 2048, tiles=True) < 0.3
 
 
 def test_search_kills_block_size_from_the_wrong_scale_dimension() -> None:

@@ -75,7 +75,8 @@ class PerTensor(GroupQuantiser):
         g = self._grouped(a.mid)
         amax = np.full(g.shape[:2], np.abs(a.mid).max(initial=0), F32)
         sigma = self._sigma(amax)
-        q = to_e4m3(self._quotient(g, sigma, amax)).astype(F32).reshape(rows, -1)[:, :cols]
+        q = to_e4m3(self._quotient(g, sigma, amax)).astype(F32).reshape(
+            rows, g.shape[1] * g.shape[2])[:, :cols]  # rows may be 0
         return Env(q), Env(sigma), np.zeros(rows, bool)
 
 

@@ -270,3 +270,51 @@ def test_quantising_by_strips_is_quantising_whole(variant: str,
     assert _strip_mismatches(variant) == []
     monkeypatch.setattr("spec.synth.STRIP_ROWS", 24)
     assert _strip_mismatches(variant)
+
+
+def test_tile_tags_differ_between_touching_tiles() -> None:
+    """Each 128 x 128 tile's tag is 1/2, 1 or 2, and differs from the tag of the tile beside
+    it and of the tile below it; partial tiles at the edges too."""
+    from spec.synth import TILE, tile_tag
+
+    tags = tile_tag(3 * TILE + 5, 4 * TILE + 7)
+    assert set(np.unique(tags).tolist()) == {0.5, 1.0, 2.0}
+    corners = tags[::TILE, ::TILE]
+    assert (corners[1:] != corners[:-1]).all() and (corners[:, 1:] != corners[:, :-1]).all()
+    assert (tags[:TILE, :TILE] == tags[0, 0]).all()  # constant on a tile
+
+
+@pytest.mark.parametrize("variant", ["fp8_block", "mxfp4_w4a16"])
+def test_tile_tags_scale_each_blocks_scale_and_keep_its_values(variant: str) -> None:
+    """Tags are powers of two: on the same draws, each block's scale is multiplied by its
+    tile's tag, exactly, and the quantised values are the same bits. So a kernel reading a
+    neighbouring block's scale is off by 2x or 4x, and nothing else changes."""
+    from spec import OpConfig, random_problem
+    from spec.synth import tile_tag
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=1, hidden=320, intermediate=192,
+                   tokens_per_rank=(2,),
+                   weight_dtype="float8_e4m3fn" if variant == "fp8_block" else "uint8")
+    assert cfg.kernel_variant.name == variant
+    plain, tagged = (random_problem(cfg, seed=4, tiles=t).ranks[0] for t in (False, True))
+    for g, (rows, cols) in (("1", (cfg.hidden, cfg.n)), ("2", (cfg.intermediate, cfg.hidden))):
+        w, s = f"w{g}", f"scale{g}"
+        assert np.array_equal(getattr(plain, w)[0].view(np.uint8),
+                              getattr(tagged, w)[0].view(np.uint8))
+        s0, s1 = getattr(plain, s)[0], getattr(tagged, s)[0]
+        if variant == "fp8_block":  # float32 scales per 128 x 128 block
+            moved = s1.astype(np.float64) / s0
+            tag = tile_tag(rows, cols)[::128, ::128]
+        else:  # e8m0 codes per 32 rows and one column: a power of two is a code's step
+            moved = 2.0 ** (s1.astype(np.int64) - s0.astype(np.int64))
+            tag = tile_tag(rows, cols)[::32, :]
+        assert np.array_equal(moved, np.broadcast_to(tag, moved.shape)), (variant, g)
+
+
+def test_tile_tags_are_refused_where_no_block_scale_is_drawn() -> None:
+    from spec import OpConfig, random_problem
+
+    cfg = OpConfig(ep_size=1, experts_per_rank=1, top_k=1, hidden=16, intermediate=8,
+                   tokens_per_rank=(1,))
+    with pytest.raises(ValueError, match="w8a8 weights have no block scales"):
+        random_problem(cfg, tiles=True)
