@@ -19,7 +19,7 @@ from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from oracle.check.harness import check_implementation, evaluate  # noqa: E402
-from oracle.check.isolation import ChildProcess  # noqa: E402
+from oracle.check.isolation import THREAD_VARIABLES, ChildProcess  # noqa: E402
 from spec import OpConfig, random_problem  # noqa: E402
 from spec.strategies import configs, problems  # noqa: E402
 
@@ -36,6 +36,15 @@ def _torch_busy_in_parent() -> None:
     assert float((torch.ones(256, 256) @ torch.ones(256, 256))[0, 0]) == 256
 
 
+def _pools_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children started with ``threads=None`` take their pools from the environment:
+    two threads each, so that torch's tensor operation at import starts its OpenMP pool
+    whatever the caller's environment pins (``OMP_NUM_THREADS=1`` starts none, and a fork
+    would then serve)."""
+    for name in THREAD_VARIABLES:
+        monkeypatch.setenv(name, "2")
+
+
 def _forked_workers(child: ChildProcess) -> list[str]:
     assert child.pid is not None
     path = Path(f"/proc/{child.pid}/task/{child.pid}/children")
@@ -44,7 +53,9 @@ def _forked_workers(child: ChildProcess) -> list[str]:
     return path.read_text().split()
 
 
-def test_a_correct_torch_implementation_passes_isolated() -> None:
+def test_a_correct_torch_implementation_passes_isolated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _pools_of_two(monkeypatch)
     # Threads left as the environment sets them: torch's tensor operation at import starts its
     # OpenMP pool, so the process that loaded it serves the calls (no fork after threads).
     with ChildProcess("torch_impls:correct", threads=None) as child:
@@ -66,7 +77,9 @@ def test_a_wrong_torch_implementation_fails_isolated() -> None:
     assert verdict.stage == "out"
 
 
-def test_a_crash_inside_a_torch_implementation_is_reported_and_the_child_restarts() -> None:
+def test_a_crash_inside_a_torch_implementation_is_reported_and_the_child_restarts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _pools_of_two(monkeypatch)
     # Threads as the environment sets them: torch's pool started at import, so there is no
     # template to fork from and each crash starts a new child.
     with ChildProcess("torch_impls:segfaults", threads=None) as child:
