@@ -225,10 +225,12 @@ def expert_weights(config: OpConfig, rng: np.random.Generator,
     return {name: form(stacked) for name, stacked in lists.items()}
 
 
-#: Draws of at least this many 64-bit words are split over threads, one slice per core, each
-#: from its own copy of the generator advanced to the slice's start (``PCG64.advance``): the
-#: same words, and ``random_raw`` releases the GIL.
-PARALLEL_WORDS = 1 << 22
+#: Draws are split over threads, one slice of at least this many 64-bit words per thread and
+#: at most one thread per core, each slice from its own copy of the generator advanced to the
+#: slice's start (``PCG64.advance``): the same words, and ``random_raw`` releases the GIL.
+#: 2^22 gave one DeepSeek-V3 expert's W1 (7.3 M words) two threads on a 16-core machine and
+#: its W2 (3.7 M) one.
+PARALLEL_WORDS = 1 << 18
 #: Each thread draws its slice this many words at a time (2 MiB) into a buffer that stays in
 #: cache and flips the top bits from there into the output: one pass over the output instead
 #: of a slice-sized temporary written, page-faulted and read again (0.1 s against 0.4-0.6 s

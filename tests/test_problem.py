@@ -508,3 +508,17 @@ def test_nonfinite_values_are_found_by_their_bits(dtype: str, shape: tuple[int, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(spec.problem, "_NONFINITE_BITS", short)
         assert spec.problem._first_nonfinite(inf16) is None
+
+
+@pytest.mark.parametrize("at", [0, 77_777, 149_999])
+def test_nonfinite_values_are_found_in_every_slice_of_a_parallel_test(
+        at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large arrays are tested one slice per core: a NaN in the first, a middle or the last
+    slice is found (slices of 2^12 values here, so that 150 000 values make one per core);
+    with two cores at least, the parallel path runs."""
+    monkeypatch.setattr(spec.problem, "_PARALLEL_VALUES", 1 << 12)
+    monkeypatch.setattr(spec.problem.os, "cpu_count", lambda: 3)
+    a = np.zeros(150_000, spec.problem.DTYPES["bfloat16"])
+    assert spec.problem._first_nonfinite(a) is None
+    a[at] = np.nan
+    assert spec.problem._first_nonfinite(a) == (at,)
