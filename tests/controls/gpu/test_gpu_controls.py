@@ -18,6 +18,7 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -351,6 +352,18 @@ SCALE_ULP_CALL = Path(__file__).parents[2] / "data" / "vllm_w8a8_scale_ulp.npz"
 SCALED_SIGMA_CALL = Path(__file__).parents[2] / "data" / "scaled_grouped_mm_h100_sigma.npz"
 
 
+def _with_quantisers_pinned(saved: Any, kernel: str, variant: str,
+                            **pinned: Any) -> tuple[Any, Any]:
+    """The saved call's verdicts under the profile ``kernel`` and under the same profile with
+    its quantisers' fields ``pinned`` (``div_ulps=0``: divisions as IEEE's)."""
+    profile = get_kernel(kernel)
+    ieee = dataclasses.replace(profile.pipeline(variant).quantise, **pinned)
+    def judged(p: Any) -> Any:
+        return oracle.compare(saved.problem, saved.outputs, numerics=Numerics("faithful", kernel=p))
+
+    return judged(profile), judged(profile.with_steps(quantise=ieee, requantise=ieee))
+
+
 def test_fp8_channel_scale_within_2_ulp_is_cudas_scalar_division() -> None:
     saved = counterexample.load(SCALED_SIGMA_CALL)
     assert saved.outputs is not None
@@ -358,26 +371,17 @@ def test_fp8_channel_scale_within_2_ulp_is_cudas_scalar_division() -> None:
     ours = scaled_grouped_mm.moe([to_torch(r, device="cpu") for r in saved.problem.ranks])
     assert np.array_equal(to_numpy(ours[0][0]).astype(np.float32),
                           saved.outputs[0][0].astype(np.float32))
-    profile = get_kernel("torch-scaled-grouped-mm")
-    assert oracle.compare(saved.problem, saved.outputs,
-                          numerics=Numerics("faithful", kernel=profile)).ok
-    # the profile as it was, its divisions pinned to IEEE, rejects the H100's output
-    ieee = dataclasses.replace(profile.pipeline("fp8_channel").quantise, div_ulps=0)
-    pinned = profile.with_steps(quantise=ieee, requantise=ieee)
-    verdict = oracle.compare(saved.problem, saved.outputs,
-                             numerics=Numerics("faithful", kernel=pinned))
-    assert not verdict.ok and "205 ulp of bfloat16" in verdict.message
+    # the profile passes it; as it was, its divisions pinned to IEEE, it rejects the output
+    ok, pinned = _with_quantisers_pinned(saved, "torch-scaled-grouped-mm", "fp8_channel",
+                                         div_ulps=0)
+    assert ok.ok
+    assert not pinned.ok and "205 ulp of bfloat16" in pinned.message
 
 
 def test_w8a8_scale_within_2_ulp_is_the_triton_quantisers_freedom() -> None:
     saved = counterexample.load(SCALE_ULP_CALL)
     assert saved.outputs is not None
-    tq = get_kernel("vllm-triton-tq")
-    assert oracle.compare(saved.problem, saved.outputs,
-                          numerics=Numerics("faithful", kernel=tq)).ok
-    # the same profile with the scale pinned to IEEE rejects the kernel, by one fp16 ulp
-    ieee = dataclasses.replace(tq.pipeline("w8a8").quantise, scale_ulps=0)
-    pinned = tq.with_steps(quantise=ieee, requantise=ieee)
-    verdict = oracle.compare(saved.problem, saved.outputs,
-                             numerics=Numerics("faithful", kernel=pinned))
-    assert not verdict.ok and "1 ulp of float16" in verdict.message
+    # the profile passes it; with the scale pinned to IEEE it rejects it, by one fp16 ulp
+    ok, pinned = _with_quantisers_pinned(saved, "vllm-triton-tq", "w8a8", scale_ulps=0)
+    assert ok.ok
+    assert not pinned.ok and "1 ulp of float16" in pinned.message
