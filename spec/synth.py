@@ -95,8 +95,9 @@ def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
     whole tensor's outputs where no block of ``quantise`` crosses a strip (blocks of rows
     dividing :data:`STRIP_ROWS`, of any columns), with each strip's temporaries in cache:
     what made quantising a DeepSeek-V3 rank cost several times its draw. The strips are
-    quantised on one thread per core (NumPy's and ml_dtypes' loops release the GIL): the
-    same outputs, 3x faster on 2 cores for a DeepSeek-V3 rank's W1 of FP8 block scale."""
+    quantised on one thread per core from :data:`DIRECT_DRAWS` values up (NumPy's and
+    ml_dtypes' loops release the GIL): the same outputs, 3x faster on 2 cores for a
+    DeepSeek-V3 rank's W1 of FP8 block scale."""
     starts = range(0, w.shape[1], STRIP_ROWS)
     jobs = [(j, r) for j in range(w.shape[0]) for r in starts]
 
@@ -104,7 +105,8 @@ def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
         j, r = job
         return quantise(w[j, r:r + STRIP_ROWS], j)
 
-    threads = min(os.cpu_count() or 1, len(jobs))
+    # small weights (the search's) on this thread: a pool would cost more than it saves
+    threads = min(os.cpu_count() or 1, len(jobs)) if w.size >= DIRECT_DRAWS else 1
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             done = list(pool.map(one, jobs))

@@ -262,11 +262,16 @@ def _strip_mismatches(variant: str) -> list[str]:
             if a.shape != b.shape or a.tobytes() != b.tobytes()]
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("variant", STRIPPED)
-def test_quantising_by_strips_is_quantising_whole(variant: str,
+def test_quantising_by_strips_is_quantising_whole(variant: str, parallel: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bit for bit; strips of 24 rows, which NVFP4's 16-row, MXFP4's 32-row and the others'
-    128-row blocks cross, differ."""
+    """Bit for bit, on one thread and (``parallel``: the threshold lowered) on one per core;
+    strips of 24 rows, which NVFP4's 16-row, MXFP4's 32-row and the others' 128-row blocks
+    cross, differ."""
+    if parallel:
+        monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1)
+        monkeypatch.setattr("spec.synth.os.cpu_count", lambda: 3)
     assert _strip_mismatches(variant) == []
     monkeypatch.setattr("spec.synth.STRIP_ROWS", 24)
     assert _strip_mismatches(variant)
