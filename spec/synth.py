@@ -176,22 +176,38 @@ _WEIGHTS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
 
 
 #: The activations' calibrated amax that the NVFP4 W4A4 generator's global scales assume, of
-#: x and of the SwiGLU output: x ~ N(0, 1) rows of K <= 7168 stay below 8 in all but a few
-#: draws, the SwiGLU outputs of the generator's weights below 4 [inferred: vLLM's scales come
-#: from calibration]. Different, so that one GEMM's scale read for the other's shows.
-ACT_CALIBRATION_AMAX = (8.0, 4.0)
+#: x and of the SwiGLU output, before the per-expert factors of :func:`_nvfp4_w4a4`: x ~ N(0, 1)
+#: rows of K <= 7168 stay below 8 in all but a few draws; the SwiGLU output of unit-variance
+#: gate and up values stays below 16 in all but about one row in 20 000 at I = 2048 (its row
+#: maximum's median is 5.6, its 99.9 % quantile 11.9, of 20 000 simulated rows), with room
+#: for the judge's widening of it [inferred: vLLM's scales come from calibration over many
+#: more tokens than one call holds]. Different, so that one GEMM's scale read for the
+#: other's shows. Values past the calibration saturate the e4m3 block scale, a deterministic
+#: clamp that the row test leaves to the sound bound: at 4 (this generator's until issue
+#: 25's round 6) 98 % of the SwiGLU rows at I = 2048 passed it, and no row was tested at
+#: DeepSeek-V3's shape. Values past the calibration come from the planted rows instead
+#: (:mod:`spec.strategies`).
+ACT_CALIBRATION_AMAX = (8.0, 16.0)
+#: The mean of :func:`tile_tag`'s square over its period, (1/4 + 1 + 4)/3: the variance factor
+#: of a GEMM1 output column when the weights are tile-tagged.
+TILE_VARIANCE = 7 / 4
 
 
 def _nvfp4_w4a4(config: OpConfig, rng: np.random.Generator,
                 tiles: bool = False) -> dict[str, np.ndarray]:
     """nvfp4_w4a16's weights plus the activations' static global scales per expert,
-    ``448·6 / (amax · tag)`` with :func:`expert_tag` of the local index plus a per-rank offset
-    drawn from ``rng``: experts of one rank, and (three times in four) the same expert of two
-    ranks, have scales a power of two or 3/2 apart (sglang #36597's wrong expert shows)."""
+    ``448·6 / amax`` with ``amax`` :data:`ACT_CALIBRATION_AMAX` times the expert's factor
+    ``1 + (j + o) mod 4`` (local index ``j``, a per-rank offset ``o`` drawn from ``rng``):
+    experts of one rank, and three times in four the same expert of two ranks, have scales
+    that differ (sglang #36597's wrong expert shows), and never below the calibration, so the
+    values stay inside it. GEMM2's also follows the SwiGLU output's scale: the square of the
+    expert's weight tag (:func:`expert_tag`), and :data:`TILE_VARIANCE` with ``tiles``."""
     out = _WEIGHTS["nvfp4_w4a16"](config, rng, tiles)
-    tag = expert_tag(np.arange(config.experts_per_rank) + rng.integers(0, 4))
+    e = config.experts_per_rank
+    tag = 1 + (np.arange(e) + rng.integers(0, 4)) % 4
+    spread = expert_tag(np.arange(e)) ** 2 * (TILE_VARIANCE if tiles else 1.0)
     for g, amax in enumerate(ACT_CALIBRATION_AMAX, start=1):
-        out[f"a{g}_gscale"] = global_scale(amax * tag)[:, None]
+        out[f"a{g}_gscale"] = global_scale(amax * tag * (spread if g == 2 else 1.0))[:, None]
     return out
 
 
@@ -218,7 +234,7 @@ def expert_weights(config: OpConfig, rng: np.random.Generator,
     int4 W4A16: the same, quantised per 128 along the reduction with zero points
     (:func:`spec.int4.quantise_groups`). NVFP4: the same, with e4m3 scales per 16 and a
     global scale per expert (:func:`spec.nvfp4.quantise_nv`); NVFP4 W4A4 adds the activations'
-    global scales (:data:`ACT_CALIBRATION_AMAX`, tagged per expert). Both plant one zero block per
+    global scales (:data:`ACT_CALIBRATION_AMAX`, scaled per expert). Both plant one zero block per
     GEMM (the last expert's first block of its first column: scale 0).
     BF16/FP16: weights in x's dtype with the same standard deviation, no scales.
     The normal weights come from :func:`normal_weights`: arrays of :data:`DIRECT_DRAWS`

@@ -173,10 +173,10 @@ def _naive_mx8(a: Array) -> Array:
     width = -(-cols // 32) * 32
     g = np.zeros((rows, width), F32)
     g[:, :cols] = a
-    g = g.reshape(rows, -1, 32)
+    g = g.reshape(rows, width // 32, 32)  # not -1: rows may be 0
     sigma = np.maximum(ue8m0_up((np.abs(g).max(axis=2) / F32(448)).astype(F32)), F32(2.0**-126))
     q = np.clip(g / sigma[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(F32)
-    return (q * sigma[..., None]).reshape(rows, -1)[:, :cols]
+    return (q * sigma[..., None]).reshape(rows, width)[:, :cols]
 
 
 def _naive_gemm(a: Array, w: Array) -> Array:

@@ -28,7 +28,9 @@ from oracle.judge.bounds import quantisation_error_bound
 from oracle.judge.rowtest import row_thresholds
 from oracle.model.kernels import VLLM_NVFP4, Env, Fp4Gemm, KernelProfile, profile_from_dict
 from spec import DTYPES, OpConfig, Problem, random_problem
+from spec.nvfp4 import global_scale
 from spec.strategies import configs, problems
+from spec.synth import expert_tag
 
 Array = np.ndarray[Any, Any]
 NV = "float4_e2m1fn"
@@ -57,14 +59,14 @@ def _naive_fp4(a: Array, gs: float) -> Array:
     rows, k = a.shape
     pad = np.zeros((rows, -(-k // 16) * 16), np.float32)
     pad[:, :k] = a
-    blocks = pad.reshape(rows, -1, 16)
+    blocks = pad.reshape(rows, pad.shape[1] // 16, 16)  # not -1: rows may be 0
     amax = np.abs(blocks).max(axis=2, keepdims=True)
     s = np.minimum(np.float32(gs) * (amax * np.float32(1 / 6)), 448).astype(E4M3)
     s = s.astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(s > 0, np.float32(1) / (s / np.float32(gs)), np.float32(0))
     q = np.clip(blocks * inv, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
-    return (q * s).reshape(rows, -1)[:, :k]
+    return (q * s).reshape(pad.shape)[:, :k]
 
 
 def _naive_out(problem: Problem) -> Array:
@@ -192,7 +194,7 @@ class Unclamped(Fp4Gemm):
         rows, k = a.mid.shape
         pad = np.zeros((rows, -(-k // 16) * 16), np.float32)
         pad[:, :k] = a.mid
-        amax = np.abs(pad.reshape(rows, -1, 16)).max(axis=2, keepdims=True)
+        amax = np.abs(pad.reshape(rows, pad.shape[1] // 16, 16)).max(axis=2, keepdims=True)
         raw = (gs * (amax * np.float32(1 / 6))).astype(E4M3).astype(np.float32)
         fine = super().quantise(a, gscale)
         bad = np.repeat(np.isnan(raw)[..., 0], 16, axis=1)[:, :k]
@@ -270,6 +272,39 @@ def test_an_unwritten_gemm1_output_scale_is_rejected() -> None:
     witness = _witness(1, 1, (1,), 0)
     outs = ALPHA_UNWRITTEN(witness)
     assert not outs[0][0].astype(np.float32).any() and _rejected(witness, ALPHA_UNWRITTEN)
+
+
+def _calibrated(problem: Problem, amax: tuple[float, float], offsets: tuple[int, ...]) -> Problem:
+    """``problem`` with the activation global scales ``448·6 / (amax_g · expert_tag(j + o))``
+    (rank r's offset ``o = offsets[r]``): the generator's until issue 25's round 6."""
+    ranks = []
+    for rank, o in zip(problem.ranks, offsets, strict=True):
+        tag = expert_tag(np.arange(problem.config.experts_per_rank) + o)
+        ranks.append(dataclasses.replace(rank, **{
+            f"a{g}_gscale": [global_scale(a * tag)[:, None]] for g, a in enumerate(amax, 1)}))
+    return Problem(ranks, **problem.config.call_attributes())
+
+
+def test_the_calibration_leaves_the_row_test_its_rows_at_deepseek_v3s_shape() -> None:
+    """K = 7168, I = 2048 (EP = 2, E = 2, top_k = 2, 2 tokens a rank): under the old
+    calibration (SwiGLU amax 4 times tags of 1/2..2; seed 0's offsets) the SwiGLU outputs
+    pass GEMM2's calibration on every row, the e4m3 block scale saturates, and that
+    deterministic clamp sends every row to the sound bound, whose envelope holds 0 here:
+    expert 0's activation scale read for every expert, outputs off by 1-2x of their norm,
+    passed. Under the generator's calibration (16, tags 1..4) the row test tests every row
+    and rejects it."""
+    problem = random_problem(OpConfig(
+        ep_size=2, experts_per_rank=2, top_k=2, hidden=7168, intermediate=2048,
+        tokens_per_rank=(2, 2), weight_dtype=NV, activation_scales=True), seed=0)
+    old = _calibrated(problem, (8.0, 4.0), (3, 1))
+    assumptions = VLLM_NVFP4.ideal_assumptions(problem.config.x_dtype)
+    for p, tested in ((old, False), (problem, True)):
+        ideal = oracle.run(p, numerics="ideal")
+        th = row_thresholds(p, ideal, assumptions)
+        by = np.concatenate(th.judged_by)
+        assert (by == "projection").all() if tested else not (by == "projection").any(), by
+        assert th.judge([o for o, _ in first_expert(p)]).ok is not tested
+    assert oracle.compare(old, first_expert(old), numerics=PROFILE).ok  # the hole, whole
 
 
 def test_missing_clamp_gives_nan_beyond_the_calibration() -> None:
