@@ -350,10 +350,16 @@ def _fill_from_table(rng: np.random.Generator, table: Array, flat: Array) -> Non
                          f"{1 << 16} entries (one per 16-bit index): pass a 1-D table of "
                          f"that length")
 
+    # The values' bits as unsigned integers of their width (the same bits): NumPy takes
+    # ml_dtypes' bfloat16 through a generic per-element copy, 2.3 ns a value into a fresh
+    # output on one core against 1.2 for the uint16 take.
+    bits = np.dtype(f"u{table.dtype.itemsize}")
+    source, target = table.view(bits), flat.view(bits)
+
     def fill(words: Array, first: int) -> None:
         start = 4 * first
         stop = min(start + 4 * words.size, flat.size)
-        np.take(table, words.view(np.uint16)[:stop - start], out=flat[start:stop],
+        np.take(source, words.view(np.uint16)[:stop - start], out=target[start:stop],
                 mode="clip")  # "raise" buffers the output (NumPy's documentation)
 
     _each_piece(rng.bit_generator, -(-flat.size // 4), TABLE_PIECE_WORDS, fill)
