@@ -167,9 +167,12 @@ def main() -> None:
               "boundary spans a whole e2m1 step (25–50 % of the value), and GEMM2 adds those "
               "worst cases over I. At I = 2048 the output envelope contains 0, so an all-zero "
               "output passes it; the row test (with the e2m1 activation terms) then rejects "
-              "it. A wrong expert's scale off by a factor 4/3 on one of two slots moves a row "
-              "by about 1/6, inside the row test's threshold (about 0.27 of |row| at "
-              "K = 7168: e2m1 keeps one mantissa bit); those pass where the envelope is wide. "
+              "it. The row test needs the activations inside their calibration: a row whose "
+              "values pass it (the e4m3 block scale saturates, a deterministic clamp) goes "
+              "to the sound bound alone. The generator's calibrations cover them "
+              "(spec.synth.ACT_CALIBRATION_AMAX). A wrong expert's scale off by a factor "
+              "4/3 on one of two slots moves a row by about 1/6, inside the row test's "
+              "threshold (about 0.29 of |row| at K = 7168: e2m1 keeps one mantissa bit). "
               "The legitimate kernels' |s|/T is their margin to a false alarm (1 rejects)."]
     Path(__file__).with_name("NVFP4_POWER.md").write_text("\n".join(lines) + "\n")
 
