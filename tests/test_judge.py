@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import oracle
+from oracle.check.harness import evaluate
 from oracle.judge.bounds import ideal_tolerance
 from oracle.judge.rowtest import TERMS, row_test, row_thresholds
 from oracle.judge.verdict import compare, envelope_ratio, error_ratios, out_dtype_spacing
@@ -252,6 +253,24 @@ def test_underflow_sends_rows_of_subnormal_values_to_the_sound_bound() -> None:
     assert all("underflow" in j for j in th.judged_by[0])
     assert not row_thresholds(problem, ideal, a3, omit=("underflow",)).judge(outs).ok
     assert compare(problem, _pairs(result)).ok
+
+
+def test_a_pass_says_which_rows_the_row_test_left_to_the_bound() -> None:
+    """A verdict that passes rows the row test could not judge says how many and why (a
+    kernel whose rows all go to a wide bound is not tested by it): the subnormal rows
+    (underflow), the zero row of x; a pass on rows it judged names none."""
+    cases = ((_subnormal_rows(), 3, "deterministic terms"), (_with_zero_row(), 1, "zero ideal row"),
+             (_problem(), 0, ""))
+    for problem, untested, reason in cases:
+        verdict = compare(problem, _pairs(oracle.run(problem)), numerics="ideal")
+        assert verdict.ok and verdict.untested_rows == untested, verdict
+        assert verdict.untested_reason.startswith(reason)
+        assert ("left" in verdict.message) is bool(untested), verdict.message
+    # the gate's evaluate records it as a search statistic, and outside a search does not raise
+    problem = _with_zero_row()
+    outs = _pairs(oracle.run(problem))
+    verdict, _ = evaluate(lambda _: outs, problem, numerics="ideal")
+    assert verdict.ok and verdict.untested_rows == 1
 
 
 def _wide_envelope() -> Problem:

@@ -304,7 +304,9 @@ def test_the_calibration_leaves_the_row_test_its_rows_at_deepseek_v3s_shape() ->
         by = np.concatenate(th.judged_by)
         assert (by == "projection").all() if tested else not (by == "projection").any(), by
         assert th.judge([o for o, _ in first_expert(p)]).ok is not tested
-    assert oracle.compare(old, first_expert(old), numerics=PROFILE).ok  # the hole, whole
+    verdict = oracle.compare(old, first_expert(old), numerics=PROFILE)  # the hole, whole
+    assert verdict.ok and verdict.untested_rows == 4, verdict  # and the verdict says so
+    assert "left 4 to the envelope alone (deterministic terms" in verdict.message
 
 
 def test_missing_clamp_gives_nan_beyond_the_calibration() -> None:

@@ -249,6 +249,12 @@ class RowVerdict:
     #: ``sqrt(Q/q)``; ``ratio`` is the larger.
     projection: float = 0.0
     together: float = 0.0
+    #: Of the rows the test was asked about (defined, not ``"not asked"``), how many it left
+    #: to the sound bound or the envelope (``judged_by`` "bound: ..."), and the most common
+    #: reason: rows it cannot judge are not judged, and a verdict says so.
+    bound_rows: int = 0
+    asked_rows: int = 0
+    bound_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,16 @@ class RowThresholds:
                 stats.append(np.where(tested, np.einsum("tk,tk->t", d, w) / n, 0.0))
         return tuple(stats)
 
+    def _left_to_the_bound(self) -> tuple[int, int, str]:
+        """``(bound_rows, asked_rows, bound_reason)`` of :class:`RowVerdict`."""
+        by = np.concatenate(self.judged_by) if self.judged_by else np.zeros(0, dtype=object)
+        asked = (by != "undefined") & (by != "not asked")
+        bound = [str(b) for b in by[asked] if str(b).startswith("bound: ")]
+        if not bound:
+            return 0, int(asked.sum()), ""
+        reasons, counts = np.unique(bound, return_counts=True)
+        return len(bound), int(asked.sum()), str(reasons[np.argmax(counts)])[len("bound: "):]
+
     def judge(self, outs: Sequence[Array]) -> RowVerdict:
         """Reject the call if any tested row's ``|s|`` exceeds its threshold, or if the rows
         together do (``Q = Σ z²`` above its limit, module docstring, "Rows together")."""
@@ -303,7 +319,8 @@ class RowThresholds:
         together = math.sqrt(q / self.limit)
         ratio = max(top, together)
         if ratio <= 1:
-            return RowVerdict(True, ratio, None, None, "rows conform", top, together)
+            return RowVerdict(True, ratio, None, None, "rows conform", top, together,
+                              *self._left_to_the_bound())
         if top > 1:
             return RowVerdict(
                 False, ratio, r, k,

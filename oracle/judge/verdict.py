@@ -68,6 +68,12 @@ class Verdict:
     ratio: float = 0.0
     rank: int | None = None
     where: tuple[int, ...] | None = None
+    #: A pass only: the rows whose outputs the row test could not judge (its module
+    #: docstring: a deterministic term such as a saturating scale outweighs the noise, a
+    #: flushing scale, a zero ideal row), judged by the element-wise check alone, and the
+    #: most common reason.
+    untested_rows: int = 0
+    untested_reason: str = ""
 
 
 def out_dtype_spacing(values: Array, dtype_name: str, toward: Array | None = None) -> Array:
@@ -260,6 +266,13 @@ def compare(
         if not row.ok and row.rank is not None and row.token is not None:
             return _fail("out", f"{row.message}; {routing_summary(problem, row.rank, row.token)}",
                          row.rank, (row.token,), row.ratio)
+        if row.bound_rows:
+            how = "envelope" if enveloped else "sound bound"
+            return Verdict(True, "ok", f"outputs conform; the row test judged "
+                           f"{row.asked_rows - row.bound_rows} of {row.asked_rows} rows and left "
+                           f"{row.bound_rows} to the {how} alone ({row.bound_reason})",
+                           ratio_max, untested_rows=row.bound_rows,
+                           untested_reason=row.bound_reason)
     if ratio_max <= 1.0:
         return Verdict(True, "ok", "outputs conform", ratio_max)
     out, _ = checked[r]
