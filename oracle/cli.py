@@ -32,12 +32,14 @@ from hypothesis import strategies as st
 
 from oracle.check.harness import (
     DOMAINS,
+    UNTESTED,
     ConformanceError,
     check_implementation,
     describe_problem,
     evaluate,
     preset_configs,
     routing_rows,
+    untested_summary,
     variant_configs,
 )
 from oracle.check.isolation import ChildProcess, check_signature
@@ -182,6 +184,7 @@ def _search(run: Callable[[Any], None], runner: Any, progress: _Progress, what: 
     :data:`EXIT_FOUND` on a counterexample (``found``: a stage search raises
     :class:`~oracle.check.modular.StageConformanceError`), else how many ``what`` were judged;
     the child process is closed either way."""
+    UNTESTED.clear()
     try:
         run(runner if isinstance(runner, ChildProcess) else progress)
     except found as exc:
@@ -194,6 +197,8 @@ def _search(run: Callable[[Any], None], runner: Any, progress: _Progress, what: 
             runner.close()
     print(f"no counterexample in {progress.calls} {what} "
           f"({time.perf_counter() - progress.start:.1f} s)")
+    if untested_summary():
+        print(f"note: {untested_summary()}")
     return EXIT_OK
 
 

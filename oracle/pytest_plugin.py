@@ -156,6 +156,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         runner.close()
 
 
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """After a gate run: how many passing calls had rows the row test could not judge
+    (:func:`oracle.check.harness.untested_summary`), so that a weak pass is seen."""
+    if not config.getoption("--dfc-impl"):
+        return
+    from oracle.check.harness import untested_summary  # lazy: the plugin loads in every run
+
+    if untested_summary():
+        terminalreporter.write_line(f"dfc-oracle: {untested_summary()}")
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     impl = config.getoption("--dfc-impl")
     if not impl:

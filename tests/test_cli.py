@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 
+import oracle
 from oracle import pytest_plugin
+from oracle.check import harness
 from oracle.check.harness import variant_configs
-from oracle.cli import _parser, main
+from oracle.cli import _parser, _Progress, _search, main
+from spec import DTYPES, OpConfig, random_problem
 from spec.fields import GATE_VARIANTS
 from spec.strategies import ROUTING_FAMILIES
 
@@ -286,3 +289,30 @@ def test_hunt_variants_run_on_the_kernel_given(in_tests_dir, capsys) -> None:
     assert np.array_equal(out, own.ranks[0].out) and not np.array_equal(out, default.ranks[0].out)
     assert main(["hunt", "--kernel", "own_profiles:NOT_A_PROFILE"]) == 2
     assert "NOT_A_PROFILE" in capsys.readouterr().err
+
+
+def test_a_search_whose_passes_left_rows_untested_says_so(capsys) -> None:
+    """A gate that could not row-test some rows of its passing calls says so after the
+    search (dfc-oracle check, the pytest gate's summary); one that judged every row does not.
+    The zero row of x has a zero ideal row, which the row test cannot project on."""
+    cfg = OpConfig(ep_size=1, experts_per_rank=2, top_k=2, hidden=32, intermediate=16,
+                   tokens_per_rank=(3,))
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    plain = random_problem(cfg, seed=0, x=[x.astype(DTYPES[cfg.x_dtype])])
+    x[1] = 0
+    zero_row = random_problem(cfg, seed=0, x=[x.astype(DTYPES[cfg.x_dtype])])
+    lines = []
+    reporter = SimpleNamespace(write_line=lines.append)
+    config = SimpleNamespace(getoption=lambda name: "m:f")
+    for problem, said in ((plain, False), (zero_row, True)):
+        outs = [(r.out, r.expert_token_nums) for r in oracle.run(problem).ranks]
+
+        def run(_: Any, problem=problem, outs=outs) -> None:
+            harness.evaluate(lambda _: outs, problem, numerics="ideal")
+
+        assert _search(run, None, _Progress(None), "calls") == 0
+        out = capsys.readouterr().out
+        assert ("note: 1 passing calls had rows the row test could not judge" in out) is said
+        assert ("zero ideal row" in out) is said
+        pytest_plugin.pytest_terminal_summary(reporter, 0, config)
+        assert bool(lines) is said

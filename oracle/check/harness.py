@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ def evaluate(
     if verdict.ok and outcome.changed and inputs != "ignore":
         verdict = _judge_writes(verdict, outcome.changed, inputs, problem.config.num_experts)
     if verdict.ok and verdict.untested_rows:
+        UNTESTED[verdict.untested_reason] += 1
         # In a search, a statistic (--hypothesis-show-statistics): how often a pass rested on
         # the element-wise check alone. Here, not in the search's own function: derandomised
         # Hypothesis seeds itself from that function's source.
@@ -226,6 +228,23 @@ def evaluate(
             event(f"judge: rows the row test left to the element-wise check "
                   f"({verdict.untested_reason})")
     return verdict, outputs
+
+
+#: Per reason, the passing verdicts of :func:`evaluate` in this process that left rows to the
+#: element-wise check alone (:attr:`oracle.judge.verdict.Verdict.untested_rows`): what
+#: ``dfc-oracle check`` and the pytest gate report after a search, so that a gate that could
+#: not judge a kernel's rows does not read as one that did. Cleared by whoever reports it.
+UNTESTED: Counter[str] = Counter()
+
+
+def untested_summary() -> str:
+    """One line on :data:`UNTESTED` ("" when empty)."""
+    if not UNTESTED:
+        return ""
+    reason, most = UNTESTED.most_common(1)[0]
+    return (f"{sum(UNTESTED.values())} passing calls had rows the row test could not judge, "
+            f"left to the element-wise check alone (most often, in {most}: {reason}); "
+            f"a bug there may pass")
 
 
 def _judge_writes(verdict: Verdict, writes: tuple[InputWrite, ...], inputs: str,
