@@ -268,9 +268,13 @@ PARALLEL_WORDS = 1 << 18
 #: of a slice-sized temporary written, page-faulted and read again (0.1 s against 0.4-0.6 s
 #: for one rank's W1 at K = 7168 on one core; ``benchmarks/PRODUCTION_SHAPES.md``).
 PIECE_WORDS = 1 << 18
-#: The table draw of :func:`normal_weights` takes its words this many at a time: the
-#: gather's indices, widened to 64 bits by ``np.take``, then stay in cache (256 KiB).
-TABLE_PIECE_WORDS = 1 << 13
+#: The table draw of :func:`normal_weights` takes its words this many at a time (the
+#: gather's indices, widened to 64 bits by ``np.take``: 4 MiB). At 2^13 (256 KiB, in cache)
+#: the threads of :func:`_each_piece` spent their time handing the GIL between pieces: one
+#: DeepSeek-V3 expert's W1 took 0.037-0.041 s on 16 cores against 0.011-0.015 s at 2^17,
+#: and the whole BF16 call 2.31 s against 0.97 s (``benchmarks/GPU.md``, part 10); one
+#: thread is as fast either way.
+TABLE_PIECE_WORDS = 1 << 17
 
 
 def _each_piece(bits: Any, count: int, piece: int, fill: Callable[[Array, int], None]) -> None:
