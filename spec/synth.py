@@ -27,7 +27,7 @@ from spec.fp8 import quantise_blocks, quantise_channels
 from spec.int4 import GROUP, compensation_bias, pack_int4, quantise_groups
 from spec.memory import copy_array, with_layout
 from spec.mxfp4 import quantise_mx
-from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv, tensor_global_scale
+from spec.nvfp4 import NV_BLOCK, global_scale, quantise_nv
 from spec.problem import DTYPES, Problem, RankInputs
 
 __all__ = ["expert_tag", "expert_weights", "int8_uniform", "normal_tokens", "normal_weights",
@@ -89,21 +89,16 @@ STRIP_ROWS = 128
 Quantise = Callable[[Array, int], tuple[Array, ...]]
 
 
-def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
-    """The outputs of ``quantise(strip, j)`` over strips of :data:`STRIP_ROWS` rows of each
-    expert ``j`` of ``w`` (E, R, C), joined along the rows and stacked over experts. The
-    whole tensor's outputs where no block of ``quantise`` crosses a strip (blocks of rows
-    dividing :data:`STRIP_ROWS`, of any columns), with each strip's temporaries in cache:
-    what made quantising a DeepSeek-V3 rank cost several times its draw. The strips are
-    quantised on one thread per core from :data:`DIRECT_DRAWS` values up (NumPy's and
-    ml_dtypes' loops release the GIL): the same outputs, 3x faster on 2 cores for a
-    DeepSeek-V3 rank's W1 of FP8 block scale."""
+def _over_strips(fn: Callable[[Array, int], Any], w: Array) -> list[list[Any]]:
+    """Per expert ``j`` of ``w`` (E, R, C), ``fn(strip, j)`` of its strips of
+    :data:`STRIP_ROWS` rows in order, on one thread per core from :data:`DIRECT_DRAWS` values
+    up (NumPy's and ml_dtypes' loops release the GIL)."""
     starts = range(0, w.shape[1], STRIP_ROWS)
     jobs = [(j, r) for j in range(w.shape[0]) for r in starts]
 
-    def one(job: tuple[int, int]) -> tuple[Array, ...]:
+    def one(job: tuple[int, int]) -> Any:
         j, r = job
-        return quantise(w[j, r:r + STRIP_ROWS], j)
+        return fn(w[j, r:r + STRIP_ROWS], j)
 
     # small weights (the search's) on this thread: a pool would cost more than it saves
     threads = min(os.cpu_count() or 1, len(jobs)) if w.size >= DIRECT_DRAWS else 1
@@ -112,14 +107,28 @@ def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
             done = list(pool.map(one, jobs))
     else:
         done = [one(job) for job in jobs]
-    parts = [done[j * len(starts):(j + 1) * len(starts)] for j in range(w.shape[0])]
+    return [done[j * len(starts):(j + 1) * len(starts)] for j in range(w.shape[0])]
+
+
+def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
+    """The outputs of ``quantise(strip, j)`` over strips of :data:`STRIP_ROWS` rows of each
+    expert ``j`` of ``w`` (E, R, C) (:func:`_over_strips`), joined along the rows and stacked
+    over experts. The whole tensor's outputs where no block of ``quantise`` crosses a strip
+    (blocks of rows dividing :data:`STRIP_ROWS`, of any columns), with each strip's
+    temporaries in cache: what made quantising a DeepSeek-V3 rank cost several times its
+    draw. In parallel, 3x faster on 2 cores for a DeepSeek-V3 rank's W1 of FP8 block scale."""
+    parts = _over_strips(quantise, w)
     return tuple(np.stack([np.concatenate([strip[n] for strip in expert], axis=-2)
                            for expert in parts]) for n in range(len(parts[0][0])))
 
 
 def _nv_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
-    """:func:`spec.nvfp4.quantise_nv` by strips, each under its expert's global scale."""
-    gs = tensor_global_scale(w)
+    """:func:`spec.nvfp4.quantise_nv` by strips, each under its expert's global scale
+    (:func:`spec.nvfp4.tensor_global_scale`'s, its amax taken by strips too: one thread
+    over a DeepSeek-V3 rank's W1, with its |w| temporary, took longer than quantising it)."""
+    amax = [max(expert) for expert in _over_strips(
+        lambda strip, _: max(float(strip.max(initial=0)), -float(strip.min(initial=0))), w)]
+    gs = global_scale(np.asarray(amax, np.float32))[:, None]
     return (*_by_strips(lambda strip, j: quantise_nv(strip, gs[j])[:2], w), gs)
 
 
