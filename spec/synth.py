@@ -364,8 +364,9 @@ def _fill_from_table(rng: np.random.Generator, table: Array, flat: Array) -> Non
                          f"that length")
 
     # The values' bits as unsigned integers of their width (the same bits): NumPy takes
-    # ml_dtypes' bfloat16 through a generic per-element copy, 2.3 ns a value into a fresh
-    # output on one core against 1.2 for the uint16 take.
+    # ml_dtypes' bfloat16 through a generic per-element copy, 1.2 ns a value on one of this
+    # project's CI cores against 1.0 for the uint16 take (no difference on 16 cores, where
+    # the piece size decided: benchmarks/GPU.md, part 10).
     bits = np.dtype(f"u{table.dtype.itemsize}")
     source, target = table.view(bits), flat.view(bits)
 
