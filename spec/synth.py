@@ -89,10 +89,20 @@ STRIP_ROWS = 128
 Quantise = Callable[[Array, int], tuple[Array, ...]]
 
 
+def _pooled(fn: Callable[[Any], Any], jobs: Sequence[Any], big: bool) -> list[Any]:
+    """``fn`` of each job in order, on one thread per core where ``big`` (NumPy's and
+    ml_dtypes' loops release the GIL); small work (the search's weights) on this thread: a
+    pool would cost more than it saves."""
+    threads = min(os.cpu_count() or 1, len(jobs)) if big else 1
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, jobs))
+    return [fn(job) for job in jobs]
+
+
 def _over_strips(fn: Callable[[Array, int], Any], w: Array) -> list[list[Any]]:
     """Per expert ``j`` of ``w`` (E, R, C), ``fn(strip, j)`` of its strips of
-    :data:`STRIP_ROWS` rows in order, on one thread per core from :data:`DIRECT_DRAWS` values
-    up (NumPy's and ml_dtypes' loops release the GIL)."""
+    :data:`STRIP_ROWS` rows in order, in parallel from :data:`DIRECT_DRAWS` values up."""
     starts = range(0, w.shape[1], STRIP_ROWS)
     jobs = [(j, r) for j in range(w.shape[0]) for r in starts]
 
@@ -100,26 +110,33 @@ def _over_strips(fn: Callable[[Array, int], Any], w: Array) -> list[list[Any]]:
         j, r = job
         return fn(w[j, r:r + STRIP_ROWS], j)
 
-    # small weights (the search's) on this thread: a pool would cost more than it saves
-    threads = min(os.cpu_count() or 1, len(jobs)) if w.size >= DIRECT_DRAWS else 1
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            done = list(pool.map(one, jobs))
-    else:
-        done = [one(job) for job in jobs]
+    done = _pooled(one, jobs, w.size >= DIRECT_DRAWS)
     return [done[j * len(starts):(j + 1) * len(starts)] for j in range(w.shape[0])]
 
 
 def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
     """The outputs of ``quantise(strip, j)`` over strips of :data:`STRIP_ROWS` rows of each
-    expert ``j`` of ``w`` (E, R, C) (:func:`_over_strips`), joined along the rows and stacked
-    over experts. The whole tensor's outputs where no block of ``quantise`` crosses a strip
-    (blocks of rows dividing :data:`STRIP_ROWS`, of any columns), with each strip's
-    temporaries in cache: what made quantising a DeepSeek-V3 rank cost several times its
-    draw. In parallel, 3x faster on 2 cores for a DeepSeek-V3 rank's W1 of FP8 block scale."""
+    expert ``j`` of ``w`` (E, R, C) (:func:`_over_strips`), joined along the rows into one
+    array per output, stacked over experts. The whole tensor's outputs where no block of
+    ``quantise`` crosses a strip (blocks of rows dividing :data:`STRIP_ROWS`, of any
+    columns), with each strip's temporaries in cache: what made quantising a DeepSeek-V3 rank
+    cost several times its draw. In parallel, 3x faster on 2 cores for a DeepSeek-V3 rank's
+    W1 of FP8 block scale; the strips are copied once, in parallel, into the stacked arrays
+    (joining each expert's, then stacking them, were two copies on one thread: 0.7 s of a
+    3.8 s FP8 block call at EP = 2 on 2 cores)."""
     parts = _over_strips(quantise, w)
-    return tuple(np.stack([np.concatenate([strip[n] for strip in expert], axis=-2)
-                           for expert in parts]) for n in range(len(parts[0][0])))
+    first = parts[0]
+    outs = [np.empty((w.shape[0], *first[0][n].shape[:-2],
+                      sum(strip[n].shape[-2] for strip in first), first[0][n].shape[-1]),
+                     first[0][n].dtype) for n in range(len(first[0]))]
+
+    def join(job: tuple[int, int]) -> None:
+        j, n = job
+        np.concatenate([strip[n] for strip in parts[j]], axis=-2, out=outs[n][j])
+
+    _pooled(join, [(j, n) for j in range(w.shape[0]) for n in range(len(outs))],
+            w.size >= DIRECT_DRAWS)
+    return tuple(outs)
 
 
 def _nv_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
