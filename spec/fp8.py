@@ -28,6 +28,7 @@ __all__ = [
     "E4M3_MAX",
     "WEIGHT_EPS",
     "blocks",
+    "channel_scale",
     "dequantise",
     "expand_scales",
     "quantise_blocks",
@@ -127,6 +128,12 @@ def quantise_channels(w: Array, *, eps: float = WEIGHT_EPS) -> tuple[Array, Arra
     ([[448.0, 224.0], [224.0, -448.0]], [2.0, 0.004464285913854837])
     """
     w32 = np.asarray(w, dtype=np.float32)
-    amax = np.abs(w32).max(axis=-2)
-    scale = (np.maximum(amax, np.float32(eps)) / np.float32(E4M3_MAX)).astype(np.float32)
+    scale = channel_scale(np.abs(w32).max(axis=-2), eps=eps)
     return to_e4m3(w32 / scale[..., None, :]), scale
+
+
+def channel_scale(amax: Array, *, eps: float = WEIGHT_EPS) -> Array:
+    """:func:`quantise_channels`'s scale of a column whose ``|w|`` peaks at ``amax``:
+    ``fl32(max(amax, eps) / 448)``."""
+    return np.asarray((np.maximum(amax, np.float32(eps)) / np.float32(E4M3_MAX))
+                      .astype(np.float32))
