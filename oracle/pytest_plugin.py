@@ -162,7 +162,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     (:func:`oracle.check.harness.untested_summary`), so that a weak pass is seen."""
     if not config.getoption("--dfc-impl"):
         return
-    from oracle.check.harness import untested_summary  # lazy: the plugin loads in every run
+    from oracle.check.harness import untested_summary  # lazy: start-up
 
     if untested_summary():
         terminalreporter.write_line(f"dfc-oracle: {untested_summary()}")
