@@ -139,23 +139,25 @@ def _by_strips(quantise: Quantise, w: Array) -> tuple[Array, ...]:
     return tuple(outs)
 
 
-def _channel_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
-    """:func:`spec.fp8.quantise_channels` by strips: each column's amax over the reduction
-    from its strips' (in parallel), then each strip under its expert's scales (the same
-    quotients): one thread over the whole weight was most of a DeepSeek-V3 call's draw."""
-    amax = np.stack([np.max(expert, axis=0) for expert in _over_strips(
+def _column_amax(w: Array) -> Array:
+    """``max |w|`` over the reduction of each expert's columns, ``(E, C)`` float32, from the
+    strips' (:func:`_over_strips`, in parallel): one thread over a DeepSeek-V3 rank's weight,
+    with its ``|w|`` temporary, took longer than quantising it."""
+    return np.stack([np.max(expert, axis=0) for expert in _over_strips(
         lambda strip, _: np.abs(strip).max(axis=0), w)])
-    scale = channel_scale(amax)
+
+
+def _channel_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
+    """:func:`spec.fp8.quantise_channels` by strips: each column's scale from
+    :func:`_column_amax`, then each strip under its expert's scales (the same quotients)."""
+    scale = channel_scale(_column_amax(w))
     return (*_by_strips(lambda strip, j: (to_e4m3(strip / scale[j]),), w), scale)
 
 
 def _nv_by_strips(w: Array, _: Any) -> tuple[Array, ...]:
     """:func:`spec.nvfp4.quantise_nv` by strips, each under its expert's global scale
-    (:func:`spec.nvfp4.tensor_global_scale`'s, its amax taken by strips too: one thread
-    over a DeepSeek-V3 rank's W1, with its |w| temporary, took longer than quantising it)."""
-    amax = [max(expert) for expert in _over_strips(
-        lambda strip, _: max(float(strip.max(initial=0)), -float(strip.min(initial=0))), w)]
-    gs = global_scale(np.asarray(amax, np.float32))[:, None]
+    (:func:`spec.nvfp4.tensor_global_scale`'s, its amax from :func:`_column_amax`)."""
+    gs = global_scale(_column_amax(w).max(axis=1))[:, None]
     return (*_by_strips(lambda strip, j: quantise_nv(strip, gs[j])[:2], w), gs)
 
 
