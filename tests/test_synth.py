@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from spec.fp8 import quantise_channels
 from spec.problem import DTYPES
 from spec.synth import _fill_from_table, int8_uniform, normal_weights
 
@@ -275,6 +276,27 @@ def test_quantising_by_strips_is_quantising_whole(variant: str, parallel: bool,
     assert _strip_mismatches(variant) == []
     monkeypatch.setattr("spec.synth.STRIP_ROWS", 24)
     assert _strip_mismatches(variant)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fp8_channel_by_strips_is_quantising_whole(parallel: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 per channel: each column's scale from the whole reduction, whatever the strips
+    (their column maxima combined): bit for bit :func:`spec.fp8.quantise_channels`, on one
+    thread and on one per core. Scales taken per strip (each strip quantised alone) differ."""
+    import spec.synth as synth
+
+    if parallel:
+        monkeypatch.setattr("spec.synth.DIRECT_DRAWS", 1)
+        monkeypatch.setattr("spec.synth.os.cpu_count", lambda: 3)
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((2, 300, 200)) * 10.0 ** rng.integers(-4, 4, (2, 300, 200)))
+    w = w.astype(np.float32)
+    want = quantise_channels(w)
+    got = synth._channel_by_strips(w, None)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want, strict=True))
+    per_strip = synth._by_strips(lambda strip, _: quantise_channels(strip)[:1], w)
+    assert per_strip[0].tobytes() != want[0].tobytes()
 
 
 def test_tile_tags_differ_between_touching_tiles() -> None:
