@@ -104,20 +104,29 @@ Hoeffding on the activation part with variance proxy ``v = c1²·Σ_j m_j·W1d_j
 multiplicity of ``x_j``'s value: Cauchy–Schwarz within a group, ``(Σ_{j∈g} w_j)² <=
 m·Σ_{j∈g} w_j²``), union bound over the ``n_h`` elements (``z = sqrt(2 ln(2n_h/δ_h))``), plus
 the deterministic storage term; ``E_a = |silu'(g)u|·E_g + |silu(g)|·E_u + |r| + c_swiglu``, and
-``|δy_c| <= ||E_a + c_req||·||W2d_c||`` (Cauchy–Schwarz). The remainders enter the model as
-further bounded zero-mean terms, with two bounds of which the smaller is used (both are fixed
-before the output is seen): Hoeffding on their ranges ``|β_a|·|r|`` (added to ``V``), or
-Bernstein's inequality (Boucheron, Lugosi, Massart, *Concentration Inequalities*, Thm 2.10)
-on their moments. ``δg``, ``δu`` are sub-Gaussian with proxies ``v_g``, ``v_u`` (the
-activation's proxy ``c²/3`` per FP8 grid rounding, Hoeffding's lemma for the rest), so
-``E δ^{2q} <= 2·q!·(2v)^q``; on ``E_h``'s event ``|r| <= A·δg² + A2·δu²`` with
-``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2`` (``|δg·δu| <= (δg² + δu²)/2``),
-hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M = 2|β_a|·max(A·v_g, A2·v_u)``: Thm 2.10's
-condition with ``ν = Σ 16M²`` and scale ``c = max 2M``; with the first-order terms' proxy
-``V``, ``t`` is Chernoff's bound ``min_λ (L + λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid
-of λ (:func:`_chernoff`; at most the closed form ``sqrt(2(V + ν)L) + cL``, which charges all
-of ``V`` the scale: 9 % of the FP8 threshold at K = 7168, I = 160), plus the remainders'
-mean, ``|E β_a r| <= |β_a|·(A·v_g + A2·v_u)``, added outright. The scale grows with the
+``|δy_c| <= ||E_a + c_req||·||W2d_c||`` (Cauchy–Schwarz). The remainders are bounded
+terms, not zero-mean ones (``silu''`` keeps one sign near 0), so their mean bound is added
+outright and their centred part takes the smaller of two bounds (both fixed before the
+output is seen): Hoeffding on their ranges ``|β_a|·|r|`` (added to ``V``), or Bernstein's
+inequality (Boucheron, Lugosi, Massart, *Concentration Inequalities*, Thm 2.10) on their
+moments (:func:`_remainder_share`). Each of ``δg``, ``δu`` is ``s + T``: ``s`` sub-Gaussian
+with proxy ``v_g`` or ``v_u`` (the activation's proxy ``c²/3`` per FP8 grid rounding,
+Hoeffding's lemma for the rest), ``T`` the ties' (and NVFP4's saturation's) deterministic
+shift, ``|T| <= t`` through ``|W1d|``; so ``E δ² <= v + t²`` and ``E δ^{2q} <= 2·q!·(2v')^q``
+with ``v' = (1 + θ)·v·exp(t²/(2θv))`` for any ``θ > 0`` (:func:`_tied_proxy`; ``v' = v``
+without ties, ``E s^{2q} <= 2·q!·(2v)^q`` for a sub-Gaussian ``s``). On ``E_h``'s event
+``|r| <= A·δg² + A2·δu²`` with ``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2``
+(``|δg·δu| <= (δg² + δu²)/2``), hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M =
+2|β_a|·max(A·v'_g, A2·v'_u)``: Thm 2.10's condition with ``ν = Σ 16M²`` and scale ``c = max
+2M``; with the first-order terms' proxy ``V``, ``t`` is Chernoff's bound ``min_λ (L +
+λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid of λ (:func:`_chernoff`; at most the closed form
+``sqrt(2(V + ν)L) + cL``, which charges all of ``V`` the scale: 9 % of the FP8 threshold at
+K = 7168, I = 160). The mean: ``|E β_a r| <= |β_a|·(A·(v_g + t_g²) + A2·(v_u + t_u²))``,
+or, where SwiGLU is smooth (no clamp within reach) and it is smaller, a signed part
+``β_a·u·silu''(g)/2·E δg²`` (``E δg² ∈ [0, v_g + t_g²]``, so a row's sum of them lies between
+the sums of its negative and of its positive parts) plus the third-order rest bounded
+outright (:func:`_signed_remainder_mean`); the row's mean bound, added outright, is the
+larger of those two sums plus the rest. The scale grows with the
 variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
 quantisation noise is large (FP8: e4m3 keeps 3 mantissa bits). Where the clamp may switch
 within ``E_h``, the element's whole ``|β_h|·E_h`` is deterministic.
@@ -224,6 +233,8 @@ TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out
 _DEFAULT_ASSUMPTIONS = IdealAssumptions()
 #: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
 _SILU_CURVATURE = 0.5
+#: ``sup|silu⁽³⁾(x)|`` (0.30818, at ``x = ±1.032``), rounded up.
+_SILU_THIRD = 0.309
 #: float32's smallest normal value (point 9).
 _NORMAL32 = 2.0**-126
 #: e4m3's rounding error relative to the value, with the float32 division (point 4).
@@ -504,7 +515,9 @@ def row_thresholds(
     det = np.zeros(total)
     var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
     range_rem = np.zeros(total)  # its scale c
-    bias_rem = np.zeros(total)  # and its mean
+    bias_rem = np.zeros(total)  # and its mean: bounded outright,
+    bias_up = np.zeros(total)  # and its signed part's positive and negative sums
+    bias_down = np.zeros(total)
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
@@ -579,7 +592,8 @@ def row_thresholds(
         v_act *= grid  # FP8: uniform grid roundings, proxy c²/3
         # High-probability bound on |δh| (activation part) plus the deterministic storage.
         c_h = u_s * np.abs(h) + _accumulation(ax[tok] + ce, tiles1, f1, col1, fp8)
-        e_h = z_h * np.sqrt(v_act) + _tie_shift(dr, w1, f1) * cm[:, None]
+        tie_h = _tie_shift(dr, w1, f1) * cm[:, None]  # |T|: the deterministic part of δh
+        e_h = z_h * np.sqrt(v_act) + tie_h
         if nv:  # the activation's noise and its deterministic part, per element of x
             alpha_abs = np.abs(bh_w1.astype(np.float64))
             np.add.at(spread_x, tok, alpha_abs * ce)
@@ -660,15 +674,21 @@ def row_thresholds(
             np.add.at(req_widened, tok, on["requantisation"] * grid * np.einsum(
                 "ri,ri->r", beta_a**2, c_req**2))
         np.add.at(det, tok, slot_det)
-        v_g, v_u = v_h[:, :i_len], v_h[:, i_len:]
         # |r| <= A·δg² + A2·δu² (module docstring, "The remainder")
         quad_g = curvature / 2 * (np.abs(up) + e_u) + np.abs(dsilu) / 2
         quad_u = np.abs(dsilu) / 2
-        moment = 2 * np.abs(beta_a) * np.maximum(quad_g * v_g, quad_u * v_u)
+        v_g, v_u, t_g, t_u = v_h[:, :i_len], v_h[:, i_len:], tie_h[:, :i_len], tie_h[:, i_len:]
+        moment, mean = _remainder_moments(np.abs(beta_a), quad_g, quad_u, v_g, v_u, t_g, t_u)
         np.add.at(var_rem, tok, on["remainder"] * 16 * np.einsum("ri,ri->r", moment, moment))
         np.maximum.at(range_rem, tok, on["remainder"] * 2 * moment.max(axis=1, initial=0.0))
-        np.add.at(bias_rem, tok, on["remainder"] * np.einsum(
-            "ri,ri->r", np.abs(beta_a), quad_g * v_g + quad_u * v_u))
+        # Its mean, signed where SwiGLU is smooth: silu''(g)·u·E δg² has a known sign
+        smooth = pass_g & pass_u & ~band[:, :i_len] & ~band[:, i_len:]
+        signed, rest = _signed_remainder_mean(
+            beta_a, arg, up, dsilu, 1.0 if alpha is None else alpha, _tied_proxy(v_g, t_g),
+            v_g + t_g**2, v_u + t_u**2, mean, smooth)
+        np.add.at(bias_rem, tok, on["remainder"] * rest.sum(axis=1))
+        np.add.at(bias_up, tok, on["remainder"] * np.maximum(signed, 0.0).sum(axis=1))
+        np.add.at(bias_down, tok, on["remainder"] * np.maximum(-signed, 0.0).sum(axis=1))
         np.add.at(hoeffding_rem, tok,
                   on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_a**2))
 
@@ -702,6 +722,7 @@ def row_thresholds(
         var += var_act
         sharing = _shared_rows(x, group, owner, NV_BLOCK, None)
         act_shared += np.bincount(owner, weights=sharing * terms2, minlength=total)
+    bias_rem += np.maximum(bias_up, bias_down)
     # Flush to zero (point 9): x read as 0, and the combine's products and sums.
     det += flush * (np.abs(alpha_x).sum(axis=1) + 2 * top_k * np.abs(direction).sum(axis=1))
     reasons[vanish & tested] = "bound: a dequant scale at most 2^-126 may flush to zero"
@@ -748,9 +769,8 @@ def row_thresholds(
     # sum of sub-gamma terms is sub-gamma with the summed variances and the largest scale).
     # All thresholds are fixed before the output is seen: the smaller holds.
     stochastic = np.sqrt(2 * var * log_row) * widen
-    hoeffding = np.sqrt(2 * (var + hoeffding_rem) * log_row) * widen
-    bernstein = (_chernoff(var, var_rem, range_rem, log_row) + bias_rem) * widen
-    remainder = np.minimum(hoeffding, bernstein) - stochastic
+    remainder = _remainder_share(var, hoeffding_rem, var_rem, range_rem, bias_rem,
+                                 log_row) * widen
     nonlinear = tested & (remainder > stochastic)
     reasons[nonlinear] = "bound: linearisation remainder exceeds the first-order terms"
     tested &= ~nonlinear
@@ -776,6 +796,71 @@ def row_thresholds(
     return RowThresholds(tuple(ideal.trace.combined), split(direction), split(norm),
                          split(threshold), split(reasons), assumptions, split(spread),
                          split(shift), limit)
+
+
+def _remainder_share(var: Array, ranges: Array, nu: Array, scale: Array, mean: Array,
+                     log: float) -> Array:
+    """Per row, what the SwiGLU remainder adds to the first-order terms' ``sqrt(2·var·log)``:
+    its centred part by the smaller of Hoeffding on its ranges (``ranges``, added to the
+    proxy) and Bernstein on its moments (variance factor ``nu``, ``scale``; :func:`_chernoff`),
+    both fixed before the output is seen, plus its ``mean`` bound outright. A remainder is not
+    zero-mean (``silu''`` has one sign near 0): the mean is added in either form."""
+    hoeffding = np.sqrt(2 * (var + ranges) * log)
+    return np.minimum(hoeffding, _chernoff(var, nu, scale, log)) + mean - np.sqrt(2 * var * log)
+
+
+def _remainder_moments(beta: Array, quad_g: Array, quad_u: Array, v_g: Array, v_u: Array,
+                       t_g: Array, t_u: Array) -> tuple[Array, Array]:
+    """Per element of ``a``, the SwiGLU remainder ``β·r`` with ``|r| <= A·δg² + A2·δu²``
+    (``beta`` = ``|β_a|``, ``quad_g`` = ``A``, ``quad_u`` = ``A2``): its moment scale ``M``
+    (``E|β·r|^q <= q!/2·16M²·(2M)^(q−2)``) and its mean bound ``|E β·r|``. Each ``δ = s + T``:
+    ``s`` zero-mean, sub-Gaussian with proxy ``v``; ``T`` the ties' deterministic shift,
+    ``|T| <= t`` (module docstring, "The remainder"). The mean: ``E δ² = E s² + T² <= v + t²``.
+    The moments: ``E δ^(2q) <= 2·q!·(2v')^q`` with ``v'`` of :func:`_tied_proxy`."""
+    moment = 2 * beta * np.maximum(quad_g * _tied_proxy(v_g, t_g), quad_u * _tied_proxy(v_u, t_u))
+    mean = beta * (quad_g * (v_g + t_g**2) + quad_u * (v_u + t_u**2))
+    return moment, mean
+
+
+def _signed_remainder_mean(beta: Array, arg: Array, up: Array, dsilu: Array, alpha: float,
+                           tied_g: Array, w_g: Array, w_u: Array, mean: Array,
+                           smooth: Array) -> tuple[Array, Array]:
+    """Per element, the remainder's mean ``E β·r`` as a signed part and a part bounded
+    outright (module docstring, "The remainder"). ``r = Q·u + Q·δu + silu'(g)·δg·δu`` with
+    ``Q = silu(g + δg) − silu(g) − silu'(g)·δg = silu''(g)/2·δg² + silu⁽³⁾(ξ)/6·δg³``, so
+    ``E β·r`` is ``β·u·silu''(g)/2·E δg²``, whose sign is known (``E δg² ∈ [0, w_g]``: a
+    row's sum of them lies between its negative parts' and its positive parts' sums at
+    ``w_g``), within ``|β|·(|u|·sup|silu⁽³⁾|/6·E|δg|³ + sup|silu''|/2·E δg²|δu| +
+    |silu'(g)|·E|δg·δu|)``: ``E|δg|³ <= (E δg⁴)^(3/4)``, ``E δg⁴ <= 16·v'²`` (``tied_g``, of
+    :func:`_tied_proxy`), ``E δg²|δu| <= sqrt(E δg⁴·E δu²)``, ``E|δg·δu| <= sqrt(w_g·w_u)``.
+    SwigluOAI: ``silu_α'' = α·silu''(αg)``, ``silu_α⁽³⁾ = α²·silu⁽³⁾(αg)`` (``arg`` is
+    ``αg``, ``up`` its factor ``u + 1``). Where this is not below ``mean`` (the bound of
+    :func:`_remainder_moments`), or the clamp may act (not ``smooth``), the element keeps
+    ``mean`` and no signed part. Returns ``(signed, outright)``."""
+    with np.errstate(over="ignore"):
+        sig = 1 / (1 + np.exp(-arg))
+    second = alpha * sig * (1 - sig) * (2 + arg * (1 - 2 * sig)) / 2  # silu_α''(g)/2
+    signed = beta * up * second * w_g
+    rest = np.abs(beta) * (np.abs(up) * alpha**2 * _SILU_THIRD / 6 * 8 * tied_g**1.5
+                           + alpha * _SILU_CURVATURE / 2 * 4 * tied_g * np.sqrt(w_u)
+                           + np.abs(dsilu) * np.sqrt(w_g * w_u))
+    better = smooth & (np.abs(signed) + rest < mean)
+    return np.where(better, signed, 0.0), np.where(better, rest, mean)
+
+
+def _tied_proxy(v: Array, t: Array) -> Array:
+    """A proxy ``v'`` with ``E δ^(2q) <= 2·q!·(2v')^q`` for every ``q >= 1``, for ``δ = s + T``,
+    ``s`` sub-Gaussian with proxy ``v`` and ``|T| <= t``. From ``(x − t)² >= x²/(1 + θ) −
+    t²/θ`` (any ``θ > 0``), ``P(|δ| > x) <= 2·exp(t²/(2θv))·exp(−x²/(2(1 + θ)v))`` for every
+    ``x >= 0``, whose moments are those of proxy ``(1 + θ)v`` times ``exp(t²/(2θv)) <=
+    exp(q·t²/(2θv))``: ``v' = (1 + θ)·v·exp(t²/(2θv))``, at the ``θ`` minimising it
+    (``2θ² = ρ²(1 + θ)``, ``ρ² = t²/v``). ``t = 0``: ``v' = v``; ``v = 0``: ``|δ| <= t``,
+    and ``v' = t²/2`` (``t^(2q) <= 2·q!·t^(2q)``)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rho2 = t**2 / v
+        theta = (rho2 + np.sqrt(rho2**2 + 8 * rho2)) / 4
+        tied = (1 + theta) * v * np.exp(rho2 / (2 * theta))
+    return np.where(t > 0, np.where(v > 0, tied, t**2 / 2), v)
 
 
 def _chernoff(var: Array, nu: Array, scale: Array, log: float) -> Array:
