@@ -62,37 +62,82 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def _remainder_moments_by_quadrature(g: float, u: float, sd: float, shift: float,
-                                     powers: range) -> list[float]:
-    """``E|r|^q`` of the SwiGLU remainder ``r = [silu(g + δ) − silu(g) − silu'(g)·δ]·u``
-    (``δu = 0``) for ``δ = s + shift``, ``s ~ N(0, sd²)``: Gauss–Hermite quadrature."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
-    weights = weights / weights.sum()
-    delta = sd * nodes + shift
-    sig = 1 / (1 + np.exp(-g))
+def _legendre(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of the uniform distribution on ``[−1, 1]``."""
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return nodes, weights / 2
+
+
+def _increment_and_bounds(g: float, u: float, h_g: float, t_g: float, h_u: float, t_u: float,
+                          shifts: bool = True
+                          ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]], float]:
+    """For ``δg = t_g + s_g``, ``δu = t_u + s_u``, ``s`` uniform on ``[−h, h]`` (proxy
+    ``h²/3``): on a 2-D quadrature grid, ``r(δ)`` and ``r(δ) − r(T)`` of the SwiGLU remainder
+    ``r = silu(g + δg)(u + δu) − silu(g)·u − silu'(g)·u·δg − silu(g)·δu``, with their
+    weights; and :func:`_remainder_moments`' ``(ν, scale)`` of each form and its mean bound
+    (``shifts=False``: as if there were no ties)."""
+    nodes, weights = _legendre()
+    s_g, s_u = np.meshgrid(h_g * nodes, h_u * nodes, indexing="ij")
+    w = np.outer(weights, weights)
+    sig = 1 / (1 + math.exp(-g))
     dsilu = sig * (1 + g * (1 - sig))
-    r = (_silu(g + delta) - _silu(np.array(g)) - dsilu * delta) * u
-    return [float((weights * np.abs(r) ** q).sum()) for q in powers]
+
+    def r(dg: np.ndarray, du: np.ndarray) -> np.ndarray:
+        return (_silu(g + dg) * (u + du) - g * sig * u - dsilu * u * dg - g * sig * du)
+
+    full = r(t_g + s_g, t_u + s_u)
+    increment = full - r(np.array(t_g), np.array(t_u))
+    e_u = t_u + h_u  # |δu| <= E_u: here surely
+    a = np.array
+    tg, tu = (t_g, t_u) if shifts else (0.0, 0.0)
+    forms, mean = _remainder_moments(
+        a(1.0), a(0.25 * (abs(u) + e_u) + abs(dsilu) / 2), a(abs(dsilu) / 2), 0.5, a(u),
+        a(dsilu), a(h_g**2 / 3), a(h_u**2 / 3), a(tg), a(tu))
+    return (np.stack([full, increment]), w,
+            [(float(root_nu) ** 2, float(scale)) for root_nu, scale in forms], float(mean))
+
+
+_TIED = [(g, u, h_g, t_g, h_u, t_u) for g in (-2.0, 0.0, 1.0) for u in (-3.0, 0.5)
+         for h_g in (0.05, 0.3) for t_g in (0.0, 0.2, 1.0) for h_u, t_u in ((0.0, 0.0),
+                                                                          (0.1, 0.3))]
 
 
 def test_the_remainders_bounds_hold_with_ties_and_not_without() -> None:
-    """Where ``silu''`` is largest (``g = 0``), ``u = 10``, ``δg`` noise of sd 0.02 plus a
-    tie shift of 0.1: the remainder's mean (0.025 by quadrature) is within the mean bound with
-    the shift (0.0286) and above the bound without it (0.0011); its second moment too
-    (Bernstein's ``16M²``). ``A = |u|/4 + |silu'(0)|/2``, ``A2 = |silu'(0)|/2``."""
-    g, u, sd, shift = 0.0, 10.0, 0.02, 0.1
-    quad_g, quad_u = np.array(abs(u) / 4 + 0.25), np.array(0.25)
-    one, zero = np.array(1.0), np.array(0.0)
-    v = np.array(sd**2)
-    mean_r, second = _remainder_moments_by_quadrature(g, u, sd, shift, range(1, 3))
-    moment, mean = _remainder_moments(one, quad_g, quad_u, v, zero, np.array(shift), zero)
-    untied_moment, untied_mean = _remainder_moments(one, quad_g, quad_u, v, zero, zero, zero)
-    assert mean_r == pytest.approx(0.025, rel=0.05)
-    assert mean_r <= float(mean) and mean_r > float(untied_mean)
-    assert second <= 16 * float(moment) ** 2 and second > 16 * float(untied_moment) ** 2
-    for q, got in zip(range(3, 9), _remainder_moments_by_quadrature(g, u, sd, shift, range(3, 9))):
-        m = float(moment)
-        assert got <= math.factorial(q) / 2 * 16 * m**2 * (2 * m) ** (q - 2), q
+    """72 cases of ``g``, ``u``, uniform noise and tie shifts up to 20 noise widths: the
+    remainder's mean is within the mean bound, and every moment ``q = 2..8`` within ``q!/2·ν·
+    c^(q−2)`` of each form: ``r`` itself (``"shifted"``) and the increment ``r(s + T) − r(T)``
+    (the others), whose centred sums are one. With the ties left out (``t = 0``, the rule
+    before them) the mean and every form fail somewhere."""
+    def misses(shifts: bool) -> list[int]:
+        counts = [0, 0, 0, 0]  # the mean, then each form
+        for case in _TIED:
+            (full, increment), w, forms, mean = _increment_and_bounds(*case, shifts=shifts)
+            counts[0] += abs(float((w * full).sum())) > mean * (1 + 1e-9)
+            for f, (x, (nu, scale)) in enumerate(zip((full, increment, increment), forms)):
+                counts[f + 1] += any(
+                    float((w * np.abs(x) ** q).sum())
+                    > math.factorial(q) / 2 * nu * scale ** (q - 2) * (1 + 1e-9)
+                    for q in range(2, 9))
+        return counts
+
+    assert misses(True) == [0, 0, 0, 0]
+    untied = misses(False)
+    assert all(untied), untied
+
+
+def test_a_half_normals_moments_are_sub_gamma() -> None:
+    """The step of :func:`_remainder_moments` for a part ``a·|s|``: ``q·Γ(q/2)·2^(q/2) <=
+    q!/2·κ^(q−2)`` for ``q >= 3`` (``E (a|s|)^q <= q!/2·a²v·(κ·a·sqrt(v))^(q−2)``), tight at
+    ``q = 3`` (``κ`` at least ``sqrt(2π)``)."""
+    from oracle.judge.rowtest import _HALF_NORMAL_SCALE
+
+    def fits(kappa: float) -> bool:
+        return all(math.log(q) + math.lgamma(q / 2) + q / 2 * math.log(2)
+                   <= math.lgamma(q + 1) - math.log(2) + (q - 2) * math.log(kappa) + 1e-12
+                   for q in range(3, 171))
+
+    assert fits(_HALF_NORMAL_SCALE) and not fits(2.5)
+    assert 1.002 * math.sqrt(2 * math.pi) > _HALF_NORMAL_SCALE
 
 
 def test_the_remainders_share_is_never_below_its_mean() -> None:
@@ -101,7 +146,7 @@ def test_the_remainders_share_is_never_below_its_mean() -> None:
     small against Bernstein's variance factor; taken without the mean, as before this test,
     its share (3.5e-4) was below the mean (0.5) it must cover."""
     var, ranges = np.array([1.0, 1.0]), np.array([1e-4, 10.0])
-    nu, scale, mean = np.array([10.0, 1e-4]), np.array([1.0, 1e-4]), np.array([0.5, 0.5])
+    nu, scale, mean = np.array([[10.0, 1e-4]]), np.array([[1.0, 1e-4]]), np.array([0.5, 0.5])
     share = _remainder_share(var, ranges, nu, scale, mean, 25.0)
     assert (share >= mean).all()
     first = np.sqrt(2 * var * 25.0)

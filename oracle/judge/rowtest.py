@@ -118,7 +118,11 @@ without ties, ``E s^{2q} <= 2·q!·(2v)^q`` for a sub-Gaussian ``s``). On ``E_h`
 ``|r| <= A·δg² + A2·δu²`` with ``A = (|u| + E_u)/4 + |silu'(g)|/2``, ``A2 = |silu'(g)|/2``
 (``|δg·δu| <= (δg² + δu²)/2``), hence ``E|β_a r|^q <= q!/2·16M²·(2M)^{q−2}``, ``M =
 2|β_a|·max(A·v'_g, A2·v'_u)``: Thm 2.10's condition with ``ν = Σ 16M²`` and scale ``c = max
-2M``; with the first-order terms' proxy ``V``, ``t`` is Chernoff's bound ``min_λ (L +
+2M``. Where the ties' shift is large against the noise, the increment ``r(s + T) − r(T)``,
+whose centred sum is the same, meets it with smaller ``ν`` and ``c``: a part linear in ``s``
+with coefficients of order ``t`` and the quadratic part at ``v`` (:func:`_remainder_moments`
+has the three forms; a row takes the smallest bound). With the first-order terms' proxy
+``V``, ``t`` is Chernoff's bound ``min_λ (L +
 λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid of λ (:func:`_chernoff`; at most the closed form
 ``sqrt(2(V + ν)L) + cL``, which charges all of ``V`` the scale: 9 % of the FP8 threshold at
 K = 7168, I = 160). The mean: ``|E β_a r| <= |β_a|·(A·(v_g + t_g²) + A2·(v_u + t_u²))``,
@@ -233,6 +237,11 @@ TERMS = ("activation", "gemm1", "swiglu", "requantisation", "y", "combine", "out
 _DEFAULT_ASSUMPTIONS = IdealAssumptions()
 #: ``sup|silu''(x)| = 1/2``, at ``x = 0``.
 _SILU_CURVATURE = 0.5
+#: The forms of the remainder's moments (:func:`_remainder_moments`).
+_REMAINDER_FORMS = ("shifted", "increment", "increment, wide")
+#: ``κ`` with ``q·Γ(q/2)·2^(q/2) <= q!/2·κ^(q−2)`` for every ``q >= 3`` (the half-normal tail's
+#: moments in Bernstein's form; tight at ``q = 3``, 2.5066).
+_HALF_NORMAL_SCALE = 2.51
 #: ``sup|silu⁽³⁾(x)|`` (0.30818, at ``x = ±1.032``), rounded up.
 _SILU_THIRD = 0.309
 #: float32's smallest normal value (point 9).
@@ -513,8 +522,9 @@ def row_thresholds(
     req_fixed = np.zeros(total)
     req_linear = np.zeros(total)
     det = np.zeros(total)
-    var_rem = np.zeros(total)  # the SwiGLU remainder: Bernstein's variance factor ν
-    range_rem = np.zeros(total)  # its scale c
+    # The SwiGLU remainder: Bernstein's variance factor ν and scale c, in each of its forms
+    var_rem = np.zeros((len(_REMAINDER_FORMS), total))
+    range_rem = np.zeros((len(_REMAINDER_FORMS), total))
     bias_rem = np.zeros(total)  # and its mean: bounded outright,
     bias_up = np.zeros(total)  # and its signed part's positive and negative sums
     bias_down = np.zeros(total)
@@ -678,9 +688,11 @@ def row_thresholds(
         quad_g = curvature / 2 * (np.abs(up) + e_u) + np.abs(dsilu) / 2
         quad_u = np.abs(dsilu) / 2
         v_g, v_u, t_g, t_u = v_h[:, :i_len], v_h[:, i_len:], tie_h[:, :i_len], tie_h[:, i_len:]
-        moment, mean = _remainder_moments(np.abs(beta_a), quad_g, quad_u, v_g, v_u, t_g, t_u)
-        np.add.at(var_rem, tok, on["remainder"] * 16 * np.einsum("ri,ri->r", moment, moment))
-        np.maximum.at(range_rem, tok, on["remainder"] * 2 * moment.max(axis=1, initial=0.0))
+        forms, mean = _remainder_moments(np.abs(beta_a), quad_g, quad_u, curvature, up, dsilu,
+                                         v_g, v_u, t_g, t_u)
+        for f, (root_nu, scale) in enumerate(forms):
+            np.add.at(var_rem[f], tok, on["remainder"] * np.einsum("ri,ri->r", root_nu, root_nu))
+            np.maximum.at(range_rem[f], tok, on["remainder"] * scale.max(axis=1, initial=0.0))
         # Its mean, signed where SwiGLU is smooth: silu''(g)·u·E δg² has a known sign
         smooth = pass_g & pass_u & ~band[:, :i_len] & ~band[:, i_len:]
         signed, rest = _signed_remainder_mean(
@@ -757,7 +769,7 @@ def row_thresholds(
     log_rem = math.log(2 * n_rows / (delta / 4 * _TOGETHER_SHARE))
     by_ranges = np.sqrt((first + hoeffding_rem) * eq + act_shared)
     outright = np.sqrt(first * eq + act_shared)
-    tail = np.sqrt(2 * var_rem * log_rem) + range_rem * log_rem
+    tail = (np.sqrt(2 * var_rem * log_rem) + range_rem * log_rem).min(axis=0)
     z_typ = math.sqrt(limit / n_rows)
     use_tail = tail + z_typ * outright < z_typ * by_ranges
     joint_sd = np.where(use_tail, outright, by_ranges)
@@ -802,24 +814,57 @@ def _remainder_share(var: Array, ranges: Array, nu: Array, scale: Array, mean: A
                      log: float) -> Array:
     """Per row, what the SwiGLU remainder adds to the first-order terms' ``sqrt(2·var·log)``:
     its centred part by the smaller of Hoeffding on its ranges (``ranges``, added to the
-    proxy) and Bernstein on its moments (variance factor ``nu``, ``scale``; :func:`_chernoff`),
+    proxy) and Bernstein on its moments (variance factor ``nu``, ``scale``: one row per form of
+    :func:`_remainder_moments`, the smallest :func:`_chernoff` bound of them),
     both fixed before the output is seen, plus its ``mean`` bound outright. A remainder is not
     zero-mean (``silu''`` has one sign near 0): the mean is added in either form."""
     hoeffding = np.sqrt(2 * (var + ranges) * log)
-    return np.minimum(hoeffding, _chernoff(var, nu, scale, log)) + mean - np.sqrt(2 * var * log)
+    bernstein = np.min([_chernoff(var, n, c, log) for n, c in zip(nu, scale)], axis=0)
+    return np.asarray(np.minimum(hoeffding, bernstein) + mean - np.sqrt(2 * var * log))
 
 
-def _remainder_moments(beta: Array, quad_g: Array, quad_u: Array, v_g: Array, v_u: Array,
-                       t_g: Array, t_u: Array) -> tuple[Array, Array]:
-    """Per element of ``a``, the SwiGLU remainder ``β·r`` with ``|r| <= A·δg² + A2·δu²``
-    (``beta`` = ``|β_a|``, ``quad_g`` = ``A``, ``quad_u`` = ``A2``): its moment scale ``M``
-    (``E|β·r|^q <= q!/2·16M²·(2M)^(q−2)``) and its mean bound ``|E β·r|``. Each ``δ = s + T``:
-    ``s`` zero-mean, sub-Gaussian with proxy ``v``; ``T`` the ties' deterministic shift,
-    ``|T| <= t`` (module docstring, "The remainder"). The mean: ``E δ² = E s² + T² <= v + t²``.
-    The moments: ``E δ^(2q) <= 2·q!·(2v')^q`` with ``v'`` of :func:`_tied_proxy`."""
-    moment = 2 * beta * np.maximum(quad_g * _tied_proxy(v_g, t_g), quad_u * _tied_proxy(v_u, t_u))
+def _remainder_moments(beta: Array, quad_g: Array, quad_u: Array, curvature: float, up: Array,
+                       dsilu: Array, v_g: Array, v_u: Array, t_g: Array, t_u: Array
+                       ) -> tuple[list[tuple[Array, Array]], Array]:
+    """Per element of ``a``, the SwiGLU remainder ``β·r`` (``beta`` = ``|β_a|``; ``|r| <=
+    A·δg² + A2·δu²``, ``quad_g`` = ``A``, ``quad_u`` = ``A2``): Bernstein's variance factor
+    and scale for its centred part, in each of :data:`_REMAINDER_FORMS`, and its mean bound
+    ``|E β·r|`` (module docstring, "The remainder"). Each ``δ = s + T``: ``s`` zero-mean,
+    sub-Gaussian with proxy ``v``; ``T`` the ties' deterministic shift, ``|T| <= t``.
+
+    The mean: ``E δ² = E s² + T² <= v + t²``. Bernstein's condition ``E X^q <= q!/2·ν·
+    c^(q−2)`` (``q >= 2``) holds in three forms; each row takes the one whose bound is
+    smallest (all fixed before the output is seen). Without ties they are one: ``ν = 16M²``,
+    ``c = 2M``, ``M = 2·max(A·v_g, A2·v_u)``.
+
+    - ``"shifted"``: ``X = β·r`` with ``E δ^(2q) <= 2·q!·(2v')^q``, ``v'`` of
+      :func:`_tied_proxy`: ``M`` at ``v'``. Best where the shift is small against the noise.
+    - ``"increment"`` and ``"increment, wide"``: ``X = β·(r(s + T) − r(T))``, whose centred
+      sum is the remainder's (``β·r(T)`` is a constant). With ``Q(δ) = silu(g + δ) − silu(g)
+      − silu'(g)·δ`` and ``c = sup|silu''|``, ``r(s + T) − r(T) = c_g·s_g + c_u·s_u + R``,
+      ``c_g = Q'(T_g)(u + T_u) + silu'(g)·T_u``, ``c_u = Q(T_g) + silu'(g)·T_g`` (``|Q'(T)|
+      <= c·t``, ``|Q(T)| <= c/2·t²``: ``|c_g| <= a_g``, ``|c_u| <= a_u``), and on ``E_h``'s
+      event ``|R| <= B·s_g² + B2·s_u²``, ``B = A + c·t_g/2``, ``B2 = A2 + c·t_g/2``
+      (``|Q'(T_g) + silu'(g)| = |silu'(g + T_g)| <= |silu'(g)| + c·t_g``). The quadratic part
+      meets the condition with ``ν = 16M²``, ``2M`` (``M`` at ``B``, ``B2``, ``v``); a part
+      ``a·|s|`` with ``ν = a²v`` (``E s² <= v``) and scale ``κ·a·sqrt(v)``
+      (:data:`_HALF_NORMAL_SCALE`, from ``E|s|^q <= q·Γ(q/2)·(2v)^(q/2)``, the tail
+      ``2·exp(−x²/(2v))``), or with ``ν = 4a²v`` and scale ``a·sqrt(v)`` ("wide"); by
+      Minkowski's and Hölder's inequalities the sum meets it with ``sqrt(ν) = Σ sqrt(ν_k)``
+      and the scale ``Σ c_k``. Best where the shift is large against the noise.
+
+    Returns ``([(sqrt(ν), scale) per form], mean)``, each times ``|β|``."""
+    b_g, b_u = quad_g + curvature * t_g / 2, quad_u + curvature * t_g / 2
+    a_g = curvature * t_g * (np.abs(up) + t_u) + np.abs(dsilu) * t_u
+    a_u = curvature / 2 * t_g**2 + np.abs(dsilu) * t_g
+    shifted = 2 * np.maximum(quad_g * _tied_proxy(v_g, t_g), quad_u * _tied_proxy(v_u, t_u))
+    quadratic = 2 * np.maximum(b_g * v_g, b_u * v_u)
+    linear = a_g * np.sqrt(v_g) + a_u * np.sqrt(v_u)
+    forms = [(4 * shifted, 2 * shifted),
+             (4 * quadratic + linear, 2 * quadratic + _HALF_NORMAL_SCALE * linear),
+             (4 * quadratic + 2 * linear, 2 * quadratic + linear)]
     mean = beta * (quad_g * (v_g + t_g**2) + quad_u * (v_u + t_u**2))
-    return moment, mean
+    return [(beta * nu, beta * scale) for nu, scale in forms], mean
 
 
 def _signed_remainder_mean(beta: Array, arg: Array, up: Array, dsilu: Array, alpha: float,
