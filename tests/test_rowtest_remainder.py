@@ -1,8 +1,9 @@
 """The row test's SwiGLU remainder (oracle.judge.rowtest, "The remainder"): its mean is
-added in both of its forms, and the activation's ties, a deterministic shift ``T`` of ``δh``,
-enter its mean and its moments. Each is shown on the quantity it bounds, computed here
-independently (exact Gaussian and uniform moments, Gauss–Hermite quadrature of silu), and
-shown failing without the change."""
+added whichever bound takes its centred part; the activation's ties, a deterministic shift
+``T`` of ``δh``, enter its mean and its moments (in three forms); its mean keeps the sign of
+its leading term where SwiGLU is smooth. Each is shown on the quantity it bounds, computed
+here independently (exact Gaussian and uniform moments, Gauss–Hermite and Gauss–Legendre
+quadrature of silu), and shown failing without the change."""
 
 from __future__ import annotations
 

@@ -122,16 +122,15 @@ without ties, ``E s^{2q} <= 2·q!·(2v)^q`` for a sub-Gaussian ``s``). On ``E_h`
 whose centred sum is the same, meets it with smaller ``ν`` and ``c``: a part linear in ``s``
 with coefficients of order ``t`` and the quadratic part at ``v`` (:func:`_remainder_moments`
 has the three forms; a row takes the smallest bound). With the first-order terms' proxy
-``V``, ``t`` is Chernoff's bound ``min_λ (L +
-λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid of λ (:func:`_chernoff`; at most the closed form
-``sqrt(2(V + ν)L) + cL``, which charges all of ``V`` the scale: 9 % of the FP8 threshold at
-K = 7168, I = 160). The mean: ``|E β_a r| <= |β_a|·(A·(v_g + t_g²) + A2·(v_u + t_u²))``,
-or, where SwiGLU is smooth (no clamp within reach) and it is smaller, a signed part
-``β_a·u·silu''(g)/2·E δg²`` (``E δg² ∈ [0, v_g + t_g²]``, so a row's sum of them lies between
-the sums of its negative and of its positive parts) plus the third-order rest bounded
-outright (:func:`_signed_remainder_mean`); the row's mean bound, added outright, is the
-larger of those two sums plus the rest. The scale grows with the
-variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
+``V``, ``t`` is Chernoff's bound ``min_λ (L + λ²/2·(V + ν/(1 − cλ)))/λ`` over a fixed grid
+of λ (:func:`_chernoff`; at most the closed form ``sqrt(2(V + ν)L) + cL``, which charges all
+of ``V`` the scale: 9 % of the FP8 threshold at K = 7168, I = 160). The mean: ``|E β_a r|
+<= |β_a|·(A·(v_g + t_g²) + A2·(v_u + t_u²))``, or, where SwiGLU is smooth (no clamp within
+reach) and it is smaller, a signed part ``β_a·u·silu''(g)/2·E δg²`` (``E δg² ∈ [0, v_g +
+t_g²]``, so a row's sum of them lies between the sums of its negative and of its positive
+parts) plus the third-order rest bounded outright (:func:`_signed_remainder_mean`); the
+row's mean bound, added outright, is the larger of those two sums plus the rest. The scale
+grows with the variance proxies, not with ``E_h`` (a ``z``-sigma bound), which matters where
 quantisation noise is large (FP8: e4m3 keeps 3 mantissa bits). Where the clamp may switch
 within ``E_h``, the element's whole ``|β_h|·E_h`` is deterministic.
 
@@ -815,9 +814,9 @@ def _remainder_share(var: Array, ranges: Array, nu: Array, scale: Array, mean: A
     """Per row, what the SwiGLU remainder adds to the first-order terms' ``sqrt(2·var·log)``:
     its centred part by the smaller of Hoeffding on its ranges (``ranges``, added to the
     proxy) and Bernstein on its moments (variance factor ``nu``, ``scale``: one row per form of
-    :func:`_remainder_moments`, the smallest :func:`_chernoff` bound of them),
-    both fixed before the output is seen, plus its ``mean`` bound outright. A remainder is not
-    zero-mean (``silu''`` has one sign near 0): the mean is added in either form."""
+    :func:`_remainder_moments`, the smallest :func:`_chernoff` bound of them), both fixed
+    before the output is seen, plus its ``mean`` bound outright. A remainder is not zero-mean
+    (``silu''`` keeps one sign near 0): the mean is added in either form."""
     hoeffding = np.sqrt(2 * (var + ranges) * log)
     bernstein = np.min([_chernoff(var, n, c, log) for n, c in zip(nu, scale)], axis=0)
     return np.asarray(np.minimum(hoeffding, bernstein) + mean - np.sqrt(2 * var * log))
