@@ -63,6 +63,19 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
+def _dsilu(g: float) -> float:
+    """``silu'(g)``."""
+    sig = 1 / (1 + math.exp(-g))
+    return sig * (1 + g * (1 - sig))
+
+
+def _remainder(g: float, u: float, dg: np.ndarray, du: np.ndarray) -> np.ndarray:
+    """The SwiGLU remainder ``r = silu(g + δg)(u + δu) − silu(g)·u − silu'(g)·u·δg −
+    silu(g)·δu``: SwiGLU less its linearisation at ``(g, u)``."""
+    silu_g = float(_silu(np.array(g)))
+    return _silu(g + dg) * (u + du) - silu_g * u - _dsilu(g) * u * dg - silu_g * du
+
+
 def _legendre(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights of the uniform distribution on ``[−1, 1]``."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
@@ -74,20 +87,14 @@ def _increment_and_bounds(g: float, u: float, h_g: float, t_g: float, h_u: float
                           ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]], float]:
     """For ``δg = t_g + s_g``, ``δu = t_u + s_u``, ``s`` uniform on ``[−h, h]`` (proxy
     ``h²/3``): on a 2-D quadrature grid, ``r(δ)`` and ``r(δ) − r(T)`` of the SwiGLU remainder
-    ``r = silu(g + δg)(u + δu) − silu(g)·u − silu'(g)·u·δg − silu(g)·δu``, with their
-    weights; and :func:`_remainder_moments`' ``(ν, scale)`` of each form and its mean bound
-    (``shifts=False``: as if there were no ties)."""
+    (:func:`_remainder`), with their weights; and :func:`_remainder_moments`' ``(ν, scale)``
+    of each form and its mean bound (``shifts=False``: as if there were no ties)."""
     nodes, weights = _legendre()
     s_g, s_u = np.meshgrid(h_g * nodes, h_u * nodes, indexing="ij")
     w = np.outer(weights, weights)
-    sig = 1 / (1 + math.exp(-g))
-    dsilu = sig * (1 + g * (1 - sig))
-
-    def r(dg: np.ndarray, du: np.ndarray) -> np.ndarray:
-        return (_silu(g + dg) * (u + du) - g * sig * u - dsilu * u * dg - g * sig * du)
-
-    full = r(t_g + s_g, t_u + s_u)
-    increment = full - r(np.array(t_g), np.array(t_u))
+    dsilu = _dsilu(g)
+    full = _remainder(g, u, t_g + s_g, t_u + s_u)
+    increment = full - _remainder(g, u, np.array(t_g), np.array(t_u))
     e_u = t_u + h_u  # |δu| <= E_u: here surely
     a = np.array
     tg, tu = (t_g, t_u) if shifts else (0.0, 0.0)
@@ -158,16 +165,12 @@ def test_the_remainders_share_is_never_below_its_mean() -> None:
 
 def _expected_remainder(g: float, u: float, sd_g: float, t_g: float, sd_u: float,
                         t_u: float) -> float:
-    """``E r`` of ``r = silu(g + δg)(u + δu) − silu(g)·u − silu'(g)·u·δg − silu(g)·δu`` for
-    independent ``δg ~ N(t_g, sd_g²)``, ``δu ~ N(t_u, sd_u²)``: 2-D Gauss–Hermite quadrature."""
+    """``E r`` of the SwiGLU remainder (:func:`_remainder`) for independent ``δg ~ N(t_g,
+    sd_g²)``, ``δu ~ N(t_u, sd_u²)``: 2-D Gauss–Hermite quadrature."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(60)
     weights = weights / weights.sum()
     dg, du = np.meshgrid(sd_g * nodes + t_g, sd_u * nodes + t_u, indexing="ij")
-    sig = 1 / (1 + np.exp(-g))
-    dsilu = sig * (1 + g * (1 - sig))
-    silu_g = g * sig
-    r = _silu(g + dg) * (u + du) - silu_g * u - dsilu * u * dg - silu_g * du
-    return float(np.einsum("i,j,ij->", weights, weights, r))
+    return float(np.einsum("i,j,ij->", weights, weights, _remainder(g, u, dg, du)))
 
 
 _CASES = [(g, u, sd_g, t_g, sd_u, t_u) for g in (-3.0, -1.0, 0.0, 0.7, 2.5)
@@ -178,10 +181,9 @@ _CASES = [(g, u, sd_g, t_g, sd_u, t_u) for g in (-3.0, -1.0, 0.0, 0.7, 2.5)
 def _signed_and_rest(g: float, u: float, sd_g: float, t_g: float, sd_u: float, t_u: float
                      ) -> tuple[float, float]:
     a = np.array
-    sig = 1 / (1 + math.exp(-g))
     v_g, v_u = sd_g**2, sd_u**2
     signed, rest = _signed_remainder_mean(
-        a(1.0), a(g), a(u), a(sig * (1 + g * (1 - sig))), 1.0, _tied_proxy(a(v_g), a(t_g)),
+        a(1.0), a(g), a(u), a(_dsilu(g)), 1.0, _tied_proxy(a(v_g), a(t_g)),
         a(v_g + t_g**2), a(v_u + t_u**2), a(np.inf), a(True))
     return float(signed), float(rest)
 
