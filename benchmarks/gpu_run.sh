@@ -21,6 +21,12 @@ timeout ${T:-330} $P -k "planted and gpu_control and not scaled and not fp8" > $
 # issue 25/26: torch._scaled_grouped_mm (FP8 per token and channel, fp8_channel), both modes
 # and its planted bugs; the whole FP8 control alone: pytest tests/controls/gpu -k scaled
 DFC_GPU_EXAMPLES=$N timeout ${T:-330} $P -k "scaled and gpu_control" > $OUT/scaled.log 2>&1 &
+# issue 26: a third family, JAX's lax.ragged_dot (XLA's grouped GEMM) in torch-grouped-mm's
+# rounding points (tests/controls/gpu/jax_ragged.py), both modes and its planted bugs
+for m in faithful ideal; do
+  DFC_GPU_EXAMPLES=$N timeout ${T:-330} $P -k "gpu_jax_ragged_dot_conforms and $m" > $OUT/jax-$m.log 2>&1 &
+done
+timeout ${T:-330} $P -k "gpu_jax_ragged_dot_planted" > $OUT/jax-planted.log 2>&1 &
 # issue 26, second part: vLLM's kernel on int8 W8A8 (profile vllm-triton-tq), replayed from
 # CUDA graphs with poisoned padding and caches, the padding-only planted bugs; FP8 dot precision
 for m in faithful ideal; do

@@ -1,7 +1,8 @@
 """Real GPU kernels as positive controls (issue 26): torch's ``_grouped_mm`` in a torchtitan-style
-MoE (profile ``torch-grouped-mm``) and vLLM's Triton ``fused_moe_kernel`` (``vllm-triton``),
-BF16 weights, each gated in its profile and in ideal mode; the planted bugs of
-:data:`.common.PLANTED` must be caught in both.
+MoE (profile ``torch-grouped-mm``), vLLM's Triton ``fused_moe_kernel`` (``vllm-triton``) and
+JAX's ``lax.ragged_dot`` (XLA's grouped GEMM, in ``torch-grouped-mm``'s rounding points;
+skipped without jax), BF16 weights, each gated in its profile and in ideal mode; the planted
+bugs of :data:`.common.PLANTED` must be caught in both.
 
 On a GPU: ``DFC_GPU_EXAMPLES`` (default 50) examples per gate; ``benchmarks/GPU.md`` records a
 run of 1000. Without CUDA these skip; the drivers' own logic (slot grouping, padding, the
@@ -97,6 +98,34 @@ def test_gpu_control_planted_bug_is_caught(profile: str, numerics: str, bug: str
     with pytest.raises(oracle.ConformanceError):
         _gate(getattr(_control(profile), bug), profile, numerics, 200,
               VARIANTS.get(profile, "bf16"))
+
+
+def _jax(on_gpu: bool):  # type: ignore[no-untyped-def]
+    """The JAX control (:mod:`.jax_ragged`), skipped without jax or ``jax.lax.ragged_dot``,
+    and ``on_gpu`` without a GPU backend."""
+    jax = pytest.importorskip("jax", reason="the JAX control needs jax (with CUDA on a GPU)")
+    if not hasattr(jax.lax, "ragged_dot"):
+        pytest.skip(f"jax {jax.__version__} has no lax.ragged_dot")
+    from . import jax_ragged
+
+    if on_gpu and jax.default_backend() != "gpu":
+        pytest.skip(f"jax sees no GPU (backend {jax.default_backend()!r})")
+    return jax_ragged
+
+
+@needs_cuda
+@pytest.mark.parametrize("numerics", MODES)
+def test_gpu_jax_ragged_dot_conforms(numerics: str) -> None:
+    # XLA's grouped GEMM, in the rounding points of torch-grouped-mm (jax_ragged's docstring)
+    _gate(_jax(on_gpu=True).dispatch_ffn_combine, "torch-grouped-mm", numerics, EXAMPLES)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bug", PLANTED)
+@pytest.mark.parametrize("numerics", MODES)
+def test_gpu_jax_ragged_dot_planted_bug_is_caught(numerics: str, bug: str) -> None:
+    with pytest.raises(oracle.ConformanceError):
+        _gate(getattr(_jax(on_gpu=True), bug), "torch-grouped-mm", numerics, 200)
 
 
 @needs_cuda
@@ -222,6 +251,20 @@ def test_grouped_mm_planted_bug_is_caught_on_cpu(bug: str) -> None:
     with pytest.raises(oracle.ConformanceError):
         _gate(implementation(plant(grouped_mm.moe, bug), device="cpu"), "torch-grouped-mm",
               "faithful", 100, problems=_cpu_problems("torch-grouped-mm"))
+
+
+@pytest.mark.parametrize("numerics", MODES)
+def test_jax_ragged_dot_driver_conforms_on_cpu(numerics: str) -> None:
+    _gate(implementation(_jax(on_gpu=False).moe, device="cpu"), "torch-grouped-mm", numerics,
+          25, problems=_cpu_problems("torch-grouped-mm"))
+
+
+@pytest.mark.parametrize("bug", PLANTED)
+def test_jax_ragged_dot_planted_bug_is_caught_on_cpu(bug: str) -> None:
+    driver = plant(_jax(on_gpu=False).moe, bug)
+    with pytest.raises(oracle.ConformanceError):
+        _gate(implementation(driver, device="cpu"), "torch-grouped-mm", "faithful", 100,
+              problems=_cpu_problems("torch-grouped-mm"))
 
 
 @pytest.mark.parametrize("numerics", MODES)
