@@ -195,8 +195,23 @@ their variance factors widened by the row's sharing factor ``σ_r²/σ²_own`` (
 first-order parts are) and summed, the largest scale kept; the two sums share their
 variables, so they are combined by Hölder's inequality (:func:`_dependent_chernoff`), not as
 independent parts. The ties, clamp bands, underflow terms and the remainder's mean bound
-``Σ_r (R_r + b_r)/σ_r`` are added outright (:func:`_in_line`). ``S/Σ_r(1/σ_r)`` estimates
-the common relative error, which a rejection names. At K = 7168, I = 2048 (fp8_channel,
+``Σ_r (R_r + b_r)/σ_r`` are added outright (:func:`_in_line`). One error the model above
+takes as zero-mean is not: an FP8 tensor-core accumulation that truncates its partial sums
+to :data:`FP8_DOT_BITS` bits (a legitimate Hopper kernel, ``tests/test_fp8.py``'s
+``TruncatedDotGemm``) shrinks every sum a little, the same way on every row, which a single
+row's or ``Q``'s margin absorbs but ``S`` adds up (a 13-bit truncating kernel's ``S`` grew
+to 0.43 of its limit at 128 rows, K = 2048, and grows like ``sqrt(n)``). Each step chops at
+most ``ulp(S_j) <= 2^(1−bits)·|S_j|``, half of it on average, so a tile of ``m`` products
+loses about ``2^-bits·Σ_j |S_j|``, which for partial sums that wander to the tile's sum
+``S_m`` is ``2^-bits·(m + 1)/2·|S_m|`` (the mean of a random walk's bridge, for products in
+no particular order [inferred]): :func:`_truncation_shrink`, ``ε``, 0.79 % of a GEMM output
+for 128-wide tiles. Measured (tests/test_rowtest_together.py): float32 tiles, where every
+add chops, shrink by 0.72 ε (a chop averages about 0.72 of its bound); e4m3 products, whose
+partial sums often fit the bits, by less. Every element of ``h`` and ``y`` may then
+be shrunk by any fraction of ``ε`` of itself; through the back-propagated coefficients that
+moves ``S`` by at most ``ε·Σ(β·v)⁺`` down and ``ε·Σ(β·v)⁻`` up (``v`` the ideal ``h`` or
+``y``, ``β`` its coefficient), so ``S``'s limits differ below and above. ``S/Σ_r(1/σ_r)``
+estimates the common relative error, which a rejection names. At K = 7168, I = 2048 (fp8_channel,
 16 rows) an output 8 % high gives ``|S|`` 1.29 times its limit where the worst row's
 ``|s|/T`` is 0.83 and ``sqrt(Q/q)`` 0.79.
 
@@ -316,9 +331,10 @@ class RowThresholds:
     shift: tuple[Array, ...]
     limit: float
     #: "Rows in line": each row's weight on its projection (``1/σ``, 0 where not in the
-    #: sum), and the limit on the weighted sum's magnitude.
+    #: sum), and the limits on the weighted sum, below and above: a legitimate ``S`` lies in
+    #: ``[−below, above]``.
     weight: tuple[Array, ...]
-    line_limit: float
+    line_limits: tuple[float, float]
 
     def statistics(self, outs: Sequence[Array]) -> tuple[Array, ...]:
         """Per rank, ``ŵ·(got − out*)/|out*|`` per row (0 where not tested)."""
@@ -370,7 +386,9 @@ class RowThresholds:
                 loudest = (float(z2[j]), r, j)
         top, r, k, s_k, t_k = worst
         together = math.sqrt(q / self.limit)
-        line = abs(in_line) / self.line_limit if weights > 0 else 0.0
+        below, above = self.line_limits
+        line_limit = above if in_line >= 0 else below
+        line = abs(in_line) / line_limit if weights > 0 else 0.0
         ratio = max(top, together, line)
         alarm = f"false-alarm probability {self.assumptions.false_alarm:g}"
         if ratio <= 1:
@@ -388,7 +406,7 @@ class RowThresholds:
                 False, ratio, r, k,
                 f"the rows together, in line: their error projections, each in units of its "
                 f"legitimate spread, add up to {in_line:+.4g} where legitimate kernels stay "
-                f"within ±{self.line_limit:.4g} (row test, rows in line; {alarm}): the rows "
+                f"within [{-below:.4g}, {above:.4g}] (row test, rows in line; {alarm}): the rows "
                 f"are off along themselves by {in_line / weights:+.3g} x |row| on average, as "
                 f"a wrong output scale would put them; the largest share is rank {r}, "
                 f"token {k}'s", top, together, line=line)
@@ -572,6 +590,9 @@ def row_thresholds(
     bias_rem = np.zeros(total)  # and its mean: bounded outright,
     bias_up = np.zeros(total)  # and its signed part's positive and negative sums
     bias_down = np.zeros(total)
+    # FP8 accumulation that truncates: the rows' coherent shift, ``S``'s slack below and above
+    shrink_down = np.zeros(total)
+    shrink_up = np.zeros(total)
     hoeffding_rem = np.zeros(total)  # or its ranges (Hoeffding): the smaller bound holds
     e_y_norm = np.zeros((total * top_k, k_len))  # |δy| bound per computed slot
     limit = cfg.swiglu_limit
@@ -747,6 +768,13 @@ def row_thresholds(
         np.add.at(bias_down, tok, on["remainder"] * np.maximum(-signed, 0.0).sum(axis=1))
         np.add.at(hoeffding_rem, tok,
                   on["remainder"] * np.einsum("ri,ri->r", beta_a**2, rem_a**2))
+        if fp8:  # "Rows in line": a truncating accumulator shrinks h and y by up to ε
+            lean = np.concatenate([
+                _truncation_shrink(k_len) * on["gemm1"] * beta_h * np.where(band, 0.0, h),
+                _truncation_shrink(i_len) * on["y"] * beta_y * np.nan_to_num(y_star[slots])],
+                axis=1)
+            np.add.at(shrink_down, tok, np.maximum(lean, 0.0).sum(axis=1))
+            np.add.at(shrink_up, tok, np.maximum(-lean, 0.0).sum(axis=1))
 
     # Activation: distinct values are the independent variables; ties are deterministic.
     if (int8 or fp8) and total:
@@ -853,6 +881,9 @@ def row_thresholds(
         line_limit = _in_line(int(in_line.sum()), nu_line[in_line], scale[in_line],
                               math.log(2 / (delta / 8 * _TOGETHER_SHARE)))
         line_limit += float(((det + bias_rem * widen) / spread_line)[in_line].sum())
+        line_below, line_above = (
+            line_limit + float((slack * widen / spread_line)[in_line].sum())
+            for slack in (shrink_down, shrink_up))
         threshold = np.where(tested, (stochastic + det) / norm, np.inf)
         spread = np.where(tested, joint_sd * widen / norm, np.inf)
         shift = np.where(tested, (det + joint_shift * widen) / norm, 0.0)
@@ -864,7 +895,7 @@ def row_thresholds(
 
     return RowThresholds(tuple(ideal.trace.combined), split(direction), split(norm),
                          split(threshold), split(reasons), assumptions, split(spread),
-                         split(shift), limit, split(weight), line_limit)
+                         split(shift), limit, split(weight), (line_below, line_above))
 
 
 def _remainder_share(var: Array, ranges: Array, nu: Array, scale: Array, mean: Array,
@@ -983,6 +1014,13 @@ def _chernoff(var: Array, nu: Array, scale: Array, log: float) -> Array:
             t = (log + lam**2 / 2 * (var + nu / (1 - scale * lam))) / lam
             best = np.where((scale * lam < 1) & np.isfinite(t), np.minimum(best, t), best)
     return np.asarray(best)
+
+
+def _truncation_shrink(n: int) -> float:
+    """How much an FP8 accumulation that truncates to :data:`FP8_DOT_BITS` bits may shrink a
+    sum of ``n`` products, relative to it: ``2^-bits·(m + 1)/2`` for tiles of ``m = min(n,
+    BLOCK)`` products (module docstring, "Rows in line")."""
+    return 2.0**-FP8_DOT_BITS * (min(n, BLOCK) + 1) / 2
 
 
 def _in_line(rows: int, nu: Array, scale: Array, log: float) -> float:
