@@ -154,7 +154,7 @@ def power_table(before: str | None, lead: list[str], named: bool,
     rowtest. ``named``: the profile judge's cell names the profile."""
     old = rowtest_at(before) if before else None
     head = ["K", "I", *lead, "output", "ideal judge", "row ratio (ideal)",
-            "of which: worst row \\|s\\|/T, rows together",
+            "of which: worst row \\|s\\|/T, rows together, rows in line",
             "profile judge (profile)" if named else "profile judge", "row ratio (profile)"]
     head += [f"row ratio (ideal) at {before}"] if old else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -165,7 +165,7 @@ def power_table(before: str | None, lead: list[str], named: bool,
             by_ideal, by_profile, r_ideal, r_profile = judges(outs, profile)
             parts = judges.rows["ideal"].judge(outs)
             row = [*cells, name, by_ideal, f"{r_ideal:.3g}",
-                   f"{parts.projection:.3g}, {parts.together:.3g}",
+                   f"{parts.projection:.3g}, {parts.together:.3g}, {parts.line:.3g}",
                    f"{by_profile} ({profile.name})" if named else by_profile,
                    f"{r_profile:.3g}"]
             row += [f"{old_rows.judge(outs).ratio:.3g}"] if old_rows else []
@@ -365,9 +365,9 @@ def alarm_summary(n_rejected: int, n_pairs: int, worst: dict[str, tuple[float, s
     top = max(worst.values())
     lines = [
         f"- rejected calls: **{n_rejected}** of {n_pairs}",
-        f"- largest row test ratio observed (the worst row's |s|/T or the rows together's "
-        f"sqrt(Q/q)): **{top[0]:.3g}** ({top[1]}); margin to the threshold "
-        f"{1 / max(top[0], 1e-12):.1f}x",
+        f"- largest row test ratio observed (the worst row's |s|/T, the rows together's "
+        f"sqrt(Q/q) or the rows in line's |S|/limit): **{top[0]:.3g}** ({top[1]}); margin to "
+        f"the threshold {1 / max(top[0], 1e-12):.1f}x",
         "",
         "| kernel, judge | max row test ratio | where |",
         "|---|---|---|",

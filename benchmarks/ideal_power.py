@@ -163,12 +163,12 @@ def _power_row(k_len: int, i_len: int, name: str, problem: Problem, ideal: oracl
     caught, worst, stat = judge(problem, ideal, tol, th, outs)
     v = th.judge(outs)
     return (f"| {k_len} | {i_len} | {name} | {caught} | {worst:.3g} | {v.projection:.3g} | "
-            f"{v.together:.3g} | {stat:+.3g} |")
+            f"{v.together:.3g} | {v.line:.3g} | {stat:+.3g} |")
 
 
 def power(shapes: dict[int, int]) -> tuple[list[str], dict[str, float]]:
     lines = ["| K | I | bug | caught by | row test ratio | worst row \\|s\\|/T | rows together "
-             "| s/\\|row\\| there |", "|---|---|---|---|---|---|---|---|"]
+             "| rows in line | s/\\|row\\| there |", "|---|---|---|---|---|---|---|---|---|"]
     costs: dict[str, float] = {}
     for k_len, i_len in shapes.items():
         cfg = OpConfig(ep_size=2, experts_per_rank=4, top_k=8, hidden=k_len,
@@ -211,7 +211,7 @@ def false_alarms(
     rng = np.random.default_rng(seed)
     if kernels_under_test is None:
         kernels_under_test = {k: kernels.get_kernel(k) for k in ("ascend-a3", "vllm-triton")}
-    worst = together = 0.0
+    worst = together = line = 0.0
     worst_where = ""
     n_pairs = n_rows = n_tested = n_rejected = 0
     by_kind: dict[str, float] = {}
@@ -240,6 +240,7 @@ def false_alarms(
             kind = f"{name}, {'int8' if weights == 'int8' else 'float'} weights"
             by_kind[kind] = max(by_kind.get(kind, 0.0), verdict.ratio)
             together = max(together, verdict.together)
+            line = max(line, verdict.line)
             if verdict.ratio > worst:
                 worst = verdict.ratio
                 worst_where = f"{kind}, K={k_len} I={i_len} top_k={top_k} {x_dtype}"
@@ -261,7 +262,7 @@ def false_alarms(
         f"({100 * n_tested / max(n_rows, 1):.1f} %; the rest fell back to the sound bound)",
         f"- largest row test ratio observed: **{worst:.3g}** ({worst_where}); margin to the "
         f"threshold {1 / worst if worst else float('inf'):.1f}x; the rows together's largest "
-        f"`sqrt(Q/q)`: {together:.3g}",
+        f"`sqrt(Q/q)`: {together:.3g}, the rows in line's largest `|S|/limit`: {line:.3g}",
         "",
         "| kernel | max row test ratio |", "|---|---|",
         *[f"| {k} | {v:.3g} |" for k, v in sorted(by_kind.items())],
@@ -296,7 +297,9 @@ def main() -> None:
         "or neither (passes). `row test ratio` (above 1 rejects): the larger of the worst "
         "row's ratio of the projection to its threshold (`|s|/T`) and the rows together's "
         "`sqrt(Q/q)` (rowtest, \"Rows together\": the sum of squared projections in units of "
-        "their legitimate spread against its limit); `s/|row|` the worst row's projection of "
+        "their legitimate spread against its limit) and the rows in line's `|S|/limit` "
+        "(\"Rows in line\": the same projections added with their signs); `s/|row|` the worst "
+        "row's projection of "
         "the error on the ideal row, relative to the row's norm.",
         "",
         *power_lines,
