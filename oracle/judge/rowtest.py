@@ -210,10 +210,10 @@ add chops, shrink by 0.72 ε (a chop averages about 0.72 of its bound); e4m3 pro
 partial sums often fit the bits, by less. Every element of ``h`` and ``y`` may then
 be shrunk by any fraction of ``ε`` of itself; through the back-propagated coefficients that
 moves ``S`` by at most ``ε·Σ(β·v)⁺`` down and ``ε·Σ(β·v)⁻`` up (``v`` the ideal ``h`` or
-``y``, ``β`` its coefficient), so ``S``'s limits differ below and above. ``S/Σ_r(1/σ_r)``
-estimates the common relative error, which a rejection names. At K = 7168, I = 2048 (fp8_channel,
-16 rows) an output 8 % high gives ``|S|`` 1.29 times its limit where the worst row's
-``|s|/T`` is 0.83 and ``sqrt(Q/q)`` 0.79.
+``y``, ``β`` its coefficient), so ``S``'s limits differ below and above.
+``S/Σ_r(1/σ_r)`` estimates the common relative error, which a rejection names. At K = 7168,
+I = 2048 (fp8_channel, 16 rows) an output 8 % high gives ``S`` 1.24 times its upper limit
+where the worst row's ``|s|/T`` is 0.83 and ``sqrt(Q/q)`` 0.79.
 
 Budget. ``false_alarm`` is split equally between the event on ``E_h`` and the rows; of the
 rows' share ``δ/2``, :data:`_TOGETHER_SHARE` goes to the rows together (a quarter each to
