@@ -7,6 +7,7 @@ bad ``DFC_GEMM`` and a missing torch are named."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from oracle.adapters import gemm
 from oracle.adapters.gemm import Product, weight_products
 from oracle.model.arithmetic import exact_int_matmuls
 from spec import OpConfig, random_problem
+from spec.fields import GATE_VARIANTS
 
 
 def _operands(k: int = 1101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,6 +105,40 @@ def test_torch_backend_judges_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(bits_n, bits_t))
     np.testing.assert_allclose(ideal_t, ideal_n, rtol=1e-12, atol=1e-300)
     assert verdicts_n == verdicts_t == [("ok", True), ("out", False)]
+
+
+#: The ideal judge does not model W4A8 (packed int4 weights with int8 activations).
+_IDEAL_VARIANTS = [g.name for g in GATE_VARIANTS if g.name != "w4a8"]
+
+
+@pytest.mark.parametrize("variant", _IDEAL_VARIANTS)
+def test_torch_backend_takes_every_gate_variants_weights(variant: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every format's weights reach the torch backend (e4m3 and e2m1 weights, bfloat16 and
+    float16 ones, int8 and int4): the ideal model within float64 reordering of NumPy's, the
+    ideal judge's verdicts on the ideal output and on a doubled one the same. FP8 weights
+    once raised a TypeError there (torch.from_numpy takes no ml_dtypes array; found at
+    DeepSeek-V3's shape on an H100, benchmarks/GPU.md, thirteenth part)."""
+    pytest.importorskip("torch", reason="the torch GEMM backend needs the extra 'torch'")
+    gate = next(g for g in GATE_VARIANTS if g.name == variant)
+    cfg = OpConfig(ep_size=2, experts_per_rank=2, top_k=2, hidden=256, intermediate=128,
+                   tokens_per_rank=(3, 2), **dataclasses.asdict(gate.selection))
+    p = random_problem(cfg, seed=1)
+    found = {}
+    for name in ("numpy", "torch"):
+        monkeypatch.setenv("DFC_GEMM", name)
+        monkeypatch.setenv("DFC_GEMM_DEVICE", "cpu")
+        ideal = oracle.run(p, numerics="ideal")
+        own = [(r.out, r.expert_token_nums) for r in ideal.ranks]
+        doubled = [(r.out * np.array(2, r.out.dtype), r.expert_token_nums)
+                   for r in ideal.ranks]
+        found[name] = (np.concatenate(ideal.trace.combined),
+                       [(v.stage, v.ok) for v in (oracle.compare(p, own, numerics="ideal"),
+                                                  oracle.compare(p, doubled, numerics="ideal"))])
+    (ideal_n, verdicts_n), (ideal_t, verdicts_t) = found.values()
+    # float64 in another order: within 1e-12 of the output's scale (sums cancel to small values)
+    np.testing.assert_allclose(ideal_t, ideal_n, rtol=0, atol=1e-12 * np.abs(ideal_n).max())
+    assert verdicts_n == verdicts_t and verdicts_n[0] == ("ok", True) and not verdicts_n[1][1]
 
 
 def _counted_uploads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:

@@ -61,6 +61,9 @@ _TORCH_DTYPE = "float64"
 _CHUNK_BYTES = 256 * 4096 * 4
 #: The ``"tiny"`` form keeps ``|w|`` where it is at most float32's smallest normal, 0 elsewhere.
 _NORMAL32 = float(np.finfo(np.float32).smallest_normal)
+#: ml_dtypes' floats that torch has too: the integer type their bits cross as, torch's name.
+_TORCH_BITS = {"bfloat16": (np.uint16, "bfloat16"), "float8_e4m3fn": (np.uint8, "float8_e4m3fn"),
+               "float8_e5m2": (np.uint8, "float8_e5m2")}
 #: Per thread: the open sessions' depth and the torch backend's uploaded weights.
 _SESSION = threading.local()
 
@@ -198,21 +201,30 @@ def _kept(w: Array) -> bool:
 
 
 def _upload(torch: Any, w: Array, device: str) -> Any:
-    """``w`` on ``device`` in its own dtype (bfloat16, from ml_dtypes, crosses as its bits),
-    once per :func:`session` for a read-only ``w``: the session keeps the array itself
-    beside the tensor, so its memory, which the key names, is not reused while it holds it."""
+    """``w`` on ``device`` in its own dtype, once per :func:`session` for a read-only ``w``:
+    the session keeps the array itself beside the tensor, so its memory, which the key
+    names, is not reused while it holds it. NumPy's own dtypes cross as they are; ml_dtypes'
+    bfloat16 and 8-bit floats that torch has cross as their bits (:data:`_TORCH_BITS`); the
+    others (e2m1, e8m0, ...) as float32, which holds every value of a float of 16 bits or
+    fewer exactly."""
     uploads = getattr(_SESSION, "uploads", None)
     key = None
     if uploads is not None and _kept(w):
         key = (w.__array_interface__["data"][0], w.shape, w.strides, w.dtype.str, device)
         if key in uploads:
             return uploads[key][1]
-    bits = w.view(np.uint16) if w.dtype.name == "bfloat16" else w
+    carrier, name = _TORCH_BITS.get(w.dtype.name, (None, ""))
+    if carrier is not None and hasattr(torch, name):
+        bits = w.view(carrier)
+    elif w.dtype.type.__module__ == "numpy":
+        bits, name = w, ""
+    else:
+        bits, name = w.astype(np.float32), ""
     with warnings.catch_warnings():  # read-only arrays: the tensors are read, never written
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         tw = torch.from_numpy(np.ascontiguousarray(bits)).to(device)
-    if w.dtype.name == "bfloat16":
-        tw = tw.view(torch.bfloat16)
+    if name:
+        tw = tw.view(getattr(torch, name))
     if key is not None and uploads is not None:
         uploads[key] = (w, tw)
     return tw
