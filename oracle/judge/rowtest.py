@@ -394,29 +394,27 @@ class RowThresholds:
         if ratio <= 1:
             return RowVerdict(True, ratio, None, None, "rows conform", top, together,
                               *self._left_to_the_bound(), line=line)
+        def rejected(r: int, k: int, message: str) -> RowVerdict:
+            return RowVerdict(False, ratio, r, k, message, top, together, line=line)
+
         if top > 1:
-            return RowVerdict(
-                False, ratio, r, k,
-                f"rank {r}, token {k}: error projection on the ideal row {s_k:+.3g} x |row| "
-                f"where legitimate kernels stay within ±{t_k:.3g} (row test, {alarm})",
-                top, together, line=line)
+            return rejected(r, k, f"rank {r}, token {k}: error projection on the ideal row "
+                                  f"{s_k:+.3g} x |row| where legitimate kernels stay within "
+                                  f"±{t_k:.3g} (row test, {alarm})")
         if line >= together:
             _, r, k = furthest
-            return RowVerdict(
-                False, ratio, r, k,
-                f"the rows together, in line: their error projections, each in units of its "
-                f"legitimate spread, add up to {in_line:+.4g} where legitimate kernels stay "
-                f"within [{-below:.4g}, {above:.4g}] (row test, rows in line; {alarm}): the rows "
-                f"are off along themselves by {in_line / weights:+.3g} x |row| on average, as "
-                f"a wrong output scale would put them; the largest share is rank {r}, "
-                f"token {k}'s", top, together, line=line)
+            return rejected(r, k, f"the rows together, in line: their error projections, each "
+                                  f"in units of its legitimate spread, add up to {in_line:+.4g} "
+                                  f"where legitimate kernels stay within [{-below:.4g}, "
+                                  f"{above:.4g}] (row test, rows in line; {alarm}): the rows are "
+                                  f"off along themselves by {in_line / weights:+.3g} x |row| on "
+                                  f"average, as a wrong output scale would put them; the "
+                                  f"largest share is rank {r}, token {k}'s")
         _, r, k = loudest
-        return RowVerdict(
-            False, ratio, r, k,
-            f"the rows together: their error projections, each in units of its legitimate "
-            f"spread, have sum of squares {q:.4g} where legitimate kernels stay within "
-            f"{self.limit:.4g} (row test, rows together; {alarm}); the largest share is rank "
-            f"{r}, token {k}'s", top, together, line=line)
+        return rejected(r, k, f"the rows together: their error projections, each in units of "
+                              f"its legitimate spread, have sum of squares {q:.4g} where "
+                              f"legitimate kernels stay within {self.limit:.4g} (row test, rows "
+                              f"together; {alarm}); the largest share is rank {r}, token {k}'s")
 
 
 def row_test(
