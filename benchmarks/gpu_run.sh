@@ -27,6 +27,8 @@ for m in faithful ideal; do
   DFC_GPU_EXAMPLES=$N timeout ${T:-330} $P -k "gpu_jax_ragged_dot_conforms and $m" > $OUT/jax-$m.log 2>&1 &
 done
 timeout ${T:-330} $P -k "gpu_jax_ragged_dot_planted" > $OUT/jax-planted.log 2>&1 &
+# issues 25/26: the row test's rows in line on the real FP8 and BF16 kernels at 128-512 rows
+DFC_GEMM=torch timeout ${T:-330} python3 benchmarks/line_real_kernels.py > $OUT/line-rows.log 2>&1 &
 # issue 26, second part: vLLM's kernel on int8 W8A8 (profile vllm-triton-tq), replayed from
 # CUDA graphs with poisoned padding and caches, the padding-only planted bugs; FP8 dot precision
 for m in faithful ideal; do
