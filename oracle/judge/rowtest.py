@@ -1039,9 +1039,10 @@ def _dependent_chernoff(var: Array, nu: Array, scale: Array, log: float) -> Arra
     independent parts of proxy ``p·var`` and of ``p'·nu``, scale ``p'·scale``; ``p = 1 + ε``
     over :data:`_HOLDER_EPS` (each is a valid bound), the smallest taken. Where ``nu`` is
     0 the sub-Gaussian bound itself."""
-    held = np.min([_chernoff(var * (1 + eps), nu * (1 + 1 / eps), scale * (1 + 1 / eps), log)
-                   for eps in _HOLDER_EPS], axis=0)
-    return np.asarray(np.where(nu > 0, held, np.sqrt(2 * var * log)))
+    var, nu, scale = (np.asarray(a)[..., None] for a in (var, nu, scale))
+    p, q = 1 + _HOLDER_EPS, 1 + 1 / _HOLDER_EPS  # every ε at once, along a last axis
+    held = _chernoff(var * p, nu * q, scale * q, log).min(axis=-1)
+    return np.asarray(np.where(nu[..., 0] > 0, held, np.sqrt(2 * var[..., 0] * log)))
 
 
 def _requantisation(var: Array, var_act: Array, widened: Array, fixed: Array, linear: Array,
