@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from oracle.model.kernels import TRITON_MXFP4_MXFP8, VLLM_TRITON_FP8, KernelProfile
+from oracle.model.kernels import TRITON_MXFP4_MXFP8, KernelProfile
 from spec import OpConfig, Problem
 from spec.strategies import RowPlan
 
@@ -40,10 +40,6 @@ Array = np.ndarray[Any, Any]
 OUT = Path(__file__).with_name("MXFP8_POWER.md")
 SHAPES = [(2880, 2880), (2880, 720)]
 PROFILE = TRITON_MXFP4_MXFP8
-# fp8_power.Judges takes the profile judge's row-test assumptions from vllm-triton-fp8: the
-# same record as this profile's (no int8 quantiser, moe_sum in x's dtype for top_k 2-4, may
-# flush subnormals).
-assert PROFILE.ideal_assumptions("bfloat16") == VLLM_TRITON_FP8.ideal_assumptions("bfloat16")
 TRUNCATED = dataclasses.replace(PROFILE.with_steps(
     "mxfp4_mxfp8", gemm1=TruncatedDotGemm(("x",), block=32, dot_bits=13),
     gemm2=TruncatedDotGemm(("slot", "x"), block=32, dot_bits=13)), name="truncated")
@@ -85,7 +81,7 @@ def power(shapes: list[tuple[int, int]]) -> list[str]:
                        act_scheme="mxfp8")
         for blocks in (False, True):
             problem = mx_problem(cfg, 0, blocks)
-            judges = Judges(problem)
+            judges = Judges(problem, PROFILE)
             cases: list[tuple[str, list[Array], KernelProfile]] = []
             if not blocks:
                 cases += [(name, outs, PROFILE)
@@ -127,7 +123,7 @@ def false_alarms(pairs: int, seed: int = 42118) -> list[str]:
                        intermediate=i_len, tokens_per_rank=tokens, x_dtype=x_dtype,
                        weight_dtype="uint8", act_scheme="mxfp8")
         blocks = bool(rng.random() < 0.5)
-        judges = Judges(mx_problem(cfg, int(rng.integers(1 << 30)), blocks))
+        judges = Judges(mx_problem(cfg, int(rng.integers(1 << 30)), blocks), PROFILE)
         where = (f"K={k_len} I={i_len} top_k={top_k} {x_dtype}"
                  f"{' scale_blocks' if blocks else ''}")
         for name, profile in {**OF_PROFILE, **OF_FORMAT}.items():

@@ -171,10 +171,14 @@ own (``L'`` its union bound over the rows); each row takes the form with the sma
 stochastic part ``X``. Rows of different tokens round different values, except where the same
 variable reaches several rows: bitwise-equal tokens (all of the row's variables: ``σ²`` times
 their count), and an element value of ``x`` that other rows hold in the same group (a scale
-they may share: int8 the same amax, FP8 and NVFP4 any, their scale rules differ): a variable
+they may share: int8, and FP8 whose scales are pinned to float32 (``fp8_scales``, a profile
+whose quantisers all take them), a group of the same amax up to a power of two, which scales
+value and scale alike; FP8 otherwise and NVFP4 any, their scale rules differ, and under UE8M0
+nearly every token's scale is one power of two): a variable
 reaching ``m`` rows enters each row's ``σ²`` times ``m`` (Cauchy–Schwarz, ``(Σ_{r≤m} a_r)² <=
 m·Σ a_r²``). As within a row, intermediate values that coincide by chance (two tokens' equal
-``a'`` in one column) count as independent roundings; the legitimate pairs of the power
+``a'`` in one column, or tokens that are multiples of one another, whose quotients lie an
+ulp or so apart) count as independent roundings; the legitimate pairs of the power
 benchmarks measure what that costs. Then ``E exp(λᵀ(X/σ)) <= exp(|λ|²/2)`` for every ``λ``, and
 ``Q = Σ z² <= |X/σ|²`` has ``E exp(ηQ) <= (1 − 2η)^(−n/2)`` by the Gaussian decoupling above;
 Chernoff's bound at its optimum gives ``P(Q >= q) <= δ_Q`` where ``n/2·(q/n − 1 − ln(q/n)) =
@@ -252,7 +256,7 @@ from oracle.judge.bounds import (
     nv_multiplier,
 )
 from oracle.model.arithmetic import FloatFormat, glu64
-from oracle.model.kernels import E4M3_UNIT, FP8_DOT_BITS, IdealAssumptions
+from oracle.model.kernels import E4M3_UNIT, FP8_DOT_BITS, FP8_SCALE_RULES, IdealAssumptions
 from oracle.model.reference import Result, float_weight_problem, route
 from spec import DTYPES, Problem
 from spec.fp8 import BLOCK, E4M3_MAX, WEIGHT_EPS, expand_scales, to_e4m3, ue8m0_up
@@ -554,7 +558,8 @@ def row_thresholds(
     # A division n ulps off moves fl(x·127/amax) by 2n·u32 relative more (issue 24).
     u_div = 2 * assumptions.div_ulps * u32
     if fp8:
-        c_el, ties = _e4m3_half_step(x, floor, width), _e4m3_ties(x, width)
+        c_el = _e4m3_half_step(x, floor, width, assumptions.fp8_scales)
+        ties = _e4m3_ties(x, width)
     else:
         c1 = (amax * (1 + u32) / 127 / 2 + (u32 + u_div) * amax) if int8 else np.zeros(total)
         c_el = np.broadcast_to(c1[:, None], x.shape)
@@ -785,10 +790,12 @@ def row_thresholds(
         terms = on["activation"] * np.abs(sums) * c_group
         var_act = np.bincount(owner, weights=grid * terms**2, minlength=total).astype(float)
         var += var_act
-        # int8: one scale per token, a function of its amax; FP8: the scale rules differ
-        # (float32, UE8M0 rounded up, MXFP8's e8m0), so any rows may share one.
+        # int8, and FP8 whose scales are float32 (``fp8_scales``): a group's scale is a
+        # function of its amax; otherwise the scale rules differ (float32, UE8M0 rounded up,
+        # MXFP8's e8m0), so any rows may share one.
+        pinned = int8 or assumptions.fp8_scales == ("float32",)
         sharing = _shared_rows(x, group, owner, width if fp8 else max(k_len, 1),
-                               None if fp8 else np.ascontiguousarray(amax).view(np.int64)[:, None])
+                               _group_amax(x, width, amax if int8 else None) if pinned else None)
         act_shared += np.bincount(owner, weights=sharing * grid * terms**2, minlength=total)
         det += on["activation"] * (c_el * np.where(ties, np.abs(alpha_x), 0.0)).sum(axis=1)
     if nv and total:
@@ -1080,23 +1087,46 @@ def _chi_square_limit(rows: int, delta: float) -> float:
 
 
 def _shared_rows(x: Array, group: Array, owner: Array, width: int,
-                 scale: Array | None) -> Array:
+                 amax: Array | None) -> Array:
     """Per value group of :func:`_value_groups` (``group`` per element, ``owner`` the row of
-    each group), the number of rows holding the same value in the same ``width`` columns
-    under the same ``scale`` key (per row and block; ``None``: any scale): the rows that
-    may round that value identically, one variable they share."""
+    each group), the number of rows that may round that value identically, one variable
+    they share: the rows holding it in the same ``width`` columns, under any scale
+    (``amax`` ``None``), or, where each block's scale is a function of its ``amax`` (per row
+    and block, float64), in blocks whose ``amax`` agrees with its own up to a power of two:
+    ``2^j·v`` in a block of amax ``2^j·m`` has the quotient of ``v`` under ``m`` bit for bit
+    (a float32 quotient or reciprocal, a scale ``m/448`` or ``127/m``, scale exactly by
+    ``2^j``), so it rounds as ``v`` does, its error ``2^j`` times ``v``'s. Tokens that are
+    other multiples of one another have quotients a float32 ulp or so apart and round
+    almost alike; like intermediate values that coincide by chance they count as
+    independent here (the module docstring, "Rows together")."""
     cols = x.shape[1]
     ids, first = np.unique(group.reshape(-1), return_index=True)
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).reshape(-1)[first]
     tag = first % max(cols, 1) // width  # the block, and the scale's key, packed in one int64
-    if scale is not None:
-        keys = np.unique(scale[owner[ids], tag], return_inverse=True)[1].reshape(-1)
+    values = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)[first]
+    if amax is not None:
+        mantissa, exponent = np.frexp(amax[owner[ids], tag])
+        values = np.ldexp(values.astype(np.float64), -exponent).astype(np.float32)
+        keys = np.unique(mantissa, return_inverse=True)[1].reshape(-1)
         tag = keys * (int(tag.max(initial=0)) + 1) + tag
+    bits = values.view(np.uint32)
     packed = tag.astype(np.int64) << 32 | bits.astype(np.int64)
     _, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
     shared = np.zeros(int(group.max(initial=-1)) + 1)
     shared[ids] = counts[inverse.reshape(-1)]
     return shared
+
+
+def _group_amax(x: Array, width: int, amax: Array | None) -> Array:
+    """Per row and ``width``-column block of ``x``, its ``amax`` as the quantiser takes it:
+    the row's (``amax``, floored) for one block a row, else the block's ``max|x|`` floored at
+    the largest legitimate epsilon (:data:`spec.fp8.WEIGHT_EPS`): below it kernels' scales
+    differ, and such blocks all take one key (more rows sharing: a larger bound)."""
+    if amax is not None:
+        return amax[:, None]
+    rows, cols = x.shape
+    grouped = np.zeros((rows, -(-cols // width) * width))
+    grouped[:, :cols] = np.abs(x)
+    return np.asarray(np.maximum(grouped.reshape(rows, -1, width).max(axis=2), WEIGHT_EPS))
 
 
 def _equal_rows(x: Array) -> Array:
@@ -1140,13 +1170,15 @@ def _activation_ties(x: Array, amax: Array) -> Array:
     return np.asarray((frac[0] == 0.5) | (frac[1] == 0.5))
 
 
-def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
+def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK,
+                    rules: Sequence[str] = FP8_SCALE_RULES) -> Array:
     """Per element of ``x`` (tokens by channels), a bound on the e4m3 group quantiser's
     rounding error that a legitimate kernel makes (formats.md, FP8 block scale): half the
     e4m3 grid step at the element under the largest of the scales a kernel may take, the
     group's ``max(amax, ε)/448`` with the amax epsilon ``ε`` of any legitimate quantiser
     (1e-10 … 1e-4, or the assumed ``floor``) and that scale rounded up to a power of two
-    (UE8M0), plus the float32 division (``3·u32·|x|``). Tighter than
+    (UE8M0), of the scale ``rules`` a kernel may take (:class:`IdealAssumptions`'s
+    ``fp8_scales``), plus the float32 division (``3·u32·|x|``). Tighter than
     :func:`oracle.judge.bounds.e4m3_error` (``2^-4·|x|``, a bound for every scale), which is
     1 to 2 times this. ``width``: the columns sharing a scale."""
     rows, cols = x.shape
@@ -1156,7 +1188,7 @@ def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK) -> Array:
     half = np.zeros(x.shape)
     for eps in (1e-10, WEIGHT_EPS, *(() if floor is None else (floor,))):
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
-        for s in (sigma, ue8m0_up(sigma)):
+        for s in (sigma,) * ("float32" in rules) + (ue8m0_up(sigma),) * ("ue8m0" in rules):
             s64 = np.repeat(s.astype(np.float64), width, axis=1)[:, :cols] * (1 + 2 * F32.unit)
             half = np.maximum(half, half_step(x, s64, 4, -6))
     return np.asarray(half + 3 * F32.unit * np.abs(x))

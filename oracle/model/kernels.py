@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_FALSE_ALARM",
     "DEFAULT_KERNEL",
     "FP8_DOT_BITS",
+    "FP8_SCALE_RULES",
     "PIPELINE_STEPS",
     "PROFILES",
     "TORCH_GROUPED_MM",
@@ -1152,6 +1153,8 @@ def _sum(a: Env, b: Env, rnd: Callable[[Array], Array]) -> Env:
 
 #: The default probability, per call, that the row test rejects a legitimate kernel's output.
 DEFAULT_FALSE_ALARM = 1e-9
+#: The ways an e4m3 activation quantiser may take its scale (:class:`IdealAssumptions`).
+FP8_SCALE_RULES = ("float32", "ue8m0")
 
 
 @dataclass(frozen=True)
@@ -1171,7 +1174,12 @@ class IdealAssumptions:
     (default: yes, as GPU kernels do); the ideal bound then takes 2^-126 as their underflow
     error and the row test leaves rows that reach that range to the bound.
     ``false_alarm``: the probability per call of rejecting a legitimate output, under the
-    model of :mod:`oracle.judge.rowtest`.
+    model of :mod:`oracle.judge.rowtest`. ``fp8_scales``: how its e4m3 activation quantisers
+    may take a group's scale from its ``amax`` (:class:`GroupQuantiser`): ``"float32"``
+    (``amax/448``, divided or by its reciprocal) and ``"ue8m0"`` (that rounded up to a power
+    of two); default both, as the format allows (formats.md). A profile whose quantisers all
+    take float32 scales pins it: rows then share an activation rounding only where their
+    groups' ``amax`` agree up to a power of two (:func:`oracle.judge.rowtest._shared_rows`).
     """
 
     stored_dtype: str = "bfloat16"
@@ -1181,6 +1189,7 @@ class IdealAssumptions:
     x_dtype_combine_topk: tuple[int, ...] = (2, 3, 4)
     false_alarm: float = DEFAULT_FALSE_ALARM
     ftz: bool = True
+    fp8_scales: tuple[str, ...] = FP8_SCALE_RULES
 
     def __post_init__(self) -> None:
         if self.stored_dtype not in ("bfloat16", "float16"):
@@ -1190,6 +1199,9 @@ class IdealAssumptions:
         if not 0 < self.false_alarm < 1:
             raise ValueError(f"false_alarm {self.false_alarm!r} must lie strictly between 0 "
                              "and 1")
+        if not set(self.fp8_scales) <= set(FP8_SCALE_RULES) or not self.fp8_scales:
+            raise ValueError(f"fp8_scales {self.fp8_scales!r}: give one or both of "
+                             f"{', '.join(map(repr, FP8_SCALE_RULES))}")
 
 
 GemmStep = IntGemm | SplitGemm | FloatGemm | BlockGemm | Fp4Gemm
@@ -1402,9 +1414,13 @@ class KernelProfile:
         """What the ideal judge's row test may assume of this kernel (:mod:`oracle.judge.rowtest`):
         its coarsest stored dtype (every profile stores ``y`` in x's dtype; the Ascend GEMM
         intermediates are float16, finer than bfloat16), its quantisers' tie rules and ``amax``
-        floors, where its combine sums in x's dtype, and whether it may flush subnormals."""
-        quantisers = [s for _, p in self.pipelines for _, s in p.steps()
-                      if isinstance(s, Quantiser)]
+        floors, where its combine sums in x's dtype, whether it may flush subnormals, and its
+        e4m3 quantisers' scale rule where every one of them is a :class:`GroupQuantiser` (a
+        subclass may take its scale otherwise: both rules stay)."""
+        steps = [s for _, p in self.pipelines for _, s in p.steps()]
+        quantisers = [s for s in steps if isinstance(s, Quantiser)]
+        groups = [s for s in steps if isinstance(s, GroupQuantiser)]
+        pinned = bool(groups) and all(type(s) is GroupQuantiser for s in groups)
         floors = [p.quantise.amax_floor for _, p in self.pipelines
                   if isinstance(p.quantise, Quantiser) and p.quantise.amax_floor is not None]
         in_x = self.combine.x_dtype_topk if self.combine.sum == "moe_sum" else ()
@@ -1415,6 +1431,8 @@ class KernelProfile:
             div_ulps=max((q.div_ulps for q in quantisers), default=0),
             x_dtype_combine_topk=tuple(in_x),
             ftz=self.ftz,
+            fp8_scales=(tuple(sorted({"ue8m0" if s.ue8m0 else "float32" for s in groups}))
+                        if pinned else FP8_SCALE_RULES),
         )
 
 
