@@ -1168,7 +1168,7 @@ def _group_amax(x: Array, width: int, amax: Array | None) -> Array:
     """Per row and ``width``-column block of ``x``, its ``amax`` as the quantiser takes it:
     the row's (``amax``, floored) for one block a row, else the block's ``max|x|`` floored at
     the largest legitimate epsilon (:data:`spec.fp8.WEIGHT_EPS`): below it kernels' scales
-    differ, and such blocks all take one key (more rows sharing: a larger bound)."""
+    differ, so such blocks all take one key and their equal values count as shared."""
     if amax is not None:
         return amax[:, None]
     rows, cols = x.shape
