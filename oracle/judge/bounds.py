@@ -138,6 +138,7 @@ __all__ = [
     "EXP_ULPS64",
     "SILU_LIPSCHITZ",
     "TERMS",
+    "block_amax",
     "e2m1_error",
     "e4m3_error",
     "fp8_gemm_error",
@@ -237,6 +238,15 @@ def _swiglu_error(
     return steps.add(term, propagated, rho * value + 2 * fmt.tiny * (value > 0))
 
 
+def block_amax(v: Array, width: int, dtype: Any = np.float64) -> Array:
+    """Per row and ``width``-column block of ``v`` (rows by columns; the last block may be
+    partial, read as if zero-padded), ``max|v|`` in ``dtype``."""
+    rows, cols = v.shape
+    grouped = np.zeros((rows, -(-cols // width) * width), dtype)
+    grouped[:, :cols] = np.abs(v)
+    return np.asarray(grouped.reshape(rows, -1, width).max(axis=2))
+
+
 def e4m3_error(v: Array, group: int | None = BLOCK) -> Array:
     """Per element of ``|v|`` (rows by columns, float64), a bound on ``|v − σ·e4m3(v/σ)|``
     under any legitimate FP8 group quantiser (:class:`oracle.model.kernels.GroupQuantiser`
@@ -246,12 +256,9 @@ def e4m3_error(v: Array, group: int | None = BLOCK) -> Array:
     a power of two (UE8M0). Saturation never adds: every kernel's ``|v/σ|`` stays within
     448 up to its roundings. ``group``: the columns sharing a scale (the variant's
     :attr:`spec.fields.Variant.group`; ``None``: the row)."""
-    rows, cols = v.shape
+    cols = v.shape[1]
     width = group or max(cols, 1)
-    grouped = np.zeros((rows, -(-cols // width) * width))
-    grouped[:, :cols] = np.abs(v)
-    amax = grouped.reshape(rows, -(-cols // width), width).max(axis=2)
-    sigma = np.maximum(amax, WEIGHT_EPS) / E4M3_MAX * 2 * (1 + F32.unit)
+    sigma = np.maximum(block_amax(v, width), WEIGHT_EPS) / E4M3_MAX * 2 * (1 + F32.unit)
     per_col = np.repeat(sigma, width, axis=1)[:, :cols]
     return np.asarray((E4M3_UNIT + 3 * F32.unit) * np.abs(v) + E4M3_TINY * per_col)
 

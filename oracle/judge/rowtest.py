@@ -265,6 +265,7 @@ from oracle.adapters.gemm import Product, weight_products
 from oracle.judge.bounds import (
     EXP_ULPS,
     F32,
+    block_amax,
     e2m1_error,
     e4m3_error,
     exp_rho,
@@ -1171,10 +1172,7 @@ def _group_amax(x: Array, width: int, amax: Array | None) -> Array:
     differ, so such blocks all take one key and their equal values count as shared."""
     if amax is not None:
         return amax[:, None]
-    rows, cols = x.shape
-    grouped = np.zeros((rows, -(-cols // width) * width))
-    grouped[:, :cols] = np.abs(x)
-    return np.asarray(np.maximum(grouped.reshape(rows, -1, width).max(axis=2), WEIGHT_EPS))
+    return np.asarray(np.maximum(block_amax(x, width), WEIGHT_EPS))
 
 
 def _equal_rows(x: Array) -> Array:
@@ -1229,10 +1227,8 @@ def _e4m3_half_step(x: Array, floor: float | None, width: int = BLOCK,
     ``fp8_scales``), plus the float32 division (``3·u32·|x|``). Tighter than
     :func:`oracle.judge.bounds.e4m3_error` (``2^-4·|x|``, a bound for every scale), which is
     1 to 2 times this. ``width``: the columns sharing a scale."""
-    rows, cols = x.shape
-    grouped = np.zeros((rows, -(-cols // width) * width))
-    grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -(-cols // width), width).max(axis=2)
+    cols = x.shape[1]
+    amax = block_amax(x, width)
     half = np.zeros(x.shape)
     for eps in (1e-10, WEIGHT_EPS, *(() if floor is None else (floor,))):
         sigma = (np.maximum(amax, eps) / E4M3_MAX).astype(np.float32)
@@ -1246,10 +1242,8 @@ def _e4m3_ties(x: Array, width: int = BLOCK) -> Array:
     """Elements whose ``fl(x/σ)`` (σ the group's ``amax/448``, the one rounding that can put
     an exact tie in front of the e4m3 cast) lies exactly between two e4m3 values: the two
     float32 neighbours of a midpoint round to different e4m3 values."""
-    rows, cols = x.shape
-    grouped = np.zeros((rows, -(-cols // width) * width), np.float32)
-    grouped[:, :cols] = np.abs(x)
-    amax = grouped.reshape(rows, -(-cols // width), width).max(axis=2)
+    cols = x.shape[1]
+    amax = block_amax(x, width, np.float32)
     sigma = np.repeat(np.maximum(amax, np.float32(1e-10)) / np.float32(E4M3_MAX), width,
                       axis=1)[:, :cols]
     with np.errstate(over="ignore", invalid="ignore"):
