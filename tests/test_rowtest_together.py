@@ -72,6 +72,7 @@ def test_an_output_one_percent_off_on_every_row_is_caught_in_line_alone() -> Non
         assert "in line" in verdict.message, verdict.message
         found = re.search(r"off along themselves by ([-+0-9.e]+) x \|row\|", verdict.message)
         assert found and float(found.group(1)) == pytest.approx(factor - 1, abs=0.002)
+        assert verdict.common == pytest.approx(factor - 1, abs=0.002)
         assert without.judge(_scaled(model, factor)).ok
 
 

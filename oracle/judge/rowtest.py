@@ -332,8 +332,9 @@ class RowVerdict:
     asked_rows: int = 0
     bound_reason: str = ""
     #: "Rows in line"'s ratio ``|S|/limit`` (module docstring); ``ratio`` is the largest of
-    #: the three.
+    #: the three. ``common``: its estimate of the rows' common relative error, ``S/Σ_r a_r``.
     line: float = 0.0
+    common: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -410,13 +411,15 @@ class RowThresholds:
         below, above = self.line_limits
         line_limit = above if in_line >= 0 else below
         line = abs(in_line) / line_limit if weights > 0 else 0.0
+        common = in_line / weights if weights > 0 else 0.0
         ratio = max(top, together, line)
         alarm = f"false-alarm probability {self.assumptions.false_alarm:g}"
         if ratio <= 1:
             return RowVerdict(True, ratio, None, None, "rows conform", top, together,
-                              *self._left_to_the_bound(), line=line)
+                              *self._left_to_the_bound(), line=line, common=common)
         def rejected(r: int, k: int, message: str) -> RowVerdict:
-            return RowVerdict(False, ratio, r, k, message, top, together, line=line)
+            return RowVerdict(False, ratio, r, k, message, top, together, line=line,
+                              common=common)
 
         if top > 1:
             return rejected(r, k, f"rank {r}, token {k}: error projection on the ideal row "
@@ -428,7 +431,7 @@ class RowThresholds:
                                   f"in units of its legitimate spread, add up to {in_line:+.4g} "
                                   f"where legitimate kernels stay within [{-below:.4g}, "
                                   f"{above:.4g}] (row test, rows in line; {alarm}): the rows are "
-                                  f"off along themselves by {in_line / weights:+.3g} x |row| on "
+                                  f"off along themselves by {common:+.3g} x |row| on "
                                   f"average, as a wrong output scale would put them; the "
                                   f"largest share is rank {r}, token {k}'s")
         _, r, k = loudest
